@@ -1,0 +1,168 @@
+"""``Command``: validated input, a user handler, retries on version conflicts, validated output."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast, get_type_hints
+
+from pydantic import BaseModel, TypeAdapter
+
+from castore_pydantic.errors import EventAlreadyExistsError, is_event_already_exists_error
+
+__all__ = ["Command", "OnEventAlreadyExistsContext"]
+
+InputT = TypeVar("InputT")
+OutputT = TypeVar("OutputT")
+
+_NO_SCHEMA: Any = inspect.Parameter.empty
+
+
+@dataclass(frozen=True, slots=True)
+class OnEventAlreadyExistsContext:
+    """Given to ``on_event_already_exists`` after each conflict.
+
+    Attributes:
+        attempt_number: Which attempt failed, from 1.
+        retries_left: How many attempts remain after this one.
+    """
+
+    attempt_number: int
+    retries_left: int
+
+
+OnEventAlreadyExists = Callable[
+    [EventAlreadyExistsError, OnEventAlreadyExistsContext], Awaitable[None] | None
+]
+
+
+def _annotation(handler: Callable[..., Any], which: str) -> Any:
+    """The handler's annotation for its first parameter or its return, if usable."""
+    try:
+        hints = get_type_hints(handler)
+    except (NameError, TypeError):
+        return _NO_SCHEMA
+    if which == "return":
+        hint = hints.get("return", _NO_SCHEMA)
+        return _NO_SCHEMA if hint is type(None) or hint is Any else hint
+    params = list(inspect.signature(handler).parameters)
+    hint = hints.get(params[0], _NO_SCHEMA) if params else _NO_SCHEMA
+    return _NO_SCHEMA if hint is Any else hint
+
+
+class Command(Generic[InputT, OutputT]):
+    """A unit of business logic that validates its input, pushes events and may retry.
+
+    ``await command.handler(input, event_stores, *context)`` validates ``input`` against
+    ``input_schema`` (a mapping, JSON text or model instance) *before* the user function runs,
+    calls it, retries it when it raises ``EventAlreadyExistsError`` (up to
+    ``event_already_exists_retries`` more times, with no delay), and validates what it returns
+    against ``output_schema``. When a schema is not given it is read from the handler's
+    annotations (first parameter, return type).
+
+    Args:
+        command_id: The command's name.
+        required_event_stores: The event stores the handler works with (informational).
+        handler: ``async (input, event_stores, *context) -> output``.
+        input_schema: A Pydantic model (or any type Pydantic validates) for the input.
+        output_schema: The same for the output.
+        event_already_exists_retries: How many times to retry after a conflict (default 2).
+        on_event_already_exists: Called (and awaited if async) after each conflict with the
+            error and an ``OnEventAlreadyExistsContext``.
+
+    Raises:
+        ValueError: ``event_already_exists_retries`` is negative.
+    """
+
+    def __init__(
+        self,
+        *,
+        command_id: str,
+        required_event_stores: Sequence[Any] = (),
+        handler: Callable[..., Awaitable[OutputT]],
+        input_schema: type[InputT] | None = None,
+        output_schema: type[OutputT] | None = None,
+        event_already_exists_retries: int = 2,
+        on_event_already_exists: OnEventAlreadyExists | None = None,
+    ) -> None:
+        if isinstance(event_already_exists_retries, bool) or not isinstance(
+            event_already_exists_retries, int
+        ):
+            raise TypeError("event_already_exists_retries must be an int")
+        if event_already_exists_retries < 0:
+            raise ValueError("event_already_exists_retries must be >= 0")
+        self.command_id = command_id
+        self.required_event_stores = tuple(required_event_stores)
+        self.event_already_exists_retries = event_already_exists_retries
+        self.on_event_already_exists = on_event_already_exists
+        self._handler = handler
+        in_schema = input_schema if input_schema is not None else _annotation(handler, "input")
+        out_schema = output_schema if output_schema is not None else _annotation(handler, "return")
+        self.input_schema: Any = None if in_schema is _NO_SCHEMA else in_schema
+        self.output_schema: Any = None if out_schema is _NO_SCHEMA else out_schema
+        self._input_adapter = None if self.input_schema is None else TypeAdapter(self.input_schema)
+        self._output_adapter = (
+            None if self.output_schema is None else TypeAdapter(self.output_schema)
+        )
+
+    def __repr__(self) -> str:
+        return f"Command(command_id={self.command_id!r})"
+
+    def validate_input(self, value: object) -> InputT:
+        """Validate ``value`` against ``input_schema`` (identity when there is none).
+
+        Raises:
+            pydantic.ValidationError: The input is invalid.
+        """
+        adapter = self._input_adapter
+        if adapter is None:
+            return cast(InputT, value)
+        schema = self.input_schema
+        if (
+            isinstance(value, str | bytes | bytearray)
+            and isinstance(schema, type)
+            and issubclass(schema, BaseModel)
+        ):
+            return cast(InputT, adapter.validate_json(value))
+        return cast(InputT, adapter.validate_python(value))
+
+    async def handler(
+        self, input: InputT | Any, required_event_stores: Sequence[Any] = (), *context: Any
+    ) -> OutputT:
+        """Run the command: validate input, call the handler with retries, validate output.
+
+        Args:
+            input: The command input (mapping, JSON text or model instance).
+            required_event_stores: Passed to the user handler as its second argument.
+            *context: Extra arguments passed to the user handler on every attempt.
+
+        Raises:
+            pydantic.ValidationError: Invalid input (the handler never ran) or invalid output.
+            EventAlreadyExistsError: Still conflicting after all retries (the last error).
+        """
+        validated = self.validate_input(input)
+        retries_left = self.event_already_exists_retries
+        attempt_number = 1
+        while True:
+            try:
+                output = await self._handler(validated, required_event_stores, *context)
+                break
+            except Exception as error:
+                if not is_event_already_exists_error(error):
+                    raise
+                callback = self.on_event_already_exists
+                if callback is not None:
+                    awaited = callback(
+                        cast(EventAlreadyExistsError, error),
+                        OnEventAlreadyExistsContext(attempt_number, retries_left),
+                    )
+                    if inspect.isawaitable(awaited):
+                        await awaited
+                if retries_left == 0:
+                    raise
+                retries_left -= 1
+                attempt_number += 1
+        if self._output_adapter is None:
+            return output
+        return cast(OutputT, self._output_adapter.validate_python(output))

@@ -1,0 +1,377 @@
+"""``EventStore``: validated events in, aggregates out, through a storage adapter."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Generic, TypeAlias
+
+from castore_pydantic._aggregate import AggregateT, EventT, Reducer
+from castore_pydantic._event import Event, utc_now
+from castore_pydantic._paging import parse_timestamp
+from castore_pydantic._serialization import EventLimits, EventStoreContext
+from castore_pydantic._types import (
+    EventStorageAdapter,
+    GetAggregateResult,
+    GetEventsResult,
+    GetExistingAggregateResult,
+    GroupedEvent,
+    ListAggregateIdsResult,
+    PushEventGroupResult,
+    PushEventResult,
+)
+from castore_pydantic.errors import (
+    AggregateNotFoundError,
+    EventGroupError,
+    UndefinedEventStorageAdapterError,
+)
+
+__all__ = ["EventStore", "OnEventPushed", "SimulateSideEffect"]
+
+#: ``(indexed_events, event) -> indexed_events``: how ``simulate_aggregate`` files an event.
+SimulateSideEffect: TypeAlias = Callable[[dict[int, Event], Event], dict[int, Event]]
+#: Awaited after every successful push with its result.
+OnEventPushed: TypeAlias = Callable[[PushEventResult[Any, Any]], Awaitable[None]]
+
+
+def default_simulate_side_effect(indexed: dict[int, Event], event: Event) -> dict[int, Event]:
+    """File events by version; a later event with the same version replaces the earlier."""
+    indexed[event.version] = event
+    return indexed
+
+
+def _check_non_negative(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+class EventStore(Generic[AggregateT, EventT]):
+    """The events of one kind of entity, their types and how they fold into an aggregate.
+
+    The aggregate and event types are inferred from ``reducer``. Every pushed event is
+    validated against ``event_types`` before anything is written, and events read back are
+    validated too.
+
+    Args:
+        event_store_id: The store's id, part of every storage key (``"POKEMONS"``).
+        event_types: The ``Event`` subclasses this store accepts.
+        reducer: ``(aggregate | None, event) -> aggregate``.
+        event_storage_adapter: Where events live; may be set later.
+        simulate_side_effect: How ``simulate_aggregate`` files events (default: by version).
+        on_event_pushed: Awaited after every successful push with its result.
+        limits: Depth and size limits for pushed events (default ``EventLimits()``).
+
+    Raises:
+        ReservedEventTypeError: An event type is ``__REPLAYED__`` or ``__AGGREGATE_EXISTS__``.
+        TypeError: An event type is not an ``Event`` subclass with a ``Literal`` type.
+    """
+
+    def __init__(
+        self,
+        *,
+        event_store_id: str,
+        event_types: Sequence[type[Event]],
+        reducer: Reducer[AggregateT, EventT],
+        event_storage_adapter: EventStorageAdapter | None = None,
+        simulate_side_effect: SimulateSideEffect | None = None,
+        on_event_pushed: OnEventPushed | None = None,
+        limits: EventLimits | None = None,
+    ) -> None:
+        self._context = EventStoreContext(event_store_id, event_types, limits)
+        self._event_types = tuple(dict.fromkeys(event_types))
+        self._reducer = reducer
+        self._simulate_side_effect = simulate_side_effect or default_simulate_side_effect
+        self.event_storage_adapter = event_storage_adapter
+        self.on_event_pushed = on_event_pushed
+
+    def __repr__(self) -> str:
+        return f"EventStore(event_store_id={self.event_store_id!r})"
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def event_store_id(self) -> str:
+        """The store's id."""
+        return self._context.event_store_id
+
+    @property
+    def event_types(self) -> tuple[type[Event], ...]:
+        """The event classes the store accepts, in declaration order."""
+        return self._event_types
+
+    @property
+    def reducer(self) -> Reducer[AggregateT, EventT]:
+        """The reducer that folds events into the aggregate."""
+        return self._reducer
+
+    @property
+    def simulate_side_effect(self) -> SimulateSideEffect:
+        """How ``simulate_aggregate`` files events."""
+        return self._simulate_side_effect
+
+    @property
+    def context(self) -> EventStoreContext:
+        """The context this store hands its storage adapter."""
+        return self._context
+
+    def get_event_storage_adapter(self) -> EventStorageAdapter:
+        """Return the storage adapter.
+
+        Raises:
+            UndefinedEventStorageAdapterError: No adapter was set.
+        """
+        adapter = self.event_storage_adapter
+        if adapter is None:
+            raise UndefinedEventStorageAdapterError(self.event_store_id)
+        return adapter
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def get_events(
+        self,
+        aggregate_id: str,
+        *,
+        min_version: int | None = None,
+        max_version: int | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> GetEventsResult[EventT]:
+        """Return an aggregate's events, ordered by version; unknown aggregates give ``[]``.
+
+        Args:
+            aggregate_id: The aggregate.
+            min_version: Inclusive lower bound.
+            max_version: Inclusive upper bound.
+            limit: At most this many events (``0`` gives none).
+            reverse: Newest first.
+
+        Raises:
+            UndefinedEventStorageAdapterError: No adapter was set.
+            StoredEventValidationError: A stored event no longer validates.
+            ValueError: A negative limit or version.
+        """
+        _check_non_negative("min_version", min_version)
+        _check_non_negative("max_version", max_version)
+        _check_non_negative("limit", limit)
+        events = await self.get_event_storage_adapter().get_events(
+            aggregate_id,
+            self._context,
+            min_version=min_version,
+            max_version=max_version,
+            limit=limit,
+            reverse=reverse,
+        )
+        return GetEventsResult(events)  # type: ignore[arg-type]
+
+    def build_aggregate(
+        self, events: Iterable[EventT], initial_aggregate: AggregateT | None = None
+    ) -> AggregateT | None:
+        """Fold events into an aggregate with the reducer (synchronous, no I/O)."""
+        reducer = self._reducer
+        aggregate = initial_aggregate
+        for event in events:
+            aggregate = reducer(aggregate, event)
+        return aggregate
+
+    async def get_aggregate(
+        self, aggregate_id: str, *, max_version: int | None = None
+    ) -> GetAggregateResult[AggregateT, EventT]:
+        """Fold an aggregate's events; ``aggregate`` is ``None`` when there are none.
+
+        Args:
+            aggregate_id: The aggregate.
+            max_version: Fold only events up to this version (inclusive).
+        """
+        events = (await self.get_events(aggregate_id, max_version=max_version)).events
+        aggregate = self.build_aggregate(events)
+        return GetAggregateResult(aggregate, events, events[-1] if events else None)
+
+    async def get_existing_aggregate(
+        self, aggregate_id: str, *, max_version: int | None = None
+    ) -> GetExistingAggregateResult[AggregateT, EventT]:
+        """Like ``get_aggregate``, but the aggregate must exist.
+
+        Raises:
+            AggregateNotFoundError: No events, or the reducer folded them to ``None``.
+        """
+        result = await self.get_aggregate(aggregate_id, max_version=max_version)
+        if result.aggregate is None or result.last_event is None:
+            raise AggregateNotFoundError(self.event_store_id, aggregate_id)
+        return GetExistingAggregateResult(result.aggregate, result.events, result.last_event)
+
+    async def list_aggregate_ids(
+        self,
+        *,
+        limit: int | None = None,
+        page_token: str | None = None,
+        initial_event_after: datetime | str | None = None,
+        initial_event_before: datetime | str | None = None,
+        reverse: bool | None = None,
+    ) -> ListAggregateIdsResult:
+        """List aggregates by the timestamp of their version-1 event, then by id.
+
+        Args:
+            limit: Page size; a ``next_page_token`` is returned when more remain.
+            page_token: Continue a previous listing; explicit options override its own.
+            initial_event_after: Inclusive lower bound (datetime or ISO string).
+            initial_event_before: Inclusive upper bound (datetime or ISO string).
+            reverse: Newest first.
+
+        Raises:
+            InvalidPageTokenError: ``page_token`` is malformed.
+        """
+        _check_non_negative("limit", limit)
+        return await self.get_event_storage_adapter().list_aggregate_ids(
+            self._context,
+            limit=limit,
+            page_token=page_token,
+            initial_event_after=None
+            if initial_event_after is None
+            else parse_timestamp(initial_event_after, "initial_event_after"),
+            initial_event_before=None
+            if initial_event_before is None
+            else parse_timestamp(initial_event_before, "initial_event_before"),
+            reverse=reverse,
+        )
+
+    def simulate_aggregate(
+        self,
+        events: Iterable[EventT | Mapping[str, Any]],
+        *,
+        simulation_date: datetime | str | None = None,
+    ) -> AggregateT | None:
+        """Build the aggregate the events *would* give, ignoring their stored versions.
+
+        Events are filed with ``simulate_side_effect``, those after ``simulation_date`` are
+        dropped, the rest sorted by timestamp, renumbered 1..n and folded.
+        """
+        indexed: dict[int, Event] = {}
+        for event in events:
+            parsed = self._context.validate_input(event, timestamp=False)
+            indexed = self._simulate_side_effect(indexed, parsed)
+        kept = list(indexed.values())
+        if simulation_date is not None:
+            date = parse_timestamp(simulation_date, "simulation_date")
+            kept = [e for e in kept if e.timestamp is not None and e.timestamp <= date]
+        kept.sort(key=lambda e: (e.timestamp is not None, e.timestamp or 0))
+        renumbered = [
+            e if e.version == i else e.model_copy(update={"version": i})
+            for i, e in enumerate(kept, start=1)
+        ]
+        return self.build_aggregate(renumbered)  # type: ignore[arg-type]
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def push_event(
+        self,
+        event: EventT | Mapping[str, Any] | str | bytes,
+        *,
+        prev_aggregate: AggregateT | None = None,
+        force: bool = False,
+    ) -> PushEventResult[AggregateT, EventT]:
+        """Validate and store one event.
+
+        Args:
+            event: An instance of one of the store's event types, a mapping or JSON text.
+            prev_aggregate: The aggregate before this event; lets the result carry
+                ``next_aggregate`` without a read.
+            force: Overwrite an existing event with the same version.
+
+        Returns:
+            The stored event and, for a version-1 event or when ``prev_aggregate`` is given,
+            the next aggregate.
+
+        Raises:
+            pydantic.ValidationError: The event is invalid; nothing is written.
+            UnknownEventTypeError: Its type is not one of the store's; nothing is written.
+            EventLimitExceededError: It is too deep or too large; nothing is written.
+            EventAlreadyExistsError: The version is taken (and ``force`` is false).
+            UndefinedEventStorageAdapterError: No adapter was set.
+        """
+        adapter = self.get_event_storage_adapter()
+        validated = self._context.validate_input(event)
+        stored: Any = await adapter.push_event(validated, self._context, force=force)
+        next_aggregate = (
+            self._reducer(prev_aggregate, stored)
+            if prev_aggregate is not None or stored.version == 1
+            else None
+        )
+        result: PushEventResult[AggregateT, EventT] = PushEventResult(stored, next_aggregate)
+        hook = self.on_event_pushed
+        if hook is not None:
+            await hook(result)
+        return result
+
+    def group_event(
+        self,
+        event: EventT | Mapping[str, Any] | str | bytes,
+        *,
+        prev_aggregate: AggregateT | None = None,
+    ) -> GroupedEvent:
+        """Validate an event for ``EventStore.push_event_group``; writes nothing.
+
+        Raises:
+            pydantic.ValidationError: The event is invalid.
+            UnknownEventTypeError: Its type is not one of the store's.
+            UndefinedEventStorageAdapterError: No adapter was set.
+        """
+        adapter = self.get_event_storage_adapter()
+        validated = self._context.validate_input(event, timestamp=False)
+        grouped = adapter.group_event(validated, self._context)
+        return dataclasses.replace(
+            grouped, context=self._context, prev_aggregate=prev_aggregate, event_store=self
+        )
+
+    @staticmethod
+    async def push_event_group(
+        *grouped_events: GroupedEvent, force: bool = False
+    ) -> PushEventGroupResult:
+        """Store events of one or several stores atomically: all of them or none.
+
+        Events without a timestamp share one. The first event's adapter performs the write;
+        every other grouped event must use an adapter of the same kind.
+
+        Raises:
+            EventGroupError: The group is empty or mixes incompatible adapters.
+            EventAlreadyExistsError: One version is taken; nothing of the group is written.
+        """
+        if not grouped_events:
+            raise EventGroupError("An event group needs at least one grouped event")
+        now = utc_now()
+        prepared: list[GroupedEvent] = []
+        for index, grouped in enumerate(grouped_events):
+            if not isinstance(grouped, GroupedEvent):
+                raise EventGroupError(
+                    f"Event group event #{index} is not a GroupedEvent (use store.group_event)"
+                )
+            if grouped.context is None:
+                raise EventGroupError(f"Event group event #{index} misses context")
+            if grouped.event.timestamp is None:
+                grouped = dataclasses.replace(
+                    grouped, event=grouped.event.model_copy(update={"timestamp": now})
+                )
+            prepared.append(grouped)
+        head = prepared[0].event_storage_adapter
+        stored = await head.push_event_group(prepared, force=force)
+        results: list[PushEventResult[Any, Event]] = []
+        for grouped, event in zip(prepared, stored, strict=True):
+            store = grouped.event_store
+            next_aggregate = None
+            if store is not None and (grouped.prev_aggregate is not None or event.version == 1):
+                next_aggregate = store.reducer(grouped.prev_aggregate, event)
+            results.append(PushEventResult(event, next_aggregate))
+        hooks = [
+            hook(result)
+            for grouped, result in zip(prepared, results, strict=True)
+            if grouped.event_store is not None
+            and (hook := grouped.event_store.on_event_pushed) is not None
+        ]
+        if hooks:
+            await asyncio.gather(*hooks)
+        return PushEventGroupResult(tuple(results))

@@ -1,0 +1,192 @@
+"""Listing options and page tokens for ``list_aggregate_ids``, shared by every adapter.
+
+A page token is Castore's JSON form, ``{"limit"?, "initialEventAfter"?, "initialEventBefore"?,
+"reverse"?, "lastEvaluatedKey": {"aggregateId", "initialEventTimestamp"}}``, holding the
+*effective* options of the listing so that any number of pages can follow. Options given
+explicitly next to a token override the token's. Aggregates are ordered by ``(initial event
+timestamp, aggregate id)``, so equal timestamps never skip or repeat an aggregate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from castore_pydantic._event import format_timestamp
+from castore_pydantic._types import AggregateIdEntry, ListAggregateIdsResult
+from castore_pydantic.errors import InvalidPageTokenError
+
+__all__ = ["ListingOptions", "parse_timestamp"]
+
+
+def parse_timestamp(value: datetime | str, what: str) -> datetime:
+    """Read a listing bound or token timestamp: an aware datetime or an ISO string."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"{what} is not an ISO 8601 timestamp: {value!r}") from exc
+    if not isinstance(value, datetime):
+        raise TypeError(f"{what} must be a datetime or an ISO string, not {type(value).__name__}")
+    if value.tzinfo is None:
+        raise ValueError(f"{what} must be timezone-aware (e.g. 2024-01-01T00:00:00.000Z)")
+    return value
+
+
+def _check_limit(limit: object) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    return limit
+
+
+@dataclass(frozen=True, slots=True)
+class ListingOptions:
+    """The effective options of one ``list_aggregate_ids`` call.
+
+    Attributes:
+        limit: Page size, ``None`` for everything.
+        initial_event_after: Inclusive lower bound on the initial event timestamp.
+        initial_event_before: Inclusive upper bound on the initial event timestamp.
+        reverse: Newest first.
+        cursor: The last aggregate of the previous page, ``None`` on the first page.
+    """
+
+    limit: int | None = None
+    initial_event_after: datetime | None = None
+    initial_event_before: datetime | None = None
+    reverse: bool = False
+    cursor: AggregateIdEntry | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        limit: int | None = None,
+        page_token: str | None = None,
+        initial_event_after: datetime | str | None = None,
+        initial_event_before: datetime | str | None = None,
+        reverse: bool | None = None,
+    ) -> ListingOptions:
+        """Merge explicit options with a page token's (explicit ones win).
+
+        Raises:
+            InvalidPageTokenError: ``page_token`` is malformed.
+            ValueError: A negative limit or a naive/unparseable bound.
+        """
+        token: dict[str, Any] = {} if page_token is None else _decode(page_token)
+        cursor = None
+        if page_token is not None:
+            cursor = _decode_cursor(token.get("lastEvaluatedKey"))
+        after = initial_event_after if initial_event_after is not None else token.get(
+            "initialEventAfter"
+        )
+        before = initial_event_before if initial_event_before is not None else token.get(
+            "initialEventBefore"
+        )
+        eff_reverse = reverse if reverse is not None else token.get("reverse", False)
+        if not isinstance(eff_reverse, bool):
+            raise InvalidPageTokenError("'reverse' must be a boolean")
+        try:
+            eff_limit = _check_limit(limit if limit is not None else token.get("limit"))
+            return cls(
+                limit=eff_limit,
+                initial_event_after=None
+                if after is None
+                else parse_timestamp(after, "initial_event_after"),
+                initial_event_before=None
+                if before is None
+                else parse_timestamp(before, "initial_event_before"),
+                reverse=eff_reverse,
+                cursor=cursor,
+            )
+        except (TypeError, ValueError) as exc:
+            if page_token is not None and limit is None:
+                raise InvalidPageTokenError(str(exc)) from exc
+            raise
+
+    def next_page_token(self, last: AggregateIdEntry) -> str:
+        """The token that continues this listing after ``last``."""
+        token: dict[str, Any] = {}
+        if self.limit is not None:
+            token["limit"] = self.limit
+        if self.initial_event_after is not None:
+            token["initialEventAfter"] = format_timestamp(self.initial_event_after)
+        if self.initial_event_before is not None:
+            token["initialEventBefore"] = format_timestamp(self.initial_event_before)
+        if self.reverse:
+            token["reverse"] = True
+        token["lastEvaluatedKey"] = {
+            "aggregateId": last.aggregate_id,
+            "initialEventTimestamp": format_timestamp(last.initial_event_timestamp),
+        }
+        return json.dumps(token, separators=(",", ":"), ensure_ascii=False)
+
+    def in_bounds(self, entry: AggregateIdEntry) -> bool:
+        """Whether ``entry`` passes the inclusive timestamp bounds."""
+        ts = entry.initial_event_timestamp
+        if self.initial_event_after is not None and ts < self.initial_event_after:
+            return False
+        return not (self.initial_event_before is not None and ts > self.initial_event_before)
+
+    def past_cursor(self, entry: AggregateIdEntry) -> bool:
+        """Whether ``entry`` comes after the cursor in this listing's order."""
+        if self.cursor is None:
+            return True
+        key = (entry.initial_event_timestamp, entry.aggregate_id)
+        cursor_key = (self.cursor.initial_event_timestamp, self.cursor.aggregate_id)
+        return key < cursor_key if self.reverse else key > cursor_key
+
+    def page(self, entries: Iterable[AggregateIdEntry]) -> ListAggregateIdsResult:
+        """Apply bounds, order, cursor and limit to all of a store's aggregates."""
+        selected = sorted(
+            (e for e in entries if self.in_bounds(e) and self.past_cursor(e)),
+            key=lambda e: (e.initial_event_timestamp, e.aggregate_id),
+            reverse=self.reverse,
+        )
+        return self.finish(selected)
+
+    def finish(self, ordered: list[AggregateIdEntry]) -> ListAggregateIdsResult:
+        """Cut an ordered candidate list (at least ``limit + 1`` long if more exist)."""
+        if self.limit is None or len(ordered) <= self.limit:
+            return ListAggregateIdsResult(aggregate_ids=ordered)
+        page = ordered[: self.limit]
+        if not page:
+            return ListAggregateIdsResult(aggregate_ids=[])
+        return ListAggregateIdsResult(
+            aggregate_ids=page, next_page_token=self.next_page_token(page[-1])
+        )
+
+
+def _decode(page_token: object) -> dict[str, Any]:
+    if not isinstance(page_token, str):
+        raise InvalidPageTokenError(f"expected a string, got {type(page_token).__name__}")
+    try:
+        token = json.loads(page_token)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidPageTokenError("not valid JSON") from exc
+    if not isinstance(token, dict):
+        raise InvalidPageTokenError("expected a JSON object")
+    return token
+
+
+def _decode_cursor(raw: object) -> AggregateIdEntry:
+    if not isinstance(raw, dict):
+        raise InvalidPageTokenError("'lastEvaluatedKey' is missing or not an object")
+    aggregate_id = raw.get("aggregateId")
+    timestamp = raw.get("initialEventTimestamp")
+    if not isinstance(aggregate_id, str) or not isinstance(timestamp, str):
+        raise InvalidPageTokenError(
+            "'lastEvaluatedKey' needs string 'aggregateId' and 'initialEventTimestamp'"
+        )
+    try:
+        ts = parse_timestamp(timestamp, "initialEventTimestamp")
+    except ValueError as exc:
+        raise InvalidPageTokenError(str(exc)) from exc
+    return AggregateIdEntry(aggregate_id=aggregate_id, initial_event_timestamp=ts)

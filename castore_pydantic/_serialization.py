@@ -1,0 +1,306 @@
+"""Validation of events at the boundary: input to ``push_event``, and data read back.
+
+One ``EventStoreContext`` exists per event store. The store validates pushed events with it;
+adapters receive it with every call and use its ``parse_*`` methods to turn stored rows back
+into validated events of the store's types.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from castore_pydantic._event import RESERVED_EVENT_TYPES, Event, utc_now
+from castore_pydantic.errors import (
+    EventLimitExceededError,
+    ReservedEventTypeError,
+    StoredEventValidationError,
+    UnknownEventTypeError,
+)
+
+__all__ = ["EventLimits", "EventStoreContext", "event_type_names"]
+
+_JSON_TEXT = (str, bytes, bytearray)
+
+
+@dataclass(frozen=True, slots=True)
+class EventLimits:
+    """Limits an event store enforces on every pushed event, before anything is written.
+
+    Attributes:
+        max_depth: How deeply ``payload`` and ``metadata`` may nest containers (dicts, lists,
+            models). ``payload`` itself is level 1.
+        max_bytes: An upper bound on the event's size as JSON, in bytes (strings count their
+            length, other scalars a few bytes each). JSON text input is also refused when it
+            is longer than this.
+    """
+
+    max_depth: int = 64
+    max_bytes: int = 1_048_576
+
+    def __post_init__(self) -> None:
+        if self.max_depth < 1:
+            raise ValueError("max_depth must be at least 1")
+        if self.max_bytes < 64:
+            raise ValueError("max_bytes must be at least 64")
+
+
+def event_type_names(event_type: type[Event]) -> tuple[str, ...]:
+    """The ``type`` values an event class accepts (the arguments of its ``Literal``).
+
+    Raises:
+        TypeError: ``event_type`` is not an ``Event`` subclass with a ``Literal`` ``type``.
+    """
+    if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+        raise TypeError(f"event types must be Event subclasses, got {event_type!r}")
+    annotation = event_type.model_fields["type"].annotation
+    if get_origin(annotation) is not Literal or not all(
+        isinstance(arg, str) for arg in get_args(annotation)
+    ):
+        raise TypeError(
+            f"{event_type.__name__}.type must be annotated with a Literal of strings, e.g. "
+            f'type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARED"'
+        )
+    return tuple(get_args(annotation))
+
+
+class EventStoreContext:
+    """An event store's identity and validators, handed to storage adapters on every call.
+
+    Attributes:
+        event_store_id: The id of the event store; part of every storage key.
+        limits: The limits pushed events must respect.
+    """
+
+    __slots__ = (
+        "_by_type",
+        "_classes",
+        "_many",
+        "_one",
+        "event_store_id",
+        "known_types",
+        "limits",
+    )
+
+    def __init__(
+        self,
+        event_store_id: str,
+        event_types: Sequence[type[Event]],
+        limits: EventLimits | None = None,
+    ) -> None:
+        if not isinstance(event_store_id, str) or not event_store_id:
+            raise ValueError("event_store_id must be a non-empty string")
+        self.event_store_id = event_store_id
+        self.limits = limits or EventLimits()
+        by_type: dict[str, type[Event]] = {}
+        for event_type in event_types:
+            for name in event_type_names(event_type):
+                if name in RESERVED_EVENT_TYPES:
+                    raise ReservedEventTypeError(name)
+                if name in by_type and by_type[name] is not event_type:
+                    raise ValueError(
+                        f"event type {name!r} is declared twice in event store {event_store_id}"
+                    )
+                by_type[name] = event_type
+        if not by_type:
+            raise ValueError(f"event store {event_store_id} needs at least one event type")
+        self._by_type = by_type
+        self._classes = frozenset(by_type.values())
+        self.known_types = tuple(sorted(by_type))
+        classes = tuple(dict.fromkeys(by_type.values()))
+        union: Any = (
+            classes[0]
+            if len(classes) == 1
+            else Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007
+        )
+        self._one: TypeAdapter[Event] = TypeAdapter(union)
+        self._many: TypeAdapter[list[Event]] = TypeAdapter(list[union])  # type: ignore[valid-type]
+
+    def __repr__(self) -> str:
+        return f"EventStoreContext(event_store_id={self.event_store_id!r})"
+
+    # -- pushed events ---------------------------------------------------------------------
+
+    def validate_input(self, event: object, *, timestamp: bool = True) -> Event:
+        """Validate an event given to ``push_event`` / ``group_event``.
+
+        Accepts an instance of one of the store's event types, a mapping (either key
+        spelling) or JSON text. Fills in a missing timestamp when ``timestamp`` is true.
+
+        Raises:
+            pydantic.ValidationError: The data does not fit the event type.
+            UnknownEventTypeError: The ``type`` is not one of the store's event types.
+            EventLimitExceededError: The event is too deep, too large or not storable.
+        """
+        if type(event) in self._classes:
+            validated: Event = event  # type: ignore[assignment]
+        elif isinstance(event, Mapping):
+            event_type = event.get("type")
+            cls = self._by_type.get(event_type) if isinstance(event_type, str) else None
+            if cls is not None:
+                validated = cls.model_validate(event)
+            elif "type" not in event:
+                # A union reports the missing discriminator; a single type uses its default.
+                validated = self._one.validate_python(event)
+            else:
+                raise UnknownEventTypeError(self.event_store_id, event_type, self.known_types)
+        elif isinstance(event, _JSON_TEXT):
+            validated = self._validate_json_input(event)
+        elif isinstance(event, Event):
+            cls = self._by_type.get(event.type)
+            if cls is None:
+                raise UnknownEventTypeError(self.event_store_id, event.type, self.known_types)
+            validated = cls.model_validate(event.model_dump(by_alias=False))
+        else:
+            validated = self._one.validate_python(event)  # raises a clear ValidationError
+        self.check_limits(validated)
+        if timestamp and validated.timestamp is None:
+            validated = validated.model_copy(update={"timestamp": utc_now()})
+        return validated
+
+    def _validate_json_input(self, text: str | bytes | bytearray) -> Event:
+        if len(text) > self.limits.max_bytes:
+            raise EventLimitExceededError(
+                self.event_store_id,
+                f"JSON text of {len(text)} bytes exceeds max_bytes={self.limits.max_bytes}",
+            )
+        try:
+            return self._one.validate_json(text)
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                if error["type"] == "union_tag_invalid" and not error["loc"]:
+                    tag = error.get("ctx", {}).get("tag")
+                    raise UnknownEventTypeError(
+                        self.event_store_id, tag, self.known_types
+                    ) from exc
+            raise
+
+    def check_limits(self, event: Event) -> None:
+        """Check depth, size and JSON-ability of an event's payload and metadata.
+
+        Raises:
+            EventLimitExceededError: With the path of the offending value.
+        """
+        max_depth = self.limits.max_depth
+        max_bytes = self.limits.max_bytes
+        self._check_str(event.aggregate_id, ("aggregateId",))
+        self._check_str(event.type, ("type",))
+        size = len(event.aggregate_id) + len(event.type) + 80
+        stack: list[tuple[Any, int, tuple[str | int, ...]]] = []
+        if event.payload is not None:
+            stack.append((event.payload, 1, ("payload",)))
+        if event.metadata is not None:
+            stack.append((event.metadata, 1, ("metadata",)))
+        while stack:
+            value, depth, path = stack.pop()
+            if isinstance(value, str):
+                size += len(value) + 4
+                self._check_str(value, path)
+            elif value is None or isinstance(value, bool | int):
+                size += 8
+            elif isinstance(value, float):
+                if not math.isfinite(value):
+                    raise EventLimitExceededError(
+                        self.event_store_id, f"{value} is not a JSON number", path
+                    )
+                size += 8
+            elif isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset):
+                if depth > max_depth:
+                    raise EventLimitExceededError(
+                        self.event_store_id, f"nesting deeper than max_depth={max_depth}", path
+                    )
+                size += 4
+                stack.extend(self._children(value, depth + 1, path))
+            else:
+                size += len(value) if isinstance(value, bytes | bytearray) else 16
+            if size > max_bytes:
+                raise EventLimitExceededError(
+                    self.event_store_id, f"event larger than max_bytes={max_bytes}", path
+                )
+
+    def _children(
+        self, value: Any, depth: int, path: tuple[str | int, ...]
+    ) -> Iterable[tuple[Any, int, tuple[str | int, ...]]]:
+        if isinstance(value, BaseModel):
+            items: Iterable[tuple[Any, Any]] = value.__dict__.items()
+            if value.__pydantic_extra__:
+                items = [*items, *value.__pydantic_extra__.items()]
+        elif isinstance(value, Mapping):
+            items = value.items()
+        else:
+            items = enumerate(value)
+        for key, child in items:
+            if isinstance(key, str):
+                self._check_str(key, path)
+            yield child, depth, (*path, key)
+
+    def _check_str(self, value: str, path: tuple[str | int, ...]) -> None:
+        if value.isascii():
+            if "\x00" in value:
+                raise EventLimitExceededError(
+                    self.event_store_id, "NUL characters cannot be stored", path
+                )
+            return
+        if "\x00" in value:
+            raise EventLimitExceededError(self.event_store_id, "NUL characters cannot be stored", path)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise EventLimitExceededError(
+                self.event_store_id, "string is not valid Unicode (lone surrogate)", path
+            ) from exc
+
+    # -- stored events ---------------------------------------------------------------------
+
+    def parse_event(self, data: Event | Mapping[str, Any]) -> Event:
+        """Validate one stored event (an event instance or a mapping).
+
+        Raises:
+            StoredEventValidationError: It does not validate; the cause says why.
+        """
+        if type(data) in self._classes:
+            return data  # type: ignore[return-value]
+        raw = data.model_dump(by_alias=False) if isinstance(data, Event) else data
+        try:
+            return self._one.validate_python(raw)
+        except ValidationError as exc:
+            raise self._stored_error(raw) from exc
+
+    def parse_events(self, items: Iterable[Event | Mapping[str, Any]]) -> list[Event]:
+        """Validate stored events; instances of the store's own types pass through."""
+        classes = self._classes
+        items = list(items)
+        if all(type(item) in classes for item in items):
+            return items  # type: ignore[return-value]
+        return [self.parse_event(item) for item in items]
+
+    def parse_events_json(self, data: str | bytes) -> list[Event]:
+        """Validate a JSON array of stored events in one pass (fast path for SQL adapters).
+
+        Raises:
+            StoredEventValidationError: An element does not validate; names which.
+        """
+        try:
+            return self._many.validate_json(data)
+        except ValidationError as exc:
+            raw: Any = None
+            loc = exc.errors(include_url=False)[0]["loc"]
+            try:
+                rows = json.loads(data)
+                if loc and isinstance(loc[0], int):
+                    raw = rows[loc[0]]
+            except (ValueError, IndexError, TypeError):
+                raw = None
+            raise self._stored_error(raw) from exc
+
+    def _stored_error(self, raw: object) -> StoredEventValidationError:
+        aggregate_id = version = None
+        if isinstance(raw, Mapping):
+            aggregate_id = raw.get("aggregateId", raw.get("aggregate_id"))
+            version = raw.get("version")
+        return StoredEventValidationError(self.event_store_id, aggregate_id, version)
