@@ -345,7 +345,8 @@ class EventStore(Generic[AggregateT, EventT]):
             raise EventGroupError("An event group needs at least one grouped event")
         now = utc_now()
         prepared: list[GroupedEvent] = []
-        for index, grouped in enumerate(grouped_events):
+        for index, given in enumerate(grouped_events):
+            grouped = given
             if not isinstance(grouped, GroupedEvent):
                 raise EventGroupError(
                     f"Event group event #{index} is not a GroupedEvent (use store.group_event)"

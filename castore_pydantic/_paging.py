@@ -84,11 +84,15 @@ class ListingOptions:
         cursor = None
         if page_token is not None:
             cursor = _decode_cursor(token.get("lastEvaluatedKey"))
-        after = initial_event_after if initial_event_after is not None else token.get(
-            "initialEventAfter"
+        after = (
+            initial_event_after
+            if initial_event_after is not None
+            else token.get("initialEventAfter")
         )
-        before = initial_event_before if initial_event_before is not None else token.get(
-            "initialEventBefore"
+        before = (
+            initial_event_before
+            if initial_event_before is not None
+            else token.get("initialEventBefore")
         )
         eff_reverse = reverse if reverse is not None else token.get("reverse", False)
         if not isinstance(eff_reverse, bool):

@@ -119,7 +119,7 @@ class EventStoreContext:
             else Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007
         )
         self._one: TypeAdapter[Event] = TypeAdapter(union)
-        self._many: TypeAdapter[list[Event]] = TypeAdapter(list[union])  # type: ignore[valid-type]
+        self._many: TypeAdapter[list[Event]] = TypeAdapter(list[union])
 
     def __repr__(self) -> str:
         return f"EventStoreContext(event_store_id={self.event_store_id!r})"
@@ -175,9 +175,7 @@ class EventStoreContext:
             for error in exc.errors(include_url=False):
                 if error["type"] == "union_tag_invalid" and not error["loc"]:
                     tag = error.get("ctx", {}).get("tag")
-                    raise UnknownEventTypeError(
-                        self.event_store_id, tag, self.known_types
-                    ) from exc
+                    raise UnknownEventTypeError(self.event_store_id, tag, self.known_types) from exc
             raise
 
     def check_limits(self, event: Event) -> None:
@@ -247,7 +245,9 @@ class EventStoreContext:
                 )
             return
         if "\x00" in value:
-            raise EventLimitExceededError(self.event_store_id, "NUL characters cannot be stored", path)
+            raise EventLimitExceededError(
+                self.event_store_id, "NUL characters cannot be stored", path
+            )
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:

@@ -11,8 +11,7 @@ from castore_pydantic._event import Event
 
 if TYPE_CHECKING:
     from types import TracebackType
-
-    from typing_extensions import Self
+    from typing import Self
 
     from castore_pydantic._event_store import EventStore
     from castore_pydantic._serialization import EventStoreContext
@@ -29,23 +28,23 @@ __all__ = [
     "PushEventResult",
 ]
 
-A = TypeVar("A", covariant=True)
-E = TypeVar("E", bound=Event, covariant=True)
+A_co = TypeVar("A_co", covariant=True)
+E_co = TypeVar("E_co", bound=Event, covariant=True)
 
 
 @dataclass(frozen=True, slots=True)
-class GetEventsResult(Generic[E]):
+class GetEventsResult(Generic[E_co]):
     """What ``get_events`` returns.
 
     Attributes:
         events: The events, ordered by version (descending with ``reverse=True``).
     """
 
-    events: list[E]
+    events: list[E_co]
 
 
 @dataclass(frozen=True, slots=True)
-class GetAggregateResult(Generic[A, E]):
+class GetAggregateResult(Generic[A_co, E_co]):
     """What ``get_aggregate`` returns.
 
     Attributes:
@@ -54,13 +53,13 @@ class GetAggregateResult(Generic[A, E]):
         last_event: The last of them, ``None`` when there are none.
     """
 
-    aggregate: A | None
-    events: list[E]
-    last_event: E | None
+    aggregate: A_co | None
+    events: list[E_co]
+    last_event: E_co | None
 
 
 @dataclass(frozen=True, slots=True)
-class GetExistingAggregateResult(Generic[A, E]):
+class GetExistingAggregateResult(Generic[A_co, E_co]):
     """What ``get_existing_aggregate`` returns: like ``GetAggregateResult``, never empty.
 
     Attributes:
@@ -69,13 +68,13 @@ class GetExistingAggregateResult(Generic[A, E]):
         last_event: The last of them.
     """
 
-    aggregate: A
-    events: list[E]
-    last_event: E
+    aggregate: A_co
+    events: list[E_co]
+    last_event: E_co
 
 
 @dataclass(frozen=True, slots=True)
-class PushEventResult(Generic[A, E]):
+class PushEventResult(Generic[A_co, E_co]):
     """What ``push_event`` returns.
 
     Attributes:
@@ -84,8 +83,8 @@ class PushEventResult(Generic[A, E]):
             read: the event is version 1 or ``prev_aggregate`` was given. ``None`` otherwise.
     """
 
-    event: E
-    next_aggregate: A | None = None
+    event: E_co
+    next_aggregate: A_co | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,7 +99,9 @@ class AggregateNotFoundError(CastoreError, LookupError):
     def __init__(self, event_store_id: str, aggregate_id: str) -> None:
         self.event_store_id = event_store_id
         self.aggregate_id = aggregate_id
-        super().__init__(f"Unable to find aggregate {aggregate_id} in event store {event_store_id}.")
+        super().__init__(
+            f"Unable to find aggregate {aggregate_id} in event store {event_store_id}."
+        )
 
     def __reduce__(self) -> tuple[type[AggregateNotFoundError], tuple[str, str]]:
         return (type(self), (self.event_store_id, self.aggregate_id))
@@ -128,7 +130,9 @@ class UndefinedMessageChannelAdapterError(CastoreError, RuntimeError):
     def __init__(self, message_channel_type: str, message_channel_id: str) -> None:
         self.message_channel_type = message_channel_type
         self.message_channel_id = message_channel_id
-        super().__init__(f"Adapter undefined for message {message_channel_type} {message_channel_id}")
+        super().__init__(
+            f"Adapter undefined for message {message_channel_type} {message_channel_id}"
+        )
 
 
 class MessageChannelEventStoreNotFoundError(CastoreError, LookupError):
@@ -173,9 +177,7 @@ class UnknownEventTypeError(CastoreError, ValueError):
         known_types: The types the event store declares, sorted.
     """
 
-    def __init__(
-        self, event_store_id: str, event_type: object, known_types: Sequence[str]
-    ) -> None:
+    def __init__(self, event_store_id: str, event_type: object, known_types: Sequence[str]) -> None:
         self.event_store_id = event_store_id
         self.event_type = event_type
         self.known_types = tuple(known_types)

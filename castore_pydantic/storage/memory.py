@@ -6,9 +6,7 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any
-
-from typing_extensions import Self
+from typing import Any, Self
 
 from castore_pydantic._event import Event, utc_now
 from castore_pydantic._paging import ListingOptions
@@ -40,8 +38,8 @@ class InMemoryEventStorageAdapter:
             that first reads them; events without a timestamp get the construction time.
 
     Raises:
-        ValueError: Two initial events share an aggregate and a version, or one lacks an
-            aggregate id or version.
+        ValueError: Two initial events share an aggregate and a version.
+        TypeError: An initial event lacks a string aggregate id or an int version.
     """
 
     def __init__(
@@ -60,12 +58,13 @@ class InMemoryEventStorageAdapter:
             aggregate_id, version = event.aggregate_id, event.version
         elif isinstance(event, Mapping):
             aggregate_id = event.get("aggregateId", event.get("aggregate_id"))
-            version = event.get("version")
-            if not isinstance(aggregate_id, str) or not isinstance(version, int):
-                raise ValueError(
+            raw_version = event.get("version")
+            if not isinstance(aggregate_id, str) or not isinstance(raw_version, int):
+                raise TypeError(
                     f"initial event of {event_store_id} needs a string aggregate id and an int "
                     f"version: {event!r:.200}"
                 )
+            version = raw_version
             item = event if "timestamp" in event else {**event, "timestamp": now}
         else:
             raise TypeError(f"initial events must be events or mappings, not {type(event)}")
@@ -144,8 +143,7 @@ class InMemoryEventStorageAdapter:
             adapter = grouped.event_storage_adapter
             if not isinstance(adapter, InMemoryEventStorageAdapter):
                 raise EventGroupError(
-                    f"Event group event #{index} is not connected to an "
-                    "InMemoryEventStorageAdapter"
+                    f"Event group event #{index} is not connected to an InMemoryEventStorageAdapter"
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")

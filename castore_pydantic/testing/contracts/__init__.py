@@ -1,0 +1,9 @@
+"""Public, reusable contract test suites for adapters (ours and third parties').
+
+Subclass a contract in your own test module and override its factory fixture; see each class's
+docstring. The suites need pytest and pytest-asyncio.
+"""
+
+from castore_pydantic.testing.contracts._storage import AdapterFactory, EventStorageAdapterContract
+
+__all__ = ["AdapterFactory", "EventStorageAdapterContract"]
