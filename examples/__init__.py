@@ -1,0 +1,1 @@
+"""Runnable, commented example applications built on castore-pydantic."""
