@@ -1,0 +1,610 @@
+"""``SQLiteEventStorageAdapter``: events in a SQLite database (standard library ``sqlite3``).
+
+Every operation is one short SQL transaction run synchronously on the calling thread with
+SQLite's busy timeout at zero, so it never waits on a lock while holding the event loop. When
+another connection holds the write lock (another adapter, thread or process on the same file),
+SQLite answers "busy" at once; the adapter then sleeps asynchronously with a growing, jittered
+delay and tries again, until ``busy_timeout`` has passed. A transaction therefore never spans
+an ``await``: a cancelled call has either not started its transaction or finished it, and a
+cancelled push or group writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Final, Literal, ParamSpec, Self, TypeVar
+
+from castore_pydantic._event import Event, utc_now
+from castore_pydantic._paging import ListingOptions
+from castore_pydantic._serialization import EventStoreContext
+from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
+from castore_pydantic.errors import (
+    EventAlreadyExistsError,
+    EventGroupError,
+    EventLimitExceededError,
+    StorageError,
+    StorageUnavailableError,
+    StoredEventValidationError,
+)
+
+__all__ = ["SQLiteEventStorageAdapter", "Synchronous"]
+
+#: SQLite's ``synchronous`` setting: ``"NORMAL"`` (WAL default: an acknowledged commit
+#: survives a crash of the process, the last commits may be lost on power failure) or
+#: ``"FULL"`` (every commit is flushed to disk before it is acknowledged).
+Synchronous = Literal["NORMAL", "FULL"]
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+_IDENTIFIER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_BUSY_CODES: Final = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_UNAVAILABLE_CODES: Final = _BUSY_CODES | {sqlite3.SQLITE_CANTOPEN}
+_UNIQUE_CODES: Final = frozenset(
+    {sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY}
+)
+_FIRST_DELAY: Final = 0.0005
+_MAX_DELAY: Final = 0.02
+#: Longest stretch of back-to-back operations before an adapter call yields to the loop.
+_MAX_LOOP_HOLD: Final = 0.01
+_MAX_INTEGER: Final = 2**63 - 1
+
+
+class _BusyError(Exception):
+    """Another connection holds the lock; nothing was written and the call may be retried."""
+
+
+def _error_code(exc: sqlite3.Error) -> int:
+    return int(getattr(exc, "sqlite_errorcode", 0) or 0)
+
+
+def _storage_error(exc: BaseException, doing: str) -> StorageError:
+    """The error to raise (``from exc``) for a driver failure that is not a conflict."""
+    if isinstance(exc, sqlite3.Error) and _error_code(exc) & 0xFF in _UNAVAILABLE_CODES:
+        return StorageUnavailableError(f"SQLite database unavailable while {doing}: {exc}")
+    return StorageError(f"SQLite failed while {doing}: {exc}")
+
+
+def _timestamp_text(value: datetime) -> str:
+    """``2024-01-01T00:00:00.000Z``: UTC, truncated to the millisecond, fixed width."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    extra = value.microsecond % 1000
+    if extra:
+        value = value.replace(microsecond=value.microsecond - extra)
+    # isoformat pads the year to four digits, so the text sorts like the instant.
+    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _ceil_timestamp_text(value: datetime) -> str | None:
+    """The first whole millisecond at or after ``value``; ``None`` past the last one."""
+    value = value.astimezone(UTC)
+    extra = value.microsecond % 1000
+    if extra:
+        try:
+            value += timedelta(microseconds=1000 - extra)
+        except OverflowError:
+            return None
+    return _timestamp_text(value)
+
+
+class _Statements:
+    """The SQL of one events table.
+
+    The table name is checked against ``_IDENTIFIER`` before it gets here, and quoted; that
+    is why the f-strings below are safe (``S608``).
+    """
+
+    __slots__ = ("create", "get", "insert", "list_base", "upsert")
+
+    def __init__(self, table: str) -> None:
+        quoted = f'"{table}"'
+        self.create = (
+            f"CREATE TABLE IF NOT EXISTS {quoted} ("
+            " id INTEGER PRIMARY KEY,"
+            " aggregate_name TEXT NOT NULL,"
+            " aggregate_id TEXT NOT NULL,"
+            " version INTEGER NOT NULL,"
+            " type TEXT NOT NULL,"
+            " data TEXT,"
+            " metadata TEXT,"
+            " timestamp TEXT NOT NULL,"
+            " UNIQUE (aggregate_name, aggregate_id, version))",
+            f'CREATE INDEX IF NOT EXISTS "{table}_initial_events"'
+            f" ON {quoted} (aggregate_name, version, timestamp, aggregate_id)",
+        )
+        # ?5 is the event's JSON restricted to payload and metadata; "->" extracts each as
+        # JSON text (NULL when absent), keeping numbers exactly as written.
+        self.insert = (
+            f"INSERT INTO {quoted}"  # noqa: S608
+            " (aggregate_name, aggregate_id, version, type, data, metadata, timestamp)"
+            " VALUES (?1, ?2, ?3, ?4, ?5 -> '$.payload', ?5 -> '$.metadata', ?6)"
+        )
+        self.upsert = (
+            f"{self.insert} ON CONFLICT (aggregate_name, aggregate_id, version) DO UPDATE SET"
+            " type = excluded.type, data = excluded.data, metadata = excluded.metadata,"
+            " timestamp = excluded.timestamp"
+        )
+        # The outer aggregate keeps the inner ORDER BY: SQLite never flattens an ordered
+        # subquery into an aggregate query.
+        get: dict[tuple[bool, bool, bool, bool], str] = {}
+        for has_min in (False, True):
+            for has_max in (False, True):
+                for has_limit in (False, True):
+                    for reverse in (False, True):
+                        get[has_min, has_max, has_limit, reverse] = (
+                            "SELECT json_group_array(json_object("  # noqa: S608
+                            "'aggregateId', aggregate_id, 'version', version, 'type', type,"
+                            " 'timestamp', timestamp, 'payload', json(data),"
+                            " 'metadata', json(metadata)))"
+                            " FROM (SELECT aggregate_id, version, type, timestamp, data, metadata"
+                            f" FROM {quoted} WHERE aggregate_name = ? AND aggregate_id = ?"
+                            + (" AND version >= ?" if has_min else "")
+                            + (" AND version <= ?" if has_max else "")
+                            + (" ORDER BY version DESC" if reverse else " ORDER BY version")
+                            + (" LIMIT ?" if has_limit else "")
+                            + ")"
+                        )
+        self.get = get
+        self.list_base = (
+            f"SELECT aggregate_id, timestamp FROM {quoted}"  # noqa: S608
+            " WHERE aggregate_name = ? AND version = 1"
+        )
+
+
+class SQLiteEventStorageAdapter:
+    """Stores events in one table of a SQLite database; safe across tasks, threads, processes.
+
+    The table mirrors Castore's PostgreSQL layout: ``aggregate_name`` (the event store id),
+    ``aggregate_id``, ``version``, ``type``, ``data`` (payload JSON or NULL), ``metadata``
+    (JSON or NULL) and ``timestamp`` (text, ``2024-01-01T00:00:00.000Z``), unique on
+    ``(aggregate_name, aggregate_id, version)``. It is created on first use, in WAL mode.
+
+    Args:
+        path: A file path, or ``":memory:"`` for a private in-memory database.
+        table_name: The events table (letters, digits and ``_``, at most 63 characters).
+        synchronous: ``"NORMAL"`` (default) or ``"FULL"``; see ``Synchronous``.
+        busy_timeout: Seconds an operation keeps retrying while another connection holds
+            the write lock before ``StorageUnavailableError`` is raised.
+
+    Raises:
+        ValueError: An invalid table name, synchronous setting or busy timeout.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        table_name: str = "event",
+        synchronous: Synchronous = "NORMAL",
+        busy_timeout: float = 5.0,
+    ) -> None:
+        if not isinstance(table_name, str) or not _IDENTIFIER.fullmatch(table_name):
+            raise ValueError(
+                f"table_name must be letters, digits and underscores, not starting with a "
+                f"digit, at most 63 characters: {table_name!r}"
+            )
+        if table_name.lower().startswith("sqlite_"):
+            raise ValueError(f"table names starting with 'sqlite_' are reserved: {table_name!r}")
+        mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
+        if mode not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float):
+            raise TypeError(f"busy_timeout must be a number of seconds, not {busy_timeout!r}")
+        if not busy_timeout >= 0:
+            raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
+        self._database = os.fspath(path)
+        self._in_memory = self._database in ("", ":memory:")
+        self._realpath = None if self._in_memory else os.path.realpath(self._database)
+        self._table = table_name
+        self._sql = _Statements(table_name)
+        self._synchronous = mode
+        self._busy_timeout = float(busy_timeout)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._ready_tables: set[str] = set()
+        self._closed = False
+        self._last_yield = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"SQLiteEventStorageAdapter({self._database!r}, table_name={self._table!r})"
+
+    @property
+    def path(self) -> str:
+        """The database path as given (``":memory:"`` for an in-memory database)."""
+        return self._database
+
+    @property
+    def table_name(self) -> str:
+        """The events table."""
+        return self._table
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self._run(self._connection)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; idempotent. The adapter cannot be used afterwards."""
+        self._closed = True
+        # A threading lock (the adapter may be shared by threads): poll it without blocking.
+        while not self._lock.acquire(blocking=False):  # noqa: ASYNC110
+            await asyncio.sleep(_FIRST_DELAY)
+        try:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
+        finally:
+            self._lock.release()
+
+    # -- running operations ----------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """The open, initialised connection (called with the lock held)."""
+        conn = self._conn
+        if conn is not None and self._ready_tables:
+            return conn
+        if self._closed:
+            raise StorageError(f"{self!r} is closed")
+        try:
+            if conn is None:
+                conn = sqlite3.connect(
+                    self._database, timeout=0, isolation_level=None, check_same_thread=False
+                )
+                self._conn = conn
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            for statement in self._sql.create:
+                conn.execute(statement)
+        except sqlite3.Error as exc:
+            if _error_code(exc) & 0xFF in _BUSY_CODES:
+                raise _BusyError from exc
+            raise _storage_error(exc, f"opening {self._database!r}") from exc
+        self._ready_tables.add(self._table)
+        return conn
+
+    def _discard_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        self._ready_tables = set()
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()  # closing rolls back whatever was left open
+
+    async def _run(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run a synchronous operation under the lock, retrying while the database is busy."""
+        now = time.monotonic()
+        if now - self._last_yield > _MAX_LOOP_HOLD:
+            # Back-to-back calls complete without suspending: let other tasks run now and
+            # then, before this operation has started anything.
+            self._last_yield = now
+            await asyncio.sleep(0)
+        deadline = None
+        delay = _FIRST_DELAY
+        while True:
+            if self._lock.acquire(blocking=False):
+                try:
+                    return operation(*args, **kwargs)
+                except _BusyError:
+                    pass
+                finally:
+                    self._lock.release()
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + self._busy_timeout
+            if now >= deadline:
+                raise StorageUnavailableError(
+                    f"SQLite database {self._database!r} stayed locked by another connection "
+                    f"for longer than busy_timeout={self._busy_timeout}s"
+                )
+            await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))  # noqa: S311
+            delay = min(delay * 2, _MAX_DELAY)
+            self._last_yield = time.monotonic()
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _row(event: Event, event_store_id: str) -> tuple[Any, ...]:
+        timestamp = event.timestamp
+        return (
+            event_store_id,
+            event.aggregate_id,
+            event.version,
+            event.type,
+            event.model_dump_json(include={"payload", "metadata"}),
+            _timestamp_text(timestamp) if timestamp is not None else None,
+        )
+
+    @staticmethod
+    def _execute_insert(
+        conn: sqlite3.Connection, sql: str, row: tuple[Any, ...], event: Event
+    ) -> None:
+        """Run one INSERT; translate a taken version, busy and driver errors."""
+        try:
+            conn.execute(sql, row)
+        except sqlite3.IntegrityError as exc:
+            if _error_code(exc) in _UNIQUE_CODES:
+                raise EventAlreadyExistsError(row[0], event.aggregate_id, event.version) from exc
+            raise _storage_error(exc, "inserting an event") from exc
+        except OverflowError as exc:
+            raise EventLimitExceededError(
+                row[0], "version does not fit SQLite's 64-bit INTEGER", ("version",)
+            ) from exc
+
+    def _push_sync(self, row: tuple[Any, ...], event: Event, force: bool) -> None:
+        conn = self._connection()
+        try:
+            self._execute_insert(conn, self._sql.upsert if force else self._sql.insert, row, event)
+        except sqlite3.Error as exc:
+            if _error_code(exc) & 0xFF in _BUSY_CODES:
+                raise _BusyError from exc
+            raise _storage_error(exc, "inserting an event") from exc
+
+    async def push_event(
+        self, event: Event, context: EventStoreContext, *, force: bool = False
+    ) -> Event:
+        """Store one event (see ``EventStorageAdapter.push_event``).
+
+        Raises:
+            EventAlreadyExistsError: The version is taken and ``force`` is false.
+            StorageUnavailableError: The database stayed locked past ``busy_timeout`` or
+                cannot be opened.
+            StorageError: Another SQLite failure.
+        """
+        if event.timestamp is None:
+            event = event.model_copy(update={"timestamp": utc_now()})
+        row = self._row(event, context.event_store_id)
+        await self._run(self._push_sync, row, event, force)
+        return event
+
+    def group_event(self, event: Event, context: EventStoreContext) -> GroupedEvent:
+        """Wrap an event for a group pushed by SQLite adapters on the same database."""
+        return GroupedEvent(event=event, event_storage_adapter=self, context=context)
+
+    def _same_database(self, other: SQLiteEventStorageAdapter) -> bool:
+        if other is self:
+            return True
+        if self._realpath is None or other._realpath is None:
+            return False
+        if self._realpath == other._realpath:
+            return True
+        try:
+            return os.path.samefile(self._realpath, other._realpath)
+        except OSError:
+            return False
+
+    def _push_group_sync(
+        self, rows: list[tuple[_Statements, str, tuple[Any, ...], Event]], force: bool
+    ) -> None:
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if _error_code(exc) & 0xFF in _BUSY_CODES:
+                raise _BusyError from exc
+            raise _storage_error(exc, "starting a transaction") from exc
+        created: list[str] = []
+        try:
+            for statements, table, _, _ in rows:
+                if table not in self._ready_tables and table not in created:
+                    for statement in statements.create:
+                        conn.execute(statement)
+                    created.append(table)
+            for statements, _, row, event in rows:
+                sql = statements.upsert if force else statements.insert
+                self._execute_insert(conn, sql, row, event)
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            self._rollback(conn)
+            if isinstance(exc, sqlite3.Error):
+                if _error_code(exc) & 0xFF in _BUSY_CODES:
+                    raise _BusyError from exc
+                raise _storage_error(exc, "writing an event group") from exc
+            raise
+        self._ready_tables.update(created)
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        if not conn.in_transaction:
+            return
+        try:
+            conn.execute("ROLLBACK")
+        except BaseException:
+            # Never leave a transaction open on a connection others will use.
+            self._discard_connection()
+            raise
+
+    async def push_event_group(
+        self, grouped_events: Sequence[GroupedEvent], *, force: bool = False
+    ) -> list[Event]:
+        """Store the group in one ``BEGIN IMMEDIATE`` transaction: all events or none.
+
+        Each event goes to its own store id and its own adapter's table; every adapter must
+        be a ``SQLiteEventStorageAdapter`` on the same database file as this one.
+
+        Raises:
+            EventGroupError: A grouped event uses another kind of adapter, another database
+                or lacks its context; nothing is written.
+            EventAlreadyExistsError: A version is taken (or repeated in the group); nothing
+                is written.
+            StorageUnavailableError: The database stayed locked past ``busy_timeout``.
+            StorageError: Another SQLite failure; nothing is written.
+        """
+        if not grouped_events:
+            raise EventGroupError("An event group needs at least one grouped event")
+        rows: list[tuple[_Statements, str, tuple[Any, ...], Event]] = []
+        stored: list[Event] = []
+        for index, grouped in enumerate(grouped_events):
+            adapter = grouped.event_storage_adapter
+            if not isinstance(adapter, SQLiteEventStorageAdapter):
+                raise EventGroupError(
+                    f"Event group event #{index} is not connected to a SQLiteEventStorageAdapter"
+                )
+            if not self._same_database(adapter):
+                raise EventGroupError(
+                    f"Event group event #{index} is connected to a SQLite adapter on another "
+                    f"database ({adapter.path!r}, not {self.path!r}); a group is one "
+                    "transaction on one database"
+                )
+            if grouped.context is None:
+                raise EventGroupError(f"Event group event #{index} misses context")
+            event = grouped.event
+            if event.timestamp is None:
+                event = event.model_copy(update={"timestamp": utc_now()})
+            row = self._row(event, grouped.context.event_store_id)
+            rows.append((adapter._sql, adapter._table, row, event))
+            stored.append(event)
+        await self._run(self._push_group_sync, rows, force)
+        return stored
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _query_sync(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            if _error_code(exc) & 0xFF in _BUSY_CODES:
+                raise _BusyError from exc
+            if "malformed JSON" in str(exc):
+                raise StoredEventValidationError(params[0], params[1], None) from exc
+            raise _storage_error(exc, "reading events") from exc
+
+    async def get_events(
+        self,
+        aggregate_id: str,
+        context: EventStoreContext,
+        *,
+        min_version: int | None = None,
+        max_version: int | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> list[Event]:
+        """Return events ordered by version, bounds inclusive (``limit=0`` gives none).
+
+        Raises:
+            StoredEventValidationError: A stored event does not validate against the store's
+                event types.
+            StorageUnavailableError: The database stayed locked past ``busy_timeout``.
+            StorageError: Another SQLite failure.
+        """
+        if limit == 0 or not isinstance(aggregate_id, str):
+            return []
+        # Bounds past SQLite's 64-bit integers cannot be bound; no stored version is there.
+        if min_version is not None and min_version > _MAX_INTEGER:
+            return []
+        if max_version is not None and max_version > _MAX_INTEGER:
+            max_version = None
+        if limit is not None and limit > _MAX_INTEGER:
+            limit = None
+        params: tuple[Any, ...] = (context.event_store_id, aggregate_id)
+        if min_version is not None:
+            params += (min_version,)
+        if max_version is not None:
+            params += (max_version,)
+        if limit is not None:
+            params += (limit,)
+        sql = self._sql.get[
+            min_version is not None, max_version is not None, limit is not None, bool(reverse)
+        ]
+        ((text,),) = await self._run(self._query_sync, sql, params)
+        if text == "[]":
+            return []
+        return context.parse_events_json(text)
+
+    async def list_aggregate_ids(
+        self,
+        context: EventStoreContext,
+        *,
+        limit: int | None = None,
+        page_token: str | None = None,
+        initial_event_after: datetime | None = None,
+        initial_event_before: datetime | None = None,
+        reverse: bool | None = None,
+    ) -> ListAggregateIdsResult:
+        """List aggregates with a version-1 event, paged (see ``ListingOptions``).
+
+        Raises:
+            InvalidPageTokenError: ``page_token`` is malformed.
+            StorageUnavailableError: The database stayed locked past ``busy_timeout``.
+            StorageError: Another SQLite failure.
+        """
+        options = ListingOptions.resolve(
+            limit=limit,
+            page_token=page_token,
+            initial_event_after=initial_event_after,
+            initial_event_before=initial_event_before,
+            reverse=reverse,
+        )
+        if options.limit == 0:
+            return ListAggregateIdsResult(aggregate_ids=[])
+        sql = [self._sql.list_base]
+        params: list[Any] = [context.event_store_id]
+        if options.initial_event_after is not None:
+            after = _ceil_timestamp_text(options.initial_event_after)
+            if after is None:
+                return ListAggregateIdsResult(aggregate_ids=[])
+            sql.append("AND timestamp >= ?")
+            params.append(after)
+        if options.initial_event_before is not None:
+            sql.append("AND timestamp <= ?")
+            params.append(_timestamp_text(options.initial_event_before))
+        cursor = options.cursor
+        if cursor is not None and not self._cursor_clause(cursor, options.reverse, sql, params):
+            return ListAggregateIdsResult(aggregate_ids=[])
+        sql.append(
+            "ORDER BY timestamp DESC, aggregate_id DESC"
+            if options.reverse
+            else "ORDER BY timestamp, aggregate_id"
+        )
+        if options.limit is not None:
+            sql.append("LIMIT ?")
+            params.append(min(options.limit + 1, _MAX_INTEGER))
+        rows = await self._run(self._query_sync, " ".join(sql), tuple(params))
+        return options.finish(
+            [
+                AggregateIdEntry(aggregate_id, datetime.fromisoformat(ts))
+                for aggregate_id, ts in rows
+            ]
+        )
+
+    @staticmethod
+    def _cursor_clause(
+        cursor: AggregateIdEntry, reverse: bool, sql: list[str], params: list[Any]
+    ) -> bool:
+        """Keep only entries after the cursor in listing order; false if none can be."""
+        stamp = cursor.initial_event_timestamp
+        if not stamp.microsecond % 1000:
+            sql.append(
+                "AND (timestamp, aggregate_id) < (?, ?)"
+                if reverse
+                else "AND (timestamp, aggregate_id) > (?, ?)"
+            )
+            params.extend((_timestamp_text(stamp), cursor.aggregate_id))
+            return True
+        # Stored timestamps are whole milliseconds, so none equals a finer cursor.
+        if reverse:
+            sql.append("AND timestamp <= ?")
+            params.append(_timestamp_text(stamp))
+            return True
+        after = _ceil_timestamp_text(stamp)
+        sql.append("AND timestamp >= ?")
+        params.append(after)
+        return after is not None
