@@ -1,0 +1,1 @@
+"""Benchmarks against the raw-driver floor (run as ``python -m bench.<name>``)."""
