@@ -1,0 +1,499 @@
+"""In-memory message queue and bus adapters: for tests and single-process applications.
+
+Messages are handled in the publishing process, by asyncio tasks: nothing survives the
+process, so delivery is **at-most-once** (a message still waiting, or waiting for a retry,
+when the process stops is lost). A failure that exhausts the retry budget is logged through the
+``castore_pydantic.messaging`` logger with the message and the error, and kept in
+``dead_letters()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from castore_pydantic.messaging._channels import MessageChannel
+from castore_pydantic.messaging._messages import (
+    DeadLetter,
+    DeliveryGuarantee,
+    FilterPattern,
+    Message,
+    MessageContext,
+    MessageHandler,
+    RetryPolicy,
+    check_filter_pattern,
+    matches,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+    from typing import Self
+
+__all__ = ["InMemoryMessageBusAdapter", "InMemoryMessageQueueAdapter"]
+
+logger = logging.getLogger("castore_pydantic.messaging")
+
+#: How many dead letters an in-memory adapter keeps (the oldest are dropped first).
+MAX_DEAD_LETTERS = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Delivery:
+    message: Message
+    attempt: int
+    retry_attempts_left: int
+    replay: bool
+
+    @property
+    def context(self) -> MessageContext:
+        return MessageContext(self.attempt, self.retry_attempts_left, self.replay)
+
+    def retried(self) -> _Delivery:
+        return dataclasses.replace(
+            self, attempt=self.attempt + 1, retry_attempts_left=self.retry_attempts_left - 1
+        )
+
+
+class _InMemoryAdapter:
+    """What the in-memory queue and bus share: retries, dead letters, quiescence."""
+
+    def __init__(
+        self,
+        *,
+        retry_attempts: int = 2,
+        retry_delay_in_ms: float = 30000,
+        retry_backoff_rate: float = 2,
+    ) -> None:
+        self.retry_policy = RetryPolicy(retry_attempts, retry_delay_in_ms, retry_backoff_rate)
+        self.message_channel: MessageChannel[Any] | None = None
+        # Every piece of pending work (a delivery, a FIFO draining, a retry waiting for its
+        # delay) is a task in this set; a failing attempt schedules its retry before it ends.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dead_letters: deque[DeadLetter] = deque(maxlen=MAX_DEAD_LETTERS)
+
+    @property
+    def delivery_guarantee(self) -> DeliveryGuarantee:
+        """``"at-most-once"``: messages live in this process only."""
+        return "at-most-once"
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run work in the background, counted as pending until it ends."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def join(self) -> None:
+        """Wait until every published message is handled, retried or dead-lettered.
+
+        Retries count as pending work, so with long retry delays this waits for them.
+        """
+        while self._tasks:
+            # asyncio.wait, unlike gather, leaves the tasks running if join is cancelled.
+            await asyncio.wait(list(self._tasks))
+
+    async def _attempt(
+        self,
+        handler: MessageHandler,
+        delivery: _Delivery,
+        *,
+        retry: Callable[[_Delivery], None],
+        listener_id: str | None = None,
+    ) -> None:
+        """Handle one delivery; on failure, schedule a retry or dead-letter it."""
+        try:
+            await handler(delivery.message, delivery.context)
+        except Exception as exc:
+            if delivery.retry_attempts_left > 0:
+                delay = self.retry_policy.delay_for(delivery.attempt)
+                self._spawn(self._retry_after(delay, delivery.retried(), retry))
+            else:
+                self._dead_letter(delivery, exc, listener_id)
+
+    async def _retry_after(
+        self, delay: float, delivery: _Delivery, retry: Callable[[_Delivery], None]
+    ) -> None:
+        await asyncio.sleep(delay)
+        retry(delivery)
+
+    def _dead_letter(
+        self, delivery: _Delivery, error: BaseException | str, listener_id: str | None
+    ) -> None:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self._dead_letters.append(
+            DeadLetter(delivery.message, text, delivery.attempt, delivery.replay, listener_id)
+        )
+        logger.error(
+            "%s gave up on a message after %d attempt(s)%s: %s; message: %s",
+            type(self).__name__,
+            delivery.attempt,
+            f" in listener {listener_id}" if listener_id else "",
+            text,
+            delivery.message.model_dump_json(),
+            exc_info=error if isinstance(error, BaseException) else None,
+        )
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """The messages whose handling failed on every attempt, oldest first."""
+        return list(self._dead_letters)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def consuming(self) -> AsyncIterator[Self]:
+        """Consume within the block (in memory, messages are always handled on publish).
+
+        It exists so that code written for broker adapters runs unchanged in memory.
+        """
+        await self.start_consuming()
+        try:
+            yield self
+        finally:
+            await self.stop_consuming()
+
+    async def start_consuming(self) -> None:
+        """Nothing to start in memory: messages are handled as they are published."""
+
+    async def stop_consuming(self) -> None:
+        """Nothing to stop in memory (``aclose`` cancels pending work)."""
+
+    async def purge(self) -> None:
+        """Forget pending retries and dead letters (a test helper)."""
+        await self._cancel_all()
+        self._dead_letters.clear()
+
+    async def aclose(self) -> None:
+        """Cancel pending work (waiting messages and retries are dropped); idempotent."""
+        await self._cancel_all()
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._forget_waiting()
+
+    def _forget_waiting(self) -> None:
+        """Drop messages waiting in memory (overridden by the queue)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class _Fifo:
+    """One worker's FIFO: handles one message at a time, in order."""
+
+    def __init__(self, adapter: InMemoryMessageQueueAdapter, worker: MessageHandler) -> None:
+        self.adapter = adapter
+        self.worker = worker
+        self.waiting: deque[_Delivery] = deque()
+        self.running = False
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def push(self, delivery: _Delivery) -> None:
+        self.waiting.append(delivery)
+        if not self.running:
+            self.running = True
+            self.adapter._spawn(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.waiting:
+                delivery = self.waiting.popleft()
+                await self.adapter._attempt(
+                    self.worker, delivery, retry=self.adapter._enqueue_retry
+                )
+        finally:
+            self.running = False
+
+
+class InMemoryMessageQueueAdapter(_InMemoryAdapter):
+    """Carries a message queue's messages to one worker, in this process.
+
+    The worker handles one message at a time, first published first handled. A failing
+    message is retried after ``retry_delay_in_ms * retry_backoff_rate ** (attempt - 1)``
+    milliseconds, at the end of the queue, up to ``retry_attempts`` times; then it is logged
+    and kept in ``dead_letters()``. Without a worker, published messages are dropped (with a
+    warning), as in Castore. Delivery is at-most-once.
+
+    Args:
+        worker: ``async def worker(message, context)``; may be set later.
+        retry_attempts: Retries after the first attempt.
+        retry_delay_in_ms: Delay before the first retry.
+        retry_backoff_rate: Factor applied to the delay for each further retry.
+
+    Raises:
+        ValueError: A retry option is negative or not a number.
+    """
+
+    def __init__(
+        self,
+        *,
+        worker: MessageHandler | None = None,
+        retry_attempts: int = 2,
+        retry_delay_in_ms: float = 30000,
+        retry_backoff_rate: float = 2,
+    ) -> None:
+        super().__init__(
+            retry_attempts=retry_attempts,
+            retry_delay_in_ms=retry_delay_in_ms,
+            retry_backoff_rate=retry_backoff_rate,
+        )
+        self._fifos: list[_Fifo] = []
+        self._queue: _Fifo | None = None
+        self.worker = worker
+
+    @classmethod
+    def attach_to(
+        cls,
+        message_queue: MessageChannel[Any],
+        *,
+        worker: MessageHandler | None = None,
+        retry_attempts: int = 2,
+        retry_delay_in_ms: float = 30000,
+        retry_backoff_rate: float = 2,
+    ) -> Self:
+        """Build an adapter and make it the queue's ``message_channel_adapter``."""
+        adapter = cls(
+            worker=worker,
+            retry_attempts=retry_attempts,
+            retry_delay_in_ms=retry_delay_in_ms,
+            retry_backoff_rate=retry_backoff_rate,
+        )
+        message_queue.message_channel_adapter = adapter
+        adapter.message_channel = message_queue
+        return adapter
+
+    def __repr__(self) -> str:
+        channel = self.message_channel.message_channel_id if self.message_channel else None
+        return f"InMemoryMessageQueueAdapter(queue={channel!r}, worker={self._worker!r})"
+
+    @property
+    def worker(self) -> MessageHandler | None:
+        """The worker; setting a new one sends it every message published from then on."""
+        return self._worker
+
+    @worker.setter
+    def worker(self, worker: MessageHandler | None) -> None:
+        self._worker = worker
+        # Messages already waiting stay with the worker they were published to.
+        self._queue = None if worker is None else _Fifo(self, worker)
+        if self._queue is not None:
+            self._fifos.append(self._queue)
+
+    @property
+    def queue(self) -> _Fifo | None:
+        """The current worker's FIFO (``None`` without a worker); its ``len`` is the backlog."""
+        return self._queue
+
+    async def publish_message(self, message: Message, *, replay: bool = False) -> None:
+        """Hand a message to the worker (dropped, with a warning, when there is none)."""
+        self._push(_Delivery(message, 1, self.retry_policy.retry_attempts, replay))
+
+    async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
+        """Hand several messages to the worker, in order."""
+        for message in messages:
+            self._push(_Delivery(message, 1, self.retry_policy.retry_attempts, replay))
+
+    def _push(self, delivery: _Delivery) -> None:
+        if self._queue is None:
+            logger.warning(
+                "InMemoryMessageQueueAdapter has no worker: message dropped: %s",
+                delivery.message.model_dump_json(),
+            )
+            return
+        self._queue.push(delivery)
+
+    def _enqueue_retry(self, delivery: _Delivery) -> None:
+        # A retry goes to whichever worker is current when it is due.
+        if self._queue is None:
+            self._dead_letter(delivery, "no worker to retry the message", None)
+            return
+        self._queue.push(delivery)
+
+    async def republish_dead_letters(self) -> int:
+        """Hand the dead letters to the worker again (from attempt 1) and forget them.
+
+        Returns:
+            How many messages were republished.
+        """
+        letters = list(self._dead_letters)
+        self._dead_letters.clear()
+        for letter in letters:
+            self._enqueue_retry(
+                _Delivery(letter.message, 1, self.retry_policy.retry_attempts, letter.replay)
+            )
+        return len(letters)
+
+    def _forget_waiting(self) -> None:
+        for fifo in self._fifos:
+            fifo.waiting.clear()
+            fifo.running = False
+        self._fifos = [self._queue] if self._queue is not None else []
+
+
+@dataclasses.dataclass(slots=True)
+class _Listener:
+    listener_id: str
+    handler: MessageHandler
+    patterns: list[FilterPattern]
+
+
+class InMemoryMessageBusAdapter(_InMemoryAdapter):
+    """Carries a message bus's messages to every matching listener, in this process.
+
+    Listeners are registered with ``on(pattern, handler)``. Each message is delivered once to
+    each listener whose patterns match it (see ``castore_pydantic.messaging.matches``), in its
+    own task: listeners run concurrently and the publish does not wait for them. A failing
+    listener alone is retried with the retry policy (a retried replay keeps ``replay=True``),
+    then the failure is logged and kept in ``dead_letters()``. Delivery is at-most-once.
+
+    Args:
+        retry_attempts: Retries after the first attempt, per listener.
+        retry_delay_in_ms: Delay before the first retry.
+        retry_backoff_rate: Factor applied to the delay for each further retry.
+
+    Raises:
+        ValueError: A retry option is negative or not a number.
+    """
+
+    def __init__(
+        self,
+        *,
+        retry_attempts: int = 2,
+        retry_delay_in_ms: float = 30000,
+        retry_backoff_rate: float = 2,
+    ) -> None:
+        super().__init__(
+            retry_attempts=retry_attempts,
+            retry_delay_in_ms=retry_delay_in_ms,
+            retry_backoff_rate=retry_backoff_rate,
+        )
+        self._listeners: dict[object, _Listener] = {}
+
+    @classmethod
+    def attach_to(
+        cls,
+        message_bus: MessageChannel[Any],
+        *,
+        retry_attempts: int = 2,
+        retry_delay_in_ms: float = 30000,
+        retry_backoff_rate: float = 2,
+    ) -> Self:
+        """Build an adapter and make it the bus's ``message_channel_adapter``."""
+        adapter = cls(
+            retry_attempts=retry_attempts,
+            retry_delay_in_ms=retry_delay_in_ms,
+            retry_backoff_rate=retry_backoff_rate,
+        )
+        message_bus.message_channel_adapter = adapter
+        adapter.message_channel = message_bus
+        return adapter
+
+    def __repr__(self) -> str:
+        channel = self.message_channel.message_channel_id if self.message_channel else None
+        return f"InMemoryMessageBusAdapter(bus={channel!r}, listeners={len(self._listeners)})"
+
+    def on(
+        self,
+        pattern: FilterPattern | Mapping[str, Any],
+        handler: MessageHandler,
+        *,
+        listener_id: str | None = None,
+    ) -> None:
+        """Register a listener for the messages matching ``pattern``.
+
+        Registering the same listener again (the same ``listener_id``, or the same handler
+        without one) adds the pattern: a message matching several of its patterns is still
+        delivered once. Listeners only receive messages published after they registered.
+
+        Args:
+            pattern: ``{"event_store_id": ..., "event_type": ..., "on_replay": ...}``, every
+                key optional; ``{}`` matches every message that is not a replay.
+            handler: ``async def handler(message, context)``.
+            listener_id: Names the listener (default: the handler's qualified name).
+
+        Raises:
+            ValueError: An unknown pattern key, or ``listener_id`` already names another
+                handler.
+            TypeError: A pattern value of the wrong type.
+        """
+        checked = check_filter_pattern(pattern)
+        key: object = handler if listener_id is None else listener_id
+        name = listener_id if listener_id is not None else handler.__qualname__
+        listener = self._listeners.get(key)
+        if listener is None:
+            self._listeners[key] = _Listener(name, handler, [checked])
+        elif listener.handler is not handler:
+            raise ValueError(f"listener id {listener_id!r} is already used by another handler")
+        else:
+            listener.patterns.append(checked)
+
+    async def publish_message(self, message: Message, *, replay: bool = False) -> None:
+        """Start delivering a message to every matching listener (without waiting for them)."""
+        self._publish(message, replay)
+
+    async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
+        """Start delivering several messages, in order."""
+        for message in messages:
+            self._publish(message, replay)
+
+    def _publish(self, message: Message, replay: bool) -> None:
+        for listener in list(self._listeners.values()):
+            if any(matches(pattern, message, replay) for pattern in listener.patterns):
+                self._deliver(
+                    listener, _Delivery(message, 1, self.retry_policy.retry_attempts, replay)
+                )
+
+    def _deliver(self, listener: _Listener, delivery: _Delivery) -> None:
+        # Retries go to this listener only, without checking the patterns again.
+        self._spawn(
+            self._attempt(
+                listener.handler,
+                delivery,
+                retry=lambda again: self._deliver(listener, again),
+                listener_id=listener.listener_id,
+            )
+        )
+
+    async def republish_dead_letters(self) -> int:
+        """Deliver the dead letters again (from attempt 1) to the listener that failed.
+
+        A dead letter whose listener is no longer registered stays dead.
+
+        Returns:
+            How many messages were republished.
+        """
+        by_id = {listener.listener_id: listener for listener in self._listeners.values()}
+        letters = list(self._dead_letters)
+        self._dead_letters.clear()
+        count = 0
+        for letter in letters:
+            listener = by_id.get(letter.listener_id or "")
+            if listener is None:
+                self._dead_letters.append(letter)
+                continue
+            self._deliver(
+                listener,
+                _Delivery(letter.message, 1, self.retry_policy.retry_attempts, letter.replay),
+            )
+            count += 1
+        return count
