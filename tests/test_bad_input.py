@@ -1,0 +1,219 @@
+"""Hostile input at the boundaries: every case is a clear error and nothing is written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from castore_pydantic import CastoreError, Command, Event, EventLimits, EventStore
+from castore_pydantic.errors import EventLimitExceededError, UnknownEventTypeError
+from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
+from tests.domain import PokemonAppeared, PokemonCaught, appeared, reduce_pokemon
+
+
+class NoteAdded(Event):
+    """Free-form payload and metadata: the limits, not the model, must stop abuse."""
+
+    type: Literal["NOTE_ADDED"] = "NOTE_ADDED"
+    payload: Any = None
+    metadata: Any = None
+
+
+def nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def make_store(limits: EventLimits | None = None) -> EventStore[Any, Any]:
+    return EventStore(
+        event_store_id="HOSTILE",
+        event_types=[PokemonAppeared, PokemonCaught, NoteAdded],
+        reducer=reduce_pokemon,
+        event_storage_adapter=InMemoryEventStorageAdapter(),
+        limits=limits,
+    )
+
+
+def note(payload: Any = None, **fields: Any) -> dict[str, Any]:
+    return {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED", "payload": payload, **fields}
+
+
+TEN_MB = "x" * (10 * 1024 * 1024)
+
+HOSTILE: list[tuple[str, object]] = [
+    ("an int", 42),
+    ("a list", [appeared()]),
+    ("None", None),
+    ("an arbitrary object", object()),
+    ("unknown type", {"aggregateId": "n1", "version": 1, "type": "DROP_TABLE"}),
+    ("type of the wrong kind", {"aggregateId": "n1", "version": 1, "type": 7}),
+    ("missing aggregate id", {"version": 1, "type": "NOTE_ADDED"}),
+    ("missing version", {"aggregateId": "n1", "type": "NOTE_ADDED"}),
+    ("missing type", {"aggregateId": "n1", "version": 1}),
+    ("version zero", note(version=0)),
+    ("version as text", {**note(), "version": "one"}),
+    ("aggregate id as a dict", {**note(), "aggregateId": {"$ne": None}}),
+    ("extra top-level field", note(colour="red")),
+    ("extra payload field where forbidden", appeared(payload={"name": "P", "level": 3, "x": 1})),
+    ("payload out of range", appeared(payload={"name": "P", "level": 1000})),
+    ("10,000 nested levels", note(nested(10_000))),
+    ("10,000 nested levels in metadata", note(None, metadata=nested(10_000))),
+    ("10 MB string in a free payload", note({"text": TEN_MB})),
+    ("10 MB string in a bounded field", appeared(payload={"name": TEN_MB, "level": 3})),
+    ("NaN", note({"value": float("nan")})),
+    ("infinity", note([float("inf")])),
+    ("NaN in an int field", appeared(payload={"name": "P", "level": float("nan")})),
+    ("lone surrogate", note({"text": "\ud800"})),
+    ("lone surrogate as a key", note({"\udfff": 1})),
+    ("NUL in payload", note({"text": "a\u0000b"})),
+    ("NUL in aggregate id", {**note(), "aggregateId": "n\u00001"}),
+    ("naive timestamp", note(timestamp="2024-01-01T00:00:00")),
+    ("garbage timestamp", note(timestamp="yesterday")),
+    ("JSON text: not JSON", "{not json"),
+    ("JSON text: 10,000 nested levels", '{"a":' * 10_000),
+    ("JSON text: 10 MB", json.dumps(note({"text": TEN_MB}))),
+    ("JSON text: NaN literal",
+     '{"aggregateId":"n1","version":1,"type":"NOTE_ADDED","payload":NaN}'),
+    ("JSON text: lone surrogate escape",
+     '{"aggregateId":"n1","version":1,"type":"NOTE_ADDED","payload":"\\ud800"}'),
+    ("JSON text: NUL escape",
+     '{"aggregateId":"n1","version":1,"type":"NOTE_ADDED","payload":"\\u0000"}'),
+    ("JSON text: unknown type", '{"aggregateId":"n1","version":1,"type":"NOPE"}'),
+    ("JSON text: a list", "[1, 2, 3]"),
+    ("bytes: invalid UTF-8", b"\xff\xfe\xfd"),
+]  # fmt: skip
+
+
+def _deeply_nested_json() -> str:
+    return json.dumps(note(None))[:-1] + ',"metadata":' + '{"a":' * 10_000 + "1" + "}" * 10_001
+
+
+class TestPushEventRefusesHostileInput:
+    @pytest.mark.parametrize(("name", "given"), HOSTILE, ids=[name for name, _ in HOSTILE])
+    async def test_refused_with_a_clear_error_and_nothing_written(
+        self, name: str, given: object
+    ) -> None:
+        """Hostile input raises ValidationError or a CastoreError and stores nothing."""
+        store = make_store()
+        with pytest.raises((ValidationError, CastoreError)) as info:
+            await store.push_event(given)  # type: ignore[arg-type]
+        assert not isinstance(info.value, RecursionError)
+        assert str(info.value)
+        for aggregate_id in ("n1", "pikachu", "n\x001"):
+            assert (await store.get_events(aggregate_id)).events == []
+        assert (await store.list_aggregate_ids()).aggregate_ids == []
+
+    async def test_deeply_nested_valid_json_text_is_refused(self) -> None:
+        """Balanced JSON nested 10,000 levels deep is refused without a RecursionError."""
+        store = make_store()
+        with pytest.raises((ValidationError, CastoreError)):
+            await store.push_event(_deeply_nested_json())
+        assert (await store.get_events("n1")).events == []
+
+    async def test_unknown_type_error_is_specific(self) -> None:
+        """An unknown type is an UnknownEventTypeError, not a generic validation error."""
+        with pytest.raises(UnknownEventTypeError):
+            await make_store().push_event({"aggregateId": "n1", "version": 1, "type": "NOPE"})
+
+    async def test_limit_errors_say_where(self) -> None:
+        """Limit errors carry the path of the offending value."""
+        with pytest.raises(EventLimitExceededError) as info:
+            await make_store().push_event(note({"items": [1, 2, {"text": "\x00"}]}))
+        assert info.value.path == ("payload", "items", 2, "text")
+        assert "payload.items.2.text" in str(info.value)
+
+    async def test_group_event_applies_the_same_limits(self) -> None:
+        """group_event refuses hostile events too, so a group never carries them."""
+        store = make_store()
+        with pytest.raises(EventLimitExceededError):
+            store.group_event(note(nested(1_000)))
+
+
+class TestLimitsAreConfigurable:
+    async def test_default_depth_allows_reasonable_nesting(self) -> None:
+        """Nesting up to the default limit (64) is accepted; one more is refused."""
+        store = make_store()
+        await store.push_event(note(nested(63)))
+        with pytest.raises(EventLimitExceededError, match="max_depth=64"):
+            await store.push_event(note(nested(64), aggregateId="n2"))
+
+    async def test_custom_limits_apply_per_store(self) -> None:
+        """A store's own limits replace the defaults."""
+        strict = make_store(EventLimits(max_depth=2, max_bytes=200))
+        with pytest.raises(EventLimitExceededError, match="max_depth=2"):
+            await strict.push_event(note(nested(2)))
+        with pytest.raises(EventLimitExceededError, match="max_bytes=200"):
+            await strict.push_event(note({"text": "x" * 300}))
+        relaxed = make_store(EventLimits(max_depth=500, max_bytes=20 * 1024 * 1024))
+        await relaxed.push_event(note({"text": TEN_MB, "deep": nested(400)}))
+        (stored,) = (await relaxed.get_events("n1")).events
+        assert stored.payload["text"] == TEN_MB
+
+    def test_limits_must_be_sane(self) -> None:
+        """Nonsensical limits are refused."""
+        with pytest.raises(ValueError, match="max_depth"):
+            EventLimits(max_depth=0)
+        with pytest.raises(ValueError, match="max_bytes"):
+            EventLimits(max_bytes=1)
+
+
+class NoteInput(BaseModel):
+    aggregate_id: str
+    data: Any = None
+
+
+class TestCommandHandlerRefusesHostileInput:
+    @staticmethod
+    def command(store: EventStore[Any, Any], calls: list[Any]) -> Command[NoteInput, None]:
+        async def handler(data: NoteInput, stores: Sequence[EventStore[Any, Any]]) -> None:
+            calls.append(data)
+            await stores[0].push_event(note(data.data, aggregateId=data.aggregate_id))
+
+        return Command(
+            command_id="ADD_NOTE",
+            required_event_stores=[store],
+            handler=handler,
+            input_schema=NoteInput,
+        )
+
+    @pytest.mark.parametrize(
+        "given",
+        [
+            42,
+            None,
+            [],
+            "{broken",
+            '{"aggregate_id": "n1", "data": ' + "[" * 10_000 + "]" * 10_000 + "}",
+            {"data": 1},
+            {"aggregate_id": ["n1"]},
+            b"\xff",
+        ],
+    )
+    async def test_invalid_input_never_runs_the_handler(self, given: object) -> None:
+        """Input that cannot be a NoteInput raises ValidationError; the handler never runs."""
+        store = make_store()
+        calls: list[Any] = []
+        with pytest.raises(ValidationError):
+            await self.command(store, calls).handler(given, [store])
+        assert calls == []
+        assert (await store.list_aggregate_ids()).aggregate_ids == []
+
+    @pytest.mark.parametrize(
+        "data",
+        [nested(10_000), {"text": TEN_MB}, float("nan"), "\x00", ["\udc00"]],
+        ids=["deep", "10MB", "NaN", "NUL", "surrogate"],
+    )
+    async def test_hostile_payload_is_stopped_at_the_store(self, data: Any) -> None:
+        """Valid command input carrying hostile data is refused by the store; nothing stored."""
+        store = make_store()
+        calls: list[Any] = []
+        with pytest.raises(EventLimitExceededError):
+            await self.command(store, calls).handler({"aggregate_id": "n1", "data": data}, [store])
+        assert len(calls) == 1
+        assert (await store.get_events("n1")).events == []

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from pydantic import ValidationError
+
+from castore_pydantic import Aggregate, Event
+from tests.domain import Appeared, Pokemon, PokemonAppeared, PokemonCaught
+
+
+class TestEventJson:
+    def test_json_uses_castore_keys_and_millisecond_timestamp(self) -> None:
+        """Events serialise with camelCase keys and a ...000Z timestamp."""
+        event = PokemonAppeared(
+            aggregate_id="p1",
+            version=1,
+            timestamp=datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
+            payload=Appeared(name="Pikachu", level=3),
+        )
+        assert json.loads(event.model_dump_json()) == {
+            "aggregateId": "p1",
+            "version": 1,
+            "timestamp": "2024-01-02T03:04:05.678Z",
+            "type": "POKEMON_APPEARED",
+            "payload": {"name": "Pikachu", "level": 3},
+        }
+
+    def test_absent_payload_and_metadata_are_left_out(self) -> None:
+        """payload and metadata keys are absent, not null, when the event has none."""
+        event = PokemonCaught(aggregate_id="p1", version=2)
+        dumped = event.model_dump(mode="json")
+        assert "payload" not in dumped
+        assert "metadata" not in dumped
+
+    def test_both_key_spellings_are_accepted(self) -> None:
+        """aggregateId and aggregate_id both validate to the same event."""
+        camel = PokemonCaught.model_validate({"aggregateId": "p1", "version": 2})
+        snake = PokemonCaught.model_validate({"aggregate_id": "p1", "version": 2})
+        assert camel == snake
+
+    def test_json_round_trip_is_exact(self) -> None:
+        """Parsing the JSON form gives back an equal event."""
+        event = PokemonAppeared(
+            aggregate_id="p1",
+            version=1,
+            timestamp=datetime(2024, 1, 1, tzinfo=UTC),
+            payload=Appeared(name="Pikachu", level=3),
+            metadata={"trigger": "random"},
+        )
+        assert PokemonAppeared.model_validate_json(event.model_dump_json()) == event
+
+    def test_unknown_top_level_keys_are_refused(self) -> None:
+        """Extra top-level keys are an error, so no data is silently dropped."""
+        with pytest.raises(ValidationError):
+            PokemonCaught.model_validate({"aggregateId": "p1", "version": 2, "colour": "red"})
+
+    def test_events_are_immutable(self) -> None:
+        """Events cannot be modified after creation."""
+        event = PokemonCaught(aggregate_id="p1", version=2)
+        with pytest.raises(ValidationError):
+            event.version = 3  # type: ignore[misc]
+
+    @pytest.mark.parametrize("version", [0, -1])
+    def test_version_starts_at_one(self, version: int) -> None:
+        """A version below 1 is invalid."""
+        with pytest.raises(ValidationError):
+            PokemonCaught(aggregate_id="p1", version=version)
+
+
+class TestTimestamp:
+    def test_sub_millisecond_precision_is_truncated(self) -> None:
+        """Microseconds are truncated to milliseconds so every backend round-trips them."""
+        event = PokemonCaught(
+            aggregate_id="p1", version=2, timestamp=datetime(2024, 1, 1, 0, 0, 0, 123999, UTC)
+        )
+        assert event.timestamp == datetime(2024, 1, 1, 0, 0, 0, 123000, UTC)
+
+    def test_offsets_are_normalised_to_utc(self) -> None:
+        """A timestamp with another offset is converted to UTC."""
+        plus_two = timezone(timedelta(hours=2))
+        event = PokemonCaught(
+            aggregate_id="p1", version=2, timestamp=datetime(2024, 1, 1, 2, 0, tzinfo=plus_two)
+        )
+        assert event.timestamp == datetime(2024, 1, 1, 0, 0, tzinfo=UTC)
+        assert event.timestamp is not None
+        assert event.timestamp.utcoffset() == timedelta(0)
+        assert event.model_dump(mode="json")["timestamp"] == "2024-01-01T00:00:00.000Z"
+
+    def test_iso_strings_with_z_are_accepted(self) -> None:
+        """Castore's string form parses."""
+        event = PokemonCaught.model_validate(
+            {"aggregateId": "p1", "version": 2, "timestamp": "2024-01-01T00:00:00.500Z"}
+        )
+        assert event.timestamp == datetime(2024, 1, 1, 0, 0, 0, 500000, UTC)
+
+    def test_naive_timestamps_are_refused(self) -> None:
+        """A timestamp without a zone is ambiguous and refused."""
+        with pytest.raises(ValidationError, match="timezone-aware"):
+            PokemonCaught(aggregate_id="p1", version=2, timestamp=datetime(2024, 1, 1))
+
+
+class TestAggregate:
+    def test_aggregate_json_uses_camel_case(self) -> None:
+        """Aggregates serialise with camelCase keys and accept both spellings."""
+        pokemon = Pokemon(aggregate_id="p1", version=1, name="Pikachu", level=3, status="wild")
+        dumped = pokemon.model_dump(mode="json")
+        assert dumped["aggregateId"] == "p1"
+        assert Pokemon.model_validate(dumped) == pokemon
+
+    def test_aggregate_base_needs_id_and_version(self) -> None:
+        """The base aggregate requires aggregate_id and version."""
+        with pytest.raises(ValidationError):
+            Aggregate.model_validate({"aggregateId": "p1"})
+
+
+def test_event_base_is_exported() -> None:
+    """Event subclasses are plain Pydantic models."""
+    assert issubclass(PokemonCaught, Event)
