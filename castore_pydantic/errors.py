@@ -19,8 +19,10 @@ subclasses the builtin exception that fits it::
     ├── EventGroupError (ValueError)                 an empty or mixed event group
     ├── StorageError (RuntimeError)                  the storage backend failed
     │   └── StorageUnavailableError (ConnectionError)  retriable: connection lost or refused
-    └── MessagingError (RuntimeError)                the message broker failed
-        └── MessageBrokerUnavailableError (ConnectionError)  retriable: broker unreachable
+    ├── MessagingError (RuntimeError)                the message broker failed
+    │   └── MessageBrokerUnavailableError (ConnectionError)  retriable: broker unreachable
+    ├── NoStrategyError (TypeError)                  testing: no way to generate a type's values
+    └── ReducerLawError (AssertionError)             testing: a reducer breaks a law
 
 Adapters translate driver errors at their edge with ``raise ... from exc``: a unique-key
 violation is always :class:`EventAlreadyExistsError`, never a raw driver error.
@@ -28,6 +30,7 @@ violation is always :class:`EventAlreadyExistsError`, never a raw driver error.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 __all__ = [
@@ -40,6 +43,8 @@ __all__ = [
     "MessageBrokerUnavailableError",
     "MessageChannelEventStoreNotFoundError",
     "MessagingError",
+    "NoStrategyError",
+    "ReducerLawError",
     "ReservedEventTypeError",
     "StorageError",
     "StorageUnavailableError",
@@ -270,3 +275,50 @@ class MessagingError(CastoreError, RuntimeError):
 
 class MessageBrokerUnavailableError(MessagingError, ConnectionError):
     """The message broker could not be reached or the connection was lost: retry later."""
+
+
+class NoStrategyError(CastoreError, TypeError):
+    """``castore_pydantic.testing.strategies`` cannot generate values of a type.
+
+    Register a strategy for the type with ``register_type_strategy(type_, strategy)`` or pass
+    ``overrides={type_: strategy}`` to the strategy function.
+
+    Attributes:
+        annotation: The type (annotation) that has no strategy.
+        path: Where it was met, e.g. ``"Order.lines[].price"``.
+        reason: Why it cannot be generated.
+    """
+
+    def __init__(self, annotation: object, path: str, reason: str) -> None:
+        self.annotation = annotation
+        self.path = path
+        self.reason = reason
+        where = f" at {path}" if path else ""
+        super().__init__(
+            f"Cannot generate values of {annotation!r}{where}: {reason}. Register one with "
+            f"register_type_strategy(type_, strategy) or pass overrides={{type_: strategy}}"
+        )
+
+
+class ReducerLawError(CastoreError, AssertionError):
+    """A reducer breaks one of the laws ``castore_pydantic.testing.laws`` checks.
+
+    Attributes:
+        law: The name of the broken law (``"determinism"``, ...).
+        event_store_id: The event store whose reducer broke it.
+        detail: What was observed.
+        events: The history that shows it, in its JSON form.
+    """
+
+    def __init__(
+        self, law: str, event_store_id: str, detail: str, events: Sequence[object]
+    ) -> None:
+        self.law = law
+        self.event_store_id = event_store_id
+        self.detail = detail
+        self.events = list(events)
+        rendered = json.dumps(self.events, indent=2, ensure_ascii=False, default=str)
+        super().__init__(
+            f"Reducer law {law!r} broken by event store {event_store_id}: {detail}\n"
+            f"History ({len(self.events)} events):\n{rendered}"
+        )
