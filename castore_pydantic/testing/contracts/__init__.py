@@ -4,6 +4,15 @@ Subclass a contract in your own test module and override its factory fixture; se
 docstring. The suites need pytest and pytest-asyncio.
 """
 
+from castore_pydantic.testing.contracts._stateful import (
+    EventStorageAdapterStateMachine,
+    make_adapter_state_machine,
+)
 from castore_pydantic.testing.contracts._storage import AdapterFactory, EventStorageAdapterContract
 
-__all__ = ["AdapterFactory", "EventStorageAdapterContract"]
+__all__ = [
+    "AdapterFactory",
+    "EventStorageAdapterContract",
+    "EventStorageAdapterStateMachine",
+    "make_adapter_state_machine",
+]

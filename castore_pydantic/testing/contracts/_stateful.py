@@ -1,0 +1,560 @@
+"""A Hypothesis state machine that checks any storage adapter against a plain model.
+
+The machine drives an ``EventStorageAdapter`` through two ``EventStore``s that share it, with
+random pushes (some conflicting, some forced), event groups, reads with random options and
+paged listings, and compares every result, errors included, with what a few dicts say it
+should be. Hypothesis shrinks a failure to a short program of calls.
+
+Use it from a test module::
+
+    from castore_pydantic.testing.contracts import make_adapter_state_machine
+
+    async def make_adapter():
+        return MyAdapter(...)
+
+    TestMyAdapterStateful = make_adapter_state_machine(make_adapter).TestCase
+    TestMyAdapterStateful.settings = settings(max_examples=200, stateful_step_count=50,
+                                              deadline=None)
+
+or subclass :class:`EventStorageAdapterStateMachine` and override ``make_adapter``. Every
+example gets a new adapter from the factory (closed again at its end) and fresh event store
+ids, so examples never see each other's data even when all adapters share one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from pydantic import BaseModel, ConfigDict
+
+from castore_pydantic._aggregate import Aggregate
+from castore_pydantic._event import Event
+from castore_pydantic._event_store import EventStore
+from castore_pydantic._types import AggregateIdEntry, EventStorageAdapter
+from castore_pydantic.errors import EventAlreadyExistsError, InvalidPageTokenError
+from castore_pydantic.testing.contracts._storage import AdapterFactory
+
+__all__ = ["EventStorageAdapterStateMachine", "make_adapter_state_machine"]
+
+T = TypeVar("T")
+
+
+class NotePayload(BaseModel):
+    """Payload of ``NOTE_TAKEN``: a number and a text that may hold any character."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int
+    text: str
+
+
+class NoteTaken(Event):
+    """An event with a payload and, sometimes, metadata."""
+
+    type: Literal["NOTE_TAKEN"] = "NOTE_TAKEN"
+    payload: NotePayload
+    metadata: dict[str, str] | None = None
+
+
+class NotesCleared(Event):
+    """An event with neither payload nor metadata."""
+
+    type: Literal["NOTES_CLEARED"] = "NOTES_CLEARED"
+
+
+class Tally(Aggregate):
+    """How many events an aggregate has seen."""
+
+    count: int
+
+
+def reduce_tally(tally: Tally | None, event: NoteTaken | NotesCleared) -> Tally:
+    """Count events."""
+    count = 1 if tally is None else tally.count + 1
+    return Tally(aggregate_id=event.aggregate_id, version=event.version, count=count)
+
+
+# -- strategies -------------------------------------------------------------------------------
+
+_BASE = datetime(2024, 1, 1, tzinfo=UTC)
+_STORES = st.integers(0, 1)
+# Ids that differ only in case, sort differently in code points and collations, or carry
+# characters that quoting, LIKE patterns or JSON could mishandle.
+_IDS = ("a", "B", "b", "é", "x'y%_\\\"z")
+_AGGREGATE_IDS = st.sampled_from(_IDS)
+
+
+def _to_millis(value: datetime) -> datetime:
+    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
+
+
+# A handful of instants a millisecond apart make equal timestamps (ties) common; arbitrary
+# instants check that every timestamp round-trips exactly.
+_INSTANTS = st.integers(0, 3).map(lambda ms: _BASE + timedelta(milliseconds=ms))
+_TIMESTAMPS = st.one_of(
+    _INSTANTS,
+    st.datetimes(
+        min_value=datetime(2000, 1, 1),
+        max_value=datetime(2099, 12, 31),
+        timezones=st.just(UTC),
+    ).map(_to_millis),
+)
+_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8)
+_LIMITS = st.none() | st.integers(0, 3)
+_VERSION_BOUNDS = st.none() | st.integers(1, 5)
+# "next" is the usual case (and what failures shrink to); "taken" picks an existing version
+# (a conflict, or an overwrite when forced); "gap" skips a version.
+_VERSION_CHOICES = st.sampled_from(("next", "next", "next", "taken", "gap"))
+_FORCE = st.integers(0, 4).map(lambda n: n == 4)
+
+
+@dataclass(frozen=True)
+class EventBody:
+    """Everything about a generated event except its aggregate id and version."""
+
+    kind: Literal["note", "cleared"]
+    timestamp: datetime
+    n: int = 0
+    text: str = ""
+    metadata: dict[str, str] | None = None
+
+    def make(self, aggregate_id: str, version: int) -> NoteTaken | NotesCleared:
+        """Build the event."""
+        if self.kind == "cleared":
+            return NotesCleared(
+                aggregate_id=aggregate_id, version=version, timestamp=self.timestamp
+            )
+        return NoteTaken(
+            aggregate_id=aggregate_id,
+            version=version,
+            timestamp=self.timestamp,
+            payload=NotePayload(n=self.n, text=self.text),
+            metadata=self.metadata,
+        )
+
+
+_BODIES = st.builds(
+    EventBody,
+    kind=st.sampled_from(("note", "cleared")),
+    timestamp=_TIMESTAMPS,
+    n=st.integers(-(2**53), 2**53),
+    text=_TEXT,
+    metadata=st.none() | st.dictionaries(_TEXT, _TEXT, max_size=2),
+)
+_MEMBERS = st.lists(
+    st.tuples(_STORES, _AGGREGATE_IDS, _VERSION_CHOICES, st.integers(0, 9), _BODIES),
+    min_size=1,
+    max_size=4,
+)
+_MALFORMED_TOKENS = st.sampled_from(
+    (
+        "",
+        "not json",
+        "[]",
+        '{"limit": 2}',
+        '{"lastEvaluatedKey": 3}',
+        '{"lastEvaluatedKey": {"aggregateId": "a", "initialEventTimestamp": "yesterday"}}',
+    )
+)
+
+
+@dataclass
+class _OpenListing:
+    """A listing whose next page is fetched by a later step."""
+
+    store: int
+    limit: int
+    after: datetime | None
+    before: datetime | None
+    reverse: bool
+    token: str
+    cursor: AggregateIdEntry
+
+
+class EventStorageAdapterStateMachine(RuleBasedStateMachine):
+    """Random operations on a storage adapter, each checked against an in-memory model.
+
+    Override :meth:`make_adapter` (or use :func:`make_adapter_state_machine`). The machine
+    owns an event loop for its whole run: rules are synchronous and drive the adapter with
+    ``loop.run_until_complete``; ``teardown`` closes the adapter and then the loop.
+
+    What is checked, on two event stores sharing the adapter (so isolation by event store id
+    is checked on every read): pushed and grouped events come back exactly (types, payloads,
+    metadata, millisecond timestamps); a taken version raises ``EventAlreadyExistsError``
+    naming it and writes nothing, also when it is one member of a group; ``force=True``
+    overwrites; ``get_events`` honours inclusive version bounds, ``limit`` (``0`` gives none)
+    and ``reverse``; ``list_aggregate_ids`` orders by ``(initial event timestamp, aggregate id)``
+    in code point order, honours inclusive bounds, ``limit``, ``reverse`` and explicit options
+    next to a page token, sets ``next_page_token`` exactly when more aggregates remain, and a
+    listing continued after later writes returns what comes after its cursor; a malformed
+    token raises ``InvalidPageTokenError``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loop = asyncio.new_event_loop()
+        self._adapter: EventStorageAdapter | None = None
+        try:
+            adapter = self._run(self.make_adapter())
+            self._adapter = self._run(adapter.__aenter__())
+        except BaseException:
+            self._close_loop()
+            raise
+        run = uuid.uuid4().hex[:12]
+        self.stores: tuple[EventStore[Tally, NoteTaken | NotesCleared], ...] = tuple(
+            EventStore(
+                event_store_id=f"SM{run}{name}",
+                event_types=[NoteTaken, NotesCleared],
+                reducer=reduce_tally,
+                event_storage_adapter=self._adapter,
+            )
+            for name in ("A", "B")
+        )
+        # (store index, aggregate id) -> version -> event
+        self.model: dict[tuple[int, str], dict[int, Event]] = {}
+        self.open_listing: _OpenListing | None = None
+
+    async def make_adapter(self) -> EventStorageAdapter:
+        """Return the adapter for one example; called once per example.
+
+        The adapter may share its backing storage with earlier examples: each example uses
+        event store ids of its own.
+        """
+        raise NotImplementedError(
+            "override make_adapter() or build the machine with make_adapter_state_machine()"
+        )
+
+    def teardown(self) -> None:
+        """Close the adapter, then the event loop."""
+        try:
+            if self._adapter is not None:
+                self._run(self._adapter.aclose())
+        finally:
+            self._close_loop()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _run(self, awaitable: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(awaitable)
+
+    def _close_loop(self) -> None:
+        loop = self._loop
+        try:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+    def _store_id(self, store: int) -> str:
+        return self.stores[store].event_store_id
+
+    def _next_version(
+        self, key: tuple[int, str], choice: str, pick: int, planned: Iterable[int] = ()
+    ) -> int:
+        versions = sorted(set(self.model.get(key, {})) | set(planned))
+        top = versions[-1] if versions else 0
+        if choice == "taken" and versions:
+            return versions[pick % len(versions)]
+        if choice == "gap":
+            return top + 2
+        return top + 1
+
+    def _expect_conflict(
+        self, call: Coroutine[Any, Any, Any], conflicts: set[tuple[str, str, int]]
+    ) -> None:
+        try:
+            self._run(call)
+        except EventAlreadyExistsError as exc:
+            got = (exc.event_store_id, exc.aggregate_id, exc.version)
+            assert got in conflicts, (
+                f"EventAlreadyExistsError names {got}, expected one of {conflicts}"
+            )
+        else:
+            raise AssertionError(f"expected EventAlreadyExistsError for one of {conflicts}")
+
+    def _expected_listing(
+        self,
+        store: int,
+        after: datetime | None,
+        before: datetime | None,
+        reverse: bool,
+        cursor: AggregateIdEntry | None = None,
+    ) -> list[AggregateIdEntry]:
+        entries = []
+        for (index, aggregate_id), events in self.model.items():
+            first = events.get(1)
+            if index != store or first is None or first.timestamp is None:
+                continue
+            ts = first.timestamp
+            if (after is not None and ts < after) or (before is not None and ts > before):
+                continue
+            entries.append(AggregateIdEntry(aggregate_id, ts))
+        entries.sort(key=lambda e: (e.initial_event_timestamp, e.aggregate_id), reverse=reverse)
+        if cursor is None:
+            return entries
+        key = (cursor.initial_event_timestamp, cursor.aggregate_id)
+
+        def past_cursor(entry: AggregateIdEntry) -> bool:
+            entry_key = (entry.initial_event_timestamp, entry.aggregate_id)
+            return entry_key < key if reverse else entry_key > key
+
+        return [entry for entry in entries if past_cursor(entry)]
+
+    @staticmethod
+    def _check_page(
+        got: list[AggregateIdEntry],
+        token: str | None,
+        remaining: list[AggregateIdEntry],
+        limit: int | None,
+    ) -> bool:
+        """Compare one page with the model; return whether more pages should follow."""
+        expected = remaining if limit is None else remaining[:limit]
+        more = limit is not None and limit > 0 and len(remaining) > limit
+        assert got == expected, f"listed {got}, expected {expected}"
+        assert (token is not None) == more, (
+            f"next_page_token is {token!r} but {len(remaining) - len(expected)} aggregates remain"
+        )
+        return more
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    @rule(
+        store=_STORES,
+        aggregate_id=_AGGREGATE_IDS,
+        choice=_VERSION_CHOICES,
+        pick=st.integers(0, 9),
+        body=_BODIES,
+        force=_FORCE,
+    )
+    def push_event(
+        self, *, store: int, aggregate_id: str, choice: str, pick: int, body: EventBody, force: bool
+    ) -> None:
+        """Push one event; a taken version conflicts unless forced."""
+        key = (store, aggregate_id)
+        version = self._next_version(key, choice, pick)
+        event = body.make(aggregate_id, version)
+        stored = self.model.setdefault(key, {})
+        if version in stored and not force:
+            conflict = (self._store_id(store), aggregate_id, version)
+            self._expect_conflict(self.stores[store].push_event(event), {conflict})
+            return
+        result = self._run(self.stores[store].push_event(event, force=force))
+        assert result.event == event, f"push returned {result.event!r}, pushed {event!r}"
+        stored[version] = event
+
+    @rule(members=_MEMBERS, force=_FORCE)
+    def push_event_group(
+        self, *, members: list[tuple[int, str, str, int, EventBody]], force: bool
+    ) -> None:
+        """Push a group across both stores; any taken version fails the whole group."""
+        planned: dict[tuple[int, str], set[int]] = {}
+        events: list[tuple[int, NoteTaken | NotesCleared]] = []
+        conflicts: set[tuple[str, str, int]] = set()
+        for store, aggregate_id, choice, pick, body in members:
+            key = (store, aggregate_id)
+            in_group = planned.setdefault(key, set())
+            version = self._next_version(key, choice, pick, in_group)
+            if force and version in in_group:
+                # Two events for one version in one forced group have no defined winner.
+                version = self._next_version(key, "next", pick, in_group)
+            taken = version in self.model.get(key, {}) or version in in_group
+            if taken and not force:
+                conflicts.add((self._store_id(store), aggregate_id, version))
+            in_group.add(version)
+            events.append((store, body.make(aggregate_id, version)))
+        grouped = [self.stores[store].group_event(event) for store, event in events]
+        if conflicts:
+            self._expect_conflict(EventStore.push_event_group(*grouped), conflicts)
+            return
+        result = self._run(EventStore.push_event_group(*grouped, force=force))
+        got = [pushed.event for pushed in result.event_group]
+        assert got == [event for _, event in events], f"group returned {got}"
+        for store, event in events:
+            self.model.setdefault((store, event.aggregate_id), {})[event.version] = event
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    @rule(
+        store=_STORES,
+        aggregate_id=_AGGREGATE_IDS,
+        min_version=_VERSION_BOUNDS,
+        max_version=_VERSION_BOUNDS,
+        limit=_LIMITS,
+        reverse=st.booleans(),
+    )
+    def get_events(
+        self,
+        *,
+        store: int,
+        aggregate_id: str,
+        min_version: int | None,
+        max_version: int | None,
+        limit: int | None,
+        reverse: bool,
+    ) -> None:
+        """Read an aggregate's events with random options."""
+        stored = self.model.get((store, aggregate_id), {})
+        expected = [
+            stored[v]
+            for v in sorted(stored, reverse=reverse)
+            if (min_version is None or v >= min_version)
+            and (max_version is None or v <= max_version)
+        ]
+        if limit is not None:
+            expected = expected[:limit]
+        result = self._run(
+            self.stores[store].get_events(
+                aggregate_id,
+                min_version=min_version,
+                max_version=max_version,
+                limit=limit,
+                reverse=reverse,
+            )
+        )
+        assert result.events == expected, f"got {result.events}, expected {expected}"
+
+    @rule()
+    def read_everything(self) -> None:
+        """Every aggregate of both stores holds exactly the model's events."""
+        for store in (0, 1):
+            for aggregate_id in _IDS:
+                stored = self.model.get((store, aggregate_id), {})
+                expected = [stored[v] for v in sorted(stored)]
+                got = self._run(self.stores[store].get_events(aggregate_id)).events
+                assert got == expected, f"{self._store_id(store)}/{aggregate_id}: {got}"
+
+    @rule(
+        store=_STORES,
+        limit=_LIMITS,
+        after=st.none() | _INSTANTS,
+        before=st.none() | _INSTANTS,
+        reverse=st.none() | st.booleans(),
+        relimits=st.lists(st.none() | st.integers(1, 3), max_size=4),
+    )
+    def list_to_the_end(
+        self,
+        *,
+        store: int,
+        limit: int | None,
+        after: datetime | None,
+        before: datetime | None,
+        reverse: bool | None,
+        relimits: list[int | None],
+    ) -> None:
+        """List page by page until no token is left; later pages may change the limit."""
+        remaining = self._expected_listing(store, after, before, bool(reverse))
+        result = self._run(
+            self.stores[store].list_aggregate_ids(
+                limit=limit, initial_event_after=after, initial_event_before=before, reverse=reverse
+            )
+        )
+        effective = limit
+        page = 0
+        while self._check_page(result.aggregate_ids, result.next_page_token, remaining, effective):
+            assert result.next_page_token is not None
+            remaining = remaining[len(result.aggregate_ids) :]
+            explicit = relimits[page] if page < len(relimits) else None
+            effective = explicit if explicit is not None else effective
+            page += 1
+            result = self._run(
+                self.stores[store].list_aggregate_ids(
+                    page_token=result.next_page_token, limit=explicit
+                )
+            )
+
+    @rule(
+        store=_STORES,
+        limit=st.integers(1, 2),
+        after=st.none() | _INSTANTS,
+        before=st.none() | _INSTANTS,
+        reverse=st.booleans(),
+    )
+    def start_listing(
+        self,
+        *,
+        store: int,
+        limit: int,
+        after: datetime | None,
+        before: datetime | None,
+        reverse: bool,
+    ) -> None:
+        """List a first page and keep its token for a later step."""
+        remaining = self._expected_listing(store, after, before, reverse)
+        result = self._run(
+            self.stores[store].list_aggregate_ids(
+                limit=limit, initial_event_after=after, initial_event_before=before, reverse=reverse
+            )
+        )
+        more = self._check_page(result.aggregate_ids, result.next_page_token, remaining, limit)
+        self.open_listing = None
+        if more and result.next_page_token is not None:
+            self.open_listing = _OpenListing(
+                store,
+                limit,
+                after,
+                before,
+                reverse,
+                result.next_page_token,
+                result.aggregate_ids[-1],
+            )
+
+    @precondition(lambda self: self.open_listing is not None)
+    @rule(relimit=st.none() | st.integers(1, 3))
+    def continue_listing(self, *, relimit: int | None) -> None:
+        """Fetch the next page of an open listing, after whatever was written meanwhile."""
+        listing = self.open_listing
+        assert listing is not None
+        remaining = self._expected_listing(
+            listing.store, listing.after, listing.before, listing.reverse, listing.cursor
+        )
+        result = self._run(
+            self.stores[listing.store].list_aggregate_ids(page_token=listing.token, limit=relimit)
+        )
+        limit = relimit if relimit is not None else listing.limit
+        more = self._check_page(result.aggregate_ids, result.next_page_token, remaining, limit)
+        if more and result.next_page_token is not None:
+            listing.limit = limit
+            listing.token = result.next_page_token
+            listing.cursor = result.aggregate_ids[-1]
+        else:
+            self.open_listing = None
+
+    @rule(store=_STORES, token=_MALFORMED_TOKENS)
+    def list_with_malformed_token(self, *, store: int, token: str) -> None:
+        """A page token this library did not produce is refused."""
+        try:
+            self._run(self.stores[store].list_aggregate_ids(page_token=token))
+        except InvalidPageTokenError:
+            return
+        raise AssertionError(f"page token {token!r} was accepted")
+
+
+def make_adapter_state_machine(
+    adapter_factory: AdapterFactory, *, name: str | None = None
+) -> type[EventStorageAdapterStateMachine]:
+    """Build a state machine class that checks the adapters ``adapter_factory`` makes.
+
+    Args:
+        adapter_factory: ``async () -> adapter``, called once per example inside the
+            machine's event loop; the machine closes the adapter when the example ends.
+        name: The class name shown in Hypothesis' reports.
+
+    Returns:
+        A ``RuleBasedStateMachine`` subclass; run it with its ``TestCase`` attribute or
+        ``hypothesis.stateful.run_state_machine_as_test``.
+    """
+
+    class AdapterStateMachine(EventStorageAdapterStateMachine):
+        async def make_adapter(self) -> EventStorageAdapter:
+            return await adapter_factory()
+
+    if name is not None:
+        AdapterStateMachine.__name__ = AdapterStateMachine.__qualname__ = name
+    return AdapterStateMachine
