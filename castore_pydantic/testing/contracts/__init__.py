@@ -4,6 +4,11 @@ Subclass a contract in your own test module and override its factory fixture; se
 docstring. The suites need pytest and pytest-asyncio.
 """
 
+from castore_pydantic.testing.contracts._messaging import (
+    MessageAdapterFactory,
+    MessageBusAdapterContract,
+    MessageQueueAdapterContract,
+)
 from castore_pydantic.testing.contracts._stateful import (
     EventStorageAdapterStateMachine,
     make_adapter_state_machine,
@@ -14,5 +19,8 @@ __all__ = [
     "AdapterFactory",
     "EventStorageAdapterContract",
     "EventStorageAdapterStateMachine",
+    "MessageAdapterFactory",
+    "MessageBusAdapterContract",
+    "MessageQueueAdapterContract",
     "make_adapter_state_machine",
 ]
