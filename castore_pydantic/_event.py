@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import (
@@ -47,10 +48,21 @@ def format_timestamp(value: datetime) -> str:
     return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The last millisecond handed out and its datetime: pushes within one millisecond share one
+# (immutable) datetime instead of building a new one each time.
+_clock_cache: list[Any] = [-1, _EPOCH]
+
+
 def utc_now() -> datetime:
     """The current time, timezone-aware UTC, truncated to milliseconds."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
+    millis = time.time_ns() // 1_000_000
+    cache = _clock_cache
+    if millis != cache[0]:
+        cache[1] = _EPOCH + timedelta(milliseconds=millis)
+        cache[0] = millis
+    now: datetime = cache[1]
+    return now
 
 
 #: A timezone-aware UTC datetime with millisecond precision that serialises to JSON as

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -26,6 +27,8 @@ from castore_pydantic.errors import (
 __all__ = ["EventLimits", "EventStoreContext", "event_type_names"]
 
 _JSON_TEXT = (str, bytes, bytearray)
+# Lone surrogates are valid in a Python str but cannot be encoded as UTF-8 (nor stored).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,46 @@ def event_type_names(event_type: type[Event]) -> tuple[str, ...]:
             f'type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARED"'
         )
     return tuple(get_args(annotation))
+
+
+#: Past this ``max_depth`` the recursive fast scan is not used.
+_FAST_SCAN_MAX_DEPTH = 200
+_FAIL = -(1 << 62)  # a size so negative that any sum containing it stays negative
+
+
+def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a flat type dispatch
+    """Approximate JSON size of ``value``, or a negative number if it breaks a limit.
+
+    Recursion depth is bounded by ``max_depth`` (at most ``_FAST_SCAN_MAX_DEPTH``). Anything
+    unusual also returns a negative number, handing the decision to the slow scan.
+    """
+    kind = type(value)
+    if kind is str:
+        if "\x00" in value or (not value.isascii() and _SURROGATE.search(value)):
+            return _FAIL
+        return len(value) + 4
+    if kind is int or kind is bool or value is None:
+        return 8
+    if kind is float:
+        return 8 if math.isfinite(value) else _FAIL
+    if depth > max_depth:
+        return _FAIL
+    size = 4
+    if kind is dict:
+        for key, child in value.items():
+            if type(key) is not str or "\x00" in key or not key.isascii():
+                return _FAIL
+            size += _scan(child, depth + 1, max_depth)
+        return size
+    if kind is list or kind is tuple:
+        for child in value:
+            size += _scan(child, depth + 1, max_depth)
+        return size
+    if isinstance(value, BaseModel) and not value.__pydantic_extra__:
+        for child in value.__dict__.values():
+            size += _scan(child, depth + 1, max_depth)
+        return size
+    return _FAIL
 
 
 class EventStoreContext:
@@ -137,9 +180,11 @@ class EventStoreContext:
             UnknownEventTypeError: The ``type`` is not one of the store's event types.
             EventLimitExceededError: The event is too deep, too large or not storable.
         """
+        owned = True  # whether ``validated`` is a new instance nobody else holds yet
         if type(event) in self._classes:
             validated: Event = event  # type: ignore[assignment]
-        elif isinstance(event, Mapping):
+            owned = False
+        elif type(event) is dict or isinstance(event, Mapping):
             event_type = event.get("type")
             cls = self._by_type.get(event_type) if isinstance(event_type, str) else None
             if cls is not None:
@@ -160,7 +205,12 @@ class EventStoreContext:
             validated = self._one.validate_python(event)  # raises a clear ValidationError
         self.check_limits(validated)
         if timestamp and validated.timestamp is None:
-            validated = validated.model_copy(update={"timestamp": utc_now()})
+            if owned:
+                # A fresh instance of ours: fill the field in place instead of copying it.
+                validated.__dict__["timestamp"] = utc_now()
+                validated.__pydantic_fields_set__.add("timestamp")
+            else:
+                validated = validated.model_copy(update={"timestamp": utc_now()})
         return validated
 
     def _validate_json_input(self, text: str | bytes | bytearray) -> Event:
@@ -184,6 +234,26 @@ class EventStoreContext:
         Raises:
             EventLimitExceededError: With the path of the offending value.
         """
+        if not self._within_limits(event):
+            self._explain_limits(event)
+
+    def _within_limits(self, event: Event) -> bool:
+        """Fast scan without paths: whether the event respects every limit."""
+        for text in (event.aggregate_id, event.type):
+            if "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
+                return False
+        max_depth = self.limits.max_depth
+        if max_depth > _FAST_SCAN_MAX_DEPTH:
+            return False  # deep limits: the iterative scan avoids Python's recursion limit
+        size = len(event.aggregate_id) + len(event.type) + 80
+        if event.payload is not None:
+            size += _scan(event.payload, 1, max_depth)
+        if event.metadata is not None:
+            size += _scan(event.metadata, 1, max_depth)
+        return 0 <= size <= self.limits.max_bytes
+
+    def _explain_limits(self, event: Event) -> None:
+        """Slow scan with paths; raises on the first violation it finds."""
         max_depth = self.limits.max_depth
         max_bytes = self.limits.max_bytes
         self._check_str(event.aggregate_id, ("aggregateId",))
@@ -233,7 +303,7 @@ class EventStoreContext:
         else:
             items = enumerate(value)
         for key, child in items:
-            if isinstance(key, str):
+            if isinstance(key, str) and not isinstance(value, BaseModel):
                 self._check_str(key, path)
             yield child, depth, (*path, key)
 
@@ -277,6 +347,11 @@ class EventStoreContext:
         items = list(items)
         if all(type(item) in classes for item in items):
             return items  # type: ignore[return-value]
+        if not any(isinstance(item, Event) for item in items):
+            try:  # all mappings: one validation call for the whole list
+                return self._many.validate_python(items)
+            except ValidationError:
+                pass  # validate one by one below to name the event that fails
         return [self.parse_event(item) for item in items]
 
     def parse_events_json(self, data: str | bytes) -> list[Event]:

@@ -120,6 +120,16 @@ class InMemoryEventStorageAdapter:
         self, event: Event, context: EventStoreContext, *, force: bool = False
     ) -> Event:
         """Store one event (see ``EventStorageAdapter.push_event``)."""
+        aggregates = self._stores.get(context.event_store_id)
+        if aggregates is None:
+            aggregates = self._stores[context.event_store_id] = {}
+        events = aggregates.get(event.aggregate_id)
+        if events is None:
+            aggregates[event.aggregate_id] = [event]
+            return event
+        if _version(events[-1]) < event.version:  # the usual case: appending
+            events.append(event)
+            return event
         _, index = self._place(event, context.event_store_id, force=force)
         self._write(event, context.event_store_id, index)
         return event
