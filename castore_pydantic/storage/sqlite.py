@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal, ParamSpec, Self, TypeVar
 
@@ -35,6 +35,12 @@ from castore_pydantic.errors import (
     StorageError,
     StorageUnavailableError,
     StoredEventValidationError,
+)
+from castore_pydantic.storage._sqlite_rows import (
+    Statements,
+    ceil_timestamp_text,
+    json_columns,
+    timestamp_text,
 )
 
 __all__ = ["SQLiteEventStorageAdapter", "Synchronous"]
@@ -73,93 +79,6 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     if isinstance(exc, sqlite3.Error) and _error_code(exc) & 0xFF in _UNAVAILABLE_CODES:
         return StorageUnavailableError(f"SQLite database unavailable while {doing}: {exc}")
     return StorageError(f"SQLite failed while {doing}: {exc}")
-
-
-def _timestamp_text(value: datetime) -> str:
-    """``2024-01-01T00:00:00.000Z``: UTC, truncated to the millisecond, fixed width."""
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    extra = value.microsecond % 1000
-    if extra:
-        value = value.replace(microsecond=value.microsecond - extra)
-    # isoformat pads the year to four digits, so the text sorts like the instant.
-    return value.isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-def _ceil_timestamp_text(value: datetime) -> str | None:
-    """The first whole millisecond at or after ``value``; ``None`` past the last one."""
-    value = value.astimezone(UTC)
-    extra = value.microsecond % 1000
-    if extra:
-        try:
-            value += timedelta(microseconds=1000 - extra)
-        except OverflowError:
-            return None
-    return _timestamp_text(value)
-
-
-class _Statements:
-    """The SQL of one events table.
-
-    The table name is checked against ``_IDENTIFIER`` before it gets here, and quoted; that
-    is why the f-strings below are safe (``S608``).
-    """
-
-    __slots__ = ("create", "get", "insert", "list_base", "upsert")
-
-    def __init__(self, table: str) -> None:
-        quoted = f'"{table}"'
-        self.create = (
-            f"CREATE TABLE IF NOT EXISTS {quoted} ("
-            " id INTEGER PRIMARY KEY,"
-            " aggregate_name TEXT NOT NULL,"
-            " aggregate_id TEXT NOT NULL,"
-            " version INTEGER NOT NULL,"
-            " type TEXT NOT NULL,"
-            " data TEXT,"
-            " metadata TEXT,"
-            " timestamp TEXT NOT NULL,"
-            " UNIQUE (aggregate_name, aggregate_id, version))",
-            f'CREATE INDEX IF NOT EXISTS "{table}_initial_events"'
-            f" ON {quoted} (aggregate_name, version, timestamp, aggregate_id)",
-        )
-        # ?5 is the event's JSON restricted to payload and metadata; "->" extracts each as
-        # JSON text (NULL when absent), keeping numbers exactly as written.
-        self.insert = (
-            f"INSERT INTO {quoted}"  # noqa: S608
-            " (aggregate_name, aggregate_id, version, type, data, metadata, timestamp)"
-            " VALUES (?1, ?2, ?3, ?4, ?5 -> '$.payload', ?5 -> '$.metadata', ?6)"
-        )
-        self.upsert = (
-            f"{self.insert} ON CONFLICT (aggregate_name, aggregate_id, version) DO UPDATE SET"
-            " type = excluded.type, data = excluded.data, metadata = excluded.metadata,"
-            " timestamp = excluded.timestamp"
-        )
-        # The outer aggregate keeps the inner ORDER BY: SQLite never flattens an ordered
-        # subquery into an aggregate query.
-        get: dict[tuple[bool, bool, bool, bool], str] = {}
-        for has_min in (False, True):
-            for has_max in (False, True):
-                for has_limit in (False, True):
-                    for reverse in (False, True):
-                        get[has_min, has_max, has_limit, reverse] = (
-                            "SELECT json_group_array(json_object("  # noqa: S608
-                            "'aggregateId', aggregate_id, 'version', version, 'type', type,"
-                            " 'timestamp', timestamp, 'payload', json(data),"
-                            " 'metadata', json(metadata)))"
-                            " FROM (SELECT aggregate_id, version, type, timestamp, data, metadata"
-                            f" FROM {quoted} WHERE aggregate_name = ? AND aggregate_id = ?"
-                            + (" AND version >= ?" if has_min else "")
-                            + (" AND version <= ?" if has_max else "")
-                            + (" ORDER BY version DESC" if reverse else " ORDER BY version")
-                            + (" LIMIT ?" if has_limit else "")
-                            + ")"
-                        )
-        self.get = get
-        self.list_base = (
-            f"SELECT aggregate_id, timestamp FROM {quoted}"  # noqa: S608
-            " WHERE aggregate_name = ? AND version = 1"
-        )
 
 
 class SQLiteEventStorageAdapter:
@@ -207,7 +126,7 @@ class SQLiteEventStorageAdapter:
         self._in_memory = self._database in ("", ":memory:")
         self._realpath = None if self._in_memory else os.path.realpath(self._database)
         self._table = table_name
-        self._sql = _Statements(table_name)
+        self._sql = Statements(table_name)
         self._synchronous = mode
         self._busy_timeout = float(busy_timeout)
         self._lock = threading.Lock()
@@ -324,13 +243,15 @@ class SQLiteEventStorageAdapter:
     @staticmethod
     def _row(event: Event, event_store_id: str) -> tuple[Any, ...]:
         timestamp = event.timestamp
+        payload, metadata = json_columns(event)
         return (
             event_store_id,
             event.aggregate_id,
             event.version,
             event.type,
-            event.model_dump_json(include={"payload", "metadata"}),
-            _timestamp_text(timestamp) if timestamp is not None else None,
+            payload,
+            metadata,
+            timestamp_text(timestamp) if timestamp is not None else None,
         )
 
     @staticmethod
@@ -392,7 +313,7 @@ class SQLiteEventStorageAdapter:
             return False
 
     def _push_group_sync(
-        self, rows: list[tuple[_Statements, str, tuple[Any, ...], Event]], force: bool
+        self, rows: list[tuple[Statements, str, tuple[Any, ...], Event]], force: bool
     ) -> None:
         conn = self._connection()
         try:
@@ -449,7 +370,7 @@ class SQLiteEventStorageAdapter:
         """
         if not grouped_events:
             raise EventGroupError("An event group needs at least one grouped event")
-        rows: list[tuple[_Statements, str, tuple[Any, ...], Event]] = []
+        rows: list[tuple[Statements, str, tuple[Any, ...], Event]] = []
         stored: list[Event] = []
         for index, grouped in enumerate(grouped_events):
             adapter = grouped.event_storage_adapter
@@ -558,14 +479,14 @@ class SQLiteEventStorageAdapter:
         sql = [self._sql.list_base]
         params: list[Any] = [context.event_store_id]
         if options.initial_event_after is not None:
-            after = _ceil_timestamp_text(options.initial_event_after)
+            after = ceil_timestamp_text(options.initial_event_after)
             if after is None:
                 return ListAggregateIdsResult(aggregate_ids=[])
             sql.append("AND timestamp >= ?")
             params.append(after)
         if options.initial_event_before is not None:
             sql.append("AND timestamp <= ?")
-            params.append(_timestamp_text(options.initial_event_before))
+            params.append(timestamp_text(options.initial_event_before))
         cursor = options.cursor
         if cursor is not None and not self._cursor_clause(cursor, options.reverse, sql, params):
             return ListAggregateIdsResult(aggregate_ids=[])
@@ -597,14 +518,14 @@ class SQLiteEventStorageAdapter:
                 if reverse
                 else "AND (timestamp, aggregate_id) > (?, ?)"
             )
-            params.extend((_timestamp_text(stamp), cursor.aggregate_id))
+            params.extend((timestamp_text(stamp), cursor.aggregate_id))
             return True
         # Stored timestamps are whole milliseconds, so none equals a finer cursor.
         if reverse:
             sql.append("AND timestamp <= ?")
-            params.append(_timestamp_text(stamp))
+            params.append(timestamp_text(stamp))
             return True
-        after = _ceil_timestamp_text(stamp)
+        after = ceil_timestamp_text(stamp)
         sql.append("AND timestamp >= ?")
         params.append(after)
         return after is not None
