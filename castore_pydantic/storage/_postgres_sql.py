@@ -1,0 +1,260 @@
+"""SQL of the PostgreSQL adapter: identifiers, the table layout and every statement.
+
+Identifiers are quoted with ``psycopg.sql.Identifier`` and never interpolated raw; values are
+always bound parameters. Statements are rendered to text once per adapter (composing them
+on every call would cost more than the round trip saves). A rendered identifier has its
+``%`` doubled, because psycopg reads ``%`` in the query text as a placeholder even inside a
+quoted identifier: a table named ``t%sx`` would otherwise break, and one named ``t%%x`` would
+silently address the table ``t%x``.
+"""
+
+# ruff: noqa: S608 - statements are built from quoted identifiers and %s placeholders only
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal, TypeAlias
+
+from psycopg import sql
+
+__all__ = [
+    "AggregateIdType",
+    "Statements",
+    "check_identifier",
+    "derived_name",
+]
+
+#: PostgreSQL silently truncates longer identifiers, so two long names could meet.
+MAX_IDENTIFIER_BYTES = 63
+
+#: How ``create_event_table`` types the ``aggregate_id`` column.
+AggregateIdType: TypeAlias = Literal["text", "uuid"]
+
+_ID_COLUMN_TYPES: dict[str, str] = {"text": 'text COLLATE "C"', "uuid": "uuid"}
+_UNIQUE_SUFFIX = "aggregate_name_aggregate_id_version_key"
+_LISTING_SUFFIX = "initial_events_idx"
+_COLUMNS = 'aggregate_name, aggregate_id, version, type, data, metadata, "timestamp"'
+_ROW = "(%s, %s, %s, %s, %s, %s, %s)"
+_UPSERT = (
+    " ON CONFLICT (aggregate_name, aggregate_id, version) DO UPDATE SET"
+    " type = EXCLUDED.type, data = EXCLUDED.data, metadata = EXCLUDED.metadata,"
+    ' "timestamp" = EXCLUDED."timestamp"'
+)
+# The initial event timestamp as listed: UTC, truncated to the millisecond like every
+# timestamp this library hands out, so that page cursors (which carry milliseconds) compare
+# equal to the rows they came from even when another program wrote microseconds.
+# Both functions are immutable, so the expression can be indexed.
+INITIAL_TIMESTAMP = "date_trunc('milliseconds', \"timestamp\" AT TIME ZONE 'UTC')"
+# Columns of one event as a JSON object in Castore's wire shape. ``timestamp`` is rendered
+# by PostgreSQL as ISO 8601 with the session's offset; validation turns it into UTC ms.
+_EVENT_JSON_COLUMNS = (
+    'aggregate_id AS "aggregateId", version, type, "timestamp", data AS payload, metadata'
+)
+
+
+def check_identifier(name: object, what: str) -> str:
+    """Return ``name`` if PostgreSQL can hold it as one identifier, else raise.
+
+    Raises:
+        TypeError: ``name`` is not a string.
+        ValueError: It is empty, contains NUL or is longer than 63 bytes in UTF-8.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a string, not {type(name).__name__}")
+    if not name:
+        raise ValueError(f"{what} must not be empty")
+    if "\x00" in name:
+        raise ValueError(f"{what} must not contain NUL characters")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode: {name!r}") from None
+    if size > MAX_IDENTIFIER_BYTES:
+        raise ValueError(
+            f"{what} is {size} bytes long in UTF-8; PostgreSQL identifiers hold at most "
+            f"{MAX_IDENTIFIER_BYTES} (longer names would be truncated silently)"
+        )
+    return name
+
+
+def derived_name(table: str, suffix: str) -> str:
+    """A constraint or index name for ``table`` that fits in 63 bytes.
+
+    Short tables get ``<table>_<suffix>``, which is also the name PostgreSQL gives the
+    unique constraint of a table created by Castore. Longer ones keep a prefix of the table
+    name and a hash of the whole, so that two long table names never share a derived name.
+    """
+    name = f"{table}_{suffix}"
+    if len(name.encode("utf-8")) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.sha256(table.encode("utf-8")).hexdigest()[:10]
+    budget = MAX_IDENTIFIER_BYTES - len(suffix) - len(digest) - 2
+    prefix = table.encode("utf-8")[:budget].decode("utf-8", errors="ignore")
+    return f"{prefix}_{digest}_{suffix}"
+
+
+def _quote(*names: str, placeholders: bool = True) -> str:
+    """Quote an identifier (optionally schema-qualified) for statement text."""
+    text = sql.Identifier(*names).as_string(None)
+    return text.replace("%", "%%") if placeholders else text
+
+
+class Statements:
+    """Every statement of one adapter, rendered once for its schema and table.
+
+    Args:
+        schema: The schema, or ``None`` to follow the connection's ``search_path``.
+        table: The table name.
+    """
+
+    def __init__(self, schema: str | None, table: str) -> None:
+        self.schema = schema
+        self.table_name = table
+        names = (schema, table) if schema is not None else (table,)
+        self.table = _quote(*names)
+        self.table_ddl = _quote(*names, placeholders=False)
+        self.unique_name = derived_name(table, _UNIQUE_SUFFIX)
+        self.listing_index = derived_name(table, _LISTING_SUFFIX)
+        self.insert = f"INSERT INTO {self.table} ({_COLUMNS}) VALUES {_ROW}"
+        self.upsert = self.insert + _UPSERT
+        self._events: dict[tuple[bool, bool, bool, bool], str] = {}
+        self._listings: dict[tuple[bool, bool, bool, bool, bool], str] = {}
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def create(self, aggregate_id_type: AggregateIdType) -> list[str]:
+        """DDL creating the schema (if named), the table and its listing index."""
+        id_type = _ID_COLUMN_TYPES[aggregate_id_type]
+        unique = _quote(self.unique_name, placeholders=False)
+        index = _quote(self.listing_index, placeholders=False)
+        statements = []
+        if self.schema is not None:
+            statements.append(
+                f"CREATE SCHEMA IF NOT EXISTS {_quote(self.schema, placeholders=False)}"
+            )
+        statements.append(
+            f"CREATE TABLE IF NOT EXISTS {self.table_ddl} ("
+            " id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY,"
+            ' aggregate_name text COLLATE "C" NOT NULL,'
+            f" aggregate_id {id_type} NOT NULL,"
+            " version bigint NOT NULL,"
+            " type text NOT NULL,"
+            " data jsonb,"
+            " metadata jsonb,"
+            ' "timestamp" timestamptz NOT NULL DEFAULT CURRENT_TIMESTAMP(3),'
+            f" CONSTRAINT {unique} UNIQUE (aggregate_name, aggregate_id, version))"
+        )
+        statements.append(
+            f"CREATE INDEX IF NOT EXISTS {index} ON {self.table_ddl}"
+            f" (aggregate_name, ({INITIAL_TIMESTAMP}), aggregate_id) WHERE version = 1"
+        )
+        return statements
+
+    def drop(self) -> str:
+        """DDL dropping the table (never the schema)."""
+        return f"DROP TABLE IF EXISTS {self.table_ddl}"
+
+    def columns(self) -> str:
+        """The table's columns and types, by the table's ``regclass`` text."""
+        return (
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
+            " WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped"
+        )
+
+    @staticmethod
+    def is_event_key() -> str:
+        """Whether the named unique index of a table covers exactly the event key."""
+        return (
+            "SELECT EXISTS (SELECT 1 FROM pg_index i"
+            " JOIN pg_class c ON c.oid = i.indexrelid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s AND i.indisunique"
+            " AND i.indrelid = (SELECT t.oid FROM pg_class t WHERE t.relnamespace = n.oid"
+            " AND t.relname = %s)"
+            " AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a"
+            " WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]))"
+            " = ARRAY['aggregate_id', 'aggregate_name', 'version'])"
+        )
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def write(self, *, force: bool) -> str:
+        """One event."""
+        return self.upsert if force else self.insert
+
+    @staticmethod
+    def write_group(targets: list[tuple[Statements, int]], *, force: bool) -> str:
+        """Several tables' rows as ONE statement: atomic without BEGIN/COMMIT round trips.
+
+        Each table gets one multi-row INSERT; all but the last run as data-modifying CTEs.
+        """
+        inserts = []
+        for statements, count in targets:
+            rows = ", ".join([_ROW] * count)
+            text = f"INSERT INTO {statements.table} ({_COLUMNS}) VALUES {rows}"
+            inserts.append(text + _UPSERT if force else text)
+        if len(inserts) == 1:
+            return inserts[0]
+        ctes = ", ".join(f"w{i} AS ({text})" for i, text in enumerate(inserts[:-1]))
+        return f"WITH {ctes} {inserts[-1]}"
+
+    def exists(self) -> str:
+        """Select ``%s`` (an index) if the event key ``(%s, %s, %s)`` is stored."""
+        return (
+            f"SELECT %s::int WHERE EXISTS (SELECT 1 FROM {self.table}"
+            " WHERE aggregate_name = %s AND aggregate_id = %s AND version = %s)"
+        )
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get_events(
+        self, *, min_version: bool, max_version: bool, limit: bool, reverse: bool
+    ) -> str:
+        """An aggregate's events as one JSON array text (NULL when there are none).
+
+        Parameters: store id, aggregate id, then min, max and limit when flagged.
+        """
+        key = (min_version, max_version, limit, reverse)
+        text = self._events.get(key)
+        if text is None:
+            direction = " DESC" if reverse else ""
+            where = "aggregate_name = %s AND aggregate_id = %s"
+            if min_version:
+                where += " AND version >= %s"
+            if max_version:
+                where += " AND version <= %s"
+            tail = f" ORDER BY version{direction} LIMIT %s" if limit else ""
+            text = (
+                f"SELECT json_agg(e ORDER BY e.version{direction})::text FROM"
+                f" (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}{tail}) e"
+            )
+            self._events[key] = text
+        return text
+
+    def list_aggregate_ids(
+        self, *, after: bool, before: bool, cursor: bool, reverse: bool, limit: bool
+    ) -> str:
+        """Version-1 rows of a store, ordered by (initial timestamp, aggregate id).
+
+        Parameters: store id, then after, before, cursor timestamp and id, limit when flagged.
+        """
+        key = (after, before, cursor, reverse, limit)
+        text = self._listings.get(key)
+        if text is None:
+            direction = " DESC" if reverse else ""
+            where = "aggregate_name = %s AND version = 1"
+            if after:
+                where += f" AND {INITIAL_TIMESTAMP} >= %s"
+            if before:
+                where += f" AND {INITIAL_TIMESTAMP} <= %s"
+            if cursor:
+                where += f" AND ({INITIAL_TIMESTAMP}, aggregate_id) {'<' if reverse else '>'}"
+                where += " (%s, %s)"
+            text = (
+                f"SELECT aggregate_id::text, {INITIAL_TIMESTAMP} FROM {self.table}"
+                f" WHERE {where}"
+                f" ORDER BY {INITIAL_TIMESTAMP}{direction}, aggregate_id{direction}"
+                + (" LIMIT %s" if limit else "")
+            )
+            self._listings[key] = text
+        return text
