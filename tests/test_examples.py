@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
 from castore_pydantic import AggregateNotFoundError, Event, EventAlreadyExistsError, EventStore
+from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from castore_pydantic.testing import mock_event_store
 from examples.pokemon.commands import (
     MaxLevelReachedError,
@@ -27,6 +34,8 @@ from examples.pokemon.events import (
     TrainerCaughtPokemonPayload,
 )
 from examples.pokemon.stores import pokemons, trainers
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 Stores = tuple[EventStore[Any, Any], EventStore[Any, Any]]
 
@@ -168,3 +177,132 @@ class TestCommands:
         first = (await stores[0].get_events(pokemon_id)).events[0]
         assert isinstance(first, PokemonAppeared)
         assert first.model_dump(mode="json")["metadata"] == {"trigger": "random"}
+
+
+def stores_on(adapter: SQLiteEventStorageAdapter) -> Stores:
+    """Twins of the example's stores (same ids, types and reducers) on ``adapter``."""
+    return tuple(  # type: ignore[return-value]
+        EventStore(
+            event_store_id=store.event_store_id,
+            event_types=store.event_types,
+            reducer=store.reducer,
+            event_storage_adapter=adapter,
+        )
+        for store in (pokemons, trainers)
+    )
+
+
+class TestCatchRace:
+    """Two writers, each with its own thread, loop and connection, race on one SQLite file."""
+
+    ROUNDS = 25
+
+    def test_each_pokemon_joins_exactly_one_team(self, tmp_path: Path) -> None:
+        """Concurrent catches never give one Pokémon to two trainers, nor half a catch."""
+        db = tmp_path / "race.db"
+        names = ["Ash", "Gary"]
+
+        async def setup() -> tuple[list[str], dict[str, str]]:
+            async with SQLiteEventStorageAdapter(db) as adapter:
+                setup_stores = stores_on(adapter)
+                ids = {name: await trainer(setup_stores, name) for name in names}
+                wild = [await appear(setup_stores, f"Wild {n}", 5) for n in range(self.ROUNDS)]
+                return wild, ids
+
+        wild, trainer_ids = asyncio.run(setup())
+        barrier = threading.Barrier(len(names))
+        outcomes: dict[str, list[str]] = {name: [] for name in names}
+        failures: list[BaseException] = []
+
+        async def contend(name: str) -> None:
+            # Each thread has its own event loop and its own connection to the same file.
+            async with SQLiteEventStorageAdapter(db) as adapter:
+                racing = stores_on(adapter)
+                for pokemon_id in wild:
+                    await asyncio.to_thread(barrier.wait)
+                    try:
+                        await catch_pokemon.handler(
+                            {"pokemon_id": pokemon_id, "trainer_id": trainer_ids[name]}, racing
+                        )
+                    except PokemonAlreadyCaughtError:
+                        continue
+                    outcomes[name].append(pokemon_id)
+
+        def run(name: str) -> None:
+            try:
+                asyncio.run(contend(name))
+            except BaseException as error:  # reported below, in the test's thread
+                failures.append(error)
+                barrier.abort()
+
+        threads = [threading.Thread(target=run, args=(name,)) for name in names]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert failures == []
+
+        async def check() -> None:
+            async with SQLiteEventStorageAdapter(db) as adapter:
+                pokemon_store, trainer_store = stores_on(adapter)
+                won = sorted(outcomes["Ash"] + outcomes["Gary"])
+                assert won == sorted(wild), "every Pokémon is caught exactly once"
+                for name in names:
+                    team = (await trainer_store.get_existing_aggregate(trainer_ids[name])).aggregate
+                    assert sorted(team.pokemon_ids) == sorted(outcomes[name])
+                for pokemon_id in wild:
+                    events = (await pokemon_store.get_events(pokemon_id)).events
+                    assert [e.type for e in events] == ["POKEMON_APPEARED", "POKEMON_CAUGHT"]
+                    owner = events[1].payload.trainer_id
+                    assert pokemon_id in outcomes[next(n for n in names if trainer_ids[n] == owner)]
+
+        asyncio.run(check())
+
+
+def run_example(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``python -m examples.pokemon`` in ``cwd``; return its output, asserting success."""
+    base = {k: v for k, v in os.environ.items() if k != "POKEMON_DB"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "examples.pokemon", *args],
+        cwd=cwd,
+        env={**base, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr == ""
+    return completed.stdout
+
+
+class TestMain:
+    """``python -m examples.pokemon`` keeps its story in a SQLite file across runs."""
+
+    def test_second_run_continues_the_first(self, tmp_path: Path) -> None:
+        """The second run welcomes Ash back, catches the next Pokémon and levels his team."""
+        db = tmp_path / "story.db"
+        first = run_example(tmp_path, "--db", str(db))
+        assert "Ash starts his journey." in first
+        assert "Ash caught Pikachu!" in first
+        assert "Gary's events: 1 before, 1 after" in first
+        assert "Ash's team: Pikachu (level 6)." in first
+        assert db.exists()
+        second = run_example(tmp_path, "--db", str(db))
+        assert "Welcome back, Ash! Team: Pikachu (level 6)." in second
+        assert "A wild Bulbasaur (level 4) appeared!" in second
+        assert "Ash caught Bulbasaur!" in second
+        assert "Ash's team: Pikachu (level 7), Bulbasaur (level 5)." in second
+
+    def test_database_path_from_the_environment(self, tmp_path: Path) -> None:
+        """``POKEMON_DB`` names the file when ``--db`` is not given."""
+        db = tmp_path / "from-env.db"
+        run_example(tmp_path, env={"POKEMON_DB": str(db)})
+        assert db.exists()
+        second = run_example(tmp_path, env={"POKEMON_DB": str(db)})
+        assert "Welcome back, Ash!" in second
+
+    def test_default_database_in_the_current_directory(self, tmp_path: Path) -> None:
+        """Without ``--db`` or ``POKEMON_DB`` the events go to ``pokemon.db`` in the cwd."""
+        run_example(tmp_path)
+        assert (tmp_path / "pokemon.db").exists()

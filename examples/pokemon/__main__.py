@@ -24,8 +24,10 @@ from pydantic import ValidationError
 
 from castore_pydantic import EventStore
 from castore_pydantic.storage import EventStorageAdapter
+from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from examples.pokemon.aggregates import Pokemon, Trainer
 from examples.pokemon.commands import (
+    MaxLevelReachedError,
     PokemonAlreadyCaughtError,
     catch_pokemon,
     create_trainer,
@@ -52,10 +54,11 @@ STORES = (pokemons, trainers)
 
 
 def open_adapter(path: Path) -> EventStorageAdapter:
-    """The one place that decides where the example's events live."""
-    from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
+    """The one place that decides where the example's events live: a SQLite file.
 
-    return InMemoryEventStorageAdapter()
+    Both stores share it; every row is keyed by its store's id, so they never mix.
+    """
+    return SQLiteEventStorageAdapter(path)
 
 
 async def all_aggregate_ids(store: EventStore[Any, Any]) -> AsyncIterator[str]:
@@ -150,8 +153,12 @@ async def play() -> None:
 
     # 5. Every Pokémon in Ash's team levels up.
     for pokemon in await team_of(ash):
-        leveled = await level_up_pokemon.handler({"pokemon_id": pokemon.aggregate_id}, STORES)
-        print(f"{leveled.pokemon.name} grew to level {leveled.pokemon.level}.")
+        try:
+            leveled = await level_up_pokemon.handler({"pokemon_id": pokemon.aggregate_id}, STORES)
+        except MaxLevelReachedError:
+            print(f"{pokemon.name} is already at the highest level.")
+        else:
+            print(f"{leveled.pokemon.name} grew to level {leveled.pokemon.level}.")
 
     # 6. Input is validated before a command runs: a level-101 Mew never reaches the store.
     try:
