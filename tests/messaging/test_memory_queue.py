@@ -1,13 +1,27 @@
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from castore_pydantic.messaging import MessageChannel
+from castore_pydantic.messaging import (
+    DeadLetter,
+    Message,
+    MessageChannel,
+    MessageContext,
+    NotificationMessage,
+    NotificationMessageQueue,
+)
 from castore_pydantic.messaging.memory import InMemoryMessageQueueAdapter
 from castore_pydantic.testing.contracts import MessageAdapterFactory, MessageQueueAdapterContract
+from tests.domain import PokemonCaught, make_store
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 class TestInMemoryQueueContract(MessageQueueAdapterContract):
@@ -36,3 +50,231 @@ class TestInMemoryQueueContract(MessageQueueAdapterContract):
         yield make
         for adapter in adapters:
             await adapter.aclose()
+
+
+def caught(aggregate_id: str = "pikachu", version: int = 2) -> NotificationMessage:
+    return NotificationMessage(
+        event_store_id="POKEMONS",
+        event=PokemonCaught(aggregate_id=aggregate_id, version=version, timestamp=T0),
+    )
+
+
+def make_queue() -> NotificationMessageQueue:
+    return NotificationMessageQueue(message_queue_id="pokemons", source_event_stores=[make_store()])
+
+
+class Worker:
+    """Records calls; fails while ``failures`` remain; may wait for ``gate``."""
+
+    def __init__(self, failures: int = 0, gate: asyncio.Event | None = None) -> None:
+        self.calls: list[tuple[Message, MessageContext, float]] = []
+        self.failures = failures
+        self.gate = gate
+        self.active = 0
+        self.max_active = 0
+        self.called = asyncio.Event()
+
+    async def __call__(self, message: Message, context: MessageContext) -> None:
+        self.calls.append((message, context, asyncio.get_running_loop().time()))
+        self.called.set()
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if self.failures > 0:
+                self.failures -= 1
+                raise RuntimeError(f"worker failed on attempt {context.attempt}")
+        finally:
+            self.active -= 1
+
+    @property
+    def messages(self) -> list[Message]:
+        return [message for message, _, _ in self.calls]
+
+
+class TestInMemoryQueue:
+    async def test_without_worker_messages_are_dropped_with_a_warning(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """B99: no worker: publishing resolves, queue is None, the drop is logged."""
+        queue = make_queue()
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue)
+        assert adapter.queue is None
+        with caplog.at_level(logging.WARNING, logger="castore_pydantic.messaging"):
+            await queue.publish_message(caught())
+        await adapter.join()
+        assert "no worker: message dropped" in caplog.text
+        assert '"aggregateId":"pikachu"' in caplog.text
+        worker = Worker()
+        adapter.worker = worker
+        await adapter.join()
+        assert worker.calls == []
+
+    async def test_default_context_and_replay(self) -> None:
+        """B100: attempt 1, 2 retries left, replay False; replay=True is passed through."""
+        queue = make_queue()
+        worker = Worker()
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
+        assert adapter.worker is worker
+        await queue.publish_message(caught())
+        await queue.publish_message(caught(), replay=True)
+        await adapter.join()
+        assert [context for _, context, _ in worker.calls] == [
+            MessageContext(attempt=1, retry_attempts_left=2, replay=False),
+            MessageContext(attempt=1, retry_attempts_left=2, replay=True),
+        ]
+
+    async def test_a_new_worker_gets_later_messages(self) -> None:
+        """B101: after replacing the worker, new messages go to the new one; waiting ones stay."""
+        queue = make_queue()
+        gate = asyncio.Event()
+        old = Worker(gate=gate)
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=old)
+        one, two, three = caught("one"), caught("two"), caught("three")
+        await queue.publish_messages([one, two])
+        new = Worker()
+        adapter.worker = new
+        await queue.publish_message(three)
+        gate.set()
+        await adapter.join()
+        assert old.messages == [one, two]
+        assert new.messages == [three]
+
+    async def test_one_message_at_a_time_in_order(self) -> None:
+        """B102: the worker handles messages one at a time, first published first."""
+        queue = make_queue()
+        worker = Worker()
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
+        messages = [caught(f"p{i}") for i in range(20)]
+        await queue.publish_messages(messages[:3])
+        for message in messages[3:]:
+            await queue.publish_message(message)
+        await adapter.join()
+        assert worker.messages == messages
+        assert worker.max_active == 1
+
+    async def test_retry_timing_follows_the_backoff(self) -> None:
+        """B103: 3 retries, 50 ms, rate 1.5: four runs spaced about 50, 75 and 112.5 ms."""
+        queue = make_queue()
+        worker = Worker(failures=3)
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=worker, retry_attempts=3, retry_delay_in_ms=50, retry_backoff_rate=1.5
+        )
+        await queue.publish_message(caught())
+        await adapter.join()
+        times = [at for _, _, at in worker.calls]
+        gaps = [after - before for before, after in itertools.pairwise(times)]
+        assert len(gaps) == 3
+        for gap, due in zip(gaps, [0.050, 0.075, 0.1125], strict=True):
+            assert due * 0.95 <= gap <= due + 0.5, (gaps, due)
+        assert [(c.attempt, c.retry_attempts_left) for _, c, _ in worker.calls] == [
+            (1, 3),
+            (2, 2),
+            (3, 1),
+            (4, 0),
+        ]
+        assert await adapter.dead_letters() == []
+
+    async def test_retries_go_to_the_tail(self) -> None:
+        """A retried message is queued behind messages published meanwhile."""
+        queue = make_queue()
+        worker = Worker(failures=1)
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=worker, retry_attempts=1, retry_delay_in_ms=0
+        )
+        first, second = caught("first"), caught("second")
+        await queue.publish_messages([first, second])
+        await adapter.join()
+        assert worker.messages == [first, second, first]
+
+    async def test_exhausted_failure_is_logged_and_dead_lettered(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """When the last retry fails, the message and error are logged and dead-lettered."""
+        queue = make_queue()
+        worker = Worker(failures=10)
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=worker, retry_attempts=1, retry_delay_in_ms=1
+        )
+        message = caught()
+        with caplog.at_level(logging.ERROR, logger="castore_pydantic.messaging"):
+            await queue.publish_message(message, replay=True)
+            await adapter.join()
+        assert len(worker.calls) == 2
+        (record,) = caplog.records
+        assert record.name == "castore_pydantic.messaging"
+        assert record.levelno == logging.ERROR
+        assert "after 2 attempt(s)" in record.getMessage()
+        assert "RuntimeError: worker failed on attempt 2" in record.getMessage()
+        assert message.model_dump_json() in record.getMessage()
+        assert record.exc_info is not None
+        assert await adapter.dead_letters() == [
+            DeadLetter(message, "RuntimeError: worker failed on attempt 2", 2, True, None)
+        ]
+        await adapter.purge()
+        assert await adapter.dead_letters() == []
+
+    async def test_retry_without_worker_is_dead_lettered(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A retry that falls due after the worker was removed is logged, not lost silently."""
+        queue = make_queue()
+        worker = Worker(failures=1)
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=worker, retry_attempts=1, retry_delay_in_ms=5
+        )
+        await queue.publish_message(caught())
+        await worker.called.wait()
+        adapter.worker = None
+        with caplog.at_level(logging.ERROR, logger="castore_pydantic.messaging"):
+            await adapter.join()
+        (letter,) = await adapter.dead_letters()
+        assert letter.error == "no worker to retry the message"
+        assert "no worker to retry" in caplog.text
+
+    async def test_aclose_cancels_pending_retries(self) -> None:
+        """Closing drops waiting retries (at-most-once): join returns, the worker is not re-run."""
+        queue = make_queue()
+        worker = Worker(failures=1)
+        async with InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=worker, retry_delay_in_ms=60_000
+        ) as adapter:
+            await queue.publish_message(caught())
+            await worker.called.wait()
+        await asyncio.wait_for(adapter.join(), 1)
+        assert len(worker.calls) == 1
+        assert adapter.delivery_guarantee == "at-most-once"
+
+    async def test_aclose_drops_waiting_messages(self) -> None:
+        """Messages still waiting for the worker are dropped by aclose."""
+        queue = make_queue()
+        worker = Worker(gate=asyncio.Event())
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
+        await queue.publish_messages([caught("a"), caught("b"), caught("c")])
+        await worker.called.wait()
+        await adapter.aclose()
+        await adapter.aclose()
+        assert adapter.queue is not None
+        assert len(adapter.queue) == 0
+        assert [m.event.aggregate_id for m in worker.messages] == ["a"]  # type: ignore[union-attr]
+
+    @pytest.mark.parametrize(
+        ("options", "name"),
+        [
+            ({"retry_attempts": -1}, "retry_attempts"),
+            ({"retry_delay_in_ms": "soon"}, "retry_delay_in_ms"),
+            ({"retry_backoff_rate": -2}, "retry_backoff_rate"),
+        ],
+    )
+    def test_invalid_retry_options_are_refused(self, options: dict[str, Any], name: str) -> None:
+        """B103: invalid retry options raise ValueError naming the option, at construction."""
+        with pytest.raises(ValueError, match=f"Invalid {name}"):
+            InMemoryMessageQueueAdapter.attach_to(make_queue(), **options)
+
+    def test_repr_names_the_queue(self) -> None:
+        """The repr says which queue the adapter serves."""
+        adapter = InMemoryMessageQueueAdapter.attach_to(make_queue())
+        assert "pokemons" in repr(adapter)
