@@ -218,12 +218,13 @@ class SQLiteEventStorageAdapter:
             await asyncio.sleep(0)
         deadline = None
         delay = _FIRST_DELAY
+        cause: BaseException | None = None
         while True:
             if self._lock.acquire(blocking=False):
                 try:
                     return operation(*args, **kwargs)
-                except _BusyError:
-                    pass
+                except _BusyError as busy:
+                    cause = busy.__cause__
                 finally:
                     self._lock.release()
             now = time.monotonic()
@@ -233,7 +234,7 @@ class SQLiteEventStorageAdapter:
                 raise StorageUnavailableError(
                     f"SQLite database {self._database!r} stayed locked by another connection "
                     f"for longer than busy_timeout={self._busy_timeout}s"
-                )
+                ) from cause
             await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))  # noqa: S311
             delay = min(delay * 2, _MAX_DELAY)
             self._last_yield = time.monotonic()

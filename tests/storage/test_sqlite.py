@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+import json
+import random
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, Literal
 
 import pytest
+from pydantic import BaseModel, field_serializer
 
+from castore_pydantic import Aggregate, Event, EventAlreadyExistsError, EventStore
+from castore_pydantic.errors import (
+    EventGroupError,
+    EventLimitExceededError,
+    StorageError,
+    StorageUnavailableError,
+    StoredEventValidationError,
+)
+from castore_pydantic.storage import EventStorageAdapter
+from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from castore_pydantic.testing.contracts import AdapterFactory, EventStorageAdapterContract
 
@@ -41,3 +61,598 @@ class TestSQLiteInMemoryContract(EventStorageAdapterContract):
 
         yield make
         await shared.aclose()
+
+
+# -- SQLite specifics ---------------------------------------------------------------------------
+
+
+class Note(BaseModel):
+    text: str
+    when: datetime | None = None
+
+
+class NoteTaken(Event):
+    type: Literal["NOTE_TAKEN"] = "NOTE_TAKEN"
+    payload: Note
+    metadata: dict[str, Any] | None = None
+
+
+class Tagged(Event):
+    type: Literal["TAGGED"] = "TAGGED"
+    payload: Any = None
+
+
+class Shouted(Event):
+    """An event class with its own field serialiser: stored through the event's own dump."""
+
+    type: Literal["SHOUTED"] = "SHOUTED"
+    payload: str
+
+    @field_serializer("payload")
+    def _upper(self, value: str) -> str:
+        return value.upper()
+
+
+class Log(Aggregate):
+    count: int
+
+
+def reduce_log(log: Log | None, event: Event) -> Log:
+    count = 0 if log is None else log.count
+    return Log(aggregate_id=event.aggregate_id, version=event.version, count=count + 1)
+
+
+def log_store(adapter: EventStorageAdapter, event_store_id: str = "LOGS") -> EventStore[Log, Any]:
+    return EventStore(
+        event_store_id=event_store_id,
+        event_types=[NoteTaken, Tagged, Shouted],
+        reducer=reduce_log,
+        event_storage_adapter=adapter,
+    )
+
+
+def note(aggregate_id: str, version: int, text: str = "hi", **extra: Any) -> NoteTaken:
+    return NoteTaken(aggregate_id=aggregate_id, version=version, payload=Note(text=text), **extra)
+
+
+def ts(ms: int) -> datetime:
+    return datetime(2024, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
+
+
+@pytest.fixture
+async def adapter(db: Path) -> AsyncIterator[SQLiteEventStorageAdapter]:
+    async with SQLiteEventStorageAdapter(db) as adapter:
+        yield adapter
+
+
+@contextmanager
+def raw(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection to look at the file or hold its lock."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+async def yield_until_blocked(task: asyncio.Task[Any]) -> None:
+    """Let ``task`` run until it waits on the loop (it is then retrying a locked database)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+
+
+class TestFileAndLifecycle:
+    async def test_events_persist_across_adapter_instances(self, db: Path) -> None:
+        """Events written by one adapter are read by a new adapter on the same file later."""
+        async with SQLiteEventStorageAdapter(db) as first:
+            pushed = await log_store(first).push_event(note("a", 1, metadata={"k": [1, 2]}))
+        async with SQLiteEventStorageAdapter(db) as second:
+            assert (await log_store(second).get_events("a")).events == [pushed.event]
+
+    async def test_schema_is_created_on_first_use_without_async_with(self, db: Path) -> None:
+        """A fresh file gets its table on the first call, even without ``async with``."""
+        adapter = SQLiteEventStorageAdapter(db)
+        try:
+            assert (await log_store(adapter).get_events("a")).events == []
+            with raw(db) as conn:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            assert {"event", "event_initial_events"} <= tables
+        finally:
+            await adapter.aclose()
+
+    async def test_file_is_in_wal_mode_with_the_castore_layout(
+        self, adapter: Any, db: Path
+    ) -> None:
+        """The file is in WAL mode; columns mirror Castore's PostgreSQL table; text timestamps."""
+        await log_store(adapter).push_event(note("a", 1, timestamp=ts(123)))
+        await log_store(adapter).push_event(Tagged(aggregate_id="a", version=2, timestamp=ts(5)))
+        with raw(db) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            columns = [r[1] for r in conn.execute("PRAGMA table_info(event)")]
+            rows = conn.execute(
+                "SELECT aggregate_name, aggregate_id, version, type, data, metadata, timestamp"
+                " FROM event ORDER BY version"
+            ).fetchall()
+            unique = [
+                [c[2] for c in conn.execute(f"PRAGMA index_info({index[1]!r})")]
+                for index in conn.execute("PRAGMA index_list(event)")
+                if index[2]
+            ]
+        assert columns == [
+            "id",
+            "aggregate_name",
+            "aggregate_id",
+            "version",
+            "type",
+            "data",
+            "metadata",
+            "timestamp",
+        ]
+        assert rows == [
+            ("LOGS", "a", 1, "NOTE_TAKEN", '{"text":"hi","when":null}', None,
+             "2024-01-01T00:00:00.123Z"),
+            ("LOGS", "a", 2, "TAGGED", None, None, "2024-01-01T00:00:00.005Z"),
+        ]  # fmt: skip
+        assert unique == [["aggregate_name", "aggregate_id", "version"]]
+
+    async def test_listing_uses_the_initial_events_index(self, adapter: Any, db: Path) -> None:
+        """Listing by (store, version 1, timestamp, id) is an index scan with no sort step."""
+        await log_store(adapter).push_event(note("a", 1))
+        with raw(db) as conn:
+            plan = " ".join(
+                str(row[3])
+                for row in conn.execute(
+                    "EXPLAIN QUERY PLAN SELECT aggregate_id, timestamp FROM event"
+                    " WHERE aggregate_name = ? AND version = 1 AND timestamp >= ?"
+                    " AND (timestamp, aggregate_id) > (?, ?) ORDER BY timestamp, aggregate_id",
+                    ("LOGS", "2024", "2024", "a"),
+                )
+            )
+        assert "COVERING INDEX event_initial_events" in plan
+        assert "TEMP B-TREE" not in plan
+
+    async def test_memory_databases_are_private_to_their_adapter(self) -> None:
+        """Two ":memory:" adapters never share events."""
+        async with (
+            SQLiteEventStorageAdapter(":memory:") as first,
+            SQLiteEventStorageAdapter(":memory:") as second,
+        ):
+            await log_store(first).push_event(note("a", 1))
+            assert (await log_store(second).get_events("a")).events == []
+            assert len((await log_store(first).get_events("a")).events) == 1
+
+    async def test_aclose_is_idempotent_and_the_adapter_refuses_use_afterwards(
+        self, db: Path
+    ) -> None:
+        """aclose twice is fine; a closed adapter raises StorageError instead of reopening."""
+        adapter = SQLiteEventStorageAdapter(db)
+        await log_store(adapter).push_event(note("a", 1))
+        await adapter.aclose()
+        await adapter.aclose()
+        with pytest.raises(StorageError, match="closed"):
+            await log_store(adapter).get_events("a")
+
+    @pytest.mark.parametrize(("given", "pragma"), [("NORMAL", 1), ("FULL", 2), ("full", 2)])
+    async def test_durability_setting_reaches_the_connection(
+        self, db: Path, given: Any, pragma: int
+    ) -> None:
+        """synchronous= sets SQLite's synchronous pragma on the adapter's connection."""
+        async with SQLiteEventStorageAdapter(db, synchronous=given) as adapter:
+            await log_store(adapter).push_event(note("a", 1))
+            # The setting is per connection and has no other observable effect short of
+            # pulling the power, so look at the connection itself.
+            assert adapter._conn is not None
+            assert adapter._conn.execute("PRAGMA synchronous").fetchone()[0] == pragma
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {"synchronous": "OFF"},
+            {"synchronous": "EXTRA"},
+            {"busy_timeout": -1},
+            {"busy_timeout": float("nan")},
+        ],
+    )
+    def test_bad_options_are_refused(self, db: Path, options: dict[str, Any]) -> None:
+        """Unknown durability settings and negative timeouts are a ValueError."""
+        with pytest.raises(ValueError, match=next(iter(options))):
+            SQLiteEventStorageAdapter(db, **options)
+
+    @pytest.mark.parametrize(
+        "name",
+        ["", "1event", "event; DROP TABLE event", 'ev"ent', "évent", "a" * 64, "sqlite_events",
+         "event-log", " event"],
+    )  # fmt: skip
+    def test_table_name_must_be_a_plain_identifier(self, db: Path, name: str) -> None:
+        """Anything but a plain SQL identifier is refused before any SQL runs."""
+        with pytest.raises(ValueError, match="table"):
+            SQLiteEventStorageAdapter(db, table_name=name)
+        assert not db.exists()
+
+    async def test_tables_in_one_file_are_independent(self, db: Path) -> None:
+        """Adapters with different table names on one file keep separate events."""
+        async with (
+            SQLiteEventStorageAdapter(db, table_name="event_a") as first,
+            SQLiteEventStorageAdapter(db, table_name="event_b") as second,
+        ):
+            await log_store(first).push_event(note("x", 1, "first"))
+            await log_store(second).push_event(note("x", 1, "second"))
+            (a,) = (await log_store(first).get_events("x")).events
+            (b,) = (await log_store(second).get_events("x")).events
+            assert (a.payload.text, b.payload.text) == ("first", "second")
+
+
+class TestStoredForm:
+    @pytest.mark.parametrize(
+        "event",
+        [
+            NoteTaken(
+                aggregate_id="a",
+                version=1,
+                payload=Note(text="é ⚡", when=datetime(2024, 2, 3, 4, 5, 6, 7000, tzinfo=UTC)),
+                metadata={"n": 10**30, "f": 0.1, "nested": [{"x": None}]},
+            ),
+            Tagged(aggregate_id="a", version=1, payload=[1, "two", {"3": 3.5}]),
+            Tagged(aggregate_id="a", version=1, payload=0),
+            Tagged(aggregate_id="a", version=1, payload=""),
+            Tagged(aggregate_id="a", version=1, payload={"when": datetime(2024, 1, 1, tzinfo=UTC)}),
+            Shouted(aggregate_id="a", version=1, payload="quiet"),
+        ],
+    )
+    async def test_data_and_metadata_columns_hold_the_events_own_json(
+        self, adapter: Any, db: Path, event: Event
+    ) -> None:
+        """The columns hold exactly the payload/metadata of the event's JSON form."""
+        stored = (await log_store(adapter).push_event(event)).event
+        with raw(db) as conn:
+            data, metadata = conn.execute("SELECT data, metadata FROM event").fetchone()
+        expected = json.loads(stored.model_dump_json())
+        assert (None if data is None else json.loads(data)) == expected.get("payload")
+        assert (None if metadata is None else json.loads(metadata)) == expected.get("metadata")
+        (read,) = (await log_store(adapter).get_events("a")).events
+        assert read.model_dump_json() == stored.model_dump_json()
+
+    async def test_version_beyond_sqlite_integers_is_refused_clearly(self, adapter: Any) -> None:
+        """A version past 2**63-1 raises EventLimitExceededError and stores nothing."""
+        store = log_store(adapter)
+        with pytest.raises(EventLimitExceededError, match="version"):
+            await store.push_event(note("a", 2**63))
+        assert (await store.list_aggregate_ids()).aggregate_ids == []
+
+    async def test_read_bounds_beyond_sqlite_integers_work(self, adapter: Any) -> None:
+        """Huge min/max versions and limits read like the in-memory adapter does."""
+        store = log_store(adapter)
+        await store.push_event(note("a", 1))
+        assert (await store.get_events("a", min_version=2**70)).events == []
+        assert len((await store.get_events("a", max_version=2**70, limit=2**70)).events) == 1
+
+    async def test_corrupt_stored_json_is_a_stored_event_validation_error(
+        self, adapter: Any, db: Path
+    ) -> None:
+        """A row whose data is not JSON (written by something else) fails validation clearly."""
+        store = log_store(adapter)
+        await store.push_event(note("a", 1))
+        with raw(db) as conn:
+            conn.execute("UPDATE event SET data = '{not json'")
+        with pytest.raises(StoredEventValidationError) as info:
+            await store.get_events("a")
+        assert (info.value.event_store_id, info.value.aggregate_id) == ("LOGS", "a")
+
+    async def test_long_aggregates_read_in_version_order_both_ways(self, adapter: Any) -> None:
+        """Thousands of events pushed out of order read back sorted, also reversed and sliced."""
+        store = log_store(adapter)
+        versions = list(range(1, 3001))
+        random.Random(7).shuffle(versions)
+        await EventStore.push_event_group(*(store.group_event(note("a", v)) for v in versions))
+        events = (await store.get_events("a")).events
+        assert [e.version for e in events] == list(range(1, 3001))
+        back = (await store.get_events("a", reverse=True, min_version=10, limit=5)).events
+        assert [e.version for e in back] == [3000, 2999, 2998, 2997, 2996]
+
+
+class TestListingPrecision:
+    async def test_sub_millisecond_bounds_and_cursors_match_the_in_memory_adapter(
+        self, adapter: Any
+    ) -> None:
+        """Inclusive bounds and cursors finer than a millisecond select what memory selects."""
+        memory = InMemoryEventStorageAdapter()
+        stores = [log_store(adapter), log_store(memory)]
+        for store in stores:
+            for i, ms in enumerate([0, 1, 1, 2, 3, 3, 4]):
+                await store.push_event(note(f"a{i}", 1, timestamp=ts(ms)))
+        half = timedelta(microseconds=500)
+        cases: list[dict[str, Any]] = [
+            {"initial_event_after": ts(1) - half},
+            {"initial_event_after": ts(1) + half},
+            {"initial_event_before": ts(3) - half},
+            {"initial_event_before": ts(3) + half, "reverse": True},
+            {"initial_event_after": (ts(2) + half).astimezone(timezone(timedelta(hours=5)))},
+            {"initial_event_after": datetime.max.replace(tzinfo=UTC)},
+            {"initial_event_before": datetime.min.replace(tzinfo=UTC)},
+        ]
+        for token_ts in (ts(1) + half, ts(3) - half, ts(3)):
+            for reverse in (False, True):
+                token = json.dumps(
+                    {
+                        "reverse": reverse,
+                        "lastEvaluatedKey": {
+                            "aggregateId": "a2",
+                            "initialEventTimestamp": token_ts.isoformat(),
+                        },
+                    }
+                )
+                cases.append({"page_token": token})
+        for options in cases:
+            results = [await store.list_aggregate_ids(**options) for store in stores]
+            assert results[0] == results[1], options
+
+
+class TestErrors:
+    async def test_unopenable_path_is_storage_unavailable(self, tmp_path: Path) -> None:
+        """A database in a missing directory raises StorageUnavailableError from sqlite3."""
+        adapter = SQLiteEventStorageAdapter(tmp_path / "missing" / "events.db")
+        with pytest.raises(StorageUnavailableError) as info:
+            await log_store(adapter).get_events("a")
+        assert isinstance(info.value.__cause__, sqlite3.Error)
+        await adapter.aclose()
+
+    async def test_a_file_that_is_not_a_database_is_a_storage_error(self, db: Path) -> None:
+        """Garbage in the file is a StorageError (not retriable), caused by sqlite3's error."""
+        await asyncio.to_thread(db.write_bytes, b"this is not a database file at all" * 200)
+        adapter = SQLiteEventStorageAdapter(db)
+        with pytest.raises(StorageError) as info:
+            await log_store(adapter).push_event(note("a", 1))
+        assert not isinstance(info.value, StorageUnavailableError)
+        assert isinstance(info.value.__cause__, sqlite3.DatabaseError)
+        await adapter.aclose()
+
+    async def test_lock_held_past_busy_timeout_is_storage_unavailable(self, db: Path) -> None:
+        """A lock held past busy_timeout gives StorageUnavailableError, not 'database is locked'."""
+        async with SQLiteEventStorageAdapter(db, busy_timeout=0.05) as adapter:
+            store = log_store(adapter)
+            with raw(db) as holder:
+                holder.execute("BEGIN IMMEDIATE")
+                with pytest.raises(StorageUnavailableError, match="busy_timeout") as info:
+                    await store.push_event(note("a", 1))
+                assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+                with pytest.raises(StorageUnavailableError):
+                    await EventStore.push_event_group(store.group_event(note("b", 1)))
+                holder.execute("ROLLBACK")
+            assert (await store.list_aggregate_ids()).aggregate_ids == []
+
+    async def test_a_write_waits_for_a_lock_released_within_busy_timeout(self, db: Path) -> None:
+        """A push that finds the file locked retries without blocking the loop, then succeeds."""
+        async with SQLiteEventStorageAdapter(db, busy_timeout=30) as adapter:
+            store = log_store(adapter)
+            with raw(db) as holder:
+                holder.execute("BEGIN IMMEDIATE")
+                holder.execute(
+                    "INSERT INTO event (aggregate_name, aggregate_id, version, type, timestamp)"
+                    " VALUES ('LOGS', 'a', 1, 'TAGGED', '2024-01-01T00:00:00.000Z')"
+                )
+                push = asyncio.ensure_future(store.push_event(note("a", 1)))
+                group = asyncio.ensure_future(
+                    EventStore.push_event_group(store.group_event(note("b", 1)))
+                )
+                await yield_until_blocked(push)
+                await yield_until_blocked(group)
+                # Readers are never blocked by the writer in WAL mode.
+                assert (await store.get_events("a")).events == []
+                holder.execute("COMMIT")
+            with pytest.raises(EventAlreadyExistsError):
+                await push
+            await group
+            assert [e.aggregate_id for e in (await store.list_aggregate_ids()).aggregate_ids] == [
+                "a",
+                "b",
+            ]
+
+
+class TestCancellationUnderContention:
+    @pytest.mark.parametrize("size", [1, 2, 5])
+    async def test_cancelling_a_blocked_push_or_group_at_any_point_writes_nothing(
+        self, db: Path, size: int
+    ) -> None:
+        """Cancelled while retrying a locked file, nothing is written and no lock is kept."""
+        async with SQLiteEventStorageAdapter(db, busy_timeout=30) as adapter:
+            store = log_store(adapter)
+            for steps in range(12):
+                ids = [f"s{size}-{steps}-{i}" for i in range(size)]
+                with raw(db) as holder:
+                    holder.execute("BEGIN IMMEDIATE")
+                    if size == 1:
+                        task = asyncio.ensure_future(store.push_event(note(ids[0], 1)))
+                    else:
+                        task = asyncio.ensure_future(
+                            EventStore.push_event_group(
+                                *(store.group_event(note(i, 1)) for i in ids)
+                            )
+                        )
+                    for _ in range(steps):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    holder.execute("COMMIT")
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                for aggregate_id in ids:
+                    assert (await store.get_events(aggregate_id)).events == []
+                # Nobody holds the write lock: the adapter left no transaction open.
+                with raw(db) as probe:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.execute("ROLLBACK")
+            await store.push_event(note("after", 1))
+
+    async def test_cancelling_at_random_points_amid_contention_is_all_or_nothing(
+        self, db: Path
+    ) -> None:
+        """Random cancellations while another connection contends never split a group."""
+        rng = random.Random(3)
+        async with SQLiteEventStorageAdapter(db, busy_timeout=30) as adapter:
+            store = log_store(adapter)
+            with raw(db) as other:
+                for round_ in range(60):
+                    ids = [f"r{round_}-{i}" for i in range(rng.randint(1, 4))]
+                    if rng.random() < 0.5:
+                        other.execute("BEGIN IMMEDIATE")
+                    task = asyncio.ensure_future(
+                        EventStore.push_event_group(*(store.group_event(note(i, 1)) for i in ids))
+                    )
+                    for _ in range(rng.randint(0, 3)):
+                        await asyncio.sleep(0)
+                    if other.in_transaction:
+                        other.execute("COMMIT")
+                    for _ in range(rng.randint(0, 3)):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    counts = {len((await store.get_events(i)).events) for i in ids}
+                    assert counts in ({0}, {1}), (round_, counts)
+                    assert task.cancelled() == (counts == {0})
+
+
+class TestThreads:
+    def test_adapters_in_several_threads_append_without_loss(self, db: Path) -> None:
+        """Four threads, each with its own loop and adapter, race appends; none is lost."""
+        per_thread = 60
+        acknowledged: list[list[int]] = []
+
+        async def append_many() -> list[int]:
+            got: list[int] = []
+            async with SQLiteEventStorageAdapter(db, busy_timeout=30) as adapter:
+                store = log_store(adapter)
+                while len(got) < per_thread:
+                    last = (await store.get_events("hot", reverse=True, limit=1)).events
+                    version = last[0].version + 1 if last else 1
+                    try:
+                        await store.push_event(note("hot", version))
+                    except EventAlreadyExistsError:
+                        continue
+                    got.append(version)
+            return got
+
+        threads = [
+            threading.Thread(target=lambda: acknowledged.append(asyncio.run(append_many())))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        every = sorted(v for got in acknowledged for v in got)
+        assert every == list(range(1, 4 * per_thread + 1))
+
+    async def test_one_adapter_shared_by_threads_serialises_its_connection(self, db: Path) -> None:
+        """One adapter used from two threads' loops at once keeps working and loses nothing."""
+        async with SQLiteEventStorageAdapter(db) as adapter:
+            store = log_store(adapter)
+
+            def run(prefix: str) -> None:
+                async def go() -> None:
+                    for i in range(150):
+                        await store.push_event(note(f"{prefix}{i}", 1))
+                        await store.get_events(f"{prefix}{i}")
+
+                asyncio.run(go())
+
+            await asyncio.gather(asyncio.to_thread(run, "x"), asyncio.to_thread(run, "y"))
+            assert len((await store.list_aggregate_ids()).aggregate_ids) == 300
+
+
+class TestGroups:
+    async def test_group_spans_tables_of_one_file_in_one_transaction(self, db: Path) -> None:
+        """Adapters on one file, different tables, share a group; each event goes to its table."""
+        async with (
+            SQLiteEventStorageAdapter(db, table_name="event_a") as first,
+            SQLiteEventStorageAdapter(db, table_name="event_b") as second,
+        ):
+            a, b = log_store(first, "A"), log_store(second, "B")
+            await b.push_event(note("taken", 1))
+            with pytest.raises(EventAlreadyExistsError) as info:
+                await EventStore.push_event_group(
+                    a.group_event(note("x", 1)), b.group_event(note("taken", 1))
+                )
+            assert (info.value.event_store_id, info.value.aggregate_id) == ("B", "taken")
+            assert (await a.get_events("x")).events == []
+            await EventStore.push_event_group(
+                a.group_event(note("x", 1)), b.group_event(note("y", 1))
+            )
+            with raw(db) as conn:
+                assert conn.execute("SELECT aggregate_id FROM event_a").fetchall() == [("x",)]
+                assert conn.execute("SELECT aggregate_id FROM event_b ORDER BY 1").fetchall() == [
+                    ("taken",),
+                    ("y",),
+                ]
+
+    async def test_group_creates_a_table_not_yet_used_and_rolls_it_back_on_failure(
+        self, db: Path
+    ) -> None:
+        """A grouped event for a table never opened creates it inside the group's transaction."""
+        async with SQLiteEventStorageAdapter(db) as head:
+            fresh = SQLiteEventStorageAdapter(db, table_name="fresh")
+            main, other = log_store(head), log_store(fresh, "F")
+            await main.push_event(note("taken", 1))
+            with pytest.raises(EventAlreadyExistsError):
+                await EventStore.push_event_group(
+                    main.group_event(note("m", 1)),
+                    other.group_event(note("f", 1)),
+                    main.group_event(note("taken", 1)),
+                )
+            with raw(db) as conn:
+                names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+            assert "fresh" not in names
+            await EventStore.push_event_group(
+                main.group_event(note("m", 1)), other.group_event(note("f", 1))
+            )
+            assert len((await other.get_events("f")).events) == 1
+            await fresh.aclose()
+
+    async def test_group_across_database_files_is_refused_before_writing(
+        self, tmp_path: Path
+    ) -> None:
+        """Adapters on different files (or private memory) cannot share a group."""
+        async with (
+            SQLiteEventStorageAdapter(tmp_path / "one.db") as one,
+            SQLiteEventStorageAdapter(tmp_path / "two.db") as two,
+            SQLiteEventStorageAdapter(":memory:") as memory,
+        ):
+            stores = [log_store(one), log_store(two), log_store(memory)]
+            for head, tail in [(0, 1), (1, 0), (0, 2), (2, 0)]:
+                with pytest.raises(EventGroupError, match="another database"):
+                    await EventStore.push_event_group(
+                        stores[head].group_event(note("g", 1)),
+                        stores[tail].group_event(note("g", 1)),
+                    )
+            for store in stores:
+                assert (await store.get_events("g")).events == []
+
+    async def test_group_through_a_symlinked_path_is_the_same_database(
+        self, tmp_path: Path
+    ) -> None:
+        """Two paths naming one file (a symlink) count as the same database."""
+        real = tmp_path / "real.db"
+        link = tmp_path / "link.db"
+        async with SQLiteEventStorageAdapter(real) as first:
+            await log_store(first).get_events("warm-up")
+            link.symlink_to(real)
+            async with SQLiteEventStorageAdapter(link) as second:
+                await EventStore.push_event_group(
+                    log_store(first).group_event(note("a", 1)),
+                    log_store(second, "OTHER").group_event(note("b", 1)),
+                )
+                assert len((await log_store(first, "OTHER").get_events("b")).events) == 1
+
+    async def test_group_with_an_in_memory_adapter_is_refused(self, adapter: Any) -> None:
+        """A grouped event on another kind of adapter is an EventGroupError."""
+        sqlite, memory = log_store(adapter), log_store(InMemoryEventStorageAdapter())
+        with pytest.raises(EventGroupError, match="SQLiteEventStorageAdapter"):
+            await EventStore.push_event_group(
+                sqlite.group_event(note("a", 1)), memory.group_event(note("b", 1))
+            )
+        assert (await sqlite.get_events("a")).events == []
