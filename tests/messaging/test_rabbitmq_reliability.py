@@ -1,0 +1,414 @@
+"""RabbitMQ adapters under failure: killed consumers, poison messages, a broker that is down.
+
+Every test runs against the real broker in a private vhost; connections are cut through a
+local TCP proxy, which is what a crashed worker or a network failure looks like to RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import traceback
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from castore_pydantic.errors import MessageBrokerUnavailableError
+from castore_pydantic.messaging import (
+    ConnectedEventStore,
+    MessageContext,
+    NotificationMessage,
+    NotificationMessageBus,
+    NotificationMessageQueue,
+)
+from castore_pydantic.messaging.rabbitmq import (
+    RabbitMQMessageBusAdapter,
+    RabbitMQMessageQueueAdapter,
+)
+from tests.messaging.rabbitmq_support import (
+    T0,
+    Appeared,
+    DeadLetterWatch,
+    PokemonAppeared,
+    TcpProxy,
+    event_key,
+    notification,
+    pokemon_store,
+    private_vhost,
+    vhost_url,
+)
+
+pytestmark = [pytest.mark.rabbitmq]
+
+MESSAGES = 10_000
+KILL_EVERY = 20  # 5 % of the messages are in a consumer's hands when it is killed
+WORKERS = 2
+
+
+@pytest.fixture
+async def vhost() -> AsyncIterator[str]:
+    async with private_vhost() as name:
+        yield name
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[list[TcpProxy]]:
+    started = [TcpProxy() for _ in range(WORKERS)]
+    for proxy in started:
+        await proxy.start()
+    yield started
+    for proxy in started:
+        await proxy.close()
+
+
+Key = tuple[str, str, int]
+
+
+class KillingConsumer:
+    """A deduplicating consumer whose process 'dies' holding 5 % of the messages.
+
+    For every 20th message, on its first delivery, the effect is applied and then the
+    consumer dies before acknowledging: half the time its handler task is cancelled, half
+    the time its connection to the broker is cut. A redelivery must follow, and the
+    deduplication on ``(event_store_id, aggregate_id, version)`` keeps one effect per event.
+    """
+
+    def __init__(self, messages: list[NotificationMessage]) -> None:
+        self.expected = {event_key(message) for message in messages}
+        self.doomed = {event_key(message) for message in messages[::KILL_EVERY]}
+        self.killed: set[Key] = set()
+        self.deliveries: Counter[Key] = Counter()
+        self.effects: Counter[Key] = Counter()
+        self.done = asyncio.Event()
+        self._redelivered = 0
+        self.cancelled = 0
+        self.dropped = 0
+
+    def _apply(self, key: Key) -> None:
+        if key in self.effects:  # deduplication: the effect happened already
+            return
+        self.effects[key] += 1
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if len(self.effects) == len(self.expected) and self._redelivered == len(self.doomed):
+            self.done.set()
+
+    def handler_for(self, proxy: TcpProxy) -> Any:
+        async def handle(message: NotificationMessage, context: MessageContext) -> None:
+            key = event_key(message)
+            self.deliveries[key] += 1
+            if key in self.killed and self.deliveries[key] == 2:
+                self._redelivered += 1
+                self._check_done()
+            if key in self.doomed and key not in self.killed:
+                self.killed.add(key)
+                self._apply(key)  # the effect lands, the acknowledgement never does
+                if len(self.killed) % 2:
+                    self.cancelled += 1
+                    task = asyncio.current_task()
+                    assert task is not None
+                    task.cancel()
+                    await asyncio.sleep(0)  # raises CancelledError
+                else:
+                    self.dropped += 1
+                    proxy.drop()
+                    await asyncio.Event().wait()  # until the dead connection cancels us
+            self._apply(key)
+
+        return handle
+
+    def check(self) -> None:
+        assert set(self.deliveries) == self.expected  # 100 % delivered at least once
+        assert self.killed == self.doomed
+        assert all(self.deliveries[key] >= 2 for key in self.doomed)  # killed → redelivered
+        assert sum(self.deliveries.values()) > len(self.expected)  # duplicates did happen
+        assert self.effects == Counter(dict.fromkeys(self.expected, 1))  # one effect each
+        assert self.cancelled == self.dropped == len(self.doomed) // 2
+
+
+class TestKilledConsumers:
+    """10,000 messages, consumers killed before acknowledging 5 % of them."""
+
+    async def test_queue_delivers_every_message_at_least_once(
+        self, vhost: str, proxies: list[TcpProxy]
+    ) -> None:
+        """Every message reaches a worker; killed ones come back; dedup leaves one effect."""
+        queue = NotificationMessageQueue(
+            message_queue_id="killed", source_event_stores=[pokemon_store()]
+        )
+        messages = [notification(index) for index in range(MESSAGES)]
+        consumer = KillingConsumer(messages)
+        workers = [
+            RabbitMQMessageQueueAdapter.attach_to(
+                queue,
+                proxy.url(vhost),
+                worker=consumer.handler_for(proxy),
+                prefetch_count=50,
+                reconnect_delay=0.01,
+            )
+            for proxy in proxies
+        ]
+        publisher = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost))
+        await self._run(publisher, workers, messages, consumer)
+        assert all(proxy.drops >= 1 for proxy in proxies)
+
+    async def test_bus_delivers_every_message_at_least_once(
+        self, vhost: str, proxies: list[TcpProxy]
+    ) -> None:
+        """Every message reaches the listener's consumers; killed ones come back; one effect."""
+        bus = NotificationMessageBus(message_bus_id="killed", source_event_stores=[pokemon_store()])
+        messages = [notification(index) for index in range(MESSAGES)]
+        consumer = KillingConsumer(messages)
+        workers = []
+        for proxy in proxies:  # two processes sharing one durable listener
+            worker = RabbitMQMessageBusAdapter.attach_to(
+                bus, proxy.url(vhost), prefetch_count=50, reconnect_delay=0.01
+            )
+            worker.on({}, consumer.handler_for(proxy), listener_id="projection")
+            workers.append(worker)
+        publisher = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        await self._run(publisher, workers, messages, consumer)
+        assert all(proxy.drops >= 1 for proxy in proxies)
+
+    @staticmethod
+    async def _run(
+        publisher: RabbitMQMessageQueueAdapter | RabbitMQMessageBusAdapter,
+        workers: list[Any],
+        messages: list[NotificationMessage],
+        consumer: KillingConsumer,
+    ) -> None:
+        channel = publisher.message_channel
+        assert channel is not None
+        async with publisher:
+            try:
+                for worker in workers:
+                    await worker.start_consuming()
+                for start in range(0, len(messages), 1000):
+                    await channel.publish_messages(messages[start : start + 1000])
+                async with asyncio.timeout(60):
+                    await consumer.done.wait()
+            finally:
+                for worker in workers:
+                    await worker.aclose()
+            await workers[0].purge()
+            await publisher.purge()
+        consumer.check()
+
+
+POISON_TOTAL = 1000
+POISON_EVERY = 20  # 50 of the 1,000 messages make the handler raise
+
+
+class PoisonedHandler:
+    """Raises on 50 chosen messages until ``fixed``; records every attempt's context."""
+
+    def __init__(self, messages: list[NotificationMessage]) -> None:
+        self.keys = {event_key(message) for message in messages}
+        self.poison = {event_key(message) for message in messages[::POISON_EVERY]}
+        self.fixed = False
+        self.contexts: dict[Key, list[MessageContext]] = {}
+        self.applied: set[Key] = set()
+        self._changed = asyncio.Event()
+
+    async def __call__(self, message: NotificationMessage, context: MessageContext) -> None:
+        key = event_key(message)
+        self.contexts.setdefault(key, []).append(context)
+        if key in self.poison and not self.fixed:
+            raise ValueError(f"cannot apply {key[1]} v{key[2]}")
+        self.applied.add(key)
+        self._changed.set()
+
+    async def wait_applied(self, expected: set[Key]) -> None:
+        while not expected <= self.applied:
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class TestPoisonMessages:
+    """A handler that raises on 50 of 1,000 messages: retries, dead letters, republishing."""
+
+    @pytest.mark.parametrize("kind", ["queue", "bus"])
+    async def test_retried_to_budget_then_dead_lettered_then_republished(
+        self, vhost: str, kind: str
+    ) -> None:
+        """The 50 get 3 attempts then a dead letter with the error; 950 flow; a fix applies all."""
+        store = pokemon_store()
+        messages = [notification(index) for index in range(POISON_TOTAL)]
+        handler = PoisonedHandler(messages)
+        healthy = PoisonedHandler(messages)
+        healthy.fixed = True  # a second bus listener that never fails
+        options: dict[str, Any] = {
+            "retry_attempts": 2,
+            "retry_delay_in_ms": 20,
+            "retry_backoff_rate": 2,
+            "prefetch_count": 100,
+        }
+        adapter: RabbitMQMessageQueueAdapter | RabbitMQMessageBusAdapter
+        if kind == "queue":
+            channel: Any = NotificationMessageQueue(
+                message_queue_id="poison", source_event_stores=[store]
+            )
+            adapter = RabbitMQMessageQueueAdapter.attach_to(
+                channel, vhost_url(vhost), worker=handler, **options
+            )
+        else:
+            channel = NotificationMessageBus(message_bus_id="poison", source_event_stores=[store])
+            adapter = RabbitMQMessageBusAdapter.attach_to(channel, vhost_url(vhost), **options)
+            adapter.on({}, handler, listener_id="fragile")
+            adapter.on({}, healthy, listener_id="sturdy")
+        with DeadLetterWatch.installed() as watch:
+            async with adapter, adapter.consuming():
+                await channel.publish_messages(messages)
+                async with asyncio.timeout(30):
+                    await watch.wait_for(len(handler.poison))
+                    await handler.wait_applied(handler.keys - handler.poison)
+                    if kind == "bus":
+                        await healthy.wait_applied(healthy.keys)
+                letters = await adapter.dead_letters()
+
+                assert {event_key(letter.message) for letter in letters} == handler.poison
+                assert len(letters) == len(handler.poison)
+                for letter in letters:
+                    _, aggregate_id, version = event_key(letter.message)
+                    assert letter.error == f"ValueError: cannot apply {aggregate_id} v{version}"
+                    assert letter.attempts == 3
+                    assert letter.replay is False
+                    assert letter.listener_id == (None if kind == "queue" else "fragile")
+                for key in handler.poison:
+                    assert [(c.attempt, c.retry_attempts_left) for c in handler.contexts[key]] == [
+                        (1, 2),
+                        (2, 1),
+                        (3, 0),
+                    ]
+                assert handler.applied == handler.keys - handler.poison
+                if kind == "bus":  # the failing listener was retried alone
+                    assert all(len(calls) == 1 for calls in healthy.contexts.values())
+                    assert healthy.applied == healthy.keys
+
+                handler.fixed = True
+                assert await adapter.republish_dead_letters() == len(handler.poison)
+                async with asyncio.timeout(30):
+                    await handler.wait_applied(handler.keys)
+                assert await adapter.dead_letters() == []
+                for key in handler.poison:  # sent back as a fresh first attempt
+                    assert handler.contexts[key][-1].attempt == 1
+                if kind == "bus":  # republished to the failing listener only
+                    assert all(len(calls) == 1 for calls in healthy.contexts.values())
+            await adapter.purge()
+        assert len(watch.queues) == len(handler.poison)
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+CANARY = "CANARY-7f3a"
+
+
+def message() -> NotificationMessage:
+    return notification(0)
+
+
+class TestBrokerDown:
+    """Publishing when the broker cannot be reached raises ``MessageBrokerUnavailableError``."""
+
+    @pytest.mark.parametrize(
+        "adapter_class", [RabbitMQMessageQueueAdapter, RabbitMQMessageBusAdapter]
+    )
+    async def test_closed_port(self, adapter_class: Any) -> None:
+        """A refused connection is a retriable error naming the broker, never the password."""
+        store = pokemon_store()
+        channel: Any
+        if adapter_class is RabbitMQMessageQueueAdapter:
+            channel = NotificationMessageQueue(message_queue_id="down", source_event_stores=[store])
+        else:
+            channel = NotificationMessageBus(message_bus_id="down", source_event_stores=[store])
+        port = closed_port()
+        adapter = adapter_class.attach_to(
+            channel, f"amqp://guest:{CANARY}@127.0.0.1:{port}/vh", connect_timeout=5
+        )
+        with pytest.raises(MessageBrokerUnavailableError) as raised:
+            await channel.publish_message(message())
+        assert isinstance(raised.value, ConnectionError)  # retriable
+        assert isinstance(raised.value.__cause__, ConnectionError)
+        assert f"amqp://guest:***@127.0.0.1:{port}/vh" in str(raised.value)
+        assert CANARY not in "".join(traceback.format_exception(raised.value))
+        assert CANARY not in repr(adapter)
+        with pytest.raises(MessageBrokerUnavailableError):
+            await adapter.connect()
+        await adapter.aclose()
+
+    async def test_start_consuming_with_broker_down(self) -> None:
+        """Starting a worker against a closed port raises instead of retrying silently."""
+        queue = NotificationMessageQueue(
+            message_queue_id="down", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, f"amqp://guest:guest@127.0.0.1:{closed_port()}/vh", worker=handler_noop
+        )
+        with pytest.raises(MessageBrokerUnavailableError):
+            await adapter.start_consuming()
+        assert not adapter.is_consuming
+
+    async def test_dropped_connection_then_broker_back(self, vhost: str) -> None:
+        """A live adapter whose broker vanishes raises; once it is back, publishing works again."""
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = NotificationMessageQueue(
+            message_queue_id="drop", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, proxy.url(vhost), connect_timeout=5)
+        try:
+            async with adapter:
+                await queue.publish_message(notification(0))
+                await proxy.refuse()  # cuts the live connection and refuses new ones
+                with pytest.raises(MessageBrokerUnavailableError) as raised:
+                    await queue.publish_message(notification(1))
+                assert raised.value.__cause__ is not None
+                await proxy.start()
+                await queue.publish_message(notification(2))
+
+                received: list[NotificationMessage] = []
+                both = asyncio.Event()
+
+                async def worker(message: NotificationMessage, context: MessageContext) -> None:
+                    received.append(message)
+                    if len(received) == 2:
+                        both.set()
+
+                adapter.worker = worker
+                async with adapter.consuming():
+                    async with asyncio.timeout(10):
+                        await both.wait()
+                assert received == [notification(0), notification(2)]
+                await adapter.purge()
+        finally:
+            await proxy.close()
+
+    async def test_connected_event_store_keeps_the_event_and_raises(self) -> None:
+        """The event is stored, and the broker error reaches the caller of push_event."""
+        store = pokemon_store()
+        queue = NotificationMessageQueue(message_queue_id="down", source_event_stores=[store])
+        RabbitMQMessageQueueAdapter.attach_to(
+            queue, f"amqp://guest:guest@127.0.0.1:{closed_port()}/x", connect_timeout=5
+        )
+        connected = ConnectedEventStore(store, queue)
+        event = PokemonAppeared(
+            aggregate_id="pikachu",
+            version=1,
+            timestamp=T0,
+            payload=Appeared(name="Pikachu", level=5),
+        )
+        with pytest.raises(MessageBrokerUnavailableError):
+            await connected.push_event(event)
+        assert (await store.get_events("pikachu")).events == [event]
+
+
+async def handler_noop(message: NotificationMessage, context: MessageContext) -> None:
+    """A worker that does nothing."""
