@@ -226,11 +226,13 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
     ) -> PushEventResult[AggregateT, EventT]:
         """Push through the wrapped store (its own hook runs), then publish the message.
 
+        Everything ``EventStore.push_event`` raises is raised the same way, and then nothing
+        is published.
+
         Raises:
             MessageBrokerUnavailableError: Publishing failed; the event *is* stored.
             UndefinedMessageChannelAdapterError: The channel has no adapter; the event *is*
                 stored.
-            Everything ``EventStore.push_event`` raises (then nothing is published).
         """
         result = await self._event_store.push_event(
             event, prev_aggregate=prev_aggregate, force=force
