@@ -122,11 +122,10 @@ class Statements:
 
     # -- schema ------------------------------------------------------------------------------
 
-    def create(self, aggregate_id_type: AggregateIdType) -> list[str]:
-        """DDL creating the schema (if named), the table and its listing index."""
+    def create_table(self, aggregate_id_type: AggregateIdType) -> list[str]:
+        """DDL creating the schema (if named) and the table unless they exist."""
         id_type = _ID_COLUMN_TYPES[aggregate_id_type]
         unique = _quote(self.unique_name, placeholders=False)
-        index = _quote(self.listing_index, placeholders=False)
         statements = []
         if self.schema is not None:
             statements.append(
@@ -144,11 +143,15 @@ class Statements:
             ' "timestamp" timestamptz NOT NULL DEFAULT CURRENT_TIMESTAMP(3),'
             f" CONSTRAINT {unique} UNIQUE (aggregate_name, aggregate_id, version))"
         )
-        statements.append(
+        return statements
+
+    def create_index(self) -> str:
+        """DDL creating the index that serves ``list_aggregate_ids``."""
+        index = _quote(self.listing_index, placeholders=False)
+        return (
             f"CREATE INDEX IF NOT EXISTS {index} ON {self.table_ddl}"
             f" (aggregate_name, ({INITIAL_TIMESTAMP}), aggregate_id) WHERE version = 1"
         )
-        return statements
 
     def drop(self) -> str:
         """DDL dropping the table (never the schema)."""

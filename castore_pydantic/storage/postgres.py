@@ -388,15 +388,17 @@ class PostgresEventStorageAdapter:
             async with conn.transaction():
                 # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-                for statement in self._sql.create(aggregate_id_type):
+                for statement in self._sql.create_table(aggregate_id_type):
                     await conn.execute(statement.encode())
-            cursor = await conn.execute(self._sql.columns(), (self._sql.table_ddl,))
-            columns = {name for name, _ in await cursor.fetchall()}
+                cursor = await conn.execute(self._sql.columns(), (self._sql.table_ddl,))
+                columns = {name for name, _ in await cursor.fetchall()}
+                missing = [column for column in _LAYOUT if column not in columns]
+                if not missing:
+                    await conn.execute(self._sql.create_index().encode())
         except psycopg.Error as exc:
             raise self._error(exc, doing) from self._cause(exc)
         finally:
             await self._release(conn)
-        missing = [column for column in _LAYOUT if column not in columns]
         if missing:
             raise StorageError(
                 f"{self._sql.table_ddl} exists but lacks the columns {', '.join(missing)}"

@@ -1,0 +1,655 @@
+"""The PostgreSQL adapter: the public contract, then what is specific to PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from hypothesis import settings
+from psycopg_pool import AsyncConnectionPool
+
+from castore_pydantic import EventStore
+from castore_pydantic.errors import (
+    EventAlreadyExistsError,
+    EventGroupError,
+    EventLimitExceededError,
+    StorageError,
+)
+from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
+from castore_pydantic.testing.contracts import (
+    AdapterFactory,
+    EventStorageAdapterContract,
+    make_adapter_state_machine,
+)
+from castore_pydantic.testing.contracts._storage import created, incremented
+from tests.storage.postgres_support import (
+    DSN,
+    OTHER_DSN,
+    counter_store,
+    fetch,
+    make_table,
+    pg_schema,
+    unique_table,
+)
+
+__all__ = ["pg_schema"]  # the fixture is used by name
+
+pytestmark = pytest.mark.postgres
+
+
+class TestPostgresContract(EventStorageAdapterContract):
+    """The PostgreSQL adapter honours the public storage contract (one shared table)."""
+
+    @pytest.fixture
+    async def adapter_factory(self, pg_schema: str) -> AsyncIterator[AdapterFactory]:
+        adapters: list[PostgresEventStorageAdapter] = []
+
+        async def make() -> PostgresEventStorageAdapter:
+            adapter = PostgresEventStorageAdapter(
+                DSN, schema=pg_schema, table_name="contract_event", max_size=4
+            )
+            adapters.append(adapter)
+            return adapter
+
+        await (await make()).create_event_table()
+        yield make
+        for adapter in adapters:
+            await adapter.aclose()
+
+
+# The stateful machine makes a fresh adapter per example; they all share this one table, and
+# each example uses fresh store ids. The schema is made on first use, dropped at module end.
+_STATEFUL: dict[str, str] = {}
+
+
+async def _stateful_adapter() -> PostgresEventStorageAdapter:
+    adapter = PostgresEventStorageAdapter(
+        DSN, schema=_STATEFUL["schema"], table_name="stateful_event", max_size=2
+    )
+    if not _STATEFUL.get("ready"):
+        await adapter.create_event_table()
+        _STATEFUL["ready"] = "yes"
+    return adapter
+
+
+PostgresStateMachine = make_adapter_state_machine(_stateful_adapter, name="PostgresStateMachine")
+
+
+class TestPostgresStateful(PostgresStateMachine.TestCase):  # type: ignore[name-defined,misc]
+    """Random pushes, groups, reads and listings agree with the dict model on PostgreSQL."""
+
+    settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
+
+    @pytest.fixture(autouse=True)
+    def _schema(self, pg_schema: str) -> None:
+        _STATEFUL["schema"] = pg_schema
+
+
+class TestConstruction:
+    """Constructor arguments, repr and the optional dependency."""
+
+    def test_repr_names_the_server_and_table_but_not_the_password(self) -> None:
+        """repr() shows host, database and table and hides the password."""
+        adapter = PostgresEventStorageAdapter(
+            "postgresql://app:S3cr3t-pw@db.example:6543/events", table_name="ev"
+        )
+        text = repr(adapter)
+        assert "db.example" in text
+        assert "events" in text
+        assert "'ev'" in text
+        assert "S3cr3t" not in text
+        assert "S3cr3t" not in str(adapter)
+
+    @pytest.mark.parametrize(
+        ("table_name", "message"),
+        [
+            ("", "must not be empty"),
+            ("a\x00b", "NUL"),
+            ("x" * 64, "64 bytes"),
+            ("é" * 32, "64 bytes"),
+            ("\ud800", "not valid Unicode"),
+        ],
+    )
+    def test_table_names_postgres_cannot_hold_are_refused(
+        self, table_name: str, message: str
+    ) -> None:
+        """Empty, NUL, surrogate and over-63-byte names are a clear ValueError."""
+        with pytest.raises(ValueError, match=message):
+            PostgresEventStorageAdapter(DSN, table_name=table_name)
+        with pytest.raises(ValueError, match=message):
+            PostgresEventStorageAdapter(DSN, schema=table_name)
+
+    def test_a_63_byte_name_is_accepted(self) -> None:
+        """The longest identifier PostgreSQL keeps intact is accepted."""
+        adapter = PostgresEventStorageAdapter(DSN, table_name="é" * 31 + "x")
+        assert adapter.table_name == "é" * 31 + "x"
+
+    def test_connection_string_and_pool_together_are_refused(self) -> None:
+        """Giving both a connection string and a pool is ambiguous: ValueError."""
+        pool = AsyncConnectionPool(DSN, open=False)
+        with pytest.raises(ValueError, match="either"):
+            PostgresEventStorageAdapter(DSN, pool=pool)
+
+    def test_pool_of_another_type_is_refused(self) -> None:
+        """pool= must be a psycopg_pool.AsyncConnectionPool."""
+        with pytest.raises(TypeError, match="AsyncConnectionPool"):
+            PostgresEventStorageAdapter(pool=object())  # type: ignore[arg-type]
+
+    def test_malformed_connection_string_is_a_value_error(self) -> None:
+        """A connection string libpq cannot parse raises ValueError."""
+        with pytest.raises(ValueError, match="invalid PostgreSQL connection string"):
+            PostgresEventStorageAdapter("host=x port")
+
+    def test_missing_driver_names_the_extra_to_install(self) -> None:
+        """Without psycopg, importing the module says which extra to install."""
+        code = (
+            "import sys; sys.modules['psycopg'] = None\n"
+            "try:\n"
+            "    import castore_pydantic.storage.postgres\n"
+            "except ImportError as exc:\n"
+            "    print(exc)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+        assert "pip install 'castore-pydantic[postgres]'" in out
+        assert (
+            "castore_pydantic"
+            in subprocess.run(
+                [sys.executable, "-c", "import castore_pydantic, sys; print(*sys.modules)"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout
+        )
+        assert (
+            "psycopg"
+            not in subprocess.run(
+                [sys.executable, "-c", "import castore_pydantic, sys; print(*sys.modules)"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            ).stdout.split()
+        )
+
+    async def test_closed_adapter_refuses_work(self, pg_schema: str) -> None:
+        """After aclose(), operations raise StorageError; aclose() is idempotent."""
+        adapter = PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=unique_table())
+        async with adapter:
+            await adapter.create_event_table()
+        await adapter.aclose()
+        with pytest.raises(StorageError, match="closed"):
+            await counter_store(adapter).get_events("a1")
+
+    async def test_borrowed_pool_stays_open_and_gets_its_connections_back_unchanged(
+        self, pg_schema: str
+    ) -> None:
+        """With pool=, the adapter neither closes the pool nor leaves autocommit switched on."""
+        async with AsyncConnectionPool(DSN, min_size=1, max_size=1, open=False) as pool:
+            adapter = PostgresEventStorageAdapter(
+                pool=pool, schema=pg_schema, table_name=unique_table()
+            )
+            async with adapter:
+                await adapter.create_event_table()
+                store = counter_store(adapter)
+                await store.push_event(created("a1"))
+                assert len((await store.get_events("a1")).events) == 1
+            async with pool.connection() as conn:
+                assert conn.autocommit is False
+                assert (await (await conn.execute("SELECT 1")).fetchone()) == (1,)
+
+
+class TestTable:
+    """create_event_table / drop_event_table and the layout they give."""
+
+    async def _columns(self, schema: str, table: str) -> dict[str, tuple[str, str | None]]:
+        rows = await fetch(
+            "SELECT column_name::text, data_type::text, collation_name::text"
+            " FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            schema,
+            table,
+        )
+        return {name: (kind, collation) for name, kind, collation in rows}
+
+    async def _indexes(self, schema: str, table: str) -> dict[str, str]:
+        rows = await fetch(
+            "SELECT indexname::text, indexdef FROM pg_indexes"
+            " WHERE schemaname = %s AND tablename = %s",
+            schema,
+            table,
+        )
+        return dict(rows)
+
+    @pytest.mark.parametrize(("id_type", "column_type"), [("text", "text"), ("uuid", "uuid")])
+    async def test_layout_is_castores_with_the_chosen_id_type(
+        self, pg_schema: str, id_type: str, column_type: str
+    ) -> None:
+        """The table has Castore's columns; aggregate_id is text by default, uuid on request."""
+        table = await make_table(pg_schema, aggregate_id_type=id_type)
+        columns = await self._columns(pg_schema, table)
+        assert {name: kind for name, (kind, _) in columns.items()} == {
+            "id": "bigint",
+            "aggregate_name": "text",
+            "aggregate_id": column_type,
+            "version": "bigint",
+            "type": "text",
+            "data": "jsonb",
+            "metadata": "jsonb",
+            "timestamp": "timestamp with time zone",
+        }
+        if id_type == "text":
+            assert columns["aggregate_id"][1] == "C"  # code-point order, like Python's
+        unique = await fetch(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE conrelid = to_regclass(%s) AND contype = 'u'",
+            f"{pg_schema}.{table}",
+        )
+        assert unique == [
+            (
+                f"{table}_aggregate_name_aggregate_id_version_key",
+                "UNIQUE (aggregate_name, aggregate_id, version)",
+            )
+        ]
+
+    async def test_create_is_idempotent_and_every_table_gets_its_own_indexes(
+        self, pg_schema: str
+    ) -> None:
+        """Two tables in one schema each get their listing index (Castore's names clash)."""
+        first, second = unique_table(), unique_table()
+        for table in (first, second):
+            async with PostgresEventStorageAdapter(
+                DSN, schema=pg_schema, table_name=table
+            ) as adapter:
+                await adapter.create_event_table()
+                await adapter.create_event_table()
+        for table in (first, second):
+            indexes = await self._indexes(pg_schema, table)
+            listing = indexes[f"{table}_initial_events_idx"]
+            assert "WHERE (version = 1)" in listing
+            assert "(aggregate_name, date_trunc('milliseconds'" in listing
+
+    async def test_listing_uses_the_index(self, pg_schema: str) -> None:
+        """Listing a store's aggregates is an index scan, not a sort of the table."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            await fetch(
+                f'INSERT INTO "{pg_schema}"."{table}" (aggregate_name, aggregate_id, version,'
+                " type, timestamp) SELECT 'S' || (g % 20), 'a' || g, 1 + (g % 3), 'T',"
+                " now() - g * interval '1 second' FROM generate_series(1, 20000) g"
+            )
+            await fetch(f'ANALYZE "{pg_schema}"."{table}"')
+            query = adapter._sql.list_aggregate_ids(
+                after=False, before=True, cursor=True, reverse=False, limit=True
+            )
+            now = datetime.now(UTC).replace(tzinfo=None)
+            rows = await fetch("EXPLAIN " + query, "S3", now, now, "a7", 11)
+            plan = "\n".join(row[0] for row in rows)
+        assert f"{table}_initial_events_idx" in plan
+        assert "Sort" not in plan
+
+    async def test_long_table_names_get_distinct_short_index_names(self, pg_schema: str) -> None:
+        """Derived names fit 63 bytes and differ for two long names sharing a prefix."""
+        names = ["t" * 62 + "1", "t" * 62 + "2"]
+        derived = []
+        for table in names:
+            async with PostgresEventStorageAdapter(
+                DSN, schema=pg_schema, table_name=table
+            ) as adapter:
+                await adapter.create_event_table()
+                store = counter_store(adapter)
+                await store.push_event(created("a1"))
+                with pytest.raises(EventAlreadyExistsError):
+                    await store.push_event(created("a1"))
+            indexes = await self._indexes(pg_schema, table)
+            derived.append(set(indexes))
+            assert all(len(name.encode()) <= 63 for name in indexes)
+        assert not derived[0] & derived[1]
+
+    async def test_create_on_a_foreign_table_without_the_columns_fails_clearly(
+        self, pg_schema: str
+    ) -> None:
+        """An existing table of another shape is reported, not silently used."""
+        table = unique_table()
+        await fetch(f'CREATE TABLE "{pg_schema}"."{table}" (id int)')
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            with pytest.raises(StorageError, match="lacks the columns aggregate_name"):
+                await adapter.create_event_table()
+
+    async def test_missing_table_says_to_create_it(self, pg_schema: str) -> None:
+        """Using a table that does not exist raises StorageError naming the fix."""
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name=unique_table()
+        ) as adapter:
+            with pytest.raises(StorageError, match="create_event_table"):
+                await counter_store(adapter).push_event(created("a1"))
+
+    async def test_drop_removes_the_table_and_tolerates_absence(self, pg_schema: str) -> None:
+        """drop_event_table drops the table; dropping again is fine; the schema stays."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            await adapter.drop_event_table()
+            await adapter.drop_event_table()
+        assert await fetch("SELECT to_regclass(%s)", f"{pg_schema}.{table}") == [(None,)]
+        assert await fetch("SELECT 1 FROM pg_namespace WHERE nspname = %s", pg_schema) == [(1,)]
+
+    async def test_create_makes_a_missing_schema(self, pg_schema: str) -> None:
+        """A named schema that does not exist yet is created with the table."""
+        schema = f"{pg_schema}_extra"
+        try:
+            async with PostgresEventStorageAdapter(DSN, schema=schema) as adapter:
+                await adapter.create_event_table()
+                await counter_store(adapter).push_event(created("a1"))
+        finally:
+            await fetch(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+class TestRows:
+    """What the rows look like, and reading rows written by others."""
+
+    async def test_rows_hold_castores_encoding(self, pg_schema: str) -> None:
+        """aggregate_name is the store id; payload/metadata are JSONB or NULL; ms timestamps."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            ts = datetime(2024, 2, 3, 4, 5, 6, 789000, tzinfo=UTC)
+            await store.push_event(created("a1", ts=ts))
+            await store.push_event(incremented("a1", 2, by=3))
+        rows = await fetch(
+            f'SELECT aggregate_name, aggregate_id, version, type, data, metadata, "timestamp"'
+            f' FROM "{pg_schema}"."{table}" ORDER BY version'
+        )
+        assert rows[0][:6] == (
+            store.event_store_id,
+            "a1",
+            1,
+            "COUNTER_CREATED",
+            {"name": "counter a1"},
+            None,
+        )
+        assert rows[0][6] == ts
+        assert rows[1][4] == {"by": 3}
+        assert rows[1][6].microsecond % 1000 == 0
+
+    async def test_sub_millisecond_rows_are_read_and_listed_at_millisecond_precision(
+        self, pg_schema: str
+    ) -> None:
+        """Rows another program wrote with µs read back truncated and page without repeats."""
+        table = await make_table(pg_schema)
+        await fetch(
+            f'INSERT INTO "{pg_schema}"."{table}" (aggregate_name, aggregate_id, version, type,'
+            ' data, "timestamp") VALUES'
+            " ('S', 'b', 1, 'COUNTER_CREATED', '{\"name\": \"b\"}', '2024-01-01T00:00:00.123999Z'),"
+            " ('S', 'a', 1, 'COUNTER_CREATED', '{\"name\": \"a\"}', '2024-01-01T00:00:00.123456Z'),"
+            " ('S', 'c', 1, 'COUNTER_CREATED', '{\"name\": \"c\"}', '2024-01-01T00:00:00.123001Z')"
+        )
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter, "S")
+            (event,) = (await store.get_events("b")).events
+            assert event.timestamp == datetime(2024, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+            seen, token = [], None
+            for _ in range(4):
+                page = await (
+                    store.list_aggregate_ids(limit=1)
+                    if token is None
+                    else store.list_aggregate_ids(page_token=token)
+                )
+                seen += [e.aggregate_id for e in page.aggregate_ids]
+                token = page.next_page_token
+                if token is None:
+                    break
+        assert seen == ["a", "b", "c"]
+
+    async def test_explicit_offsets_are_stored_as_utc(self, pg_schema: str) -> None:
+        """A timestamp given with another offset is stored as the same instant."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            pushed = await store.push_event(
+                {
+                    "aggregateId": "a1",
+                    "version": 1,
+                    "type": "COUNTER_CREATED",
+                    "timestamp": "2024-01-01T02:00:00.500+02:00",
+                    "payload": {"name": "x"},
+                }
+            )
+            assert pushed.event.timestamp == datetime(2024, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)
+            assert (await store.get_events("a1")).events == [pushed.event]
+
+
+class TestConflicts:
+    """Duplicates are EventAlreadyExistsError on every table and path; force upserts."""
+
+    async def test_group_conflict_is_typed_on_a_non_default_table(self, pg_schema: str) -> None:
+        """A group duplicate on any table name names the offending event (Castore's B44)."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("taken"))
+            with pytest.raises(EventAlreadyExistsError) as info:
+                await EventStore.push_event_group(
+                    store.group_event(created("free")), store.group_event(created("taken"))
+                )
+        assert (info.value.event_store_id, info.value.aggregate_id, info.value.version) == (
+            store.event_store_id,
+            "taken",
+            1,
+        )
+
+    async def test_unique_index_of_any_name_is_recognised(self, pg_schema: str) -> None:
+        """A table whose key index has another name still gives typed conflicts."""
+        table = unique_table()
+        await fetch(
+            f'CREATE TABLE "{pg_schema}"."{table}" (id bigserial primary key,'
+            " aggregate_name text NOT NULL, aggregate_id text NOT NULL, version bigint NOT NULL,"
+            ' type text NOT NULL, data jsonb, metadata jsonb, "timestamp" timestamptz NOT NULL);'
+            f' CREATE UNIQUE INDEX "odd name" ON "{pg_schema}"."{table}"'
+            " (version, aggregate_id, aggregate_name)"
+        )
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+            for _ in range(2):  # looked up once, then remembered
+                with pytest.raises(EventAlreadyExistsError):
+                    await store.push_event(created("a1"))
+            with pytest.raises(EventAlreadyExistsError) as info:
+                await EventStore.push_event_group(
+                    store.group_event(created("a2")), store.group_event(created("a1"))
+                )
+            assert info.value.aggregate_id == "a1"
+            assert (await store.get_events("a2")).events == []
+
+    async def test_other_unique_violations_are_not_conflicts(self, pg_schema: str) -> None:
+        """A unique index that is not the event key gives StorageError, not a conflict."""
+        table = await make_table(pg_schema)
+        await fetch(f'CREATE UNIQUE INDEX ON "{pg_schema}"."{table}" (type)')
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+            with pytest.raises(StorageError, match="duplicate key") as info:
+                await store.push_event(created("a2"))
+            assert not isinstance(info.value, EventAlreadyExistsError)
+            assert isinstance(info.value.__cause__, psycopg.errors.UniqueViolation)
+
+    @pytest.mark.parametrize("conflict_at", [0, 1, 2, 3])
+    async def test_group_across_tables_names_the_first_conflicting_event(
+        self, pg_schema: str, conflict_at: int
+    ) -> None:
+        """Over two tables, the reported event is the conflicting one, and nothing is written."""
+        tables = [await make_table(pg_schema), await make_table(pg_schema)]
+        adapters = [
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=t) for t in tables
+        ]
+        try:
+            stores = [counter_store(adapters[0]), counter_store(adapters[1])]
+            await stores[1].push_event(created("taken"))
+            await stores[0].push_event(created("taken"))
+            grouped = [stores[i % 2].group_event(created(f"g{i}")) for i in range(4)]
+            grouped[conflict_at] = stores[conflict_at % 2].group_event(created("taken"))
+            with pytest.raises(EventAlreadyExistsError) as info:
+                await EventStore.push_event_group(*grouped)
+            assert info.value.event_store_id == stores[conflict_at % 2].event_store_id
+            assert info.value.aggregate_id == "taken"
+            for i in range(4):
+                assert (await stores[i % 2].get_events(f"g{i}")).events == []
+        finally:
+            for adapter in adapters:
+                await adapter.aclose()
+
+    async def test_group_force_upserts_in_every_table(self, pg_schema: str) -> None:
+        """force=True overwrites existing versions in each member's own table."""
+        tables = [await make_table(pg_schema), await make_table(pg_schema)]
+        adapters = [
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=t) for t in tables
+        ]
+        try:
+            stores = [counter_store(a) for a in adapters]
+            for store in stores:
+                await store.push_event(created("a1"))
+                await store.push_event(incremented("a1", 2, by=1))
+            await EventStore.push_event_group(
+                stores[0].group_event(incremented("a1", 2, by=5)),
+                stores[1].group_event(incremented("a1", 2, by=7)),
+                stores[1].group_event(incremented("a1", 2, by=9)),
+                force=True,
+            )
+            values = [(await s.get_aggregate("a1")).aggregate for s in stores]
+            assert [v.value for v in values if v is not None] == [5, 9]
+        finally:
+            for adapter in adapters:
+                await adapter.aclose()
+
+
+class TestGroups:
+    """Groups write each event to its own adapter's table, atomically, on one database."""
+
+    async def test_each_event_goes_to_its_own_adapters_table(self, pg_schema: str) -> None:
+        """Unlike Castore (B45), a member of another adapter lands in that adapter's table."""
+        tables = [await make_table(pg_schema), await make_table(pg_schema)]
+        adapters = [
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=t) for t in tables
+        ]
+        try:
+            first, second = counter_store(adapters[0]), counter_store(adapters[1])
+            await EventStore.push_event_group(
+                first.group_event(created("a1")), second.group_event(created("b1"))
+            )
+            for table, expected in zip(tables, ["a1", "b1"], strict=True):
+                rows = await fetch(f'SELECT aggregate_id FROM "{pg_schema}"."{table}"')
+                assert rows == [(expected,)]
+        finally:
+            for adapter in adapters:
+                await adapter.aclose()
+
+    async def test_a_member_on_another_database_is_refused_before_writing(
+        self, pg_schema: str
+    ) -> None:
+        """A group cannot span databases: EventGroupError, nothing written."""
+        table = await make_table(pg_schema)
+        here = PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table)
+        elsewhere = PostgresEventStorageAdapter(OTHER_DSN, schema=pg_schema, table_name=table)
+        try:
+            first, second = counter_store(here), counter_store(elsewhere)
+            with pytest.raises(EventGroupError, match="another database"):
+                await EventStore.push_event_group(
+                    first.group_event(created("a1")), second.group_event(created("b1"))
+                )
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+        finally:
+            await here.aclose()
+            await elsewhere.aclose()
+
+    async def test_adapters_sharing_a_pool_may_group(self, pg_schema: str) -> None:
+        """Adapters built on one borrowed pool are on the same database."""
+        tables = [await make_table(pg_schema), await make_table(pg_schema)]
+        async with AsyncConnectionPool(DSN, min_size=1, max_size=2, open=False) as pool:
+            stores = [
+                counter_store(
+                    PostgresEventStorageAdapter(pool=pool, schema=pg_schema, table_name=t)
+                )
+                for t in tables
+            ]
+            result = await EventStore.push_event_group(
+                stores[0].group_event(created("a1")), stores[1].group_event(created("b1"))
+            )
+            assert len(result.event_group) == 2
+            assert len((await stores[1].get_events("b1")).events) == 1
+
+    async def test_a_large_group_is_one_statement(self, pg_schema: str) -> None:
+        """500 events over two tables are stored together."""
+        tables = [await make_table(pg_schema), await make_table(pg_schema)]
+        adapters = [
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=t) for t in tables
+        ]
+        try:
+            stores = [counter_store(a) for a in adapters]
+            grouped = [stores[i % 2].group_event(created(f"a{i}")) for i in range(500)]
+            await EventStore.push_event_group(*grouped)
+            listed = [len((await s.list_aggregate_ids()).aggregate_ids) for s in stores]
+            assert listed == [250, 250]
+        finally:
+            for adapter in adapters:
+                await adapter.aclose()
+
+
+class TestUuidTable:
+    """A table with uuid aggregate ids, as Castore creates by default."""
+
+    async def test_uuid_ids_round_trip_in_canonical_form(self, pg_schema: str) -> None:
+        """UUID ids are stored; an upper-case id reads back lower-case, like Castore (B83)."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            upper = str(uuid.uuid4()).upper()
+            await store.push_event(created(upper))
+            await store.push_event(incremented(upper.lower(), 2))
+            events = (await store.get_events(upper)).events
+            assert [e.aggregate_id for e in events] == [upper.lower()] * 2
+            with pytest.raises(EventAlreadyExistsError):
+                await store.push_event(created(upper.lower()))
+            listed = (await store.list_aggregate_ids()).aggregate_ids
+            assert [e.aggregate_id for e in listed] == [upper.lower()]
+
+    async def test_non_uuid_ids_are_refused_on_write_and_absent_on_read(
+        self, pg_schema: str
+    ) -> None:
+        """A non-UUID id cannot be pushed (clear error, nothing written) and reads as absent."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            with pytest.raises(EventLimitExceededError, match="uuid"):
+                await store.push_event(created("not-a-uuid"))
+            with pytest.raises(EventLimitExceededError, match="uuid"):
+                await EventStore.push_event_group(
+                    store.group_event(created(str(uuid.uuid4()))),
+                    store.group_event(created("not-a-uuid")),
+                )
+            assert (await store.get_events("not-a-uuid")).events == []
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+
+    async def test_paging_over_uuid_ids_with_equal_timestamps(self, pg_schema: str) -> None:
+        """Paging orders uuid ids like their text and visits each aggregate once."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        ts = datetime(2024, 1, 1, tzinfo=UTC)
+        ids = sorted(str(uuid.uuid4()) for _ in range(7))
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await EventStore.push_event_group(*(store.group_event(created(i, ts=ts)) for i in ids))
+            seen, token = [], None
+            while True:
+                page = await (
+                    store.list_aggregate_ids(limit=3)
+                    if token is None
+                    else store.list_aggregate_ids(page_token=token)
+                )
+                seen += [e.aggregate_id for e in page.aggregate_ids]
+                if (token := page.next_page_token) is None:
+                    break
+        assert seen == ids
