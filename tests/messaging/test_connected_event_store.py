@@ -96,7 +96,6 @@ class TestDelegation:
         """B54: id, event types, reducer, side effect, context, store and channel."""
         store = make_store()
         connected, _ = connect(NotificationMessageQueue, store)
-        assert isinstance(connected, EventStore)
         assert connected.event_store is store
         assert connected.message_channel.message_channel_id == "q"
         assert connected.event_store_id == "POKEMONS"
@@ -106,6 +105,7 @@ class TestDelegation:
         assert connected.context is store.context
         assert connected.get_event_storage_adapter() is store.event_storage_adapter
         assert "POKEMONS" in repr(connected)
+        assert isinstance(connected, EventStore)
 
     def test_storage_adapter_is_proxied_both_ways(self) -> None:
         """B54: setting the adapter on either side changes it for both."""

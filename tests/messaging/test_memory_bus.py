@@ -52,7 +52,9 @@ class TestInMemoryBusContract(MessageBusAdapterContract):
             await adapter.aclose()
 
 
-def notification(event_type: str = "POKEMON_CAUGHT", aggregate_id: str = "pikachu") -> Message:
+def notification(
+    event_type: str = "POKEMON_CAUGHT", aggregate_id: str = "pikachu"
+) -> NotificationMessage:
     event = (
         PokemonCaught(aggregate_id=aggregate_id, version=2, timestamp=T0)
         if event_type == "POKEMON_CAUGHT"

@@ -118,7 +118,7 @@ class TestInMemoryQueue:
         queue = make_queue()
         worker = Worker()
         adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
-        assert adapter.worker is worker
+        assert id(adapter.worker) == id(worker)
         await queue.publish_message(caught())
         await queue.publish_message(caught(), replay=True)
         await adapter.join()

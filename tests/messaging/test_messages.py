@@ -168,7 +168,7 @@ class TestMessageJson:
         )
         assert camel == snake
         with pytest.raises(ValidationError):
-            camel.aggregate_id = "b"  # type: ignore[misc]
+            camel.aggregate_id = "b"
 
     def test_a_key_of_another_message_kind_is_refused(self) -> None:
         """A notification with an aggregate key is not a notification: the key is refused."""
@@ -207,7 +207,7 @@ class TestTypeGuards:
         """B68: aggregateId → aggregate-exists; event → event-carrying; aggregate → state."""
         exists = {"eventStoreId": "S", "aggregateId": "a", "initialEventTimestamp": "x"}
         notification = {"eventStoreId": "S", "event": {}}
-        state = {"eventStoreId": "S", "event": {}, "aggregate": None}
+        state: dict[str, object] = {"eventStoreId": "S", "event": {}, "aggregate": None}
         table = [
             (exists, True, False, False, False),
             (notification, False, True, True, False),
