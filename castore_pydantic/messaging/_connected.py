@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from castore_pydantic._aggregate import AggregateT, EventT, Reducer
+from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore, OnEventPushed, SimulateSideEffect
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import (
@@ -100,7 +101,7 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
         return self._event_store.event_store_id
 
     @property
-    def event_types(self) -> tuple[type[Any], ...]:
+    def event_types(self) -> tuple[type[Event], ...]:
         """The wrapped store's event types."""
         return self._event_store.event_types
 

@@ -42,6 +42,15 @@ logger = logging.getLogger("castore_pydantic.messaging")
 MAX_DEAD_LETTERS = 10_000
 
 
+async def _let_handlers_start() -> None:
+    """Yield once, so that handlers just scheduled have started when a publish returns.
+
+    As in Castore, an idle worker has been called by the time ``publish_message`` resolves;
+    the publish still does not wait for handlers to finish.
+    """
+    await asyncio.sleep(0)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Delivery:
     message: Message
@@ -307,11 +316,13 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
         """Hand a message to the worker (dropped, with a warning, when there is none)."""
         self._push(_Delivery(message, 1, self.retry_policy.retry_attempts, replay))
+        await _let_handlers_start()
 
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
         """Hand several messages to the worker, in order."""
         for message in messages:
             self._push(_Delivery(message, 1, self.retry_policy.retry_attempts, replay))
+        await _let_handlers_start()
 
     def _push(self, delivery: _Delivery) -> None:
         if self._queue is None:
@@ -455,11 +466,13 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
         """Start delivering a message to every matching listener (without waiting for them)."""
         self._publish(message, replay)
+        await _let_handlers_start()
 
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
         """Start delivering several messages, in order."""
         for message in messages:
             self._publish(message, replay)
+        await _let_handlers_start()
 
     def _publish(self, message: Message, replay: bool) -> None:
         for listener in list(self._listeners.values()):

@@ -135,6 +135,7 @@ class TestInMemoryBus:
         adapter.on({"on_replay": True}, replaying)
         message = notification()
         await bus.publish_message(message, replay=True)
+        assert len(replaying.calls) == 1  # listeners have started when publishing returns
         await adapter.join()
         assert live.calls == []
         assert [context for _, context, _ in replaying.calls] == [MessageContext(1, 2, True)]

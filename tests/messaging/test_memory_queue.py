@@ -120,6 +120,7 @@ class TestInMemoryQueue:
         adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
         assert id(adapter.worker) == id(worker)
         await queue.publish_message(caught())
+        assert len(worker.calls) == 1  # an idle worker has started when publishing returns
         await queue.publish_message(caught(), replay=True)
         await adapter.join()
         assert [context for _, context, _ in worker.calls] == [
