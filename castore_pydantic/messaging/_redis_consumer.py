@@ -1,0 +1,512 @@
+"""The worker loop behind the Redis Streams adapters: read, handle, acknowledge, retry.
+
+One ``StreamConsumer`` serves one consumer group (a queue's workers, or one bus listener). Its
+loop reads entries with ``XREADGROUP``, hands each to the handler and acknowledges it with
+``XACK`` only afterwards. A failed entry is written to the group's delayed-retry sorted set
+and acknowledged in one Lua script (so the retry copy exists before the original is gone), or,
+once the retry budget is spent, written to the dead-letter stream and acknowledged in one
+``MULTI``. Entries left unacknowledged by a consumer that died are taken over with
+``XAUTOCLAIM`` once they have been idle for ``reclaim_idle_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from castore_pydantic.messaging._messages import (
+    Message,
+    MessageContext,
+    MessageHandler,
+    RetryPolicy,
+)
+
+__all__ = ["ConsumerOptions", "StreamConsumer", "Subscription", "ensure_group", "error_text"]
+
+logger = logging.getLogger("castore_pydantic.messaging.redis")
+
+#: ``(message, replay) -> handler``, or ``None`` when the message is not for this group.
+Route = Callable[[Message, bool], MessageHandler | None]
+#: Turns an entry's ``body`` into a validated message (the channel's ``parse_message``).
+Parse = Callable[[bytes], Message]
+
+#: Atomically: schedule the retry copy, then acknowledge (and drop) the failed entry.
+#: KEYS: delayed set, stream of the entry. ARGV: group, entry id, delay ms, member, "1" to XDEL.
+SCHEDULE_RETRY = """
+local now = redis.call('TIME')
+local due = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], due, ARGV[4])
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[5] == '1' then redis.call('XDEL', KEYS[2], ARGV[2]) end
+return due
+"""
+
+#: Atomically move due retries from the delayed set to the stream they are read from.
+#: KEYS: delayed set, target stream. ARGV: how many at most.
+#: Returns ``{moved, ms until the next retry is due or -1}``.
+PROMOTE_RETRIES = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
+local moved = 0
+for _, member in ipairs(due) do
+  local attempt, replay, body = string.match(member, '^(%d+) ([01]) %S+ (.*)$')
+  if attempt then
+    redis.call('XADD', KEYS[2], '*', 'body', body, 'replay', replay, 'attempt', attempt)
+    redis.call('ZREM', KEYS[1], member)
+    moved = moved + 1
+  end
+end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if head[2] then return {moved, math.max(0, tonumber(head[2]) - now_ms)} end
+return {moved, -1}
+"""
+
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 2.0
+_PROMOTE_BATCH = 500
+
+
+def error_text(error: BaseException) -> str:
+    """How an error is written into a dead letter: ``"ValueError: boom"``."""
+    return f"{type(error).__name__}: {error}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Subscription:
+    """One consumer group and the keys it works with.
+
+    Attributes:
+        group: The consumer group's name.
+        streams: The streams the group reads, the shared one first.
+        owned: Streams only this group reads: their entries are deleted once acknowledged.
+        start_ids: Where the group starts on each stream when it is created.
+        retry_stream: Where due retries are added again.
+        delayed: The sorted set of scheduled retries (score: due time in ms).
+        dead: The dead-letter stream.
+        listener_id: The bus listener (``None`` for a queue).
+    """
+
+    group: str
+    streams: tuple[str, ...]
+    owned: frozenset[str]
+    start_ids: tuple[str, ...]
+    retry_stream: str
+    delayed: str
+    dead: str
+    listener_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConsumerOptions:
+    """How a consumer reads and when it takes over other consumers' entries."""
+
+    prefetch_count: int
+    block_ms: int
+    reclaim_idle_ms: int
+    max_deliveries: int
+
+
+async def ensure_group(client: Redis, subscription: Subscription) -> None:
+    """Create the subscription's consumer groups (and streams) unless they exist."""
+    for stream, start_id in zip(subscription.streams, subscription.start_ids, strict=True):
+        try:
+            await client.xgroup_create(stream, subscription.group, id=start_id, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+# An entry as read: (stream, entry id, fields, delivery count when known).
+_Entry = tuple[bytes, bytes, Mapping[bytes, bytes], int | None]
+
+
+class StreamConsumer:
+    """Consumes one subscription until asked to stop (run it as a task)."""
+
+    def __init__(
+        self,
+        client: Redis,
+        subscription: Subscription,
+        *,
+        consumer_name: str,
+        parse: Parse,
+        route: Route,
+        retry_policy: RetryPolicy,
+        options: ConsumerOptions,
+    ) -> None:
+        self.client = client
+        self.subscription = subscription
+        self.consumer_name = consumer_name
+        self.parse = parse
+        self.route = route
+        self.retry_policy = retry_policy
+        self.options = options
+        self.task: asyncio.Task[None] | None = None
+        self._schedule_retry = client.register_script(SCHEDULE_RETRY)
+        self._promote = client.register_script(PROMOTE_RETRIES)
+        self._stopping = False
+        self._reading = False
+        self._wake = asyncio.Event()
+        self._cursors: dict[str, bytes] = {}
+        self._next_reclaim = 0.0
+        self._next_promote = 0.0
+
+    def __repr__(self) -> str:
+        return f"StreamConsumer(group={self.subscription.group!r}, name={self.consumer_name!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        """Start the loop in a task."""
+        self.task = asyncio.get_running_loop().create_task(
+            self.run(), name=f"castore-redis-consumer:{self.subscription.group}"
+        )
+        return self.task
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the handler in flight; interrupts a blocked read."""
+        self._stopping = True
+        self._wake.set()
+        if self._reading and self.task is not None:
+            self.task.cancel()
+
+    async def run(self) -> None:
+        """Read and handle entries until ``request_stop``; survive broker outages."""
+        backoff = _BACKOFF_MIN
+        ready = False
+        while not self._stopping:
+            try:
+                if not ready:
+                    await ensure_group(self.client, self.subscription)
+                    await self._recover_own_entries()
+                    ready = True
+                await self._maintain()
+                entries = await self._read()
+                if entries:
+                    await self._handle_batch(entries)
+                backoff = _BACKOFF_MIN
+            except ResponseError as exc:
+                # NOGROUP: the stream was deleted (purged) under us; create it again.
+                ready = False
+                logger.warning("Redis consumer %s: %s; retrying", self.consumer_name, exc)
+                await self._pause(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                logger.warning(
+                    "Redis consumer %s lost the broker (%s); retrying in %.2fs",
+                    self.consumer_name,
+                    exc,
+                    backoff,
+                )
+                await self._pause(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+        await self._release_own_entries()
+
+    async def _pause(self, seconds: float) -> None:
+        self._wake.clear()
+        if self._stopping:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _read(self) -> list[_Entry]:
+        if self._stopping:
+            return []
+        loop = asyncio.get_running_loop()
+        wait = min(self._next_reclaim, self._next_promote) - loop.time()
+        block = max(1, min(self.options.block_ms, int(wait * 1000)))
+        streams: dict[Any, Any] = dict.fromkeys(self.subscription.streams, ">")
+        self._reading = True
+        try:
+            reply: Any = await self.client.xreadgroup(
+                self.subscription.group,
+                self.consumer_name,
+                streams,
+                count=self.options.prefetch_count,
+                block=block,
+            )
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self._stopping or task is None:
+                raise
+            # Our own stop interrupted a blocked read: not a cancellation of the worker.
+            # Entries it may have taken stay pending and are released on the way out.
+            task.uncancel()
+            return []
+        finally:
+            self._reading = False
+        return [
+            (stream, entry_id, fields, None)
+            for stream, stream_entries in reply or ()
+            for entry_id, fields in stream_entries
+        ]
+
+    async def _recover_own_entries(self) -> None:
+        """Handle entries this consumer name took before and never acknowledged."""
+        for stream in self.subscription.streams:
+            while not self._stopping:
+                reply: Any = await self.client.xreadgroup(
+                    self.subscription.group,
+                    self.consumer_name,
+                    {stream: "0"},
+                    count=self.options.prefetch_count,
+                )
+                entries = [
+                    (key, entry_id, fields, None)
+                    for key, stream_entries in reply or ()
+                    for entry_id, fields in stream_entries
+                    if fields  # an entry deleted meanwhile comes back without fields
+                ]
+                if not entries:
+                    break
+                await self._handle_batch(entries)
+
+    async def _release_own_entries(self) -> None:
+        """On a clean stop, make entries taken but not handled free for others at once."""
+        for stream in self.subscription.streams:
+            try:
+                pending: Any = await self.client.xpending_range(
+                    stream,
+                    self.subscription.group,
+                    min="-",
+                    max="+",
+                    count=10_000,
+                    consumername=self.consumer_name,
+                )
+                ids: list[Any] = [row["message_id"] for row in pending]
+                if ids:
+                    # Delivery time 0: idle "forever", so the next XAUTOCLAIM takes them.
+                    await self.client.xclaim(
+                        stream,
+                        self.subscription.group,
+                        self.consumer_name,
+                        0,
+                        ids,
+                        time=0,
+                        justid=True,
+                    )
+            except RedisError as exc:
+                logger.warning(
+                    "Redis consumer %s could not release its pending entries (%s); others "
+                    "take them over after %d ms",
+                    self.consumer_name,
+                    exc,
+                    self.options.reclaim_idle_ms,
+                )
+                return
+
+    # -- maintenance: due retries and abandoned entries ------------------------------------------
+
+    async def _maintain(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now >= self._next_promote:
+            moved, wait_ms = await self._promote(
+                keys=[self.subscription.delayed, self.subscription.retry_stream],
+                args=[_PROMOTE_BATCH],
+            )
+            if moved >= _PROMOTE_BATCH:
+                wait_ms = 0
+            horizon = self.options.block_ms / 1000
+            self._next_promote = now + (horizon if wait_ms < 0 else min(wait_ms / 1000, horizon))
+        if now >= self._next_reclaim:
+            await self._reclaim()
+            self._next_reclaim = loop.time() + max(self.options.reclaim_idle_ms / 2000, 0.005)
+
+    async def _reclaim(self) -> None:
+        """Take over entries other consumers left unacknowledged for ``reclaim_idle_ms``."""
+        for stream in self.subscription.streams:
+            cursor = self._cursors.get(stream, b"0-0")
+            while not self._stopping:
+                reply: Any = await self.client.xautoclaim(
+                    stream,
+                    self.subscription.group,
+                    self.consumer_name,
+                    min_idle_time=self.options.reclaim_idle_ms,
+                    start_id=cursor,
+                    count=self.options.prefetch_count,
+                )
+                cursor = reply[0]
+                claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+                if claimed:
+                    counts = await self._delivery_counts(stream, claimed)
+                    await self._handle_batch(
+                        [
+                            (stream.encode(), entry_id, fields, counts.get(entry_id))
+                            for entry_id, fields in claimed
+                        ]
+                    )
+                if cursor in (b"0-0", "0-0"):
+                    break
+            self._cursors[stream] = cursor
+
+    async def _delivery_counts(
+        self, stream: str, claimed: Sequence[tuple[bytes, Any]]
+    ) -> dict[bytes, int]:
+        rows: Any = await self.client.xpending_range(
+            stream,
+            self.subscription.group,
+            min=claimed[0][0],
+            max=claimed[-1][0],
+            count=len(claimed),
+            consumername=self.consumer_name,
+        )
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    # -- handling ----------------------------------------------------------------------------
+
+    async def _handle_batch(self, entries: Sequence[_Entry]) -> None:
+        """Handle entries in order; acknowledge the handled ones together at the end.
+
+        A stop request lets the handler in flight finish; the entries not started yet stay
+        pending and are released by ``run``. A cancellation (a killed worker) acknowledges
+        nothing more: those entries are taken over by another consumer later.
+        """
+        done: dict[bytes, list[bytes]] = {}
+        for stream, entry_id, fields, delivered in entries:
+            if self._stopping:
+                break
+            if await self._handle_entry(stream, entry_id, fields, delivered):
+                done.setdefault(stream, []).append(entry_id)
+        if done:
+            await self._acknowledge(done)
+
+    async def _acknowledge(self, done: Mapping[bytes, list[bytes]]) -> None:
+        group = self.subscription.group
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in done.items():
+                pipe.xack(stream, group, *ids)
+                if stream.decode() in self.subscription.owned:
+                    pipe.xdel(stream, *ids)
+            await pipe.execute()
+
+    async def _handle_entry(
+        self,
+        stream: bytes,
+        entry_id: bytes,
+        fields: Mapping[bytes, bytes],
+        delivered: int | None,
+    ) -> bool:
+        """Handle one entry; return whether it is to be acknowledged with the batch."""
+        entry = _Delivery(stream, entry_id, fields)
+        if entry.body is None:
+            await self._dead_letter(entry, entry.attempt - 1, "entry has no 'body' field")
+            return False
+        try:
+            message = self.parse(entry.body)
+        except Exception as exc:  # a body no retry can fix: keep it aside at once
+            await self._dead_letter(entry, entry.attempt - 1, error_text(exc))
+            return False
+        handler = self.route(message, entry.replay)
+        if handler is None:
+            return True  # not for this listener: acknowledged without calling anyone
+        if delivered is not None and delivered > self.options.max_deliveries:
+            await self._dead_letter(
+                entry,
+                entry.attempt,
+                f"delivered {delivered} times and never acknowledged: the consumers that "
+                "took it stopped before finishing it",
+            )
+            return False
+        policy = self.retry_policy
+        context = MessageContext(
+            attempt=entry.attempt,
+            retry_attempts_left=max(policy.retry_attempts - entry.attempt + 1, 0),
+            replay=entry.replay,
+        )
+        try:
+            await handler(message, context)
+        except Exception as exc:
+            if entry.attempt <= policy.retry_attempts:
+                await self._retry_later(entry, exc)
+            else:
+                await self._dead_letter(entry, entry.attempt, error_text(exc), exc)
+            return False
+        return True
+
+    async def _retry_later(self, entry: _Delivery, error: Exception) -> None:
+        delay_ms = round(self.retry_policy.delay_for(entry.attempt) * 1000)
+        stream = entry.stream.decode()
+        # The member names where it came from, so a failure recorded twice (two consumers
+        # handling the same entry) schedules one retry; the script parses the other parts.
+        origin = self.subscription.streams.index(stream)
+        member = b"%d %d %d:%s %s" % (
+            entry.attempt + 1,
+            entry.replay,
+            origin,
+            entry.entry_id,
+            entry.body or b"",
+        )
+        owned = stream in self.subscription.owned
+        await self._schedule_retry(
+            keys=[self.subscription.delayed, stream],
+            args=[self.subscription.group, entry.entry_id, delay_ms, member, int(owned)],
+        )
+        self._next_promote = min(
+            self._next_promote, asyncio.get_running_loop().time() + delay_ms / 1000
+        )
+        logger.info(
+            "Redis consumer %s: attempt %d failed (%s); retrying in %d ms",
+            self.consumer_name,
+            entry.attempt,
+            error_text(error),
+            delay_ms,
+        )
+
+    async def _dead_letter(
+        self,
+        entry: _Delivery,
+        attempts: int,
+        text: str,
+        error: BaseException | None = None,
+    ) -> None:
+        body = entry.body or b""
+        letter: dict[Any, Any] = {
+            b"body": body,
+            b"replay": b"1" if entry.replay else b"0",
+            b"attempts": attempts,
+            b"error": text,
+        }
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.subscription.dead, letter)
+            pipe.xack(entry.stream, self.subscription.group, entry.entry_id)
+            if entry.stream.decode() in self.subscription.owned:
+                pipe.xdel(entry.stream, entry.entry_id)
+            await pipe.execute()
+        listener = self.subscription.listener_id
+        logger.error(
+            "Redis consumer %s gave up on a message after %d attempt(s)%s: %s; it is in "
+            "dead-letter stream %s; message: %s",
+            self.consumer_name,
+            attempts,
+            f" in listener {listener}" if listener else "",
+            text,
+            self.subscription.dead,
+            body.decode(errors="replace"),
+            exc_info=error,
+        )
+
+
+class _Delivery:
+    """One stream entry being handled, with its fields decoded."""
+
+    __slots__ = ("attempt", "body", "entry_id", "replay", "stream")
+
+    def __init__(self, stream: bytes, entry_id: bytes, fields: Mapping[bytes, bytes]) -> None:
+        self.stream = stream
+        self.entry_id = entry_id
+        self.body = fields.get(b"body")
+        self.replay = fields.get(b"replay") == b"1"
+        self.attempt = int(fields.get(b"attempt", b"1"))

@@ -1,0 +1,491 @@
+"""RedisMessageQueueAdapter against a real Redis: one stream, one consumer group of workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from castore_pydantic.errors import MessageBrokerUnavailableError
+from castore_pydantic.messaging import (
+    ConnectedEventStore,
+    DeadLetter,
+    MessageContext,
+    NotificationMessage,
+    NotificationMessageBus,
+    NotificationMessageQueue,
+)
+from castore_pydantic.messaging.redis import RedisMessageQueueAdapter
+from tests.domain import appeared, make_store
+from tests.messaging.redis_support import (
+    REDIS_URL,
+    Recorder,
+    closed_port,
+    connections_named,
+    notification,
+    private_prefix,
+    raw_client,
+    watch_dead_letters,
+)
+
+pytestmark = [pytest.mark.redis]
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    async with private_prefix() as value:
+        yield value
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Redis]:
+    client = raw_client()
+    yield client
+    await client.aclose()
+
+
+def make_queue(queue_id: str = "pokemons") -> NotificationMessageQueue:
+    return NotificationMessageQueue(message_queue_id=queue_id, source_event_stores=[make_store()])
+
+
+def attach(
+    queue: NotificationMessageQueue, prefix: str, **options: Any
+) -> RedisMessageQueueAdapter:
+    """An adapter with test-sized delays: short retries, quick reclaiming, short blocks."""
+    settings: dict[str, Any] = {
+        "retry_delay_in_ms": 10,
+        "reclaim_idle_ms": 300,
+        "block_ms": 50,
+        "key_prefix": prefix,
+        **options,
+    }
+    return RedisMessageQueueAdapter.attach_to(queue, REDIS_URL, **settings)
+
+
+class TestRedisMessageQueueAdapter:
+    async def test_delivery_guarantee_is_at_least_once(self, prefix: str) -> None:
+        """The adapter says it delivers at least once."""
+        adapter = attach(make_queue(), prefix)
+        assert adapter.delivery_guarantee == "at-least-once"
+
+    async def test_worker_receives_messages_with_their_context(self, prefix: str) -> None:
+        """The worker gets each message with attempt 1, the retry budget and its replay flag."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+        async with adapter, adapter.consuming():
+            await queue.publish_message(notification(1))
+            await queue.publish_message(notification(2), replay=True)
+            await recorder.wait_for(2)
+        assert recorder.messages == [notification(1), notification(2)]
+        assert [context for _, context in recorder.calls] == [
+            MessageContext(attempt=1, retry_attempts_left=2, replay=False),
+            MessageContext(attempt=1, retry_attempts_left=2, replay=True),
+        ]
+
+    async def test_stream_entry_body_is_castores_json_message(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """The entry's body is Castore's camelCase JSON; the replay flag sits beside it."""
+        queue = make_queue()
+        async with attach(queue, prefix) as adapter:
+            await queue.publish_message(notification(7), replay=True)
+            entries: Any = await raw.xrange(adapter.stream_key)
+        [(_, fields)] = entries
+        assert set(fields) == {b"body", b"replay"}
+        assert fields[b"replay"] == b"1"
+        assert json.loads(fields[b"body"]) == {
+            "eventStoreId": "POKEMONS",
+            "event": {
+                "aggregateId": "pokemon-7",
+                "version": 1,
+                "type": "POKEMON_APPEARED",
+                "timestamp": "2024-01-01T00:00:00.007Z",
+                "payload": {"name": "Pokemon 7", "level": 8},
+            },
+        }
+
+    async def test_one_worker_handles_messages_in_publish_order(self, prefix: str) -> None:
+        """A single worker receives the messages in the order they were published."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder, prefetch_count=7)
+        messages = [notification(index) for index in range(200)]
+        async with adapter:
+            await queue.publish_messages(messages[:100])
+            async with adapter.consuming():
+                await queue.publish_messages(messages[100:])
+                await recorder.wait_for(200)
+        assert recorder.messages == messages
+
+    async def test_messages_published_before_any_worker_are_kept(self, prefix: str) -> None:
+        """Messages published before the queue ever had a worker are handled once one starts."""
+        publisher_queue = make_queue()
+        publisher = attach(publisher_queue, prefix)  # never connected explicitly
+        await publisher_queue.publish_messages([notification(index) for index in range(3)])
+        await publisher.aclose()
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+        async with adapter, adapter.consuming():
+            await recorder.wait_for(3)
+        assert recorder.messages == [notification(index) for index in range(3)]
+
+    async def test_competing_workers_share_the_messages(self, prefix: str) -> None:
+        """Two workers on one queue split the messages; each message is handled by one of them."""
+        queue_a, queue_b = make_queue(), make_queue()
+        b_started = asyncio.Event()
+        handled: dict[str, list[Any]] = {"a": [], "b": []}
+
+        async def worker_a(message: Any, context: MessageContext) -> None:
+            handled["a"].append(message)
+            await b_started.wait()  # hold A's first message until B works too
+
+        async def worker_b(message: Any, context: MessageContext) -> None:
+            handled["b"].append(message)
+            b_started.set()
+
+        done = asyncio.Event()
+        messages = [notification(index) for index in range(300)]
+
+        async def counting(worker: Any) -> Any:
+            async def handle(message: Any, context: MessageContext) -> None:
+                await worker(message, context)
+                if len(handled["a"]) + len(handled["b"]) == len(messages):
+                    done.set()
+
+            return handle
+
+        adapter_a = attach(queue_a, prefix, worker=await counting(worker_a), prefetch_count=10)
+        adapter_b = attach(queue_b, prefix, worker=await counting(worker_b), prefetch_count=10)
+        async with adapter_a, adapter_b:
+            await queue_a.publish_messages(messages)
+            async with adapter_a.consuming(), adapter_b.consuming():
+                await asyncio.wait_for(done.wait(), 20)
+        assert handled["a"]
+        assert handled["b"]
+        assert sorted(handled["a"] + handled["b"], key=lambda m: m.event.aggregate_id) == sorted(
+            messages, key=lambda m: m.event.aggregate_id
+        )
+
+    async def test_handled_entries_are_acknowledged_and_deleted(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """Once handled, entries leave the pending list and the stream."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+        async with adapter:
+            async with adapter.consuming():
+                await queue.publish_messages([notification(index) for index in range(50)])
+                await recorder.wait_for(50)
+            pending: Any = await raw.xpending(adapter.stream_key, "workers")
+            assert pending["pending"] == 0
+            assert await raw.xlen(adapter.stream_key) == 0
+
+    async def test_stop_waits_for_the_handler_in_flight(self, prefix: str, raw: Redis) -> None:
+        """Stopping lets the running handler finish, then acknowledges its message."""
+        queue = make_queue()
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            started.set()
+            await release.wait()
+
+        adapter = attach(queue, prefix, worker=worker)
+        async with adapter:
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await asyncio.wait_for(started.wait(), 10)
+            stopping = asyncio.create_task(adapter.stop_consuming())
+            finished, _ = await asyncio.wait({stopping}, timeout=0.2)
+            assert not finished  # still waiting for the handler
+            release.set()
+            await stopping
+            pending: Any = await raw.xpending(adapter.stream_key, "workers")
+            assert pending["pending"] == 0
+
+    async def test_stop_releases_entries_read_but_not_started(self, prefix: str) -> None:
+        """Entries a stopped worker had read are taken over at once, not after the idle time."""
+        queue_a, queue_b = make_queue(), make_queue()
+        started, release = asyncio.Event(), asyncio.Event()
+        first = Recorder()
+
+        async def worker_a(message: Any, context: MessageContext) -> None:
+            await first(message, context)
+            started.set()
+            await release.wait()
+
+        adapter_a = attach(queue_a, prefix, worker=worker_a, prefetch_count=10)
+        messages = [notification(index) for index in range(10)]
+        async with adapter_a:
+            await queue_a.publish_messages(messages)
+            await adapter_a.start_consuming()
+            await asyncio.wait_for(started.wait(), 10)
+            stopping = asyncio.create_task(adapter_a.stop_consuming())
+            release.set()
+            await stopping
+        assert first.messages == messages[:1]
+        second = Recorder()
+        # A minute of idle time: only the release makes the 9 entries available now.
+        adapter_b = attach(queue_b, prefix, worker=second, reclaim_idle_ms=60_000)
+        async with adapter_b, adapter_b.consuming():
+            await second.wait_for(9)
+        assert second.messages == messages[1:]
+
+    async def test_failed_message_is_retried_with_backoff(self, prefix: str) -> None:
+        """A failing message is retried after delay * rate ** (attempt - 1), then succeeds."""
+        queue = make_queue()
+        recorder = Recorder(fail=lambda message, context: context.attempt < 3)
+        adapter = attach(queue, prefix, worker=recorder, retry_delay_in_ms=60, retry_backoff_rate=2)
+        with watch_dead_letters() as watch:
+            async with adapter:
+                async with adapter.consuming():
+                    await queue.publish_message(notification(1))
+                    await recorder.wait_for(3)
+                assert await adapter.dead_letters() == []
+        assert not watch.records
+        assert [context for _, context in recorder.calls] == [
+            MessageContext(attempt=1, retry_attempts_left=2, replay=False),
+            MessageContext(attempt=2, retry_attempts_left=1, replay=False),
+            MessageContext(attempt=3, retry_attempts_left=0, replay=False),
+        ]
+        first_gap = recorder.times[1] - recorder.times[0]
+        second_gap = recorder.times[2] - recorder.times[1]
+        assert first_gap >= 0.055
+        assert second_gap >= 0.115
+
+    async def test_retries_of_a_replay_keep_replay_true(self, prefix: str) -> None:
+        """A retried delivery of a replayed message is still marked as a replay."""
+        queue = make_queue()
+        recorder = Recorder(fail=lambda message, context: context.attempt == 1)
+        async with attach(queue, prefix, worker=recorder) as adapter, adapter.consuming():
+            await queue.publish_message(notification(1), replay=True)
+            await recorder.wait_for(2)
+        assert [context.replay for _, context in recorder.calls] == [True, True]
+
+    async def test_message_failing_every_attempt_is_dead_lettered(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """After its last retry a message goes to the dead-letter stream with error and attempts."""
+        queue = make_queue()
+        recorder = Recorder(fail=lambda message, context: True)
+        adapter = attach(queue, prefix, worker=recorder, retry_attempts=1)
+        with watch_dead_letters() as watch:
+            async with adapter:
+                async with adapter.consuming():
+                    await queue.publish_message(notification(1))
+                    await watch.wait_for(1)
+                letters = await adapter.dead_letters()
+            pending: Any = await raw.xpending(adapter.stream_key, "workers")
+        assert letters == [
+            DeadLetter(
+                message=notification(1),
+                error="ValueError: cannot handle pokemon-1 (attempt 2)",
+                attempts=2,
+                replay=False,
+                listener_id=None,
+            )
+        ]
+        assert len(recorder.calls) == 2
+        assert pending["pending"] == 0
+        assert "pokemon-1" in watch.records[0].getMessage()
+
+    async def test_republished_dead_letters_are_handled_again(self, prefix: str) -> None:
+        """Republishing puts dead letters back from attempt 1 and empties the dead-letter stream."""
+        queue = make_queue()
+        broken = True
+        recorder = Recorder(fail=lambda message, context: broken)
+        adapter = attach(queue, prefix, worker=recorder, retry_attempts=0)
+        with watch_dead_letters() as watch:
+            async with adapter:
+                async with adapter.consuming():
+                    await queue.publish_message(notification(1), replay=True)
+                    await watch.wait_for(1)
+                broken = False
+                assert await adapter.republish_dead_letters() == 1
+                assert await adapter.dead_letters() == []
+                async with adapter.consuming():
+                    await recorder.wait_for(2)
+        assert recorder.calls[1] == (
+            notification(1),
+            MessageContext(attempt=1, retry_attempts_left=0, replay=True),
+        )
+
+    async def test_unreadable_entries_are_dead_lettered_without_calling_the_worker(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """Entries that are not a valid message of the queue are set aside at once; others flow."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+        foreign = json.loads(notification(2).model_dump_json())
+        foreign["eventStoreId"] = "TRAINERS"
+        with watch_dead_letters() as watch:
+            async with adapter:
+                await raw.xadd(adapter.stream_key, {"body": b"not json"})
+                await raw.xadd(adapter.stream_key, {"body": json.dumps(foreign)})
+                await raw.xadd(adapter.stream_key, {"replay": b"0"})
+                await queue.publish_message(notification(3))
+                async with adapter.consuming():
+                    await recorder.wait_for(1)
+                    await watch.wait_for(3)
+                letters: Any = await raw.xrange(f"{adapter.stream_key}:dead-letters")
+                assert await adapter.dead_letters() == []  # unreadable: reported, not returned
+        assert recorder.messages == [notification(3)]
+        assert [fields[b"attempts"] for _, fields in letters] == [b"0", b"0", b"0"]
+        errors = [fields[b"error"].decode() for _, fields in letters]
+        assert errors[0].startswith("JSONDecodeError")
+        assert "TRAINERS" in errors[1]
+        assert errors[2] == "entry has no 'body' field"
+
+    async def test_entry_whose_consumers_keep_dying_is_dead_lettered(self, prefix: str) -> None:
+        """An entry taken over more than max_deliveries times is dead-lettered, not handled."""
+        kills = 0
+
+        async def fatal(message: Any, context: MessageContext) -> None:
+            nonlocal kills
+            kills += 1
+            killed.set()
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)  # the worker's task dies here, before acknowledging
+
+        with watch_dead_letters() as watch:
+            publisher = make_queue()
+            async with attach(publisher, prefix):
+                await publisher.publish_message(notification(1))
+            while not watch.records:
+                killed = asyncio.Event()
+                queue = make_queue()
+                adapter = attach(queue, prefix, worker=fatal, max_deliveries=2, reclaim_idle_ms=50)
+                async with adapter:
+                    async with adapter.consuming():
+                        waits = {
+                            asyncio.ensure_future(watch.wait_for(1)),
+                            asyncio.ensure_future(killed.wait()),
+                        }
+                        await asyncio.wait(waits, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+                        for wait in waits:
+                            wait.cancel()
+                    assert kills <= 2
+                    letters = await adapter.dead_letters()
+        assert kills == 2
+        assert [letter.message for letter in letters] == [notification(1)]
+        assert letters[0].error.startswith("delivered 3 times and never acknowledged")
+
+    async def test_consumer_survives_a_dropped_connection(self, prefix: str, raw: Redis) -> None:
+        """When Redis drops the worker's connections, it reconnects and keeps consuming."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder, name=f"survivor-{prefix[13:25]}")
+        async with adapter, adapter.consuming():
+            await queue.publish_message(notification(1))
+            await recorder.wait_for(1)
+            ids = await connections_named(raw, f"castore:{adapter.consumer_name}")
+            assert ids
+            for client_id in ids:
+                await raw.client_kill_filter(_id=client_id)
+            await queue.publish_messages([notification(2), notification(3)])
+            await recorder.wait_for(3)
+        assert recorder.messages == [notification(1), notification(2), notification(3)]
+
+    async def test_publishing_to_a_redis_that_is_down_raises_broker_unavailable(self) -> None:
+        """Publishing to an unreachable Redis raises MessageBrokerUnavailableError, no password."""
+        queue = make_queue()
+        adapter = RedisMessageQueueAdapter.attach_to(
+            queue, f"redis://:s3cret@127.0.0.1:{closed_port()}/0"
+        )
+        with pytest.raises(MessageBrokerUnavailableError) as single:
+            await queue.publish_message(notification(1))
+        with pytest.raises(MessageBrokerUnavailableError) as batch:
+            await queue.publish_messages([notification(1), notification(2)])
+        with pytest.raises(MessageBrokerUnavailableError):
+            await adapter.connect()
+        await adapter.aclose()
+        assert isinstance(single.value.__cause__, RedisConnectionError)
+        assert isinstance(batch.value.__cause__, RedisConnectionError)
+        for text in (str(single.value), str(batch.value), repr(adapter)):
+            assert "s3cret" not in text
+        assert "***" in repr(adapter)
+
+    async def test_connected_store_keeps_the_event_when_redis_is_down(self) -> None:
+        """With Redis down, a pushed event is stored and the broker error reaches the caller."""
+        store = make_store()
+        queue = NotificationMessageQueue(message_queue_id="pokemons", source_event_stores=[store])
+        RedisMessageQueueAdapter.attach_to(queue, f"redis://127.0.0.1:{closed_port()}/0")
+        connected = ConnectedEventStore(store, queue)
+        with pytest.raises(MessageBrokerUnavailableError):
+            await connected.push_event(appeared("pikachu"))
+        stored = (await store.get_events("pikachu")).events
+        assert [(event.aggregate_id, event.version) for event in stored] == [("pikachu", 1)]
+
+    async def test_connected_store_publishes_pushed_events(self, prefix: str) -> None:
+        """Events pushed through a connected store reach the worker as notifications."""
+        store = make_store()
+        queue = NotificationMessageQueue(message_queue_id="pokemons", source_event_stores=[store])
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+        connected = ConnectedEventStore(store, queue)
+        async with adapter, adapter.consuming():
+            pushed = await connected.push_event(appeared("pikachu"))
+            await recorder.wait_for(1)
+        assert recorder.messages == [
+            NotificationMessage(event_store_id="POKEMONS", event=pushed.event)
+        ]
+
+    async def test_consuming_without_a_worker_is_refused(self, prefix: str) -> None:
+        """Starting to consume a queue without a worker raises a clear error."""
+        adapter = attach(make_queue(), prefix)
+        with pytest.raises(RuntimeError, match="no worker"):
+            await adapter.start_consuming()
+        await adapter.aclose()
+
+    async def test_adapter_cannot_carry_a_bus(self) -> None:
+        """Attaching a queue adapter to a bus is refused."""
+        bus = NotificationMessageBus(message_bus_id="pokemons", source_event_stores=[make_store()])
+        with pytest.raises(TypeError, match="carries a message queue"):
+            RedisMessageQueueAdapter.attach_to(bus, REDIS_URL)
+
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [
+            ("prefetch_count", 0),
+            ("reclaim_idle_ms", -1),
+            ("max_deliveries", 0),
+            ("retry_attempts", -1),
+            ("retry_delay_in_ms", "soon"),
+        ],
+    )
+    def test_bad_options_are_refused(self, option: str, value: Any) -> None:
+        """Out-of-range options raise ValueError naming the option."""
+        with pytest.raises(ValueError, match=option):
+            RedisMessageQueueAdapter(REDIS_URL, **{option: value})
+
+    async def test_unattached_adapter_says_how_to_attach(self) -> None:
+        """Publishing through an adapter that knows no queue explains attach_to."""
+        adapter = RedisMessageQueueAdapter(REDIS_URL)
+        with pytest.raises(RuntimeError, match="attach_to"):
+            await adapter.publish_message(notification(1))
+
+    async def test_purge_deletes_every_key_of_the_queue(self, prefix: str, raw: Redis) -> None:
+        """purge removes the stream, retries and dead letters of the queue, nothing else."""
+        queue = make_queue()
+        recorder = Recorder(fail=lambda message, context: True)
+        adapter = attach(queue, prefix, worker=recorder, retry_attempts=0)
+        await raw.set(f"{prefix}unrelated", b"1")
+        with watch_dead_letters() as watch:
+            async with adapter:
+                async with adapter.consuming():
+                    await queue.publish_message(notification(1))
+                    await watch.wait_for(1)
+                await queue.publish_message(notification(2))
+                await adapter.purge()
+        keys = sorted([key async for key in raw.scan_iter(match=f"{prefix}*")])
+        assert keys == [f"{prefix}unrelated".encode()]
