@@ -273,7 +273,13 @@ class PostgresEventStorageAdapter:
             raise StorageError(f"{self!r} is closed")
         try:
             conn = await self._pool.getconn()
-        except (PoolTimeout, PoolClosed, psycopg.Error) as exc:
+        except PoolTimeout as exc:
+            error = self._error(exc, doing)
+            reason = await self._connect_failure()
+            if reason is not None:
+                error = StorageUnavailableError(f"{error} because connecting fails: {reason}")
+            raise error from self._cause(exc)
+        except (PoolClosed, psycopg.Error) as exc:
             raise self._error(exc, doing) from self._cause(exc)
         if not conn.autocommit:
             # Only a borrowed pool lends such connections; each write is one statement, so
@@ -285,6 +291,20 @@ class PostgresEventStorageAdapter:
                 raise
             self._switched.add(id(conn))
         return conn
+
+    async def _connect_failure(self) -> str | None:
+        """Why an owned pool fails to open connections (the pool itself only logs it)."""
+        if not self._owns_pool or not self._pool.get_stats().get("connections_errors", 0):
+            return None  # every connection busy, none broken
+        kwargs = dict(self._pool.kwargs) if isinstance(self._pool.kwargs, Mapping) else {}
+        kwargs.setdefault("connect_timeout", 5)
+        conninfo = self._pool.conninfo if isinstance(self._pool.conninfo, str) else ""
+        try:
+            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        except psycopg.Error as exc:
+            return self._redact(str(exc).strip())
+        await conn.close()
+        return None
 
     async def _release(self, conn: _AsyncConnection) -> None:
         if self._switched and id(conn) in self._switched:

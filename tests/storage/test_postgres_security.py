@@ -1,0 +1,291 @@
+"""The PostgreSQL adapter against hostile names and values, and its handling of passwords."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import pytest
+from psycopg import sql
+
+from castore_pydantic import Event, EventStore
+from castore_pydantic.errors import (
+    EventAlreadyExistsError,
+    EventLimitExceededError,
+    StorageError,
+    StorageUnavailableError,
+)
+from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
+from castore_pydantic.testing.contracts._storage import created
+from tests.services import POSTGRES_HOST, POSTGRES_PORT
+from tests.storage.postgres_support import DSN, counter_store, fetch, pg_schema
+
+__all__ = ["pg_schema"]  # the fixture is used by name
+
+pytestmark = pytest.mark.postgres
+
+HOSTILE = [
+    'event"; DROP TABLE canary; --',
+    "'; DROP TABLE canary; --",
+    'a"b',
+    "a'b",
+    "back\\slash",
+    "t%sx",
+    "t%%x",
+    "t%(name)s",
+    "$1",
+    "Ünïcode 表 😀",
+    "dotted.name",
+    "CamelCase",
+    " padded ",
+    "x" * 63,
+]
+
+
+class HostileTyped(Event):
+    """An event type whose name is an injection attempt."""
+
+    type: Literal["T'); DROP TABLE canary; --"] = "T'); DROP TABLE canary; --"
+
+
+@pytest.fixture
+async def canary(pg_schema: str) -> AsyncIterator[str]:
+    """A table with one row that every injection attempt must leave alone."""
+    qualified = sql.Identifier(pg_schema, "canary").as_string(None)
+    await fetch(f"CREATE TABLE IF NOT EXISTS {qualified} (v text); DELETE FROM {qualified}")
+    await fetch(f"INSERT INTO {qualified} VALUES ('alive')")
+    yield qualified
+    assert await fetch(f"SELECT v FROM {qualified}") == [("alive",)]
+
+
+class TestHostileNames:
+    """Table, schema, store, aggregate and type names are data, never SQL."""
+
+    @pytest.mark.parametrize("table_name", HOSTILE)
+    async def test_any_table_name_addresses_exactly_that_table(
+        self, pg_schema: str, canary: str, table_name: str
+    ) -> None:
+        """Each name creates, writes, reads, lists and conflicts on a table of that exact name."""
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name=table_name
+        ) as adapter:
+            await adapter.create_event_table()
+            store = counter_store(adapter)
+            pushed = await store.push_event(created("a1"))
+            await EventStore.push_event_group(store.group_event(created("a2")))
+            with pytest.raises(EventAlreadyExistsError):
+                await store.push_event(created("a1"))
+            with pytest.raises(EventAlreadyExistsError):
+                await EventStore.push_event_group(
+                    store.group_event(created("a3")), store.group_event(created("a2"))
+                )
+            assert (await store.get_events("a1")).events == [pushed.event]
+            listed = [e.aggregate_id for e in (await store.list_aggregate_ids()).aggregate_ids]
+            assert sorted(listed) == ["a1", "a2"]
+            tables = await fetch(
+                "SELECT relname::text FROM pg_class c JOIN pg_namespace n"
+                " ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'"
+                " AND relname::text = %s",
+                pg_schema,
+                table_name,
+            )
+            assert tables == [(table_name,)]
+            await adapter.drop_event_table()
+
+    @pytest.mark.parametrize("schema_suffix", ['"; DROP TABLE canary; --', "%s", "s'q"])
+    async def test_any_schema_name_is_quoted(
+        self, pg_schema: str, canary: str, schema_suffix: str
+    ) -> None:
+        """A hostile schema name is created and used as one identifier."""
+        schema = pg_schema + schema_suffix
+        try:
+            async with PostgresEventStorageAdapter(DSN, schema=schema) as adapter:
+                await adapter.create_event_table()
+                store = counter_store(adapter)
+                await store.push_event(created("a1"))
+                assert len((await store.get_events("a1")).events) == 1
+        finally:
+            await fetch(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                .format(sql.Identifier(schema))
+                .as_string(None)
+            )
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    async def test_store_and_aggregate_ids_are_bound_values(
+        self, pg_schema: str, canary: str, value: str
+    ) -> None:
+        """Hostile store and aggregate ids round-trip and stay isolated from other stores."""
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name="values_event"
+        ) as adapter:
+            await adapter.create_event_table()
+            store = counter_store(adapter, value)
+            await store.push_event(created(value))
+            await store.push_event(created("plain"))
+            assert [e.aggregate_id for e in (await store.get_events(value)).events] == [value]
+            listed = {e.aggregate_id for e in (await store.list_aggregate_ids()).aggregate_ids}
+            assert listed == {value, "plain"}
+            other = counter_store(adapter, value + "x")
+            assert (await other.get_events(value)).events == []
+
+    async def test_hostile_event_type_is_a_bound_value(self, pg_schema: str, canary: str) -> None:
+        """An event type name full of SQL is stored and read back as text."""
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name="values_event"
+        ) as adapter:
+            await adapter.create_event_table()
+            store: EventStore[object, HostileTyped] = EventStore(
+                event_store_id="HOSTILE_TYPES",
+                event_types=[HostileTyped],
+                reducer=lambda aggregate, event: aggregate,
+                event_storage_adapter=adapter,
+            )
+            await store.push_event(HostileTyped(aggregate_id="a1", version=1))
+            (event,) = (await store.get_events("a1")).events
+            assert event.type == "T'); DROP TABLE canary; --"
+
+    async def test_nul_and_surrogates_are_refused_before_writing(self, pg_schema: str) -> None:
+        """Values PostgreSQL text cannot hold are refused on write and absent on read."""
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name="values_event"
+        ) as adapter:
+            await adapter.create_event_table()
+            nul_store = counter_store(adapter, "NUL\x00STORE")
+            with pytest.raises(EventLimitExceededError, match="NUL"):
+                await nul_store.push_event(created("a1"))
+            with pytest.raises(EventLimitExceededError, match="NUL"):
+                await EventStore.push_event_group(nul_store.group_event(created("a1")))
+            assert (await nul_store.get_events("a1")).events == []
+            assert (await nul_store.list_aggregate_ids()).aggregate_ids == []
+            store = counter_store(adapter)
+            with pytest.raises(EventLimitExceededError):
+                await store.push_event(created("a\x00b"))
+            assert (await store.get_events("a\x00b")).events == []
+            assert (await store.get_events("\ud800")).events == []
+        rows = await fetch(
+            f'SELECT count(*) FROM "{pg_schema}".values_event WHERE aggregate_name = %s',
+            store.event_store_id,
+        )
+        assert rows == [(0,)]
+
+
+CANARY = "CANARY-7f3a"
+
+
+def _everything_said(error: BaseException, caplog: pytest.LogCaptureFixture) -> str:
+    """The error's formatted traceback (causes and contexts included) and every log line."""
+    formatted = "".join(traceback.format_exception(error))
+    chain, seen = [], error
+    while seen is not None:  # also what a traceback would hide with `from None`
+        chain.append(repr(seen) + str(seen))
+        seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+    logs = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+    return formatted + "\n".join(chain) + logs
+
+
+class TestPasswords:
+    """A connection string's password never shows in reprs, errors, tracebacks or logs."""
+
+    @pytest.fixture(autouse=True)
+    def _debug_logs(self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.DEBUG)
+
+    @pytest.mark.parametrize(
+        ("dsn", "kind"),
+        [
+            # trust authentication ignores passwords, so an unknown role fails the login
+            (
+                f"postgresql://castore_nobody:{CANARY}@{POSTGRES_HOST}:{POSTGRES_PORT}/test",
+                "role",
+            ),
+            (f"postgresql://postgres:{CANARY}@{POSTGRES_HOST}:1/test", "refused"),
+            (
+                f"host={POSTGRES_HOST} port={POSTGRES_PORT} user=postgres password={CANARY}"
+                " dbname=castore_no_such_db",
+                "database",
+            ),
+        ],
+    )
+    async def test_failed_connections_do_not_reveal_it(
+        self, caplog: pytest.LogCaptureFixture, dsn: str, kind: str
+    ) -> None:
+        """Login, refused-connection and missing-database failures are clean and explained."""
+        adapter = PostgresEventStorageAdapter(dsn, timeout=1.0)
+        assert CANARY not in repr(adapter) + str(adapter)
+        try:
+            with pytest.raises(StorageUnavailableError) as info:
+                await counter_store(adapter).push_event(created("a1"))
+        finally:
+            await adapter.aclose()
+        said = _everything_said(info.value, caplog)
+        assert CANARY not in said
+        assert {"role": "castore_nobody", "refused": "refused", "database": "castore_no_such"}[
+            kind
+        ] in str(info.value)
+
+    async def test_driver_errors_do_not_reveal_it(
+        self, pg_schema: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A database error (here a missing table) through a canary DSN stays clean."""
+        dsn = f"postgresql://postgres:{CANARY}@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+        async with PostgresEventStorageAdapter(
+            dsn, schema=pg_schema, table_name="no_such_table"
+        ) as adapter:
+            with pytest.raises(StorageError) as info:
+                await counter_store(adapter).get_events("a1")
+            store = counter_store(adapter)
+            assert CANARY not in repr(store) + repr(adapter)
+        assert CANARY not in _everything_said(info.value, caplog)
+
+    async def test_pool_exhaustion_does_not_reveal_it(
+        self, pg_schema: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Waiting in vain for a busy pool's connection is a clean, retriable error."""
+        dsn = f"postgresql://postgres:{CANARY}@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+        async with PostgresEventStorageAdapter(
+            dsn, schema=pg_schema, max_size=1, timeout=0.2
+        ) as adapter:
+            await adapter.create_event_table()
+            async with adapter.pool.connection():
+                with pytest.raises(
+                    StorageUnavailableError, match="no PostgreSQL connection"
+                ) as info:
+                    await counter_store(adapter).get_events("a1")
+            assert (await counter_store(adapter).get_events("a1")).events == []
+        assert CANARY not in _everything_said(info.value, caplog)
+
+    @pytest.mark.parametrize(
+        "dsn",
+        [
+            f"postgresql://u:{CANARY}%zz@localhost/db",
+            f"postgresql://u:{CANARY}@localhost/db?sslmode=bogus=1&&",
+            f"host=localhost password='{CANARY} port",
+        ],
+    )
+    def test_unparseable_connection_strings_do_not_reveal_it(self, dsn: str) -> None:
+        """A connection string libpq rejects raises ValueError without the password."""
+        with pytest.raises(ValueError, match="invalid PostgreSQL connection string") as info:
+            PostgresEventStorageAdapter(dsn)
+        assert CANARY not in "".join(traceback.format_exception(info.value))
+        assert info.value.__cause__ is None
+        assert info.value.__suppress_context__
+
+    async def test_password_given_as_a_keyword_is_hidden_too(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """connect_kwargs={"password": ...} is as secret as one in the string."""
+        adapter = PostgresEventStorageAdapter(
+            f"postgresql://castore_nobody@{POSTGRES_HOST}:{POSTGRES_PORT}/test",
+            connect_kwargs={"password": CANARY},
+            timeout=1.0,
+        )
+        try:
+            with pytest.raises(StorageUnavailableError) as info:
+                await counter_store(adapter).get_events("a1")
+        finally:
+            await adapter.aclose()
+        assert CANARY not in repr(adapter)
+        assert CANARY not in _everything_said(info.value, caplog)
