@@ -150,6 +150,9 @@ class _RedisStreamsAdapter:
         )
         self.message_channel: MessageChannel[Any] | None = None
         self._consumers: list[StreamConsumer] = []
+        self._consuming = False
+        # Listeners registered while consuming, whose consumer groups are being created.
+        self._joining: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         where = _redact(self._url) if self._url is not None else repr(self._client)
@@ -270,6 +273,11 @@ class _RedisStreamsAdapter:
     def _max_length(self) -> int | None:
         return None
 
+    async def _joined(self) -> None:
+        """Let listeners registered while consuming finish joining before publishing more."""
+        if self._joining:
+            await asyncio.wait(list(self._joining))
+
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
         """Append one message to the channel's stream.
 
@@ -284,6 +292,7 @@ class _RedisStreamsAdapter:
         """
         stream = self.stream_key
         fields = self._fields(message, replay)
+        await self._joined()
         try:
             await self._redis().xadd(stream, fields, maxlen=self._max_length())
         except RedisError as exc:
@@ -301,6 +310,7 @@ class _RedisStreamsAdapter:
         stream = self.stream_key
         batch = [self._fields(message, replay) for message in messages]
         max_length = self._max_length()
+        await self._joined()
         try:
             async with self._redis().pipeline(transaction=True) as pipe:
                 for fields in batch:
@@ -314,7 +324,7 @@ class _RedisStreamsAdapter:
     @property
     def consuming_now(self) -> bool:
         """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``)."""
-        return bool(self._consumers)
+        return self._consuming
 
     @asynccontextmanager
     async def consuming(self) -> AsyncIterator[Self]:
@@ -331,9 +341,10 @@ class _RedisStreamsAdapter:
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
-        if self._consumers:
+        if self._consuming:
             return
         await self.connect()
+        self._consuming = True
         for subscription in self._subscriptions():
             self._start_consumer(subscription)
 
@@ -359,6 +370,9 @@ class _RedisStreamsAdapter:
         Entries already read but not started stay pending and are released at once, so
         other consumers take them over without waiting for ``reclaim_idle_ms``.
         """
+        self._consuming = False
+        if self._joining:
+            await asyncio.wait(list(self._joining))
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             consumer.request_stop()
@@ -719,7 +733,7 @@ class RedisMessageBusAdapter(_RedisStreamsAdapter):
 
         Registering the same listener id again with the same handler adds the pattern (a
         message matching several is still handled once). Registered while consuming, the
-        listener starts at once.
+        listener starts at once: it receives what this adapter publishes from then on.
 
         Args:
             pattern: ``{"event_store_id": ..., "event_type": ..., "on_replay": ...}``, every
@@ -740,14 +754,27 @@ class RedisMessageBusAdapter(_RedisStreamsAdapter):
         listener = self._listeners.get(name)
         if listener is None:
             listener = self._listeners[name] = _Listener(name, handler)
-            if self._consumers:
-                self._start_consumer(self._subscription(listener))
+            if self._consuming:
+                task = asyncio.get_running_loop().create_task(
+                    self._join(self._subscription(listener))
+                )
+                self._joining.add(task)
+                task.add_done_callback(self._joining.discard)
         elif listener.handler is not handler:
             raise ValueError(
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="
             )
         listener.patterns.append(checked)
+
+    async def _join(self, subscription: Subscription) -> None:
+        """Create a late listener's consumer group, then start its consumer."""
+        try:
+            await ensure_group(self._redis(), subscription)
+        except RedisError as exc:  # its consumer keeps trying
+            logger.warning("could not create consumer group %s yet: %s", subscription.group, exc)
+        if self._consuming:
+            self._start_consumer(subscription)
 
     def _subscription(self, listener: _Listener) -> Subscription:
         stream = self.stream_key

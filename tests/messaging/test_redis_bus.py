@@ -1,0 +1,239 @@
+"""RedisMessageBusAdapter against a real Redis: one stream, one consumer group per listener."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from castore_pydantic.errors import MessageBrokerUnavailableError
+from castore_pydantic.messaging import (
+    MessageContext,
+    NotificationMessageBus,
+    NotificationMessageQueue,
+)
+from castore_pydantic.messaging.redis import RedisMessageBusAdapter
+from tests.domain import make_store
+from tests.messaging.redis_support import (
+    REDIS_URL,
+    Recorder,
+    caught,
+    closed_port,
+    notification,
+    private_prefix,
+    raw_client,
+)
+
+pytestmark = [pytest.mark.redis]
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    async with private_prefix() as value:
+        yield value
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Redis]:
+    client = raw_client()
+    yield client
+    await client.aclose()
+
+
+def make_bus(bus_id: str = "pokemons") -> NotificationMessageBus:
+    return NotificationMessageBus(message_bus_id=bus_id, source_event_stores=[make_store()])
+
+
+def attach(bus: NotificationMessageBus, prefix: str, **options: Any) -> RedisMessageBusAdapter:
+    """An adapter with test-sized delays: short retries, quick reclaiming, short blocks."""
+    settings: dict[str, Any] = {
+        "retry_delay_in_ms": 10,
+        "reclaim_idle_ms": 300,
+        "block_ms": 50,
+        "key_prefix": prefix,
+        **options,
+    }
+    return RedisMessageBusAdapter.attach_to(bus, REDIS_URL, **settings)
+
+
+async def group_pending(raw: Redis, stream: str, group: str) -> int:
+    """How many entries of ``stream`` the consumer group ``group`` has not acknowledged."""
+    summary: Any = await raw.xpending(stream, group)
+    return int(summary["pending"])
+
+
+class TestRedisMessageBusAdapter:
+    async def test_delivery_guarantee_is_at_least_once(self, prefix: str) -> None:
+        """The adapter says it delivers at least once."""
+        assert attach(make_bus(), prefix).delivery_guarantee == "at-least-once"
+
+    async def test_stream_entry_body_is_castores_json_message(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """The bus entry's body is Castore's camelCase JSON; the replay flag sits beside it."""
+        bus = make_bus()
+        async with attach(bus, prefix) as adapter:
+            await bus.publish_message(caught(3))
+            entries: Any = await raw.xrange(adapter.stream_key)
+        [(_, fields)] = entries
+        assert fields[b"replay"] == b"0"
+        assert json.loads(fields[b"body"]) == {
+            "eventStoreId": "POKEMONS",
+            "event": {
+                "aggregateId": "pokemon-3",
+                "version": 2,
+                "type": "POKEMON_CAUGHT",
+                "timestamp": "2024-01-01T00:00:00.003Z",
+            },
+        }
+
+    async def test_listener_ids_name_the_consumer_groups(self, prefix: str, raw: Redis) -> None:
+        """Each listener has a consumer group named after its id (default: the handler's name)."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+
+        async def on_pokemon(message: Any, context: MessageContext) -> None:
+            """A listener registered without an id."""
+
+        adapter.on({}, on_pokemon)
+        adapter.on({}, Recorder(), listener_id="projections")
+        async with adapter:
+            groups: Any = await raw.xinfo_groups(adapter.stream_key)
+        assert adapter.listener_ids == (on_pokemon.__qualname__, "projections")
+        assert sorted(group["name"].decode() for group in groups) == sorted(adapter.listener_ids)
+
+    async def test_non_matching_entries_are_acknowledged_without_calling(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """Entries a listener's patterns reject (and replays) are acknowledged, not handled."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        listener = Recorder()
+        adapter.on(
+            {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"},
+            listener,
+            listener_id="catches",
+        )
+        async with adapter:
+            async with adapter.consuming():
+                await bus.publish_messages([notification(1), notification(2)])
+                await bus.publish_message(caught(2), replay=True)
+                await bus.publish_message(caught(1))
+                await listener.wait_for(1)
+            assert await group_pending(raw, adapter.stream_key, "catches") == 0
+        assert listener.messages == [caught(1)]
+
+    async def test_listener_gets_what_was_published_while_no_consumer_ran(
+        self, prefix: str
+    ) -> None:
+        """Once a listener's group exists, messages published while nobody consumes wait for it."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        listener = Recorder()
+        adapter.on({}, listener, listener_id="late-starter")
+        async with adapter:  # creates the listener's group
+            await bus.publish_messages([notification(index) for index in range(5)])
+            async with adapter.consuming():
+                await listener.wait_for(5)
+        assert listener.messages == [notification(index) for index in range(5)]
+
+    async def test_new_listener_starts_with_messages_published_after_it(self, prefix: str) -> None:
+        """A listener registered later does not receive the bus's earlier messages."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        early, late = Recorder(), Recorder()
+        adapter.on({}, early, listener_id="early")
+        async with adapter, adapter.consuming():
+            await bus.publish_message(notification(1))
+            await early.wait_for(1)
+            adapter.on({}, late, listener_id="late")  # starts at once, while consuming
+            await bus.publish_message(notification(2))
+            await late.wait_for(1)
+            await early.wait_for(2)
+        assert late.messages == [notification(2)]
+        assert early.messages == [notification(1), notification(2)]
+
+    async def test_adapters_with_one_listener_id_share_its_messages(self, prefix: str) -> None:
+        """Two processes running listener "p" split its messages; listener "audit" gets all."""
+        bus_a, bus_b = make_bus(), make_bus()
+        adapter_a = attach(bus_a, prefix, prefetch_count=5)
+        adapter_b = attach(bus_b, prefix, prefetch_count=5)
+        handled: dict[str, list[Any]] = {"a": [], "b": []}
+        audit = Recorder()
+        b_started = asyncio.Event()
+        done = asyncio.Event()
+        messages = [notification(index) for index in range(100)]
+
+        def projection(name: str) -> Any:
+            async def project(message: Any, context: MessageContext) -> None:
+                handled[name].append(message)
+                if name == "b":
+                    b_started.set()
+                else:
+                    await b_started.wait()  # hold A until B has work too
+                if len(handled["a"]) + len(handled["b"]) == len(messages):
+                    done.set()
+
+            return project
+
+        adapter_a.on({}, projection("a"), listener_id="p")
+        adapter_b.on({}, projection("b"), listener_id="p")
+        adapter_a.on({}, audit, listener_id="audit")
+        async with adapter_a, adapter_b:
+            await bus_a.publish_messages(messages)
+            async with adapter_a.consuming(), adapter_b.consuming():
+                await asyncio.wait_for(done.wait(), 20)
+                await audit.wait_for(100)
+        assert handled["a"]
+        assert handled["b"]
+        assert sorted(handled["a"] + handled["b"], key=repr) == sorted(messages, key=repr)
+        assert audit.messages == messages
+
+    async def test_same_listener_id_for_another_handler_is_refused(self, prefix: str) -> None:
+        """A listener id names one handler; reusing it for another raises ValueError."""
+        adapter = attach(make_bus(), prefix)
+        adapter.on({}, Recorder(), listener_id="projection")
+        with pytest.raises(ValueError, match="already used by another handler"):
+            adapter.on({}, Recorder(), listener_id="projection")
+
+    async def test_bad_pattern_is_refused(self, prefix: str) -> None:
+        """A pattern with a camelCase key is refused before anything is registered."""
+        adapter = attach(make_bus(), prefix)
+        with pytest.raises(ValueError, match="unknown filter pattern key"):
+            adapter.on({"eventStoreId": "POKEMONS"}, Recorder(), listener_id="x")
+        assert adapter.listener_ids == ()
+
+    async def test_max_length_trims_the_bus_stream(self, prefix: str, raw: Redis) -> None:
+        """With max_length, publishing keeps the stream near that many entries."""
+        bus = make_bus()
+        async with attach(bus, prefix, max_length=10) as adapter:
+            for start in range(0, 1000, 100):
+                await bus.publish_messages(
+                    [notification(index) for index in range(start, start + 100)]
+                )
+            length = await raw.xlen(adapter.stream_key)
+        assert 10 <= length < 1000
+
+    async def test_publishing_to_a_redis_that_is_down_raises_broker_unavailable(self) -> None:
+        """Publishing on a bus whose Redis is unreachable raises MessageBrokerUnavailableError."""
+        bus = make_bus()
+        adapter = RedisMessageBusAdapter.attach_to(
+            bus, f"redis://user:hunter2@127.0.0.1:{closed_port()}/0"
+        )
+        with pytest.raises(MessageBrokerUnavailableError) as raised:
+            await bus.publish_message(notification(1))
+        await adapter.aclose()
+        assert isinstance(raised.value.__cause__, RedisConnectionError)
+        assert "hunter2" not in str(raised.value)
+        assert "hunter2" not in repr(adapter)
+
+    async def test_adapter_cannot_carry_a_queue(self) -> None:
+        """Attaching a bus adapter to a queue is refused."""
+        queue = NotificationMessageQueue(message_queue_id="q", source_event_stores=[make_store()])
+        with pytest.raises(TypeError, match="carries a message bus"):
+            RedisMessageBusAdapter.attach_to(queue, REDIS_URL)
