@@ -1,0 +1,503 @@
+"""SQLite adapter benchmark: EventStore + SQLiteEventStorageAdapter next to raw ``sqlite3``.
+
+Run ``python -m bench.bench_sqlite [--synchronous FULL] [--scale 0.2]``. Every workload runs
+twice in the same process on fresh database files with the same durability setting: once
+through the library (validation, EventStore, adapter) and once as raw ``sqlite3`` calls doing
+the same SQL work by hand. The ratio is library throughput / raw throughput.
+
+W1  5,000 new aggregates, then one more event each: 10,000 single appends, each its own
+    committed transaction with the version check (the unique key).
+W2  2,000 groups of two events on two aggregates, each one ``BEGIN IMMEDIATE`` transaction.
+W3  Read: fold one aggregate of 10,000 events; load 1,000 aggregates of 10 events one by one.
+    The raw floor fetches the rows without validation (tuples, JSON left as text), and a
+    second floor also decodes the payloads with ``json.loads``.
+W4  8 writers (tasks, one connection each) race read-then-append-with-retry on one aggregate
+    until 2,000 appends succeeded; each writer yields to the loop between read and append.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from castore_pydantic import Aggregate, Event, EventAlreadyExistsError, EventStore
+from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter, Synchronous
+
+# -- domain -----------------------------------------------------------------------------------
+
+
+class Opened(BaseModel):
+    owner: str
+    currency: str
+
+
+class Moved(BaseModel):
+    amount: int
+    reference: str
+
+
+class AccountOpened(Event):
+    type: Literal["ACCOUNT_OPENED"] = "ACCOUNT_OPENED"
+    payload: Opened
+
+
+class MoneyMoved(Event):
+    type: Literal["MONEY_MOVED"] = "MONEY_MOVED"
+    payload: Moved
+
+
+class Account(Aggregate):
+    owner: str
+    balance: int
+
+
+def reduce_account(account: Account | None, event: AccountOpened | MoneyMoved) -> Account:
+    if isinstance(event, AccountOpened):
+        return Account(
+            aggregate_id=event.aggregate_id,
+            version=event.version,
+            owner=event.payload.owner,
+            balance=0,
+        )
+    assert account is not None
+    return account.model_copy(
+        update={"version": event.version, "balance": account.balance + event.payload.amount}
+    )
+
+
+def make_store(
+    adapter: SQLiteEventStorageAdapter, store_id: str = "ACCOUNTS"
+) -> EventStore[Account, AccountOpened | MoneyMoved]:
+    return EventStore(
+        event_store_id=store_id,
+        event_types=[AccountOpened, MoneyMoved],
+        reducer=reduce_account,
+        event_storage_adapter=adapter,
+    )
+
+
+def opened(aggregate_id: str) -> AccountOpened:
+    return AccountOpened(
+        aggregate_id=aggregate_id,
+        version=1,
+        payload=Opened(owner=f"owner {aggregate_id}", currency="EUR"),
+    )
+
+
+def moved(aggregate_id: str, version: int) -> MoneyMoved:
+    return MoneyMoved(
+        aggregate_id=aggregate_id,
+        version=version,
+        payload=Moved(amount=version, reference=f"ref-{version}"),
+    )
+
+
+# -- raw sqlite3 -------------------------------------------------------------------------------
+
+RAW_INSERT = (
+    "INSERT INTO event (aggregate_name, aggregate_id, version, type, data, metadata, timestamp)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+RAW_SELECT = (
+    "SELECT aggregate_id, version, type, data, metadata, timestamp FROM event"
+    " WHERE aggregate_name = ? AND aggregate_id = ? ORDER BY version"
+)
+RAW_LAST = (
+    "SELECT version FROM event WHERE aggregate_name = ? AND aggregate_id = ?"
+    " ORDER BY version DESC LIMIT 1"
+)
+
+
+def raw_now() -> str:
+    now = datetime.now(UTC)
+    return now.isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+async def raw_connect(path: Path, synchronous: Synchronous) -> sqlite3.Connection:
+    # The adapter creates the schema: the raw side uses exactly the same table and indexes.
+    async with SQLiteEventStorageAdapter(path, synchronous=synchronous):
+        pass
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    label: str
+    count: int
+    seconds: float
+    latencies_ns: list[int]
+
+    @property
+    def rate(self) -> float:
+        return self.count / self.seconds
+
+    def line(self) -> str:
+        lat = sorted(self.latencies_ns)
+        p50 = statistics.median(lat) / 1000 if lat else float("nan")
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] / 1000 if lat else float("nan")
+        return (
+            f"  {self.label:<34} {self.rate:>12,.0f} events/s   p50 {p50:>9.1f} us"
+            f"   p99 {p99:>9.1f} us"
+        )
+
+
+def compare(ours: Result, *floors: Result) -> None:
+    print(ours.line())
+    for floor in floors:
+        print(floor.line())
+        print(f"  {'':<34} ratio ours/{floor.label}: {ours.rate / floor.rate:.2f}x")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.latencies: list[int] = []
+
+    @contextmanager
+    def op(self) -> Iterator[None]:
+        start = time.perf_counter_ns()
+        yield
+        self.latencies.append(time.perf_counter_ns() - start)
+
+
+async def timed_async(label: str, count: int, body: Callable[[Timer], Awaitable[None]]) -> Result:
+    timer = Timer()
+    start = time.perf_counter()
+    await body(timer)
+    return Result(label, count, time.perf_counter() - start, timer.latencies)
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+async def w1(tmp: Path, synchronous: Synchronous, n: int) -> None:
+    print(f"W1  {n:,} new aggregates then one more event each ({2 * n:,} single appends)")
+
+    async def ours(timer: Timer) -> None:
+        async with SQLiteEventStorageAdapter(tmp / "w1.db", synchronous=synchronous) as adapter:
+            store = make_store(adapter)
+            for i in range(n):
+                event = opened(f"acc-{i}")
+                with timer.op():
+                    await store.push_event(event)
+            for i in range(n):
+                more = moved(f"acc-{i}", 2)
+                with timer.op():
+                    await store.push_event(more)
+
+    conn = await raw_connect(tmp / "w1-raw.db", synchronous)
+
+    async def raw(timer: Timer) -> None:
+        for i in range(n):
+            aggregate_id = f"acc-{i}"
+            with timer.op():
+                conn.execute(
+                    RAW_INSERT,
+                    (
+                        "ACCOUNTS",
+                        aggregate_id,
+                        1,
+                        "ACCOUNT_OPENED",
+                        json.dumps({"owner": f"owner {aggregate_id}", "currency": "EUR"}),
+                        None,
+                        raw_now(),
+                    ),
+                )
+        for i in range(n):
+            with timer.op():
+                conn.execute(
+                    RAW_INSERT,
+                    (
+                        "ACCOUNTS",
+                        f"acc-{i}",
+                        2,
+                        "MONEY_MOVED",
+                        json.dumps({"amount": 2, "reference": "ref-2"}),
+                        None,
+                        raw_now(),
+                    ),
+                )
+
+    result_raw = await timed_async("raw sqlite3", 2 * n, raw)
+    conn.close()
+    result_ours = await timed_async("EventStore + adapter", 2 * n, ours)
+    compare(result_ours, result_raw)
+
+
+async def w2(tmp: Path, synchronous: Synchronous, n: int) -> None:
+    print(f"W2  {n:,} two-aggregate groups ({2 * n:,} events)")
+
+    async def ours(timer: Timer) -> None:
+        async with SQLiteEventStorageAdapter(tmp / "w2.db", synchronous=synchronous) as adapter:
+            accounts = make_store(adapter)
+            ledgers = make_store(adapter, "LEDGERS")
+            for i in range(n):
+                first = accounts.group_event(opened(f"acc-{i}"))
+                second = ledgers.group_event(opened(f"led-{i}"))
+                with timer.op():
+                    await EventStore.push_event_group(first, second)
+
+    conn = await raw_connect(tmp / "w2-raw.db", synchronous)
+
+    async def raw(timer: Timer) -> None:
+        for i in range(n):
+            with timer.op():
+                now = raw_now()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for store_id, aggregate_id in (
+                        ("ACCOUNTS", f"acc-{i}"),
+                        ("LEDGERS", f"led-{i}"),
+                    ):
+                        conn.execute(
+                            RAW_INSERT,
+                            (
+                                store_id,
+                                aggregate_id,
+                                1,
+                                "ACCOUNT_OPENED",
+                                json.dumps({"owner": f"owner {aggregate_id}", "currency": "EUR"}),
+                                None,
+                                now,
+                            ),
+                        )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+
+    result_raw = await timed_async("raw sqlite3", 2 * n, raw)
+    conn.close()
+    result_ours = await timed_async("EventStore + adapter", 2 * n, ours)
+    compare(result_ours, result_raw)
+
+
+async def w3(tmp: Path, synchronous: Synchronous, big: int, many: int, rounds: int) -> None:
+    path = tmp / "w3.db"
+    async with SQLiteEventStorageAdapter(path, synchronous=synchronous) as adapter:
+        store = make_store(adapter)
+        groups = [store.group_event(opened("big"))]
+        groups += [store.group_event(moved("big", v)) for v in range(2, big + 1)]
+        await EventStore.push_event_group(*groups)
+        for i in range(many):
+            await EventStore.push_event_group(
+                store.group_event(opened(f"acc-{i}")),
+                *(store.group_event(moved(f"acc-{i}", v)) for v in range(2, 11)),
+            )
+        conn = sqlite3.connect(path, isolation_level=None)
+
+        print(f"W3a fold one aggregate of {big:,} events ({rounds} rounds)")
+
+        async def fold(timer: Timer) -> None:
+            for _ in range(rounds):
+                with timer.op():
+                    result = await store.get_aggregate("big")
+                assert result.aggregate is not None
+                assert result.aggregate.version == big
+
+        async def read(timer: Timer) -> None:
+            for _ in range(rounds):
+                with timer.op():
+                    events = (await store.get_events("big")).events
+                assert len(events) == big
+
+        async def raw_rows(timer: Timer) -> None:
+            for _ in range(rounds):
+                with timer.op():
+                    rows = conn.execute(RAW_SELECT, ("ACCOUNTS", "big")).fetchall()
+                assert len(rows) == big
+
+        async def raw_decoded(timer: Timer) -> None:
+            for _ in range(rounds):
+                with timer.op():
+                    rows = [
+                        (r[0], r[1], r[2], json.loads(r[3]), r[4] and json.loads(r[4]), r[5])
+                        for r in conn.execute(RAW_SELECT, ("ACCOUNTS", "big"))
+                    ]
+                assert len(rows) == big
+
+        async def rows_then_parse(timer: Timer) -> None:
+            # The other read path the adapter could take: rows, then validate mappings.
+            for _ in range(rounds):
+                with timer.op():
+                    events = store.context.parse_events(
+                        {
+                            "aggregateId": r[0],
+                            "version": r[1],
+                            "type": r[2],
+                            "payload": None if r[3] is None else json.loads(r[3]),
+                            "metadata": None if r[4] is None else json.loads(r[4]),
+                            "timestamp": r[5],
+                        }
+                        for r in conn.execute(RAW_SELECT, ("ACCOUNTS", "big"))
+                    )
+                assert len(events) == big
+
+        floor_rows = await timed_async("raw rows", big * rounds, raw_rows)
+        floor_json = await timed_async("raw rows + json.loads", big * rounds, raw_decoded)
+        alternative = await timed_async("rows + parse_events", big * rounds, rows_then_parse)
+        ours_read = await timed_async("get_events (validated)", big * rounds, read)
+        ours_fold = await timed_async("get_aggregate (validated+fold)", big * rounds, fold)
+        compare(ours_read, floor_rows, floor_json, alternative)
+        compare(ours_fold, floor_rows, floor_json)
+
+        print(f"W3b load {many:,} aggregates of 10 events one by one")
+
+        async def load(timer: Timer) -> None:
+            for i in range(many):
+                with timer.op():
+                    result = await store.get_aggregate(f"acc-{i}")
+                assert result.aggregate is not None
+
+        async def load_raw(timer: Timer) -> None:
+            for i in range(many):
+                with timer.op():
+                    rows = conn.execute(RAW_SELECT, ("ACCOUNTS", f"acc-{i}")).fetchall()
+                assert len(rows) == 10
+
+        async def load_raw_json(timer: Timer) -> None:
+            for i in range(many):
+                with timer.op():
+                    rows = [
+                        (r[0], r[1], r[2], json.loads(r[3]), r[4] and json.loads(r[4]), r[5])
+                        for r in conn.execute(RAW_SELECT, ("ACCOUNTS", f"acc-{i}"))
+                    ]
+                assert len(rows) == 10
+
+        floor_rows = await timed_async("raw rows", 10 * many, load_raw)
+        floor_json = await timed_async("raw rows + json.loads", 10 * many, load_raw_json)
+        ours_load = await timed_async("get_aggregate (validated+fold)", 10 * many, load)
+        compare(ours_load, floor_rows, floor_json)
+        conn.close()
+
+
+async def w4(tmp: Path, synchronous: Synchronous, target: int, writers: int = 8) -> None:
+    print(f"W4  {writers} writers race read-then-append on one aggregate ({target:,} appends)")
+
+    async def ours(timer: Timer) -> None:
+        adapters = [
+            SQLiteEventStorageAdapter(tmp / "w4.db", synchronous=synchronous)
+            for _ in range(writers)
+        ]
+        stores = [make_store(a) for a in adapters]
+        await stores[0].push_event(opened("hot"))
+        done = 1
+        conflicts = 0
+
+        async def writer(store: EventStore[Account, AccountOpened | MoneyMoved]) -> None:
+            nonlocal done, conflicts
+            while done < target:
+                with timer.op():
+                    while True:
+                        last = (await store.get_events("hot", reverse=True, limit=1)).events
+                        await asyncio.sleep(0)
+                        try:
+                            await store.push_event(moved("hot", last[0].version + 1))
+                            break
+                        except EventAlreadyExistsError:
+                            conflicts += 1
+                done += 1
+
+        await asyncio.gather(*(writer(s) for s in stores))
+        for adapter in adapters:
+            await adapter.aclose()
+        print(f"  (library: {conflicts:,} conflicts retried)")
+
+    await raw_connect(tmp / "w4-raw.db", synchronous)
+
+    async def raw(timer: Timer) -> None:
+        conns = [
+            sqlite3.connect(tmp / "w4-raw.db", isolation_level=None, timeout=5)
+            for _ in range(writers)
+        ]
+        for conn in conns:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conns[0].execute(
+            RAW_INSERT,
+            (
+                "ACCOUNTS",
+                "hot",
+                1,
+                "ACCOUNT_OPENED",
+                json.dumps({"owner": "o", "currency": "EUR"}),
+                None,
+                raw_now(),
+            ),
+        )
+        done = 1
+        conflicts = 0
+
+        async def writer(conn: sqlite3.Connection) -> None:
+            nonlocal done, conflicts
+            while done < target:
+                with timer.op():
+                    while True:
+                        (version,) = conn.execute(RAW_LAST, ("ACCOUNTS", "hot")).fetchone()
+                        await asyncio.sleep(0)
+                        try:
+                            conn.execute(
+                                RAW_INSERT,
+                                (
+                                    "ACCOUNTS",
+                                    "hot",
+                                    version + 1,
+                                    "MONEY_MOVED",
+                                    json.dumps({"amount": version + 1, "reference": "r"}),
+                                    None,
+                                    raw_now(),
+                                ),
+                            )
+                            break
+                        except sqlite3.IntegrityError:
+                            conflicts += 1
+                done += 1
+
+        await asyncio.gather(*(writer(c) for c in conns))
+        for conn in conns:
+            conn.close()
+        print(f"  (raw: {conflicts:,} conflicts retried)")
+
+    result_raw = await timed_async("raw sqlite3", target, raw)
+    result_ours = await timed_async("EventStore + adapter", target, ours)
+    compare(result_ours, result_raw)
+
+
+async def main(synchronous: Synchronous, scale: float) -> None:
+    print(f"SQLite {sqlite3.sqlite_version}, synchronous={synchronous}, scale={scale}")
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        await w1(tmp, synchronous, int(5000 * scale))
+        await w2(tmp, synchronous, int(2000 * scale))
+        await w3(tmp, synchronous, int(10_000 * scale), int(1000 * scale), rounds=5)
+        await w4(tmp, synchronous, int(2000 * scale))
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply workload sizes")
+    args = parser.parse_args(argv)
+    synchronous: Synchronous = "FULL" if args.synchronous == "FULL" else "NORMAL"
+    asyncio.run(main(synchronous, args.scale))
+
+
+if __name__ == "__main__":
+    cli()
