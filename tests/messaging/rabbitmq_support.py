@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -33,19 +33,21 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
-@contextlib.asynccontextmanager
-async def private_vhost() -> AsyncIterator[str]:
-    """Create a vhost only this test uses (guest may do anything there); delete it after."""
+@contextlib.contextmanager
+def private_vhost() -> Iterator[str]:
+    """Create a vhost only these tests use (guest may do anything there); delete it after.
+
+    Synchronous, so a module-scoped fixture can share one vhost between tests (each test
+    uses its own queue names and purges them).
+    """
     require_rabbitmq()
     name = f"castore_test_{secrets.token_hex(6)}"
-    await asyncio.to_thread(_rabbitmqctl, "add_vhost", name)
+    _rabbitmqctl("add_vhost", name)
     try:
-        await asyncio.to_thread(
-            _rabbitmqctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"
-        )
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
         yield name
     finally:
-        await asyncio.to_thread(_rabbitmqctl, "delete_vhost", name)
+        _rabbitmqctl("delete_vhost", name)
 
 
 class TcpProxy:

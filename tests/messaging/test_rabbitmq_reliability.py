@@ -10,7 +10,7 @@ import asyncio
 import socket
 import traceback
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -47,9 +47,9 @@ KILL_EVERY = 20  # 5 % of the messages are in a consumer's hands when it is kill
 WORKERS = 2
 
 
-@pytest.fixture
-async def vhost() -> AsyncIterator[str]:
-    async with private_vhost() as name:
+@pytest.fixture(scope="module")
+def vhost() -> Iterator[str]:
+    with private_vhost() as name:
         yield name
 
 

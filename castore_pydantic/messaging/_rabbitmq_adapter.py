@@ -1,0 +1,673 @@
+"""What the RabbitMQ queue and bus adapters share: connections, publishing, consumers, retries.
+
+Imported only through ``castore_pydantic.messaging.rabbitmq``, which checks that aio-pika is
+installed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar, NoReturn, Self
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from yarl import URL
+
+from castore_pydantic.errors import MessagingError
+from castore_pydantic.messaging._channels import MessageChannel
+from castore_pydantic.messaging._messages import (
+    DeadLetter,
+    DeliveryGuarantee,
+    Message,
+    MessageContext,
+    RetryPolicy,
+    matches,
+)
+from castore_pydantic.messaging._rabbitmq_wire import (
+    ATTEMPT_HEADER,
+    ATTEMPTS_HEADER,
+    BROKER_ERRORS,
+    ERROR_HEADER,
+    REPLAY_HEADER,
+    Subscription,
+    amqp_message,
+    attempt_of,
+    check_name,
+    describe,
+    name_part,
+    raise_broker_error,
+)
+
+__all__ = ["RabbitMQAdapter"]
+
+logger = logging.getLogger("castore_pydantic.messaging")
+
+
+class RabbitMQAdapter:
+    """Base of ``RabbitMQMessageQueueAdapter`` and ``RabbitMQMessageBusAdapter``.
+
+    Publishing uses its own connection, opened on first use and again after it dropped.
+    Consumers use another connection, watched by a task that reconnects them when it drops.
+    """
+
+    _channel_type: ClassVar[str]  # "queue" or "bus"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        retry_attempts: int = 2,
+        retry_delay_in_ms: float = 30000,
+        retry_backoff_rate: float = 2,
+        prefetch_count: int = 32,
+        name: str | None = None,
+        name_prefix: str = "castore.",
+        reconnect_delay: float = 1.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self._retry_policy = RetryPolicy(
+            retry_attempts=retry_attempts,
+            retry_delay_in_ms=retry_delay_in_ms,
+            retry_backoff_rate=retry_backoff_rate,
+        )
+        if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
+            raise TypeError(f"prefetch_count must be an int, got {prefetch_count!r}")
+        if not 1 <= prefetch_count <= 65535:
+            raise ValueError(f"Invalid prefetch_count, choose 1 to 65535 (got {prefetch_count})")
+        for option, value in (
+            ("reconnect_delay", reconnect_delay),
+            ("connect_timeout", connect_timeout),
+        ):
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Invalid {option}, please select a positive number.")
+        self._url = URL(url)
+        if self._url.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"a RabbitMQ URL starts with amqp:// or amqps://, got {self.url!r}")
+        if name_prefix:
+            check_name("queue", name_prefix)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.name_prefix = name_prefix
+        self.prefetch_count = prefetch_count
+        self.reconnect_delay = float(reconnect_delay)
+        self.connect_timeout = float(connect_timeout)
+        self.message_channel: MessageChannel[Any] | None = None
+        self._publish_lock = asyncio.Lock()
+        self._publisher: tuple[AbstractConnection, AbstractChannel] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._consumer_connection: AbstractConnection | None = None
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._connection_lost = asyncio.Event()
+        self._stopping = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __repr__(self) -> str:
+        channel = self.message_channel
+        target = "unattached" if channel is None else repr(channel)
+        return f"{type(self).__name__}({self.url!r}, {target})"
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The broker URL, with the password masked."""
+        url = self._url.with_password("***") if self._url.password else self._url
+        return str(url)
+
+    @property
+    def delivery_guarantee(self) -> DeliveryGuarantee:
+        """``"at-least-once"``: a published message is never lost, but may be handled twice."""
+        return "at-least-once"
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """How failed messages are retried before they are dead-lettered."""
+        return self._retry_policy
+
+    @property
+    def is_consuming(self) -> bool:
+        """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``)."""
+        return self._supervisor is not None
+
+    def _require_channel(self) -> MessageChannel[Any]:
+        if self.message_channel is None:
+            raise RuntimeError(
+                f"attach {type(self).__name__} to a channel with "
+                f"{type(self).__name__}.attach_to(channel, url) first: it names the broker's "
+                "queues after the channel and validates messages with it"
+            )
+        return self.message_channel
+
+    def _base_name(self, kind: str) -> str:
+        """``<prefix><queue|bus>.<channel id>``: the queue or exchange of the channel."""
+        channel_id = name_part(self._require_channel().message_channel_id)
+        return check_name(kind, f"{self.name_prefix}{self._channel_type}.{channel_id}")
+
+    def _retry_delays_ms(self) -> list[int]:
+        """The distinct retry delays, in ms (0 means: straight back to the queue)."""
+        policy = self._retry_policy
+        return sorted(
+            {
+                round(policy.delay_for(attempt) * 1000)
+                for attempt in range(1, policy.retry_attempts + 1)
+            }
+        )
+
+    # -- provided by the queue and bus adapters --------------------------------------------
+
+    def _subscriptions(self, *, consuming: bool) -> list[Subscription]:
+        """What is consumed; with ``consuming``, raise if a handler is missing."""
+        raise NotImplementedError
+
+    async def _declare_publishing(self, channel: AbstractChannel) -> None:
+        """Declare what publishing needs."""
+        raise NotImplementedError
+
+    async def _publish(
+        self, channel: AbstractChannel, messages: Sequence[Message], *, replay: bool
+    ) -> None:
+        """Publish messages on the publishing channel."""
+        raise NotImplementedError
+
+    async def _delete_exchanges(self, channel: AbstractChannel) -> None:
+        """Delete the adapter's exchanges (the bus has one)."""
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _fail(self, error: BaseException) -> NoReturn:
+        raise_broker_error(self.url, error)
+
+    async def _connect(self, role: str) -> AbstractConnection:
+        try:
+            return await aio_pika.connect(
+                self._url,
+                timeout=self.connect_timeout,
+                client_properties={"connection_name": f"castore {role} {self.name}"},
+            )
+        except BROKER_ERRORS as error:
+            self._fail(error)
+
+    async def connect(self) -> None:
+        """Connect for publishing and declare the exchanges and queues publishing needs.
+
+        Publishing connects on first use too; connecting first surfaces a bad URL early and
+        makes sure the queue exists before anything is published.
+
+        Raises:
+            MessageBrokerUnavailableError: The broker cannot be reached.
+            MessagingError: The broker refused the credentials or a declaration.
+            RuntimeError: The adapter is not attached to a channel.
+        """
+        await self._publishing_channel()
+
+    async def _publishing_channel(self) -> AbstractChannel:
+        publisher = self._publisher
+        if publisher is not None and not publisher[1].is_closed:
+            return publisher[1]
+        self._require_channel()
+        async with self._publish_lock:
+            publisher = self._publisher
+            if publisher is not None and not publisher[1].is_closed:
+                return publisher[1]
+            await self._close_publisher()
+            connection = await self._connect("publisher")
+            try:
+                channel = await connection.channel(publisher_confirms=True)
+                await self._declare_publishing(channel)
+            except BROKER_ERRORS as error:
+                await _close_quietly(connection)
+                self._fail(error)
+            except BaseException:
+                await _close_quietly(connection)
+                raise
+            self._publisher = (connection, channel)
+            return channel
+
+    async def _close_publisher(self) -> None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await _close_quietly(publisher[0])
+
+    async def aclose(self) -> None:
+        """Stop consuming (waiting for running handlers) and close every connection.
+
+        Safe to call more than once; publishing afterwards connects again.
+        """
+        await self.stop_consuming()
+        await self._close_publisher()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- publishing ------------------------------------------------------------------------
+
+    async def publish_message(self, message: Message, *, replay: bool = False) -> None:
+        """Publish one message and wait for the broker's confirmation.
+
+        Args:
+            message: The message (channels validate it before calling the adapter).
+            replay: Mark it as a replay of history (sent in the ``replay`` header).
+
+        Raises:
+            MessageBrokerUnavailableError: The broker cannot be reached, or the connection
+                dropped before the confirmation (the message may or may not be stored).
+            MessagingError: The broker refused the message.
+        """
+        await self.publish_messages([message], replay=replay)
+
+    async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
+        """Publish messages in order, pipelined, and wait until the broker confirmed them all.
+
+        Raises:
+            MessageBrokerUnavailableError: The broker cannot be reached, or the connection
+                dropped before every confirmation arrived (some may be stored).
+            MessagingError: The broker refused a message.
+        """
+        if not messages:
+            return
+        channel = await self._publishing_channel()
+        try:
+            await self._publish(channel, messages, replay=replay)
+        except BROKER_ERRORS as error:
+            self._fail(error)
+
+    @staticmethod
+    async def _publish_all(
+        exchange: AbstractExchange, bodies: Sequence[tuple[bytes, str]], *, replay: bool
+    ) -> None:
+        """Publish ``(body, routing key)`` pairs pipelined; raise the first failure."""
+        headers = {REPLAY_HEADER: replay}
+        if len(bodies) == 1:
+            body, key = bodies[0]
+            await exchange.publish(amqp_message(body, headers), key, mandatory=False)
+            return
+        results = await asyncio.gather(
+            *(
+                exchange.publish(amqp_message(body, headers), key, mandatory=False)
+                for body, key in bodies
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    # -- consuming -------------------------------------------------------------------------
+
+    async def start_consuming(self) -> None:
+        """Start consumers in the background; return once they are registered.
+
+        Handlers run concurrently, up to ``prefetch_count`` at a time per queue. If the
+        connection drops, consumers reconnect by themselves after ``reconnect_delay`` (with
+        back-off); messages that were not acknowledged are delivered again.
+
+        Raises:
+            RuntimeError: Already consuming, no handler, or no channel attached.
+            MessageBrokerUnavailableError: The broker cannot be reached.
+        """
+        if self._supervisor is not None:
+            raise RuntimeError(f"{self!r} is already consuming")
+        self._require_channel()
+        subscriptions = self._subscriptions(consuming=True)
+        self._stopping = False
+        await self._open_consumers(subscriptions)
+        self._supervisor = asyncio.create_task(self._supervise(subscriptions))
+
+    async def _open_consumers(self, subscriptions: list[Subscription]) -> None:
+        connection = await self._connect("consumer")
+        consumers: list[tuple[AbstractQueue, str]] = []
+        try:
+            for subscription in subscriptions:
+                channel = await connection.channel(publisher_confirms=True)
+                await channel.set_qos(prefetch_count=self.prefetch_count)
+                queue = await self._declare_subscription(channel, subscription)
+
+                async def on_message(
+                    incoming: AbstractIncomingMessage,
+                    subscription: Subscription = subscription,
+                    channel: AbstractChannel = channel,
+                ) -> None:
+                    await self._on_message(subscription, channel, incoming)
+
+                consumers.append((queue, await queue.consume(on_message)))
+        except BROKER_ERRORS as error:
+            await _close_quietly(connection)
+            self._fail(error)
+        except BaseException:
+            await _close_quietly(connection)
+            raise
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
+        self._connection_lost = lost
+        self._consumer_connection = connection
+        self._consumers = consumers
+
+    async def _supervise(self, subscriptions: list[Subscription]) -> None:
+        """Reconnect consumers whenever their connection drops, until stopped."""
+        while True:
+            await self._connection_lost.wait()
+            if self._stopping:
+                return
+            logger.warning("%r lost its RabbitMQ connection; reconnecting", self)
+            delay = self.reconnect_delay
+            while not self._stopping:
+                await asyncio.sleep(delay)  # back off between reconnection attempts
+                try:
+                    await self._open_consumers(subscriptions)
+                except MessagingError as error:
+                    logger.warning("%r could not reconnect: %s", self, error)
+                    delay = min(max(delay, 0.05) * 2, 30.0)
+                else:
+                    logger.info("%r reconnected to RabbitMQ", self)
+                    break
+
+    async def stop_consuming(self, *, grace_period: float | None = None) -> None:
+        """Stop consumers cleanly: no new deliveries, wait for running handlers, then close.
+
+        Messages received but not handled yet are left unacknowledged, so the broker hands
+        them to another consumer. Safe to call when not consuming.
+
+        Args:
+            grace_period: Seconds to wait for running handlers; then their channels close,
+                cancelling them, and their messages are delivered again. ``None`` waits.
+        """
+        supervisor = self._supervisor
+        if supervisor is None:
+            return
+        self._stopping = True
+        try:
+            for queue, consumer_tag in self._consumers:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await queue.cancel(consumer_tag)
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace_period)
+            except TimeoutError:
+                logger.warning(
+                    "%r stopped with %d handler(s) still running; their messages will be "
+                    "delivered again",
+                    self,
+                    self._in_flight,
+                )
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            connection, self._consumer_connection = self._consumer_connection, None
+            if connection is not None:
+                await _close_quietly(connection)
+            self._consumers = []
+            self._supervisor = None
+
+    @contextlib.asynccontextmanager
+    async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:
+        """Consume while the ``async with`` block runs; leaving it stops cleanly.
+
+        Args:
+            grace_period: Passed to ``stop_consuming(grace_period=...)``.
+        """
+        await self.start_consuming()
+        try:
+            yield self
+        finally:
+            await self.stop_consuming(grace_period=grace_period)
+
+    async def _on_message(
+        self,
+        subscription: Subscription,
+        channel: AbstractChannel,
+        incoming: AbstractIncomingMessage,
+    ) -> None:
+        if self._stopping:
+            return  # left unacknowledged: the broker redelivers it once the channel closes
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._handle(subscription, channel, incoming)
+        except asyncio.CancelledError:
+            # The handler's task was cancelled (its channel is closing, or someone else did):
+            # give the message back now rather than when the channel closes.
+            if not channel.is_closed:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await asyncio.shield(incoming.nack(requeue=True))
+            raise
+        except BROKER_ERRORS as error:
+            # The link died while handling: the broker redelivers what was not acknowledged.
+            logger.info("%r could not settle a message (%s); it will be redelivered", self, error)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _handle(
+        self,
+        subscription: Subscription,
+        channel: AbstractChannel,
+        incoming: AbstractIncomingMessage,
+    ) -> None:
+        headers = incoming.headers or {}
+        replay = headers.get(REPLAY_HEADER) is True
+        attempt = attempt_of(headers)
+        try:
+            message = self._require_channel().parse_message(incoming.body)
+        except Exception as error:
+            # Retrying cannot fix a body that does not validate: dead-letter it at once.
+            await self._dead_letter(subscription, channel, incoming.body, replay, attempt, error)
+            await incoming.ack()
+            return
+        if subscription.patterns and not any(
+            matches(pattern, message, replay) for pattern in subscription.patterns
+        ):
+            await incoming.ack()  # only a binding left from an earlier run routes it here
+            return
+        handler = subscription.handler()
+        if handler is None:
+            raise RuntimeError(f"{self!r} has no handler")  # start_consuming checks it
+        retries_left = max(self._retry_policy.retry_attempts - attempt + 1, 0)
+        context = MessageContext(attempt=attempt, retry_attempts_left=retries_left, replay=replay)
+        try:
+            await handler(message, context)
+        except Exception as error:
+            if retries_left > 0:
+                await self._retry(subscription, channel, incoming.body, replay, attempt, error)
+            else:
+                await self._dead_letter(
+                    subscription, channel, incoming.body, replay, attempt, error
+                )
+        await incoming.ack()
+
+    async def _retry(  # noqa: PLR0917 - one private call site
+        self,
+        subscription: Subscription,
+        channel: AbstractChannel,
+        body: bytes,
+        replay: bool,
+        attempt: int,
+        error: Exception,
+    ) -> None:
+        """Hand a failed message to the retry queue of its delay (it comes back after it)."""
+        delay_ms = round(self._retry_policy.delay_for(attempt) * 1000)
+        target = subscription.retry_queue(delay_ms) if delay_ms > 0 else subscription.queue
+        headers = {REPLAY_HEADER: replay, ATTEMPT_HEADER: attempt + 1}
+        await channel.default_exchange.publish(amqp_message(body, headers), target, mandatory=False)
+        logger.warning(
+            "%r: handler failed on attempt %d (%s); retrying in %d ms",
+            self,
+            attempt,
+            describe(error),
+            delay_ms,
+        )
+
+    async def _dead_letter(  # noqa: PLR0917 - one private call site
+        self,
+        subscription: Subscription,
+        channel: AbstractChannel,
+        body: bytes,
+        replay: bool,
+        attempt: int,
+        error: Exception,
+    ) -> None:
+        """Keep a message whose retries are spent in the dead-letter queue, with its error."""
+        description = describe(error)
+        headers = {REPLAY_HEADER: replay, ERROR_HEADER: description, ATTEMPTS_HEADER: attempt}
+        await channel.default_exchange.publish(
+            amqp_message(body, headers), subscription.dead_letter_queue, mandatory=False
+        )
+        logger.error(
+            "%r: message dead-lettered to %s after %d attempt(s): %s; body: %s",
+            self,
+            subscription.dead_letter_queue,
+            attempt,
+            description,
+            body[:1000].decode(errors="replace"),
+            extra={"castore_dead_letter_queue": subscription.dead_letter_queue},
+        )
+
+    # -- topology --------------------------------------------------------------------------
+
+    async def _declare_subscription(
+        self, channel: AbstractChannel, subscription: Subscription
+    ) -> AbstractQueue:
+        """Declare a consumed queue, its retry queues and its dead-letter queue."""
+        queue = await channel.declare_queue(subscription.queue, durable=True)
+        await channel.declare_queue(subscription.dead_letter_queue, durable=True)
+        for delay_ms in self._retry_delays_ms():
+            if delay_ms > 0:
+                await channel.declare_queue(
+                    subscription.retry_queue(delay_ms),
+                    durable=True,
+                    arguments={
+                        "x-message-ttl": delay_ms,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": subscription.queue,
+                    },
+                )
+        return queue
+
+    @contextlib.asynccontextmanager
+    async def _admin_channel(self) -> AsyncIterator[AbstractChannel]:
+        """A short-lived channel on the publishing connection, for dead letters and purge."""
+        await self._publishing_channel()
+        assert self._publisher is not None
+        try:
+            channel = await self._publisher[0].channel(publisher_confirms=True)
+        except BROKER_ERRORS as error:
+            self._fail(error)
+        try:
+            yield channel
+        except BROKER_ERRORS as error:
+            self._fail(error)
+        finally:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await channel.close()
+
+    # -- dead letters ----------------------------------------------------------------------
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """The messages kept in the dead-letter queue(s), oldest first; they stay there.
+
+        A body that no longer validates is left out (and logged); inspect it with any AMQP
+        tool in ``<queue>.dead``.
+
+        Raises:
+            MessageBrokerUnavailableError: The broker cannot be reached.
+        """
+        message_channel = self._require_channel()
+        letters: list[DeadLetter] = []
+        for subscription in self._subscriptions(consuming=False):
+            # Read without acknowledging; closing the channel puts them all back, in order.
+            async with self._admin_channel() as channel:
+                queue = await channel.declare_queue(subscription.dead_letter_queue, durable=True)
+                while (incoming := await queue.get(no_ack=False, fail=False)) is not None:
+                    headers = incoming.headers or {}
+                    try:
+                        message = message_channel.parse_message(incoming.body)
+                    except Exception as error:  # reported, not raised: the others still count
+                        logger.warning(
+                            "%r: a dead letter in %s does not validate: %s",
+                            self,
+                            subscription.dead_letter_queue,
+                            describe(error),
+                        )
+                        continue
+                    attempts = headers.get(ATTEMPTS_HEADER, 1)
+                    letters.append(
+                        DeadLetter(
+                            message=message,
+                            error=str(headers.get(ERROR_HEADER, "")),
+                            attempts=attempts if isinstance(attempts, int) else 1,
+                            replay=headers.get(REPLAY_HEADER) is True,
+                            listener_id=subscription.listener_id,
+                        )
+                    )
+        return letters
+
+    async def republish_dead_letters(self) -> int:
+        """Send every dead letter back for processing (from attempt 1) and remove it.
+
+        Bus dead letters go back to the listener that failed, not to the others. Letters
+        dead-lettered again while this runs stay for the next call.
+
+        Returns:
+            How many messages were sent back.
+
+        Raises:
+            MessageBrokerUnavailableError: The broker cannot be reached (letters not sent
+                back yet stay in the dead-letter queue).
+        """
+        count = 0
+        for subscription in self._subscriptions(consuming=False):
+            async with self._admin_channel() as channel:
+                await channel.declare_queue(subscription.queue, durable=True)
+                queue = await channel.declare_queue(subscription.dead_letter_queue, durable=True)
+                for _ in range(queue.declaration_result.message_count or 0):
+                    incoming = await queue.get(no_ack=False, fail=False)
+                    if incoming is None:
+                        break
+                    replay = (incoming.headers or {}).get(REPLAY_HEADER) is True
+                    await channel.default_exchange.publish(
+                        amqp_message(incoming.body, {REPLAY_HEADER: replay}),
+                        subscription.queue,
+                        mandatory=False,
+                    )
+                    await incoming.ack()  # only once the copy is confirmed
+                    count += 1
+        return count
+
+    async def purge(self) -> None:
+        """Delete every queue and exchange this adapter declares, with their messages.
+
+        Meant for tests and teardown; stops consuming first.
+
+        Raises:
+            MessageBrokerUnavailableError: The broker cannot be reached.
+        """
+        await self.stop_consuming()
+        async with self._admin_channel() as channel:
+            for subscription in self._subscriptions(consuming=False):
+                retry_queues = [
+                    subscription.retry_queue(ms) for ms in self._retry_delays_ms() if ms > 0
+                ]
+                for queue in (subscription.queue, subscription.dead_letter_queue, *retry_queues):
+                    await channel.queue_delete(queue, if_unused=False, if_empty=False)
+            await self._delete_exchanges(channel)
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    with contextlib.suppress(*BROKER_ERRORS):
+        await connection.close()
