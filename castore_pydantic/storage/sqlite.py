@@ -63,6 +63,8 @@ _FIRST_DELAY: Final = 0.0005
 _MAX_DELAY: Final = 0.02
 #: Longest stretch of back-to-back operations before an adapter call yields to the loop.
 _MAX_LOOP_HOLD: Final = 0.01
+#: A pause between two calls this long means the loop ran other work in between.
+_IDLE_GAP: Final = 0.001
 _MAX_INTEGER: Final = 2**63 - 1
 
 
@@ -133,7 +135,7 @@ class SQLiteEventStorageAdapter:
         self._conn: sqlite3.Connection | None = None
         self._ready_tables: set[str] = set()
         self._closed = False
-        self._last_yield = time.monotonic()
+        self._last_yield = self._last_end = time.monotonic()
 
     def __repr__(self) -> str:
         return f"SQLiteEventStorageAdapter({self._database!r}, table_name={self._table!r})"
@@ -211,9 +213,11 @@ class SQLiteEventStorageAdapter:
     async def _run(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run a synchronous operation under the lock, retrying while the database is busy."""
         now = time.monotonic()
-        if now - self._last_yield > _MAX_LOOP_HOLD:
-            # Back-to-back calls complete without suspending: let other tasks run now and
-            # then, before this operation has started anything.
+        if now - self._last_end > _IDLE_GAP:
+            self._last_yield = now  # the loop had its turn since this adapter's last call
+        elif now - self._last_yield > _MAX_LOOP_HOLD:
+            # Back-to-back calls complete without suspending: in a long burst, let other
+            # tasks run now and then, before this operation has started anything.
             self._last_yield = now
             await asyncio.sleep(0)
         deadline = None
@@ -222,9 +226,12 @@ class SQLiteEventStorageAdapter:
         while True:
             if self._lock.acquire(blocking=False):
                 try:
-                    return operation(*args, **kwargs)
+                    result = operation(*args, **kwargs)
                 except _BusyError as busy:
                     cause = busy.__cause__
+                else:
+                    self._last_end = time.monotonic()
+                    return result
                 finally:
                     self._lock.release()
             now = time.monotonic()

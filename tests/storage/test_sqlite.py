@@ -517,6 +517,34 @@ class TestCancellationUnderContention:
                     assert task.cancelled() == (counts == {0})
 
 
+class TestEventLoop:
+    async def test_a_long_burst_of_calls_lets_other_tasks_run(self, adapter: Any) -> None:
+        """Back-to-back pushes that never wait still yield to the loop now and then."""
+        store = log_store(adapter)
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        started = ticks
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        count = 0
+        while loop.time() - begin < 0.1:
+            count += 1
+            await store.push_event(note(f"burst-{count}", 1))
+        during = ticks - started
+        stop.set()
+        await task
+        assert during >= 3, (during, count)
+
+
 class TestThreads:
     def test_adapters_in_several_threads_append_without_loss(self, db: Path) -> None:
         """Four threads, each with its own loop and adapter, race appends; none is lost."""
