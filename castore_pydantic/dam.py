@@ -9,8 +9,10 @@ the inclusive range.
 chronological order. Ties are broken deterministically by the store's position in the list
 given, then the aggregate id (code point order), then the version. They read the stores as a
 merge of per-aggregate streams: aggregates are listed page by page in order of their initial
-event, and each aggregate's events are fetched in small chunks only when it is its turn, so
-memory holds a bounded number of events however large the stores are. This assumes, as
+event, and each aggregate's events are fetched in small chunks only when it is its turn.
+Memory holds at most about 10,000 events plus one per aggregate whose events are being
+poured, however large the stores are (fetches shrink to one event as that budget fills, which
+costs more queries when very many aggregates interleave). This assumes, as
 Castore does, that an aggregate's timestamps do not go down as its versions go up (what
 ``push_event`` produces); otherwise its events are still poured in version order, each when
 its predecessors have been poured.

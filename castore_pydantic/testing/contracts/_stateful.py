@@ -183,7 +183,9 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
 
     Override :meth:`make_adapter` (or use :func:`make_adapter_state_machine`). The machine
     owns an event loop for its whole run: rules are synchronous and drive the adapter with
-    ``loop.run_until_complete``; ``teardown`` closes the adapter and then the loop.
+    ``loop.run_until_complete``; ``teardown`` closes the adapter and then the loop. Run it
+    from a synchronous test (its ``TestCase``, or ``run_state_machine_as_test`` in a plain
+    ``def`` test), not from inside a running event loop.
 
     What is checked, on two event stores sharing the adapter (so isolation by event store id
     is checked on every read): pushed and grouped events come back exactly (types, payloads,
