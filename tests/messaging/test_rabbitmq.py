@@ -6,15 +6,19 @@ what it declared.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aio_pika
 import pytest
 
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
+    ConnectedEventStore,
     MessageChannel,
     MessageContext,
     NotificationMessage,
@@ -36,8 +40,10 @@ from castore_pydantic.testing.contracts import (
 from tests.messaging.rabbitmq_support import (
     T0,
     Appeared,
+    DeadLetterWatch,
     PokemonAppeared,
     PokemonCaught,
+    notification,
     pokemon_store,
     private_vhost,
     vhost_url,
@@ -309,3 +315,307 @@ class TestConstruction:
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
         assert "pip install 'castore-pydantic[rabbitmq]'" in result.stdout
+
+
+# -- against the broker ------------------------------------------------------------------------
+
+
+class Inbox:
+    """A handler that collects messages and lets a test await a number of them."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+        self.contexts: list[MessageContext] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, message: Any, context: MessageContext) -> None:
+        self.messages.append(message)
+        self.contexts.append(context)
+        self._changed.set()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(20):
+            while len(self.messages) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def _queue_depth(url: str, queue: str) -> int:
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+EXPECTED_WIRE = {
+    "eventStoreId": "POKEMONS",
+    "event": {
+        "aggregateId": "pokemon-0",
+        "version": 1,
+        "timestamp": "2024-01-01T00:00:00.000Z",
+        "type": "POKEMON_APPEARED",
+        "payload": {"name": "Pikachu 0", "level": 1},
+    },
+}
+
+
+@pytest.mark.rabbitmq
+class TestWireFormat:
+    """What the adapters publish is Castore's JSON, readable by any AMQP client."""
+
+    async def test_queue_body_is_castore_json(self, vhost: str) -> None:
+        """A raw aio-pika consumer reads exactly Castore's message; replay is a header."""
+        queue = NotificationMessageQueue(
+            message_queue_id="wire", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost))
+        async with adapter:
+            await queue.publish_message(notification(0), replay=True)
+            async with await aio_pika.connect(vhost_url(vhost)) as connection:
+                channel = await connection.channel()
+                raw = await channel.declare_queue(adapter.queue_name, passive=True)
+                incoming = await raw.get(no_ack=True)
+            await adapter.purge()
+        assert json.loads(incoming.body) == EXPECTED_WIRE
+        assert incoming.body == json.dumps(EXPECTED_WIRE, separators=(",", ":")).encode()
+        assert incoming.headers == {"replay": True}
+        assert incoming.content_type == "application/json"
+        assert incoming.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+
+    async def test_bus_body_is_castore_json_and_routing_key_is_readable(self, vhost: str) -> None:
+        """A raw queue bound to the bus exchange reads Castore's JSON and the routing key."""
+        bus = NotificationMessageBus(message_bus_id="wire", source_event_stores=[pokemon_store()])
+        adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        async with adapter, await aio_pika.connect(vhost_url(vhost)) as connection:
+            channel = await connection.channel()
+            raw = await channel.declare_queue(exclusive=True)
+            await raw.bind(adapter.exchange_name, "#")
+            await bus.publish_message(notification(0))
+            async with asyncio.timeout(10):
+                incoming = await anext(aiter(raw.iterator(no_ack=True)))
+            await adapter.purge()
+        assert json.loads(incoming.body) == EXPECTED_WIRE
+        assert incoming.routing_key == "live.POKEMONS.POKEMON_APPEARED"
+        assert incoming.headers == {"replay": False}
+
+
+@pytest.mark.rabbitmq
+class TestBrokerRouting:
+    """The broker filters bus messages exactly, even with dots and wildcards in ids."""
+
+    async def test_tricky_store_ids_route_exactly(self, vhost: str) -> None:
+        """Each listener's queue receives exactly the messages its patterns match."""
+        stores = [pokemon_store(store_id) for store_id in ("PO", "PO.KE", "*", "#")]
+        bus = NotificationMessageBus(message_bus_id="tricky", source_event_stores=stores)
+        adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        inboxes = {
+            "po": ({"event_store_id": "PO"}, Inbox()),
+            "star": ({"event_store_id": "*"}, Inbox()),
+            "poke-caught": ({"event_store_id": "PO.KE", "event_type": "POKEMON_CAUGHT"}, Inbox()),
+            "hash-replays": ({"event_store_id": "#", "on_replay": True}, Inbox()),
+        }
+        for listener_id, (pattern, inbox) in inboxes.items():
+            adapter.on(pattern, inbox, listener_id=listener_id)
+        messages = [
+            notification(index, event_store_id=store.event_store_id)
+            for store in stores
+            for index in (0, 1)
+        ]
+        expected = {
+            "po": [m for m in messages if m.event_store_id == "PO"],
+            "star": [m for m in messages if m.event_store_id == "*"],
+            "poke-caught": [messages[3]],
+            "hash-replays": [m for m in messages if m.event_store_id == "#"] * 2,
+        }
+        async with adapter, adapter.consuming():
+            await bus.publish_messages(messages)
+            await bus.publish_messages(messages, replay=True)
+            for listener_id, (_, inbox) in inboxes.items():
+                await inbox.wait_for(len(expected[listener_id]))
+        for listener_id, (_, inbox) in inboxes.items():
+            assert sorted(inbox.messages, key=repr) == sorted(expected[listener_id], key=repr)
+            # Everything routed to the listener was consumed: nothing else is waiting.
+            depth = await _queue_depth(vhost_url(vhost), adapter.listener_queue(listener_id))
+            assert depth == 0
+        assert [c.replay for c in inboxes["hash-replays"][1].contexts].count(True) == 2
+        await adapter.purge()
+
+    async def test_a_binding_left_from_an_earlier_run_delivers_nothing(self, vhost: str) -> None:
+        """A listener whose patterns changed ignores what an old binding still routes to it."""
+        stores = [pokemon_store("POKEMONS"), pokemon_store("OTHERS")]
+        bus = NotificationMessageBus(message_bus_id="stale", source_event_stores=stores)
+        before = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        before.on({"event_store_id": "OTHERS"}, Inbox(), listener_id="projection")
+        async with before:  # declares the listener's queue, bound to OTHERS
+            pass
+        inbox = Inbox()
+        after = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        after.on({"event_store_id": "POKEMONS"}, inbox, listener_id="projection")
+        stale, wanted = notification(0, event_store_id="OTHERS"), notification(1)
+        async with after, after.consuming():
+            await bus.publish_messages([stale, wanted])
+            await inbox.wait_for(1)
+        assert inbox.messages == [wanted]
+        assert await _queue_depth(vhost_url(vhost), after.listener_queue("projection")) == 0
+        await after.purge()
+
+
+@pytest.mark.rabbitmq
+class TestWorkers:
+    """Consumers run concurrently up to prefetch_count and stop cleanly."""
+
+    async def test_handlers_run_concurrently_up_to_prefetch_count(self, vhost: str) -> None:
+        """With prefetch_count=3, three handlers run at once, never four."""
+        queue = NotificationMessageQueue(
+            message_queue_id="prefetch", source_event_stores=[pokemon_store()]
+        )
+        running, peak, done = 0, 0, 0
+        three_running, all_done = asyncio.Event(), asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            nonlocal running, peak, done
+            running += 1
+            peak = max(peak, running)
+            if running == 3:
+                three_running.set()
+            await three_running.wait()
+            running -= 1
+            done += 1
+            if done == 9:
+                all_done.set()
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=worker, prefetch_count=3
+        )
+        async with adapter, adapter.consuming():
+            await queue.publish_messages([notification(index) for index in range(9)])
+            async with asyncio.timeout(20):
+                await all_done.wait()
+            await adapter.purge()
+        assert peak == 3
+
+    async def test_stopping_waits_for_running_handlers(self, vhost: str) -> None:
+        """stop_consuming returns only after the running handler finished and acknowledged."""
+        queue = NotificationMessageQueue(
+            message_queue_id="stop", source_event_stores=[pokemon_store()]
+        )
+        entered, release = asyncio.Event(), asyncio.Event()
+        finished: list[Any] = []
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            entered.set()
+            await release.wait()
+            finished.append(message)
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=worker)
+        async with adapter:
+            await adapter.start_consuming()
+            await queue.publish_message(notification(0))
+            async with asyncio.timeout(20):
+                await entered.wait()
+            stopping = asyncio.create_task(adapter.stop_consuming())
+            done, _ = await asyncio.wait({stopping}, timeout=0.3)
+            assert not done  # still waiting for the handler
+            release.set()
+            async with asyncio.timeout(20):
+                await stopping
+            assert finished == [notification(0)]
+            assert not adapter.is_consuming
+            assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+            await adapter.purge()
+
+    async def test_grace_period_gives_unfinished_messages_back(self, vhost: str) -> None:
+        """A handler still running after the grace period is cancelled; the message returns."""
+        queue = NotificationMessageQueue(
+            message_queue_id="grace", source_event_stores=[pokemon_store()]
+        )
+        entered = asyncio.Event()
+        cancelled: list[bool] = []
+
+        async def stuck(message: Any, context: MessageContext) -> None:
+            entered.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(True)
+                raise
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=stuck)
+        inbox = Inbox()
+        async with adapter:
+            async with adapter.consuming(grace_period=0.1):
+                await queue.publish_message(notification(0))
+                async with asyncio.timeout(20):
+                    await entered.wait()
+            assert cancelled == [True]
+            adapter.worker = inbox
+            async with adapter.consuming():
+                await inbox.wait_for(1)
+            await adapter.purge()
+        assert inbox.messages == [notification(0)]
+        assert inbox.contexts[0].attempt == 1  # not counted as a failed attempt
+
+    async def test_a_new_worker_takes_over(self, vhost: str) -> None:
+        """Setting adapter.worker while consuming hands the next messages to the new worker."""
+        queue = NotificationMessageQueue(
+            message_queue_id="swap", source_event_stores=[pokemon_store()]
+        )
+        first, second = Inbox(), Inbox()
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=first)
+        async with adapter, adapter.consuming():
+            await queue.publish_message(notification(0))
+            await first.wait_for(1)
+            adapter.worker = second
+            await queue.publish_message(notification(1))
+            await second.wait_for(1)
+            with pytest.raises(RuntimeError, match="stop consuming"):
+                adapter.worker = None
+            await adapter.purge()
+        assert (first.messages, second.messages) == ([notification(0)], [notification(1)])
+
+    async def test_an_invalid_body_is_dead_lettered_at_once(self, vhost: str) -> None:
+        """A body that does not validate skips retries and lands in the dead-letter queue."""
+        queue = NotificationMessageQueue(
+            message_queue_id="invalid", source_event_stores=[pokemon_store()]
+        )
+        inbox = Inbox()
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=inbox, retry_attempts=3, retry_delay_in_ms=10
+        )
+        with DeadLetterWatch.installed() as watch:
+            async with adapter, adapter.consuming():
+                async with await aio_pika.connect(vhost_url(vhost)) as connection:
+                    channel = await connection.channel()
+                    await channel.default_exchange.publish(
+                        aio_pika.Message(b'{"eventStoreId": "NOPE", "event": {}}'),
+                        adapter.queue_name,
+                    )
+                await queue.publish_message(notification(0))
+                await inbox.wait_for(1)
+                async with asyncio.timeout(20):
+                    await watch.wait_for(1)
+                assert await adapter.dead_letters() == []  # it cannot be parsed, so not listed
+                async with await aio_pika.connect(vhost_url(vhost)) as connection:
+                    channel = await connection.channel()
+                    dead = await channel.declare_queue(f"{adapter.queue_name}.dead", passive=True)
+                    letter = await dead.get(no_ack=True)
+                await adapter.purge()
+        assert inbox.messages == [notification(0)]
+        assert letter.headers["x-attempts"] == 1
+        assert "MessageChannelEventStoreNotFoundError" in str(letter.headers["x-error"])
+
+    async def test_connected_event_store_publishes_to_bus_listeners(self, vhost: str) -> None:
+        """An event pushed to a ConnectedEventStore reaches a bus listener as stored."""
+        store = pokemon_store()
+        bus = NotificationMessageBus(message_bus_id="connected", source_event_stores=[store])
+        adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        inbox = Inbox()
+        adapter.on({"event_store_id": "POKEMONS", "event_type": "POKEMON_APPEARED"}, inbox)
+        connected = ConnectedEventStore(store, bus)
+        async with adapter, adapter.consuming():
+            pushed = await connected.push_event(notification(0).event)
+            await inbox.wait_for(1)
+            await adapter.purge()
+        assert inbox.messages == [
+            NotificationMessage(event_store_id="POKEMONS", event=pushed.event)
+        ]
