@@ -1,0 +1,103 @@
+"""The ``castore`` command group and the options its commands share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from castore_pydantic._paging import parse_timestamp
+
+if TYPE_CHECKING:
+    _ParamType = click.ParamType[datetime]
+else:  # click < 8.2 has no generic ParamType at run time
+    _ParamType = click.ParamType
+
+
+class TimestampType(_ParamType):
+    """A timezone-aware ISO 8601 timestamp (``2024-01-01T00:00:00.000Z``)."""
+
+    name = "timestamp"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        """Parse the option's text, or fail as a usage error."""
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_timestamp(str(value), "timestamp")
+        except (TypeError, ValueError) as exc:
+            self.fail(f"{value!r} is not a timezone-aware ISO 8601 timestamp ({exc})", param, ctx)
+
+
+#: Click type of ``--after`` / ``--before``.
+TIMESTAMP = TimestampType()
+
+_STORE_HELP = "Event store import string, e.g. examples.pokemon.stores:pokemons ($CASTORE_STORE)."
+_URL_HELP = (
+    "Database URL: sqlite:///PATH or postgresql://USER@HOST/DB ($CASTORE_URL). "
+    "Default: the adapter the store is defined with."
+)
+
+
+def store_options(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--store``, ``--url``, ``--table`` and ``--timeout`` to a command."""
+    decorators = [
+        click.option(
+            "--store", "-s", "store", required=True, envvar="CASTORE_STORE", help=_STORE_HELP
+        ),
+        click.option("--url", "-u", envvar="CASTORE_URL", default=None, help=_URL_HELP),
+        click.option("--table", default="event", show_default=True, help="Events table name."),
+        click.option(
+            "--timeout",
+            type=click.FloatRange(min=0.1),
+            default=10.0,
+            show_default=True,
+            help="Seconds to wait for a PostgreSQL connection.",
+        ),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--json``."""
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON for scripts instead of tables."
+    )(function)
+
+
+def progress_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--progress/--no-progress``."""
+    return click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="Show a progress bar on stderr (default: only on a terminal).",
+    )(function)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("castore-pydantic")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(_version(), prog_name="castore")
+@click.option("--traceback", is_flag=True, help="Print the full traceback of errors.")
+@click.pass_context
+def cli(ctx: click.Context, traceback: bool) -> None:
+    """Inspect, export, import and replay castore-pydantic event stores.
+
+    Stores are loaded by import string (module:attribute) from the current directory.
+    Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 not found, 4 storage, 5 invalid data,
+    6 conflict, 130 interrupted.
+    """
+    ctx.meta["traceback"] = traceback

@@ -1,0 +1,196 @@
+"""How the ``castore`` commands run: exit codes, one-line errors, output and progress bars."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+from pydantic import BaseModel, ValidationError
+from pydantic_core import to_jsonable_python
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from castore_pydantic.errors import (
+    EventAlreadyExistsError,
+    InvalidPageTokenError,
+    StorageError,
+    StoredEventValidationError,
+)
+
+#: Success.
+EXIT_OK = 0
+#: An unexpected error (a bug, or a failure the tool does not classify); see ``--traceback``.
+EXIT_ERROR = 1
+#: Bad usage: unknown option or store, malformed URL or page token, missing extra or file.
+EXIT_USAGE = 2
+#: The aggregate does not exist (``castore aggregate``).
+EXIT_NOT_FOUND = 3
+#: The database is unreachable, locked, missing its table, or failed.
+EXIT_STORAGE = 4
+#: Data does not validate: a bad import line (nothing was written) or a bad stored event.
+EXIT_INVALID_DATA = 5
+#: ``import`` met an event whose version exists; the failing batch was not written.
+EXIT_CONFLICT = 6
+#: A message channel refused a message while pouring.
+EXIT_MESSAGING = 7
+#: Interrupted with Ctrl-C.
+EXIT_INTERRUPTED = 130
+#: The reader of stdout went away (``castore export | head``), as shell tools report it.
+EXIT_BROKEN_PIPE = 141
+
+_T = TypeVar("_T")
+
+#: Width of human output when stdout is not a terminal (a file, a pipe): wide enough that
+#: tables are not squeezed into an arbitrary 80 columns.
+PIPED_WIDTH = 200
+
+
+def out() -> Console:
+    """A console for human output on the current stdout (tables and pretty JSON)."""
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=PIPED_WIDTH)
+    return console
+
+
+#: Progress bars and hints, on stderr so that stdout stays clean for data.
+err = Console(stderr=True, highlight=False)
+
+
+class CliError(Exception):
+    """A failure the tool reports as one line and an exit code.
+
+    Attributes:
+        exit_code: One of the ``EXIT_*`` codes.
+        message: What went wrong and, when possible, how to fix it.
+    """
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        self.exit_code = exit_code
+        self.message = " ".join(message.split())
+        super().__init__(self.message)
+
+
+def validation_reason(error: ValidationError, tags: tuple[str, ...] = ()) -> str:
+    """The first error of a ``ValidationError`` in one line: ``payload.level: <message>``.
+
+    A discriminated union puts the event's type first in the location; ``tags`` (the
+    store's event types) lets it be dropped, since the type is not a field.
+    """
+    first = error.errors(include_url=False)[0]
+    loc = list(first["loc"])
+    if loc and loc[0] in tags:
+        loc = loc[1:]
+    where = ".".join(str(part) for part in loc)
+    more = error.error_count() - 1
+    extra = f" (and {more} more)" if more else ""
+    return f"{where}: {first['msg']}{extra}" if where else f"{first['msg']}{extra}"
+
+
+#: Known failures and their exit codes, most specific first.
+_EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
+    (StoredEventValidationError, EXIT_INVALID_DATA),
+    (StorageError, EXIT_STORAGE),
+    (InvalidPageTokenError, EXIT_USAGE),
+    (EventAlreadyExistsError, EXIT_CONFLICT),
+    (ValidationError, EXIT_INVALID_DATA),
+)
+
+
+def _classify(exc: BaseException) -> CliError | None:
+    """Map a known failure to its exit code; ``None`` for unexpected ones."""
+    if isinstance(exc, CliError):
+        return exc
+    for kind, code in _EXIT_CODES:
+        if isinstance(exc, kind):
+            message = validation_reason(exc) if isinstance(exc, ValidationError) else str(exc)
+            cause = exc.__cause__
+            if isinstance(exc, StoredEventValidationError) and isinstance(cause, ValidationError):
+                message = f"{message}: {validation_reason(cause)}"
+            return CliError(code, message)
+    return None
+
+
+def run(work: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run async work; report failures as one line and exit with their code."""
+    show_traceback = bool(click.get_current_context().find_root().meta.get("traceback"))
+    try:
+        return asyncio.run(work())
+    except KeyboardInterrupt:
+        click.echo("castore: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (``castore export | head``): stop quietly, as shell tools do.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
+    except Exception as exc:
+        known = _classify(exc)
+        if show_traceback:
+            traceback.print_exc()
+        if known is not None:
+            click.echo(f"castore: error: {known.message}", err=True)
+            sys.exit(known.exit_code)
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        hint = "" if show_traceback else " (run with --traceback for details)"
+        click.echo(f"castore: unexpected error: {message}{hint}", err=True)
+        sys.exit(EXIT_ERROR)
+
+
+def emit_json(value: object) -> None:
+    """Print one JSON document on stdout (no colours, no wrapping)."""
+    click.echo(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def jsonable(value: object) -> Any:
+    """The JSON form of an event, aggregate or anything Pydantic can serialise."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return to_jsonable_python(value)
+
+
+def compact(value: object) -> str:
+    """A short one-line JSON rendering for table cells."""
+    return "" if value is None else json.dumps(jsonable(value), ensure_ascii=False)
+
+
+def progress_bar(enabled: bool | None) -> Progress:
+    """A progress display on stderr; shown only on a terminal unless forced either way."""
+    show = err.is_terminal if enabled is None else enabled
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not show,
+        transient=False,
+    )
+
+
+def byte_progress_bar(enabled: bool | None) -> Progress:
+    """Like ``progress_bar``, counting bytes."""
+    show = err.is_terminal if enabled is None else enabled
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not show,
+        transient=False,
+    )

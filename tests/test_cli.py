@@ -1,0 +1,895 @@
+"""The ``castore`` command line, end to end against real SQLite files and PostgreSQL tables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from castore_pydantic import EventStore
+from castore_pydantic.cli import (
+    EXIT_CONFLICT,
+    EXIT_ERROR,
+    EXIT_INVALID_DATA,
+    EXIT_NOT_FOUND,
+    EXIT_STORAGE,
+    EXIT_USAGE,
+    cli,
+)
+from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+from examples.pokemon.events import (
+    CaughtPayload,
+    PokemonAppeared,
+    PokemonAppearedPayload,
+    PokemonCaught,
+    PokemonLeveledUp,
+    TrainerCaughtPokemon,
+    TrainerCaughtPokemonPayload,
+    TrainerCreated,
+    TrainerCreatedPayload,
+)
+from examples.pokemon.stores import pokemons, trainers
+from tests.services import POSTGRES_HOST, POSTGRES_PORT, require_postgres
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+POKEMONS = "examples.pokemon.stores:pokemons"
+TRAINERS = "examples.pokemon.stores:trainers"
+PG_DSN = f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+DAY = timedelta(days=1)
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def twin(store: EventStore[Any, Any], adapter: Any) -> EventStore[Any, Any]:
+    """The example store's twin on ``adapter`` (the example's stores have no adapter)."""
+    return EventStore(
+        event_store_id=store.event_store_id,
+        event_types=store.event_types,
+        reducer=store.reducer,
+        event_storage_adapter=adapter,
+    )
+
+
+def story() -> dict[str, list[Any]]:
+    """A small, fully dated history: three Pokémon (Pikachu caught by Ash) and one trainer."""
+    return {
+        "POKEMONS": [
+            PokemonAppeared(
+                aggregate_id="pikachu",
+                version=1,
+                timestamp=T0,
+                payload=PokemonAppearedPayload(name="Pikachu", level=5),
+            ),
+            PokemonAppeared(
+                aggregate_id="eevee",
+                version=1,
+                timestamp=T0 + DAY,
+                payload=PokemonAppearedPayload(name="Eevee", level=3),
+            ),
+            PokemonAppeared(
+                aggregate_id="snorlax",
+                version=1,
+                timestamp=T0 + 2 * DAY,
+                payload=PokemonAppearedPayload(name="Snorlax", level=12),
+            ),
+            PokemonCaught(
+                aggregate_id="pikachu",
+                version=2,
+                timestamp=T0 + 3 * DAY,
+                payload=CaughtPayload(trainer_id="ash"),
+            ),
+            PokemonLeveledUp(aggregate_id="pikachu", version=3, timestamp=T0 + 4 * DAY),
+        ],
+        "TRAINERS": [
+            TrainerCreated(
+                aggregate_id="ash",
+                version=1,
+                timestamp=T0,
+                payload=TrainerCreatedPayload(name="Ash"),
+            ),
+            TrainerCaughtPokemon(
+                aggregate_id="ash",
+                version=2,
+                timestamp=T0 + 3 * DAY,
+                payload=TrainerCaughtPokemonPayload(pokemon_id="pikachu"),
+            ),
+        ],
+    }
+
+
+def jsonl(events: list[Any]) -> bytes:
+    """Events as the JSON Lines ``castore export`` writes."""
+    return b"".join(event.model_dump_json().encode() + b"\n" for event in events)
+
+
+def pokemon_lines() -> bytes:
+    """The Pokémon of ``story()`` in export order: by initial timestamp, then version."""
+    by_id: dict[str, list[Any]] = {}
+    for event in story()["POKEMONS"]:
+        by_id.setdefault(event.aggregate_id, []).append(event)
+    return jsonl([e for aid in ("pikachu", "eevee", "snorlax") for e in by_id[aid]])
+
+
+async def seed(adapter: Any) -> None:
+    """Push ``story()`` through the example's stores on ``adapter``."""
+    for store in (twin(pokemons, adapter), twin(trainers, adapter)):
+        for event in story()[store.event_store_id]:
+            await store.push_event(event)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    """A SQLite file holding ``story()``."""
+    path = tmp_path / "pokemon.db"
+
+    async def run() -> None:
+        async with SQLiteEventStorageAdapter(path) as adapter:
+            await seed(adapter)
+
+    asyncio.run(run())
+    return path
+
+
+@pytest.fixture
+def url(db: Path) -> str:
+    """The ``--url`` of the seeded SQLite file."""
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture
+def restore_sys_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Undo the current-directory entry the CLI adds to ``sys.path``."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+def castore(
+    *args: str, stdin: bytes | str | None = None, env: dict[str, str] | None = None
+) -> Result:
+    """Run the command group in-process, as ``castore ARGS``."""
+    return CliRunner().invoke(cli, list(args), input=stdin, env=env, catch_exceptions=False)
+
+
+def one_line_error(result: Result) -> str:
+    """The single error line of a failed run (and check that it is a single line)."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def count_rows(path: Path) -> int:
+    """How many events the SQLite file holds, all stores together."""
+    with sqlite3.connect(path) as conn:
+        return int(conn.execute("SELECT count(*) FROM event").fetchone()[0])
+
+
+class TestLoading:
+    """Stores come from import strings and adapters from URLs; mistakes are one line."""
+
+    def test_unknown_module(self, url: str) -> None:
+        """An import string naming no module is a usage error that says so."""
+        result = castore("aggregates", "-s", "no_such_module:store", "--url", url)
+        assert result.exit_code == EXIT_USAGE
+        assert "no such module" in one_line_error(result)
+
+    def test_unknown_attribute(self, url: str) -> None:
+        """A missing attribute is named."""
+        result = castore("aggregates", "-s", "examples.pokemon.stores:nope", "--url", url)
+        assert result.exit_code == EXIT_USAGE
+        assert "has no 'nope'" in one_line_error(result)
+
+    def test_not_an_event_store(self, url: str) -> None:
+        """An attribute that is not an EventStore is refused with its type."""
+        result = castore(
+            "aggregates", "-s", "examples.pokemon.commands:catch_pokemon", "--url", url
+        )
+        assert result.exit_code == EXIT_USAGE
+        assert "Command, not an EventStore" in one_line_error(result)
+
+    def test_module_with_several_stores_needs_a_name(self, url: str) -> None:
+        """A module holding two stores must be narrowed to one, and the choices are listed."""
+        result = castore("aggregates", "-s", "examples.pokemon.stores", "--url", url)
+        assert result.exit_code == EXIT_USAGE
+        error = one_line_error(result)
+        assert POKEMONS in error
+        assert TRAINERS in error
+
+    def test_failing_module_import(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sys_path: None
+    ) -> None:
+        """A module that raises while importing is reported, not dumped as a traceback."""
+        (tmp_path / "broken_stores.py").write_text("raise RuntimeError('boom at import')\n")
+        monkeypatch.chdir(tmp_path)
+        result = castore("aggregates", "-s", "broken_stores:store")
+        assert result.exit_code == EXIT_USAGE
+        assert "RuntimeError: boom at import" in one_line_error(result)
+
+    @pytest.mark.parametrize(
+        ("given", "expected"),
+        [
+            ("mysql://localhost/db", "unsupported database URL scheme 'mysql'"),
+            ("pokemon.db", "is not a database URL"),
+            ("sqlite://", "names no file"),
+        ],
+    )
+    def test_bad_urls(self, given: str, expected: str) -> None:
+        """Unsupported and malformed URLs are usage errors."""
+        result = castore("aggregates", "-s", POKEMONS, "--url", given)
+        assert result.exit_code == EXIT_USAGE
+        assert expected in one_line_error(result)
+
+    def test_missing_sqlite_file(self, tmp_path: Path) -> None:
+        """Reading a SQLite file that does not exist fails and creates nothing."""
+        missing = tmp_path / "missing.db"
+        result = castore("aggregates", "-s", POKEMONS, "--url", f"sqlite:///{missing}")
+        assert result.exit_code == EXIT_STORAGE
+        assert "does not exist" in one_line_error(result)
+        assert not missing.exists()
+
+    def test_store_without_adapter_needs_a_url(self) -> None:
+        """The example's stores have no adapter of their own: --url is required."""
+        result = castore("aggregates", "-s", POKEMONS)
+        assert result.exit_code == EXIT_USAGE
+        assert "has no storage adapter: pass --url" in one_line_error(result)
+
+    def test_store_as_defined(
+        self, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sys_path: None
+    ) -> None:
+        """Without --url the store's own adapter is used (modules load from the cwd)."""
+        (tmp_path / "my_stores.py").write_text(
+            textwrap.dedent(
+                f"""
+                from castore_pydantic import EventStore
+                from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+                from examples.pokemon.stores import pokemons as example
+
+                pokemons = EventStore(
+                    event_store_id="POKEMONS",
+                    event_types=example.event_types,
+                    reducer=example.reducer,
+                    event_storage_adapter=SQLiteEventStorageAdapter({str(db)!r}),
+                )
+                """
+            )
+        )
+        monkeypatch.chdir(tmp_path)
+        result = castore("aggregates", "-s", "my_stores:pokemons", "--json")
+        assert result.exit_code == 0, result.output
+        listed = json.loads(result.stdout)["aggregateIds"]
+        assert [e["aggregateId"] for e in listed] == ["pikachu", "eevee", "snorlax"]
+
+    def test_options_from_the_environment(self, url: str) -> None:
+        """CASTORE_STORE and CASTORE_URL stand in for --store and --url."""
+        result = castore(
+            "aggregates", "--json", env={"CASTORE_STORE": POKEMONS, "CASTORE_URL": url}
+        )
+        assert result.exit_code == 0, result.output
+        assert len(json.loads(result.stdout)["aggregateIds"]) == 3
+
+
+class TestStoresAndSchema:
+    """``stores`` lists event types; ``schema`` prints JSON Schemas."""
+
+    def test_stores_of_a_module(self) -> None:
+        """A module lists all its stores with their event types."""
+        result = castore("stores", "-s", "examples.pokemon.stores")
+        assert result.exit_code == 0, result.output
+        for text in ("POKEMONS", "TRAINERS", "POKEMON_APPEARED", "TRAINER_CAUGHT_POKEMON"):
+            assert text in result.stdout
+
+    def test_stores_json_carries_each_schema(self) -> None:
+        """--json gives each event type's JSON Schema, with the wire's camelCase keys."""
+        result = castore("stores", "-s", POKEMONS, "--json")
+        assert result.exit_code == 0, result.output
+        [store] = json.loads(result.stdout)["eventStores"]
+        assert store["eventStoreId"] == "POKEMONS"
+        by_type = {t["types"][0]: t for t in store["eventTypes"]}
+        assert set(by_type) == {"POKEMON_APPEARED", "POKEMON_CAUGHT", "POKEMON_LEVELED_UP"}
+        caught = by_type["POKEMON_CAUGHT"]["jsonSchema"]
+        assert "aggregateId" in caught["properties"]
+        payload = caught["$defs"]["CaughtPayload"]
+        assert payload["properties"]["trainerId"]["minLength"] == 1
+
+    def test_schema_of_stores_aggregates_and_commands(self) -> None:
+        """Events by type, the reducer's aggregate, and command inputs and outputs."""
+        result = castore("schema", "-s", POKEMONS, "-c", "examples.pokemon.commands")
+        assert result.exit_code == 0, result.output
+        document = json.loads(result.stdout)
+        [store] = document["eventStores"]
+        appeared = store["events"]["POKEMON_APPEARED"]
+        level = appeared["$defs"]["PokemonAppearedPayload"]["properties"]["level"]
+        assert (level["minimum"], level["maximum"]) == (1, 100)
+        assert set(store["aggregate"]["properties"]) >= {"aggregateId", "level", "status"}
+        commands = {c["commandId"]: c for c in document["commands"]}
+        assert set(commands) == {
+            "CREATE_TRAINER",
+            "MAKE_POKEMON_APPEAR",
+            "CATCH_POKEMON",
+            "LEVEL_UP_POKEMON",
+        }
+        catch = commands["CATCH_POKEMON"]
+        assert catch["input"]["required"] == ["pokemon_id", "trainer_id"]
+        assert set(catch["output"]["properties"]) == {"pokemon", "trainer"}
+
+    def test_schema_needs_something(self) -> None:
+        """Without --store or --command, schema is a usage error."""
+        assert castore("schema").exit_code == EXIT_USAGE
+
+
+class TestAggregates:
+    """``aggregates`` pages through aggregate ids with their initial timestamps."""
+
+    def listed(self, *args: str) -> dict[str, Any]:
+        result = castore("aggregates", "-s", POKEMONS, "--json", *args)
+        assert result.exit_code == 0, result.output
+        body: dict[str, Any] = json.loads(result.stdout)
+        return body
+
+    def test_table(self, url: str) -> None:
+        """The human table shows ids and Castore-form timestamps in listing order."""
+        result = castore("aggregates", "-s", POKEMONS, "--url", url)
+        assert result.exit_code == 0, result.output
+        out = result.stdout
+        assert out.index("pikachu") < out.index("eevee") < out.index("snorlax")
+        assert "2024-01-01T00:00:00.000Z" in out
+
+    def test_pages_and_tokens(self, url: str) -> None:
+        """A limit gives a page and a token; the token alone continues the listing."""
+        first = self.listed("--url", url, "--limit", "2")
+        assert [e["aggregateId"] for e in first["aggregateIds"]] == ["pikachu", "eevee"]
+        assert first["aggregateIds"][0]["initialEventTimestamp"] == "2024-01-01T00:00:00.000Z"
+        second = self.listed("--url", url, "--page-token", first["nextPageToken"])
+        assert [e["aggregateId"] for e in second["aggregateIds"]] == ["snorlax"]
+        assert second["nextPageToken"] is None
+
+    def test_all_pages(self, url: str) -> None:
+        """--all follows every page."""
+        listed = self.listed("--url", url, "--limit", "1", "--all")
+        assert [e["aggregateId"] for e in listed["aggregateIds"]] == ["pikachu", "eevee", "snorlax"]
+        assert listed["nextPageToken"] is None
+
+    def test_human_output_hints_the_next_page(self, url: str) -> None:
+        """Without --json the next page's token is printed on stderr."""
+        result = castore("aggregates", "-s", POKEMONS, "--url", url, "--limit", "1")
+        assert result.exit_code == 0
+        assert "--page-token" in result.stderr
+        assert "--page-token" not in result.stdout
+
+    def test_bounds_are_inclusive_and_reverse(self, url: str) -> None:
+        """--after/--before include their bounds; --reverse lists newest first."""
+        listed = self.listed(
+            "--url",
+            url,
+            "--after",
+            "2024-01-01T00:00:00.000Z",
+            "--before",
+            "2024-01-02T00:00:00Z",
+            "--reverse",
+        )
+        assert [e["aggregateId"] for e in listed["aggregateIds"]] == ["eevee", "pikachu"]
+
+    @pytest.mark.parametrize(
+        "args", [("--after", "yesterday"), ("--page-token", "not a token"), ("--limit", "-1")]
+    )
+    def test_bad_options(self, url: str, args: tuple[str, str]) -> None:
+        """Bad bounds, tokens and limits are usage errors."""
+        result = castore("aggregates", "-s", POKEMONS, "--url", url, *args)
+        assert result.exit_code == EXIT_USAGE
+
+
+class TestEventsAndAggregate:
+    """``events`` shows an aggregate's events; ``aggregate`` folds them."""
+
+    def test_events_json_is_castores(self, url: str) -> None:
+        """--json prints the events in Castore's JSON, in version order."""
+        result = castore("events", "-s", POKEMONS, "--url", url, "pikachu", "--json")
+        assert result.exit_code == 0, result.output
+        expected = [
+            e.model_dump(mode="json") for e in story()["POKEMONS"] if e.aggregate_id == "pikachu"
+        ]
+        assert json.loads(result.stdout) == {"events": expected}
+
+    def test_event_options(self, url: str) -> None:
+        """Version bounds, limit and reverse combine as in get_events."""
+        result = castore(
+            "events", "-s", POKEMONS, "--url", url, "pikachu", "--json",
+            "--min-version", "2", "--max-version", "3", "--reverse", "--limit", "1",
+        )  # fmt: skip
+        assert [e["version"] for e in json.loads(result.stdout)["events"]] == [3]
+
+    def test_events_table(self, url: str) -> None:
+        """The human table names each event's version, type and payload."""
+        result = castore("events", "-s", POKEMONS, "--url", url, "pikachu")
+        assert result.exit_code == 0, result.output
+        for text in ("POKEMON_APPEARED", "POKEMON_CAUGHT", "trainerId", "3 events"):
+            assert text in result.stdout
+
+    def test_events_of_unknown_aggregate(self, url: str) -> None:
+        """An unknown aggregate has no events; that is not an error."""
+        result = castore("events", "-s", POKEMONS, "--url", url, "missingno", "--json")
+        assert result.exit_code == 0
+        assert json.loads(result.stdout) == {"events": []}
+
+    def test_aggregate_and_version(self, url: str) -> None:
+        """The folded aggregate, now and at an earlier version."""
+        now = castore("aggregate", "-s", POKEMONS, "--url", url, "pikachu", "--json")
+        assert now.exit_code == 0, now.output
+        body = json.loads(now.stdout)
+        assert body["aggregate"] == {
+            "aggregateId": "pikachu",
+            "version": 3,
+            "name": "Pikachu",
+            "level": 6,
+            "status": "caught",
+            "trainerId": "ash",
+        }
+        assert body["lastEvent"]["type"] == "POKEMON_LEVELED_UP"
+        then = castore(
+            "aggregate", "-s", POKEMONS, "--url", url, "pikachu", "--version", "1", "--json"
+        )
+        assert json.loads(then.stdout)["aggregate"]["status"] == "wild"
+        human = castore("aggregate", "-s", POKEMONS, "--url", url, "pikachu")
+        assert '"level": 6' in human.stdout
+        assert "version 3, last event POKEMON_LEVELED_UP" in human.stdout
+
+    def test_unknown_aggregate_is_exit_3(self, url: str) -> None:
+        """A missing aggregate exits with the not-found code and says which."""
+        result = castore("aggregate", "-s", POKEMONS, "--url", url, "missingno")
+        assert result.exit_code == EXIT_NOT_FOUND
+        assert "'missingno' not found in event store POKEMONS" in one_line_error(result)
+
+    def test_stored_event_that_no_longer_validates(self, db: Path, url: str) -> None:
+        """A stored event that breaks its model is exit 5, naming the aggregate and version."""
+        with sqlite3.connect(db) as conn:
+            conn.execute(
+                "UPDATE event SET data = ? WHERE aggregate_id = 'eevee' AND version = 1",
+                ('{"name": "Eevee", "level": 500}',),
+            )
+        result = castore("events", "-s", POKEMONS, "--url", url, "eevee")
+        assert result.exit_code == EXIT_INVALID_DATA
+        error = one_line_error(result)
+        assert "aggregate eevee, version 1" in error
+        assert "less than or equal to 100" in error
+
+
+class TestExport:
+    """``export`` streams Castore's event JSON as JSON Lines."""
+
+    def test_export_to_stdout(self, url: str) -> None:
+        """Aggregates in listing order, events in version order, one JSON per line."""
+        result = castore("export", "-s", POKEMONS, "--url", url)
+        assert result.exit_code == 0, result.output
+        assert result.stdout_bytes == pokemon_lines()
+        assert "Exported 5 events of 3 aggregates to stdout." in result.stderr
+
+    def test_export_to_file(self, url: str, tmp_path: Path) -> None:
+        """-o writes the file and prints the summary on stdout (JSON with --json)."""
+        target = tmp_path / "out.jsonl"
+        result = castore("export", "-s", POKEMONS, "--url", url, "-o", str(target), "--json")
+        assert result.exit_code == 0, result.output
+        assert target.read_bytes() == pokemon_lines()
+        assert json.loads(result.stdout) == {"exportedEvents": 5, "exportedAggregates": 3}
+        assert list(tmp_path.glob("*.partial")) == []
+
+    def test_failed_export_leaves_no_file(self, db: Path, url: str, tmp_path: Path) -> None:
+        """An export that fails half-way does not leave a truncated file behind."""
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE event SET type = 'GONE' WHERE aggregate_id = 'snorlax'")
+        target = tmp_path / "out.jsonl"
+        result = castore("export", "-s", POKEMONS, "--url", url, "-o", str(target))
+        assert result.exit_code == EXIT_INVALID_DATA
+        assert not target.exists()
+        assert list(tmp_path.glob("*.partial")) == []
+
+    def test_bounds(self, url: str) -> None:
+        """--after/--before select aggregates by their initial event, inclusive."""
+        result = castore("export", "-s", POKEMONS, "--url", url, "--after", "2024-01-02T00:00:00Z")
+        assert [json.loads(line)["aggregateId"] for line in result.stdout.splitlines()] == [
+            "eevee",
+            "snorlax",
+        ]
+
+    def test_progress_only_when_asked(self, url: str) -> None:
+        """No progress bar off a terminal by default; --progress forces one, on stderr."""
+        quiet = castore("export", "-s", POKEMONS, "--url", url)
+        assert "Exporting" not in quiet.stderr
+        loud = castore("export", "-s", POKEMONS, "--url", url, "--progress")
+        assert "Exporting POKEMONS" in loud.stderr
+        assert loud.stdout_bytes == pokemon_lines()
+
+
+@pytest.fixture
+def empty_url(tmp_path: Path) -> str:
+    """The URL of a SQLite file that does not exist yet (import creates it)."""
+    return f"sqlite:///{tmp_path / 'imported.db'}"
+
+
+class TestImport:
+    """``import`` validates everything first, then writes batches atomically."""
+
+    def export(self, url: str) -> bytes:
+        result = castore("export", "-s", POKEMONS, "--url", url)
+        assert result.exit_code == 0, result.output
+        return result.stdout_bytes
+
+    def test_round_trip(self, empty_url: str, tmp_path: Path) -> None:
+        """Importing an export and exporting again gives the same bytes."""
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(pokemon_lines())
+        result = castore("import", "-s", POKEMONS, "--url", empty_url, str(source))
+        assert result.exit_code == 0, result.output
+        assert "Imported 5 events." in result.stdout
+        assert self.export(empty_url) == pokemon_lines()
+
+    def test_from_stdin_with_blank_lines(self, empty_url: str) -> None:
+        """'-' reads stdin; blank lines are skipped."""
+        text = pokemon_lines().replace(b"\n", b"\n\n", 1)
+        result = castore("import", "-s", POKEMONS, "--url", empty_url, "--json", stdin=text)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == {"importedEvents": 5}
+        assert self.export(empty_url) == pokemon_lines()
+
+    @pytest.mark.parametrize(
+        ("bad_line", "reason"),
+        [
+            ('{"aggregateId": "mew", "version": 1, "type": "POKEMON_APPEARED",'
+             ' "payload": {"name": "Mew", "level": 101}}',
+             "line 4: payload.level: Input should be less than or equal to 100"),
+            ('{"aggregateId": "mew", "version": 1, "type": "POKEMON_EVOLVED"}',
+             "line 4: Event type 'POKEMON_EVOLVED' is not declared by event store POKEMONS"),
+            ("{not json", "line 4: Invalid JSON"),
+            ('{"aggregateId": "mew", "version": 0, "type": "POKEMON_LEVELED_UP"}',
+             "line 4: version: Input should be greater than or equal to 1"),
+        ],
+    )  # fmt: skip
+    def test_bad_line_writes_nothing(
+        self, empty_url: str, tmp_path: Path, bad_line: str, reason: str
+    ) -> None:
+        """The first bad line is reported with its number and reason; nothing is written."""
+        lines = pokemon_lines().splitlines(keepends=True)
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(b"".join([*lines[:3], bad_line.encode() + b"\n", *lines[3:]]))
+        result = castore("import", "-s", POKEMONS, "--url", empty_url, str(source))
+        assert result.exit_code == EXIT_INVALID_DATA
+        error = one_line_error(result)
+        assert reason in error
+        assert "nothing was imported" in error
+        assert not Path(empty_url.removeprefix("sqlite:///")).exists()
+
+    def test_conflict_stops_at_the_failing_batch(self, url: str, db: Path, tmp_path: Path) -> None:
+        """Batches before a conflict are written; the conflicting batch is not, at all."""
+        new = jsonl(
+            [
+                PokemonAppeared(
+                    aggregate_id=f"new-{n}",
+                    version=1,
+                    timestamp=T0,
+                    payload=PokemonAppearedPayload(name="Ditto", level=n + 1),
+                )
+                for n in range(3)
+            ]
+        )
+        clash = jsonl([story()["POKEMONS"][1]])  # eevee version 1 exists already
+        source = tmp_path / "in.jsonl"
+        # Batches of 2: [new-0, new-1] is written; [new-2, eevee v1] fails as a whole.
+        source.write_bytes(new + clash)
+        before = count_rows(db)
+        result = castore("import", "-s", POKEMONS, "--url", url, "--batch-size", "2", str(source))
+        assert result.exit_code == EXIT_CONFLICT
+        error = one_line_error(result)
+        assert "line 4: version 1 of aggregate 'eevee' already exists in POKEMONS" in error
+        assert "2 events were imported before this batch and lines 3-4 were not" in error
+        assert count_rows(db) == before + 2
+        listed = castore("aggregates", "-s", POKEMONS, "--url", url, "--json")
+        ids = {e["aggregateId"] for e in json.loads(listed.stdout)["aggregateIds"]}
+        assert {"new-0", "new-1"} <= ids
+        assert "new-2" not in ids
+
+    def test_force_overwrites(self, url: str, tmp_path: Path) -> None:
+        """--force replaces events whose version exists."""
+        shiny = PokemonAppeared(
+            aggregate_id="eevee",
+            version=1,
+            timestamp=T0 + DAY,
+            payload=PokemonAppearedPayload(name="Shiny Eevee", level=3),
+        )
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(jsonl([shiny]))
+        refused = castore("import", "-s", POKEMONS, "--url", url, str(source))
+        assert refused.exit_code == EXIT_CONFLICT
+        forced = castore("import", "-s", POKEMONS, "--url", url, "--force", str(source))
+        assert forced.exit_code == 0, forced.output
+        folded = castore("aggregate", "-s", POKEMONS, "--url", url, "eevee", "--json")
+        assert json.loads(folded.stdout)["aggregate"]["name"] == "Shiny Eevee"
+
+    def test_import_never_runs_hooks(
+        self,
+        empty_url: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        restore_sys_path: None,
+    ) -> None:
+        """A store's on_event_pushed hook is not called by import (nothing is published)."""
+        (tmp_path / "hooked_stores.py").write_text(
+            textwrap.dedent(
+                """
+                from castore_pydantic import EventStore
+                from examples.pokemon.stores import pokemons as example
+
+                async def explode(result):
+                    raise RuntimeError("the hook ran")
+
+                pokemons = EventStore(
+                    event_store_id="POKEMONS",
+                    event_types=example.event_types,
+                    reducer=example.reducer,
+                    on_event_pushed=explode,
+                )
+                """
+            )
+        )
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(pokemon_lines())
+        monkeypatch.chdir(tmp_path)
+        result = castore("import", "-s", "hooked_stores:pokemons", "--url", empty_url, str(source))
+        assert result.exit_code == 0, result.output
+        assert self.export(empty_url) == pokemon_lines()
+
+    def test_missing_source_file(self, empty_url: str, tmp_path: Path) -> None:
+        """An unreadable source is a usage error."""
+        result = castore("import", "-s", POKEMONS, "--url", empty_url, str(tmp_path / "no.jsonl"))
+        assert result.exit_code == EXIT_USAGE
+        assert "cannot read" in one_line_error(result)
+
+
+def write_many(path: Path, aggregates: int, per_aggregate: int) -> bytes:
+    """A canonical export of ``aggregates`` x ``per_aggregate`` events; returns its bytes."""
+    chunks: list[bytes] = []
+    for n in range(aggregates):
+        aggregate_id = f"pokemon-{n:06d}"
+        start = T0 + timedelta(seconds=n)
+        events: list[Any] = [
+            PokemonAppeared(
+                aggregate_id=aggregate_id,
+                version=1,
+                timestamp=start,
+                payload=PokemonAppearedPayload(name=f"Ditto #{n}", level=1 + n % 100),
+            )
+        ]
+        events.extend(
+            PokemonLeveledUp(
+                aggregate_id=aggregate_id,
+                version=version,
+                timestamp=start + timedelta(milliseconds=version),
+            )
+            for version in range(2, per_aggregate + 1)
+        )
+        chunks.append(jsonl(events))
+    data = b"".join(chunks)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.mark.slow
+def test_hundred_thousand_events_round_trip_on_sqlite(tmp_path: Path) -> None:
+    """100,000 events: import, export, import elsewhere, export again: all byte-identical."""
+    source = tmp_path / "source.jsonl"
+    original = write_many(source, aggregates=10_000, per_aggregate=10)
+    assert original.count(b"\n") == 100_000
+    first, second = tmp_path / "first.db", tmp_path / "second.db"
+    exported = [tmp_path / "first.jsonl", tmp_path / "second.jsonl"]
+    for db, out, src in ((first, exported[0], source), (second, exported[1], exported[0])):
+        url = f"sqlite:///{db}"
+        imported = castore("import", "-s", POKEMONS, "--url", url, str(src), "--json")
+        assert imported.exit_code == 0, imported.output
+        assert json.loads(imported.stdout) == {"importedEvents": 100_000}
+        result = castore("export", "-s", POKEMONS, "--url", url, "-o", str(out), "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == {
+            "exportedEvents": 100_000,
+            "exportedAggregates": 10_000,
+        }
+    assert exported[0].read_bytes() == original
+    assert exported[1].read_bytes() == original
+
+
+def run_castore(
+    *args: str, cwd: Path = REPO_ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m castore_pydantic ARGS`` in a subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CASTORE_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "castore_pydantic", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class TestProcess:
+    """The real entry points, in subprocesses."""
+
+    def test_python_dash_m(self, url: str) -> None:
+        """``python -m castore_pydantic`` runs the same commands."""
+        completed = run_castore("aggregates", "-s", POKEMONS, "--url", url, "--json")
+        assert completed.returncode == 0, completed.stderr
+        assert len(json.loads(completed.stdout)["aggregateIds"]) == 3
+
+    def test_console_script(self, url: str) -> None:
+        """The installed ``castore`` script is the same tool."""
+        script = Path(sys.executable).parent / "castore"
+        if not script.exists():
+            pytest.skip("the castore script is not installed (pip install -e '.[cli]')")
+        completed = subprocess.run(
+            [str(script), "aggregate", "-s", POKEMONS, "--url", url, "eevee", "--json"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr
+        assert json.loads(completed.stdout)["aggregate"]["name"] == "Eevee"
+
+    def test_errors_are_one_line_with_documented_codes(self) -> None:
+        """An unknown store gives exit 2 and a single stderr line, no traceback."""
+        completed = run_castore("aggregates", "-s", "nowhere:store", "--url", "sqlite:///x.db")
+        assert completed.returncode == EXIT_USAGE
+        assert completed.stderr.count("\n") == 1
+        assert completed.stderr.startswith("castore: error: ")
+
+    def test_unreachable_postgres(self) -> None:
+        """A PostgreSQL server that refuses connections is exit 4, in one line, quickly."""
+        completed = run_castore(
+            "aggregates", "-s", POKEMONS, "--url", "postgresql://postgres@127.0.0.1:1/test",
+            "--timeout", "1",
+        )  # fmt: skip
+        assert completed.returncode == EXIT_STORAGE, completed.stderr
+        assert completed.stderr.count("\n") == 1, completed.stderr
+        assert "PostgreSQL" in completed.stderr or "connection" in completed.stderr
+
+    def test_traceback_on_request(self) -> None:
+        """--traceback prints the traceback of an error as well as its line."""
+        completed = run_castore(
+            "--traceback", "aggregates", "-s", POKEMONS, "--url", "postgresql://postgres@127.0.0.1:1/test",
+            "--timeout", "1",
+        )  # fmt: skip
+        assert completed.returncode == EXIT_STORAGE
+        assert "Traceback" in completed.stderr
+
+    def test_unexpected_errors_are_exit_1(self, tmp_path: Path) -> None:
+        """An error the tool does not classify is exit 1 with a hint about --traceback."""
+        (tmp_path / "odd_stores.py").write_text(
+            textwrap.dedent(
+                """
+                from castore_pydantic import EventStore
+                from examples.pokemon.stores import pokemons as example
+
+                class Broken:
+                    async def __aenter__(self):
+                        raise KeyError("surprise")
+
+                    async def __aexit__(self, *exc):
+                        return None
+
+                pokemons = EventStore(
+                    event_store_id="POKEMONS",
+                    event_types=example.event_types,
+                    reducer=example.reducer,
+                    event_storage_adapter=Broken(),
+                )
+                """
+            )
+        )
+        completed = run_castore("aggregates", "-s", "odd_stores:pokemons", cwd=tmp_path)
+        assert completed.returncode == EXIT_ERROR
+        assert "castore: unexpected error: KeyError: 'surprise'" in completed.stderr
+        assert "--traceback" in completed.stderr
+
+    def test_core_import_does_not_load_the_cli(self) -> None:
+        """``import castore_pydantic`` imports neither click nor rich."""
+        completed = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, castore_pydantic; "
+                "print('click' in sys.modules, 'rich' in sys.modules)",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert completed.stdout.split() == ["False", "False"]
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg_table() -> Iterator[str]:
+    """A fresh events table name in database ``test``, dropped afterwards."""
+    require_postgres()
+    import psycopg
+    from psycopg import sql
+
+    table = f"cli_{uuid.uuid4().hex[:10]}"
+    yield table
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+
+
+@pytest.mark.postgres
+class TestPostgres:
+    """The same commands against a PostgreSQL table."""
+
+    def pg(self, command: str, table: str, *args: str, stdin: bytes | None = None) -> Result:
+        return castore(
+            command, "-s", POKEMONS, "--url", PG_DSN, "--table", table, *args, stdin=stdin
+        )
+
+    def test_import_inspect_export(self, pg_table: str) -> None:
+        """--create-table, then import, list, fold and export: the bytes come back."""
+        imported = self.pg("import", pg_table, "--create-table", stdin=pokemon_lines())
+        assert imported.exit_code == 0, imported.output
+        listed = self.pg("aggregates", pg_table, "--json", "--limit", "2")
+        assert [e["aggregateId"] for e in json.loads(listed.stdout)["aggregateIds"]] == [
+            "pikachu",
+            "eevee",
+        ]
+        folded = self.pg("aggregate", pg_table, "pikachu", "--json")
+        assert json.loads(folded.stdout)["aggregate"]["level"] == 6
+        exported = self.pg("export", pg_table)
+        assert exported.exit_code == 0, exported.output
+        assert exported.stdout_bytes == pokemon_lines()
+
+    def test_missing_table(self, pg_table: str) -> None:
+        """Reading a table that does not exist is a storage error (exit 4) saying so."""
+        result = self.pg("aggregates", pg_table)
+        assert result.exit_code == EXIT_STORAGE
+        assert "does not exist" in one_line_error(result)
+
+    def test_conflict_writes_nothing_of_the_batch(self, pg_table: str) -> None:
+        """A conflicting batch is rolled back as a whole on PostgreSQL too."""
+        assert self.pg("import", pg_table, "--create-table", stdin=pokemon_lines()).exit_code == 0
+        extra = jsonl(
+            [
+                PokemonAppeared(
+                    aggregate_id="ditto",
+                    version=1,
+                    timestamp=T0,
+                    payload=PokemonAppearedPayload(name="Ditto", level=1),
+                )
+            ]
+        )
+        result = self.pg("import", pg_table, stdin=extra + pokemon_lines())
+        assert result.exit_code == EXIT_CONFLICT
+        assert self.pg("events", pg_table, "ditto", "--json").stdout.count("POKEMON") == 0
+
+    @pytest.mark.slow
+    def test_hundred_thousand_events_round_trip(self, pg_table: str, tmp_path: Path) -> None:
+        """100,000 events through PostgreSQL come back byte-identical."""
+        source = tmp_path / "source.jsonl"
+        original = write_many(source, aggregates=10_000, per_aggregate=10)
+        imported = self.pg("import", pg_table, "--create-table", str(source))
+        assert imported.exit_code == 0, imported.output
+        out = tmp_path / "out.jsonl"
+        exported = self.pg("export", pg_table, "-o", str(out))
+        assert exported.exit_code == 0, exported.output
+        assert out.read_bytes() == original
