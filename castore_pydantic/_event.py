@@ -44,8 +44,8 @@ def _to_utc_millis(value: datetime) -> datetime:
 
 def format_timestamp(value: datetime) -> str:
     """Render a UTC timestamp in Castore's form: ``2024-01-01T00:00:00.000Z``."""
-    value = _to_utc_millis(value)
-    return f"{value:%Y-%m-%dT%H:%M:%S}.{value.microsecond // 1000:03d}Z"
+    # isoformat pads years to four digits (strftime's %Y does not for years < 1000).
+    return _to_utc_millis(value).replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

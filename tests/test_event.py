@@ -88,6 +88,20 @@ class TestTimestamp:
         assert event.timestamp.utcoffset() == timedelta(0)
         assert event.model_dump(mode="json")["timestamp"] == "2024-01-01T00:00:00.000Z"
 
+    @pytest.mark.parametrize(
+        ("moment", "text"),
+        [
+            (datetime(999, 1, 2, 3, 4, 5, 6000, UTC), "0999-01-02T03:04:05.006Z"),
+            (datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000Z"),
+            (datetime(9999, 12, 31, 23, 59, 59, 999999, UTC), "9999-12-31T23:59:59.999Z"),
+        ],
+    )
+    def test_formatting_pads_every_field(self, moment: datetime, text: str) -> None:
+        """Timestamps always render as 24 characters, so they sort as text."""
+        event = PokemonCaught(aggregate_id="p1", version=2, timestamp=moment)
+        assert event.model_dump(mode="json")["timestamp"] == text
+        assert PokemonCaught.model_validate_json(event.model_dump_json()) == event
+
     def test_iso_strings_with_z_are_accepted(self) -> None:
         """Castore's string form parses."""
         event = PokemonCaught.model_validate(
