@@ -274,7 +274,12 @@ class StreamConsumer:
                 await self._handle_batch(entries)
 
     async def _release_own_entries(self) -> None:
-        """On a clean stop, make entries taken but not handled free for others at once."""
+        """On a clean stop, make entries taken but not handled free for others at once.
+
+        Their delivery time is set to 0 (idle "forever", so the next ``XAUTOCLAIM`` of any
+        consumer takes them) and their delivery count is given back: an entry handed over
+        unhandled must not count towards ``max_deliveries``.
+        """
         for stream in self.subscription.streams:
             try:
                 pending: Any = await self.client.xpending_range(
@@ -285,9 +290,11 @@ class StreamConsumer:
                     count=10_000,
                     consumername=self.consumer_name,
                 )
-                ids: list[Any] = [row["message_id"] for row in pending]
-                if ids:
-                    # Delivery time 0: idle "forever", so the next XAUTOCLAIM takes them.
+                by_count: dict[int, list[Any]] = {}
+                for row in pending:
+                    count = max(int(row["times_delivered"]) - 1, 0)
+                    by_count.setdefault(count, []).append(row["message_id"])
+                for count, ids in by_count.items():
                     await self.client.xclaim(
                         stream,
                         self.subscription.group,
@@ -295,6 +302,7 @@ class StreamConsumer:
                         0,
                         ids,
                         time=0,
+                        retrycount=count,
                         justid=True,
                     )
             except RedisError as exc:
@@ -322,35 +330,42 @@ class StreamConsumer:
             horizon = self.options.block_ms / 1000
             self._next_promote = now + (horizon if wait_ms < 0 else min(wait_ms / 1000, horizon))
         if now >= self._next_reclaim:
-            await self._reclaim()
-            self._next_reclaim = loop.time() + max(self.options.reclaim_idle_ms / 2000, 0.005)
+            more = await self._reclaim()
+            interval = max(self.options.reclaim_idle_ms / 2000, 0.005)
+            self._next_reclaim = now if more else loop.time() + interval
 
-    async def _reclaim(self) -> None:
-        """Take over entries other consumers left unacknowledged for ``reclaim_idle_ms``."""
+    async def _reclaim(self) -> bool:
+        """Take over entries others left unacknowledged; return whether more may be waiting.
+
+        An entry is taken once idle for ``reclaim_idle_ms``, one batch per stream at a time
+        (like a read), so a consumer never holds entries it cannot start soon; the scan
+        resumes from its cursor on the next loop.
+        """
+        more = False
         for stream in self.subscription.streams:
-            cursor = self._cursors.get(stream, b"0-0")
-            while not self._stopping:
-                reply: Any = await self.client.xautoclaim(
-                    stream,
-                    self.subscription.group,
-                    self.consumer_name,
-                    min_idle_time=self.options.reclaim_idle_ms,
-                    start_id=cursor,
-                    count=self.options.prefetch_count,
-                )
-                cursor = reply[0]
-                claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
-                if claimed:
-                    counts = await self._delivery_counts(stream, claimed)
-                    await self._handle_batch(
-                        [
-                            (stream.encode(), entry_id, fields, counts.get(entry_id))
-                            for entry_id, fields in claimed
-                        ]
-                    )
-                if cursor in (b"0-0", "0-0"):
-                    break
+            if self._stopping:
+                break
+            reply: Any = await self.client.xautoclaim(
+                stream,
+                self.subscription.group,
+                self.consumer_name,
+                min_idle_time=self.options.reclaim_idle_ms,
+                start_id=self._cursors.get(stream, b"0-0"),
+                count=self.options.prefetch_count,
+            )
+            cursor = reply[0]
             self._cursors[stream] = cursor
+            more = more or cursor not in (b"0-0", "0-0")
+            claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+            if claimed:
+                counts = await self._delivery_counts(stream, claimed)
+                await self._handle_batch(
+                    [
+                        (stream.encode(), entry_id, fields, counts.get(entry_id))
+                        for entry_id, fields in claimed
+                    ]
+                )
+        return more
 
     async def _delivery_counts(
         self, stream: str, claimed: Sequence[tuple[bytes, Any]]

@@ -211,7 +211,7 @@ class TestRedisMessageQueueAdapter:
             assert pending["pending"] == 0
 
     async def test_stop_releases_entries_read_but_not_started(self, prefix: str) -> None:
-        """Entries a stopped worker had read are taken over at once, not after the idle time."""
+        """Entries a stopped worker had read are taken over at once, as fresh deliveries."""
         queue_a, queue_b = make_queue(), make_queue()
         started, release = asyncio.Event(), asyncio.Event()
         first = Recorder()
@@ -232,8 +232,9 @@ class TestRedisMessageQueueAdapter:
             await stopping
         assert first.messages == messages[:1]
         second = Recorder()
-        # A minute of idle time: only the release makes the 9 entries available now.
-        adapter_b = attach(queue_b, prefix, worker=second, reclaim_idle_ms=60_000)
+        # A minute of idle time: only the release makes the 9 entries available now. And a
+        # hand-over is no failed delivery: with max_deliveries=1 they are still handled.
+        adapter_b = attach(queue_b, prefix, worker=second, reclaim_idle_ms=60_000, max_deliveries=1)
         async with adapter_b, adapter_b.consuming():
             await second.wait_for(9)
         assert second.messages == messages[1:]

@@ -1,0 +1,375 @@
+"""Redis adapters under failure: workers killed before acknowledging, poison messages.
+
+Everything runs against the real server under a private key prefix. A "kill" is what a
+crashed process looks like to Redis: the worker's task is cancelled in the middle of a handler
+(half the time after its connections were cut with ``CLIENT KILL``), so the entries it held
+are never acknowledged and must be taken over by another consumer with ``XAUTOCLAIM``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from castore_pydantic.messaging import (
+    MessageContext,
+    NotificationMessage,
+    NotificationMessageBus,
+    NotificationMessageQueue,
+)
+from castore_pydantic.messaging.redis import RedisMessageBusAdapter, RedisMessageQueueAdapter
+from tests.domain import make_store
+from tests.messaging.redis_support import (
+    REDIS_URL,
+    Key,
+    connections_named,
+    event_key,
+    notification,
+    private_prefix,
+    raw_client,
+    watch_dead_letters,
+)
+
+pytestmark = [pytest.mark.redis]
+
+MESSAGES = 10_000
+KILL_EVERY = 20  # 5 % of the messages are in a worker's hands when it dies
+WORKERS = 2
+FLAKY = 50  # messages a broken handler refuses, out of 1,000
+OPTIONS: dict[str, Any] = {
+    "prefetch_count": 50,
+    "reclaim_idle_ms": 250,
+    "block_ms": 50,
+    "retry_delay_in_ms": 20,
+}
+
+
+#: Kills the worker whose handler calls it.
+Die = Callable[[], Awaitable[None]]
+#: Builds a worker's adapter: ``make(consumer_name, die)``.
+MakeAdapter = Callable[[str, Die], Any]
+
+
+async def never() -> None:
+    raise AssertionError("the publisher's adapter does not consume")
+
+
+@pytest.fixture
+async def prefix() -> AsyncIterator[str]:
+    async with private_prefix() as value:
+        yield value
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Redis]:
+    client = raw_client()
+    yield client
+    await client.aclose()
+
+
+async def pending_count(raw: Redis, stream: str, group: str) -> int:
+    summary: Any = await raw.xpending(stream, group)
+    return int(summary["pending"])
+
+
+async def until_acknowledged(raw: Redis, stream: str, groups: Sequence[str]) -> None:
+    """Wait (polling, 15 s at most) until no group holds an unacknowledged entry."""
+    async with asyncio.timeout(15):
+        while True:
+            counts = [await pending_count(raw, stream, group) for group in groups]
+            if not any(counts):
+                return
+            await asyncio.sleep(0.05)  # Redis has no event for "pending list is empty"
+
+
+class KillingConsumer:
+    """A deduplicating consumer whose worker dies holding 5 % of the messages.
+
+    For each doomed message, on its first delivery, the effect is applied and then the worker
+    dies before acknowledging. The message must come back, and the deduplication on
+    ``(event_store_id, aggregate_id, version)`` keeps one effect per event.
+    """
+
+    def __init__(self, messages: Sequence[NotificationMessage], offset: int = 0) -> None:
+        self.expected = {event_key(message) for message in messages}
+        self.doomed = {event_key(message) for message in messages[offset::KILL_EVERY]}
+        self.killed: set[Key] = set()
+        self.deliveries: Counter[Key] = Counter()
+        self.effects: Counter[Key] = Counter()
+        self.redelivered = 0
+        self.done = asyncio.Event()
+
+    def _apply(self, key: Key) -> None:
+        if key not in self.effects:  # deduplication: the effect happened already
+            self.effects[key] += 1
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if len(self.effects) == len(self.expected) and self.redelivered == len(self.doomed):
+            self.done.set()
+
+    def handler(self, die: Callable[[], Awaitable[None]]) -> Any:
+        async def handle(message: NotificationMessage, context: MessageContext) -> None:
+            key = event_key(message)
+            self.deliveries[key] += 1
+            if key in self.killed and self.deliveries[key] == 2:
+                self.redelivered += 1
+            if key in self.doomed and key not in self.killed:
+                self.killed.add(key)
+                self._apply(key)  # the effect lands, the acknowledgement never does
+                await die()
+            self._apply(key)
+
+        return handle
+
+    def check(self) -> None:
+        """Every event delivered at least once, applied exactly once; redeliveries happened."""
+        assert self.killed == self.doomed
+        assert set(self.deliveries) == self.expected
+        assert set(self.effects) == self.expected
+        assert set(self.effects.values()) == {1}
+        assert all(self.deliveries[key] >= 2 for key in self.killed)
+        assert sum(self.deliveries.values()) > len(self.expected)
+
+
+class Worker:
+    """One worker process: runs an adapter until it is killed, then starts a fresh one."""
+
+    def __init__(self, slot: str, raw: Redis, make: MakeAdapter) -> None:
+        self.slot = slot
+        self.raw = raw
+        self.make = make
+        self.kills = Counter[str]()
+
+    async def die(self, name: str, died: asyncio.Event) -> None:
+        """Kill this worker from inside a handler: cut its connections (every other time)."""
+        if sum(self.kills.values()) % 2:
+            for client_id in await connections_named(self.raw, f"castore:{name}"):
+                await self.raw.client_kill_filter(_id=client_id)
+            self.kills["connection"] += 1
+        else:
+            self.kills["cancel"] += 1
+        died.set()
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await asyncio.sleep(0)  # the consumer task dies here, holding its unacknowledged entries
+
+    async def run(self, finished: asyncio.Event) -> None:
+        for generation in itertools.count():
+            if finished.is_set():
+                return
+            died = asyncio.Event()
+            name = f"worker-{self.slot}-{generation}"
+            adapter = self.make(name, lambda name=name, died=died: self.die(name, died))
+            async with adapter, adapter.consuming():
+                waits = {asyncio.ensure_future(died.wait()), asyncio.ensure_future(finished.wait())}
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for wait in waits:
+                    wait.cancel()
+
+
+async def run_workers(
+    raw: Redis, makers: Sequence[MakeAdapter], finished: asyncio.Event, seconds: float = 75
+) -> list[Worker]:
+    """Run ``WORKERS`` competing workers per adapter maker until ``finished``."""
+    workers = [
+        Worker(f"{kind}{slot}", raw, make)
+        for kind, make in enumerate(makers)
+        for slot in range(WORKERS)
+    ]
+    async with asyncio.timeout(seconds):
+        await asyncio.gather(*(worker.run(finished) for worker in workers))
+    return workers
+
+
+class TestKilledWorkers:
+    @pytest.mark.slow
+    async def test_queue_delivers_every_message_when_workers_die(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """10,000 messages, workers killed holding 5 %: all delivered, one effect per event."""
+        store = make_store()
+        messages = [notification(index) for index in range(MESSAGES)]
+        consumer = KillingConsumer(messages)
+
+        def make(name: str, die: Die) -> RedisMessageQueueAdapter:
+            queue = NotificationMessageQueue(message_queue_id="orders", source_event_stores=[store])
+            return RedisMessageQueueAdapter.attach_to(
+                queue,
+                REDIS_URL,
+                key_prefix=prefix,
+                name=name,
+                worker=consumer.handler(die),
+                **OPTIONS,
+            )
+
+        publisher_queue = NotificationMessageQueue(
+            message_queue_id="orders", source_event_stores=[store]
+        )
+        async with RedisMessageQueueAdapter.attach_to(
+            publisher_queue, REDIS_URL, key_prefix=prefix
+        ) as publisher:
+            for start in range(0, MESSAGES, 1000):
+                await publisher_queue.publish_messages(messages[start : start + 1000])
+            workers = await run_workers(raw, [make], consumer.done)
+            await until_acknowledged(raw, publisher.stream_key, ["workers"])
+            assert await raw.xlen(publisher.stream_key) == 0
+        consumer.check()
+        kills = sum((worker.kills for worker in workers), Counter[str]())
+        assert kills["cancel"] > 0
+        assert kills["connection"] > 0
+
+    @pytest.mark.slow
+    async def test_bus_delivers_every_message_to_every_listener_when_workers_die(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """10,000 messages, two listeners, their workers killed holding 5 % of the messages."""
+        store = make_store()
+        messages = [notification(index) for index in range(MESSAGES)]
+        projection = KillingConsumer(messages)
+        audit = KillingConsumer(messages, offset=KILL_EVERY // 2)
+        finished = asyncio.Event()
+
+        async def watch_both() -> None:
+            await projection.done.wait()
+            await audit.done.wait()
+            finished.set()
+
+        def maker(listener_id: str, consumer: KillingConsumer) -> MakeAdapter:
+            """Workers running one listener each, as separate processes would."""
+
+            def make(name: str, die: Die) -> RedisMessageBusAdapter:
+                bus = NotificationMessageBus(message_bus_id="events", source_event_stores=[store])
+                adapter = RedisMessageBusAdapter.attach_to(
+                    bus, REDIS_URL, key_prefix=prefix, name=name, **OPTIONS
+                )
+                adapter.on({}, consumer.handler(die), listener_id=listener_id)
+                return adapter
+
+            return make
+
+        watcher = asyncio.create_task(watch_both())
+        bus = NotificationMessageBus(message_bus_id="events", source_event_stores=[store])
+        publisher = RedisMessageBusAdapter.attach_to(bus, REDIS_URL, key_prefix=prefix)
+        publisher.on({}, projection.handler(never), listener_id="projection")
+        publisher.on({}, audit.handler(never), listener_id="audit")
+        async with publisher:  # creates both listeners' consumer groups; never consumes
+            for start in range(0, MESSAGES, 1000):
+                await bus.publish_messages(messages[start : start + 1000])
+            await run_workers(
+                raw, [maker("projection", projection), maker("audit", audit)], finished
+            )
+            await until_acknowledged(raw, publisher.stream_key, ["projection", "audit"])
+        await watcher
+        projection.check()
+        audit.check()
+
+
+class Flaky:
+    """A handler that refuses some messages while ``broken``, recording every call."""
+
+    def __init__(self, refused: set[Key]) -> None:
+        self.refused = refused
+        self.broken = True
+        self.contexts: dict[Key, list[MessageContext]] = {}
+        self.effects: Counter[Key] = Counter()
+        self.changed = asyncio.Event()
+
+    async def __call__(self, message: NotificationMessage, context: MessageContext) -> None:
+        key = event_key(message)
+        self.contexts.setdefault(key, []).append(context)
+        self.changed.set()
+        if self.broken and key in self.refused:
+            raise ValueError(f"cannot handle {key[1]} yet")
+        self.effects[key] += 1
+
+    async def wait_for_effects(self, count: int) -> None:
+        async with asyncio.timeout(30):
+            while sum(self.effects.values()) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+class TestPoisonMessages:
+    async def test_queue_dead_letters_failing_messages_and_republishes_them(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """50 of 1,000 fail: retried to the budget, dead-lettered; republished after a fix."""
+        store = make_store()
+        queue = NotificationMessageQueue(message_queue_id="orders", source_event_stores=[store])
+        messages = [notification(index) for index in range(1000)]
+        refused = {event_key(message) for message in messages[::20]}
+        worker = Flaky(refused)
+        adapter = RedisMessageQueueAdapter.attach_to(
+            queue, REDIS_URL, key_prefix=prefix, worker=worker, **OPTIONS
+        )
+        with watch_dead_letters() as watch:
+            async with adapter:
+                async with adapter.consuming():
+                    await queue.publish_messages(messages)
+                    await worker.wait_for_effects(950)
+                    await watch.wait_for(FLAKY)
+                letters = await adapter.dead_letters()
+                worker.broken = False
+                assert await adapter.republish_dead_letters() == FLAKY
+                async with adapter.consuming():
+                    await worker.wait_for_effects(1000)
+                assert await adapter.dead_letters() == []
+                assert await pending_count(raw, adapter.stream_key, "workers") == 0
+        assert {event_key(letter.message) for letter in letters} == refused
+        assert {letter.attempts for letter in letters} == {3}
+        assert all(
+            letter.error == f"ValueError: cannot handle {event_key(letter.message)[1]} yet"
+            for letter in letters
+        )
+        assert set(worker.effects) == {event_key(message) for message in messages}
+        assert set(worker.effects.values()) == {1}
+        for key in refused:
+            assert [(c.attempt, c.retry_attempts_left) for c in worker.contexts[key]] == [
+                (1, 2),
+                (2, 1),
+                (3, 0),
+                (1, 2),  # republished: a fresh budget
+            ]
+        assert all(len(worker.contexts[key]) == 1 for key in worker.effects if key not in refused)
+
+    async def test_bus_dead_letters_one_listeners_failures_and_republishes_them(
+        self, prefix: str
+    ) -> None:
+        """One listener fails 50 of 1,000; the other handles all once; republish fixes the 50."""
+        store = make_store()
+        bus = NotificationMessageBus(message_bus_id="events", source_event_stores=[store])
+        messages = [notification(index) for index in range(1000)]
+        refused = {event_key(message) for message in messages[::20]}
+        projection, audit = Flaky(refused), Flaky(set())
+        adapter = RedisMessageBusAdapter.attach_to(bus, REDIS_URL, key_prefix=prefix, **OPTIONS)
+        adapter.on({}, projection, listener_id="projection")
+        adapter.on({}, audit, listener_id="audit")
+        with watch_dead_letters() as watch:
+            async with adapter:
+                async with adapter.consuming():
+                    await bus.publish_messages(messages)
+                    await projection.wait_for_effects(950)
+                    await audit.wait_for_effects(1000)
+                    await watch.wait_for(FLAKY)
+                letters = await adapter.dead_letters()
+                projection.broken = False
+                assert await adapter.republish_dead_letters() == FLAKY
+                async with adapter.consuming():
+                    await projection.wait_for_effects(1000)
+                assert await adapter.dead_letters() == []
+        assert {letter.listener_id for letter in letters} == {"projection"}
+        assert {event_key(letter.message) for letter in letters} == refused
+        assert {letter.attempts for letter in letters} == {3}
+        assert set(projection.effects.values()) == {1}
+        assert len(projection.effects) == 1000
+        # The healthy listener saw each message once: no retries, no republished copies.
+        assert all(len(contexts) == 1 for contexts in audit.contexts.values())
+        assert len(audit.contexts) == 1000
