@@ -893,3 +893,233 @@ class TestPostgres:
         exported = self.pg("export", pg_table, "-o", str(out))
         assert exported.exit_code == 0, exported.output
         assert out.read_bytes() == original
+
+
+def test_every_command_option_and_exit_code_is_documented() -> None:
+    """docs/cli.md names every command, every option and every exit code."""
+    import castore_pydantic.cli as cli_module
+
+    page = (REPO_ROOT / "docs" / "cli.md").read_text()
+    missing = []
+    for name, command in cli.commands.items():
+        if f"### `castore {name}" not in page:
+            missing.append(f"command {name}")
+        for param in command.params:
+            for flag in [*param.opts, *param.secondary_opts]:
+                if (
+                    flag.startswith("-")
+                    and flag not in ("-h", "--help")
+                    and f"`{flag}`" not in page
+                ):
+                    missing.append(f"{name} {flag}")
+    for constant in dir(cli_module):
+        if constant.startswith("EXIT_"):
+            code = getattr(cli_module, constant)
+            if f"\n| {code} |" not in page:
+                missing.append(f"exit code {code} ({constant})")
+    assert missing == []
+
+
+# -- pour --------------------------------------------------------------------------------------
+
+CHANNELS_MODULE = """
+from castore_pydantic.messaging import (
+    AggregateExistsMessageQueue,
+    NotificationMessageBus,
+)
+from castore_pydantic.messaging.memory import (
+    InMemoryMessageBusAdapter,
+    InMemoryMessageQueueAdapter,
+)
+from examples.pokemon.stores import pokemons, trainers
+
+received = []
+bus = NotificationMessageBus(message_bus_id="POKEMON_BUS", source_event_stores=[pokemons, trainers])
+bus_adapter = InMemoryMessageBusAdapter.attach_to(bus)
+
+
+async def remember(message, context):
+    received.append((message.event_store_id, message.event.aggregate_id, message.event.version,
+                     context.replay))
+
+
+bus_adapter.on({"on_replay": True}, remember)
+
+existing = []
+exists_queue = AggregateExistsMessageQueue(
+    message_queue_id="EXISTS", source_event_stores=[pokemons]
+)
+
+
+async def count_existing(message, context):
+    existing.append((message.aggregate_id, context.replay))
+
+
+InMemoryMessageQueueAdapter.attach_to(exists_queue, worker=count_existing)
+"""
+
+
+@pytest.fixture
+def channels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sys_path: None
+) -> Iterator[str]:
+    """A fresh module of in-memory channels in the cwd; yields its name."""
+    name = f"channels_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(CHANNELS_MODULE)
+    monkeypatch.chdir(tmp_path)
+    yield name
+    sys.modules.pop(name, None)
+
+
+def chronological(*store_ids: str) -> list[tuple[str, str, int, bool]]:
+    """``story()``'s events of these stores as a pour delivers them (replayed, oldest first)."""
+    events = [(sid, e) for sid in store_ids for e in story()[sid]]
+    events.sort(
+        key=lambda item: (item[1].timestamp, store_ids.index(item[0]), item[1].aggregate_id)
+    )
+    return [(sid, e.aggregate_id, e.version, True) for sid, e in events]
+
+
+class TestPour:
+    """``pour`` replays history into a channel, through ``castore_pydantic.dam``."""
+
+    def test_pour_a_store(self, url: str, channels: str) -> None:
+        """Every event is published once, replayed, in chronological order."""
+        result = castore("pour", "-s", POKEMONS, "-c", f"{channels}:bus", "--url", url, "--json")
+        assert result.exit_code == 0, result.output
+        body = json.loads(result.stdout)
+        assert body["pouredEventCount"] == 5
+        assert body["firstScannedAggregate"]["aggregateId"] == "pikachu"
+        assert sys.modules[channels].received == chronological("POKEMONS")
+
+    def test_pour_several_stores(self, url: str, channels: str) -> None:
+        """Several stores pour as one chronological stream; scans are keyed by store."""
+        result = castore(
+            "pour", "-s", POKEMONS, "-s", TRAINERS, "-c", f"{channels}:bus", "--url", url, "--json"
+        )
+        assert result.exit_code == 0, result.output
+        body = json.loads(result.stdout)
+        assert body["pouredEventCount"] == 7
+        assert set(body["scans"]) == {"POKEMONS", "TRAINERS"}
+        assert sys.modules[channels].received == chronological("POKEMONS", "TRAINERS")
+
+    def test_pour_one_aggregate_within_bounds(self, url: str, channels: str) -> None:
+        """--aggregate-id pours one aggregate; --from/--to keep events inside, inclusive."""
+        result = castore(
+            "pour", "-s", POKEMONS, "-c", f"{channels}:bus", "--url", url,
+            "--aggregate-id", "pikachu", "--from", "2024-01-04T00:00:00Z",
+            "--to", "2024-01-05T00:00:00.000Z",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "Poured 2 events" in result.stdout
+        assert sys.modules[channels].received == [
+            ("POKEMONS", "pikachu", 2, True),
+            ("POKEMONS", "pikachu", 3, True),
+        ]
+
+    def test_pour_aggregate_ids(self, url: str, channels: str) -> None:
+        """--aggregate-ids publishes one aggregate-exists message per aggregate."""
+        result = castore(
+            "pour", "-s", POKEMONS, "-c", f"{channels}:exists_queue", "--url", url,
+            "--aggregate-ids", "--json",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["pouredAggregateIdCount"] == 3
+        assert sys.modules[channels].existing == [
+            ("pikachu", True),
+            ("eevee", True),
+            ("snorlax", True),
+        ]
+
+    def test_rate_limit(self, url: str, channels: str) -> None:
+        """--rate-limit spaces the messages out (5 messages at 25/s take at least 160 ms)."""
+        started = asyncio.run(_loop_time())
+        result = castore(
+            "pour", "-s", POKEMONS, "-c", f"{channels}:bus", "--url", url, "--rate-limit", "25"
+        )
+        elapsed = asyncio.run(_loop_time()) - started
+        assert result.exit_code == 0, result.output
+        assert elapsed >= 0.16
+
+    @pytest.mark.parametrize(
+        ("args", "expected"),
+        [
+            (("-c", "{m}:exists_queue"), "carries aggregateExists messages"),
+            (("-c", "{m}:bus", "--aggregate-ids"), "carries notification messages"),
+            (("-c", "{m}:received"), "not a message queue or bus"),
+        ],
+    )
+    def test_wrong_channel(
+        self, url: str, channels: str, args: tuple[str, ...], expected: str
+    ) -> None:
+        """A channel of the wrong kind is a usage error that says what to do."""
+        result = castore(
+            "pour", "-s", POKEMONS, "--url", url, *(a.format(m=channels) for a in args)
+        )
+        assert result.exit_code == EXIT_USAGE
+        assert expected in one_line_error(result)
+        assert sys.modules[channels].received == []
+
+    def test_option_conflicts(self, url: str, channels: str) -> None:
+        """--aggregate-id with two stores, or with --aggregate-ids, is refused."""
+        two = castore(
+            "pour", "-s", POKEMONS, "-s", TRAINERS, "-c", f"{channels}:bus", "--url", url,
+            "--aggregate-id", "pikachu",
+        )  # fmt: skip
+        assert two.exit_code == EXIT_USAGE
+        both = castore(
+            "pour", "-s", POKEMONS, "-c", f"{channels}:bus", "--url", url,
+            "--aggregate-id", "pikachu", "--aggregate-ids",
+        )  # fmt: skip
+        assert both.exit_code == EXIT_USAGE
+
+
+async def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+@pytest.mark.rabbitmq
+def test_pour_into_rabbitmq(url: str, tmp_path: Path) -> None:
+    """A real RabbitMQ queue receives every event once, replayed, in order, and confirmed."""
+    from tests.messaging.rabbitmq_support import private_vhost, vhost_url
+
+    with private_vhost() as vhost:
+        (tmp_path / "rabbit_channels.py").write_text(
+            textwrap.dedent(
+                f"""
+                from castore_pydantic.messaging import NotificationMessageQueue
+                from castore_pydantic.messaging.rabbitmq import RabbitMQMessageQueueAdapter
+                from examples.pokemon.stores import pokemons
+
+                queue = NotificationMessageQueue(
+                    message_queue_id="POKEMON_REPLAY", source_event_stores=[pokemons]
+                )
+                RabbitMQMessageQueueAdapter.attach_to(queue, {vhost_url(vhost)!r})
+                """
+            )
+        )
+        completed = run_castore(
+            "pour", "-s", POKEMONS, "-c", "rabbit_channels:queue", "--url", url, "--json",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        assert json.loads(completed.stdout)["pouredEventCount"] == 5
+
+        async def drain() -> list[tuple[dict[str, Any], Any]]:
+            import aio_pika
+
+            connection = await aio_pika.connect(vhost_url(vhost))
+            async with connection:
+                channel = await connection.channel()
+                queue = await channel.get_queue("castore.queue.POKEMON_REPLAY")
+                got = []
+                while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                    got.append((json.loads(message.body), message.headers.get("replay")))
+                return got
+
+        delivered = asyncio.run(drain())
+    expected = [json.loads(line) for line in pokemon_lines().splitlines()]
+    expected.sort(key=lambda e: (e["timestamp"], e["aggregateId"]))
+    assert [body["event"] for body, _ in delivered] == expected
+    assert {body["eventStoreId"] for body, _ in delivered} == {"POKEMONS"}
+    assert all(replay is True for _, replay in delivered)

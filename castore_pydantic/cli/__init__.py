@@ -22,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "the castore command needs click and rich: pip install 'castore-pydantic[cli]'"
     ) from exc
 
-from castore_pydantic.cli import _inspect, _transfer
+from castore_pydantic.cli import _inspect, _pour, _transfer
 from castore_pydantic.cli._app import cli
 from castore_pydantic.cli._running import (
     EXIT_BROKEN_PIPE,
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 # The command modules register their commands on ``cli`` when imported.
-_COMMAND_MODULES = (_inspect, _transfer)
+_COMMAND_MODULES = (_inspect, _pour, _transfer)
 
 
 def main(argv: list[str] | None = None) -> None:

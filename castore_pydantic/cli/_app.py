@@ -33,7 +33,7 @@ class TimestampType(_ParamType):
             self.fail(f"{value!r} is not a timezone-aware ISO 8601 timestamp ({exc})", param, ctx)
 
 
-#: Click type of ``--after`` / ``--before``.
+#: Click type of ``--after`` / ``--before`` / ``--from`` / ``--to``.
 TIMESTAMP = TimestampType()
 
 _STORE_HELP = "Event store import string, e.g. examples.pokemon.stores:pokemons ($CASTORE_STORE)."
@@ -43,11 +43,17 @@ _URL_HELP = (
 )
 
 
-def store_options(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Add ``--store``, ``--url``, ``--table`` and ``--timeout`` to a command."""
+def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Callable[..., Any]:
+    """Add ``--store`` (repeatable if ``multiple``), ``--url``, ``--table`` and ``--timeout``."""
     decorators = [
         click.option(
-            "--store", "-s", "store", required=True, envvar="CASTORE_STORE", help=_STORE_HELP
+            "--store",
+            "-s",
+            "stores" if multiple else "store",
+            required=True,
+            multiple=multiple,
+            envvar="CASTORE_STORE",
+            help=f"{_STORE_HELP}{' Repeatable.' if multiple else ''}",
         ),
         click.option("--url", "-u", envvar="CASTORE_URL", default=None, help=_URL_HELP),
         click.option("--table", default="event", show_default=True, help="Events table name."),

@@ -27,8 +27,11 @@ from rich.progress import (
 from castore_pydantic.errors import (
     EventAlreadyExistsError,
     InvalidPageTokenError,
+    MessageChannelEventStoreNotFoundError,
+    MessagingError,
     StorageError,
     StoredEventValidationError,
+    UndefinedMessageChannelAdapterError,
 )
 
 #: Success.
@@ -45,7 +48,7 @@ EXIT_STORAGE = 4
 EXIT_INVALID_DATA = 5
 #: ``import`` met an event whose version exists; the failing batch was not written.
 EXIT_CONFLICT = 6
-#: A message channel refused a message while pouring.
+#: The message broker failed or could not be reached while pouring.
 EXIT_MESSAGING = 7
 #: Interrupted with Ctrl-C.
 EXIT_INTERRUPTED = 130
@@ -107,6 +110,9 @@ _EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
     (StorageError, EXIT_STORAGE),
     (InvalidPageTokenError, EXIT_USAGE),
     (EventAlreadyExistsError, EXIT_CONFLICT),
+    (MessagingError, EXIT_MESSAGING),
+    (MessageChannelEventStoreNotFoundError, EXIT_USAGE),
+    (UndefinedMessageChannelAdapterError, EXIT_USAGE),
     (ValidationError, EXIT_INVALID_DATA),
 )
 
