@@ -56,6 +56,7 @@ _AsyncConnection = psycopg.AsyncConnection[Any]
 _BIGINT_MAX = 2**63 - 1
 _LAYOUT = ("aggregate_name", "aggregate_id", "version", "type", "data", "metadata", "timestamp")
 _IDLE = TransactionStatus.IDLE
+_GROUP_SQL_CACHE = 256  # group statements kept, by tables and sizes
 
 
 def _json(value: Any, event_store_id: str, field: str) -> str | None:
@@ -153,6 +154,7 @@ class PostgresEventStorageAdapter:
         self._closed = False
         self._opened = False
         self._switched: set[int] = set()
+        self._group_sql: dict[tuple[Any, ...], str] = {}
         if pool is not None:
             if connection_string is not None or connect_kwargs:
                 raise ValueError("pass either a connection string or a pool, not both")
@@ -336,9 +338,18 @@ class PostgresEventStorageAdapter:
         return exc
 
     def _error(
-        self, exc: BaseException, doing: str, event_store_id: str | None = None
+        self,
+        exc: BaseException,
+        doing: str,
+        event_store_id: str | None = None,
+        *,
+        lost_write: bool = False,
     ) -> CastoreError:
-        """Translate a driver or pool error raised while ``doing`` something."""
+        """Translate a driver or pool error raised while ``doing`` something.
+
+        ``lost_write`` says that the connection broke after a write was sent: the server may
+        have committed it before the connection went, and the caller must be told so.
+        """
         text = self._redact(_message(exc))
         where = f"{doing} in {self._sql.table_ddl}"
         if isinstance(exc, PoolTimeout):
@@ -348,7 +359,14 @@ class PostgresEventStorageAdapter:
         if isinstance(exc, PoolClosed):
             return StorageError(f"{where}: the connection pool is closed")
         if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-            return StorageUnavailableError(f"{where}: PostgreSQL is unavailable ({text})")
+            outcome = (
+                "; the connection was lost after the write was sent, so its outcome is "
+                "unknown: read the aggregate before retrying (a retry of a stored version "
+                "raises EventAlreadyExistsError)"
+                if lost_write
+                else ""
+            )
+            return StorageUnavailableError(f"{where}: PostgreSQL is unavailable ({text}){outcome}")
         if isinstance(exc, pg_errors.UndefinedTable):
             return StorageError(
                 f"{where}: the table does not exist; call await adapter.create_event_table()"
@@ -477,7 +495,8 @@ class PostgresEventStorageAdapter:
                 ) from exc
             raise self._error(exc, doing, event_store_id) from self._cause(exc)
         except psycopg.Error as exc:
-            raise self._error(exc, doing, event_store_id) from self._cause(exc)
+            error = self._error(exc, doing, event_store_id, lost_write=conn.broken)
+            raise error from self._cause(exc)
         finally:
             await self._release(conn)
         return event
@@ -532,9 +551,14 @@ class PostgresEventStorageAdapter:
                 raise EventAlreadyExistsError(*key)
             rows[key] = _row(event, event_store_id)  # with force, the last one wins
             members.append((adapter, event_store_id, event))
-        query = Statements.write_group(
-            [(statements, len(rows)) for statements, rows in tables.values()], force=force
-        )
+        shape = (force, *((table, len(rows)) for table, (_, rows) in tables.items()))
+        query = self._group_sql.get(shape)
+        if query is None:
+            query = Statements.write_group(
+                [(statements, len(rows)) for statements, rows in tables.values()], force=force
+            )
+            if len(self._group_sql) < _GROUP_SQL_CACHE:
+                self._group_sql[shape] = query
         params = [value for _, rows in tables.values() for row in rows.values() for value in row]
         doing = "pushing an event group"
         conn = await self._acquire(doing)
@@ -546,7 +570,8 @@ class PostgresEventStorageAdapter:
                 raise EventAlreadyExistsError(*culprit) from exc
             raise self._error(exc, doing) from self._cause(exc)
         except psycopg.Error as exc:
-            raise self._error(exc, doing, members[0][1]) from self._cause(exc)
+            error = self._error(exc, doing, members[0][1], lost_write=conn.broken)
+            raise error from self._cause(exc)
         finally:
             await self._release(conn)
         return [event for _, _, event in members]
