@@ -265,6 +265,15 @@ def test_decisions_name_existing_tests() -> None:
     assert missing == []
 
 
+def test_every_decision_cites_a_test() -> None:
+    """Each numbered decision in docs/decisions.md names at least one test that pins it."""
+    text = (DOCS / "decisions.md").read_text()
+    sections = re.split(r"^## (?=\d+\. )", text, flags=re.MULTILINE)[1:]
+    assert len(sections) == 10
+    uncited = [s.splitlines()[0] for s in sections if not re.search(r"`[\w/]+\.py::\w+", s)]
+    assert uncited == []
+
+
 @pytest.mark.slow
 def test_site_builds_strictly(tmp_path: Path) -> None:
     """``mkdocs build --strict`` succeeds: no broken link, anchor, nav entry or docstring."""
