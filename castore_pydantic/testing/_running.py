@@ -1,0 +1,100 @@
+"""Drive async stores and commands from the synchronous code Hypothesis runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from castore_pydantic._command import Command
+from castore_pydantic._event import Event
+from castore_pydantic._event_store import EventStore
+from castore_pydantic._types import PushEventResult
+from castore_pydantic.testing import mock_event_store
+
+__all__ = ["run_commands", "run_sync"]
+
+T = TypeVar("T")
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` on a private event loop and return its result.
+
+    Hypothesis draws values and runs property checks synchronously, but stores are async. When
+    this thread already runs a loop (a sync helper called from an ``async def`` test), the
+    coroutine runs on a fresh loop in a helper thread instead: a thread runs one loop at most.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        running = False
+    else:
+        running = True
+    if not running:
+        return asyncio.run(coroutine)
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = asyncio.run(coroutine)
+        except BaseException as exc:  # handed to the calling thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="castore-run-sync")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    result: T = outcome["result"]
+    return result
+
+
+def run_commands(
+    store: EventStore[Any, Any],
+    steps: Sequence[tuple[Command[Any, Any], Any]],
+    *,
+    aggregate_id: str | None,
+    context: Sequence[Any],
+    expected_errors: tuple[type[BaseException], ...],
+) -> list[Event]:
+    """Run commands on fresh in-memory copies of their stores; return one aggregate's events.
+
+    The aggregate is ``aggregate_id``, or when it is ``None`` the one that received the first
+    event pushed to ``store``. Commands raising ``expected_errors`` are skipped.
+    """
+    return run_sync(_run(store, steps, aggregate_id, context, expected_errors))
+
+
+async def _run(
+    store: EventStore[Any, Any],
+    steps: Sequence[tuple[Command[Any, Any], Any]],
+    aggregate_id: str | None,
+    context: Sequence[Any],
+    expected_errors: tuple[type[BaseException], ...],
+) -> list[Event]:
+    copies: dict[int, EventStore[Any, Any]] = {}
+
+    def copy_of(original: EventStore[Any, Any]) -> EventStore[Any, Any]:
+        if id(original) not in copies:
+            copies[id(original)] = mock_event_store(original)
+        return copies[id(original)]
+
+    target = copy_of(store)
+    pushed_to: list[str] = []
+
+    async def remember(result: PushEventResult[Any, Any]) -> None:
+        pushed_to.append(result.event.aggregate_id)
+
+    target.on_event_pushed = remember
+    for command, value in steps:
+        stores = [copy_of(required) for required in command.required_event_stores]
+        try:
+            await command.handler(value, stores, *context)
+        except expected_errors:
+            continue
+    key = aggregate_id if aggregate_id is not None else next(iter(pushed_to), None)
+    if key is None:
+        return []
+    events: list[Event] = (await target.get_events(key)).events
+    return events

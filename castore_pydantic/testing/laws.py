@@ -1,0 +1,325 @@
+"""Laws every reducer should obey, checked over generated event histories.
+
+``check_reducer(store)`` runs Hypothesis over histories of the store (by default
+``strategies.histories(store)``) and checks each of them; ``check_history(store, events)``
+checks one history, e.g. a regression found earlier. Both are plain synchronous functions that
+work in any test, sync or async. A broken law raises ``ReducerLawError`` (an
+``AssertionError``) naming the law and printing the (shrunk) history as JSON. The laws:
+
+``totality``
+    The reducer never raises on a valid history. Every other law folds the history, so a
+    reducer that raises always fails with this law, selected or not.
+``version_tracking``
+    After each event, the aggregate's ``aggregate_id`` and ``version`` are the event's.
+``determinism``
+    Folding the same events twice gives equal aggregates.
+``prefix_consistency``
+    ``get_aggregate(aggregate_id, max_version=k)`` on an in-memory copy of the store seeded
+    with the history equals the aggregate folding the whole history reached at version k,
+    for every k (a reducer that caches state across folds breaks it).
+``incremental_equals_batch``
+    Pushing the events one by one with ``push_event(event, prev_aggregate=...)`` gives, at
+    every step, the aggregate that folding the events so far gives (a reducer that mutates the
+    previous aggregate in place breaks it).
+``json_round_trip``
+    Every aggregate survives ``type(a).model_validate_json(a.model_dump_json()) == a``.
+
+Example::
+
+    from castore_pydantic.testing import strategies as cst
+    from castore_pydantic.testing.laws import check_reducer
+
+    def test_pokemon_reducer():
+        check_reducer(
+            pokemons,
+            histories=cst.histories(pokemons, first=["POKEMON_APPEARED"]),
+            max_examples=200,
+        )
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any, NoReturn
+
+import hypothesis
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from castore_pydantic._event import Event
+from castore_pydantic._event_store import EventStore
+from castore_pydantic.errors import ReducerLawError
+from castore_pydantic.testing import mock_event_store
+from castore_pydantic.testing import strategies as _strategies
+from castore_pydantic.testing._running import run_sync
+
+__all__ = ["ALL_LAWS", "Law", "check_history", "check_reducer"]
+
+_SHOWN = 600  # characters of an aggregate's repr shown in a failure
+
+
+class Law(enum.StrEnum):
+    """The reducer laws; pass them (or their string values) as ``laws=``."""
+
+    TOTALITY = "totality"
+    VERSION_TRACKING = "version_tracking"
+    DETERMINISM = "determinism"
+    PREFIX_CONSISTENCY = "prefix_consistency"
+    INCREMENTAL_EQUALS_BATCH = "incremental_equals_batch"
+    JSON_ROUND_TRIP = "json_round_trip"
+
+
+#: Every law, in the order they are checked.
+ALL_LAWS: tuple[Law, ...] = tuple(Law)
+
+
+def check_reducer(
+    store: EventStore[Any, Any],
+    *,
+    histories: st.SearchStrategy[Sequence[Event]] | None = None,
+    laws: Iterable[Law | str] | None = None,
+    max_examples: int | None = None,
+    settings: hypothesis.settings | None = None,
+) -> None:
+    """Check a store's reducer against the laws over many generated histories.
+
+    Call it from a plain test function (not from inside another ``@given``). Hypothesis
+    shrinks a failing history to a small one before it is reported.
+
+    Args:
+        store: The event store whose reducer is checked. It is not read or written: the
+            laws that need storage use in-memory copies (``mock_event_store``).
+        histories: Histories to check (default ``strategies.histories(store)``); pass one
+            with ordering rules when the reducer expects them, e.g.
+            ``histories(store, first=["POKEMON_APPEARED"])``.
+        laws: Which laws to check (default all of ``ALL_LAWS``).
+        max_examples: How many histories to try (default: the settings' value, 100).
+        settings: Hypothesis settings to start from. Without them the database and the
+            deadline are off. Multiple-bug reporting is always off, so that exactly one
+            ``ReducerLawError`` is raised.
+
+    Raises:
+        ReducerLawError: A law is broken; the message names it and shows the history.
+        ValueError: An unknown law name.
+
+    Example::
+
+        def test_reducer():
+            check_reducer(pokemons, laws=["totality", "determinism"], max_examples=50)
+    """
+    selected = _select(laws)
+    strategy = histories if histories is not None else _strategies.histories(store)
+    base = settings if settings is not None else hypothesis.settings(deadline=None, database=None)
+    chosen = hypothesis.settings(base, report_multiple_bugs=False)
+    if max_examples is not None:
+        chosen = hypothesis.settings(chosen, max_examples=max_examples)
+
+    @chosen
+    @given(strategy)
+    def reducer_obeys_laws(history: Sequence[Event]) -> None:
+        check_history(store, history, laws=selected)
+
+    reducer_obeys_laws()
+
+
+def check_history(
+    store: EventStore[Any, Any],
+    events: Sequence[Event],
+    *,
+    laws: Iterable[Law | str] | None = None,
+) -> None:
+    """Check the laws on one history of one aggregate.
+
+    Args:
+        store: The event store whose reducer is checked (it is not read or written).
+        events: Events of one aggregate, versions increasing, at least one.
+        laws: Which laws to check (default all of ``ALL_LAWS``).
+
+    Raises:
+        ReducerLawError: A law is broken; the message names it and shows the history.
+        ValueError: The history is empty, mixes aggregates, its versions do not increase,
+            or a law name is unknown.
+
+    Example::
+
+        def test_regression():
+            check_history(pokemons, [appeared_v1, caught_v2], laws=["version_tracking"])
+    """
+    selected = _select(laws)
+    history = list(events)
+    _check_shape(history)
+    checker = _Checker(store, history)
+    aggregates = checker.fold()
+    if Law.VERSION_TRACKING in selected:
+        checker.version_tracking(aggregates)
+    if Law.DETERMINISM in selected:
+        checker.determinism(aggregates[-1])
+    if Law.PREFIX_CONSISTENCY in selected:
+        checker.prefix_consistency(aggregates)
+    if Law.INCREMENTAL_EQUALS_BATCH in selected:
+        checker.incremental_equals_batch()
+    if Law.JSON_ROUND_TRIP in selected:
+        checker.json_round_trip(aggregates)
+
+
+def _select(laws: Iterable[Law | str] | None) -> frozenset[Law]:
+    if laws is None:
+        return frozenset(ALL_LAWS)
+    if isinstance(laws, str):
+        laws = [laws]
+    selected = set()
+    for law in laws:
+        try:
+            selected.add(Law(law))
+        except ValueError:
+            known = ", ".join(law.value for law in ALL_LAWS)
+            raise ValueError(f"unknown reducer law {law!r} (known: {known})") from None
+    return frozenset(selected)
+
+
+def _check_shape(history: Sequence[Event]) -> None:
+    if not history:
+        raise ValueError("a history needs at least one event")
+    ids = {event.aggregate_id for event in history}
+    if len(ids) > 1:
+        raise ValueError(f"a history belongs to one aggregate, got {sorted(ids)}")
+    versions = [event.version for event in history]
+    if any(b <= a for a, b in itertools.pairwise(versions)):
+        raise ValueError(f"versions of a history must increase, got {versions}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[:_SHOWN] + "..."
+
+
+class _Checker:
+    """The laws, applied to one history."""
+
+    def __init__(self, store: EventStore[Any, Any], history: list[Event]) -> None:
+        self.store = store
+        self.history = history
+
+    def fail(self, law: Law, detail: str, cause: BaseException | None = None) -> NoReturn:
+        events = [event.model_dump(mode="json") for event in self.history]
+        raise ReducerLawError(law.value, self.store.event_store_id, detail, events) from cause
+
+    def build(self, count: int) -> Any:
+        """Fold the first ``count`` events afresh."""
+        return self.store.build_aggregate(self.history[:count])
+
+    def fold(self) -> list[Any]:
+        """Fold once, keeping the aggregate after each event (the totality law)."""
+        aggregates = []
+        aggregate = None
+        for event in self.history:
+            try:
+                aggregate = self.store.reducer(aggregate, event)
+            except Exception as exc:
+                self.fail(
+                    Law.TOTALITY,
+                    f"the reducer raised {type(exc).__name__}: {exc} "
+                    f"on the event of version {event.version} ({event.type})",
+                    exc,
+                )
+            aggregates.append(aggregate)
+        return aggregates
+
+    def version_tracking(self, aggregates: Sequence[Any]) -> None:
+        for event, aggregate in zip(self.history, aggregates, strict=True):
+            got = (
+                getattr(aggregate, "aggregate_id", "<missing>"),
+                getattr(aggregate, "version", "<missing>"),
+            )
+            if got != (event.aggregate_id, event.version):
+                self.fail(
+                    Law.VERSION_TRACKING,
+                    f"after the event of version {event.version} ({event.type}) the aggregate "
+                    f"has aggregate_id={got[0]!r}, version={got[1]!r}; expected "
+                    f"aggregate_id={event.aggregate_id!r}, version={event.version!r}. "
+                    f"Aggregate: {_show(aggregate)}",
+                )
+
+    def determinism(self, first: Any) -> None:
+        second = self.build(len(self.history))
+        if second != first:
+            self.fail(
+                Law.DETERMINISM,
+                f"folding the same events twice gave different aggregates:\n"
+                f"  first:  {_show(first)}\n  second: {_show(second)}",
+            )
+
+    def prefix_consistency(self, aggregates: Sequence[Any]) -> None:
+        store, history = self.store, self.history
+        aggregate_id = history[0].aggregate_id
+
+        async def read_prefixes() -> list[Any]:
+            seeded = mock_event_store(store, history)
+            return [
+                (await seeded.get_aggregate(aggregate_id, max_version=event.version)).aggregate
+                for event in history
+            ]
+
+        stored_prefixes = run_sync(read_prefixes())
+        for event, stored, folded in zip(history, stored_prefixes, aggregates, strict=True):
+            if stored != folded:
+                self.fail(
+                    Law.PREFIX_CONSISTENCY,
+                    f"get_aggregate(max_version={event.version}) differs from the aggregate "
+                    f"folding reached at that event:\n  get_aggregate: {_show(stored)}\n"
+                    f"  folded:        {_show(folded)}",
+                )
+
+    def incremental_equals_batch(self) -> None:
+        store, history = self.store, self.history
+
+        async def push_one_by_one() -> list[Any]:
+            empty = mock_event_store(store)
+            previous = None
+            produced = []
+            for event in history:
+                result = await empty.push_event(event, prev_aggregate=previous)
+                previous = result.next_aggregate
+                produced.append(previous)
+            return produced
+
+        # Compared after all pushes: a reducer that mutates its input corrupts earlier results.
+        for count, pushed in enumerate(run_sync(push_one_by_one()), start=1):
+            folded = self.build(count)
+            if pushed != folded:
+                event = history[count - 1]
+                self.fail(
+                    Law.INCREMENTAL_EQUALS_BATCH,
+                    f"after pushing events one by one up to version {event.version}, "
+                    f"next_aggregate differs from folding those events (compared once all "
+                    f"were pushed):\n  pushed: {_show(pushed)}\n  folded: {_show(folded)}",
+                )
+
+    def json_round_trip(self, aggregates: Sequence[Any]) -> None:
+        for event, aggregate in zip(self.history, aggregates, strict=True):
+            if not isinstance(aggregate, BaseModel):
+                self.fail(
+                    Law.JSON_ROUND_TRIP,
+                    f"the aggregate after version {event.version} is a "
+                    f"{type(aggregate).__name__}, not a Pydantic model",
+                )
+            try:
+                text = aggregate.model_dump_json()
+                back = type(aggregate).model_validate_json(text)
+            except Exception as exc:
+                self.fail(
+                    Law.JSON_ROUND_TRIP,
+                    f"the aggregate after version {event.version} does not survive JSON: "
+                    f"{type(exc).__name__}: {exc}",
+                    exc,
+                )
+            if back != aggregate:
+                self.fail(
+                    Law.JSON_ROUND_TRIP,
+                    f"the aggregate after version {event.version} changes through JSON:\n"
+                    f"  before: {_show(aggregate)}\n  JSON:   {text[:_SHOWN]}\n"
+                    f"  after:  {_show(back)}",
+                )

@@ -1,0 +1,354 @@
+"""Tests for ``castore_pydantic.testing.laws``: good reducers pass, each broken one is caught."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, Field
+
+from castore_pydantic import Aggregate, Event, EventStore
+from castore_pydantic.errors import ReducerLawError
+from castore_pydantic.testing import strategies as cst
+from castore_pydantic.testing.laws import ALL_LAWS, Law, check_history, check_reducer
+
+# -- a small counter domain ----------------------------------------------------------------
+
+
+class Named(BaseModel):
+    name: str = Field(min_length=1, max_length=12)
+
+
+class Step(BaseModel):
+    by: int = Field(ge=1, le=10)
+
+
+class CounterCreated(Event):
+    type: Literal["COUNTER_CREATED"] = "COUNTER_CREATED"
+    payload: Named
+
+
+class CounterIncremented(Event):
+    type: Literal["COUNTER_INCREMENTED"] = "COUNTER_INCREMENTED"
+    payload: Step
+
+
+class CounterRenamed(Event):
+    type: Literal["COUNTER_RENAMED"] = "COUNTER_RENAMED"
+    payload: Named
+
+
+CounterEvent = CounterCreated | CounterIncremented | CounterRenamed
+Reducer = Callable[[Any, Any], Any]
+
+
+class Counter(Aggregate):
+    name: str
+    value: int
+
+
+def reduce_counter(counter: Counter | None, event: CounterEvent) -> Counter:
+    if isinstance(event, CounterCreated):
+        return Counter(
+            aggregate_id=event.aggregate_id, version=event.version, name=event.payload.name, value=0
+        )
+    assert counter is not None
+    if isinstance(event, CounterIncremented):
+        return counter.model_copy(
+            update={"version": event.version, "value": counter.value + event.payload.by}
+        )
+    return counter.model_copy(update={"version": event.version, "name": event.payload.name})
+
+
+def counters(reducer: Reducer = reduce_counter) -> EventStore[Any, Any]:
+    return EventStore(
+        event_store_id="COUNTERS",
+        event_types=[CounterCreated, CounterIncremented, CounterRenamed],
+        reducer=reducer,
+    )
+
+
+def counter_histories(store: EventStore[Any, Any]) -> Any:
+    """Counters are created once, first; anything else may follow."""
+    return cst.histories(
+        store,
+        first=["COUNTER_CREATED"],
+        can_follow=lambda previous, name: name != "COUNTER_CREATED" or not previous,
+        max_size=8,
+    )
+
+
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+CREATED = CounterCreated(aggregate_id="c1", version=1, timestamp=T0, payload=Named(name="one"))
+INCREMENTED = CounterIncremented(aggregate_id="c1", version=2, timestamp=T0, payload=Step(by=2))
+RENAMED = CounterRenamed(aggregate_id="c1", version=3, timestamp=T0, payload=Named(name="two"))
+
+
+# -- broken reducers, one per law ----------------------------------------------------------
+
+
+def raises_on_rename(counter: Counter | None, event: CounterEvent) -> Counter:
+    """Forgot a case: renaming raises."""
+    if isinstance(event, CounterRenamed):
+        raise KeyError(event.type)
+    return reduce_counter(counter, event)
+
+
+def forgets_version_on_increment(counter: Counter | None, event: CounterEvent) -> Counter:
+    """Forgot to move the version forward on increments."""
+    if isinstance(event, CounterIncremented):
+        assert counter is not None
+        return counter.model_copy(update={"value": counter.value + event.payload.by})
+    return reduce_counter(counter, event)
+
+
+class Stamped(Counter):
+    fold_number: int
+
+
+class HiddenState:
+    """A reducer with state shared across folds; ``reset`` starts an example afresh.
+
+    Hypothesis replays and shrinks failing examples, so each example must behave the same
+    whenever it runs: the checks below reset the state at the start of every history.
+    """
+
+    def reset(self, history: list[Event]) -> list[Event]:
+        raise NotImplementedError
+
+    def __call__(self, counter: Any, event: CounterEvent) -> Any:
+        raise NotImplementedError
+
+
+class Stamping(HiddenState):
+    """Stamps each aggregate with a running number: folding twice gives different stamps."""
+
+    def reset(self, history: list[Event]) -> list[Event]:
+        self.calls = itertools.count()
+        return history
+
+    def __call__(self, counter: Stamped | None, event: CounterEvent) -> Stamped:
+        base = reduce_counter(counter, event)
+        return Stamped(**base.model_dump(by_alias=False), fold_number=next(self.calls))
+
+
+class Snapshotting(HiddenState):
+    """Resumes from the latest snapshot when folding from scratch: wrong for older versions."""
+
+    def reset(self, history: list[Event]) -> list[Event]:
+        self.snapshots: dict[str, Counter] = {}
+        return history
+
+    def __call__(self, counter: Counter | None, event: CounterEvent) -> Counter:
+        if counter is None and event.aggregate_id in self.snapshots:
+            return self.snapshots[event.aggregate_id]
+        folded = reduce_counter(counter, event)
+        self.snapshots[event.aggregate_id] = folded
+        return folded
+
+
+class Tally(Aggregate):
+    steps: list[int]
+
+
+def mutating_reducer(tally: Tally | None, event: CounterEvent) -> Tally:
+    """Appends to the previous aggregate's list in place: earlier aggregates change too."""
+    if tally is None:
+        return Tally(aggregate_id=event.aggregate_id, version=event.version, steps=[event.version])
+    tally.steps.append(event.version)
+    return tally.model_copy(update={"version": event.version})
+
+
+class Tagged(Aggregate):
+    tags: Any
+
+
+def tuple_reducer(tagged: Tagged | None, event: CounterEvent) -> Tagged:
+    """Keeps a tuple in an ``Any`` field: JSON brings it back as a list."""
+    tags = (*(tagged.tags if tagged else ()), event.type)
+    return Tagged(aggregate_id=event.aggregate_id, version=event.version, tags=tags)
+
+
+BROKEN: list[tuple[Law, Callable[[], Reducer]]] = [
+    (Law.TOTALITY, lambda: raises_on_rename),
+    (Law.VERSION_TRACKING, lambda: forgets_version_on_increment),
+    (Law.DETERMINISM, Stamping),
+    (Law.PREFIX_CONSISTENCY, Snapshotting),
+    (Law.INCREMENTAL_EQUALS_BATCH, lambda: mutating_reducer),
+    (Law.JSON_ROUND_TRIP, lambda: tuple_reducer),
+]
+
+
+def history_in(error: ReducerLawError) -> list[dict[str, Any]]:
+    """The JSON history printed in the error's message."""
+    text = str(error)
+    rendered: list[dict[str, Any]] = json.loads(
+        text[text.index("events):\n") + len("events):\n") :]
+    )
+    return rendered
+
+
+class TestGoodReducer:
+    """A correct reducer passes every law."""
+
+    def test_obeys_every_law(self) -> None:
+        """``check_reducer`` returns quietly for a correct reducer."""
+        store = counters()
+        check_reducer(store, histories=counter_histories(store), max_examples=100)
+
+    def test_default_histories_fit_an_order_free_reducer(self) -> None:
+        """Without ``histories``, every order of the store's types is tried."""
+
+        def log(tally: Tally | None, event: CounterEvent) -> Tally:
+            steps = [*(tally.steps if tally else []), event.version]
+            return Tally(aggregate_id=event.aggregate_id, version=event.version, steps=steps)
+
+        check_reducer(counters(log), max_examples=50)
+
+    async def test_works_inside_a_running_event_loop(self) -> None:
+        """It can be called from an ``async def`` test (it runs its own loop elsewhere)."""
+        store = counters()
+        check_reducer(store, histories=counter_histories(store), max_examples=20)
+        with pytest.raises(ReducerLawError):
+            check_reducer(counters(mutating_reducer), max_examples=50)
+
+    def test_check_history_on_a_fixed_history(self) -> None:
+        """``check_history`` checks one concrete history."""
+        check_history(counters(), [CREATED, INCREMENTED, RENAMED])
+
+
+class TestBrokenReducers:
+    """Each law catches a reducer that breaks it, and says which law and which history."""
+
+    @pytest.mark.parametrize(("law", "make_reducer"), BROKEN, ids=[law for law, _ in BROKEN])
+    def test_law_catches_broken_reducer(
+        self, law: Law, make_reducer: Callable[[], Reducer]
+    ) -> None:
+        """The selected law fails with a ReducerLawError naming it and showing the history."""
+        reducer = make_reducer()
+        store = counters(reducer)
+        histories = counter_histories(store)
+        if isinstance(reducer, HiddenState):
+            histories = histories.map(reducer.reset)
+        with pytest.raises(ReducerLawError) as info:
+            check_reducer(store, histories=histories, laws=[law], max_examples=200)
+        error = info.value
+        assert isinstance(error, AssertionError)
+        assert error.law == law.value
+        assert error.event_store_id == "COUNTERS"
+        assert str(error).startswith(f"Reducer law '{law.value}' broken by event store COUNTERS")
+        shown = history_in(error)
+        assert shown == error.events
+        assert shown[0]["type"] == "COUNTER_CREATED"
+        assert {"aggregateId", "version", "timestamp", "type"} <= set(shown[0])
+        assert shown[0]["timestamp"].endswith("Z")
+
+    def test_failing_history_is_shrunk(self) -> None:
+        """The reported history is the smallest that fails: create, then rename."""
+        store = counters(raises_on_rename)
+        with pytest.raises(ReducerLawError) as info:
+            check_reducer(store, histories=counter_histories(store), max_examples=200)
+        assert [event["type"] for event in history_in(info.value)] == [
+            "COUNTER_CREATED",
+            "COUNTER_RENAMED",
+        ]
+        assert "KeyError" in info.value.detail
+        assert isinstance(info.value.__cause__, KeyError)
+
+    def test_a_raising_reducer_fails_totality_whatever_is_selected(self) -> None:
+        """Every law needs a fold, so a raising reducer is reported as totality."""
+        with pytest.raises(ReducerLawError) as info:
+            check_history(counters(raises_on_rename), [CREATED, RENAMED], laws=["determinism"])
+        assert info.value.law == "totality"
+
+    def test_unselected_laws_are_not_checked(self) -> None:
+        """A reducer that only breaks JSON round trips passes when that law is left out."""
+        store = counters(tuple_reducer)
+        others = [law for law in ALL_LAWS if law is not Law.JSON_ROUND_TRIP]
+        check_reducer(store, histories=counter_histories(store), laws=others, max_examples=50)
+        with pytest.raises(ReducerLawError, match="json_round_trip"):
+            check_history(store, [CREATED, INCREMENTED])
+
+    def test_mutation_is_caught_only_when_compared_after_all_pushes(self) -> None:
+        """The in-place mutation leaves totality, version tracking and determinism intact."""
+        store = counters(mutating_reducer)
+        history = [CREATED, INCREMENTED, RENAMED]
+        check_history(store, history, laws=["totality", "version_tracking", "determinism"])
+        with pytest.raises(ReducerLawError, match="incremental_equals_batch"):
+            check_history(store, history, laws=["incremental_equals_batch"])
+
+    def test_non_model_aggregates_fail_the_json_law_clearly(self) -> None:
+        """An aggregate that is not a Pydantic model cannot round-trip; the message says so."""
+
+        @dataclasses.dataclass(frozen=True)
+        class Plain:
+            aggregate_id: str
+            version: int
+
+        def reduce(plain: Plain | None, event: CounterEvent) -> Plain:
+            return Plain(event.aggregate_id, event.version)
+
+        store = counters(reduce)
+        check_history(store, [CREATED, INCREMENTED], laws=ALL_LAWS[:-1])
+        with pytest.raises(ReducerLawError, match="not a Pydantic model"):
+            check_history(store, [CREATED, INCREMENTED], laws=["json_round_trip"])
+
+
+class TestArguments:
+    """Law selection, settings and history shape are validated."""
+
+    def test_unknown_law_is_refused(self) -> None:
+        """An unknown law name is a ValueError listing the known ones."""
+        with pytest.raises(ValueError, match=r"unknown reducer law 'purity'.*totality"):
+            check_reducer(counters(), laws=["purity"])
+
+    def test_a_single_law_string_is_accepted(self) -> None:
+        """``laws="totality"`` means that one law."""
+        check_history(
+            counters(forgets_version_on_increment), [CREATED, INCREMENTED], laws="totality"
+        )
+
+    @pytest.mark.parametrize(
+        ("history", "message"),
+        [
+            ([], "at least one event"),
+            ([CREATED, INCREMENTED.model_copy(update={"aggregate_id": "c2"})], "one aggregate"),
+            ([CREATED, RENAMED, INCREMENTED], "must increase"),
+        ],
+    )
+    def test_bad_histories_are_refused(self, history: Sequence[Event], message: str) -> None:
+        """Empty, mixed-aggregate or unordered histories are a ValueError."""
+        with pytest.raises(ValueError, match=message):
+            check_history(counters(), history)
+
+    @pytest.mark.parametrize(("given", "expected"), [(None, 7), (3, 3)])
+    def test_settings_and_max_examples(self, given: int | None, expected: int) -> None:
+        """Settings are honoured; ``max_examples`` overrides theirs."""
+        store = counters()
+        seen: list[int] = []
+
+        def record(history: list[Event]) -> list[Event]:
+            seen.append(len(history))
+            return history
+
+        histories = counter_histories(store).map(record)
+        check_reducer(
+            store,
+            histories=histories,
+            settings=settings(max_examples=7, database=None, deadline=None),
+            max_examples=given,
+        )
+        assert 1 <= len(seen) <= expected
+
+    def test_custom_history_strategy(self) -> None:
+        """Any strategy of histories may be checked, e.g. fixed ones."""
+        store = counters(forgets_version_on_increment)
+        with pytest.raises(ReducerLawError, match="version_tracking"):
+            check_reducer(store, histories=st.just([CREATED, INCREMENTED]), max_examples=5)

@@ -1,0 +1,1138 @@
+"""Tests for ``castore_pydantic.testing.strategies``: models, events, histories, commands."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import datetime as dt
+import enum
+import ipaddress
+import itertools
+import json
+import pathlib
+import uuid
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Annotated, Any, Generic, Literal, NamedTuple, NewType, TypeVar
+
+import annotated_types as at
+import pytest
+from hypothesis import HealthCheck, find, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
+from pydantic import (
+    UUID4,
+    UUID7,
+    AliasChoices,
+    AliasPath,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    FutureDatetime,
+    GetCoreSchemaHandler,
+    HttpUrl,
+    JsonValue,
+    NaiveDatetime,
+    NegativeFloat,
+    PastDate,
+    PositiveInt,
+    RootModel,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    conint,
+    constr,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+from pydantic_core import core_schema
+from typing_extensions import TypedDict
+
+from castore_pydantic import Aggregate, Command, Event, EventStore
+from castore_pydantic.errors import AggregateNotFoundError, CastoreError, NoStrategyError
+from castore_pydantic.testing import strategies as cst
+from castore_pydantic.testing._derive import Resolver
+
+#: The zoo's profile: 100 examples per shape, no deadline (CI machines are shared), health
+#: checks on, so a strategy that leans on filtering fails loudly instead of slowing down.
+ZOO = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- the zoo: model shapes ---------------------------------------------------------------------
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Size(enum.IntEnum):
+    S = 1
+    M = 2
+
+
+class Mood(enum.StrEnum):
+    HAPPY = "happy"
+    SAD = "sad"
+
+
+class IntBounds(BaseModel):
+    inclusive: int = Field(ge=-5, le=5)
+    exclusive: int = Field(gt=0, lt=3)
+    lower_only: int = Field(ge=10**12)
+    upper_only: int = Field(lt=-7)
+
+
+class IntMultiples(BaseModel):
+    even: int = Field(multiple_of=2)
+    bounded: int = Field(multiple_of=7, ge=10, le=50)
+    negative: int = Field(multiple_of=5, lt=0)
+
+
+class FloatBounds(BaseModel):
+    unit: float = Field(ge=0, lt=1)
+    positive: float = Field(gt=0)
+    tiny: float = Field(gt=-0.001, le=0.001)
+    halves: float = Field(multiple_of=0.5, ge=-10, le=10)
+
+
+class StrLengths(BaseModel):
+    short: str = Field(max_length=3)
+    long: str = Field(min_length=30)
+    exact: str = Field(min_length=4, max_length=4)
+
+
+class StrPatterns(BaseModel):
+    code: str = Field(pattern=r"^[A-Z]{3}-\d{2}$")
+    contains: str = Field(pattern=r"ab+c")
+    bounded: str = Field(pattern=r"^[a-z]+$", max_length=5)
+
+
+class StrTransforms(BaseModel):
+    lowered: constr(to_lower=True, min_length=1, max_length=8)  # type: ignore[valid-type]
+    stripped: Annotated[str, StringConstraints(strip_whitespace=True, min_length=2)]
+    ascii: Annotated[str, StringConstraints(pattern=r"^\w+$", max_length=6)]
+
+
+class Literals(BaseModel):
+    word: Literal["a", "b", "c"]
+    number: Literal[1, 2, 3]
+    mixed: Literal["x", 7, True, None]
+
+
+class Enums(BaseModel):
+    color: Color
+    size: Size
+    mood: Mood
+    colors: list[Color]
+
+
+class Optionals(BaseModel):
+    maybe: int | None
+    defaulted: str | None = None
+    constrained: int | None = Field(default=None, ge=3, le=4)
+    with_default: int = 42
+
+
+class Unions(BaseModel):
+    scalar: int | str
+    items: list[int] | dict[str, bool]
+    dated: dt.date | None
+
+
+class Cat(BaseModel):
+    kind: Literal["cat"] = "cat"
+    lives: int = Field(ge=1, le=9)
+
+
+class Dog(BaseModel):
+    kind: Literal["dog"] = "dog"
+    good: bool
+
+
+class Discriminated(BaseModel):
+    pet: Cat | Dog = Field(discriminator="kind")
+    pets: list[Annotated[Cat | Dog, Field(discriminator="kind")]]
+
+
+def _pet_tag(value: Any) -> str:
+    data = value if isinstance(value, dict) else value.__dict__
+    return "with-lives" if "lives" in data else "with-good"
+
+
+class CallableDiscriminated(BaseModel):
+    pet: Annotated[
+        Annotated[Cat, Tag("with-lives")] | Annotated[Dog, Tag("with-good")],
+        Discriminator(_pet_tag),
+    ]
+
+
+class Inner(BaseModel):
+    label: str = Field(min_length=1)
+    weight: float = Field(ge=0)
+
+
+class Middle(BaseModel):
+    inner: Inner
+    inners: list[Inner] = Field(max_length=2)
+
+
+class Nested(BaseModel):
+    middle: Middle
+    optional_inner: Inner | None = None
+
+
+class Sequences(BaseModel):
+    numbers: list[int] = Field(min_length=2, max_length=4)
+    any_length: list[str]
+    sequence: Sequence[Annotated[int, Field(ge=0)]]
+    queue: collections.deque[int]
+
+
+class Sets(BaseModel):
+    numbers: set[int] = Field(min_length=1, max_length=3)
+    words: frozenset[Annotated[str, Field(max_length=2)]]
+
+
+class Mappings(BaseModel):
+    counts: dict[str, Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=3)
+    by_number: dict[int, str]
+    mapping: Mapping[str, float]
+
+
+class Tuples(BaseModel):
+    pair: tuple[int, str]
+    many: tuple[float, ...] = Field(max_length=3)
+    empty: tuple[()]
+
+
+class Datetimes(BaseModel):
+    anything: dt.datetime
+    aware: AwareDatetime
+    naive: NaiveDatetime
+    after: dt.datetime = Field(ge=dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    before_naive: dt.datetime = Field(lt=dt.datetime(1999, 12, 31))
+    zoned: Annotated[dt.datetime, at.Timezone(...)]
+
+
+class OtherTimes(BaseModel):
+    day: dt.date = Field(ge=dt.date(2020, 1, 1), lt=dt.date(2020, 2, 1))
+    clock: dt.time
+    span: dt.timedelta
+    short_span: dt.timedelta = Field(ge=dt.timedelta(0), le=dt.timedelta(hours=1))
+
+
+class RelativeTimes(BaseModel):
+    born: PastDate
+    due: FutureDatetime
+
+
+class Uuids(BaseModel):
+    anything: uuid.UUID
+    v4: UUID4
+    v7: UUID7
+
+
+class Decimals(BaseModel):
+    money: Decimal = Field(max_digits=7, decimal_places=2, ge=0)
+    ratio: Decimal = Field(gt=0, lt=1)
+    stepped: Annotated[Decimal, at.MultipleOf(Decimal("0.25")), Field(ge=0, le=5)]
+    digits_only: Decimal = Field(max_digits=4)
+
+
+class AnnotatedConstraints(BaseModel):
+    small: Annotated[int, at.Gt(0), at.Le(10)]
+    interval: Annotated[float, at.Interval(ge=1, lt=2)]
+    sized: Annotated[list[int], at.Len(1, 2)]
+    positive: PositiveInt
+    negative: NegativeFloat
+    legacy: conint(ge=3, le=9, multiple_of=3)  # type: ignore[valid-type]
+    checked: Annotated[int, at.Predicate(lambda n: n % 3 == 1), Field(ge=0, le=30)]
+
+
+class Aliased(BaseModel):
+    model_config = ConfigDict(validate_by_name=True)
+
+    plain: int = Field(alias="plainAlias")
+    choices: str = Field(validation_alias=AliasChoices("first_choice", "second_choice"))
+    pathed: int = Field(validation_alias=AliasPath("deep", "value"), ge=0)
+
+
+class CamelOnly(BaseModel):
+    """Accepts only camelCase keys: the generator must use the aliases."""
+
+    model_config = ConfigDict(alias_generator=to_camel, serialize_by_alias=True)
+
+    first_name: str
+    level_count: int = Field(ge=0)
+
+
+class StrictForbid(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    number: int = Field(ge=0)
+    when: dt.datetime
+    color: Color
+    tags: tuple[str, ...]
+
+
+class Tree(BaseModel):
+    value: int
+    children: list[Tree] = Field(default_factory=list, max_length=2)
+
+
+class Chain(BaseModel):
+    name: str
+    next: Chain | None = None
+
+
+class Untyped(BaseModel):
+    anything: Any
+    mapping: dict[str, Any]
+    json_value: JsonValue
+
+
+class Point(TypedDict):
+    x: int
+    y: Annotated[int, Field(ge=0)]
+
+
+@dataclasses.dataclass
+class Span:
+    start: int
+    length: int = 1
+
+
+class Pair(NamedTuple):
+    left: str
+    right: int
+
+
+class Structured(BaseModel):
+    point: Point
+    span: Span
+    pair: Pair
+
+
+T = TypeVar("T")
+
+
+class Box(BaseModel, Generic[T]):
+    item: T
+    items: list[T] = Field(max_length=2)
+
+
+class Boxes(BaseModel):
+    ints: Box[int]
+    dates: Box[dt.date]
+
+
+class Numbers(RootModel[list[Annotated[int, Field(ge=0, le=9)]]]):
+    pass
+
+
+class Networks(BaseModel):
+    address: ipaddress.IPv4Address
+    address6: ipaddress.IPv6Address
+    network: ipaddress.IPv4Network
+    path: pathlib.Path
+    url: HttpUrl
+    raw: bytes = Field(max_length=8)
+
+
+class Validated(BaseModel):
+    """Validators the strategy cannot see: refused values are filtered, results stay valid."""
+
+    odd: int = Field(ge=0, le=1000)
+    low: int = Field(ge=0, le=10)
+    high: int = Field(ge=0, le=10)
+
+    @field_validator("odd")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd")
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Validated:
+        if self.low > self.high:
+            raise ValueError("low must not exceed high")
+        return self
+
+
+UserId = NewType("UserId", str)
+
+
+class NewTypes(BaseModel):
+    user: UserId
+    users: list[UserId] = Field(max_length=2)
+
+
+class Slug:
+    """A custom type with its own core schema: a lower-case word of 2 to 10 letters."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Slug) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        from_text = core_schema.no_info_after_validator_function(
+            cls, core_schema.str_schema(pattern=r"^[a-z]{2,10}$")
+        )
+        return core_schema.json_or_python_schema(
+            json_schema=from_text,
+            python_schema=core_schema.union_schema(
+                [core_schema.is_instance_schema(cls), from_text]
+            ),
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda s: s.text),
+        )
+
+
+class CustomCoreSchema(BaseModel):
+    slug: Slug
+    slugs: list[Slug] = Field(max_length=2)
+
+
+class Money:
+    """A custom type Pydantic accepts only as a ``Money`` instance or whole cents."""
+
+    def __init__(self, cents: int) -> None:
+        self.cents = cents
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Money) and other.cents == self.cents
+
+    def __hash__(self) -> int:
+        return hash(self.cents)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            lambda v: v if isinstance(v, Money) else Money(int(v)),
+            serialization=core_schema.plain_serializer_function_ser_schema(lambda m: m.cents),
+        )
+
+
+class Priced(BaseModel):
+    price: Money
+    discount: Money | None = None
+
+
+class Appeared(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, validate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=20)
+    level: int = Field(ge=1, le=100)
+
+
+class Trigger(BaseModel):
+    trigger: Literal["random", "scripted"] = "random"
+
+
+class PokemonAppeared(Event):
+    type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARED"
+    payload: Appeared
+    metadata: Trigger | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One zoo entry: a model and how to generate it."""
+
+    model: type[BaseModel]
+    overrides: Mapping[Any, Any] | None = None
+    #: Shapes whose validators the strategy cannot see: their raw input may be refused.
+    filtered: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.model.__name__
+
+
+ZOO_SHAPES = [
+    Shape(IntBounds),
+    Shape(IntMultiples),
+    Shape(FloatBounds),
+    Shape(StrLengths),
+    Shape(StrPatterns),
+    Shape(StrTransforms),
+    Shape(Literals),
+    Shape(Enums),
+    Shape(Optionals),
+    Shape(Unions),
+    Shape(Discriminated),
+    Shape(CallableDiscriminated),
+    Shape(Nested),
+    Shape(Sequences),
+    Shape(Sets),
+    Shape(Mappings),
+    Shape(Tuples),
+    Shape(Datetimes),
+    Shape(OtherTimes),
+    Shape(RelativeTimes),
+    Shape(Uuids),
+    Shape(Decimals),
+    Shape(AnnotatedConstraints, filtered=True),  # at.Predicate is a filter by definition
+    Shape(Aliased),
+    Shape(CamelOnly),
+    Shape(StrictForbid),
+    Shape(Tree),
+    Shape(Chain),
+    Shape(Untyped),
+    Shape(Structured),
+    Shape(Boxes),
+    Shape(Numbers),
+    Shape(Networks),
+    Shape(Validated, filtered=True),
+    Shape(NewTypes),
+    Shape(CustomCoreSchema),
+    Shape(Priced, overrides={Money: st.integers(0, 10**6).map(Money)}),
+    Shape(PokemonAppeared),
+]
+
+
+class TestModelZoo:
+    """Every generated instance of every shape validates and round-trips."""
+
+    def test_zoo_is_large_enough(self) -> None:
+        """The zoo covers at least 30 model shapes."""
+        assert len({shape.model for shape in ZOO_SHAPES}) >= 30
+
+    @pytest.mark.parametrize("shape", ZOO_SHAPES, ids=lambda shape: shape.id)
+    def test_instances_validate_and_round_trip(self, shape: Shape) -> None:
+        """Instance, Python dump and JSON dump all validate back to an equal instance."""
+        model = shape.model
+
+        @ZOO
+        @given(cst.models(model, overrides=shape.overrides))
+        def check(instance: BaseModel) -> None:
+            assert type(instance) is model
+            assert model.model_validate(instance) == instance
+            dumped = instance.model_dump(by_alias=True)
+            assert model.model_validate(dumped) == instance
+            assert model.model_validate_json(instance.model_dump_json(by_alias=True)) == instance
+
+        check()
+
+    @pytest.mark.parametrize(
+        "shape", [s for s in ZOO_SHAPES if not s.filtered], ids=lambda shape: shape.id
+    )
+    def test_raw_input_is_valid_without_filtering(self, shape: Shape) -> None:
+        """Constraints are honoured by construction: the raw generated input already validates."""
+        plan = Resolver(shape.overrides).plan(shape.model)
+
+        @FEW
+        @given(plan.inputs())
+        def check(values: dict[str, Any]) -> None:
+            shape.model.model_validate(plan.assemble(values))
+
+        check()
+
+
+class TestModelsReachEdges:
+    """Generation explores the whole allowed range, edges included."""
+
+    @pytest.mark.parametrize(
+        ("model", "condition"),
+        [
+            (IntBounds, lambda m: m.inclusive == -5),
+            (IntBounds, lambda m: m.inclusive == 5),
+            (IntBounds, lambda m: m.exclusive == 2),
+            (IntMultiples, lambda m: m.bounded == 49),
+            (StrLengths, lambda m: len(m.short) == 3),
+            (Literals, lambda m: m.mixed is None),
+            (Literals, lambda m: m.mixed is True),
+            (Optionals, lambda m: m.maybe is None),
+            (Optionals, lambda m: m.constrained == 4),
+            (Discriminated, lambda m: isinstance(m.pet, Dog)),
+            (Discriminated, lambda m: isinstance(m.pet, Cat) and m.pet.lives == 9),
+            (CallableDiscriminated, lambda m: isinstance(m.pet, Dog)),
+            (Tree, lambda m: any(child.children for child in m.children)),
+            (Datetimes, lambda m: m.anything.tzinfo is None),
+            (Datetimes, lambda m: m.anything.tzinfo is not None),
+            (Unions, lambda m: isinstance(m.scalar, str) and isinstance(m.items, dict)),
+        ],
+    )
+    def test_edge_is_reachable(self, model: type[BaseModel], condition: Any) -> None:
+        """Hypothesis finds an instance with the edge value."""
+        found = find(cst.models(model), condition, settings=settings(max_examples=2000))
+        assert condition(found)
+
+    def test_generated_strings_avoid_nul(self) -> None:
+        """Text never contains NUL, which JSON stores refuse."""
+
+        @FEW
+        @given(cst.from_type(list[str]))
+        def check(words: list[str]) -> None:
+            assert all("\x00" not in word for word in words)
+
+        check()
+
+    def test_unconstrained_ints_fit_in_64_bits(self) -> None:
+        """Unbounded integers stay within a signed 64-bit range."""
+
+        @FEW
+        @given(cst.from_type(int))
+        def check(number: int) -> None:
+            assert -(2**63) <= number < 2**63
+
+        check()
+
+
+class TestFixedFieldsAndOverrides:
+    """Users fix fields, and teach types, per call or globally."""
+
+    @FEW
+    @given(cst.models(Appeared, name="Pikachu", level=st.integers(1, 3)))
+    def test_fixed_values_and_strategies(self, appeared: Appeared) -> None:
+        """A fixed value is used as is; a fixed strategy is drawn from."""
+        assert appeared.name == "Pikachu"
+        assert 1 <= appeared.level <= 3
+
+    def test_unknown_fixed_field_is_refused(self) -> None:
+        """Fixing a field the model lacks is a TypeError naming the model's fields."""
+        with pytest.raises(TypeError, match="has no field nickname"):
+            cst.models(Appeared, nickname="x")
+
+    def test_models_needs_a_model(self) -> None:
+        """``models`` refuses something that is not a model class."""
+        with pytest.raises(TypeError, match="Pydantic model"):
+            cst.models(int)  # type: ignore[type-var]
+
+    def test_unknown_type_raises_a_clear_error(self) -> None:
+        """A type without a strategy names itself and where it was met."""
+
+        class Opaque:
+            pass
+
+        class Holder(BaseModel):
+            model_config = ConfigDict(arbitrary_types_allowed=True)
+            things: list[Opaque]
+
+        with pytest.raises(NoStrategyError, match=r"Holder\.things\[\]") as info:
+            cst.models(Holder)
+        assert info.value.annotation is Opaque
+        assert "register_type_strategy" in str(info.value)
+
+    def test_impossible_constraints_raise(self) -> None:
+        """Constraints no value satisfies are reported when the strategy is built."""
+
+        class Impossible(BaseModel):
+            n: int = Field(ge=5, le=1)
+
+        with pytest.raises(NoStrategyError, match="leave no value"):
+            cst.models(Impossible)
+
+    def test_register_type_strategy_teaches_every_call(self) -> None:
+        """A registered strategy is used for the type everywhere until unregistered."""
+
+        class Opaque:
+            def __init__(self, n: int) -> None:
+                self.n = n
+
+        class Holder(BaseModel):
+            model_config = ConfigDict(arbitrary_types_allowed=True)
+            thing: Opaque
+            things: list[Opaque] = Field(max_length=2)
+
+        cst.register_type_strategy(Opaque, st.integers(0, 9).map(Opaque))
+        try:
+            holder = find(cst.models(Holder), lambda h: len(h.things) == 2)
+            assert all(0 <= thing.n <= 9 for thing in [holder.thing, *holder.things])
+        finally:
+            cst.unregister_type_strategy(Opaque)
+        with pytest.raises(NoStrategyError):
+            cst.models(Holder)
+
+    def test_overrides_win_over_the_registry(self) -> None:
+        """A per-call override beats a registered strategy for the same type."""
+        cst.register_type_strategy(Money, st.just(Money(1)))
+        try:
+            priced = find(cst.models(Priced, overrides={Money: st.just(Money(2))}), lambda p: True)
+            assert priced.price == Money(2)
+            assert find(cst.models(Priced), lambda p: True).price == Money(1)
+        finally:
+            cst.unregister_type_strategy(Money)
+
+    def test_annotated_alias_can_be_registered(self) -> None:
+        """Registering an ``Annotated`` alias gives that meaning of a type its own values."""
+        even = Annotated[int, "even"]
+
+        class Holder(BaseModel):
+            value: even
+            other: int
+
+        cst.register_type_strategy(even, st.integers(0, 50).map(lambda n: n * 2))
+        try:
+            holder = find(cst.models(Holder), lambda h: h.value > 0 and h.other % 2 == 1)
+            assert holder.value % 2 == 0
+        finally:
+            cst.unregister_type_strategy(even)
+
+    def test_register_refuses_non_strategies(self) -> None:
+        """Registering something that is not a strategy or callable is a TypeError."""
+        with pytest.raises(TypeError, match="SearchStrategy"):
+            cst.register_type_strategy(Money, 5)  # type: ignore[arg-type]
+
+    @FEW
+    @given(cst.from_type(dict[str, Annotated[int, Field(ge=0, le=3)]]))
+    def test_from_type_honours_nested_annotations(self, counts: dict[str, int]) -> None:
+        """``from_type`` handles any annotation, constraints inside containers included."""
+        assert all(0 <= n <= 3 for n in counts.values())
+
+
+# -- events and histories --------------------------------------------------------------------
+
+
+class PokemonCaught(Event):
+    type: Literal["POKEMON_CAUGHT"] = "POKEMON_CAUGHT"
+
+
+class PokemonLeveledUp(Event):
+    type: Literal["POKEMON_LEVELED_UP"] = "POKEMON_LEVELED_UP"
+
+
+class PokemonReleased(Event):
+    type: Literal["POKEMON_RELEASED", "POKEMON_ESCAPED"]
+
+
+class Pokemon(Aggregate):
+    name: str
+    level: int
+    status: Literal["wild", "caught", "gone"]
+
+
+PokemonEvent = PokemonAppeared | PokemonCaught | PokemonLeveledUp | PokemonReleased
+
+
+def reduce_pokemon(pokemon: Pokemon | None, event: PokemonEvent) -> Pokemon:
+    if isinstance(event, PokemonAppeared):
+        return Pokemon(
+            aggregate_id=event.aggregate_id,
+            version=event.version,
+            name=event.payload.name,
+            level=event.payload.level,
+            status="wild",
+        )
+    assert pokemon is not None
+    if isinstance(event, PokemonCaught):
+        return pokemon.model_copy(update={"version": event.version, "status": "caught"})
+    if isinstance(event, PokemonLeveledUp):
+        return pokemon.model_copy(update={"version": event.version, "level": pokemon.level + 1})
+    return pokemon.model_copy(update={"version": event.version, "status": "gone"})
+
+
+def make_pokemons() -> EventStore[Pokemon, PokemonEvent]:
+    return EventStore(
+        event_store_id="ZOO_POKEMONS",
+        event_types=[PokemonAppeared, PokemonCaught, PokemonLeveledUp, PokemonReleased],
+        reducer=reduce_pokemon,
+    )
+
+
+POKEMONS = make_pokemons()
+ALL_TYPES = {"POKEMON_APPEARED", "POKEMON_CAUGHT", "POKEMON_LEVELED_UP"} | {
+    "POKEMON_RELEASED",
+    "POKEMON_ESCAPED",
+}
+
+
+def _ms_utc(moment: dt.datetime | None) -> bool:
+    return moment is not None and moment.tzinfo == dt.UTC and moment.microsecond % 1000 == 0
+
+
+class TestEvents:
+    """``events`` makes valid events of one type."""
+
+    @FEW
+    @given(cst.events(PokemonAppeared))
+    def test_events_are_valid_with_utc_ms_timestamps(self, event: PokemonAppeared) -> None:
+        """Events validate, and their timestamps are aware UTC with millisecond precision."""
+        assert _ms_utc(event.timestamp)
+        assert event.version >= 1
+        uuid.UUID(event.aggregate_id)
+        assert PokemonAppeared.model_validate_json(event.model_dump_json()) == event
+        POKEMONS.context.validate_input(event)
+
+    @FEW
+    @given(cst.events(PokemonCaught, aggregate_id="pikachu", version=st.integers(2, 3)))
+    def test_fixed_fields(self, event: PokemonCaught) -> None:
+        """Fixed fields are respected, and an undeclared (``Any``) payload stays ``None``."""
+        assert event.aggregate_id == "pikachu"
+        assert event.version in (2, 3)
+        assert event.payload is None
+        assert event.metadata is None
+
+    def test_every_literal_of_a_multi_type_class_is_generated(self) -> None:
+        """An event class with several type names gets each of them."""
+        found = find(cst.events(PokemonReleased), lambda e: e.type == "POKEMON_ESCAPED")
+        assert found.type == "POKEMON_ESCAPED"
+
+    def test_events_needs_an_event_type(self) -> None:
+        """``events`` refuses a model that is not an Event."""
+        with pytest.raises(TypeError, match="Event subclass"):
+            cst.events(Appeared)  # type: ignore[type-var]
+
+
+class TestHistories:
+    """``histories`` makes one aggregate's events, ordered as the rules say."""
+
+    @FEW
+    @given(cst.histories(POKEMONS, max_size=8))
+    def test_histories_are_well_formed(self, history: list[Event]) -> None:
+        """One aggregate, versions 1..n, non-decreasing UTC ms timestamps, store types."""
+        assert 1 <= len(history) <= 8
+        assert len({e.aggregate_id for e in history}) == 1
+        assert [e.version for e in history] == list(range(1, len(history) + 1))
+        assert all(_ms_utc(e.timestamp) for e in history)
+        stamps = [e.timestamp for e in history]
+        assert stamps == sorted(stamps)  # type: ignore[type-var]
+        assert {e.type for e in history} <= ALL_TYPES
+        for event in history:
+            POKEMONS.context.validate_input(event)
+
+    @FEW
+    @given(
+        cst.histories(
+            POKEMONS,
+            first=[PokemonAppeared],
+            follows={"POKEMON_CAUGHT": ["POKEMON_APPEARED", "POKEMON_LEVELED_UP"]},
+            can_follow=lambda previous, name: (
+                (
+                    name != "POKEMON_APPEARED"
+                    and not any(e.type in ("POKEMON_RELEASED", "POKEMON_ESCAPED") for e in previous)
+                )
+                or not previous
+            ),
+            min_size=2,
+            max_size=6,
+        )
+    )
+    def test_order_rules_hold(self, history: list[Event]) -> None:
+        """``first``, ``follows`` and ``can_follow`` are all respected."""
+        types = [e.type for e in history]
+        assert types[0] == "POKEMON_APPEARED"
+        assert "POKEMON_APPEARED" not in types[1:]
+        for before, after in itertools.pairwise(types):
+            if after == "POKEMON_CAUGHT":
+                assert before in ("POKEMON_APPEARED", "POKEMON_LEVELED_UP")
+        gone = [i for i, t in enumerate(types) if t in ("POKEMON_RELEASED", "POKEMON_ESCAPED")]
+        assert not gone or gone[0] == len(types) - 1
+        assert POKEMONS.build_aggregate(history) is not None  # type: ignore[arg-type]
+
+    def test_a_dead_end_ends_the_history(self) -> None:
+        """When no type may follow, the history stops (and can be shorter than max_size)."""
+        strategy = cst.histories(
+            POKEMONS,
+            first=["POKEMON_APPEARED"],
+            can_follow=lambda previous, name: len(previous) < 2,
+            max_size=10,
+        )
+        history = find(strategy, lambda h: len(h) == 2)
+        assert len(history) == 2
+        with pytest.raises(NoSuchExample):
+            find(strategy, lambda h: len(h) > 2, settings=settings(max_examples=200))
+
+    @FEW
+    @given(
+        cst.histories(
+            POKEMONS,
+            aggregate_id="pikachu",
+            first=["POKEMON_APPEARED"],
+            event_fields={"POKEMON_APPEARED": {"payload": Appeared(name="Pika", level=5)}},
+            min_size=3,
+            max_size=3,
+        )
+    )
+    def test_fixed_aggregate_id_and_event_fields(self, history: list[Event]) -> None:
+        """The aggregate id and per-type fields are fixed as asked; sizes are honoured."""
+        assert len(history) == 3
+        assert {e.aggregate_id for e in history} == {"pikachu"}
+        appeared = [e for e in history if isinstance(e, PokemonAppeared)]
+        assert appeared
+        assert all(e.payload == Appeared(name="Pika", level=5) for e in appeared)
+
+    @FEW
+    @given(cst.histories(POKEMONS, aggregate_id=st.sampled_from(["a", "b"]), max_size=2))
+    def test_aggregate_id_strategy(self, history: list[Event]) -> None:
+        """An aggregate id strategy is drawn once per history."""
+        assert {e.aggregate_id for e in history} in ({"a"}, {"b"})
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"min_size": 3, "max_size": 2}, "min_size"),
+            ({"min_size": -1}, "min_size"),
+            ({"first": ["NOPE"]}, "unknown event type 'NOPE'"),
+            ({"follows": {"NOPE": ["POKEMON_CAUGHT"]}}, "unknown event type 'NOPE'"),
+            ({"event_fields": {"POKEMON_CAUGHT": {"version": 3}}}, "may not fix version"),
+            ({"aggregate_id": ""}, "non-empty"),
+        ],
+    )
+    def test_bad_arguments_are_refused(self, kwargs: dict[str, Any], message: str) -> None:
+        """Bad sizes, unknown type names and envelope fields are clear errors."""
+        with pytest.raises(ValueError, match=message):
+            cst.histories(POKEMONS, **kwargs)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+class AppearInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pokemon_id: str = Field(min_length=1, max_length=36)
+    name: str = Field(min_length=1, max_length=20)
+    level: int = Field(ge=1, le=100)
+    habitat: Literal["forest", "sea"] = "forest"
+    code: str = Field(default="AB1", pattern=r"^[A-Z]{2}\d$")
+
+
+class LevelUpInput(BaseModel):
+    pokemon_id: str
+    times: int = Field(default=1, ge=1, le=3)
+
+
+class CatchInput(BaseModel):
+    pokemon_id: str
+
+
+async def appear_handler(
+    data: AppearInput, stores: Sequence[EventStore[Any, Any]], *context: Any
+) -> None:
+    (pokemons,) = stores
+    await pokemons.push_event(
+        PokemonAppeared(
+            aggregate_id=data.pokemon_id,
+            version=1,
+            payload=Appeared(name=data.name, level=data.level),
+        )
+    )
+
+
+async def level_up_handler(
+    data: LevelUpInput, stores: Sequence[EventStore[Any, Any]], *context: Any
+) -> None:
+    (pokemons,) = stores
+    pokemon = (await pokemons.get_existing_aggregate(data.pokemon_id)).aggregate
+    for step in range(1, data.times + 1):
+        await pokemons.push_event(
+            PokemonLeveledUp(aggregate_id=data.pokemon_id, version=pokemon.version + step)
+        )
+
+
+async def catch_handler(
+    data: CatchInput, stores: Sequence[EventStore[Any, Any]], *context: Any
+) -> None:
+    (pokemons,) = stores
+    pokemon = (await pokemons.get_existing_aggregate(data.pokemon_id)).aggregate
+    if pokemon.status == "caught":
+        raise AlreadyCaughtError(data.pokemon_id)
+    await pokemons.push_event(
+        PokemonCaught(aggregate_id=data.pokemon_id, version=pokemon.version + 1)
+    )
+
+
+class AlreadyCaughtError(Exception):
+    """A business rule: a caught Pokémon cannot be caught again."""
+
+
+APPEAR = Command(
+    command_id="APPEAR",
+    required_event_stores=[POKEMONS],
+    handler=appear_handler,
+    input_schema=AppearInput,
+)
+LEVEL_UP = Command(
+    command_id="LEVEL_UP",
+    required_event_stores=[POKEMONS],
+    handler=level_up_handler,
+    input_schema=LevelUpInput,
+)
+CATCH = Command(
+    command_id="CATCH",
+    required_event_stores=[POKEMONS],
+    handler=catch_handler,
+    input_schema=CatchInput,
+)
+
+
+class TestCommandInputs:
+    """``command_inputs`` and ``invalid_command_inputs`` follow the input schema."""
+
+    @FEW
+    @given(cst.command_inputs(APPEAR, habitat="sea"))
+    def test_valid_inputs(self, data: AppearInput) -> None:
+        """Inputs validate against the schema and respect fixed fields."""
+        assert APPEAR.validate_input(data.model_dump()) == data
+        assert data.habitat == "sea"
+
+    @FEW
+    @given(cst.command_inputs(Command(command_id="N", handler=appear_handler, input_schema=int)))
+    def test_non_model_schema(self, number: int) -> None:
+        """A non-model schema gets values of that type."""
+        assert isinstance(number, int)
+
+    def test_a_command_without_schema_is_refused(self) -> None:
+        """No input schema: nothing to generate from, a clear ValueError."""
+
+        async def handler(data: Any, stores: Any) -> None:
+            return None
+
+        bare: Command[Any, Any] = Command(command_id="BARE", handler=handler)
+        with pytest.raises(ValueError, match="no input_schema"):
+            cst.command_inputs(bare)
+        with pytest.raises(ValueError, match="no input_schema"):
+            cst.invalid_command_inputs(bare)
+
+    @ZOO
+    @given(cst.invalid_command_inputs(APPEAR))
+    def test_invalid_inputs_are_refused_before_the_handler_runs(self, bad: Any) -> None:
+        """Every invalid input makes ``handler`` raise ValidationError before the handler runs."""
+        calls: list[Any] = []
+
+        async def spy(data: Any, stores: Any, *context: Any) -> None:
+            calls.append(data)
+
+        command = Command(command_id="SPY", handler=spy, input_schema=AppearInput)
+        with pytest.raises(ValidationError):
+            asyncio.run(command.handler(bad, [POKEMONS]))
+        assert calls == []
+
+    @pytest.mark.parametrize(
+        ("label", "condition"),
+        [
+            ("not a mapping", lambda v: not isinstance(v, dict | str)),
+            ("JSON text", lambda v: isinstance(v, str) and v.startswith("{")),
+            ("missing field", lambda v: isinstance(v, dict) and "pokemon_id" not in v),
+            (
+                "out of range",
+                lambda v: (
+                    isinstance(v, dict)
+                    and isinstance(v.get("level"), int)
+                    and not isinstance(v.get("level"), bool)
+                    and not 1 <= v["level"] <= 100
+                ),
+            ),
+            ("pattern", lambda v: isinstance(v, dict) and v.get("code") in ("", "a", "!", "0")),
+            ("extra field", lambda v: isinstance(v, dict) and "unexpected_field" in v),
+            (
+                "wrong literal",
+                lambda v: isinstance(v, dict) and v.get("habitat") == "__not_an_allowed_value__",
+            ),
+        ],
+    )
+    def test_every_kind_of_breakage_occurs(self, label: str, condition: Any) -> None:
+        """Each way of breaking an input is generated."""
+        found = find(
+            cst.invalid_command_inputs(APPEAR), condition, settings=settings(max_examples=3000)
+        )
+        assert condition(found), label
+
+    def test_json_text_inputs_are_json(self) -> None:
+        """Broken inputs sent as JSON text parse as JSON objects."""
+        found = find(
+            cst.invalid_command_inputs(APPEAR),
+            lambda v: isinstance(v, str) and v.startswith("{") and v.endswith("}"),
+        )
+        assert isinstance(json.loads(found), dict)
+
+
+class TestCommandHistories:
+    """``command_histories`` runs commands on in-memory copies and returns the events."""
+
+    @FEW
+    @given(
+        cst.command_histories(
+            POKEMONS,
+            [APPEAR, LEVEL_UP, CATCH],
+            aggregate_id_field="pokemon_id",
+            expected_errors=(CastoreError, AlreadyCaughtError),
+            max_size=6,
+        )
+    )
+    def test_histories_come_from_commands(self, history: list[Event]) -> None:
+        """Events of one aggregate, versions 1..n, starting with the appearance."""
+        assert history[0].type == "POKEMON_APPEARED"
+        assert [e.version for e in history] == list(range(1, len(history) + 1))
+        assert len({e.aggregate_id for e in history}) == 1
+        assert all(_ms_utc(e.timestamp) for e in history)
+        assert POKEMONS.event_storage_adapter is None  # the real store was never touched
+
+    def test_a_catch_follows_an_appearance(self) -> None:
+        """Commands compose: a catch after level-ups is reachable."""
+        history = find(
+            cst.command_histories(
+                POKEMONS,
+                [APPEAR, LEVEL_UP, CATCH],
+                aggregate_id_field="pokemon_id",
+                expected_errors=(CastoreError, AlreadyCaughtError),
+            ),
+            lambda h: [e.type for e in h][-2:] == ["POKEMON_LEVELED_UP", "POKEMON_CAUGHT"],
+            settings=settings(max_examples=500),
+        )
+        assert history[-1].type == "POKEMON_CAUGHT"
+
+    def test_without_field_the_first_pushed_aggregate_is_used(self) -> None:
+        """No ``aggregate_id_field``: the aggregate of the first pushed event is returned."""
+        history = find(
+            cst.command_histories(POKEMONS, [APPEAR], min_size=2, max_size=2),
+            lambda h: True,
+        )
+        assert [e.version for e in history] == [1]
+
+    def test_unexpected_errors_propagate(self) -> None:
+        """A command failing with an error not listed in ``expected_errors`` is not hidden."""
+        strategy = cst.command_histories(
+            POKEMONS, [CATCH], aggregate_id_field="pokemon_id", expected_errors=()
+        )
+        with pytest.raises(AggregateNotFoundError):
+            find(strategy, lambda h: True)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"commands": [Command(command_id="X", handler=appear_handler)]}, "required_event"),
+            ({"inputs": {"NOPE": {}}}, "unknown command 'NOPE'"),
+            ({"min_size": 4, "max_size": 1}, "min_size"),
+        ],
+    )
+    def test_bad_arguments_are_refused(self, kwargs: dict[str, Any], message: str) -> None:
+        """A store no command uses, unknown commands in ``inputs``, bad sizes: ValueError."""
+        arguments: dict[str, Any] = {"commands": [APPEAR], **kwargs}
+        with pytest.raises(ValueError, match=message):
+            cst.command_histories(POKEMONS, **arguments)
+
+    @FEW
+    @given(
+        cst.command_histories(
+            POKEMONS,
+            [APPEAR],
+            aggregate_id_field="pokemon_id",
+            aggregate_id="fixed-id",
+            inputs={"APPEAR": {"level": 7}},
+            max_size=1,
+        )
+    )
+    def test_fixed_inputs(self, history: list[Event]) -> None:
+        """Fixed inputs per command id and a fixed aggregate id are used."""
+        (appeared,) = history
+        assert isinstance(appeared, PokemonAppeared)
+        assert appeared.aggregate_id == "fixed-id"
+        assert appeared.payload.level == 7
