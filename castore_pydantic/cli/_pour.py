@@ -22,6 +22,7 @@ from castore_pydantic.cli._running import (
     CliError,
     emit_json,
     err,
+    plural,
     run,
 )
 from castore_pydantic.storage import EventStorageAdapter
@@ -168,9 +169,8 @@ def pour(
         emit_json(body)
         return
     count = body.get("pouredEventCount", body.get("pouredAggregateIdCount", 0))
-    what = "aggregate-exists messages" if aggregate_exists else "events"
-    channel_id = channel_spec
-    click.echo(f"Poured {count} {what} into {channel_id}.")
+    what = plural(count, "aggregate-exists message" if aggregate_exists else "event")
+    click.echo(f"Poured {what} into {channel_spec}.")
 
 
 def _stores_on_adapters(

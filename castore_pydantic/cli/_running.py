@@ -169,6 +169,11 @@ def jsonable(value: object) -> Any:
     return to_jsonable_python(value)
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 event``, ``2 events``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def compact(value: object) -> str:
     """A short one-line JSON rendering for table cells."""
     return "" if value is None else json.dumps(jsonable(value), ensure_ascii=False)

@@ -26,6 +26,7 @@ from castore_pydantic.cli._running import (
     CliError,
     byte_progress_bar,
     emit_json,
+    plural,
     progress_bar,
     run,
     validation_reason,
@@ -136,7 +137,8 @@ def export_command(
     else:
         where = "stdout" if to_stderr else output
         click.echo(
-            f"Exported {exported_events} events of {exported_aggregates} aggregates to {where}.",
+            f"Exported {plural(exported_events, 'event')} of "
+            f"{plural(exported_aggregates, 'aggregate')} to {where}.",
             err=to_stderr,
         )
 
@@ -238,7 +240,7 @@ def import_command(
     if as_json:
         emit_json({"importedEvents": imported})
     else:
-        click.echo(f"Imported {imported} events.")
+        click.echo(f"Imported {plural(imported, 'event')}.")
 
 
 async def _write_batches(
