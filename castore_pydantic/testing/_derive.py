@@ -299,7 +299,11 @@ class Resolver:
         if metadata:
             # A field annotated with a registered alias (``ts: Timestamp``) reaches us split
             # into its type and metadata: put it back together to look it up.
-            found = self._lookup(Annotated[(tp, *metadata)])
+            try:
+                alias: Any = Annotated[(tp, *metadata)]
+            except TypeError:  # not something Annotated takes
+                alias = None
+            found = None if alias is None else self._lookup(alias)
             if found is not None:
                 return tp, metadata, found
         while (found := self._lookup(tp)) is None:

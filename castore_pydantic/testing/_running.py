@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from castore_pydantic._command import Command
@@ -55,22 +55,23 @@ def run_commands(
     steps: Sequence[tuple[Command[Any, Any], Any]],
     *,
     aggregate_id: str | None,
-    context: Sequence[Any],
+    contexts: Mapping[str, Sequence[Any]],
     expected_errors: tuple[type[BaseException], ...],
 ) -> list[Event]:
     """Run commands on fresh in-memory copies of their stores; return one aggregate's events.
 
     The aggregate is ``aggregate_id``, or when it is ``None`` the one that received the first
-    event pushed to ``store``. Commands raising ``expected_errors`` are skipped.
+    event pushed to ``store``. Each command gets ``contexts[command_id]`` as extra arguments;
+    those raising ``expected_errors`` are skipped.
     """
-    return run_sync(_run(store, steps, aggregate_id, context, expected_errors))
+    return run_sync(_run(store, steps, aggregate_id, contexts, expected_errors))
 
 
 async def _run(
     store: EventStore[Any, Any],
     steps: Sequence[tuple[Command[Any, Any], Any]],
     aggregate_id: str | None,
-    context: Sequence[Any],
+    contexts: Mapping[str, Sequence[Any]],
     expected_errors: tuple[type[BaseException], ...],
 ) -> list[Event]:
     copies: dict[int, EventStore[Any, Any]] = {}
@@ -90,7 +91,7 @@ async def _run(
     for command, value in steps:
         stores = [copy_of(required) for required in command.required_event_stores]
         try:
-            await command.handler(value, stores, *context)
+            await command.handler(value, stores, *contexts[command.command_id])
         except expected_errors:
             continue
     key = aggregate_id if aggregate_id is not None else next(iter(pushed_to), None)

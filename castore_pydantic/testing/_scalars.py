@@ -76,6 +76,7 @@ class Constraints:
     uuid_version: int | None = None
     timezone: Any = _UNSET
     json: bool = False
+    encoder: Any = None
     must_exist: bool = False
     predicates: list[Callable[[Any], bool]] = dataclasses.field(default_factory=list)
 
@@ -100,6 +101,8 @@ class Constraints:
             self.predicates.append(item.func)
         elif isinstance(item, pt.Json):
             self.json = True
+        elif isinstance(item, pt.EncodedBytes | pt.EncodedStr):
+            self.encoder = item.encoder
         elif isinstance(item, pt.PathType):
             self.must_exist = item.path_type != "new"
         else:
@@ -133,12 +136,19 @@ class Constraints:
         self.ascii_only |= getattr(item, "ascii_only", None) is True
 
     def finish(self, strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-        """Apply ``Predicate`` filters and ``Json`` encoding to a strategy."""
+        """Apply ``Predicate`` filters and the encodings of ``Base64Bytes`` and ``Json``."""
         for predicate in self.predicates:
             strategy = strategy.filter(predicate)
+        if self.encoder is not None:
+            # Base64Bytes and friends take encoded input and hold the decoded value.
+            strategy = strategy.map(self._encode)
         if self.json:
             strategy = strategy.map(lambda value: pydantic_core.to_json(value).decode())
         return strategy
+
+    def _encode(self, value: str | bytes) -> str | bytes:
+        encoded: bytes = self.encoder.encode(value.encode() if isinstance(value, str) else value)
+        return encoded.decode() if isinstance(value, str) else encoded
 
     def within(self, value: Any) -> bool:
         """Whether ``value`` satisfies the numeric (or temporal) bounds."""

@@ -324,9 +324,10 @@ def command_inputs(
 
     Example::
 
-        @given(command_inputs(catch_pokemon, trainer_id="ash"))
-        async def test_catch(input):
-            await catch_pokemon.handler(input, [mocked_pokemons, mocked_trainers])
+        @given(command_inputs(make_pokemon_appear, level=st.integers(1, 5)))
+        def test_appear(appear_input):
+            stores = (mock_event_store(pokemons), mock_event_store(trainers))
+            asyncio.run(make_pokemon_appear.handler(appear_input, stores))
     """
     schema = _input_schema(command)
     if isinstance(schema, type) and issubclass(schema, BaseModel):
@@ -360,9 +361,9 @@ def invalid_command_inputs(
     Example::
 
         @given(invalid_command_inputs(catch_pokemon))
-        async def test_refused(bad):
+        def test_refused(bad):
             with pytest.raises(ValidationError):
-                await catch_pokemon.handler(bad, [pokemons, trainers])
+                asyncio.run(catch_pokemon.handler(bad, [pokemons, trainers]))
     """
     schema = _input_schema(command)
     return _invalid.invalid_inputs(schema, command.validate_input, Resolver(overrides))
@@ -375,7 +376,7 @@ def command_histories(
     aggregate_id: str | st.SearchStrategy[str] | None = None,
     aggregate_id_field: str | None = None,
     inputs: Mapping[str, Mapping[str, Any]] | None = None,
-    context: Sequence[Any] = (),
+    context: Sequence[Any] | Mapping[str, Sequence[Any]] = (),
     expected_errors: tuple[type[BaseException], ...] = (CastoreError,),
     min_size: int = 1,
     max_size: int = 10,
@@ -401,15 +402,17 @@ def command_histories(
         aggregate_id: The aggregate id (fixed or a strategy) for ``aggregate_id_field``.
         aggregate_id_field: The input field that names the aggregate.
         inputs: Command id -> fixed input fields (values or strategies).
-        context: Extra arguments passed to every handler (id generators, clocks).
+        context: Extra arguments for the handlers (id generators, clocks): one sequence for
+            every command, or a mapping from command id to its own sequence.
         expected_errors: Errors that skip a command instead of failing the example.
-        min_size: Fewest commands run per example.
+        min_size: Fewest commands run per example (at least 1).
         max_size: Most commands run per example.
         overrides: Strategies for types, for this call only.
 
     Raises:
-        ValueError: No command requires ``store``, bad sizes, or ``inputs`` names an unknown
-            command.
+        ValueError: No command requires ``store``, bad sizes, or ``inputs`` / ``context``
+            name an unknown command.
+        TypeError: ``inputs`` fixes a field the command's input schema does not have.
         NoStrategyError: An input field cannot be generated.
 
     Example::
@@ -420,15 +423,27 @@ def command_histories(
         def test_reducer(history):
             check_history(pokemons, history)
     """
-    _check_sizes(min_size, max_size)
+    _check_sizes(max(min_size, 1), max_size)
+    if min_size < 1:
+        raise ValueError(f"command histories run at least one command, got min_size={min_size}")
     if not any(s is store for c in commands for s in c.required_event_stores):
         raise ValueError(
             f"no command lists event store {store.event_store_id} in required_event_stores"
         )
     by_id = {command.command_id: command for command in commands}
-    for command_id in inputs or {}:
-        if command_id not in by_id:
-            raise ValueError(f"inputs name unknown command {command_id!r} (known: {sorted(by_id)})")
+    per_command = context if isinstance(context, Mapping) else {}
+    for what, mapping in (("inputs", inputs or {}), ("context", per_command)):
+        for command_id in mapping:
+            if command_id not in by_id:
+                raise ValueError(
+                    f"{what} name unknown command {command_id!r} (known: {sorted(by_id)})"
+                )
+    contexts = {
+        command_id: tuple(per_command.get(command_id, ()))
+        if isinstance(context, Mapping)
+        else tuple(context)
+        for command_id in by_id
+    }
     resolver = Resolver(overrides)
     plans = {c.command_id: _command_plan(c, resolver) for c in commands}
     ids = _aggregate_ids(aggregate_id)
@@ -442,6 +457,9 @@ def command_histories(
             return plan.inputs(fixed).map(plan.validate).filter(_is_valid)
         return plan
 
+    for command in commands:
+        step_inputs(command, "")  # unknown fixed fields fail now, not while drawing
+
     @st.composite
     def history(draw: st.DrawFn) -> list[Event]:
         key = draw(ids)
@@ -454,7 +472,7 @@ def command_histories(
             store,
             steps,
             aggregate_id=key if aggregate_id_field is not None else None,
-            context=context,
+            contexts=contexts,
             expected_errors=expected_errors,
         )
         assume(made)

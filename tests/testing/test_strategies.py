@@ -27,6 +27,9 @@ from pydantic import (
     AliasChoices,
     AliasPath,
     AwareDatetime,
+    Base64Bytes,
+    Base64Str,
+    Base64UrlStr,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -34,6 +37,7 @@ from pydantic import (
     FutureDatetime,
     GetCoreSchemaHandler,
     HttpUrl,
+    Json,
     JsonValue,
     NaiveDatetime,
     NegativeFloat,
@@ -345,6 +349,13 @@ class Networks(BaseModel):
     raw: bytes = Field(max_length=8)
 
 
+class Encoded(BaseModel):
+    raw: Base64Bytes
+    text: Base64Str
+    url_safe: Base64UrlStr
+    document: Json[list[Annotated[int, Field(ge=0)]]]
+
+
 class Validated(BaseModel):
     """Validators the strategy cannot see: refused values are filtered, results stay valid."""
 
@@ -499,6 +510,7 @@ ZOO_SHAPES = [
     Shape(Boxes),
     Shape(Numbers),
     Shape(Networks),
+    Shape(Encoded),
     Shape(Validated, filtered=True),
     Shape(NewTypes),
     Shape(CustomCoreSchema),
@@ -524,9 +536,11 @@ class TestModelZoo:
         def check(instance: BaseModel) -> None:
             assert type(instance) is model
             assert model.model_validate(instance) == instance
-            dumped = instance.model_dump(by_alias=True)
+            # round_trip=True dumps Json[...] fields as JSON text, as they are given.
+            dumped = instance.model_dump(by_alias=True, round_trip=True)
             assert model.model_validate(dumped) == instance
-            assert model.model_validate_json(instance.model_dump_json(by_alias=True)) == instance
+            text = instance.model_dump_json(by_alias=True, round_trip=True)
+            assert model.model_validate_json(text) == instance
 
         check()
 
@@ -670,6 +684,18 @@ class TestFixedFieldsAndOverrides:
         finally:
             cst.unregister_type_strategy(Money)
 
+    def test_an_override_may_be_a_function_of_the_type(self) -> None:
+        """A callable override receives the type and returns the strategy."""
+        seen: list[Any] = []
+
+        def make(type_: Any) -> st.SearchStrategy[Money]:
+            seen.append(type_)
+            return st.just(type_(3))
+
+        priced = find(cst.models(Priced, overrides={Money: make}), lambda p: True)
+        assert priced.price == Money(3)
+        assert seen[0] is Money
+
     def test_annotated_alias_can_be_registered(self) -> None:
         """Registering an ``Annotated`` alias gives that meaning of a type its own values."""
         even = Annotated[int, "even"]
@@ -778,6 +804,22 @@ class TestEvents:
         assert event.version in (2, 3)
         assert event.payload is None
         assert event.metadata is None
+
+    @FEW
+    @given(cst.models(PokemonAppeared))
+    def test_timestamp_fields_of_any_model_are_utc_ms(self, event: PokemonAppeared) -> None:
+        """The library's ``Timestamp`` type gets UTC millisecond datetimes wherever it is used."""
+        assert event.timestamp is None or _ms_utc(event.timestamp)
+
+    def test_timestamps_bounds(self) -> None:
+        """``timestamps`` honours its bounds and refuses an empty range."""
+        low = dt.datetime(2024, 5, 1, 12, 0, 0, 500, tzinfo=dt.UTC)
+        high = dt.datetime(2024, 5, 1, 12, 0, 1, tzinfo=dt.UTC)
+        found = find(cst.timestamps(min_value=low, max_value=high), lambda t: True)
+        assert low <= found <= high
+        assert _ms_utc(found)
+        with pytest.raises(ValueError, match="after"):
+            cst.timestamps(min_value=high, max_value=low)
 
     def test_every_literal_of_a_multi_type_class_is_generated(self) -> None:
         """An event class with several type names gets each of them."""
@@ -913,9 +955,7 @@ class CatchInput(BaseModel):
     pokemon_id: str
 
 
-async def appear_handler(
-    data: AppearInput, stores: Sequence[EventStore[Any, Any]], *context: Any
-) -> None:
+async def appear_handler(data: AppearInput, stores: Sequence[EventStore[Any, Any]]) -> None:
     (pokemons,) = stores
     await pokemons.push_event(
         PokemonAppeared(
@@ -926,9 +966,7 @@ async def appear_handler(
     )
 
 
-async def level_up_handler(
-    data: LevelUpInput, stores: Sequence[EventStore[Any, Any]], *context: Any
-) -> None:
+async def level_up_handler(data: LevelUpInput, stores: Sequence[EventStore[Any, Any]]) -> None:
     (pokemons,) = stores
     pokemon = (await pokemons.get_existing_aggregate(data.pokemon_id)).aggregate
     for step in range(1, data.times + 1):
@@ -937,15 +975,28 @@ async def level_up_handler(
         )
 
 
-async def catch_handler(
-    data: CatchInput, stores: Sequence[EventStore[Any, Any]], *context: Any
-) -> None:
+async def catch_handler(data: CatchInput, stores: Sequence[EventStore[Any, Any]]) -> None:
     (pokemons,) = stores
     pokemon = (await pokemons.get_existing_aggregate(data.pokemon_id)).aggregate
     if pokemon.status == "caught":
         raise AlreadyCaughtError(data.pokemon_id)
     await pokemons.push_event(
         PokemonCaught(aggregate_id=data.pokemon_id, version=pokemon.version + 1)
+    )
+
+
+class SpawnInput(BaseModel):
+    name: str = Field(min_length=1, max_length=10)
+
+
+async def spawn_handler(
+    data: SpawnInput, stores: Sequence[EventStore[Any, Any]], generate_id: Any
+) -> None:
+    (pokemons,) = stores
+    await pokemons.push_event(
+        PokemonAppeared(
+            aggregate_id=generate_id(), version=1, payload=Appeared(name=data.name, level=1)
+        )
     )
 
 
@@ -970,6 +1021,14 @@ CATCH = Command(
     required_event_stores=[POKEMONS],
     handler=catch_handler,
     input_schema=CatchInput,
+)
+
+
+SPAWN = Command(
+    command_id="SPAWN",
+    required_event_stores=[POKEMONS],
+    handler=spawn_handler,
+    input_schema=SpawnInput,
 )
 
 
@@ -1109,8 +1168,10 @@ class TestCommandHistories:
         ("kwargs", "message"),
         [
             ({"commands": [Command(command_id="X", handler=appear_handler)]}, "required_event"),
-            ({"inputs": {"NOPE": {}}}, "unknown command 'NOPE'"),
+            ({"inputs": {"NOPE": {}}}, "inputs name unknown command 'NOPE'"),
+            ({"context": {"NOPE": ()}}, "context name unknown command 'NOPE'"),
             ({"min_size": 4, "max_size": 1}, "min_size"),
+            ({"min_size": 0}, "at least one command"),
         ],
     )
     def test_bad_arguments_are_refused(self, kwargs: dict[str, Any], message: str) -> None:
@@ -1118,6 +1179,29 @@ class TestCommandHistories:
         arguments: dict[str, Any] = {"commands": [APPEAR], **kwargs}
         with pytest.raises(ValueError, match=message):
             cst.command_histories(POKEMONS, **arguments)
+
+    def test_unknown_fixed_input_is_refused_early(self) -> None:
+        """Fixing an input field the schema lacks fails when the strategy is built."""
+        with pytest.raises(TypeError, match="has no field nickname"):
+            cst.command_histories(POKEMONS, [APPEAR], inputs={"APPEAR": {"nickname": "x"}})
+
+    @FEW
+    @given(
+        cst.command_histories(
+            POKEMONS,
+            [SPAWN, LEVEL_UP],
+            aggregate_id="spawned",
+            aggregate_id_field="pokemon_id",
+            context={"SPAWN": (lambda: "spawned",)},
+            min_size=3,
+            max_size=4,
+        )
+    )
+    def test_context_per_command(self, history: list[Event]) -> None:
+        """Context arguments go to the commands they are given for, and only to those."""
+        assert history[0].aggregate_id == "spawned"
+        assert isinstance(history[0], PokemonAppeared)
+        assert {e.type for e in history[1:]} <= {"POKEMON_LEVELED_UP"}
 
     @FEW
     @given(
