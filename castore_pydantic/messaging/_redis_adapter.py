@@ -119,9 +119,13 @@ class RedisStreamsAdapter:
         self._joining: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        where = redact(self._url) if self._url is not None else repr(self._client)
         channel = self.message_channel.message_channel_id if self.message_channel else None
-        return f"{type(self).__name__}({where!r}, {self._kind}={channel!r})"
+        return f"{type(self).__name__}({self.url!r}, {self._kind}={channel!r})"
+
+    @property
+    def url(self) -> str:
+        """Where Redis is, with the password masked (the client's repr for a given client)."""
+        return redact(self._url) if self._url is not None else repr(self._client)
 
     @property
     def delivery_guarantee(self) -> DeliveryGuarantee:
@@ -293,18 +297,22 @@ class RedisStreamsAdapter:
     # -- consuming -------------------------------------------------------------------------
 
     @property
-    def consuming_now(self) -> bool:
+    def is_consuming(self) -> bool:
         """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``)."""
         return self._consuming
 
     @asynccontextmanager
-    async def consuming(self) -> AsyncIterator[Self]:
-        """Run consumers inside the block; leaving it stops them cleanly (``stop_consuming``)."""
+    async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:
+        """Run consumers inside the block; leaving it stops them cleanly.
+
+        Args:
+            grace_period: Passed to ``stop_consuming(grace_period=...)``.
+        """
         await self.start_consuming()
         try:
             yield self
         finally:
-            await self.stop_consuming()
+            await self.stop_consuming(grace_period=grace_period)
 
     async def start_consuming(self) -> None:
         """Start one consumer per consumer group in background tasks (no-op if running).
@@ -335,11 +343,17 @@ class RedisStreamsAdapter:
     def _router(self, subscription: Subscription) -> Any:
         raise NotImplementedError
 
-    async def stop_consuming(self) -> None:
+    async def stop_consuming(self, *, grace_period: float | None = None) -> None:
         """Stop the consumers: wait for the handlers in flight, acknowledge what they did.
 
-        Entries already read but not started stay pending and are released at once, so
-        other consumers take them over without waiting for ``reclaim_idle_ms``.
+        Entries already read but not started are handed back at once, so other consumers
+        take them over without waiting for ``reclaim_idle_ms``. Safe to call when not
+        consuming.
+
+        Args:
+            grace_period: Seconds to wait for running handlers; then they are cancelled and
+                their messages handed back, to be delivered again without counting an
+                attempt. ``None`` waits as long as they run.
         """
         self._consuming = False
         if self._joining:
@@ -347,10 +361,24 @@ class RedisStreamsAdapter:
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             consumer.request_stop()
-        tasks = [consumer.task for consumer in consumers if consumer.task is not None]
-        if tasks:
-            # asyncio.wait does not raise the tasks' errors (a killed worker's cancellation).
-            await asyncio.wait(tasks)
+        running = {consumer.task: consumer for consumer in consumers if consumer.task}
+        if not running:
+            return
+        # asyncio.wait does not raise the tasks' errors (a killed worker's cancellation).
+        _, late = await asyncio.wait(running, timeout=grace_period)
+        if late:
+            logger.warning(
+                "%r stopped with %d handler(s) still running after %ss; their messages will "
+                "be delivered again",
+                self,
+                len(late),
+                grace_period,
+            )
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
+            for task in late:
+                await running[task].release_pending()
 
     # -- dead letters and housekeeping -----------------------------------------------------
 

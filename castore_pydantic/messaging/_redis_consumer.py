@@ -210,7 +210,14 @@ class StreamConsumer:
                 )
                 await self._pause(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
-        await self._release_own_entries()
+            except Exception:
+                # Keep going: a worker that silently stops consuming is the worst outcome.
+                # What it held stays pending and is handled again.
+                ready = False
+                logger.exception("Redis consumer %s failed; retrying", self.consumer_name)
+                await self._pause(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+        await self.release_pending()
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()
@@ -273,8 +280,8 @@ class StreamConsumer:
                     break
                 await self._handle_batch(entries)
 
-    async def _release_own_entries(self) -> None:
-        """On a clean stop, make entries taken but not handled free for others at once.
+    async def release_pending(self) -> None:
+        """Hand back this consumer's unacknowledged entries, for others to take at once.
 
         Their delivery time is set to 0 (idle "forever", so the next ``XAUTOCLAIM`` of any
         consumer takes them) and their delivery count is given back: an entry handed over

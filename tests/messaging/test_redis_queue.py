@@ -239,6 +239,36 @@ class TestRedisMessageQueueAdapter:
             await second.wait_for(9)
         assert second.messages == messages[1:]
 
+    async def test_grace_period_cancels_a_stuck_handler_and_hands_its_message_back(
+        self, prefix: str
+    ) -> None:
+        """After the grace period a stuck handler is cancelled; its message goes to others."""
+        queue_a, queue_b = make_queue(), make_queue()
+        started = asyncio.Event()
+
+        async def stuck(message: Any, context: MessageContext) -> None:
+            started.set()
+            await asyncio.Event().wait()  # never returns
+
+        adapter_a = attach(queue_a, prefix, worker=stuck)
+        async with adapter_a:
+            async with adapter_a.consuming(grace_period=0.1):
+                assert adapter_a.is_consuming
+                await queue_a.publish_message(notification(1))
+                await started.wait()
+            assert not adapter_a.is_consuming
+        recorder = Recorder()
+        # A minute of idle time and max_deliveries=1: only the hand-back, which does not
+        # count the interrupted delivery, lets B handle it now.
+        adapter_b = attach(
+            queue_b, prefix, worker=recorder, reclaim_idle_ms=60_000, max_deliveries=1
+        )
+        async with adapter_b, adapter_b.consuming():
+            await recorder.wait_for(1)
+        assert recorder.calls == [
+            (notification(1), MessageContext(attempt=1, retry_attempts_left=2, replay=False))
+        ]
+
     async def test_failed_message_is_retried_with_backoff(self, prefix: str) -> None:
         """A failing message is retried after delay * rate ** (attempt - 1), then succeeds."""
         queue = make_queue()
