@@ -238,7 +238,7 @@ class RabbitMQAdapter:
     async def _close_publisher(self) -> None:
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
-            await _close_quietly(publisher[0])
+            await _close_quietly(publisher[0], publisher[1])
 
     async def aclose(self) -> None:
         """Stop consuming (waiting for running handlers) and close every connection.
@@ -373,6 +373,10 @@ class RabbitMQAdapter:
                 except MessagingError as error:
                     logger.warning("%r could not reconnect: %s", self, error)
                     delay = min(max(delay, 0.05) * 2, 30.0)
+                except Exception:
+                    # Keep trying: a worker that silently stops consuming is the worst outcome.
+                    logger.exception("%r failed to reconnect", self)
+                    delay = min(max(delay, 0.05) * 2, 30.0)
                 else:
                     logger.info("%r reconnected to RabbitMQ", self)
                     break
@@ -410,7 +414,8 @@ class RabbitMQAdapter:
                 await supervisor
             connection, self._consumer_connection = self._consumer_connection, None
             if connection is not None:
-                await _close_quietly(connection)
+                channels = [queue.channel for queue, _ in self._consumers]
+                await _close_quietly(connection, *channels)
             self._consumers = []
             self._supervisor = None
 
@@ -668,6 +673,14 @@ class RabbitMQAdapter:
             await self._delete_exchanges(channel)
 
 
-async def _close_quietly(connection: AbstractConnection) -> None:
+async def _close_quietly(connection: AbstractConnection, *channels: AbstractChannel) -> None:
+    """Close channels, then their connection, ignoring a broker that is already gone.
+
+    Closing the channels first lets aio-pika finish their close callbacks before the
+    connection goes, so no callback task is left pending when the event loop ends.
+    """
+    for channel in channels:
+        with contextlib.suppress(*BROKER_ERRORS):
+            await channel.close()
     with contextlib.suppress(*BROKER_ERRORS):
         await connection.close()

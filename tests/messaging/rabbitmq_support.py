@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from castore_pydantic import Aggregate, Event, EventStore
-from castore_pydantic.messaging import NotificationMessage
+from castore_pydantic.messaging import Message, NotificationMessage
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from tests.services import RABBITMQ_HOST, RABBITMQ_PORT, require_rabbitmq
 
@@ -204,8 +204,9 @@ def notification(index: int, *, event_store_id: str = "POKEMONS") -> Notificatio
     return NotificationMessage(event_store_id=event_store_id, event=event)
 
 
-def event_key(message: NotificationMessage) -> tuple[str, str, int]:
+def event_key(message: Message) -> tuple[str, str, int]:
     """What a deduplicating consumer keys on: ``(event_store_id, aggregate_id, version)``."""
+    assert isinstance(message, NotificationMessage)
     return (message.event_store_id, message.event.aggregate_id, message.event.version)
 
 

@@ -19,6 +19,7 @@ import pytest
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
     ConnectedEventStore,
+    FilterPattern,
     MessageChannel,
     MessageContext,
     NotificationMessage,
@@ -341,8 +342,10 @@ class Inbox:
 
 
 async def _queue_depth(url: str, queue: str) -> int:
-    async with await aio_pika.connect(url) as connection:
-        channel = await connection.channel()
+    async with (
+        await aio_pika.connect(url) as connection,
+        connection.channel() as channel,
+    ):
         declared = await channel.declare_queue(queue, passive=True)
         return declared.declaration_result.message_count or 0
 
@@ -371,8 +374,10 @@ class TestWireFormat:
         adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost))
         async with adapter:
             await queue.publish_message(notification(0), replay=True)
-            async with await aio_pika.connect(vhost_url(vhost)) as connection:
-                channel = await connection.channel()
+            async with (
+                await aio_pika.connect(vhost_url(vhost)) as connection,
+                connection.channel() as channel,
+            ):
                 raw = await channel.declare_queue(adapter.queue_name, passive=True)
                 incoming = await raw.get(no_ack=True)
             await adapter.purge()
@@ -386,13 +391,16 @@ class TestWireFormat:
         """A raw queue bound to the bus exchange reads Castore's JSON and the routing key."""
         bus = NotificationMessageBus(message_bus_id="wire", source_event_stores=[pokemon_store()])
         adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
-        async with adapter, await aio_pika.connect(vhost_url(vhost)) as connection:
-            channel = await connection.channel()
+        async with (
+            adapter,
+            await aio_pika.connect(vhost_url(vhost)) as connection,
+            connection.channel() as channel,
+        ):
             raw = await channel.declare_queue(exclusive=True)
             await raw.bind(adapter.exchange_name, "#")
             await bus.publish_message(notification(0))
-            async with asyncio.timeout(10):
-                incoming = await anext(aiter(raw.iterator(no_ack=True)))
+            async with asyncio.timeout(10), raw.iterator(no_ack=True) as deliveries:
+                incoming = await anext(deliveries)
             await adapter.purge()
         assert json.loads(incoming.body) == EXPECTED_WIRE
         assert incoming.routing_key == "live.POKEMONS.POKEMON_APPEARED"
@@ -408,7 +416,7 @@ class TestBrokerRouting:
         stores = [pokemon_store(store_id) for store_id in ("PO", "PO.KE", "*", "#")]
         bus = NotificationMessageBus(message_bus_id="tricky", source_event_stores=stores)
         adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
-        inboxes = {
+        inboxes: dict[str, tuple[FilterPattern, Inbox]] = {
             "po": ({"event_store_id": "PO"}, Inbox()),
             "star": ({"event_store_id": "*"}, Inbox()),
             "poke-caught": ({"event_store_id": "PO.KE", "event_type": "POKEMON_CAUGHT"}, Inbox()),
@@ -584,8 +592,10 @@ class TestWorkers:
         )
         with DeadLetterWatch.installed() as watch:
             async with adapter, adapter.consuming():
-                async with await aio_pika.connect(vhost_url(vhost)) as connection:
-                    channel = await connection.channel()
+                async with (
+                    await aio_pika.connect(vhost_url(vhost)) as connection,
+                    connection.channel() as channel,
+                ):
                     await channel.default_exchange.publish(
                         aio_pika.Message(b'{"eventStoreId": "NOPE", "event": {}}'),
                         adapter.queue_name,
@@ -595,8 +605,10 @@ class TestWorkers:
                 async with asyncio.timeout(20):
                     await watch.wait_for(1)
                 assert await adapter.dead_letters() == []  # it cannot be parsed, so not listed
-                async with await aio_pika.connect(vhost_url(vhost)) as connection:
-                    channel = await connection.channel()
+                async with (
+                    await aio_pika.connect(vhost_url(vhost)) as connection,
+                    connection.channel() as channel,
+                ):
                     dead = await channel.declare_queue(f"{adapter.queue_name}.dead", passive=True)
                     letter = await dead.get(no_ack=True)
                 await adapter.purge()
