@@ -586,6 +586,7 @@ class RabbitMQAdapter:
     async def dead_letters(self) -> list[DeadLetter]:
         """The messages kept in the dead-letter queue(s), oldest first; they stay there.
 
+        A queue adapter reads its queue's; a bus adapter those of its registered listeners.
         A body that no longer validates is left out (and logged); inspect it with any AMQP
         tool in ``<queue>.dead``.
 
