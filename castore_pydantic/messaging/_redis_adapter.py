@@ -269,11 +269,11 @@ class RedisStreamsAdapter:
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
         """Append several messages in order, with one Lua script call per 5,000 messages.
 
-        Each call is atomic: its messages are all appended or none is.
+        A script runs atomically, so no reader sees part of a call's messages.
 
         Raises:
-            MessageBrokerUnavailableError: Redis cannot be reached (the messages of the
-                failed call were not appended).
+            MessageBrokerUnavailableError: Redis cannot be reached (a call whose request
+                never reached Redis appended nothing).
             MessagingError: Redis refused a command.
         """
         if not messages:
