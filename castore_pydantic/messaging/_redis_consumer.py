@@ -270,15 +270,24 @@ class StreamConsumer:
                     {stream: "0"},
                     count=self.options.prefetch_count,
                 )
-                entries = [
-                    (key, entry_id, fields, None)
+                found = [
+                    (key, entry_id, fields)
                     for key, stream_entries in reply or ()
                     for entry_id, fields in stream_entries
-                    if fields  # an entry deleted meanwhile comes back without fields
+                ]
+                await self._forget_deleted(stream, found)
+                entries = [
+                    (key, entry_id, fields, None) for key, entry_id, fields in found if fields
                 ]
                 if not entries:
                     break
                 await self._handle_batch(entries)
+
+    async def _forget_deleted(self, stream: str, found: Sequence[tuple[Any, bytes, Any]]) -> None:
+        """Acknowledge pending entries deleted from the stream (trimmed): nothing to handle."""
+        deleted = [entry_id for _, entry_id, fields in found if not fields]
+        if deleted:
+            await self.client.xack(stream, self.subscription.group, *deleted)
 
     async def release_pending(self) -> None:
         """Hand back this consumer's unacknowledged entries, for others to take at once.
@@ -363,6 +372,8 @@ class StreamConsumer:
             cursor = reply[0]
             self._cursors[stream] = cursor
             more = more or cursor not in (b"0-0", "0-0")
+            # Redis 7 drops deleted entries itself; older servers return them without fields.
+            await self._forget_deleted(stream, [(None, entry_id, f) for entry_id, f in reply[1]])
             claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
             if claimed:
                 counts = await self._delivery_counts(stream, claimed)

@@ -219,6 +219,38 @@ class TestRedisMessageBusAdapter:
             length = await raw.xlen(adapter.stream_key)
         assert 10 <= length < 1000
 
+    async def test_pending_entries_trimmed_away_are_acknowledged(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A restarted consumer drops its pending entries that were trimmed from the stream."""
+        died = asyncio.Event()
+
+        async def die(message: Any, context: MessageContext) -> None:
+            died.set()
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # the worker dies holding the 10 entries it read
+            await asyncio.sleep(0)
+
+        bus = make_bus()
+        adapter = attach(bus, prefix, name="keeper", prefetch_count=10, reclaim_idle_ms=60_000)
+        adapter.on({}, die, listener_id="slow")
+        async with adapter:
+            async with adapter.consuming():
+                await bus.publish_messages([notification(index) for index in range(10)])
+                await died.wait()
+            assert await group_pending(raw, adapter.stream_key, "slow") == 10
+            await raw.xtrim(adapter.stream_key, maxlen=0, approximate=False)
+            listener = Recorder()
+            # The same consumer name first goes through what it still holds.
+            restarted = attach(make_bus(), prefix, name="keeper", reclaim_idle_ms=60_000)
+            restarted.on({}, listener, listener_id="slow")
+            async with restarted, restarted.consuming():
+                await bus.publish_message(notification(10))
+                await listener.wait_for(1)
+                assert await group_pending(raw, adapter.stream_key, "slow") == 0
+        assert listener.messages == [notification(10)]
+
     async def test_publishing_to_a_redis_that_is_down_raises_broker_unavailable(self) -> None:
         """Publishing on a bus whose Redis is unreachable raises MessageBrokerUnavailableError."""
         bus = make_bus()
