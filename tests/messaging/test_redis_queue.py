@@ -422,7 +422,7 @@ class TestRedisMessageQueueAdapter:
             ids = await connections_named(raw, f"castore:{adapter.consumer_name}")
             assert ids
             for client_id in ids:
-                await raw.client_kill_filter(_id=client_id)
+                await raw.client_kill_filter(_id=str(client_id))
             await queue.publish_messages([notification(2), notification(3)])
             await recorder.wait_for(3)
         assert recorder.messages == [notification(1), notification(2), notification(3)]

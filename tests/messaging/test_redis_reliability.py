@@ -151,7 +151,7 @@ class Worker:
         """Kill this worker from inside a handler: cut its connections (every other time)."""
         if sum(self.kills.values()) % 2:
             for client_id in await connections_named(self.raw, f"castore:{name}"):
-                await self.raw.client_kill_filter(_id=client_id)
+                await self.raw.client_kill_filter(_id=str(client_id))
             self.kills["connection"] += 1
         else:
             self.kills["cancel"] += 1
@@ -167,7 +167,11 @@ class Worker:
                 return
             died = asyncio.Event()
             name = f"worker-{self.slot}-{generation}"
-            adapter = self.make(name, lambda name=name, died=died: self.die(name, died))
+
+            async def die(name: str = name, died: asyncio.Event = died) -> None:
+                await self.die(name, died)
+
+            adapter = self.make(name, die)
             async with adapter, adapter.consuming():
                 waits = {asyncio.ensure_future(died.wait()), asyncio.ensure_future(finished.wait())}
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

@@ -16,7 +16,7 @@ from castore_pydantic.messaging import (
 )
 from castore_pydantic.messaging._redis_wire import message_parser, redact
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
-from tests.domain import PokemonAppeared, make_store
+from tests.domain import Pokemon, PokemonAppeared, make_store
 from tests.messaging.redis_support import caught, notification
 
 
@@ -86,10 +86,15 @@ class TestMessageParser:
 
     def test_the_first_store_with_an_id_decides_the_event_types(self) -> None:
         """As in the channel, a second store with the same id is ignored."""
+
+        def keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
+            assert pokemon is not None
+            return pokemon
+
         other = EventStore(
             event_store_id="POKEMONS",
             event_types=[PokemonFled],
-            reducer=lambda aggregate, event: aggregate,
+            reducer=keep,
             event_storage_adapter=InMemoryEventStorageAdapter(),
         )
         channel = queue(make_store(), other)
