@@ -117,7 +117,7 @@ class Statements:
         self.listing_index = derived_name(table, _LISTING_SUFFIX)
         self.insert = f"INSERT INTO {self.table} ({_COLUMNS}) VALUES {_ROW}"
         self.upsert = self.insert + _UPSERT
-        self._events: dict[tuple[bool, bool, bool, bool], str] = {}
+        self._events: dict[tuple[bool, bool, bool], str] = {}
         self._listings: dict[tuple[bool, bool, bool, bool, bool], str] = {}
 
     # -- schema ------------------------------------------------------------------------------
@@ -210,14 +210,13 @@ class Statements:
 
     # -- reads -------------------------------------------------------------------------------
 
-    def get_events(
-        self, *, min_version: bool, max_version: bool, limit: bool, reverse: bool
-    ) -> str:
+    def get_events(self, *, min_version: bool, max_version: bool, reverse: bool) -> str:
         """An aggregate's events as one JSON array text (NULL when there are none).
 
-        Parameters: store id, aggregate id, then min, max and limit when flagged.
+        Parameters: store id, aggregate id, min and max when flagged, then the limit
+        (``NULL``: no limit).
         """
-        key = (min_version, max_version, limit, reverse)
+        key = (min_version, max_version, reverse)
         text = self._events.get(key)
         if text is None:
             direction = " DESC" if reverse else ""
@@ -226,13 +225,46 @@ class Statements:
                 where += " AND version >= %s"
             if max_version:
                 where += " AND version <= %s"
-            tail = f" ORDER BY version{direction} LIMIT %s" if limit else ""
             text = (
                 f"SELECT json_agg(e ORDER BY e.version{direction})::text FROM"
-                f" (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}{tail}) e"
+                f" (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}"
+                f" ORDER BY version{direction} LIMIT %s) e"
             )
             self._events[key] = text
         return text
+
+    def first_events(self, *, min_version: bool, max_version: bool) -> str:
+        """The first events (up to a limit), with their count and last version.
+
+        Parameters: store id, aggregate id, min and max when flagged, then the limit.
+        """
+        where = "aggregate_name = %s AND aggregate_id = %s"
+        if min_version:
+            where += " AND version >= %s"
+        if max_version:
+            where += " AND version <= %s"
+        return (
+            "SELECT json_agg(e ORDER BY e.version)::text, count(*), max(e.version) FROM"
+            f" (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}"
+            " ORDER BY version LIMIT %s) e"
+        )
+
+    def events_after(self, *, max_version: bool) -> str:
+        """The events after a version, one JSON array text per chunk, in version order.
+
+        PostgreSQL sends each chunk as soon as it is built, so the client validates one
+        chunk while the server builds the next. Parameters: chunk size, store id, aggregate
+        id, the version to start after, then max when flagged.
+        """
+        where = "aggregate_name = %s AND aggregate_id = %s AND version > %s"
+        if max_version:
+            where += " AND version <= %s"
+        return (
+            "SELECT json_agg(c.e ORDER BY c.version)::text FROM"
+            " (SELECT e, e.version, (row_number() OVER (ORDER BY e.version) - 1) / %s AS chunk"
+            f" FROM (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}) e) c"
+            " GROUP BY c.chunk ORDER BY c.chunk"
+        )
 
     def list_aggregate_ids(
         self, *, after: bool, before: bool, cursor: bool, reverse: bool, limit: bool

@@ -9,104 +9,54 @@ Needs the ``postgres`` extra: ``pip install 'castore-pydantic[postgres]'``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self
-from urllib.parse import quote
+from typing import Any, Self, cast
 
 try:
     import psycopg
     from psycopg import errors as pg_errors
-    from psycopg.conninfo import conninfo_to_dict
-    from psycopg.pq import TransactionStatus
-    from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
+    from psycopg_pool import AsyncConnectionPool
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "castore_pydantic.storage.postgres needs psycopg 3 and psycopg-pool: "
         "pip install 'castore-pydantic[postgres]'"
     ) from exc
 
-from pydantic_core import PydanticSerializationError, to_json
-
-from castore_pydantic._event import Event, utc_now
+from castore_pydantic._event import Event
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import (
-    CastoreError,
     EventAlreadyExistsError,
     EventGroupError,
-    EventLimitExceededError,
     InvalidPageTokenError,
     StorageError,
-    StorageUnavailableError,
 )
-from castore_pydantic.storage._postgres_sql import (
-    AggregateIdType,
-    Statements,
-    check_identifier,
+from castore_pydantic.storage._postgres_connection import AsyncConnection, Connections, Settings
+from castore_pydantic.storage._postgres_sql import AggregateIdType, Statements, check_identifier
+from castore_pydantic.storage._postgres_writes import (
+    GroupPlan,
+    check_store_id,
+    event_row,
+    stamped,
+    storable,
 )
 
 __all__ = ["AggregateIdType", "PostgresEventStorageAdapter"]
 
-_AsyncConnection = psycopg.AsyncConnection[Any]
 _BIGINT_MAX = 2**63 - 1
 _LAYOUT = ("aggregate_name", "aggregate_id", "version", "type", "data", "metadata", "timestamp")
-_IDLE = TransactionStatus.IDLE
-_GROUP_SQL_CACHE = 256  # group statements kept, by tables and sizes
-
-
-def _json(value: Any, event_store_id: str, field: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        return to_json(value, by_alias=True).decode()
-    except PydanticSerializationError as exc:
-        raise EventLimitExceededError(
-            event_store_id, f"not serialisable as JSON: {exc}", (field,)
-        ) from exc
-
-
-def _row(event: Event, event_store_id: str) -> tuple[Any, ...]:
-    return (
-        event_store_id,
-        event.aggregate_id,
-        event.version,
-        event.type,
-        _json(event.payload, event_store_id, "payload"),
-        _json(event.metadata, event_store_id, "metadata"),
-        event.timestamp,
-    )
-
-
-def _stamped(event: Event) -> Event:
-    return (
-        event if event.timestamp is not None else event.model_copy(update={"timestamp": utc_now()})
-    )
-
-
-def _storable(text: str) -> bool:
-    """Whether PostgreSQL text can hold ``text`` (no NUL, valid Unicode)."""
-    if text.isascii():
-        return "\x00" not in text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
+_KEEP_RESULT_CHARS = 1 << 20  # larger read results are not left on a cached cursor
+_FIRST_EVENTS = 1000  # events read by the first statement; longer aggregates are streamed
+_STREAM_CHUNK = 1000  # events per streamed chunk
 
 
 def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _message(exc: BaseException) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = diag.message_primary if diag is not None else None
-    return primary or str(exc).strip() or type(exc).__name__
 
 
 class PostgresEventStorageAdapter:
@@ -119,8 +69,9 @@ class PostgresEventStorageAdapter:
     Args:
         connection_string: A libpq connection string or URI; ``None`` uses the ``PG*``
             environment variables. The password never appears in ``repr()`` or errors.
-        pool: An open ``psycopg_pool.AsyncConnectionPool`` to use instead (not closed by the
-            adapter). Its connections are switched to autocommit while the adapter uses them.
+        pool: An ``psycopg_pool.AsyncConnectionPool`` to use instead (neither opened nor
+            closed by the adapter). Its connections are switched to autocommit while the
+            adapter uses them.
         table_name: The events table (any name of at most 63 bytes; it is quoted).
         schema: The table's schema; ``None`` follows the connections' ``search_path``.
         min_size: Connections the owned pool keeps open.
@@ -139,7 +90,7 @@ class PostgresEventStorageAdapter:
         self,
         connection_string: str | None = None,
         *,
-        pool: AsyncConnectionPool[_AsyncConnection] | None = None,
+        pool: AsyncConnectionPool[AsyncConnection] | None = None,
         table_name: str = "event",
         schema: str | None = None,
         min_size: int = 1,
@@ -151,24 +102,19 @@ class PostgresEventStorageAdapter:
         self._schema = None if schema is None else check_identifier(schema, "schema")
         self._sql = Statements(self._schema, self._table)
         self._key_names = {self._sql.unique_name}
-        self._closed = False
-        self._opened = False
-        self._switched: set[int] = set()
         self._group_sql: dict[tuple[Any, ...], str] = {}
         if pool is not None:
             if connection_string is not None or connect_kwargs:
                 raise ValueError("pass either a connection string or a pool, not both")
             if not isinstance(pool, AsyncConnectionPool):
                 raise TypeError(f"pool must be a psycopg_pool.AsyncConnectionPool, not {pool!r}")
-            self._owns_pool = False
-            self._pool: AsyncConnectionPool[_AsyncConnection] = pool
-            params = self._pool_params(pool)
+            settings = Settings.of_pool(pool)
+            owned = False
         else:
             kwargs = dict(connect_kwargs or {})
-            params = self._parse(connection_string or "", kwargs)
+            settings = Settings.parse(connection_string or "", kwargs)
             kwargs["autocommit"] = True
-            self._owns_pool = True
-            self._pool = AsyncConnectionPool(
+            pool = AsyncConnectionPool(
                 connection_string or "",
                 kwargs=kwargs,
                 min_size=min_size,
@@ -177,51 +123,14 @@ class PostgresEventStorageAdapter:
                 open=False,
                 name=f"castore-{self._table}"[:60],
             )
-        password = str(params.get("password") or "")
-        self._secrets = tuple({password, quote(password, safe="")} - {""})
-        self._database = (
-            str(params.get("host") or params.get("hostaddr") or ""),
-            str(params.get("port") or "5432"),
-            str(params.get("dbname") or params.get("user") or ""),
-        )
-        self._describe = " ".join(
-            f"{key}={params[key]}" for key in ("host", "port", "dbname", "user") if params.get(key)
-        )
-
-    def _parse(self, conninfo: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        secrets = {str(kwargs.get("password") or "")} - {""}
-        try:
-            return conninfo_to_dict(conninfo, **kwargs)
-        except psycopg.Error as exc:
-            # libpq may echo the string it could not parse, password included.
-            text = str(exc)
-            for secret in secrets | self._url_password(conninfo):
-                text = text.replace(secret, "***")
-            raise ValueError(f"invalid PostgreSQL connection string: {text}") from None
-
-    @staticmethod
-    def _url_password(conninfo: str) -> set[str]:
-        """The password of a URI, found without a parser that could fail on it."""
-        head, sep, _ = conninfo.partition("@")
-        if not sep or "://" not in head:
-            return set()
-        _, _, credentials = head.partition("://")
-        _, colon, password = credentials.partition(":")
-        return {password} - {""} if colon else set()
-
-    @staticmethod
-    def _pool_params(pool: AsyncConnectionPool[_AsyncConnection]) -> dict[str, Any]:
-        if isinstance(pool.conninfo, str) and isinstance(pool.kwargs, Mapping):
-            try:
-                return conninfo_to_dict(pool.conninfo, **pool.kwargs)
-            except psycopg.Error:
-                return {}
-        return {}
+            owned = True
+        self._settings = settings
+        self._conns = Connections(pool, owned=owned, settings=settings, name=repr(self))
 
     def __repr__(self) -> str:
         return (
-            f"PostgresEventStorageAdapter({self._describe!r}, table_name={self._table!r}, "
-            f"schema={self._schema!r})"
+            f"PostgresEventStorageAdapter({self._settings.describe!r}, "
+            f"table_name={self._table!r}, schema={self._schema!r})"
         )
 
     @property
@@ -235,14 +144,14 @@ class PostgresEventStorageAdapter:
         return self._schema
 
     @property
-    def pool(self) -> AsyncConnectionPool[_AsyncConnection]:
+    def pool(self) -> AsyncConnectionPool[AsyncConnection]:
         """The connection pool the adapter uses."""
-        return self._pool
+        return self._conns.pool
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        await self._open()
+        await self._conns.open()
         return self
 
     async def __aexit__(
@@ -255,129 +164,12 @@ class PostgresEventStorageAdapter:
 
     async def aclose(self) -> None:
         """Close the owned pool (a pool passed in is left open); idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._owns_pool:
-            await self._pool.close()
+        await self._conns.close()
 
-    async def _open(self) -> None:
-        if self._closed:
-            raise StorageError(f"{self!r} is closed")
-        if self._owns_pool and not self._opened:
-            await self._pool.open()
-            self._opened = True
+    def _where(self, doing: str) -> str:
+        return f"{doing} in {self._sql.table_ddl}"
 
-    async def _acquire(self, doing: str) -> _AsyncConnection:
-        if not self._opened:
-            await self._open()
-        elif self._closed:
-            raise StorageError(f"{self!r} is closed")
-        try:
-            conn = await self._pool.getconn()
-        except PoolTimeout as exc:
-            error = self._error(exc, doing)
-            reason = await self._connect_failure()
-            if reason is not None:
-                error = StorageUnavailableError(f"{error} because connecting fails: {reason}")
-            raise error from self._cause(exc)
-        except (PoolClosed, psycopg.Error) as exc:
-            raise self._error(exc, doing) from self._cause(exc)
-        if not conn.autocommit:
-            # Only a borrowed pool lends such connections; each write is one statement, so
-            # autocommit is what makes it atomic without BEGIN/COMMIT round trips.
-            try:
-                await conn.set_autocommit(True)
-            except BaseException:
-                await asyncio.shield(self._pool.putconn(conn))
-                raise
-            self._switched.add(id(conn))
-        return conn
-
-    async def _connect_failure(self) -> str | None:
-        """Why an owned pool fails to open connections (the pool itself only logs it)."""
-        if not self._owns_pool or not self._pool.get_stats().get("connections_errors", 0):
-            return None  # every connection busy, none broken
-        kwargs = dict(self._pool.kwargs) if isinstance(self._pool.kwargs, Mapping) else {}
-        kwargs.setdefault("connect_timeout", 5)
-        conninfo = self._pool.conninfo if isinstance(self._pool.conninfo, str) else ""
-        try:
-            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
-        except psycopg.Error as exc:
-            return self._redact(str(exc).strip())
-        await conn.close()
-        return None
-
-    async def _release(self, conn: _AsyncConnection) -> None:
-        if self._switched and id(conn) in self._switched:
-            self._switched.discard(id(conn))
-            if not conn.broken and conn.pgconn.transaction_status == _IDLE:
-                await conn.set_autocommit(False)  # returned as it was lent
-        if conn.pgconn.transaction_status == _IDLE:
-            await self._pool.putconn(conn)
-        else:
-            # Rolling back or closing suspends: don't let a second cancellation lose it.
-            await asyncio.shield(self._pool.putconn(conn))
-
-    # -- errors ----------------------------------------------------------------------------
-
-    def _redact(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
-
-    def _cause(self, exc: BaseException) -> BaseException | None:
-        """``exc``, or ``None`` when its text would reveal the password."""
-        if not self._secrets:
-            return exc
-        seen: BaseException | None = exc
-        while seen is not None:
-            if any(secret in str(seen) for secret in self._secrets):
-                return None
-            seen = seen.__cause__ or seen.__context__
-        return exc
-
-    def _error(
-        self,
-        exc: BaseException,
-        doing: str,
-        event_store_id: str | None = None,
-        *,
-        lost_write: bool = False,
-    ) -> CastoreError:
-        """Translate a driver or pool error raised while ``doing`` something.
-
-        ``lost_write`` says that the connection broke after a write was sent: the server may
-        have committed it before the connection went, and the caller must be told so.
-        """
-        text = self._redact(_message(exc))
-        where = f"{doing} in {self._sql.table_ddl}"
-        if isinstance(exc, PoolTimeout):
-            return StorageUnavailableError(
-                f"{where}: no PostgreSQL connection available within {self._pool.timeout}s"
-            )
-        if isinstance(exc, PoolClosed):
-            return StorageError(f"{where}: the connection pool is closed")
-        if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
-            outcome = (
-                "; the connection was lost after the write was sent, so its outcome is "
-                "unknown: read the aggregate before retrying (a retry of a stored version "
-                "raises EventAlreadyExistsError)"
-                if lost_write
-                else ""
-            )
-            return StorageUnavailableError(f"{where}: PostgreSQL is unavailable ({text}){outcome}")
-        if isinstance(exc, pg_errors.UndefinedTable):
-            return StorageError(
-                f"{where}: the table does not exist; call await adapter.create_event_table()"
-            )
-        if isinstance(exc, psycopg.DataError) and event_store_id is not None:
-            return EventLimitExceededError(
-                event_store_id, f"PostgreSQL refused a value of the event ({text})"
-            )
-        return StorageError(f"{where}: {text}")
-
-    async def _is_event_key(self, conn: _AsyncConnection, exc: pg_errors.UniqueViolation) -> bool:
+    async def _is_event_key(self, conn: AsyncConnection, exc: pg_errors.UniqueViolation) -> bool:
         """Whether a unique violation is on this table's ``(store, aggregate, version)`` key."""
         diag = exc.diag
         if diag.table_name != self._table or diag.constraint_name is None:
@@ -399,7 +191,7 @@ class PostgresEventStorageAdapter:
     # -- schema ----------------------------------------------------------------------------
 
     async def create_event_table(self, *, aggregate_id_type: AggregateIdType = "text") -> None:
-        """Create the schema (if named), the table and its indexes unless they exist.
+        """Create the schema (if named), the table and its index unless they exist.
 
         Safe to call concurrently and on a table created by Castore (it then only adds the
         listing index).
@@ -420,8 +212,8 @@ class PostgresEventStorageAdapter:
             )
         digest = hashlib.sha256(f"castore_pydantic:{self._sql.table_ddl}".encode()).digest()
         lock = int.from_bytes(digest[:8], "big", signed=True)
-        doing = "creating the event table"
-        conn = await self._acquire(doing)
+        where = self._where("creating the event table")
+        conn = await self._conns.acquire(where)
         try:
             async with conn.transaction():
                 # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
@@ -434,9 +226,9 @@ class PostgresEventStorageAdapter:
                 if not missing:
                     await conn.execute(self._sql.create_index().encode())
         except psycopg.Error as exc:
-            raise self._error(exc, doing) from self._cause(exc)
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
-            await self._release(conn)
+            await self._conns.release(conn)
         if missing:
             raise StorageError(
                 f"{self._sql.table_ddl} exists but lacks the columns {', '.join(missing)}"
@@ -449,24 +241,16 @@ class PostgresEventStorageAdapter:
             StorageError: PostgreSQL refused.
             StorageUnavailableError: PostgreSQL cannot be reached.
         """
-        doing = "dropping the event table"
-        conn = await self._acquire(doing)
+        where = self._where("dropping the event table")
+        conn = await self._conns.acquire(where)
         try:
             await conn.execute(self._sql.drop().encode())
         except psycopg.Error as exc:
-            raise self._error(exc, doing) from self._cause(exc)
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
-            await self._release(conn)
+            await self._conns.release(conn)
 
     # -- writing ---------------------------------------------------------------------------
-
-    def _check_store_id(self, event_store_id: str) -> None:
-        if not _storable(event_store_id):
-            raise EventLimitExceededError(
-                event_store_id,
-                "PostgreSQL text cannot hold NUL or lone surrogates",
-                ("eventStoreId",),
-            )
 
     async def push_event(
         self, event: Event, context: EventStoreContext, *, force: bool = False
@@ -477,28 +261,33 @@ class PostgresEventStorageAdapter:
             EventAlreadyExistsError: The version is taken (and ``force`` is false).
             EventLimitExceededError: A value does not fit the table (e.g. a non-UUID id on a
                 ``uuid`` table); nothing is written.
-            StorageUnavailableError: The connection failed; nothing was written.
+            StorageUnavailableError: The connection failed (the message says when the
+                outcome is unknown).
             StorageError: Any other database error.
         """
         event_store_id = context.event_store_id
-        self._check_store_id(event_store_id)
-        event = _stamped(event)
-        params = _row(event, event_store_id)
-        doing = "pushing an event"
-        conn = await self._acquire(doing)
+        check_store_id(event_store_id)
+        event = stamped(event)
+        params = event_row(event, event_store_id)
+        query = self._sql.upsert if force else self._sql.insert
+        where = self._where("pushing an event")
+        conn = await self._conns.acquire(where)
         try:
-            await conn.execute(self._sql.upsert if force else self._sql.insert, params)
+            await self._conns.cursor(conn).execute(query, params)
         except pg_errors.UniqueViolation as exc:
             if await self._is_event_key(conn, exc):
                 raise EventAlreadyExistsError(
                     event_store_id, event.aggregate_id, event.version
                 ) from exc
-            raise self._error(exc, doing, event_store_id) from self._cause(exc)
+            error = self._conns.error(exc, where, event_store_id=event_store_id)
+            raise error from self._settings.cause(exc)
         except psycopg.Error as exc:
-            error = self._error(exc, doing, event_store_id, lost_write=conn.broken)
-            raise error from self._cause(exc)
+            error = self._conns.error(
+                exc, where, event_store_id=event_store_id, lost_write=conn.broken
+            )
+            raise error from self._settings.cause(exc)
         finally:
-            await self._release(conn)
+            await self._conns.release(conn)
         return event
 
     def group_event(self, event: Event, context: EventStoreContext) -> GroupedEvent:
@@ -506,7 +295,7 @@ class PostgresEventStorageAdapter:
         return GroupedEvent(event=event, event_storage_adapter=self, context=context)
 
     def _same_database(self, other: PostgresEventStorageAdapter) -> bool:
-        return other._pool is self._pool or other._database == self._database
+        return other.pool is self.pool or other._settings.database == self._settings.database
 
     async def push_event_group(
         self, grouped_events: Sequence[GroupedEvent], *, force: bool = False
@@ -514,7 +303,9 @@ class PostgresEventStorageAdapter:
         """Store the group with ONE statement on one connection: all events or none.
 
         Each event goes to its own grouped event's adapter's table; those adapters must all
-        be PostgreSQL adapters on this adapter's database.
+        be PostgreSQL adapters on this adapter's database. Groups of more than 5,000 events
+        (one statement holds at most 65,535 values) are written by several statements in
+        one transaction.
 
         Raises:
             EventGroupError: The group is empty, lacks a context, or mixes other adapters or
@@ -522,12 +313,12 @@ class PostgresEventStorageAdapter:
             EventAlreadyExistsError: A version is taken (names the first such event);
                 nothing is written.
             EventLimitExceededError: A value does not fit a table; nothing is written.
-            StorageUnavailableError: The connection failed; nothing was written.
+            StorageUnavailableError: The connection failed (the message says when the
+                outcome is unknown).
         """
         if not grouped_events:
             raise EventGroupError("An event group needs at least one grouped event")
-        members: list[tuple[PostgresEventStorageAdapter, str, Event]] = []
-        tables: dict[str, tuple[Statements, dict[tuple[str, str, int], tuple[Any, ...]]]] = {}
+        plan = GroupPlan(force)
         for index, grouped in enumerate(grouped_events):
             adapter = grouped.event_storage_adapter
             if not isinstance(adapter, PostgresEventStorageAdapter):
@@ -539,83 +330,34 @@ class PostgresEventStorageAdapter:
             if not self._same_database(adapter):
                 raise EventGroupError(
                     f"Event group event #{index} is stored in another database "
-                    f"({adapter._describe or 'libpq defaults'}, not "
-                    f"{self._describe or 'libpq defaults'}): a group is one transaction"
+                    f"({adapter._settings.describe or 'libpq defaults'}, not "
+                    f"{self._settings.describe or 'libpq defaults'}): a group is one transaction"
                 )
-            event_store_id = grouped.context.event_store_id
-            self._check_store_id(event_store_id)
-            event = _stamped(grouped.event)
-            key = (event_store_id, event.aggregate_id, event.version)
-            _, rows = tables.setdefault(adapter._sql.table, (adapter._sql, {}))
-            if key in rows and not force:
-                raise EventAlreadyExistsError(*key)
-            rows[key] = _row(event, event_store_id)  # with force, the last one wins
-            members.append((adapter, event_store_id, event))
-        shape = (force, *((table, len(rows)) for table, (_, rows) in tables.items()))
-        query = self._group_sql.get(shape)
-        if query is None:
-            query = Statements.write_group(
-                [(statements, len(rows)) for statements, rows in tables.values()], force=force
-            )
-            if len(self._group_sql) < _GROUP_SQL_CACHE:
-                self._group_sql[shape] = query
-        params = [value for _, rows in tables.values() for row in rows.values() for value in row]
-        doing = "pushing an event group"
-        conn = await self._acquire(doing)
+            plan.add(adapter, grouped.context.event_store_id, grouped.event)
+        batches = plan.statements(self._group_sql)
+        where = self._where("pushing an event group")
+        conn = await self._conns.acquire(where)
         try:
-            await conn.execute(query, params)
+            cursor = self._conns.cursor(conn)
+            if len(batches) == 1:
+                await cursor.execute(*batches[0])
+            else:
+                async with conn.transaction():
+                    for query, params in batches:
+                        await cursor.execute(query, params)
         except pg_errors.UniqueViolation as exc:
-            culprit = await self._conflicting_member(conn, exc, members)
+            culprit = await plan.culprit(conn, exc)
             if culprit is not None:
                 raise EventAlreadyExistsError(*culprit) from exc
-            raise self._error(exc, doing) from self._cause(exc)
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
         except psycopg.Error as exc:
-            error = self._error(exc, doing, members[0][1], lost_write=conn.broken)
-            raise error from self._cause(exc)
+            error = self._conns.error(
+                exc, where, event_store_id=plan.members[0].event_store_id, lost_write=conn.broken
+            )
+            raise error from self._settings.cause(exc)
         finally:
-            await self._release(conn)
-        return [event for _, _, event in members]
-
-    async def _conflicting_member(
-        self,
-        conn: _AsyncConnection,
-        exc: pg_errors.UniqueViolation,
-        members: list[tuple[PostgresEventStorageAdapter, str, Event]],
-    ) -> tuple[str, str, int] | None:
-        """Which grouped event a unique violation was about (the statement does not say).
-
-        The failed statement rolled back, so a key that is stored now conflicted; the first
-        one in group order is reported. If none is stored, two members were the same event
-        spelled differently (e.g. a UUID in upper and lower case).
-        """
-        candidates = []
-        checked: dict[int, bool] = {}
-        for index, (adapter, event_store_id, event) in enumerate(members):
-            if id(adapter) not in checked:
-                checked[id(adapter)] = await adapter._is_event_key(conn, exc)
-            if checked[id(adapter)]:
-                candidates.append((index, adapter, event_store_id, event))
-        if not candidates:
-            return None
-        query = " UNION ALL ".join(adapter._sql.exists() for _, adapter, _, _ in candidates)
-        params = [
-            value
-            for index, _, event_store_id, event in candidates
-            for value in (index, event_store_id, event.aggregate_id, event.version)
-        ]
-        cursor = await conn.execute(query, params)
-        stored = sorted(row[0] for row in await cursor.fetchall())
-        if stored:
-            _, event_store_id, event = members[stored[0]]
-            return event_store_id, event.aggregate_id, event.version
-        seen: set[tuple[int, str, str, int]] = set()
-        for _, adapter, event_store_id, event in candidates:
-            key = (id(adapter), event_store_id, event.aggregate_id.casefold(), event.version)
-            if key in seen:
-                return event_store_id, event.aggregate_id, event.version
-            seen.add(key)
-        _, _, event_store_id, event = candidates[0]
-        return event_store_id, event.aggregate_id, event.version
+            await self._conns.release(conn)
+        return [member.event for member in plan.members]
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -631,42 +373,74 @@ class PostgresEventStorageAdapter:
     ) -> list[Event]:
         """Return events ordered by version, bounds inclusive (``limit=0`` gives none).
 
-        PostgreSQL builds the JSON array of the rows; it is validated in one pass.
+        PostgreSQL builds the JSON array of the rows, which is validated in one pass; long
+        aggregates come in chunks, validated while the server builds the next one.
 
         Raises:
             StoredEventValidationError: A stored event does not validate.
             StorageUnavailableError: The connection failed.
         """
         event_store_id = context.event_store_id
-        if limit == 0 or not (_storable(aggregate_id) and _storable(event_store_id)):
+        if limit == 0 or not (storable(aggregate_id) and storable(event_store_id)):
             return []  # no such aggregate can be stored
         params: list[Any] = [event_store_id, aggregate_id]
         if min_version is not None:
             params.append(min_version)
         if max_version is not None:
             params.append(max_version)
-        if limit is not None:
-            params.append(min(limit, _BIGINT_MAX))
-        query = self._sql.get_events(
-            min_version=min_version is not None,
-            max_version=max_version is not None,
-            limit=limit is not None,
-            reverse=reverse,
-        )
-        doing = "reading events"
-        conn = await self._acquire(doing)
+        # Reading everything in order (a fold) may stream; other reads are one statement.
+        streamed = limit is None and not reverse
+        bounds = {"min_version": min_version is not None, "max_version": max_version is not None}
+        if streamed:
+            params.append(_FIRST_EVENTS)
+            query = self._sql.first_events(**bounds)
+        else:
+            params.append(None if limit is None else min(limit, _BIGINT_MAX))
+            query = self._sql.get_events(**bounds, reverse=reverse)
+        where = self._where("reading events")
+        conn = await self._conns.acquire(where)
+        events: list[Event] | None = None
         try:
-            cursor = await conn.execute(query, params)
+            cursor = await self._conns.cursor(conn).execute(query, params)
             row = await cursor.fetchone()
+            if row is None or row[0] is None:
+                return []
+            text: str = row[0]
+            if streamed and row[1] >= _FIRST_EVENTS:
+                rest = [_STREAM_CHUNK, event_store_id, aggregate_id, row[2]]
+                if max_version is not None:
+                    rest.append(max_version)
+                events = await self._read_rest(conn, context, text, rest)
+            elif len(text) > _KEEP_RESULT_CHARS:
+                self._conns.forget_cursor(conn)  # it would hold the text until the next call
         except pg_errors.InvalidTextRepresentation:
             return []  # not a UUID, on a uuid table: no such aggregate
         except psycopg.Error as exc:
-            raise self._error(exc, doing) from self._cause(exc)
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
-            await self._release(conn)
-        if row is None or row[0] is None:
-            return []
-        return context.parse_events_json(row[0])
+            await self._conns.release(conn)
+        return context.parse_events_json(text) if events is None else events
+
+    async def _read_rest(
+        self, conn: AsyncConnection, context: EventStoreContext, first: str, rest: list[Any]
+    ) -> list[Event]:
+        """Validate ``first``, then stream and validate the events after it in chunks.
+
+        ``rest`` holds the parameters of ``Statements.events_after``. Validating a chunk
+        overlaps with PostgreSQL building the next one. Events appended since the first
+        statement are included; a version lower than the last one read that commits in
+        between would not be (versions are pushed in order).
+        """
+        query = self._sql.events_after(max_version=len(rest) > 4)
+        stream = cast("AsyncGenerator[tuple[str], None]", conn.cursor().stream(query, rest))
+        async with aclosing(stream) as chunks:
+            # Validate the first events once the server is busy with the next ones.
+            following = await anext(chunks, None)
+            events = context.parse_events_json(first)
+            while following is not None:
+                events += context.parse_events_json(following[0])
+                following = await anext(chunks, None)
+        return events
 
     async def list_aggregate_ids(
         self,
@@ -692,10 +466,10 @@ class PostgresEventStorageAdapter:
             reverse=reverse,
         )
         event_store_id = context.event_store_id
-        if options.limit == 0 or not _storable(event_store_id):
+        if options.limit == 0 or not storable(event_store_id):
             return ListAggregateIdsResult(aggregate_ids=[])
         cursor = options.cursor
-        if cursor is not None and not _storable(cursor.aggregate_id):
+        if cursor is not None and not storable(cursor.aggregate_id):
             raise InvalidPageTokenError("'lastEvaluatedKey.aggregateId' cannot be stored")
         params: list[Any] = [event_store_id]
         if options.initial_event_after is not None:
@@ -713,19 +487,19 @@ class PostgresEventStorageAdapter:
             reverse=options.reverse,
             limit=options.limit is not None,
         )
-        doing = "listing aggregates"
-        conn = await self._acquire(doing)
+        where = self._where("listing aggregates")
+        conn = await self._conns.acquire(where)
         try:
-            result = await conn.execute(query, params)
+            result = await self._conns.cursor(conn).execute(query, params)
             rows = await result.fetchall()
         except pg_errors.InvalidTextRepresentation as exc:
             raise InvalidPageTokenError(
                 "'lastEvaluatedKey.aggregateId' does not fit this table's aggregate ids"
             ) from exc
         except psycopg.Error as exc:
-            raise self._error(exc, doing) from self._cause(exc)
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
-            await self._release(conn)
+            await self._conns.release(conn)
         return options.finish(
             [AggregateIdEntry(aggregate_id, ts.replace(tzinfo=UTC)) for aggregate_id, ts in rows]
         )

@@ -7,6 +7,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
@@ -19,6 +20,7 @@ from castore_pydantic.errors import (
     EventGroupError,
     EventLimitExceededError,
     StorageError,
+    StoredEventValidationError,
 )
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts import (
@@ -653,3 +655,66 @@ class TestUuidTable:
                 if (token := page.next_page_token) is None:
                     break
         assert seen == ids
+
+
+class TestLongAggregates:
+    """Aggregates and groups beyond one chunk or one statement."""
+
+    async def test_long_aggregate_reads_every_event_with_any_options(self, pg_schema: str) -> None:
+        """2,500 events (read in streamed chunks) come back complete for every option mix."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await EventStore.push_event_group(
+                store.group_event(created("long")),
+                *(store.group_event(incremented("long", v)) for v in range(2, 2501)),
+            )
+
+            async def versions(**options: Any) -> list[int]:
+                return [e.version for e in (await store.get_events("long", **options)).events]
+
+            assert await versions() == list(range(1, 2501))
+            assert await versions(min_version=999, max_version=2001) == list(range(999, 2002))
+            assert await versions(min_version=1001) == list(range(1001, 2501))
+            assert await versions(max_version=1000) == list(range(1, 1001))
+            assert await versions(max_version=1001) == list(range(1, 1002))
+            assert await versions(reverse=True, limit=3) == [2500, 2499, 2498]
+            assert await versions(limit=1500) == list(range(1, 1501))
+            aggregate = (await store.get_aggregate("long")).aggregate
+            assert aggregate is not None
+            assert (aggregate.value, aggregate.version) == (2499, 2500)
+
+    async def test_bad_event_deep_in_a_long_aggregate_is_named(self, pg_schema: str) -> None:
+        """A stored event that fails validation in a later chunk names its version."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name=table, min_size=1, max_size=1
+        ) as adapter:
+            store = counter_store(adapter)
+            await EventStore.push_event_group(
+                store.group_event(created("long")),
+                *(store.group_event(incremented("long", v)) for v in range(2, 3001)),
+            )
+            await fetch(
+                f'UPDATE "{pg_schema}"."{table}" SET data = %s WHERE version = 2200',
+                '{"by": "nope"}',
+            )
+            with pytest.raises(StoredEventValidationError) as info:
+                await store.get_events("long")
+            assert (info.value.aggregate_id, info.value.version) == ("long", 2200)
+            # The interrupted stream left the only connection usable.
+            assert len((await store.get_events("long", max_version=10)).events) == 10
+
+    async def test_group_larger_than_one_statement_is_still_atomic(self, pg_schema: str) -> None:
+        """A group beyond one statement's 65,535 values is one transaction: all or nothing."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("taken"))
+            grouped = [store.group_event(created(f"g{i}")) for i in range(11_000)]
+            with pytest.raises(EventAlreadyExistsError) as info:
+                await EventStore.push_event_group(*grouped, store.group_event(created("taken")))
+            assert info.value.aggregate_id == "taken"
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(1,)]
+            await EventStore.push_event_group(*grouped)
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(11_001,)]

@@ -182,6 +182,27 @@ class TestCancellation:
             await other.aclose()
         assert k > 1, "the group never suspended: the harness tested nothing"
 
+    async def test_streamed_read_cancelled_at_each_suspension(self, watched: Watched) -> None:
+        """Cancelling a long (streamed) read anywhere leaves no busy or lost connection."""
+        store = counter_store(watched.adapter)
+        await EventStore.push_event_group(
+            store.group_event(created("long")),
+            *(store.group_event(note("long", v, 0, v)) for v in range(2, 3001)),
+        )
+        k = 0
+        while True:
+            k += 1
+            harness = CancelAtSuspension(store.get_events("long"), k)
+            try:
+                result = await harness
+            except asyncio.CancelledError:
+                assert harness.cancelled
+            await _check_after_cancellation(watched, harness, k)
+            if not harness.cancelled:
+                assert len(result.events) == 3000
+                break
+        assert k > 3, "the streamed read never suspended mid-way"
+
     async def test_harness_catches_a_write_split_over_two_statements(
         self, watched: Watched
     ) -> None:
@@ -191,6 +212,7 @@ class TestCancellation:
 
         async def split_group(first: Event, second: Event) -> None:
             await adapter.push_event(first, store.context)
+            await asyncio.sleep(0)  # any await between two statements is a cancellation point
             await adapter.push_event(second, store.context)
 
         partial = []

@@ -1,0 +1,292 @@
+"""Connections of the PostgreSQL adapter: its pool, its secrets and its errors.
+
+Settings keep the password out of every message; ``Connections`` opens the pool lazily, keeps
+its connections in autocommit with one cursor each and returns them safely; ``translate``
+turns driver errors into the library's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+from weakref import WeakKeyDictionary
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
+
+from castore_pydantic.errors import (
+    CastoreError,
+    EventLimitExceededError,
+    StorageError,
+    StorageUnavailableError,
+)
+
+__all__ = ["AsyncConnection", "Connections", "Settings", "translate"]
+
+AsyncConnection = psycopg.AsyncConnection[Any]
+_IDLE = TransactionStatus.IDLE
+
+
+def _url_password(conninfo: str) -> set[str]:
+    """The password of a URI, found without a parser that could fail on it."""
+    head, sep, _ = conninfo.partition("@")
+    if not sep or "://" not in head:
+        return set()
+    _, _, credentials = head.partition("://")
+    _, colon, password = credentials.partition(":")
+    return {password} - {""} if colon else set()
+
+
+def _message(exc: BaseException) -> str:
+    diag = getattr(exc, "diag", None)
+    primary = diag.message_primary if diag is not None else None
+    return primary or str(exc).strip() or type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What the adapter may say about its connection, and what it must never say.
+
+    Attributes:
+        secrets: The password, as given and URL-encoded (never shown).
+        database: ``(host, port, dbname)``: adapters with equal ones share a database.
+        describe: ``host=... port=... dbname=... user=...`` for messages and ``repr()``.
+    """
+
+    secrets: tuple[str, ...]
+    database: tuple[str, str, str]
+    describe: str
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> Settings:
+        """Settings from parsed connection parameters."""
+        password = str(params.get("password") or "")
+        return cls(
+            secrets=tuple({password, quote(password, safe="")} - {""}),
+            database=(
+                str(params.get("host") or params.get("hostaddr") or ""),
+                str(params.get("port") or "5432"),
+                str(params.get("dbname") or params.get("user") or ""),
+            ),
+            describe=" ".join(
+                f"{key}={params[key]}"
+                for key in ("host", "port", "dbname", "user")
+                if params.get(key)
+            ),
+        )
+
+    @classmethod
+    def parse(cls, conninfo: str, kwargs: Mapping[str, Any]) -> Settings:
+        """Parse a connection string (and keyword parameters) up front.
+
+        Raises:
+            ValueError: libpq cannot parse it; the message never holds the password.
+        """
+        try:
+            return cls.of(conninfo_to_dict(conninfo, **kwargs))
+        except psycopg.Error as exc:
+            # libpq may echo the string it could not parse, password included.
+            text = str(exc)
+            for secret in ({str(kwargs.get("password") or "")} | _url_password(conninfo)) - {""}:
+                text = text.replace(secret, "***")
+            raise ValueError(f"invalid PostgreSQL connection string: {text}") from None
+
+    @classmethod
+    def of_pool(cls, pool: AsyncConnectionPool[Any]) -> Settings:
+        """Settings of a borrowed pool (empty when its conninfo is a callable)."""
+        if isinstance(pool.conninfo, str) and isinstance(pool.kwargs, Mapping):
+            try:
+                return cls.of(conninfo_to_dict(pool.conninfo, **pool.kwargs))
+            except psycopg.Error:
+                pass
+        return cls.of({})
+
+    def redact(self, text: str) -> str:
+        """``text`` with the password replaced by ``***``."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def cause(self, exc: BaseException) -> BaseException | None:
+        """``exc``, or ``None`` when its text (or its causes') would reveal the password."""
+        if not self.secrets:
+            return exc
+        seen: BaseException | None = exc
+        while seen is not None:
+            if any(secret in str(seen) for secret in self.secrets):
+                return None
+            seen = seen.__cause__ or seen.__context__
+        return exc
+
+
+def translate(
+    exc: BaseException,
+    *,
+    where: str,
+    settings: Settings,
+    timeout: float,
+    event_store_id: str | None = None,
+    lost_write: bool = False,
+) -> CastoreError:
+    """The library's error for a driver or pool error raised ``where`` (a phrase).
+
+    ``lost_write`` says that the connection broke after a write was sent: the server may have
+    committed it before the connection went, and the caller must be told so.
+    """
+    text = settings.redact(_message(exc))
+    if isinstance(exc, PoolTimeout):
+        return StorageUnavailableError(
+            f"{where}: no PostgreSQL connection available within {timeout}s"
+        )
+    if isinstance(exc, PoolClosed):
+        return StorageError(f"{where}: the connection pool is closed")
+    if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+        outcome = (
+            "; the connection was lost after the write was sent, so its outcome is unknown: "
+            "read the aggregate before retrying (a retry of a stored version raises "
+            "EventAlreadyExistsError)"
+            if lost_write
+            else ""
+        )
+        return StorageUnavailableError(f"{where}: PostgreSQL is unavailable ({text}){outcome}")
+    if isinstance(exc, pg_errors.UndefinedTable):
+        return StorageError(
+            f"{where}: the table does not exist; call await adapter.create_event_table()"
+        )
+    if isinstance(exc, psycopg.DataError) and event_store_id is not None:
+        return EventLimitExceededError(
+            event_store_id, f"PostgreSQL refused a value of the event ({text})"
+        )
+    return StorageError(f"{where}: {text}")
+
+
+class Connections:
+    """The adapter's pool: opened on first use, autocommit, one cursor per connection.
+
+    Args:
+        pool: The pool.
+        owned: Whether the adapter made it (then it opens and closes it).
+        settings: What may be said about the connection.
+        name: The adapter's description, for "is closed" errors.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection],
+        *,
+        owned: bool,
+        settings: Settings,
+        name: str,
+    ) -> None:
+        self.pool = pool
+        self.owned = owned
+        self.settings = settings
+        self._name = name
+        self._opened = False
+        self._closed = False
+        self._switched: set[int] = set()
+        # One cursor per pooled connection, dropped with the connection: a new cursor per
+        # call costs more client time than the rest of a small query.
+        self._cursors: WeakKeyDictionary[AsyncConnection, psycopg.AsyncCursor[Any]] = (
+            WeakKeyDictionary()
+        )
+
+    async def open(self) -> None:
+        """Open an owned pool (idempotent).
+
+        Raises:
+            StorageError: The adapter is closed.
+        """
+        if self._closed:
+            raise StorageError(f"{self._name} is closed")
+        if self.owned and not self._opened:
+            await self.pool.open()
+        self._opened = True
+
+    async def close(self) -> None:
+        """Close an owned pool; later calls raise ``StorageError``."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.owned:
+            await self.pool.close()
+
+    def error(self, exc: BaseException, where: str, **options: Any) -> CastoreError:
+        """``translate`` with this pool's settings."""
+        return translate(
+            exc, where=where, settings=self.settings, timeout=self.pool.timeout, **options
+        )
+
+    async def acquire(self, where: str) -> AsyncConnection:
+        """A connection in autocommit mode; give it back with ``release``.
+
+        Raises:
+            StorageError: The adapter or pool is closed.
+            StorageUnavailableError: No connection within the pool's timeout (with the
+                reason when connecting fails).
+        """
+        if not self._opened or self._closed:
+            await self.open()
+        try:
+            conn = await self.pool.getconn()
+        except PoolTimeout as exc:
+            error = self.error(exc, where)
+            reason = await self._connect_failure()
+            if reason is not None:
+                error = StorageUnavailableError(f"{error} because connecting fails: {reason}")
+            raise error from self.settings.cause(exc)
+        except (PoolClosed, psycopg.Error) as exc:
+            raise self.error(exc, where) from self.settings.cause(exc)
+        if not conn.autocommit:
+            # Only a borrowed pool lends such connections; each write is one statement, so
+            # autocommit is what makes it atomic without BEGIN/COMMIT round trips.
+            try:
+                await conn.set_autocommit(True)
+            except BaseException:
+                await asyncio.shield(self.pool.putconn(conn))
+                raise
+            self._switched.add(id(conn))
+        return conn
+
+    def cursor(self, conn: AsyncConnection) -> psycopg.AsyncCursor[Any]:
+        """The connection's cursor, made once."""
+        cursor = self._cursors.get(conn)
+        if cursor is None or cursor.closed:
+            cursor = self._cursors[conn] = conn.cursor()
+        return cursor
+
+    def forget_cursor(self, conn: AsyncConnection) -> None:
+        """Drop the connection's cursor (it holds its last result until the next call)."""
+        self._cursors.pop(conn, None)
+
+    async def release(self, conn: AsyncConnection) -> None:
+        """Give a connection back: idle, or discarded by the pool if it is not."""
+        if self._switched and id(conn) in self._switched:
+            self._switched.discard(id(conn))
+            if not conn.broken and conn.pgconn.transaction_status == _IDLE:
+                await conn.set_autocommit(False)  # returned as it was lent
+        if conn.pgconn.transaction_status == _IDLE:
+            await self.pool.putconn(conn)
+        else:
+            # Rolling back or closing suspends: don't let a second cancellation lose it.
+            await asyncio.shield(self.pool.putconn(conn))
+
+    async def _connect_failure(self) -> str | None:
+        """Why an owned pool fails to open connections (the pool itself only logs it)."""
+        if not self.owned or not self.pool.get_stats().get("connections_errors", 0):
+            return None  # every connection busy, none broken
+        kwargs = dict(self.pool.kwargs) if isinstance(self.pool.kwargs, Mapping) else {}
+        kwargs.setdefault("connect_timeout", 5)
+        conninfo = self.pool.conninfo if isinstance(self.pool.conninfo, str) else ""
+        try:
+            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        except psycopg.Error as exc:
+            return self.settings.redact(str(exc).strip())
+        await conn.close()
+        return None

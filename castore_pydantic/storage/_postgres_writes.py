@@ -1,0 +1,209 @@
+"""What the PostgreSQL adapter writes: rows, event groups, and who a group's conflict was."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic_core import PydanticSerializationError, to_json
+
+from castore_pydantic._event import Event, utc_now
+from castore_pydantic.errors import EventAlreadyExistsError, EventLimitExceededError
+from castore_pydantic.storage._postgres_connection import AsyncConnection
+from castore_pydantic.storage._postgres_sql import Statements
+
+__all__ = ["GroupPlan", "Member", "event_row", "stamped", "storable"]
+
+# A statement holds at most 65,535 parameters (7 per event): larger groups are split.
+ROWS_PER_STATEMENT = 5000
+_GROUP_SQL_CACHE = 256  # group statements kept per adapter, by tables and sizes
+_LOOKUP_BATCH = 500  # grouped events checked per query when finding a conflict's culprit
+
+
+def storable(text: str) -> bool:
+    """Whether PostgreSQL text can hold ``text`` (no NUL, valid Unicode)."""
+    if text.isascii():
+        return "\x00" not in text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+def check_store_id(event_store_id: str) -> None:
+    """Refuse an event store id PostgreSQL text cannot hold.
+
+    Raises:
+        EventLimitExceededError: It holds NUL or a lone surrogate.
+    """
+    if not storable(event_store_id):
+        raise EventLimitExceededError(
+            event_store_id,
+            "PostgreSQL text cannot hold NUL or lone surrogates",
+            ("eventStoreId",),
+        )
+
+
+def stamped(event: Event) -> Event:
+    """``event`` with a timestamp (the event store always gives one; others may not)."""
+    if event.timestamp is not None:
+        return event
+    return event.model_copy(update={"timestamp": utc_now()})
+
+
+def _json(value: Any, event_store_id: str, field: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        # By alias: that is how the payload's own models read it back.
+        return to_json(value, by_alias=True).decode()
+    except PydanticSerializationError as exc:
+        raise EventLimitExceededError(
+            event_store_id, f"not serialisable as JSON: {exc}", (field,)
+        ) from exc
+
+
+def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:
+    """The values of an event's row, in the order of ``Statements.insert``.
+
+    Raises:
+        EventLimitExceededError: The payload or metadata cannot be serialised as JSON.
+    """
+    return (
+        event_store_id,
+        event.aggregate_id,
+        event.version,
+        event.type,
+        _json(event.payload, event_store_id, "payload"),
+        _json(event.metadata, event_store_id, "metadata"),
+        event.timestamp,
+    )
+
+
+class Target(Protocol):
+    """What a group needs of each member's adapter (the adapter's private parts)."""
+
+    _sql: Statements
+
+    async def _is_event_key(self, conn: AsyncConnection, exc: Any) -> bool:
+        """Whether a unique violation is on the adapter's event key."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One grouped event, ready to be written."""
+
+    target: Target
+    event_store_id: str
+    event: Event
+
+
+@dataclass
+class GroupPlan:
+    """The members of a group and their rows, per table, in first-seen order."""
+
+    force: bool
+    members: list[Member] = field(default_factory=list)
+    tables: dict[str, tuple[Statements, dict[tuple[str, str, int], tuple[Any, ...]]]] = field(
+        default_factory=dict
+    )
+
+    def add(self, target: Target, event_store_id: str, event: Event) -> None:
+        """Add a member.
+
+        Raises:
+            EventAlreadyExistsError: The group already writes this version (without force).
+            EventLimitExceededError: A value cannot be stored.
+        """
+        check_store_id(event_store_id)
+        event = stamped(event)
+        key = (event_store_id, event.aggregate_id, event.version)
+        statements = target._sql
+        _, rows = self.tables.setdefault(statements.table, (statements, {}))
+        if key in rows and not self.force:
+            raise EventAlreadyExistsError(*key)
+        rows[key] = event_row(event, event_store_id)  # with force, the last one wins
+        self.members.append(Member(target, event_store_id, event))
+
+    def statements(self, cache: dict[tuple[Any, ...], str]) -> list[tuple[str, list[Any]]]:
+        """The statements writing the group: one, unless it holds too many values for one.
+
+        ``cache`` keeps single statements by shape (tables and sizes) between calls.
+        """
+        tables = self.tables
+        if sum(len(rows) for _, rows in tables.values()) <= ROWS_PER_STATEMENT:
+            shape = (self.force, *((table, len(rows)) for table, (_, rows) in tables.items()))
+            query = cache.get(shape)
+            if query is None:
+                query = Statements.write_group(
+                    [(statements, len(rows)) for statements, rows in tables.values()],
+                    force=self.force,
+                )
+                if len(cache) < _GROUP_SQL_CACHE:
+                    cache[shape] = query
+            values = [v for _, rows in tables.values() for row in rows.values() for v in row]
+            return [(query, values)]
+        batches = []
+        for statements, rows in tables.values():
+            listed = list(rows.values())
+            for start in range(0, len(listed), ROWS_PER_STATEMENT):
+                chunk = listed[start : start + ROWS_PER_STATEMENT]
+                query = Statements.write_group([(statements, len(chunk))], force=self.force)
+                batches.append((query, [value for row in chunk for value in row]))
+        return batches
+
+    async def culprit(
+        self, conn: AsyncConnection, exc: Any, fold: Callable[[str], str] = str.casefold
+    ) -> tuple[str, str, int] | None:
+        """Which member a unique violation was about (the error does not say).
+
+        The failed write rolled back, so a key that is stored now is one that conflicted;
+        the first in group order is reported. If none is stored, two members were the same
+        event spelled differently (e.g. a UUID in upper and lower case). ``None`` when the
+        violation is not on any member's event key.
+        """
+        candidates: list[tuple[int, Member]] = []
+        checked: dict[int, bool] = {}
+        for index, member in enumerate(self.members):
+            target_id = id(member.target)
+            if target_id not in checked:
+                checked[target_id] = await member.target._is_event_key(conn, exc)
+            if checked[target_id]:
+                candidates.append((index, member))
+        if not candidates:
+            return None
+        for start in range(0, len(candidates), _LOOKUP_BATCH):
+            batch = candidates[start : start + _LOOKUP_BATCH]
+            query = " UNION ALL ".join(member.target._sql.exists() for _, member in batch)
+            params = [
+                value
+                for index, member in batch
+                for value in (
+                    index,
+                    member.event_store_id,
+                    member.event.aggregate_id,
+                    member.event.version,
+                )
+            ]
+            cursor = await conn.execute(query, params)
+            stored = sorted(row[0] for row in await cursor.fetchall())
+            if stored:
+                found = self.members[stored[0]]
+                return found.event_store_id, found.event.aggregate_id, found.event.version
+        seen: set[tuple[int, str, str, int]] = set()
+        for _, member in candidates:
+            event = member.event
+            key = (
+                id(member.target),
+                member.event_store_id,
+                fold(event.aggregate_id),
+                event.version,
+            )
+            if key in seen:
+                return member.event_store_id, event.aggregate_id, event.version
+            seen.add(key)
+        first = candidates[0][1]
+        return first.event_store_id, first.event.aggregate_id, first.event.version
