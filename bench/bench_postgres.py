@@ -1,18 +1,20 @@
 """PostgreSQL adapter benchmark: EventStore + adapter next to raw psycopg and raw asyncpg.
 
-Run ``python -m bench.bench_postgres [--dsn postgresql://...] [--scale 0.2]``. Each workload
-runs in the same process, in a private schema, three ways: through the library (validation,
-EventStore, PostgresEventStorageAdapter on its own pool), with raw psycopg (a pool of
-autocommit connections, the library's exact SQL and parameters built by hand) and with raw
-asyncpg (one held connection per writer, the same SQL). Ratios are library throughput / raw
-throughput; the best raw driver is the bar.
+Run ``python -m bench.bench_postgres [--dsn postgresql://...] [--scale 0.2] [--batches 10]``.
+Each workload runs in one process, in a private schema (dropped at the end), three ways:
+through the library (validation, EventStore, PostgresEventStorageAdapter on its own pool),
+with raw psycopg (a pool of autocommit connections, the library's exact SQL, parameters built
+by hand) and with raw asyncpg (one held connection per writer, the same SQL). The contenders
+run in interleaved batches so that a machine whose load changes during the run slows them
+alike. Printed: events/s, p50/p99 latency per operation, client CPU per event, and the ratio
+library / raw driver; the best raw driver is the bar.
 
 W1  5,000 new aggregates, then one more event each: 10,000 single appends, each its own
     committed transaction with the version check (the unique key).
 W2  2,000 groups of two events on two aggregates of two stores, each one transaction.
-W3  Read: fold one aggregate of 10,000 events; load 1,000 aggregates of 10 events one by
-    one. The library validates every event; the raw floors fetch the same JSON text and
-    stop there (and, second floor, ``json.loads`` it).
+W3  Read one aggregate of 10,000 events (get_events, and get_aggregate which also folds);
+    load 1,000 aggregates of 10 events one by one. The library validates every event; the
+    raw floors fetch the same JSON text and stop there (or ``json.loads`` it).
 W4  8 writers (one connection each) race read-then-append-with-retry on one aggregate until
     2,000 appends succeeded; each writer only reads the events after the last one it knows.
 """
