@@ -93,7 +93,7 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
         reclaim_idle_ms: How long an entry may stay unacknowledged before another consumer
             takes it over; set it above your slowest handler's run time.
         block_ms: The longest a read waits for new entries before checking for due retries
-            and abandoned entries.
+            and abandoned entries; keep it below the client's socket timeout (5 s).
         max_deliveries: An entry taken over more often than this (its consumers keep dying
             on it) is dead-lettered instead of handled again.
 
@@ -229,7 +229,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         key_prefix: Prefix of every key (default ``"castore:"``).
         reclaim_idle_ms: How long an entry may stay unacknowledged before another consumer
             of the same listener takes it over.
-        block_ms: The longest a read waits for new entries.
+        block_ms: The longest a read waits for new entries (below the socket timeout, 5 s).
         max_deliveries: An entry taken over more often than this is dead-lettered.
 
     Raises:
