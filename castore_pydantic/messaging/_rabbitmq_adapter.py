@@ -15,13 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar, NoReturn, Self
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from yarl import URL
 
 from castore_pydantic.errors import MessagingError
@@ -41,7 +36,7 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     ERROR_HEADER,
     REPLAY_HEADER,
     Subscription,
-    amqp_message,
+    amqp_properties,
     attempt_of,
     check_name,
     describe,
@@ -106,7 +101,7 @@ class RabbitMQAdapter:
         self._publisher: tuple[AbstractConnection, AbstractChannel] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._consumer_connection: AbstractConnection | None = None
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consumers: list[tuple[AbstractChannel, str]] = []
         self._connection_lost = asyncio.Event()
         self._stopping = False
         self._in_flight = 0
@@ -289,17 +284,30 @@ class RabbitMQAdapter:
 
     @staticmethod
     async def _publish_all(
-        exchange: AbstractExchange, bodies: Sequence[tuple[bytes, str]], *, replay: bool
+        channel: AbstractChannel,
+        exchange: str,
+        bodies: Sequence[tuple[bytes, str]],
+        *,
+        replay: bool,
     ) -> None:
-        """Publish ``(body, routing key)`` pairs pipelined; raise the first failure."""
+        """Publish ``(body, routing key)`` pairs pipelined; raise the first failure.
+
+        Goes through the channel's aiormq layer: building aio-pika ``Message`` objects would
+        cost more than validating the messages does.
+        """
+        underlay = await channel.get_underlay_channel()
         headers = {REPLAY_HEADER: replay}
         if len(bodies) == 1:
             body, key = bodies[0]
-            await exchange.publish(amqp_message(body, headers), key, mandatory=False)
+            await underlay.basic_publish(
+                body, exchange=exchange, routing_key=key, properties=amqp_properties(headers)
+            )
             return
         results = await asyncio.gather(
             *(
-                exchange.publish(amqp_message(body, headers), key, mandatory=False)
+                underlay.basic_publish(
+                    body, exchange=exchange, routing_key=key, properties=amqp_properties(headers)
+                )
                 for body, key in bodies
             ),
             return_exceptions=True,
@@ -331,21 +339,26 @@ class RabbitMQAdapter:
 
     async def _open_consumers(self, subscriptions: list[Subscription]) -> None:
         connection = await self._connect("consumer")
-        consumers: list[tuple[AbstractQueue, str]] = []
+        consumers: list[tuple[AbstractChannel, str]] = []
         try:
             for subscription in subscriptions:
                 channel = await connection.channel(publisher_confirms=True)
                 await channel.set_qos(prefetch_count=self.prefetch_count)
-                queue = await self._declare_subscription(channel, subscription)
+                await self._declare_subscription(channel, subscription)
+                # Consume on the aiormq layer: no aio-pika message object and no extra task
+                # per delivery.
+                underlay = await channel.get_underlay_channel()
 
                 async def on_message(
-                    incoming: AbstractIncomingMessage,
+                    delivered: aiormq.abc.DeliveredMessage,
                     subscription: Subscription = subscription,
-                    channel: AbstractChannel = channel,
+                    underlay: aiormq.abc.AbstractChannel = underlay,
                 ) -> None:
-                    await self._on_message(subscription, channel, incoming)
+                    await self._on_message(subscription, underlay, delivered)
 
-                consumers.append((queue, await queue.consume(on_message)))
+                consume_ok = await underlay.basic_consume(subscription.queue, on_message)
+                assert consume_ok.consumer_tag is not None
+                consumers.append((channel, consume_ok.consumer_tag))
         except BROKER_ERRORS as error:
             await _close_quietly(connection)
             self._fail(error)
@@ -396,9 +409,9 @@ class RabbitMQAdapter:
             return
         self._stopping = True
         try:
-            for queue, consumer_tag in self._consumers:
+            for channel, consumer_tag in self._consumers:
                 with contextlib.suppress(*BROKER_ERRORS):
-                    await queue.cancel(consumer_tag)
+                    await (await channel.get_underlay_channel()).basic_cancel(consumer_tag)
             try:
                 await asyncio.wait_for(self._idle.wait(), grace_period)
             except TimeoutError:
@@ -414,7 +427,7 @@ class RabbitMQAdapter:
                 await supervisor
             connection, self._consumer_connection = self._consumer_connection, None
             if connection is not None:
-                channels = [queue.channel for queue, _ in self._consumers]
+                channels = [channel for channel, _ in self._consumers]
                 await _close_quietly(connection, *channels)
             self._consumers = []
             self._supervisor = None
@@ -435,21 +448,24 @@ class RabbitMQAdapter:
     async def _on_message(
         self,
         subscription: Subscription,
-        channel: AbstractChannel,
-        incoming: AbstractIncomingMessage,
+        channel: aiormq.abc.AbstractChannel,
+        delivered: aiormq.abc.DeliveredMessage,
     ) -> None:
         if self._stopping:
             return  # left unacknowledged: the broker redelivers it once the channel closes
+        delivery_tag = delivered.delivery_tag
+        assert delivery_tag is not None  # a consumed delivery always has one
         self._in_flight += 1
         self._idle.clear()
         try:
-            await self._handle(subscription, channel, incoming)
+            await self._handle(subscription, channel, delivered)
+            await channel.basic_ack(delivery_tag)
         except asyncio.CancelledError:
             # The handler's task was cancelled (its channel is closing, or someone else did):
             # give the message back now rather than when the channel closes.
             if not channel.is_closed:
                 with contextlib.suppress(*BROKER_ERRORS):
-                    await asyncio.shield(incoming.nack(requeue=True))
+                    await asyncio.shield(channel.basic_nack(delivery_tag, requeue=True))
             raise
         except BROKER_ERRORS as error:
             # The link died while handling: the broker redelivers what was not acknowledged.
@@ -462,24 +478,24 @@ class RabbitMQAdapter:
     async def _handle(
         self,
         subscription: Subscription,
-        channel: AbstractChannel,
-        incoming: AbstractIncomingMessage,
+        channel: aiormq.abc.AbstractChannel,
+        delivered: aiormq.abc.DeliveredMessage,
     ) -> None:
-        headers = incoming.headers or {}
+        """Run the handler; on failure, hand the message on. The caller acknowledges it."""
+        body = delivered.body
+        headers = delivered.header.properties.headers or {}
         replay = headers.get(REPLAY_HEADER) is True
         attempt = attempt_of(headers)
         try:
-            message = self._require_channel().parse_message(incoming.body)
+            message = self._require_channel().parse_message(body)
         except Exception as error:
             # Retrying cannot fix a body that does not validate: dead-letter it at once.
-            await self._dead_letter(subscription, channel, incoming.body, replay, attempt, error)
-            await incoming.ack()
+            await self._dead_letter(subscription, channel, body, replay, attempt, error)
             return
         if subscription.patterns and not any(
             matches(pattern, message, replay) for pattern in subscription.patterns
         ):
-            await incoming.ack()  # only a binding left from an earlier run routes it here
-            return
+            return  # only a binding left from an earlier run routes it here
         handler = subscription.handler()
         if handler is None:
             raise RuntimeError(f"{self!r} has no handler")  # start_consuming checks it
@@ -489,17 +505,14 @@ class RabbitMQAdapter:
             await handler(message, context)
         except Exception as error:
             if retries_left > 0:
-                await self._retry(subscription, channel, incoming.body, replay, attempt, error)
+                await self._retry(subscription, channel, body, replay, attempt, error)
             else:
-                await self._dead_letter(
-                    subscription, channel, incoming.body, replay, attempt, error
-                )
-        await incoming.ack()
+                await self._dead_letter(subscription, channel, body, replay, attempt, error)
 
     async def _retry(  # noqa: PLR0917 - one private call site
         self,
         subscription: Subscription,
-        channel: AbstractChannel,
+        channel: aiormq.abc.AbstractChannel,
         body: bytes,
         replay: bool,
         attempt: int,
@@ -509,7 +522,7 @@ class RabbitMQAdapter:
         delay_ms = round(self._retry_policy.delay_for(attempt) * 1000)
         target = subscription.retry_queue(delay_ms) if delay_ms > 0 else subscription.queue
         headers = {REPLAY_HEADER: replay, ATTEMPT_HEADER: attempt + 1}
-        await channel.default_exchange.publish(amqp_message(body, headers), target, mandatory=False)
+        await channel.basic_publish(body, routing_key=target, properties=amqp_properties(headers))
         logger.warning(
             "%r: handler failed on attempt %d (%s); retrying in %d ms",
             self,
@@ -521,7 +534,7 @@ class RabbitMQAdapter:
     async def _dead_letter(  # noqa: PLR0917 - one private call site
         self,
         subscription: Subscription,
-        channel: AbstractChannel,
+        channel: aiormq.abc.AbstractChannel,
         body: bytes,
         replay: bool,
         attempt: int,
@@ -530,8 +543,8 @@ class RabbitMQAdapter:
         """Keep a message whose retries are spent in the dead-letter queue, with its error."""
         description = describe(error)
         headers = {REPLAY_HEADER: replay, ERROR_HEADER: description, ATTEMPTS_HEADER: attempt}
-        await channel.default_exchange.publish(
-            amqp_message(body, headers), subscription.dead_letter_queue, mandatory=False
+        await channel.basic_publish(
+            body, routing_key=subscription.dead_letter_queue, properties=amqp_properties(headers)
         )
         logger.error(
             "%r: message dead-lettered to %s after %d attempt(s): %s; body: %s",
@@ -647,7 +660,12 @@ class RabbitMQAdapter:
                         break
                     replay = (incoming.headers or {}).get(REPLAY_HEADER) is True
                     await channel.default_exchange.publish(
-                        amqp_message(incoming.body, {REPLAY_HEADER: replay}),
+                        aio_pika.Message(
+                            incoming.body,
+                            headers={REPLAY_HEADER: replay},
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        ),
                         subscription.queue,
                         mandatory=False,
                     )

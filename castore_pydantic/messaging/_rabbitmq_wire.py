@@ -28,7 +28,7 @@ __all__ = [
     "ERROR_HEADER",
     "REPLAY_HEADER",
     "Subscription",
-    "amqp_message",
+    "amqp_properties",
     "attempt_of",
     "binding_keys",
     "check_name",
@@ -49,6 +49,7 @@ ATTEMPTS_HEADER = "x-attempts"
 
 _AGGREGATE_EXISTS_WORD = "__AGGREGATE_EXISTS__"  # a reserved type: no event can carry it
 _ESCAPES = str.maketrans({"%": "%25", ".": "%2E", "*": "%2A", "#": "%23"})
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 _MAX_ROUTING_KEY_BYTES = 255  # an AMQP short string
 _MAX_ERROR_LENGTH = 4000  # headers must fit in one AMQP frame
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@#,/ ")
@@ -161,13 +162,10 @@ def attempt_of(headers: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
 
 
-def amqp_message(body: bytes, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent JSON message."""
-    return aio_pika.Message(
-        body,
-        headers=headers,
-        content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+def amqp_properties(headers: dict[str, Any]) -> aiormq.spec.Basic.Properties:
+    """The properties of every message the adapters publish: persistent JSON, ``headers``."""
+    return aiormq.spec.Basic.Properties(
+        content_type="application/json", delivery_mode=_PERSISTENT, headers=headers
     )
 
 

@@ -175,7 +175,7 @@ class RabbitMQMessageQueueAdapter(RabbitMQAdapter):
     ) -> None:
         queue = self.queue_name
         bodies = [(message.model_dump_json().encode(), queue) for message in messages]
-        await self._publish_all(channel.default_exchange, bodies, replay=replay)
+        await self._publish_all(channel, "", bodies, replay=replay)
 
 
 class RabbitMQMessageBusAdapter(RabbitMQAdapter):
@@ -233,7 +233,6 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
             connect_timeout=connect_timeout,
         )
         self._listeners: dict[str, tuple[MessageHandler, list[FilterPattern]]] = {}
-        self._exchange: tuple[AbstractChannel, AbstractExchange] | None = None
 
     @classmethod
     def attach_to(cls, bus: MessageChannel[Any], url: str, **options: Any) -> Self:
@@ -357,11 +356,8 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
     async def _publish(
         self, channel: AbstractChannel, messages: Sequence[Message], *, replay: bool
     ) -> None:
-        if self._exchange is None or self._exchange[0] is not channel:
-            exchange = await channel.get_exchange(self.exchange_name, ensure=False)
-            self._exchange = (channel, exchange)
         bodies = [
             (message.model_dump_json().encode(), routing_key(message, replay=replay))
             for message in messages
         ]
-        await self._publish_all(self._exchange[1], bodies, replay=replay)
+        await self._publish_all(channel, self.exchange_name, bodies, replay=replay)
