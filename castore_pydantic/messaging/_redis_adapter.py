@@ -115,6 +115,7 @@ class RedisStreamsAdapter:
         self._append: AsyncScript | None = None
         self._consumers: list[StreamConsumer] = []
         self._consuming = False
+        self._connected = False
         # Listeners registered while consuming, whose consumer groups are being created.
         self._joining: set[asyncio.Task[None]] = set()
 
@@ -208,10 +209,12 @@ class RedisStreamsAdapter:
                     await ensure_group(client, subscription)
         except RedisError as exc:
             raise self._broker_error("connect", exc) from exc
+        self._connected = True
 
     async def aclose(self) -> None:
         """Stop consuming and close the connections this adapter opened; idempotent."""
         await self.stop_consuming()
+        self._connected = False
         client, self._client = self._client, None
         if client is not None and self._owns_client:
             await client.aclose()

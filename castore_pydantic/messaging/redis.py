@@ -209,8 +209,9 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
     """Carries a message bus through one Redis stream to every listener.
 
     Each listener (``on(pattern, handler, listener_id=...)``) has its own consumer group, named
-    after its id, created when the adapter connects: it receives what is published from then
-    on, kept for it while no consumer runs. Entries that match none of the listener's
+    after its id, created when the adapter connects (or when ``on`` registers it on a
+    connected adapter): it receives what is published from then on, kept for it while no
+    consumer runs. Entries that match none of the listener's
     patterns, and replays when no pattern has ``on_replay=True``, are acknowledged without
     calling it. Retries and dead letters are per listener: a failing listener is retried
     alone, through its own retry stream. Several processes registering the same listener id
@@ -299,8 +300,9 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         """Register a listener for the messages matching ``pattern``.
 
         Registering the same listener id again with the same handler adds the pattern (a
-        message matching several is still handled once). Registered while consuming, the
-        listener starts at once: it receives what this adapter publishes from then on.
+        message matching several is still handled once). Registered on a connected or
+        consuming adapter, the listener exists at once: it gets what this adapter publishes
+        from then on (and, while consuming, its consumer starts).
 
         Args:
             pattern: ``{"event_store_id": ..., "event_type": ..., "on_replay": ...}``, every
@@ -321,18 +323,31 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         listener = self._listeners.get(name)
         if listener is None:
             listener = self._listeners[name] = _Listener(name, handler)
-            if self._consuming:
-                task = asyncio.get_running_loop().create_task(
-                    self._join(self._subscription(listener))
-                )
-                self._joining.add(task)
-                task.add_done_callback(self._joining.discard)
+            if self._connected or self._consuming:
+                self._join_soon(listener)
         elif listener.handler is not handler:
             raise ValueError(
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="
             )
         listener.patterns.append(checked)
+
+    def _join_soon(self, listener: _Listener) -> None:
+        """Create a listener's group now (and start its consumer if consuming).
+
+        Publishing through this adapter waits for it, so the listener gets every message
+        the adapter publishes after ``on`` returned. Without a running event loop the group
+        is created when the adapter next connects.
+        """
+        if self.message_channel is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self._join(self._subscription(listener)))
+        self._joining.add(task)
+        task.add_done_callback(self._joining.discard)
 
     async def _join(self, subscription: Subscription) -> None:
         """Create a late listener's consumer group, then start its consumer."""

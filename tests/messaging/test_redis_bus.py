@@ -142,6 +142,20 @@ class TestRedisMessageBusAdapter:
                 await listener.wait_for(5)
         assert listener.messages == [notification(index) for index in range(5)]
 
+    async def test_listener_registered_on_a_connected_adapter_exists_at_once(
+        self, prefix: str
+    ) -> None:
+        """A listener registered after connecting gets what the adapter publishes next."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        listener = Recorder()
+        async with adapter:
+            adapter.on({}, listener, listener_id="registered-late")
+            await bus.publish_message(notification(1))  # before any consumer runs
+            async with adapter.consuming():
+                await listener.wait_for(1)
+        assert listener.messages == [notification(1)]
+
     async def test_new_listener_starts_with_messages_published_after_it(self, prefix: str) -> None:
         """A listener registered later does not receive the bus's earlier messages."""
         bus = make_bus()
