@@ -116,7 +116,7 @@ class RedisStreamsAdapter:
         self._consumers: list[StreamConsumer] = []
         self._consuming = False
         self._connected = False
-        # Listeners registered while consuming, whose consumer groups are being created.
+        # Listeners registered on a connected adapter, whose consumer groups are being created.
         self._joining: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -178,7 +178,11 @@ class RedisStreamsAdapter:
         return self._client
 
     def _broker_error(self, action: str, exc: RedisError) -> MessagingError:
-        where = redact(self._url) if self._url is not None else "Redis"
+        if self._url is not None:
+            where = redact(self._url)
+        else:
+            settings = self._client.connection_pool.connection_kwargs if self._client else {}
+            where = f"{settings.get('host', '?')}:{settings.get('port', '?')}"
         text = str(exc)
         password = urlsplit(self._url).password if self._url is not None else None
         if password:

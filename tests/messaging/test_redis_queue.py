@@ -471,6 +471,21 @@ class TestRedisMessageQueueAdapter:
             NotificationMessage(event_store_id="POKEMONS", event=pushed.event)
         ]
 
+    async def test_a_given_client_is_used_and_left_open(self, prefix: str, raw: Redis) -> None:
+        """An adapter built on a redis-py client uses it and does not close it."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = RedisMessageQueueAdapter.attach_to(
+            queue, raw, worker=recorder, key_prefix=prefix, block_ms=50
+        )
+        async with adapter, adapter.consuming():
+            await queue.publish_message(notification(1))
+            await recorder.wait_for(1)
+        assert await raw.ping()
+        assert "127.0.0.1" in str(adapter.url) or "localhost" in str(adapter.url)
+        with pytest.raises(ValueError, match="decode_responses=False"):
+            RedisMessageQueueAdapter(Redis.from_url(REDIS_URL, decode_responses=True))
+
     async def test_consuming_without_a_worker_is_refused(self, prefix: str) -> None:
         """Starting to consume a queue without a worker raises a clear error."""
         adapter = attach(make_queue(), prefix)
