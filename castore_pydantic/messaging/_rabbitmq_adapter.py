@@ -339,6 +339,9 @@ class RabbitMQAdapter:
 
     async def _open_consumers(self, subscriptions: list[Subscription]) -> None:
         connection = await self._connect("consumer")
+        # Watch for a drop from the start, so one during the set-up is not missed.
+        lost = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: lost.set())
         consumers: list[tuple[AbstractChannel, str]] = []
         try:
             for subscription in subscriptions:
@@ -365,8 +368,6 @@ class RabbitMQAdapter:
         except BaseException:
             await _close_quietly(connection)
             raise
-        lost = asyncio.Event()
-        connection.close_callbacks.add(lambda *_: lost.set())
         self._connection_lost = lost
         self._consumer_connection = connection
         self._consumers = consumers
