@@ -432,14 +432,15 @@ class PostgresEventStorageAdapter:
         between would not be (versions are pushed in order).
         """
         query = self._sql.events_after(max_version=len(rest) > 4)
-        stream = cast("AsyncGenerator[tuple[str], None]", conn.cursor().stream(query, rest))
-        async with aclosing(stream) as chunks:
-            # Validate the first events once the server is busy with the next ones.
-            following = await anext(chunks, None)
-            events = context.parse_events_json(first)
-            while following is not None:
-                events += context.parse_events_json(following[0])
+        async with conn.cursor() as cursor:
+            stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
+            async with aclosing(stream) as chunks:
+                # Validate the first events once the server is busy with the next ones.
                 following = await anext(chunks, None)
+                events = context.parse_events_json(first)
+                while following is not None:
+                    events += context.parse_events_json(following[0])
+                    following = await anext(chunks, None)
         return events
 
     async def list_aggregate_ids(
