@@ -113,7 +113,7 @@ class TestHostileNames:
                 .as_string(None)
             )
 
-    @pytest.mark.parametrize("value", HOSTILE)
+    @pytest.mark.parametrize("value", [*HOSTILE, "é" * 300, "'; DROP TABLE canary; --" * 20])
     async def test_store_and_aggregate_ids_are_bound_values(
         self, pg_schema: str, canary: str, value: str
     ) -> None:
@@ -147,7 +147,9 @@ class TestHostileNames:
             (event,) = (await store.get_events("a1")).events
             assert event.type == "T'); DROP TABLE canary; --"
 
-    async def test_nul_and_surrogates_are_refused_before_writing(self, pg_schema: str) -> None:
+    async def test_nul_and_surrogates_are_refused_before_writing(
+        self, pg_schema: str, canary: str
+    ) -> None:
         """Values PostgreSQL text cannot hold are refused on write and absent on read."""
         async with PostgresEventStorageAdapter(
             DSN, schema=pg_schema, table_name="values_event"
@@ -165,6 +167,15 @@ class TestHostileNames:
                 await store.push_event(created("a\x00b"))
             assert (await store.get_events("a\x00b")).events == []
             assert (await store.get_events("\ud800")).events == []
+            with pytest.raises(EventLimitExceededError):
+                await store.push_event(
+                    {
+                        "aggregateId": "a1",
+                        "version": 1,
+                        "type": "NOTE_ADDED",
+                        "payload": {"x": "\x00"},
+                    }
+                )
         rows = await fetch(
             f'SELECT count(*) FROM "{pg_schema}".values_event WHERE aggregate_name = %s',
             store.event_store_id,
