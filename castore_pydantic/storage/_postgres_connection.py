@@ -145,7 +145,7 @@ def translate(
             f"{where}: no PostgreSQL connection available within {timeout}s"
         )
     if isinstance(exc, PoolClosed):
-        return StorageError(f"{where}: the connection pool is closed")
+        return StorageError(f"{where}: {text} (open a borrowed pool before using the adapter)")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         outcome = (
             "; the connection was lost after the write was sent, so its outcome is unknown: "

@@ -718,3 +718,16 @@ class TestLongAggregates:
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(1,)]
             await EventStore.push_event_group(*grouped)
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(5_201,)]
+
+
+class TestBorrowedPool:
+    """A pool passed in stays the caller's to open and close."""
+
+    async def test_unopened_pool_is_a_clear_error(self, pg_schema: str) -> None:
+        """A borrowed pool that was never opened gives StorageError saying so."""
+        pool = AsyncConnectionPool(DSN, open=False)
+        adapter = PostgresEventStorageAdapter(pool=pool, schema=pg_schema)
+        with pytest.raises(StorageError, match="not open yet"):
+            await counter_store(adapter).get_events("a1")
+        await adapter.aclose()
+        assert pool.closed
