@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
