@@ -9,7 +9,7 @@ from typing import Any, Protocol
 from pydantic_core import PydanticSerializationError, to_json
 
 from castore_pydantic._event import Event, utc_now
-from castore_pydantic.errors import EventAlreadyExistsError, EventLimitExceededError
+from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 from castore_pydantic.storage._postgres_sql import Statements
 
@@ -107,6 +107,8 @@ class GroupPlan:
 
     force: bool
     members: list[Member] = field(default_factory=list)
+    #: Index of the first member that repeats an earlier member's key (without force).
+    repeat: int | None = None
     tables: dict[str, tuple[Statements, dict[tuple[str, str, int], tuple[Any, ...]]]] = field(
         default_factory=dict
     )
@@ -114,8 +116,10 @@ class GroupPlan:
     def add(self, target: Target, event_store_id: str, event: Event) -> None:
         """Add a member.
 
+        A member repeating an earlier member's key (without force) is recorded in
+        ``repeat`` rather than raised, so that the first conflict in group order is named.
+
         Raises:
-            EventAlreadyExistsError: The group already writes this version (without force).
             EventLimitExceededError: A value cannot be stored.
         """
         check_store_id(event_store_id)
@@ -124,9 +128,47 @@ class GroupPlan:
         statements = target._sql
         _, rows = self.tables.setdefault(statements.table, (statements, {}))
         if key in rows and not self.force:
-            raise EventAlreadyExistsError(*key)
-        rows[key] = event_row(event, event_store_id)  # with force, the last one wins
+            # Not raised yet: an earlier member may conflict with a stored event, and the
+            # first conflict in group order is the one to report (see ``first_conflict``).
+            if self.repeat is None:
+                self.repeat = len(self.members)
+        else:
+            rows[key] = event_row(event, event_store_id)  # with force, the last one wins
         self.members.append(Member(target, event_store_id, event))
+
+    async def first_conflict(self, conn: AsyncConnection) -> tuple[str, str, int]:
+        """The first member in group order that conflicts, when the group repeats a key.
+
+        Members before the repeated one are looked up: one that is already stored comes
+        first; otherwise the repeated member itself is the conflict.
+        """
+        assert self.repeat is not None
+        stored = await self._first_stored(conn, list(enumerate(self.members[: self.repeat])))
+        found = self.members[self.repeat if stored is None else stored]
+        return found.event_store_id, found.event.aggregate_id, found.event.version
+
+    async def _first_stored(
+        self, conn: AsyncConnection, candidates: list[tuple[int, Member]]
+    ) -> int | None:
+        """The smallest index among ``candidates`` whose event key is stored now."""
+        for start in range(0, len(candidates), _LOOKUP_BATCH):
+            batch = candidates[start : start + _LOOKUP_BATCH]
+            query = " UNION ALL ".join(member.target._sql.exists() for _, member in batch)
+            params = [
+                value
+                for index, member in batch
+                for value in (
+                    index,
+                    member.event_store_id,
+                    member.event.aggregate_id,
+                    member.event.version,
+                )
+            ]
+            cursor = await conn.execute(query, params)
+            stored = sorted(row[0] for row in await cursor.fetchall())
+            if stored:
+                return int(stored[0])
+        return None
 
     def statements(self, cache: dict[tuple[Any, ...], str]) -> list[tuple[str, list[Any]]]:
         """The statements writing the group: one, unless it holds too many values for one.
@@ -175,24 +217,10 @@ class GroupPlan:
                 candidates.append((index, member))
         if not candidates:
             return None
-        for start in range(0, len(candidates), _LOOKUP_BATCH):
-            batch = candidates[start : start + _LOOKUP_BATCH]
-            query = " UNION ALL ".join(member.target._sql.exists() for _, member in batch)
-            params = [
-                value
-                for index, member in batch
-                for value in (
-                    index,
-                    member.event_store_id,
-                    member.event.aggregate_id,
-                    member.event.version,
-                )
-            ]
-            cursor = await conn.execute(query, params)
-            stored = sorted(row[0] for row in await cursor.fetchall())
-            if stored:
-                found = self.members[stored[0]]
-                return found.event_store_id, found.event.aggregate_id, found.event.version
+        stored = await self._first_stored(conn, candidates)
+        if stored is not None:
+            found = self.members[stored]
+            return found.event_store_id, found.event.aggregate_id, found.event.version
         seen: set[tuple[int, str, str, int]] = set()
         for _, member in candidates:
             event = member.event

@@ -316,26 +316,11 @@ class PostgresEventStorageAdapter:
             StorageUnavailableError: The connection failed (the message says when the
                 outcome is unknown).
         """
-        if not grouped_events:
-            raise EventGroupError("An event group needs at least one grouped event")
-        plan = GroupPlan(force)
-        for index, grouped in enumerate(grouped_events):
-            adapter = grouped.event_storage_adapter
-            if not isinstance(adapter, PostgresEventStorageAdapter):
-                raise EventGroupError(
-                    f"Event group event #{index} is not connected to a PostgresEventStorageAdapter"
-                )
-            if grouped.context is None:
-                raise EventGroupError(f"Event group event #{index} misses context")
-            if not self._same_database(adapter):
-                raise EventGroupError(
-                    f"Event group event #{index} is stored in another database "
-                    f"({adapter._settings.describe or 'libpq defaults'}, not "
-                    f"{self._settings.describe or 'libpq defaults'}): a group is one transaction"
-                )
-            plan.add(adapter, grouped.context.event_store_id, grouped.event)
-        batches = plan.statements(self._group_sql)
+        plan = self._plan_group(grouped_events, force=force)
         where = self._where("pushing an event group")
+        if plan.repeat is not None:
+            await self._refuse_repeated_key(plan, where)
+        batches = plan.statements(self._group_sql)
         conn = await self._conns.acquire(where)
         try:
             cursor = self._conns.cursor(conn)
@@ -358,6 +343,39 @@ class PostgresEventStorageAdapter:
         finally:
             await self._conns.release(conn)
         return [member.event for member in plan.members]
+
+    def _plan_group(self, grouped_events: Sequence[GroupedEvent], *, force: bool) -> GroupPlan:
+        """Check every grouped event and gather their rows, before anything is written."""
+        if not grouped_events:
+            raise EventGroupError("An event group needs at least one grouped event")
+        plan = GroupPlan(force)
+        for index, grouped in enumerate(grouped_events):
+            adapter = grouped.event_storage_adapter
+            if not isinstance(adapter, PostgresEventStorageAdapter):
+                raise EventGroupError(
+                    f"Event group event #{index} is not connected to a PostgresEventStorageAdapter"
+                )
+            if grouped.context is None:
+                raise EventGroupError(f"Event group event #{index} misses context")
+            if not self._same_database(adapter):
+                raise EventGroupError(
+                    f"Event group event #{index} is stored in another database "
+                    f"({adapter._settings.describe or 'libpq defaults'}, not "
+                    f"{self._settings.describe or 'libpq defaults'}): a group is one transaction"
+                )
+            plan.add(adapter, grouped.context.event_store_id, grouped.event)
+        return plan
+
+    async def _refuse_repeated_key(self, plan: GroupPlan, where: str) -> None:
+        """Raise the conflict of a group that repeats a key, naming its first conflict."""
+        conn = await self._conns.acquire(where)
+        try:
+            culprit = await plan.first_conflict(conn)
+        except psycopg.Error as exc:
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
+        finally:
+            await self._conns.release(conn)
+        raise EventAlreadyExistsError(*culprit)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -298,20 +298,9 @@ def test_the_sequence_exercises_every_outcome(reference: list[Any]) -> None:
     assert max(pages) >= 4
 
 
-# The PostgreSQL adapter names a different member than the reference when a group holds more
-# than one conflict (e.g. a stored version and a member repeated later in the group): the
-# reference, like SQLite, reports the first conflicting member in group order. Strict, so the
-# marker has to go once the adapter agrees.
-POSTGRES_GROUP_CULPRIT = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="PostgreSQL reports another member of a group with several conflicts",
-)
-
-
 @pytest.mark.parametrize(
     "backend",
-    ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, POSTGRES_GROUP_CULPRIT])],
+    ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
 )
 async def test_backend_observes_exactly_what_memory_observes(
     backend: str, ops: list[dict[str, Any]], reference: list[Any], tmp_path: Path
