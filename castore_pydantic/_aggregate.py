@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from castore_pydantic._event import Event
+from castore_pydantic._event import Event, WireModel
 
 __all__ = ["Aggregate", "AggregateT", "EventT", "Reducer"]
 
 
-class Aggregate(BaseModel):
+class Aggregate(WireModel):
     """Base class of aggregates: the state of one entity, folded from its events.
 
     Subclass it with your own fields; ``aggregate_id`` and ``version`` (the version of the last

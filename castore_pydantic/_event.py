@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,8 +21,11 @@ from pydantic.alias_generators import to_camel
 __all__ = [
     "RESERVED_EVENT_TYPES",
     "Event",
+    "MillisecondTimestamp",
     "Timestamp",
+    "WireModel",
     "format_timestamp",
+    "normalize_timestamp",
     "utc_now",
 ]
 
@@ -65,13 +69,51 @@ def utc_now() -> datetime:
     return now
 
 
-#: A timezone-aware UTC datetime with millisecond precision that serialises to JSON as
-#: ``2024-01-01T00:00:00.000Z``. ISO strings are accepted on input; other offsets are converted.
+def normalize_timestamp(value: datetime) -> datetime:
+    """``value`` in UTC with millisecond precision (the same object when it already is)."""
+    if value.microsecond % 1000 or value.utcoffset():
+        return _to_utc_millis(value)
+    return value
+
+
+#: A timezone-aware datetime that serialises to JSON in UTC with millisecond precision, as
+#: ``2024-01-01T00:00:00.000Z``. ISO strings are accepted on input and naive datetimes are
+#: refused, both checked by pydantic-core without a Python call (reading events back stays
+#: fast); the event store converts timestamps to UTC milliseconds when events are pushed, so
+#: every backend round-trips them exactly.
 Timestamp = Annotated[
-    datetime,
+    AwareDatetime,
+    PlainSerializer(format_timestamp, return_type=str, when_used="json"),
+]
+
+
+#: Like ``Timestamp``, but converted to UTC milliseconds when the model is validated: for
+#: models whose timestamps are not normalised by an event store (messages).
+MillisecondTimestamp = Annotated[
+    AwareDatetime,
     AfterValidator(_to_utc_millis),
     PlainSerializer(format_timestamp, return_type=str, when_used="json"),
 ]
+
+
+class WireModel(BaseModel):
+    """Base of the models castore-pydantic writes to storage and brokers.
+
+    ``model_dump`` and ``model_dump_json`` use aliases by default, also inside nested models
+    (a payload field aliased ``firstName`` is written as ``firstName`` and reads back), since
+    what is written must validate again.
+    """
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """Like ``BaseModel.model_dump``, with ``by_alias=True`` unless told otherwise."""
+        kwargs.setdefault("by_alias", True)
+        return super().model_dump(**kwargs)
+
+    def model_dump_json(self, **kwargs: Any) -> str:
+        """Like ``BaseModel.model_dump_json``, with ``by_alias=True`` unless told otherwise."""
+        kwargs.setdefault("by_alias", True)
+        return super().model_dump_json(**kwargs)
+
 
 _CAMEL_CONFIG = ConfigDict(
     alias_generator=to_camel,
@@ -81,7 +123,7 @@ _CAMEL_CONFIG = ConfigDict(
 )
 
 
-class Event(BaseModel):
+class Event(WireModel):
     """Base class of every event type: subclass it with a ``Literal`` ``type``.
 
     An event type *is* a Pydantic model::
@@ -92,6 +134,7 @@ class Event(BaseModel):
 
     Events are immutable. Their JSON form is Castore's: camelCase keys (``aggregateId``), a
     ``...000Z`` timestamp, and ``payload`` / ``metadata`` keys left out when they are ``None``.
+    Dumps use field aliases by default, nested payload models included.
     Both ``aggregate_id`` and ``aggregateId`` are accepted on input; unknown top-level keys are
     refused so that no data is silently dropped.
 

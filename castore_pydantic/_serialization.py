@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from castore_pydantic._event import RESERVED_EVENT_TYPES, Event, utc_now
+from castore_pydantic._event import RESERVED_EVENT_TYPES, Event, normalize_timestamp, utc_now
 from castore_pydantic.errors import (
     EventLimitExceededError,
     ReservedEventTypeError,
@@ -138,6 +138,11 @@ class EventStoreContext:
     ) -> None:
         if not isinstance(event_store_id, str) or not event_store_id:
             raise ValueError("event_store_id must be a non-empty string")
+        if "\x00" in event_store_id or _SURROGATE.search(event_store_id):
+            raise ValueError(
+                f"event_store_id must be storable text (no NUL, no lone surrogate): "
+                f"{event_store_id!r}"
+            )
         self.event_store_id = event_store_id
         self.limits = limits or EventLimits()
         by_type: dict[str, type[Event]] = {}
@@ -200,17 +205,19 @@ class EventStoreContext:
             cls = self._by_type.get(event.type)
             if cls is None:
                 raise UnknownEventTypeError(self.event_store_id, event.type, self.known_types)
-            validated = cls.model_validate(event.model_dump(by_alias=False))
+            validated = cls.model_validate(event.model_dump())
         else:
             validated = self._one.validate_python(event)  # raises a clear ValidationError
         self.check_limits(validated)
-        if timestamp and validated.timestamp is None:
+        given = validated.timestamp
+        stamp = (utc_now() if timestamp else None) if given is None else normalize_timestamp(given)
+        if stamp is not given:
             if owned:
-                # A fresh instance of ours: fill the field in place instead of copying it.
-                validated.__dict__["timestamp"] = utc_now()
+                # A fresh instance of ours: set the field in place instead of copying it.
+                validated.__dict__["timestamp"] = stamp
                 validated.__pydantic_fields_set__.add("timestamp")
             else:
-                validated = validated.model_copy(update={"timestamp": utc_now()})
+                validated = validated.model_copy(update={"timestamp": stamp})
         return validated
 
     def _validate_json_input(self, text: str | bytes | bytearray) -> Event:
@@ -335,11 +342,15 @@ class EventStoreContext:
         """
         if type(data) in self._classes:
             return data  # type: ignore[return-value]
-        raw = data.model_dump(by_alias=False) if isinstance(data, Event) else data
+        raw = data.model_dump() if isinstance(data, Event) else data
         try:
-            return self._one.validate_python(raw)
+            event = self._one.validate_python(raw)
         except ValidationError as exc:
             raise self._stored_error(raw) from exc
+        stamp = event.timestamp
+        if stamp is not None and normalize_timestamp(stamp) is not stamp:
+            event.__dict__["timestamp"] = normalize_timestamp(stamp)  # our own fresh instance
+        return event
 
     def parse_events(self, items: Iterable[Event | Mapping[str, Any]]) -> list[Event]:
         """Validate stored events; instances of the store's own types pass through."""
@@ -349,9 +360,15 @@ class EventStoreContext:
             return items  # type: ignore[return-value]
         if not any(isinstance(item, Event) for item in items):
             try:  # all mappings: one validation call for the whole list
-                return self._many.validate_python(items)
+                events = self._many.validate_python(items)
             except ValidationError:
                 pass  # validate one by one below to name the event that fails
+            else:
+                for event in events:
+                    stamp = event.timestamp
+                    if stamp is not None and normalize_timestamp(stamp) is not stamp:
+                        event.__dict__["timestamp"] = normalize_timestamp(stamp)
+                return events
         return [self.parse_event(item) for item in items]
 
     def parse_events_json(self, data: str | bytes) -> list[Event]:

@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias, TypedDict, TypeGuard, cast
 
-from pydantic import BaseModel, ConfigDict, SerializeAsAny
+from pydantic import ConfigDict, SerializeAsAny
 from pydantic.alias_generators import to_camel
 
-from castore_pydantic._event import Event, Timestamp
+from castore_pydantic._event import Event, WireModel
+from castore_pydantic._event import MillisecondTimestamp as Timestamp
 
 __all__ = [
     "AggregateExistsMessage",
@@ -48,7 +49,7 @@ _MESSAGE_CONFIG = ConfigDict(
 )
 
 
-class AggregateExistsMessage(BaseModel):
+class AggregateExistsMessage(WireModel):
     """Tells that an aggregate exists: published for its first event, or when replaying ids.
 
     JSON form: ``{"eventStoreId", "aggregateId", "initialEventTimestamp"}``.
@@ -66,7 +67,7 @@ class AggregateExistsMessage(BaseModel):
     initial_event_timestamp: Timestamp
 
 
-class NotificationMessage(BaseModel):
+class NotificationMessage(WireModel):
     """Carries one event of an event store.
 
     JSON form: ``{"eventStoreId", "event"}``. When a channel parses a message, ``event`` is
@@ -84,7 +85,7 @@ class NotificationMessage(BaseModel):
     event: SerializeAsAny[Event]
 
 
-class StateCarryingMessage(BaseModel):
+class StateCarryingMessage(WireModel):
     """Carries one event and the aggregate it produced.
 
     JSON form: ``{"eventStoreId", "event", "aggregate"}``.

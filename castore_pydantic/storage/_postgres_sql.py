@@ -46,9 +46,12 @@ _UPSERT = (
 # Both functions are immutable, so the expression can be indexed.
 INITIAL_TIMESTAMP = "date_trunc('milliseconds', \"timestamp\" AT TIME ZONE 'UTC')"
 # Columns of one event as a JSON object in Castore's wire shape. ``timestamp`` is rendered
-# by PostgreSQL as ISO 8601 with the session's offset; validation turns it into UTC ms.
+# in Castore's text form, UTC and truncated to the millisecond (``MS``), whatever the
+# session's time zone and even for rows another program wrote with microseconds.
 _EVENT_JSON_COLUMNS = (
-    'aggregate_id AS "aggregateId", version, type, "timestamp", data AS payload, metadata'
+    'aggregate_id AS "aggregateId", version, type,'
+    """ to_char("timestamp" AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
+    ' AS "timestamp", data AS payload, metadata'
 )
 
 

@@ -122,8 +122,8 @@ def _columns_for(cls: type[Event]) -> _JsonColumns:
     def columns(event: Event) -> tuple[str | None, str | None]:
         p, m = event.payload, event.metadata
         return (
-            None if p is None else payload.dump_json(p).decode(),
-            None if m is None else metadata.dump_json(m).decode(),
+            None if p is None else payload.dump_json(p, by_alias=True).decode(),
+            None if m is None else metadata.dump_json(m, by_alias=True).decode(),
         )
 
     return columns

@@ -8,7 +8,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
-from castore_pydantic._event import Event, utc_now
+from castore_pydantic._event import Event, normalize_timestamp, utc_now
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -54,7 +54,10 @@ class InMemoryEventStorageAdapter:
     def _seed(self, event_store_id: str, event: Event | Mapping[str, Any], now: datetime) -> None:
         item: _Item
         if isinstance(event, Event):
-            item = event if event.timestamp else event.model_copy(update={"timestamp": now})
+            stamp = now if event.timestamp is None else normalize_timestamp(event.timestamp)
+            item = (
+                event if stamp is event.timestamp else event.model_copy(update={"timestamp": stamp})
+            )
             aggregate_id, version = event.aggregate_id, event.version
         elif isinstance(event, Mapping):
             aggregate_id = event.get("aggregateId", event.get("aggregate_id"))

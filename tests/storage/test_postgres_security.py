@@ -155,13 +155,9 @@ class TestHostileNames:
             DSN, schema=pg_schema, table_name="values_event"
         ) as adapter:
             await adapter.create_event_table()
-            nul_store = counter_store(adapter, "NUL\x00STORE")
-            with pytest.raises(EventLimitExceededError, match="NUL"):
-                await nul_store.push_event(created("a1"))
-            with pytest.raises(EventLimitExceededError, match="NUL"):
-                await EventStore.push_event_group(nul_store.group_event(created("a1")))
-            assert (await nul_store.get_events("a1")).events == []
-            assert (await nul_store.list_aggregate_ids()).aggregate_ids == []
+            # A store id PostgreSQL cannot hold is refused when the store is declared.
+            with pytest.raises(ValueError, match="NUL"):
+                counter_store(adapter, "NUL\x00STORE")
             store = counter_store(adapter)
             with pytest.raises(EventLimitExceededError):
                 await store.push_event(created("a\x00b"))

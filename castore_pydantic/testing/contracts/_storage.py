@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from castore_pydantic._aggregate import Aggregate
 from castore_pydantic._event import Event
@@ -86,6 +86,19 @@ class NoteAdded(Event):
     metadata: dict[str, Any] | None = None
 
 
+class RenamedPayload(BaseModel):
+    """Payload of ``COUNTER_RENAMED``: an aliased field, as JSON APIs often have."""
+
+    new_name: str = Field(alias="newName")
+
+
+class CounterRenamed(Event):
+    """A counter got a new name."""
+
+    type: Literal["COUNTER_RENAMED"] = "COUNTER_RENAMED"
+    payload: RenamedPayload
+
+
 class Counter(Aggregate):
     """A counter folded from its events."""
 
@@ -94,7 +107,7 @@ class Counter(Aggregate):
     notes: int = 0
 
 
-CounterEvent = CounterCreated | CounterIncremented | NoteAdded
+CounterEvent = CounterCreated | CounterIncremented | NoteAdded | CounterRenamed
 
 
 def reduce_counter(counter: Counter | None, event: CounterEvent) -> Counter:
@@ -109,6 +122,8 @@ def reduce_counter(counter: Counter | None, event: CounterEvent) -> Counter:
         return counter.model_copy(
             update={"version": event.version, "value": counter.value + event.payload.by}
         )
+    if isinstance(event, CounterRenamed):
+        return counter.model_copy(update={"version": event.version, "name": event.payload.new_name})
     return counter.model_copy(update={"version": event.version, "notes": counter.notes + 1})
 
 
@@ -163,7 +178,7 @@ class EventStorageAdapterContract:
         """A counter event store on ``adapter`` with a fresh id unless one is given."""
         return EventStore(
             event_store_id=event_store_id or f"C{uuid.uuid4().hex[:12].upper()}",
-            event_types=[CounterCreated, CounterIncremented, NoteAdded],
+            event_types=[CounterCreated, CounterIncremented, NoteAdded, CounterRenamed],
             reducer=reduce_counter,
             event_storage_adapter=adapter,
         )
@@ -225,6 +240,19 @@ class EventStorageAdapterContract:
         assert second.payload is None
         assert second.metadata == {"by": "ash"}
         assert "payload" not in second.model_dump(mode="json")
+
+    async def test_aliased_payload_fields_round_trip(self, adapter: EventStorageAdapter) -> None:
+        """A payload field with an alias is stored under its alias and reads back."""
+        store = self.store(adapter)
+        await store.push_event(created("a1"))
+        pushed = await store.push_event(
+            {"aggregateId": "a1", "version": 2, "type": "COUNTER_RENAMED",
+             "payload": {"newName": "renamed"}}
+        )  # fmt: skip
+        assert (await store.get_events("a1")).events[-1] == pushed.event
+        aggregate = (await store.get_aggregate("a1")).aggregate
+        assert aggregate is not None
+        assert aggregate.name == "renamed"
 
     async def test_unknown_aggregate_has_no_events(self, adapter: EventStorageAdapter) -> None:
         """An aggregate never written reads as an empty list and no aggregate."""
