@@ -288,12 +288,23 @@ class AggregateExistsMessageChannel(MessageChannel[AggregateExistsMessage]):
     message_class: ClassVar[type[BaseModel]] = AggregateExistsMessage
 
 
-class _QueueAliases:
-    """Castore's queue spellings of the channel attributes."""
+class _QueueAliases(MessageChannel[Any]):
+    """The queue keywords of the constructor and Castore's queue spellings of attributes."""
 
-    message_channel_id: str
-    message_channel_adapter: MessageChannelAdapter | None
     message_channel_type: ClassVar[Literal["queue", "bus"]] = "queue"
+
+    def __init__(
+        self,
+        *,
+        message_queue_id: str,
+        source_event_stores: Sequence[EventStore[Any, Any]],
+        message_queue_adapter: MessageChannelAdapter | None = None,
+    ) -> None:
+        super().__init__(
+            message_channel_id=message_queue_id,
+            source_event_stores=source_event_stores,
+            message_channel_adapter=message_queue_adapter,
+        )
 
     @property
     def message_queue_id(self) -> str:
@@ -310,12 +321,23 @@ class _QueueAliases:
         self.message_channel_adapter = adapter
 
 
-class _BusAliases:
-    """Castore's bus spellings of the channel attributes."""
+class _BusAliases(MessageChannel[Any]):
+    """The bus keywords of the constructor and Castore's bus spellings of attributes."""
 
-    message_channel_id: str
-    message_channel_adapter: MessageChannelAdapter | None
     message_channel_type: ClassVar[Literal["queue", "bus"]] = "bus"
+
+    def __init__(
+        self,
+        *,
+        message_bus_id: str,
+        source_event_stores: Sequence[EventStore[Any, Any]],
+        message_bus_adapter: MessageChannelAdapter | None = None,
+    ) -> None:
+        super().__init__(
+            message_channel_id=message_bus_id,
+            source_event_stores=source_event_stores,
+            message_channel_adapter=message_bus_adapter,
+        )
 
     @property
     def message_bus_id(self) -> str:
@@ -341,19 +363,6 @@ class NotificationMessageQueue(_QueueAliases, NotificationMessageChannel):
         message_queue_adapter: The adapter; usually set by the adapter's ``attach_to``.
     """
 
-    def __init__(
-        self,
-        *,
-        message_queue_id: str,
-        source_event_stores: Sequence[EventStore[Any, Any]],
-        message_queue_adapter: MessageChannelAdapter | None = None,
-    ) -> None:
-        super().__init__(
-            message_channel_id=message_queue_id,
-            source_event_stores=source_event_stores,
-            message_channel_adapter=message_queue_adapter,
-        )
-
 
 class StateCarryingMessageQueue(_QueueAliases, StateCarryingMessageChannel):
     """A queue of ``StateCarryingMessage``: each message is handled by one worker.
@@ -363,19 +372,6 @@ class StateCarryingMessageQueue(_QueueAliases, StateCarryingMessageChannel):
         source_event_stores: The event stores whose events it carries.
         message_queue_adapter: The adapter; usually set by the adapter's ``attach_to``.
     """
-
-    def __init__(
-        self,
-        *,
-        message_queue_id: str,
-        source_event_stores: Sequence[EventStore[Any, Any]],
-        message_queue_adapter: MessageChannelAdapter | None = None,
-    ) -> None:
-        super().__init__(
-            message_channel_id=message_queue_id,
-            source_event_stores=source_event_stores,
-            message_channel_adapter=message_queue_adapter,
-        )
 
 
 class AggregateExistsMessageQueue(_QueueAliases, AggregateExistsMessageChannel):
@@ -387,19 +383,6 @@ class AggregateExistsMessageQueue(_QueueAliases, AggregateExistsMessageChannel):
         message_queue_adapter: The adapter; usually set by the adapter's ``attach_to``.
     """
 
-    def __init__(
-        self,
-        *,
-        message_queue_id: str,
-        source_event_stores: Sequence[EventStore[Any, Any]],
-        message_queue_adapter: MessageChannelAdapter | None = None,
-    ) -> None:
-        super().__init__(
-            message_channel_id=message_queue_id,
-            source_event_stores=source_event_stores,
-            message_channel_adapter=message_queue_adapter,
-        )
-
 
 class NotificationMessageBus(_BusAliases, NotificationMessageChannel):
     """A bus of ``NotificationMessage``: every matching listener gets each message.
@@ -410,19 +393,6 @@ class NotificationMessageBus(_BusAliases, NotificationMessageChannel):
         message_bus_adapter: The adapter; usually set by the adapter's ``attach_to``.
     """
 
-    def __init__(
-        self,
-        *,
-        message_bus_id: str,
-        source_event_stores: Sequence[EventStore[Any, Any]],
-        message_bus_adapter: MessageChannelAdapter | None = None,
-    ) -> None:
-        super().__init__(
-            message_channel_id=message_bus_id,
-            source_event_stores=source_event_stores,
-            message_channel_adapter=message_bus_adapter,
-        )
-
 
 class StateCarryingMessageBus(_BusAliases, StateCarryingMessageChannel):
     """A bus of ``StateCarryingMessage``: every matching listener gets each message.
@@ -432,19 +402,6 @@ class StateCarryingMessageBus(_BusAliases, StateCarryingMessageChannel):
         source_event_stores: The event stores whose events it carries.
         message_bus_adapter: The adapter; usually set by the adapter's ``attach_to``.
     """
-
-    def __init__(
-        self,
-        *,
-        message_bus_id: str,
-        source_event_stores: Sequence[EventStore[Any, Any]],
-        message_bus_adapter: MessageChannelAdapter | None = None,
-    ) -> None:
-        super().__init__(
-            message_channel_id=message_bus_id,
-            source_event_stores=source_event_stores,
-            message_channel_adapter=message_bus_adapter,
-        )
 
 
 class AggregateExistsMessageBus(_BusAliases, AggregateExistsMessageChannel):
@@ -457,16 +414,3 @@ class AggregateExistsMessageBus(_BusAliases, AggregateExistsMessageChannel):
         source_event_stores: The event stores whose aggregates it announces.
         message_bus_adapter: The adapter; usually set by the adapter's ``attach_to``.
     """
-
-    def __init__(
-        self,
-        *,
-        message_bus_id: str,
-        source_event_stores: Sequence[EventStore[Any, Any]],
-        message_bus_adapter: MessageChannelAdapter | None = None,
-    ) -> None:
-        super().__init__(
-            message_channel_id=message_bus_id,
-            source_event_stores=source_event_stores,
-            message_channel_adapter=message_bus_adapter,
-        )
