@@ -335,6 +335,15 @@ class RedisStreamsAdapter:
             self._start_consumer(subscription)
 
     def _start_consumer(self, subscription: Subscription) -> None:
+        """Start the consumer of ``subscription``'s group unless this adapter runs one.
+
+        A listener registered on a connected adapter reaches here twice when consuming starts
+        while its group is being created (from ``start_consuming`` and from ``_join``). Two
+        consumers with the same name in one group share one pending list: the second one's
+        start-up recovery would hand the first one's in-flight entries to the handler again.
+        """
+        if any(c.subscription.group == subscription.group for c in self._consumers):
+            return
         consumer = StreamConsumer(
             self._redis(),
             subscription,

@@ -17,6 +17,7 @@ from castore_pydantic.messaging import (
     NotificationMessageBus,
     NotificationMessageQueue,
 )
+from castore_pydantic.messaging._redis_consumer import Subscription, ensure_group
 from castore_pydantic.messaging.redis import RedisMessageBusAdapter
 from tests.domain import make_store
 from tests.messaging.redis_support import (
@@ -154,6 +155,35 @@ class TestRedisMessageBusAdapter:
             await bus.publish_message(notification(1))  # before any consumer runs
             async with adapter.consuming():
                 await listener.wait_for(1)
+        assert listener.messages == [notification(1)]
+
+    async def test_listener_joining_while_consuming_starts_gets_one_consumer(
+        self, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A late listener whose group is still being created when consuming starts runs once."""
+        gate = asyncio.Event()
+
+        async def held(client: Redis, subscription: Subscription) -> None:
+            await gate.wait()
+            await ensure_group(client, subscription)
+
+        # Only the late listener's own group creation waits; start_consuming's does not.
+        monkeypatch.setattr("castore_pydantic.messaging.redis.ensure_group", held)
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        listener = Recorder()
+        async with adapter:
+            adapter.on({}, listener, listener_id="joining")
+            async with adapter.consuming():
+                gate.set()
+                await bus.publish_message(notification(1))  # waits for the listener to join
+                await listener.wait_for(1)
+                consumers = [
+                    task
+                    for task in asyncio.all_tasks()
+                    if task.get_name() == "castore-redis-consumer:joining" and not task.done()
+                ]
+                assert len(consumers) == 1
         assert listener.messages == [notification(1)]
 
     async def test_new_listener_starts_with_messages_published_after_it(self, prefix: str) -> None:
