@@ -158,6 +158,9 @@ class StreamConsumer:
         self._reading = False
         self._wake = asyncio.Event()
         self._cursors: dict[str, bytes] = {}
+        # Entries handled successfully whose XACK has not gone through yet, per stream: they
+        # are acknowledged before anything else is read, never handed to the handler again.
+        self._unacked: dict[bytes, list[bytes]] = {}
         self._next_reclaim = 0.0
         self._next_promote = 0.0
 
@@ -186,6 +189,8 @@ class StreamConsumer:
         ready = False
         while not self._stopping:
             try:
+                if self._unacked:
+                    await self._acknowledge()
                 if not ready:
                     await ensure_group(self.client, self.subscription)
                     await self._recover_own_entries()
@@ -294,8 +299,18 @@ class StreamConsumer:
 
         Their delivery time is set to 0 (idle "forever", so the next ``XAUTOCLAIM`` of any
         consumer takes them) and their delivery count is given back: an entry handed over
-        unhandled must not count towards ``max_deliveries``.
+        unhandled must not count towards ``max_deliveries``. Entries already handled are
+        acknowledged first, so they are not handed out again.
         """
+        try:
+            await self._acknowledge()
+        except RedisError as exc:
+            logger.warning(
+                "Redis consumer %s could not acknowledge handled entries (%s); they will be "
+                "delivered again",
+                self.consumer_name,
+                exc,
+            )
         for stream in self.subscription.streams:
             try:
                 pending: Any = await self.client.xpending_range(
@@ -405,25 +420,29 @@ class StreamConsumer:
 
         A stop request lets the handler in flight finish; the entries not started yet stay
         pending and are released by ``run``. A cancellation (a killed worker) acknowledges
-        nothing more: those entries are taken over by another consumer later.
+        nothing more: those entries are taken over by another consumer later. If the
+        acknowledgement fails (a Redis error), the handled entries stay in ``_unacked`` and
+        ``run`` acknowledges them before reading again: they are not handled twice.
         """
-        done: dict[bytes, list[bytes]] = {}
         for stream, entry_id, fields, delivered in entries:
             if self._stopping:
                 break
             if await self._handle_entry(stream, entry_id, fields, delivered):
-                done.setdefault(stream, []).append(entry_id)
-        if done:
-            await self._acknowledge(done)
+                self._unacked.setdefault(stream, []).append(entry_id)
+        await self._acknowledge()
 
-    async def _acknowledge(self, done: Mapping[bytes, list[bytes]]) -> None:
+    async def _acknowledge(self) -> None:
+        """Acknowledge the handled entries (and delete those of owned streams)."""
+        if not self._unacked:
+            return
         group = self.subscription.group
         async with self.client.pipeline(transaction=False) as pipe:
-            for stream, ids in done.items():
+            for stream, ids in self._unacked.items():
                 pipe.xack(stream, group, *ids)
                 if stream.decode() in self.subscription.owned:
                     pipe.xdel(stream, *ids)
             await pipe.execute()
+        self._unacked = {}
 
     async def _handle_entry(
         self,
