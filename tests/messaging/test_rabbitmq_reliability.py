@@ -45,6 +45,10 @@ pytestmark = [pytest.mark.rabbitmq]
 MESSAGES = 10_000
 KILL_EVERY = 20  # 5 % of the messages are in a consumer's hands when it is killed
 WORKERS = 2
+#: A guard against a stall, not a speed requirement: each kill costs a reconnection, and on a
+#: loaded 2-core machine (broker, proxy and test sharing the CPU) a run takes far longer than
+#: the ~10 s it takes on a quiet one.
+DONE_WITHIN = 180
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,15 @@ class KillingConsumer:
 
         return handle
 
+    def progress(self) -> str:
+        """Where a run stands, for the failure message of a run that did not finish."""
+        return (
+            f"{len(self.effects)}/{len(self.expected)} messages applied, "
+            f"{self._redelivered}/{len(self.doomed)} killed ones redelivered "
+            f"({self.cancelled} cancelled, {self.dropped} dropped), "
+            f"{sum(self.deliveries.values())} deliveries"
+        )
+
     def check(self) -> None:
         assert set(self.deliveries) == self.expected  # 100 % delivered at least once
         assert self.killed == self.doomed
@@ -188,8 +201,11 @@ class TestKilledConsumers:
                     await worker.start_consuming()
                 for start in range(0, len(messages), 1000):
                     await channel.publish_messages(messages[start : start + 1000])
-                async with asyncio.timeout(60):
-                    await consumer.done.wait()
+                try:
+                    async with asyncio.timeout(DONE_WITHIN):
+                        await consumer.done.wait()
+                except TimeoutError:
+                    pytest.fail(f"not done after {DONE_WITHIN}s: {consumer.progress()}")
             finally:
                 for worker in workers:
                     await worker.aclose()
