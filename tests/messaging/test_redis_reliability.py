@@ -41,6 +41,10 @@ pytestmark = [pytest.mark.redis]
 MESSAGES = 10_000
 KILL_EVERY = 20  # 5 % of the messages are in a worker's hands when it dies
 WORKERS = 2
+#: A guard against a stall, not a speed requirement: quiet, a kill test takes about 10 s; on a
+#: loaded 2-core machine (Redis and the workers sharing the CPU with other work) several times
+#: that.
+DONE_WITHIN = 180
 FLAKY = 50  # messages a broken handler refuses, out of 1,000
 OPTIONS: dict[str, Any] = {
     "prefetch_count": 50,
@@ -128,6 +132,14 @@ class KillingConsumer:
 
         return handle
 
+    def progress(self) -> str:
+        """Where a run stands, for the failure message of a run that did not finish."""
+        return (
+            f"{len(self.effects)}/{len(self.expected)} messages applied, "
+            f"{self.redelivered}/{len(self.doomed)} killed ones redelivered, "
+            f"{sum(self.deliveries.values())} deliveries"
+        )
+
     def check(self) -> None:
         """Every event delivered at least once, applied exactly once; redeliveries happened."""
         assert self.killed == self.doomed
@@ -180,7 +192,10 @@ class Worker:
 
 
 async def run_workers(
-    raw: Redis, makers: Sequence[MakeAdapter], finished: asyncio.Event, seconds: float = 75
+    raw: Redis,
+    makers: Sequence[MakeAdapter],
+    finished: asyncio.Event,
+    consumers: Sequence[KillingConsumer],
 ) -> list[Worker]:
     """Run ``WORKERS`` competing workers per adapter maker until ``finished``."""
     workers = [
@@ -188,8 +203,12 @@ async def run_workers(
         for kind, make in enumerate(makers)
         for slot in range(WORKERS)
     ]
-    async with asyncio.timeout(seconds):
-        await asyncio.gather(*(worker.run(finished) for worker in workers))
+    try:
+        async with asyncio.timeout(DONE_WITHIN):
+            await asyncio.gather(*(worker.run(finished) for worker in workers))
+    except TimeoutError:
+        progress = "; ".join(consumer.progress() for consumer in consumers)
+        pytest.fail(f"not done after {DONE_WITHIN}s: {progress}")
     return workers
 
 
@@ -222,7 +241,7 @@ class TestKilledWorkers:
         ) as publisher:
             for start in range(0, MESSAGES, 1000):
                 await publisher_queue.publish_messages(messages[start : start + 1000])
-            workers = await run_workers(raw, [make], consumer.done)
+            workers = await run_workers(raw, [make], consumer.done, [consumer])
             await until_acknowledged(raw, publisher.stream_key, ["workers"])
             assert await raw.xlen(publisher.stream_key) == 0
         consumer.check()
@@ -268,7 +287,10 @@ class TestKilledWorkers:
             for start in range(0, MESSAGES, 1000):
                 await bus.publish_messages(messages[start : start + 1000])
             await run_workers(
-                raw, [maker("projection", projection), maker("audit", audit)], finished
+                raw,
+                [maker("projection", projection), maker("audit", audit)],
+                finished,
+                [projection, audit],
             )
             await until_acknowledged(raw, publisher.stream_key, ["projection", "audit"])
         await watcher
