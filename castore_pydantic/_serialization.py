@@ -77,6 +77,46 @@ _FAST_SCAN_MAX_DEPTH = 200
 _FAIL = -(1 << 62)  # a size so negative that any sum containing it stays negative
 
 
+#: Per model class: bytes counted for its int/bool fields, its str fields, its other fields.
+_ModelPlan = tuple[int, tuple[str, ...], tuple[str, ...]]
+_MODEL_PLANS: dict[type[BaseModel], _ModelPlan] = {}
+
+
+def _model_plan(cls: type[BaseModel]) -> _ModelPlan:
+    """How to scan instances of ``cls``: fields typed int or bool hold nothing to check."""
+    plan = _MODEL_PLANS.get(cls)
+    if plan is None:
+        fixed, texts, others = 0, [], []
+        for name, field in cls.model_fields.items():
+            if field.annotation in (int, bool):
+                fixed += 8
+            elif field.annotation is str:
+                texts.append(name)
+            else:
+                others.append(name)
+        plan = _MODEL_PLANS[cls] = (fixed, tuple(texts), tuple(others))
+    return plan
+
+
+def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
+    """``_scan`` of a model without extra fields, at ``depth`` (already within the limit)."""
+    kind = type(value)
+    fixed, texts, others = _MODEL_PLANS.get(kind) or _model_plan(kind)
+    size = 4 + fixed
+    fields = value.__dict__
+    for name in texts:
+        text = fields[name]
+        if type(text) is not str:
+            size += _scan(text, depth + 1, max_depth)
+        elif "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
+            return _FAIL
+        else:
+            size += len(text) + 4
+    for name in others:
+        size += _scan(fields[name], depth + 1, max_depth)
+    return size
+
+
 def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a flat type dispatch
     """Approximate JSON size of ``value``, or a negative number if it breaks a limit.
 
@@ -94,6 +134,8 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a f
         return 8 if math.isfinite(value) else _FAIL
     if depth > max_depth:
         return _FAIL
+    if isinstance(value, BaseModel) and not value.__pydantic_extra__:
+        return _scan_model(value, depth, max_depth)
     size = 4
     if kind is dict:
         for key, child in value.items():
@@ -105,11 +147,27 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a f
         for child in value:
             size += _scan(child, depth + 1, max_depth)
         return size
-    if isinstance(value, BaseModel) and not value.__pydantic_extra__:
-        for child in value.__dict__.values():
-            size += _scan(child, depth + 1, max_depth)
-        return size
     return _FAIL
+
+
+def _fast_size(event: Event, max_depth: int) -> int:
+    """Approximate JSON size of an event of a declared type, or negative if unsure or bad.
+
+    ``max_depth`` 0 means the limit is too deep for the recursive scan: always unsure.
+    """
+    text = event.aggregate_id
+    if not max_depth or "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
+        return _FAIL
+    size = len(text) + len(event.type) + 80
+    payload, metadata = event.payload, event.metadata
+    if payload is not None:
+        if type(payload) in _MODEL_PLANS and not payload.__pydantic_extra__:
+            size += _scan_model(payload, 1, max_depth)  # the usual typed payload
+        else:
+            size += _scan(payload, 1, max_depth)
+    if metadata is not None:
+        size += _scan(metadata, 1, max_depth)
+    return size
 
 
 class EventStoreContext:
@@ -123,8 +181,11 @@ class EventStoreContext:
     __slots__ = (
         "_by_type",
         "_classes",
+        "_fast_scan_depth",
         "_many",
+        "_max_bytes",
         "_one",
+        "_validators",
         "event_store_id",
         "known_types",
         "limits",
@@ -145,11 +206,17 @@ class EventStoreContext:
             )
         self.event_store_id = event_store_id
         self.limits = limits or EventLimits()
+        # Copies read on every push; 0 disables the recursive fast scan for deep limits.
+        depth = self.limits.max_depth
+        self._fast_scan_depth = depth if depth <= _FAST_SCAN_MAX_DEPTH else 0
+        self._max_bytes = self.limits.max_bytes
         by_type: dict[str, type[Event]] = {}
         for event_type in event_types:
             for name in event_type_names(event_type):
                 if name in RESERVED_EVENT_TYPES:
                     raise ReservedEventTypeError(name)
+                if not name or "\x00" in name or _SURROGATE.search(name):
+                    raise ValueError(f"event type names must be storable text: {name!r}")
                 if name in by_type and by_type[name] is not event_type:
                     raise ValueError(
                         f"event type {name!r} is declared twice in event store {event_store_id}"
@@ -158,6 +225,9 @@ class EventStoreContext:
         if not by_type:
             raise ValueError(f"event store {event_store_id} needs at least one event type")
         self._by_type = by_type
+        self._validators = {
+            name: cls.__pydantic_validator__.validate_python for name, cls in by_type.items()
+        }
         self._classes = frozenset(by_type.values())
         self.known_types = tuple(sorted(by_type))
         classes = tuple(dict.fromkeys(by_type.values()))
@@ -185,6 +255,26 @@ class EventStoreContext:
             UnknownEventTypeError: The ``type`` is not one of the store's event types.
             EventLimitExceededError: The event is too deep, too large or not storable.
         """
+        if type(event) is dict:
+            # The common case, kept lean: a plain dict naming one of the store's types.
+            event_type = event.get("type")
+            validate = self._validators.get(event_type) if type(event_type) is str else None
+            if validate is not None:
+                fresh: Event = validate(event)
+                if not 0 <= _fast_size(fresh, self._fast_scan_depth) <= self._max_bytes:
+                    self._explain_limits(fresh)  # raises, unless the fast scan was unsure
+                stamp = fresh.timestamp
+                if stamp is None:
+                    if timestamp:
+                        fresh.__dict__["timestamp"] = utc_now()
+                        fresh.__pydantic_fields_set__.add("timestamp")
+                elif stamp.microsecond % 1000 or stamp.utcoffset():
+                    fresh.__dict__["timestamp"] = normalize_timestamp(stamp)
+                return fresh
+        return self._validate_other_input(event, timestamp=timestamp)
+
+    def _validate_other_input(self, event: object, *, timestamp: bool) -> Event:
+        """``validate_input`` for everything but a dict of a known type."""
         owned = True  # whether ``validated`` is a new instance nobody else holds yet
         if type(event) in self._classes:
             validated: Event = event  # type: ignore[assignment]
@@ -193,7 +283,7 @@ class EventStoreContext:
             event_type = event.get("type")
             cls = self._by_type.get(event_type) if isinstance(event_type, str) else None
             if cls is not None:
-                validated = cls.model_validate(event)
+                validated = cls.__pydantic_validator__.validate_python(event)
             elif "type" not in event:
                 # A union reports the missing discriminator; a single type uses its default.
                 validated = self._one.validate_python(event)
@@ -246,18 +336,9 @@ class EventStoreContext:
 
     def _within_limits(self, event: Event) -> bool:
         """Fast scan without paths: whether the event respects every limit."""
-        for text in (event.aggregate_id, event.type):
-            if "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
-                return False
-        max_depth = self.limits.max_depth
-        if max_depth > _FAST_SCAN_MAX_DEPTH:
-            return False  # deep limits: the iterative scan avoids Python's recursion limit
-        size = len(event.aggregate_id) + len(event.type) + 80
-        if event.payload is not None:
-            size += _scan(event.payload, 1, max_depth)
-        if event.metadata is not None:
-            size += _scan(event.metadata, 1, max_depth)
-        return 0 <= size <= self.limits.max_bytes
+        if event.type not in self._by_type:  # declared types were checked at registration
+            return False
+        return 0 <= _fast_size(event, self._fast_scan_depth) <= self._max_bytes
 
     def _explain_limits(self, event: Event) -> None:
         """Slow scan with paths; raises on the first violation it finds."""
