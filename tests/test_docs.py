@@ -269,7 +269,8 @@ def test_every_decision_cites_a_test() -> None:
     """Each numbered decision in docs/decisions.md names at least one test that pins it."""
     text = (DOCS / "decisions.md").read_text()
     sections = re.split(r"^## (?=\d+\. )", text, flags=re.MULTILINE)[1:]
-    assert len(sections) == 10
+    # DESIGN section 6 has ten; the later ones are decisions taken while building.
+    assert len(sections) >= 10
     uncited = [s.splitlines()[0] for s in sections if not re.search(r"`[\w/]+\.py::\w+", s)]
     assert uncited == []
 
