@@ -269,6 +269,22 @@ class Statements:
             " GROUP BY c.chunk ORDER BY c.chunk"
         )
 
+    def event_rows_after(self, *, max_version: bool) -> str:
+        """The events after a version, one JSON object text per row, in version order.
+
+        Nothing in the plan waits for all rows (the unique index gives the order), so
+        PostgreSQL sends rows as it produces them and the client validates a batch of rows
+        while the server produces the next. Parameters: store id, aggregate id, the version
+        to start after, then max when flagged.
+        """
+        where = "aggregate_name = %s AND aggregate_id = %s AND version > %s"
+        if max_version:
+            where += " AND version <= %s"
+        return (
+            f"SELECT row_to_json(e)::text FROM (SELECT {_EVENT_JSON_COLUMNS}"
+            f" FROM {self.table} WHERE {where} ORDER BY version) e"
+        )
+
     def list_aggregate_ids(
         self, *, after: bool, before: bool, cursor: bool, reverse: bool, limit: bool
     ) -> str:

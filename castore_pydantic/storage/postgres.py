@@ -53,6 +53,9 @@ _LAYOUT = ("aggregate_name", "aggregate_id", "version", "type", "data", "metadat
 _KEEP_RESULT_CHARS = 1 << 20  # larger read results are not left on a cached cursor
 _FIRST_EVENTS = 1000  # events read by the first statement; longer aggregates are streamed
 _STREAM_CHUNK = 1000  # events per streamed chunk
+# libpq 17 can hand rows over in batches (``stream(size=...)``); older ones get the
+# server-built chunks of ``Statements.events_after`` instead.
+_CHUNKED_ROWS = psycopg.pq.version() >= 170000
 
 
 def _naive_utc(value: datetime) -> datetime:
@@ -449,6 +452,8 @@ class PostgresEventStorageAdapter:
         statement are included; a version lower than the last one read that commits in
         between would not be (versions are pushed in order).
         """
+        if _CHUNKED_ROWS:
+            return await self._read_rows(conn, context, first, rest[1:])
         query = self._sql.events_after(max_version=len(rest) > 4)
         async with conn.cursor() as cursor:
             stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
@@ -459,6 +464,36 @@ class PostgresEventStorageAdapter:
                 while following is not None:
                     events += context.parse_events_json(following[0])
                     following = await anext(chunks, None)
+        return events
+
+    async def _read_rows(
+        self, conn: AsyncConnection, context: EventStoreContext, first: str, params: list[Any]
+    ) -> list[Event]:
+        """``_read_rest`` with one JSON object per row, received in batches (libpq 17+).
+
+        The server sends rows as it produces them; each batch is joined into one JSON array
+        and validated in one call while the server produces the next batch. ``params`` are
+        those of ``Statements.event_rows_after``.
+        """
+        query = self._sql.event_rows_after(max_version=len(params) > 3)
+        async with conn.cursor() as cursor:
+            stream = cast(
+                "AsyncGenerator[tuple[str], None]",
+                cursor.stream(query, params, size=_STREAM_CHUNK),
+            )
+            async with aclosing(stream) as rows:
+                batch: list[str] = []
+                first_row = await anext(rows, None)  # the server is now producing rows
+                events = context.parse_events_json(first)
+                if first_row is not None:
+                    batch.append(first_row[0])
+                async for (text,) in rows:
+                    batch.append(text)
+                    if len(batch) >= _STREAM_CHUNK:
+                        events += context.parse_events_json("[" + ",".join(batch) + "]")
+                        batch = []
+                if batch:
+                    events += context.parse_events_json("[" + ",".join(batch) + "]")
         return events
 
     async def list_aggregate_ids(
