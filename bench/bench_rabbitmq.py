@@ -26,13 +26,13 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from datetime import timedelta
+from typing import Any
 
 import aio_pika
-from pydantic import BaseModel
 
-from castore_pydantic import Aggregate, Event, EventStore
+from bench._pokemons import STORE, T0, Appeared, PokemonAppeared, PokemonCaught
+from castore_pydantic import Event
 from castore_pydantic.messaging import (
     MessageContext,
     NotificationMessage,
@@ -44,47 +44,9 @@ from castore_pydantic.messaging.rabbitmq import (
     RabbitMQMessageQueueAdapter,
     routing_key,
 )
-from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 
 PREFETCH = 100
 CHUNK = 1000
-
-# -- domain -----------------------------------------------------------------------------------
-
-
-class Appeared(BaseModel):
-    name: str
-    level: int
-    moves: list[str]
-
-
-class PokemonAppeared(Event):
-    type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARED"
-    payload: Appeared
-
-
-class PokemonCaught(Event):
-    type: Literal["POKEMON_CAUGHT"] = "POKEMON_CAUGHT"
-
-
-class Pokemon(Aggregate):
-    name: str
-
-
-def reduce_pokemon(pokemon: Pokemon | None, event: PokemonAppeared | PokemonCaught) -> Pokemon:
-    if isinstance(event, PokemonAppeared):
-        return Pokemon(aggregate_id=event.aggregate_id, version=1, name=event.payload.name)
-    assert pokemon is not None
-    return pokemon.model_copy(update={"version": event.version})
-
-
-STORE = EventStore(
-    event_store_id="POKEMONS",
-    event_types=[PokemonAppeared, PokemonCaught],
-    reducer=reduce_pokemon,
-    event_storage_adapter=InMemoryEventStorageAdapter(),
-)
-T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def make_messages(count: int) -> list[NotificationMessage]:

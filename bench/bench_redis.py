@@ -26,13 +26,12 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel
 from redis.asyncio import Redis
 
-from castore_pydantic import Aggregate, Event, EventStore
+from bench._pokemons import STORE, T0, Appeared, PokemonAppeared
 from castore_pydantic.messaging import (
     MessageContext,
     NotificationMessage,
@@ -40,47 +39,9 @@ from castore_pydantic.messaging import (
     NotificationMessageQueue,
 )
 from castore_pydantic.messaging.redis import RedisMessageBusAdapter, RedisMessageQueueAdapter
-from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 
 PREFETCH = 100
 CHUNK = 1000
-T0 = datetime(2024, 1, 1, tzinfo=UTC)
-
-# -- domain -----------------------------------------------------------------------------------
-
-
-class Appeared(BaseModel):
-    name: str
-    level: int
-    moves: list[str]
-
-
-class PokemonAppeared(Event):
-    type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARED"
-    payload: Appeared
-
-
-class PokemonCaught(Event):
-    type: Literal["POKEMON_CAUGHT"] = "POKEMON_CAUGHT"
-
-
-class Pokemon(Aggregate):
-    name: str
-
-
-def reduce_pokemon(pokemon: Pokemon | None, event: PokemonAppeared | PokemonCaught) -> Pokemon:
-    if isinstance(event, PokemonAppeared):
-        return Pokemon(aggregate_id=event.aggregate_id, version=1, name=event.payload.name)
-    assert pokemon is not None
-    return pokemon.model_copy(update={"version": event.version})
-
-
-STORE = EventStore(
-    event_store_id="POKEMONS",
-    event_types=[PokemonAppeared, PokemonCaught],
-    reducer=reduce_pokemon,
-    event_storage_adapter=InMemoryEventStorageAdapter(),
-)
 
 
 def messages(count: int) -> list[NotificationMessage]:

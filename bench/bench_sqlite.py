@@ -29,80 +29,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel
-
-from castore_pydantic import Aggregate, Event, EventAlreadyExistsError, EventStore
+from bench._accounts import Account, AccountOpened, MoneyMoved, make_store, moved, opened
+from castore_pydantic import EventAlreadyExistsError, EventStore
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter, Synchronous
 
 # -- domain -----------------------------------------------------------------------------------
-
-
-class Opened(BaseModel):
-    owner: str
-    currency: str
-
-
-class Moved(BaseModel):
-    amount: int
-    reference: str
-
-
-class AccountOpened(Event):
-    type: Literal["ACCOUNT_OPENED"] = "ACCOUNT_OPENED"
-    payload: Opened
-
-
-class MoneyMoved(Event):
-    type: Literal["MONEY_MOVED"] = "MONEY_MOVED"
-    payload: Moved
-
-
-class Account(Aggregate):
-    owner: str
-    balance: int
-
-
-def reduce_account(account: Account | None, event: AccountOpened | MoneyMoved) -> Account:
-    if isinstance(event, AccountOpened):
-        return Account(
-            aggregate_id=event.aggregate_id,
-            version=event.version,
-            owner=event.payload.owner,
-            balance=0,
-        )
-    assert account is not None
-    return account.model_copy(
-        update={"version": event.version, "balance": account.balance + event.payload.amount}
-    )
-
-
-def make_store(
-    adapter: SQLiteEventStorageAdapter, store_id: str = "ACCOUNTS"
-) -> EventStore[Account, AccountOpened | MoneyMoved]:
-    return EventStore(
-        event_store_id=store_id,
-        event_types=[AccountOpened, MoneyMoved],
-        reducer=reduce_account,
-        event_storage_adapter=adapter,
-    )
-
-
-def opened(aggregate_id: str) -> AccountOpened:
-    return AccountOpened(
-        aggregate_id=aggregate_id,
-        version=1,
-        payload=Opened(owner=f"owner {aggregate_id}", currency="EUR"),
-    )
-
-
-def moved(aggregate_id: str, version: int) -> MoneyMoved:
-    return MoneyMoved(
-        aggregate_id=aggregate_id,
-        version=version,
-        payload=Moved(amount=version, reference=f"ref-{version}"),
-    )
 
 
 # -- raw sqlite3 -------------------------------------------------------------------------------
