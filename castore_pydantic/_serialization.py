@@ -150,6 +150,15 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a f
     return _FAIL
 
 
+def _normalize_in_place(event: Event) -> None:
+    """Give a freshly validated event (ours alone) a UTC millisecond timestamp."""
+    stamp = event.timestamp
+    if stamp is not None:
+        normalized = normalize_timestamp(stamp)
+        if normalized is not stamp:
+            event.__dict__["timestamp"] = normalized
+
+
 def _fast_size(event: Event, max_depth: int) -> int:
     """Approximate JSON size of an event of a declared type, or negative if unsure or bad.
 
@@ -428,9 +437,7 @@ class EventStoreContext:
             event = self._one.validate_python(raw)
         except ValidationError as exc:
             raise self._stored_error(raw) from exc
-        stamp = event.timestamp
-        if stamp is not None and normalize_timestamp(stamp) is not stamp:
-            event.__dict__["timestamp"] = normalize_timestamp(stamp)  # our own fresh instance
+        _normalize_in_place(event)
         return event
 
     def parse_events(self, items: Iterable[Event | Mapping[str, Any]]) -> list[Event]:
@@ -446,9 +453,7 @@ class EventStoreContext:
                 pass  # validate one by one below to name the event that fails
             else:
                 for event in events:
-                    stamp = event.timestamp
-                    if stamp is not None and normalize_timestamp(stamp) is not stamp:
-                        event.__dict__["timestamp"] = normalize_timestamp(stamp)
+                    _normalize_in_place(event)
                 return events
         return [self.parse_event(item) for item in items]
 

@@ -135,6 +135,17 @@ class TestTimestamp:
         with pytest.raises(ValidationError, match="timezone_aware"):
             PokemonCaught(aggregate_id="p1", version=2, timestamp=datetime(2024, 1, 1))
 
+    async def test_seeded_mappings_read_back_normalised(self) -> None:
+        """Stored mappings with offsets and microseconds are read back in UTC milliseconds."""
+        seeded = {"aggregateId": "p1", "version": 2, "type": "POKEMON_CAUGHT",
+                  "timestamp": "2024-01-01T02:00:00.123456+02:00"}  # fmt: skip
+        store = caught_store()
+        store.event_storage_adapter = InMemoryEventStorageAdapter(initial_events={"S": [seeded]})
+        (event,) = (await store.get_events("p1")).events
+        assert event.timestamp == datetime(2024, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+        assert event.timestamp is not None
+        assert event.timestamp.utcoffset() == timedelta(0)
+
 
 class TestAliases:
     def test_aliased_payload_fields_dump_by_alias_and_read_back(self) -> None:
