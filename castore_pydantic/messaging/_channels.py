@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, Union, runtime_checkable
 
 from pydantic import BaseModel
@@ -23,6 +23,7 @@ from castore_pydantic.messaging._messages import (
     NotificationMessage,
     StateCarryingMessage,
 )
+from castore_pydantic.messaging._wire import notification_parser
 
 __all__ = [
     "AggregateExistsMessageBus",
@@ -246,6 +247,23 @@ class NotificationMessageChannel(MessageChannel[NotificationMessage]):
 
     message_type: ClassVar[MessageType] = "notification"
     message_class: ClassVar[type[BaseModel]] = NotificationMessage
+    _wire_parser: Callable[[str | bytes | bytearray], NotificationMessage] | None = None
+
+    def parse_message(self, data: RawMessage) -> NotificationMessage:
+        """Validate a notification (see ``MessageChannel.parse_message``).
+
+        Wire bodies (JSON text) are validated in one pass straight from JSON; whatever that
+        pass does not accept is parsed as any message, with the same result or error.
+        """
+        if isinstance(data, str | bytes | bytearray):
+            parser = self._wire_parser
+            if parser is None:
+                parser = self._wire_parser = notification_parser(self.source_event_stores)
+            try:
+                return parser(data)
+            except Exception:  # noqa: S110 - the general parsing below says what is wrong
+                pass
+        return super().parse_message(data)
 
 
 class StateCarryingMessageChannel(MessageChannel[StateCarryingMessage]):

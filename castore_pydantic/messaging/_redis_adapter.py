@@ -43,7 +43,6 @@ from castore_pydantic.messaging._redis_consumer import (
 )
 from castore_pydantic.messaging._redis_wire import (
     APPEND_MESSAGES,
-    message_parser,
     positive,
     redact,
 )
@@ -348,7 +347,7 @@ class RedisStreamsAdapter:
             self._redis(),
             subscription,
             consumer_name=self.consumer_name,
-            parse=message_parser(self._channel()),
+            parse=self._channel().parse_message,
             route=self._router(subscription),
             retry_policy=self.retry_policy,
             options=self._options,
