@@ -121,6 +121,7 @@ class Statements:
         self.insert = f"INSERT INTO {self.table} ({_COLUMNS}) VALUES {_ROW}"
         self.upsert = self.insert + _UPSERT
         self._events: dict[tuple[bool, bool, bool], str] = {}
+        self._first_events: dict[tuple[bool, bool], str] = {}
         self._listings: dict[tuple[bool, bool, bool, bool, bool], str] = {}
 
     # -- schema ------------------------------------------------------------------------------
@@ -241,16 +242,20 @@ class Statements:
 
         Parameters: store id, aggregate id, min and max when flagged, then the limit.
         """
-        where = "aggregate_name = %s AND aggregate_id = %s"
-        if min_version:
-            where += " AND version >= %s"
-        if max_version:
-            where += " AND version <= %s"
-        return (
-            "SELECT json_agg(e ORDER BY e.version)::text, count(*), max(e.version) FROM"
-            f" (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}"
-            " ORDER BY version LIMIT %s) e"
-        )
+        key = (min_version, max_version)
+        text = self._first_events.get(key)
+        if text is None:
+            where = "aggregate_name = %s AND aggregate_id = %s"
+            if min_version:
+                where += " AND version >= %s"
+            if max_version:
+                where += " AND version <= %s"
+            text = self._first_events[key] = (
+                "SELECT json_agg(e ORDER BY e.version)::text, count(*), max(e.version) FROM"
+                f" (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}"
+                " ORDER BY version LIMIT %s) e"
+            )
+        return text
 
     def events_after(self, *, max_version: bool) -> str:
         """The events after a version, one JSON array text per chunk, in version order.

@@ -36,6 +36,7 @@ from castore_pydantic.errors import (
     InvalidPageTokenError,
     StorageError,
 )
+from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage._postgres_connection import AsyncConnection, Connections, Settings
 from castore_pydantic.storage._postgres_sql import AggregateIdType, Statements, check_identifier
 from castore_pydantic.storage._postgres_writes import (
@@ -50,7 +51,6 @@ __all__ = ["AggregateIdType", "PostgresEventStorageAdapter"]
 
 _BIGINT_MAX = 2**63 - 1
 _LAYOUT = ("aggregate_name", "aggregate_id", "version", "type", "data", "metadata", "timestamp")
-_KEEP_RESULT_CHARS = 1 << 20  # larger read results are not left on a cached cursor
 _FIRST_EVENTS = 1000  # events read by the first statement; longer aggregates are streamed
 _STREAM_CHUNK = 1000  # events per streamed chunk
 # libpq 17 can hand rows over in batches (``stream(size=...)``); older ones get the
@@ -276,7 +276,7 @@ class PostgresEventStorageAdapter:
         where = self._where("pushing an event")
         conn = await self._conns.acquire(where)
         try:
-            await self._conns.cursor(conn).execute(query, params)
+            await direct.execute(conn, query, params)
         except pg_errors.UniqueViolation as exc:
             if await self._is_event_key(conn, exc):
                 raise EventAlreadyExistsError(
@@ -326,10 +326,10 @@ class PostgresEventStorageAdapter:
         batches = plan.statements(self._group_sql)
         conn = await self._conns.acquire(where)
         try:
-            cursor = self._conns.cursor(conn)
             if len(batches) == 1:
-                await cursor.execute(*batches[0])
+                await direct.execute(conn, *batches[0])
             else:
+                cursor = self._conns.cursor(conn)
                 async with conn.transaction():
                     for query, params in batches:
                         await cursor.execute(query, params)
@@ -422,18 +422,21 @@ class PostgresEventStorageAdapter:
         conn = await self._conns.acquire(where)
         events: list[Event] | None = None
         try:
-            cursor = await self._conns.cursor(conn).execute(query, params)
-            row = await cursor.fetchone()
-            if row is None or row[0] is None:
+            result = await direct.execute(conn, query, params)
+            value = result.get_value(0, 0) if result.ntuples else None
+            if value is None:
                 return []
-            text: str = row[0]
-            if streamed and row[1] >= _FIRST_EVENTS:
-                rest = [_STREAM_CHUNK, event_store_id, aggregate_id, row[2]]
+            text = direct.decoded(conn, value)
+            if streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS:
+                rest = [
+                    _STREAM_CHUNK,
+                    event_store_id,
+                    aggregate_id,
+                    int(result.get_value(0, 2) or 0),
+                ]
                 if max_version is not None:
                     rest.append(max_version)
                 events = await self._read_rest(conn, context, text, rest)
-            elif len(text) > _KEEP_RESULT_CHARS:
-                self._conns.forget_cursor(conn)  # it would hold the text until the next call
         except pg_errors.InvalidTextRepresentation:
             return []  # not a UUID, on a uuid table: no such aggregate
         except psycopg.Error as exc:
@@ -443,7 +446,11 @@ class PostgresEventStorageAdapter:
         return context.parse_events_json(text) if events is None else events
 
     async def _read_rest(
-        self, conn: AsyncConnection, context: EventStoreContext, first: str, rest: list[Any]
+        self,
+        conn: AsyncConnection,
+        context: EventStoreContext,
+        first: bytes | str,
+        rest: list[Any],
     ) -> list[Event]:
         """Validate ``first``, then stream and validate the events after it in chunks.
 
@@ -467,7 +474,11 @@ class PostgresEventStorageAdapter:
         return events
 
     async def _read_rows(
-        self, conn: AsyncConnection, context: EventStoreContext, first: str, params: list[Any]
+        self,
+        conn: AsyncConnection,
+        context: EventStoreContext,
+        first: bytes | str,
+        params: list[Any],
     ) -> list[Event]:
         """``_read_rest`` with one JSON object per row, received in batches (libpq 17+).
 

@@ -90,9 +90,11 @@ class Watched:
 
     async def settled(self) -> bool:
         stats = self.adapter.pool.get_stats()
+        # Idle connections are in the pool or kept by the adapter for its next operation.
+        idle = stats.get("pool_available", 0) + self.adapter._conns.kept
         return (
             stats.get("pool_size") == self.start_size
-            and stats.get("pool_available") == self.start_size
+            and idle == self.start_size
             and await self.states() == ["idle"] * self.start_size
         )
 

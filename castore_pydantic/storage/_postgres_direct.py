@@ -1,0 +1,231 @@
+"""The adapter's frequent statements, sent through psycopg's libpq layer.
+
+A push, a group and the first read of an aggregate are one statement each. Through a
+psycopg cursor such a statement costs about 20 µs more client time than the same statement
+sent with the connection's ``PGconn`` (psycopg's public ``psycopg.pq`` wrapper of libpq),
+spent in the cursor's general machinery: on a local server that is several percent of a
+committed write, and most of what separates psycopg from the fastest asyncio driver.
+``execute`` sends such a statement as a prepared statement on the ``PGconn`` of a pooled
+psycopg connection, with psycopg's own adaptation (``Transformer``) and error classes, and
+waits on the socket with the event loop. Every other statement goes through a cursor.
+
+The connection belongs to the calling operation while the statement runs (it was taken from
+the pool), and psycopg finds it idle before and after. A statement interrupted half-way (a
+cancelled task, a lost connection) leaves it busy; the adapter then hands it back to the
+pool, which discards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq
+from psycopg.adapt import PyFormat, Transformer
+
+from castore_pydantic.storage._postgres_connection import AsyncConnection
+
+__all__ = ["Result", "decoded", "execute", "numbered"]
+
+Result = pq.abc.PGresult
+
+logger = logging.getLogger(__name__)
+
+_DONE = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+_ACTIVE = pq.TransactionStatus.ACTIVE
+_INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+#: Seconds to wait for the server to end a statement cancelled by an interruption.
+_CANCEL_SECONDS = 5.0
+_FATAL = pq.ExecStatus.FATAL_ERROR
+#: Prepared statements per connection; further statements are sent unprepared.
+_MAX_PREPARED = 64
+#: Statements with more parameters (groups of more than ten events) are not prepared: they
+#: are rare, and each prepared one keeps server memory for the connection's lifetime.
+_MAX_PREPARED_PARAMS = 70
+_PLACEHOLDER = re.compile(r"%%|%s")
+_NUMBERED_CACHE = 1024
+
+
+def numbered(query: str) -> str:
+    """A query with psycopg's ``%s`` placeholders in libpq's ``$1, $2, ...`` form.
+
+    ``%%`` (how psycopg spells a literal ``%``) becomes ``%``.
+    """
+    counter = itertools.count(1)
+    return _PLACEHOLDER.sub(lambda m: "%" if m[0] == "%%" else f"${next(counter)}", query)
+
+
+_numbered: dict[str, bytes] = {}
+
+
+def _encoded(query: str, encoding: str) -> bytes:
+    text = _numbered.get(query) if encoding == "utf-8" else None
+    if text is None:
+        text = numbered(query).encode(encoding)
+        if encoding == "utf-8" and len(_numbered) < _NUMBERED_CACHE:
+            _numbered[query] = text
+    return text
+
+
+class _Session:
+    """What one connection keeps between statements: its adaptation and prepared names."""
+
+    __slots__ = ("encoding", "names", "prepares", "transformer")
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.transformer = Transformer(conn)
+        self.encoding = conn.info.encoding
+        # By query and parameter types: psycopg types an int by its size, and a statement
+        # prepared for a smallint would refuse a larger value.
+        self.names: dict[tuple[str, Sequence[int] | None], bytes] = {}
+        # Names are never reused: a PREPARE whose outcome is unknown (it was interrupted)
+        # may exist on the server.
+        self.prepares = 0
+
+
+_sessions: WeakKeyDictionary[AsyncConnection, _Session] = WeakKeyDictionary()
+_formats: dict[int, list[PyFormat]] = {}
+
+
+async def execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> Result:
+    """Run one statement (psycopg's ``%s`` placeholders) and return its result.
+
+    The statement is prepared on the connection the first time it is seen there, unless the
+    connection's ``prepare_threshold`` is ``None`` (behind a pooler that cannot keep them)
+    or it has many parameters.
+
+    Interrupted (a cancelled task) while the statement runs, the statement is cancelled on
+    the server and its end awaited, as psycopg's cursor does: when the interruption goes on,
+    the statement has either completed or not happened, and a later read sees which.
+
+    Raises:
+        psycopg.Error: What psycopg raises for the same failure: the server's error as its
+            ``psycopg.errors`` class (with ``diag``), ``OperationalError`` for a lost
+            connection.
+    """
+    session = _sessions.get(conn)
+    if session is None:
+        session = _sessions[conn] = _Session(conn)
+    transformer = session.transformer
+    formats = _formats.get(len(params))
+    if formats is None:
+        formats = _formats[len(params)] = [PyFormat.AUTO] * len(params)
+    values = transformer.dump_sequence(params, formats)
+    types = transformer.types
+    pgconn = conn.pgconn
+    key = (query, types)
+    name = session.names.get(key)
+    try:
+        if (
+            name is None
+            and conn.prepare_threshold is not None
+            and session.prepares < _MAX_PREPARED
+            and len(params) <= _MAX_PREPARED_PARAMS
+        ):
+            name = b"castore_%d" % session.prepares
+            session.prepares += 1
+            pgconn.send_prepare(name, _encoded(query, session.encoding), param_types=types)
+            await _collect(pgconn, session)
+            session.names[key] = name
+        if name is None:
+            pgconn.send_query_params(
+                _encoded(query, session.encoding),
+                values,
+                param_types=types,
+                param_formats=transformer.formats,
+            )
+        else:
+            pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
+        return await _collect(pgconn, session)
+    except pg_errors.InvalidSqlStatementName:
+        if name is None:
+            raise
+        # Something ran DISCARD ALL or DEALLOCATE: the statement did nothing; prepare again.
+        session.names.clear()
+        return await execute(conn, query, params)
+    except _INTERRUPTED:
+        if pgconn.transaction_status == _ACTIVE:
+            await _settle(conn, session)
+        raise
+
+
+def decoded(conn: AsyncConnection, value: bytes) -> bytes | str:
+    """A text value of a result, as UTF-8 bytes (as they come, usually) or decoded."""
+    session = _sessions.get(conn)
+    if session is None or session.encoding == "utf-8":
+        return value
+    return value.decode(session.encoding)
+
+
+async def _settle(conn: AsyncConnection, session: _Session) -> None:
+    """Cancel the running statement and wait until it ended (or close the connection)."""
+    try:
+        try:
+            await conn.cancel_safe(timeout=_CANCEL_SECONDS)
+        except psycopg.Error as exc:
+            logger.warning("cancelling an interrupted statement failed: %s", exc)
+        async with asyncio.timeout(_CANCEL_SECONDS):
+            await _collect(conn.pgconn, session)
+    except psycopg.Error:
+        pass  # cancelled, or ended with its own error: either way it is over
+    except BaseException as exc:
+        # Not over in time, or interrupted again: the connection's state is unknown.
+        logger.warning("an interrupted statement did not end (%s): closing its connection", exc)
+        conn.pgconn.finish()
+        if not isinstance(exc, Exception):
+            raise
+
+
+async def _collect(pgconn: pq.abc.PGconn, session: _Session) -> Result:
+    """Send what is buffered, then collect the statement's result (raising its error)."""
+    loop = asyncio.get_running_loop()
+    while pgconn.flush():
+        await _writable(loop, pgconn.socket)
+    result: Result | None = None
+    while True:
+        pgconn.consume_input()
+        while not pgconn.is_busy():
+            received = pgconn.get_result()
+            if received is None:
+                if result is not None and result.status in _DONE:
+                    return result
+                raise _error(result, session)
+            if result is None or result.status != _FATAL:
+                result = received  # an error is kept over anything after it
+        # Wait until the socket has something to read (inline: this is every statement).
+        fileno = pgconn.socket
+        ready = loop.create_future()
+        loop.add_reader(fileno, _wake, ready)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(fileno)
+
+
+def _error(result: Result | None, session: _Session) -> psycopg.Error:
+    if result is not None and result.status == _FATAL:
+        return pg_errors.error_from_result(result, encoding=session.encoding)
+    status = "no result" if result is None else pq.ExecStatus(result.status).name
+    return psycopg.OperationalError(f"unexpected answer from PostgreSQL: {status}")
+
+
+def _wake(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fileno: int) -> None:
+    """Wait until the socket takes more (a large statement did not fit its buffer)."""
+    ready = loop.create_future()
+    loop.add_writer(fileno, _wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fileno)

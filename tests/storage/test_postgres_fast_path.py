@@ -1,0 +1,174 @@
+"""The PostgreSQL adapter's fast path: kept connections and statements sent through libpq.
+
+The adapter keeps idle connections of its own pool between operations, and sends its
+frequent statements as prepared statements on the connection's ``PGconn``. These tests pin
+what that must not change: other users of the pool get connections, prepared statements
+survive their loss and never mistype a value, other client encodings read back exactly, and
+closing the adapter closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from castore_pydantic import EventStore
+from castore_pydantic.errors import StorageUnavailableError
+from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
+from castore_pydantic.testing.contracts._storage import NoteAdded, created
+from tests.storage.postgres_support import (
+    DSN,
+    counter_store,
+    fetch,
+    make_table,
+    pg_schema,
+    wait_for,
+)
+
+__all__ = ["pg_schema"]
+
+pytestmark = pytest.mark.postgres
+
+
+async def adapter_for(schema: str, **options: Any) -> PostgresEventStorageAdapter:
+    return PostgresEventStorageAdapter(
+        DSN, schema=schema, table_name=await make_table(schema), **options
+    )
+
+
+@pytest.fixture
+async def small(pg_schema: str) -> AsyncIterator[PostgresEventStorageAdapter]:
+    """An adapter whose pool holds one connection and gives up waiting after a second."""
+    async with await adapter_for(pg_schema, min_size=1, max_size=1, timeout=1.0) as adapter:
+        yield adapter
+
+
+class TestKeptConnections:
+    async def test_the_pool_gets_a_kept_connection_back_for_its_other_users(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """The adapter's only connection is kept after a push, yet ``pool.connection()`` works."""
+        await counter_store(small).push_event(created("a1"))
+        async with small.pool.connection(timeout=1.0) as conn:
+            cursor = await conn.execute("SELECT 1")
+            assert await cursor.fetchone() == (1,)
+
+    async def test_more_operations_than_connections_all_complete(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """Forty concurrent pushes share one connection; none times out waiting for it."""
+        store = counter_store(small)
+        await asyncio.gather(*(store.push_event(created(f"c{i}")) for i in range(40)))
+        for i in range(40):
+            assert len((await store.get_events(f"c{i}")).events) == 1
+
+    async def test_an_adapter_waits_for_a_connection_held_outside(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """While another user holds the only connection, the adapter times out cleanly."""
+        store = counter_store(small)
+        await store.push_event(created("a1"))
+        async with small.pool.connection(timeout=1.0):
+            with pytest.raises(StorageUnavailableError, match="no PostgreSQL connection"):
+                await store.get_events("a1")
+        assert len((await store.get_events("a1")).events) == 1
+
+    async def test_closing_the_adapter_closes_kept_connections(self, pg_schema: str) -> None:
+        name = f"castore-kept-{uuid.uuid4().hex[:8]}"
+        adapter = await adapter_for(
+            pg_schema, min_size=1, max_size=4, connect_kwargs={"application_name": name}
+        )
+        async with adapter:
+            store = counter_store(adapter)
+            await asyncio.gather(*(store.push_event(created(f"k{i}")) for i in range(12)))
+            assert adapter._conns.kept >= 1
+
+        async def none_left() -> bool:
+            rows = await fetch(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", name
+            )
+            return bool(rows[0][0] == 0)
+
+        await wait_for(none_left, what="the adapter's connections to close")
+
+    async def test_a_kept_connection_whose_backend_died_is_replaced(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """A killed backend fails one operation as unavailable; the next one works."""
+        name = f"castore-killed-{uuid.uuid4().hex[:8]}"
+        store = counter_store(small)
+        await store.push_event(created("a1"))
+        conn = await small._conns.acquire("test")
+        await conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+        await small._conns.release(conn)
+        await fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            name,
+        )
+        try:
+            await store.push_event(created("a2"))
+        except StorageUnavailableError:
+            await store.push_event(created("a2"))
+        assert [len((await store.get_events(i)).events) for i in ("a1", "a2")] == [1, 1]
+
+
+class TestDirectStatements:
+    async def test_prepared_statements_dropped_by_someone_else_are_prepared_again(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        store = counter_store(small)
+        await store.push_event(created("a1"))
+        await store.get_events("a1")
+        conn = await small._conns.acquire("test")
+        await conn.execute("DEALLOCATE ALL")
+        await small._conns.release(conn)
+        await store.push_event(created("a2"))
+        assert len((await store.get_events("a2")).events) == 1
+
+    async def test_statements_are_prepared_unless_the_connection_says_not_to(
+        self, pg_schema: str
+    ) -> None:
+        """``prepare_threshold=None`` (behind PgBouncer) keeps the server free of them."""
+        for threshold, expect_prepared in ((5, True), (None, False)):
+            options = {"connect_kwargs": {"prepare_threshold": threshold}, "max_size": 1}
+            async with await adapter_for(pg_schema, **options) as adapter:
+                store = counter_store(adapter)
+                await store.push_event(created("a1"))
+                assert len((await store.get_events("a1")).events) == 1
+                conn = await adapter._conns.acquire("test")
+                cursor = await conn.execute(
+                    "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'castore%%'"
+                )
+                row = await cursor.fetchone()
+                await adapter._conns.release(conn)
+            assert row is not None
+            assert (row[0] > 0) is expect_prepared, (threshold, row)
+
+    async def test_versions_of_every_integer_size_on_one_connection(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """psycopg types 1 as smallint and 2**40 as bigint: each gets a statement of its own."""
+        store = counter_store(small)
+        versions = [1, 40_000, 3_000_000_000, 2**40]
+        for version in versions:
+            await store.push_event(NoteAdded(aggregate_id="big", version=version, payload={}))
+        stored = (await store.get_events("big", min_version=2**35)).events
+        assert [event.version for event in stored] == [2**40]
+        assert [e.version for e in (await store.get_events("big")).events] == versions
+
+    async def test_another_client_encoding_reads_back_exactly(self, pg_schema: str) -> None:
+        options = {"connect_kwargs": {"client_encoding": "LATIN1"}, "max_size": 1}
+        async with await adapter_for(pg_schema, **options) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(NoteAdded(aggregate_id="café", version=1, payload={"é": "ü"}))
+            events = (await store.get_events("café")).events
+            assert [(e.aggregate_id, e.payload) for e in events] == [("café", {"é": "ü"})]
+            other = counter_store(adapter, store.event_store_id)
+            await EventStore.push_event_group(
+                other.group_event(NoteAdded(aggregate_id="naïve", version=1, payload={}))
+            )
+            assert len((await store.get_events("naïve")).events) == 1
