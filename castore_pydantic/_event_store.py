@@ -324,6 +324,10 @@ class EventStore(Generic[AggregateT, EventT]):
         adapter = self.get_event_storage_adapter()
         validated = self._context.validate_input(event, timestamp=False)
         grouped = adapter.group_event(validated, self._context)
+        if type(grouped) is GroupedEvent:  # a third-party adapter may return a subclass
+            return GroupedEvent(
+                grouped.event, grouped.event_storage_adapter, self._context, prev_aggregate, self
+            )
         return dataclasses.replace(
             grouped, context=self._context, prev_aggregate=prev_aggregate, event_store=self
         )
@@ -354,9 +358,17 @@ class EventStore(Generic[AggregateT, EventT]):
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
             if grouped.event.timestamp is None:
-                grouped = dataclasses.replace(
-                    grouped, event=grouped.event.model_copy(update={"timestamp": now})
-                )
+                stamped = grouped.event.model_copy(update={"timestamp": now})
+                if type(grouped) is GroupedEvent:
+                    grouped = GroupedEvent(
+                        stamped,
+                        grouped.event_storage_adapter,
+                        grouped.context,
+                        grouped.prev_aggregate,
+                        grouped.event_store,
+                    )
+                else:
+                    grouped = dataclasses.replace(grouped, event=stamped)
             prepared.append(grouped)
         head = prepared[0].event_storage_adapter
         stored = await head.push_event_group(prepared, force=force)
