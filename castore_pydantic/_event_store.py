@@ -373,18 +373,20 @@ class EventStore(Generic[AggregateT, EventT]):
         head = prepared[0].event_storage_adapter
         stored = await head.push_event_group(prepared, force=force)
         results: list[PushEventResult[Any, Event]] = []
+        hooked: list[tuple[Any, PushEventResult[Any, Event]]] = []
         for grouped, event in zip(prepared, stored, strict=True):
             store = grouped.event_store
-            next_aggregate = None
-            if store is not None and (grouped.prev_aggregate is not None or event.version == 1):
-                next_aggregate = store.reducer(grouped.prev_aggregate, event)
-            results.append(PushEventResult(event, next_aggregate))
-        hooks = [
-            hook(result)
-            for grouped, result in zip(prepared, results, strict=True)
-            if grouped.event_store is not None
-            and (hook := grouped.event_store.on_event_pushed) is not None
-        ]
-        if hooks:
-            await asyncio.gather(*hooks)
+            if store is None:
+                results.append(PushEventResult(event, None))
+                continue
+            prev = grouped.prev_aggregate
+            result: PushEventResult[Any, Event] = PushEventResult(
+                event,
+                store._reducer(prev, event) if prev is not None or event.version == 1 else None,
+            )
+            results.append(result)
+            if store.on_event_pushed is not None:
+                hooked.append((store.on_event_pushed, result))
+        if hooked:
+            await asyncio.gather(*(hook(result) for hook, result in hooked))
         return PushEventGroupResult(tuple(results))

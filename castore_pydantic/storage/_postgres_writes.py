@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import PydanticSerializationError, to_json
 
@@ -92,8 +91,7 @@ class Target(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(NamedTuple):
     """One grouped event, ready to be written."""
 
     target: Target
@@ -101,17 +99,26 @@ class Member:
     event: Event
 
 
-@dataclass
 class GroupPlan:
-    """The members of a group and their rows, per table, in first-seen order."""
+    """The members of a group and their rows, per table, in first-seen order.
 
-    force: bool
-    members: list[Member] = field(default_factory=list)
-    #: Index of the first member that repeats an earlier member's key (without force).
-    repeat: int | None = None
-    tables: dict[str, tuple[Statements, dict[tuple[str, str, int], tuple[Any, ...]]]] = field(
-        default_factory=dict
-    )
+    Attributes:
+        force: Whether stored versions are overwritten.
+        members: Every grouped event, in group order.
+        repeat: Index of the first member that repeats an earlier member's key (without
+            force), if any.
+        tables: Per table, its statements and its rows by event key.
+        rows: Rows to write (members minus repeated keys).
+    """
+
+    __slots__ = ("force", "members", "repeat", "rows", "tables")
+
+    def __init__(self, force: bool) -> None:
+        self.force = force
+        self.members: list[Member] = []
+        self.repeat: int | None = None
+        self.tables: dict[str, tuple[Statements, dict[tuple[str, str, int], tuple[Any, ...]]]] = {}
+        self.rows = 0
 
     def add(self, target: Target, event_store_id: str, event: Event) -> None:
         """Add a member.
@@ -126,13 +133,18 @@ class GroupPlan:
         event = stamped(event)
         key = (event_store_id, event.aggregate_id, event.version)
         statements = target._sql
-        _, rows = self.tables.setdefault(statements.table, (statements, {}))
+        entry = self.tables.get(statements.table)
+        if entry is None:
+            entry = self.tables[statements.table] = (statements, {})
+        rows = entry[1]
         if key in rows and not self.force:
             # Not raised yet: an earlier member may conflict with a stored event, and the
             # first conflict in group order is the one to report (see ``first_conflict``).
             if self.repeat is None:
                 self.repeat = len(self.members)
         else:
+            if key not in rows:
+                self.rows += 1
             rows[key] = event_row(event, event_store_id)  # with force, the last one wins
         self.members.append(Member(target, event_store_id, event))
 
@@ -176,8 +188,8 @@ class GroupPlan:
         ``cache`` keeps single statements by shape (tables and sizes) between calls.
         """
         tables = self.tables
-        if sum(len(rows) for _, rows in tables.values()) <= ROWS_PER_STATEMENT:
-            shape = (self.force, *((table, len(rows)) for table, (_, rows) in tables.items()))
+        if self.rows <= ROWS_PER_STATEMENT:
+            shape = (self.force, *[(table, len(rows)) for table, (_, rows) in tables.items()])
             query = cache.get(shape)
             if query is None:
                 query = Statements.write_group(

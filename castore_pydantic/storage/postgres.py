@@ -360,7 +360,7 @@ class PostgresEventStorageAdapter:
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
-            if not self._same_database(adapter):
+            if adapter is not self and not self._same_database(adapter):
                 raise EventGroupError(
                     f"Event group event #{index} is stored in another database "
                     f"({adapter._settings.describe or 'libpq defaults'}, not "
