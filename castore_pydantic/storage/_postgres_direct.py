@@ -190,23 +190,25 @@ async def _collect(pgconn: pq.abc.PGconn, session: _Session) -> Result:
         await _writable(loop, pgconn.socket)
     result: Result | None = None
     while True:
-        pgconn.consume_input()
-        while not pgconn.is_busy():
-            received = pgconn.get_result()
-            if received is None:
-                if result is not None and result.status in _DONE:
-                    return result
-                raise _error(result, session)
-            if result is None or result.status != _FATAL:
-                result = received  # an error is kept over anything after it
-        # Wait until the socket has something to read (inline: this is every statement).
-        fileno = pgconn.socket
-        ready = loop.create_future()
-        loop.add_reader(fileno, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fileno)
+        # Wait until the socket has something to read, then read it (inline: this runs for
+        # every statement, and a read attempted before the server could answer is a wasted
+        # system call).
+        while pgconn.is_busy():
+            fileno = pgconn.socket
+            ready = loop.create_future()
+            loop.add_reader(fileno, _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fileno)
+            pgconn.consume_input()
+        received = pgconn.get_result()
+        if received is None:
+            if result is not None and result.status in _DONE:
+                return result
+            raise _error(result, session)
+        if result is None or result.status != _FATAL:
+            result = received  # an error is kept over anything after it
 
 
 def _error(result: Result | None, session: _Session) -> psycopg.Error:
