@@ -329,8 +329,9 @@ class PostgresEventStorageAdapter:
             if len(batches) == 1:
                 await direct.execute(conn, *batches[0])
             else:
-                cursor = self._conns.cursor(conn)
-                async with conn.transaction():
+                # A cursor of its own: a cached one would keep the huge statement's parsed
+                # text and values alive until its next use.
+                async with conn.cursor() as cursor, conn.transaction():
                     for query, params in batches:
                         await cursor.execute(query, params)
         except pg_errors.UniqueViolation as exc:

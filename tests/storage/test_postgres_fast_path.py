@@ -10,6 +10,7 @@ closing the adapter closes everything.
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -172,3 +173,26 @@ class TestDirectStatements:
                 other.group_event(NoteAdded(aggregate_id="naïve", version=1, payload={}))
             )
             assert len((await store.get_events("naïve")).events) == 1
+
+
+class TestNothingRetained:
+    async def test_a_group_split_over_statements_leaves_nothing_behind(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """A 10,000-event group (two full statements) leaves no statement or values alive."""
+        store = counter_store(small)
+
+        async def group(prefix: str, size: int) -> None:
+            await EventStore.push_event_group(
+                *(store.group_event(created(f"{prefix}{i}")) for i in range(size))
+            )
+
+        await group("warm", 2)
+        await store.get_events("warm0")
+        gc.collect()
+        before = len(gc.get_objects())
+        await group("big", 10_000)
+        await store.get_events("big0")
+        gc.collect()
+        grown = len(gc.get_objects()) - before
+        assert grown < 5000, f"{grown:,} more live objects after the group"
