@@ -382,7 +382,7 @@ class EventStore(Generic[AggregateT, EventT]):
             prev = grouped.prev_aggregate
             result: PushEventResult[Any, Event] = PushEventResult(
                 event,
-                store._reducer(prev, event) if prev is not None or event.version == 1 else None,
+                store.reducer(prev, event) if prev is not None or event.version == 1 else None,
             )
             results.append(result)
             if store.on_event_pushed is not None:
