@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
+from castore_pydantic import _gc
 from castore_pydantic._event import RESERVED_EVENT_TYPES, Event, normalize_timestamp, utc_now
 from castore_pydantic.errors import (
     EventLimitExceededError,
@@ -27,6 +28,10 @@ from castore_pydantic.errors import (
 __all__ = ["EventLimits", "EventStoreContext", "event_type_names"]
 
 _JSON_TEXT = (str, bytes, bytearray)
+# Batches this large are validated with the cyclic GC paused (see ``_gc``): 256 events, or
+# JSON text of 64 KiB (a few hundred events).
+_BULK_ITEMS = 256
+_BULK_TEXT = 64 * 1024
 # Lone surrogates are valid in a Python str but cannot be encoded as UTF-8 (nor stored).
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -448,7 +453,11 @@ class EventStoreContext:
             return items  # type: ignore[return-value]
         if not any(isinstance(item, Event) for item in items):
             try:  # all mappings: one validation call for the whole list
-                events = self._many.validate_python(items)
+                if len(items) >= _BULK_ITEMS:
+                    with _gc.paused:
+                        events = self._many.validate_python(items)
+                else:
+                    events = self._many.validate_python(items)
             except ValidationError:
                 pass  # validate one by one below to name the event that fails
             else:
@@ -464,6 +473,9 @@ class EventStoreContext:
             StoredEventValidationError: An element does not validate; names which.
         """
         try:
+            if len(data) >= _BULK_TEXT:
+                with _gc.paused:
+                    return self._many.validate_json(data)
             return self._many.validate_json(data)
         except ValidationError as exc:
             raw: Any = None
