@@ -3,7 +3,9 @@
 Run ``python -m bench.bench_sqlite [--synchronous FULL] [--scale 0.2]``. Every workload runs
 twice in the same process on fresh database files with the same durability setting: once
 through the library (validation, EventStore, adapter) and once as raw ``sqlite3`` calls doing
-the same SQL work by hand. The ratio is library throughput / raw throughput.
+the same SQL work by hand. The ratio is library throughput / raw throughput. The writes of W1
+and W2 run in interleaved batches (library, raw, raw, library, ...), so that a machine whose
+load drifts during the run slows both alike.
 
 W1  5,000 new aggregates, then one more event each: 10,000 single appends, each its own
     committed transaction with the version check (the unique key).
@@ -110,6 +112,33 @@ class Timer:
         self.latencies.append(time.perf_counter_ns() - start)
 
 
+BATCHES = 10
+
+
+async def interleaved(
+    contenders: dict[str, Callable[[range, Timer], Awaitable[None]]], n: int, per_item: int
+) -> dict[str, Result]:
+    """Run each contender's share of ``range(n)`` in ``BATCHES`` batches, taking turns.
+
+    The contenders alternate batch by batch (the one going first rotates), so that a machine
+    whose load or disk latency drifts during the run slows them alike.
+    """
+    results = {label: Result(label, n * per_item, 0.0, []) for label in contenders}
+    timers = {label: Timer() for label in contenders}
+    labels = list(contenders)
+    size = max(1, n // BATCHES)
+    for batch, start in enumerate(range(0, n, size)):
+        items = range(start, min(n, start + size))
+        shift = batch % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            began = time.perf_counter()
+            await contenders[label](items, timers[label])
+            results[label].seconds += time.perf_counter() - began
+    for label, result in results.items():
+        result.latencies_ns = timers[label].latencies
+    return results
+
+
 async def timed_async(label: str, count: int, body: Callable[[Timer], Awaitable[None]]) -> Result:
     timer = Timer()
     start = time.perf_counter()
@@ -122,104 +151,102 @@ async def timed_async(label: str, count: int, body: Callable[[Timer], Awaitable[
 
 async def w1(tmp: Path, synchronous: Synchronous, n: int) -> None:
     print(f"W1  {n:,} new aggregates then one more event each ({2 * n:,} single appends)")
+    conn = await raw_connect(tmp / "w1-raw.db", synchronous)
+    async with SQLiteEventStorageAdapter(tmp / "w1.db", synchronous=synchronous) as adapter:
+        store = make_store(adapter)
 
-    async def ours(timer: Timer) -> None:
-        async with SQLiteEventStorageAdapter(tmp / "w1.db", synchronous=synchronous) as adapter:
-            store = make_store(adapter)
-            for i in range(n):
+        async def ours(items: range, timer: Timer) -> None:
+            for i in items:
                 event = opened(f"acc-{i}")
                 with timer.op():
                     await store.push_event(event)
-            for i in range(n):
+            for i in items:
                 more = moved(f"acc-{i}", 2)
                 with timer.op():
                     await store.push_event(more)
 
-    conn = await raw_connect(tmp / "w1-raw.db", synchronous)
+        async def raw(items: range, timer: Timer) -> None:
+            for i in items:
+                aggregate_id = f"acc-{i}"
+                with timer.op():
+                    conn.execute(
+                        RAW_INSERT,
+                        (
+                            "ACCOUNTS",
+                            aggregate_id,
+                            1,
+                            "ACCOUNT_OPENED",
+                            json.dumps({"owner": f"owner {aggregate_id}", "currency": "EUR"}),
+                            None,
+                            raw_now(),
+                        ),
+                    )
+            for i in items:
+                with timer.op():
+                    conn.execute(
+                        RAW_INSERT,
+                        (
+                            "ACCOUNTS",
+                            f"acc-{i}",
+                            2,
+                            "MONEY_MOVED",
+                            json.dumps({"amount": 2, "reference": "ref-2"}),
+                            None,
+                            raw_now(),
+                        ),
+                    )
 
-    async def raw(timer: Timer) -> None:
-        for i in range(n):
-            aggregate_id = f"acc-{i}"
-            with timer.op():
-                conn.execute(
-                    RAW_INSERT,
-                    (
-                        "ACCOUNTS",
-                        aggregate_id,
-                        1,
-                        "ACCOUNT_OPENED",
-                        json.dumps({"owner": f"owner {aggregate_id}", "currency": "EUR"}),
-                        None,
-                        raw_now(),
-                    ),
-                )
-        for i in range(n):
-            with timer.op():
-                conn.execute(
-                    RAW_INSERT,
-                    (
-                        "ACCOUNTS",
-                        f"acc-{i}",
-                        2,
-                        "MONEY_MOVED",
-                        json.dumps({"amount": 2, "reference": "ref-2"}),
-                        None,
-                        raw_now(),
-                    ),
-                )
-
-    result_raw = await timed_async("raw sqlite3", 2 * n, raw)
+        results = await interleaved({"EventStore + adapter": ours, "raw sqlite3": raw}, n, 2)
     conn.close()
-    result_ours = await timed_async("EventStore + adapter", 2 * n, ours)
-    compare(result_ours, result_raw)
+    compare(results["EventStore + adapter"], results["raw sqlite3"])
 
 
 async def w2(tmp: Path, synchronous: Synchronous, n: int) -> None:
     print(f"W2  {n:,} two-aggregate groups ({2 * n:,} events)")
+    conn = await raw_connect(tmp / "w2-raw.db", synchronous)
+    async with SQLiteEventStorageAdapter(tmp / "w2.db", synchronous=synchronous) as adapter:
+        accounts = make_store(adapter)
+        ledgers = make_store(adapter, "LEDGERS")
 
-    async def ours(timer: Timer) -> None:
-        async with SQLiteEventStorageAdapter(tmp / "w2.db", synchronous=synchronous) as adapter:
-            accounts = make_store(adapter)
-            ledgers = make_store(adapter, "LEDGERS")
-            for i in range(n):
+        async def ours(items: range, timer: Timer) -> None:
+            for i in items:
                 first = accounts.group_event(opened(f"acc-{i}"))
                 second = ledgers.group_event(opened(f"led-{i}"))
                 with timer.op():
                     await EventStore.push_event_group(first, second)
 
-    conn = await raw_connect(tmp / "w2-raw.db", synchronous)
+        async def raw(items: range, timer: Timer) -> None:
+            for i in items:
+                with timer.op():
+                    now = raw_now()
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        for store_id, aggregate_id in (
+                            ("ACCOUNTS", f"acc-{i}"),
+                            ("LEDGERS", f"led-{i}"),
+                        ):
+                            conn.execute(
+                                RAW_INSERT,
+                                (
+                                    store_id,
+                                    aggregate_id,
+                                    1,
+                                    "ACCOUNT_OPENED",
+                                    json.dumps(
+                                        {"owner": f"owner {aggregate_id}", "currency": "EUR"}
+                                    ),
+                                    None,
+                                    now,
+                                ),
+                            )
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
 
-    async def raw(timer: Timer) -> None:
-        for i in range(n):
-            with timer.op():
-                now = raw_now()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for store_id, aggregate_id in (
-                        ("ACCOUNTS", f"acc-{i}"),
-                        ("LEDGERS", f"led-{i}"),
-                    ):
-                        conn.execute(
-                            RAW_INSERT,
-                            (
-                                store_id,
-                                aggregate_id,
-                                1,
-                                "ACCOUNT_OPENED",
-                                json.dumps({"owner": f"owner {aggregate_id}", "currency": "EUR"}),
-                                None,
-                                now,
-                            ),
-                        )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-
-    result_raw = await timed_async("raw sqlite3", 2 * n, raw)
+        results = await interleaved({"EventStore + adapter": ours, "raw sqlite3": raw}, n, 2)
     conn.close()
-    result_ours = await timed_async("EventStore + adapter", 2 * n, ours)
-    compare(result_ours, result_raw)
+    compare(results["EventStore + adapter"], results["raw sqlite3"])
 
 
 async def w3(tmp: Path, synchronous: Synchronous, big: int, many: int, rounds: int) -> None:
@@ -238,27 +265,27 @@ async def w3(tmp: Path, synchronous: Synchronous, big: int, many: int, rounds: i
 
         print(f"W3a fold one aggregate of {big:,} events ({rounds} rounds)")
 
-        async def fold(timer: Timer) -> None:
-            for _ in range(rounds):
+        async def fold(items: range, timer: Timer) -> None:
+            for _ in items:
                 with timer.op():
                     result = await store.get_aggregate("big")
                 assert result.aggregate is not None
                 assert result.aggregate.version == big
 
-        async def read(timer: Timer) -> None:
-            for _ in range(rounds):
+        async def read(items: range, timer: Timer) -> None:
+            for _ in items:
                 with timer.op():
                     events = (await store.get_events("big")).events
                 assert len(events) == big
 
-        async def raw_rows(timer: Timer) -> None:
-            for _ in range(rounds):
+        async def raw_rows(items: range, timer: Timer) -> None:
+            for _ in items:
                 with timer.op():
                     rows = conn.execute(RAW_SELECT, ("ACCOUNTS", "big")).fetchall()
                 assert len(rows) == big
 
-        async def raw_decoded(timer: Timer) -> None:
-            for _ in range(rounds):
+        async def raw_decoded(items: range, timer: Timer) -> None:
+            for _ in items:
                 with timer.op():
                     rows = [
                         (r[0], r[1], r[2], json.loads(r[3]), r[4] and json.loads(r[4]), r[5])
@@ -266,9 +293,9 @@ async def w3(tmp: Path, synchronous: Synchronous, big: int, many: int, rounds: i
                     ]
                 assert len(rows) == big
 
-        async def rows_then_parse(timer: Timer) -> None:
+        async def rows_then_parse(items: range, timer: Timer) -> None:
             # The other read path the adapter could take: rows, then validate mappings.
-            for _ in range(rounds):
+            for _ in items:
                 with timer.op():
                     events = store.context.parse_events(
                         {
@@ -283,30 +310,38 @@ async def w3(tmp: Path, synchronous: Synchronous, big: int, many: int, rounds: i
                     )
                 assert len(events) == big
 
-        floor_rows = await timed_async("raw rows", big * rounds, raw_rows)
-        floor_json = await timed_async("raw rows + json.loads", big * rounds, raw_decoded)
-        alternative = await timed_async("rows + parse_events", big * rounds, rows_then_parse)
-        ours_read = await timed_async("get_events (validated)", big * rounds, read)
-        ours_fold = await timed_async("get_aggregate (validated+fold)", big * rounds, fold)
-        compare(ours_read, floor_rows, floor_json, alternative)
-        compare(ours_fold, floor_rows, floor_json)
+        results = await interleaved(
+            {
+                "get_events (validated)": read,
+                "get_aggregate (validated+fold)": fold,
+                "raw rows": raw_rows,
+                "raw rows + json.loads": raw_decoded,
+                "rows + parse_events": rows_then_parse,
+            },
+            rounds,
+            big,
+        )
+        floor_rows, floor_json = results["raw rows"], results["raw rows + json.loads"]
+        compare(results["get_events (validated)"], floor_rows, floor_json)
+        compare(results["get_events (validated)"], results["rows + parse_events"])
+        compare(results["get_aggregate (validated+fold)"], floor_rows, floor_json)
 
         print(f"W3b load {many:,} aggregates of 10 events one by one")
 
-        async def load(timer: Timer) -> None:
-            for i in range(many):
+        async def load(items: range, timer: Timer) -> None:
+            for i in items:
                 with timer.op():
                     result = await store.get_aggregate(f"acc-{i}")
                 assert result.aggregate is not None
 
-        async def load_raw(timer: Timer) -> None:
-            for i in range(many):
+        async def load_raw(items: range, timer: Timer) -> None:
+            for i in items:
                 with timer.op():
                     rows = conn.execute(RAW_SELECT, ("ACCOUNTS", f"acc-{i}")).fetchall()
                 assert len(rows) == 10
 
-        async def load_raw_json(timer: Timer) -> None:
-            for i in range(many):
+        async def load_raw_json(items: range, timer: Timer) -> None:
+            for i in items:
                 with timer.op():
                     rows = [
                         (r[0], r[1], r[2], json.loads(r[3]), r[4] and json.loads(r[4]), r[5])
@@ -314,10 +349,20 @@ async def w3(tmp: Path, synchronous: Synchronous, big: int, many: int, rounds: i
                     ]
                 assert len(rows) == 10
 
-        floor_rows = await timed_async("raw rows", 10 * many, load_raw)
-        floor_json = await timed_async("raw rows + json.loads", 10 * many, load_raw_json)
-        ours_load = await timed_async("get_aggregate (validated+fold)", 10 * many, load)
-        compare(ours_load, floor_rows, floor_json)
+        results = await interleaved(
+            {
+                "get_aggregate (validated+fold)": load,
+                "raw rows": load_raw,
+                "raw rows + json.loads": load_raw_json,
+            },
+            many,
+            10,
+        )
+        compare(
+            results["get_aggregate (validated+fold)"],
+            results["raw rows"],
+            results["raw rows + json.loads"],
+        )
         conn.close()
 
 
