@@ -677,20 +677,27 @@ class RabbitMQAdapter:
     async def purge(self) -> None:
         """Delete every queue and exchange this adapter declares, with their messages.
 
-        Meant for tests and teardown; stops consuming first.
+        Meant for tests and teardown; stops consuming first. On an adapter that is not
+        connected (closed, or never used), the connection it opens is closed again.
 
         Raises:
             MessageBrokerUnavailableError: The broker cannot be reached.
         """
         await self.stop_consuming()
-        async with self._admin_channel() as channel:
-            for subscription in self._subscriptions(consuming=False):
-                retry_queues = [
-                    subscription.retry_queue(ms) for ms in self._retry_delays_ms() if ms > 0
-                ]
-                for queue in (subscription.queue, subscription.dead_letter_queue, *retry_queues):
-                    await channel.queue_delete(queue, if_unused=False, if_empty=False)
-            await self._delete_exchanges(channel)
+        connected = self._publisher is not None
+        try:
+            async with self._admin_channel() as channel:
+                for subscription in self._subscriptions(consuming=False):
+                    retry_queues = [
+                        subscription.retry_queue(ms) for ms in self._retry_delays_ms() if ms > 0
+                    ]
+                    queues = (subscription.queue, subscription.dead_letter_queue, *retry_queues)
+                    for queue in queues:
+                        await channel.queue_delete(queue, if_unused=False, if_empty=False)
+                await self._delete_exchanges(channel)
+        finally:
+            if not connected:
+                await self._close_publisher()
 
 
 async def _close_quietly(connection: AbstractConnection, *channels: AbstractChannel) -> None:

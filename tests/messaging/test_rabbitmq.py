@@ -631,3 +631,27 @@ class TestWorkers:
         assert inbox.messages == [
             NotificationMessage(event_store_id="POKEMONS", event=pushed.event)
         ]
+
+
+@pytest.mark.rabbitmq
+class TestTeardown:
+    def test_purging_a_closed_adapter_leaves_no_connection_open(self, vhost: str) -> None:
+        """``purge()`` after ``aclose()`` (as in a teardown) closes what it had to open.
+
+        A connection left open keeps its reader task running until the event loop ends,
+        and its close callbacks then outlive the loop.
+        """
+        queue = NotificationMessageQueue(
+            message_queue_id="teardown", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost))
+
+        async def scenario() -> list[str]:
+            async with adapter:
+                await queue.publish_messages([notification(0)])
+            await adapter.purge()
+            await asyncio.sleep(0.1)  # closing callbacks run
+            current = asyncio.current_task()
+            return [repr(task) for task in asyncio.all_tasks() if task is not current]
+
+        assert asyncio.run(scenario()) == []
