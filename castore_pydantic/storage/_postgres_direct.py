@@ -1,6 +1,7 @@
 """The adapter's frequent statements, sent through psycopg's libpq layer.
 
-A push, a group and the first read of an aggregate are one statement each. Through a
+A push, a group that fits one statement and a read of an aggregate are one statement each
+(long reads then stream the rest through a cursor). Through a
 psycopg cursor such a statement costs about 20 µs more client time than the same statement
 sent with the connection's ``PGconn`` (psycopg's public ``psycopg.pq`` wrapper of libpq),
 spent in the cursor's general machinery: on a local server that is several percent of a
@@ -10,9 +11,10 @@ psycopg connection, with psycopg's own adaptation (``Transformer``) and error cl
 waits on the socket with the event loop. Every other statement goes through a cursor.
 
 The connection belongs to the calling operation while the statement runs (it was taken from
-the pool), and psycopg finds it idle before and after. A statement interrupted half-way (a
-cancelled task, a lost connection) leaves it busy; the adapter then hands it back to the
-pool, which discards it.
+the pool), and psycopg finds it idle before and after. A cancelled task's statement is
+cancelled on the server and awaited, so the connection is idle again when the cancellation
+goes on; if that fails, or the connection is lost, it is closed or left busy, and the
+adapter hands it back to the pool, which discards it.
 """
 
 from __future__ import annotations
