@@ -38,6 +38,7 @@ _KEEP_SECONDS = 30.0
 #: Seconds a kept connection may stay unused before it goes back to the pool, where code
 #: using ``adapter.pool`` directly may be waiting for it.
 _IDLE_SECONDS = 0.05
+_CURSOR = "_castore_cursor"
 
 
 def _url_password(conninfo: str) -> set[str]:
@@ -213,12 +214,8 @@ class Connections:
         self._taken_at: WeakKeyDictionary[AsyncConnection, float] = WeakKeyDictionary()
         self._waiting = 0
         self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None
         self._returns: set[asyncio.Task[None]] = set()
-        # One cursor per pooled connection, dropped with the connection: a new cursor per
-        # call costs more client time than the rest of a small query.
-        self._cursors: WeakKeyDictionary[AsyncConnection, psycopg.AsyncCursor[Any]] = (
-            WeakKeyDictionary()
-        )
 
     async def open(self) -> None:
         """Open an owned pool (idempotent).
@@ -296,10 +293,14 @@ class Connections:
         return conn
 
     def cursor(self, conn: AsyncConnection) -> psycopg.AsyncCursor[Any]:
-        """The connection's cursor, made once."""
-        cursor = self._cursors.get(conn)
+        """The connection's cursor, made once and kept on the connection (freed with it).
+
+        A new cursor per call costs more client time than the rest of a small query.
+        """
+        cursor: psycopg.AsyncCursor[Any] | None = conn.__dict__.get(_CURSOR)
         if cursor is None or cursor.closed:
-            cursor = self._cursors[conn] = conn.cursor()
+            cursor = conn.cursor()
+            setattr(conn, _CURSOR, cursor)
         return cursor
 
     @property
@@ -319,8 +320,10 @@ class Connections:
             now = time.monotonic()
             if now - self._taken_at.get(conn, 0.0) < _KEEP_SECONDS:
                 self._kept.append((conn, now))
-                if self._sweep is None:
-                    loop = asyncio.get_running_loop()
+                loop = asyncio.get_running_loop()
+                if self._sweep is None or self._sweep_loop is not loop:
+                    # (A timer left on a loop that has ended would never run.)
+                    self._sweep_loop = loop
                     self._sweep = loop.call_later(_IDLE_SECONDS, self._return_unused)
                 return
         if self._switched and id(conn) in self._switched:

@@ -20,12 +20,12 @@ adapter hands it back to the pool, which discards it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import re
 from collections.abc import Sequence
 from typing import Any
-from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -64,36 +64,68 @@ def numbered(query: str) -> str:
     return _PLACEHOLDER.sub(lambda m: "%" if m[0] == "%%" else f"${next(counter)}", query)
 
 
-_numbered: dict[str, bytes] = {}
+_numbered: dict[str, bytes] = {}  # statements that may be prepared, as UTF-8 libpq text
+_formats: dict[int, list[PyFormat]] = {}  # by parameter count, for those statements
 
 
-def _encoded(query: str, encoding: str) -> bytes:
-    text = _numbered.get(query) if encoding == "utf-8" else None
+def _encoded(query: str, encoding: str, *, cache: bool) -> bytes:
+    if not cache or encoding != "utf-8":
+        return numbered(query).encode(encoding)
+    text = _numbered.get(query)
     if text is None:
         text = numbered(query).encode(encoding)
-        if encoding == "utf-8" and len(_numbered) < _NUMBERED_CACHE:
+        if len(_numbered) < _NUMBERED_CACHE:
             _numbered[query] = text
     return text
 
 
-class _Session:
-    """What one connection keeps between statements: its adaptation and prepared names."""
+def _formats_for(count: int) -> list[PyFormat]:
+    if count > _MAX_PREPARED_PARAMS:
+        return [PyFormat.AUTO] * count  # a large group: rare, and not worth keeping
+    formats = _formats.get(count)
+    if formats is None:
+        formats = _formats[count] = [PyFormat.AUTO] * count
+    return formats
 
-    __slots__ = ("encoding", "names", "prepares", "transformer")
+
+#: Error codes of a prepared statement that no longer fits its table (the table was dropped
+#: and created with other column types, or altered): it is prepared again, once.
+_STALE_PLAN = frozenset({"0A000", "42804", "42883"})
+_SESSION = "_castore_direct_session"
+
+
+class _Session:
+    """What one connection keeps between statements: its adaptation and prepared names.
+
+    It is stored on the connection itself, so that both are freed together.
+    """
+
+    __slots__ = ("client_encoding", "encoding", "names", "prepares", "transformer")
 
     def __init__(self, conn: AsyncConnection) -> None:
-        self.transformer = Transformer(conn)
-        self.encoding = conn.info.encoding
+        self.adapt_to(conn)
         # By query and parameter types: psycopg types an int by its size, and a statement
         # prepared for a smallint would refuse a larger value.
         self.names: dict[tuple[str, Sequence[int] | None], bytes] = {}
         # Names are never reused: a PREPARE whose outcome is unknown (it was interrupted)
-        # may exist on the server.
+        # may exist on the server. Only ``names`` counts against the budget.
         self.prepares = 0
 
+    def adapt_to(self, conn: AsyncConnection) -> None:
+        """Adapt values to the connection's client encoding (again, if it changed)."""
+        self.transformer = Transformer(conn)
+        self.encoding = conn.info.encoding
+        self.client_encoding = conn.pgconn.parameter_status(b"client_encoding")
 
-_sessions: WeakKeyDictionary[AsyncConnection, _Session] = WeakKeyDictionary()
-_formats: dict[int, list[PyFormat]] = {}
+
+def _session(conn: AsyncConnection) -> _Session:
+    session: _Session | None = conn.__dict__.get(_SESSION)
+    if session is None:
+        session = _Session(conn)
+        setattr(conn, _SESSION, session)
+    elif session.client_encoding != conn.pgconn.parameter_status(b"client_encoding"):
+        session.adapt_to(conn)  # someone ran SET client_encoding on the connection
+    return session
 
 
 async def execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> Result:
@@ -105,40 +137,48 @@ async def execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> R
 
     Interrupted (a cancelled task) while the statement runs, the statement is cancelled on
     the server and its end awaited, as psycopg's cursor does: when the interruption goes on,
-    the statement has either completed or not happened, and a later read sees which.
+    the statement has either completed or not happened, and a later read sees which. Only
+    if the server does not answer within ``_CANCEL_SECONDS`` (or a second interruption
+    comes) is the connection closed, and the statement's outcome is then unknown, as after
+    a lost connection.
 
     Raises:
         psycopg.Error: What psycopg raises for the same failure: the server's error as its
             ``psycopg.errors`` class (with ``diag``), ``OperationalError`` for a lost
             connection.
     """
-    session = _sessions.get(conn)
-    if session is None:
-        session = _sessions[conn] = _Session(conn)
+    return await _execute(conn, query, params, retry=True)
+
+
+async def _execute(
+    conn: AsyncConnection, query: str, params: Sequence[Any], *, retry: bool
+) -> Result:
+    session = _session(conn)
     transformer = session.transformer
-    formats = _formats.get(len(params))
-    if formats is None:
-        formats = _formats[len(params)] = [PyFormat.AUTO] * len(params)
-    values = transformer.dump_sequence(params, formats)
+    values = transformer.dump_sequence(params, _formats_for(len(params)))
     types = transformer.types
     pgconn = conn.pgconn
     key = (query, types)
     name = session.names.get(key)
+    preparable = len(params) <= _MAX_PREPARED_PARAMS
+    prepared_now = False
     try:
         if (
             name is None
+            and preparable
             and conn.prepare_threshold is not None
-            and session.prepares < _MAX_PREPARED
-            and len(params) <= _MAX_PREPARED_PARAMS
+            and len(session.names) < _MAX_PREPARED
         ):
             name = b"castore_%d" % session.prepares
             session.prepares += 1
-            pgconn.send_prepare(name, _encoded(query, session.encoding), param_types=types)
+            text = _encoded(query, session.encoding, cache=True)
+            pgconn.send_prepare(name, text, param_types=types)
             await _collect(pgconn, session)
             session.names[key] = name
+            prepared_now = True
         if name is None:
             pgconn.send_query_params(
-                _encoded(query, session.encoding),
+                _encoded(query, session.encoding, cache=preparable),
                 values,
                 param_types=types,
                 param_formats=transformer.formats,
@@ -147,30 +187,50 @@ async def execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> R
             pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
         return await _collect(pgconn, session)
     except pg_errors.InvalidSqlStatementName:
-        if name is None:
+        if name is None or not retry:
             raise
         # Something ran DISCARD ALL or DEALLOCATE: the statement did nothing; prepare again.
         session.names.clear()
-        return await execute(conn, query, params)
+        return await _execute(conn, query, params, retry=False)
+    except psycopg.Error as exc:
+        if name is None or prepared_now or not retry or exc.sqlstate not in _STALE_PLAN:
+            raise
+        # Prepared before the table changed: drop it and prepare it again, once. A statement
+        # that failed this way did nothing.
+        del session.names[key]
+        await _deallocate(pgconn, session, name)
+        return await _execute(conn, query, params, retry=False)
     except _INTERRUPTED:
         if pgconn.transaction_status == _ACTIVE:
             await _settle(conn, session)
         raise
 
 
+async def _deallocate(pgconn: pq.abc.PGconn, session: _Session, name: bytes) -> None:
+    pgconn.send_query(b"DEALLOCATE " + name)
+    with contextlib.suppress(psycopg.Error):
+        await _collect(pgconn, session)
+
+
 def decoded(conn: AsyncConnection, value: bytes) -> bytes | str:
     """A text value of a result, as UTF-8 bytes (as they come, usually) or decoded."""
-    session = _sessions.get(conn)
+    session: _Session | None = conn.__dict__.get(_SESSION)
     if session is None or session.encoding == "utf-8":
         return value
     return value.decode(session.encoding)
 
 
 async def _settle(conn: AsyncConnection, session: _Session) -> None:
-    """Cancel the running statement and wait until it ended (or close the connection)."""
+    """Cancel the running statement and wait until it ended (or close the connection).
+
+    If the cancel request could not be confirmed, the connection is closed once the
+    statement ended: a request arriving late would cancel a later statement instead.
+    """
+    cancelled = False
     try:
         try:
             await conn.cancel_safe(timeout=_CANCEL_SECONDS)
+            cancelled = True
         except psycopg.Error as exc:
             logger.warning("cancelling an interrupted statement failed: %s", exc)
         async with asyncio.timeout(_CANCEL_SECONDS):
@@ -183,13 +243,16 @@ async def _settle(conn: AsyncConnection, session: _Session) -> None:
         conn.pgconn.finish()
         if not isinstance(exc, Exception):
             raise
+        return
+    if not cancelled:
+        conn.pgconn.finish()
 
 
 async def _collect(pgconn: pq.abc.PGconn, session: _Session) -> Result:
     """Send what is buffered, then collect the statement's result (raising its error)."""
     loop = asyncio.get_running_loop()
     while pgconn.flush():
-        await _writable(loop, pgconn.socket)
+        await _flushable(loop, pgconn)
     result: Result | None = None
     while True:
         # Wait until the socket has something to read, then read it (inline: this runs for
@@ -225,11 +288,20 @@ def _wake(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, fileno: int) -> None:
-    """Wait until the socket takes more (a large statement did not fit its buffer)."""
+async def _flushable(loop: asyncio.AbstractEventLoop, pgconn: pq.abc.PGconn) -> None:
+    """Wait until the socket takes more (a large statement did not fit its buffer).
+
+    As libpq asks: wait for the socket to be writable *or* readable, and read what the server
+    sent meanwhile, so that a server blocked on sending (notices, notifications) does not
+    block the client in turn.
+    """
+    fileno = pgconn.socket
     ready = loop.create_future()
+    loop.add_reader(fileno, _wake, ready)
     loop.add_writer(fileno, _wake, ready)
     try:
         await ready
     finally:
+        loop.remove_reader(fileno)
         loop.remove_writer(fileno)
+    pgconn.consume_input()

@@ -10,15 +10,19 @@ closing the adapter closes everything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from castore_pydantic import EventStore
 from castore_pydantic.errors import StorageUnavailableError
+from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts._storage import NoteAdded, created
 from tests.storage.postgres_support import (
@@ -175,7 +179,78 @@ class TestDirectStatements:
             assert len((await store.get_events("naïve")).events) == 1
 
 
+class TestStatementsFollowTheirConnection:
+    async def test_a_table_made_again_with_other_types_is_written_and_read(
+        self, pg_schema: str
+    ) -> None:
+        """Statements prepared for a text id are prepared again for a uuid id."""
+        async with await adapter_for(pg_schema, max_size=1) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+            assert len((await store.get_events("a1")).events) == 1
+            await adapter.drop_event_table()
+            await adapter.create_event_table(aggregate_id_type="uuid")
+            aggregate_id = str(uuid.uuid4())
+            await store.push_event(created(aggregate_id))
+            assert len((await store.get_events(aggregate_id)).events) == 1
+
+    async def test_a_changed_client_encoding_is_followed(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """After SET client_encoding on a kept connection, text is still stored exactly."""
+        store = counter_store(small)
+        await store.push_event(created("a1"))
+        conn = await small._conns.acquire("test")
+        await conn.execute("SET client_encoding TO 'LATIN1'")
+        await small._conns.release(conn)
+        await store.push_event(NoteAdded(aggregate_id="café", version=1, payload={"k": "é"}))
+        rows = await fetch(
+            f'SELECT data::text FROM "{small.schema}".{small.table_name} WHERE aggregate_id = %s',
+            "café",
+        )
+        assert rows == [('{"k": "é"}',)]
+        events = (await store.get_events("café")).events
+        assert [e.payload for e in events] == [{"k": "é"}]
+
+
 class TestNothingRetained:
+    async def test_groups_of_every_size_leave_no_text_behind(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """Only statements small enough to be prepared are kept, in their libpq form."""
+        store = counter_store(small)
+        await EventStore.push_event_group(store.group_event(created("warm")))
+        kept = (len(direct._numbered), len(direct._formats))
+        for size in range(11, 60, 7):
+            await EventStore.push_event_group(
+                *(store.group_event(created(f"s{size}-{i}")) for i in range(size))
+            )
+        assert (len(direct._numbered), len(direct._formats)) == kept
+
+    async def test_discarded_connections_are_freed(
+        self, pg_schema: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Connections the pool replaced (their backend killed) do not stay in memory."""
+        # The pool's warnings name each discarded connection; captured, they would keep it.
+        caplog.set_level(logging.ERROR, logger="psycopg.pool")
+        name = f"castore-freed-{uuid.uuid4().hex[:8]}"
+        options = {"max_size": 1, "connect_kwargs": {"application_name": name}}
+        async with await adapter_for(pg_schema, **options) as adapter:
+            store = counter_store(adapter)
+            for i in range(10):
+                await store.push_event(created(f"a{i}"))
+                await store.get_events(f"a{i}")
+                await fetch(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = %s",
+                    name,
+                )
+                with contextlib.suppress(StorageUnavailableError):
+                    await store.push_event(created(f"b{i}"))
+            gc.collect()
+            alive = [o for o in gc.get_objects() if isinstance(o, psycopg.AsyncConnection)]
+            assert len(alive) <= 2, f"{len(alive)} connections alive"
+
     async def test_a_group_split_over_statements_leaves_nothing_behind(
         self, small: PostgresEventStorageAdapter
     ) -> None:
