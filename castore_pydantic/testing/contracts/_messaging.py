@@ -78,6 +78,23 @@ __all__ = [
 ]
 
 
+async def _attached(
+    factory: MessageAdapterFactory,
+    channel: MessageChannel[Any],
+    *,
+    retry_attempts: int = 2,
+    retry_delay_in_ms: float = 50,
+    retry_backoff_rate: float = 1,
+) -> Any:
+    """An adapter from ``factory`` for ``channel``, retrying fast enough for a test."""
+    return await factory(
+        channel,
+        retry_attempts=retry_attempts,
+        retry_delay_in_ms=retry_delay_in_ms,
+        retry_backoff_rate=retry_backoff_rate,
+    )
+
+
 class MessageAdapterFactory(Protocol):
     """Makes a connected adapter attached to ``channel`` with the given retry options."""
 
@@ -149,9 +166,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """The adapter says whether it delivers at least or at most once."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue)
         assert queue.message_channel_adapter is adapter
         assert adapter.delivery_guarantee in ("at-least-once", "at-most-once")
 
@@ -160,9 +175,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """Messages published one by one reach the worker once each, first published first."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue)
         worker = self.recorder()
         adapter.worker = worker
         messages = [notify(appeared(f"p{i}", level=i + 1)) for i in range(10)]
@@ -180,9 +193,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """``publish_messages`` hands every message to the worker, in order."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue)
         worker = self.recorder()
         adapter.worker = worker
         messages = [notify(appeared("a")), notify(caught("a")), notify(trainer_created("t"))]
@@ -197,9 +208,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """A first delivery has attempt 1, the whole retry budget left, and the replay flag."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=3, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=3)
         worker = self.recorder()
         adapter.worker = worker
         live, replayed = notify(appeared("live")), notify(appeared("old"))
@@ -217,9 +226,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """A message that always fails runs 1 + retry_attempts times, then becomes a dead letter."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue)
         poison, healthy = notify(appeared("poison")), notify(appeared("healthy"))
         worker = self.recorder(_fails_for(poison))
         adapter.worker = worker
@@ -248,8 +255,8 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """While a failed message waits for its retry, the next message is handled."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=1, retry_delay_in_ms=1000, retry_backoff_rate=1
+        adapter = await _attached(
+            queue_adapter_factory, queue, retry_attempts=1, retry_delay_in_ms=1000
         )
         first, second = notify(appeared("first")), notify(appeared("second"))
         worker = self.recorder(lambda message, context: message == first and context.attempt == 1)
@@ -264,8 +271,8 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """Retries wait retry_delay_in_ms * retry_backoff_rate ** (attempt - 1) ms."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=3, retry_delay_in_ms=50, retry_backoff_rate=1.5
+        adapter = await _attached(
+            queue_adapter_factory, queue, retry_attempts=3, retry_backoff_rate=1.5
         )
         message = notify(appeared("flaky"))
         worker = self.recorder(lambda _message, context: context.attempt <= 3)
@@ -282,9 +289,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """A replayed message that fails is retried with replay=True."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=1, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=1)
         message = notify(appeared("old"))
         worker = self.recorder(lambda _message, context: context.attempt == 1)
         adapter.worker = worker
@@ -301,9 +306,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """Republished dead letters reach the worker again from attempt 1 and leave the DLQ."""
         queue = self._queue()
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=0)
         message = notify(caught("p"))
         broken = True
         worker = self.recorder(lambda _message, _context: broken)
@@ -350,9 +353,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """Every message kind reaches the worker equal to what was published, with its classes."""
         queue = self._queue(kind)
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=0)
         worker = self.recorder()
         adapter.worker = worker
         async with adapter.consuming():
@@ -371,9 +372,7 @@ class MessageQueueAdapterContract(_Base):
     ) -> None:
         """Events pushed to a ConnectedEventStore reach the worker as stored."""
         queue = self._queue(StateCarryingMessageQueue)
-        adapter = await queue_adapter_factory(
-            queue, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=0)
         worker = self.recorder()
         adapter.worker = worker
         pokemons = ConnectedEventStore(queue.get_event_store("POKEMONS"), queue)
@@ -421,9 +420,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """The adapter says whether it delivers at least or at most once."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus)
         assert bus.message_channel_adapter is adapter
         assert adapter.delivery_guarantee in ("at-least-once", "at-most-once")
 
@@ -432,9 +429,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """Two listeners each receive every message exactly once, with a first-delivery context."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus)
         first, second = self.recorder(), self.recorder()
         adapter.on({}, first, listener_id="first")
         adapter.on({}, second, listener_id="second")
@@ -455,9 +450,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """``publish_messages`` delivers every message to a matching listener."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus)
         listener = self.recorder()
         adapter.on({}, listener, listener_id="all")
         messages = [notify(appeared("a")), notify(caught("a")), notify(trainer_created("t"))]
@@ -470,9 +463,7 @@ class MessageBusAdapterContract(_Base):
     async def test_filter_patterns(self, bus_adapter_factory: MessageAdapterFactory) -> None:
         """Store+type, store-only, empty and type-only patterns select as Castore's rules say."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=0)
         typed, by_store, everything, type_only = (self.recorder() for _ in range(4))
         adapter.on(
             {"event_store_id": "POKEMONS", "event_type": "POKEMON_APPEARED"},
@@ -505,9 +496,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """Aggregate-exists messages match store-only patterns, never typed ones (no event type)."""
         bus = self._bus(AggregateExistsMessageBus)
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=0)
         typed, by_store = self.recorder(), self.recorder()
         adapter.on(
             {"event_store_id": "POKEMONS", "event_type": "POKEMON_APPEARED"},
@@ -536,9 +525,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """A second pattern widens a listener; a message matching both is delivered once."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=0)
         listener, witness = self.recorder(), self.recorder()
         adapter.on({"event_store_id": "POKEMONS"}, listener, listener_id="twice")
         adapter.on(
@@ -561,9 +548,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """A replayed message reaches listeners with on_replay=True only, flagged as a replay."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=0)
         live, replaying = self.recorder(), self.recorder()
         adapter.on({}, live, listener_id="live")
         adapter.on({"event_store_id": "POKEMONS", "on_replay": True}, replaying, listener_id="rp")
@@ -585,9 +570,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """Only the failing listener is retried, up to the budget; then a dead letter names it."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=2, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus)
         message = notify(appeared("a"))
         healthy, failing = self.recorder(), self.recorder(_fails_for(message))
         adapter.on({}, healthy, listener_id="healthy")
@@ -617,8 +600,8 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """Retries wait retry_delay_in_ms * retry_backoff_rate ** (attempt - 1) ms."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=3, retry_delay_in_ms=50, retry_backoff_rate=1.5
+        adapter = await _attached(
+            bus_adapter_factory, bus, retry_attempts=3, retry_backoff_rate=1.5
         )
         message = notify(appeared("flaky"))
         listener = self.recorder(lambda _message, context: context.attempt <= 3)
@@ -634,9 +617,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """A replayed message that fails is retried with replay=True (Castore says False)."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=1, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=1)
         message = notify(appeared("old"))
         listener = self.recorder(lambda _message, context: context.attempt == 1)
         adapter.on({"on_replay": True}, listener, listener_id="replayer")
@@ -653,9 +634,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """Republishing a dead letter delivers it to the listener that failed, not the others."""
         bus = self._bus()
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=0)
         message = notify(appeared("a"))
         broken = True
         healthy, failing = self.recorder(), self.recorder(lambda _m, _c: broken)
@@ -707,9 +686,7 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """Every message kind reaches a listener equal to what was published, with its classes."""
         bus = self._bus(kind)
-        adapter = await bus_adapter_factory(
-            bus, retry_attempts=0, retry_delay_in_ms=50, retry_backoff_rate=1
-        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=0)
         listener = self.recorder()
         pattern: FilterPattern = {"event_store_id": message.event_store_id}
         adapter.on(pattern, listener, listener_id="round-trip")
