@@ -324,13 +324,7 @@ class EventStore(Generic[AggregateT, EventT]):
         adapter = self.get_event_storage_adapter()
         validated = self._context.validate_input(event, timestamp=False)
         grouped = adapter.group_event(validated, self._context)
-        if type(grouped) is GroupedEvent:  # a third-party adapter may return a subclass
-            return GroupedEvent(
-                grouped.event, grouped.event_storage_adapter, self._context, prev_aggregate, self
-            )
-        return dataclasses.replace(
-            grouped, context=self._context, prev_aggregate=prev_aggregate, event_store=self
-        )
+        return _regrouped(grouped, grouped.event, self._context, prev_aggregate, self)
 
     @staticmethod
     async def push_event_group(
@@ -359,16 +353,9 @@ class EventStore(Generic[AggregateT, EventT]):
                 raise EventGroupError(f"Event group event #{index} misses context")
             if grouped.event.timestamp is None:
                 stamped = grouped.event.model_copy(update={"timestamp": now})
-                if type(grouped) is GroupedEvent:
-                    grouped = GroupedEvent(
-                        stamped,
-                        grouped.event_storage_adapter,
-                        grouped.context,
-                        grouped.prev_aggregate,
-                        grouped.event_store,
-                    )
-                else:
-                    grouped = dataclasses.replace(grouped, event=stamped)
+                grouped = _regrouped(
+                    grouped, stamped, grouped.context, grouped.prev_aggregate, grouped.event_store
+                )
             prepared.append(grouped)
         head = prepared[0].event_storage_adapter
         stored = await head.push_event_group(prepared, force=force)
@@ -390,3 +377,28 @@ class EventStore(Generic[AggregateT, EventT]):
         if hooked:
             await asyncio.gather(*(hook(result) for hook, result in hooked))
         return PushEventGroupResult(tuple(results))
+
+
+def _regrouped(
+    grouped: GroupedEvent,
+    event: Event,
+    context: EventStoreContext | None,
+    prev_aggregate: Any,
+    event_store: EventStore[Any, Any] | None,
+) -> GroupedEvent:
+    """``grouped`` with these fields, keeping its adapter.
+
+    The plain class is built directly (``dataclasses.replace`` costs about 1.5 µs, twice per
+    grouped event); a subclass returned by another adapter goes through ``replace``.
+    """
+    if type(grouped) is GroupedEvent:
+        return GroupedEvent(
+            event, grouped.event_storage_adapter, context, prev_aggregate, event_store
+        )
+    return dataclasses.replace(
+        grouped,
+        event=event,
+        context=context,
+        prev_aggregate=prev_aggregate,
+        event_store=event_store,
+    )
