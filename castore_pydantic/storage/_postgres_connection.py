@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
-from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -38,7 +37,10 @@ _KEEP_SECONDS = 30.0
 #: Seconds a kept connection may stay unused before it goes back to the pool, where code
 #: using ``adapter.pool`` directly may be waiting for it.
 _IDLE_SECONDS = 0.05
+# What the adapter keeps on each connection (freed with it): its cursor, and when an owned
+# pool's connection was taken from the pool.
 _CURSOR = "_castore_cursor"
+_TAKEN_AT = "_castore_taken_at"
 
 
 def _url_password(conninfo: str) -> set[str]:
@@ -208,10 +210,9 @@ class Connections:
         self._closed = False
         self._switched: set[int] = set()
         # Owned pools only: idle connections kept for the next operation with the time each
-        # was released (the most recent last), when each was taken from the pool, how many
-        # operations wait for the pool, the timer returning unused ones and those returns.
+        # was released (the most recent last), how many operations wait for the pool, the
+        # timer returning unused ones and those returns.
         self._kept: list[tuple[AsyncConnection, float]] = []
-        self._taken_at: WeakKeyDictionary[AsyncConnection, float] = WeakKeyDictionary()
         self._waiting = 0
         self._sweep: asyncio.TimerHandle | None = None
         self._sweep_loop: asyncio.AbstractEventLoop | None = None
@@ -280,7 +281,7 @@ class Connections:
         finally:
             self._waiting -= 1
         if self.owned:
-            self._taken_at[conn] = time.monotonic()
+            setattr(conn, _TAKEN_AT, time.monotonic())
         if not conn.autocommit:
             # Only a borrowed pool lends such connections; each write is one statement, so
             # autocommit is what makes it atomic without BEGIN/COMMIT round trips.
@@ -318,7 +319,7 @@ class Connections:
             and conn.pgconn.transaction_status == _IDLE
         ):
             now = time.monotonic()
-            if now - self._taken_at.get(conn, 0.0) < _KEEP_SECONDS:
+            if now - conn.__dict__.get(_TAKEN_AT, 0.0) < _KEEP_SECONDS:
                 self._kept.append((conn, now))
                 loop = asyncio.get_running_loop()
                 if self._sweep is None or self._sweep_loop is not loop:
