@@ -446,9 +446,13 @@ class EventStoreContext:
         return event
 
     def parse_events(self, items: Iterable[Event | Mapping[str, Any]]) -> list[Event]:
-        """Validate stored events; instances of the store's own types pass through."""
+        """Validate stored events; instances of the store's own types pass through.
+
+        A list holding nothing but such instances is returned itself, not a copy.
+        """
         classes = self._classes
-        items = list(items)
+        if not isinstance(items, list):
+            items = list(items)
         if all(type(item) in classes for item in items):
             return items  # type: ignore[return-value]
         if not any(isinstance(item, Event) for item in items):
