@@ -232,6 +232,20 @@ class FilterPattern(TypedDict, total=False):
 _PATTERN_KEYS = {"event_store_id": str, "event_type": str, "on_replay": bool}
 
 
+def listener_name(handler: MessageHandler, listener_id: str | None) -> str:
+    """A bus listener's id: ``listener_id``, or the handler's qualified name.
+
+    Raises:
+        ValueError: ``listener_id`` is given but not a non-empty string.
+    """
+    if listener_id is None:
+        # A callable object has no __qualname__ of its own: it is named by its class.
+        return str(getattr(handler, "__qualname__", type(handler).__qualname__))
+    if not isinstance(listener_id, str) or not listener_id:
+        raise ValueError("listener_id must be a non-empty string")
+    return listener_id
+
+
 def check_filter_pattern(pattern: Mapping[str, object]) -> FilterPattern:
     """Validate a filter pattern given to a bus adapter's ``on``.
 

@@ -27,6 +27,7 @@ from castore_pydantic.messaging._messages import (
     MessageHandler,
     RetryPolicy,
     check_filter_pattern,
+    listener_name,
     matches,
 )
 
@@ -449,12 +450,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         """
         checked = check_filter_pattern(pattern)
         key: object = handler if listener_id is None else listener_id
-        # Callable objects have no __qualname__ of their own: name them by their class.
-        name = (
-            listener_id
-            if listener_id is not None
-            else str(getattr(handler, "__qualname__", type(handler).__qualname__))
-        )
+        name = listener_name(handler, listener_id)
         listener = self._listeners.get(key)
         if listener is None:
             self._listeners[key] = _Listener(name, handler, [checked])

@@ -37,6 +37,7 @@ from castore_pydantic.messaging._messages import (
     Message,
     MessageHandler,
     check_filter_pattern,
+    listener_name,
 )
 from castore_pydantic.messaging._rabbitmq_adapter import RabbitMQAdapter
 from castore_pydantic.messaging._rabbitmq_wire import (
@@ -303,10 +304,7 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
         checked = check_filter_pattern(pattern)
         if self.is_consuming:
             raise RuntimeError("register listeners before start_consuming()")
-        if listener_id is None:
-            listener_id = getattr(handler, "__qualname__", type(handler).__qualname__)
-        if not isinstance(listener_id, str) or not listener_id:
-            raise ValueError("listener_id must be a non-empty string")
+        listener_id = listener_name(handler, listener_id)
         registered, patterns = self._listeners.setdefault(listener_id, (handler, []))
         if registered is not handler:
             raise ValueError(

@@ -47,6 +47,7 @@ from castore_pydantic.messaging._messages import (
     MessageContext,
     MessageHandler,
     check_filter_pattern,
+    listener_name,
     matches,
 )
 from castore_pydantic.messaging._redis_adapter import RedisStreamsAdapter
@@ -317,9 +318,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
             TypeError: A pattern value of the wrong type.
         """
         checked = check_filter_pattern(pattern)
-        name = handler.__qualname__ if listener_id is None else listener_id
-        if not isinstance(name, str) or not name:
-            raise ValueError("listener_id must be a non-empty string")
+        name = listener_name(handler, listener_id)
         listener = self._listeners.get(name)
         if listener is None:
             listener = self._listeners[name] = _Listener(name, handler)

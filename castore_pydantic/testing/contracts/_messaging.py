@@ -445,6 +445,20 @@ class MessageBusAdapterContract(_Base):
             assert sorted(listener.messages, key=repr) == sorted([*messages, sentinel], key=repr)
             assert {call.context for call in listener.calls} == {_context(1, 2, replay=False)}
 
+    async def test_a_handler_object_without_listener_id_is_named_by_its_class(
+        self, bus_adapter_factory: MessageAdapterFactory
+    ) -> None:
+        """A callable object registered without ``listener_id`` listens like any handler."""
+        bus = self._bus()
+        adapter = await _attached(bus_adapter_factory, bus)
+        listener = self.recorder()
+        adapter.on({}, listener)
+        message = notify(appeared("named"))
+        async with adapter.consuming():
+            await bus.publish_message(message)
+            await listener.wait_for(message)
+        assert listener.messages == [message]
+
     async def test_publish_messages_reaches_listeners(
         self, bus_adapter_factory: MessageAdapterFactory
     ) -> None:
