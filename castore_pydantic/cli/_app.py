@@ -104,6 +104,6 @@ def cli(ctx: click.Context, traceback: bool) -> None:
 
     Stores are loaded by import string (module:attribute) from the current directory.
     Exit codes: 0 ok, 1 unexpected error, 2 usage, 3 not found, 4 storage, 5 invalid data,
-    6 conflict, 130 interrupted.
+    6 conflict, 7 messaging, 130 interrupted, 141 output closed early.
     """
     ctx.meta["traceback"] = traceback

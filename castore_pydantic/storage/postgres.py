@@ -1,9 +1,10 @@
 """``PostgresEventStorageAdapter``: events in a PostgreSQL table shared with Castore.
 
 The table has the layout of ``@castore/event-storage-adapter-postgres``, so a TypeScript
-Castore service and a Python service can share it. Every write is ONE statement in one round
-trip (PostgreSQL runs a single statement as its own transaction), so a push or a group is
-stored completely or not at all, whatever happens to the calling task or the connection.
+Castore service and a Python service can share it. A write is ONE statement in one round trip
+(PostgreSQL runs a single statement as its own transaction), or, for a group of more than
+5,000 events, several statements in one transaction; either way a push or a group is stored
+completely or not at all, whatever happens to the calling task or the connection.
 Needs the ``postgres`` extra: ``pip install 'castore-pydantic[postgres]'``.
 """
 
