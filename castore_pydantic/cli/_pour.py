@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import click
+from pydantic.alias_generators import to_camel
 
 from castore_pydantic import Event, EventStore
 from castore_pydantic._event import format_timestamp
@@ -28,11 +29,6 @@ from castore_pydantic.cli._running import (
 from castore_pydantic.storage import EventStorageAdapter
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
 def result_json(value: object) -> Any:
     """A dam result in Castore's shape: camelCase keys, events and entries as JSON."""
     if isinstance(value, Event):
@@ -44,7 +40,7 @@ def result_json(value: object) -> Any:
         }
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            _camel(f.name): result_json(getattr(value, f.name)) for f in dataclasses.fields(value)
+            to_camel(f.name): result_json(getattr(value, f.name)) for f in dataclasses.fields(value)
         }
     if isinstance(value, Mapping):
         return {str(key): result_json(item) for key, item in value.items()}

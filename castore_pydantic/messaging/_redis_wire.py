@@ -6,15 +6,9 @@ A stream entry holds Castore's JSON message in its ``body`` field, the replay fl
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from typing_extensions import TypedDict
-
 __all__ = ["APPEND_MESSAGES", "positive", "redact"]
-
-# Built at run time from the channel's stores, so typed as a plain callable.
-_typed_dict: Any = TypedDict
 
 #: Appends messages to a stream in one atomic step (a pipeline of XADDs costs a reply each).
 #: KEYS: the stream. ARGV: replay flag, max length ("" for none), the bodies.
