@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from pydantic_core import PydanticSerializationError, to_json
+from pydantic_core import PydanticSerializationError
 
 from castore_pydantic._event import Event, utc_now
 from castore_pydantic.errors import EventLimitExceededError
+from castore_pydantic.storage._columns import json_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 from castore_pydantic.storage._postgres_sql import Statements
 
@@ -52,31 +53,27 @@ def stamped(event: Event) -> Event:
     return event.model_copy(update={"timestamp": utc_now()})
 
 
-def _json(value: Any, event_store_id: str, field: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        # By alias: that is how the payload's own models read it back.
-        return to_json(value, by_alias=True).decode()
-    except PydanticSerializationError as exc:
-        raise EventLimitExceededError(
-            event_store_id, f"not serialisable as JSON: {exc}", (field,)
-        ) from exc
-
-
 def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:
     """The values of an event's row, in the order of ``Statements.insert``.
+
+    Payload and metadata are the same JSON text the SQLite adapter stores (``json_columns``).
 
     Raises:
         EventLimitExceededError: The payload or metadata cannot be serialised as JSON.
     """
+    try:
+        payload, metadata = json_columns(event)
+    except (PydanticSerializationError, ValueError) as exc:
+        raise EventLimitExceededError(
+            event_store_id, f"payload or metadata not serialisable as JSON: {exc}"
+        ) from exc
     return (
         event_store_id,
         event.aggregate_id,
         event.version,
         event.type,
-        _json(event.payload, event_store_id, "payload"),
-        _json(event.metadata, event_store_id, "metadata"),
+        payload,
+        metadata,
         event.timestamp,
     )
 

@@ -36,10 +36,10 @@ from castore_pydantic.errors import (
     StorageUnavailableError,
     StoredEventValidationError,
 )
+from castore_pydantic.storage._columns import json_columns
 from castore_pydantic.storage._sqlite_rows import (
     Statements,
     ceil_timestamp_text,
-    json_columns,
     timestamp_text,
 )
 

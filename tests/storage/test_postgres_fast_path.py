@@ -15,12 +15,14 @@ import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from datetime import timedelta
+from typing import Any, Literal
 
 import psycopg
 import pytest
+from pydantic import ConfigDict
 
-from castore_pydantic import EventStore
+from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import StorageUnavailableError
 from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
@@ -271,3 +273,32 @@ class TestNothingRetained:
         gc.collect()
         grown = len(gc.get_objects()) - before
         assert grown < 5000, f"{grown:,} more live objects after the group"
+
+
+class Timed(Event):
+    """An event type whose own settings change how its payload is written."""
+
+    model_config = ConfigDict(ser_json_timedelta="float")
+    type: Literal["TIMED"] = "TIMED"
+    payload: dict[str, timedelta]
+
+
+class TestStoredText:
+    async def test_an_event_types_own_serialisation_settings_shape_the_stored_json(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        """The stored payload is the event's JSON form, as the SQLite adapter stores it."""
+        store = EventStore(
+            event_store_id="TIMERS",
+            event_types=[Timed],
+            reducer=lambda aggregate, event: aggregate,
+            event_storage_adapter=small,
+        )
+        event = Timed(aggregate_id="t1", version=1, payload={"d": timedelta(seconds=1.5)})
+        await store.push_event(event)
+        rows = await fetch(
+            f'SELECT data::text FROM "{small.schema}".{small.table_name}'
+            " WHERE aggregate_name = 'TIMERS'"
+        )
+        assert rows == [('{"d": 1.5}',)]
+        assert (await store.get_events("t1")).events[0].payload == event.payload
