@@ -10,16 +10,18 @@ timestamp, aggregate id)``, so equal timestamps never skip or repeat an aggregat
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from castore_pydantic._event import format_timestamp
 from castore_pydantic._types import AggregateIdEntry, ListAggregateIdsResult
 from castore_pydantic.errors import InvalidPageTokenError
 
 __all__ = ["ListingOptions", "parse_timestamp"]
+
+_T = TypeVar("_T")
 
 
 def parse_timestamp(value: datetime | str, what: str) -> datetime:
@@ -44,6 +46,31 @@ def _check_limit(limit: object) -> int | None:
     if limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     return limit
+
+
+def _after(value: Any) -> datetime:
+    return parse_timestamp(value, "initial_event_after")
+
+
+def _before(value: Any) -> datetime:
+    return parse_timestamp(value, "initial_event_before")
+
+
+def _option(parse: Callable[[Any], _T], explicit: object, from_token: object) -> _T | None:
+    """``explicit`` parsed, else the token's value parsed; ``None`` when neither is given.
+
+    Raises:
+        ValueError: ``explicit`` does not parse.
+        InvalidPageTokenError: The value taken from the page token does not parse.
+    """
+    if explicit is not None:
+        return parse(explicit)
+    if from_token is None:
+        return None
+    try:
+        return parse(from_token)
+    except (TypeError, ValueError) as exc:
+        raise InvalidPageTokenError(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,36 +111,22 @@ class ListingOptions:
         cursor = None
         if page_token is not None:
             cursor = _decode_cursor(token.get("lastEvaluatedKey"))
-        after = (
-            initial_event_after
-            if initial_event_after is not None
-            else token.get("initialEventAfter")
-        )
-        before = (
-            initial_event_before
-            if initial_event_before is not None
-            else token.get("initialEventBefore")
-        )
         eff_reverse = reverse if reverse is not None else token.get("reverse", False)
         if not isinstance(eff_reverse, bool):
             raise InvalidPageTokenError("'reverse' must be a boolean")
-        try:
-            eff_limit = _check_limit(limit if limit is not None else token.get("limit"))
-            return cls(
-                limit=eff_limit,
-                initial_event_after=None
-                if after is None
-                else parse_timestamp(after, "initial_event_after"),
-                initial_event_before=None
-                if before is None
-                else parse_timestamp(before, "initial_event_before"),
-                reverse=eff_reverse,
-                cursor=cursor,
-            )
-        except (TypeError, ValueError) as exc:
-            if page_token is not None and limit is None:
-                raise InvalidPageTokenError(str(exc)) from exc
-            raise
+        # A bad explicit option is the caller's ValueError; a bad value taken from the token
+        # means the token is invalid.
+        return cls(
+            limit=_option(_check_limit, limit, token.get("limit")),
+            initial_event_after=_option(
+                _after, initial_event_after, token.get("initialEventAfter")
+            ),
+            initial_event_before=_option(
+                _before, initial_event_before, token.get("initialEventBefore")
+            ),
+            reverse=eff_reverse,
+            cursor=cursor,
+        )
 
     def next_page_token(self, last: AggregateIdEntry) -> str:
         """The token that continues this listing after ``last``."""

@@ -630,6 +630,21 @@ class EventStorageAdapterContract:
         with pytest.raises(InvalidPageTokenError):
             await store.list_aggregate_ids(page_token=token)
 
+    async def test_a_bad_explicit_option_next_to_a_token_is_not_blamed_on_the_token(
+        self, adapter: EventStorageAdapter
+    ) -> None:
+        """Given to the adapter next to a valid token, a naive bound is the caller's error."""
+        store = self.store(adapter)
+        await self._seed(store, [1, 2, 3])
+        page1 = await store.list_aggregate_ids(limit=1)
+        with pytest.raises(ValueError, match="initial_event_after") as info:
+            await adapter.list_aggregate_ids(
+                store.context,
+                page_token=page1.next_page_token,
+                initial_event_after=datetime(2024, 1, 1),  # naive on purpose
+            )
+        assert not isinstance(info.value, InvalidPageTokenError)
+
     # -- cancellation ------------------------------------------------------------------------
 
     async def _cancel_after(self, coro: Awaitable[Any], steps: int) -> bool:
