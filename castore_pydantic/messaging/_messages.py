@@ -232,6 +232,16 @@ class FilterPattern(TypedDict, total=False):
 _PATTERN_KEYS = {"event_store_id": str, "event_type": str, "on_replay": bool}
 
 
+#: Dead-letter error texts are cut to this length (RabbitMQ headers must fit in one frame).
+MAX_ERROR_LENGTH = 4000
+
+
+def describe_error(error: BaseException) -> str:
+    """An error as dead-letter text: ``"ValueError: boom"``, cut to ``MAX_ERROR_LENGTH``."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= MAX_ERROR_LENGTH else text[: MAX_ERROR_LENGTH - 3] + "..."
+
+
 def listener_name(handler: MessageHandler, listener_id: str | None) -> str:
     """A bus listener's id: ``listener_id``, or the handler's qualified name.
 

@@ -27,6 +27,7 @@ from castore_pydantic.messaging._messages import (
     Message,
     MessageContext,
     RetryPolicy,
+    describe_error,
     matches,
 )
 from castore_pydantic.messaging._rabbitmq_wire import (
@@ -39,7 +40,6 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     amqp_properties,
     attempt_of,
     check_name,
-    describe,
     name_part,
     raise_broker_error,
 )
@@ -528,7 +528,7 @@ class RabbitMQAdapter:
             "%r: handler failed on attempt %d (%s); retrying in %d ms",
             self,
             attempt,
-            describe(error),
+            describe_error(error),
             delay_ms,
         )
 
@@ -542,7 +542,7 @@ class RabbitMQAdapter:
         error: Exception,
     ) -> None:
         """Keep a message whose retries are spent in the dead-letter queue, with its error."""
-        description = describe(error)
+        description = describe_error(error)
         headers = {REPLAY_HEADER: replay, ERROR_HEADER: description, ATTEMPTS_HEADER: attempt}
         await channel.basic_publish(
             body, routing_key=subscription.dead_letter_queue, properties=amqp_properties(headers)
@@ -622,7 +622,7 @@ class RabbitMQAdapter:
                             "%r: a dead letter in %s does not validate: %s",
                             self,
                             subscription.dead_letter_queue,
-                            describe(error),
+                            describe_error(error),
                         )
                         continue
                     attempts = headers.get(ATTEMPTS_HEADER, 1)

@@ -19,6 +19,7 @@ from castore_pydantic.messaging._messages import (
     FilterPattern,
     Message,
     MessageHandler,
+    describe_error,
 )
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "attempt_of",
     "binding_keys",
     "check_name",
-    "describe",
     "name_part",
     "raise_broker_error",
     "routing_key",
@@ -51,7 +51,6 @@ _AGGREGATE_EXISTS_WORD = "__AGGREGATE_EXISTS__"  # a reserved type: no event can
 _ESCAPES = str.maketrans({"%": "%25", ".": "%2E", "*": "%2A", "#": "%23"})
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 _MAX_ROUTING_KEY_BYTES = 255  # an AMQP short string
-_MAX_ERROR_LENGTH = 4000  # headers must fit in one AMQP frame
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@#,/ ")
 # AMQP allows 255 characters; aio-pika (pamqp) checks exchange names against 127.
 _MAX_NAME_LENGTH = {"queue": 255, "exchange": 127}
@@ -150,12 +149,6 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def describe(error: BaseException) -> str:
-    """An error as dead-letter text: ``"ValueError: boom"``, cut to fit in a header."""
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= _MAX_ERROR_LENGTH else text[: _MAX_ERROR_LENGTH - 3] + "..."
-
-
 def attempt_of(headers: Mapping[str, Any]) -> int:
     """The attempt number a delivery carries (1 when absent or malformed)."""
     value = headers.get(ATTEMPT_HEADER, 1)
@@ -190,7 +183,7 @@ def raise_broker_error(url: str, error: BaseException) -> NoReturn:
             f"RabbitMQ at {url} is unavailable ({type(error).__name__}); "
             "retry when the broker is back"
         ) from error
-    raise MessagingError(f"RabbitMQ at {url} failed: {describe(error)}") from error
+    raise MessagingError(f"RabbitMQ at {url} failed: {describe_error(error)}") from error
 
 
 @dataclass(eq=False)

@@ -28,9 +28,10 @@ from castore_pydantic.messaging._messages import (
     MessageContext,
     MessageHandler,
     RetryPolicy,
+    describe_error,
 )
 
-__all__ = ["ConsumerOptions", "StreamConsumer", "Subscription", "ensure_group", "error_text"]
+__all__ = ["ConsumerOptions", "StreamConsumer", "Subscription", "ensure_group"]
 
 logger = logging.getLogger("castore_pydantic.messaging.redis")
 
@@ -74,11 +75,6 @@ return {moved, -1}
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 _PROMOTE_BATCH = 500
-
-
-def error_text(error: BaseException) -> str:
-    """How an error is written into a dead letter: ``"ValueError: boom"``."""
-    return f"{type(error).__name__}: {error}"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -459,7 +455,7 @@ class StreamConsumer:
         try:
             message = self.parse(entry.body)
         except Exception as exc:  # a body no retry can fix: keep it aside at once
-            await self._dead_letter(entry, entry.attempt - 1, error_text(exc))
+            await self._dead_letter(entry, entry.attempt - 1, describe_error(exc))
             return False
         handler = self.route(message, entry.replay)
         if handler is None:
@@ -484,7 +480,7 @@ class StreamConsumer:
             if entry.attempt <= policy.retry_attempts:
                 await self._retry_later(entry, exc)
             else:
-                await self._dead_letter(entry, entry.attempt, error_text(exc), exc)
+                await self._dead_letter(entry, entry.attempt, describe_error(exc), exc)
             return False
         return True
 
@@ -513,7 +509,7 @@ class StreamConsumer:
             "Redis consumer %s: attempt %d failed (%s); retrying in %d ms",
             self.consumer_name,
             entry.attempt,
-            error_text(error),
+            describe_error(error),
             delay_ms,
         )
 

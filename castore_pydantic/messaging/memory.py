@@ -27,6 +27,7 @@ from castore_pydantic.messaging._messages import (
     MessageHandler,
     RetryPolicy,
     check_filter_pattern,
+    describe_error,
     listener_name,
     matches,
 )
@@ -135,7 +136,7 @@ class _InMemoryAdapter:
     def _dead_letter(
         self, delivery: _Delivery, error: BaseException | str, listener_id: str | None
     ) -> None:
-        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        text = error if isinstance(error, str) else describe_error(error)
         self._dead_letters.append(
             DeadLetter(delivery.message, text, delivery.attempt, delivery.replay, listener_id)
         )

@@ -250,6 +250,24 @@ class MessageQueueAdapterContract(_Base):
         assert letter.replay is False
         assert "contract failure on attempt 3" in letter.error
 
+    async def test_a_long_error_is_cut_in_the_dead_letter(
+        self, queue_adapter_factory: MessageAdapterFactory
+    ) -> None:
+        """The dead letter of a huge error message keeps its start, at most 4,000 characters."""
+        queue = self._queue()
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=0)
+        message = notify(appeared("verbose"))
+
+        async def worker(_message: Any, _context: MessageContext) -> None:
+            raise ValueError("x" * 100_000)
+
+        adapter.worker = worker
+        async with adapter.consuming():
+            await queue.publish_message(message)
+            (letter,) = await wait_for_dead_letters(adapter, 1, self.delivery_timeout)
+        assert letter.error.startswith("ValueError: xxx")
+        assert len(letter.error) <= 4000
+
     async def test_a_failing_message_does_not_block_the_next(
         self, queue_adapter_factory: MessageAdapterFactory
     ) -> None:
