@@ -309,7 +309,7 @@ class DeadLetter:
 
     Attributes:
         message: The message.
-        error: The last error, as text (``"ValueError: boom"``).
+        error: The last error, as text (``"ValueError: boom"``, cut to 4,000 characters).
         attempts: How many times it was handled.
         replay: Whether it was published as a replay.
         listener_id: The bus listener that failed (``None`` for queues).
