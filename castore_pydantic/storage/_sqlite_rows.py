@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from castore_pydantic._event import format_timestamp
+
 __all__ = ["Statements", "ceil_timestamp_text", "timestamp_text"]
 
 #: One (timestamp, text) pair, replaced as a whole so that threads never see a torn pair.
@@ -21,12 +23,8 @@ def timestamp_text(value: datetime) -> str:
     last, text = _LAST_TIMESTAMP[0]
     if value == last:
         return text
-    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
-    extra = utc.microsecond % 1000
-    if extra:
-        utc = utc.replace(microsecond=utc.microsecond - extra)
-    # isoformat pads the year to four digits, so the text sorts like the instant.
-    text = utc.isoformat(timespec="milliseconds")[:-6] + "Z"
+    # Years are padded to four digits, so the text sorts like the instant.
+    text = format_timestamp(value)
     _LAST_TIMESTAMP[0] = (value, text)
     return text
 
