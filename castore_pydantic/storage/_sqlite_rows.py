@@ -77,25 +77,29 @@ class Statements:
             " timestamp = excluded.timestamp"
         )
         # The outer aggregate keeps the inner ORDER BY: SQLite never flattens an ordered
-        # subquery into an aggregate query.
-        get: dict[tuple[bool, bool, bool, bool], str] = {}
+        # subquery into an aggregate query. Besides the JSON array, each statement returns
+        # how many events it holds and the version of the last one, where a long read's
+        # next statement starts.
+        array = (
+            "json_group_array(json_object('aggregateId', aggregate_id, 'version', version,"
+            " 'type', type, 'timestamp', timestamp, 'payload', json(data),"
+            " 'metadata', json(metadata))), count(*)"
+        )
+        get: dict[tuple[bool, bool, bool], str] = {}
         for has_min in (False, True):
             for has_max in (False, True):
-                for has_limit in (False, True):
-                    for reverse in (False, True):
-                        get[has_min, has_max, has_limit, reverse] = (
-                            "SELECT json_group_array(json_object("  # noqa: S608
-                            "'aggregateId', aggregate_id, 'version', version, 'type', type,"
-                            " 'timestamp', timestamp, 'payload', json(data),"
-                            " 'metadata', json(metadata)))"
-                            " FROM (SELECT aggregate_id, version, type, timestamp, data, metadata"
-                            f" FROM {quoted} WHERE aggregate_name = ? AND aggregate_id = ?"
-                            + (" AND version >= ?" if has_min else "")
-                            + (" AND version <= ?" if has_max else "")
-                            + (" ORDER BY version DESC" if reverse else " ORDER BY version")
-                            + (" LIMIT ?" if has_limit else "")
-                            + ")"
-                        )
+                for reverse in (False, True):
+                    last = "min(version)" if reverse else "max(version)"
+                    where = (" AND version >= ?" if has_min else "") + (
+                        " AND version <= ?" if has_max else ""
+                    )
+                    order = "version DESC" if reverse else "version"
+                    get[has_min, has_max, reverse] = (
+                        f"SELECT {array}, {last} FROM (SELECT aggregate_id, version, type,"  # noqa: S608
+                        f" timestamp, data, metadata FROM {quoted}"
+                        f" WHERE aggregate_name = ? AND aggregate_id = ?{where}"
+                        f" ORDER BY {order} LIMIT ?)"
+                    )
         self.get = get
         self.list_base = (
             f"SELECT aggregate_id, timestamp FROM {quoted}"  # noqa: S608

@@ -4,9 +4,15 @@ Every operation is one short SQL transaction run synchronously on the calling th
 SQLite's busy timeout at zero, so it never waits on a lock while holding the event loop. When
 another connection holds the write lock (another adapter, thread or process on the same file),
 SQLite answers "busy" at once; the adapter then sleeps asynchronously with a growing, jittered
-delay and tries again, until ``busy_timeout`` has passed. A transaction therefore never spans
-an ``await``: a cancelled call has either not started its transaction or finished it, and a
-cancelled push or group writes nothing.
+delay and tries again, until ``busy_timeout`` has passed. A write transaction therefore
+never spans an ``await``: a cancelled call has either not started its transaction or finished
+it, and a cancelled push or group writes nothing.
+
+A read that may return more than 1,000 events is the exception: it reads in slices of 1,000
+inside one read transaction (one snapshot, which never blocks writers in WAL mode). The first
+slice is read on the calling thread; a worker thread reads the others while the caller
+validates, and that thread ends the transaction and frees the adapter, also when the caller
+is cancelled or fails.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal, ParamSpec, Self, TypeVar
@@ -66,6 +73,83 @@ _MAX_LOOP_HOLD: Final = 0.01
 #: A pause between two calls this long means the loop ran other work in between.
 _IDLE_GAP: Final = 0.001
 _MAX_INTEGER: Final = 2**63 - 1
+
+
+#: Events per statement of a long read (one without a limit, or a limit above this).
+_SLICE: Final = 1000
+#: Threads that fetch the later slices of long reads.
+_READERS: Final = ThreadPoolExecutor(max_workers=4, thread_name_prefix="castore-sqlite-read")
+
+
+class _LongRead:
+    """Where a read of one aggregate's events stands: its bounds and what is left of it.
+
+    Each slice starts after the version where the previous one stopped, so a read in slices
+    returns what one statement would (inside one transaction, they see the same events).
+    """
+
+    __slots__ = (
+        "abandoned",
+        "done",
+        "key",
+        "left",
+        "max_version",
+        "min_version",
+        "reverse",
+        "size",
+        "statements",
+    )
+
+    def __init__(
+        self,
+        statements: dict[tuple[bool, bool, bool], str],
+        key: tuple[str, str],
+        min_version: int | None,
+        max_version: int | None,
+        limit: int | None,
+        *,
+        reverse: bool,
+    ) -> None:
+        self.statements = statements
+        self.key = key
+        self.min_version = min_version
+        self.max_version = max_version
+        self.left = limit
+        self.reverse = reverse
+        self.size = 0
+        self.done = False
+        #: Set by the reading task when it stops listening; the worker then ends the read.
+        self.abandoned = False
+
+    @property
+    def sql(self) -> str:
+        return self.statements[
+            self.min_version is not None, self.max_version is not None, self.reverse
+        ]
+
+    def next_params(self) -> tuple[Any, ...]:
+        """The parameters of the next slice's statement (``sql`` as it is now)."""
+        self.size = _SLICE if self.left is None else min(_SLICE, self.left)
+        params: tuple[Any, ...] = self.key
+        if self.min_version is not None:
+            params += (self.min_version,)
+        if self.max_version is not None:
+            params += (self.max_version,)
+        return (*params, self.size)
+
+    def advance(self, count: int, last: int | None) -> None:
+        """Move past a slice of ``count`` events whose last version is ``last``."""
+        if self.left is not None:
+            self.left -= count
+        self.done = count < self.size or last is None or self.left == 0
+        if last is None:
+            return
+        if self.reverse:
+            self.max_version = last - 1
+            self.done = self.done or last <= 1
+        else:
+            self.min_version = last + 1
+            self.done = self.done or last >= _MAX_INTEGER
 
 
 class _BusyError(Exception):
@@ -135,6 +219,8 @@ class SQLiteEventStorageAdapter:
         self._conn: sqlite3.Connection | None = None
         self._ready_tables: set[str] = set()
         self._closed = False
+        #: Set by an operation that hands the lock on (a long read); ``_run`` then keeps it.
+        self._keep_lock = False
         self._last_yield = self._last_end = time.monotonic()
 
     def __repr__(self) -> str:
@@ -233,7 +319,10 @@ class SQLiteEventStorageAdapter:
                     self._last_end = time.monotonic()
                     return result
                 finally:
-                    self._lock.release()
+                    if self._keep_lock:
+                        self._keep_lock = False
+                    else:
+                        self._lock.release()
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self._busy_timeout
@@ -416,6 +505,60 @@ class SQLiteEventStorageAdapter:
                 raise StoredEventValidationError(params[0], params[1], None) from exc
             raise _storage_error(exc, "reading events") from exc
 
+    def _first_slice_sync(self, read: _LongRead, long: bool) -> str:
+        """Read the first slice of events; a ``long`` read with more to come keeps the lock.
+
+        A long read runs in one read transaction, so all its slices see the same events.
+        When more slices follow, the transaction stays open and the lock stays taken: the
+        worker thread that reads them ends both.
+        """
+        params = read.next_params()
+        if not long:
+            ((text, count, last),) = self._query_sync(read.sql, params)
+            read.advance(count, last)
+            return str(text)
+        conn = self._connection()
+        conn.execute("BEGIN")
+        try:
+            ((text, count, last),) = self._query_sync(read.sql, params)
+            read.advance(count, last)
+            if read.done:
+                conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+        self._keep_lock = not read.done
+        return str(text)
+
+    def _read_rest_sync(
+        self, read: _LongRead, deliver: Callable[[str | BaseException | None], None]
+    ) -> None:
+        """Read a long read's other slices on a worker thread, then end it and free the lock."""
+        outcome: BaseException | None = None
+        try:
+            while not read.done and not read.abandoned:
+                params = read.next_params()
+                ((text, count, last),) = self._query_sync(read.sql, params)
+                read.advance(count, last)
+                deliver(text)
+        except _BusyError as busy:
+            outcome = StorageUnavailableError(
+                f"SQLite database {self._database!r} was locked in the middle of a long read"
+            )
+            outcome.__cause__ = busy.__cause__
+        except BaseException as exc:  # handed to the reading task, which raises it
+            outcome = exc
+        finally:
+            try:
+                conn = self._conn
+                if conn is not None:
+                    self._rollback(conn)  # a read-only transaction: nothing to keep
+            except BaseException as exc:
+                outcome = outcome or exc
+            finally:
+                self._lock.release()
+                deliver(outcome)
+
     async def get_events(
         self,
         aggregate_id: str,
@@ -443,20 +586,55 @@ class SQLiteEventStorageAdapter:
             max_version = None
         if limit is not None and limit > _MAX_INTEGER:
             limit = None
-        params: tuple[Any, ...] = (context.event_store_id, aggregate_id)
-        if min_version is not None:
-            params += (min_version,)
-        if max_version is not None:
-            params += (max_version,)
-        if limit is not None:
-            params += (limit,)
-        sql = self._sql.get[
-            min_version is not None, max_version is not None, limit is not None, bool(reverse)
-        ]
-        ((text,),) = await self._run(self._query_sync, sql, params)
+        read = _LongRead(
+            self._sql.get,
+            (context.event_store_id, aggregate_id),
+            min_version,
+            max_version,
+            limit,
+            reverse=bool(reverse),
+        )
+        text = await self._run(self._first_slice_sync, read, limit is None or limit > _SLICE)
         if text == "[]":
             return []
-        return context.parse_events_json(text)
+        if read.done:
+            return context.parse_events_json(text)
+        return await self._read_rest(read, context, text)
+
+    async def _read_rest(
+        self, read: _LongRead, context: EventStoreContext, first: str
+    ) -> list[Event]:
+        """Validate a long read's slices, from ``first``, while a worker fetches the next ones.
+
+        SQLite builds a slice's JSON with the GIL released, so fetching slice *n + 1*
+        overlaps validating slice *n*. Called with the lock taken and a read transaction
+        open; the worker ends both, also when this task is cancelled or fails.
+        """
+        loop = asyncio.get_running_loop()
+        slices: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+
+        def deliver(item: str | BaseException | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is reading
+                loop.call_soon_threadsafe(slices.put_nowait, item)
+
+        try:
+            _READERS.submit(self._read_rest_sync, read, deliver)
+        except BaseException:  # no worker (the interpreter is shutting down): end it here
+            try:
+                if self._conn is not None:
+                    self._rollback(self._conn)
+            finally:
+                self._lock.release()
+            raise
+        try:
+            events = context.parse_events_json(first)
+            while (item := await slices.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                events += context.parse_events_json(item)
+        finally:
+            read.abandoned = True
+        return events
 
     async def list_aggregate_ids(
         self,

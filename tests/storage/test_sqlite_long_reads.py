@@ -1,0 +1,263 @@
+"""SQLite reads longer than one statement's slice: same answer, one snapshot, clean endings.
+
+A read that may return more than a slice of events runs its statements in one read
+transaction; the later slices are fetched on a worker thread while the task validates the
+earlier ones. These tests hold that to the answer a plain list gives, under a concurrent
+writer, and when the read is cancelled or meets a bad stored event half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from pydantic import BaseModel
+
+from castore_pydantic import Event, EventStore
+from castore_pydantic.errors import StorageError, StoredEventValidationError
+from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+
+# A slice is 1,000 events: these sizes need several statements.
+VERSIONS = [*range(1, 1501), *range(1700, 2701)]  # 2,501 events, with a gap
+STAMP = "2024-01-01T00:00:00.000Z"
+
+
+class Line(BaseModel):
+    text: str
+
+
+class LineWritten(Event):
+    type: Literal["LINE_WRITTEN"] = "LINE_WRITTEN"
+    payload: Line
+
+
+def book_store(adapter: SQLiteEventStorageAdapter) -> EventStore[Any, Any]:
+    return EventStore(
+        event_store_id="BOOKS",
+        event_types=[LineWritten],
+        reducer=lambda book, event: event,
+        event_storage_adapter=adapter,
+    )
+
+
+@contextmanager
+def raw(path: Path) -> Iterator[sqlite3.Connection]:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def write_rows(path: Path, aggregate_id: str, versions: list[int], text: str = "line") -> None:
+    with raw(path) as conn:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO event (aggregate_name, aggregate_id, version, type, data, timestamp)"
+            " VALUES ('BOOKS', ?, ?, 'LINE_WRITTEN', ?, ?)",
+            [(aggregate_id, v, json.dumps({"text": f"{text} {v}"}), STAMP) for v in versions],
+        )
+        conn.execute("COMMIT")
+
+
+def no_open_read(path: Path) -> bool:
+    """True when no connection holds a read snapshot: a TRUNCATE checkpoint then completes."""
+    with raw(path) as conn:
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return bool(busy == 0)
+
+
+async def until_no_open_read(path: Path) -> None:
+    deadline = time.monotonic() + 5
+    while not no_open_read(path):
+        assert time.monotonic() < deadline, "a read transaction was left open"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "books.db"
+
+
+@pytest.fixture
+async def store(db: Path) -> AsyncIterator[EventStore[Any, Any]]:
+    adapter = SQLiteEventStorageAdapter(db)
+    store = book_store(adapter)
+    await store.get_events("warm-up")  # creates the table
+    write_rows(db, "book", VERSIONS)
+    yield store
+    # A read that never freed the adapter would make this wait forever.
+    await asyncio.wait_for(adapter.aclose(), 10)
+
+
+def expected(
+    min_version: int | None, max_version: int | None, limit: int | None, reverse: bool
+) -> list[int]:
+    chosen = [
+        v
+        for v in VERSIONS
+        if (min_version is None or v >= min_version) and (max_version is None or v <= max_version)
+    ]
+    if reverse:
+        chosen.reverse()
+    return chosen if limit is None else chosen[:limit]
+
+
+BOUNDS = [None, 1, 999, 1000, 1001, 1501, 1700, 2001, 2700, 5000]
+LIMITS = [None, 1, 999, 1000, 1001, 2000, 2501, 9000]
+
+
+class TestSameAnswerAsOneStatement:
+    async def test_every_bound_combination_across_slice_edges(
+        self, store: EventStore[Any, Any]
+    ) -> None:
+        """Bounds and limits around slice edges and the gap give exactly the expected versions."""
+        rng = random.Random(20261126)
+        cases = [
+            (low, high, limit, reverse)
+            for low in BOUNDS
+            for high in BOUNDS
+            for limit in LIMITS
+            for reverse in (False, True)
+        ]
+        for low, high, limit, reverse in rng.sample(cases, 160):
+            events = (
+                await store.get_events(
+                    "book", min_version=low, max_version=high, limit=limit, reverse=reverse
+                )
+            ).events
+            want = expected(low, high, limit, reverse)
+            assert [e.version for e in events] == want, (low, high, limit, reverse)
+            assert all(e.payload.text == f"line {e.version}" for e in events)
+
+    async def test_a_whole_long_aggregate_folds(self, store: EventStore[Any, Any]) -> None:
+        """get_aggregate reads every slice: the last event folded is the last stored."""
+        result = await store.get_aggregate("book")
+        assert [e.version for e in result.events] == VERSIONS
+        assert result.aggregate is not None
+        assert result.aggregate.version == 2700
+
+
+class TestOneSnapshot:
+    async def test_a_concurrent_rewrite_is_seen_whole_or_not_at_all(
+        self, store: EventStore[Any, Any], db: Path
+    ) -> None:
+        """A writer rewrites every event in one transaction, again and again; reads in
+        slices never see some events before a rewrite and others after it."""
+        with raw(db) as conn:
+            conn.execute("UPDATE event SET data = json_object('text', 'round 0')")
+        stop = threading.Event()
+        rounds = 0
+
+        def rewrite() -> None:
+            nonlocal rounds
+            with raw(db) as conn:
+                while not stop.is_set():
+                    rounds += 1
+                    conn.execute(
+                        "UPDATE event SET data = json_object('text', ?)"
+                        " WHERE aggregate_id = 'book'",
+                        (f"round {rounds}",),
+                    )
+
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        mixed: list[set[str]] = []
+        try:
+            deadline = time.monotonic() + 2
+            reads = 0
+            while time.monotonic() < deadline or reads < 20:
+                events = (await store.get_events("book")).events
+                reads += 1
+                assert len(events) == len(VERSIONS)
+                texts = {e.payload.text for e in events}
+                if len(texts) != 1:
+                    mixed.append(texts)
+        finally:
+            stop.set()
+            await asyncio.to_thread(writer.join)
+        assert rounds > 5, "the writer did not get to run while reads went on"
+        assert mixed == []
+
+
+class TestEndings:
+    @pytest.mark.parametrize("steps", [0, 1, 2, 3, 5, 8])
+    async def test_a_cancelled_long_read_ends_its_transaction_and_frees_the_adapter(
+        self, store: EventStore[Any, Any], db: Path, steps: int
+    ) -> None:
+        """Cancelled after some loop steps, the read ends; the snapshot is released and the
+        next push and read on the same adapter work."""
+        read = asyncio.ensure_future(store.get_events("book"))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        read.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await read
+        await until_no_open_read(db)
+        await asyncio.wait_for(
+            store.push_event(
+                LineWritten(aggregate_id="book", version=2701, payload=Line(text="end"))
+            ),
+            5,
+        )
+        events = (await asyncio.wait_for(store.get_events("book", min_version=2650), 5)).events
+        assert [e.version for e in events] == list(range(2650, 2702))
+
+    @pytest.mark.parametrize(
+        ("bad_version", "data"),
+        [(1800, '{"text": 5}'), (2600, "not json at all"), (1000, '{"no": "text"}')],
+    )
+    async def test_a_bad_event_in_a_later_slice_is_named_and_the_adapter_recovers(
+        self, store: EventStore[Any, Any], db: Path, bad_version: int, data: str
+    ) -> None:
+        """A stored event that does not validate (or is not JSON) past the first slice gives
+        StoredEventValidationError; nothing stays open and the adapter keeps working."""
+        with raw(db) as conn:
+            conn.execute(
+                "UPDATE event SET data = ? WHERE aggregate_id = 'book' AND version = ?",
+                (data, bad_version),
+            )
+        with pytest.raises(StoredEventValidationError) as info:
+            await store.get_events("book")
+        assert info.value.aggregate_id == "book"
+        assert info.value.version in (bad_version, None)
+        await until_no_open_read(db)
+        events = (await store.get_events("book", max_version=bad_version - 1)).events
+        assert len(events) == len(expected(None, bad_version - 1, None, False))
+
+    async def test_closing_during_a_long_read_lets_it_finish(
+        self, store: EventStore[Any, Any], db: Path
+    ) -> None:
+        """aclose() waits for a long read's statements; the read returns everything."""
+        adapter = store.get_event_storage_adapter()
+        assert isinstance(adapter, SQLiteEventStorageAdapter)
+        read = asyncio.ensure_future(store.get_events("book"))
+        await asyncio.sleep(0)
+        await adapter.aclose()
+        assert [e.version for e in (await read).events] == VERSIONS
+        with pytest.raises(StorageError, match="closed"):
+            await store.get_events("book")
+        await until_no_open_read(db)
+
+    async def test_concurrent_long_reads_share_one_adapter(
+        self, store: EventStore[Any, Any], db: Path
+    ) -> None:
+        """Eight tasks reading long aggregates at once each get their own full answer."""
+        write_rows(db, "other", list(range(1, 3001)), text="other")
+        reads = await asyncio.gather(
+            *(store.get_events("book" if i % 2 else "other", reverse=i % 3 == 0) for i in range(8))
+        )
+        for i, result in enumerate(reads):
+            want = VERSIONS if i % 2 else list(range(1, 3001))
+            got = [e.version for e in result.events]
+            assert got == (want[::-1] if i % 3 == 0 else want)
+        await until_no_open_read(db)
