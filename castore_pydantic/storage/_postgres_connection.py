@@ -8,6 +8,7 @@ turns driver errors into the library's errors.
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -176,6 +177,17 @@ def translate(
     return StorageError(f"{where}: {text}")
 
 
+def _closed_by_server(conn: AsyncConnection) -> bool:
+    """Whether an idle connection's socket has something to read (the server said goodbye)."""
+    if conn.closed:
+        return True
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
 class Connections:
     """The adapter's pool: opened on first use, autocommit, one cursor per connection.
 
@@ -269,7 +281,7 @@ class Connections:
             await asyncio.shield(self.pool.putconn(conn))  # the pool replaces it
         self._waiting += 1
         try:
-            conn = await self.pool.getconn()
+            conn = await self._getconn()
         except PoolTimeout as exc:
             error = self.error(exc, where)
             reason = await self._connect_failure()
@@ -292,6 +304,22 @@ class Connections:
                 raise
             self._switched.add(id(conn))
         return conn
+
+    async def _getconn(self) -> AsyncConnection:
+        """A connection from the pool, skipping those the server has closed while they idled.
+
+        A restarted server (or ``pg_terminate_backend``) ends every idle connection with a
+        message and a close that wait unread in its socket; used, such a connection fails
+        the statement as a lost connection, with an outcome that looks unknown. An idle
+        connection has nothing to read, so one that does is closed and another is taken.
+        """
+        for _ in range(self.pool.max_size):
+            conn = await self.pool.getconn()
+            if not _closed_by_server(conn):
+                return conn
+            await conn.close()
+            await asyncio.shield(self.pool.putconn(conn))  # the pool replaces it
+        return await self.pool.getconn()
 
     def cursor(self, conn: AsyncConnection) -> psycopg.AsyncCursor[Any]:
         """The connection's cursor, made once and kept on the connection (freed with it).

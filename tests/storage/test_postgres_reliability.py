@@ -307,6 +307,47 @@ class TestConnectionLoss:
                 await store.push_event(created(f"after-{attempt}"))
 
 
+class TestServerEndedIdleConnections:
+    """Connections the server ended while they idled (a restart) are replaced, not used."""
+
+    async def test_the_first_operations_after_a_restart_succeed(self, watched: Watched) -> None:
+        """Every pooled connection is terminated while idle, as a restart does; the next
+        push, group and read each succeed at once, on new connections."""
+        store = counter_store(watched.adapter)
+        await store.push_event(created("before"))
+        # Wait until both connections idle in the pool (kept ones go back after 50 ms).
+        await wait_for(lambda: _all_in_pool(watched), what="the connections to go back to the pool")
+        old = {pid for (pid,) in await _backends(watched)}
+        assert len(old) == 2
+        await fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            watched.application_name,
+        )
+
+        async def gone() -> bool:
+            return not old & {pid for (pid,) in await _backends(watched)}
+
+        await wait_for(gone, what="the server to end the connections")
+        await store.push_event(created("after"))
+        await EventStore.push_event_group(
+            store.group_event(created("first")), store.group_event(created("second"))
+        )
+        for aggregate_id in ("before", "after", "first", "second"):
+            assert [e.version for e in (await store.get_events(aggregate_id)).events] == [1]
+        assert not old & {pid for (pid,) in await _backends(watched)}
+
+
+async def _all_in_pool(watched: Watched) -> bool:
+    stats = watched.adapter.pool.get_stats()
+    return watched.adapter._conns.kept == 0 and stats.get("pool_available") == 2
+
+
+async def _backends(watched: Watched) -> list[tuple[Any, ...]]:
+    return await fetch(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", watched.application_name
+    )
+
+
 class TestCancellationWhileTheServerWorks:
     """Cancelling the task while PostgreSQL executes the write cancels the statement."""
 
