@@ -10,6 +10,7 @@ Needs the ``postgres`` extra: ``pip install 'castore-pydantic[postgres]'``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
@@ -57,6 +58,9 @@ _STREAM_CHUNK = 1000  # events per streamed chunk
 # libpq 17 can hand rows over in batches (``stream(size=...)``); older ones get the
 # server-built chunks of ``Statements.events_after`` instead.
 _CHUNKED_ROWS = psycopg.pq.version() >= 170000
+#: Starts the one snapshot a long read's statements share.
+_SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+_IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
 
 
 def _naive_utc(value: datetime) -> datetime:
@@ -396,8 +400,9 @@ class PostgresEventStorageAdapter:
     ) -> list[Event]:
         """Return events ordered by version, bounds inclusive (``limit=0`` gives none).
 
-        PostgreSQL builds the JSON array of the rows, which is validated in one pass; long
-        aggregates come in chunks, validated while the server builds the next one.
+        PostgreSQL builds the JSON array of the rows, which is validated in one pass; a long
+        aggregate read in full is read again in one snapshot, in chunks, each validated while
+        the server builds the next one.
 
         Raises:
             StoredEventValidationError: A stored event does not validate.
@@ -430,15 +435,16 @@ class PostgresEventStorageAdapter:
                 return []
             text = direct.decoded(conn, value)
             if streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS:
+                # Long: read it all again, streamed, in one snapshot.
                 rest = [
                     _STREAM_CHUNK,
                     event_store_id,
                     aggregate_id,
-                    int(result.get_value(0, 2) or 0),
+                    -1 if min_version is None else min_version - 1,
                 ]
                 if max_version is not None:
                     rest.append(max_version)
-                events = await self._read_rest(conn, context, text, rest)
+                events = await self._read_long(conn, context, rest)
         except pg_errors.InvalidTextRepresentation:
             return []  # not a UUID, on a uuid table: no such aggregate
         except psycopg.Error as exc:
@@ -447,40 +453,48 @@ class PostgresEventStorageAdapter:
             await self._conns.release(conn)
         return context.parse_events_json(text) if events is None else events
 
-    async def _read_rest(
-        self,
-        conn: AsyncConnection,
-        context: EventStoreContext,
-        first: bytes | str,
-        rest: list[Any],
+    async def _read_long(
+        self, conn: AsyncConnection, context: EventStoreContext, rest: list[Any]
     ) -> list[Event]:
-        """Validate ``first``, then stream and validate the events after it in chunks.
+        """Stream a long aggregate's events in one ``REPEATABLE READ`` snapshot.
+
+        Its first events were read by a statement of their own, before the read was known
+        to be long; they are read again inside the snapshot, so that a write committed in
+        between (a ``force`` rewrite) is never seen half-way. The cost is two short round
+        trips and the first chunk's work on the server.
+        """
+        await direct.execute(conn, _SNAPSHOT, ())
+        try:
+            events = await self._read_rest(conn, context, rest)
+            await direct.execute(conn, "COMMIT", ())
+        except Exception:
+            if conn.pgconn.transaction_status in _IN_TRANSACTION:
+                with contextlib.suppress(psycopg.Error):
+                    await direct.execute(conn, "ROLLBACK", ())
+            raise
+        return events
+
+    async def _read_rest(
+        self, conn: AsyncConnection, context: EventStoreContext, rest: list[Any]
+    ) -> list[Event]:
+        """Stream and validate the events after a version, in chunks.
 
         ``rest`` holds the parameters of ``Statements.events_after``. Validating a chunk
-        overlaps with PostgreSQL building the next one. Events appended since the first
-        statement are included; a version lower than the last one read that commits in
-        between would not be (versions are pushed in order).
+        overlaps with PostgreSQL building the next one.
         """
         if _CHUNKED_ROWS:
-            return await self._read_rows(conn, context, first, rest[1:])
+            return await self._read_rows(conn, context, rest[1:])
         query = self._sql.events_after(max_version=len(rest) > 4)
+        events: list[Event] = []
         async with conn.cursor() as cursor:
             stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
             async with aclosing(stream) as chunks:
-                # Validate the first events once the server is busy with the next ones.
-                following = await anext(chunks, None)
-                events = context.parse_events_json(first)
-                while following is not None:
-                    events += context.parse_events_json(following[0])
-                    following = await anext(chunks, None)
+                async for (chunk,) in chunks:
+                    events += context.parse_events_json(chunk)
         return events
 
     async def _read_rows(
-        self,
-        conn: AsyncConnection,
-        context: EventStoreContext,
-        first: bytes | str,
-        params: list[Any],
+        self, conn: AsyncConnection, context: EventStoreContext, params: list[Any]
     ) -> list[Event]:
         """``_read_rest`` with one JSON object per row, received in batches (libpq 17+).
 
@@ -489,6 +503,7 @@ class PostgresEventStorageAdapter:
         those of ``Statements.event_rows_after``.
         """
         query = self._sql.event_rows_after(max_version=len(params) > 3)
+        events: list[Event] = []
         async with conn.cursor() as cursor:
             stream = cast(
                 "AsyncGenerator[tuple[str], None]",
@@ -496,10 +511,6 @@ class PostgresEventStorageAdapter:
             )
             async with aclosing(stream) as rows:
                 batch: list[str] = []
-                first_row = await anext(rows, None)  # the server is now producing rows
-                events = context.parse_events_json(first)
-                if first_row is not None:
-                    batch.append(first_row[0])
                 async for (text,) in rows:
                     batch.append(text)
                     if len(batch) >= _STREAM_CHUNK:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -22,13 +24,14 @@ from castore_pydantic.errors import (
     StorageError,
     StoredEventValidationError,
 )
+from castore_pydantic.storage import postgres as postgres_module
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts import (
     AdapterFactory,
     EventStorageAdapterContract,
     make_adapter_state_machine,
 )
-from castore_pydantic.testing.contracts._storage import created, incremented
+from castore_pydantic.testing.contracts._storage import NoteAdded, created, incremented
 from tests.storage.postgres_support import (
     DSN,
     OTHER_DSN,
@@ -657,9 +660,16 @@ class TestUuidTable:
         assert seen == ids
 
 
+@pytest.fixture(params=[True, False], ids=["row-batches", "server-chunks"])
+def long_read_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long reads stream row batches with libpq 17+, server-built chunks before: test both."""
+    monkeypatch.setattr(postgres_module, "_CHUNKED_ROWS", request.param)
+
+
 class TestLongAggregates:
     """Aggregates and groups beyond one chunk or one statement."""
 
+    @pytest.mark.usefixtures("long_read_path")
     async def test_long_aggregate_reads_every_event_with_any_options(self, pg_schema: str) -> None:
         """2,500 events (read in streamed chunks) come back complete for every option mix."""
         table = await make_table(pg_schema)
@@ -684,6 +694,7 @@ class TestLongAggregates:
             assert aggregate is not None
             assert (aggregate.value, aggregate.version) == (2499, 2500)
 
+    @pytest.mark.usefixtures("long_read_path")
     async def test_bad_event_deep_in_a_long_aggregate_is_named(self, pg_schema: str) -> None:
         """A stored event that fails validation in a later chunk names its version."""
         table = await make_table(pg_schema)
@@ -704,6 +715,56 @@ class TestLongAggregates:
             assert (info.value.aggregate_id, info.value.version) == ("long", 2200)
             # The interrupted stream left the only connection usable.
             assert len((await store.get_events("long", max_version=10)).events) == 10
+
+    @pytest.mark.usefixtures("long_read_path")
+    async def test_a_long_read_sees_one_snapshot_during_a_concurrent_rewrite(
+        self, pg_schema: str
+    ) -> None:
+        """Another connection rewrites every event in one statement, again and again; a long
+        read never returns some events from before a rewrite and others from after it."""
+        table = await make_table(pg_schema)
+        async with (
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter,
+            await psycopg.AsyncConnection.connect(DSN, autocommit=True) as writer,
+        ):
+            store = counter_store(adapter)
+            await EventStore.push_event_group(
+                *(
+                    store.group_event(NoteAdded(aggregate_id="long", version=v, payload={"n": 0}))
+                    for v in range(1, 2501)
+                )
+            )
+            rewrites = 0
+
+            async def rewrite() -> None:
+                nonlocal rewrites
+                while True:
+                    rewrites += 1
+                    await writer.execute(
+                        f'UPDATE "{pg_schema}"."{table}"'
+                        " SET data = jsonb_build_object('n', %s::int)"
+                        " WHERE aggregate_id = 'long'",
+                        (rewrites,),
+                    )
+
+            rewriting = asyncio.ensure_future(rewrite())
+            mixed: list[set[int]] = []
+            try:
+                deadline = asyncio.get_running_loop().time() + 2
+                reads = 0
+                while asyncio.get_running_loop().time() < deadline or reads < 20:
+                    events = (await store.get_events("long")).events
+                    reads += 1
+                    assert [e.version for e in events] == list(range(1, 2501))
+                    seen = {e.payload["n"] for e in events}
+                    if len(seen) != 1:
+                        mixed.append(seen)
+            finally:
+                rewriting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, psycopg.Error):
+                    await rewriting
+            assert rewrites > 5, "the writer did not get to run while reads went on"
+            assert mixed == []
 
     async def test_group_larger_than_one_statement_is_still_atomic(self, pg_schema: str) -> None:
         """A group beyond one statement's 65,535 values is one transaction: all or nothing."""
