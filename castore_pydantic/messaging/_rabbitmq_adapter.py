@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, ClassVar, NoReturn, Self
+from typing import Any, ClassVar, NamedTuple, NoReturn, Self
 
 import aio_pika
 import aiormq
@@ -334,10 +334,11 @@ class RabbitMQAdapter:
         self._require_channel()
         subscriptions = self._subscriptions(consuming=True)
         self._stopping = False
-        await self._open_consumers(subscriptions)
+        self._use_consumers(await self._open_consumers(subscriptions))
         self._supervisor = asyncio.create_task(self._supervise(subscriptions))
 
-    async def _open_consumers(self, subscriptions: list[Subscription]) -> None:
+    async def _open_consumers(self, subscriptions: list[Subscription]) -> _Consumers:
+        """Connect and register a consumer per subscription; the caller puts them to use."""
         connection = await self._connect("consumer")
         # Watch for a drop from the start, so one during the set-up is not missed.
         lost = asyncio.Event()
@@ -368,13 +369,23 @@ class RabbitMQAdapter:
         except BaseException:
             await _close_quietly(connection)
             raise
-        self._connection_lost = lost
-        self._consumer_connection = connection
-        self._consumers = consumers
+        return _Consumers(connection, lost, consumers)
+
+    def _use_consumers(self, consumers: _Consumers) -> None:
+        self._connection_lost = consumers.lost
+        self._consumer_connection = consumers.connection
+        self._consumers = consumers.channels
 
     async def _supervise(self, subscriptions: list[Subscription]) -> None:
-        """Reconnect consumers whenever their connection drops, until stopped."""
-        while True:
+        """Reconnect consumers whenever their connection drops, until stopped.
+
+        Ends by itself once ``stop_consuming`` started, not only when cancelled: a
+        cancellation can be lost on the way. On Python 3.11, ``asyncio.wait_for`` (which
+        aio-pika's ``connect`` uses) drops one that arrives just as the connection is made,
+        so the reconnection completes; waiting for that new connection to drop would then
+        keep ``stop_consuming`` waiting for this task forever.
+        """
+        while not self._stopping:
             await self._connection_lost.wait()
             if self._stopping:
                 return
@@ -383,7 +394,7 @@ class RabbitMQAdapter:
             while not self._stopping:
                 await asyncio.sleep(delay)  # back off between reconnection attempts
                 try:
-                    await self._open_consumers(subscriptions)
+                    consumers = await self._open_consumers(subscriptions)
                 except MessagingError as error:
                     logger.warning("%r could not reconnect: %s", self, error)
                     delay = min(max(delay, 0.05) * 2, 30.0)
@@ -392,6 +403,14 @@ class RabbitMQAdapter:
                     logger.exception("%r failed to reconnect", self)
                     delay = min(max(delay, 0.05) * 2, 30.0)
                 else:
+                    if self._stopping:
+                        # Reconnected although stop_consuming cancelled this task (the
+                        # cancellation was lost): close the new consumers again, here, as
+                        # stop_consuming only closes the ones in use.
+                        channels = [channel for channel, _ in consumers.channels]
+                        await _close_quietly(consumers.connection, *channels)
+                        return
+                    self._use_consumers(consumers)
                     logger.info("%r reconnected to RabbitMQ", self)
                     break
 
@@ -424,14 +443,20 @@ class RabbitMQAdapter:
                 )
         finally:
             supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
-            connection, self._consumer_connection = self._consumer_connection, None
-            if connection is not None:
-                channels = [channel for channel, _ in self._consumers]
-                await _close_quietly(connection, *channels)
-            self._consumers = []
-            self._supervisor = None
+            try:
+                # Returns once the supervisor ended, cancelled or not (it ends by itself when
+                # a cancellation is lost); raises only if this call itself is cancelled, which
+                # is passed on once the connection is closed.
+                await asyncio.wait([supervisor])
+                if not supervisor.cancelled() and (error := supervisor.exception()) is not None:
+                    raise error
+            finally:
+                connection, self._consumer_connection = self._consumer_connection, None
+                if connection is not None:
+                    channels = [channel for channel, _ in self._consumers]
+                    await _close_quietly(connection, *channels)
+                self._consumers = []
+                self._supervisor = None
 
     @contextlib.asynccontextmanager
     async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:
@@ -698,6 +723,14 @@ class RabbitMQAdapter:
         finally:
             if not connected:
                 await self._close_publisher()
+
+
+class _Consumers(NamedTuple):
+    """A consumer connection, the event set when it drops, and its ``(channel, tag)`` pairs."""
+
+    connection: AbstractConnection
+    lost: asyncio.Event
+    channels: list[tuple[AbstractChannel, str]]
 
 
 async def _close_quietly(connection: AbstractConnection, *channels: AbstractChannel) -> None:

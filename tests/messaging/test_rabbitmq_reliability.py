@@ -7,12 +7,14 @@ local TCP proxy, which is what a crashed worker or a network failure looks like 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aio_pika
 import pytest
 
 from castore_pydantic.errors import MessageBrokerUnavailableError
@@ -49,6 +51,9 @@ WORKERS = 2
 #: loaded 2-core machine (broker, proxy and test sharing the CPU) a run takes far longer than
 #: the ~10 s it takes on a quiet one.
 DONE_WITHIN = 180
+#: Stopping the workers and deleting the queues takes well under a second; past this, a step
+#: is stuck, and the test fails naming it instead of hanging the suite.
+TEARDOWN_WITHIN = 60
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +70,21 @@ async def proxies() -> AsyncIterator[list[TcpProxy]]:
     yield started
     for proxy in started:
         await proxy.close()
+
+
+@contextlib.asynccontextmanager
+async def finishes_within(seconds: float, what: str) -> AsyncIterator[None]:
+    """Fail the test, naming ``what``, if the block has not finished after ``seconds``.
+
+    Also when the block swallowed the cancellation the deadline sent it.
+    """
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            yield
+    finally:
+        if deadline.expired():
+            pytest.fail(f"{what} did not finish within {seconds}s")
 
 
 Key = tuple[str, str, int]
@@ -207,11 +227,70 @@ class TestKilledConsumers:
                 except TimeoutError:
                     pytest.fail(f"not done after {DONE_WITHIN}s: {consumer.progress()}")
             finally:
-                for worker in workers:
-                    await worker.aclose()
-            await workers[0].purge()
-            await publisher.purge()
+                for index, worker in enumerate(workers):
+                    async with finishes_within(TEARDOWN_WITHIN, f"workers[{index}].aclose()"):
+                        await worker.aclose()
+            async with finishes_within(TEARDOWN_WITHIN, "workers[0].purge()"):
+                await workers[0].purge()
+            async with finishes_within(TEARDOWN_WITHIN, "publisher.purge()"):
+                await publisher.purge()
         consumer.check()
+
+
+class TestStopWhileReconnecting:
+    """Stopping a worker whose consumers are reconnecting."""
+
+    async def test_stop_returns_when_the_reconnection_outlives_its_cancellation(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reconnection that completes although cancelled neither blocks stop nor lingers.
+
+        On Python 3.11, ``asyncio.wait_for``, which aio-pika's ``connect`` runs in, returns
+        the connection and drops the cancellation when both arrive together: a worker stopped
+        at that moment carried on, registered a consumer, and ``stop_consuming`` waited for
+        it forever. This ``connect`` makes that moment certain: it connects, waits to be
+        cancelled, then returns the connection all the same.
+        """
+        real_connect = aio_pika.connect
+        connected = asyncio.Event()
+
+        async def connect_outliving_cancellation(*args: Any, **kwargs: Any) -> Any:
+            connection = await real_connect(*args, **kwargs)
+            connected.set()
+            with contextlib.suppress(asyncio.CancelledError):  # what wait_for does on 3.11
+                await asyncio.Event().wait()
+            return connection
+
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = NotificationMessageQueue(
+            message_queue_id="stop-reconnecting", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, proxy.url(vhost), worker=handler_noop, reconnect_delay=0
+        )
+        try:
+            await adapter.start_consuming()
+            monkeypatch.setattr(aio_pika, "connect", connect_outliving_cancellation)
+            assert proxy.drop() == 1  # the consumer connection: the worker reconnects
+            async with asyncio.timeout(10):
+                await connected.wait()
+            monkeypatch.undo()  # only the reconnection under way outlives its cancellation
+
+            async with finishes_within(10, "stop_consuming()"):
+                await adapter.stop_consuming()
+            assert not adapter.is_consuming
+            async with (
+                await aio_pika.connect(vhost_url(vhost)) as connection,
+                connection.channel() as channel,
+            ):
+                declared = await channel.declare_queue(adapter.queue_name, passive=True)
+            assert declared.declaration_result.consumer_count == 0  # the late one was closed
+        finally:
+            monkeypatch.undo()
+            async with finishes_within(TEARDOWN_WITHIN, "purge()"):
+                await adapter.purge()
+            await proxy.close()
 
 
 POISON_TOTAL = 1000
