@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -17,6 +17,7 @@ from pydantic import (
     model_serializer,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticUndefined
 
 __all__ = [
     "RESERVED_EVENT_TYPES",
@@ -27,6 +28,7 @@ __all__ = [
     "format_timestamp",
     "normalize_timestamp",
     "utc_now",
+    "with_timestamp",
 ]
 
 #: Types Castore keeps for its own messages; no event store may declare them.
@@ -74,6 +76,37 @@ def normalize_timestamp(value: datetime) -> datetime:
     if value.microsecond % 1000 or value.utcoffset():
         return _to_utc_millis(value)
     return value
+
+
+_EventT = TypeVar("_EventT", bound="Event")
+
+
+def with_timestamp(event: _EventT, stamp: datetime | None) -> _EventT:
+    """A copy of ``event`` whose ``timestamp`` is ``stamp`` (already UTC milliseconds).
+
+    What ``event.model_copy(update={"timestamp": stamp})`` gives, in about half the time:
+    every push of an event without a timestamp makes one. The copy is as shallow as
+    Pydantic's: the field values, the set of fields set, extra and private values.
+    """
+    cls = type(event)
+    copy = cls.__new__(cls)
+    values = event.__dict__.copy()
+    values["timestamp"] = stamp
+    extra = event.__pydantic_extra__
+    private = getattr(event, "__pydantic_private__", None)
+    object.__setattr__(copy, "__dict__", values)
+    object.__setattr__(
+        copy, "__pydantic_fields_set__", {*event.__pydantic_fields_set__, "timestamp"}
+    )
+    object.__setattr__(copy, "__pydantic_extra__", None if extra is None else dict(extra))
+    object.__setattr__(
+        copy,
+        "__pydantic_private__",
+        None
+        if private is None
+        else {k: v for k, v in private.items() if v is not PydanticUndefined},
+    )
+    return copy
 
 
 #: A timezone-aware datetime that serialises to JSON in UTC with millisecond precision, as

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any, Generic, TypeAlias
 
 from castore_pydantic._aggregate import AggregateT, EventT, Reducer
-from castore_pydantic._event import Event, utc_now
+from castore_pydantic._event import Event, utc_now, with_timestamp
 from castore_pydantic._paging import parse_timestamp
 from castore_pydantic._serialization import EventLimits, EventStoreContext
 from castore_pydantic._types import (
@@ -352,7 +352,7 @@ class EventStore(Generic[AggregateT, EventT]):
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
             if grouped.event.timestamp is None:
-                stamped = grouped.event.model_copy(update={"timestamp": now})
+                stamped = with_timestamp(grouped.event, now)
                 grouped = _regrouped(
                     grouped, stamped, grouped.context, grouped.prev_aggregate, grouped.event_store
                 )

@@ -17,7 +17,13 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from castore_pydantic import _gc
-from castore_pydantic._event import RESERVED_EVENT_TYPES, Event, normalize_timestamp, utc_now
+from castore_pydantic._event import (
+    RESERVED_EVENT_TYPES,
+    Event,
+    normalize_timestamp,
+    utc_now,
+    with_timestamp,
+)
 from castore_pydantic.errors import (
     EventLimitExceededError,
     ReservedEventTypeError,
@@ -321,7 +327,7 @@ class EventStoreContext:
                 validated.__dict__["timestamp"] = stamp
                 validated.__pydantic_fields_set__.add("timestamp")
             else:
-                validated = validated.model_copy(update={"timestamp": stamp})
+                validated = with_timestamp(validated, stamp)
         return validated
 
     def _validate_json_input(self, text: str | bytes | bytearray) -> Event:

@@ -5,9 +5,10 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import pytest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError
 
 from castore_pydantic import Aggregate, Event, EventStore
+from castore_pydantic._event import with_timestamp
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from tests.domain import Appeared, Pokemon, PokemonAppeared, PokemonCaught
 
@@ -182,3 +183,38 @@ class TestAggregate:
 def test_event_base_is_exported() -> None:
     """Event subclasses are plain Pydantic models."""
     assert issubclass(PokemonCaught, Event)
+
+
+class TestWithTimestamp:
+    """``with_timestamp`` is ``model_copy(update={"timestamp": ...})``, only faster."""
+
+    def test_the_copy_equals_pydantics_and_leaves_the_original_alone(self) -> None:
+        class Secretive(Event):
+            type: Literal["SECRETIVE"] = "SECRETIVE"
+            payload: dict[str, Any] | None = None
+            _seen: list[int] = PrivateAttr(default_factory=list)
+
+        original = Secretive(aggregate_id="a", version=2, payload={"k": [1]})
+        original._seen.append(1)
+        stamp = datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=UTC)
+        ours = with_timestamp(original, stamp)
+        theirs = original.model_copy(update={"timestamp": stamp})
+        assert type(ours) is Secretive
+        assert ours == theirs
+        assert ours.model_dump(by_alias=True) == theirs.model_dump(by_alias=True)
+        assert (
+            ours.model_fields_set
+            == theirs.model_fields_set
+            == {
+                "aggregate_id",
+                "version",
+                "payload",
+                "timestamp",
+            }
+        )
+        assert ours._seen == [1]
+        assert ours.__pydantic_private__ is not original.__pydantic_private__
+        assert original.timestamp is None
+        assert "timestamp" not in original.model_fields_set
+        with pytest.raises(ValidationError):
+            ours.version = 3  # still frozen

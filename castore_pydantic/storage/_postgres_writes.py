@@ -7,7 +7,7 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import PydanticSerializationError
 
-from castore_pydantic._event import Event, utc_now
+from castore_pydantic._event import Event, utc_now, with_timestamp
 from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage._columns import json_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection
@@ -50,7 +50,7 @@ def stamped(event: Event) -> Event:
     """``event`` with a timestamp (the event store always gives one; others may not)."""
     if event.timestamp is not None:
         return event
-    return event.model_copy(update={"timestamp": utc_now()})
+    return with_timestamp(event, utc_now())
 
 
 def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:

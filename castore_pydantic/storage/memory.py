@@ -8,7 +8,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
 
-from castore_pydantic._event import Event, normalize_timestamp, utc_now
+from castore_pydantic._event import Event, normalize_timestamp, utc_now, with_timestamp
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -55,9 +55,7 @@ class InMemoryEventStorageAdapter:
         item: _Item
         if isinstance(event, Event):
             stamp = now if event.timestamp is None else normalize_timestamp(event.timestamp)
-            item = (
-                event if stamp is event.timestamp else event.model_copy(update={"timestamp": stamp})
-            )
+            item = event if stamp is event.timestamp else with_timestamp(event, stamp)
             aggregate_id, version = event.aggregate_id, event.version
         elif isinstance(event, Mapping):
             aggregate_id = event.get("aggregateId", event.get("aggregate_id"))
