@@ -182,7 +182,12 @@ def _closed_by_server(conn: AsyncConnection) -> bool:
     if conn.closed:
         return True
     try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        fileno = conn.pgconn.socket
+        if hasattr(select, "poll"):  # select() cannot watch descriptors past 1023
+            poller = select.poll()
+            poller.register(fileno, select.POLLIN)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fileno], [], [], 0)
     except (OSError, ValueError, psycopg.Error):
         return True
     return bool(readable)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
@@ -337,9 +339,55 @@ class TestServerEndedIdleConnections:
         assert not old & {pid for (pid,) in await _backends(watched)}
 
 
-async def _all_in_pool(watched: Watched) -> bool:
+class TestHighDescriptors:
+    """The idle check works for sockets numbered past select()'s limit of 1023."""
+
+    async def test_a_healthy_connection_on_a_high_descriptor_is_kept(self, pg_schema: str) -> None:
+        """With 1,100 files open, the pool's connection gets a descriptor above 1023; taking
+        it from the pool again and again keeps the same server process (not replaced)."""
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 2048
+        if soft < wanted:
+            if hard != resource.RLIM_INFINITY and hard < wanted:
+                pytest.skip(f"the open-files limit ({hard}) cannot reach {wanted}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+        name = f"castore-test-{uuid.uuid4().hex[:8]}"
+        try:
+            table = await make_table(pg_schema)
+            adapter = PostgresEventStorageAdapter(
+                DSN,
+                schema=pg_schema,
+                table_name=table,
+                min_size=1,
+                max_size=1,
+                connect_kwargs={"application_name": name},
+            )
+            async with adapter:
+                store = counter_store(adapter)
+                watched = Watched(adapter, name, 1)
+                await store.push_event(created("first"))
+                await wait_for(lambda: _all_in_pool(watched, 1), what="the connection to idle")
+                conn = await adapter.pool.getconn()
+                assert conn.pgconn.socket > 1023
+                await adapter.pool.putconn(conn)
+                pids = []
+                for index in range(3):
+                    await store.push_event(created(f"again-{index}"))
+                    await wait_for(lambda: _all_in_pool(watched, 1), what="the connection to idle")
+                    pids.append(await _backends(watched))
+                assert pids[0] == pids[1] == pids[2]
+                assert len(pids[0]) == 1
+        finally:
+            for fd in opened:
+                os.close(fd)
+            if soft < wanted:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def _all_in_pool(watched: Watched, size: int = 2) -> bool:
     stats = watched.adapter.pool.get_stats()
-    return watched.adapter._conns.kept == 0 and stats.get("pool_available") == 2
+    return watched.adapter._conns.kept == 0 and stats.get("pool_available") == size
 
 
 async def _backends(watched: Watched) -> list[tuple[Any, ...]]:
