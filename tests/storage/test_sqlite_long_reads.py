@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
 import threading
@@ -267,3 +268,44 @@ class TestEndings:
             got = [e.version for e in result.events]
             assert got == (want[::-1] if i % 3 == 0 else want)
         await until_no_open_read(db)
+
+
+def _fork_and_read(db: Path, within: float) -> int | None:
+    """Fork; the child reads the long aggregate with a new adapter. The child's exit code
+    (0: every event), or None if it did not finish ``within`` seconds (it is then killed).
+
+    Called on a worker thread, so that the child starts with no event loop running.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child always leaves through os._exit
+        code = 2
+        try:
+
+            async def read() -> int:
+                async with SQLiteEventStorageAdapter(db) as adapter:
+                    return len((await book_store(adapter).get_events("book")).events)
+
+            code = 0 if asyncio.run(read()) == len(VERSIONS) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return None
+
+
+class TestFork:
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    async def test_a_forked_child_reads_long_aggregates(
+        self, store: EventStore[Any, Any], db: Path
+    ) -> None:
+        """After the parent's long reads, a forked child's long read still gets a worker."""
+        for _ in range(3):  # leave whatever the parent's reads leave behind
+            assert len((await store.get_events("book")).events) == len(VERSIONS)
+        assert await asyncio.to_thread(_fork_and_read, db, 30) == 0
