@@ -1,4 +1,4 @@
-"""How the SQLite adapter lays out events: its SQL and the text of its columns.
+"""How the SQLite adapter lays out events: its SQL, its column texts, reads in slices.
 
 Timestamps are stored as fixed-width text (``2024-01-01T00:00:00.000Z``), so that text order is
 time order and round trips are exact; ``data`` and ``metadata`` hold the JSON form of the event's
@@ -8,10 +8,21 @@ payload and metadata, or NULL.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 from castore_pydantic._event import format_timestamp
 
-__all__ = ["Statements", "ceil_timestamp_text", "timestamp_text"]
+__all__ = [
+    "MAX_INTEGER",
+    "SLICE",
+    "LongRead",
+    "Statements",
+    "ceil_timestamp_text",
+    "timestamp_text",
+]
+
+#: The largest value of SQLite's INTEGER; bounds past it cannot be bound.
+MAX_INTEGER: Final = 2**63 - 1
 
 #: One (timestamp, text) pair, replaced as a whole so that threads never see a torn pair.
 _LAST_TIMESTAMP: list[tuple[datetime | None, str]] = [(None, "")]
@@ -105,3 +116,78 @@ class Statements:
             f"SELECT aggregate_id, timestamp FROM {quoted}"  # noqa: S608
             " WHERE aggregate_name = ? AND version = 1"
         )
+
+
+#: Events per statement of a long read (one without a limit, or a limit above this).
+SLICE: Final = 1000
+
+
+class LongRead:
+    """Where a read of one aggregate's events stands: its bounds and what is left of it.
+
+    Each slice starts after the version where the previous one stopped, so a read in slices
+    returns what one statement would (inside one transaction, they see the same events).
+    """
+
+    __slots__ = (
+        "abandoned",
+        "done",
+        "key",
+        "left",
+        "max_version",
+        "min_version",
+        "reverse",
+        "size",
+        "statements",
+    )
+
+    def __init__(
+        self,
+        statements: dict[tuple[bool, bool, bool], str],
+        key: tuple[str, str],
+        min_version: int | None,
+        max_version: int | None,
+        limit: int | None,
+        *,
+        reverse: bool,
+    ) -> None:
+        self.statements = statements
+        self.key = key
+        self.min_version = min_version
+        self.max_version = max_version
+        self.left = limit
+        self.reverse = reverse
+        self.size = 0
+        self.done = False
+        #: Set by the reading task when it stops listening; the worker then ends the read.
+        self.abandoned = False
+
+    @property
+    def sql(self) -> str:
+        return self.statements[
+            self.min_version is not None, self.max_version is not None, self.reverse
+        ]
+
+    def next_params(self) -> tuple[Any, ...]:
+        """The parameters of the next slice's statement (``sql`` as it is now)."""
+        self.size = SLICE if self.left is None else min(SLICE, self.left)
+        params: tuple[Any, ...] = self.key
+        if self.min_version is not None:
+            params += (self.min_version,)
+        if self.max_version is not None:
+            params += (self.max_version,)
+        return (*params, self.size)
+
+    def advance(self, count: int, last: int | None) -> None:
+        """Move past a slice of ``count`` events whose last version is ``last``."""
+        if self.left is not None:
+            self.left -= count
+        self.done = count < self.size or last is None or self.left == 0
+        if last is None:
+            return
+        if self.reverse:
+            self.max_version = last - 1
+            self.done = self.done or last <= 1
+        else:
+            self.min_version = last + 1
+            self.done = self.done or last >= MAX_INTEGER

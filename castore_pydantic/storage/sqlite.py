@@ -44,6 +44,9 @@ from castore_pydantic.errors import (
 )
 from castore_pydantic.storage._columns import json_columns
 from castore_pydantic.storage._sqlite_rows import (
+    MAX_INTEGER,
+    SLICE,
+    LongRead,
     Statements,
     ceil_timestamp_text,
     timestamp_text,
@@ -71,82 +74,6 @@ _MAX_DELAY: Final = 0.02
 _MAX_LOOP_HOLD: Final = 0.01
 #: A pause between two calls this long means the loop ran other work in between.
 _IDLE_GAP: Final = 0.001
-_MAX_INTEGER: Final = 2**63 - 1
-
-
-#: Events per statement of a long read (one without a limit, or a limit above this).
-_SLICE: Final = 1000
-
-
-class _LongRead:
-    """Where a read of one aggregate's events stands: its bounds and what is left of it.
-
-    Each slice starts after the version where the previous one stopped, so a read in slices
-    returns what one statement would (inside one transaction, they see the same events).
-    """
-
-    __slots__ = (
-        "abandoned",
-        "done",
-        "key",
-        "left",
-        "max_version",
-        "min_version",
-        "reverse",
-        "size",
-        "statements",
-    )
-
-    def __init__(
-        self,
-        statements: dict[tuple[bool, bool, bool], str],
-        key: tuple[str, str],
-        min_version: int | None,
-        max_version: int | None,
-        limit: int | None,
-        *,
-        reverse: bool,
-    ) -> None:
-        self.statements = statements
-        self.key = key
-        self.min_version = min_version
-        self.max_version = max_version
-        self.left = limit
-        self.reverse = reverse
-        self.size = 0
-        self.done = False
-        #: Set by the reading task when it stops listening; the worker then ends the read.
-        self.abandoned = False
-
-    @property
-    def sql(self) -> str:
-        return self.statements[
-            self.min_version is not None, self.max_version is not None, self.reverse
-        ]
-
-    def next_params(self) -> tuple[Any, ...]:
-        """The parameters of the next slice's statement (``sql`` as it is now)."""
-        self.size = _SLICE if self.left is None else min(_SLICE, self.left)
-        params: tuple[Any, ...] = self.key
-        if self.min_version is not None:
-            params += (self.min_version,)
-        if self.max_version is not None:
-            params += (self.max_version,)
-        return (*params, self.size)
-
-    def advance(self, count: int, last: int | None) -> None:
-        """Move past a slice of ``count`` events whose last version is ``last``."""
-        if self.left is not None:
-            self.left -= count
-        self.done = count < self.size or last is None or self.left == 0
-        if last is None:
-            return
-        if self.reverse:
-            self.max_version = last - 1
-            self.done = self.done or last <= 1
-        else:
-            self.min_version = last + 1
-            self.done = self.done or last >= _MAX_INTEGER
 
 
 class _BusyError(Exception):
@@ -502,7 +429,7 @@ class SQLiteEventStorageAdapter:
                 raise StoredEventValidationError(params[0], params[1], None) from exc
             raise _storage_error(exc, "reading events") from exc
 
-    def _first_slice_sync(self, read: _LongRead, long: bool) -> str:
+    def _first_slice_sync(self, read: LongRead, long: bool) -> str:
         """Read the first slice of events; a ``long`` read with more to come keeps the lock.
 
         A long read runs in one read transaction, so all its slices see the same events.
@@ -528,7 +455,7 @@ class SQLiteEventStorageAdapter:
         return str(text)
 
     def _read_rest_sync(
-        self, read: _LongRead, deliver: Callable[[str | BaseException | None], None]
+        self, read: LongRead, deliver: Callable[[str | BaseException | None], None]
     ) -> None:
         """Read a long read's other slices on a worker thread, then end it and free the lock."""
         outcome: BaseException | None = None
@@ -577,13 +504,13 @@ class SQLiteEventStorageAdapter:
         if limit == 0 or not isinstance(aggregate_id, str):
             return []
         # Bounds past SQLite's 64-bit integers cannot be bound; no stored version is there.
-        if min_version is not None and min_version > _MAX_INTEGER:
+        if min_version is not None and min_version > MAX_INTEGER:
             return []
-        if max_version is not None and max_version > _MAX_INTEGER:
+        if max_version is not None and max_version > MAX_INTEGER:
             max_version = None
-        if limit is not None and limit > _MAX_INTEGER:
+        if limit is not None and limit > MAX_INTEGER:
             limit = None
-        read = _LongRead(
+        read = LongRead(
             self._sql.get,
             (context.event_store_id, aggregate_id),
             min_version,
@@ -591,7 +518,7 @@ class SQLiteEventStorageAdapter:
             limit,
             reverse=bool(reverse),
         )
-        text = await self._run(self._first_slice_sync, read, limit is None or limit > _SLICE)
+        text = await self._run(self._first_slice_sync, read, limit is None or limit > SLICE)
         if text == "[]":
             return []
         if read.done:
@@ -599,7 +526,7 @@ class SQLiteEventStorageAdapter:
         return await self._read_rest(read, context, text)
 
     async def _read_rest(
-        self, read: _LongRead, context: EventStoreContext, first: str
+        self, read: LongRead, context: EventStoreContext, first: str
     ) -> list[Event]:
         """Validate a long read's slices, from ``first``, while a worker fetches the next ones.
 
@@ -687,7 +614,7 @@ class SQLiteEventStorageAdapter:
         )
         if options.limit is not None:
             sql.append("LIMIT ?")
-            params.append(min(options.limit + 1, _MAX_INTEGER))
+            params.append(min(options.limit + 1, MAX_INTEGER))
         rows = await self._run(self._query_sync, " ".join(sql), tuple(params))
         return options.finish(
             [
