@@ -27,6 +27,7 @@ __all__ = [
     "WireModel",
     "format_timestamp",
     "normalize_timestamp",
+    "stamped",
     "utc_now",
     "with_timestamp",
 ]
@@ -84,7 +85,7 @@ _EventT = TypeVar("_EventT", bound="Event")
 def with_timestamp(event: _EventT, stamp: datetime | None) -> _EventT:
     """A copy of ``event`` whose ``timestamp`` is ``stamp`` (already UTC milliseconds).
 
-    What ``event.model_copy(update={"timestamp": stamp})`` gives, in about half the time:
+    What ``event.model_copy(update={"timestamp": stamp})`` gives, in about a third of the time:
     every push of an event without a timestamp makes one. The copy is as shallow as
     Pydantic's: the field values, the set of fields set, extra and private values.
     """
@@ -107,6 +108,17 @@ def with_timestamp(event: _EventT, stamp: datetime | None) -> _EventT:
         else {k: v for k, v in private.items() if v is not PydanticUndefined},
     )
     return copy
+
+
+def stamped(event: _EventT, now: datetime | None = None) -> _EventT:
+    """``event`` itself if it has a timestamp, else a copy stamped ``now`` (default: now).
+
+    The event store stamps what it pushes; adapters stamp again for callers that use them
+    directly.
+    """
+    if event.timestamp is not None:
+        return event
+    return with_timestamp(event, utc_now() if now is None else now)
 
 
 #: A timezone-aware datetime that serialises to JSON in UTC with millisecond precision, as

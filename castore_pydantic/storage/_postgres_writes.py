@@ -7,13 +7,13 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import PydanticSerializationError
 
-from castore_pydantic._event import Event, utc_now, with_timestamp
+from castore_pydantic._event import Event, stamped
 from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage._columns import json_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 from castore_pydantic.storage._postgres_sql import Statements
 
-__all__ = ["GroupPlan", "Member", "event_row", "stamped", "storable"]
+__all__ = ["GroupPlan", "Member", "event_row", "storable"]
 
 # A statement holds at most 65,535 parameters (7 per event): larger groups are split.
 ROWS_PER_STATEMENT = 5000
@@ -44,13 +44,6 @@ def check_store_id(event_store_id: str) -> None:
             "PostgreSQL text cannot hold NUL or lone surrogates",
             ("eventStoreId",),
         )
-
-
-def stamped(event: Event) -> Event:
-    """``event`` with a timestamp (the event store always gives one; others may not)."""
-    if event.timestamp is not None:
-        return event
-    return with_timestamp(event, utc_now())
 
 
 def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'castore-pydantic[postgres]'"
     ) from exc
 
-from castore_pydantic._event import Event
+from castore_pydantic._event import Event, stamped
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -45,7 +45,6 @@ from castore_pydantic.storage._postgres_writes import (
     GroupPlan,
     check_store_id,
     event_row,
-    stamped,
     storable,
 )
 

@@ -30,7 +30,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Literal, ParamSpec, Self, TypeVar
 
-from castore_pydantic._event import Event, utc_now, with_timestamp
+from castore_pydantic._event import Event, stamped
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -311,8 +311,7 @@ class SQLiteEventStorageAdapter:
                 cannot be opened.
             StorageError: Another SQLite failure.
         """
-        if event.timestamp is None:
-            event = with_timestamp(event, utc_now())
+        event = stamped(event)
         row = self._row(event, context.event_store_id)
         await self._run(self._push_sync, row, event, force)
         return event
@@ -407,9 +406,7 @@ class SQLiteEventStorageAdapter:
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
-            event = grouped.event
-            if event.timestamp is None:
-                event = with_timestamp(event, utc_now())
+            event = stamped(grouped.event)
             row = self._row(event, grouped.context.event_store_id)
             rows.append((adapter._sql, adapter._table, row, event))
             stored.append(event)

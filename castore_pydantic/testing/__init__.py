@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from castore_pydantic._aggregate import AggregateT, EventT
-from castore_pydantic._event import Event, utc_now, with_timestamp
+from castore_pydantic._event import Event, stamped, utc_now
 from castore_pydantic._event_store import EventStore
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 
@@ -41,9 +41,7 @@ def _validate_initial_events(
     context = event_store.context
     validated = [context.validate_input(event, timestamp=False) for event in initial_events]
     now = utc_now()
-    events = tuple(
-        event if event.timestamp is not None else with_timestamp(event, now) for event in validated
-    )
+    events = tuple(stamped(event, now) for event in validated)
     # The adapter refuses repeated versions; building one here reports it at mock time too.
     InMemoryEventStorageAdapter(initial_events={event_store.event_store_id: events})
     return events
