@@ -426,30 +426,40 @@ class SQLiteEventStorageAdapter:
                 raise StoredEventValidationError(params[0], params[1], None) from exc
             raise _storage_error(exc, "reading events") from exc
 
+    def _slice_sync(self, read: LongRead) -> str:
+        """Read the next slice of ``read`` (its events' JSON array) and move past it."""
+        ((text, count, last),) = self._query_sync(read.sql, read.next_params())
+        read.advance(count, last)
+        return str(text)
+
     def _first_slice_sync(self, read: LongRead, long: bool) -> str:
         """Read the first slice of events; a ``long`` read with more to come keeps the lock.
 
         A long read runs in one read transaction, so all its slices see the same events.
         When more slices follow, the transaction stays open and the lock stays taken: the
-        worker thread that reads them ends both.
+        worker thread that reads them ends both (``_end_long_read``).
         """
-        params = read.next_params()
         if not long:
-            ((text, count, last),) = self._query_sync(read.sql, params)
-            read.advance(count, last)
-            return str(text)
+            return self._slice_sync(read)
         conn = self._connection()
         conn.execute("BEGIN")
         try:
-            ((text, count, last),) = self._query_sync(read.sql, params)
-            read.advance(count, last)
+            text = self._slice_sync(read)
             if read.done:
                 conn.execute("COMMIT")
         except BaseException:
             self._rollback(conn)
             raise
         self._keep_lock = not read.done
-        return str(text)
+        return text
+
+    def _end_long_read(self) -> None:
+        """End a long read's transaction (it only read: nothing to keep) and free the lock."""
+        try:
+            if self._conn is not None:
+                self._rollback(self._conn)
+        finally:
+            self._lock.release()
 
     def _read_rest_sync(
         self, read: LongRead, deliver: Callable[[str | BaseException | None], None]
@@ -458,10 +468,7 @@ class SQLiteEventStorageAdapter:
         outcome: BaseException | None = None
         try:
             while not read.done and not read.abandoned:
-                params = read.next_params()
-                ((text, count, last),) = self._query_sync(read.sql, params)
-                read.advance(count, last)
-                deliver(text)
+                deliver(self._slice_sync(read))
         except _BusyError as busy:
             outcome = StorageUnavailableError(
                 f"SQLite database {self._database!r} was locked in the middle of a long read"
@@ -471,13 +478,10 @@ class SQLiteEventStorageAdapter:
             outcome = exc
         finally:
             try:
-                conn = self._conn
-                if conn is not None:
-                    self._rollback(conn)  # a read-only transaction: nothing to keep
+                self._end_long_read()
             except BaseException as exc:
                 outcome = outcome or exc
             finally:
-                self._lock.release()
                 deliver(outcome)
 
     async def get_events(
@@ -548,11 +552,7 @@ class SQLiteEventStorageAdapter:
                 daemon=True,
             ).start()
         except BaseException:  # no thread (the interpreter is shutting down): end it here
-            try:
-                if self._conn is not None:
-                    self._rollback(self._conn)
-            finally:
-                self._lock.release()
+            self._end_long_read()
             raise
         try:
             events = context.parse_events_json(first)
