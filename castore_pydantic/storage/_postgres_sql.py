@@ -238,7 +238,7 @@ class Statements:
         return text
 
     def first_events(self, *, min_version: bool, max_version: bool) -> str:
-        """The first events (up to a limit), with their count and last version.
+        """The first events (up to a limit) and their count (at the limit: read it in full).
 
         Parameters: store id, aggregate id, min and max when flagged, then the limit.
         """
@@ -251,7 +251,7 @@ class Statements:
             if max_version:
                 where += " AND version <= %s"
             text = self._first_events[key] = (
-                "SELECT json_agg(e ORDER BY e.version)::text, count(*), max(e.version) FROM"
+                "SELECT json_agg(e ORDER BY e.version)::text, count(*) FROM"
                 f" (SELECT {_EVENT_JSON_COLUMNS} FROM {self.table} WHERE {where}"
                 " ORDER BY version LIMIT %s) e"
             )
