@@ -83,6 +83,25 @@ class Watched:
     application_name: str
     start_size: int
 
+    @classmethod
+    def on(cls, schema: str, table: str, size: int = 2) -> Watched:
+        """A new adapter (not opened) with a fixed-size pool, tagged with a unique name."""
+        name = f"castore-test-{uuid.uuid4().hex[:8]}"
+        adapter = PostgresEventStorageAdapter(
+            DSN,
+            schema=schema,
+            table_name=table,
+            min_size=size,
+            max_size=size,
+            connect_kwargs={"application_name": name},
+        )
+        return cls(adapter, name, size)
+
+    async def all_in_pool(self) -> bool:
+        """Every connection idles in the pool (none kept by the adapter)."""
+        stats = self.adapter.pool.get_stats()
+        return self.adapter._conns.kept == 0 and stats.get("pool_available") == self.start_size
+
     async def states(self) -> list[str]:
         rows = await fetch(
             "SELECT coalesce(state, '') FROM pg_stat_activity WHERE application_name = %s",
@@ -104,18 +123,8 @@ class Watched:
 @pytest.fixture
 async def watched(pg_schema: str) -> AsyncIterator[Watched]:
     """An adapter with a fixed-size pool (2) on a fresh table, tagged for pg_stat_activity."""
-    name = f"castore-test-{uuid.uuid4().hex[:8]}"
-    table = await make_table(pg_schema)
-    adapter = PostgresEventStorageAdapter(
-        DSN,
-        schema=pg_schema,
-        table_name=table,
-        min_size=2,
-        max_size=2,
-        connect_kwargs={"application_name": name},
-    )
-    async with adapter:
-        watched = Watched(adapter, name, 2)
+    watched = Watched.on(pg_schema, await make_table(pg_schema))
+    async with watched.adapter:
         await wait_for(watched.settled, what="the pool to fill")
         yield watched
 
@@ -262,16 +271,8 @@ class TestConnectionLoss:
 
     async def test_killed_backend_mid_write(self, pg_schema: str, blocking_table: str) -> None:
         """Single pushes and groups: StorageUnavailableError, no rows, the pool recovers."""
-        name = f"castore-test-{uuid.uuid4().hex[:8]}"
-        adapter = PostgresEventStorageAdapter(
-            DSN,
-            schema=pg_schema,
-            table_name=blocking_table,
-            min_size=2,
-            max_size=2,
-            connect_kwargs={"application_name": name},
-        )
-        watched = Watched(adapter, name, 2)
+        watched = Watched.on(pg_schema, blocking_table)
+        adapter = watched.adapter
         async with adapter, await psycopg.AsyncConnection.connect(DSN, autocommit=True) as side:
             store = counter_store(adapter)
             for attempt in range(12):
@@ -290,7 +291,7 @@ class TestConnectionLoss:
                     return await fetch(
                         "SELECT pid FROM pg_stat_activity WHERE application_name = %s"
                         " AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                        name,
+                        watched.application_name,
                     )
 
                 await wait_for(blocked, what="the insert to wait on the lock")
@@ -318,7 +319,7 @@ class TestServerEndedIdleConnections:
         store = counter_store(watched.adapter)
         await store.push_event(created("before"))
         # Wait until both connections idle in the pool (kept ones go back after 50 ms).
-        await wait_for(lambda: _all_in_pool(watched), what="the connections to go back to the pool")
+        await wait_for(watched.all_in_pool, what="the connections to go back to the pool")
         old = {pid for (pid,) in await _backends(watched)}
         assert len(old) == 2
         await fetch(
@@ -352,29 +353,20 @@ class TestHighDescriptors:
                 pytest.skip(f"the open-files limit ({hard}) cannot reach {wanted}")
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
         opened = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
-        name = f"castore-test-{uuid.uuid4().hex[:8]}"
         try:
-            table = await make_table(pg_schema)
-            adapter = PostgresEventStorageAdapter(
-                DSN,
-                schema=pg_schema,
-                table_name=table,
-                min_size=1,
-                max_size=1,
-                connect_kwargs={"application_name": name},
-            )
+            watched = Watched.on(pg_schema, await make_table(pg_schema), size=1)
+            adapter = watched.adapter
             async with adapter:
                 store = counter_store(adapter)
-                watched = Watched(adapter, name, 1)
                 await store.push_event(created("first"))
-                await wait_for(lambda: _all_in_pool(watched, 1), what="the connection to idle")
+                await wait_for(watched.all_in_pool, what="the connection to idle")
                 conn = await adapter.pool.getconn()
                 assert conn.pgconn.socket > 1023
                 await adapter.pool.putconn(conn)
                 pids = []
                 for index in range(3):
                     await store.push_event(created(f"again-{index}"))
-                    await wait_for(lambda: _all_in_pool(watched, 1), what="the connection to idle")
+                    await wait_for(watched.all_in_pool, what="the connection to idle")
                     pids.append(await _backends(watched))
                 assert pids[0] == pids[1] == pids[2]
                 assert len(pids[0]) == 1
@@ -383,11 +375,6 @@ class TestHighDescriptors:
                 os.close(fd)
             if soft < wanted:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-async def _all_in_pool(watched: Watched, size: int = 2) -> bool:
-    stats = watched.adapter.pool.get_stats()
-    return watched.adapter._conns.kept == 0 and stats.get("pool_available") == size
 
 
 async def _backends(watched: Watched) -> list[tuple[Any, ...]]:
@@ -403,16 +390,8 @@ class TestCancellationWhileTheServerWorks:
         self, pg_schema: str, blocking_table: str
     ) -> None:
         """The statement is cancelled server-side; no row, no open transaction, pool intact."""
-        name = f"castore-test-{uuid.uuid4().hex[:8]}"
-        adapter = PostgresEventStorageAdapter(
-            DSN,
-            schema=pg_schema,
-            table_name=blocking_table,
-            min_size=2,
-            max_size=2,
-            connect_kwargs={"application_name": name},
-        )
-        watched = Watched(adapter, name, 2)
+        watched = Watched.on(pg_schema, blocking_table)
+        adapter = watched.adapter
         async with adapter, await psycopg.AsyncConnection.connect(DSN, autocommit=True) as side:
             store = counter_store(adapter)
             for attempt in range(6):
@@ -428,7 +407,7 @@ class TestCancellationWhileTheServerWorks:
                     rows = await fetch(
                         "SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
                         " AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
-                        name,
+                        watched.application_name,
                     )
                     return bool(rows)
 
