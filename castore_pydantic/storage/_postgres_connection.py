@@ -27,6 +27,7 @@ from castore_pydantic.errors import (
     StorageError,
     StorageUnavailableError,
 )
+from castore_pydantic.storage import _postgres_wait as wait
 
 __all__ = ["AsyncConnection", "Connections", "Settings", "translate"]
 
@@ -256,6 +257,7 @@ class Connections:
             self._sweep.cancel()
         kept, self._kept = self._kept, []
         for conn, _ in kept:
+            wait.forget(conn)
             await self.pool.putconn(conn)
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
@@ -281,9 +283,12 @@ class Connections:
         kept = self._kept
         while kept:
             conn, _ = kept.pop()
-            if not conn.closed:
+            if not conn.closed and not (wait.stirred(conn) and _closed_by_server(conn)):
                 return conn
-            await asyncio.shield(self.pool.putconn(conn))  # the pool replaces it
+            # Closed, or the server said goodbye while it was kept: the pool replaces it.
+            wait.forget(conn)
+            await conn.close()
+            await asyncio.shield(self.pool.putconn(conn))
         self._waiting += 1
         try:
             conn = await self._getconn()
@@ -305,6 +310,7 @@ class Connections:
             try:
                 await conn.set_autocommit(True)
             except BaseException:
+                wait.forget(conn)
                 await asyncio.shield(self.pool.putconn(conn))
                 raise
             self._switched.add(id(conn))
@@ -353,6 +359,7 @@ class Connections:
         ):
             now = time.monotonic()
             if now - conn.__dict__.get(_TAKEN_AT, 0.0) < _KEEP_SECONDS:
+                wait.register_idle(conn)  # hears the server's goodbye while kept
                 self._kept.append((conn, now))
                 loop = asyncio.get_running_loop()
                 if self._sweep is None or self._sweep_loop is not loop:
@@ -360,6 +367,7 @@ class Connections:
                     self._sweep_loop = loop
                     self._sweep = loop.call_later(_IDLE_SECONDS, self._return_unused)
                 return
+        wait.forget(conn)
         if self._switched and id(conn) in self._switched:
             self._switched.discard(id(conn))
             if not conn.broken and conn.pgconn.transaction_status == _IDLE:
@@ -380,6 +388,7 @@ class Connections:
             unused += 1
         loop = asyncio.get_running_loop()
         for conn, _ in kept[:unused]:
+            wait.forget(conn)
             task = loop.create_task(self.pool.putconn(conn))
             self._returns.add(task)
             task.add_done_callback(self._returns.discard)

@@ -32,6 +32,7 @@ from psycopg import errors as pg_errors
 from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
+from castore_pydantic.storage import _postgres_wait as wait
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 
 __all__ = ["Result", "decoded", "execute", "numbered"]
@@ -173,7 +174,7 @@ async def _execute(
             session.prepares += 1
             text = _encoded(query, session.encoding, cache=True)
             pgconn.send_prepare(name, text, param_types=types)
-            await _collect(pgconn, session)
+            await _collect(conn, session)
             session.names[key] = name
             prepared_now = True
         if name is None:
@@ -185,7 +186,7 @@ async def _execute(
             )
         else:
             pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
-        return await _collect(pgconn, session)
+        return await _collect(conn, session)
     except pg_errors.InvalidSqlStatementName:
         if name is None or not retry:
             raise
@@ -198,7 +199,7 @@ async def _execute(
         # Prepared before the table changed: drop it and prepare it again, once. A statement
         # that failed this way did nothing.
         del session.names[key]
-        await _deallocate(pgconn, session, name)
+        await _deallocate(conn, session, name)
         return await _execute(conn, query, params, retry=False)
     except _INTERRUPTED:
         if pgconn.transaction_status == _ACTIVE:
@@ -206,10 +207,10 @@ async def _execute(
         raise
 
 
-async def _deallocate(pgconn: pq.abc.PGconn, session: _Session, name: bytes) -> None:
-    pgconn.send_query(b"DEALLOCATE " + name)
+async def _deallocate(conn: AsyncConnection, session: _Session, name: bytes) -> None:
+    conn.pgconn.send_query(b"DEALLOCATE " + name)
     with contextlib.suppress(psycopg.Error):
-        await _collect(pgconn, session)
+        await _collect(conn, session)
 
 
 def decoded(conn: AsyncConnection, value: bytes) -> bytes | str:
@@ -234,46 +235,47 @@ async def _settle(conn: AsyncConnection, session: _Session) -> None:
         except psycopg.Error as exc:
             logger.warning("cancelling an interrupted statement failed: %s", exc)
         async with asyncio.timeout(_CANCEL_SECONDS):
-            await _collect(conn.pgconn, session)
+            await _collect(conn, session)
     except psycopg.Error:
         pass  # cancelled, or ended with its own error: either way it is over
     except BaseException as exc:
         # Not over in time, or interrupted again: the connection's state is unknown.
         logger.warning("an interrupted statement did not end (%s): closing its connection", exc)
+        wait.forget(conn)
         conn.pgconn.finish()
         if not isinstance(exc, Exception):
             raise
         return
     if not cancelled:
+        wait.forget(conn)
         conn.pgconn.finish()
 
 
-async def _collect(pgconn: pq.abc.PGconn, session: _Session) -> Result:
+async def _collect(conn: AsyncConnection, session: _Session) -> Result:
     """Send what is buffered, then collect the statement's result (raising its error)."""
-    loop = asyncio.get_running_loop()
-    while pgconn.flush():
-        await _flushable(loop, pgconn)
+    pgconn = conn.pgconn
     result: Result | None = None
-    while True:
-        # Wait until the socket has something to read, then read it (inline: this runs for
-        # every statement, and a read attempted before the server could answer is a wasted
-        # system call).
-        while pgconn.is_busy():
-            fileno = pgconn.socket
-            ready = loop.create_future()
-            loop.add_reader(fileno, _wake, ready)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fileno)
-            pgconn.consume_input()
-        received = pgconn.get_result()
-        if received is None:
-            if result is not None and result.status in _DONE:
-                return result
-            raise _error(result, session)
-        if result is None or result.status != _FATAL:
-            result = received  # an error is kept over anything after it
+    try:
+        while pgconn.flush():
+            await _flushable(pgconn)
+        while True:
+            # Wait until the socket has something to read, then read it (inline: this runs
+            # for every statement, and a read attempted before the server could answer is a
+            # wasted system call).
+            while pgconn.is_busy():
+                await wait.readable(conn)
+                pgconn.consume_input()
+            received = pgconn.get_result()
+            if received is None:
+                if result is not None and result.status in _DONE:
+                    return result
+                raise _error(result, session)
+            if result is None or result.status != _FATAL:
+                result = received  # an error is kept over anything after it
+    except psycopg.OperationalError:
+        # libpq closes the socket of a connection it finds lost: unregister it first.
+        wait.forget(conn)
+        raise
 
 
 def _error(result: Result | None, session: _Session) -> psycopg.Error:
@@ -288,13 +290,15 @@ def _wake(ready: asyncio.Future[None]) -> None:
         ready.set_result(None)
 
 
-async def _flushable(loop: asyncio.AbstractEventLoop, pgconn: pq.abc.PGconn) -> None:
+async def _flushable(pgconn: pq.abc.PGconn) -> None:
     """Wait until the socket takes more (a large statement did not fit its buffer).
 
     As libpq asks: wait for the socket to be writable *or* readable, and read what the server
     sent meanwhile, so that a server blocked on sending (notices, notifications) does not
-    block the client in turn.
+    block the client in turn. (This replaces the registration ``wait.readable`` keeps; its
+    next wait notices and registers again.)
     """
+    loop = asyncio.get_running_loop()
     fileno = pgconn.socket
     ready = loop.create_future()
     loop.add_reader(fileno, _wake, ready)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -24,7 +25,9 @@ from pydantic import ConfigDict
 
 from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import StorageUnavailableError
+from castore_pydantic.storage import _postgres_connection as connections
 from castore_pydantic.storage import _postgres_direct as direct
+from castore_pydantic.storage import _postgres_wait as wait
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts._storage import NoteAdded, created
 from tests.storage.postgres_support import (
@@ -101,26 +104,6 @@ class TestKeptConnections:
             return bool(rows[0][0] == 0)
 
         await wait_for(none_left, what="the adapter's connections to close")
-
-    async def test_a_kept_connection_whose_backend_died_is_replaced(
-        self, small: PostgresEventStorageAdapter
-    ) -> None:
-        """A killed backend fails one operation as unavailable; the next one works."""
-        name = f"castore-killed-{uuid.uuid4().hex[:8]}"
-        store = counter_store(small)
-        await store.push_event(created("a1"))
-        conn = await small._conns.acquire("test")
-        await conn.execute("SELECT set_config('application_name', %s, false)", (name,))
-        await small._conns.release(conn)
-        await fetch(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            name,
-        )
-        try:
-            await store.push_event(created("a2"))
-        except StorageUnavailableError:
-            await store.push_event(created("a2"))
-        assert [len((await store.get_events(i)).events) for i in ("a1", "a2")] == [1, 1]
 
 
 class TestDirectStatements:
@@ -302,3 +285,96 @@ class TestStoredText:
         )
         assert rows == [('{"d": 1.5}',)]
         assert (await store.get_events("t1")).events[0].payload == event.payload
+
+
+class TestSocketRegistration:
+    """The socket of a connection the adapter holds stays registered with the event loop.
+
+    These tests pin what that must never cost: a statement that waits forever (its socket
+    no longer watched), a loop that spins on a socket nobody reads, a descriptor number
+    reused by another connection while the loop still lists the closed one.
+    """
+
+    async def test_direct_statements_after_psycopgs_own_on_one_connection(
+        self, pg_schema: str
+    ) -> None:
+        """psycopg's waits replace and remove the registration; the next statement notices."""
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+            for i in range(3):
+                result = await asyncio.wait_for(direct.execute(conn, "SELECT %s", (i,)), 10)
+                assert result.get_value(0, 0) == str(i).encode()
+                cursor = await conn.execute("SELECT 1")
+                assert await cursor.fetchone() == (1,)
+                async with conn.transaction():
+                    await conn.execute("SELECT 2")
+            result = await asyncio.wait_for(direct.execute(conn, "SELECT 'last'", ()), 10)
+            assert result.get_value(0, 0) == b"last"
+            wait.forget(conn)
+
+    async def test_every_loop_kind_waits_for_the_answer(
+        self, small: PostgresEventStorageAdapter, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Loops without a readable selector (uvloop) register the socket around each wait."""
+        monkeypatch.setattr(wait, "_selector", lambda loop: None)
+        store = counter_store(small)
+        await store.push_event(created("a1"))
+        a2, a3 = store.group_event(created("a2")), store.group_event(created("a3"))
+        await asyncio.wait_for(EventStore.push_event_group(a2, a3), 10)
+        assert [len((await store.get_events(i)).events) for i in ("a1", "a2", "a3")] == [1] * 3
+
+    @pytest.mark.parametrize("last_use", ["adapter statement", "psycopg statement"])
+    async def test_a_kept_connection_the_server_ended_is_replaced_before_use(
+        self, small: PostgresEventStorageAdapter, monkeypatch: pytest.MonkeyPatch, last_use: str
+    ) -> None:
+        """The server's goodbye to a kept connection is heard; no operation fails for it.
+
+        The loop must also not spin on the unread goodbye while the connection waits.
+        """
+        monkeypatch.setattr(connections, "_IDLE_SECONDS", 60.0)  # kept, never swept
+        name = f"castore-ended-{uuid.uuid4().hex[:8]}"
+        store = counter_store(small)
+        await store.push_event(created("a1"))
+        conn = await small._conns.acquire("test")
+        await conn.execute("SELECT set_config('application_name', %s, false)", (name,))
+        await small._conns.release(conn)
+        if last_use == "adapter statement":
+            await store.get_events("a1")
+        assert small._conns.kept == 1
+        await fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            name,
+        )
+
+        async def heard() -> bool:
+            return wait.stirred(conn)
+
+        await wait_for(heard, what="the adapter to hear the server's goodbye")
+        cpu = time.process_time()
+        await asyncio.sleep(0.3)
+        assert time.process_time() - cpu < 0.1, "the loop kept waking for the closed socket"
+        await store.push_event(created("a2"))  # no StorageUnavailableError
+        assert [len((await store.get_events(i)).events) for i in ("a1", "a2")] == [1, 1]
+
+    async def test_a_lost_connections_descriptor_is_unregistered_before_reuse(self) -> None:
+        """libpq closes a lost connection's socket; a new one with its number is watched."""
+        lost = await psycopg.AsyncConnection.connect(DSN, autocommit=True)
+        fd, pid = lost.pgconn.socket, lost.info.backend_pid
+        running = asyncio.create_task(direct.execute(lost, "SELECT pg_sleep(30)", ()))
+        await asyncio.sleep(0.2)
+        await fetch("SELECT pg_terminate_backend(%s)", pid)
+        with pytest.raises(psycopg.OperationalError):
+            await asyncio.wait_for(running, 10)
+        assert lost.pgconn.status == psycopg.pq.ConnStatus.BAD
+        opened: list[psycopg.AsyncConnection[Any]] = []
+        try:
+            # The lowest free descriptor is reused: one of a few new sockets gets ``fd``.
+            while not opened or opened[-1].pgconn.socket != fd:
+                assert len(opened) < 20, f"no new connection got descriptor {fd} again"
+                opened.append(await psycopg.AsyncConnection.connect(DSN, autocommit=True))
+            result = await asyncio.wait_for(direct.execute(opened[-1], "SELECT 1", ()), 10)
+            assert result.get_value(0, 0) == b"1"
+        finally:
+            for conn in opened:
+                wait.forget(conn)
+                await conn.close()
+            await lost.close()
