@@ -10,10 +10,11 @@ registers the socket of a connection the adapter keeps whose last statement went
 psycopg itself.
 
 The registration is checked before each wait, because psycopg's own waits on the connection
-(a cursor's statement, a transaction block) replace and then remove it. The check reads
-the selector of asyncio's selector event loop (the loop's ``_selector`` attribute, stable
-since Python 3.4 but not public API): one dictionary lookup. Other event loops (uvloop, for
-one) register and remove the socket around each wait.
+(a cursor's statement, a transaction block) replace and then remove it: asyncio cancels the
+handle of a reader it replaces or removes, so the check is whether the handle is cancelled.
+The handle is read from the selector of asyncio's selector event loop once per
+registration (the loop's ``_selector`` attribute, stable since Python 3.4 but not public
+API). Other event loops (uvloop, for one) register and remove the socket around each wait.
 
 A socket that becomes readable while no statement runs (the server sent a notice, or said
 goodbye before a restart) is unregistered at once, so that the loop does not wake for it
@@ -58,17 +59,13 @@ class _Watch:
         self.handle = None
         self.loop.remove_reader(self.fd)
 
-    def holds(self, selector: BaseSelector) -> bool:
-        """Whether the loop's registration of the socket is still this one."""
+    def holds(self) -> bool:
+        """Whether the loop's registration of the socket is still this one.
+
+        asyncio cancels a reader's handle when another reader replaces it or it is removed.
+        """
         handle = self.handle
-        if handle is None or handle.cancelled():
-            return False
-        try:
-            key = selector.get_key(self.fd)
-        except (KeyError, ValueError):
-            return False
-        data = key.data
-        return isinstance(data, tuple) and bool(data) and data[0] is handle
+        return handle is not None and not handle.cancelled()
 
 
 def _selector(loop: asyncio.AbstractEventLoop) -> BaseSelector | None:
@@ -83,16 +80,18 @@ async def readable(conn: Any) -> None:
     """Wait until the socket of ``conn`` (a psycopg connection) has something to read."""
     loop = asyncio.get_running_loop()
     fd: int = conn.pgconn.socket
-    selector = _selector(loop)
-    if selector is None:
-        ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, _wake, ready)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
-        return
-    watch = _registered(conn, loop, selector, fd)
+    watch = _current(conn, loop, fd)
+    if watch is None:
+        selector = _selector(loop)
+        if selector is None:
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _wake, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+            return
+        watch = _register(conn, loop, selector, fd)
     ready = loop.create_future()
     watch.waiter = ready
     try:
@@ -101,16 +100,22 @@ async def readable(conn: Any) -> None:
         watch.waiter = None
 
 
-def _registered(
+def _current(conn: Any, loop: asyncio.AbstractEventLoop, fd: int) -> _Watch | None:
+    """The registration of ``conn``'s socket with ``loop``, if it still holds."""
+    watch: _Watch | None = conn.__dict__.get(_WATCH)
+    if watch is None or watch.loop is not loop or watch.fd != fd or not watch.holds():
+        return None
+    return watch
+
+
+def _register(
     conn: Any, loop: asyncio.AbstractEventLoop, selector: BaseSelector, fd: int
 ) -> _Watch:
-    """The registration of ``conn``'s socket with ``loop``, made now unless it still holds."""
-    watch: _Watch | None = conn.__dict__.get(_WATCH)
-    if watch is None or watch.loop is not loop or watch.fd != fd or not watch.holds(selector):
-        watch = _Watch(loop, fd)
-        loop.add_reader(fd, watch.wake)
-        watch.handle = selector.get_key(fd).data[0]
-        setattr(conn, _WATCH, watch)
+    """Register ``conn``'s socket with ``loop`` (replacing a registration that ended)."""
+    watch = _Watch(loop, fd)
+    loop.add_reader(fd, watch.wake)
+    watch.handle = selector.get_key(fd).data[0]
+    setattr(conn, _WATCH, watch)
     return watch
 
 
@@ -120,10 +125,14 @@ def register_idle(conn: Any) -> None:
     The server's goodbye (a restart) then marks the connection ``stirred``. Nothing happens
     on event loops other than asyncio's selector loop, or for a closed connection.
     """
+    if conn.closed:
+        return
     loop = asyncio.get_running_loop()
-    selector = _selector(loop)
-    if selector is not None and not conn.closed:
-        _registered(conn, loop, selector, conn.pgconn.socket)
+    fd: int = conn.pgconn.socket
+    if _current(conn, loop, fd) is None:
+        selector = _selector(loop)
+        if selector is not None:
+            _register(conn, loop, selector, fd)
 
 
 def _wake(ready: asyncio.Future[None]) -> None:
@@ -141,8 +150,7 @@ def forget(conn: Any) -> None:
     watch: _Watch | None = conn.__dict__.pop(_WATCH, None)
     if watch is None or watch.handle is None:
         return
-    selector = _selector(watch.loop)
-    if selector is not None and watch.holds(selector):
+    if watch.holds() and not watch.loop.is_closed():
         watch.loop.remove_reader(watch.fd)
     watch.handle = None
 
