@@ -323,6 +323,9 @@ class EventStore(Generic[AggregateT, EventT]):
         """
         adapter = self.get_event_storage_adapter()
         validated = self._context.validate_input(event, timestamp=False)
+        if getattr(adapter, "_stamps_groups", False):
+            # One of ours: its ``group_event`` would build the plain wrapper; build it whole.
+            return GroupedEvent(validated, adapter, self._context, prev_aggregate, self)
         grouped = adapter.group_event(validated, self._context)
         return _regrouped(grouped, grouped.event, self._context, prev_aggregate, self)
 
@@ -341,23 +344,17 @@ class EventStore(Generic[AggregateT, EventT]):
         """
         if not grouped_events:
             raise EventGroupError("An event group needs at least one grouped event")
-        now = utc_now()
-        prepared: list[GroupedEvent] = []
-        for index, given in enumerate(grouped_events):
-            grouped = given
+        for index, grouped in enumerate(grouped_events):
             if not isinstance(grouped, GroupedEvent):
                 raise EventGroupError(
                     f"Event group event #{index} is not a GroupedEvent (use store.group_event)"
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
-            if grouped.event.timestamp is None:
-                stamped = with_timestamp(grouped.event, now)
-                grouped = _regrouped(
-                    grouped, stamped, grouped.context, grouped.prev_aggregate, grouped.event_store
-                )
-            prepared.append(grouped)
-        head = prepared[0].event_storage_adapter
+        head = grouped_events[0].event_storage_adapter
+        prepared: Sequence[GroupedEvent] = grouped_events
+        if not getattr(head, "_stamps_groups", False):
+            prepared = _stamped_group(grouped_events)
         stored = await head.push_event_group(prepared, force=force)
         results: list[PushEventResult[Any, Event]] = []
         hooked: list[tuple[Any, PushEventResult[Any, Event]]] = []
@@ -377,6 +374,20 @@ class EventStore(Generic[AggregateT, EventT]):
         if hooked:
             await asyncio.gather(*(hook(result) for hook, result in hooked))
         return PushEventGroupResult(tuple(results))
+
+
+def _stamped_group(grouped_events: Sequence[GroupedEvent]) -> list[GroupedEvent]:
+    """The group with one timestamp for every event that has none (for other adapters)."""
+    now = utc_now()
+    prepared: list[GroupedEvent] = []
+    for grouped in grouped_events:
+        if grouped.event.timestamp is None:
+            stamped = with_timestamp(grouped.event, now)
+            grouped = _regrouped(  # noqa: PLW2901 - the stamped one replaces it
+                grouped, stamped, grouped.context, grouped.prev_aggregate, grouped.event_store
+            )
+        prepared.append(grouped)
+    return prepared
 
 
 def _regrouped(

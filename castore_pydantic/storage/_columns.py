@@ -85,11 +85,15 @@ def _columns_for(cls: type[Event]) -> _JsonColumns:
     if not plain:
         return _columns_via_event
 
+    # The serialisers themselves: ``TypeAdapter.dump_json`` adds a Python call per value.
+    payload_json = payload.serializer.to_json
+    metadata_json = metadata.serializer.to_json
+
     def columns(event: Event) -> tuple[str | None, str | None]:
         p, m = event.payload, event.metadata
         return (
-            None if p is None else payload.dump_json(p, by_alias=True).decode(),
-            None if m is None else metadata.dump_json(m, by_alias=True).decode(),
+            None if p is None else payload_json(p, by_alias=True).decode(),
+            None if m is None else metadata_json(m, by_alias=True).decode(),
         )
 
     return columns

@@ -7,7 +7,7 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import PydanticSerializationError
 
-from castore_pydantic._event import Event, stamped
+from castore_pydantic._event import Event, stamped, utc_now
 from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage._columns import json_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection
@@ -101,10 +101,11 @@ class GroupPlan:
         rows: Rows to write (members minus repeated keys).
     """
 
-    __slots__ = ("force", "members", "repeat", "rows", "tables")
+    __slots__ = ("force", "members", "now", "repeat", "rows", "tables")
 
     def __init__(self, force: bool) -> None:
         self.force = force
+        self.now = utc_now()  # of every member without a timestamp
         self.members: list[Member] = []
         self.repeat: int | None = None
         self.tables: dict[str, tuple[Statements, dict[tuple[str, str, int], tuple[Any, ...]]]] = {}
@@ -120,7 +121,7 @@ class GroupPlan:
             EventLimitExceededError: A value cannot be stored.
         """
         check_store_id(event_store_id)
-        event = stamped(event)
+        event = stamped(event, self.now)
         key = (event_store_id, event.aggregate_id, event.version)
         statements = target._sql
         entry = self.tables.get(statements.table)

@@ -6,9 +6,9 @@ import bisect
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
-from castore_pydantic._event import Event, normalize_timestamp, utc_now, with_timestamp
+from castore_pydantic._event import Event, normalize_timestamp, stamped, utc_now, with_timestamp
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -41,6 +41,10 @@ class InMemoryEventStorageAdapter:
         ValueError: Two initial events share an aggregate and a version.
         TypeError: An initial event lacks a string aggregate id or an int version.
     """
+
+    #: ``EventStore`` hands groups to this adapter as they are: ``group_event`` only wraps,
+    #: and ``push_event_group`` gives the events without a timestamp one timestamp.
+    _stamps_groups: ClassVar[bool] = True
 
     def __init__(
         self, *, initial_events: Mapping[str, Iterable[Event | Mapping[str, Any]]] | None = None
@@ -150,6 +154,7 @@ class InMemoryEventStorageAdapter:
             EventAlreadyExistsError: A version is taken; nothing is written.
         """
         targets: list[tuple[InMemoryEventStorageAdapter, str, Event]] = []
+        now = utc_now()
         for index, grouped in enumerate(grouped_events):
             adapter = grouped.event_storage_adapter
             if not isinstance(adapter, InMemoryEventStorageAdapter):
@@ -158,7 +163,7 @@ class InMemoryEventStorageAdapter:
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
-            targets.append((adapter, grouped.context.event_store_id, grouped.event))
+            targets.append((adapter, grouped.context.event_store_id, stamped(grouped.event, now)))
         # Check every event before writing any, so that a failure leaves no trace; the
         # same aggregate and version twice in one group is a conflict too.
         seen: set[tuple[int, str, str, int]] = set()

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, ClassVar, Self, cast
 
 try:
     import psycopg
@@ -92,6 +92,10 @@ class PostgresEventStorageAdapter:
             PostgreSQL cannot hold.
         TypeError: ``pool`` is not an ``AsyncConnectionPool``.
     """
+
+    #: ``EventStore`` hands groups to this adapter as they are: ``group_event`` only wraps,
+    #: and ``push_event_group`` gives the events without a timestamp one timestamp.
+    _stamps_groups: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -28,9 +28,9 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Final, Literal, ParamSpec, Self, TypeVar
+from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
 
-from castore_pydantic._event import Event, stamped
+from castore_pydantic._event import Event, stamped, utc_now
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -109,6 +109,10 @@ class SQLiteEventStorageAdapter:
     Raises:
         ValueError: An invalid table name, synchronous setting or busy timeout.
     """
+
+    #: ``EventStore`` hands groups to this adapter as they are: ``group_event`` only wraps,
+    #: and ``push_event_group`` gives the events without a timestamp one timestamp.
+    _stamps_groups: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -392,6 +396,7 @@ class SQLiteEventStorageAdapter:
             raise EventGroupError("An event group needs at least one grouped event")
         rows: list[tuple[Statements, str, tuple[Any, ...], Event]] = []
         stored: list[Event] = []
+        stamp = utc_now()  # of every event without a timestamp
         for index, grouped in enumerate(grouped_events):
             adapter = grouped.event_storage_adapter
             if not isinstance(adapter, SQLiteEventStorageAdapter):
@@ -406,7 +411,7 @@ class SQLiteEventStorageAdapter:
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
-            event = stamped(grouped.event)
+            event = stamped(grouped.event, stamp)
             row = self._row(event, grouped.context.event_store_id)
             rows.append((adapter._sql, adapter._table, row, event))
             stored.append(event)
