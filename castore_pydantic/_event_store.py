@@ -323,7 +323,7 @@ class EventStore(Generic[AggregateT, EventT]):
         """
         adapter = self.get_event_storage_adapter()
         validated = self._context.validate_input(event, timestamp=False)
-        if getattr(adapter, "_stamps_groups", False):
+        if _stamps_groups(adapter):
             # One of ours: its ``group_event`` would build the plain wrapper; build it whole.
             return GroupedEvent(validated, adapter, self._context, prev_aggregate, self)
         grouped = adapter.group_event(validated, self._context)
@@ -353,7 +353,7 @@ class EventStore(Generic[AggregateT, EventT]):
                 raise EventGroupError(f"Event group event #{index} misses context")
         head = grouped_events[0].event_storage_adapter
         prepared: Sequence[GroupedEvent] = grouped_events
-        if not getattr(head, "_stamps_groups", False):
+        if not _stamps_groups(head):
             prepared = _stamped_group(grouped_events)
         stored = await head.push_event_group(prepared, force=force)
         results: list[PushEventResult[Any, Event]] = []
@@ -374,6 +374,15 @@ class EventStore(Generic[AggregateT, EventT]):
         if hooked:
             await asyncio.gather(*(hook(result) for hook, result in hooked))
         return PushEventGroupResult(tuple(results))
+
+
+def _stamps_groups(adapter: object) -> bool:
+    """Whether the adapter's class is one of the library's, which stamp groups themselves.
+
+    Only the class that declares it: a subclass may override ``group_event`` or
+    ``push_event_group`` and expect what other adapters get.
+    """
+    return bool(type(adapter).__dict__.get("_stamps_groups", False))
 
 
 def _stamped_group(grouped_events: Sequence[GroupedEvent]) -> list[GroupedEvent]:

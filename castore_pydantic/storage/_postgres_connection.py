@@ -257,7 +257,8 @@ class Connections:
             self._sweep.cancel()
         kept, self._kept = self._kept, []
         for conn, _ in kept:
-            wait.forget(conn)
+            wait.forget(conn)  # all of them now: an interrupted close must not leave any
+        for conn, _ in kept:
             await self.pool.putconn(conn)
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
@@ -283,9 +284,10 @@ class Connections:
         kept = self._kept
         while kept:
             conn, _ = kept.pop()
-            if not conn.closed and not (wait.stirred(conn) and _closed_by_server(conn)):
+            if not conn.closed and not wait.stirred(conn):
                 return conn
-            # Closed, or the server said goodbye while it was kept: the pool replaces it.
+            # Closed, or the server spoke while it was kept (a goodbye, as a rule; its end
+            # may still be on the way): the pool replaces it.
             wait.forget(conn)
             await conn.close()
             await asyncio.shield(self.pool.putconn(conn))

@@ -194,6 +194,8 @@ async def _execute(
         session.names.clear()
         return await _execute(conn, query, params, retry=False)
     except psycopg.Error as exc:
+        if isinstance(exc, psycopg.OperationalError):
+            wait.forget(conn)  # libpq may have closed the socket while sending
         if name is None or prepared_now or not retry or exc.sqlstate not in _STALE_PLAN:
             raise
         # Prepared before the table changed: drop it and prepare it again, once. A statement
@@ -259,12 +261,10 @@ async def _collect(conn: AsyncConnection, session: _Session) -> Result:
         while pgconn.flush():
             await _flushable(pgconn)
         while True:
-            # Wait until the socket has something to read, then read it (inline: this runs
-            # for every statement, and a read attempted before the server could answer is a
-            # wasted system call).
+            # Wait until the socket had something to read and it was read (by the loop's
+            # callback; a read attempted before the server could answer is a wasted call).
             while pgconn.is_busy():
-                await wait.readable(conn)
-                pgconn.consume_input()
+                await wait.readable(conn)  # returns once more of the answer was read
             received = pgconn.get_result()
             if received is None:
                 if result is not None and result.status in _DONE:

@@ -5,21 +5,26 @@ two ``epoll_ctl`` system calls and the loop's bookkeeping, about 5 µs per state
 more between round trips; on a local server that is a few percent of a committed write.
 ``readable`` registers a connection's socket once and leaves it registered while the
 adapter holds the connection (also while it keeps it between operations); ``forget`` removes
-the registration when the connection goes back to the pool or may be closed. ``register_idle``
-registers the socket of a connection the adapter keeps whose last statement went through
-psycopg itself.
+the registration when the connection goes back to the pool or may be closed.
+``register_idle`` registers the socket of a connection the adapter keeps whose last
+statement went through psycopg itself.
+
+As asyncio's own transports do, the loop's callback reads what arrived (libpq's
+``consume_input``) before it wakes the waiting statement: a socket left unread would be
+reported again on the loop's next turn, after the statement had read it.
 
 The registration is checked before each wait, because psycopg's own waits on the connection
 (a cursor's statement, a transaction block) replace and then remove it: asyncio cancels the
 handle of a reader it replaces or removes, so the check is whether the handle is cancelled.
 The handle is read from the selector of asyncio's selector event loop once per
 registration (the loop's ``_selector`` attribute, stable since Python 3.4 but not public
-API). Other event loops (uvloop, for one) register and remove the socket around each wait.
+API). Other event loops (uvloop, for one), and selector loops that change how readers are
+registered, register and remove the socket around each wait.
 
-A socket that becomes readable while no statement runs (the server sent a notice, or said
-goodbye before a restart) is unregistered at once, so that the loop does not wake for it
-again and again, and the connection is marked: ``stirred`` tells the adapter to check it
-before using it.
+A socket that becomes readable while no statement runs (the server said goodbye before a
+restart, or sent a rare notice) is read too, and the connection is marked: ``stirred`` tells
+the adapter not to use it again. A connection found lost is unregistered at once, as libpq
+has closed its socket.
 """
 
 from __future__ import annotations
@@ -29,35 +34,44 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from selectors import BaseSelector
 from typing import Any
 
+import psycopg
+
 __all__ = ["forget", "readable", "register_idle", "stirred"]
 
 _WATCH = "_castore_watch"
+_ADD_READER = BaseSelectorEventLoop.add_reader
+_REMOVE_READER = BaseSelectorEventLoop.remove_reader
 
 
 class _Watch:
     """One registration of a connection's socket with one event loop."""
 
-    __slots__ = ("fd", "handle", "loop", "stirred", "waiter")
+    __slots__ = ("fd", "handle", "loop", "pgconn", "stirred", "waiter")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pgconn: Any, fd: int) -> None:
         self.loop = loop
+        self.pgconn = pgconn
         self.fd = fd
         self.handle: asyncio.Handle | None = None  # the loop's handle of ``wake``
         self.waiter: asyncio.Future[None] | None = None  # set while a statement waits
         self.stirred = False
 
     def wake(self) -> None:
-        """The socket is readable: wake the waiting statement, or stop watching."""
+        """The socket is readable: read it, then wake the waiting statement, if any."""
         waiter = self.waiter
-        if waiter is not None:
-            if not waiter.done():
-                waiter.set_result(None)
+        if waiter is None:
+            self.stirred = True  # the server spoke while no statement ran
+        try:
+            self.pgconn.consume_input()
+        except psycopg.Error as exc:
+            # Lost: libpq has closed the socket, which must not stay registered.
+            self.handle = None
+            self.loop.remove_reader(self.fd)
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
             return
-        # Nothing waits: the server spoke on its own. Left registered, a socket with unread
-        # data would wake the loop on every turn until the connection is used again.
-        self.stirred = True
-        self.handle = None
-        self.loop.remove_reader(self.fd)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def holds(self) -> bool:
         """Whether the loop's registration of the socket is still this one.
@@ -69,29 +83,41 @@ class _Watch:
 
 
 def _selector(loop: asyncio.AbstractEventLoop) -> BaseSelector | None:
-    """The selector of asyncio's selector event loop; ``None`` for any other loop."""
-    if not isinstance(loop, BaseSelectorEventLoop) or loop.is_closed():
+    """The selector of asyncio's own selector event loop; ``None`` for any other loop."""
+    kind = type(loop)
+    if (
+        not isinstance(loop, BaseSelectorEventLoop)
+        or kind.add_reader is not _ADD_READER
+        or kind.remove_reader is not _REMOVE_READER
+        or loop.is_closed()
+    ):
         return None
     selector: BaseSelector | None = getattr(loop, "_selector", None)
     return selector
 
 
 async def readable(conn: Any) -> None:
-    """Wait until the socket of ``conn`` (a psycopg connection) has something to read."""
+    """Wait until more of the server's answer to ``conn`` (a psycopg connection) was read.
+
+    Raises:
+        psycopg.OperationalError: The connection was lost.
+    """
     loop = asyncio.get_running_loop()
-    fd: int = conn.pgconn.socket
+    pgconn = conn.pgconn
+    fd: int = pgconn.socket
     watch = _current(conn, loop, fd)
     if watch is None:
         selector = _selector(loop)
-        if selector is None:
+        watch = None if selector is None else _register(conn, loop, selector, fd)
+        if watch is None:
             ready: asyncio.Future[None] = loop.create_future()
             loop.add_reader(fd, _wake, ready)
             try:
                 await ready
             finally:
                 loop.remove_reader(fd)
+            pgconn.consume_input()
             return
-        watch = _register(conn, loop, selector, fd)
     ready = loop.create_future()
     watch.waiter = ready
     try:
@@ -110,11 +136,19 @@ def _current(conn: Any, loop: asyncio.AbstractEventLoop, fd: int) -> _Watch | No
 
 def _register(
     conn: Any, loop: asyncio.AbstractEventLoop, selector: BaseSelector, fd: int
-) -> _Watch:
-    """Register ``conn``'s socket with ``loop`` (replacing a registration that ended)."""
-    watch = _Watch(loop, fd)
+) -> _Watch | None:
+    """Register ``conn``'s socket with ``loop``; ``None`` if the selector is not as expected."""
+    forget(conn)  # a registration with another loop, still open, must not outlive this one
+    watch = _Watch(loop, conn.pgconn, fd)
     loop.add_reader(fd, watch.wake)
-    watch.handle = selector.get_key(fd).data[0]
+    try:
+        handle = selector.get_key(fd).data[0]
+    except (KeyError, TypeError, AttributeError, IndexError):
+        handle = None
+    if not isinstance(handle, asyncio.Handle):
+        loop.remove_reader(fd)
+        return None
+    watch.handle = handle
     setattr(conn, _WATCH, watch)
     return watch
 
@@ -156,6 +190,6 @@ def forget(conn: Any) -> None:
 
 
 def stirred(conn: Any) -> bool:
-    """Whether the server sent ``conn`` something while no statement ran (since ``readable``)."""
+    """Whether the server sent ``conn`` something while no statement ran (since registered)."""
     watch: _Watch | None = conn.__dict__.get(_WATCH)
     return watch is not None and watch.stirred

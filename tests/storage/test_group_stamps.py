@@ -90,13 +90,20 @@ async def test_an_adapter_called_directly(
 
 
 class OtherAdapter(InMemoryEventStorageAdapter):
-    """An adapter that leaves stamping to the event store, as one from elsewhere would."""
+    """A subclass that overrides both group methods, as an adapter from elsewhere might.
 
-    _stamps_groups = False
+    It gets what any adapter gets: its own ``group_event`` is called, and its
+    ``push_event_group`` receives stamped events.
+    """
 
     def __init__(self) -> None:
         super().__init__()
+        self.wrapped = 0
         self.received: list[Event] = []
+
+    def group_event(self, event: Event, context: Any) -> GroupedEvent:
+        self.wrapped += 1
+        return super().group_event(event, context)
 
     async def push_event_group(
         self, grouped_events: Sequence[GroupedEvent], *, force: bool = False
@@ -111,6 +118,7 @@ async def test_another_adapter_receives_stamped_events(clock: TickingClock) -> N
     result = await EventStore.push_event_group(
         store.group_event(created("a")), store.group_event(created("b"))
     )
+    assert adapter.wrapped == 2
     assert len({event.timestamp for event in adapter.received}) == 1
     assert adapter.received[0].timestamp is not None
     assert [pushed.event for pushed in result.event_group] == adapter.received

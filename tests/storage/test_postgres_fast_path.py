@@ -295,6 +295,30 @@ class TestSocketRegistration:
     reused by another connection while the loop still lists the closed one.
     """
 
+    async def test_one_registration_serves_statements_with_loop_turns_between(
+        self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The answer is read where it is heard: no extra wake drops the registration."""
+        loop = asyncio.get_running_loop()
+        added: list[int] = []
+        add_reader = loop.add_reader
+
+        def counting(fd: Any, callback: Any, *args: Any) -> None:
+            added.append(fd)
+            add_reader(fd, callback, *args)
+
+        monkeypatch.setattr(loop, "add_reader", counting)
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as conn:
+            added.clear()
+            for i in range(20):
+                await asyncio.sleep(0)  # other tasks run between statements, as they do
+                result = await direct.execute(conn, "SELECT %s", (i,))
+                assert result.get_value(0, 0) == str(i).encode()
+                await asyncio.sleep(0)
+            assert added == [conn.pgconn.socket]
+            assert not wait.stirred(conn)
+            wait.forget(conn)
+
     async def test_direct_statements_after_psycopgs_own_on_one_connection(
         self, pg_schema: str
     ) -> None:
@@ -378,3 +402,63 @@ class TestSocketRegistration:
                 wait.forget(conn)
                 await conn.close()
             await lost.close()
+
+    def test_a_connection_moved_to_another_loop_leaves_no_registration_behind(self) -> None:
+        """Used on a second loop, the connection's registration with the first one ends."""
+        first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+        try:
+            conn = first.run_until_complete(psycopg.AsyncConnection.connect(DSN, autocommit=True))
+            fd = conn.pgconn.socket
+            first.run_until_complete(direct.execute(conn, "SELECT 1", ()))
+            second.run_until_complete(direct.execute(conn, "SELECT 2", ()))
+
+            async def close() -> None:
+                wait.forget(conn)
+                await conn.close()
+
+            second.run_until_complete(close())
+
+            async def reuse() -> bytes:
+                # The lowest free descriptor is reused; a stale entry for it would make
+                # psycopg's own wait fail (FileNotFoundError) or never wake.
+                again = await psycopg.AsyncConnection.connect(DSN, autocommit=True)
+                try:
+                    assert again.pgconn.socket == fd
+                    result = await asyncio.wait_for(direct.execute(again, "SELECT 3", ()), 10)
+                    return bytes(result.get_value(0, 0) or b"")
+                finally:
+                    wait.forget(again)
+                    await again.close()
+
+            assert first.run_until_complete(reuse()) == b"3"
+        finally:
+            first.close()
+            second.close()
+
+    async def test_an_interrupted_close_leaves_no_kept_socket_registered(
+        self, pg_schema: str
+    ) -> None:
+        adapter = await adapter_for(pg_schema, min_size=1, max_size=4)
+        store = counter_store(adapter)
+        await asyncio.gather(*(store.push_event(created(f"k{i}")) for i in range(12)))
+        kept = [conn for conn, _ in adapter._conns._kept]
+        assert len(kept) >= 2, "needs several kept connections"
+        assert all(wait.stirred(conn) is False and "_castore_watch" in vars(conn) for conn in kept)
+        entered = asyncio.Event()
+        putconn = adapter.pool.putconn
+
+        async def stuck(conn: Any) -> None:
+            entered.set()
+            await asyncio.sleep(3600)
+
+        adapter.pool.putconn = stuck  # type: ignore[method-assign]
+        closing = asyncio.create_task(adapter.aclose())
+        await entered.wait()
+        closing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await closing
+        assert [conn for conn in kept if "_castore_watch" in vars(conn)] == []
+        adapter.pool.putconn = putconn  # type: ignore[method-assign]
+        for conn in kept:
+            await putconn(conn)
+        await adapter.pool.close()
