@@ -70,6 +70,8 @@ _UNIQUE_CODES: Final = frozenset(
 )
 _FIRST_DELAY: Final = 0.0005
 _MAX_DELAY: Final = 0.02
+#: Longest pause between two looks at the adapter's own lock, held by another of its calls.
+_MAX_LOCK_DELAY: Final = 0.002
 #: Longest stretch of back-to-back operations before an adapter call yields to the loop.
 _MAX_LOOP_HOLD: Final = 0.01
 #: A pause between two calls this long means the loop ran other work in between.
@@ -225,7 +227,12 @@ class SQLiteEventStorageAdapter:
                 conn.close()  # closing rolls back whatever was left open
 
     async def _run(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Run a synchronous operation under the lock, retrying while the database is busy."""
+        """Run a synchronous operation under the lock, retrying while the database is busy.
+
+        Waiting for the adapter's own lock (another of its calls runs, a long read for
+        instance) has no time limit, as waiting for any lock: ``busy_timeout`` bounds the wait
+        for other connections only, and the pauses between looks stay short.
+        """
         now = time.monotonic()
         if now - self._last_end > _IDLE_GAP:
             self._last_yield = now  # the loop had its turn since this adapter's last call
@@ -235,22 +242,26 @@ class SQLiteEventStorageAdapter:
             self._last_yield = now
             await asyncio.sleep(0)
         deadline = None
-        delay = _FIRST_DELAY
+        delay = lock_delay = _FIRST_DELAY
         cause: BaseException | None = None
         while True:
-            if self._lock.acquire(blocking=False):
-                try:
-                    result = operation(*args, **kwargs)
-                except _BusyError as busy:
-                    cause = busy.__cause__
+            if not self._lock.acquire(blocking=False):
+                await asyncio.sleep(lock_delay)
+                lock_delay = min(lock_delay * 2, _MAX_LOCK_DELAY)
+                self._last_yield = time.monotonic()
+                continue
+            try:
+                result = operation(*args, **kwargs)
+            except _BusyError as busy:
+                cause = busy.__cause__
+            else:
+                self._last_end = time.monotonic()
+                return result
+            finally:
+                if self._keep_lock:
+                    self._keep_lock = False
                 else:
-                    self._last_end = time.monotonic()
-                    return result
-                finally:
-                    if self._keep_lock:
-                        self._keep_lock = False
-                    else:
-                        self._lock.release()
+                    self._lock.release()
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self._busy_timeout

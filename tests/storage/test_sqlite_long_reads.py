@@ -270,6 +270,23 @@ class TestEndings:
         await until_no_open_read(db)
 
 
+class TestCallsDuringALongRead:
+    async def test_a_call_waiting_for_a_long_read_is_not_timed_out(self, db: Path) -> None:
+        """``busy_timeout`` bounds waits for other connections, not for the adapter's calls."""
+        async with SQLiteEventStorageAdapter(db, busy_timeout=0.01) as adapter:
+            store = book_store(adapter)
+            await store.get_events("warm-up")  # creates the table
+            write_rows(db, "big", list(range(1, 60_001)))
+            read = asyncio.ensure_future(store.get_events("big"))
+            await asyncio.sleep(0)  # the read's worker now holds the adapter for a while
+            line = LineWritten(aggregate_id="note", version=1, payload=Line(text="meanwhile"))
+            assert not read.done(), "the read ended before the push began"
+            pushed = await store.push_event(line)
+            assert len((await read).events) == 60_000
+            assert (await store.get_events("note")).events == [pushed.event]
+        await until_no_open_read(db)
+
+
 def _fork_and_read(db: Path, within: float) -> int | None:
     """Fork; the child reads the long aggregate with a new adapter. The child's exit code
     (0: every event), or None if it did not finish ``within`` seconds (it is then killed).
