@@ -34,8 +34,6 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from selectors import BaseSelector
 from typing import Any
 
-import psycopg
-
 __all__ = ["forget", "readable", "register_idle", "stirred"]
 
 _WATCH = "_castore_watch"
@@ -63,7 +61,7 @@ class _Watch:
             self.stirred = True  # the server spoke while no statement ran
         try:
             self.pgconn.consume_input()
-        except psycopg.Error as exc:
+        except Exception as exc:  # a psycopg.OperationalError, in practice
             # Lost: libpq has closed the socket, which must not stay registered.
             self.handle = None
             self.loop.remove_reader(self.fd)

@@ -25,6 +25,7 @@ import re
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -70,8 +71,6 @@ _UNIQUE_CODES: Final = frozenset(
 )
 _FIRST_DELAY: Final = 0.0005
 _MAX_DELAY: Final = 0.02
-#: Longest pause between two looks at the adapter's own lock, held by another of its calls.
-_MAX_LOCK_DELAY: Final = 0.002
 #: Longest stretch of back-to-back operations before an adapter call yields to the loop.
 _MAX_LOOP_HOLD: Final = 0.01
 #: A pause between two calls this long means the loop ran other work in between.
@@ -91,6 +90,21 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     if isinstance(exc, sqlite3.Error) and _error_code(exc) & 0xFF in _UNAVAILABLE_CODES:
         return StorageUnavailableError(f"SQLite database unavailable while {doing}: {exc}")
     return StorageError(f"SQLite failed while {doing}: {exc}")
+
+
+#: Live adapters, reset in a forked child (see ``SQLiteEventStorageAdapter._forked``).
+_ADAPTERS: weakref.WeakSet[SQLiteEventStorageAdapter] = weakref.WeakSet()
+#: Connections a forked child inherited: never used, and never closed by garbage collection.
+_INHERITED: list[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    for adapter in list(_ADAPTERS):
+        adapter._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class SQLiteEventStorageAdapter:
@@ -152,6 +166,22 @@ class SQLiteEventStorageAdapter:
         #: Set by an operation that hands the lock on (a long read); ``_run`` then keeps it.
         self._keep_lock = False
         self._last_yield = self._last_end = time.monotonic()
+        _ADAPTERS.add(self)
+
+    def _forked(self) -> None:
+        """In a child process: start afresh, leaving the parent's connection and lock alone.
+
+        The child may have been forked while another thread held the lock (a long read's
+        worker), which no thread of the child would ever release; and SQLite forbids using,
+        or closing, a connection opened before a fork. The inherited connection is kept
+        unused for the child's lifetime.
+        """
+        self._lock = threading.Lock()
+        self._keep_lock = False
+        if self._conn is not None:
+            _INHERITED.append(self._conn)
+        self._conn = None
+        self._ready_tables = set()
 
     def __repr__(self) -> str:
         return f"SQLiteEventStorageAdapter({self._database!r}, table_name={self._table!r})"
@@ -230,8 +260,10 @@ class SQLiteEventStorageAdapter:
         """Run a synchronous operation under the lock, retrying while the database is busy.
 
         Waiting for the adapter's own lock (another of its calls runs, a long read for
-        instance) has no time limit, as waiting for any lock: ``busy_timeout`` bounds the wait
-        for other connections only, and the pauses between looks stay short.
+        instance) has no time limit, as waiting for any lock: ``busy_timeout`` bounds the time
+        other connections keep the database locked, not counting those waits. Both waits
+        look again after pauses that grow (randomly spread) to 20 ms: many waiters polling
+        faster would starve the thread that holds the lock of the GIL.
         """
         now = time.monotonic()
         if now - self._last_end > _IDLE_GAP:
@@ -246,9 +278,12 @@ class SQLiteEventStorageAdapter:
         cause: BaseException | None = None
         while True:
             if not self._lock.acquire(blocking=False):
-                await asyncio.sleep(lock_delay)
-                lock_delay = min(lock_delay * 2, _MAX_LOCK_DELAY)
+                began = time.monotonic()
+                await asyncio.sleep(lock_delay * random.uniform(0.5, 1.0))  # noqa: S311
+                lock_delay = min(lock_delay * 2, _MAX_DELAY)
                 self._last_yield = time.monotonic()
+                if deadline is not None:
+                    deadline += self._last_yield - began  # not the others' lock: not counted
                 continue
             try:
                 result = operation(*args, **kwargs)

@@ -15,7 +15,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import StorageError, StoredEventValidationError
+from castore_pydantic.storage import sqlite as sqlite_module
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 
 # A slice is 1,000 events: these sizes need several statements.
@@ -271,6 +272,29 @@ class TestEndings:
 
 
 class TestCallsDuringALongRead:
+    async def test_waiting_for_the_adapters_own_lock_leaves_busy_timeout_whole(
+        self, db: Path
+    ) -> None:
+        """After a busy answer, a wait for another call of the adapter is not counted."""
+        async with SQLiteEventStorageAdapter(db, busy_timeout=0.1) as adapter:
+            calls = 0
+
+            def operation() -> str:
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    # Busy; meanwhile the adapter's lock passes to another holder for 0.3 s,
+                    # as it does to a long read's worker.
+                    adapter._keep_lock = True
+                    threading.Timer(0.3, adapter._lock.release).start()
+                    raise sqlite_module._BusyError
+                if calls == 2:
+                    raise sqlite_module._BusyError  # busy again, once
+                return "done"
+
+            assert await adapter._run(operation) == "done"
+            assert calls == 3
+
     async def test_a_call_waiting_for_a_long_read_is_not_timed_out(self, db: Path) -> None:
         """``busy_timeout`` bounds waits for other connections, not for the adapter's calls."""
         async with SQLiteEventStorageAdapter(db, busy_timeout=0.01) as adapter:
@@ -287,9 +311,9 @@ class TestCallsDuringALongRead:
         await until_no_open_read(db)
 
 
-def _fork_and_read(db: Path, within: float) -> int | None:
-    """Fork; the child reads the long aggregate with a new adapter. The child's exit code
-    (0: every event), or None if it did not finish ``within`` seconds (it is then killed).
+def _fork_and_run(child: Callable[[], Awaitable[bool]], within: float) -> int | None:
+    """Fork; the child runs ``child`` in a new event loop. The child's exit code (0: it
+    returned true), or None if it did not finish ``within`` seconds (it is then killed).
 
     Called on a worker thread, so that the child starts with no event loop running.
     """
@@ -297,12 +321,7 @@ def _fork_and_read(db: Path, within: float) -> int | None:
     if pid == 0:  # pragma: no cover - the child always leaves through os._exit
         code = 2
         try:
-
-            async def read() -> int:
-                async with SQLiteEventStorageAdapter(db) as adapter:
-                    return len((await book_store(adapter).get_events("book")).events)
-
-            code = 0 if asyncio.run(read()) == len(VERSIONS) else 1
+            code = 0 if asyncio.run(child()) else 1  # type: ignore[arg-type]
         finally:
             os._exit(code)
     deadline = time.monotonic() + within
@@ -325,4 +344,33 @@ class TestFork:
         """After the parent's long reads, a forked child's long read still gets a worker."""
         for _ in range(3):  # leave whatever the parent's reads leave behind
             assert len((await store.get_events("book")).events) == len(VERSIONS)
-        assert await asyncio.to_thread(_fork_and_read, db, 30) == 0
+
+        async def read() -> bool:
+            async with SQLiteEventStorageAdapter(db) as adapter:
+                return len((await book_store(adapter).get_events("book")).events) == len(VERSIONS)
+
+        assert await asyncio.to_thread(_fork_and_run, read, 30) == 0
+
+    @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    async def test_a_child_forked_during_a_long_read_uses_the_inherited_adapter(
+        self, db: Path
+    ) -> None:
+        """Forked while a worker holds the adapter, the child's copy starts afresh."""
+        async with SQLiteEventStorageAdapter(db) as adapter:
+            store = book_store(adapter)
+            await store.get_events("warm-up")  # creates the table
+            write_rows(db, "big", list(range(1, 60_001)))
+            read = asyncio.ensure_future(store.get_events("big"))
+            await asyncio.sleep(0)  # the read's worker now holds the adapter
+
+            async def child() -> bool:
+                events = (await store.get_events("big")).events  # the inherited adapter
+                return len(events) == 60_000
+
+            def fork_while_held() -> int | None:
+                assert adapter._lock.locked(), "the read ended before the fork"
+                return _fork_and_run(child, 30)
+
+            assert await asyncio.to_thread(fork_while_held) == 0
+            assert len((await read).events) == 60_000
