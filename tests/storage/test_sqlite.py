@@ -8,8 +8,7 @@ import json
 import random
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from castore_pydantic.storage import EventStorageAdapter
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from castore_pydantic.testing.contracts import AdapterFactory, EventStorageAdapterContract
+from tests.storage.sqlite_support import raw
 
 
 class TestSQLiteContract(EventStorageAdapterContract):
@@ -128,16 +128,6 @@ def db(tmp_path: Path) -> Path:
 async def adapter(db: Path) -> AsyncIterator[SQLiteEventStorageAdapter]:
     async with SQLiteEventStorageAdapter(db) as adapter:
         yield adapter
-
-
-@contextmanager
-def raw(path: Path) -> Iterator[sqlite3.Connection]:
-    """A plain sqlite3 connection to look at the file or hold its lock."""
-    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 async def yield_until_blocked(task: asyncio.Task[Any]) -> None:

@@ -12,11 +12,9 @@ import asyncio
 import json
 import os
 import random
-import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +25,7 @@ from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import StorageError, StoredEventValidationError
 from castore_pydantic.storage import sqlite as sqlite_module
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+from tests.storage.sqlite_support import raw
 
 # A slice is 1,000 events: these sizes need several statements.
 VERSIONS = [*range(1, 1501), *range(1700, 2701)]  # 2,501 events, with a gap
@@ -51,17 +50,8 @@ def book_store(adapter: SQLiteEventStorageAdapter) -> EventStore[Any, Any]:
     )
 
 
-@contextmanager
-def raw(path: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 def write_rows(path: Path, aggregate_id: str, versions: list[int], text: str = "line") -> None:
-    with raw(path) as conn:
+    with raw(path, timeout=10) as conn:
         conn.execute("BEGIN")
         conn.executemany(
             "INSERT INTO event (aggregate_name, aggregate_id, version, type, data, timestamp)"
@@ -73,7 +63,7 @@ def write_rows(path: Path, aggregate_id: str, versions: list[int], text: str = "
 
 def no_open_read(path: Path) -> bool:
     """True when no connection holds a read snapshot: a TRUNCATE checkpoint then completes."""
-    with raw(path) as conn:
+    with raw(path, timeout=10) as conn:
         busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
     return bool(busy == 0)
 
@@ -155,14 +145,14 @@ class TestOneSnapshot:
     ) -> None:
         """A writer rewrites every event in one transaction, again and again; reads in
         slices never see some events before a rewrite and others after it."""
-        with raw(db) as conn:
+        with raw(db, timeout=10) as conn:
             conn.execute("UPDATE event SET data = json_object('text', 'round 0')")
         stop = threading.Event()
         rounds = 0
 
         def rewrite() -> None:
             nonlocal rounds
-            with raw(db) as conn:
+            with raw(db, timeout=10) as conn:
                 while not stop.is_set():
                     rounds += 1
                     conn.execute(
@@ -229,7 +219,7 @@ class TestEndings:
     ) -> None:
         """A stored event that does not validate (or is not JSON) past the first slice gives
         StoredEventValidationError; nothing stays open and the adapter keeps working."""
-        with raw(db) as conn:
+        with raw(db, timeout=10) as conn:
             conn.execute(
                 "UPDATE event SET data = ? WHERE aggregate_id = 'book' AND version = ?",
                 (data, bad_version),
