@@ -54,6 +54,8 @@ _BIGINT_MAX = 2**63 - 1
 _LAYOUT = ("aggregate_name", "aggregate_id", "version", "type", "data", "metadata", "timestamp")
 _FIRST_EVENTS = 1000  # events read by the first statement; longer aggregates are streamed
 _STREAM_CHUNK = 1000  # events per streamed chunk
+#: Aggregates remembered as long (per adapter), read in full straight in a snapshot.
+_KNOWN_LONG = 1024
 # libpq 17 can hand rows over in batches (``stream(size=...)``); older ones get the
 # server-built chunks of ``Statements.events_after`` instead.
 _CHUNKED_ROWS = psycopg.pq.version() >= 170000
@@ -114,6 +116,9 @@ class PostgresEventStorageAdapter:
         self._sql = Statements(self._schema, self._table)
         self._key_names = {self._sql.unique_name}
         self._group_sql: dict[tuple[Any, ...], str] = {}
+        # Aggregates a full read found long, most recent last: their next full read skips
+        # the first statement, which would read their first events only to read them again.
+        self._long: dict[tuple[str, str], None] = {}
         if pool is not None:
             if connection_string is not None or connect_kwargs:
                 raise ValueError("pass either a connection string or a pool, not both")
@@ -405,7 +410,8 @@ class PostgresEventStorageAdapter:
 
         PostgreSQL builds the JSON array of the rows, which is validated in one pass; a long
         aggregate read in full is read again in one snapshot, in chunks, each validated while
-        the server builds the next one.
+        the server builds the next one (an aggregate a full read found long is read in the
+        snapshot at once the next time).
 
         Raises:
             StoredEventValidationError: A stored event does not validate.
@@ -414,40 +420,29 @@ class PostgresEventStorageAdapter:
         event_store_id = context.event_store_id
         if limit == 0 or not (storable(aggregate_id) and storable(event_store_id)):
             return []  # no such aggregate can be stored
-        params: list[Any] = [event_store_id, aggregate_id]
-        if min_version is not None:
-            params.append(min_version)
-        if max_version is not None:
-            params.append(max_version)
-        # Reading everything in order (a fold) may stream; other reads are one statement.
-        streamed = limit is None and not reverse
-        bounds = {"min_version": min_version is not None, "max_version": max_version is not None}
-        if streamed:
-            params.append(_FIRST_EVENTS)
-            query = self._sql.first_events(**bounds)
-        else:
-            params.append(None if limit is None else min(limit, _BIGINT_MAX))
-            query = self._sql.get_events(**bounds, reverse=reverse)
+        streamed = limit is None and not reverse  # may be long, see ``_read_statement``
+        whole = streamed and min_version is None and max_version is None
+        known_long = whole and (event_store_id, aggregate_id) in self._long
+        query, params, rest = self._read_statement(
+            event_store_id, aggregate_id, min_version, max_version, limit=limit, reverse=reverse
+        )
         where = self._where("reading events")
         conn = await self._conns.acquire(where)
         events: list[Event] | None = None
         try:
-            result = await direct.execute(conn, query, params)
-            value = result.get_value(0, 0) if result.ntuples else None
-            if value is None:
-                return []
-            text = direct.decoded(conn, value)
-            if streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS:
-                # Long: read it all again, streamed, in one snapshot.
-                rest = [
-                    _STREAM_CHUNK,
-                    event_store_id,
-                    aggregate_id,
-                    -1 if min_version is None else min_version - 1,
-                ]
-                if max_version is not None:
-                    rest.append(max_version)
+            if known_long:
                 events = await self._read_long(conn, context, rest)
+            else:
+                result = await direct.execute(conn, query, params)
+                value = result.get_value(0, 0) if result.ntuples else None
+                if value is None:
+                    return []
+                text = direct.decoded(conn, value)
+                if streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS:
+                    # Long: read it all again, streamed, in one snapshot.
+                    events = await self._read_long(conn, context, rest)
+                    if whole:
+                        self._remember_long((event_store_id, aggregate_id))
         except pg_errors.InvalidTextRepresentation:
             return []  # not a UUID, on a uuid table: no such aggregate
         except psycopg.Error as exc:
@@ -456,15 +451,60 @@ class PostgresEventStorageAdapter:
             await self._conns.release(conn)
         return context.parse_events_json(text) if events is None else events
 
+    def _read_statement(
+        self,
+        event_store_id: str,
+        aggregate_id: str,
+        min_version: int | None,
+        max_version: int | None,
+        *,
+        limit: int | None,
+        reverse: bool,
+    ) -> tuple[str, list[Any], list[Any]]:
+        """The first statement of a read and its parameters, and those of a long read's rest.
+
+        A read of everything in order (a fold) reads its first events and their count, and
+        streams the rest if there are more (``_read_long``); others are one statement.
+        """
+        params: list[Any] = [event_store_id, aggregate_id]
+        if min_version is not None:
+            params.append(min_version)
+        if max_version is not None:
+            params.append(max_version)
+        bounds = {"min_version": min_version is not None, "max_version": max_version is not None}
+        if limit is None and not reverse:
+            params.append(_FIRST_EVENTS)
+            query = self._sql.first_events(**bounds)
+        else:
+            params.append(None if limit is None else min(limit, _BIGINT_MAX))
+            query = self._sql.get_events(**bounds, reverse=reverse)
+        rest = [
+            _STREAM_CHUNK,
+            event_store_id,
+            aggregate_id,
+            -1 if min_version is None else min_version - 1,
+        ]
+        if max_version is not None:
+            rest.append(max_version)
+        return query, params, rest
+
+    def _remember_long(self, key: tuple[str, str]) -> None:
+        """Remember an aggregate found long (the oldest is forgotten past ``_KNOWN_LONG``)."""
+        known = self._long
+        known[key] = None
+        if len(known) > _KNOWN_LONG:
+            del known[next(iter(known))]
+
     async def _read_long(
         self, conn: AsyncConnection, context: EventStoreContext, rest: list[Any]
     ) -> list[Event]:
         """Stream a long aggregate's events in one ``REPEATABLE READ`` snapshot.
 
-        Its first events were read by a statement of their own, before the read was known
-        to be long; they are read again inside the snapshot, so that a write committed in
-        between (a ``force`` rewrite) is never seen half-way. The cost is two short round
-        trips and the first chunk's work on the server.
+        Unless an earlier full read found the aggregate long, its first events were read by
+        a statement of their own, before the read was known to be long; they are read again
+        inside the snapshot, so that a write committed in between (a ``force`` rewrite) is
+        never seen half-way. The cost is two short round trips and the first chunk's work on
+        the server.
         """
         await direct.execute(conn, _SNAPSHOT, ())
         try:

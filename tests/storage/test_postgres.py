@@ -766,6 +766,41 @@ class TestLongAggregates:
             assert rewrites > 5, "the writer did not get to run while reads went on"
             assert mixed == []
 
+    async def test_an_aggregate_found_long_is_read_at_once_in_a_snapshot_next_time(
+        self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The first full read of a long aggregate reads its first events twice; later full
+        reads do not, and return the same events; bounded reads are unchanged."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await EventStore.push_event_group(
+                store.group_event(created("long")),
+                *(store.group_event(incremented("long", v)) for v in range(2, 1201)),
+            )
+            statements: list[str] = []
+            execute = postgres_module.direct.execute
+
+            async def spy(conn: Any, query: str, params: Any) -> Any:
+                statements.append(query)
+                return await execute(conn, query, params)
+
+            monkeypatch.setattr(postgres_module.direct, "execute", spy)
+            first_events = adapter._sql.first_events(min_version=False, max_version=False)
+            first = (await store.get_events("long")).events
+            assert statements.count(first_events) == 1
+            statements.clear()
+            again = (await store.get_events("long")).events
+            assert first_events not in statements
+            assert again == first
+            assert [e.version for e in again] == list(range(1, 1201))
+            await store.push_event(incremented("long", 1201))
+            assert len((await store.get_events("long")).events) == 1201
+            statements.clear()
+            bounded = (await store.get_events("long", min_version=2)).events
+            assert len(bounded) == 1200
+            assert statements[0] == adapter._sql.first_events(min_version=True, max_version=False)
+
     async def test_group_larger_than_one_statement_is_still_atomic(self, pg_schema: str) -> None:
         """A group beyond one statement's 65,535 values is one transaction: all or nothing."""
         table = await make_table(pg_schema)
