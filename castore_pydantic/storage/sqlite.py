@@ -44,6 +44,7 @@ from castore_pydantic.errors import (
     StoredEventValidationError,
 )
 from castore_pydantic.storage._columns import json_columns
+from castore_pydantic.storage._sqlite_lock import AdapterLock
 from castore_pydantic.storage._sqlite_rows import (
     MAX_INTEGER,
     SLICE,
@@ -71,6 +72,8 @@ _UNIQUE_CODES: Final = frozenset(
 )
 _FIRST_DELAY: Final = 0.0005
 _MAX_DELAY: Final = 0.02
+#: Longest pause of a call waiting for the adapter's own lock (a release wakes it before).
+_MAX_LOCK_PAUSE: Final = 1.0
 #: Longest stretch of back-to-back operations before an adapter call yields to the loop.
 _MAX_LOOP_HOLD: Final = 0.01
 #: A pause between two calls this long means the loop ran other work in between.
@@ -159,7 +162,7 @@ class SQLiteEventStorageAdapter:
         self._sql = Statements(table_name)
         self._synchronous = mode
         self._busy_timeout = float(busy_timeout)
-        self._lock = threading.Lock()
+        self._lock = AdapterLock()
         self._conn: sqlite3.Connection | None = None
         self._ready_tables: set[str] = set()
         self._closed = False
@@ -176,7 +179,7 @@ class SQLiteEventStorageAdapter:
         or closing, a connection opened before a fork. The inherited connection is kept
         unused for the child's lifetime.
         """
-        self._lock = threading.Lock()
+        self._lock = AdapterLock()
         self._keep_lock = False
         if self._conn is not None:
             _INHERITED.append(self._conn)
@@ -213,9 +216,9 @@ class SQLiteEventStorageAdapter:
     async def aclose(self) -> None:
         """Close the connection; idempotent. The adapter cannot be used afterwards."""
         self._closed = True
-        # A threading lock (the adapter may be shared by threads): poll it without blocking.
-        while not self._lock.acquire(blocking=False):  # noqa: ASYNC110
-            await asyncio.sleep(_FIRST_DELAY)
+        # A thread lock (the adapter may be shared by threads): wait for it without blocking.
+        while not self._lock.acquire(blocking=False):
+            await self._lock.wait(_MAX_LOCK_PAUSE)
         try:
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -261,9 +264,11 @@ class SQLiteEventStorageAdapter:
 
         Waiting for the adapter's own lock (another of its calls runs, a long read for
         instance) has no time limit, as waiting for any lock: ``busy_timeout`` bounds the time
-        other connections keep the database locked, not counting those waits. Both waits
-        look again after pauses that grow (randomly spread) to 20 ms: many waiters polling
-        faster would starve the thread that holds the lock of the GIL.
+        other connections keep the database locked, not counting those waits. A release
+        wakes the oldest waiting call, which also looks again after a pause growing to a
+        second (a safety net; many waiters polling often would starve the thread that holds
+        the lock of the GIL). Waits for other connections' locks (``SQLITE_BUSY``) look
+        again after pauses growing (randomly spread) to 20 ms.
         """
         now = time.monotonic()
         if now - self._last_end > _IDLE_GAP:
@@ -279,8 +284,8 @@ class SQLiteEventStorageAdapter:
         while True:
             if not self._lock.acquire(blocking=False):
                 began = time.monotonic()
-                await asyncio.sleep(lock_delay * random.uniform(0.5, 1.0))  # noqa: S311
-                lock_delay = min(lock_delay * 2, _MAX_DELAY)
+                await self._lock.wait(lock_delay * random.uniform(0.5, 1.0))  # noqa: S311
+                lock_delay = min(lock_delay * 2, _MAX_LOCK_PAUSE)
                 self._last_yield = time.monotonic()
                 if deadline is not None:
                     deadline += self._last_yield - began  # not the others' lock: not counted

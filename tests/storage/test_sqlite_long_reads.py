@@ -14,7 +14,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +74,27 @@ async def until_no_open_read(path: Path) -> None:
     while not no_open_read(path):
         assert time.monotonic() < deadline, "a read transaction was left open"
         await asyncio.sleep(0.01)
+
+
+@contextmanager
+def held_by_a_thread(adapter: SQLiteEventStorageAdapter) -> Iterator[threading.Event]:
+    """The adapter's lock, held by another thread (outside SQLite, as a long read's worker
+    between statements) until the block ends or the yielded event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with adapter._lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    try:
+        yield release
+    finally:
+        release.set()
+        holder.join()
 
 
 @pytest.fixture
@@ -285,6 +307,36 @@ class TestCallsDuringALongRead:
             assert await adapter._run(operation) == "done"
             assert calls == 3
 
+    @pytest.mark.parametrize("give_up", [False, True], ids=["all-wait", "first-cancelled"])
+    async def test_a_release_wakes_the_waiting_calls(
+        self, db: Path, monkeypatch: pytest.MonkeyPatch, give_up: bool
+    ) -> None:
+        """Waiting calls go on when the holder releases, not after their own pause (made
+        seconds long here); a cancelled waiter passes its turn on."""
+        monkeypatch.setattr(sqlite_module, "_FIRST_DELAY", 5.0)
+        async with SQLiteEventStorageAdapter(db) as adapter:
+            store = book_store(adapter)
+            await store.get_events("warm-up")  # creates the table
+            with held_by_a_thread(adapter) as release:
+                pushes = [
+                    asyncio.ensure_future(
+                        store.push_event(
+                            LineWritten(aggregate_id=f"w{i}", version=1, payload=Line(text="x"))
+                        )
+                    )
+                    for i in range(3)
+                ]
+                await asyncio.sleep(0.05)  # all three wait now
+                assert not any(push.done() for push in pushes)
+                if give_up:
+                    pushes[0].cancel()
+                release.set()
+            waiting = pushes[1:] if give_up else pushes
+            done, _ = await asyncio.wait(waiting, timeout=2)
+            assert done == set(waiting), "a waiting call slept through the release"
+            if give_up:
+                assert pushes[0].cancelled()
+
     async def test_a_call_waiting_for_a_long_read_is_not_timed_out(self, db: Path) -> None:
         """``busy_timeout`` bounds waits for other connections, not for the adapter's calls."""
         async with SQLiteEventStorageAdapter(db, busy_timeout=0.01) as adapter:
@@ -350,24 +402,11 @@ class TestFork:
             store = book_store(adapter)
             line = LineWritten(aggregate_id="note", version=1, payload=Line(text="before"))
             await store.push_event(line)
-            held, release = threading.Event(), threading.Event()
-
-            def hold() -> None:
-                with adapter._lock:
-                    held.set()
-                    release.wait(60)
-
-            holder = threading.Thread(target=hold)
-            holder.start()
-            held.wait(10)
 
             async def child() -> bool:
                 return len((await store.get_events("note")).events) == 1  # the inherited one
 
-            try:
+            with held_by_a_thread(adapter):
                 code = await asyncio.to_thread(_fork_and_run, child, 30)
-            finally:
-                release.set()
-                holder.join()
             assert code == 0
             assert len((await store.get_events("note")).events) == 1
