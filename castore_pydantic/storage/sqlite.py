@@ -44,7 +44,7 @@ from castore_pydantic.errors import (
     StoredEventValidationError,
 )
 from castore_pydantic.storage._columns import json_columns
-from castore_pydantic.storage._sqlite_lock import AdapterLock
+from castore_pydantic.storage._sqlite_lock import AdapterLock, Ticket
 from castore_pydantic.storage._sqlite_rows import (
     MAX_INTEGER,
     SLICE,
@@ -73,7 +73,7 @@ _UNIQUE_CODES: Final = frozenset(
 _FIRST_DELAY: Final = 0.0005
 _MAX_DELAY: Final = 0.02
 #: Longest pause of a call waiting for the adapter's own lock (a release wakes it before).
-_MAX_LOCK_PAUSE: Final = 1.0
+_MAX_LOCK_PAUSE: Final = 0.05
 #: Longest stretch of back-to-back operations before an adapter call yields to the loop.
 _MAX_LOOP_HOLD: Final = 0.01
 #: A pause between two calls this long means the loop ran other work in between.
@@ -217,8 +217,10 @@ class SQLiteEventStorageAdapter:
         """Close the connection; idempotent. The adapter cannot be used afterwards."""
         self._closed = True
         # A thread lock (the adapter may be shared by threads): wait for it without blocking.
+        ticket: Ticket | None = None
         while not self._lock.acquire(blocking=False):
-            await self._lock.wait(_MAX_LOCK_PAUSE)
+            ticket = await self._lock.wait(ticket, _MAX_LOCK_PAUSE)
+        self._lock.leave(ticket)
         try:
             conn, self._conn = self._conn, None
             if conn is not None:
@@ -264,11 +266,10 @@ class SQLiteEventStorageAdapter:
 
         Waiting for the adapter's own lock (another of its calls runs, a long read for
         instance) has no time limit, as waiting for any lock: ``busy_timeout`` bounds the time
-        other connections keep the database locked, not counting those waits. A release
-        wakes the oldest waiting call, which also looks again after a pause growing to a
-        second (a safety net; many waiters polling often would starve the thread that holds
-        the lock of the GIL). Waits for other connections' locks (``SQLITE_BUSY``) look
-        again after pauses growing (randomly spread) to 20 ms.
+        other connections keep the database locked, not counting those waits. Calls wait for
+        the adapter's lock in line, and a release wakes the first (``AdapterLock``); each
+        also looks again after a pause growing to 50 ms. Waits for other connections' locks
+        (``SQLITE_BUSY``) look again after pauses growing (randomly spread) to 20 ms.
         """
         now = time.monotonic()
         if now - self._last_end > _IDLE_GAP:
@@ -281,15 +282,19 @@ class SQLiteEventStorageAdapter:
         deadline = None
         delay = lock_delay = _FIRST_DELAY
         cause: BaseException | None = None
+        ticket: Ticket | None = None  # this call's place in line for the adapter's lock
         while True:
-            if not self._lock.acquire(blocking=False):
+            lock = self._lock
+            if not lock.acquire(blocking=False):
                 began = time.monotonic()
-                await self._lock.wait(lock_delay * random.uniform(0.5, 1.0))  # noqa: S311
+                ticket = await lock.wait(ticket, lock_delay * random.uniform(0.5, 1.0))  # noqa: S311
                 lock_delay = min(lock_delay * 2, _MAX_LOCK_PAUSE)
                 self._last_yield = time.monotonic()
                 if deadline is not None:
                     deadline += self._last_yield - began  # not the others' lock: not counted
                 continue
+            lock.leave(ticket)
+            ticket = None
             try:
                 result = operation(*args, **kwargs)
             except _BusyError as busy:
