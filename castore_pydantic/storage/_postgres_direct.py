@@ -285,11 +285,6 @@ def _error(result: Result | None, session: _Session) -> psycopg.Error:
     return psycopg.OperationalError(f"unexpected answer from PostgreSQL: {status}")
 
 
-def _wake(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
-
-
 async def _flushable(pgconn: pq.abc.PGconn) -> None:
     """Wait until the socket takes more (a large statement did not fit its buffer).
 
@@ -301,8 +296,8 @@ async def _flushable(pgconn: pq.abc.PGconn) -> None:
     loop = asyncio.get_running_loop()
     fileno = pgconn.socket
     ready = loop.create_future()
-    loop.add_reader(fileno, _wake, ready)
-    loop.add_writer(fileno, _wake, ready)
+    loop.add_reader(fileno, wait.resolve, ready)
+    loop.add_writer(fileno, wait.resolve, ready)
     try:
         await ready
     finally:

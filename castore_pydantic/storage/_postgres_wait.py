@@ -34,7 +34,7 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from selectors import BaseSelector
 from typing import Any
 
-__all__ = ["forget", "readable", "register_idle", "stirred"]
+__all__ = ["forget", "readable", "register_idle", "resolve", "stirred"]
 
 _WATCH = "_castore_watch"
 _ADD_READER = BaseSelectorEventLoop.add_reader
@@ -109,7 +109,7 @@ async def readable(conn: Any) -> None:
         watch = None if selector is None else _register(conn, loop, selector, fd)
         if watch is None:
             ready: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(fd, _wake, ready)
+            loop.add_reader(fd, resolve, ready)
             try:
                 await ready
             finally:
@@ -167,7 +167,8 @@ def register_idle(conn: Any) -> None:
             _register(conn, loop, selector, fd)
 
 
-def _wake(ready: asyncio.Future[None]) -> None:
+def resolve(ready: asyncio.Future[None]) -> None:
+    """Complete ``ready`` unless it already is (a reader or writer callback)."""
     if not ready.done():
         ready.set_result(None)
 

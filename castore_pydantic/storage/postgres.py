@@ -64,6 +64,21 @@ _SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 _IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
 
 
+def _long_params(
+    event_store_id: str, aggregate_id: str, min_version: int | None, max_version: int | None
+) -> list[Any]:
+    """The parameters of a long read (``Statements.events_after``).
+
+    Chunk size, store, aggregate, the version before the first one wanted, and the last one
+    wanted if the read is bounded.
+    """
+    after = -1 if min_version is None else min_version - 1
+    rest = [_STREAM_CHUNK, event_store_id, aggregate_id, after]
+    if max_version is not None:
+        rest.append(max_version)
+    return rest
+
+
 def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
@@ -423,26 +438,27 @@ class PostgresEventStorageAdapter:
         streamed = limit is None and not reverse  # may be long, see ``_read_statement``
         whole = streamed and min_version is None and max_version is None
         known_long = whole and (event_store_id, aggregate_id) in self._long
-        query, params, rest = self._read_statement(
+        query, params = self._read_statement(
             event_store_id, aggregate_id, min_version, max_version, limit=limit, reverse=reverse
         )
         where = self._where("reading events")
         conn = await self._conns.acquire(where)
         events: list[Event] | None = None
         try:
-            if known_long:
-                events = await self._read_long(conn, context, rest)
-            else:
+            long = known_long
+            if not known_long:
                 result = await direct.execute(conn, query, params)
                 value = result.get_value(0, 0) if result.ntuples else None
                 if value is None:
                     return []
                 text = direct.decoded(conn, value)
-                if streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS:
-                    # Long: read it all again, streamed, in one snapshot.
-                    events = await self._read_long(conn, context, rest)
-                    if whole:
-                        self._remember_long((event_store_id, aggregate_id))
+                # At the limit: long, read it all again, streamed, in one snapshot.
+                long = streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS
+                if long and whole:
+                    self._remember_long((event_store_id, aggregate_id))
+            if long:
+                rest = _long_params(event_store_id, aggregate_id, min_version, max_version)
+                events = await self._read_long(conn, context, rest)
         except pg_errors.InvalidTextRepresentation:
             return []  # not a UUID, on a uuid table: no such aggregate
         except psycopg.Error as exc:
@@ -460,11 +476,11 @@ class PostgresEventStorageAdapter:
         *,
         limit: int | None,
         reverse: bool,
-    ) -> tuple[str, list[Any], list[Any]]:
-        """The first statement of a read and its parameters, and those of a long read's rest.
+    ) -> tuple[str, list[Any]]:
+        """The first statement of a read and its parameters.
 
         A read of everything in order (a fold) reads its first events and their count, and
-        streams the rest if there are more (``_read_long``); others are one statement.
+        streams them all if there are more (``_read_long``); others are one statement.
         """
         params: list[Any] = [event_store_id, aggregate_id]
         if min_version is not None:
@@ -478,15 +494,7 @@ class PostgresEventStorageAdapter:
         else:
             params.append(None if limit is None else min(limit, _BIGINT_MAX))
             query = self._sql.get_events(**bounds, reverse=reverse)
-        rest = [
-            _STREAM_CHUNK,
-            event_store_id,
-            aggregate_id,
-            -1 if min_version is None else min_version - 1,
-        ]
-        if max_version is not None:
-            rest.append(max_version)
-        return query, params, rest
+        return query, params
 
     def _remember_long(self, key: tuple[str, str]) -> None:
         """Remember an aggregate found long (the oldest is forgotten past ``_KNOWN_LONG``)."""
@@ -499,6 +507,8 @@ class PostgresEventStorageAdapter:
         self, conn: AsyncConnection, context: EventStoreContext, rest: list[Any]
     ) -> list[Event]:
         """Stream a long aggregate's events in one ``REPEATABLE READ`` snapshot.
+
+        ``rest`` holds the parameters of ``Statements.events_after`` (``_long_params``).
 
         Unless an earlier full read found the aggregate long, its first events were read by
         a statement of their own, before the read was known to be long; they are read again
