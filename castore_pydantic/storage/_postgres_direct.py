@@ -8,7 +8,10 @@ spent in the cursor's general machinery: on a local server that is several perce
 committed write, and most of what separates psycopg from the fastest asyncio driver.
 ``execute`` sends such a statement as a prepared statement on the ``PGconn`` of a pooled
 psycopg connection, with psycopg's own adaptation (``Transformer``) and error classes, and
-waits on the socket with the event loop. Every other statement goes through a cursor.
+waits on the socket with the event loop. ``stream`` does the same for a statement whose rows
+are taken in batches as the server sends them (a long read): a psycopg cursor's stream makes
+a Python row and an async-generator step per row, which cost more than the row's validation.
+Every other statement goes through a cursor.
 
 The connection belongs to the calling operation while the statement runs (it was taken from
 the pool), and psycopg finds it idle before and after. A cancelled task's statement is
@@ -24,7 +27,7 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -35,13 +38,14 @@ from psycopg.adapt import PyFormat, Transformer
 from castore_pydantic.storage import _postgres_wait as wait
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 
-__all__ = ["Result", "decoded", "execute", "numbered"]
+__all__ = ["Result", "decoded", "execute", "numbered", "stream"]
 
 Result = pq.abc.PGresult
 
 logger = logging.getLogger(__name__)
 
 _DONE = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+_CHUNK = pq.ExecStatus.TUPLES_CHUNK
 _ACTIVE = pq.TransactionStatus.ACTIVE
 _INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 #: Seconds to wait for the server to end a statement cancelled by an interruption.
@@ -151,8 +155,50 @@ async def execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> R
     return await _execute(conn, query, params, retry=True)
 
 
+#: Receives the first column's values of one batch of rows (bytes in the client encoding,
+#: ``None`` for NULL).
+Rows = Callable[[list[bytes | None]], None]
+
+
+async def stream(
+    conn: AsyncConnection, query: str, params: Sequence[Any], size: int, take: Rows
+) -> None:
+    """Run one statement, handing ``take`` its rows' first column in batches of ``size``.
+
+    Each batch is handed over as libpq receives it (its chunked rows mode, libpq 17+), so
+    the caller works on one batch while the server produces the next. The statement is
+    prepared, interrupted and failed as with ``execute``. If ``take`` raises, the rest of
+    the answer is received and dropped (the connection is idle again), then its exception
+    goes on; no batch is handed over after that.
+
+    Raises:
+        psycopg.Error: As ``execute``; batches before the error were handed over.
+    """
+    await _execute(conn, query, params, retry=True, rows=_Batches(size, take))
+
+
+class _Batches:
+    """Where a streamed statement's batches go, and how many went there."""
+
+    __slots__ = ("handed", "size", "take")
+
+    def __init__(self, size: int, take: Rows) -> None:
+        self.size = size
+        self.take = take
+        self.handed = 0  # a statement that handed over rows cannot be run again
+
+    def __call__(self, values: list[bytes | None]) -> None:
+        self.handed += 1
+        self.take(values)
+
+
 async def _execute(
-    conn: AsyncConnection, query: str, params: Sequence[Any], *, retry: bool
+    conn: AsyncConnection,
+    query: str,
+    params: Sequence[Any],
+    *,
+    retry: bool,
+    rows: _Batches | None = None,
 ) -> Result:
     session = _session(conn)
     transformer = session.transformer
@@ -186,23 +232,32 @@ async def _execute(
             )
         else:
             pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
-        return await _collect(conn, session)
+        if rows is None:
+            return await _collect(conn, session)
+        pgconn.set_chunked_rows_mode(rows.size)
+        return await _collect(conn, session, rows)
     except pg_errors.InvalidSqlStatementName:
-        if name is None or not retry:
+        if name is None or not retry or (rows is not None and rows.handed):
             raise
         # Something ran DISCARD ALL or DEALLOCATE: the statement did nothing; prepare again.
         session.names.clear()
-        return await _execute(conn, query, params, retry=False)
+        return await _execute(conn, query, params, retry=False, rows=rows)
     except psycopg.Error as exc:
         if isinstance(exc, psycopg.OperationalError):
             wait.forget(conn)  # libpq may have closed the socket while sending
-        if name is None or prepared_now or not retry or exc.sqlstate not in _STALE_PLAN:
+        if (
+            name is None
+            or prepared_now
+            or not retry
+            or (rows is not None and rows.handed)
+            or exc.sqlstate not in _STALE_PLAN
+        ):
             raise
         # Prepared before the table changed: drop it and prepare it again, once. A statement
         # that failed this way did nothing.
         del session.names[key]
         await _deallocate(conn, session, name)
-        return await _execute(conn, query, params, retry=False)
+        return await _execute(conn, query, params, retry=False, rows=rows)
     except _INTERRUPTED:
         if pgconn.transaction_status == _ACTIVE:
             await _settle(conn, session)
@@ -253,10 +308,15 @@ async def _settle(conn: AsyncConnection, session: _Session) -> None:
         conn.pgconn.finish()
 
 
-async def _collect(conn: AsyncConnection, session: _Session) -> Result:
-    """Send what is buffered, then collect the statement's result (raising its error)."""
+async def _collect(conn: AsyncConnection, session: _Session, take: Rows | None = None) -> Result:
+    """Send what is buffered, then collect the statement's result (raising its error).
+
+    With ``take``, batches of rows (chunked rows mode) are handed to it as they come; if it
+    raises, the rest is received and dropped before its exception goes on.
+    """
     pgconn = conn.pgconn
     result: Result | None = None
+    failure: Exception | None = None
     try:
         while pgconn.flush():
             await _flushable(pgconn)
@@ -267,9 +327,19 @@ async def _collect(conn: AsyncConnection, session: _Session) -> Result:
                 await wait.readable(conn)  # returns once more of the answer was read
             received = pgconn.get_result()
             if received is None:
+                if failure is not None:
+                    raise failure
                 if result is not None and result.status in _DONE:
                     return result
                 raise _error(result, session)
+            if take is not None and received.status == _CHUNK:
+                if failure is None:
+                    value = received.get_value
+                    try:
+                        take([value(row, 0) for row in range(received.ntuples)])
+                    except Exception as exc:  # raised once the whole answer is in
+                        failure = exc
+                continue
             if result is None or result.status != _FATAL:
                 result = received  # an error is kept over anything after it
     except psycopg.OperationalError:

@@ -28,6 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'castore-pydantic[postgres]'"
     ) from exc
 
+from castore_pydantic import _gc
 from castore_pydantic._event import Event, stamped
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
@@ -533,44 +534,40 @@ class PostgresEventStorageAdapter:
         """Stream and validate the events after a version, in chunks.
 
         ``rest`` holds the parameters of ``Statements.events_after``. Validating a chunk
-        overlaps with PostgreSQL building the next one.
+        overlaps with PostgreSQL building the next one. The cyclic garbage collector stays
+        paused for the whole read, waits included (see ``_gc``): the events read so far
+        stay alive until the end, and each collection between chunks would walk them all.
         """
-        if _CHUNKED_ROWS:
-            return await self._read_rows(conn, context, rest[1:])
-        query = self._sql.events_after(max_version=len(rest) > 4)
-        events: list[Event] = []
-        async with conn.cursor() as cursor:
-            stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
-            async with aclosing(stream) as chunks:
-                async for (chunk,) in chunks:
-                    events += context.parse_events_json(chunk)
-        return events
+        with _gc.paused:
+            if _CHUNKED_ROWS:
+                return await self._read_rows(conn, context, rest[1:])
+            query = self._sql.events_after(max_version=len(rest) > 4)
+            events: list[Event] = []
+            async with conn.cursor() as cursor:
+                stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
+                async with aclosing(stream) as chunks:
+                    async for (chunk,) in chunks:
+                        events += context.parse_events_json(chunk)
+            return events
 
     async def _read_rows(
         self, conn: AsyncConnection, context: EventStoreContext, params: list[Any]
     ) -> list[Event]:
         """``_read_rest`` with one JSON object per row, received in batches (libpq 17+).
 
-        The server sends rows as it produces them; each batch is joined into one JSON array
-        and validated in one call while the server produces the next batch. ``params`` are
-        those of ``Statements.event_rows_after``.
+        The server sends rows as they are produced; each batch of rows is joined into one
+        JSON array and validated in one call while the server produces the next batch.
+        ``params`` are those of ``Statements.event_rows_after``.
         """
-        query = self._sql.event_rows_after(max_version=len(params) > 3)
         events: list[Event] = []
-        async with conn.cursor() as cursor:
-            stream = cast(
-                "AsyncGenerator[tuple[str], None]",
-                cursor.stream(query, params, size=_STREAM_CHUNK),
-            )
-            async with aclosing(stream) as rows:
-                batch: list[str] = []
-                async for (text,) in rows:
-                    batch.append(text)
-                    if len(batch) >= _STREAM_CHUNK:
-                        events += context.parse_events_json("[" + ",".join(batch) + "]")
-                        batch = []
-                if batch:
-                    events += context.parse_events_json("[" + ",".join(batch) + "]")
+
+        def take(rows: list[bytes | None]) -> None:
+            # A NULL (never written by an adapter) fails validation as JSON null would.
+            array = b"[%b]" % b",".join(row or b"null" for row in rows)
+            events.extend(context.parse_events_json(direct.decoded(conn, array)))
+
+        query = self._sql.event_rows_after(max_version=len(params) > 3)
+        await direct.stream(conn, query, params, _STREAM_CHUNK, take)
         return events
 
     async def list_aggregate_ids(

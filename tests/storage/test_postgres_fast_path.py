@@ -28,6 +28,7 @@ from castore_pydantic.errors import StorageUnavailableError
 from castore_pydantic.storage import _postgres_connection as connections
 from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage import _postgres_wait as wait
+from castore_pydantic.storage import postgres as postgres_module
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts._storage import NoteAdded, created
 from tests.storage.postgres_support import (
@@ -42,6 +43,8 @@ from tests.storage.postgres_support import (
 __all__ = ["pg_schema"]
 
 pytestmark = pytest.mark.postgres
+
+direct_rows_supported = psycopg.pq.version() >= 170000
 
 
 async def adapter_for(schema: str, **options: Any) -> PostgresEventStorageAdapter:
@@ -162,6 +165,119 @@ class TestDirectStatements:
                 other.group_event(NoteAdded(aggregate_id="naïve", version=1, payload={}))
             )
             assert len((await store.get_events("naïve")).events) == 1
+
+
+async def long_aggregate(store: Any, aggregate_id: str, size: int, **payload: Any) -> None:
+    """Store ``size`` notes on one aggregate (more than one streamed batch when large)."""
+    await EventStore.push_event_group(
+        *(
+            store.group_event(NoteAdded(aggregate_id=aggregate_id, version=v, payload=payload))
+            for v in range(1, size + 1)
+        )
+    )
+
+
+#: Rows of one text column, failing on the server at row 2,500 of 3,000.
+FAILS_AT_2500 = (
+    "SELECT CASE WHEN g < 2500 THEN g::text ELSE (1 / (g - g))::text END"
+    " FROM generate_series(1, 3000) AS g"
+)
+
+
+@pytest.mark.skipif(not direct_rows_supported, reason="libpq older than 17: no chunked rows")
+class TestStreamedRows:
+    """``direct.stream``, which long reads use: batches as they come, failures mid-way."""
+
+    async def test_a_long_read_in_another_client_encoding_reads_back_exactly(
+        self, pg_schema: str
+    ) -> None:
+        options = {"connect_kwargs": {"client_encoding": "LATIN1"}, "max_size": 1}
+        async with await adapter_for(pg_schema, **options) as adapter:
+            store = counter_store(adapter)
+            await long_aggregate(store, "café", 2500, é="ü")
+            events = (await store.get_events("café")).events
+        assert [e.version for e in events] == list(range(1, 2501))
+        assert {(e.aggregate_id, e.payload["é"]) for e in events} == {("café", "ü")}
+
+    async def test_batches_before_a_server_error_arrive_and_the_connection_stays_usable(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        batches: list[list[bytes | None]] = []
+        conn = await small._conns.acquire("test")
+        try:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                await direct.stream(conn, FAILS_AT_2500, (), 1000, batches.append)
+            # Two full batches came before the error; the 499 rows after them did not.
+            assert [len(batch) for batch in batches] == [1000, 1000]
+            assert batches[1][-1] == b"2000"
+            assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert (await direct.execute(conn, "SELECT 1", ())).get_value(0, 0) == b"1"
+        finally:
+            await small._conns.release(conn)
+
+    async def test_a_failing_taker_gets_nothing_more_and_the_connection_is_idle(
+        self, small: PostgresEventStorageAdapter
+    ) -> None:
+        sizes: list[int] = []
+
+        def take(rows: list[bytes | None]) -> None:
+            sizes.append(len(rows))
+            if len(sizes) == 2:
+                raise ValueError("the second batch is refused")
+
+        conn = await small._conns.acquire("test")
+        try:
+            query = "SELECT g::text FROM generate_series(1, %s) AS g"
+            with pytest.raises(ValueError, match="second batch"):
+                await direct.stream(conn, query, (5500,), 1000, take)
+            assert sizes == [1000, 1000]
+            assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            result = await direct.execute(conn, query, (3,))
+            assert [result.get_value(i, 0) for i in range(result.ntuples)] == [b"1", b"2", b"3"]
+        finally:
+            await small._conns.release(conn)
+
+
+class TestCollectorDuringLongReads:
+    @pytest.mark.parametrize("rows", [True, False], ids=["row-batches", "server-chunks"])
+    async def test_the_collector_rests_during_a_long_read_and_runs_again_after(
+        self, small: PostgresEventStorageAdapter, rows: bool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Paused across the read's waits (other tasks see it paused), resumed at the end,
+        also when the read is cancelled; left off if it was off."""
+        monkeypatch.setattr(postgres_module, "_CHUNKED_ROWS", rows and direct_rows_supported)
+        store = counter_store(small)
+        await long_aggregate(store, "long", 3000)
+        paused = asyncio.Event()
+
+        async def sample() -> None:
+            while True:
+                if not gc.isenabled():
+                    paused.set()
+                await asyncio.sleep(0)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            assert len((await store.get_events("long")).events) == 3000
+            assert paused.is_set(), "the read never waited with the collector paused"
+            assert gc.isenabled()
+            paused.clear()
+            reading = asyncio.ensure_future(store.get_events("long"))
+            await paused.wait()  # the read is under way
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            assert gc.isenabled()
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        gc.disable()
+        try:
+            await store.get_events("long")
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
 
 
 class TestStatementsFollowTheirConnection:
