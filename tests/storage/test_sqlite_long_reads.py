@@ -9,6 +9,8 @@ writer, and when the read is cancelled or meets a bad stored event half-way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import random
@@ -281,6 +283,45 @@ class TestEndings:
             got = [e.version for e in result.events]
             assert got == (want[::-1] if i % 3 == 0 else want)
         await until_no_open_read(db)
+
+
+class TestCollector:
+    async def test_the_collector_rests_during_a_long_read_and_runs_again_after(
+        self, store: EventStore[Any, Any]
+    ) -> None:
+        """Paused across the read's waits for slices (other tasks see it paused), resumed
+        at the end, also when the read fails or is cancelled."""
+        paused = asyncio.Event()
+
+        async def sample() -> None:
+            while True:
+                if not gc.isenabled():
+                    paused.set()
+                await asyncio.sleep(0)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            assert len((await store.get_events("book")).events) == len(VERSIONS)
+            assert paused.is_set(), "the read never waited with the collector paused"
+            assert gc.isenabled()
+            paused.clear()
+            reading = asyncio.ensure_future(store.get_events("book"))
+            await paused.wait()  # the read is under way
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            assert gc.isenabled()
+            path = Path(store.get_event_storage_adapter().path)
+            write_rows(path, "bad", list(range(1, 1501)))
+            with raw(path, timeout=10) as conn:  # in the second slice
+                conn.execute("UPDATE event SET data = '{}' WHERE version = 1200")
+            with pytest.raises(StoredEventValidationError):
+                await store.get_events("bad")
+            assert gc.isenabled()
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
 
 
 class TestCallsDuringALongRead:
