@@ -31,6 +31,7 @@ from castore_pydantic.storage import _postgres_wait as wait
 from castore_pydantic.storage import postgres as postgres_module
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts._storage import NoteAdded, created
+from tests.storage.gc_support import collector_watch
 from tests.storage.postgres_support import (
     DSN,
     counter_store,
@@ -248,16 +249,7 @@ class TestCollectorDuringLongReads:
         monkeypatch.setattr(postgres_module, "_CHUNKED_ROWS", rows and direct_rows_supported)
         store = counter_store(small)
         await long_aggregate(store, "long", 3000)
-        paused = asyncio.Event()
-
-        async def sample() -> None:
-            while True:
-                if not gc.isenabled():
-                    paused.set()
-                await asyncio.sleep(0)
-
-        sampler = asyncio.ensure_future(sample())
-        try:
+        async with collector_watch() as paused:
             assert len((await store.get_events("long")).events) == 3000
             assert paused.is_set(), "the read never waited with the collector paused"
             assert gc.isenabled()
@@ -268,10 +260,6 @@ class TestCollectorDuringLongReads:
             with pytest.raises(asyncio.CancelledError):
                 await reading
             assert gc.isenabled()
-        finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
         gc.disable()
         try:
             await store.get_events("long")

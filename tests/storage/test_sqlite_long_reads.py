@@ -9,7 +9,6 @@ writer, and when the read is cancelled or meets a bad stored event half-way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import os
@@ -28,6 +27,7 @@ from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import StorageError, StoredEventValidationError
 from castore_pydantic.storage import sqlite as sqlite_module
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+from tests.storage.gc_support import collector_watch
 from tests.storage.sqlite_support import raw
 
 # A slice is 1,000 events: these sizes need several statements.
@@ -291,16 +291,7 @@ class TestCollector:
     ) -> None:
         """Paused across the read's waits for slices (other tasks see it paused), resumed
         at the end, also when the read fails or is cancelled."""
-        paused = asyncio.Event()
-
-        async def sample() -> None:
-            while True:
-                if not gc.isenabled():
-                    paused.set()
-                await asyncio.sleep(0)
-
-        sampler = asyncio.ensure_future(sample())
-        try:
+        async with collector_watch() as paused:
             assert len((await store.get_events("book")).events) == len(VERSIONS)
             assert paused.is_set(), "the read never waited with the collector paused"
             assert gc.isenabled()
@@ -318,10 +309,6 @@ class TestCollector:
             with pytest.raises(StoredEventValidationError):
                 await store.get_events("bad")
             assert gc.isenabled()
-        finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
 
 
 class TestCallsDuringALongRead:
