@@ -11,10 +11,11 @@ from PostgreSQL: 300,000 events/s with the collector paused during validation,
 
 ``paused`` stops the collector for the duration of one validation call, only if it is
 enabled, and re-enables it when the last thread inside leaves. A read validated in chunks
-(a long PostgreSQL or SQLite read) holds it for the whole read, waits included: the events read so
-far stay alive until the end, and each collection between two chunks would walk them all
-again (reading 10,000 events while the five previous reads stay alive: 105,000-117,000
-events/s with the collector running between chunks, 118,000-124,000 paused). Other tasks of the process run with the collector paused meanwhile. Nothing else
+(a long PostgreSQL or SQLite read) holds it for the whole read, waits included: the events
+read so far stay alive until the end, and each collection between two chunks would walk
+them all again (reading 10,000 events from PostgreSQL while the five previous reads stay
+alive: 105,000-117,000 events/s with the collector running between chunks, 118,000-124,000
+paused). Other tasks of the process run with the collector paused meanwhile. Nothing else
 changes: the objects are reference-counted as always, and the next allocation after the
 pause may trigger a collection as usual.
 """
