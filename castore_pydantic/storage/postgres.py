@@ -562,8 +562,9 @@ class PostgresEventStorageAdapter:
         events: list[Event] = []
 
         def take(rows: list[bytes | None]) -> None:
-            # A NULL (never written by an adapter) fails validation as JSON null would.
-            array = b"[%b]" % b",".join(row or b"null" for row in rows)
+            if None in rows:  # never written by an adapter: fails validation as JSON null
+                rows = [row or b"null" for row in rows]
+            array = b"[%b]" % b",".join(cast("list[bytes]", rows))
             events.extend(context.parse_events_json(direct.decoded(conn, array)))
 
         query = self._sql.event_rows_after(max_version=len(params) > 3)

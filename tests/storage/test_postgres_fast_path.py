@@ -24,7 +24,7 @@ import pytest
 from pydantic import ConfigDict
 
 from castore_pydantic import Event, EventStore
-from castore_pydantic.errors import StorageUnavailableError
+from castore_pydantic.errors import StorageUnavailableError, StoredEventValidationError
 from castore_pydantic.storage import _postgres_connection as connections
 from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage import _postgres_wait as wait
@@ -237,6 +237,28 @@ class TestStreamedRows:
             assert [result.get_value(i, 0) for i in range(result.ntuples)] == [b"1", b"2", b"3"]
         finally:
             await small._conns.release(conn)
+
+    async def test_a_null_row_in_a_long_read_is_a_stored_event_error(
+        self, small: PostgresEventStorageAdapter, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No statement of ours streams a NULL row, but one would fail as JSON null."""
+        store = counter_store(small)
+        await long_aggregate(store, "long", 1500)
+        rows_after = small._sql.event_rows_after
+
+        def with_a_null(*, max_version: bool) -> str:
+            query = rows_after(max_version=max_version)
+            return query.replace(
+                "SELECT row_to_json(e)::text",
+                "SELECT NULLIF(row_to_json(e)::text, row_to_json(e)::text)",
+                1,
+            )
+
+        monkeypatch.setattr(type(small._sql), "event_rows_after", lambda _, **kw: with_a_null(**kw))
+        with pytest.raises(StoredEventValidationError):
+            await store.get_events("long")
+        monkeypatch.undo()
+        assert len((await store.get_events("long")).events) == 1500
 
 
 class TestCollectorDuringLongReads:
