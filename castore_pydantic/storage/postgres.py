@@ -439,15 +439,20 @@ class PostgresEventStorageAdapter:
         streamed = limit is None and not reverse  # may be long, see ``_read_statement``
         whole = streamed and min_version is None and max_version is None
         known_long = whole and (event_store_id, aggregate_id) in self._long
-        query, params = self._read_statement(
-            event_store_id, aggregate_id, min_version, max_version, limit=limit, reverse=reverse
-        )
         where = self._where("reading events")
         conn = await self._conns.acquire(where)
         events: list[Event] | None = None
         try:
             long = known_long
             if not known_long:
+                query, params = self._read_statement(
+                    event_store_id,
+                    aggregate_id,
+                    min_version,
+                    max_version,
+                    limit=limit,
+                    reverse=reverse,
+                )
                 result = await direct.execute(conn, query, params)
                 value = result.get_value(0, 0) if result.ntuples else None
                 if value is None:
