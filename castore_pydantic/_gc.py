@@ -10,14 +10,14 @@ from PostgreSQL: 300,000 events/s with the collector paused during validation,
 130,000 to 230,000 with it running.
 
 ``paused`` stops the collector for the duration of one validation call, only if it is
-enabled, and re-enables it when the last thread inside leaves. A read validated in chunks
-(a long PostgreSQL or SQLite read) holds it for the whole read, waits included: the events
-read so far stay alive until the end, and each collection between two chunks would walk
-them all again (reading 10,000 events from PostgreSQL while the five previous reads stay
-alive: 105,000-117,000 events/s with the collector running between chunks, 118,000-124,000
-paused). Other tasks of the process run with the collector paused meanwhile. Nothing else
-changes: the objects are reference-counted as always, and the next allocation after the
-pause may trigger a collection as usual.
+enabled, and re-enables it when the last thread inside leaves. Nothing else changes: the
+objects are reference-counted as always, and the next allocation after the pause may
+trigger a collection as usual.
+
+The pause never spans an ``await``. Held across a long read's waits it read 5-10 % faster,
+but the pause is process-wide: overlapping reads in several tasks would keep the collector
+off for as long as reads overlap, and a read abandoned in a closed loop (its coroutine kept
+alive by a reference cycle only the collector could break) would keep it off for good.
 """
 
 from __future__ import annotations

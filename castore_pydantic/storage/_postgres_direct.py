@@ -8,10 +8,10 @@ spent in the cursor's general machinery: on a local server that is several perce
 committed write, and most of what separates psycopg from the fastest asyncio driver.
 ``execute`` sends such a statement as a prepared statement on the ``PGconn`` of a pooled
 psycopg connection, with psycopg's own adaptation (``Transformer``) and error classes, and
-waits on the socket with the event loop. ``stream`` does the same for a statement whose rows
-are taken in batches as the server sends them (a long read): a psycopg cursor's stream makes
-a Python row and an async-generator step per row, which cost more than the row's validation.
-Every other statement goes through a cursor.
+waits on the socket with the event loop. ``stream`` does the same, unprepared, for a statement
+whose rows are taken in batches as the server sends them (a long read): a psycopg cursor's
+stream makes a Python row and an async-generator step per row, which cost more than the
+row's validation. Every other statement goes through a cursor.
 
 The connection belongs to the calling operation while the statement runs (it was taken from
 the pool), and psycopg finds it idle before and after. A cancelled task's statement is
@@ -167,29 +167,16 @@ async def stream(
 
     Each batch is handed over as libpq receives it (its chunked rows mode, libpq 17+), so
     the caller works on one batch while the server produces the next. The statement is
-    prepared, interrupted and failed as with ``execute``. If ``take`` raises, the rest of
-    the answer is received and dropped (the connection is idle again), then its exception
-    goes on; no batch is handed over after that.
+    interrupted and failed as with ``execute``, but never prepared: it runs once per long
+    read, inside the read's transaction, where a prepared statement gone stale (its table
+    made again) would fail the whole transaction instead of being prepared again. If
+    ``take`` raises, the rest of the answer is received and dropped (the connection is
+    idle again), then its exception goes on; no batch is handed over after that.
 
     Raises:
         psycopg.Error: As ``execute``; batches before the error were handed over.
     """
-    await _execute(conn, query, params, retry=True, rows=_Batches(size, take))
-
-
-class _Batches:
-    """Where a streamed statement's batches go, and how many went there."""
-
-    __slots__ = ("handed", "size", "take")
-
-    def __init__(self, size: int, take: Rows) -> None:
-        self.size = size
-        self.take = take
-        self.handed = 0  # a statement that handed over rows cannot be run again
-
-    def __call__(self, values: list[bytes | None]) -> None:
-        self.handed += 1
-        self.take(values)
+    await _execute(conn, query, params, retry=False, rows=(size, take))
 
 
 async def _execute(
@@ -198,7 +185,7 @@ async def _execute(
     params: Sequence[Any],
     *,
     retry: bool,
-    rows: _Batches | None = None,
+    rows: tuple[int, Rows] | None = None,
 ) -> Result:
     session = _session(conn)
     transformer = session.transformer
@@ -206,13 +193,14 @@ async def _execute(
     types = transformer.types
     pgconn = conn.pgconn
     key = (query, types)
-    name = session.names.get(key)
     preparable = len(params) <= _MAX_PREPARED_PARAMS
+    name = session.names.get(key) if rows is None else None
     prepared_now = False
     try:
         if (
             name is None
             and preparable
+            and rows is None
             and conn.prepare_threshold is not None
             and len(session.names) < _MAX_PREPARED
         ):
@@ -234,30 +222,24 @@ async def _execute(
             pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
         if rows is None:
             return await _collect(conn, session)
-        pgconn.set_chunked_rows_mode(rows.size)
-        return await _collect(conn, session, rows)
+        pgconn.set_chunked_rows_mode(rows[0])
+        return await _collect(conn, session, rows[1])
     except pg_errors.InvalidSqlStatementName:
-        if name is None or not retry or (rows is not None and rows.handed):
+        if name is None or not retry:
             raise
         # Something ran DISCARD ALL or DEALLOCATE: the statement did nothing; prepare again.
         session.names.clear()
-        return await _execute(conn, query, params, retry=False, rows=rows)
+        return await _execute(conn, query, params, retry=False)
     except psycopg.Error as exc:
         if isinstance(exc, psycopg.OperationalError):
             wait.forget(conn)  # libpq may have closed the socket while sending
-        if (
-            name is None
-            or prepared_now
-            or not retry
-            or (rows is not None and rows.handed)
-            or exc.sqlstate not in _STALE_PLAN
-        ):
+        if name is None or prepared_now or not retry or exc.sqlstate not in _STALE_PLAN:
             raise
         # Prepared before the table changed: drop it and prepare it again, once. A statement
         # that failed this way did nothing.
         del session.names[key]
         await _deallocate(conn, session, name)
-        return await _execute(conn, query, params, retry=False, rows=rows)
+        return await _execute(conn, query, params, retry=False)
     except _INTERRUPTED:
         if pgconn.transaction_status == _ACTIVE:
             await _settle(conn, session)

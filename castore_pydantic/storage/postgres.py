@@ -28,7 +28,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'castore-pydantic[postgres]'"
     ) from exc
 
-from castore_pydantic import _gc
 from castore_pydantic._event import Event, stamped
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
@@ -57,9 +56,10 @@ _FIRST_EVENTS = 1000  # events read by the first statement; longer aggregates ar
 _STREAM_CHUNK = 1000  # events per streamed chunk
 #: Aggregates remembered as long (per adapter), read in full straight in a snapshot.
 _KNOWN_LONG = 1024
-# libpq 17 can hand rows over in batches (``stream(size=...)``); older ones get the
-# server-built chunks of ``Statements.events_after`` instead.
-_CHUNKED_ROWS = psycopg.pq.version() >= 170000
+# libpq 17 can hand rows over in batches (``direct.stream``); older ones get the
+# server-built chunks of ``Statements.events_after`` instead. Asked of psycopg, which also
+# knows the libpq its C extension was built against (a build older than 17 cannot).
+_CHUNKED_ROWS = psycopg.capabilities.has_stream_chunked()
 #: Starts the one snapshot a long read's statements share.
 _SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 _IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
@@ -539,21 +539,18 @@ class PostgresEventStorageAdapter:
         """Stream and validate the events after a version, in chunks.
 
         ``rest`` holds the parameters of ``Statements.events_after``. Validating a chunk
-        overlaps with PostgreSQL building the next one. The cyclic garbage collector stays
-        paused for the whole read, waits included (see ``_gc``): the events read so far
-        stay alive until the end, and each collection between chunks would walk them all.
+        overlaps with PostgreSQL building the next one.
         """
-        with _gc.paused:
-            if _CHUNKED_ROWS:
-                return await self._read_rows(conn, context, rest[1:])
-            query = self._sql.events_after(max_version=len(rest) > 4)
-            events: list[Event] = []
-            async with conn.cursor() as cursor:
-                stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
-                async with aclosing(stream) as chunks:
-                    async for (chunk,) in chunks:
-                        events += context.parse_events_json(chunk)
-            return events
+        if _CHUNKED_ROWS:
+            return await self._read_rows(conn, context, rest[1:])
+        query = self._sql.events_after(max_version=len(rest) > 4)
+        events: list[Event] = []
+        async with conn.cursor() as cursor:
+            stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
+            async with aclosing(stream) as chunks:
+                async for (chunk,) in chunks:
+                    events += context.parse_events_json(chunk)
+        return events
 
     async def _read_rows(
         self, conn: AsyncConnection, context: EventStoreContext, params: list[Any]

@@ -31,7 +31,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
 
-from castore_pydantic import _gc
 from castore_pydantic._event import Event, stamped, utc_now
 from castore_pydantic._paging import ListingOptions
 from castore_pydantic._serialization import EventStoreContext
@@ -617,12 +616,11 @@ class SQLiteEventStorageAdapter:
             self._end_long_read()
             raise
         try:
-            with _gc.paused:  # for the whole read: see ``_gc``
-                events = context.parse_events_json(first)
-                while (item := await slices.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    events += context.parse_events_json(item)
+            events = context.parse_events_json(first)
+            while (item := await slices.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                events += context.parse_events_json(item)
         finally:
             read.abandoned = True
         return events
