@@ -133,16 +133,12 @@ def _session(conn: AsyncConnection) -> _Session:
     return session
 
 
-async def execute(
-    conn: AsyncConnection, query: str, params: Sequence[Any], *, prepare: bool = True
-) -> Result:
+async def execute(conn: AsyncConnection, query: str, params: Sequence[Any]) -> Result:
     """Run one statement (psycopg's ``%s`` placeholders) and return its result.
 
-    The statement is prepared on the connection the first time it is seen there, unless
-    ``prepare`` is false, the connection's ``prepare_threshold`` is ``None`` (behind a
-    pooler that cannot keep them) or it has many parameters. Inside a transaction, send
-    statements that read a table unprepared: a prepared one gone stale (its table made
-    again) fails the transaction instead of being prepared again.
+    The statement is prepared on the connection the first time it is seen there, unless the
+    connection's ``prepare_threshold`` is ``None`` (behind a pooler that cannot keep them)
+    or it has many parameters.
 
     Interrupted (a cancelled task) while the statement runs, the statement is cancelled on
     the server and its end awaited, as psycopg's cursor does: when the interruption goes on,
@@ -156,7 +152,7 @@ async def execute(
             ``psycopg.errors`` class (with ``diag``), ``OperationalError`` for a lost
             connection.
     """
-    return await _execute(conn, query, params, retry=True, prepare=prepare)
+    return await _execute(conn, query, params, retry=True)
 
 
 #: Receives the first column's values of one batch of rows (bytes in the client encoding,
@@ -180,7 +176,7 @@ async def stream(
     Raises:
         psycopg.Error: As ``execute``; batches before the error were handed over.
     """
-    await _execute(conn, query, params, retry=False, prepare=False, rows=(size, take))
+    await _execute(conn, query, params, retry=False, rows=(size, take))
 
 
 async def _execute(
@@ -189,7 +185,6 @@ async def _execute(
     params: Sequence[Any],
     *,
     retry: bool,
-    prepare: bool = True,
     rows: tuple[int, Rows] | None = None,
 ) -> Result:
     session = _session(conn)
@@ -199,13 +194,13 @@ async def _execute(
     pgconn = conn.pgconn
     key = (query, types)
     preparable = len(params) <= _MAX_PREPARED_PARAMS
-    name = session.names.get(key) if prepare else None
+    name = session.names.get(key) if rows is None else None
     prepared_now = False
     try:
         if (
             name is None
             and preparable
-            and prepare
+            and rows is None
             and conn.prepare_threshold is not None
             and len(session.names) < _MAX_PREPARED
         ):

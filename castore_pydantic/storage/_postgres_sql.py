@@ -257,15 +257,6 @@ class Statements:
             )
         return text
 
-    @staticmethod
-    def same_answer(first_events: str) -> str:
-        """Whether ``first_events`` would answer the given text now (one of its JSON arrays).
-
-        Parameters: the text, then those of ``first_events``. Compared byte for byte (the
-        ``C`` collation), so an equal answer means the same events.
-        """
-        return f'SELECT f.events COLLATE "C" = %s FROM ({first_events}) AS f(events, n)'
-
     def events_after(self, *, max_version: bool) -> str:
         """The events after a version, one JSON array text per chunk, in version order.
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, ClassVar, NamedTuple, Self, cast
+from typing import Any, ClassVar, Self, cast
 
 try:
     import psycopg
@@ -63,14 +63,6 @@ _CHUNKED_ROWS = psycopg.capabilities.has_stream_chunked()
 #: Starts the one snapshot a long read's statements share.
 _SNAPSHOT = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 _IN_TRANSACTION = (psycopg.pq.TransactionStatus.INTRANS, psycopg.pq.TransactionStatus.INERROR)
-
-
-class _FirstAnswer(NamedTuple):
-    """A read's first statement and its answer (a JSON array of events)."""
-
-    query: str
-    params: list[Any]
-    text: bytes | str
 
 
 def _long_params(
@@ -432,11 +424,10 @@ class PostgresEventStorageAdapter:
     ) -> list[Event]:
         """Return events ordered by version, bounds inclusive (``limit=0`` gives none).
 
-        PostgreSQL builds the JSON array of the rows, which is validated in one pass. The
-        rest of a long aggregate (more than its first statement reads) is read in one
-        snapshot, in chunks, each validated while the server builds the next one (see
-        ``_read_long``; an aggregate a full read found long is read in the snapshot at once
-        the next time).
+        PostgreSQL builds the JSON array of the rows, which is validated in one pass; a long
+        aggregate read in full is read again in one snapshot, in chunks, each validated while
+        the server builds the next one (an aggregate a full read found long is read in the
+        snapshot at once the next time).
 
         Raises:
             StoredEventValidationError: A stored event does not validate.
@@ -451,7 +442,6 @@ class PostgresEventStorageAdapter:
         where = self._where("reading events")
         conn = await self._conns.acquire(where)
         events: list[Event] | None = None
-        first: _FirstAnswer | None = None
         try:
             long = known_long
             if not known_long:
@@ -468,14 +458,13 @@ class PostgresEventStorageAdapter:
                 if value is None:
                     return []
                 text = direct.decoded(conn, value)
-                # At the limit: long, read the rest (or all again) streamed, in one snapshot.
+                # At the limit: long, read it all again, streamed, in one snapshot.
                 long = streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS
                 if long and whole:
                     self._remember_long((event_store_id, aggregate_id))
-                first = _FirstAnswer(query, params, text)
             if long:
-                bounds = (min_version, max_version)
-                events = await self._read_long(conn, context, aggregate_id, bounds, first)
+                rest = _long_params(event_store_id, aggregate_id, min_version, max_version)
+                events = await self._read_long(conn, context, rest)
         except pg_errors.InvalidTextRepresentation:
             return []  # not a UUID, on a uuid table: no such aggregate
         except psycopg.Error as exc:
@@ -521,31 +510,21 @@ class PostgresEventStorageAdapter:
             del known[next(iter(known))]
 
     async def _read_long(
-        self,
-        conn: AsyncConnection,
-        context: EventStoreContext,
-        aggregate_id: str,
-        bounds: tuple[int | None, int | None],
-        first: _FirstAnswer | None,
+        self, conn: AsyncConnection, context: EventStoreContext, rest: list[Any]
     ) -> list[Event]:
-        """Stream a long aggregate's events within ``bounds``, in one ``REPEATABLE READ`` snapshot.
+        """Stream a long aggregate's events in one ``REPEATABLE READ`` snapshot.
 
-        ``first`` is the first statement's answer, when the read began with it (before it
-        was known to be long) and outside the snapshot. Inside the snapshot, the server
-        compares it with what that statement answers now: the same text means the same
-        first events, which are kept, and only the events after them are streamed;
-        otherwise (a ``force`` rewrite committed in between) all are read again, so that
-        such a rewrite is never seen half-way. The cost is three short round trips.
+        ``rest`` holds the parameters of ``Statements.events_after`` (``_long_params``).
+
+        Unless an earlier full read found the aggregate long, its first events were read by
+        a statement of their own, before the read was known to be long; they are read again
+        inside the snapshot, so that a write committed in between (a ``force`` rewrite) is
+        never seen half-way. The cost is two short round trips and the first chunk's work on
+        the server.
         """
         await direct.execute(conn, _SNAPSHOT, ())
         try:
-            events: list[Event] = []
-            min_version, max_version = bounds
-            if first is not None and await self._still_answers(conn, first):
-                events = context.parse_events_json(first.text)
-                min_version = events[-1].version + 1  # stream what follows them
-            rest = _long_params(context.event_store_id, aggregate_id, min_version, max_version)
-            events += await self._read_rest(conn, context, rest)
+            events = await self._read_rest(conn, context, rest)
             await direct.execute(conn, "COMMIT", ())
         except Exception:
             if conn.pgconn.transaction_status in _IN_TRANSACTION:
@@ -553,14 +532,6 @@ class PostgresEventStorageAdapter:
                     await direct.execute(conn, "ROLLBACK", ())
             raise
         return events
-
-    async def _still_answers(self, conn: AsyncConnection, first: _FirstAnswer) -> bool:
-        """Whether the first statement answers the same text in the current snapshot."""
-        text = first.text if isinstance(first.text, str) else first.text.decode()
-        result = await direct.execute(
-            conn, Statements.same_answer(first.query), [text, *first.params], prepare=False
-        )
-        return bool(result.ntuples and result.get_value(0, 0) == b"t")
 
     async def _read_rest(
         self, conn: AsyncConnection, context: EventStoreContext, rest: list[Any]

@@ -721,8 +721,7 @@ class TestLongAggregates:
         self, pg_schema: str
     ) -> None:
         """Another connection rewrites every event in one statement, again and again; a long
-        read (full or bounded) never returns some events from before a rewrite and others
-        from after it."""
+        read never returns some events from before a rewrite and others from after it."""
         table = await make_table(pg_schema)
         async with (
             PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter,
@@ -754,10 +753,7 @@ class TestLongAggregates:
                 deadline = asyncio.get_running_loop().time() + 2
                 reads = 0
                 while asyncio.get_running_loop().time() < deadline or reads < 20:
-                    # A bounded read always begins with its first statement, then compares
-                    # its answer in the snapshot; a full one does so only the first time.
-                    bounds = {"min_version": 1} if reads % 2 else {}
-                    events = (await store.get_events("long", **bounds)).events
+                    events = (await store.get_events("long")).events
                     reads += 1
                     assert [e.version for e in events] == list(range(1, 2501))
                     seen = {e.payload["n"] for e in events}
@@ -770,13 +766,11 @@ class TestLongAggregates:
             assert rewrites > 5, "the writer did not get to run while reads went on"
             assert mixed == []
 
-    @pytest.mark.usefixtures("long_read_path")
-    async def test_a_long_read_streams_only_what_its_first_statement_did_not_read(
+    async def test_an_aggregate_found_long_is_read_at_once_in_a_snapshot_next_time(
         self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """The first full read of a long aggregate keeps its first statement's events (the
-        snapshot answers the same) and streams the rest; later full reads skip the first
-        statement; bounded reads are read the first way every time."""
+        """The first full read of a long aggregate reads its first events twice; later full
+        reads do not, and return the same events; bounded reads are unchanged."""
         table = await make_table(pg_schema)
         async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
             store = counter_store(adapter)
@@ -785,70 +779,27 @@ class TestLongAggregates:
                 *(store.group_event(incremented("long", v)) for v in range(2, 1201)),
             )
             statements: list[str] = []
-            starts: list[int | None] = []
-            execute, long_params = postgres_module.direct.execute, postgres_module._long_params
+            execute = postgres_module.direct.execute
 
-            async def spy(conn: Any, query: str, params: Any, **options: Any) -> Any:
+            async def spy(conn: Any, query: str, params: Any) -> Any:
                 statements.append(query)
-                return await execute(conn, query, params, **options)
-
-            def spy_params(*args: Any) -> list[Any]:
-                starts.append(args[2])  # the first version streamed
-                return long_params(*args)
+                return await execute(conn, query, params)
 
             monkeypatch.setattr(postgres_module.direct, "execute", spy)
-            monkeypatch.setattr(postgres_module, "_long_params", spy_params)
             first_events = adapter._sql.first_events(min_version=False, max_version=False)
             first = (await store.get_events("long")).events
             assert statements.count(first_events) == 1
-            assert starts == [1001]
-            assert [e.version for e in first] == list(range(1, 1201))
             statements.clear()
-            starts.clear()
             again = (await store.get_events("long")).events
             assert first_events not in statements
-            assert starts == [None]
             assert again == first
+            assert [e.version for e in again] == list(range(1, 1201))
             await store.push_event(incremented("long", 1201))
             assert len((await store.get_events("long")).events) == 1201
             statements.clear()
-            starts.clear()
             bounded = (await store.get_events("long", min_version=2)).events
-            assert [e.version for e in bounded] == list(range(2, 1202))
+            assert len(bounded) == 1200
             assert statements[0] == adapter._sql.first_events(min_version=True, max_version=False)
-            assert starts == [1002]
-
-    @pytest.mark.usefixtures("long_read_path")
-    async def test_a_rewrite_before_the_snapshot_makes_the_read_start_again(
-        self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """An early event rewritten after the first statement, before the snapshot: its
-        events are not kept; the read returns every event as the snapshot has them."""
-        table = await make_table(pg_schema)
-        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
-            store = counter_store(adapter)
-            await EventStore.push_event_group(
-                store.group_event(created("long")),
-                *(store.group_event(incremented("long", v)) for v in range(2, 1201)),
-            )
-            execute = postgres_module.direct.execute
-            rewritten: list[int] = []
-
-            async def rewrite_first(conn: Any, query: str, params: Any, **options: Any) -> Any:
-                if query == postgres_module._SNAPSHOT and not rewritten:
-                    rewritten.append(5)
-                    await fetch(
-                        f'UPDATE "{pg_schema}"."{table}" SET data = %s WHERE version = 5',
-                        '{"by": 7}',
-                    )
-                return await execute(conn, query, params, **options)
-
-            monkeypatch.setattr(postgres_module.direct, "execute", rewrite_first)
-            events = (await store.get_events("long")).events
-            assert rewritten == [5]
-            assert [e.version for e in events] == list(range(1, 1201))
-            assert events[4].payload.by == 7
-            assert {e.payload.by for e in events[5:]} == {1}
 
     async def test_group_larger_than_one_statement_is_still_atomic(self, pg_schema: str) -> None:
         """A group beyond one statement's 65,535 values is one transaction: all or nothing."""
