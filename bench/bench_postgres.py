@@ -398,10 +398,19 @@ class Bench:
             fold_result = results.pop("get_aggregate (+ fold)")
             report("W3a get_events", results)
             print(fold_result.line())
-            target = 166_000
+            # The target is Castore 2.4.2's unvalidated read as measured for the issue, when
+            # raw asyncpg fetched the same JSON text at 289,000 events/s. Machines differ (a
+            # slower CPU or a loaded host): the same share of this run's raw fetch is shown too.
+            target, its_raw = 166_000, 289_000
+            scaled = target * results["raw asyncpg (JSON text)"].rate / its_raw
             for label, result in ((OURS, results[OURS]), ("get_aggregate", fold_result)):
                 verdict = "meets" if result.rate >= target else "misses"
                 print(f"  {label} {verdict} the {target:,} events/s target ({result.rate:,.0f})")
+                verdict = "meets" if result.rate >= scaled else "misses"
+                print(
+                    f"  {label} {verdict} it scaled to this run's raw asyncpg fetch"
+                    f" ({target / its_raw:.2f}x of it: {scaled:,.0f})"
+                )
 
             print(f"W3b load {many:,} aggregates of 10 events one by one")
             per = max(1, many // self.batches)
