@@ -34,9 +34,12 @@ from asyncio.selector_events import BaseSelectorEventLoop
 from selectors import BaseSelector
 from typing import Any
 
+from psycopg import pq
+
 __all__ = ["forget", "readable", "register_idle", "resolve", "stirred"]
 
 _WATCH = "_castore_watch"
+_ACTIVE = pq.TransactionStatus.ACTIVE  # a statement is in progress
 _ADD_READER = BaseSelectorEventLoop.add_reader
 _REMOVE_READER = BaseSelectorEventLoop.remove_reader
 
@@ -57,8 +60,10 @@ class _Watch:
     def wake(self) -> None:
         """The socket is readable: read it, then wake the waiting statement, if any."""
         waiter = self.waiter
-        if waiter is None:
-            self.stirred = True  # the server spoke while no statement ran
+        if waiter is None and self.pgconn.transaction_status != _ACTIVE:
+            # The server spoke while no statement ran. (With one running, this is its
+            # answer, come while nobody waits: an interrupted wait, being settled.)
+            self.stirred = True
         try:
             self.pgconn.consume_input()
         except Exception as exc:  # a psycopg.OperationalError, in practice

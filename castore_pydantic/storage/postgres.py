@@ -522,11 +522,12 @@ class PostgresEventStorageAdapter:
         never seen half-way. The cost is two short round trips and the first chunk's work on
         the server.
         """
-        await direct.execute(conn, _SNAPSHOT, ())
         try:
+            await direct.execute(conn, _SNAPSHOT, ())
             events = await self._read_rest(conn, context, rest)
             await direct.execute(conn, "COMMIT", ())
-        except Exception:
+        except BaseException:
+            # Cancelled too: ended here, the pool does not have to (it warns when it does).
             if conn.pgconn.transaction_status in _IN_TRANSACTION:
                 with contextlib.suppress(psycopg.Error):
                     await direct.execute(conn, "ROLLBACK", ())
