@@ -1,8 +1,9 @@
 """The adapter's frequent statements, sent through psycopg's libpq layer.
 
 A push, a group that fits one statement and a read of an aggregate are one statement each
-(long reads then stream the rest through a cursor). Through a
-psycopg cursor such a statement costs about 20 µs more client time than the same statement
+(long reads then stream the rest with ``stream``, or through a cursor with libpq older than
+17). Through a psycopg cursor such a statement costs about 20 µs more client time than the
+same statement
 sent with the connection's ``PGconn`` (psycopg's public ``psycopg.pq`` wrapper of libpq),
 spent in the cursor's general machinery: on a local server that is several percent of a
 committed write, and most of what separates psycopg from the fastest asyncio driver.
@@ -14,10 +15,11 @@ stream makes a Python row and an async-generator step per row, which cost more t
 row's validation. Every other statement goes through a cursor.
 
 The connection belongs to the calling operation while the statement runs (it was taken from
-the pool), and psycopg finds it idle before and after. A cancelled task's statement is
-cancelled on the server and awaited, so the connection is idle again when the cancellation
-goes on; if that fails, or the connection is lost, it is closed or left busy, and the
-adapter hands it back to the pool, which discards it.
+the pool), and psycopg finds it idle before and after (or in the caller's transaction, for
+the statements of a long read). A cancelled task's statement is cancelled on the server and
+awaited, so the connection is idle again when the cancellation goes on; if that fails, or
+the connection is lost, it is closed or left busy, and the adapter hands it back to the
+pool, which discards it.
 """
 
 from __future__ import annotations
@@ -176,7 +178,7 @@ async def stream(
     Raises:
         psycopg.Error: As ``execute``; batches before the error were handed over.
     """
-    await _execute(conn, query, params, retry=False, rows=(size, take))
+    await _execute(conn, query, params, retry=False, batches=(size, take))
 
 
 async def _execute(
@@ -185,7 +187,7 @@ async def _execute(
     params: Sequence[Any],
     *,
     retry: bool,
-    rows: tuple[int, Rows] | None = None,
+    batches: tuple[int, Rows] | None = None,
 ) -> Result:
     session = _session(conn)
     transformer = session.transformer
@@ -194,13 +196,13 @@ async def _execute(
     pgconn = conn.pgconn
     key = (query, types)
     preparable = len(params) <= _MAX_PREPARED_PARAMS
-    name = session.names.get(key) if rows is None else None
+    name = session.names.get(key) if batches is None else None
     prepared_now = False
     try:
         if (
             name is None
             and preparable
-            and rows is None
+            and batches is None
             and conn.prepare_threshold is not None
             and len(session.names) < _MAX_PREPARED
         ):
@@ -220,10 +222,10 @@ async def _execute(
             )
         else:
             pgconn.send_query_prepared(name, values, param_formats=transformer.formats)
-        if rows is None:
+        if batches is None:
             return await _collect(conn, session)
-        pgconn.set_chunked_rows_mode(rows[0])
-        return await _collect(conn, session, rows[1])
+        pgconn.set_chunked_rows_mode(batches[0])
+        return await _collect(conn, session, batches[1])
     except pg_errors.InvalidSqlStatementName:
         if name is None or not retry:
             raise

@@ -424,10 +424,11 @@ class PostgresEventStorageAdapter:
     ) -> list[Event]:
         """Return events ordered by version, bounds inclusive (``limit=0`` gives none).
 
-        PostgreSQL builds the JSON array of the rows, which is validated in one pass; a long
-        aggregate read in full is read again in one snapshot, in chunks, each validated while
-        the server builds the next one (an aggregate a full read found long is read in the
-        snapshot at once the next time).
+        PostgreSQL builds the JSON array of the rows, which is validated in one pass. A read
+        without ``limit`` that finds more than its first statement holds is read again (from
+        its first version) in one snapshot, in chunks, each validated while the server builds
+        the next one; an aggregate a full read found long is read in the snapshot at once the
+        next time.
 
         Raises:
             StoredEventValidationError: A stored event does not validate.
