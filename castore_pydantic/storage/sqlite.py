@@ -76,8 +76,6 @@ _MAX_DELAY: Final = 0.02
 _MAX_LOCK_PAUSE: Final = 0.05
 #: Longest stretch of back-to-back operations before an adapter call yields to the loop.
 _MAX_LOOP_HOLD: Final = 0.01
-#: A pause between two calls this long means the loop ran other work in between.
-_IDLE_GAP: Final = 0.001
 
 
 class _BusyError(Exception):
@@ -168,7 +166,10 @@ class SQLiteEventStorageAdapter:
         self._closed = False
         #: Set by an operation that hands the lock on (a long read); ``_run`` then keeps it.
         self._keep_lock = False
-        self._last_yield = self._last_end = time.monotonic()
+        self._last_yield = time.monotonic()
+        #: A callback is waiting for the next turn of this event loop (see ``_run``).
+        self._turn_pending = False
+        self._turn_loop: asyncio.AbstractEventLoop | None = None
         _ADAPTERS.add(self)
 
     def _forked(self) -> None:
@@ -181,6 +182,7 @@ class SQLiteEventStorageAdapter:
         """
         self._lock = AdapterLock()
         self._keep_lock = False
+        self._turn_pending = False  # its loop is the parent's
         if self._conn is not None:
             _INHERITED.append(self._conn)
         self._conn = None
@@ -254,6 +256,9 @@ class SQLiteEventStorageAdapter:
         self._ready_tables.add(self._table)
         return conn
 
+    def _loop_turned(self) -> None:
+        self._turn_pending = False
+
     def _discard_connection(self) -> None:
         conn, self._conn = self._conn, None
         self._ready_tables = set()
@@ -272,8 +277,16 @@ class SQLiteEventStorageAdapter:
         (``SQLITE_BUSY``) look again after pauses growing (randomly spread) to 20 ms.
         """
         now = time.monotonic()
-        if now - self._last_end > _IDLE_GAP:
-            self._last_yield = now  # the loop had its turn since this adapter's last call
+        loop = asyncio.get_running_loop()
+        if not self._turn_pending or self._turn_loop is not loop:
+            # The loop ran the callback: it had a turn since this adapter's last call (time
+            # between calls proves nothing: a caller may compute, or the host stall, without
+            # yielding). Ask to hear of its next turn. (Another loop: the callback may have
+            # been left on one that closed.)
+            self._last_yield = now
+            self._turn_pending = True
+            self._turn_loop = loop
+            loop.call_soon(self._loop_turned)
         elif now - self._last_yield > _MAX_LOOP_HOLD:
             # Back-to-back calls complete without suspending: in a long burst, let other
             # tasks run now and then, before this operation has started anything.
@@ -300,7 +313,6 @@ class SQLiteEventStorageAdapter:
             except _BusyError as busy:
                 cause = busy.__cause__
             else:
-                self._last_end = time.monotonic()
                 return result
             finally:
                 if self._keep_lock:

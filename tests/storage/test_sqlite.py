@@ -8,6 +8,7 @@ import json
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -533,6 +534,30 @@ class TestEventLoop:
         stop.set()
         await task
         assert during >= 3, (during, count)
+
+    async def test_a_burst_with_slow_steps_between_calls_still_yields(self, adapter: Any) -> None:
+        """Time between two calls does not prove the loop had a turn: a caller that computes
+        (here: sleeps without yielding) 2 ms between pushes still lets other tasks run."""
+        store = log_store(adapter)
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        await asyncio.sleep(0)
+        started = ticks
+        for count in range(50):  # about 100 ms, never waiting
+            time.sleep(0.002)  # noqa: ASYNC251 - the point: work that does not yield
+            await store.push_event(note(f"slow-{count}", 1))
+        during = ticks - started
+        stop.set()
+        await task
+        assert during >= 3, during
 
 
 class TestThreads:
