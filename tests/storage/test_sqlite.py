@@ -9,7 +9,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -508,56 +508,56 @@ class TestCancellationUnderContention:
                     assert task.cancelled() == (counts == {0})
 
 
+async def turns_of_other_tasks(work: Callable[[], Awaitable[None]]) -> int:
+    """How many times another task ran while ``work`` ran."""
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0)
+    started = ticks
+    try:
+        await work()
+        return ticks - started
+    finally:
+        stop.set()
+        await task
+
+
 class TestEventLoop:
     async def test_a_long_burst_of_calls_lets_other_tasks_run(self, adapter: Any) -> None:
         """Back-to-back pushes that never wait still yield to the loop now and then."""
         store = log_store(adapter)
-        ticks = 0
-        stop = asyncio.Event()
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.ensure_future(ticker())
-        await asyncio.sleep(0)
-        started = ticks
-        loop = asyncio.get_running_loop()
-        begin = loop.time()
         count = 0
-        while loop.time() - begin < 0.1:
-            count += 1
-            await store.push_event(note(f"burst-{count}", 1))
-        during = ticks - started
-        stop.set()
-        await task
+
+        async def burst() -> None:
+            nonlocal count
+            loop = asyncio.get_running_loop()
+            begin = loop.time()
+            while loop.time() - begin < 0.1:
+                count += 1
+                await store.push_event(note(f"burst-{count}", 1))
+
+        during = await turns_of_other_tasks(burst)
         assert during >= 3, (during, count)
 
     async def test_a_burst_with_slow_steps_between_calls_still_yields(self, adapter: Any) -> None:
         """Time between two calls does not prove the loop had a turn: a caller that computes
         (here: sleeps without yielding) 2 ms between pushes still lets other tasks run."""
         store = log_store(adapter)
-        ticks = 0
-        stop = asyncio.Event()
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while not stop.is_set():
-                ticks += 1
-                await asyncio.sleep(0)
+        async def slow_burst() -> None:
+            for count in range(50):  # about 100 ms, never waiting
+                time.sleep(0.002)  # noqa: ASYNC251 - the point: work that does not yield
+                await store.push_event(note(f"slow-{count}", 1))
 
-        task = asyncio.ensure_future(ticker())
-        await asyncio.sleep(0)
-        started = ticks
-        for count in range(50):  # about 100 ms, never waiting
-            time.sleep(0.002)  # noqa: ASYNC251 - the point: work that does not yield
-            await store.push_event(note(f"slow-{count}", 1))
-        during = ticks - started
-        stop.set()
-        await task
-        assert during >= 3, during
+        assert await turns_of_other_tasks(slow_burst) >= 3
 
 
 class TestThreads:
