@@ -6,8 +6,8 @@ young-generation collections during the call; each finds the new events alive (t
 still being returned) and promotes them, so they reach the oldest generation, where they
 make the next full collection walk them, and every object of the process with them. Read
 back and dropped by the caller, they would have died young. Measured on a 10,000-event read
-from PostgreSQL: 300,000 events/s with the collector paused during validation,
-130,000 to 230,000 with it running.
+from PostgreSQL, on a machine of earlier rounds: 250,000 to 300,000 events/s with the
+collector paused during validation, 130,000 to 230,000 with it running (decision 14).
 
 ``paused`` stops the collector for the duration of one validation call, only if it is
 enabled, and re-enables it when the last thread inside leaves. Nothing else changes: the
