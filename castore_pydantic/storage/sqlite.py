@@ -93,6 +93,10 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     return StorageError(f"SQLite failed while {doing}: {exc}")
 
 
+def _no_loop() -> None:
+    return None
+
+
 #: Live adapters, reset in a forked child (see ``SQLiteEventStorageAdapter._forked``).
 _ADAPTERS: weakref.WeakSet[SQLiteEventStorageAdapter] = weakref.WeakSet()
 #: Connections a forked child inherited: never used, and never closed by garbage collection.
@@ -169,7 +173,7 @@ class SQLiteEventStorageAdapter:
         self._last_yield = time.monotonic()
         #: A callback is waiting for the next turn of this event loop (see ``_run``).
         self._turn_pending = False
-        self._turn_loop: asyncio.AbstractEventLoop | None = None
+        self._turn_loop: Callable[[], asyncio.AbstractEventLoop | None] = _no_loop
         _ADAPTERS.add(self)
 
     def _forked(self) -> None:
@@ -278,14 +282,14 @@ class SQLiteEventStorageAdapter:
         """
         now = time.monotonic()
         loop = asyncio.get_running_loop()
-        if not self._turn_pending or self._turn_loop is not loop:
+        if not self._turn_pending or self._turn_loop() is not loop:
             # The loop ran the callback: it had a turn since this adapter's last call (time
             # between calls proves nothing: a caller may compute, or the host stall, without
             # yielding). Ask to hear of its next turn. (Another loop: the callback may have
             # been left on one that closed.)
             self._last_yield = now
             self._turn_pending = True
-            self._turn_loop = loop
+            self._turn_loop = weakref.ref(loop)  # a closed loop is not kept alive
             loop.call_soon(self._loop_turned)
         elif now - self._last_yield > _MAX_LOOP_HOLD:
             # Back-to-back calls complete without suspending: in a long burst, let other

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -558,6 +560,22 @@ class TestEventLoop:
                 await store.push_event(note(f"slow-{count}", 1))
 
         assert await turns_of_other_tasks(slow_burst) >= 3
+
+    def test_a_closed_event_loop_is_not_kept_alive(self, db: Path) -> None:
+        """The adapter remembers the loop it last ran on without keeping it alive, and
+        works on the next one."""
+        adapter = SQLiteEventStorageAdapter(db)
+        store = log_store(adapter)
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(store.push_event(note("first", 1)))
+        loop.close()
+        gone = weakref.ref(loop)
+        del loop
+        gc.collect()
+        assert gone() is None
+        asyncio.run(store.push_event(note("second", 1)))
+        assert len(asyncio.run(store.get_events("second")).events) == 1
+        asyncio.run(adapter.aclose())
 
 
 class TestThreads:
