@@ -3,10 +3,10 @@
 A push, a group that fits one statement and a read of an aggregate are one statement each
 (long reads then stream the rest with ``stream``, or through a cursor with libpq older than
 17). Through a psycopg cursor such a statement costs about 20 µs more client time than the
-same statement
-sent with the connection's ``PGconn`` (psycopg's public ``psycopg.pq`` wrapper of libpq),
-spent in the cursor's general machinery: on a local server that is several percent of a
-committed write, and most of what separates psycopg from the fastest asyncio driver.
+same statement sent with the connection's ``PGconn`` (psycopg's public ``psycopg.pq``
+wrapper of libpq), spent in the cursor's general machinery: on a local server that is
+several percent of a committed write, and most of what separates psycopg from the fastest
+asyncio driver.
 ``execute`` sends such a statement as a prepared statement on the ``PGconn`` of a pooled
 psycopg connection, with psycopg's own adaptation (``Transformer``) and error classes, and
 waits on the socket with the event loop. ``stream`` does the same, unprepared, for a statement
@@ -195,14 +195,14 @@ async def _execute(
     types = transformer.types
     pgconn = conn.pgconn
     key = (query, types)
-    preparable = len(params) <= _MAX_PREPARED_PARAMS
-    name = session.names.get(key) if batches is None else None
+    # A streamed statement is never prepared (see ``stream``).
+    preparable = batches is None and len(params) <= _MAX_PREPARED_PARAMS
+    name = session.names.get(key) if preparable else None
     prepared_now = False
     try:
         if (
             name is None
             and preparable
-            and batches is None
             and conn.prepare_threshold is not None
             and len(session.names) < _MAX_PREPARED
         ):

@@ -171,8 +171,7 @@ class SQLiteEventStorageAdapter:
         #: Set by an operation that hands the lock on (a long read); ``_run`` then keeps it.
         self._keep_lock = False
         self._last_yield = time.monotonic()
-        #: A callback is waiting for the next turn of this event loop (see ``_run``).
-        self._turn_pending = False
+        #: The loop whose next turn a callback waits for, while it waits (see ``_run``).
         self._turn_loop: Callable[[], asyncio.AbstractEventLoop | None] = _no_loop
         _ADAPTERS.add(self)
 
@@ -186,7 +185,7 @@ class SQLiteEventStorageAdapter:
         """
         self._lock = AdapterLock()
         self._keep_lock = False
-        self._turn_pending = False  # its loop is the parent's
+        self._turn_loop = _no_loop  # the parent's loop
         if self._conn is not None:
             _INHERITED.append(self._conn)
         self._conn = None
@@ -261,7 +260,7 @@ class SQLiteEventStorageAdapter:
         return conn
 
     def _loop_turned(self) -> None:
-        self._turn_pending = False
+        self._turn_loop = _no_loop
 
     def _discard_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -282,13 +281,12 @@ class SQLiteEventStorageAdapter:
         """
         now = time.monotonic()
         loop = asyncio.get_running_loop()
-        if not self._turn_pending or self._turn_loop() is not loop:
+        if self._turn_loop() is not loop:
             # The loop ran the callback: it had a turn since this adapter's last call (time
             # between calls proves nothing: a caller may compute, or the host stall, without
             # yielding). Ask to hear of its next turn. (Another loop: the callback may have
             # been left on one that closed.)
             self._last_yield = now
-            self._turn_pending = True
             self._turn_loop = weakref.ref(loop)  # a closed loop is not kept alive
             loop.call_soon(self._loop_turned)
         elif now - self._last_yield > _MAX_LOOP_HOLD:
