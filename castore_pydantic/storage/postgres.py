@@ -54,7 +54,7 @@ _BIGINT_MAX = 2**63 - 1
 _LAYOUT = ("aggregate_name", "aggregate_id", "version", "type", "data", "metadata", "timestamp")
 _FIRST_EVENTS = 1000  # events read by the first statement; longer aggregates are streamed
 _STREAM_CHUNK = 1000  # events per streamed chunk
-#: Aggregates remembered as long (per adapter), read in full straight in a snapshot.
+#: Aggregates remembered as long (per adapter), read straight in a snapshot.
 _KNOWN_LONG = 1024
 # libpq 17 can hand rows over in batches (``direct.stream``); older ones get the
 # server-built chunks of ``Statements.events_after`` instead. Asked of psycopg, which also
@@ -132,9 +132,10 @@ class PostgresEventStorageAdapter:
         self._sql = Statements(self._schema, self._table)
         self._key_names = {self._sql.unique_name}
         self._group_sql: dict[tuple[Any, ...], str] = {}
-        # Aggregates a full read found long, most recent last: their next full read skips
-        # the first statement, which would read their first events only to read them again.
-        self._long: dict[tuple[str, str], None] = {}
+        # Aggregates a read found long, most recently read last, with the last version seen:
+        # a later read whose bounds hold 1,000 of those versions skips the first statement,
+        # which would read its first events only to read them again (``_likely_long``).
+        self._long: dict[tuple[str, str], int] = {}
         if pool is not None:
             if connection_string is not None or connect_kwargs:
                 raise ValueError("pass either a connection string or a pool, not both")
@@ -427,8 +428,8 @@ class PostgresEventStorageAdapter:
         PostgreSQL builds the JSON array of the rows, which is validated in one pass. A read
         without ``limit`` that finds more than its first statement holds is read again (from
         its first version) in one snapshot, in chunks, each validated while the server builds
-        the next one; an aggregate a full read found long is read in the snapshot at once the
-        next time.
+        the next one; an aggregate a read found long is read in the snapshot at once the next
+        time its bounds hold 1,000 of the versions seen.
 
         Raises:
             StoredEventValidationError: A stored event does not validate.
@@ -438,8 +439,8 @@ class PostgresEventStorageAdapter:
         if limit == 0 or not (storable(aggregate_id) and storable(event_store_id)):
             return []  # no such aggregate can be stored
         streamed = limit is None and not reverse  # may be long, see ``_read_statement``
-        whole = streamed and min_version is None and max_version is None
-        known_long = whole and (event_store_id, aggregate_id) in self._long
+        key = (event_store_id, aggregate_id)
+        known_long = streamed and self._likely_long(key, min_version, max_version)
         where = self._where("reading events")
         conn = await self._conns.acquire(where)
         events: list[Event] | None = None
@@ -461,11 +462,10 @@ class PostgresEventStorageAdapter:
                 text = direct.decoded(conn, value)
                 # At the limit: long, read it all again, streamed, in one snapshot.
                 long = streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS
-                if long and whole:
-                    self._remember_long((event_store_id, aggregate_id))
             if long:
                 rest = _long_params(event_store_id, aggregate_id, min_version, max_version)
                 events = await self._read_long(conn, context, rest)
+                self._remember_long(key, events, whole=min_version is None and max_version is None)
         except pg_errors.InvalidTextRepresentation:
             return []  # not a UUID, on a uuid table: no such aggregate
         except psycopg.Error as exc:
@@ -503,10 +503,35 @@ class PostgresEventStorageAdapter:
             query = self._sql.get_events(**bounds, reverse=reverse)
         return query, params
 
-    def _remember_long(self, key: tuple[str, str]) -> None:
-        """Remember an aggregate found long (the oldest is forgotten past ``_KNOWN_LONG``)."""
+    def _likely_long(
+        self, key: tuple[str, str], min_version: int | None, max_version: int | None
+    ) -> bool:
+        """Whether a read of ``key`` within these bounds is long, as far as reads have seen.
+
+        Versions are counted between the bounds and the last version seen: an aggregate's
+        versions start at 1 and have no gaps when written through an event store.
+        """
+        last = self._long.get(key)
+        if last is None:
+            return False
+        end = last if max_version is None else min(last, max_version)
+        start = 1 if min_version is None else max(min_version, 1)
+        return end - start + 1 >= _FIRST_EVENTS
+
+    def _remember_long(self, key: tuple[str, str], events: list[Event], *, whole: bool) -> None:
+        """Remember what a long read saw of an aggregate, as its most recent.
+
+        Past ``_KNOWN_LONG`` aggregates, the least recently read is forgotten. A read that
+        came back short was judged long on an outdated memory (the table was made again,
+        say): the aggregate is forgotten. A bounded read only saw up to its bound, so the
+        memory never goes down for it.
+        """
         known = self._long
-        known[key] = None
+        seen = known.pop(key, 0)
+        if len(events) < _FIRST_EVENTS:
+            return
+        last = events[-1].version
+        known[key] = last if whole else max(last, seen)
         if len(known) > _KNOWN_LONG:
             del known[next(iter(known))]
 
