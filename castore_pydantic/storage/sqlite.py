@@ -97,6 +97,20 @@ def _no_loop() -> None:
     return None
 
 
+class _Turns:
+    """When an event loop last let other tasks run, as far as one adapter's calls know."""
+
+    __slots__ = ("last_yield", "waiting")
+
+    def __init__(self) -> None:
+        self.last_yield = time.monotonic()
+        #: Whether a callback waits for the loop's next turn (see ``_run``).
+        self.waiting = False
+
+    def turned(self) -> None:
+        self.waiting = False
+
+
 #: Live adapters, reset in a forked child (see ``SQLiteEventStorageAdapter._forked``).
 _ADAPTERS: weakref.WeakSet[SQLiteEventStorageAdapter] = weakref.WeakSet()
 #: Connections a forked child inherited: never used, and never closed by garbage collection.
@@ -170,9 +184,7 @@ class SQLiteEventStorageAdapter:
         self._closed = False
         #: Set by an operation that hands the lock on (a long read); ``_run`` then keeps it.
         self._keep_lock = False
-        self._last_yield = time.monotonic()
-        #: The loop whose next turn a callback waits for, while it waits (see ``_run``).
-        self._turn_loop: Callable[[], asyncio.AbstractEventLoop | None] = _no_loop
+        self._forget_loops()
         _ADAPTERS.add(self)
 
     def _forked(self) -> None:
@@ -185,7 +197,7 @@ class SQLiteEventStorageAdapter:
         """
         self._lock = AdapterLock()
         self._keep_lock = False
-        self._turn_loop = _no_loop  # the parent's loop
+        self._forget_loops()
         if self._conn is not None:
             _INHERITED.append(self._conn)
         self._conn = None
@@ -259,8 +271,28 @@ class SQLiteEventStorageAdapter:
         self._ready_tables.add(self._table)
         return conn
 
-    def _loop_turned(self) -> None:
-        self._turn_loop = _no_loop
+    def _forget_loops(self) -> None:
+        """Start the burst detection of ``_run`` afresh, for every event loop."""
+        # Per loop: one adapter may serve loops in several threads, each with its own bursts.
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turns] = (
+            weakref.WeakKeyDictionary()  # a closed loop is not kept alive
+        )
+        #: The last loop's entry, found without a lookup while calls come from one loop.
+        self._last_loop: tuple[Callable[[], asyncio.AbstractEventLoop | None], _Turns] = (
+            _no_loop,
+            _Turns(),
+        )
+
+    def _turns(self, loop: asyncio.AbstractEventLoop) -> _Turns:
+        """The burst detection's entry of ``loop``."""
+        last, turns = self._last_loop
+        if last() is not loop:
+            found = self._loops.get(loop)
+            if found is None:
+                found = self._loops[loop] = _Turns()
+            turns = found
+            self._last_loop = (weakref.ref(loop), turns)
+        return turns
 
     def _discard_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -281,18 +313,18 @@ class SQLiteEventStorageAdapter:
         """
         now = time.monotonic()
         loop = asyncio.get_running_loop()
-        if self._turn_loop() is not loop:
-            # The loop ran the callback: it had a turn since this adapter's last call (time
-            # between calls proves nothing: a caller may compute, or the host stall, without
-            # yielding). Ask to hear of its next turn. (Another loop: the callback may have
-            # been left on one that closed.)
-            self._last_yield = now
-            self._turn_loop = weakref.ref(loop)  # a closed loop is not kept alive
-            loop.call_soon(self._loop_turned)
-        elif now - self._last_yield > _MAX_LOOP_HOLD:
+        turns = self._turns(loop)
+        if not turns.waiting:
+            # The loop ran the callback: it had a turn since this adapter's last call on it
+            # (time between calls proves nothing: a caller may compute, or the host stall,
+            # without yielding). Ask to hear of its next turn.
+            turns.last_yield = now
+            turns.waiting = True
+            loop.call_soon(turns.turned)
+        elif now - turns.last_yield > _MAX_LOOP_HOLD:
             # Back-to-back calls complete without suspending: in a long burst, let other
             # tasks run now and then, before this operation has started anything.
-            self._last_yield = now
+            turns.last_yield = now
             await asyncio.sleep(0)
         deadline = None
         delay = lock_delay = _FIRST_DELAY
@@ -304,9 +336,9 @@ class SQLiteEventStorageAdapter:
                 began = time.monotonic()
                 ticket = await lock.wait(ticket, lock_delay * random.uniform(0.5, 1.0))  # noqa: S311
                 lock_delay = min(lock_delay * 2, _MAX_LOCK_PAUSE)
-                self._last_yield = time.monotonic()
+                turns.last_yield = time.monotonic()
                 if deadline is not None:
-                    deadline += self._last_yield - began  # not the others' lock: not counted
+                    deadline += turns.last_yield - began  # not the others' lock: not counted
                 continue
             lock.leave(ticket)
             ticket = None
@@ -331,7 +363,7 @@ class SQLiteEventStorageAdapter:
                 ) from cause
             await asyncio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))  # noqa: S311
             delay = min(delay * 2, _MAX_DELAY)
-            self._last_yield = time.monotonic()
+            turns.last_yield = time.monotonic()
 
     # -- writing ---------------------------------------------------------------------------
 

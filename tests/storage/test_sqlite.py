@@ -561,6 +561,48 @@ class TestEventLoop:
 
         assert await turns_of_other_tasks(slow_burst) >= 3
 
+    def test_each_event_loop_keeps_its_own_burst_clock(self, db: Path) -> None:
+        """A burst on one loop yields although another loop (in another thread) calls the
+        same adapter between each two of its calls."""
+        adapter = SQLiteEventStorageAdapter(db)
+        store = log_store(adapter)
+        go, done, stop = threading.Event(), threading.Event(), threading.Event()
+        other_calls = 0
+
+        async def other_loop() -> None:
+            nonlocal other_calls
+            while not stop.is_set():
+                if go.is_set():
+                    go.clear()
+                    await store.get_events("other")
+                    other_calls += 1
+                    done.set()
+                await asyncio.sleep(0.0002)
+
+        async def burst() -> None:
+            for count in range(50):
+                # Work that does not yield, during which the other loop makes one call
+                # (never at the same time as this loop's calls: no wait for the lock).
+                go.set()
+                assert done.wait(5), "the other loop did not call"
+                done.clear()
+                time.sleep(0.002)  # noqa: ASYNC251 - the point: work that does not yield
+                await store.push_event(note(f"slow-{count}", 1))
+
+        async def main() -> int:
+            return await turns_of_other_tasks(burst)
+
+        thread = threading.Thread(target=lambda: asyncio.run(other_loop()))
+        thread.start()
+        try:
+            during = asyncio.run(main())
+        finally:
+            stop.set()
+            thread.join()
+        asyncio.run(adapter.aclose())
+        assert other_calls == 50
+        assert during >= 3, during
+
     def test_a_closed_event_loop_is_not_kept_alive(self, db: Path) -> None:
         """The adapter remembers the loop it last ran on without keeping it alive, and
         works on the next one."""
