@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import statistics
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -492,8 +493,10 @@ async def test_rate_limit_spaces_messages_evenly(function: str) -> None:
     await _pour_calls(await seeded(RATE_SOURCE), channel)[function](rate_limit=20)
     gaps = [b - a for a, b in zip(channel.times, channel.times[1:], strict=False)]
     assert len(gaps) >= 2
-    assert min(gaps) >= 0.05 * 0.95
-    assert sum(gaps) / len(gaps) <= 0.05 * 1.5
+    assert min(gaps) >= 0.05 * 0.95, gaps
+    # The median: one sleep that a loaded host wakes late does not move it; waiting twice
+    # as long as asked, every time, does.
+    assert statistics.median(gaps) <= 0.05 * 1.5, gaps
 
 
 @pytest.mark.parametrize(
