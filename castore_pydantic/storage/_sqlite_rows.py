@@ -138,6 +138,7 @@ class LongRead:
         "min_version",
         "reverse",
         "size",
+        "slice",
         "statements",
     )
 
@@ -157,6 +158,8 @@ class LongRead:
         self.max_version = max_version
         self.left = limit
         self.reverse = reverse
+        #: Events per statement: ``SLICE``, less for events whose JSON text is very long.
+        self.slice = SLICE
         self.size = 0
         self.done = False
         #: Set by the reading task when it stops listening; the worker then ends the read.
@@ -170,7 +173,7 @@ class LongRead:
 
     def next_params(self) -> tuple[Any, ...]:
         """The parameters of the next slice's statement (``sql`` as it is now)."""
-        self.size = SLICE if self.left is None else min(SLICE, self.left)
+        self.size = self.slice if self.left is None else min(self.slice, self.left)
         params: tuple[Any, ...] = self.key
         if self.min_version is not None:
             params += (self.min_version,)

@@ -82,6 +82,10 @@ class _BusyError(Exception):
     """Another connection holds the lock; nothing was written and the call may be retried."""
 
 
+class _TooBigError(Exception):
+    """A slice's JSON text passed SQLite's longest string; the read's slices are now smaller."""
+
+
 def _error_code(exc: sqlite3.Error) -> int:
     return int(getattr(exc, "sqlite_errorcode", 0) or 0)
 
@@ -527,17 +531,41 @@ class SQLiteEventStorageAdapter:
         try:
             return conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            if _error_code(exc) & 0xFF in _BUSY_CODES:
+            code = _error_code(exc) & 0xFF
+            if code in _BUSY_CODES:
                 raise _BusyError from exc
+            if code == sqlite3.SQLITE_TOOBIG:
+                raise _TooBigError from exc
             if "malformed JSON" in str(exc):
                 raise StoredEventValidationError(params[0], params[1], None) from exc
             raise _storage_error(exc, "reading events") from exc
 
     def _slice_sync(self, read: LongRead) -> str:
-        """Read the next slice of ``read`` (its events' JSON array) and move past it."""
-        ((text, count, last),) = self._query_sync(read.sql, read.next_params())
+        """Read the next slice of ``read`` (its events' JSON array) and move past it.
+
+        Raises:
+            _TooBigError: The slice's text is longer than SQLite's longest string (1 GB by
+                default: a thousand events of a megabyte); ``read`` now takes smaller slices.
+            StorageError: One event alone is longer than that.
+        """
+        try:
+            ((text, count, last),) = self._query_sync(read.sql, read.next_params())
+        except _TooBigError as exc:
+            if read.slice == 1:
+                raise StorageError(
+                    f"an event of aggregate {read.key[1]!r} is longer than SQLite's longest"
+                    " string (SQLITE_LIMIT_LENGTH) as JSON: it cannot be read back"
+                ) from exc.__cause__
+            read.slice = max(1, read.slice // 10)
+            raise
         read.advance(count, last)
         return str(text)
+
+    def _next_slice_sync(self, read: LongRead) -> str:
+        """``_slice_sync``, in smaller slices when a slice is too long (in a transaction)."""
+        while True:
+            with contextlib.suppress(_TooBigError):
+                return self._slice_sync(read)
 
     def _first_slice_sync(self, read: LongRead, long: bool) -> str:
         """Read the first slice of events; a ``long`` read with more to come keeps the lock.
@@ -547,11 +575,14 @@ class SQLiteEventStorageAdapter:
         worker thread that reads them ends both (``_end_long_read``).
         """
         if not long:
-            return self._slice_sync(read)
+            try:
+                return self._slice_sync(read)
+            except _TooBigError:
+                pass  # in smaller slices, which one transaction keeps consistent
         conn = self._connection()
         conn.execute("BEGIN")
         try:
-            text = self._slice_sync(read)
+            text = self._next_slice_sync(read)
             if read.done:
                 conn.execute("COMMIT")
         except BaseException:
@@ -575,7 +606,7 @@ class SQLiteEventStorageAdapter:
         outcome: BaseException | None = None
         try:
             while not read.done and not read.abandoned:
-                deliver(self._slice_sync(read))
+                deliver(self._next_slice_sync(read))
         except _BusyError as busy:
             outcome = StorageUnavailableError(
                 f"SQLite database {self._database!r} was locked in the middle of a long read"

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -129,6 +130,13 @@ def expected(
 
 BOUNDS = [None, 1, 999, 1000, 1001, 1501, 1700, 2001, 2700, 5000]
 LIMITS = [None, 1, 999, 1000, 1001, 2000, 2501, 9000]
+CASES = [
+    (low, high, limit, reverse)
+    for low in BOUNDS
+    for high in BOUNDS
+    for limit in LIMITS
+    for reverse in (False, True)
+]
 
 
 class TestSameAnswerAsOneStatement:
@@ -137,14 +145,7 @@ class TestSameAnswerAsOneStatement:
     ) -> None:
         """Bounds and limits around slice edges and the gap give exactly the expected versions."""
         rng = random.Random(20261126)
-        cases = [
-            (low, high, limit, reverse)
-            for low in BOUNDS
-            for high in BOUNDS
-            for limit in LIMITS
-            for reverse in (False, True)
-        ]
-        for low, high, limit, reverse in rng.sample(cases, 160):
+        for low, high, limit, reverse in rng.sample(CASES, 160):
             events = (
                 await store.get_events(
                     "book", min_version=low, max_version=high, limit=limit, reverse=reverse
@@ -160,6 +161,43 @@ class TestSameAnswerAsOneStatement:
         assert [e.version for e in result.events] == VERSIONS
         assert result.aggregate is not None
         assert result.aggregate.version == 2700
+
+
+def limit_text(store: EventStore[Any, Any], length: int) -> None:
+    """Lower SQLite's longest string on the adapter's connection (1 GB by default)."""
+    conn = store.get_event_storage_adapter()._conn
+    assert conn is not None
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, length)
+
+
+class TestVeryLongEvents:
+    """A slice's JSON text longer than SQLite's longest string (a thousand events of a
+    megabyte, at the default 1 GB) is read in smaller slices, in the same snapshot."""
+
+    async def test_same_answers_in_smaller_slices(self, store: EventStore[Any, Any]) -> None:
+        limit_text(store, 30_000)  # a slice of 1,000 events here takes about 110 kB
+        rng = random.Random(20261127)
+        for low, high, limit, reverse in [(None, None, None, False), *rng.sample(CASES, 60)]:
+            events = (
+                await store.get_events(
+                    "book", min_version=low, max_version=high, limit=limit, reverse=reverse
+                )
+            ).events
+            assert [e.version for e in events] == expected(low, high, limit, reverse)
+        assert (await store.get_aggregate("book")).events[-1].version == 2700
+
+    async def test_one_event_longer_than_sqlite_allows_is_a_clear_error(
+        self, store: EventStore[Any, Any], db: Path
+    ) -> None:
+        write_rows(db, "huge", [1, 2, 3])
+        write_rows(db, "huge", [4], text="x" * 40_000)
+        limit_text(store, 30_000)
+        for options in ({}, {"limit": 10}, {"min_version": 2}):
+            with pytest.raises(StorageError, match="longer than SQLite's longest string"):
+                await store.get_events("huge", **options)
+        await until_no_open_read(db)
+        events = (await store.get_events("huge", max_version=3)).events
+        assert [e.version for e in events] == [1, 2, 3]
 
 
 class TestOneSnapshot:
