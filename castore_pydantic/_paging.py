@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from castore_pydantic._event import format_timestamp
@@ -48,6 +48,39 @@ def _check_limit(limit: object) -> int | None:
     return limit
 
 
+def _lower_bound(value: datetime | None) -> tuple[datetime | None, bool]:
+    """An inclusive lower bound, in UTC rounded up to a whole millisecond.
+
+    Stored timestamps are whole milliseconds, so rounding loses none. Also returned: whether
+    no timestamp can reach the bound.
+    """
+    if value is None:
+        return None, False
+    try:
+        utc = value.astimezone(UTC)
+        extra = utc.microsecond % 1000
+        return (utc + timedelta(microseconds=1000 - extra) if extra else utc), False
+    except OverflowError:
+        # Outside datetime's range in UTC: before year 1 it bounds nothing, after 9999 all.
+        return None, value.year > 1
+
+
+def _upper_bound(value: datetime | None) -> tuple[datetime | None, bool]:
+    """An inclusive upper bound, in UTC rounded down to a whole millisecond.
+
+    Also returned: whether no timestamp can be that early.
+    """
+    if value is None:
+        return None, False
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        # Outside datetime's range in UTC: before year 1 nothing is that early; after 9999
+        # it bounds nothing.
+        return None, value.year == 1
+    return utc.replace(microsecond=utc.microsecond - utc.microsecond % 1000), False
+
+
 def _after(value: Any) -> datetime:
     return parse_timestamp(value, "initial_event_after")
 
@@ -77,12 +110,19 @@ def _option(parse: Callable[[Any], _T], explicit: object, from_token: object) ->
 class ListingOptions:
     """The effective options of one ``list_aggregate_ids`` call.
 
+    Bounds are in UTC and whole milliseconds, as stored timestamps are: the lower one
+    rounded up, the upper one rounded down, which selects the same aggregates and writes
+    them into page tokens exactly. A bound out of datetime's range in UTC either bounds
+    nothing (``None``) or lets nothing through (``matches_nothing``).
+
     Attributes:
         limit: Page size, ``None`` for everything.
         initial_event_after: Inclusive lower bound on the initial event timestamp.
         initial_event_before: Inclusive upper bound on the initial event timestamp.
         reverse: Newest first.
-        cursor: The last aggregate of the previous page, ``None`` on the first page.
+        cursor: The last aggregate of the previous page (timestamp in UTC), ``None`` on the
+            first page.
+        matches_nothing: No timestamp can pass the bounds: the listing is empty.
     """
 
     limit: int | None = None
@@ -90,6 +130,7 @@ class ListingOptions:
     initial_event_before: datetime | None = None
     reverse: bool = False
     cursor: AggregateIdEntry | None = None
+    matches_nothing: bool = False
 
     @classmethod
     def resolve(
@@ -116,17 +157,25 @@ class ListingOptions:
             raise InvalidPageTokenError("'reverse' must be a boolean")
         # A bad explicit option is the caller's ValueError; a bad value taken from the token
         # means the token is invalid.
+        after, too_late = _lower_bound(
+            _option(_after, initial_event_after, token.get("initialEventAfter"))
+        )
+        before, too_early = _upper_bound(
+            _option(_before, initial_event_before, token.get("initialEventBefore"))
+        )
         return cls(
             limit=_option(_check_limit, limit, token.get("limit")),
-            initial_event_after=_option(
-                _after, initial_event_after, token.get("initialEventAfter")
-            ),
-            initial_event_before=_option(
-                _before, initial_event_before, token.get("initialEventBefore")
-            ),
+            initial_event_after=after,
+            initial_event_before=before,
             reverse=eff_reverse,
             cursor=cursor,
+            matches_nothing=too_late or too_early,
         )
+
+    @property
+    def lists_nothing(self) -> bool:
+        """Whether the listing is empty whatever is stored (a limit of 0, or bounds)."""
+        return self.limit == 0 or self.matches_nothing
 
     def next_page_token(self, last: AggregateIdEntry) -> str:
         """The token that continues this listing after ``last``."""
@@ -203,7 +252,11 @@ def _decode_cursor(raw: object) -> AggregateIdEntry:
             "'lastEvaluatedKey' needs string 'aggregateId' and 'initialEventTimestamp'"
         )
     try:
-        ts = parse_timestamp(timestamp, "initialEventTimestamp")
+        ts = parse_timestamp(timestamp, "initialEventTimestamp").astimezone(UTC)
     except ValueError as exc:
         raise InvalidPageTokenError(str(exc)) from exc
+    except OverflowError as exc:
+        raise InvalidPageTokenError(
+            f"'initialEventTimestamp' is out of range in UTC: {timestamp!r}"
+        ) from exc
     return AggregateIdEntry(aggregate_id=aggregate_id, initial_event_timestamp=ts)

@@ -32,7 +32,7 @@ def timestamp_text(value: datetime) -> str:
     """``2024-01-01T00:00:00.000Z``: UTC, truncated to the millisecond, fixed width."""
     # Back-to-back writes mostly share their millisecond: remember the last rendering.
     last, text = _LAST_TIMESTAMP[0]
-    if value == last:
+    if value is last:  # not ==, which ignores ``fold`` (an hour apart, at a DST change)
         return text
     # Years are padded to four digits, so the text sorts like the instant.
     text = format_timestamp(value)

@@ -232,7 +232,7 @@ class InMemoryEventStorageAdapter:
             initial_event_before=initial_event_before,
             reverse=reverse,
         )
-        if options.limit == 0:
+        if options.lists_nothing:
             return ListAggregateIdsResult(aggregate_ids=[])
         entries = []
         for aggregate_id, events in self._stores.get(context.event_store_id, {}).items():

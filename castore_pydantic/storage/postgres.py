@@ -624,7 +624,7 @@ class PostgresEventStorageAdapter:
             reverse=reverse,
         )
         event_store_id = context.event_store_id
-        if options.limit == 0 or not storable(event_store_id):
+        if options.lists_nothing or not storable(event_store_id):
             return ListAggregateIdsResult(aggregate_ids=[])
         cursor = options.cursor
         if cursor is not None and not storable(cursor.aggregate_id):

@@ -726,7 +726,7 @@ class SQLiteEventStorageAdapter:
             initial_event_before=initial_event_before,
             reverse=reverse,
         )
-        if options.limit == 0:
+        if options.lists_nothing:
             return ListAggregateIdsResult(aggregate_ids=[])
         sql = [self._sql.list_base]
         params: list[Any] = [context.event_store_id]

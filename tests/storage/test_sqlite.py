@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 import weakref
+import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -347,6 +348,23 @@ class TestStoredForm:
         assert [e.version for e in events] == list(range(1, 3001))
         back = (await store.get_events("a", reverse=True, min_version=10, limit=5)).events
         assert [e.version for e in back] == [3000, 2999, 2998, 2997, 2996]
+
+    async def test_timestamps_an_hour_apart_at_a_clock_change_stay_apart(
+        self, adapter: Any
+    ) -> None:
+        """01:30 before and after New York's clocks go back are 05:30Z and 06:30Z, although
+        Python compares them equal: each event keeps its own (given to the adapter directly,
+        not normalised by an event store)."""
+        new_york = zoneinfo.ZoneInfo("America/New_York")
+        first = datetime(2024, 11, 3, 1, 30, tzinfo=new_york)
+        second = first.replace(fold=1)
+        context = log_store(adapter).context
+        await adapter.push_event(note("first", 1, timestamp=first), context)
+        await adapter.push_event(note("second", 1, timestamp=second), context)
+        (one,) = await adapter.get_events("first", context)
+        (two,) = await adapter.get_events("second", context)
+        assert (one.timestamp, two.timestamp) == (first.astimezone(UTC), second.astimezone(UTC))
+        assert two.timestamp - one.timestamp == timedelta(hours=1)
 
 
 class TestListingPrecision:

@@ -28,7 +28,7 @@ import itertools
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import pytest
@@ -600,6 +600,57 @@ class EventStorageAdapterContract:
         page3 = await store.list_aggregate_ids(page_token=page2.next_page_token)
         assert [e.aggregate_id for e in page3.aggregate_ids] == ["agg-01"]
         assert page3.next_page_token is None
+
+    @pytest.mark.parametrize("reverse", [False, True])
+    async def test_bounds_between_two_milliseconds_page_like_one_listing(
+        self, adapter: EventStorageAdapter, reverse: bool
+    ) -> None:
+        """Bounds finer than a millisecond page like one listing.
+
+        Stored timestamps are whole milliseconds; every page selects what one listing does.
+        """
+        store = self.store(adapter)
+        base = _ts(10)
+        for i, ms in enumerate([0, 0, 1, 1, 2]):
+            await store.push_event(created(f"m{i}", ts=base + timedelta(milliseconds=ms)))
+        bounds = {
+            "initial_event_after": base + timedelta(microseconds=500),
+            "initial_event_before": base + timedelta(milliseconds=1, microseconds=500),
+        }
+        whole = await store.list_aggregate_ids(reverse=reverse, **bounds)
+        assert sorted(e.aggregate_id for e in whole.aggregate_ids) == ["m2", "m3"]
+        paged: list[str] = []
+        page = await store.list_aggregate_ids(limit=1, reverse=reverse, **bounds)
+        while True:
+            paged += [e.aggregate_id for e in page.aggregate_ids]
+            if page.next_page_token is None:
+                break
+            page = await store.list_aggregate_ids(page_token=page.next_page_token)
+        assert paged == [e.aggregate_id for e in whole.aggregate_ids]
+
+    async def test_bounds_out_of_range_in_utc_bound_nothing_or_pass_nothing(
+        self, adapter: EventStorageAdapter
+    ) -> None:
+        """A bound before year 1 or after 9999 in UTC bounds nothing or passes nothing.
+
+        Such a timestamp in a page token's cursor makes the token invalid.
+        """
+        store = self.store(adapter)
+        await self._seed(store, [1, 2])
+        early = datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1)))
+        late = datetime(9999, 12, 31, 23, 30, tzinfo=timezone(timedelta(hours=-1)))
+
+        async def listed(**options: Any) -> list[str]:
+            result = await store.list_aggregate_ids(**options)
+            return [e.aggregate_id for e in result.aggregate_ids]
+
+        assert await listed(initial_event_after=early) == ["agg-00", "agg-01"]
+        assert await listed(initial_event_before=late) == ["agg-00", "agg-01"]
+        assert await listed(initial_event_after=late) == []
+        assert await listed(initial_event_before=early) == []
+        cursor = {"aggregateId": "agg-00", "initialEventTimestamp": "0001-01-01T00:00:00+05:00"}
+        with pytest.raises(InvalidPageTokenError, match="out of range"):
+            await store.list_aggregate_ids(page_token=json.dumps({"lastEvaluatedKey": cursor}))
 
     async def test_explicit_options_override_the_token(self, adapter: EventStorageAdapter) -> None:
         """An explicit limit given with a token wins over the token's limit."""
