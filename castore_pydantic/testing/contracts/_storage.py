@@ -613,7 +613,7 @@ class EventStorageAdapterContract:
         base = _ts(10)
         for i, ms in enumerate([0, 0, 1, 1, 2]):
             await store.push_event(created(f"m{i}", ts=base + timedelta(milliseconds=ms)))
-        bounds = {
+        bounds: dict[str, Any] = {
             "initial_event_after": base + timedelta(microseconds=500),
             "initial_event_before": base + timedelta(milliseconds=1, microseconds=500),
         }
