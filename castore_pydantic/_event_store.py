@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeAlias
 
 from castore_pydantic._aggregate import AggregateT, EventT, Reducer
 from castore_pydantic._event import Event, utc_now, with_timestamp
-from castore_pydantic._paging import parse_timestamp
+from castore_pydantic._paging import check_count, check_read_options, parse_timestamp
 from castore_pydantic._serialization import EventLimits, EventStoreContext
 from castore_pydantic._types import (
     EventStorageAdapter,
@@ -40,15 +40,6 @@ def default_simulate_side_effect(indexed: dict[int, Event], event: Event) -> dic
     """File events by version; a later event with the same version replaces the earlier."""
     indexed[event.version] = event
     return indexed
-
-
-def _check_non_negative(name: str, value: int | None) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 class EventStore(Generic[AggregateT, EventT]):
@@ -156,9 +147,7 @@ class EventStore(Generic[AggregateT, EventT]):
             StoredEventValidationError: A stored event no longer validates.
             ValueError: A negative limit or version.
         """
-        _check_non_negative("min_version", min_version)
-        _check_non_negative("max_version", max_version)
-        _check_non_negative("limit", limit)
+        check_read_options(min_version, max_version, limit)
         events = await self.get_event_storage_adapter().get_events(
             aggregate_id,
             self._context,
@@ -226,7 +215,7 @@ class EventStore(Generic[AggregateT, EventT]):
         Raises:
             InvalidPageTokenError: ``page_token`` is malformed.
         """
-        _check_non_negative("limit", limit)
+        check_count("limit", limit)
         return await self.get_event_storage_adapter().list_aggregate_ids(
             self._context,
             limit=limit,

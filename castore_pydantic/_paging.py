@@ -19,7 +19,7 @@ from castore_pydantic._event import format_timestamp
 from castore_pydantic._types import AggregateIdEntry, ListAggregateIdsResult
 from castore_pydantic.errors import InvalidPageTokenError
 
-__all__ = ["ListingOptions", "parse_timestamp"]
+__all__ = ["ListingOptions", "check_count", "check_read_options", "parse_timestamp"]
 
 _T = TypeVar("_T")
 
@@ -38,14 +38,36 @@ def parse_timestamp(value: datetime | str, what: str) -> datetime:
     return value
 
 
-def _check_limit(limit: object) -> int | None:
-    if limit is None:
+def check_count(name: str, value: object) -> int | None:
+    """``value`` if it is ``None`` or an int >= 0 (a limit, a version bound).
+
+    Raises:
+        TypeError: It is not an int.
+        ValueError: It is negative.
+    """
+    if value is None:
         return None
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    return limit
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_read_options(min_version: object, max_version: object, limit: object) -> None:
+    """Refuse ``get_events`` bounds and limit that are not ``None`` or ints >= 0.
+
+    Raises:
+        TypeError: One is not an int.
+        ValueError: One is negative.
+    """
+    check_count("min_version", min_version)
+    check_count("max_version", max_version)
+    check_count("limit", limit)
+
+
+def _check_limit(limit: object) -> int | None:
+    return check_count("limit", limit)
 
 
 def _lower_bound(value: datetime | None) -> tuple[datetime | None, bool]:

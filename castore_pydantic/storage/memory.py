@@ -9,7 +9,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from castore_pydantic._event import Event, normalize_timestamp, stamped, utc_now, with_timestamp
-from castore_pydantic._paging import ListingOptions
+from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import EventAlreadyExistsError, EventGroupError
@@ -199,7 +199,12 @@ class InMemoryEventStorageAdapter:
         limit: int | None = None,
         reverse: bool = False,
     ) -> list[Event]:
-        """Return events ordered by version, bounds inclusive (``limit=0`` gives none)."""
+        """Return events ordered by version, bounds inclusive (``limit=0`` gives none).
+
+        Raises:
+            TypeError, ValueError: A bound or the limit is not ``None`` or an int >= 0.
+        """
+        check_read_options(min_version, max_version, limit)
         events: list[Any] = self._validated(context, aggregate_id)
         if min_version is not None or max_version is not None:
             versions = [e.version for e in events]

@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from castore_pydantic._event import Event, stamped
-from castore_pydantic._paging import ListingOptions
+from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import (
@@ -434,7 +434,9 @@ class PostgresEventStorageAdapter:
         Raises:
             StoredEventValidationError: A stored event does not validate.
             StorageUnavailableError: The connection failed.
+            TypeError, ValueError: A bound or the limit is not ``None`` or an int >= 0.
         """
+        check_read_options(min_version, max_version, limit)
         event_store_id = context.event_store_id
         if limit == 0 or not (storable(aggregate_id) and storable(event_store_id)):
             return []  # no such aggregate can be stored

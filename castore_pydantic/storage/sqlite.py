@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
 
 from castore_pydantic._event import Event, stamped, utc_now
-from castore_pydantic._paging import ListingOptions
+from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import (
@@ -639,7 +639,9 @@ class SQLiteEventStorageAdapter:
                 event types.
             StorageUnavailableError: The database stayed locked past ``busy_timeout``.
             StorageError: Another SQLite failure.
+            TypeError, ValueError: A bound or the limit is not ``None`` or an int >= 0.
         """
+        check_read_options(min_version, max_version, limit)
         if limit == 0 or not isinstance(aggregate_id, str):
             return []
         # Bounds past SQLite's 64-bit integers cannot be bound; no stored version is there.
