@@ -68,11 +68,16 @@ class Settings:
     Attributes:
         secrets: The password, as given and URL-encoded (never shown).
         database: ``(host, port, dbname)``: adapters with equal ones share a database.
+            ``None`` when unknown (a borrowed pool's conninfo is a callable).
+        session: ``(user, options)``: with ``database``, what decides how the server
+            resolves a table name without a schema (the role's and the options'
+            ``search_path``).
         describe: ``host=... port=... dbname=... user=...`` for messages and ``repr()``.
     """
 
     secrets: tuple[str, ...]
-    database: tuple[str, str, str]
+    database: tuple[str, str, str] | None
+    session: tuple[str, str]
     describe: str
 
     @classmethod
@@ -86,6 +91,7 @@ class Settings:
                 str(params.get("port") or "5432"),
                 str(params.get("dbname") or params.get("user") or ""),
             ),
+            session=(str(params.get("user") or ""), str(params.get("options") or "")),
             describe=" ".join(
                 f"{key}={params[key]}"
                 for key in ("host", "port", "dbname", "user")
@@ -111,13 +117,13 @@ class Settings:
 
     @classmethod
     def of_pool(cls, pool: AsyncConnectionPool[Any]) -> Settings:
-        """Settings of a borrowed pool (empty when its conninfo is a callable)."""
+        """Settings of a borrowed pool (its database unknown when its conninfo is computed)."""
         if isinstance(pool.conninfo, str) and isinstance(pool.kwargs, Mapping):
             try:
                 return cls.of(conninfo_to_dict(pool.conninfo, **pool.kwargs))
             except psycopg.Error:
                 pass
-        return cls.of({})
+        return cls(secrets=(), database=None, session=("", ""), describe="")
 
     def redact(self, text: str) -> str:
         """``text`` with the password replaced by ``***``."""

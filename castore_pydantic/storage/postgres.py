@@ -327,8 +327,36 @@ class PostgresEventStorageAdapter:
         """Wrap an event for a group pushed by PostgreSQL adapters."""
         return GroupedEvent(event=event, event_storage_adapter=self, context=context)
 
-    def _same_database(self, other: PostgresEventStorageAdapter) -> bool:
-        return other.pool is self.pool or other._settings.database == self._settings.database
+    def _unlike(self, other: PostgresEventStorageAdapter) -> str | None:
+        """Why this adapter's connection cannot write ``other``'s events, if it cannot.
+
+        A group runs on one connection: ``other``'s table must be on its database, and a
+        table named without a schema must resolve there as on ``other``'s own connections.
+        """
+        if other.pool is self.pool:
+            return None
+        mine, theirs = self._settings, other._settings
+        if mine.database is None or theirs.database is None:
+            return (
+                "uses another pool whose conninfo is computed, so its database cannot be"
+                " told: a group is one transaction on one database"
+            )
+        if mine.database != theirs.database:
+            return (
+                f"is stored in another database ({theirs.describe or 'libpq defaults'}, not "
+                f"{mine.describe or 'libpq defaults'}): a group is one transaction"
+            )
+        if other._schema is None and not (
+            mine.session == theirs.session and self._conns.owned and other._conns.owned
+        ):
+            # Its table name would resolve through this connection's search_path, which
+            # another user, other options or a borrowed pool's own setup may change.
+            return (
+                "names its table without a schema, and its connections (another user,"
+                " other options or a borrowed pool) may find another table under that"
+                " name: give the adapters a schema to group their events"
+            )
+        return None
 
     async def push_event_group(
         self, grouped_events: Sequence[GroupedEvent], *, force: bool = False
@@ -391,12 +419,9 @@ class PostgresEventStorageAdapter:
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
-            if adapter is not self and not self._same_database(adapter):
-                raise EventGroupError(
-                    f"Event group event #{index} is stored in another database "
-                    f"({adapter._settings.describe or 'libpq defaults'}, not "
-                    f"{self._settings.describe or 'libpq defaults'}): a group is one transaction"
-                )
+            unlike = None if adapter is self else self._unlike(adapter)
+            if unlike is not None:
+                raise EventGroupError(f"Event group event #{index} {unlike}")
             plan.add(adapter, grouped.context.event_store_id, grouped.event)
         return plan
 

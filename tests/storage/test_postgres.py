@@ -571,6 +571,78 @@ class TestGroups:
             await here.aclose()
             await elsewhere.aclose()
 
+    async def test_members_without_a_schema_must_resolve_their_tables_alike(
+        self, pg_schema: str
+    ) -> None:
+        """A member naming its table without a schema, whose connections use another
+        search_path, is refused (its events would land in the head's schema); with the same
+        connection settings, or a schema, the group is written where each adapter reads."""
+        other_schema = f"{pg_schema}_other"
+        await fetch(f'CREATE SCHEMA "{other_schema}"')
+
+        def unqualified(schema: str) -> PostgresEventStorageAdapter:
+            options = {"options": f"-c search_path={schema}"}
+            return PostgresEventStorageAdapter(DSN, table_name="events", connect_kwargs=options)
+
+        try:
+            here, there = unqualified(pg_schema), unqualified(other_schema)
+            qualified = PostgresEventStorageAdapter(DSN, schema=other_schema, table_name="events")
+            beside = unqualified(pg_schema)
+            async with here, there, qualified, beside:
+                await here.create_event_table()
+                await there.create_event_table()
+                first, second = counter_store(here), counter_store(there)
+                with pytest.raises(EventGroupError, match="without a schema"):
+                    await EventStore.push_event_group(
+                        first.group_event(created("a1")), second.group_event(created("b1"))
+                    )
+                for schema in (pg_schema, other_schema):
+                    assert await fetch(f'SELECT count(*) FROM "{schema}".events') == [(0,)]
+                # The same settings resolve alike; a schema resolves anywhere.
+                same = counter_store(beside)
+                await EventStore.push_event_group(
+                    first.group_event(created("a1")), same.group_event(created("a2"))
+                )
+                await EventStore.push_event_group(
+                    first.group_event(created("a3")),
+                    counter_store(qualified, second.event_store_id).group_event(created("b1")),
+                )
+                assert [e.version for e in (await second.get_events("b1")).events] == [1]
+                rows = await fetch(f'SELECT aggregate_id FROM "{pg_schema}".events ORDER BY 1')
+                assert rows == [("a1",), ("a2",), ("a3",)]
+        finally:
+            await fetch(f'DROP SCHEMA "{other_schema}" CASCADE')
+
+    async def test_pools_with_computed_conninfo_group_only_with_themselves(
+        self, pg_schema: str
+    ) -> None:
+        """A borrowed pool whose conninfo is a callable says nothing of its database: only
+        adapters on that same pool may group with it."""
+        table = await make_table(pg_schema)
+        other = await make_table(pg_schema)
+        async with (
+            AsyncConnectionPool(lambda: DSN, min_size=1, max_size=2, open=False) as pool,
+            AsyncConnectionPool(lambda: OTHER_DSN, min_size=1, max_size=2, open=False) as far,
+        ):
+            here = counter_store(
+                PostgresEventStorageAdapter(pool=pool, schema=pg_schema, table_name=table)
+            )
+            beside = counter_store(
+                PostgresEventStorageAdapter(pool=pool, schema=pg_schema, table_name=other)
+            )
+            elsewhere = counter_store(
+                PostgresEventStorageAdapter(pool=far, schema=pg_schema, table_name=table)
+            )
+            with pytest.raises(EventGroupError, match="computed"):
+                await EventStore.push_event_group(
+                    here.group_event(created("a1")), elsewhere.group_event(created("b1"))
+                )
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+            await EventStore.push_event_group(
+                here.group_event(created("a1")), beside.group_event(created("b1"))
+            )
+            assert len((await beside.get_events("b1")).events) == 1
+
     async def test_adapters_sharing_a_pool_may_group(self, pg_schema: str) -> None:
         """Adapters built on one borrowed pool are on the same database."""
         tables = [await make_table(pg_schema), await make_table(pg_schema)]
