@@ -308,7 +308,12 @@ class PostgresEventStorageAdapter:
         try:
             await direct.execute(conn, query, params)
         except pg_errors.UniqueViolation as exc:
-            if await self._is_event_key(conn, exc):
+            try:
+                conflict = await self._is_event_key(conn, exc)
+            except psycopg.Error as lookup:  # the write failed; finding out why did too
+                error = self._conns.error(lookup, where, event_store_id=event_store_id)
+                raise error from self._settings.cause(lookup)
+            if conflict:
                 raise EventAlreadyExistsError(
                     event_store_id, event.aggregate_id, event.version
                 ) from exc
@@ -393,7 +398,10 @@ class PostgresEventStorageAdapter:
                     for query, params in batches:
                         await cursor.execute(query, params)
         except pg_errors.UniqueViolation as exc:
-            culprit = await plan.culprit(conn, exc)
+            try:
+                culprit = await plan.culprit(conn, exc)
+            except psycopg.Error as lookup:  # the write failed; finding out why did too
+                raise self._conns.error(lookup, where) from self._settings.cause(lookup)
             if culprit is not None:
                 raise EventAlreadyExistsError(*culprit) from exc
             raise self._conns.error(exc, where) from self._settings.cause(exc)
@@ -431,7 +439,10 @@ class PostgresEventStorageAdapter:
         try:
             culprit = await plan.first_conflict(conn)
         except psycopg.Error as exc:
-            raise self._conns.error(exc, where) from self._settings.cause(exc)
+            # A value the table refuses (an id that is no UUID, on a uuid table) is the
+            # event's, as when the group is written.
+            error = self._conns.error(exc, where, event_store_id=plan.members[0].event_store_id)
+            raise error from self._settings.cause(exc)
         finally:
             await self._conns.release(conn)
         raise EventAlreadyExistsError(*culprit)

@@ -22,6 +22,7 @@ from castore_pydantic.errors import (
     EventGroupError,
     EventLimitExceededError,
     StorageError,
+    StorageUnavailableError,
     StoredEventValidationError,
 )
 from castore_pydantic.storage import postgres as postgres_module
@@ -483,6 +484,30 @@ class TestConflicts:
             assert not isinstance(info.value, EventAlreadyExistsError)
             assert isinstance(info.value.__cause__, psycopg.errors.UniqueViolation)
 
+    async def test_a_conflict_lookup_that_fails_is_the_librarys_error(
+        self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """When finding out whether a unique violation is a conflict fails as well (the
+        connection lost meanwhile), the caller gets the library's error, not psycopg's."""
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+
+            async def lookup_fails(*args: Any) -> bool:
+                raise psycopg.OperationalError("the connection was lost")
+
+            monkeypatch.setattr(PostgresEventStorageAdapter, "_is_event_key", lookup_fails)
+            with pytest.raises(StorageUnavailableError, match="connection was lost"):
+                await store.push_event(created("a1"))
+            with pytest.raises(StorageUnavailableError, match="connection was lost"):
+                await EventStore.push_event_group(
+                    store.group_event(created("a2")), store.group_event(created("a1"))
+                )
+            monkeypatch.undo()
+            assert [e.version for e in (await store.get_events("a1")).events] == [1]
+            assert (await store.get_events("a2")).events == []
+
     @pytest.mark.parametrize("conflict_at", [0, 1, 2, 3])
     async def test_group_across_tables_names_the_first_conflicting_event(
         self, pg_schema: str, conflict_at: int
@@ -706,6 +731,12 @@ class TestUuidTable:
             with pytest.raises(EventLimitExceededError, match="uuid"):
                 await EventStore.push_event_group(
                     store.group_event(created(str(uuid.uuid4()))),
+                    store.group_event(created("not-a-uuid")),
+                )
+            # Also when the group repeats a key (then looked up before anything is written).
+            with pytest.raises(EventLimitExceededError, match="uuid"):
+                await EventStore.push_event_group(
+                    store.group_event(created("not-a-uuid")),
                     store.group_event(created("not-a-uuid")),
                 )
             assert (await store.get_events("not-a-uuid")).events == []
