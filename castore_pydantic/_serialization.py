@@ -42,13 +42,19 @@ _BULK_TEXT = 64 * 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+#: The deepest ``payload`` that reads back: pydantic-core parses JSON at most 200 levels
+#: deep, and storage reads and messages put each payload inside its event, inside a list.
+_DEEPEST_READABLE = 198
+
+
 @dataclass(frozen=True, slots=True)
 class EventLimits:
     """Limits an event store enforces on every pushed event, before anything is written.
 
     Attributes:
         max_depth: How deeply ``payload`` and ``metadata`` may nest containers (dicts, lists,
-            models). ``payload`` itself is level 1.
+            models). ``payload`` itself is level 1. At most 198: deeper events could not be
+            read back as JSON.
         max_bytes: An upper bound on the event's size as JSON, in bytes (strings count their
             length, other scalars a few bytes each). JSON text input is also refused when it
             is longer than this.
@@ -60,6 +66,12 @@ class EventLimits:
     def __post_init__(self) -> None:
         if self.max_depth < 1:
             raise ValueError("max_depth must be at least 1")
+        if self.max_depth > _DEEPEST_READABLE:
+            raise ValueError(
+                f"max_depth must be at most {_DEEPEST_READABLE}: stored and published events"
+                " are read back as JSON, which Pydantic parses at most 200 levels deep, and"
+                " a payload sits two levels down (in its event, in a list of events)"
+            )
         if self.max_bytes < 64:
             raise ValueError("max_bytes must be at least 64")
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from castore_pydantic import CastoreError, Command, Event, EventLimits, EventStore
 from castore_pydantic.errors import EventLimitExceededError, UnknownEventTypeError
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
+from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from tests.domain import PokemonAppeared, PokemonCaught, appeared, reduce_pokemon
 
 
@@ -150,10 +151,25 @@ class TestLimitsAreConfigurable:
             await strict.push_event(note(nested(2)))
         with pytest.raises(EventLimitExceededError, match="max_bytes=200"):
             await strict.push_event(note({"text": "x" * 300}))
-        relaxed = make_store(EventLimits(max_depth=500, max_bytes=20 * 1024 * 1024))
-        await relaxed.push_event(note({"text": TEN_MB, "deep": nested(400)}))
+        relaxed = make_store(EventLimits(max_depth=198, max_bytes=20 * 1024 * 1024))
+        await relaxed.push_event(note({"text": TEN_MB, "deep": nested(196)}))
         (stored,) = (await relaxed.get_events("n1")).events
         assert stored.payload["text"] == TEN_MB
+
+    async def test_the_deepest_allowed_payload_reads_back_from_json(self, tmp_path: Any) -> None:
+        """At the highest max_depth allowed, the deepest payload is stored as JSON (SQLite)
+        and read back; one level more would pass Pydantic's 200 levels of JSON."""
+        adapter = SQLiteEventStorageAdapter(tmp_path / "deep.db")
+        store = make_store(EventLimits(max_depth=198))
+        store.event_storage_adapter = adapter
+        async with adapter:
+            await store.push_event(note(nested(197)))
+            with pytest.raises(EventLimitExceededError, match="max_depth=198"):
+                await store.push_event(note(nested(198), aggregateId="n2"))
+            (stored,) = (await store.get_events("n1")).events
+            assert stored.payload == nested(197)
+        with pytest.raises(ValueError, match="at most 198"):
+            EventLimits(max_depth=199)
 
     def test_limits_must_be_sane(self) -> None:
         """Nonsensical limits are refused."""
