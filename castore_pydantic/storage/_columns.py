@@ -11,10 +11,12 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from pydantic import PydanticSchemaGenerationError, PydanticUserError, TypeAdapter
+from pydantic_core import PydanticSerializationError
 
 from castore_pydantic._event import Event
+from castore_pydantic.errors import EventLimitExceededError
 
-__all__ = ["json_columns"]
+__all__ = ["json_columns", "storable_columns"]
 
 #: Config keys that only affect validation or schemas, never how values serialise to JSON.
 _SERIALISATION_NEUTRAL_CONFIG: Final = frozenset(
@@ -49,6 +51,21 @@ def json_columns(event: Event) -> tuple[str | None, str | None]:
     if columns is None:
         columns = _JSON_COLUMNS[type(event)] = _columns_for(type(event))
     return columns(event)
+
+
+def storable_columns(event: Event, event_store_id: str) -> tuple[str | None, str | None]:
+    """``json_columns``, refusing what JSON cannot hold as a limit of the event.
+
+    Raises:
+        EventLimitExceededError: The payload or metadata cannot be serialised as JSON (bytes
+            that are not UTF-8, for instance); nothing is written.
+    """
+    try:
+        return json_columns(event)
+    except (PydanticSerializationError, ValueError) as exc:
+        raise EventLimitExceededError(
+            event_store_id, f"payload or metadata not serialisable as JSON: {exc}"
+        ) from exc
 
 
 def _columns_for(cls: type[Event]) -> _JsonColumns:

@@ -5,11 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from pydantic_core import PydanticSerializationError
-
 from castore_pydantic._event import Event, stamped, utc_now
 from castore_pydantic.errors import EventLimitExceededError
-from castore_pydantic.storage._columns import json_columns
+from castore_pydantic.storage._columns import storable_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 from castore_pydantic.storage._postgres_sql import Statements
 
@@ -54,12 +52,7 @@ def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:
     Raises:
         EventLimitExceededError: The payload or metadata cannot be serialised as JSON.
     """
-    try:
-        payload, metadata = json_columns(event)
-    except (PydanticSerializationError, ValueError) as exc:
-        raise EventLimitExceededError(
-            event_store_id, f"payload or metadata not serialisable as JSON: {exc}"
-        ) from exc
+    payload, metadata = storable_columns(event, event_store_id)
     return (
         event_store_id,
         event.aggregate_id,

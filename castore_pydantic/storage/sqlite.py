@@ -43,7 +43,7 @@ from castore_pydantic.errors import (
     StorageUnavailableError,
     StoredEventValidationError,
 )
-from castore_pydantic.storage._columns import json_columns
+from castore_pydantic.storage._columns import storable_columns
 from castore_pydantic.storage._sqlite_lock import AdapterLock, Ticket
 from castore_pydantic.storage._sqlite_rows import (
     MAX_INTEGER,
@@ -373,8 +373,9 @@ class SQLiteEventStorageAdapter:
 
     @staticmethod
     def _row(event: Event, event_store_id: str) -> tuple[Any, ...]:
+        """The values of an event's row (``EventLimitExceededError`` if JSON cannot hold it)."""
         timestamp = event.timestamp
-        payload, metadata = json_columns(event)
+        payload, metadata = storable_columns(event, event_store_id)
         return (
             event_store_id,
             event.aggregate_id,
