@@ -143,7 +143,7 @@ class Settings:
         return exc
 
 
-def translate(
+def translate(  # noqa: PLR0911 - a flat dispatch on the error's type
     exc: BaseException,
     *,
     where: str,
@@ -164,6 +164,14 @@ def translate(
         )
     if isinstance(exc, PoolClosed):
         return StorageError(f"{where}: {text} (open a borrowed pool before using the adapter)")
+    if isinstance(exc, pg_errors.ProgramLimitExceeded):
+        # One of PostgreSQL's own limits (an index row of 8 kB, a value of 1 GB): psycopg
+        # files it under OperationalError, but no retry can pass it.
+        if event_store_id is not None:
+            return EventLimitExceededError(
+                event_store_id, f"PostgreSQL cannot hold a value of the event ({text})"
+            )
+        return StorageError(f"{where}: {text} (a limit of PostgreSQL's: retrying cannot help)")
     if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
         outcome = (
             "; the connection was lost after the write was sent, so its outcome is unknown: "

@@ -493,13 +493,21 @@ class PostgresEventStorageAdapter:
                     limit=limit,
                     reverse=reverse,
                 )
-                result = await direct.execute(conn, query, params)
-                value = result.get_value(0, 0) if result.ntuples else None
-                if value is None:
-                    return []
-                text = direct.decoded(conn, value)
-                # At the limit: long, read it all again, streamed, in one snapshot.
-                long = streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS
+                try:
+                    result = await direct.execute(conn, query, params)
+                except pg_errors.ProgramLimitExceeded:
+                    # Their JSON array is longer than PostgreSQL's 1 GB for one value (a
+                    # thousand events of a megabyte): a forward read streams them row by row.
+                    if not (streamed and _CHUNKED_ROWS):
+                        raise
+                    long = True
+                else:
+                    value = result.get_value(0, 0) if result.ntuples else None
+                    if value is None:
+                        return []
+                    text = direct.decoded(conn, value)
+                    # At the limit: long, read it all again, streamed, in one snapshot.
+                    long = streamed and int(result.get_value(0, 1) or 0) >= _FIRST_EVENTS
             if long:
                 rest = _long_params(event_store_id, aggregate_id, min_version, max_version)
                 events = await self._read_long(conn, context, rest)

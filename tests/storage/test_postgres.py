@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import subprocess
 import sys
 import uuid
@@ -484,6 +485,26 @@ class TestConflicts:
             assert not isinstance(info.value, EventAlreadyExistsError)
             assert isinstance(info.value.__cause__, psycopg.errors.UniqueViolation)
 
+    async def test_a_value_past_a_postgresql_limit_is_the_events_limit(
+        self, pg_schema: str
+    ) -> None:
+        """An aggregate id too long for the key's index (8 kB a row) is refused as the
+        event's EventLimitExceededError (psycopg files the server's error under
+        OperationalError, which is no reason to call the server unavailable); nothing is
+        written."""
+        table = await make_table(pg_schema)
+        too_long = secrets.token_urlsafe(24_000)  # incompressible: stays past 8 kB
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            with pytest.raises(EventLimitExceededError, match="cannot hold"):
+                await store.push_event(created(too_long))
+            with pytest.raises(EventLimitExceededError, match="cannot hold"):
+                await EventStore.push_event_group(
+                    store.group_event(created("fine")), store.group_event(created(too_long))
+                )
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+            await store.push_event(created("fine"))
+
     async def test_a_conflict_lookup_that_fails_is_the_librarys_error(
         self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -941,6 +962,38 @@ class TestLongAggregates:
             assert await read("other", min_version=1) == (short, False, True)
             assert await read("other", min_version=1) == (short, True, False)
             assert await read("other") == (short, True, False)
+
+    async def test_a_read_longer_than_one_postgresql_value_is_streamed(
+        self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A statement whose JSON array would pass PostgreSQL's 1 GB for one value fails with
+        program_limit_exceeded (injected here: a real one takes a gigabyte of events; tried
+        by hand with 1,100 events of a megabyte). A forward read then streams the rows one
+        by one; a read that cannot is a StorageError saying a retry cannot help."""
+        assert postgres_module._CHUNKED_ROWS, "psycopg's libpq has no chunked rows mode"
+        table = await make_table(pg_schema)
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await EventStore.push_event_group(
+                store.group_event(created("a")),
+                *(store.group_event(incremented("a", v)) for v in range(2, 6)),
+            )
+            execute = postgres_module.direct.execute
+
+            async def arrays_too_long(conn: Any, query: str, params: Any) -> Any:
+                if "json_agg" in query:  # the statements that build one JSON array
+                    raise psycopg.errors.ProgramLimitExceeded("out of memory")
+                return await execute(conn, query, params)
+
+            monkeypatch.setattr(postgres_module.direct, "execute", arrays_too_long)
+            for bounds in ({}, {"min_version": 2}, {"max_version": 4}):
+                events = (await store.get_events("a", **bounds)).events
+                low, high = bounds.get("min_version", 1), bounds.get("max_version", 5)
+                assert [e.version for e in events] == list(range(low, high + 1))
+            for options in ({"reverse": True}, {"limit": 3}):
+                with pytest.raises(StorageError, match="retrying cannot help") as info:
+                    await store.get_events("a", **options)
+                assert not isinstance(info.value, StorageUnavailableError)
 
     async def test_group_larger_than_one_statement_is_still_atomic(self, pg_schema: str) -> None:
         """A group beyond one statement's 65,535 values is one transaction: all or nothing."""
