@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -64,6 +65,14 @@ def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:
     )
 
 
+def _uuid_text(aggregate_id: str) -> str:
+    """The canonical text of an id that spells a UUID (as a uuid column stores it)."""
+    try:
+        return str(uuid.UUID(aggregate_id))
+    except ValueError:
+        return aggregate_id
+
+
 class Target(Protocol):
     """What a group needs of each member's adapter (the adapter's private parts)."""
 
@@ -87,6 +96,8 @@ class GroupPlan:
 
     Attributes:
         force: Whether stored versions are overwritten.
+        fold_uuids: Whether ids that spell one UUID in different ways (upper case, braces)
+            make one key, as on a uuid table; only tried after PostgreSQL said so.
         members: Every grouped event, in group order.
         repeat: Index of the first member that repeats an earlier member's key (without
             force), if any.
@@ -94,10 +105,11 @@ class GroupPlan:
         rows: Rows to write (members minus repeated keys).
     """
 
-    __slots__ = ("force", "members", "now", "repeat", "rows", "tables")
+    __slots__ = ("fold_uuids", "force", "members", "now", "repeat", "rows", "tables")
 
-    def __init__(self, force: bool) -> None:
+    def __init__(self, force: bool, *, fold_uuids: bool = False) -> None:
         self.force = force
+        self.fold_uuids = fold_uuids
         self.now = utc_now()  # of every member without a timestamp
         self.members: list[Member] = []
         self.repeat: int | None = None
@@ -115,7 +127,12 @@ class GroupPlan:
         """
         check_store_id(event_store_id)
         event = stamped(event, self.now)
-        key = (event_store_id, event.aggregate_id, event.version)
+        aggregate_id = event.aggregate_id
+        key = (
+            event_store_id,
+            _uuid_text(aggregate_id) if self.fold_uuids else aggregate_id,
+            event.version,
+        )
         statements = target._sql
         entry = self.tables.get(statements.table)
         if entry is None:

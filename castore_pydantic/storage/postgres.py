@@ -386,39 +386,57 @@ class PostgresEventStorageAdapter:
         where = self._where("pushing an event group")
         if plan.repeat is not None:
             await self._refuse_repeated_key(plan, where)
-        batches = plan.statements(self._group_sql)
-        conn = await self._conns.acquire(where)
-        try:
-            if len(batches) == 1:
-                await direct.execute(conn, *batches[0])
-            else:
-                # A cursor of its own: a cached one would keep the huge statement's parsed
-                # text and values alive until its next use.
-                async with conn.cursor() as cursor, conn.transaction():
-                    for query, params in batches:
-                        await cursor.execute(query, params)
-        except pg_errors.UniqueViolation as exc:
+        while True:
+            batches = plan.statements(self._group_sql)
+            conn = await self._conns.acquire(where)
             try:
-                culprit = await plan.culprit(conn, exc)
-            except psycopg.Error as lookup:  # the write failed; finding out why did too
-                raise self._conns.error(lookup, where) from self._settings.cause(lookup)
-            if culprit is not None:
-                raise EventAlreadyExistsError(*culprit) from exc
-            raise self._conns.error(exc, where) from self._settings.cause(exc)
-        except psycopg.Error as exc:
-            error = self._conns.error(
-                exc, where, event_store_id=plan.members[0].event_store_id, lost_write=conn.broken
-            )
-            raise error from self._settings.cause(exc)
-        finally:
-            await self._conns.release(conn)
-        return [member.event for member in plan.members]
+                if len(batches) == 1:
+                    await direct.execute(conn, *batches[0])
+                else:
+                    # A cursor of its own: a cached one would keep the huge statement's
+                    # parsed text and values alive until its next use.
+                    async with conn.cursor() as cursor, conn.transaction():
+                        for query, params in batches:
+                            await cursor.execute(query, params)
+            except pg_errors.UniqueViolation as exc:
+                try:
+                    culprit = await plan.culprit(conn, exc)
+                except psycopg.Error as lookup:  # the write failed; finding out why did too
+                    raise self._conns.error(lookup, where) from self._settings.cause(lookup)
+                if culprit is not None:
+                    raise EventAlreadyExistsError(*culprit) from exc
+                raise self._conns.error(exc, where) from self._settings.cause(exc)
+            except pg_errors.CardinalityViolation as exc:
+                if not force or plan.fold_uuids:
+                    raise self._conns.error(exc, where) from self._settings.cause(exc)
+                # With force, two members named one aggregate of a uuid table in two
+                # spellings (upper and lower case): one statement may not update a row
+                # twice. Nothing was written; as for any key repeated with force, the later
+                # member wins.
+                plan = self._plan_group(grouped_events, force=force, fold_uuids=True)
+                continue
+            except psycopg.Error as exc:
+                error = self._conns.error(
+                    exc,
+                    where,
+                    event_store_id=plan.members[0].event_store_id,
+                    lost_write=conn.broken,
+                )
+                raise error from self._settings.cause(exc)
+            finally:
+                await self._conns.release(conn)
+            return [member.event for member in plan.members]
 
-    def _plan_group(self, grouped_events: Sequence[GroupedEvent], *, force: bool) -> GroupPlan:
-        """Check every grouped event and gather their rows, before anything is written."""
+    def _plan_group(
+        self, grouped_events: Sequence[GroupedEvent], *, force: bool, fold_uuids: bool = False
+    ) -> GroupPlan:
+        """Check every grouped event and gather their rows, before anything is written.
+
+        With ``fold_uuids``, ids that spell one UUID count as one key (``GroupPlan``).
+        """
         if not grouped_events:
             raise EventGroupError("An event group needs at least one grouped event")
-        plan = GroupPlan(force)
+        plan = GroupPlan(force, fold_uuids=fold_uuids)
         for index, grouped in enumerate(grouped_events):
             adapter = grouped.event_storage_adapter
             if not isinstance(adapter, PostgresEventStorageAdapter):

@@ -763,6 +763,31 @@ class TestUuidTable:
             assert (await store.get_events("not-a-uuid")).events == []
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
 
+    async def test_one_uuid_in_two_spellings_in_a_forced_group_lets_the_later_win(
+        self, pg_schema: str
+    ) -> None:
+        """With force, a group naming one aggregate as a lower-case and an upper-case UUID
+        writes one row, the later member's, as it does for a key repeated exactly (without
+        force it is a conflict)."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        lower = str(uuid.uuid4())
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            with pytest.raises(EventAlreadyExistsError):
+                await EventStore.push_event_group(
+                    store.group_event(created(lower)), store.group_event(created(lower.upper()))
+                )
+            result = await EventStore.push_event_group(
+                store.group_event(created(lower)),
+                store.group_event(created(lower.upper())),
+                store.group_event(created(str(uuid.uuid4()))),
+                force=True,
+            )
+            assert len(result.event_group) == 3
+            (stored,) = (await store.get_events(lower)).events
+            assert stored.payload.name == f"counter {lower.upper()}"
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(2,)]
+
     async def test_paging_over_uuid_ids_with_equal_timestamps(self, pg_schema: str) -> None:
         """Paging orders uuid ids like their text and visits each aggregate once."""
         table = await make_table(pg_schema, aggregate_id_type="uuid")
