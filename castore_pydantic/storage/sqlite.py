@@ -527,7 +527,8 @@ class SQLiteEventStorageAdapter:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _query_sync(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+    def _query_sync(self, sql: str, params: tuple[Any, ...], *, slice_: bool = False) -> list[Any]:
+        """Run a query; for a read's slice (``slice_``), a text too long is ``_TooBigError``."""
         conn = self._connection()
         try:
             return conn.execute(sql, params).fetchall()
@@ -535,7 +536,7 @@ class SQLiteEventStorageAdapter:
             code = _error_code(exc) & 0xFF
             if code in _BUSY_CODES:
                 raise _BusyError from exc
-            if code == sqlite3.SQLITE_TOOBIG:
+            if code == sqlite3.SQLITE_TOOBIG and slice_:
                 raise _TooBigError from exc
             if "malformed JSON" in str(exc):
                 raise StoredEventValidationError(params[0], params[1], None) from exc
@@ -550,7 +551,7 @@ class SQLiteEventStorageAdapter:
             StorageError: One event alone is longer than that.
         """
         try:
-            ((text, count, last),) = self._query_sync(read.sql, read.next_params())
+            ((text, count, last),) = self._query_sync(read.sql, read.next_params(), slice_=True)
         except _TooBigError as exc:
             if read.slice == 1:
                 raise StorageError(
@@ -575,7 +576,8 @@ class SQLiteEventStorageAdapter:
         When more slices follow, the transaction stays open and the lock stays taken: the
         worker thread that reads them ends both (``_end_long_read``).
         """
-        if not long:
+        # (A read retried after its slices became smaller is long: see below.)
+        if not long and read.slice == SLICE:
             try:
                 return self._slice_sync(read)
             except _TooBigError:

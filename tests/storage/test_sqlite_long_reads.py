@@ -186,6 +186,43 @@ class TestVeryLongEvents:
             assert [e.version for e in events] == expected(low, high, limit, reverse)
         assert (await store.get_aggregate("book")).events[-1].version == 2700
 
+    async def test_a_busy_retry_after_smaller_slices_stays_in_its_transaction(
+        self, store: EventStore[Any, Any], db: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A read of at most one slice that had to take smaller ones, and then found the
+        database busy once, is retried as a read of several slices: in one transaction,
+        holding the adapter's lock (it used to go on outside both)."""
+        limit_text(store, 30_000)
+        adapter = store.get_event_storage_adapter()
+        query = adapter._query_sync
+        outside: list[str] = []
+
+        def busy_once(sql: str, params: Any, **options: Any) -> Any:
+            busy_once.calls += 1  # type: ignore[attr-defined]
+            conn = adapter._conn
+            if conn is None or not conn.in_transaction or not adapter._lock.locked():
+                outside.append(sql)
+            if busy_once.calls == 2:  # type: ignore[attr-defined]
+                raise sqlite_module._BusyError  # the first statement in the transaction
+            return query(sql, params, **options)
+
+        busy_once.calls = 0  # type: ignore[attr-defined]
+        monkeypatch.setattr(adapter, "_query_sync", busy_once)
+        events = (await store.get_events("book", limit=999)).events
+        assert [e.version for e in events] == expected(None, None, 999, False)
+        assert outside[:1] == [adapter._sql.get[False, False, False]]  # the one-statement try
+        assert len(outside) == 1, "a statement of the read ran outside its transaction"
+        assert not adapter._lock.locked()
+        await until_no_open_read(db)
+
+    async def test_a_listing_longer_than_sqlite_allows_is_a_storage_error(
+        self, store: EventStore[Any, Any], db: Path
+    ) -> None:
+        write_rows(db, "x" * 40_000, [1])  # an aggregate id longer than the limit
+        limit_text(store, 30_000)
+        with pytest.raises(StorageError, match="too big"):
+            await store.list_aggregate_ids()
+
     async def test_one_event_longer_than_sqlite_allows_is_a_clear_error(
         self, store: EventStore[Any, Any], db: Path
     ) -> None:
