@@ -218,6 +218,8 @@ class ListingOptions:
 
     def in_bounds(self, entry: AggregateIdEntry) -> bool:
         """Whether ``entry`` passes the inclusive timestamp bounds."""
+        if self.matches_nothing:
+            return False
         ts = entry.initial_event_timestamp
         if self.initial_event_after is not None and ts < self.initial_event_after:
             return False
@@ -233,6 +235,8 @@ class ListingOptions:
 
     def page(self, entries: Iterable[AggregateIdEntry]) -> ListAggregateIdsResult:
         """Apply bounds, order, cursor and limit to all of a store's aggregates."""
+        if self.lists_nothing:
+            return ListAggregateIdsResult(aggregate_ids=[])
         selected = sorted(
             (e for e in entries if self.in_bounds(e) and self.past_cursor(e)),
             key=lambda e: (e.initial_event_timestamp, e.aggregate_id),

@@ -42,8 +42,10 @@ _BULK_TEXT = 64 * 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-#: The deepest ``payload`` that reads back: pydantic-core parses JSON at most 200 levels
-#: deep, and storage reads and messages put each payload inside its event, inside a list.
+#: The deepest ``payload`` allowed. Storage reads and messages put each payload inside its
+#: event, inside a list (or a message), and pydantic-core's JSON parser stops at about 200
+#: levels (a payload of depth 199 reads back with pydantic-core 2.x today): one level is
+#: kept as a margin between versions.
 _DEEPEST_READABLE = 198
 
 
@@ -53,8 +55,8 @@ class EventLimits:
 
     Attributes:
         max_depth: How deeply ``payload`` and ``metadata`` may nest containers (dicts, lists,
-            models). ``payload`` itself is level 1. At most 198: deeper events could not be
-            read back as JSON.
+            models). ``payload`` itself is level 1. At most 198: much deeper events could
+            not be read back as JSON.
         max_bytes: An upper bound on the event's size as JSON, in bytes (strings count their
             length, other scalars a few bytes each). JSON text input is also refused when it
             is longer than this.
@@ -69,8 +71,8 @@ class EventLimits:
         if self.max_depth > _DEEPEST_READABLE:
             raise ValueError(
                 f"max_depth must be at most {_DEEPEST_READABLE}: stored and published events"
-                " are read back as JSON, which Pydantic parses at most 200 levels deep, and"
-                " a payload sits two levels down (in its event, in a list of events)"
+                " are read back as JSON, which Pydantic parses to about 200 levels, and a"
+                " payload sits two levels down (in its event, in a list or a message)"
             )
         if self.max_bytes < 64:
             raise ValueError("max_bytes must be at least 64")

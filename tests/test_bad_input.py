@@ -158,7 +158,8 @@ class TestLimitsAreConfigurable:
 
     async def test_the_deepest_allowed_payload_reads_back_from_json(self, tmp_path: Any) -> None:
         """At the highest max_depth allowed, the deepest payload is stored as JSON (SQLite)
-        and read back; one level more would pass Pydantic's 200 levels of JSON."""
+        and read back; a higher max_depth is refused (Pydantic's JSON parser stops at about
+        200 levels)."""
         adapter = SQLiteEventStorageAdapter(tmp_path / "deep.db")
         store = make_store(EventLimits(max_depth=198))
         store.event_storage_adapter = adapter
