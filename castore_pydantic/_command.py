@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import types
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, cast, get_type_hints
@@ -38,17 +40,61 @@ OnEventAlreadyExists = Callable[
 
 
 def _annotation(handler: Callable[..., Any], which: str) -> Any:
-    """The handler's annotation for its first parameter or its return, if usable."""
+    """The handler's annotation for its first parameter or its return (``_NO_SCHEMA``: none).
+
+    Raises:
+        TypeError: The annotation is there but names something that cannot be found (a
+            class defined inside a function, under ``from __future__ import annotations``).
+    """
     try:
-        hints = get_type_hints(handler)
-    except (NameError, TypeError):
+        signature = inspect.signature(handler)
+    except (TypeError, ValueError):
         return _NO_SCHEMA
     if which == "return":
-        hint = hints.get("return", _NO_SCHEMA)
-        return _NO_SCHEMA if hint is type(None) or hint is Any else hint
-    params = list(inspect.signature(handler).parameters)
-    hint = hints.get(params[0], _NO_SCHEMA) if params else _NO_SCHEMA
+        name, raw = "return", signature.return_annotation
+    else:
+        params = list(signature.parameters.values())
+        if not params:
+            return _NO_SCHEMA
+        name, raw = params[0].name, params[0].annotation
+    if raw is inspect.Parameter.empty:
+        return _NO_SCHEMA
+    try:
+        hint = get_type_hints(handler).get(name, raw)
+    except (NameError, TypeError):
+        # Another annotation cannot be resolved (a name imported only for type checkers):
+        # resolve this one alone, in the handler's module.
+        holder = types.SimpleNamespace(__annotations__={name: raw})
+        try:
+            hint = get_type_hints(holder, globalns=_module_names(handler))[name]
+        except (NameError, TypeError) as exc:
+            what = "return" if which == "return" else f"first parameter ({name!r})"
+            raise TypeError(
+                f"cannot resolve the handler's {what} annotation {raw!r} ({exc}): pass "
+                f"{'output' if which == 'return' else 'input'}_schema= to Command"
+            ) from exc
+    if which == "return" and hint is type(None):
+        return _NO_SCHEMA
     return _NO_SCHEMA if hint is Any else hint
+
+
+def _module_names(handler: Callable[..., Any]) -> dict[str, Any]:
+    """The global names of the module that defines ``handler``.
+
+    ``handler`` may be a function, a method, a partial of one, or an object with a
+    ``__call__`` method.
+    """
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    target = inspect.unwrap(target)
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        for klass in type(target).__mro__:  # an object with a ``__call__`` method
+            if "__call__" in vars(klass):
+                target = vars(klass)["__call__"]
+                break
+    names = getattr(inspect.unwrap(target), "__globals__", None)
+    return names if isinstance(names, dict) else {}
 
 
 class Command(Generic[InputT, OutputT]):

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 from castore_pydantic import Command, EventAlreadyExistsError, OnEventAlreadyExistsContext
+
+if TYPE_CHECKING:  # a name only type checkers see, as modules often import for annotations
+    from collections.abc import Sequence as OnlyForTypeCheckers
 
 
 class LevelUpInput(BaseModel):
@@ -200,6 +203,42 @@ class TestValidation:
         assert await cmd.handler('{"pokemon_id": "p", "levels": 3}') == LevelUpOutput(new_level=3)
         with pytest.raises(ValidationError):
             await cmd.handler({"pokemon_id": "p", "levels": 0})
+
+    async def test_an_unresolvable_other_annotation_does_not_drop_the_schemas(self) -> None:
+        """A name imported only for type checkers, on the second parameter, used to make
+        both schemas None without a word: invalid input reached the handler."""
+        called: list[object] = []
+
+        async def handler(data: LevelUpInput, stores: OnlyForTypeCheckers) -> LevelUpOutput:
+            called.append(data)
+            return LevelUpOutput(new_level=data.levels)
+
+        cmd = Command(command_id="C", handler=handler)
+        assert (cmd.input_schema, cmd.output_schema) == (LevelUpInput, LevelUpOutput)
+        with pytest.raises(ValidationError):
+            await cmd.handler({"pokemon_id": 42, "levels": -5})
+        assert called == []
+
+    def test_an_unresolvable_schema_annotation_is_an_error_naming_the_fix(self) -> None:
+        """An input or return annotation that cannot be resolved (a class defined inside a
+        function) is a TypeError at construction, not a command without validation."""
+
+        class Local(BaseModel):
+            name: str
+
+        async def takes(data: Local, stores: Sequence[Any]) -> None:
+            return None
+
+        async def gives(data: LevelUpInput, stores: Sequence[Any]) -> Local:
+            return Local(name=data.pokemon_id)
+
+        with pytest.raises(TypeError, match="input_schema="):
+            Command(command_id="C", handler=takes)
+        with pytest.raises(TypeError, match="output_schema="):
+            Command(command_id="C", handler=gives)
+        assert Command(command_id="C", handler=takes, input_schema=Local).input_schema is Local
+        explicit = Command(command_id="C", handler=gives, output_schema=Local)
+        assert (explicit.input_schema, explicit.output_schema) == (LevelUpInput, Local)
 
     async def test_without_schemas_input_passes_through(self) -> None:
         """Unannotated handlers get their input unchanged."""
