@@ -6,6 +6,7 @@ service and a TypeScript Castore service can share a queue or a bus.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -240,6 +241,30 @@ def describe_error(error: BaseException) -> str:
     """An error as dead-letter text: ``"ValueError: boom"``, cut to ``MAX_ERROR_LENGTH``."""
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= MAX_ERROR_LENGTH else text[: MAX_ERROR_LENGTH - 3] + "..."
+
+
+class HandlerCancelledError(Exception):
+    """A handler raised ``CancelledError`` while its task was not being cancelled."""
+
+
+async def run_handler(handler: MessageHandler, message: Any, context: MessageContext) -> None:
+    """Await ``handler(message, context)``.
+
+    A handler that awaited something another task cancelled raises ``CancelledError``
+    although nobody cancelled the handler's own task: that is the handler failing, and it
+    is raised as ``HandlerCancelledError`` so that it is retried or dead-lettered like any
+    failure. Cancelling the task itself (a worker stopping) still cancels it.
+    """
+    try:
+        await handler(message, context)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise HandlerCancelledError(
+            "the handler raised CancelledError without being cancelled (it awaited a task "
+            "or future that something else cancelled)"
+        ) from exc
 
 
 def listener_name(handler: MessageHandler, listener_id: str | None) -> str:

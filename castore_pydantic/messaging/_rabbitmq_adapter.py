@@ -29,6 +29,7 @@ from castore_pydantic.messaging._messages import (
     RetryPolicy,
     describe_error,
     matches,
+    run_handler,
 )
 from castore_pydantic.messaging._rabbitmq_wire import (
     ATTEMPT_HEADER,
@@ -528,7 +529,7 @@ class RabbitMQAdapter:
         retries_left = max(self._retry_policy.retry_attempts - attempt + 1, 0)
         context = MessageContext(attempt=attempt, retry_attempts_left=retries_left, replay=replay)
         try:
-            await handler(message, context)
+            await run_handler(handler, message, context)
         except Exception as error:
             if retries_left > 0:
                 await self._retry(subscription, channel, body, replay, attempt, error)

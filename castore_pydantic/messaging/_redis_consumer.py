@@ -29,6 +29,7 @@ from castore_pydantic.messaging._messages import (
     MessageHandler,
     RetryPolicy,
     describe_error,
+    run_handler,
 )
 
 __all__ = ["ConsumerOptions", "StreamConsumer", "Subscription", "ensure_group"]
@@ -475,7 +476,7 @@ class StreamConsumer:
             replay=entry.replay,
         )
         try:
-            await handler(message, context)
+            await run_handler(handler, message, context)
         except Exception as exc:
             if entry.attempt <= policy.retry_attempts:
                 await self._retry_later(entry, exc)

@@ -30,6 +30,7 @@ from castore_pydantic.messaging._messages import (
     describe_error,
     listener_name,
     matches,
+    run_handler,
 )
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class _InMemoryAdapter:
     ) -> None:
         """Handle one delivery; on failure, schedule a retry or dead-letter it."""
         try:
-            await handler(delivery.message, delivery.context)
+            await run_handler(handler, delivery.message, delivery.context)
         except Exception as exc:
             if delivery.retry_attempts_left > 0:
                 delay = self.retry_policy.delay_for(delivery.attempt)

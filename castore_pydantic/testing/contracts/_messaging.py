@@ -35,6 +35,7 @@ pytest-asyncio.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -267,6 +268,39 @@ class MessageQueueAdapterContract(_Base):
             (letter,) = await wait_for_dead_letters(adapter, 1, self.delivery_timeout)
         assert letter.error.startswith("ValueError: xxx")
         assert len(letter.error) <= 4000
+
+    async def test_a_worker_raising_cancelled_error_fails_like_any_worker(
+        self, queue_adapter_factory: MessageAdapterFactory
+    ) -> None:
+        """A worker raising ``CancelledError`` that nobody sent it fails like any worker.
+
+        It awaited something another task cancelled: its message is retried, then
+        dead-lettered, and the next message is still handled.
+        """
+        queue = self._queue()
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=1)
+        doomed, healthy = notify(appeared("doomed")), notify(appeared("healthy"))
+        seen: list[tuple[Any, int]] = []
+        healthy_seen = asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            seen.append((message, context.attempt))
+            if message == healthy:
+                healthy_seen.set()
+            if message == doomed:
+                cancelled = asyncio.get_running_loop().create_future()
+                cancelled.cancel()
+                await cancelled
+
+        adapter.worker = worker
+        async with adapter.consuming():
+            await queue.publish_message(doomed)
+            await queue.publish_message(healthy)
+            (letter,) = await wait_for_dead_letters(adapter, 1, self.delivery_timeout)
+            await asyncio.wait_for(healthy_seen.wait(), self.delivery_timeout)
+        assert [attempt for message, attempt in seen if message == doomed] == [1, 2]
+        assert letter.message == doomed
+        assert "raised CancelledError" in letter.error
 
     async def test_a_failing_message_does_not_block_the_next(
         self, queue_adapter_factory: MessageAdapterFactory
