@@ -278,12 +278,19 @@ class StreamConsumer:
                     for entry_id, fields in stream_entries
                 ]
                 await self._forget_deleted(stream, found)
-                entries = [
-                    (key, entry_id, fields, None) for key, entry_id, fields in found if fields
-                ]
-                if not entries:
+                present = [(entry_id, fields) for _, entry_id, fields in found if fields]
+                if not present:
                     break
-                await self._handle_batch(entries)
+                # Reading them again counted one more delivery each: an entry that keeps
+                # killing this worker (restarted under its name) reaches max_deliveries too.
+                counts = await self._delivery_counts(stream, present)
+                await self._handle_batch(
+                    [
+                        (key, entry_id, fields, counts.get(entry_id))
+                        for key, entry_id, fields in found
+                        if fields
+                    ]
+                )
 
     async def _forget_deleted(self, stream: str, found: Sequence[tuple[Any, bytes, Any]]) -> None:
         """Acknowledge pending entries deleted from the stream (trimmed): nothing to handle."""

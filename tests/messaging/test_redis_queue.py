@@ -375,8 +375,13 @@ class TestRedisMessageQueueAdapter:
         assert "TRAINERS" in errors[1]
         assert errors[2] == "entry has no 'body' field"
 
-    async def test_entry_whose_consumers_keep_dying_is_dead_lettered(self, prefix: str) -> None:
-        """An entry taken over more than max_deliveries times is dead-lettered, not handled."""
+    @pytest.mark.parametrize("stable_name", [False, True], ids=["new-names", "stable-name"])
+    async def test_entry_whose_consumers_keep_dying_is_dead_lettered(
+        self, prefix: str, stable_name: bool
+    ) -> None:
+        """An entry taken over more than max_deliveries times is dead-lettered, not handled;
+        also when the worker restarts under one name and finds it among its own entries."""
+        name = {"name": f"pod-{prefix[13:25]}"} if stable_name else {}
         kills = 0
 
         async def fatal(message: Any, context: MessageContext) -> None:
@@ -395,7 +400,9 @@ class TestRedisMessageQueueAdapter:
             while not watch.records:
                 killed = asyncio.Event()
                 queue = make_queue()
-                adapter = attach(queue, prefix, worker=fatal, max_deliveries=2, reclaim_idle_ms=50)
+                adapter = attach(
+                    queue, prefix, worker=fatal, max_deliveries=2, reclaim_idle_ms=50, **name
+                )
                 async with adapter:
                     async with adapter.consuming():
                         waits = {
