@@ -42,7 +42,12 @@ def _to_utc_millis(value: datetime) -> datetime:
         # A naive datetime is ambiguous; refusing it beats guessing the wrong zone.
         raise ValueError("timestamp must be timezone-aware (e.g. 2024-01-01T00:00:00.000Z)")
     if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
+        try:
+            value = value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(
+                f"timestamp {value.isoformat()} is out of range once converted to UTC"
+            ) from None
     micro = value.microsecond
     if micro % 1000:
         value = value.replace(microsecond=micro - micro % 1000)

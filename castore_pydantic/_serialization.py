@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
@@ -303,9 +304,20 @@ class EventStoreContext:
                         fresh.__dict__["timestamp"] = utc_now()
                         fresh.__pydantic_fields_set__.add("timestamp")
                 elif stamp.microsecond % 1000 or stamp.utcoffset():
-                    fresh.__dict__["timestamp"] = normalize_timestamp(stamp)
+                    fresh.__dict__["timestamp"] = self._normalized(stamp)
                 return fresh
         return self._validate_other_input(event, timestamp=timestamp)
+
+    def _normalized(self, stamp: datetime) -> datetime:
+        """``stamp`` in UTC milliseconds.
+
+        Raises:
+            EventLimitExceededError: It is out of range once converted to UTC.
+        """
+        try:
+            return normalize_timestamp(stamp)
+        except ValueError as exc:
+            raise EventLimitExceededError(self.event_store_id, str(exc), ("timestamp",)) from exc
 
     def _validate_other_input(self, event: object, *, timestamp: bool) -> Event:
         """``validate_input`` for everything but a dict of a known type."""
@@ -334,7 +346,7 @@ class EventStoreContext:
             validated = self._one.validate_python(event)  # raises a clear ValidationError
         self.check_limits(validated)
         given = validated.timestamp
-        stamp = (utc_now() if timestamp else None) if given is None else normalize_timestamp(given)
+        stamp = (utc_now() if timestamp else None) if given is None else self._normalized(given)
         if stamp is not given:
             if owned:
                 # A fresh instance of ours: set the field in place instead of copying it.

@@ -88,6 +88,8 @@ HOSTILE: list[tuple[str, object]] = [
     ("JSON text: unknown type", '{"aggregateId":"n1","version":1,"type":"NOPE"}'),
     ("JSON text: a list", "[1, 2, 3]"),
     ("bytes: invalid UTF-8", b"\xff\xfe\xfd"),
+    ("timestamp before year 1 in UTC", note(timestamp="0001-01-01T00:00:00+05:00")),
+    ("timestamp after 9999 in UTC", json.dumps(note(timestamp="9999-12-31T23:59:59-05:00"))),
 ]  # fmt: skip
 
 
