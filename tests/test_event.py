@@ -147,6 +147,19 @@ class TestTimestamp:
         assert event.timestamp is not None
         assert event.timestamp.utcoffset() == timedelta(0)
 
+    async def test_seeded_mappings_with_a_null_timestamp_get_the_creation_time(self) -> None:
+        """``"timestamp": None`` in a seeded mapping is a missing timestamp: the adapter's
+        creation time (reading and listing used to find None, and listing failed)."""
+        seeded = {"aggregateId": "p1", "version": 1, "type": "POKEMON_CAUGHT", "timestamp": None}
+        store = caught_store()
+        before = datetime.now(UTC) - timedelta(milliseconds=1)
+        store.event_storage_adapter = InMemoryEventStorageAdapter(initial_events={"S": [seeded]})
+        (event,) = (await store.get_events("p1")).events
+        assert event.timestamp is not None
+        assert event.timestamp >= before
+        (entry,) = (await store.list_aggregate_ids()).aggregate_ids
+        assert entry.initial_event_timestamp == event.timestamp
+
 
 class TestAliases:
     def test_aliased_payload_fields_dump_by_alias_and_read_back(self) -> None:

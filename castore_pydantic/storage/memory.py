@@ -70,7 +70,8 @@ class InMemoryEventStorageAdapter:
                     f"version: {event!r:.200}"
                 )
             version = raw_version
-            item = event if "timestamp" in event else {**event, "timestamp": now}
+            # A mapping without a timestamp, or with None, gets the adapter's creation time.
+            item = event if event.get("timestamp") is not None else {**event, "timestamp": now}
         else:
             raise TypeError(f"initial events must be events or mappings, not {type(event)}")
         events = self._stores.setdefault(event_store_id, {}).setdefault(aggregate_id, [])
