@@ -30,8 +30,10 @@ violation is always :class:`EventAlreadyExistsError`, never a raw driver error.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AggregateNotFoundError",
@@ -57,7 +59,37 @@ __all__ = [
 
 
 class CastoreError(Exception):
-    """Root of every error raised by castore-pydantic (never raised itself)."""
+    """Root of every error raised by castore-pydantic (never raised itself).
+
+    Every error pickles (a worker process can raise it to its parent): it is rebuilt from
+    the arguments it was made with, not from its message.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return  # Exception's own: rebuilt from ``args`` like any exception
+
+        @functools.wraps(init)
+        def remembering(self: CastoreError, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            # Set last by the outermost ``__init__``: the arguments the error was made with.
+            self.__dict__["_made_with"] = (args, kwargs)
+
+        cls.__init__ = remembering  # type: ignore[method-assign,assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuild from the arguments the error was made with, then restore its attributes."""
+        made_with = self.__dict__.get("_made_with")
+        if made_with is None:
+            return super().__reduce__()  # type: ignore[return-value]
+        args, kwargs = made_with
+        return (_rebuild, (type(self), args, kwargs), self.__dict__)
+
+
+def _rebuild(cls: type[CastoreError], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return cls(*args, **kwargs)
 
 
 class EventAlreadyExistsError(CastoreError, ValueError):
@@ -79,9 +111,6 @@ class EventAlreadyExistsError(CastoreError, ValueError):
             f"Event already exists for {event_store_id} aggregate {aggregate_id} "
             f"and version {version}"
         )
-
-    def __reduce__(self) -> tuple[type[EventAlreadyExistsError], tuple[str, str, int]]:
-        return (type(self), (self.event_store_id, self.aggregate_id, self.version))
 
 
 def is_event_already_exists_error(error: object) -> bool:
@@ -107,9 +136,6 @@ class AggregateNotFoundError(CastoreError, LookupError):
         super().__init__(
             f"Unable to find aggregate {aggregate_id} in event store {event_store_id}."
         )
-
-    def __reduce__(self) -> tuple[type[AggregateNotFoundError], tuple[str, str]]:
-        return (type(self), (self.event_store_id, self.aggregate_id))
 
 
 class UndefinedEventStorageAdapterError(CastoreError, RuntimeError):
