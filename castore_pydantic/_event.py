@@ -183,7 +183,8 @@ class Event(WireModel):
             payload: Appeared
 
     Events are immutable. Their JSON form is Castore's: camelCase keys (``aggregateId``), a
-    ``...000Z`` timestamp, and ``payload`` / ``metadata`` keys left out when they are ``None``.
+    ``...000Z`` timestamp, and ``timestamp`` / ``payload`` / ``metadata`` keys left out when
+    they are ``None``.
     Dumps use field aliases by default, nested payload models included.
     Both ``aggregate_id`` and ``aggregateId`` are accepted on input; unknown top-level keys are
     refused so that no data is silently dropped.
@@ -208,8 +209,14 @@ class Event(WireModel):
 
     @model_serializer(mode="wrap")
     def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Leave ``payload`` and ``metadata`` out when absent, as Castore does."""
+        """Leave ``payload`` and ``metadata`` out when absent, as Castore does.
+
+        An event not stored yet may have no ``timestamp``: it is left out too (Castore's
+        events always have one, never ``null``).
+        """
         data: dict[str, Any] = handler(self)
+        if self.timestamp is None:
+            data.pop("timestamp", None)
         if self.payload is None:
             data.pop("payload", None)
         if self.metadata is None:

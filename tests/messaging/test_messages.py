@@ -122,6 +122,19 @@ class TestMessageJson:
             },
         }
 
+    def test_an_event_without_a_timestamp_has_no_null_timestamp(self) -> None:
+        """A message built by hand about an event not stored yet leaves ``timestamp`` out,
+        as ``payload`` (Castore's event JSON never holds a null timestamp); it reads back."""
+        event = PokemonCaught(aggregate_id="mew", version=2)
+        message = NotificationMessage(event_store_id="POKEMONS", event=event)
+        text = message.model_dump_json()
+        assert json.loads(text)["event"] == {
+            "aggregateId": "mew",
+            "version": 2,
+            "type": "POKEMON_CAUGHT",
+        }
+        assert NotificationMessage.model_validate_json(text).event.timestamp is None
+
     def test_state_carrying_message_has_castores_shape(self) -> None:
         """A state-carrying message dumps the event's payload model and the aggregate, camelCase."""
         aggregate = Pokemon(
