@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import types
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast, get_type_hints
+from typing import Any, Generic, TypeVar, cast, get_origin, get_type_hints, is_typeddict
 
 from pydantic import BaseModel, TypeAdapter
 
@@ -76,6 +77,18 @@ def _annotation(handler: Callable[..., Any], which: str) -> Any:
     if which == "return" and hint is type(None):
         return _NO_SCHEMA
     return _NO_SCHEMA if hint is Any else hint
+
+
+def _object_like(schema: Any) -> bool:
+    """Whether ``schema`` only accepts objects: a model, a dataclass, a TypedDict, a mapping."""
+    origin = get_origin(schema) or schema
+    if not isinstance(origin, type):
+        return False
+    return (
+        issubclass(origin, BaseModel | Mapping)
+        or dataclasses.is_dataclass(origin)
+        or is_typeddict(origin)
+    )
 
 
 def _module_names(handler: Callable[..., Any]) -> dict[str, Any]:
@@ -148,6 +161,9 @@ class Command(Generic[InputT, OutputT]):
         self.input_schema: Any = None if in_schema is _NO_SCHEMA else in_schema
         self.output_schema: Any = None if out_schema is _NO_SCHEMA else out_schema
         self._input_adapter = None if self.input_schema is None else TypeAdapter(self.input_schema)
+        # Text given for an object-like schema is JSON; for any other (``str`` itself, a
+        # union with it) it is the value.
+        self._json_input = _object_like(self.input_schema)
         self._output_adapter = (
             None if self.output_schema is None else TypeAdapter(self.output_schema)
         )
@@ -164,12 +180,7 @@ class Command(Generic[InputT, OutputT]):
         adapter = self._input_adapter
         if adapter is None:
             return cast(InputT, value)
-        schema = self.input_schema
-        if (
-            isinstance(value, str | bytes | bytearray)
-            and isinstance(schema, type)
-            and issubclass(schema, BaseModel)
-        ):
+        if self._json_input and isinstance(value, str | bytes | bytearray):
             return cast(InputT, adapter.validate_json(value))
         return cast(InputT, adapter.validate_python(value))
 

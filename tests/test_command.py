@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from pydantic import BaseModel, Field, ValidationError
+from typing_extensions import TypedDict
 
 from castore_pydantic import Command, EventAlreadyExistsError, OnEventAlreadyExistsContext
 
@@ -16,6 +18,15 @@ if TYPE_CHECKING:  # a name only type checkers see, as modules often import for 
 class LevelUpInput(BaseModel):
     pokemon_id: str = Field(min_length=1)
     levels: int = Field(default=1, ge=1, le=10)
+
+
+class Levels(TypedDict):
+    levels: int
+
+
+@dataclasses.dataclass
+class LevelsDataclass:
+    levels: int
 
 
 class LevelUpOutput(BaseModel):
@@ -239,6 +250,26 @@ class TestValidation:
         assert Command(command_id="C", handler=takes, input_schema=Local).input_schema is Local
         explicit = Command(command_id="C", handler=gives, output_schema=Local)
         assert (explicit.input_schema, explicit.output_schema) == (LevelUpInput, Local)
+
+    @pytest.mark.parametrize("schema", [Levels, LevelsDataclass, dict[str, int]])
+    async def test_json_text_is_read_for_any_object_like_schema(self, schema: Any) -> None:
+        """JSON text input is parsed for TypedDict, dataclass and mapping schemas too (it
+        was only for models), and still validated."""
+
+        async def handler(data: Any, stores: Sequence[Any]) -> Any:
+            return data
+
+        cmd = Command(command_id="C", handler=handler, input_schema=schema)
+        result = await cmd.handler('{"levels": 3}')
+        assert (result["levels"] if isinstance(result, dict) else result.levels) == 3
+        with pytest.raises(ValidationError):
+            await cmd.handler('{"levels": "many"}')
+
+    async def test_text_for_a_str_schema_is_the_value_itself(self) -> None:
+        async def handler(data: str, stores: Sequence[Any]) -> str:
+            return data
+
+        assert await Command(command_id="C", handler=handler).handler('{"a": 1}') == '{"a": 1}'
 
     async def test_without_schemas_input_passes_through(self) -> None:
         """Unannotated handlers get their input unchanged."""
