@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Annotated, Any, Final, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -17,7 +17,7 @@ from pydantic import (
     model_serializer,
 )
 from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticUndefined
+from pydantic_core import PydanticUndefined, TzInfo
 
 __all__ = [
     "RESERVED_EVENT_TYPES",
@@ -26,6 +26,7 @@ __all__ = [
     "Timestamp",
     "WireModel",
     "format_timestamp",
+    "needs_normalizing",
     "normalize_timestamp",
     "stamped",
     "utc_now",
@@ -77,9 +78,22 @@ def utc_now() -> datetime:
     return now
 
 
+#: Zones that are UTC whenever their offset is zero: fixed offsets (``datetime.timezone``,
+#: and what Pydantic parses ``Z`` or ``+00:00`` into). A zone with daylight saving time at
+#: offset zero (London in winter) is converted, so stored timestamps always hold UTC.
+_FIXED_ZONES: Final = (timezone, TzInfo)
+
+
+def needs_normalizing(value: datetime) -> bool:
+    """Whether ``value`` is not yet UTC with millisecond precision."""
+    return bool(
+        value.microsecond % 1000 or value.utcoffset() or type(value.tzinfo) not in _FIXED_ZONES
+    )
+
+
 def normalize_timestamp(value: datetime) -> datetime:
     """``value`` in UTC with millisecond precision (the same object when it already is)."""
-    if value.microsecond % 1000 or value.utcoffset():
+    if needs_normalizing(value):
         return _to_utc_millis(value)
     return value
 

@@ -21,6 +21,7 @@ from castore_pydantic import _gc
 from castore_pydantic._event import (
     RESERVED_EVENT_TYPES,
     Event,
+    needs_normalizing,
     normalize_timestamp,
     utc_now,
     with_timestamp,
@@ -303,7 +304,7 @@ class EventStoreContext:
                     if timestamp:
                         fresh.__dict__["timestamp"] = utc_now()
                         fresh.__pydantic_fields_set__.add("timestamp")
-                elif stamp.microsecond % 1000 or stamp.utcoffset():
+                elif needs_normalizing(stamp):
                     fresh.__dict__["timestamp"] = self._normalized(stamp)
                 return fresh
         return self._validate_other_input(event, timestamp=timestamp)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import zoneinfo
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -159,6 +160,22 @@ class TestTimestamp:
         assert event.timestamp >= before
         (entry,) = (await store.list_aggregate_ids()).aggregate_ids
         assert entry.initial_event_timestamp == event.timestamp
+
+    @pytest.mark.parametrize("given", ["dict", "instance"])
+    async def test_a_zone_at_offset_zero_is_still_converted_to_utc(self, given: str) -> None:
+        """London in winter has offset zero but daylight saving time: a pushed timestamp
+        there is stored in UTC, like any other zone (it used to keep the zone)."""
+        winter = datetime(2024, 1, 15, 12, 0, tzinfo=zoneinfo.ZoneInfo("Europe/London"))
+        store = caught_store()
+        store.event_storage_adapter = InMemoryEventStorageAdapter()
+        data = {"aggregateId": "p1", "version": 2, "type": "POKEMON_CAUGHT", "timestamp": winter}
+        event = data if given == "dict" else PokemonCaught.model_validate(data)
+        pushed = (await store.push_event(event)).event
+        (stored,) = (await store.get_events("p1")).events
+        for timestamp in (pushed.timestamp, stored.timestamp):
+            assert timestamp == winter
+            assert timestamp is not None
+            assert timestamp.tzinfo is UTC
 
 
 class TestAliases:
