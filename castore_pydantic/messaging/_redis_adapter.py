@@ -248,7 +248,13 @@ class RedisStreamsAdapter:
         return None
 
     async def _joined(self) -> None:
-        """Let listeners registered while consuming finish joining before publishing more."""
+        """Get ready to publish: connect on first use, then let late listeners join.
+
+        Connecting creates the consumer groups of what is registered, so a listener
+        registered before the first publish gets it.
+        """
+        if not self._connected:
+            await self.connect()
         if self._joining:
             await asyncio.wait(list(self._joining))
 

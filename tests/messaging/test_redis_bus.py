@@ -143,6 +143,24 @@ class TestRedisMessageBusAdapter:
                 await listener.wait_for(5)
         assert listener.messages == [notification(index) for index in range(5)]
 
+    async def test_publishing_before_connecting_keeps_registered_listeners_messages(
+        self, prefix: str
+    ) -> None:
+        """Publishing connects on first use: a listener registered before the adapter's
+        first publish gets it (its group used to be created later, after the message)."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        listener = Recorder()
+        adapter.on({}, listener, listener_id="registered-first")
+        try:
+            await bus.publish_message(notification(1))  # neither connected nor consuming
+            async with adapter.consuming():
+                await bus.publish_message(notification(2))
+                await listener.wait_for(2)
+        finally:
+            await adapter.aclose()
+        assert listener.messages == [notification(1), notification(2)]
+
     async def test_listener_registered_on_a_connected_adapter_exists_at_once(
         self, prefix: str
     ) -> None:
