@@ -401,7 +401,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
             retry_delay_in_ms=retry_delay_in_ms,
             retry_backoff_rate=retry_backoff_rate,
         )
-        self._listeners: dict[object, _Listener] = {}
+        self._listeners: dict[str, _Listener] = {}
 
     @classmethod
     def attach_to(
@@ -451,13 +451,17 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
             TypeError: A pattern value of the wrong type.
         """
         checked = check_filter_pattern(pattern)
-        key: object = handler if listener_id is None else listener_id
+        # Keyed by id, as on the brokers: dead letters and republishing go by it, so two
+        # handlers with one (default) id could not be told apart.
         name = listener_name(handler, listener_id)
-        listener = self._listeners.get(key)
+        listener = self._listeners.get(name)
         if listener is None:
-            self._listeners[key] = _Listener(name, handler, [checked])
+            self._listeners[name] = _Listener(name, handler, [checked])
         elif listener.handler is not handler:
-            raise ValueError(f"listener id {listener_id!r} is already used by another handler")
+            raise ValueError(
+                f"listener id {name!r} is already used by another handler; pass a distinct "
+                "listener_id="
+            )
         else:
             listener.patterns.append(checked)
 

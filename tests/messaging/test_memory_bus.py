@@ -131,8 +131,8 @@ class TestInMemoryBus:
         bus = make_bus()
         adapter = InMemoryMessageBusAdapter.attach_to(bus)
         live, replaying = Listener(), Listener()
-        adapter.on({}, live)
-        adapter.on({"on_replay": True}, replaying)
+        adapter.on({}, live, listener_id="live")
+        adapter.on({"on_replay": True}, replaying, listener_id="replaying")
         message = notification()
         await bus.publish_message(message, replay=True)
         assert len(replaying.calls) == 1  # listeners have started when publishing returns
@@ -147,8 +147,8 @@ class TestInMemoryBus:
             bus, retry_attempts=3, retry_delay_in_ms=50, retry_backoff_rate=1.5
         )
         healthy, failing = Listener(), Listener(failures=10)
-        adapter.on({}, healthy)
-        adapter.on({}, failing)
+        adapter.on({}, healthy, listener_id="healthy")
+        adapter.on({}, failing, listener_id="failing")
         await bus.publish_message(notification())
         await adapter.join()
         assert len(healthy.calls) == 1
@@ -226,6 +226,25 @@ class TestInMemoryBus:
         adapter.on({}, Listener(), listener_id="projector")
         with pytest.raises(ValueError, match="already used by another handler"):
             adapter.on({}, Listener(), listener_id="projector")
+
+    def test_two_handlers_with_one_default_id_are_refused(self) -> None:
+        """Two handlers made by one factory share a qualified name, their default id: the
+        second is refused, as on the brokers (their dead letters and republishing would
+        mix them up)."""
+
+        def make_listener() -> Any:
+            async def listener(message: Any, context: Any) -> None:
+                return None
+
+            return listener
+
+        adapter = InMemoryMessageBusAdapter.attach_to(make_bus())
+        first = make_listener()
+        adapter.on({}, first)
+        adapter.on({"event_type": "POKEMON_APPEARED"}, first)  # the same handler: more patterns
+        with pytest.raises(ValueError, match="pass a distinct listener_id="):
+            adapter.on({}, make_listener())
+        adapter.on({}, make_listener(), listener_id="emails")
 
     @pytest.mark.parametrize(
         ("pattern", "error"),
