@@ -43,6 +43,7 @@ from castore_pydantic.messaging._redis_consumer import (
 )
 from castore_pydantic.messaging._redis_wire import (
     APPEND_MESSAGES,
+    MOVE_DEAD_LETTERS,
     positive,
     redact,
 )
@@ -455,7 +456,9 @@ class RedisStreamsAdapter:
         """Put every dead letter back for handling, from attempt 1, and remove it.
 
         A queue's dead letters go back to the queue; a bus listener's go to that listener
-        only. Each batch is moved in one ``MULTI``, so a letter is never lost or doubled.
+        only. Each letter is moved by one atomic script, so it is never lost or doubled,
+        also when two calls run at once. Letters dead-lettered again while the call runs
+        are left for the next call.
 
         Returns:
             How many messages were republished.
@@ -464,26 +467,27 @@ class RedisStreamsAdapter:
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
         client = self._redis()
+        move = client.register_script(MOVE_DEAD_LETTERS)
         total = 0
         try:
             for subscription in self._subscriptions():
+                newest: Any = await client.xrevrange(subscription.dead, count=1)
+                if not newest:
+                    continue
+                last, start = newest[0][0], b"-"
                 while True:
-                    entries: Any = await client.xrange(subscription.dead, count=_READ_CHUNK)
+                    entries: Any = await client.xrange(
+                        subscription.dead, min=start, max=last, count=_READ_CHUNK
+                    )
                     if not entries:
                         break
-                    async with client.pipeline(transaction=True) as pipe:
-                        for _, fields in entries:
-                            pipe.xadd(
-                                subscription.retry_stream,
-                                {
-                                    b"body": fields.get(b"body", b""),
-                                    b"replay": fields.get(b"replay", b"0"),
-                                    b"attempt": b"1",
-                                },
-                            )
-                        pipe.xdel(subscription.dead, *(entry_id for entry_id, _ in entries))
-                        await pipe.execute()
-                    total += len(entries)
+                    args: list[Any] = []
+                    for entry_id, fields in entries:
+                        args += [entry_id, fields.get(b"body", b""), fields.get(b"replay", b"0")]
+                    total += int(
+                        await move(keys=[subscription.dead, subscription.retry_stream], args=args)
+                    )
+                    start = b"(" + entries[-1][0]
         except RedisError as exc:
             raise self._broker_error("republish dead letters", exc) from exc
         return total

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["APPEND_MESSAGES", "positive", "redact"]
+__all__ = ["APPEND_MESSAGES", "MOVE_DEAD_LETTERS", "positive", "redact"]
 
 #: Appends messages to a stream in one atomic step (a pipeline of XADDs costs a reply each).
 #: KEYS: the stream. ARGV: replay flag, max length ("" for none), the bodies.
@@ -22,6 +22,21 @@ for i = 3, #ARGV do
   end
 end
 return #ARGV - 2
+"""
+
+
+#: Moves dead letters back for handling, each at most once: a letter is added to the retry
+#: stream only by the call whose XDEL removed it (two calls at once never double one).
+#: KEYS: the dead-letter stream, the retry stream. ARGV: per letter, its id, body, replay.
+MOVE_DEAD_LETTERS = """
+local moved = 0
+for i = 1, #ARGV, 3 do
+  if redis.call('XDEL', KEYS[1], ARGV[i]) == 1 then
+    redis.call('XADD', KEYS[2], '*', 'body', ARGV[i + 1], 'replay', ARGV[i + 2], 'attempt', '1')
+    moved = moved + 1
+  end
+end
+return moved
 """
 
 

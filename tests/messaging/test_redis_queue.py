@@ -348,6 +348,28 @@ class TestRedisMessageQueueAdapter:
             MessageContext(attempt=1, retry_attempts_left=0, replay=True),
         )
 
+    async def test_concurrent_republishing_moves_each_letter_once(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """Two calls at once move each dead letter once between them (they used to both
+        read every letter and both republish it)."""
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=Recorder(fail=lambda m, c: True), retry_attempts=0)
+        with watch_dead_letters() as watch:
+            async with adapter:
+                async with adapter.consuming():
+                    await queue.publish_messages([notification(i) for i in range(30)])
+                    await watch.wait_for(30)
+                other = attach(make_queue(), prefix)
+                async with other:
+                    counts = await asyncio.gather(
+                        adapter.republish_dead_letters(), other.republish_dead_letters()
+                    )
+                assert sum(counts) == 30
+                assert await adapter.dead_letters() == []
+                retry_stream = next(iter(adapter._subscriptions())).retry_stream
+                assert await raw.xlen(retry_stream) == 30
+
     async def test_unreadable_entries_are_dead_lettered_without_calling_the_worker(
         self, prefix: str, raw: Redis
     ) -> None:
