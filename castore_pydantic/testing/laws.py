@@ -140,8 +140,8 @@ def check_history(
 
     Raises:
         ReducerLawError: A law is broken; the message names it and shows the history.
-        ValueError: The history is empty, mixes aggregates, its versions do not increase,
-            or a law name is unknown.
+        ValueError: The history is empty, mixes aggregates, does not start at version 1,
+            its versions do not increase, or a law name is unknown.
 
     Example::
 
@@ -187,6 +187,9 @@ def _check_shape(history: Sequence[Event]) -> None:
     if len(ids) > 1:
         raise ValueError(f"a history belongs to one aggregate, got {sorted(ids)}")
     versions = [event.version for event in history]
+    if versions[0] != 1:
+        # The laws fold from no aggregate, which only a version-1 event starts.
+        raise ValueError(f"a history starts at version 1, got {versions[:5]}...")
     if any(b <= a for a, b in itertools.pairwise(versions)):
         raise ValueError(f"versions of a history must increase, got {versions}")
 

@@ -321,10 +321,12 @@ class TestArguments:
             ([], "at least one event"),
             ([CREATED, INCREMENTED.model_copy(update={"aggregate_id": "c2"})], "one aggregate"),
             ([CREATED, RENAMED, INCREMENTED], "must increase"),
+            ([INCREMENTED, RENAMED], "starts at version 1"),
         ],
     )
     def test_bad_histories_are_refused(self, history: Sequence[Event], message: str) -> None:
-        """Empty, mixed-aggregate or unordered histories are a ValueError."""
+        """Empty, mixed-aggregate, unordered or headless histories are a ValueError (one
+        without its version 1 used to be checked, and blamed a correct reducer)."""
         with pytest.raises(ValueError, match=message):
             check_history(counters(), history)
 
