@@ -567,6 +567,25 @@ class TestImport:
         assert "nothing was imported" in error
         assert not Path(empty_url.removeprefix("sqlite:///")).exists()
 
+    def test_a_file_repeating_an_event_key_is_refused_unless_forced(
+        self, empty_url: str, tmp_path: Path
+    ) -> None:
+        """One aggregate version on two lines of the file: the lines are named and nothing is
+        imported (it was reported as a version already in the store); with --force the
+        later line wins."""
+        lines = pokemon_lines().splitlines(keepends=True)
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(b"".join([*lines, lines[1]]))
+        result = castore("import", "-s", POKEMONS, "--url", empty_url, str(source))
+        assert result.exit_code == EXIT_INVALID_DATA
+        error = one_line_error(result)
+        assert f"line {len(lines) + 1}:" in error
+        assert "is already on line 2" in error
+        assert "nothing was imported" in error
+        assert not Path(empty_url.removeprefix("sqlite:///")).exists()
+        forced = castore("import", "-s", POKEMONS, "--url", empty_url, "--force", str(source))
+        assert forced.exit_code == 0, forced.output
+
     def test_conflict_stops_at_the_failing_batch(self, url: str, db: Path, tmp_path: Path) -> None:
         """Batches before a conflict are written; the conflicting batch is not, at all."""
         new = jsonl(

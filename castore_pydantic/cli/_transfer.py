@@ -211,6 +211,7 @@ def import_command(
         with _input(source) as (handle, size, from_stdin), byte_progress_bar(progress) as bar:
             checking = bar.add_task("Validating", total=size)
             reader = sys.stdin.buffer if from_stdin else handle
+            lines: dict[tuple[str, int], int] = {}  # line of each event key (without --force)
             for number, raw in enumerate(reader, start=1):
                 if from_stdin:
                     handle.write(raw)
@@ -218,13 +219,22 @@ def import_command(
                 if not raw.strip():
                     continue
                 try:
-                    context.validate_input(raw, timestamp=False)
+                    event = context.validate_input(raw, timestamp=False)
                 except (ValidationError, UnknownEventTypeError, EventLimitExceededError) as exc:
                     raise CliError(
                         EXIT_INVALID_DATA,
                         f"line {number}: {_line_reason(exc, context.known_types)} "
                         "(nothing was imported)",
                     ) from exc
+                if not force:
+                    earlier = lines.setdefault((event.aggregate_id, event.version), number)
+                    if earlier != number:
+                        raise CliError(
+                            EXIT_INVALID_DATA,
+                            f"line {number}: aggregate {event.aggregate_id!r} version "
+                            f"{event.version} is already on line {earlier} (nothing was "
+                            "imported; with --force the later line wins)",
+                        )
             handle.seek(0)
             writing = bar.add_task(f"Importing into {context.event_store_id}", total=size)
             async with target.opened() as working:
