@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import AliasChoices, AliasPath, BaseModel, Field, TypeAdapter, ValidationError
 
 from castore_pydantic import _gc
 from castore_pydantic._event import (
@@ -97,6 +97,75 @@ def event_type_names(event_type: type[Event]) -> tuple[str, ...]:
             f'type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARED"'
         )
     return tuple(get_args(annotation))
+
+
+def check_keys_read_back(event_type: type[Event]) -> None:
+    """Refuse an event type whose payload or metadata models write a key they do not read.
+
+    Events are written by alias (as Castore's JSON is); a field whose written key is not
+    one its model accepts on input (say ``serialization_alias="firstName"`` without a
+    matching ``validation_alias``) would be stored, then fail every read.
+
+    Raises:
+        TypeError: Names the field, the key written and the keys read.
+    """
+    seen: set[type[BaseModel]] = set()
+    for part in ("payload", "metadata"):
+        problem = _unread_key(event_type.model_fields[part].annotation, part, seen)
+        if problem is not None:
+            raise TypeError(
+                f"event type {event_type.__name__}: {problem}, so its events could be stored "
+                "but never read back; let the field accept that key too, e.g. with "
+                "validation_alias=AliasChoices(...)"
+            )
+
+
+def _unread_key(annotation: Any, path: str, seen: set[type[BaseModel]]) -> str | None:
+    """The first field, in the models ``annotation`` holds, whose written key is not read."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if annotation in seen:
+            return None
+        seen.add(annotation)
+        config = annotation.model_config
+        by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
+        by_alias = config.get("validate_by_alias") is not False
+        for name, field in annotation.model_fields.items():
+            written = field.serialization_alias or field.alias or name
+            read = _keys_read(name, field.validation_alias or field.alias, by_alias=by_alias)
+            if read is not None and by_name:
+                read.add(name)
+            if read is not None and written not in read:
+                return (
+                    f"{path}.{name} is written as {written!r} but read only as "
+                    f"{', '.join(map(repr, sorted(read))) or 'nothing'}"
+                )
+            found = _unread_key(field.annotation, f"{path}.{name}", seen)
+            if found is not None:
+                return found
+        return None
+    for argument in get_args(annotation):  # list[Model], Model | None, Annotated[...], ...
+        found = _unread_key(argument, path, seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_read(name: str, alias: Any, *, by_alias: bool) -> set[str] | None:
+    """The top-level keys a field accepts by alias; ``None`` when too intricate to tell."""
+    if alias is None:
+        return {name}  # no alias: its name is its key
+    if not by_alias:
+        return set()
+    choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+    keys: set[str] = set()
+    for choice in choices:
+        if isinstance(choice, str):
+            keys.add(choice)
+        elif isinstance(choice, AliasPath) and len(choice.path) == 1:
+            keys.add(str(choice.path[0]))
+        else:
+            return None  # a nested path: it may well read what is written
+    return keys
 
 
 #: Past this ``max_depth`` the recursive fast scan is not used.
@@ -248,7 +317,9 @@ class EventStoreContext:
         self._max_bytes = self.limits.max_bytes
         by_type: dict[str, type[Event]] = {}
         for event_type in event_types:
-            for name in event_type_names(event_type):
+            names = event_type_names(event_type)
+            check_keys_read_back(event_type)
+            for name in names:
                 if name in RESERVED_EVENT_TYPES:
                     raise ReservedEventTypeError(name)
                 if not name or "\x00" in name or _SURROGATE.search(name):

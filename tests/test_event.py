@@ -6,11 +6,13 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import pytest
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic.alias_generators import to_camel
 
 from castore_pydantic import Aggregate, Event, EventStore
 from castore_pydantic._event import with_timestamp
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
+from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from tests.domain import Appeared, Pokemon, PokemonAppeared, PokemonCaught
 
 
@@ -194,6 +196,58 @@ class TestAliases:
         assert PokemonRenamed.model_validate_json(event.model_dump_json()) == event
         assert PokemonRenamed.model_validate(event.model_dump()) == event
         assert event.model_dump(by_alias=False)["aggregate_id"] == "p1"
+
+    def test_a_key_written_but_not_read_refuses_the_event_type(self) -> None:
+        """A payload field written under a key it does not read (a serialization alias
+        alone), also deep in a list of models, is refused when the store is made: its
+        events would be stored, then fail every read (on SQLite they did)."""
+
+        class Person(BaseModel):
+            first_name: str = Field(serialization_alias="firstName")
+
+        class Team(BaseModel):
+            members: list[Person | None]
+
+        for payload in (Person, Team):
+
+            class Joined(Event):
+                type: Literal["JOINED"] = "JOINED"
+                payload: payload  # type: ignore[valid-type]
+
+            with pytest.raises(TypeError, match="written as 'firstName'") as info:
+                EventStore(event_store_id="S", event_types=[Joined], reducer=lambda a, e: a)
+            assert "first_name" in str(info.value)
+
+    async def test_keys_read_back_are_accepted_and_round_trip(self, tmp_path: Any) -> None:
+        """A serialization alias the field also reads, or camelCase with names allowed, is
+        fine, and such events read back from SQLite."""
+
+        class Person(BaseModel):
+            model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True)
+            first_name: str
+            last_name: str = Field(
+                serialization_alias="surname",
+                validation_alias=AliasChoices("surname", "lastName"),
+            )
+
+        class Joined(Event):
+            type: Literal["JOINED"] = "JOINED"
+            payload: Person
+
+        adapter = SQLiteEventStorageAdapter(tmp_path / "people.db")
+        store = EventStore(
+            event_store_id="S", event_types=[Joined], reducer=lambda a, e: a,
+            event_storage_adapter=adapter,
+        )  # fmt: skip
+        async with adapter:
+            data = {
+                "aggregateId": "p",
+                "version": 1,
+                "type": "JOINED",
+                "payload": {"firstName": "Ash", "lastName": "Ketchum"},
+            }
+            pushed = (await store.push_event(data)).event
+            assert (await store.get_events("p")).events == [pushed]
 
 
 class TestAggregate:
