@@ -123,6 +123,10 @@ async def ensure_group(client: Redis, subscription: Subscription) -> None:
                 raise
 
 
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
 # An entry as read: (stream, entry id, fields, delivery count when known).
 _Entry = tuple[bytes, bytes, Mapping[bytes, bytes], int | None]
 
@@ -428,12 +432,48 @@ class StreamConsumer:
         acknowledgement fails (a Redis error), the handled entries stay in ``_unacked`` and
         ``run`` acknowledges them before reading again: they are not handled twice.
         """
-        for stream, entry_id, fields, delivered in entries:
-            if self._stopping:
-                break
+        loop = asyncio.get_running_loop()
+        # Redis counts an entry's idle time from its read: entries waiting in a long batch
+        # would be taken over by others. Every half ``reclaim_idle_ms`` the handled ones
+        # are acknowledged and the waiting ones claimed again (``_keep``).
+        refresh = self.options.reclaim_idle_ms / 2000
+        touched = loop.time()
+        waiting = list(entries)
+        while waiting and not self._stopping:
+            if loop.time() - touched > refresh:
+                await self._acknowledge()
+                waiting = await self._keep(waiting, loop.time() - touched)
+                touched = loop.time()
+                continue
+            stream, entry_id, fields, delivered = waiting.pop(0)
             if await self._handle_entry(stream, entry_id, fields, delivered):
                 self._unacked.setdefault(stream, []).append(entry_id)
         await self._acknowledge()
+
+    async def _keep(self, waiting: list[_Entry], held_for: float) -> list[_Entry]:
+        """Claim the batch's waiting entries again, dropping those another consumer took.
+
+        Claimed again, an entry's idle time starts over. One still held has been idle
+        ``held_for`` seconds; one taken over, at most ``held_for - reclaim_idle_ms``.
+        Claiming only entries idle for more than halfway between keeps ours and never
+        takes one back. ``JUSTID`` leaves delivery counts alone.
+        """
+        min_idle = max(int(held_for * 1000 - self.options.reclaim_idle_ms / 2), 0)
+        by_stream: dict[bytes, list[Any]] = {}
+        for stream, entry_id, _, _ in waiting:
+            by_stream.setdefault(stream, []).append(entry_id)
+        kept: set[tuple[bytes, bytes]] = set()
+        for stream, ids in by_stream.items():
+            claimed: Any = await self.client.xclaim(
+                stream,
+                self.subscription.group,
+                self.consumer_name,
+                min_idle,
+                ids,
+                justid=True,
+            )
+            kept.update((stream, _as_bytes(entry_id)) for entry_id in claimed)
+        return [entry for entry in waiting if (entry[0], entry[1]) in kept]
 
     async def _acknowledge(self) -> None:
         """Acknowledge the handled entries (and delete those of owned streams)."""

@@ -348,6 +348,40 @@ class TestRedisMessageQueueAdapter:
             MessageContext(attempt=1, retry_attempts_left=0, replay=True),
         )
 
+    async def test_a_batch_longer_than_reclaim_idle_ms_is_not_taken_over(self, prefix: str) -> None:
+        """Handlers of 0.1 s, reclaim_idle_ms 300 ms, batches of 10 entries: the waiting
+        entries of a batch are kept fresh, so the second consumer takes none of them (it
+        used to handle the whole batch a second time, and count deliveries towards
+        max_deliveries)."""
+        handled: list[tuple[str, str]] = []
+        started, all_ten = asyncio.Event(), asyncio.Event()
+
+        def worker_of(name: str) -> Any:
+            async def worker(message: Any, context: MessageContext) -> None:
+                handled.append((message.event.aggregate_id, name))
+                started.set()
+                if len(handled) >= 10:
+                    all_ten.set()
+                await asyncio.sleep(0.1)
+
+            return worker
+
+        options: dict[str, Any] = {"prefetch_count": 10, "max_deliveries": 1}
+        first, second = make_queue(), make_queue()
+        a = attach(first, prefix, worker=worker_of("a"), name=f"a-{prefix[13:25]}", **options)
+        b = attach(second, prefix, worker=worker_of("b"), name=f"b-{prefix[13:25]}", **options)
+        async with a, b:
+            await first.publish_messages([notification(i) for i in range(10)])
+            async with a.consuming():
+                await asyncio.wait_for(started.wait(), 10)  # a read all ten as one batch
+                async with b.consuming():
+                    await asyncio.wait_for(all_ten.wait(), 10)
+                    await asyncio.sleep(0.5)  # room for a takeover to show
+            assert await a.dead_letters() == []
+        ids = [aggregate_id for aggregate_id, _ in handled]
+        assert sorted(ids) == sorted({f"pokemon-{i}" for i in range(10)})
+        assert {name for _, name in handled} == {"a"}
+
     async def test_concurrent_republishing_moves_each_letter_once(
         self, prefix: str, raw: Redis
     ) -> None:
