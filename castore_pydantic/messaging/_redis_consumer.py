@@ -162,6 +162,8 @@ class StreamConsumer:
         # Entries handled successfully whose XACK has not gone through yet, per stream: they
         # are acknowledged before anything else is read, never handed to the handler again.
         self._unacked: dict[bytes, list[bytes]] = {}
+        #: Whether this consumer recovered its own pending entries once (``run``).
+        self._recovered = False
         self._next_reclaim = 0.0
         self._next_promote = 0.0
 
@@ -268,6 +270,12 @@ class StreamConsumer:
 
     async def _recover_own_entries(self) -> None:
         """Handle entries this consumer name took before and never acknowledged."""
+        try:
+            await self._recover_streams()
+        finally:
+            self._recovered = True
+
+    async def _recover_streams(self) -> None:
         for stream in self.subscription.streams:
             while not self._stopping:
                 reply: Any = await self.client.xreadgroup(
@@ -285,9 +293,11 @@ class StreamConsumer:
                 present = [(entry_id, fields) for _, entry_id, fields in found if fields]
                 if not present:
                     break
-                # Reading them again counted one more delivery each: an entry that keeps
-                # killing this worker (restarted under its name) reaches max_deliveries too.
-                counts = await self._delivery_counts(stream, present)
+                # Reading them again counted one more delivery each. At start-up, that makes
+                # an entry that keeps killing this worker (restarted under its name) reach
+                # max_deliveries; later (this consumer recovering from a Redis error) the
+                # entries were not dropped by a dying worker, and are not counted.
+                counts = await self._delivery_counts(stream, present) if not self._recovered else {}
                 await self._handle_batch(
                     [
                         (key, entry_id, fields, counts.get(entry_id))
@@ -424,7 +434,7 @@ class StreamConsumer:
     # -- handling ----------------------------------------------------------------------------
 
     async def _handle_batch(self, entries: Sequence[_Entry]) -> None:
-        """Handle entries in order; acknowledge the handled ones together at the end.
+        """Handle entries in order; acknowledge the handled ones as the batch goes.
 
         A stop request lets the handler in flight finish; the entries not started yet stay
         pending and are released by ``run``. A cancellation (a killed worker) acknowledges

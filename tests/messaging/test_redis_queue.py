@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from castore_pydantic.errors import MessageBrokerUnavailableError
 from castore_pydantic.messaging import (
@@ -20,6 +21,7 @@ from castore_pydantic.messaging import (
     NotificationMessageBus,
     NotificationMessageQueue,
 )
+from castore_pydantic.messaging import _redis_consumer as redis_consumer
 from castore_pydantic.messaging.redis import RedisMessageQueueAdapter
 from tests.domain import appeared, make_store
 from tests.messaging.redis_support import (
@@ -347,6 +349,43 @@ class TestRedisMessageQueueAdapter:
             notification(1),
             MessageContext(attempt=1, retry_attempts_left=0, replay=True),
         )
+
+    async def test_redis_errors_of_a_live_consumer_count_no_deliveries(
+        self, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A consumer that recovers from Redis errors reads its pending entries again, which
+        Redis counts as deliveries; only a consumer starting up counts them towards
+        max_deliveries. Here four errors (Redis out of memory, say) with max_deliveries=3:
+        the message is retried and handled, not dead-lettered."""
+        failures = 4
+        schedule = redis_consumer.StreamConsumer._retry_later
+
+        async def out_of_memory_first(self: Any, entry: Any, error: Exception) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+            await schedule(self, entry, error)
+
+        monkeypatch.setattr(redis_consumer.StreamConsumer, "_retry_later", out_of_memory_first)
+        attempts: list[int] = []
+        handled = asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            attempts.append(context.attempt)
+            if context.attempt == 1:
+                raise ValueError("the first attempt fails; the second succeeds")
+            handled.set()
+
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=worker, reclaim_idle_ms=60_000, max_deliveries=3)
+        async with adapter:
+            async with adapter.consuming():
+                await queue.publish_message(notification(1))
+                await asyncio.wait_for(handled.wait(), 15)
+            assert await adapter.dead_letters() == []
+        assert failures == 0
+        assert attempts[-1] == 2
 
     async def test_a_batch_longer_than_reclaim_idle_ms_is_not_taken_over(self, prefix: str) -> None:
         """Handlers of 0.1 s, reclaim_idle_ms 300 ms, batches of 10 entries: the waiting
