@@ -60,14 +60,18 @@ def _annotation(handler: Callable[..., Any], which: str) -> Any:
         name, raw = params[0].name, params[0].annotation
     if raw is inspect.Parameter.empty:
         return _NO_SCHEMA
+    function = _function_of(handler)
     try:
-        hint = get_type_hints(handler).get(name, raw)
+        hints = get_type_hints(function)
     except (NameError, TypeError):
-        # Another annotation cannot be resolved (a name imported only for type checkers):
-        # resolve this one alone, in the handler's module.
+        hints = {}  # another annotation cannot be resolved (a name only type checkers see)
+    if name in hints:
+        hint = hints[name]
+    else:  # resolve this one alone, in the handler's module
         holder = types.SimpleNamespace(__annotations__={name: raw})
+        names = getattr(function, "__globals__", None)
         try:
-            hint = get_type_hints(holder, globalns=_module_names(handler))[name]
+            hint = get_type_hints(holder, globalns=names if isinstance(names, dict) else {})[name]
         except (NameError, TypeError) as exc:
             what = "return" if which == "return" else f"first parameter ({name!r})"
             raise TypeError(
@@ -91,11 +95,11 @@ def _object_like(schema: Any) -> bool:
     )
 
 
-def _module_names(handler: Callable[..., Any]) -> dict[str, Any]:
-    """The global names of the module that defines ``handler``.
+def _function_of(handler: Callable[..., Any]) -> Any:
+    """The function whose annotations describe ``handler``.
 
     ``handler`` may be a function, a method, a partial of one, or an object with a
-    ``__call__`` method.
+    ``__call__`` method (its class's other annotations are not the handler's).
     """
     target: Any = handler
     while isinstance(target, functools.partial):
@@ -104,10 +108,8 @@ def _module_names(handler: Callable[..., Any]) -> dict[str, Any]:
     if not inspect.isfunction(target) and not inspect.ismethod(target):
         for klass in type(target).__mro__:  # an object with a ``__call__`` method
             if "__call__" in vars(klass):
-                target = vars(klass)["__call__"]
-                break
-    names = getattr(inspect.unwrap(target), "__globals__", None)
-    return names if isinstance(names, dict) else {}
+                return inspect.unwrap(vars(klass)["__call__"])
+    return target
 
 
 class Command(Generic[InputT, OutputT]):
@@ -132,6 +134,8 @@ class Command(Generic[InputT, OutputT]):
 
     Raises:
         ValueError: ``event_already_exists_retries`` is negative.
+        TypeError: A schema is not given and the handler's annotation for it cannot be
+            resolved.
     """
 
     def __init__(

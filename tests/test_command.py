@@ -230,6 +230,22 @@ class TestValidation:
             await cmd.handler({"pokemon_id": 42, "levels": -5})
         assert called == []
 
+    async def test_a_handler_object_is_described_by_its_call_method(self) -> None:
+        """A handler object whose class annotates its attributes (a dataclass holding its
+        dependencies) takes its schemas from ``__call__``, not from those annotations (the
+        input schema used to be a bare string, or the attribute's type)."""
+
+        @dataclasses.dataclass
+        class LevelUp:
+            data: str  # an attribute named like __call__'s first parameter
+
+            async def __call__(self, data: LevelUpInput, stores: Sequence[Any]) -> LevelUpOutput:
+                return LevelUpOutput(new_level=data.levels)
+
+        cmd = Command(command_id="C", handler=LevelUp(data="injected"))
+        assert (cmd.input_schema, cmd.output_schema) == (LevelUpInput, LevelUpOutput)
+        assert await cmd.handler('{"pokemon_id": "p", "levels": 4}') == LevelUpOutput(new_level=4)
+
     def test_an_unresolvable_schema_annotation_is_an_error_naming_the_fix(self) -> None:
         """An input or return annotation that cannot be resolved (a class defined inside a
         function) is a TypeError at construction, not a command without validation."""
