@@ -126,25 +126,35 @@ def _unread_key(annotation: Any, path: str, seen: set[type[BaseModel]]) -> str |
         if annotation in seen:
             return None
         seen.add(annotation)
-        config = annotation.model_config
-        by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
-        by_alias = config.get("validate_by_alias") is not False
-        for name, field in annotation.model_fields.items():
-            written = field.serialization_alias or field.alias or name
-            read = _keys_read(name, field.validation_alias or field.alias, by_alias=by_alias)
-            if read is not None and by_name:
-                read.add(name)
-            if read is not None and written not in read:
-                return (
-                    f"{path}.{name} is written as {written!r} but read only as "
-                    f"{', '.join(map(repr, sorted(read))) or 'nothing'}"
-                )
-            found = _unread_key(field.annotation, f"{path}.{name}", seen)
-            if found is not None:
-                return found
-        return None
+        return _unread_model_key(annotation, path, seen)
     for argument in get_args(annotation):  # list[Model], Model | None, Annotated[...], ...
         found = _unread_key(argument, path, seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _unread_model_key(model: type[BaseModel], path: str, seen: set[type[BaseModel]]) -> str | None:
+    """``_unread_key`` of one model's fields (and the models they hold)."""
+    validators = model.__pydantic_decorators__.model_validators.values()
+    if any(validator.info.mode in ("before", "wrap") for validator in validators):
+        return None  # it may map written keys back itself: it cannot be judged
+    config = model.model_config
+    by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
+    by_alias = config.get("validate_by_alias") is not False
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue  # never written
+        written = field.serialization_alias or field.alias or name
+        read = _keys_read(name, field.validation_alias or field.alias, by_alias=by_alias)
+        if read is not None and by_name:
+            read.add(name)
+        if read is not None and written not in read:
+            return (
+                f"{path}.{name} is written as {written!r} but read only as "
+                f"{', '.join(map(repr, sorted(read))) or 'nothing'}"
+            )
+        found = _unread_key(field.annotation, f"{path}.{name}", seen)
         if found is not None:
             return found
     return None

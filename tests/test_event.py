@@ -6,7 +6,15 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import pytest
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from castore_pydantic import Aggregate, Event, EventStore
@@ -219,8 +227,9 @@ class TestAliases:
             assert "first_name" in str(info.value)
 
     async def test_keys_read_back_are_accepted_and_round_trip(self, tmp_path: Any) -> None:
-        """A serialization alias the field also reads, or camelCase with names allowed, is
-        fine, and such events read back from SQLite."""
+        """A serialization alias the field also reads, camelCase with names allowed, an
+        excluded field, or a model that maps keys back itself is fine; such events read
+        back from SQLite."""
 
         class Person(BaseModel):
             model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True)
@@ -233,6 +242,27 @@ class TestAliases:
         class Joined(Event):
             type: Literal["JOINED"] = "JOINED"
             payload: Person
+
+        class Secret(BaseModel):  # never written: no key to read back
+            code: str = Field(default="x", serialization_alias="secretCode", exclude=True)
+
+        class Migrated(BaseModel):  # maps the key it writes back itself
+            first_name: str = Field(serialization_alias="firstName")
+
+            @model_validator(mode="before")
+            @classmethod
+            def _renamed(cls, data: Any) -> Any:
+                if isinstance(data, dict) and "firstName" in data:
+                    return {"first_name": data["firstName"]}
+                return data
+
+        for payload in (Secret, Migrated):
+
+            class Other(Event):
+                type: Literal["OTHER"] = "OTHER"
+                payload: payload  # type: ignore[valid-type]
+
+            EventStore(event_store_id="S", event_types=[Other], reducer=lambda a, e: a)
 
         adapter = SQLiteEventStorageAdapter(tmp_path / "people.db")
         store = EventStore(
