@@ -251,10 +251,14 @@ class RedisStreamsAdapter:
     async def _joined(self) -> None:
         """Get ready to publish: connect on first use, then let late listeners join.
 
-        Connecting creates the consumer groups of what is registered, so a listener
-        registered before the first publish gets it.
+        A bus listener's group starts at the end of the stream: connecting creates the
+        groups of the listeners registered so far, so that they get this message. (A
+        queue's group starts at the beginning: a publisher that may only append needs no
+        more rights than that.)
         """
-        if not self._connected:
+        if not self._connected and any(
+            "$" in subscription.start_ids for subscription in self._subscriptions()
+        ):
             await self.connect()
         if self._joining:
             await asyncio.wait(list(self._joining))
