@@ -421,6 +421,40 @@ class TestRedisMessageQueueAdapter:
         assert sorted(ids) == sorted({f"pokemon-{i}" for i in range(10)})
         assert {name for _, name in handled} == {"a"}
 
+    async def test_entries_taken_over_are_not_claimed_back(self, prefix: str) -> None:
+        """A handler longer than reclaim_idle_ms lets another consumer take the batch's other
+        entries; when it ends, its consumer keeps none of those for itself. Only the entry
+        that was being handled runs twice (as documented for slow handlers)."""
+        handled: list[tuple[str, str]] = []
+        started, all_six = asyncio.Event(), asyncio.Event()
+
+        def worker_of(name: str, seconds: float) -> Any:
+            async def worker(message: Any, context: MessageContext) -> None:
+                handled.append((message.event.aggregate_id, name))
+                started.set()
+                if len({aggregate_id for aggregate_id, _ in handled}) == 6:
+                    all_six.set()
+                await asyncio.sleep(seconds)
+
+            return worker
+
+        options: dict[str, Any] = {"prefetch_count": 6, "max_deliveries": 5}
+        first, second = make_queue(), make_queue()
+        slow = attach(first, prefix, worker=worker_of("slow", 1.0), name="slow", **options)
+        fast = attach(second, prefix, worker=worker_of("fast", 0.2), name="fast", **options)
+        async with slow, fast:
+            await first.publish_messages([notification(i) for i in range(6)])
+            async with slow.consuming():
+                await asyncio.wait_for(started.wait(), 10)
+                async with fast.consuming():
+                    await asyncio.wait_for(all_six.wait(), 10)
+                    await asyncio.sleep(1.5)  # the slow handler ends: room to claim back
+        counts: dict[str, int] = {}
+        for aggregate_id, _ in handled:
+            counts[aggregate_id] = counts.get(aggregate_id, 0) + 1
+        assert set(counts) == {f"pokemon-{i}" for i in range(6)}
+        assert {key for key, count in counts.items() if count > 1} <= {"pokemon-0"}
+
     async def test_concurrent_republishing_moves_each_letter_once(
         self, prefix: str, raw: Redis
     ) -> None:
