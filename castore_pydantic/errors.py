@@ -68,8 +68,10 @@ class CastoreError(Exception):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         init = cls.__dict__.get("__init__")
-        if init is None:
-            return  # Exception's own: rebuilt from ``args`` like any exception
+        if init is None or cls.__module__ != __name__:
+            # Exception's own (rebuilt from ``args`` like any exception), or a subclass
+            # of the application's: pickled as it would be without us.
+            return
 
         @functools.wraps(init)
         def remembering(self: CastoreError, *args: Any, **kwargs: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pickle
+import threading
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -60,3 +61,29 @@ async def test_an_error_raised_in_a_worker_process_reaches_the_parent() -> None:
         with pytest.raises(errors.StoredEventValidationError) as info:
             await future
     assert (info.value.aggregate_id, info.value.version) == ("pikachu", 7)
+
+
+class AppConflict(errors.EventAlreadyExistsError):
+    """An application's subclass without a constructor of its own."""
+
+
+class AppFailure(errors.StorageError):
+    """An application's subclass with its own constructor, holding something unpicklable."""
+
+    def __init__(self, reason: str, lock: object) -> None:
+        self.lock = lock
+        super().__init__(reason)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), None))
+
+
+def test_application_subclasses_pickle_as_they_would_without_the_library() -> None:
+    """A subclass inheriting a library constructor is rebuilt from its arguments; one with a
+    constructor of its own is left to its own means (it is not made to keep its arguments)."""
+    conflict = pickle.loads(pickle.dumps(AppConflict("S", "a", 3)))
+    assert (type(conflict), conflict.aggregate_id, conflict.version) == (AppConflict, "a", 3)
+    failure = AppFailure("disk", threading.Lock())
+    assert "_made_with" not in vars(failure)
+    copy = pickle.loads(pickle.dumps(failure))
+    assert (type(copy), str(copy), copy.lock) == (AppFailure, "disk", None)
