@@ -8,7 +8,17 @@ import inspect
 import types
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast, get_origin, get_type_hints, is_typeddict
+from typing import (
+    Any,
+    Generic,
+    TypeVar,
+    Union,
+    cast,
+    get_args,
+    get_origin,
+    get_type_hints,
+    is_typeddict,
+)
 
 from pydantic import BaseModel, TypeAdapter
 
@@ -84,7 +94,13 @@ def _annotation(handler: Callable[..., Any], which: str) -> Any:
 
 
 def _object_like(schema: Any) -> bool:
-    """Whether ``schema`` only accepts objects: a model, a dataclass, a TypedDict, a mapping."""
+    """Whether ``schema`` only accepts objects, and perhaps ``None``.
+
+    Objects: a model, a dataclass, a TypedDict, a mapping; ``Model | None`` counts too.
+    """
+    if get_origin(schema) in (Union, types.UnionType):
+        members = [member for member in get_args(schema) if member is not type(None)]
+        return bool(members) and all(_object_like(member) for member in members)
     origin = get_origin(schema) or schema
     if not isinstance(origin, type):
         return False

@@ -267,7 +267,9 @@ class TestValidation:
         explicit = Command(command_id="C", handler=gives, output_schema=Local)
         assert (explicit.input_schema, explicit.output_schema) == (LevelUpInput, Local)
 
-    @pytest.mark.parametrize("schema", [Levels, LevelsDataclass, dict[str, int]])
+    @pytest.mark.parametrize(
+        "schema", [Levels, LevelsDataclass, dict[str, int], LevelsDataclass | None]
+    )
     async def test_json_text_is_read_for_any_object_like_schema(self, schema: Any) -> None:
         """JSON text input is parsed for TypedDict, dataclass and mapping schemas too (it
         was only for models), and still validated."""
