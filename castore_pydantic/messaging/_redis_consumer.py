@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -121,10 +122,6 @@ async def ensure_group(client: Redis, subscription: Subscription) -> None:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
 
 
 # An entry as read: (stream, entry id, fields, delivery count when known).
@@ -448,19 +445,19 @@ class StreamConsumer:
         # are acknowledged and the waiting ones claimed again (``_keep``).
         refresh = self.options.reclaim_idle_ms / 2000
         touched = loop.time()
-        waiting = list(entries)
+        waiting = deque(entries)
         while waiting and not self._stopping:
             if loop.time() - touched > refresh:
                 await self._acknowledge()
                 waiting = await self._keep(waiting, loop.time() - touched)
                 touched = loop.time()
                 continue
-            stream, entry_id, fields, delivered = waiting.pop(0)
+            stream, entry_id, fields, delivered = waiting.popleft()
             if await self._handle_entry(stream, entry_id, fields, delivered):
                 self._unacked.setdefault(stream, []).append(entry_id)
         await self._acknowledge()
 
-    async def _keep(self, waiting: list[_Entry], held_for: float) -> list[_Entry]:
+    async def _keep(self, waiting: deque[_Entry], held_for: float) -> deque[_Entry]:
         """Claim the batch's waiting entries again, dropping those another consumer took.
 
         Claimed again, an entry's idle time starts over. One still held has been idle
@@ -482,8 +479,8 @@ class StreamConsumer:
                 ids,
                 justid=True,
             )
-            kept.update((stream, _as_bytes(entry_id)) for entry_id in claimed)
-        return [entry for entry in waiting if (entry[0], entry[1]) in kept]
+            kept.update((stream, entry_id) for entry_id in claimed)
+        return deque(entry for entry in waiting if (entry[0], entry[1]) in kept)
 
     async def _acknowledge(self) -> None:
         """Acknowledge the handled entries (and delete those of owned streams)."""

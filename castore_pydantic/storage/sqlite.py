@@ -735,12 +735,9 @@ class SQLiteEventStorageAdapter:
             return ListAggregateIdsResult(aggregate_ids=[])
         sql = [self._sql.list_base]
         params: list[Any] = [context.event_store_id]
-        if options.initial_event_after is not None:
-            after = ceil_timestamp_text(options.initial_event_after)
-            if after is None:
-                return ListAggregateIdsResult(aggregate_ids=[])
+        if options.initial_event_after is not None:  # already whole UTC milliseconds
             sql.append("AND timestamp >= ?")
-            params.append(after)
+            params.append(timestamp_text(options.initial_event_after))
         if options.initial_event_before is not None:
             sql.append("AND timestamp <= ?")
             params.append(timestamp_text(options.initial_event_before))

@@ -189,7 +189,7 @@ def _check_shape(history: Sequence[Event]) -> None:
     versions = [event.version for event in history]
     if versions[0] != 1:
         # The laws fold from no aggregate, which only a version-1 event starts.
-        raise ValueError(f"a history starts at version 1, got {versions[:5]}...")
+        raise ValueError(f"a history starts at version 1, not {versions[0]}")
     if any(b <= a for a, b in itertools.pairwise(versions)):
         raise ValueError(f"versions of a history must increase, got {versions}")
 
