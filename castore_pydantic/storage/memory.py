@@ -3,30 +3,104 @@
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from castore_pydantic._event import Event, normalize_timestamp, stamped, utc_now, with_timestamp
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError, to_json
+
+from castore_pydantic._event import Event, Timestamp, normalize_timestamp, stamped, utc_now
 from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import EventAlreadyExistsError, EventGroupError
+from castore_pydantic.storage._columns import storable_columns
+from castore_pydantic.storage._sqlite_rows import timestamp_text
 
 __all__ = ["InMemoryEventStorageAdapter"]
 
-# Stored items are validated events, or mappings seeded through ``initial_events`` that are
-# validated against the reading store's types (and cached) the first time they are read.
-_Item = Event | Mapping[str, Any]
+_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
 
 
-def _version(item: _Item) -> int:
-    return item.version if isinstance(item, Event) else int(item["version"])
+class _Stored:
+    """One stored event: its JSON text, as the SQLite adapter reads it back.
+
+    Keeping text instead of the pushed object means that nothing a caller does to an event
+    it pushed or read (a payload it mutates) changes the stored history, and that values
+    read back as they would from a database (a tuple as a list, for one). Every read
+    validates the text into new events.
+    """
+
+    __slots__ = ("text", "timestamp", "version")
+
+    def __init__(self, version: int, text: str, timestamp: datetime | None) -> None:
+        self.version = version
+        self.text = text
+        #: In UTC milliseconds; ``None`` for a seeded mapping whose timestamp did not parse
+        #: (reading it raises the store's validation error).
+        self.timestamp = timestamp
+
+
+def _stored(event: Event, event_store_id: str) -> _Stored:
+    """The stored form of a stamped event.
+
+    Raises:
+        EventLimitExceededError: Its payload or metadata cannot be stored as JSON.
+    """
+    payload, metadata = storable_columns(event, event_store_id)
+    stamp = event.timestamp
+    assert stamp is not None  # stamped by the caller
+    text = (
+        f'{{"aggregateId":{json.dumps(event.aggregate_id)},"version":{event.version},'
+        f'"type":{json.dumps(event.type)},"timestamp":"{timestamp_text(stamp)}",'
+        f'"payload":{payload or "null"},"metadata":{metadata or "null"}}}'
+    )
+    return _Stored(event.version, text, normalize_timestamp(stamp))
+
+
+def _stored_mapping(event_store_id: str, event: Mapping[str, Any], now: datetime) -> _Stored:
+    """The stored form of a seeded mapping, validated by the store that reads it.
+
+    Raises:
+        TypeError: It lacks a string aggregate id or an int version, or JSON cannot hold it.
+    """
+    aggregate_id = event.get("aggregateId", event.get("aggregate_id"))
+    version = event.get("version")
+    if not isinstance(aggregate_id, str) or type(version) is not int:
+        raise TypeError(
+            f"initial event of {event_store_id} needs a string aggregate id and an int "
+            f"version: {event!r:.200}"
+        )
+    data = dict(event)
+    raw = data.get("timestamp")
+    timestamp: datetime | None = now
+    if raw is None:  # absent or None: the adapter's creation time
+        data["timestamp"] = timestamp_text(now)
+    else:
+        try:
+            timestamp = normalize_timestamp(_TIMESTAMP.validate_python(raw))
+        except (ValidationError, ValueError):
+            timestamp = None  # kept as given: reading the event reports it
+        else:
+            data["timestamp"] = timestamp_text(timestamp)
+    try:
+        text = to_json(data, by_alias=True).decode()
+    except (PydanticSerializationError, ValueError) as exc:
+        raise TypeError(
+            f"initial event of {event_store_id} cannot be stored as JSON ({exc}): {event!r:.200}"
+        ) from exc
+    return _Stored(version, text, timestamp)
 
 
 class InMemoryEventStorageAdapter:
     """Keeps events in memory, keyed by ``(event_store_id, aggregate_id)``.
+
+    Events are kept as the JSON text a database would store, and every read validates them
+    again: changing an event after pushing it, or one read back, never changes the stored
+    history, and events read back as they would from SQLite or PostgreSQL.
 
     Every operation runs without yielding to the event loop, so a push or a group is atomic
     even when the calling task is cancelled. Events of an aggregate are kept ordered by
@@ -35,11 +109,14 @@ class InMemoryEventStorageAdapter:
     Args:
         initial_events: Events to start with, per event store id
             (``{"POKEMONS": [event, {...}, ...]}``). Mappings are validated by the event store
-            that first reads them; events without a timestamp get the construction time.
+            that reads them; events without a timestamp get the construction time.
 
     Raises:
         ValueError: Two initial events share an aggregate and a version.
-        TypeError: An initial event lacks a string aggregate id or an int version.
+        TypeError: An initial event lacks a string aggregate id or an int version, or
+            JSON cannot hold it.
+        EventLimitExceededError: An initial event's payload or metadata cannot be stored as
+            JSON.
     """
 
     #: ``EventStore`` hands groups to this adapter as they are: ``group_event`` only wraps,
@@ -49,39 +126,39 @@ class InMemoryEventStorageAdapter:
     def __init__(
         self, *, initial_events: Mapping[str, Iterable[Event | Mapping[str, Any]]] | None = None
     ) -> None:
-        self._stores: dict[str, dict[str, list[_Item]]] = {}
+        self._stores: dict[str, dict[str, list[_Stored]]] = {}
         now = utc_now()
         for event_store_id, events in (initial_events or {}).items():
             for event in events:
                 self._seed(event_store_id, event, now)
 
     def _seed(self, event_store_id: str, event: Event | Mapping[str, Any], now: datetime) -> None:
-        item: _Item
         if isinstance(event, Event):
-            stamp = now if event.timestamp is None else normalize_timestamp(event.timestamp)
-            item = event if stamp is event.timestamp else with_timestamp(event, stamp)
-            aggregate_id, version = event.aggregate_id, event.version
+            item = _stored(stamped(event, now), event_store_id)
+            aggregate_id = event.aggregate_id
         elif isinstance(event, Mapping):
+            item = _stored_mapping(event_store_id, event, now)
             aggregate_id = event.get("aggregateId", event.get("aggregate_id"))
-            raw_version = event.get("version")
-            if not isinstance(aggregate_id, str) or not isinstance(raw_version, int):
-                raise TypeError(
-                    f"initial event of {event_store_id} needs a string aggregate id and an int "
-                    f"version: {event!r:.200}"
-                )
-            version = raw_version
-            # A mapping without a timestamp, or with None, gets the adapter's creation time.
-            item = event if event.get("timestamp") is not None else {**event, "timestamp": now}
         else:
             raise TypeError(f"initial events must be events or mappings, not {type(event)}")
         events = self._stores.setdefault(event_store_id, {}).setdefault(aggregate_id, [])
-        versions = [_version(i) for i in events]
-        if version in versions:
+        versions = [i.version for i in events]
+        if item.version in versions:
             raise ValueError(
                 f"initial events of {event_store_id} repeat aggregate {aggregate_id} "
-                f"version {version}"
+                f"version {item.version}"
             )
-        events.insert(bisect.bisect(versions, version), item)
+        events.insert(bisect.bisect(versions, item.version), item)
+
+    def copy_storage(self) -> InMemoryEventStorageAdapter:
+        """A new adapter holding what this one holds now; later writes to either stay apart."""
+        copy = InMemoryEventStorageAdapter()
+        # Stored events are immutable text: copying the lists is enough.
+        copy._stores = {
+            event_store_id: {aggregate_id: list(events) for aggregate_id, events in aggs.items()}
+            for event_store_id, aggs in self._stores.items()
+        }
+        return copy
 
     def __repr__(self) -> str:
         counts = {sid: len(aggs) for sid, aggs in self._stores.items()}
@@ -105,39 +182,48 @@ class InMemoryEventStorageAdapter:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _place(self, event: Event, event_store_id: str, *, force: bool) -> tuple[list[_Item], int]:
-        """Find where ``event`` goes; raise if its version is taken and not forced."""
-        events = self._stores.get(event_store_id, {}).get(event.aggregate_id, [])
-        if not events or _version(events[-1]) < event.version:
+    def _place(
+        self, aggregate_id: str, version: int, event_store_id: str, *, force: bool
+    ) -> tuple[list[_Stored], int]:
+        """Find where the event goes; raise if its version is taken and not forced."""
+        events = self._stores.get(event_store_id, {}).get(aggregate_id, [])
+        if not events or events[-1].version < version:
             return events, len(events)
-        index = bisect.bisect_left([_version(i) for i in events], event.version)
-        if index < len(events) and _version(events[index]) == event.version and not force:
-            raise EventAlreadyExistsError(event_store_id, event.aggregate_id, event.version)
+        index = bisect.bisect_left([i.version for i in events], version)
+        if index < len(events) and events[index].version == version and not force:
+            raise EventAlreadyExistsError(event_store_id, aggregate_id, version)
         return events, index
 
-    def _write(self, event: Event, event_store_id: str, index: int) -> None:
-        events = self._stores.setdefault(event_store_id, {}).setdefault(event.aggregate_id, [])
-        if index < len(events) and _version(events[index]) == event.version:
-            events[index] = event
+    def _write(self, aggregate_id: str, item: _Stored, event_store_id: str, index: int) -> None:
+        events = self._stores.setdefault(event_store_id, {}).setdefault(aggregate_id, [])
+        if index < len(events) and events[index].version == item.version:
+            events[index] = item
         else:
-            events.insert(index, event)
+            events.insert(index, item)
 
     async def push_event(
         self, event: Event, context: EventStoreContext, *, force: bool = False
     ) -> Event:
-        """Store one event (see ``EventStorageAdapter.push_event``)."""
-        aggregates = self._stores.get(context.event_store_id)
+        """Store one event (see ``EventStorageAdapter.push_event``).
+
+        Raises:
+            EventAlreadyExistsError: The version is taken (and ``force`` is false).
+            EventLimitExceededError: The payload or metadata cannot be stored as JSON.
+        """
+        event_store_id = context.event_store_id
+        event = stamped(event)
+        item = _stored(event, event_store_id)
+        aggregates = self._stores.get(event_store_id)
         if aggregates is None:
-            aggregates = self._stores[context.event_store_id] = {}
+            aggregates = self._stores[event_store_id] = {}
         events = aggregates.get(event.aggregate_id)
         if events is None:
-            aggregates[event.aggregate_id] = [event]
-            return event
-        if _version(events[-1]) < event.version:  # the usual case: appending
-            events.append(event)
-            return event
-        _, index = self._place(event, context.event_store_id, force=force)
-        self._write(event, context.event_store_id, index)
+            aggregates[event.aggregate_id] = [item]
+        elif events[-1].version < event.version:  # the usual case: appending
+            events.append(item)
+        else:
+            _, index = self._place(event.aggregate_id, event.version, event_store_id, force=force)
+            self._write(event.aggregate_id, item, event_store_id, index)
         return event
 
     def group_event(self, event: Event, context: EventStoreContext) -> GroupedEvent:
@@ -153,8 +239,12 @@ class InMemoryEventStorageAdapter:
             EventGroupError: A grouped event is attached to another kind of adapter or
                 lacks its context; nothing is written.
             EventAlreadyExistsError: A version is taken; nothing is written.
+            EventLimitExceededError: An event's payload or metadata cannot be stored as
+                JSON; nothing is written.
         """
-        targets: list[tuple[InMemoryEventStorageAdapter, str, Event]] = []
+        if not grouped_events:
+            raise EventGroupError("An event group needs at least one grouped event")
+        targets: list[tuple[InMemoryEventStorageAdapter, str, Event, _Stored]] = []
         now = utc_now()
         for index, grouped in enumerate(grouped_events):
             adapter = grouped.event_storage_adapter
@@ -164,31 +254,24 @@ class InMemoryEventStorageAdapter:
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")
-            targets.append((adapter, grouped.context.event_store_id, stamped(grouped.event, now)))
+            event_store_id = grouped.context.event_store_id
+            event = stamped(grouped.event, now)
+            targets.append((adapter, event_store_id, event, _stored(event, event_store_id)))
         # Check every event before writing any, so that a failure leaves no trace; the
         # same aggregate and version twice in one group is a conflict too.
         seen: set[tuple[int, str, str, int]] = set()
-        for adapter, event_store_id, event in targets:
+        for adapter, event_store_id, event, _ in targets:
             key = (id(adapter), event_store_id, event.aggregate_id, event.version)
             if key in seen and not force:
                 raise EventAlreadyExistsError(event_store_id, event.aggregate_id, event.version)
             seen.add(key)
-            adapter._place(event, event_store_id, force=force)
-        for adapter, event_store_id, event in targets:
-            _, index = adapter._place(event, event_store_id, force=True)
-            adapter._write(event, event_store_id, index)
-        return [event for _, _, event in targets]
+            adapter._place(event.aggregate_id, event.version, event_store_id, force=force)
+        for adapter, event_store_id, event, item in targets:
+            _, index = adapter._place(event.aggregate_id, event.version, event_store_id, force=True)
+            adapter._write(event.aggregate_id, item, event_store_id, index)
+        return [event for _, _, event, _ in targets]
 
     # -- reading ---------------------------------------------------------------------------
-
-    def _validated(self, context: EventStoreContext, aggregate_id: str) -> list[_Item]:
-        events = self._stores.get(context.event_store_id, {}).get(aggregate_id)
-        if not events:
-            return []
-        parsed = context.parse_events(events)
-        if parsed is not events:
-            events[:] = parsed  # cache the validated form of seeded mappings
-        return events
 
     async def get_events(
         self,
@@ -204,21 +287,25 @@ class InMemoryEventStorageAdapter:
 
         Raises:
             TypeError, ValueError: A bound or the limit is not ``None`` or an int >= 0.
+            StoredEventValidationError: A stored event does not validate with the store's
+                event types.
         """
         check_read_options(min_version, max_version, limit)
-        events: list[Any] = self._validated(context, aggregate_id)
+        events = self._stores.get(context.event_store_id, {}).get(aggregate_id)
+        if not events:
+            return []
         if min_version is not None or max_version is not None:
             versions = [e.version for e in events]
             lo = 0 if min_version is None else bisect.bisect_left(versions, min_version)
             hi = len(events) if max_version is None else bisect.bisect_right(versions, max_version)
             events = events[lo:hi]
-        else:
-            events = list(events)
         if reverse:
-            events.reverse()
+            events = events[::-1]
         if limit is not None:
             events = events[:limit]
-        return events
+        if not events:
+            return []
+        return context.parse_events_json("[" + ",".join([e.text for e in events]) + "]")
 
     async def list_aggregate_ids(
         self,
@@ -230,7 +317,11 @@ class InMemoryEventStorageAdapter:
         initial_event_before: datetime | None = None,
         reverse: bool | None = None,
     ) -> ListAggregateIdsResult:
-        """List aggregates with a version-1 event, paged (see ``ListingOptions``)."""
+        """List aggregates with a version-1 event, paged (see ``ListingOptions``).
+
+        Raises:
+            StoredEventValidationError: A seeded first event's timestamp does not validate.
+        """
         options = ListingOptions.resolve(
             limit=limit,
             page_token=page_token,
@@ -242,9 +333,13 @@ class InMemoryEventStorageAdapter:
             return ListAggregateIdsResult(aggregate_ids=[])
         entries = []
         for aggregate_id, events in self._stores.get(context.event_store_id, {}).items():
-            if events and _version(events[0]) == 1:
-                first = context.parse_event(events[0])
-                events[0] = first
-                assert first.timestamp is not None
-                entries.append(AggregateIdEntry(aggregate_id, first.timestamp))
+            if events and events[0].version == 1:
+                timestamp = events[0].timestamp
+                if timestamp is None:
+                    # A seeded mapping whose timestamp did not parse: its own validation
+                    # error explains why (or, if the store's type reads it, its value).
+                    (first,) = context.parse_events_json("[" + events[0].text + "]")
+                    assert first.timestamp is not None
+                    timestamp = normalize_timestamp(first.timestamp)
+                entries.append(AggregateIdEntry(aggregate_id, timestamp))
         return options.page(entries)

@@ -27,11 +27,12 @@ InitialEvent = Event | Mapping[str, Any] | str | bytes
 
 def _validate_initial_events(
     event_store: EventStore[Any, Any], initial_events: Iterable[InitialEvent]
-) -> tuple[Event, ...]:
+) -> tuple[tuple[Event, ...], InMemoryEventStorageAdapter]:
     """Validate seed events now, so that bad data fails where the test sets it up.
 
-    Events without a timestamp all get the same one, taken once here, so that every adapter
-    seeded from the result (``MockedEventStore.reset``) holds exactly the same events.
+    Returns the validated events (those without a timestamp share one, taken here) and an
+    in-memory adapter seeded with them. The adapter holds copies: ``MockedEventStore.reset``
+    copies it again, so it brings back the seed even if a test changed the event objects.
     """
     if isinstance(initial_events, str | bytes | Mapping | Event):
         raise TypeError(
@@ -42,9 +43,8 @@ def _validate_initial_events(
     validated = [context.validate_input(event, timestamp=False) for event in initial_events]
     now = utc_now()
     events = tuple(stamped(event, now) for event in validated)
-    # The adapter refuses repeated versions; building one here reports it at mock time too.
-    InMemoryEventStorageAdapter(initial_events={event_store.event_store_id: events})
-    return events
+    # The adapter refuses repeated versions: building it here reports them at mock time.
+    return events, InMemoryEventStorageAdapter(initial_events={event_store.event_store_id: events})
 
 
 class MockedEventStore(EventStore[AggregateT, EventT]):
@@ -81,9 +81,8 @@ class MockedEventStore(EventStore[AggregateT, EventT]):
             simulate_side_effect=event_store.simulate_side_effect,
             limits=event_store.context.limits,
         )
-        self.initial_events: tuple[Event, ...] = _validate_initial_events(
-            event_store, initial_events
-        )
+        self.initial_events: tuple[Event, ...]
+        self.initial_events, self._seeded = _validate_initial_events(event_store, initial_events)
         self.reset()
 
     def __repr__(self) -> str:
@@ -92,11 +91,11 @@ class MockedEventStore(EventStore[AggregateT, EventT]):
     def reset(self) -> None:
         """Install a fresh in-memory adapter holding only the initial events.
 
-        Everything pushed since the mock was made (or last reset) is gone.
+        Everything pushed since the mock was made (or last reset) is gone. The initial events
+        are the ones given when the mock was made: changing ``initial_events`` (or the event
+        objects it holds) afterwards changes nothing.
         """
-        self.event_storage_adapter = InMemoryEventStorageAdapter(
-            initial_events={self.event_store_id: self.initial_events}
-        )
+        self.event_storage_adapter = self._seeded.copy_storage()
 
 
 def mock_event_store(
@@ -143,7 +142,4 @@ def mute_event_store(
         UnknownEventTypeError: An initial event's type is not one of the store's.
         ValueError: Two initial events share an aggregate id and version.
     """
-    events = _validate_initial_events(event_store, initial_events)
-    event_store.event_storage_adapter = InMemoryEventStorageAdapter(
-        initial_events={event_store.event_store_id: events}
-    )
+    _, event_store.event_storage_adapter = _validate_initial_events(event_store, initial_events)

@@ -1,11 +1,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
+from castore_pydantic import EventStore
+from castore_pydantic.errors import StoredEventValidationError
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
+from castore_pydantic.testing import mock_event_store
 from castore_pydantic.testing.contracts import AdapterFactory, EventStorageAdapterContract
+from castore_pydantic.testing.contracts._storage import Counter, NoteAdded, reduce_counter
 
 
 class TestInMemoryContract(EventStorageAdapterContract):
@@ -21,3 +27,61 @@ class TestInMemoryContract(EventStorageAdapterContract):
 
         yield make
         await shared.aclose()
+
+
+def _notes(adapter: InMemoryEventStorageAdapter | None = None) -> EventStore[Counter, Any]:
+    return EventStore(
+        event_store_id="NOTES",
+        event_types=[NoteAdded],
+        reducer=reduce_counter,
+        event_storage_adapter=adapter,
+    )
+
+
+class TestSeedsAreStoredByValue:
+    """Seeds are copied when the adapter is made: nothing done later changes them."""
+
+    async def test_a_seed_mapping_changed_after_construction(self) -> None:
+        seed: dict[str, Any] = {
+            "aggregateId": "n1",
+            "version": 1,
+            "type": "NOTE_ADDED",
+            "payload": {"tags": ["a"]},
+            "timestamp": "2024-01-01T00:00:00.000+01:00",
+        }
+        store = _notes(InMemoryEventStorageAdapter(initial_events={"NOTES": [seed]}))
+        seed["payload"]["tags"].append("changed")
+        seed["version"] = 7
+        (event,) = (await store.get_events("n1")).events
+        assert event.payload == {"tags": ["a"]}
+        assert event.version == 1
+        # Normalised to UTC milliseconds, as a pushed timestamp is (and listed so).
+        assert event.timestamp == datetime(2023, 12, 31, 23, tzinfo=UTC)
+        (entry,) = (await store.list_aggregate_ids()).aggregate_ids
+        assert entry.initial_event_timestamp == event.timestamp
+
+    async def test_reset_brings_back_seeds_a_test_changed_through_reads(self) -> None:
+        mocked = mock_event_store(
+            _notes(), [NoteAdded(aggregate_id="n1", version=1, payload={"tags": ["a"]})]
+        )
+        (event,) = (await mocked.get_events("n1")).events
+        assert event.payload is not None
+        event.payload["tags"].append("changed")
+        mocked.initial_events[0].payload["tags"].append("changed too")  # type: ignore[index]
+        await mocked.push_event(NoteAdded(aggregate_id="n1", version=2))
+        mocked.reset()
+        (event,) = (await mocked.get_events("n1")).events
+        assert event.payload == {"tags": ["a"]}
+
+    async def test_a_seed_json_cannot_hold_is_refused_at_construction(self) -> None:
+        seed = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED", "payload": {"x": object()}}
+        with pytest.raises(TypeError, match="cannot be stored as JSON"):
+            InMemoryEventStorageAdapter(initial_events={"NOTES": [seed]})
+
+    async def test_a_seed_timestamp_that_does_not_parse_fails_when_read(self) -> None:
+        seed = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED", "timestamp": "soon"}
+        store = _notes(InMemoryEventStorageAdapter(initial_events={"NOTES": [seed]}))
+        with pytest.raises(StoredEventValidationError):
+            await store.get_events("n1")
+        with pytest.raises(StoredEventValidationError):
+            await store.list_aggregate_ids()

@@ -254,6 +254,42 @@ class EventStorageAdapterContract:
         assert aggregate is not None
         assert aggregate.name == "renamed"
 
+    async def test_history_is_stored_by_value(self, adapter: EventStorageAdapter) -> None:
+        """Changing a pushed event's payload, or an event read back, changes no stored event.
+
+        Events are stored as a database stores them: by value, not by reference.
+        """
+        store = self.store(adapter)
+        event = NoteAdded(
+            aggregate_id="n1", version=1, payload={"tags": ["a"], "n": {"x": 1}}, metadata={}
+        )
+        pushed = (await store.push_event(event)).event
+        grouped = store.group_event(NoteAdded(aggregate_id="n1", version=2, payload={"tags": []}))
+        (result,) = (await EventStore.push_event_group(grouped)).event_group
+        for changed in (event, pushed, grouped.event, result.event):
+            assert changed.payload is not None
+            changed.payload["tags"].append("changed")
+            changed.payload["extra"] = True
+        assert event.metadata is not None
+        event.metadata["by"] = "changed"
+        for read in (await store.get_events("n1")).events:
+            assert isinstance(read, NoteAdded)
+            assert read.payload is not None
+            read.payload["tags"].append("read")
+        first, second = (await store.get_events("n1")).events
+        assert first.payload == {"tags": ["a"], "n": {"x": 1}}
+        assert first.metadata == {}
+        assert second.payload == {"tags": []}
+
+    async def test_values_read_back_in_their_json_form(self, adapter: EventStorageAdapter) -> None:
+        """A value JSON holds in another form (a tuple) reads back in that form (a list)."""
+        store = self.store(adapter)
+        await store.push_event(
+            NoteAdded(aggregate_id="n1", version=1, payload={"pair": (1, "b"), "nested": [(2,)]})
+        )
+        (event,) = (await store.get_events("n1")).events
+        assert event.payload == {"pair": [1, "b"], "nested": [[2]]}
+
     async def test_unknown_aggregate_has_no_events(self, adapter: EventStorageAdapter) -> None:
         """An aggregate never written reads as an empty list and no aggregate."""
         store = self.store(adapter)
