@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import AliasChoices, AliasPath, BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AliasChoices,
+    AliasPath,
+    BaseModel,
+    Field,
+    Json,
+    Secret,
+    SecretBytes,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+)
 
 from castore_pydantic import _gc
 from castore_pydantic._event import (
@@ -100,28 +111,74 @@ def event_type_names(event_type: type[Event]) -> tuple[str, ...]:
 
 
 def check_keys_read_back(event_type: type[Event]) -> None:
-    """Refuse an event type whose payload or metadata models write a key they do not read.
+    """Refuse an event type whose payload or metadata would not read back what is written.
 
     Events are written by alias (as Castore's JSON is); a field whose written key is not
     one its model accepts on input (say ``serialization_alias="firstName"`` without a
-    matching ``validation_alias``) would be stored, then fail every read.
+    matching ``validation_alias``) would be stored, then fail every read. Two kinds of
+    field lose their value on the way: Pydantic secrets (``SecretStr``, ``SecretBytes``,
+    ``Secret[...]``) are written masked, and ``Json[...]`` is written as its parsed value,
+    which does not validate as JSON text again. Fields with a ``field_serializer`` of their
+    own, and models with a ``model_serializer``, are left to their author.
 
     Raises:
-        TypeError: Names the field, the key written and the keys read.
+        TypeError: Names the field and what would be lost.
     """
     seen: set[type[BaseModel]] = set()
+    serialized = _serialized_fields(event_type)
     for part in ("payload", "metadata"):
-        problem = _unread_key(event_type.model_fields[part].annotation, part, seen)
+        field = event_type.model_fields[part]
+        problem = None
+        if part not in serialized:
+            problem = _lossy(field.annotation, field.metadata, part)
+        if problem is None:
+            problem = _unread_key(field.annotation, part, seen)
         if problem is not None:
-            raise TypeError(
-                f"event type {event_type.__name__}: {problem}, so its events could be stored "
-                "but never read back; let the field accept that key too, e.g. with "
-                "validation_alias=AliasChoices(...)"
-            )
+            raise TypeError(f"event type {event_type.__name__}: {problem}")
+
+
+def _serialized_fields(model: type[BaseModel]) -> set[str]:
+    """The fields of ``model`` that a ``field_serializer`` writes (all of them for ``*``)."""
+    names: set[str] = set()
+    for serializer in model.__pydantic_decorators__.field_serializers.values():
+        if "*" in serializer.info.fields:
+            return set(model.model_fields)
+        names.update(serializer.info.fields)
+    return names
+
+
+def _lossy(annotation: Any, metadata: Sequence[Any], path: str) -> str | None:
+    """Why a field of this type loses its value when written, if it does (not in models)."""
+    if any(type(item) is Json for item in metadata) or annotation is Json:
+        return (
+            f"{path} is Json[...], which is written as its parsed value and would then fail "
+            "every read; declare the parsed type instead"
+        )
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return None  # its own fields are checked with the model
+    origin = get_origin(annotation)
+    secret = origin if isinstance(origin, type) else annotation
+    if isinstance(secret, type) and issubclass(secret, (SecretStr, SecretBytes, Secret)):
+        return (
+            f"{path} is a Pydantic secret, which is written masked ('**********'), so its "
+            "value would be lost; store it in another form, or write it with a "
+            "field_serializer of your own"
+        )
+    for argument in get_args(annotation):  # list[SecretStr], Json[...] inside Annotated, ...
+        found = _lossy(argument, get_args(argument)[1:] if _is_annotated(argument) else (), path)
+        if found is not None:
+            return found
+    if _is_annotated(annotation):
+        return _lossy(get_args(annotation)[0], get_args(annotation)[1:], path)
+    return None
+
+
+def _is_annotated(annotation: Any) -> bool:
+    return get_origin(annotation) is Annotated
 
 
 def _unread_key(annotation: Any, path: str, seen: set[type[BaseModel]]) -> str | None:
-    """The first field, in the models ``annotation`` holds, whose written key is not read."""
+    """The first field, in the models ``annotation`` holds, that would not read back."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         if annotation in seen:
             return None
@@ -136,25 +193,35 @@ def _unread_key(annotation: Any, path: str, seen: set[type[BaseModel]]) -> str |
 
 def _unread_model_key(model: type[BaseModel], path: str, seen: set[type[BaseModel]]) -> str | None:
     """``_unread_key`` of one model's fields (and the models they hold)."""
-    validators = model.__pydantic_decorators__.model_validators.values()
-    if any(validator.info.mode in ("before", "wrap") for validator in validators):
-        return None  # it may map written keys back itself: it cannot be judged
+    decorators = model.__pydantic_decorators__
+    if decorators.model_serializers:
+        return None  # it writes what it wants: it cannot be judged
+    validators = decorators.model_validators.values()
+    free_keys = any(validator.info.mode in ("before", "wrap") for validator in validators)
+    serialized = _serialized_fields(model)
     config = model.model_config
     by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
     by_alias = config.get("validate_by_alias") is not False
     for name, field in model.model_fields.items():
         if field.exclude:
             continue  # never written
+        if name not in serialized:
+            lossy = _lossy(field.annotation, field.metadata, f"{path}.{name}")
+            if lossy is not None:
+                return lossy
         written = field.serialization_alias or field.alias or name
         read = _keys_read(name, field.validation_alias or field.alias, by_alias=by_alias)
         if read is not None and by_name:
             read.add(name)
-        if read is not None and written not in read:
+        if not free_keys and read is not None and written not in read:
+            # A before or wrap model validator may map written keys back itself.
             return (
                 f"{path}.{name} is written as {written!r} but read only as "
-                f"{', '.join(map(repr, sorted(read))) or 'nothing'}"
+                f"{', '.join(map(repr, sorted(read))) or 'nothing'}, so its events could be "
+                "stored but never read back; let the field accept that key too, e.g. with "
+                "validation_alias=AliasChoices(...)"
             )
-        found = _unread_key(field.annotation, f"{path}.{name}", seen)
+        found = None if free_keys else _unread_key(field.annotation, f"{path}.{name}", seen)
         if found is not None:
             return found
     return None

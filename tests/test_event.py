@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zoneinfo
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
@@ -11,10 +12,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Json,
     PrivateAttr,
+    SecretBytes,
+    SecretStr,
     ValidationError,
+    field_serializer,
     model_validator,
 )
+from pydantic import Secret as PydanticSecret
 from pydantic.alias_generators import to_camel
 
 from castore_pydantic import Aggregate, Event, EventStore
@@ -282,6 +288,73 @@ class TestAliases:
             }
             pushed = (await store.push_event(data)).event
             assert (await store.get_events("p")).events == [pushed]
+
+    def test_fields_whose_value_is_lost_when_written_refuse_the_event_type(self) -> None:
+        """A Pydantic secret is written masked and ``Json[...]`` as its parsed value (which
+        fails every read): both are refused when the store is made, also deep in models
+        and containers, and also as the payload itself. They used to be stored, the secret
+        as '**********'."""
+
+        class Login(BaseModel):
+            password: SecretStr
+
+        class Team(BaseModel):
+            logins: list[Login] | None = None
+
+        class Keys(BaseModel):
+            keys: dict[str, SecretBytes]
+
+        class Pin(BaseModel):
+            pin: PydanticSecret[int]
+
+        class Raw(BaseModel):
+            body: Json[list[int]]
+
+        for payload, lost in [
+            (Login, "payload.password is a Pydantic secret"),
+            (Team, "payload.logins.password is a Pydantic secret"),
+            (Keys, "payload.keys is a Pydantic secret"),
+            (Pin, "payload.pin is a Pydantic secret"),
+            (SecretStr | None, "payload is a Pydantic secret"),
+            (Raw, "payload.body is Json"),
+            (Json[dict[str, int]], "payload is Json"),
+        ]:
+
+            class Joined(Event):
+                type: Literal["JOINED"] = "JOINED"
+                payload: payload  # type: ignore[valid-type]
+
+            with pytest.raises(TypeError, match=re.escape(lost)):
+                EventStore(event_store_id="S", event_types=[Joined], reducer=lambda a, e: a)
+
+    async def test_a_secret_written_by_a_serializer_of_its_own_is_stored(
+        self, tmp_path: Any
+    ) -> None:
+        """A secret with a ``field_serializer`` that writes its value is the author's
+        choice: the event type is accepted and the secret reads back from SQLite."""
+
+        class Login(BaseModel):
+            password: SecretStr
+
+            @field_serializer("password", when_used="json")
+            def _reveal(self, value: SecretStr) -> str:
+                return value.get_secret_value()
+
+        class LoggedIn(Event):
+            type: Literal["LOGGED_IN"] = "LOGGED_IN"
+            payload: Login
+
+        async with SQLiteEventStorageAdapter(tmp_path / "logins.db") as adapter:
+            store = EventStore(
+                event_store_id="S", event_types=[LoggedIn], reducer=lambda a, e: a,
+                event_storage_adapter=adapter,
+            )  # fmt: skip
+            await store.push_event(
+                LoggedIn(aggregate_id="u", version=1, payload=Login(password=SecretStr("pw")))
+            )
+            (event,) = (await store.get_events("u")).events
+            assert isinstance(event, LoggedIn)
+            assert event.payload.password.get_secret_value() == "pw"
 
 
 class TestAggregate:
