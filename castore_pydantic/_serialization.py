@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -352,6 +353,33 @@ def _fast_size(event: Event, max_depth: int) -> int:
     return size
 
 
+#: Validators of unions of event types, by the union's classes: building them is most of the
+#: cost of making an event store, which tests do often (``mock_event_store``, each Hypothesis
+#: example of ``check_reducer``).
+_ADAPTERS: dict[tuple[type[Event], ...], tuple[TypeAdapter[Event], TypeAdapter[list[Event]]]] = {}
+_ADAPTERS_KEPT = 64
+_ADAPTERS_LOCK = threading.Lock()
+
+
+def _adapters(
+    classes: tuple[type[Event], ...],
+) -> tuple[TypeAdapter[Event], TypeAdapter[list[Event]]]:
+    """Validators of one event and of a list of events of these classes (a union)."""
+    adapters = _ADAPTERS.get(classes)
+    if adapters is None:
+        union: Any = (
+            classes[0]
+            if len(classes) == 1
+            else Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007
+        )
+        adapters = (TypeAdapter(union), TypeAdapter(list[union]))
+        with _ADAPTERS_LOCK:  # stores may be made in several threads
+            while len(_ADAPTERS) >= _ADAPTERS_KEPT:
+                del _ADAPTERS[next(iter(_ADAPTERS))]  # the oldest
+            _ADAPTERS[classes] = adapters
+    return adapters
+
+
 class EventStoreContext:
     """An event store's identity and validators, handed to storage adapters on every call.
 
@@ -414,14 +442,7 @@ class EventStoreContext:
         }
         self._classes = frozenset(by_type.values())
         self.known_types = tuple(sorted(by_type))
-        classes = tuple(dict.fromkeys(by_type.values()))
-        union: Any = (
-            classes[0]
-            if len(classes) == 1
-            else Annotated[Union[classes], Field(discriminator="type")]  # noqa: UP007
-        )
-        self._one: TypeAdapter[Event] = TypeAdapter(union)
-        self._many: TypeAdapter[list[Event]] = TypeAdapter(list[union])
+        self._one, self._many = _adapters(tuple(dict.fromkeys(by_type.values())))
 
     def __repr__(self) -> str:
         return f"EventStoreContext(event_store_id={self.event_store_id!r})"

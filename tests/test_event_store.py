@@ -406,3 +406,29 @@ class TestSimulateAggregate:
     def test_empty_simulation_is_none(self) -> None:
         """No events simulate to no aggregate."""
         assert make_store().simulate_aggregate([]) is None
+
+
+class TestValidatorCache:
+    """Event stores of the same event types share their union validators, a bounded few."""
+
+    def test_stores_of_the_same_types_share_validators_and_the_cache_is_bounded(self) -> None:
+        from castore_pydantic import _serialization
+
+        def fresh_type(name: str) -> type[Event]:
+            annotations = {"type": Literal[name]}  # type: ignore[valid-type]
+            return type(name, (Event,), {"__annotations__": annotations, "type": name})
+
+        first, second = fresh_type("FIRST"), fresh_type("SECOND")
+        one = EventStore(event_store_id="A", event_types=[first, second], reducer=lambda a, e: a)
+        two = EventStore(event_store_id="B", event_types=[first, second], reducer=lambda a, e: a)
+        assert one.context._many is two.context._many
+        other = EventStore(event_store_id="C", event_types=[first], reducer=lambda a, e: a)
+        assert other.context._many is not one.context._many
+        for index in range(_serialization._ADAPTERS_KEPT + 5):
+            EventStore(
+                event_store_id="D", event_types=[fresh_type(f"T{index}")], reducer=lambda a, e: a
+            )
+        assert len(_serialization._ADAPTERS) == _serialization._ADAPTERS_KEPT
+        # Evicted validators are built again: the store still validates.
+        again = EventStore(event_store_id="E", event_types=[first], reducer=lambda a, e: a)
+        assert again.context.validate_input({"aggregateId": "x", "version": 1, "type": "FIRST"})
