@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from castore_pydantic._command import Command
@@ -13,9 +13,27 @@ from castore_pydantic._event_store import EventStore
 from castore_pydantic._types import PushEventResult
 from castore_pydantic.testing import mock_event_store
 
-__all__ = ["run_commands", "run_sync"]
+__all__ = ["run_commands", "run_now", "run_sync"]
 
 T = TypeVar("T")
+
+
+def run_now(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run the coroutine ``make()`` returns, without an event loop if it never waits.
+
+    Work on in-memory stores never waits, and an event loop for each of Hypothesis' many
+    examples costs more than the work itself. A coroutine that does wait (a hook on a real
+    broker, say) is closed, and a new one from ``make`` runs with ``run_sync``: ``make``'s
+    coroutine must be safe to run again after an unfinished start.
+    """
+    coroutine = make()
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coroutine.close()
+    return run_sync(make())
 
 
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -223,6 +223,26 @@ class TestGoodReducer:
         """``check_history`` checks one concrete history."""
         check_history(counters(), [CREATED, INCREMENTED, RENAMED])
 
+    def test_histories_the_store_would_normalise_pass(self) -> None:
+        """Timestamps finer than a millisecond, in another zone, or missing come back
+        from storage normalised; a reducer that keeps them is still correct. (Such
+        histories used to break ``prefix_consistency`` and ``incremental_equals_batch``.)"""
+
+        class Seen(Counter):
+            at: dt.datetime | None
+
+        def keeps(counter: Seen | None, event: CounterEvent) -> Seen:
+            base = reduce_counter(counter, event)
+            return Seen(**base.model_dump(by_alias=False, exclude={"at"}), at=event.timestamp)
+
+        at = dt.datetime(2024, 1, 1, 12, 0, 0, 123456, tzinfo=dt.UTC)
+        for stamp in (at, at.astimezone(dt.timezone(dt.timedelta(hours=2))), None):
+            history = [
+                CREATED.model_copy(update={"timestamp": stamp}),
+                INCREMENTED.model_copy(update={"timestamp": stamp}),
+            ]
+            check_history(counters(keeps), history)
+
 
 class TestBrokenReducers:
     """Each law catches a reducer that breaks it, and says which law and which history."""
