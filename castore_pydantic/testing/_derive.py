@@ -370,10 +370,18 @@ class Resolver:
             wrap = _WRAPS.get(origin)
             return items if wrap is None else items.map(wrap)
         if origin in _SETS:
-            made = _sized(st.frozensets, lo, hi, self.resolve(item, (), f"{path}[]"))
+            # Items must be hashable: JSON's lists and objects are not.
+            items = (
+                _scalars.json_scalars()
+                if item is Any or item is object
+                else self.resolve(item, (), f"{path}[]")
+            )
+            made = _sized(st.frozensets, lo, hi, items)
             return made if origin is frozenset else made.map(set)
         if origin in _MAPPINGS:
-            keys = self.resolve(args[0] if args else str, (), f"{path}.<key>")
+            key = args[0] if args else str
+            # JSON's keys are text: any other key would not read back as itself.
+            keys = self.resolve(str if key is Any or key is object else key, (), f"{path}.<key>")
             values = self.resolve(args[1] if len(args) > 1 else Any, (), f"{path}[]")
             if keys.is_empty or values.is_empty:
                 return st.just({}) if lo == 0 else st.nothing()

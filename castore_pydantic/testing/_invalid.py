@@ -15,11 +15,18 @@ import types
 from collections.abc import Callable
 from decimal import Decimal
 from enum import Enum
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pydantic_core
 from hypothesis import strategies as st
-from pydantic import BaseModel, ValidationError
+from pydantic import (
+    BaseModel,
+    PydanticSchemaGenerationError,
+    PydanticUserError,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from castore_pydantic.testing._derive import ModelPlan, Resolver
 from castore_pydantic.testing._scalars import Constraints
@@ -135,8 +142,7 @@ def _violations(annotation: Any, metadata: tuple[Any, ...]) -> list[Breaker]:
     if c.max_length is not None:
         breakers.append(functools.partial(_resize, size=c.max_length + 1))
     if c.pattern is not None:
-        compiled = re.compile(c.pattern)
-        misses = [p for p in _PATTERN_PROBES if not compiled.search(p)][:3]
+        misses = [p for p in _PATTERN_PROBES if _misses(c.pattern, p)][:3]
         breakers.extend(_constant(miss) for miss in misses)
     if c.max_digits is not None:
         breakers.append(_constant(Decimal("9" * (c.max_digits + 1))))
@@ -147,6 +153,27 @@ def _violations(annotation: Any, metadata: tuple[Any, ...]) -> list[Breaker]:
     ):
         breakers.append(_constant("__not_an_allowed_value__"))
     return breakers
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_checker(pattern: str | re.Pattern[str]) -> TypeAdapter[str] | None:
+    """Pydantic's own check of ``pattern`` (its regex engine is not Python's ``re``)."""
+    try:
+        return TypeAdapter(Annotated[str, StringConstraints(pattern=pattern)])
+    except (PydanticUserError, PydanticSchemaGenerationError, re.error, ValueError):
+        return None
+
+
+def _misses(pattern: str | re.Pattern[str], text: str) -> bool:
+    """Whether Pydantic refuses ``text`` for ``pattern`` (never, if it cannot tell)."""
+    checker = _pattern_checker(pattern)
+    if checker is None:
+        return False
+    try:
+        checker.validate_python(text)
+    except ValidationError:
+        return True
+    return False
 
 
 def _constant(value: Any) -> Breaker:

@@ -194,21 +194,29 @@ def timestamps(
     # Whole milliseconds from the lower bound, rounded up to a whole millisecond.
     lo_ms = -(-(lo - dt.datetime(1970, 1, 1)) // dt.timedelta(milliseconds=1))
     hi_ms = (hi - dt.datetime(1970, 1, 1)) // dt.timedelta(milliseconds=1)
+    if lo_ms > hi_ms:
+        raise ValueError(
+            f"no whole millisecond lies between min_value {min_value} and max_value {max_value}"
+        )
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     return st.integers(lo_ms, hi_ms).map(lambda ms: epoch + dt.timedelta(milliseconds=ms))
 
 
-def json_values() -> st.SearchStrategy[Any]:
-    """Small JSON documents: what an ``Any`` field gets."""
-    leaves = (
+def json_scalars() -> st.SearchStrategy[Any]:
+    """JSON's hashable values: what the items of a ``set[Any]`` get."""
+    return (
         st.none()
         | st.booleans()
         | st.integers(-(2**53), 2**53)
         | st.floats(allow_nan=False, allow_infinity=False)
         | st.text(TEXT_CHARACTERS, max_size=_EXTRA_TEXT)
     )
+
+
+def json_values() -> st.SearchStrategy[Any]:
+    """Small JSON documents: what an ``Any`` field gets."""
     return st.recursive(
-        leaves,
+        json_scalars(),
         lambda inner: (
             st.lists(inner, max_size=4)
             | st.dictionaries(st.text(TEXT_CHARACTERS, max_size=10), inner, max_size=4)

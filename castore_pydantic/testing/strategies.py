@@ -117,7 +117,8 @@ def timestamps(
         max_value: Latest value (default 2090-01-01).
 
     Raises:
-        ValueError: ``min_value`` is after ``max_value``.
+        ValueError: ``min_value`` is after ``max_value``, or no whole millisecond lies
+            between them.
 
     Example::
 

@@ -203,6 +203,15 @@ class Sets(BaseModel):
     words: frozenset[Annotated[str, Field(max_length=2)]]
 
 
+class UntypedCollections(BaseModel):
+    """Items of a set and keys of a dict typed ``Any``: hashable, and text keys for JSON."""
+
+    bare: set  # type: ignore[type-arg]
+    anything: set[Any]
+    frozen: frozenset  # type: ignore[type-arg]
+    by_any: dict[Any, int]
+
+
 class Mappings(BaseModel):
     counts: dict[str, Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=3)
     by_number: dict[int, str]
@@ -493,6 +502,7 @@ ZOO_SHAPES = [
     Shape(Sequences),
     Shape(Sets),
     Shape(Mappings),
+    Shape(UntypedCollections),
     Shape(Tuples),
     Shape(Datetimes),
     Shape(OtherTimes),
@@ -820,6 +830,12 @@ class TestEvents:
         assert _ms_utc(found)
         with pytest.raises(ValueError, match="after"):
             cst.timestamps(min_value=high, max_value=low)
+        # Both bounds inside one millisecond: no millisecond timestamp fits.
+        inside = low.replace(microsecond=900)
+        with pytest.raises(ValueError, match="no whole millisecond"):
+            cst.timestamps(min_value=low, max_value=inside)
+        exact = low.replace(microsecond=0)
+        assert find(cst.timestamps(min_value=exact, max_value=exact), lambda t: True) == exact
 
     def test_every_literal_of_a_multi_type_class_is_generated(self) -> None:
         """An event class with several type names gets each of them."""
@@ -1103,6 +1119,29 @@ class TestCommandInputs:
             cst.invalid_command_inputs(APPEAR), condition, settings=settings(max_examples=3000)
         )
         assert condition(found), label
+
+    def test_a_pattern_only_pydantic_understands_breaks_inputs(self) -> None:
+        """A pattern Python's ``re`` cannot compile (``\\p{L}``) is probed with Pydantic's
+        own engine: a text it refuses is generated. (It used to raise ``re.error``.)"""
+
+        letters = Annotated[str, StringConstraints(pattern=r"^\p{L}+$")]
+
+        class Register(BaseModel):
+            name: letters  # type: ignore[valid-type]
+
+        async def register(data: Any, stores: Any) -> None:
+            return None
+
+        command = Command(command_id="REGISTER", handler=register, input_schema=Register)
+        found = find(
+            cst.invalid_command_inputs(
+                command, overrides={letters: st.sampled_from(["Ash", "Élodie"])}
+            ),
+            lambda v: isinstance(v, dict) and v.get("name") in ("", "!", "0"),
+            settings=settings(max_examples=3000),
+        )
+        with pytest.raises(ValidationError):
+            Register.model_validate(found)
 
     def test_json_text_inputs_are_json(self) -> None:
         """Broken inputs sent as JSON text parse as JSON objects."""
