@@ -1,7 +1,8 @@
 """Public, reusable contract test suites for adapters (ours and third parties').
 
 Subclass a contract in your own test module and override its factory fixture; see each class's
-docstring. The suites need pytest and pytest-asyncio.
+docstring. The suites need pytest and pytest-asyncio (strict or auto mode); declare async
+factory fixtures with ``pytest_asyncio.fixture``.
 """
 
 from castore_pydantic.testing.contracts._messaging import (

@@ -6,7 +6,7 @@ of the test and returns a *connected* adapter attached to that channel; the fixt
 what it made when the test ends::
 
     class TestMyQueueAdapter(MessageQueueAdapterContract):
-        @pytest.fixture
+        @pytest_asyncio.fixture
         async def queue_adapter_factory(self):
             adapters = []
 
@@ -30,7 +30,8 @@ The suites use the adapter vocabulary every castore-pydantic messaging adapter s
 adapter.dead_letters()`` and ``await adapter.republish_dead_letters()``. Handlers are registered
 before consuming starts and messages are published inside the ``consuming()`` block. Every test
 uses a fresh channel id, and retry delays of tens of milliseconds. The suites need
-pytest-asyncio.
+pytest-asyncio, in its strict mode (the default) or its auto mode; declare the factory with
+``pytest_asyncio.fixture``, which both modes accept.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from datetime import timedelta
 from typing import Any, ClassVar, Protocol
 
 import pytest
+import pytest_asyncio
 
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
@@ -111,6 +113,7 @@ class MessageAdapterFactory(Protocol):
         ...
 
 
+@pytest.mark.asyncio
 class _Base:
     #: How long to wait for a delivery before failing (brokers on a busy machine are slow).
     delivery_timeout: ClassVar[float] = 20.0
@@ -149,11 +152,11 @@ class MessageQueueAdapterContract(_Base):
     included); and a ``ConnectedEventStore`` publishing through the adapter.
     """
 
-    @pytest.fixture
+    @pytest_asyncio.fixture
     async def queue_adapter_factory(self) -> AsyncIterator[MessageAdapterFactory]:
         """Override: yield a factory of connected adapters; clean them up afterwards."""
         pytest.fail("override the queue_adapter_factory fixture")
-        yield  # noqa: PT022 - makes it a generator fixture, like the overrides
+        yield  # a generator fixture, like the overrides
 
     @staticmethod
     def _queue(kind: type[MessageChannel[Any]] = NotificationMessageQueue) -> Any:
@@ -454,11 +457,11 @@ class MessageBusAdapterContract(_Base):
     what was published.
     """
 
-    @pytest.fixture
+    @pytest_asyncio.fixture
     async def bus_adapter_factory(self) -> AsyncIterator[MessageAdapterFactory]:
         """Override: yield a factory of connected adapters; clean them up afterwards."""
         pytest.fail("override the bus_adapter_factory fixture")
-        yield  # noqa: PT022 - makes it a generator fixture, like the overrides
+        yield  # a generator fixture, like the overrides
 
     @staticmethod
     def _bus(kind: type[MessageChannel[Any]] = NotificationMessageBus) -> Any:

@@ -4,7 +4,7 @@ Subclass :class:`EventStorageAdapterContract` in a test module and override the
 ``adapter_factory`` fixture; every test of the contract then runs against your adapter::
 
     class TestMyAdapter(EventStorageAdapterContract):
-        @pytest.fixture
+        @pytest_asyncio.fixture
         async def adapter_factory(self):
             adapters = []
 
@@ -18,7 +18,8 @@ Subclass :class:`EventStorageAdapterContract` in a test module and override the
                 await adapter.aclose()
 
 Tests use fresh, short event store ids, so one backing storage may be reused across tests.
-The suite needs pytest-asyncio.
+The suite needs pytest-asyncio, in its strict mode (the default) or its auto mode; declare the
+factory with ``pytest_asyncio.fixture``, which both modes accept.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import pytest
+import pytest_asyncio
 from pydantic import BaseModel, ConfigDict, Field
 
 from castore_pydantic._aggregate import Aggregate
@@ -161,12 +163,12 @@ class _ForeignAdapter:
 class EventStorageAdapterContract:
     """Behaviour every ``EventStorageAdapter`` must show; subclass and override the fixture."""
 
-    @pytest.fixture
+    @pytest_asyncio.fixture
     async def adapter_factory(self) -> AdapterFactory:
         """Yield an async factory of adapters sharing one backing storage (override me)."""
         raise NotImplementedError("override the adapter_factory fixture")
 
-    @pytest.fixture
+    @pytest_asyncio.fixture
     async def adapter(self, adapter_factory: AdapterFactory) -> EventStorageAdapter:
         """One adapter from the factory."""
         return await adapter_factory()
