@@ -30,9 +30,11 @@ Example::
     from castore_pydantic.testing.laws import check_reducer
 
     def test_pokemon_reducer():
+        # can_follow(previous_events, event_type) keeps histories to what the domain allows
+        # (appeared first, caught once, level at most 100): see the testing guide.
         check_reducer(
             pokemons,
-            histories=cst.histories(pokemons, first=["POKEMON_APPEARED"]),
+            histories=cst.histories(pokemons, can_follow=can_follow),
             max_examples=200,
         )
 """

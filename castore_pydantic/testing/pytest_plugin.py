@@ -48,9 +48,13 @@ def in_memory_adapter() -> InMemoryEventStorageAdapter:
     return InMemoryEventStorageAdapter()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mock_store() -> MockStore:
-    """A factory of mocked event stores: ``mock_store(store, initial_events=())``."""
+    """A factory of mocked event stores: ``mock_store(store, initial_events=())``.
+
+    It holds no state (each call makes a new store), so it is session-scoped: Hypothesis'
+    ``@given`` tests may use it.
+    """
     from castore_pydantic.testing import mock_event_store
 
     return mock_event_store

@@ -416,10 +416,18 @@ def command_histories(
         TypeError: ``inputs`` fixes a field the command's input schema does not have.
         NoStrategyError: An input field cannot be generated.
 
-    Example::
+    Example (the Pokémon example application; its appear command makes its own id, so
+    ``context`` gives its id generator the history's)::
 
         @given(command_histories(
-            pokemons, [appear, level_up], aggregate_id_field="pokemon_id",
+            pokemons,
+            [make_pokemon_appear, level_up_pokemon],
+            aggregate_id="pikachu",
+            aggregate_id_field="pokemon_id",
+            context={"MAKE_POKEMON_APPEAR": (lambda: "pikachu",)},
+            expected_errors=(
+                AggregateNotFoundError, EventAlreadyExistsError, MaxLevelReachedError,
+            ),
         ))
         def test_reducer(history):
             check_history(pokemons, history)

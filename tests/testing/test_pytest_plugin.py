@@ -81,6 +81,30 @@ class TestFixtures:
         )
         pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
+    def test_mock_store_works_in_hypothesis_tests(self, pytester: pytest.Pytester) -> None:
+        """Hypothesis refuses function-scoped fixtures in ``@given`` tests; the stateless
+        ``mock_store`` is not one, so such a test runs (it used to fail a health check)."""
+        write_tests(
+            pytester,
+            """
+            import asyncio
+
+            from hypothesis import given, settings, strategies as st
+            from domain import pokemons
+
+            @settings(max_examples=5, database=None)
+            @given(st.integers(1, 3))
+            def test_given(mock_store, count):
+                mocked = mock_store(pokemons, [
+                    {"aggregateId": "p", "version": v, "type": "APPEARED"}
+                    for v in range(1, count + 1)
+                ])
+                events = asyncio.run(mocked.get_events("p")).events
+                assert len(events) == count
+            """,
+        )
+        pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
     def test_mute_store_restores_the_adapter(self, pytester: pytest.Pytester) -> None:
         """``mute_store`` mutes in place for one test and puts the original adapter back."""
         write_tests(
