@@ -67,10 +67,41 @@ INVALID: Any = object()
 #: A strategy, or a function from the type to a strategy (for generic types).
 Override = st.SearchStrategy[Any] | Callable[[Any], st.SearchStrategy[Any]]
 
+
+def _key(type_: Any) -> Any:
+    """How a type is looked up among registered strategies.
+
+    Pydantic turns a ``Field(...)`` inside ``Annotated`` into the constraints it stands for
+    (``Field(ge=0)`` into ``annotated_types.Ge(0)``), and a model field reaches the resolver
+    in that form. An ``Annotated`` alias is therefore keyed by its base type and those
+    constraints, each compared by value, so that a registered ``Annotated[int, Field(ge=0)]``
+    is found for a field declared with it.
+    """
+    if get_origin(type_) is not Annotated:
+        return type_
+    items: list[Any] = []
+    for item in type_.__metadata__:
+        items.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    return ("Annotated", type_.__origin__, tuple(_value_key(item) for item in items))
+
+
+def _value_key(item: Any) -> Any:
+    """``item`` if it compares by value, else its class and attributes.
+
+    Pydantic's own metadata classes compare by identity.
+    """
+    if dataclasses.is_dataclass(item) or isinstance(item, str | int | float | type):
+        return item
+    try:
+        return (type(item), tuple(sorted(vars(item).items())))
+    except TypeError:  # no __dict__, or attributes that do not sort
+        return item
+
+
 _REGISTRY: dict[Any, Override] = {}
 _BUILTIN: dict[Any, Override] = {
-    Timestamp: _scalars.timestamps(),
-    pydantic.JsonValue: _scalars.json_values(),
+    _key(Timestamp): _scalars.timestamps(),
+    _key(pydantic.JsonValue): _scalars.json_values(),
 }
 
 
@@ -78,12 +109,12 @@ def register(type_: Any, strategy: Override) -> None:
     """Add ``type_`` to the global registry (see ``strategies.register_type_strategy``)."""
     if not (isinstance(strategy, st.SearchStrategy) or callable(strategy)):
         raise TypeError(f"expected a SearchStrategy or a callable, got {strategy!r}")
-    _REGISTRY[type_] = strategy
+    _REGISTRY[_key(type_)] = strategy
 
 
 def unregister(type_: Any) -> None:
     """Remove ``type_`` from the global registry (nothing happens if it is absent)."""
-    _REGISTRY.pop(type_, None)
+    _REGISTRY.pop(_key(type_), None)
 
 
 @lru_cache(maxsize=512)
@@ -233,15 +264,17 @@ class Resolver:
     """
 
     def __init__(self, overrides: Mapping[Any, Override] | None = None) -> None:
-        self.overrides = dict(overrides or {})
+        self.overrides = {_key(type_): made for type_, made in (overrides or {}).items()}
         self._stack: list[Any] = []
 
     def _lookup(self, key: Any) -> st.SearchStrategy[Any] | None:
+        try:
+            lookup = _key(key)
+            hash(lookup)
+        except TypeError:  # unhashable metadata cannot be a registered key
+            return None
         for table in (self.overrides, _REGISTRY, _BUILTIN):
-            try:
-                found = table.get(key)
-            except TypeError:  # unhashable metadata cannot be a registered key
-                return None
+            found = table.get(lookup)
             if found is not None:
                 return found if isinstance(found, st.SearchStrategy) else found(key)
         return None

@@ -721,6 +721,30 @@ class TestFixedFieldsAndOverrides:
         finally:
             cst.unregister_type_strategy(even)
 
+    def test_an_alias_with_field_constraints_is_found_for_model_fields(self) -> None:
+        """Pydantic turns ``Field(...)`` in an alias into constraint objects before a model
+        field reaches the strategies; such an alias, registered or overridden, is still
+        found there (a registered one used to be ignored, or to fail on a pattern Python's
+        ``re`` cannot read)."""
+        letters = Annotated[str, Field(pattern=r"^\p{L}+$", max_length=12)]
+        count = Annotated[int, Field(ge=0)]
+
+        class Holder(BaseModel):
+            name: letters  # type: ignore[valid-type]
+            names: list[letters]  # type: ignore[valid-type]
+            count: count  # type: ignore[valid-type]
+
+        cst.register_type_strategy(letters, st.just("Élodie"))
+        try:
+            holder = find(
+                cst.models(Holder, overrides={count: st.just(424242)}), lambda h: bool(h.names)
+            )
+            assert (holder.name, set(holder.names), holder.count) == ("Élodie", {"Élodie"}, 424242)
+        finally:
+            cst.unregister_type_strategy(letters)
+        with pytest.raises(NoStrategyError):
+            cst.models(Holder)
+
     def test_register_refuses_non_strategies(self) -> None:
         """Registering something that is not a strategy or callable is a TypeError."""
         with pytest.raises(TypeError, match="SearchStrategy"):
