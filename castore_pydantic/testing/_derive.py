@@ -205,7 +205,11 @@ class ModelPlan:
         for name, strategy in self.fields.items():
             if name in fixed:
                 value = fixed[name]
-                required[name] = value if isinstance(value, st.SearchStrategy) else st.just(value)
+                if isinstance(value, st.SearchStrategy):
+                    required[name] = value
+                else:
+                    self._check_fixed(name, value)
+                    required[name] = st.just(value)
             elif name in omit:
                 continue
             elif name in self.optional:
@@ -213,6 +217,34 @@ class ModelPlan:
             else:
                 required[name] = strategy
         return st.fixed_dictionaries(required, optional=optional)
+
+    def _check_fixed(self, name: str, value: Any) -> None:
+        """Refuse a fixed value its field refuses: every example would be filtered out.
+
+        Raises:
+            ValueError: Names the field and Pydantic's reason.
+        """
+        field = self.model.model_fields.get(name)
+        if field is None:
+            return
+        try:
+            annotation: Any = (
+                Annotated[(field.annotation, *field.metadata)]
+                if field.metadata
+                else field.annotation
+            )
+            checker = _adapter(annotation)
+        except (pydantic.PydanticUserError, pydantic.PydanticSchemaGenerationError, TypeError):
+            return  # it cannot be checked alone; the model's validation decides
+        try:
+            checker.validate_python(value)
+        except ValidationError as exc:
+            reason = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in reason["loc"])
+            raise ValueError(
+                f"{self.model.__name__}.{name} is fixed to {value!r:.200}, which it refuses"
+                f"{f' at {where}' if where else ''}: {reason['msg']}"
+            ) from exc
 
     def assemble(self, values: Mapping[str, Any]) -> Any:
         """Turn field values keyed by name into the input the model validates."""

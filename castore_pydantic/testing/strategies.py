@@ -165,6 +165,7 @@ def models(
     Raises:
         NoStrategyError: A field's type cannot be generated.
         TypeError: ``model`` is not a model, or a fixed field is not one of its fields.
+        ValueError: A fixed value is one its field refuses.
 
     Example::
 
@@ -197,6 +198,7 @@ def events(
     Raises:
         NoStrategyError: A field's type cannot be generated.
         TypeError: ``event_type`` is not an ``Event`` subclass, or a fixed field is unknown.
+        ValueError: A fixed value is one its field refuses.
 
     Example::
 
@@ -251,8 +253,9 @@ def histories(
 
     Raises:
         NoStrategyError: A field of an event type cannot be generated.
-        ValueError: Bad sizes, an unknown event type name, or an envelope field
-            (``aggregate_id``, ``version``, ``timestamp``) in ``event_fields``.
+        ValueError: Bad sizes, an unknown event type name, an envelope field
+            (``aggregate_id``, ``version``, ``timestamp``) in ``event_fields``, or a value
+            there that its field refuses.
 
     Example::
 
@@ -414,6 +417,7 @@ def command_histories(
         ValueError: No command requires ``store``, bad sizes, or ``inputs`` / ``context``
             name an unknown command.
         TypeError: ``inputs`` fixes a field the command's input schema does not have.
+            (A fixed value the field refuses is a ``ValueError``.)
         NoStrategyError: An input field cannot be generated.
 
     Example (the Pokémon example application; its appear command makes its own id, so
@@ -457,7 +461,7 @@ def command_histories(
     plans = {c.command_id: _command_plan(c, resolver) for c in commands}
     ids = _aggregate_ids(aggregate_id)
 
-    def step_inputs(command: Command[Any, Any], key: str) -> st.SearchStrategy[Any]:
+    def step_inputs(command: Command[Any, Any], key: str | st.SearchStrategy[str]) -> Any:
         fixed = dict((inputs or {}).get(command.command_id, {}))
         plan = plans[command.command_id]
         if isinstance(plan, ModelPlan):
@@ -467,7 +471,8 @@ def command_histories(
         return plan
 
     for command in commands:
-        step_inputs(command, "")  # unknown fixed fields fail now, not while drawing
+        # Unknown or refused fixed fields fail now, not while drawing (the key is drawn).
+        step_inputs(command, st.text())
 
     @st.composite
     def history(draw: st.DrawFn) -> list[Event]:

@@ -634,6 +634,17 @@ class TestFixedFieldsAndOverrides:
         with pytest.raises(TypeError, match="has no field nickname"):
             cst.models(Appeared, nickname="x")
 
+    def test_a_fixed_value_its_field_refuses_is_refused(self) -> None:
+        """A fixed value the field refuses (out of range, a payload missing a field) is a
+        ValueError naming the field and the reason when the strategy is built. Every
+        example used to be filtered out, ending in a health check that named nothing."""
+        with pytest.raises(ValueError, match=r"Appeared\.level is fixed to 0.*greater than"):
+            cst.models(Appeared, level=0)
+        with pytest.raises(ValueError, match=r"PokemonAppeared\.version is fixed to 0"):
+            cst.events(PokemonAppeared, version=0)
+        with pytest.raises(ValueError, match=r"\.payload is fixed to .* at level: Field required"):
+            cst.events(PokemonAppeared, payload={"name": "Mew"})
+
     def test_models_needs_a_model(self) -> None:
         """``models`` refuses something that is not a model class."""
         with pytest.raises(TypeError, match="Pydantic model"):
