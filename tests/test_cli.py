@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +26,7 @@ from castore_pydantic import EventStore
 from castore_pydantic.cli import (
     EXIT_CONFLICT,
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_INVALID_DATA,
     EXIT_NOT_FOUND,
     EXIT_STORAGE,
@@ -168,10 +173,39 @@ def one_line_error(result: Result) -> str:
     return lines[0]
 
 
+def count_rows_if_any(path: Path) -> int:
+    """Like ``count_rows``, but 0 while the table does not exist yet."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        try:
+            return int(conn.execute("SELECT count(*) FROM event").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
 def count_rows(path: Path) -> int:
     """How many events the SQLite file holds, all stores together."""
     with sqlite3.connect(path) as conn:
         return int(conn.execute("SELECT count(*) FROM event").fetchone()[0])
+
+
+def write_own_store(path: Path, db: Path) -> None:
+    """A module whose ``pokemons`` store has its own SQLite adapter on ``db``."""
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            from castore_pydantic import EventStore
+            from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+            from examples.pokemon.stores import pokemons as example
+
+            pokemons = EventStore(
+                event_store_id="POKEMONS",
+                event_types=example.event_types,
+                reducer=example.reducer,
+                event_storage_adapter=SQLiteEventStorageAdapter({str(db)!r}),
+            )
+            """
+        )
+    )
 
 
 class TestLoading:
@@ -247,27 +281,56 @@ class TestLoading:
         self, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sys_path: None
     ) -> None:
         """Without --url the store's own adapter is used (modules load from the cwd)."""
-        (tmp_path / "my_stores.py").write_text(
-            textwrap.dedent(
-                f"""
-                from castore_pydantic import EventStore
-                from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
-                from examples.pokemon.stores import pokemons as example
-
-                pokemons = EventStore(
-                    event_store_id="POKEMONS",
-                    event_types=example.event_types,
-                    reducer=example.reducer,
-                    event_storage_adapter=SQLiteEventStorageAdapter({str(db)!r}),
-                )
-                """
-            )
-        )
+        write_own_store(tmp_path / "my_stores.py", db)
         monkeypatch.chdir(tmp_path)
         result = castore("aggregates", "-s", "my_stores:pokemons", "--json")
         assert result.exit_code == 0, result.output
         listed = json.loads(result.stdout)["aggregateIds"]
         assert [e["aggregateId"] for e in listed] == ["pikachu", "eevee", "snorlax"]
+
+    def test_table_and_timeout_need_a_url(
+        self, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sys_path: None
+    ) -> None:
+        """--table or --timeout without --url is a usage error, not an option ignored."""
+        write_own_store(tmp_path / "own_stores.py", db)
+        monkeypatch.chdir(tmp_path)
+        for args, named in [
+            (("--table", "archive"), "--table needs --url"),
+            (("--timeout", "3"), "--timeout needs --url"),
+            (("--table", "event", "--timeout", "3"), "--table and --timeout need --url"),
+        ]:
+            result = castore("aggregates", "-s", "own_stores:pokemons", *args)
+            assert result.exit_code == EXIT_USAGE, result.output
+            assert named in result.stderr
+        with_url = castore(
+            "aggregates", "-s", "own_stores:pokemons", "--url", f"sqlite:///{db}",
+            "--table", "event", "--timeout", "3", "--json",
+        )  # fmt: skip
+        assert with_url.exit_code == 0, with_url.output
+        assert len(json.loads(with_url.stdout)["aggregateIds"]) == 3
+
+    @pytest.mark.parametrize(
+        "command",
+        [
+            ("aggregates",),
+            ("events", "pikachu"),
+            ("aggregate", "pikachu"),
+            ("export", "-o", "out.jsonl"),
+        ],
+    )
+    def test_reading_a_sqlite_file_without_the_table(
+        self, db: Path, url: str, tmp_path: Path, command: tuple[str, ...]
+    ) -> None:
+        """Reading commands refuse a missing --table (exit 4) and create nothing."""
+        name, *rest = command
+        args = [str(tmp_path / arg) if arg.endswith(".jsonl") else arg for arg in rest]
+        result = castore(name, "-s", POKEMONS, "--url", url, "--table", "evnet", *args)
+        assert result.exit_code == EXIT_STORAGE, result.output
+        assert f"SQLite database {str(db)!r} has no table 'evnet'" in one_line_error(result)
+        with sqlite3.connect(db) as conn:
+            tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+        assert "evnet" not in tables
+        assert not (tmp_path / "out.jsonl").exists()
 
     def test_options_from_the_environment(self, url: str) -> None:
         """CASTORE_STORE and CASTORE_URL stand in for --store and --url."""
@@ -414,6 +477,30 @@ class TestEventsAndAggregate:
         assert result.exit_code == 0, result.output
         for text in ("POKEMON_APPEARED", "POKEMON_CAUGHT", "trainerId", "3 events"):
             assert text in result.stdout
+
+    def test_stored_text_is_shown_not_read_as_markup(self, empty_url: str, tmp_path: Path) -> None:
+        """Ids and payloads holding rich markup ("[/]", "[bold]") are printed as they are."""
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(
+            jsonl(
+                [
+                    PokemonAppeared(
+                        aggregate_id="[/weird]",
+                        version=1,
+                        timestamp=T0,
+                        payload=PokemonAppearedPayload(name="[bold]Mew[/bold] a [/] b", level=5),
+                    )
+                ]
+            )
+        )
+        assert castore("import", "-s", POKEMONS, "--url", empty_url, str(source)).exit_code == 0
+        shown = castore("events", "-s", POKEMONS, "--url", empty_url, "[/weird]")
+        assert shown.exit_code == 0, shown.output
+        assert "[/weird]: 1 events" in shown.stdout
+        assert "[bold]Mew[/bold] a [/] b" in shown.stdout
+        listed = castore("aggregates", "-s", POKEMONS, "--url", empty_url)
+        assert listed.exit_code == 0, listed.output
+        assert "[/weird]" in listed.stdout
 
     def test_events_of_unknown_aggregate(self, url: str) -> None:
         """An unknown aggregate has no events; that is not an error."""
@@ -608,12 +695,79 @@ class TestImport:
         assert result.exit_code == EXIT_CONFLICT
         error = one_line_error(result)
         assert "line 4: version 1 of aggregate 'eevee' already exists in POKEMONS" in error
-        assert "2 events were imported before this batch and lines 3-4 were not" in error
+        assert "2 events were imported before line 3 and stay stored" in error
+        assert "lines 3-4 and any after them were not imported" in error
         assert count_rows(db) == before + 2
         listed = castore("aggregates", "-s", POKEMONS, "--url", url, "--json")
         ids = {e["aggregateId"] for e in json.loads(listed.stdout)["aggregateIds"]}
         assert {"new-0", "new-1"} <= ids
         assert "new-2" not in ids
+
+    def test_database_refusal_says_what_was_imported(self, empty_url: str, tmp_path: Path) -> None:
+        """An event SQLite refuses (a version beyond 64 bits) in the second batch: exit 5,
+        and the message says the first batch was imported and stays stored."""
+        lines = pokemon_lines().splitlines(keepends=True)[:2]
+        huge = (
+            b'{"aggregateId": "mew", "version": 99999999999999999999, "type": "POKEMON_LEVELED_UP"}'
+        )
+        source = tmp_path / "in.jsonl"
+        source.write_bytes(b"".join([*lines, huge, b"\n"]))
+        result = castore(
+            "import", "-s", POKEMONS, "--url", empty_url, "--batch-size", "2", str(source)
+        )
+        assert result.exit_code == EXIT_INVALID_DATA
+        error = one_line_error(result)
+        assert "version does not fit SQLite's 64-bit INTEGER" in error
+        assert "2 events were imported before line 3 and stay stored" in error
+        assert "line 3 and any after them were not imported" in error
+        assert count_rows(Path(empty_url.removeprefix("sqlite:///"))) == 2
+
+    def test_lines_longer_than_max_bytes_round_trip(
+        self,
+        empty_url: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        restore_sys_path: None,
+    ) -> None:
+        """An event within the store's limits whose line is longer than max_bytes in bytes
+        (non-ASCII text) imports back; an event over the limits is still refused."""
+        (tmp_path / "small_stores.py").write_text(
+            textwrap.dedent(
+                """
+                from typing import Any, Literal
+
+                from castore_pydantic import Event, EventLimits, EventStore
+
+                class Noted(Event):
+                    type: Literal["NOTED"] = "NOTED"
+                    payload: Any = None
+
+                notes = EventStore(
+                    event_store_id="NOTES",
+                    event_types=[Noted],
+                    reducer=lambda aggregate, event: event.payload,
+                    limits=EventLimits(max_bytes=1000),
+                )
+                """
+            )
+        )
+        monkeypatch.chdir(tmp_path)
+        source = tmp_path / "in.jsonl"
+        accepted = {"aggregateId": "a", "version": 1, "type": "NOTED", "payload": "é" * 700}
+        line = json.dumps(accepted, ensure_ascii=False).encode() + b"\n"
+        assert len(line) > 1000
+        source.write_bytes(line)
+        result = castore("import", "-s", "small_stores:notes", "--url", empty_url, str(source))
+        assert result.exit_code == 0, result.output
+        exported = castore("export", "-s", "small_stores:notes", "--url", empty_url)
+        assert json.loads(exported.stdout)["payload"] == "é" * 700
+        refused = {**accepted, "aggregateId": "b", "payload": "é" * 1000}
+        source.write_text(json.dumps(refused, ensure_ascii=False) + "\n")
+        result = castore("import", "-s", "small_stores:notes", "--url", empty_url, str(source))
+        assert result.exit_code == EXIT_INVALID_DATA
+        error = one_line_error(result)
+        assert "line 1: Event refused by event store NOTES at payload" in error
+        assert "larger than max_bytes=1000" in error
 
     def test_force_overwrites(self, url: str, tmp_path: Path) -> None:
         """--force replaces events whose version exists."""
@@ -820,6 +974,37 @@ class TestProcess:
         assert "castore: unexpected error: KeyError: 'surprise'" in completed.stderr
         assert "--traceback" in completed.stderr
 
+    def test_interrupted_import_says_what_was_imported(self, tmp_path: Path) -> None:
+        """Ctrl-C while writing: exit 130, and the message gives the events already imported
+        (they stay stored: one transaction per batch) and the first line that was not."""
+        source = tmp_path / "in.jsonl"
+        write_many(source, aggregates=50_000, per_aggregate=1)
+        db = tmp_path / "imported.db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASTORE_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        command = [
+            sys.executable, "-m", "castore_pydantic", "import", "-s", POKEMONS,
+            "--url", f"sqlite:///{db}", "--batch-size", "1", str(source),
+        ]  # fmt: skip
+        with subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
+        ) as process:
+            deadline = time.monotonic() + 60
+            while not (db.exists() and count_rows_if_any(db)):
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "the import never started writing"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        assert process.returncode == EXIT_INTERRUPTED, stderr
+        assert stderr.count("\n") == 1, stderr
+        match = re.search(r"(\d+) events? (?:was|were) imported before line (\d+) and stay", stderr)
+        assert match is not None, stderr
+        imported, first_not = int(match[1]), int(match[2])
+        assert stderr.startswith("castore: error: interrupted: ")
+        assert count_rows(db) == imported
+        assert first_not == imported + 1
+
     def test_core_import_does_not_load_the_cli(self) -> None:
         """``import castore_pydantic`` imports neither click nor rich."""
         completed = subprocess.run(
@@ -879,10 +1064,47 @@ class TestPostgres:
         assert exported.stdout_bytes == pokemon_lines()
 
     def test_missing_table(self, pg_table: str) -> None:
-        """Reading a table that does not exist is a storage error (exit 4) saying so."""
+        """Reading a table that does not exist is a storage error (exit 4) saying so, with
+        the CLI's way to create it (not the adapter's Python method)."""
         result = self.pg("aggregates", pg_table)
         assert result.exit_code == EXIT_STORAGE
-        assert "does not exist" in one_line_error(result)
+        error = one_line_error(result)
+        assert f'relation "{pg_table}" does not exist' in error
+        assert "check --table" in error
+        assert "castore import --create-table" in error
+        assert "create_event_table" not in error
+        imported = self.pg("import", pg_table, stdin=pokemon_lines())
+        assert imported.exit_code == EXIT_STORAGE
+        error = one_line_error(imported)
+        assert "castore import --create-table" in error
+        assert "nothing was imported" in error
+
+    def test_refused_value_says_what_was_imported(self, pg_table: str) -> None:
+        """A uuid table refuses an id that is not a UUID in the second batch: exit 5, and
+        the message says the first batch was imported and stays stored."""
+        from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
+
+        async def create() -> None:
+            async with PostgresEventStorageAdapter(PG_DSN, table_name=pg_table) as adapter:
+                await adapter.create_event_table(aggregate_id_type="uuid")
+
+        asyncio.run(create())
+        appeared = [
+            PokemonAppeared(
+                aggregate_id=aggregate_id,
+                version=1,
+                timestamp=T0,
+                payload=PokemonAppearedPayload(name="Ditto", level=1),
+            )
+            for aggregate_id in (str(uuid.uuid4()), str(uuid.uuid4()), "pikachu")
+        ]
+        result = self.pg("import", pg_table, "--batch-size", "2", stdin=jsonl(appeared))
+        assert result.exit_code == EXIT_INVALID_DATA
+        error = one_line_error(result)
+        assert "uuid" in error
+        assert "2 events were imported before line 3 and stay stored" in error
+        listed = self.pg("aggregates", pg_table, "--json")
+        assert len(json.loads(listed.stdout)["aggregateIds"]) == 2
 
     def test_conflict_writes_nothing_of_the_batch(self, pg_table: str) -> None:
         """A conflicting batch is rolled back as a whole on PostgreSQL too."""
@@ -1010,6 +1232,20 @@ class TestPour:
         assert body["pouredEventCount"] == 5
         assert body["firstScannedAggregate"]["aggregateId"] == "pikachu"
         assert sys.modules[channels].received == chronological("POKEMONS")
+
+    def test_pour_from_a_sqlite_file_without_the_table(
+        self, db: Path, url: str, channels: str
+    ) -> None:
+        """A missing --table is exit 4; nothing is created and nothing is published."""
+        result = castore(
+            "pour", "-s", POKEMONS, "-c", f"{channels}:bus", "--url", url, "--table", "evnet"
+        )
+        assert result.exit_code == EXIT_STORAGE, result.output
+        assert "has no table 'evnet'" in one_line_error(result)
+        with sqlite3.connect(db) as conn:
+            tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+        assert "evnet" not in tables
+        assert sys.modules[channels].received == []
 
     def test_pour_several_stores(self, url: str, channels: str) -> None:
         """Several stores pour as one chronological stream; scans are keyed by store."""

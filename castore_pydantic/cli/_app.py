@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import click
+from click.core import ParameterSource
 
 from castore_pydantic._paging import parse_timestamp
 
@@ -56,18 +58,48 @@ def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Ca
             help=f"{_STORE_HELP}{' Repeatable.' if multiple else ''}",
         ),
         click.option("--url", "-u", envvar="CASTORE_URL", default=None, help=_URL_HELP),
-        click.option("--table", default="event", show_default=True, help="Events table name."),
+        click.option(
+            "--table", default="event", show_default=True, help="Events table name (with --url)."
+        ),
         click.option(
             "--timeout",
             type=click.FloatRange(min=0.1),
             default=10.0,
             show_default=True,
-            help="Seconds to wait for a PostgreSQL connection.",
+            help="Seconds to wait for a PostgreSQL connection (with --url).",
         ),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
-    return function
+    return _needs_url_for_table_and_timeout(function)
+
+
+def _needs_url_for_table_and_timeout(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse ``--table`` and ``--timeout`` without ``--url``.
+
+    Without ``--url`` the store's own adapter is used as defined, with its own table and
+    connection settings: the options could only be ignored, which would show another table
+    than the one asked for.
+    """
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("url") is None:
+            ctx = click.get_current_context()
+            given = [
+                f"--{name}"
+                for name in ("table", "timeout")
+                if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+            ]
+            if given:
+                raise click.UsageError(
+                    f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --url: "
+                    "without it the store's own adapter is used, with the table and settings "
+                    "it was defined with (pass --url to choose the database and table)"
+                )
+        return function(*args, **kwargs)
+
+    return checked
 
 
 def json_option(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,6 +9,7 @@ import click
 from pydantic import BaseModel, TypeAdapter
 from rich.json import JSON
 from rich.table import Table
+from rich.text import Text
 
 from castore_pydantic import Command, Event, EventStore
 from castore_pydantic._event import format_timestamp
@@ -84,15 +85,15 @@ def stores(specs: tuple[str, ...], as_json: bool) -> None:
             )
             return
         for name, store in found:
-            table = Table(title=f"{store.event_store_id}  ({name})", title_justify="left")
+            table = Table(title=Text(f"{store.event_store_id}  ({name})"), title_justify="left")
             table.add_column("Type")
             table.add_column("Class")
             table.add_column("Payload")
             for event_type in store.event_types:
                 table.add_row(
-                    ", ".join(_type_names(event_type)),
-                    f"{event_type.__module__}.{event_type.__qualname__}",
-                    _payload_summary(event_type),
+                    Text(", ".join(_type_names(event_type))),
+                    Text(f"{event_type.__module__}.{event_type.__qualname__}"),
+                    Text(_payload_summary(event_type)),
                 )
             out().print(table)
 
@@ -168,11 +169,14 @@ def aggregates(
                 }
             )
             return
-        listing = Table(title=f"{target.store.event_store_id} aggregates", title_justify="left")
+        # Cells are Text, not str: stored text ("[/]", "[bold]") is shown, never read as markup.
+        listing = Table(
+            title=Text(f"{target.store.event_store_id} aggregates"), title_justify="left"
+        )
         listing.add_column("Aggregate id")
         listing.add_column("Initial event timestamp")
         for aid, ts in entries:
-            listing.add_row(aid, format_timestamp(ts))
+            listing.add_row(Text(aid), format_timestamp(ts))
         out().print(listing)
         if token is not None:
             err.print(f"More aggregates: --page-token '{token}'", markup=False)
@@ -222,7 +226,7 @@ def events(
             emit_json({"events": [event.model_dump(mode="json") for event in found]})
             return
         listing = Table(
-            title=f"{target.store.event_store_id} {aggregate_id}: {len(found)} events",
+            title=Text(f"{target.store.event_store_id} {aggregate_id}: {len(found)} events"),
             title_justify="left",
         )
         listing.add_column("Version", justify="right", no_wrap=True)
@@ -234,9 +238,9 @@ def events(
             listing.add_row(
                 str(event.version),
                 format_timestamp(event.timestamp) if event.timestamp else "",
-                event.type,
-                compact(event.payload),
-                compact(event.metadata),
+                Text(event.type),
+                Text(compact(event.payload)),
+                Text(compact(event.metadata)),
             )
         out().print(listing)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -162,6 +163,45 @@ def working_store(
     )
 
 
+def require_table(adapter: EventStorageAdapter) -> None:
+    """For reading commands: refuse a SQLite database without the events table.
+
+    The SQLite adapter creates its table when it is opened, which a command that only reads
+    must not do (a mistyped ``--table`` would silently show an empty store). The database
+    is inspected read-only instead. PostgreSQL adapters create nothing: reading a missing
+    table fails by itself.
+
+    Raises:
+        CliError: The file does not exist, cannot be read, or lacks the table (exit code 4).
+    """
+    from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+
+    if not isinstance(adapter, SQLiteEventStorageAdapter) or adapter.path in ("", ":memory:"):
+        return
+    path = Path(adapter.path)
+    if not path.is_file():
+        raise CliError(EXIT_STORAGE, f"SQLite database {adapter.path!r} does not exist")
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+        try:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE",
+                (adapter.table_name,),
+            ).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise CliError(
+            EXIT_STORAGE, f"cannot read SQLite database {adapter.path!r}: {exc}"
+        ) from exc
+    if found is None:
+        raise CliError(
+            EXIT_STORAGE,
+            f"SQLite database {adapter.path!r} has no table {adapter.table_name!r}: check "
+            "--table (castore import creates the table)",
+        )
+
+
 class Target:
     """What a command works on: the store from ``--store`` and the adapter from ``--url``."""
 
@@ -169,6 +209,7 @@ class Target:
         self, store: str, url: str | None, table: str, timeout: float, *, must_exist: bool = True
     ) -> None:
         self.defined = load_store(store)
+        self.must_exist = must_exist
         if url is not None:
             self.adapter = adapter_from_url(
                 url, table=table, timeout=timeout, must_exist=must_exist
@@ -184,7 +225,13 @@ class Target:
 
     @contextlib.asynccontextmanager
     async def opened(self) -> AsyncIterator[EventStore[Any, Any]]:
-        """The working store, with its adapter open for the duration."""
+        """The working store, with its adapter open for the duration.
+
+        Raises:
+            CliError: A command that reads found no events table (see ``require_table``).
+        """
+        if self.must_exist:
+            require_table(self.adapter)
         async with self.adapter:
             yield self.store
 

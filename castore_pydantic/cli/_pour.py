@@ -17,7 +17,13 @@ from castore_pydantic import Event, EventStore
 from castore_pydantic._event import format_timestamp
 from castore_pydantic._types import AggregateIdEntry
 from castore_pydantic.cli._app import TIMESTAMP, cli, json_option, progress_option, store_options
-from castore_pydantic.cli._loading import adapter_from_url, load_object, load_store, working_store
+from castore_pydantic.cli._loading import (
+    adapter_from_url,
+    load_object,
+    load_store,
+    require_table,
+    working_store,
+)
 from castore_pydantic.cli._running import (
     EXIT_USAGE,
     CliError,
@@ -137,6 +143,7 @@ def pour(
         with _progress(progress) as on_progress:
             async with contextlib.AsyncExitStack() as stack:
                 for adapter in adapters:
+                    require_table(adapter)
                     await stack.enter_async_context(adapter)
                 closing = getattr(channel_adapter, "aclose", None)
                 if callable(closing):

@@ -117,10 +117,36 @@ _EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
 )
 
 
-def _classify(exc: BaseException) -> CliError | None:
+#: SQLSTATE of PostgreSQL's "undefined_table" error.
+_UNDEFINED_TABLE = "42P01"
+
+
+def _missing_table(exc: BaseException) -> str | None:
+    """PostgreSQL's words for a missing events table, if that is what ``exc`` comes from."""
+    seen: BaseException | None = exc.__cause__
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        if getattr(seen, "sqlstate", None) == _UNDEFINED_TABLE:
+            diag = getattr(seen, "diag", None)
+            return str(getattr(diag, "message_primary", None) or "the table does not exist")
+        visited.add(id(seen))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def classify(exc: BaseException) -> CliError | None:
     """Map a known failure to its exit code; ``None`` for unexpected ones."""
     if isinstance(exc, CliError):
         return exc
+    if isinstance(exc, StorageError):
+        missing = _missing_table(exc)
+        if missing is not None:
+            # The adapter's own advice is for Python code; CLI users have an option.
+            return CliError(
+                EXIT_STORAGE,
+                f"PostgreSQL: {missing}: check --table, or create the events table with "
+                "castore import --create-table",
+            )
     for kind, code in _EXIT_CODES:
         if isinstance(exc, kind):
             message = validation_reason(exc) if isinstance(exc, ValidationError) else str(exc)
@@ -145,7 +171,7 @@ def run(work: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
     except Exception as exc:
-        known = _classify(exc)
+        known = classify(exc)
         if show_traceback:
             traceback.print_exc()
         if known is not None:

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
-import os
-import sys
-import tempfile
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import IO, Any
 
 import click
 from pydantic import ValidationError
+from pydantic_core import from_json
 from rich.progress import Progress, TaskID
 
-from castore_pydantic import EventStore
+from castore_pydantic import Event, EventStore, GroupedEvent
+from castore_pydantic._serialization import event_type_names
 from castore_pydantic.cli._app import TIMESTAMP, cli, json_option, progress_option, store_options
+from castore_pydantic.cli._files import input_source, output_file
 from castore_pydantic.cli._loading import Target, iter_aggregate_ids, iter_events
 from castore_pydantic.cli._running import (
     EXIT_CONFLICT,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_INVALID_DATA,
-    EXIT_USAGE,
     CliError,
     byte_progress_bar,
+    classify,
     emit_json,
     plural,
     progress_bar,
@@ -40,31 +40,6 @@ from castore_pydantic.errors import (
 DEFAULT_BATCH_SIZE = 500
 
 
-@contextlib.contextmanager
-def _output(path: str) -> Iterator[IO[bytes]]:
-    """Stdout for ``-``; otherwise a temporary file renamed into place on success only."""
-    if path == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    target = Path(path)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 - renamed or removed below
-        "wb",
-        dir=target.parent or Path(),
-        prefix=f".{target.name}.",
-        suffix=".partial",
-        delete=False,
-    )
-    try:
-        with handle:
-            yield handle
-        os.replace(handle.name, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(handle.name)
-        raise
-
-
 @cli.command("export")
 @store_options
 @click.option(
@@ -72,7 +47,7 @@ def _output(path: str) -> Iterator[IO[bytes]]:
     "-o",
     default="-",
     show_default=True,
-    help="File to write (replaced only when the export succeeds); - for stdout.",
+    help="File to write (a regular file is replaced only when the export succeeds); - for stdout.",
 )
 @click.option(
     "--after",
@@ -117,7 +92,7 @@ def export_command(
                     async for _ in iter_aggregate_ids(working, after=after, before=before):
                         total += 1
                 task = bar.add_task(f"Exporting {working.event_store_id}", total=total)
-                with _output(output) as sink:
+                with output_file(output) as sink:
                     async for aggregate_id, _ in iter_aggregate_ids(
                         working, after=after, before=before
                     ):
@@ -143,26 +118,64 @@ def export_command(
         )
 
 
+class _InvalidJSONError(ValueError):
+    """A line of the input is not JSON."""
+
+
+class _Lines:
+    """Lines of Castore's event JSON, validated as events of one store."""
+
+    def __init__(self, store: EventStore[Any, Any]) -> None:
+        self.context = store.context
+        self._by_type = {
+            name: event_type
+            for event_type in store.event_types
+            for name in event_type_names(event_type)
+        }
+        classes = set(self._by_type.values())
+        self._only = classes.pop() if len(classes) == 1 else None
+
+    def event(self, raw: bytes) -> Event:
+        """The event of one line, checked against the store's limits as any pushed event.
+
+        The library refuses JSON text longer than ``max_bytes``, while its limit on events
+        counts characters: a line ``export`` wrote for an accepted event may be longer (a
+        non-ASCII character takes two to four bytes). Such a line is parsed here, validated
+        as JSON like any other, and its event checked against the store's limits.
+
+        Raises:
+            pydantic.ValidationError: The event does not fit its type.
+            UnknownEventTypeError: Its type is not one of the store's.
+            EventLimitExceededError: It is too deep, too large or not storable.
+            _InvalidJSONError: The line is not JSON.
+        """
+        context = self.context
+        if len(raw) <= context.limits.max_bytes:
+            return context.validate_input(raw, timestamp=False)
+        try:
+            data = from_json(raw)
+        except ValueError as exc:
+            raise _InvalidJSONError(f"Invalid JSON: {exc}") from exc
+        event_type = None
+        if isinstance(data, dict):
+            name = data.get("type")
+            event_type = self._by_type.get(name) if isinstance(name, str) else None
+            if "type" not in data:
+                event_type = self._only
+        if event_type is None:
+            # Not an object, or not one of the store's types: the library says what is wrong.
+            return context.validate_input(data, timestamp=False)
+        return context.validate_input(event_type.model_validate_json(raw), timestamp=False)
+
+
 def _line_reason(exc: Exception, tags: tuple[str, ...]) -> str:
     if isinstance(exc, ValidationError):
         return validation_reason(exc, tags)
     return str(exc)
 
 
-@contextlib.contextmanager
-def _input(path: str) -> Iterator[tuple[IO[bytes], int | None, bool]]:
-    """The input as a binary file, its size if known, and whether it is a spool of stdin."""
-    if path == "-":
-        spool = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the with below
-        with spool:
-            yield spool, None, True
-        return
-    try:
-        handle = Path(path).open("rb")  # noqa: SIM115 - closed by the with below
-    except OSError as exc:
-        raise CliError(EXIT_USAGE, f"cannot read {path!r}: {exc.strerror}") from exc
-    with handle:
-        yield handle, os.fstat(handle.fileno()).st_size, False
+#: How many lines are validated between two turns of the event loop (where Ctrl-C lands).
+_LINES_PER_TURN = 5000
 
 
 @cli.command("import")
@@ -196,38 +209,44 @@ def import_command(
     progress: bool | None,
     as_json: bool,
 ) -> None:
-    """Import JSON Lines of events (Castore's event JSON) from SOURCE (a file, or - for stdin).
+    """Import JSON Lines of events (Castore's event JSON) from SOURCE (a file or pipe, - for stdin).
 
     Every line is validated against the store's event types first: at the first bad line
     the import stops with its number and the reason, and nothing is written. Events are then
     written in batches, each one transaction (an event group). An event whose version exists
-    stops the import (exit code 6) and nothing of its batch is written, unless --force.
+    stops the import (exit code 6) and nothing of its batch is written, unless --force. Any
+    failure while writing says how many events were imported (and stay stored) before it.
     Importing never runs the store's on_event_pushed hook nor publishes messages.
     """
 
     async def work() -> int:
         target = Target(store, url, table, timeout, must_exist=False)
-        context = target.store.context
-        with _input(source) as (handle, size, from_stdin), byte_progress_bar(progress) as bar:
-            checking = bar.add_task("Validating", total=size)
-            reader = sys.stdin.buffer if from_stdin else handle
-            lines: dict[tuple[str, int], int] = {}  # line of each event key (without --force)
-            for number, raw in enumerate(reader, start=1):
-                if from_stdin:
-                    handle.write(raw)
+        lines = _Lines(target.store)
+        context = lines.context
+        with input_source(source) as reading, byte_progress_bar(progress) as bar:
+            checking = bar.add_task("Validating", total=reading.size)
+            seen: dict[tuple[str, int], int] = {}  # line of each event key (without --force)
+            for number, raw in enumerate(reading.first_pass(), start=1):
                 bar.advance(checking, len(raw))
+                if number % _LINES_PER_TURN == 0:
+                    await asyncio.sleep(0)  # lets Ctrl-C stop a long validation
                 if not raw.strip():
                     continue
                 try:
-                    event = context.validate_input(raw, timestamp=False)
-                except (ValidationError, UnknownEventTypeError, EventLimitExceededError) as exc:
+                    event = lines.event(raw)
+                except (
+                    ValidationError,
+                    UnknownEventTypeError,
+                    EventLimitExceededError,
+                    _InvalidJSONError,
+                ) as exc:
                     raise CliError(
                         EXIT_INVALID_DATA,
                         f"line {number}: {_line_reason(exc, context.known_types)} "
                         "(nothing was imported)",
                     ) from exc
                 if not force:
-                    earlier = lines.setdefault((event.aggregate_id, event.version), number)
+                    earlier = seen.setdefault((event.aggregate_id, event.version), number)
                     if earlier != number:
                         raise CliError(
                             EXIT_INVALID_DATA,
@@ -235,16 +254,17 @@ def import_command(
                             f"{event.version} is already on line {earlier} (nothing was "
                             "imported; with --force the later line wins)",
                         )
-            handle.seek(0)
-            writing = bar.add_task(f"Importing into {context.event_store_id}", total=size)
+            seen.clear()
+            await asyncio.sleep(0)  # a Ctrl-C during validation stops here: nothing written
+            writing = bar.add_task(f"Importing into {context.event_store_id}", total=reading.size)
             async with target.opened() as working:
                 if create_table:
                     create = getattr(target.adapter, "create_event_table", None)
                     if create is not None:
                         await create()
-                return await _write_batches(
-                    working, handle, bar, writing, batch_size=batch_size, force=force
-                )
+                batches = _Batches(working, lines, batch_size=batch_size, force=force)
+                await batches.write(reading.second_pass(), bar, writing)
+                return batches.written
 
     imported = run(work)
     if as_json:
@@ -253,50 +273,98 @@ def import_command(
         click.echo(f"Imported {plural(imported, 'event')}.")
 
 
-async def _write_batches(
-    store: EventStore[Any, Any],
-    handle: IO[bytes],
-    bar: Progress,
-    task: TaskID,
-    *,
-    batch_size: int,
-    force: bool,
-) -> int:
-    """Push validated lines as event groups of ``batch_size``; return how many were written."""
-    written = 0
-    batch: list[Any] = []
-    keys: dict[tuple[str, int], int] = {}
-    first_line = 1
+class _Batches:
+    """Writes validated lines as event groups, and reports how far it got when it stops."""
 
-    async def flush(last_line: int) -> None:
-        nonlocal written, first_line
-        if not batch:
-            return
+    def __init__(
+        self, store: EventStore[Any, Any], lines: _Lines, *, batch_size: int, force: bool
+    ) -> None:
+        self.store = store
+        self.lines = lines
+        self.batch_size = batch_size
+        self.force = force
+        #: Events written so far (committed: each batch is one transaction).
+        self.written = 0
+        self._batch: list[GroupedEvent] = []
+        self._keys: dict[tuple[str, int], int] = {}
+        #: The lines of the batch being built or written.
+        self._first_line = self._last_line = 0
+
+    async def write(self, handle: IO[bytes], bar: Progress, task: TaskID) -> None:
+        """Push every line of ``handle``, ``batch_size`` events per transaction.
+
+        Raises:
+            CliError: Any failure, with what was imported before it.
+        """
         try:
-            await EventStore.push_event_group(*batch, force=force)
+            for number, raw in enumerate(handle, start=1):
+                bar.advance(task, len(raw))
+                if not raw.strip():
+                    continue
+                if not self._batch:
+                    self._first_line = number
+                self._last_line = number
+                grouped = self.store.group_event(self.lines.event(raw))
+                self._batch.append(grouped)
+                self._keys[(grouped.event.aggregate_id, grouped.event.version)] = number
+                if len(self._batch) >= self.batch_size:
+                    await self._flush()
+            await self._flush()
         except EventAlreadyExistsError as exc:
-            line = keys.get((exc.aggregate_id, exc.version))
+            line = self._keys.get((exc.aggregate_id, exc.version))
             at = f"line {line}: " if line is not None else ""
             raise CliError(
                 EXIT_CONFLICT,
-                f"{at}version {exc.version} of aggregate {exc.aggregate_id!r} already exists in "
-                f"{exc.event_store_id}; {written} events were imported before this batch and "
-                f"lines {first_line}-{last_line} were not (use --force to overwrite)",
+                f"{at}version {exc.version} of aggregate {exc.aggregate_id!r} already exists "
+                f"in {exc.event_store_id}; {self._so_far()} (use --force to overwrite)",
             ) from exc
-        written += len(batch)
-        batch.clear()
-        keys.clear()
-        first_line = last_line + 1
+        except (Exception, asyncio.CancelledError, KeyboardInterrupt) as exc:
+            # A Ctrl-C reaches the import as the cancellation of its task.
+            raise self._stopped(exc) from exc
 
-    number = 0
-    for number, raw in enumerate(handle, start=1):
-        bar.advance(task, len(raw))
-        if not raw.strip():
-            continue
-        grouped = store.group_event(raw)
-        batch.append(grouped)
-        keys[(grouped.event.aggregate_id, grouped.event.version)] = number
-        if len(batch) >= batch_size:
-            await flush(number)
-    await flush(number)
-    return written
+    async def _flush(self) -> None:
+        if not self._batch:
+            return
+        await EventStore.push_event_group(*self._batch, force=self.force)
+        self.written += len(self._batch)
+        self._batch.clear()
+        self._keys.clear()
+
+    def _so_far(self) -> str:
+        """What was imported and what was not, once the batch of the current lines failed."""
+        first, last = self._first_line, self._last_line
+        lines = f"line {first}" if first == last else f"lines {first}-{last}"
+        if self.written == 0:
+            return "nothing was imported"
+        events = (
+            "1 event was imported" if self.written == 1 else f"{self.written} events were imported"
+        )
+        return (
+            f"{events} before line {first} and stay stored; {lines} and any after them "
+            "were not imported"
+        )
+
+    def _stopped(self, exc: BaseException) -> CliError:
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+
+            caveat = ""
+            if not isinstance(self.store.event_storage_adapter, SQLiteEventStorageAdapter):
+                # A SQLite write never spans an await: a cancelled batch was not written.
+                caveat = (
+                    " (unless the interruption came as the batch was committing: check "
+                    "before importing again)"
+                )
+            return CliError(EXIT_INTERRUPTED, f"interrupted: {self._so_far()}{caveat}")
+        if isinstance(exc, EventLimitExceededError):
+            # The database refused a value the event store accepted (a version beyond
+            # 64 bits, an id that is not a UUID for a uuid column): invalid data too.
+            return CliError(EXIT_INVALID_DATA, f"{exc}; {self._so_far()}")
+        known = classify(exc)
+        if known is not None:
+            return CliError(known.exit_code, f"{known.message}; {self._so_far()}")
+        return CliError(
+            EXIT_ERROR,
+            f"unexpected error: {type(exc).__name__}: {exc}; {self._so_far()} "
+            "(run with --traceback for details)",
+        )
