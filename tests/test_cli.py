@@ -118,6 +118,11 @@ def jsonl(events: list[Any]) -> bytes:
     return b"".join(event.model_dump_json().encode() + b"\n" for event in events)
 
 
+#: An event of an aggregate whose history starts at version 3 (allowed: versions need not be
+#: contiguous), so it has no initial event.
+LATE_MEW = PokemonLeveledUp(aggregate_id="mew", version=3, timestamp=T0 + 5 * DAY)
+
+
 def pokemon_lines() -> bytes:
     """The Pokémon of ``story()`` in export order: by initial timestamp, then version."""
     by_id: dict[str, list[Any]] = {}
@@ -586,6 +591,27 @@ class TestExport:
             "eevee",
             "snorlax",
         ]
+
+    def test_aggregates_without_version_one_are_exported_last(
+        self, url: str, empty_url: str
+    ) -> None:
+        """An aggregate whose history starts later has no initial event, so listing leaves
+        it out; export still writes it (after the listed ones, by id) and the file imports
+        back whole. With --after/--before it is left out. (Export used to drop it.)"""
+        late = [LATE_MEW, LATE_MEW.model_copy(update={"version": 4})]
+        assert castore("import", "-s", POKEMONS, "--url", url, stdin=jsonl(late)).exit_code == 0
+        exported = castore("export", "-s", POKEMONS, "--url", url, "--json")
+        assert exported.exit_code == 0, exported.output
+        assert exported.stdout_bytes == pokemon_lines() + jsonl(late)
+        assert json.loads(exported.stderr)["exportedAggregates"] == 4
+        imported = castore(
+            "import", "-s", POKEMONS, "--url", empty_url, stdin=exported.stdout_bytes
+        )
+        assert imported.exit_code == 0, imported.output
+        again = castore("export", "-s", POKEMONS, "--url", empty_url)
+        assert again.stdout_bytes == exported.stdout_bytes
+        bounded = castore("export", "-s", POKEMONS, "--url", url, "--after", "2000-01-01T00:00:00Z")
+        assert bounded.stdout_bytes == pokemon_lines()
 
     def test_progress_only_when_asked(self, url: str) -> None:
         """No progress bar off a terminal by default; --progress forces one, on stderr."""
@@ -1062,6 +1088,9 @@ class TestPostgres:
         exported = self.pg("export", pg_table)
         assert exported.exit_code == 0, exported.output
         assert exported.stdout_bytes == pokemon_lines()
+        # An aggregate without a version-1 event comes last.
+        assert self.pg("import", pg_table, stdin=jsonl([LATE_MEW])).exit_code == 0
+        assert self.pg("export", pg_table).stdout_bytes == pokemon_lines() + jsonl([LATE_MEW])
 
     def test_missing_table(self, pg_table: str) -> None:
         """Reading a table that does not exist is a storage error (exit 4) saying so, with

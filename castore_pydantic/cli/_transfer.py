@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import IO, Any
 
@@ -79,23 +80,27 @@ def export_command(
 
     Aggregates come in listing order (initial event timestamp, then id), each aggregate's
     events in version order, so exporting the same events always gives the same bytes.
+    Aggregates whose history does not start at version 1 have no initial event: they come
+    last, by id, and only when neither --after nor --before is given.
     """
 
     async def work() -> tuple[int, int]:
         target = Target(store, url, table, timeout)
         exported_events = exported_aggregates = 0
         async with target.opened() as working:
+            unlisted: list[str] = []
+            if after is None and before is None:
+                unlisted = await _unlisted_aggregate_ids(working)
             with progress_bar(progress) as bar:
                 total = None
                 if not bar.disable:
-                    total = 0
+                    total = len(unlisted)
                     async for _ in iter_aggregate_ids(working, after=after, before=before):
                         total += 1
                 task = bar.add_task(f"Exporting {working.event_store_id}", total=total)
                 with output_file(output) as sink:
-                    async for aggregate_id, _ in iter_aggregate_ids(
-                        working, after=after, before=before
-                    ):
+                    listed = iter_aggregate_ids(working, after=after, before=before)
+                    async for aggregate_id in _then(listed, unlisted):
                         async for event in iter_events(working, aggregate_id):
                             sink.write(event.model_dump_json().encode())
                             sink.write(b"\n")
@@ -116,6 +121,34 @@ def export_command(
             f"{plural(exported_aggregates, 'aggregate')} to {where}.",
             err=to_stderr,
         )
+
+
+async def _unlisted_aggregate_ids(store: EventStore[Any, Any]) -> list[str]:
+    """Aggregates that listing leaves out (no version-1 event), for adapters that can tell.
+
+    The library's adapters can; for another adapter a warning says what may be missing.
+    """
+    adapter = store.get_event_storage_adapter()
+    find = getattr(adapter, "_unlisted_aggregate_ids", None)
+    if find is None:
+        click.echo(
+            f"castore: warning: {type(adapter).__name__} cannot tell which aggregates have no "
+            "version-1 event; such aggregates are not exported",
+            err=True,
+        )
+        return []
+    found: list[str] = await find(store.context)
+    return found
+
+
+async def _then(
+    listed: AsyncIterator[tuple[str, datetime]], unlisted: list[str]
+) -> AsyncIterator[str]:
+    """The ids of ``listed``, then those of ``unlisted``."""
+    async for aggregate_id, _ in listed:
+        yield aggregate_id
+    for aggregate_id in unlisted:
+        yield aggregate_id
 
 
 class _InvalidJSONError(ValueError):

@@ -290,6 +290,13 @@ class Statements:
             f" FROM {self.table} WHERE {where} ORDER BY version) e"
         )
 
+    def unlisted_aggregate_ids(self) -> str:
+        """Aggregates of a store without a version-1 event, by id. Parameter: store id."""
+        return (
+            f"SELECT aggregate_id::text FROM {self.table} WHERE aggregate_name = %s"
+            " GROUP BY aggregate_id HAVING min(version) > 1 ORDER BY aggregate_id"
+        )
+
     def list_aggregate_ids(
         self, *, after: bool, before: bool, cursor: bool, reverse: bool, limit: bool
     ) -> str:

@@ -59,7 +59,7 @@ class Statements:
     is why the f-strings below are safe (``S608``).
     """
 
-    __slots__ = ("create", "get", "insert", "list_base", "upsert")
+    __slots__ = ("create", "get", "insert", "list_base", "unlisted", "upsert")
 
     def __init__(self, table: str) -> None:
         quoted = f'"{table}"'
@@ -112,6 +112,10 @@ class Statements:
                         f" ORDER BY {order} LIMIT ?)"
                     )
         self.get = get
+        self.unlisted = (
+            f"SELECT aggregate_id FROM {quoted} WHERE aggregate_name = ?"  # noqa: S608
+            " GROUP BY aggregate_id HAVING min(version) > 1 ORDER BY aggregate_id"
+        )
         self.list_base = (
             f"SELECT aggregate_id, timestamp FROM {quoted}"  # noqa: S608
             " WHERE aggregate_name = ? AND version = 1"

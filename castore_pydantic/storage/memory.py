@@ -343,3 +343,11 @@ class InMemoryEventStorageAdapter:
                     timestamp = normalize_timestamp(first.timestamp)
                 entries.append(AggregateIdEntry(aggregate_id, timestamp))
         return options.page(entries)
+
+    async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
+        """Aggregates without a version-1 event, which listing leaves out (by id).
+
+        For ``castore export``, which exports every event.
+        """
+        aggregates = self._stores.get(context.event_store_id, {})
+        return sorted(aid for aid, events in aggregates.items() if events and events[0].version > 1)

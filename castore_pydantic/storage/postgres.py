@@ -725,3 +725,26 @@ class PostgresEventStorageAdapter:
         return options.finish(
             [AggregateIdEntry(aggregate_id, ts.replace(tzinfo=UTC)) for aggregate_id, ts in rows]
         )
+
+    async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
+        """Aggregates without a version-1 event, which listing leaves out (by id).
+
+        For ``castore export``, which exports every event.
+
+        Raises:
+            StorageUnavailableError: The connection failed.
+        """
+        if not storable(context.event_store_id):
+            return []
+        where = self._where("listing aggregates")
+        conn = await self._conns.acquire(where)
+        try:
+            result = await self._conns.cursor(conn).execute(
+                self._sql.unlisted_aggregate_ids(), [context.event_store_id]
+            )
+            rows = await result.fetchall()
+        except psycopg.Error as exc:
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
+        finally:
+            await self._conns.release(conn)
+        return [aggregate_id for (aggregate_id,) in rows]

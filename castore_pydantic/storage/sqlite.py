@@ -760,6 +760,18 @@ class SQLiteEventStorageAdapter:
             ]
         )
 
+    async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
+        """Aggregates without a version-1 event, which listing leaves out (by id).
+
+        For ``castore export``, which exports every event.
+
+        Raises:
+            StorageUnavailableError: The database stayed locked past ``busy_timeout``.
+            StorageError: Another SQLite failure.
+        """
+        rows = await self._run(self._query_sync, self._sql.unlisted, (context.event_store_id,))
+        return [aggregate_id for (aggregate_id,) in rows]
+
     @staticmethod
     def _cursor_clause(
         cursor: AggregateIdEntry, reverse: bool, sql: list[str], params: list[Any]

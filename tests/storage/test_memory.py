@@ -85,3 +85,15 @@ class TestSeedsAreStoredByValue:
             await store.get_events("n1")
         with pytest.raises(StoredEventValidationError):
             await store.list_aggregate_ids()
+
+
+async def test_unlisted_aggregates_are_those_without_version_one() -> None:
+    """``castore export`` finds the aggregates listing leaves out through this."""
+    adapter = InMemoryEventStorageAdapter()
+    store = _notes(adapter)
+    await store.push_event(NoteAdded(aggregate_id="b", version=2))
+    await store.push_event(NoteAdded(aggregate_id="a", version=5))
+    await store.push_event(NoteAdded(aggregate_id="listed", version=1))
+    assert await adapter._unlisted_aggregate_ids(store.context) == ["a", "b"]
+    await store.push_event(NoteAdded(aggregate_id="b", version=1))
+    assert await adapter._unlisted_aggregate_ids(store.context) == ["a"]
