@@ -235,8 +235,9 @@ def text(c: Constraints, path: str) -> st.SearchStrategy[str]:
     if c.pattern is None:
         made = st.text(alphabet, min_size=lo, max_size=hi if hi is not None else lo + _EXTRA_TEXT)
         return made.map(str.strip).filter(lambda s: len(s) >= lo) if c.strip_whitespace else made
+    pattern = _sized_pattern(c.pattern, lo, hi)
     try:
-        compiled = re.compile(c.pattern)
+        compiled = re.compile(pattern)
     except re.error as exc:
         raise NoStrategyError(
             str, path, f"Python cannot compile its pattern {c.pattern!r}"
@@ -250,6 +251,30 @@ def text(c: Constraints, path: str) -> st.SearchStrategy[str]:
         made = made.map(str.strip)
     top = hi if hi is not None else math.inf
     return made.filter(lambda s: lo <= len(s) <= top) if lo or hi is not None else made
+
+
+#: A whole pattern that repeats one character class: ``^[A-Z0-9]+$``, ``^\d*$``, ``^.+$``.
+_REPEATED_CLASS = re.compile(r"\^(\[(?:\\.|[^\]\\])+\]|\\[dwsDWS]|\.)([+*])\$")
+
+
+def _sized_pattern(pattern: str, lo: int, hi: int | None) -> str:
+    """``pattern`` with its length bounds built in, when it repeats one character class.
+
+    Generating from ``^[A-Z0-9]+$`` and keeping only strings of twelve characters would
+    filter out nearly everything; ``^[A-Z0-9]{12,12}$`` generates them directly. Other
+    patterns are returned unchanged (their lengths are filtered).
+    """
+    if not lo and hi is None:
+        return pattern
+    found = _REPEATED_CLASS.fullmatch(pattern)
+    if found is None:
+        return pattern
+    atom, repeat = found.groups()
+    low = max(lo, 1 if repeat == "+" else 0)
+    high = hi if hi is not None else low + _EXTRA_TEXT
+    if low > high:
+        return pattern  # nothing fits: the length filter says so
+    return f"^{atom}{{{low},{high}}}$"
 
 
 @lru_cache(maxsize=256)

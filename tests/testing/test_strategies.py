@@ -115,6 +115,9 @@ class StrPatterns(BaseModel):
     code: str = Field(pattern=r"^[A-Z]{3}-\d{2}$")
     contains: str = Field(pattern=r"ab+c")
     bounded: str = Field(pattern=r"^[a-z]+$", max_length=5)
+    # Lengths most strings of the pattern miss: generated at that length, not filtered.
+    voucher: Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]+$", min_length=12, max_length=12)]
+    sku: str = Field(pattern=r"^[a-z]+$", min_length=8)
 
 
 class StrTransforms(BaseModel):
