@@ -13,7 +13,9 @@ STRICT = "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = 
 
 def test_storage_and_queue_contracts_pass_in_strict_mode(pytester: pytest.Pytester) -> None:
     """An adapter author's tests, written as the docs show, pass without ``asyncio_mode =
-    auto``. (Every test of the suites used to error or fail in strict mode.)"""
+    auto``, next to synchronous tests of the author's own. (Every test of the suites used
+    to error or fail in strict mode; then a class-wide mark reached the author's sync
+    tests.)"""
     pytester.makeini(STRICT + "filterwarnings = error\n")
     pytester.makepyfile(
         test_contracts=textwrap.dedent(
@@ -37,6 +39,10 @@ def test_storage_and_queue_contracts_pass_in_strict_mode(pytester: pytest.Pytest
                         return shared
 
                     yield make
+
+                def test_an_authors_own_sync_check(self):
+                    # Not marked asyncio by the suite (a warning, an error here).
+                    assert InMemoryEventStorageAdapter() is not None
 
 
             class TestMemoryQueue(MessageQueueAdapterContract):

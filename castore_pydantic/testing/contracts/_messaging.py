@@ -60,6 +60,7 @@ from castore_pydantic.messaging import (
     StateCarryingMessageBus,
     StateCarryingMessageQueue,
 )
+from castore_pydantic.testing.contracts._marks import async_tests
 from castore_pydantic.testing.contracts._messaging_support import (
     T0,
     Call,
@@ -113,7 +114,6 @@ class MessageAdapterFactory(Protocol):
         ...
 
 
-@pytest.mark.asyncio
 class _Base:
     #: How long to wait for a delivery before failing (brokers on a busy machine are slow).
     delivery_timeout: ClassVar[float] = 20.0
@@ -142,6 +142,7 @@ def _fails_for(*messages: Message) -> Callable[[Any, MessageContext], bool]:
     return lambda message, _context: message in messages
 
 
+@async_tests
 class MessageQueueAdapterContract(_Base):
     """What every message queue adapter does; override ``queue_adapter_factory``.
 
@@ -447,6 +448,7 @@ class MessageQueueAdapterContract(_Base):
         ]
 
 
+@async_tests
 class MessageBusAdapterContract(_Base):
     """What every message bus adapter does; override ``bus_adapter_factory``.
 

@@ -46,6 +46,7 @@ from castore_pydantic.errors import (
     InvalidPageTokenError,
     StoredEventValidationError,
 )
+from castore_pydantic.testing.contracts._marks import async_tests
 
 __all__ = ["AdapterFactory", "EventStorageAdapterContract"]
 
@@ -159,7 +160,7 @@ class _ForeignAdapter:
         raise AssertionError("a foreign adapter must never be asked to write a group")
 
 
-@pytest.mark.asyncio
+@async_tests
 class EventStorageAdapterContract:
     """Behaviour every ``EventStorageAdapter`` must show; subclass and override the fixture."""
 
