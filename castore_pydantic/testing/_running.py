@@ -23,8 +23,9 @@ def run_now(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
     Work on in-memory stores never waits, and an event loop for each of Hypothesis' many
     examples costs more than the work itself. A coroutine that does wait (a hook on a real
-    broker, say) is closed, and a new one from ``make`` runs with ``run_sync``: ``make``'s
-    coroutine must be safe to run again after an unfinished start.
+    broker, say), or that needs a running loop, is dropped, and a new one from ``make`` runs
+    with ``run_sync``: ``make``'s coroutine must be safe to run again after an unfinished
+    start.
     """
     coroutine = make()
     try:
@@ -32,6 +33,11 @@ def run_now(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
     except StopIteration as done:
         result: T = done.value
         return result
+    except RuntimeError as exc:
+        # Something asked for the running loop (asyncio.sleep, a task) before waiting.
+        if "no running event loop" not in str(exc):
+            raise
+        return run_sync(make())
     coroutine.close()
     return run_sync(make())
 

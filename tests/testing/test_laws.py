@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import itertools
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from castore_pydantic import Aggregate, Event, EventStore
-from castore_pydantic.errors import ReducerLawError
+from castore_pydantic._serialization import EventLimits
+from castore_pydantic.errors import EventLimitExceededError, ReducerLawError
 from castore_pydantic.testing import strategies as cst
+from castore_pydantic.testing._running import run_now
 from castore_pydantic.testing.laws import ALL_LAWS, Law, check_history, check_reducer
 
 # -- a small counter domain ----------------------------------------------------------------
@@ -222,6 +225,34 @@ class TestGoodReducer:
     def test_check_history_on_a_fixed_history(self) -> None:
         """``check_history`` checks one concrete history."""
         check_history(counters(), [CREATED, INCREMENTED, RENAMED])
+
+    def test_laws_without_storage_check_histories_the_store_refuses(self) -> None:
+        """Only the laws that compare with stored events read the history back through a
+        store: totality and determinism still check a history beyond the store's limits."""
+        store: EventStore[Any, Any] = EventStore(
+            event_store_id="DEEP",
+            event_types=[CounterCreated],
+            reducer=reduce_counter,
+            limits=EventLimits(max_depth=1),
+        )
+        deep = CREATED.model_copy(update={"metadata": {"a": {"b": 1}}})
+        check_history(store, [deep], laws=["totality", "determinism", "version_tracking"])
+        with pytest.raises(EventLimitExceededError):
+            check_history(store, [deep], laws=["prefix_consistency"])
+
+    def test_run_now_runs_coroutines_that_need_a_loop(self) -> None:
+        """Work that waits on the event loop falls back to a real loop."""
+
+        async def sleeps() -> str:
+            await asyncio.sleep(0.001)
+            return "slept"
+
+        async def suspends() -> str:
+            await asyncio.sleep(0)
+            return "suspended"
+
+        assert run_now(sleeps) == "slept"
+        assert run_now(suspends) == "suspended"
 
     def test_histories_the_store_would_normalise_pass(self) -> None:
         """Timestamps finer than a millisecond, in another zone, or missing come back
