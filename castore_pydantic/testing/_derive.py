@@ -219,32 +219,31 @@ class ModelPlan:
         return st.fixed_dictionaries(required, optional=optional)
 
     def _check_fixed(self, name: str, value: Any) -> None:
-        """Refuse a fixed value its field refuses: every example would be filtered out.
+        """Refuse a fixed value the model refuses: every example would be filtered out.
+
+        The model validates an input holding the value alone, with its own validators and
+        configuration; only errors about that field count (the others are missing).
 
         Raises:
             ValueError: Names the field and Pydantic's reason.
         """
-        field = self.model.model_fields.get(name)
-        if field is None:
+        path = self._keys.get(name)
+        if path is None or issubclass(self.model, RootModel):
             return
         try:
-            annotation: Any = (
-                Annotated[(field.annotation, *field.metadata)]
-                if field.metadata
-                else field.annotation
-            )
-            checker = _adapter(annotation)
-        except (pydantic.PydanticUserError, pydantic.PydanticSchemaGenerationError, TypeError):
-            return  # it cannot be checked alone; the model's validation decides
-        try:
-            checker.validate_python(value)
+            self.model.model_validate(self.assemble({name: value}))
         except ValidationError as exc:
-            reason = exc.errors(include_url=False)[0]
-            where = ".".join(str(part) for part in reason["loc"])
-            raise ValueError(
-                f"{self.model.__name__}.{name} is fixed to {value!r:.200}, which it refuses"
-                f"{f' at {where}' if where else ''}: {reason['msg']}"
-            ) from exc
+            for error in exc.errors(include_url=False):
+                loc = tuple(error["loc"])
+                if loc[: len(path)] != tuple(path):
+                    continue  # another field (missing here), or the model as a whole
+                where = ".".join(str(part) for part in loc[len(path) :])
+                raise ValueError(
+                    f"{self.model.__name__}.{name} is fixed to {value!r:.200}, which it "
+                    f"refuses{f' at {where}' if where else ''}: {error['msg']}"
+                ) from exc
+        except Exception:
+            return
 
     def assemble(self, values: Mapping[str, Any]) -> Any:
         """Turn field values keyed by name into the input the model validates."""

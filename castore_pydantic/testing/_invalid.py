@@ -21,12 +21,14 @@ import pydantic_core
 from hypothesis import strategies as st
 from pydantic import (
     BaseModel,
+    ConfigDict,
     PydanticSchemaGenerationError,
     PydanticUserError,
     StringConstraints,
     TypeAdapter,
     ValidationError,
 )
+from pydantic_core import SchemaError
 
 from castore_pydantic.testing._derive import ModelPlan, Resolver
 from castore_pydantic.testing._scalars import Constraints
@@ -158,10 +160,19 @@ def _violations(annotation: Any, metadata: tuple[Any, ...]) -> list[Breaker]:
 @functools.lru_cache(maxsize=256)
 def _pattern_checker(pattern: str | re.Pattern[str]) -> TypeAdapter[str] | None:
     """Pydantic's own check of ``pattern`` (its regex engine is not Python's ``re``)."""
-    try:
-        return TypeAdapter(Annotated[str, StringConstraints(pattern=pattern)])
-    except (PydanticUserError, PydanticSchemaGenerationError, re.error, ValueError):
-        return None
+    constrained: Any = Annotated[str, StringConstraints(pattern=pattern)]
+    for config in (None, ConfigDict(regex_engine="python-re")):  # the model's may be Python's
+        try:
+            return TypeAdapter(constrained, config=config)
+        except (
+            PydanticUserError,
+            PydanticSchemaGenerationError,
+            SchemaError,
+            re.error,
+            ValueError,
+        ):
+            continue
+    return None
 
 
 def _misses(pattern: str | re.Pattern[str], text: str) -> bool:

@@ -466,7 +466,10 @@ def command_histories(
         plan = plans[command.command_id]
         if isinstance(plan, ModelPlan):
             if aggregate_id_field is not None and aggregate_id_field in plan.fields:
-                fixed[aggregate_id_field] = key
+                # As a strategy: a drawn id the field refuses is filtered out, not an error.
+                fixed[aggregate_id_field] = (
+                    key if isinstance(key, st.SearchStrategy) else st.just(key)
+                )
             return plan.inputs(fixed).map(plan.validate).filter(_is_valid)
         return plan
 

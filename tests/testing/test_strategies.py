@@ -648,6 +648,25 @@ class TestFixedFieldsAndOverrides:
         with pytest.raises(ValueError, match=r"\.payload is fixed to .* at level: Field required"):
             cst.events(PokemonAppeared, payload={"name": "Mew"})
 
+    def test_a_fixed_value_the_model_itself_accepts_is_kept(self) -> None:
+        """The check goes through the model: its field validators, its configuration
+        (coercion, a regex engine, aliases) apply, so what the model accepts is accepted."""
+
+        class Tagged(BaseModel):
+            model_config = ConfigDict(coerce_numbers_to_str=True, regex_engine="python-re")
+            tags: list[str]
+            name: str = Field(pattern=r"^(?!admin)[a-z0-9]+$")
+
+            @field_validator("tags", mode="before")
+            @classmethod
+            def _split(cls, value: Any) -> Any:
+                return value.split(",") if isinstance(value, str) else value
+
+        found = find(cst.models(Tagged, tags="a,b", name=7), lambda t: True)
+        assert (found.tags, found.name) == (["a", "b"], "7")
+        with pytest.raises(ValueError, match=r"Tagged\.name is fixed to 'admin'"):
+            cst.models(Tagged, name="admin")
+
     def test_models_needs_a_model(self) -> None:
         """``models`` refuses something that is not a model class."""
         with pytest.raises(TypeError, match="Pydantic model"):
@@ -1000,6 +1019,12 @@ class AppearInput(BaseModel):
     code: str = Field(default="AB1", pattern=r"^[A-Z]{2}\d$")
 
 
+class ShortIdInput(AppearInput):
+    """Ids of at most eight characters."""
+
+    pokemon_id: str = Field(min_length=1, max_length=8)
+
+
 class LevelUpInput(BaseModel):
     pokemon_id: str
     times: int = Field(default=1, ge=1, le=3)
@@ -1181,6 +1206,26 @@ class TestCommandInputs:
         with pytest.raises(ValidationError):
             Register.model_validate(found)
 
+    def test_a_pattern_for_pythons_engine_breaks_inputs(self) -> None:
+        """A model on ``regex_engine="python-re"`` may use look-arounds, which Pydantic's
+        default engine refuses: its pattern is probed with Python's engine."""
+
+        class Rename(BaseModel):
+            model_config = ConfigDict(regex_engine="python-re")
+            name: str = Field(pattern=r"^(?!admin)[a-z]+$")
+
+        async def rename(data: Any, stores: Any) -> None:
+            return None
+
+        command = Command(command_id="RENAME", handler=rename, input_schema=Rename)
+        found = find(
+            cst.invalid_command_inputs(command),
+            lambda v: isinstance(v, dict) and v.get("name") in ("", "!", "0", "A"),
+            settings=settings(max_examples=3000),
+        )
+        with pytest.raises(ValidationError):
+            Rename.model_validate(found)
+
     def test_json_text_inputs_are_json(self) -> None:
         """Broken inputs sent as JSON text parse as JSON objects."""
         found = find(
@@ -1256,6 +1301,33 @@ class TestCommandHistories:
         arguments: dict[str, Any] = {"commands": [APPEAR], **kwargs}
         with pytest.raises(ValueError, match=message):
             cst.command_histories(POKEMONS, **arguments)
+
+    def test_drawn_ids_the_input_refuses_are_filtered(self) -> None:
+        """An aggregate id the input field refuses (too long here) is skipped like any
+        invalid input, not raised while drawing."""
+        short = Command(
+            command_id="SHORT",
+            required_event_stores=[POKEMONS],
+            handler=appear_handler,
+            input_schema=ShortIdInput,
+        )
+        seen: list[str] = []
+
+        @settings(max_examples=30, database=None, suppress_health_check=list(HealthCheck))
+        @given(
+            cst.command_histories(
+                POKEMONS,
+                [short],
+                aggregate_id=st.sampled_from(["much-too-long", "ok"]),
+                aggregate_id_field="pokemon_id",
+                max_size=1,
+            )
+        )
+        def check(history: list[Event]) -> None:
+            seen.extend(event.aggregate_id for event in history)
+
+        check()
+        assert set(seen) == {"ok"}
 
     def test_unknown_fixed_input_is_refused_early(self) -> None:
         """Fixing an input field the schema lacks fails when the strategy is built."""
