@@ -71,31 +71,41 @@ Override = st.SearchStrategy[Any] | Callable[[Any], st.SearchStrategy[Any]]
 def _key(type_: Any) -> Any:
     """How a type is looked up among registered strategies.
 
-    Pydantic turns a ``Field(...)`` inside ``Annotated`` into the constraints it stands for
-    (``Field(ge=0)`` into ``annotated_types.Ge(0)``), and a model field reaches the resolver
-    in that form. An ``Annotated`` alias is therefore keyed by its base type and those
-    constraints, each compared by value, so that a registered ``Annotated[int, Field(ge=0)]``
-    is found for a field declared with it.
+    Pydantic turns the constraints of a ``Field(...)`` inside ``Annotated`` into the
+    constraint objects they stand for (``Field(ge=0)`` into ``annotated_types.Ge(0)``), and
+    a model field reaches the resolver in that form. An ``Annotated`` alias is therefore
+    keyed by its base type and those constraints, compared by value, so that a registered
+    ``Annotated[int, Field(ge=0)]`` is found for a field declared with it. A ``Field``'s
+    other settings (a description) stay part of the key: aliases that differ by them are
+    different aliases.
     """
     if get_origin(type_) is not Annotated:
         return type_
     items: list[Any] = []
     for item in type_.__metadata__:
-        items.extend(item.metadata if isinstance(item, FieldInfo) else [item])
-    return ("Annotated", type_.__origin__, tuple(_value_key(item) for item in items))
+        if isinstance(item, FieldInfo):
+            items.extend(_value_key(constraint) for constraint in item.metadata)
+            settings = getattr(item, "_attributes_set", None) or {}
+            if settings:
+                items.append(("Field", tuple(sorted((k, repr(v)) for k, v in settings.items()))))
+        else:
+            items.append(_value_key(item))
+    return ("Annotated", type_.__origin__, tuple(items))
 
 
 def _value_key(item: Any) -> Any:
-    """``item`` if it compares by value, else its class and attributes.
+    """``item`` itself, or its class and attributes for Pydantic's own metadata classes.
 
-    Pydantic's own metadata classes compare by identity.
+    Those compare by identity, although two of them made alike mean the same.
     """
-    if dataclasses.is_dataclass(item) or isinstance(item, str | int | float | type):
+    if not type(item).__module__.startswith("pydantic") or dataclasses.is_dataclass(item):
         return item
     try:
-        return (type(item), tuple(sorted(vars(item).items())))
-    except TypeError:  # no __dict__, or attributes that do not sort
+        key = (type(item), tuple(sorted(vars(item).items())))
+        hash(key)
+    except TypeError:  # no __dict__, or attributes that cannot be compared this way
         return item
+    return key
 
 
 _REGISTRY: dict[Any, Override] = {}

@@ -778,6 +778,31 @@ class TestFixedFieldsAndOverrides:
         with pytest.raises(NoStrategyError):
             cst.models(Holder)
 
+    def test_distinct_aliases_keep_distinct_strategies(self) -> None:
+        """Aliases differing only by a Field setting (a description), by marker objects
+        that compare by identity, or holding unhashable-looking markers stay apart."""
+
+        class Marker:
+            def __init__(self, *tags: str) -> None:
+                self.tags = list(tags)
+
+        email, phone = Marker(), Marker()
+        aliases: list[tuple[Any, str]] = [
+            (Annotated[str, Field(description="a user id")], "user-1"),
+            (Annotated[str, Field(description="an order id")], "order-1"),
+            (Annotated[str, email], "a@b.c"),
+            (Annotated[str, phone], "+331234"),
+            (Annotated[str, Marker("money")], "1"),
+        ]
+        for alias, value in aliases:
+            cst.register_type_strategy(alias, st.just(value))
+        try:
+            for alias, value in aliases:
+                assert find(cst.from_type(list[alias]), bool) == [value]
+        finally:
+            for alias, _ in aliases:
+                cst.unregister_type_strategy(alias)
+
     def test_register_refuses_non_strategies(self) -> None:
         """Registering something that is not a strategy or callable is a TypeError."""
         with pytest.raises(TypeError, match="SearchStrategy"):
