@@ -7,6 +7,7 @@ into validated events of the store's types.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -14,7 +15,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from pydantic import (
     AliasChoices,
@@ -22,12 +23,15 @@ from pydantic import (
     BaseModel,
     Field,
     Json,
+    PlainSerializer,
     Secret,
     SecretBytes,
     SecretStr,
     TypeAdapter,
     ValidationError,
+    WrapSerializer,
 )
+from typing_extensions import is_typeddict
 
 from castore_pydantic import _gc
 from castore_pydantic._event import (
@@ -148,8 +152,20 @@ def _serialized_fields(model: type[BaseModel]) -> set[str]:
     return names
 
 
-def _lossy(annotation: Any, metadata: Sequence[Any], path: str) -> str | None:
-    """Why a field of this type loses its value when written, if it does (not in models)."""
+def _lossy(  # noqa: PLR0911 - a flat type dispatch
+    annotation: Any, metadata: Sequence[Any], path: str, seen: set[Any] | None = None
+) -> str | None:
+    """Why a value of this type loses what it holds when written, if it does.
+
+    Models are left to the model walk (``_unread_model_key``); TypedDicts and dataclasses
+    are walked here. A serializer in the metadata (``PlainSerializer``, ``WrapSerializer``)
+    writes the value as its author chose: it is not judged.
+    """
+    if any(isinstance(item, PlainSerializer | WrapSerializer) for item in metadata):
+        return None
+    if _is_annotated(annotation):
+        base, *more = get_args(annotation)
+        return _lossy(base, (*more, *metadata), path, seen)
     if any(type(item) is Json for item in metadata) or annotation is Json:
         return (
             f"{path} is Json[...], which is written as its parsed value and would then fail "
@@ -162,15 +178,42 @@ def _lossy(annotation: Any, metadata: Sequence[Any], path: str) -> str | None:
     if isinstance(secret, type) and issubclass(secret, (SecretStr, SecretBytes, Secret)):
         return (
             f"{path} is a Pydantic secret, which is written masked ('**********'), so its "
-            "value would be lost; store it in another form, or write it with a "
-            "field_serializer of your own"
+            "value would be lost; store it in another form, or write it with a serializer "
+            "of your own (field_serializer, PlainSerializer)"
         )
-    for argument in get_args(annotation):  # list[SecretStr], Json[...] inside Annotated, ...
-        found = _lossy(argument, get_args(argument)[1:] if _is_annotated(argument) else (), path)
+    if isinstance(annotation, type) and (
+        is_typeddict(annotation) or dataclasses.is_dataclass(annotation)
+    ):
+        return _lossy_fields(annotation, path, set() if seen is None else seen)
+    for argument in get_args(annotation):  # list[SecretStr], dict[str, Json[...]], ...
+        found = _lossy(argument, (), path, seen)
         if found is not None:
             return found
-    if _is_annotated(annotation):
-        return _lossy(get_args(annotation)[0], get_args(annotation)[1:], path)
+    return None
+
+
+def _lossy_fields(container: type, path: str, seen: set[Any]) -> str | None:
+    """``_lossy`` of the fields of a TypedDict or dataclass."""
+    if container in seen:
+        return None
+    seen.add(container)
+    try:
+        hints = get_type_hints(container, include_extras=True)
+    except Exception:
+        return None
+    decorators = getattr(container, "__pydantic_decorators__", None)
+    written = set()
+    if decorators is not None:
+        for serializer in decorators.field_serializers.values():
+            written.update(serializer.info.fields)
+    if "*" in written:
+        return None
+    for name, hint in hints.items():
+        if name in written:
+            continue
+        found = _lossy(hint, (), f"{path}.{name}", seen)
+        if found is not None:
+            return found
     return None
 
 
@@ -222,7 +265,9 @@ def _unread_model_key(model: type[BaseModel], path: str, seen: set[type[BaseMode
                 "stored but never read back; let the field accept that key too, e.g. with "
                 "validation_alias=AliasChoices(...)"
             )
-        found = None if free_keys else _unread_key(field.annotation, f"{path}.{name}", seen)
+        # What a field serializer writes is its author's: the models inside are not judged.
+        skip = free_keys or name in serialized
+        found = None if skip else _unread_key(field.annotation, f"{path}.{name}", seen)
         if found is not None:
             return found
     return None

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import zoneinfo
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pytest
 from pydantic import (
@@ -13,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Json,
+    PlainSerializer,
     PrivateAttr,
     SecretBytes,
     SecretStr,
@@ -22,6 +24,7 @@ from pydantic import (
 )
 from pydantic import Secret as PydanticSecret
 from pydantic.alias_generators import to_camel
+from typing_extensions import TypedDict
 
 from castore_pydantic import Aggregate, Event, EventStore
 from castore_pydantic._event import with_timestamp
@@ -310,8 +313,17 @@ class TestAliases:
         class Raw(BaseModel):
             body: Json[list[int]]
 
+        class LoginDict(TypedDict):
+            password: SecretStr
+
+        @dataclasses.dataclass
+        class LoginData:
+            password: SecretStr | None
+
         for payload, lost in [
             (Login, "payload.password is a Pydantic secret"),
+            (LoginDict, "payload.password is a Pydantic secret"),
+            (list[LoginData], "payload.password is a Pydantic secret"),
             (Team, "payload.logins.password is a Pydantic secret"),
             (Keys, "payload.keys is a Pydantic secret"),
             (Pin, "payload.pin is a Pydantic secret"),
@@ -330,7 +342,8 @@ class TestAliases:
     async def test_a_secret_written_by_a_serializer_of_its_own_is_stored(
         self, tmp_path: Any
     ) -> None:
-        """A secret with a ``field_serializer`` that writes its value is the author's
+        """A secret written by a serializer of the author's (a ``field_serializer``, one on
+        the model holding it, or a ``PlainSerializer`` in its annotation) is the author's
         choice: the event type is accepted and the secret reads back from SQLite."""
 
         class Login(BaseModel):
@@ -339,6 +352,32 @@ class TestAliases:
             @field_serializer("password", when_used="json")
             def _reveal(self, value: SecretStr) -> str:
                 return value.get_secret_value()
+
+        class Inner(BaseModel):
+            password: SecretStr
+
+        class Outer(BaseModel):
+            login: Inner
+
+            @field_serializer("login", when_used="json")
+            def _reveal(self, value: Inner) -> dict[str, str]:
+                return {"password": value.password.get_secret_value()}
+
+        revealed = Annotated[
+            SecretStr,
+            PlainSerializer(lambda v: v.get_secret_value(), return_type=str, when_used="json"),
+        ]
+
+        class Plain(BaseModel):
+            password: revealed  # type: ignore[valid-type]
+
+        for payload in (Outer, Plain):
+
+            class Other(Event):
+                type: Literal["OTHER"] = "OTHER"
+                payload: payload  # type: ignore[valid-type]
+
+            EventStore(event_store_id="S", event_types=[Other], reducer=lambda a, e: a)
 
         class LoggedIn(Event):
             type: Literal["LOGGED_IN"] = "LOGGED_IN"
