@@ -142,6 +142,9 @@ class InMemoryEventStorageAdapter:
         else:
             raise TypeError(f"initial events must be events or mappings, not {type(event)}")
         events = self._stores.setdefault(event_store_id, {}).setdefault(aggregate_id, [])
+        if not events or events[-1].version < item.version:  # seeds usually come in order
+            events.append(item)
+            return
         versions = [i.version for i in events]
         if item.version in versions:
             raise ValueError(
