@@ -962,6 +962,27 @@ class TestProcess:
         assert completed.stderr.count("\n") == 1, completed.stderr
         assert "PostgreSQL" in completed.stderr or "connection" in completed.stderr
 
+    def test_malformed_postgres_url_is_a_usage_error_at_once(self) -> None:
+        """Values libpq refuses before connecting (a port out of range, an unknown
+        sslmode) are exit 2 naming the problem; a server that cannot be reached is exit 4.
+        Neither waits for the pool's timeout, and no password is shown. (A malformed URL
+        used to wait the whole --timeout, then exit 4.)"""
+        for url, problem in [
+            ("postgresql://postgres@127.0.0.1:99999/test", 'invalid port number: "99999"'),
+            ("postgresql://postgres@127.0.0.1/test?sslmode=bogus", "invalid sslmode value"),
+        ]:
+            result = castore("aggregates", "-s", POKEMONS, "--url", url, "--timeout", "60")
+            assert result.exit_code == EXIT_USAGE, result.output
+            assert "not a valid PostgreSQL URL" in one_line_error(result)
+            assert problem in one_line_error(result)
+        refused = castore(
+            "aggregates", "-s", POKEMONS, "--url", "postgresql://postgres:sekret@127.0.0.1:1/t",
+            "--timeout", "60",
+        )  # fmt: skip
+        assert refused.exit_code == EXIT_STORAGE
+        assert "cannot connect to PostgreSQL" in one_line_error(refused)
+        assert "sekret" not in refused.output
+
     def test_traceback_on_request(self) -> None:
         """--traceback prints the traceback of an error as well as its line."""
         completed = run_castore(

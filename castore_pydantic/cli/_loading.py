@@ -202,6 +202,35 @@ def require_table(adapter: EventStorageAdapter) -> None:
         )
 
 
+async def probe_postgres(adapter: EventStorageAdapter, url: str, seconds: float) -> None:
+    """Connect once to the PostgreSQL server of ``--url``, to fail at once if that fails.
+
+    The adapter's pool retries a failing connection until its timeout; a command should
+    say at once that the URL is malformed (exit code 2) or the server cannot be reached
+    (exit code 4). Nothing happens for other adapters.
+
+    Raises:
+        CliError: The connection fails (the message never shows a password).
+    """
+    from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
+
+    if type(adapter) is not PostgresEventStorageAdapter:
+        return
+    import psycopg
+
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, round(seconds)))
+    except psycopg.Error as exc:
+        reason = adapter._settings.redact(str(exc).strip())
+        # libpq refused the URL's values before trying to connect (a bad port, sslmode...).
+        malformed = reason.startswith("connection is bad:")
+        if malformed:
+            reason = reason.removeprefix("connection is bad:").strip()
+            raise CliError(EXIT_USAGE, f"--url is not a valid PostgreSQL URL: {reason}") from None
+        raise CliError(EXIT_STORAGE, f"cannot connect to PostgreSQL: {reason}") from None
+    await conn.close()
+
+
 class Target:
     """What a command works on: the store from ``--store`` and the adapter from ``--url``."""
 
@@ -210,6 +239,8 @@ class Target:
     ) -> None:
         self.defined = load_store(store)
         self.must_exist = must_exist
+        self.url = url
+        self.timeout = timeout
         if url is not None:
             self.adapter = adapter_from_url(
                 url, table=table, timeout=timeout, must_exist=must_exist
@@ -232,6 +263,8 @@ class Target:
         """
         if self.must_exist:
             require_table(self.adapter)
+        if self.url is not None:
+            await probe_postgres(self.adapter, self.url, self.timeout)
         async with self.adapter:
             yield self.store
 
