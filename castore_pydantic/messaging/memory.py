@@ -457,7 +457,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         listener = self._listeners.get(name)
         if listener is None:
             self._listeners[name] = _Listener(name, handler, [checked])
-        elif listener.handler is not handler:
+        elif listener.handler != handler:  # == : a bound method is made anew each time
             raise ValueError(
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="

@@ -306,7 +306,7 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
             raise RuntimeError("register listeners before start_consuming()")
         listener_id = listener_name(handler, listener_id)
         registered, patterns = self._listeners.setdefault(listener_id, (handler, []))
-        if registered is not handler:
+        if registered != handler:  # == : a bound method is made anew each time
             raise ValueError(
                 f"listener id {listener_id!r} is already used by another handler; "
                 "pass a distinct listener_id="

@@ -324,7 +324,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
             listener = self._listeners[name] = _Listener(name, handler)
             if self._connected or self._consuming:
                 self._join_soon(listener)
-        elif listener.handler is not handler:
+        elif listener.handler != handler:  # == : a bound method is made anew each time
             raise ValueError(
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="

@@ -614,6 +614,33 @@ class MessageBusAdapterContract(_Base):
             await listener.wait_for(sentinel)
         assert sorted(listener.messages, key=repr) == sorted([both, trainer, sentinel], key=repr)
 
+    async def test_a_bound_method_registered_twice_is_one_listener(
+        self, bus_adapter_factory: MessageAdapterFactory
+    ) -> None:
+        """``projection.handle`` twice is one handler; another object's ``handle`` is not.
+
+        Python makes a new bound method on each access, so handlers compare with ``==``.
+        """
+        recorder = self.recorder()
+
+        class Projection:
+            async def handle(self, message: Any, context: MessageContext) -> None:
+                await recorder(message, context)
+
+        bus = self._bus()
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=0)
+        projection = Projection()
+        adapter.on({"event_store_id": "POKEMONS"}, projection.handle)
+        adapter.on({"event_store_id": "TRAINERS"}, projection.handle)
+        with pytest.raises(ValueError, match="already used by another handler"):
+            adapter.on({}, Projection().handle)
+        both, trainer = notify(appeared("a")), notify(trainer_created("t"))
+        async with adapter.consuming():
+            await bus.publish_messages([both, trainer])
+            await recorder.wait_for(trainer)
+            await recorder.wait_for(both)
+        assert sorted(recorder.messages, key=repr) == sorted([both, trainer], key=repr)
+
     async def test_replays_reach_only_on_replay_listeners(
         self, bus_adapter_factory: MessageAdapterFactory
     ) -> None:
