@@ -87,6 +87,7 @@ class _InMemoryAdapter:
         # delay) is a task in this set; a failing attempt schedules its retry before it ends.
         self._tasks: set[asyncio.Task[None]] = set()
         self._dead_letters: deque[DeadLetter] = deque(maxlen=MAX_DEAD_LETTERS)
+        self._consuming = False
 
     @property
     def delivery_guarantee(self) -> DeliveryGuarantee:
@@ -159,23 +160,36 @@ class _InMemoryAdapter:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def is_consuming(self) -> bool:
+        """Whether ``start_consuming`` was called and ``stop_consuming`` not since."""
+        return self._consuming
+
     @asynccontextmanager
-    async def consuming(self) -> AsyncIterator[Self]:
+    async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:
         """Consume within the block (in memory, messages are always handled on publish).
 
-        It exists so that code written for broker adapters runs unchanged in memory.
+        It exists, with the brokers' ``grace_period``, so that code written for broker
+        adapters runs unchanged in memory.
         """
         await self.start_consuming()
         try:
             yield self
         finally:
-            await self.stop_consuming()
+            await self.stop_consuming(grace_period=grace_period)
 
     async def start_consuming(self) -> None:
         """Nothing to start in memory: messages are handled as they are published."""
+        self._consuming = True
 
-    async def stop_consuming(self) -> None:
-        """Nothing to stop in memory (``aclose`` cancels pending work)."""
+    async def stop_consuming(self, *, grace_period: float | None = None) -> None:
+        """Nothing to stop in memory: handling goes on (``aclose`` cancels pending work).
+
+        Args:
+            grace_period: Accepted as the brokers' adapters accept it; nothing is waited
+                for or cancelled in memory.
+        """
+        self._consuming = False
 
     async def purge(self) -> None:
         """Forget pending retries and dead letters (a test helper)."""

@@ -175,6 +175,27 @@ class MessageQueueAdapterContract(_Base):
         assert queue.message_channel_adapter is adapter
         assert adapter.delivery_guarantee in ("at-least-once", "at-most-once")
 
+    async def test_consuming_vocabulary(self, queue_adapter_factory: MessageAdapterFactory) -> None:
+        """The consuming vocabulary every adapter of the library shares.
+
+        ``consuming(grace_period=...)``, ``is_consuming``, ``stop_consuming(grace_period=...)``.
+        """
+        queue = self._queue()
+        adapter = await _attached(queue_adapter_factory, queue)
+        worker = self.recorder()
+        adapter.worker = worker
+        message = notify(appeared("vocabulary"))
+        assert not adapter.is_consuming
+        async with adapter.consuming(grace_period=5):
+            assert adapter.is_consuming
+            await queue.publish_message(message)
+            await worker.wait_for(message)
+        assert not adapter.is_consuming
+        await adapter.start_consuming()
+        assert adapter.is_consuming
+        await adapter.stop_consuming(grace_period=5)
+        assert not adapter.is_consuming
+
     async def test_each_message_reaches_the_worker_once_in_order(
         self, queue_adapter_factory: MessageAdapterFactory
     ) -> None:
@@ -480,6 +501,27 @@ class MessageBusAdapterContract(_Base):
         adapter = await _attached(bus_adapter_factory, bus)
         assert bus.message_channel_adapter is adapter
         assert adapter.delivery_guarantee in ("at-least-once", "at-most-once")
+
+    async def test_consuming_vocabulary(self, bus_adapter_factory: MessageAdapterFactory) -> None:
+        """The consuming vocabulary every adapter of the library shares.
+
+        ``consuming(grace_period=...)``, ``is_consuming``, ``stop_consuming(grace_period=...)``.
+        """
+        bus = self._bus()
+        adapter = await _attached(bus_adapter_factory, bus)
+        listener = self.recorder()
+        adapter.on({}, listener, listener_id="vocabulary")
+        message = notify(appeared("vocabulary"))
+        assert not adapter.is_consuming
+        async with adapter.consuming(grace_period=5):
+            assert adapter.is_consuming
+            await bus.publish_message(message)
+            await listener.wait_for(message)
+        assert not adapter.is_consuming
+        await adapter.start_consuming()
+        assert adapter.is_consuming
+        await adapter.stop_consuming(grace_period=5)
+        assert not adapter.is_consuming
 
     async def test_every_listener_gets_each_message_once(
         self, bus_adapter_factory: MessageAdapterFactory
