@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -428,11 +429,17 @@ class TestAggregates:
         assert listed["nextPageToken"] is None
 
     def test_human_output_hints_the_next_page(self, url: str) -> None:
-        """Without --json the next page's token is printed on stderr."""
+        """Without --json the next page's token is printed on stderr, on one line and
+        shell-quoted, so that it can be pasted back (it used to be wrapped at 80 columns
+        when stderr was not a terminal, and then refused)."""
         result = castore("aggregates", "-s", POKEMONS, "--url", url, "--limit", "1")
         assert result.exit_code == 0
-        assert "--page-token" in result.stderr
         assert "--page-token" not in result.stdout
+        (hint,) = [line for line in result.stderr.splitlines() if "--page-token" in line]
+        _, _, quoted = hint.partition("--page-token ")
+        (token,) = shlex.split(quoted)
+        second = self.listed("--url", url, "--limit", "1", "--page-token", token)
+        assert [e["aggregateId"] for e in second["aggregateIds"]] == ["eevee"]
 
     def test_bounds_are_inclusive_and_reverse(self, url: str) -> None:
         """--after/--before include their bounds; --reverse lists newest first."""

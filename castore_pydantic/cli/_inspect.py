@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import datetime
 from typing import Any, get_type_hints
 
@@ -21,7 +22,6 @@ from castore_pydantic.cli._running import (
     CliError,
     compact,
     emit_json,
-    err,
     jsonable,
     out,
     run,
@@ -179,7 +179,8 @@ def aggregates(
             listing.add_row(Text(aid), format_timestamp(ts))
         out().print(listing)
         if token is not None:
-            err.print(f"More aggregates: --page-token '{token}'", markup=False)
+            # Unwrapped and shell-quoted: the line is meant to be pasted back.
+            click.echo(f"More aggregates: --page-token {shlex.quote(token)}", err=True)
 
     run(work)
 
