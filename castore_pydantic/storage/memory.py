@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
 from castore_pydantic._event import Event, Timestamp, normalize_timestamp, stamped, utc_now
 from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
-from castore_pydantic.errors import EventAlreadyExistsError, EventGroupError
+from castore_pydantic.errors import (
+    EventAlreadyExistsError,
+    EventGroupError,
+    EventLimitExceededError,
+)
 from castore_pydantic.storage._columns import storable_columns
 from castore_pydantic.storage._sqlite_rows import timestamp_text
 
@@ -42,6 +47,19 @@ class _Stored:
         #: In UTC milliseconds; ``None`` for a seeded mapping whose timestamp did not parse
         #: (reading it raises the store's validation error).
         self.timestamp = timestamp
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` holds NaN or an infinity, which JSON cannot hold."""
+    if type(value) is float:
+        return not math.isfinite(value)
+    if isinstance(value, BaseModel):
+        value = value.__dict__
+    if isinstance(value, Mapping):
+        return any(_non_finite(item) for item in value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_non_finite(item) for item in value)
+    return False
 
 
 def _stored(event: Event, event_store_id: str) -> _Stored:
@@ -73,6 +91,11 @@ def _stored_mapping(event_store_id: str, event: Mapping[str, Any], now: datetime
         raise TypeError(
             f"initial event of {event_store_id} needs a string aggregate id and an int "
             f"version: {event!r:.200}"
+        )
+    if _non_finite(event):
+        raise TypeError(
+            f"initial event of {event_store_id} cannot be stored as JSON (NaN or infinity): "
+            f"{event!r:.200}"
         )
     data = dict(event)
     raw = data.get("timestamp")
@@ -133,7 +156,12 @@ class InMemoryEventStorageAdapter:
                 self._seed(event_store_id, event, now)
 
     def _seed(self, event_store_id: str, event: Event | Mapping[str, Any], now: datetime) -> None:
+        # Seeds skip the event store's limits: NaN would be stored as null, silently.
         if isinstance(event, Event):
+            if _non_finite(event.payload) or _non_finite(event.metadata):
+                raise EventLimitExceededError(
+                    event_store_id, "NaN and infinity cannot be stored as JSON"
+                )
             item = _stored(stamped(event, now), event_store_id)
             aggregate_id = event.aggregate_id
         elif isinstance(event, Mapping):

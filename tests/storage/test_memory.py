@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from castore_pydantic import EventStore
-from castore_pydantic.errors import StoredEventValidationError
+from castore_pydantic.errors import EventLimitExceededError, StoredEventValidationError
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.testing import mock_event_store
 from castore_pydantic.testing.contracts import AdapterFactory, EventStorageAdapterContract
@@ -77,6 +77,17 @@ class TestSeedsAreStoredByValue:
         seed = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED", "payload": {"x": object()}}
         with pytest.raises(TypeError, match="cannot be stored as JSON"):
             InMemoryEventStorageAdapter(initial_events={"NOTES": [seed]})
+
+    async def test_a_seed_holding_nan_or_infinity_is_refused(self) -> None:
+        """Seeds skip the store's limits; NaN would have been stored as null."""
+        for value in (float("nan"), float("inf")):
+            mapping = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED",
+                       "payload": {"x": [value]}}  # fmt: skip
+            with pytest.raises(TypeError, match="NaN or infinity"):
+                InMemoryEventStorageAdapter(initial_events={"NOTES": [mapping]})
+            event = NoteAdded(aggregate_id="n1", version=1, metadata={"x": value})
+            with pytest.raises(EventLimitExceededError, match="NaN and infinity"):
+                InMemoryEventStorageAdapter(initial_events={"NOTES": [event]})
 
     async def test_a_seed_timestamp_that_does_not_parse_fails_when_read(self) -> None:
         seed = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED", "timestamp": "soon"}
