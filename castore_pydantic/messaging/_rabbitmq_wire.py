@@ -162,6 +162,26 @@ def amqp_properties(headers: dict[str, Any]) -> aiormq.spec.Basic.Properties:
     )
 
 
+def _closed_while_opening(error: BaseException) -> bool:
+    """Whether the broker closed the connection while it was being opened.
+
+    RabbitMQ does so for a vhost that does not exist (or that the user may not use); the
+    driver reports it as an unexpected frame, naming only the frames.
+    """
+    text = str(error)
+    return (
+        isinstance(error, aiormq.exceptions.InvalidFrameError)
+        and "Connection.OpenOk" in text
+        and "Connection.Close" in text
+    )
+
+
+def _refusal(error: BaseException) -> str:
+    if _closed_while_opening(error):
+        return "closed while opening, as for a vhost that does not exist"
+    return type(error).__name__
+
+
 def raise_broker_error(url: str, error: BaseException) -> NoReturn:
     """Raise our error for a driver error, with the driver error as ``__cause__``.
 
@@ -173,9 +193,9 @@ def raise_broker_error(url: str, error: BaseException) -> NoReturn:
         MessageBrokerUnavailableError: The broker cannot be reached or the link dropped.
         MessagingError: The broker refused the credentials, a declaration or a message.
     """
-    if isinstance(error, _MISCONFIGURED):
+    if isinstance(error, _MISCONFIGURED) or _closed_while_opening(error):
         raise MessagingError(
-            f"RabbitMQ at {url} refused the connection ({type(error).__name__}): "
+            f"RabbitMQ at {url} refused the connection ({_refusal(error)}): "
             "check the user, password and vhost in the URL"
         ) from error
     if isinstance(error, _UNAVAILABLE):

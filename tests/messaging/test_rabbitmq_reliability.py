@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import traceback
 from collections import Counter
@@ -17,7 +18,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from castore_pydantic.errors import MessageBrokerUnavailableError
+from castore_pydantic.errors import MessageBrokerUnavailableError, MessagingError
 from castore_pydantic.messaging import (
     ConnectedEventStore,
     MessageContext,
@@ -438,6 +439,23 @@ class TestBrokerDown:
         with pytest.raises(MessageBrokerUnavailableError):
             await adapter.connect()
         await adapter.aclose()
+
+    async def test_a_missing_vhost_or_a_wrong_password_says_to_check_the_url(self) -> None:
+        """Not retriable, and the message says what to check. (A missing vhost used to be
+        an 'InvalidFrameError' about frames.)"""
+        for url in (
+            vhost_url(f"castore-missing-{secrets.token_hex(4)}"),
+            vhost_url("").replace("guest:guest", "guest:wrong"),
+        ):
+            queue = NotificationMessageQueue(
+                message_queue_id="refused", source_event_stores=[pokemon_store()]
+            )
+            adapter = RabbitMQMessageQueueAdapter.attach_to(queue, url, connect_timeout=5)
+            refused = "check the user, password and vhost"
+            with pytest.raises(MessagingError, match=refused) as raised:
+                await queue.publish_message(message())
+            assert not isinstance(raised.value, MessageBrokerUnavailableError)
+            await adapter.aclose()
 
     async def test_start_consuming_with_broker_down(self) -> None:
         """Starting a worker against a closed port raises instead of retrying silently."""
