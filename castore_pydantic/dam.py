@@ -221,10 +221,31 @@ def _read_filters(filters: PourFilters | None) -> tuple[datetime | None, datetim
     if unknown:
         raise ValueError(f"unknown filter keys {sorted(unknown)}; use 'from' and 'to'")
     start, end = filters.get("from"), filters.get("to")
-    return (
+    bounds = (
         None if start is None else parse_timestamp(start, "filters['from']"),
         None if end is None else parse_timestamp(end, "filters['to']"),
     )
+    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
+        raise ValueError(
+            f"filters['from'] ({bounds[0].isoformat()}) is after filters['to'] "
+            f"({bounds[1].isoformat()}): nothing could be poured"
+        )
+    return bounds
+
+
+def _check_sources(channel: MessagePublisher, stores: Sequence[EventStore[Any, Any]]) -> None:
+    """Refuse, before publishing anything, a store the channel does not carry.
+
+    A channel of the library names its source stores (``get_event_store``); publishing a
+    message of another store fails, and a pour would stop with part of it published.
+
+    Raises:
+        MessageChannelEventStoreNotFoundError: A store is not among the channel's sources.
+    """
+    find = getattr(channel, "get_event_store", None)
+    if find is not None:
+        for store in stores:
+            find(store.event_store_id)
 
 
 class _Pourer:
@@ -287,9 +308,13 @@ async def pour_aggregate_events(
         The count and the first and last poured events.
 
     Raises:
-        ValueError: A non-positive ``rate_limit``, an unknown filter key or a naive bound.
+        ValueError: A non-positive ``rate_limit``, an unknown filter key, a naive bound, or
+            ``from`` after ``to``.
+        MessageChannelEventStoreNotFoundError: The channel does not carry the store
+            (nothing is published).
     """
     start, end = _read_filters(filters)
+    _check_sources(message_channel, [event_store])
     pourer = _Pourer(message_channel, rate_limit, on_progress)
     pourer.scanned = 1
     events = (await event_store.get_events(aggregate_id, **(options or {}))).events
@@ -328,10 +353,13 @@ async def pour_event_store_aggregate_ids(
     Raises:
         TypeError: ``options`` holds a ``page_token``.
         ValueError: A non-positive ``rate_limit``.
+        MessageChannelEventStoreNotFoundError: The channel does not carry the store
+            (nothing is published).
     """
     listing: dict[str, Any] = {"limit": _PAGE_SIZE, **(options or {})}
     if "page_token" in listing:
         raise TypeError("options may not hold a page_token: the pour follows every page")
+    _check_sources(message_channel, [event_store])
     pourer = _Pourer(message_channel, rate_limit, on_progress)
     first: AggregateIdEntry | None = None
     last: AggregateIdEntry | None = None
@@ -516,9 +544,12 @@ async def pour_event_store_collection_events(
 
     Raises:
         ValueError: An event store appears twice, a non-positive ``rate_limit``, an unknown
-            filter key or a naive bound.
+            filter key, a naive bound, or ``from`` after ``to``.
+        MessageChannelEventStoreNotFoundError: The channel does not carry one of the
+            stores (nothing is published).
     """
     start, end = _read_filters(filters)
+    _check_sources(message_channel, event_stores)
     pourer = _Pourer(message_channel, rate_limit, on_progress)
     merge = _Merge(event_stores, pourer, start, end)
     await merge.run()
@@ -550,7 +581,10 @@ async def pour_event_store_events(
         The count and the first and last listed aggregates.
 
     Raises:
-        ValueError: A non-positive ``rate_limit``, an unknown filter key or a naive bound.
+        ValueError: A non-positive ``rate_limit``, an unknown filter key, a naive bound, or
+            ``from`` after ``to``.
+        MessageChannelEventStoreNotFoundError: The channel does not carry the store
+            (nothing is published).
     """
     result = await pour_event_store_collection_events(
         event_stores=[event_store],

@@ -29,6 +29,7 @@ from castore_pydantic.cli import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_INVALID_DATA,
+    EXIT_MESSAGING,
     EXIT_NOT_FOUND,
     EXIT_STORAGE,
     EXIT_USAGE,
@@ -1224,6 +1225,7 @@ CHANNELS_MODULE = """
 from castore_pydantic.messaging import (
     AggregateExistsMessageQueue,
     NotificationMessageBus,
+    NotificationMessageQueue,
 )
 from castore_pydantic.messaging.memory import (
     InMemoryMessageBusAdapter,
@@ -1254,6 +1256,19 @@ async def count_existing(message, context):
 
 
 InMemoryMessageQueueAdapter.attach_to(exists_queue, worker=count_existing)
+
+failing_bus = NotificationMessageBus(message_bus_id="FAILING", source_event_stores=[pokemons])
+failing_adapter = InMemoryMessageBusAdapter.attach_to(failing_bus, retry_attempts=0)
+
+
+async def refuse(message, context):
+    raise RuntimeError("this listener fails")
+
+
+failing_adapter.on({"on_replay": True}, refuse)
+
+idle_queue = NotificationMessageQueue(message_queue_id="IDLE", source_event_stores=[pokemons])
+InMemoryMessageQueueAdapter.attach_to(idle_queue)
 """
 
 
@@ -1371,6 +1386,33 @@ class TestPour:
         assert result.exit_code == EXIT_USAGE
         assert expected in one_line_error(result)
         assert sys.modules[channels].received == []
+
+    def test_messages_that_fail_in_the_channel_are_exit_7(self, url: str, channels: str) -> None:
+        """An in-process channel whose listener gives up on the poured messages, or a queue
+        without a worker that would drop them, is not a success (both were exit 0)."""
+        failed = castore("pour", "-s", POKEMONS, "-c", f"{channels}:failing_bus", "--url", url)
+        assert failed.exit_code == EXIT_MESSAGING, failed.output
+        assert "5 poured messages failed" in one_line_error(failed)
+        idle = castore("pour", "-s", POKEMONS, "-c", f"{channels}:idle_queue", "--url", url)
+        assert idle.exit_code == EXIT_USAGE
+        assert "has no worker" in one_line_error(idle)
+
+    def test_bad_bounds_rates_and_repeated_stores_are_usage_errors(
+        self, url: str, channels: str
+    ) -> None:
+        """Reversed bounds (they used to pour nothing, exit 0), a rate that is not finite
+        and a store given twice (both exit 1) are usage errors; nothing is published."""
+        bus = f"{channels}:bus"
+        for args in [
+            ("--from", "2025-01-01T00:00:00Z", "--to", "2023-01-01T00:00:00Z"),
+            ("--rate-limit", "inf"),
+            ("--rate-limit", "nan"),
+            ("-s", POKEMONS),
+        ]:
+            result = castore("pour", "-s", POKEMONS, "-c", bus, "--url", url, *args)
+            assert result.exit_code == EXIT_USAGE, (args, result.output)
+        # Refused before the channel module was even imported.
+        assert channels not in sys.modules
 
     def test_option_conflicts(self, url: str, channels: str) -> None:
         """--aggregate-id with two stores, or with --aggregate-ids, is refused."""

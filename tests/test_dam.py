@@ -21,6 +21,7 @@ from castore_pydantic.dam import (
     pour_event_store_collection_events,
     pour_event_store_events,
 )
+from castore_pydantic.errors import MessageChannelEventStoreNotFoundError
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
     MessageContext,
@@ -139,6 +140,7 @@ class TestPourAggregateEvents:
             ({"since": at(1)}, ValueError),
             ({"to": "yesterday"}, ValueError),
             ({"to": 3}, TypeError),
+            ({"from": at(3), "to": at(1)}, ValueError),  # reversed: nothing could be poured
         ],
     )
     async def test_bad_filters_are_refused(self, filters: Any, error: type[Exception]) -> None:
@@ -152,6 +154,32 @@ class TestPourAggregateEvents:
                 filters=filters,
             )
         assert channel.messages == []
+
+
+async def test_a_store_the_channel_does_not_carry_is_refused_before_publishing() -> None:
+    """A pour over several stores checks every store against the channel's sources first:
+    a missing one used to fail mid-pour, after part of the history was published."""
+    pokemons = await seeded(INTERLEAVED)
+    trainers = await seeded([appeared("ash", at(1))], "TRAINERS")
+    bus = NotificationMessageBus(message_bus_id="only-pokemons", source_event_stores=[pokemons])
+    adapter = InMemoryMessageBusAdapter.attach_to(bus)
+    seen: list[Any] = []
+
+    async def listener(message: Any, context: Any) -> None:
+        seen.append(message)
+
+    adapter.on({}, listener)
+    with pytest.raises(MessageChannelEventStoreNotFoundError):
+        await pour_event_store_collection_events(
+            event_stores=[pokemons, trainers], message_channel=bus
+        )
+    with pytest.raises(MessageChannelEventStoreNotFoundError):
+        await pour_event_store_events(event_store=trainers, message_channel=bus)
+    with pytest.raises(MessageChannelEventStoreNotFoundError):
+        await pour_aggregate_events(event_store=trainers, message_channel=bus, aggregate_id="ash")
+    await adapter.join()
+    assert seen == []
+    await adapter.aclose()
 
 
 class TestPourEventStoreAggregateIds:
@@ -399,6 +427,12 @@ def test_order_matches_a_sort_whatever_the_paging(
             filters["from"] = low
         if high is not None:
             filters["to"] = high
+        if low is not None and high is not None and low > high:
+            with pytest.raises(ValueError, match="is after"):  # refused: nothing could pour
+                await pour_event_store_collection_events(
+                    event_stores=stores, message_channel=channel, filters=filters
+                )
+            return []
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(dam, "_PAGE_SIZE", 2)
             patch.setattr(dam, "_MAX_CHUNK", 2)

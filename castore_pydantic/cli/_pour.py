@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -25,6 +26,7 @@ from castore_pydantic.cli._loading import (
     working_store,
 )
 from castore_pydantic.cli._running import (
+    EXIT_MESSAGING,
     EXIT_USAGE,
     CliError,
     emit_json,
@@ -135,11 +137,25 @@ def pour(
         raise click.UsageError("--aggregate-id and --aggregate-ids take exactly one --store")
     if aggregate_id is not None and aggregate_exists:
         raise click.UsageError("--aggregate-id and --aggregate-ids exclude each other")
+    if len(set(stores)) != len(stores):
+        raise click.UsageError("each --store may be given once")
+    if from_ is not None and to is not None and from_ > to:
+        raise click.UsageError("--from is after --to: nothing could be poured")
+    if rate_limit is not None and not math.isfinite(rate_limit):
+        raise click.UsageError("--rate-limit must be a finite number of messages per second")
 
     async def work() -> Any:
         channel = load_channel(channel_spec, aggregate_exists=aggregate_exists)
         working, adapters = _stores_on_adapters(stores, url, table, timeout)
         channel_adapter = getattr(channel, "message_channel_adapter", None)
+        if getattr(channel_adapter, "worker", True) is None:
+            join = getattr(channel_adapter, "join", None)
+            if callable(join):  # an in-process queue: it would drop every message
+                raise CliError(
+                    EXIT_USAGE,
+                    f"{channel_spec} has no worker: the poured messages would be dropped",
+                )
+        failed_before = await _failures(channel_adapter)
         with _progress(progress) as on_progress:
             async with contextlib.AsyncExitStack() as stack:
                 for adapter in adapters:
@@ -164,6 +180,13 @@ def pour(
                     joined = join()
                     if inspect.isawaitable(joined):
                         await joined
+                    failed = await _failures(channel_adapter) - failed_before
+                    if failed:
+                        raise CliError(
+                            EXIT_MESSAGING,
+                            f"{plural(failed, 'poured message')} failed in {channel_spec} and "
+                            "went to its dead letters (their errors are logged above)",
+                        )
         return result
 
     result = run(work)
@@ -174,6 +197,15 @@ def pour(
     count = body.get("pouredEventCount", body.get("pouredAggregateIdCount", 0))
     what = plural(count, "aggregate-exists message" if aggregate_exists else "event")
     click.echo(f"Poured {what} into {channel_spec}.")
+
+
+async def _failures(channel_adapter: Any) -> int:
+    """How many dead letters an in-process channel adapter holds (0 for other adapters)."""
+    join = getattr(channel_adapter, "join", None)
+    dead_letters = getattr(channel_adapter, "dead_letters", None)
+    if not callable(join) or not callable(dead_letters):
+        return 0
+    return len(await dead_letters())
 
 
 def _stores_on_adapters(
