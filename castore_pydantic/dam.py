@@ -28,7 +28,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any, Protocol, TypedDict
 
@@ -410,6 +410,9 @@ class _Stream:
     exhausted: bool = False
 
 
+#: A lower bound of every event's timestamp.
+_BEFORE_ANY_EVENT = datetime.min.replace(tzinfo=UTC)
+
 # (timestamp, store position, aggregate id, version, insertion number, stream): the key of the
 # stream's next event, or a lower bound of it while the stream's buffer is empty.
 _Entry = tuple[datetime, int, str, int, int, _Stream]
@@ -482,7 +485,24 @@ class _Merge:
         stream.buffer.extend(events)
         self.buffered += len(events)
 
+    async def _add_unlisted(self) -> None:
+        """Add the aggregates listing leaves out: those without a version-1 event.
+
+        Only the library's adapters can tell which they are. Each joins the merge with a
+        lower bound before any event, so its first chunk is read at once and it then waits
+        for its turn like any other aggregate.
+        """
+        for source in self.sources:
+            store = source.event_store
+            find = getattr(store.event_storage_adapter, "_unlisted_aggregate_ids", None)
+            if find is None:
+                continue
+            for aggregate_id in await find(store.context):
+                self.pourer.scanned += 1
+                self._push(_Stream(source, aggregate_id), _BEFORE_ANY_EVENT, 0)
+
     async def run(self) -> None:
+        await self._add_unlisted()
         while True:
             await self._list_enough()
             if not self.heap:
@@ -528,7 +548,9 @@ async def pour_event_store_collection_events(
 
     Events are ordered by timestamp, then by the store's position in ``event_stores``, then
     by aggregate id, then by version (Castore pours the later-listed store first on a tie;
-    we do not copy that).
+    we do not copy that). Aggregates are found by listing them, which knows them by their
+    version-1 event; on the library's adapters, aggregates without one (versions need not
+    be contiguous) are poured too.
 
     Args:
         event_stores: The stores, each at most once.
