@@ -1397,6 +1397,16 @@ class TestPour:
         assert idle.exit_code == EXIT_USAGE
         assert "has no worker" in one_line_error(idle)
 
+    def test_json_leaves_out_what_is_absent(self, url: str, channels: str) -> None:
+        """Nothing poured: the first/last keys are left out, as Castore's JSON has no key
+        for an undefined value (they used to be null)."""
+        result = castore(
+            "pour", "-s", POKEMONS, "-c", f"{channels}:bus", "--url", url,
+            "--aggregate-id", "nobody", "--json",
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout) == {"pouredEventCount": 0}
+
     def test_bad_bounds_rates_and_repeated_stores_are_usage_errors(
         self, url: str, channels: str
     ) -> None:

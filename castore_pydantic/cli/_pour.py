@@ -38,7 +38,11 @@ from castore_pydantic.storage import EventStorageAdapter
 
 
 def result_json(value: object) -> Any:
-    """A dam result in Castore's shape: camelCase keys, events and entries as JSON."""
+    """A dam result in Castore's shape: camelCase keys, events and entries as JSON.
+
+    As in Castore's JSON, where an undefined value has no key, absent values (no event
+    poured, no aggregate scanned) leave their key out.
+    """
     if isinstance(value, Event):
         return value.model_dump(mode="json")
     if isinstance(value, AggregateIdEntry):
@@ -48,7 +52,9 @@ def result_json(value: object) -> Any:
         }
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
-            to_camel(f.name): result_json(getattr(value, f.name)) for f in dataclasses.fields(value)
+            to_camel(f.name): result_json(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if getattr(value, f.name) is not None
         }
     if isinstance(value, Mapping):
         return {str(key): result_json(item) for key, item in value.items()}
