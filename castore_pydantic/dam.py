@@ -391,6 +391,9 @@ class _Source:
 
     index: int
     event_store: EventStore[Any, Any]
+    #: Aggregates without a version-1 event, poured on their own: a version 1 pushed
+    #: during the pour must not make listing pour them a second time.
+    unlisted: frozenset[str] = frozenset()
     token: str | None = None
     listed_any_page: bool = False
     exhausted: bool = False
@@ -452,6 +455,8 @@ class _Merge:
             )
             source.listed_any_page = True
         for entry in page.aggregate_ids:
+            if entry.aggregate_id in source.unlisted:
+                continue  # already in the merge (its version 1 came during the pour)
             self.pourer.scanned += 1
             source.first = source.first or entry
             source.last = entry
@@ -497,7 +502,9 @@ class _Merge:
             find = getattr(store.event_storage_adapter, "_unlisted_aggregate_ids", None)
             if find is None:
                 continue
-            for aggregate_id in await find(store.context):
+            unlisted: list[str] = await find(store.context)
+            source.unlisted = frozenset(unlisted)
+            for aggregate_id in unlisted:
                 self.pourer.scanned += 1
                 self._push(_Stream(source, aggregate_id), _BEFORE_ANY_EVENT, 0)
 
