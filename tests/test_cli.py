@@ -983,6 +983,10 @@ class TestProcess:
             assert result.exit_code == EXIT_USAGE, result.output
             assert "not a valid PostgreSQL URL" in one_line_error(result)
             assert problem in one_line_error(result)
+        no_socket = castore(
+            "aggregates", "-s", POKEMONS, "--url", "postgresql:///test?host=/nonexistent-dir",
+        )  # fmt: skip
+        assert no_socket.exit_code == EXIT_STORAGE, no_socket.output  # not the URL's fault
         refused = castore(
             "aggregates", "-s", POKEMONS, "--url", "postgresql://postgres:sekret@127.0.0.1:1/t",
             "--timeout", "60",

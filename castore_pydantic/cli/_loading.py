@@ -222,11 +222,12 @@ async def probe_postgres(adapter: EventStorageAdapter, url: str, seconds: float)
         conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, round(seconds)))
     except psycopg.Error as exc:
         reason = adapter._settings.redact(str(exc).strip())
-        # libpq refused the URL's values before trying to connect (a bad port, sslmode...).
-        malformed = reason.startswith("connection is bad:")
-        if malformed:
-            reason = reason.removeprefix("connection is bad:").strip()
-            raise CliError(EXIT_USAGE, f"--url is not a valid PostgreSQL URL: {reason}") from None
+        # libpq refuses the URL's values before trying to connect ("connection is bad:
+        # invalid port number..."); a socket that is missing fails there too, but is not
+        # the URL's fault.
+        detail = reason.removeprefix("connection is bad:").strip()
+        if detail != reason and detail.lower().startswith(("invalid", "missing")):
+            raise CliError(EXIT_USAGE, f"--url is not a valid PostgreSQL URL: {detail}") from None
         raise CliError(EXIT_STORAGE, f"cannot connect to PostgreSQL: {reason}") from None
     await conn.close()
 
