@@ -7,6 +7,7 @@ service and a TypeScript Castore service can share a queue or a bus.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -279,6 +280,23 @@ def listener_name(handler: MessageHandler, listener_id: str | None) -> str:
     if not isinstance(listener_id, str) or not listener_id:
         raise ValueError("listener_id must be a non-empty string")
     return listener_id
+
+
+def same_handler(first: MessageHandler, second: MessageHandler) -> bool:
+    """Whether two registrations name one handler.
+
+    The same object, or the same method of the same object (Python makes a new bound method
+    on each attribute access). Never ``==``: two handler objects that compare equal (two
+    dataclass instances with equal fields) are still two listeners.
+    """
+    if first is second:
+        return True
+    return (
+        inspect.ismethod(first)
+        and inspect.ismethod(second)
+        and first.__self__ is second.__self__
+        and first.__func__ is second.__func__
+    )
 
 
 def check_filter_pattern(pattern: Mapping[str, object]) -> FilterPattern:

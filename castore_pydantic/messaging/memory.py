@@ -31,6 +31,7 @@ from castore_pydantic.messaging._messages import (
     listener_name,
     matches,
     run_handler,
+    same_handler,
 )
 
 if TYPE_CHECKING:
@@ -471,7 +472,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         listener = self._listeners.get(name)
         if listener is None:
             self._listeners[name] = _Listener(name, handler, [checked])
-        elif listener.handler != handler:  # == : a bound method is made anew each time
+        elif not same_handler(listener.handler, handler):
             raise ValueError(
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="

@@ -38,6 +38,7 @@ from castore_pydantic.messaging._messages import (
     MessageHandler,
     check_filter_pattern,
     listener_name,
+    same_handler,
 )
 from castore_pydantic.messaging._rabbitmq_adapter import RabbitMQAdapter
 from castore_pydantic.messaging._rabbitmq_wire import (
@@ -306,7 +307,7 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
             raise RuntimeError("register listeners before start_consuming()")
         listener_id = listener_name(handler, listener_id)
         registered, patterns = self._listeners.setdefault(listener_id, (handler, []))
-        if registered != handler:  # == : a bound method is made anew each time
+        if not same_handler(registered, handler):
             raise ValueError(
                 f"listener id {listener_id!r} is already used by another handler; "
                 "pass a distinct listener_id="

@@ -49,6 +49,7 @@ from castore_pydantic.messaging._messages import (
     check_filter_pattern,
     listener_name,
     matches,
+    same_handler,
 )
 from castore_pydantic.messaging._redis_adapter import RedisStreamsAdapter
 from castore_pydantic.messaging._redis_consumer import Subscription, ensure_group
@@ -324,7 +325,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
             listener = self._listeners[name] = _Listener(name, handler)
             if self._connected or self._consuming:
                 self._join_soon(listener)
-        elif listener.handler != handler:  # == : a bound method is made anew each time
+        elif not same_handler(listener.handler, handler):
             raise ValueError(
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="

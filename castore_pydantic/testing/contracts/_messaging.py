@@ -37,6 +37,7 @@ pytest-asyncio, in its strict mode (the default) or its auto mode; declare the f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
@@ -661,7 +662,8 @@ class MessageBusAdapterContract(_Base):
     ) -> None:
         """``projection.handle`` twice is one handler; another object's ``handle`` is not.
 
-        Python makes a new bound method on each access, so handlers compare with ``==``.
+        Python makes a new bound method on each access; two objects that compare equal are
+        still two handlers.
         """
         recorder = self.recorder()
 
@@ -676,6 +678,17 @@ class MessageBusAdapterContract(_Base):
         adapter.on({"event_store_id": "TRAINERS"}, projection.handle)
         with pytest.raises(ValueError, match="already used by another handler"):
             adapter.on({}, Projection().handle)
+
+        @dataclasses.dataclass
+        class Projector:  # two instances compare equal, yet are two handlers
+            name: str
+
+            async def __call__(self, message: Any, context: MessageContext) -> None:
+                return None
+
+        adapter.on({}, Projector("pokedex"))
+        with pytest.raises(ValueError, match="already used by another handler"):
+            adapter.on({}, Projector("pokedex"))
         both, trainer = notify(appeared("a")), notify(trainer_created("t"))
         async with adapter.consuming():
             await bus.publish_messages([both, trainer])
