@@ -50,15 +50,26 @@ class _Stored:
 
 
 def _non_finite(value: Any) -> bool:
-    """Whether ``value`` holds NaN or an infinity, which JSON cannot hold."""
-    if type(value) is float:
-        return not math.isfinite(value)
-    if isinstance(value, BaseModel):
-        value = value.__dict__
-    if isinstance(value, Mapping):
-        return any(_non_finite(item) for item in value.values())
-    if isinstance(value, list | tuple | set | frozenset):
-        return any(_non_finite(item) for item in value)
+    """Whether ``value`` holds NaN or an infinity, which JSON cannot hold.
+
+    Walked without recursion, each container once: a deep or self-referencing seed is left
+    to the JSON serialisation, which refuses it with the documented error.
+    """
+    pending = [value]
+    seen: set[int] = set()
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return True
+            continue
+        if isinstance(item, BaseModel):
+            item = item.__dict__
+        if isinstance(item, Mapping | list | tuple | set | frozenset):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            pending.extend(item.values() if isinstance(item, Mapping) else item)
     return False
 
 

@@ -89,6 +89,28 @@ class TestSeedsAreStoredByValue:
             with pytest.raises(EventLimitExceededError, match="NaN and infinity"):
                 InMemoryEventStorageAdapter(initial_events={"NOTES": [event]})
 
+    async def test_deep_cyclic_and_float_subclass_seeds_get_the_documented_errors(
+        self,
+    ) -> None:
+        """The NaN scan walks without recursion and follows float subclasses: a very deep
+        or cyclic seed is the serialiser's TypeError, not a RecursionError."""
+
+        class Precise(float):
+            pass
+
+        deep: Any = [1.5]
+        for _ in range(600):
+            deep = {"a": deep}
+        cyclic: dict[str, Any] = {"x": 1}
+        cyclic["self"] = cyclic
+        for payload in (deep, cyclic):
+            seed = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED", "payload": payload}
+            with pytest.raises(TypeError, match="cannot be stored as JSON"):
+                InMemoryEventStorageAdapter(initial_events={"NOTES": [seed]})
+        event = NoteAdded(aggregate_id="n1", version=1, payload={"x": Precise("nan")})
+        with pytest.raises(EventLimitExceededError, match="NaN and infinity"):
+            InMemoryEventStorageAdapter(initial_events={"NOTES": [event]})
+
     async def test_a_seed_timestamp_that_does_not_parse_fails_when_read(self) -> None:
         seed = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED", "timestamp": "soon"}
         store = _notes(InMemoryEventStorageAdapter(initial_events={"NOTES": [seed]}))
