@@ -206,12 +206,18 @@ def pour(
 
 
 async def _failures(channel_adapter: Any) -> int:
-    """How many dead letters an in-process channel adapter holds (0 for other adapters)."""
-    join = getattr(channel_adapter, "join", None)
-    dead_letters = getattr(channel_adapter, "dead_letters", None)
-    if not callable(join) or not callable(dead_letters):
+    """How many messages an in-process channel adapter gave up on (0 for other adapters).
+
+    The library's in-memory adapters count them; their dead-letter list keeps only the
+    newest ones, so its length stops growing once full.
+    """
+    if not callable(getattr(channel_adapter, "join", None)):
         return 0
-    return len(await dead_letters())
+    counted = getattr(channel_adapter, "_dead_lettered", None)
+    if isinstance(counted, int):
+        return counted
+    dead_letters = getattr(channel_adapter, "dead_letters", None)
+    return len(await dead_letters()) if callable(dead_letters) else 0
 
 
 def _stores_on_adapters(

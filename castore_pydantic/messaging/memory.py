@@ -89,6 +89,7 @@ class _InMemoryAdapter:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dead_letters: deque[DeadLetter] = deque(maxlen=MAX_DEAD_LETTERS)
         self._consuming = False
+        self._dead_lettered = 0  # messages given up on since the adapter was made
 
     @property
     def delivery_guarantee(self) -> DeliveryGuarantee:
@@ -140,6 +141,7 @@ class _InMemoryAdapter:
         self, delivery: _Delivery, error: BaseException | str, listener_id: str | None
     ) -> None:
         text = error if isinstance(error, str) else describe_error(error)
+        self._dead_lettered += 1  # counted apart: the list keeps the newest ones only
         self._dead_letters.append(
             DeadLetter(delivery.message, text, delivery.attempt, delivery.replay, listener_id)
         )
@@ -199,6 +201,7 @@ class _InMemoryAdapter:
 
     async def aclose(self) -> None:
         """Cancel pending work (waiting messages and retries are dropped); idempotent."""
+        self._consuming = False
         await self._cancel_all()
 
     async def _cancel_all(self) -> None:

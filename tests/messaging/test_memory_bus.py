@@ -277,3 +277,13 @@ class TestInMemoryBus:
             await listener.called.wait()
         await asyncio.wait_for(adapter.join(), 1)
         assert len(listener.calls) == 1
+
+
+async def test_closing_stops_consuming() -> None:
+    """``aclose`` leaves the adapter not consuming, as the brokers' adapters do."""
+    bus = NotificationMessageBus(message_bus_id="closing", source_event_stores=[])
+    adapter = InMemoryMessageBusAdapter.attach_to(bus)
+    await adapter.start_consuming()
+    assert adapter.is_consuming
+    await adapter.aclose()
+    assert not adapter.is_consuming
