@@ -125,6 +125,22 @@ class _Base:
         """A recording handler using this suite's timeout."""
         return Recorder(fail, timeout=self.delivery_timeout)
 
+    async def check_consuming_vocabulary(
+        self, adapter: Any, channel: Any, handler: Recorder
+    ) -> None:
+        """``consuming(grace_period=)``, ``is_consuming``, ``stop_consuming(grace_period=)``."""
+        message = notify(appeared("vocabulary"))
+        assert not adapter.is_consuming
+        async with adapter.consuming(grace_period=5):
+            assert adapter.is_consuming
+            await channel.publish_message(message)
+            await handler.wait_for(message)
+        assert not adapter.is_consuming
+        await adapter.start_consuming()
+        assert adapter.is_consuming
+        await adapter.stop_consuming(grace_period=5)
+        assert not adapter.is_consuming
+
     def check_backoff(self, calls: Sequence[Call], delays_ms: Sequence[float]) -> None:
         """Each retry ran no earlier than its delay and not much later."""
         assert len(calls) == len(delays_ms) + 1
@@ -185,17 +201,7 @@ class MessageQueueAdapterContract(_Base):
         adapter = await _attached(queue_adapter_factory, queue)
         worker = self.recorder()
         adapter.worker = worker
-        message = notify(appeared("vocabulary"))
-        assert not adapter.is_consuming
-        async with adapter.consuming(grace_period=5):
-            assert adapter.is_consuming
-            await queue.publish_message(message)
-            await worker.wait_for(message)
-        assert not adapter.is_consuming
-        await adapter.start_consuming()
-        assert adapter.is_consuming
-        await adapter.stop_consuming(grace_period=5)
-        assert not adapter.is_consuming
+        await self.check_consuming_vocabulary(adapter, queue, worker)
 
     async def test_each_message_reaches_the_worker_once_in_order(
         self, queue_adapter_factory: MessageAdapterFactory
@@ -512,17 +518,7 @@ class MessageBusAdapterContract(_Base):
         adapter = await _attached(bus_adapter_factory, bus)
         listener = self.recorder()
         adapter.on({}, listener, listener_id="vocabulary")
-        message = notify(appeared("vocabulary"))
-        assert not adapter.is_consuming
-        async with adapter.consuming(grace_period=5):
-            assert adapter.is_consuming
-            await bus.publish_message(message)
-            await listener.wait_for(message)
-        assert not adapter.is_consuming
-        await adapter.start_consuming()
-        assert adapter.is_consuming
-        await adapter.stop_consuming(grace_period=5)
-        assert not adapter.is_consuming
+        await self.check_consuming_vocabulary(adapter, bus, listener)
 
     async def test_every_listener_gets_each_message_once(
         self, bus_adapter_factory: MessageAdapterFactory
