@@ -55,6 +55,15 @@ def _url_password(conninfo: str) -> set[str]:
     return {password} - {""} if colon else set()
 
 
+def _unencoded_at(conninfo: str) -> bool:
+    """Whether a URI's authority (before its path) holds more than one ``@``."""
+    scheme, sep, rest = conninfo.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        return False
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    return authority.count("@") > 1
+
+
 def _message(exc: BaseException) -> str:
     diag = getattr(exc, "diag", None)
     primary = diag.message_primary if diag is not None else None
@@ -106,6 +115,13 @@ class Settings:
         Raises:
             ValueError: libpq cannot parse it; the message never holds the password.
         """
+        if _unencoded_at(conninfo):
+            # libpq would end the password at the first "@" and read the rest as the host,
+            # which connection errors then show.
+            raise ValueError(
+                "invalid PostgreSQL connection string: the user or password holds an '@' "
+                "that is not URL-encoded; write it as %40"
+            )
         try:
             return cls.of(conninfo_to_dict(conninfo, **kwargs))
         except psycopg.Error as exc:

@@ -233,6 +233,16 @@ class TestPasswords:
             kind
         ] in str(info.value)
 
+    def test_an_unencoded_at_in_the_password_is_refused_without_showing_it(self) -> None:
+        """libpq ends the password at the first '@' and reads the rest as the host, which
+        connection errors then showed: such a URL is refused up front, naming the fix."""
+        dsn = f"postgresql://postgres:{CANARY}@{CANARY}@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+        with pytest.raises(ValueError, match="write it as %40") as info:
+            PostgresEventStorageAdapter(dsn)
+        assert CANARY not in "".join(traceback.format_exception(info.value))
+        encoded = dsn.replace(f"{CANARY}@{CANARY}", f"{CANARY}%40{CANARY}")
+        assert CANARY not in repr(PostgresEventStorageAdapter(encoded))
+
     async def test_driver_errors_do_not_reveal_it(
         self, pg_schema: str, caplog: pytest.LogCaptureFixture
     ) -> None:
