@@ -1434,6 +1434,49 @@ class TestPour:
         # Refused before the channel module was even imported.
         assert channels not in sys.modules
 
+    def test_interrupted_pour_says_how_far_it_got(self, url: str, tmp_path: Path) -> None:
+        """Ctrl-C during a pour: exit 130, and the message says how many messages were
+        published before (it used to say only "interrupted")."""
+        handled = tmp_path / "handled.log"
+        (tmp_path / "slow_channels.py").write_text(
+            textwrap.dedent(
+                f"""
+                from castore_pydantic.messaging import NotificationMessageBus
+                from castore_pydantic.messaging.memory import InMemoryMessageBusAdapter
+                from examples.pokemon.stores import pokemons
+
+                bus = NotificationMessageBus(message_bus_id="SLOW", source_event_stores=[pokemons])
+                adapter = InMemoryMessageBusAdapter.attach_to(bus)
+
+                async def log(message, context):
+                    with open({str(handled)!r}, "a") as file:
+                        file.write(message.event.aggregate_id + "\\n")
+
+                adapter.on({{"on_replay": True}}, log)
+                """
+            )
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASTORE_")}
+        env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{tmp_path}"
+        command = [
+            sys.executable, "-m", "castore_pydantic", "pour", "-s", POKEMONS,
+            "-c", "slow_channels:bus", "--url", url, "--rate-limit", "2",
+        ]  # fmt: skip
+        with subprocess.Popen(
+            command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
+        ) as process:
+            deadline = time.monotonic() + 60
+            while not (handled.exists() and handled.read_text()):
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "the pour never published"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        assert process.returncode == EXIT_INTERRUPTED, stderr
+        match = re.search(r"interrupted after (\d+) published messages?", stderr)
+        assert match is not None, stderr
+        assert 1 <= int(match[1]) < 5
+
     def test_option_conflicts(self, url: str, channels: str) -> None:
         """--aggregate-id with two stores, or with --aggregate-ids, is refused."""
         two = castore(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -26,6 +27,7 @@ from castore_pydantic.cli._loading import (
     working_store,
 )
 from castore_pydantic.cli._running import (
+    EXIT_INTERRUPTED,
     EXIT_MESSAGING,
     EXIT_USAGE,
     CliError,
@@ -170,16 +172,30 @@ def pour(
                 closing = getattr(channel_adapter, "aclose", None)
                 if callable(closing):
                     stack.push_async_callback(closing)
-                result = await _pour(
-                    working,
-                    channel,
-                    aggregate_id=aggregate_id,
-                    aggregate_exists=aggregate_exists,
-                    start=from_,
-                    end=to,
-                    rate_limit=rate_limit,
-                    on_progress=on_progress,
-                )
+                poured = [0]
+
+                def counted(progress: Any) -> Any:
+                    poured[0] = progress.poured_count
+                    return on_progress(progress)
+
+                try:
+                    result = await _pour(
+                        working,
+                        channel,
+                        aggregate_id=aggregate_id,
+                        aggregate_exists=aggregate_exists,
+                        start=from_,
+                        end=to,
+                        rate_limit=rate_limit,
+                        on_progress=counted,
+                    )
+                except (asyncio.CancelledError, KeyboardInterrupt) as exc:
+                    # Ctrl-C reaches the pour as the cancellation of its task.
+                    raise CliError(
+                        EXIT_INTERRUPTED,
+                        f"interrupted after {plural(poured[0], 'published message')} (a pour "
+                        "may be run again: consumers see replayed messages)",
+                    ) from exc
                 # In-process channels handle messages in the background: let them finish.
                 join = getattr(channel_adapter, "join", None)
                 if callable(join):
