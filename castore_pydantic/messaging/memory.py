@@ -334,6 +334,19 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
         """The current worker's FIFO (``None`` without a worker); its ``len`` is the backlog."""
         return self._queue
 
+    async def start_consuming(self) -> None:
+        """Mark the adapter consuming, as the brokers' adapters do.
+
+        Raises:
+            RuntimeError: No worker is set (as on the brokers' adapters).
+        """
+        if self._worker is None:
+            raise RuntimeError(
+                "InMemoryMessageQueueAdapter has no worker: set adapter.worker (or pass "
+                "worker=) before consuming"
+            )
+        await super().start_consuming()
+
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
         """Hand a message to the worker (dropped, with a warning, when there is none)."""
         self._push(_Delivery(message, 1, self.retry_policy.retry_attempts, replay))

@@ -203,6 +203,19 @@ class MessageQueueAdapterContract(_Base):
         adapter.worker = worker
         await self.check_consuming_vocabulary(adapter, queue, worker)
 
+    async def test_consuming_needs_a_worker(
+        self, queue_adapter_factory: MessageAdapterFactory
+    ) -> None:
+        """Starting to consume without a worker is a ``RuntimeError``.
+
+        Not a queue that drops or holds every message unseen.
+        """
+        queue = self._queue()
+        adapter = await _attached(queue_adapter_factory, queue)
+        with pytest.raises(RuntimeError, match="worker"):
+            await adapter.start_consuming()
+        assert not adapter.is_consuming
+
     async def test_each_message_reaches_the_worker_once_in_order(
         self, queue_adapter_factory: MessageAdapterFactory
     ) -> None:
