@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Generic, TypeAlias
@@ -34,6 +34,8 @@ __all__ = ["EventStore", "OnEventPushed", "SimulateSideEffect"]
 SimulateSideEffect: TypeAlias = Callable[[dict[int, Event], Event], dict[int, Event]]
 #: Awaited after every successful push with its result.
 OnEventPushed: TypeAlias = Callable[[PushEventResult[Any, Any]], Awaitable[None]]
+
+logger = logging.getLogger(__name__)
 
 
 def default_simulate_side_effect(indexed: dict[int, Event], event: Event) -> dict[int, Event]:
@@ -358,11 +360,44 @@ class EventStore(Generic[AggregateT, EventT]):
                 store.reducer(prev, event) if prev is not None or event.version == 1 else None,
             )
             results.append(result)
-            if store.on_event_pushed is not None:
-                hooked.append((store.on_event_pushed, result))
-        if hooked:
-            await asyncio.gather(*(hook(result) for hook, result in hooked))
+            hook = store._after_push()
+            if hook is not None:
+                hooked.append((hook, result))
+        await _run_hooks(hooked)
         return PushEventGroupResult(tuple(results))
+
+    def _after_push(self) -> OnEventPushed | None:
+        """What runs for each event of this store once a group is stored: the hook.
+
+        A ``ConnectedEventStore`` runs its hook and then publishes.
+        """
+        return self.on_event_pushed
+
+
+async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) -> None:
+    """Run a stored group's hooks one after another, in the group's order.
+
+    One at a time, so that messages of one aggregate are published in version order. A
+    failing hook does not stop the others: every event is stored, and each gets its
+    hook's turn. The first failure is raised once all ran; the others are logged.
+    """
+    failures: list[tuple[PushEventResult[Any, Event], Exception]] = []
+    for hook, result in hooked:
+        try:
+            await hook(result)
+        except Exception as exc:  # raised below, once every hook ran
+            failures.append((result, exc))
+    if not failures:
+        return
+    for failed, error in failures[1:]:
+        logger.error(
+            "on_event_pushed failed for aggregate %s version %s of a stored group: %s",
+            failed.event.aggregate_id,
+            failed.event.version,
+            error,
+            exc_info=error,
+        )
+    raise failures[0][1]
 
 
 def _stamps_groups(adapter: object) -> bool:

@@ -284,15 +284,22 @@ class StateCarryingMessageChannel(MessageChannel[StateCarryingMessage]):
         Raises:
             MessageChannelEventStoreNotFoundError: Its event store is not a source.
             AggregateNotFoundError: The aggregate has no events up to that version.
+            ValueError: The notification's version is not stored (the aggregate built up to
+                it would not match its event); nothing is published.
             UndefinedMessageChannelAdapterError: No adapter is attached.
         """
         if not isinstance(notification, NotificationMessage):
             notification = NotificationMessage.model_validate(notification)
         store = self.get_event_store(notification.event_store_id)
         event = notification.event
-        aggregate = (
-            await store.get_existing_aggregate(event.aggregate_id, max_version=event.version)
-        ).aggregate
+        found = await store.get_existing_aggregate(event.aggregate_id, max_version=event.version)
+        if found.last_event.version != event.version:
+            raise ValueError(
+                f"version {event.version} of aggregate {event.aggregate_id} is not stored in "
+                f"event store {notification.event_store_id} (the last one up to it is "
+                f"{found.last_event.version}): the aggregate would not match the event"
+            )
+        aggregate = found.aggregate
         message = StateCarryingMessage(
             event_store_id=notification.event_store_id, event=event, aggregate=aggregate
         )

@@ -130,16 +130,21 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
         self._event_store.event_storage_adapter = adapter
 
     @property
-    def on_event_pushed(self) -> OnEventPushed:
-        """Awaits the wrapped store's hook, then publishes; setting it sets the wrapped hook.
+    def on_event_pushed(self) -> OnEventPushed | None:
+        """The wrapped store's hook; setting it sets the wrapped store's.
 
-        ``EventStore.push_event_group`` calls this for every grouped event of this store.
+        Publishing is not part of it (``c.on_event_pushed = chain(c.on_event_pushed)`` chains
+        the hook, as on any store): pushes and groups publish after running it.
         """
-        return self._on_event_pushed
+        return self._event_store.on_event_pushed
 
     @on_event_pushed.setter
     def on_event_pushed(self, hook: OnEventPushed | None) -> None:
         self._event_store.on_event_pushed = hook
+
+    def _after_push(self) -> OnEventPushed:
+        """For ``EventStore.push_event_group``: the wrapped store's hook, then publishing."""
+        return self._on_event_pushed
 
     async def _on_event_pushed(self, result: PushEventResult[Any, Any]) -> None:
         hook = self._event_store.on_event_pushed
@@ -234,6 +239,10 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
             MessageBrokerUnavailableError: Publishing failed; the event *is* stored.
             UndefinedMessageChannelAdapterError: The channel has no adapter; the event *is*
                 stored.
+            Exception: On a state-carrying channel without ``prev_aggregate``, whatever
+                reading the aggregate back raises (the reducer's error, a storage error);
+                the event *is* stored. A cancellation between the write and the publish
+                leaves the event stored and unpublished too.
         """
         result = await self._event_store.push_event(
             event, prev_aggregate=prev_aggregate, force=force

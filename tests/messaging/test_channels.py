@@ -279,6 +279,20 @@ class TestGetAggregateAndPublishMessage:
             await queue.get_aggregate_and_publish_message(caught_message(aggregate_id="ghost"))
         assert adapter.calls == []
 
+    async def test_a_version_that_is_not_stored_is_refused(self) -> None:
+        """A notification whose version is not stored would get the aggregate of an earlier
+        version, not matching its event: it is a ValueError and nothing is published (the
+        last stored version's aggregate used to go out)."""
+        store = make_store()
+        await store.push_event(appeared())
+        adapter = RecordingAdapter()
+        queue = StateCarryingMessageQueue(
+            message_queue_id="q", source_event_stores=[store], message_queue_adapter=adapter
+        )
+        with pytest.raises(ValueError, match="version 2 of aggregate pikachu is not stored"):
+            await queue.get_aggregate_and_publish_message(caught_message())
+        assert adapter.calls == []
+
     async def test_unknown_store_raises(self) -> None:
         """The notification's store must be a source of the channel."""
         queue = StateCarryingMessageQueue(message_queue_id="q", source_event_stores=[make_store()])

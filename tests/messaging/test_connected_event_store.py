@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -179,6 +180,35 @@ class TestDelegation:
         await connected.push_event(caught())
         assert log == ["hook v1", "publish", "publish"]
 
+    async def test_chaining_the_hook_works_as_on_any_store(self) -> None:
+        """``c.on_event_pushed = chain(c.on_event_pushed)`` chains the hook; publishing is
+        not part of it. (The getter used to return the publishing wrapper, so chaining
+        made the hook call itself until RecursionError, and nothing was published.)"""
+        log: list[str] = []
+        store = make_store()
+        adapter = RecordingAdapter(log)
+        queue = NotificationMessageQueue(
+            message_queue_id="q", source_event_stores=[store], message_queue_adapter=adapter
+        )
+        connected = ConnectedEventStore(store, queue)
+
+        async def first(result: PushEventResult[Any, Any]) -> None:
+            log.append("first")
+
+        connected.on_event_pushed = first
+        previous = connected.on_event_pushed
+        assert previous is first
+
+        async def chained(result: PushEventResult[Any, Any]) -> None:
+            assert previous is not None
+            await previous(result)
+            log.append("second")
+
+        connected.on_event_pushed = chained
+        await connected.push_event(appeared())
+        await EventStore.push_event_group(connected.group_event(caught()))
+        assert log == ["first", "second", "publish"] * 2
+
 
 class TestPublishingOnPush:
     async def test_notification_message_is_the_stored_event(self) -> None:
@@ -306,6 +336,51 @@ class TestEventGroups:
         assert grouped.event_store is connected
         await EventStore.push_event_group(grouped)
         assert log == ["hook", "publish"]
+
+
+class TestGroupHooks:
+    """A stored group's hooks (and so a connected store's publishing) run one at a time."""
+
+    async def test_hooks_run_in_group_order(self) -> None:
+        """Messages of one aggregate go out in version order: each hook finishes before the
+        next starts (they used to run at once, and a broker received them in any order)."""
+        store = make_store()
+        started: list[int] = []
+        finished: list[int] = []
+
+        async def slow_first(result: PushEventResult[Any, Any]) -> None:
+            started.append(result.event.version)
+            await asyncio.sleep(0.001 * (5 - result.event.version))
+            finished.append(result.event.version)
+
+        store.on_event_pushed = slow_first
+        events = [appeared()] + [caught(v) for v in (2, 3, 4)]
+        await EventStore.push_event_group(*(store.group_event(e) for e in events))
+        assert started == finished == [1, 2, 3, 4]
+
+    async def test_a_failing_hook_lets_the_others_run_first(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Every event of the group is stored: each hook runs even after another failed.
+        The first failure is raised once all ran; the later ones are logged (they used to
+        run on in the background after the error, or be lost)."""
+        store = make_store()
+        ran: list[int] = []
+
+        async def hook(result: PushEventResult[Any, Any]) -> None:
+            version = result.event.version
+            await asyncio.sleep(0.005)
+            ran.append(version)
+            if version in (1, 3):
+                raise RuntimeError(f"hook failed for v{version}")
+
+        store.on_event_pushed = hook
+        events = [appeared()] + [caught(v) for v in (2, 3)]
+        with pytest.raises(RuntimeError, match="v1"):
+            await EventStore.push_event_group(*(store.group_event(e) for e in events))
+        assert ran == [1, 2, 3]
+        assert "hook failed for v3" in caplog.text
+        assert len((await store.get_events("pikachu")).events) == 3
 
 
 class TestBrokerDown:
