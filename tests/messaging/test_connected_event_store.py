@@ -92,6 +92,17 @@ def connect(channel_cls: Any, store: EventStore[Any, Any] | None = None) -> Any:
     return ConnectedEventStore(store, channel), adapter
 
 
+def logged_queue(log: list[str]) -> tuple[EventStore[Any, Any], ConnectedEventStore[Any, Any]]:
+    """A store, and it connected to a notification queue that logs "publish" into ``log``."""
+    store = make_store()
+    queue = NotificationMessageQueue(
+        message_queue_id="q",
+        source_event_stores=[store],
+        message_queue_adapter=RecordingAdapter(log),
+    )
+    return store, ConnectedEventStore(store, queue)
+
+
 class TestDelegation:
     def test_exposes_the_wrapped_store(self) -> None:
         """B54: id, event types, reducer, side effect, context, store and channel."""
@@ -160,12 +171,7 @@ class TestDelegation:
     async def test_on_event_pushed_setter_writes_the_inner_hook(self) -> None:
         """B55: the wrapped hook runs before publishing; the setter replaces the wrapped hook."""
         log: list[str] = []
-        store = make_store()
-        adapter = RecordingAdapter(log)
-        queue = NotificationMessageQueue(
-            message_queue_id="q", source_event_stores=[store], message_queue_adapter=adapter
-        )
-        connected = ConnectedEventStore(store, queue)
+        store, connected = logged_queue(log)
 
         async def hook(result: PushEventResult[Any, Any]) -> None:
             log.append(f"hook v{result.event.version}")
@@ -185,12 +191,7 @@ class TestDelegation:
         not part of it. (The getter used to return the publishing wrapper, so chaining
         made the hook call itself until RecursionError, and nothing was published.)"""
         log: list[str] = []
-        store = make_store()
-        adapter = RecordingAdapter(log)
-        queue = NotificationMessageQueue(
-            message_queue_id="q", source_event_stores=[store], message_queue_adapter=adapter
-        )
-        connected = ConnectedEventStore(store, queue)
+        _, connected = logged_queue(log)
 
         async def first(result: PushEventResult[Any, Any]) -> None:
             log.append("first")
