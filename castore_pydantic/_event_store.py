@@ -382,14 +382,22 @@ async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) 
     hook's turn. The first failure is raised once all ran; the others are logged.
     """
     failures: list[tuple[PushEventResult[Any, Event], Exception]] = []
-    for hook, result in hooked:
-        try:
-            await hook(result)
-        except Exception as exc:  # raised below, once every hook ran
-            failures.append((result, exc))
-    if not failures:
-        return
-    for failed, error in failures[1:]:
+    try:
+        for hook, result in hooked:
+            try:
+                await hook(result)
+            except Exception as exc:  # raised below, once every hook ran
+                failures.append((result, exc))
+    except BaseException:
+        _log_hook_failures(failures)  # a cancellation goes on; earlier failures are logged
+        raise
+    if failures:
+        _log_hook_failures(failures[1:])
+        raise failures[0][1]
+
+
+def _log_hook_failures(failures: Sequence[tuple[PushEventResult[Any, Event], Exception]]) -> None:
+    for failed, error in failures:
         logger.error(
             "on_event_pushed failed for aggregate %s version %s of a stored group: %s",
             failed.event.aggregate_id,
@@ -397,7 +405,6 @@ async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) 
             error,
             exc_info=error,
         )
-    raise failures[0][1]
 
 
 def _stamps_groups(adapter: object) -> bool:

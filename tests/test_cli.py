@@ -1434,13 +1434,23 @@ class TestPour:
         # Refused before the channel module was even imported.
         assert channels not in sys.modules
 
-    def test_interrupted_pour_says_how_far_it_got(self, url: str, tmp_path: Path) -> None:
-        """Ctrl-C during a pour: exit 130, and the message says how many messages were
-        published before (it used to say only "interrupted")."""
+    @pytest.mark.parametrize(
+        ("rate", "pause", "published"),
+        [("2", 0, range(1, 5)), ("1000", 30, range(5, 6))],
+        ids=["while-publishing", "while-handlers-run"],
+    )
+    def test_interrupted_pour_says_how_far_it_got(
+        self, url: str, tmp_path: Path, rate: str, pause: int, published: range
+    ) -> None:
+        """Ctrl-C during a pour, while it publishes or while in-process handlers finish:
+        exit 130, and the message says how many messages were published (it used to say
+        only "interrupted")."""
         handled = tmp_path / "handled.log"
         (tmp_path / "slow_channels.py").write_text(
             textwrap.dedent(
                 f"""
+                import asyncio
+
                 from castore_pydantic.messaging import NotificationMessageBus
                 from castore_pydantic.messaging.memory import InMemoryMessageBusAdapter
                 from examples.pokemon.stores import pokemons
@@ -1451,6 +1461,7 @@ class TestPour:
                 async def log(message, context):
                     with open({str(handled)!r}, "a") as file:
                         file.write(message.event.aggregate_id + "\\n")
+                    await asyncio.sleep({pause})
 
                 adapter.on({{"on_replay": True}}, log)
                 """
@@ -1460,13 +1471,14 @@ class TestPour:
         env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{tmp_path}"
         command = [
             sys.executable, "-m", "castore_pydantic", "pour", "-s", POKEMONS,
-            "-c", "slow_channels:bus", "--url", url, "--rate-limit", "2",
+            "-c", "slow_channels:bus", "--url", url, "--rate-limit", rate,
         ]  # fmt: skip
         with subprocess.Popen(
             command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
         ) as process:
             deadline = time.monotonic() + 60
-            while not (handled.exists() and handled.read_text()):
+            # Once the first message is handled, or once all five are (handlers then sleep).
+            while not (handled.exists() and len(handled.read_text().split()) >= published[0]):
                 assert process.poll() is None, process.communicate()[1]
                 assert time.monotonic() < deadline, "the pour never published"
                 time.sleep(0.01)
@@ -1475,7 +1487,7 @@ class TestPour:
         assert process.returncode == EXIT_INTERRUPTED, stderr
         match = re.search(r"interrupted after (\d+) published messages?", stderr)
         assert match is not None, stderr
-        assert 1 <= int(match[1]) < 5
+        assert int(match[1]) in published
 
     def test_option_conflicts(self, url: str, channels: str) -> None:
         """--aggregate-id with two stores, or with --aggregate-ids, is refused."""

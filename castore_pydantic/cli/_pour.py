@@ -189,6 +189,12 @@ def pour(
                         rate_limit=rate_limit,
                         on_progress=counted,
                     )
+                    # In-process channels handle messages in the background: let them finish.
+                    join = getattr(channel_adapter, "join", None)
+                    if callable(join):
+                        joined = join()
+                        if inspect.isawaitable(joined):
+                            await joined
                 except (asyncio.CancelledError, KeyboardInterrupt) as exc:
                     # Ctrl-C reaches the pour as the cancellation of its task.
                     raise CliError(
@@ -196,12 +202,7 @@ def pour(
                         f"interrupted after {plural(poured[0], 'published message')} (a pour "
                         "may be run again: consumers see replayed messages)",
                     ) from exc
-                # In-process channels handle messages in the background: let them finish.
-                join = getattr(channel_adapter, "join", None)
                 if callable(join):
-                    joined = join()
-                    if inspect.isawaitable(joined):
-                        await joined
                     failed = await _failures(channel_adapter) - failed_before
                     if failed:
                         raise CliError(

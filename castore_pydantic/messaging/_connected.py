@@ -147,7 +147,7 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
         return self._on_event_pushed
 
     async def _on_event_pushed(self, result: PushEventResult[Any, Any]) -> None:
-        hook = self._event_store.on_event_pushed
+        hook = self._event_store._after_push()  # an inner connected store publishes too
         if hook is not None:
             await hook(result)
         await self.publish_pushed_event(result)

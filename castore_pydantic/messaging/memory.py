@@ -323,6 +323,8 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
 
     @worker.setter
     def worker(self, worker: MessageHandler | None) -> None:
+        if worker is None and self._consuming:
+            raise RuntimeError("stop consuming before removing the worker")
         self._worker = worker
         # Messages already waiting stay with the worker they were published to.
         self._queue = None if worker is None else _Fifo(self, worker)

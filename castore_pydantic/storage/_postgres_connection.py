@@ -56,12 +56,17 @@ def _url_password(conninfo: str) -> set[str]:
 
 
 def _unencoded_at(conninfo: str) -> bool:
-    """Whether a URI's authority (before its path) holds more than one ``@``."""
+    """Whether libpq would read part of a URI's password or query as its host.
+
+    libpq ends the credentials at the first ``@`` before the path: a second ``@`` there, or
+    an ``@`` in a query string with no path before it, moves text into the host.
+    """
     scheme, sep, rest = conninfo.partition("://")
     if not sep or scheme.lower() not in ("postgresql", "postgres"):
         return False
-    authority = rest.split("/", 1)[0].split("?", 1)[0]
-    return authority.count("@") > 1
+    authority = rest.split("/", 1)[0]
+    credentials, at, _ = authority.partition("@")
+    return bool(at) and (authority.count("@") > 1 or "?" in credentials)
 
 
 def _message(exc: BaseException) -> str:
@@ -119,8 +124,8 @@ class Settings:
             # libpq would end the password at the first "@" and read the rest as the host,
             # which connection errors then show.
             raise ValueError(
-                "invalid PostgreSQL connection string: the user or password holds an '@' "
-                "that is not URL-encoded; write it as %40"
+                "invalid PostgreSQL connection string: the user, password or query holds an "
+                "'@' that is not URL-encoded; write it as %40"
             )
         try:
             return cls.of(conninfo_to_dict(conninfo, **kwargs))

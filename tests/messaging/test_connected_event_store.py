@@ -383,6 +383,41 @@ class TestGroupHooks:
         assert "hook failed for v3" in caplog.text
         assert len((await store.get_events("pikachu")).events) == 3
 
+    async def test_a_cancelled_hook_still_logs_earlier_failures(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A cancellation in a later hook goes on, but an earlier hook's failure is logged
+        rather than lost."""
+        store = make_store()
+
+        async def hook(result: PushEventResult[Any, Any]) -> None:
+            if result.event.version == 1:
+                raise RuntimeError("hook failed for v1")
+            raise asyncio.CancelledError
+
+        store.on_event_pushed = hook
+        with pytest.raises(asyncio.CancelledError):
+            await EventStore.push_event_group(
+                store.group_event(appeared()), store.group_event(caught())
+            )
+        assert "hook failed for v1" in caplog.text
+
+    async def test_nested_connected_stores_both_publish_a_group(self) -> None:
+        """A connected store wrapping a connected store publishes to both channels, for a
+        group as for a push (a group used to reach the outer channel only)."""
+        inner_log: list[str] = []
+        outer_log: list[str] = []
+        _, inner = logged_queue(inner_log)
+        outer_queue = NotificationMessageQueue(
+            message_queue_id="outer",
+            source_event_stores=[inner],
+            message_queue_adapter=RecordingAdapter(outer_log),
+        )
+        outer = ConnectedEventStore(inner, outer_queue)
+        await outer.push_event(appeared())
+        await EventStore.push_event_group(outer.group_event(caught()))
+        assert inner_log == outer_log == ["publish", "publish"]
+
 
 class TestBrokerDown:
     async def test_push_stores_the_event_and_raises(self) -> None:

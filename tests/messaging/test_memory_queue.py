@@ -279,3 +279,18 @@ class TestInMemoryQueue:
         """The repr says which queue the adapter serves."""
         adapter = InMemoryMessageQueueAdapter.attach_to(make_queue())
         assert "pokemons" in repr(adapter)
+
+
+async def test_the_worker_cannot_be_removed_while_consuming() -> None:
+    """As on the brokers' adapters: removing the worker while consuming is refused."""
+
+    async def worker(message: Any, context: Any) -> None:
+        return None
+
+    queue = NotificationMessageQueue(message_queue_id="w", source_event_stores=[])
+    adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
+    async with adapter.consuming():
+        with pytest.raises(RuntimeError, match="stop consuming"):
+            adapter.worker = None
+    adapter.worker = None
+    assert adapter.worker is None

@@ -242,6 +242,16 @@ class TestPasswords:
         assert CANARY not in "".join(traceback.format_exception(info.value))
         encoded = dsn.replace(f"{CANARY}@{CANARY}", f"{CANARY}%40{CANARY}")
         assert CANARY not in repr(PostgresEventStorageAdapter(encoded))
+        # libpq would read a query's '@' into the host as well, when no path comes first.
+        in_query = f"postgresql://{POSTGRES_HOST}?password={CANARY}@{CANARY}"
+        with pytest.raises(ValueError, match="write it as %40"):
+            PostgresEventStorageAdapter(in_query)
+        for fine in (
+            f"postgresql://postgres@{POSTGRES_HOST},{POSTGRES_HOST}/test",
+            f"postgresql://postgres@{POSTGRES_HOST}/test?options=-ca%40b&application_name=x@y",
+            f"host={POSTGRES_HOST} user=postgres password=a@b@c",
+        ):
+            PostgresEventStorageAdapter(fine)  # never refused
 
     async def test_driver_errors_do_not_reveal_it(
         self, pg_schema: str, caplog: pytest.LogCaptureFixture
