@@ -59,14 +59,16 @@ def _unencoded_at(conninfo: str) -> bool:
     """Whether libpq would read part of a URI's password or query as its host.
 
     libpq ends the credentials at the first ``@`` before the path: a second ``@`` there, or
-    an ``@`` in a query string with no path before it, moves text into the host.
+    an ``@`` in a query string with no path before it (the "user" then holds a ``?``),
+    moves text into the host. A ``?`` in the password itself is read as given.
     """
     scheme, sep, rest = conninfo.partition("://")
     if not sep or scheme.lower() not in ("postgresql", "postgres"):
         return False
     authority = rest.split("/", 1)[0]
     credentials, at, _ = authority.partition("@")
-    return bool(at) and (authority.count("@") > 1 or "?" in credentials)
+    user = credentials.split(":", 1)[0]
+    return bool(at) and (authority.count("@") > 1 or "?" in user)
 
 
 def _message(exc: BaseException) -> str:

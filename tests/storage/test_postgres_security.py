@@ -250,6 +250,7 @@ class TestPasswords:
             f"postgresql://postgres@{POSTGRES_HOST},{POSTGRES_HOST}/test",
             f"postgresql://postgres@{POSTGRES_HOST}/test?options=-ca%40b&application_name=x@y",
             f"host={POSTGRES_HOST} user=postgres password=a@b@c",
+            f"postgresql://postgres:pa?ss@{POSTGRES_HOST}/test",  # libpq reads 'pa?ss'
         ):
             PostgresEventStorageAdapter(fine)  # never refused
 
