@@ -10,28 +10,21 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import re
 import types
 from collections.abc import Callable
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import pydantic_core
 from hypothesis import strategies as st
 from pydantic import (
     BaseModel,
-    ConfigDict,
-    PydanticSchemaGenerationError,
-    PydanticUserError,
-    StringConstraints,
-    TypeAdapter,
     ValidationError,
 )
-from pydantic_core import SchemaError
 
 from castore_pydantic.testing._derive import ModelPlan, Resolver
-from castore_pydantic.testing._scalars import Constraints
+from castore_pydantic.testing._scalars import Constraints, pydantic_pattern
 
 __all__ = ["invalid_inputs"]
 
@@ -144,7 +137,8 @@ def _violations(annotation: Any, metadata: tuple[Any, ...]) -> list[Breaker]:
     if c.max_length is not None:
         breakers.append(functools.partial(_resize, size=c.max_length + 1))
     if c.pattern is not None:
-        misses = [p for p in _PATTERN_PROBES if _misses(c.pattern, p)][:3]
+        accepts = pydantic_pattern(c.pattern)
+        misses = [p for p in _PATTERN_PROBES if not accepts(p)][:3]
         breakers.extend(_constant(miss) for miss in misses)
     if c.max_digits is not None:
         breakers.append(_constant(Decimal("9" * (c.max_digits + 1))))
@@ -155,36 +149,6 @@ def _violations(annotation: Any, metadata: tuple[Any, ...]) -> list[Breaker]:
     ):
         breakers.append(_constant("__not_an_allowed_value__"))
     return breakers
-
-
-@functools.lru_cache(maxsize=256)
-def _pattern_checker(pattern: str | re.Pattern[str]) -> TypeAdapter[str] | None:
-    """Pydantic's own check of ``pattern`` (its regex engine is not Python's ``re``)."""
-    constrained: Any = Annotated[str, StringConstraints(pattern=pattern)]
-    for config in (None, ConfigDict(regex_engine="python-re")):  # the model's may be Python's
-        try:
-            return TypeAdapter(constrained, config=config)
-        except (
-            PydanticUserError,
-            PydanticSchemaGenerationError,
-            SchemaError,
-            re.error,
-            ValueError,
-        ):
-            continue
-    return None
-
-
-def _misses(pattern: str | re.Pattern[str], text: str) -> bool:
-    """Whether Pydantic refuses ``text`` for ``pattern`` (never, if it cannot tell)."""
-    checker = _pattern_checker(pattern)
-    if checker is None:
-        return False
-    try:
-        checker.validate_python(text)
-    except ValidationError:
-        return True
-    return False
 
 
 def _constant(value: Any) -> Breaker:

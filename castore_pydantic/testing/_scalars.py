@@ -25,7 +25,7 @@ import annotated_types as at
 import pydantic.types as pt
 import pydantic_core
 from hypothesis import strategies as st
-from pydantic import StringConstraints, TypeAdapter, ValidationError
+from pydantic import ConfigDict, StringConstraints, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from castore_pydantic.errors import NoStrategyError
@@ -245,7 +245,7 @@ def text(c: Constraints, path: str) -> st.SearchStrategy[str]:
     # Pydantic searches for the pattern; a pattern anchored at both ends must match it all.
     anchored = c.pattern.startswith("^") and c.pattern.endswith("$")
     made = st.from_regex(compiled, fullmatch=anchored, alphabet=alphabet).filter(
-        _pydantic_pattern(c.pattern)
+        pydantic_pattern(c.pattern)
     )
     if c.strip_whitespace:
         made = made.map(str.strip)
@@ -277,15 +277,30 @@ def _sized_pattern(pattern: str, lo: int, hi: int | None) -> str:
     return f"^{atom}{{{low},{high}}}$"
 
 
-@lru_cache(maxsize=256)
-def _pydantic_pattern(pattern: str) -> Callable[[str], bool]:
-    """A check with Pydantic's own regex engine, for strings Python's ``re`` generated.
-
-    The engines differ on Unicode classes: Python's word class matches ``²``, Rust's not.
-    """
+def _pattern_adapter(pattern: str) -> TypeAdapter[str] | None:
+    """Pydantic's validator of ``pattern``: its default regex engine, else Python's."""
+    constrained: Any = Annotated[str, StringConstraints(pattern=pattern)]
     try:
-        adapter = TypeAdapter(Annotated[str, StringConstraints(pattern=pattern)])
-    except Exception:  # a pattern only Python's engine compiles: Pydantic uses that one too
+        return TypeAdapter(constrained)
+    except Exception:  # the default engine refuses it (a look-around): try Python's
+        engine = ConfigDict(regex_engine="python-re")
+    try:
+        return TypeAdapter(constrained, config=engine)
+    except Exception:  # neither engine builds it
+        return None
+
+
+@lru_cache(maxsize=256)
+def pydantic_pattern(pattern: str) -> Callable[[str], bool]:
+    r"""Whether Pydantic accepts a text for ``pattern``, checked by Pydantic itself.
+
+    Its regex engines are not Python's ``re``: the default one differs on Unicode classes
+    (Python's word class matches ``²``, Rust's not) and knows ``\p{L}``; a model on
+    ``regex_engine="python-re"`` may use look-arounds the default one refuses. A pattern
+    neither engine builds is never judged (every text passes).
+    """
+    adapter = _pattern_adapter(pattern)
+    if adapter is None:
         return lambda _: True
 
     def matches(value: str) -> bool:
