@@ -248,6 +248,10 @@ class RedisStreamsAdapter:
     def _max_length(self) -> int | None:
         return None
 
+    def _connects_to_publish(self) -> bool:
+        """Whether a first publish must connect first (a queue's never does)."""
+        return False
+
     async def _joined(self) -> None:
         """Get ready to publish: connect on first use, then let late listeners join.
 
@@ -256,9 +260,7 @@ class RedisStreamsAdapter:
         queue's group starts at the beginning: a publisher that may only append needs no
         more rights than that.)
         """
-        if not self._connected and any(
-            "$" in subscription.start_ids for subscription in self._subscriptions()
-        ):
+        if not self._connected and self._connects_to_publish():
             await self.connect()
         if self._joining:
             await asyncio.wait(list(self._joining))

@@ -376,6 +376,11 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
     def _subscriptions(self) -> list[Subscription]:
         return [self._subscription(listener) for listener in self._listeners.values()]
 
+    def _connects_to_publish(self) -> bool:
+        # Listeners' groups start at the end of the stream: they must exist before this
+        # message is appended, or they would miss it.
+        return bool(self._listeners)
+
     def _router(self, subscription: Subscription) -> Any:
         assert subscription.listener_id is not None
         return self._listeners[subscription.listener_id].route
