@@ -130,7 +130,7 @@ def check_keys_read_back(event_type: type[Event]) -> None:
         TypeError: Names the field and what would be lost.
     """
     seen: set[type[BaseModel]] = set()
-    serialized = _serialized_fields(event_type)
+    serialized = _serialized_fields(event_type, event_type.model_fields)
     for part in ("payload", "metadata"):
         field = event_type.model_fields[part]
         problem = None
@@ -142,12 +142,16 @@ def check_keys_read_back(event_type: type[Event]) -> None:
             raise TypeError(f"event type {event_type.__name__}: {problem}")
 
 
-def _serialized_fields(model: type[BaseModel]) -> set[str]:
-    """The fields of ``model`` that a ``field_serializer`` writes (all of them for ``*``)."""
+def _serialized_fields(cls: type, fields: Iterable[str]) -> set[str]:
+    """Which of ``fields`` a ``field_serializer`` of ``cls`` writes (all of them for ``*``).
+
+    ``cls`` is a model, or a TypedDict or dataclass (which may have none).
+    """
+    decorators = getattr(cls, "__pydantic_decorators__", None)
     names: set[str] = set()
-    for serializer in model.__pydantic_decorators__.field_serializers.values():
+    for serializer in decorators.field_serializers.values() if decorators else ():
         if "*" in serializer.info.fields:
-            return set(model.model_fields)
+            return set(fields)
         names.update(serializer.info.fields)
     return names
 
@@ -201,13 +205,7 @@ def _lossy_fields(container: type, path: str, seen: set[Any]) -> str | None:
         hints = get_type_hints(container, include_extras=True)
     except Exception:
         return None
-    decorators = getattr(container, "__pydantic_decorators__", None)
-    written = set()
-    if decorators is not None:
-        for serializer in decorators.field_serializers.values():
-            written.update(serializer.info.fields)
-    if "*" in written:
-        return None
+    written = _serialized_fields(container, hints)
     for name, hint in hints.items():
         if name in written:
             continue
@@ -242,7 +240,7 @@ def _unread_model_key(model: type[BaseModel], path: str, seen: set[type[BaseMode
         return None  # it writes what it wants: it cannot be judged
     validators = decorators.model_validators.values()
     free_keys = any(validator.info.mode in ("before", "wrap") for validator in validators)
-    serialized = _serialized_fields(model)
+    serialized = _serialized_fields(model, model.model_fields)
     config = model.model_config
     by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
     by_alias = config.get("validate_by_alias") is not False
