@@ -289,6 +289,9 @@ def _keys_read(name: str, alias: Any, *, by_alias: bool) -> set[str] | None:
     return keys
 
 
+#: The most characters or bytes JSON text takes for one character of an event.
+_JSON_CHARACTER_WIDTH = 6
+
 #: Past this ``max_depth`` the recursive fast scan is not used.
 _FAST_SCAN_MAX_DEPTH = 200
 _FAIL = -(1 << 62)  # a size so negative that any sum containing it stays negative
@@ -570,10 +573,15 @@ class EventStoreContext:
         return validated
 
     def _validate_json_input(self, text: str | bytes | bytearray) -> Event:
-        if len(text) > self.limits.max_bytes:
+        # A guard against parsing huge texts, not the limit itself (``check_limits`` then
+        # measures the event): the limit counts characters, and JSON writes one in up to
+        # six (``\u00e9``; four bytes of UTF-8), so an event within it may be longer.
+        longest = _JSON_CHARACTER_WIDTH * self.limits.max_bytes
+        if len(text) > longest:
             raise EventLimitExceededError(
                 self.event_store_id,
-                f"JSON text of {len(text)} bytes exceeds max_bytes={self.limits.max_bytes}",
+                f"JSON text of {len(text)} characters or bytes is longer than any event "
+                f"within max_bytes={self.limits.max_bytes} can be",
             )
         try:
             return self._one.validate_json(text)

@@ -10,11 +10,9 @@ from typing import IO, Any
 
 import click
 from pydantic import ValidationError
-from pydantic_core import from_json
 from rich.progress import Progress, TaskID
 
-from castore_pydantic import Event, EventStore, GroupedEvent
-from castore_pydantic._serialization import event_type_names
+from castore_pydantic import EventStore, GroupedEvent
 from castore_pydantic.cli._app import TIMESTAMP, cli, json_option, progress_option, store_options
 from castore_pydantic.cli._files import input_source, output_file
 from castore_pydantic.cli._loading import Target, iter_aggregate_ids, iter_events
@@ -151,56 +149,6 @@ async def _then(
         yield aggregate_id
 
 
-class _InvalidJSONError(ValueError):
-    """A line of the input is not JSON."""
-
-
-class _Lines:
-    """Lines of Castore's event JSON, validated as events of one store."""
-
-    def __init__(self, store: EventStore[Any, Any]) -> None:
-        self.context = store.context
-        self._by_type = {
-            name: event_type
-            for event_type in store.event_types
-            for name in event_type_names(event_type)
-        }
-        classes = set(self._by_type.values())
-        self._only = classes.pop() if len(classes) == 1 else None
-
-    def event(self, raw: bytes) -> Event:
-        """The event of one line, checked against the store's limits as any pushed event.
-
-        The library refuses JSON text longer than ``max_bytes``, while its limit on events
-        counts characters: a line ``export`` wrote for an accepted event may be longer (a
-        non-ASCII character takes two to four bytes). Such a line is parsed here, validated
-        as JSON like any other, and its event checked against the store's limits.
-
-        Raises:
-            pydantic.ValidationError: The event does not fit its type.
-            UnknownEventTypeError: Its type is not one of the store's.
-            EventLimitExceededError: It is too deep, too large or not storable.
-            _InvalidJSONError: The line is not JSON.
-        """
-        context = self.context
-        if len(raw) <= context.limits.max_bytes:
-            return context.validate_input(raw, timestamp=False)
-        try:
-            data = from_json(raw)
-        except ValueError as exc:
-            raise _InvalidJSONError(f"Invalid JSON: {exc}") from exc
-        event_type = None
-        if isinstance(data, dict):
-            name = data.get("type")
-            event_type = self._by_type.get(name) if isinstance(name, str) else None
-            if "type" not in data:
-                event_type = self._only
-        if event_type is None:
-            # Not an object, or not one of the store's types: the library says what is wrong.
-            return context.validate_input(data, timestamp=False)
-        return context.validate_input(event_type.model_validate_json(raw), timestamp=False)
-
-
 def _line_reason(exc: Exception, tags: tuple[str, ...]) -> str:
     if isinstance(exc, ValidationError):
         return validation_reason(exc, tags)
@@ -254,8 +202,7 @@ def import_command(
 
     async def work() -> int:
         target = Target(store, url, table, timeout, must_exist=False)
-        lines = _Lines(target.store)
-        context = lines.context
+        context = target.store.context
         with input_source(source) as reading, byte_progress_bar(progress) as bar:
             checking = bar.add_task("Validating", total=reading.size)
             seen: dict[tuple[str, int], int] = {}  # line of each event key (without --force)
@@ -266,13 +213,8 @@ def import_command(
                 if not raw.strip():
                     continue
                 try:
-                    event = lines.event(raw)
-                except (
-                    ValidationError,
-                    UnknownEventTypeError,
-                    EventLimitExceededError,
-                    _InvalidJSONError,
-                ) as exc:
+                    event = context.validate_input(raw, timestamp=False)
+                except (ValidationError, UnknownEventTypeError, EventLimitExceededError) as exc:
                     raise CliError(
                         EXIT_INVALID_DATA,
                         f"line {number}: {_line_reason(exc, context.known_types)} "
@@ -295,7 +237,7 @@ def import_command(
                     create = getattr(target.adapter, "create_event_table", None)
                     if create is not None:
                         await create()
-                batches = _Batches(working, lines, batch_size=batch_size, force=force)
+                batches = _Batches(working, batch_size=batch_size, force=force)
                 await batches.write(reading.second_pass(), bar, writing)
                 return batches.written
 
@@ -309,11 +251,8 @@ def import_command(
 class _Batches:
     """Writes validated lines as event groups, and reports how far it got when it stops."""
 
-    def __init__(
-        self, store: EventStore[Any, Any], lines: _Lines, *, batch_size: int, force: bool
-    ) -> None:
+    def __init__(self, store: EventStore[Any, Any], *, batch_size: int, force: bool) -> None:
         self.store = store
-        self.lines = lines
         self.batch_size = batch_size
         self.force = force
         #: Events written so far (committed: each batch is one transaction).
@@ -337,7 +276,7 @@ class _Batches:
                 if not self._batch:
                     self._first_line = number
                 self._last_line = number
-                grouped = self.store.group_event(self.lines.event(raw))
+                grouped = self.store.group_event(raw)
                 self._batch.append(grouped)
                 self._keys[(grouped.event.aggregate_id, grouped.event.version)] = number
                 if len(self._batch) >= self.batch_size:
