@@ -462,7 +462,7 @@ def command_histories(
     ids = _aggregate_ids(aggregate_id)
 
     def step_inputs(command: Command[Any, Any], key: str | st.SearchStrategy[str]) -> Any:
-        fixed = dict((inputs or {}).get(command.command_id, {}))
+        fixed = dict(fixed_inputs.get(command.command_id, {}))
         plan = plans[command.command_id]
         if isinstance(plan, ModelPlan):
             if aggregate_id_field is not None and aggregate_id_field in plan.fields:
@@ -473,9 +473,21 @@ def command_histories(
             return plan.inputs(fixed).map(plan.validate).filter(_is_valid)
         return plan
 
+    fixed_inputs: dict[str, Mapping[str, Any]] = {
+        command_id: dict(values) for command_id, values in (inputs or {}).items()
+    }
     for command in commands:
         # Unknown or refused fixed fields fail now, not while drawing (the key is drawn).
         step_inputs(command, st.text())
+    # Checked: from now on they are strategies, which the plan takes as they are at each
+    # draw instead of validating them again.
+    fixed_inputs = {
+        command_id: {
+            name: value if isinstance(value, st.SearchStrategy) else st.just(value)
+            for name, value in values.items()
+        }
+        for command_id, values in fixed_inputs.items()
+    }
 
     @st.composite
     def history(draw: st.DrawFn) -> list[Event]:
