@@ -19,7 +19,7 @@ from castore_pydantic._event import format_timestamp
 from castore_pydantic._types import AggregateIdEntry, ListAggregateIdsResult
 from castore_pydantic.errors import InvalidPageTokenError
 
-__all__ = ["ListingOptions", "check_count", "check_read_options", "parse_timestamp"]
+__all__ = ["ListingOptions", "check_count", "check_read_options", "lower_bound", "parse_timestamp"]
 
 _T = TypeVar("_T")
 
@@ -70,7 +70,7 @@ def _check_limit(limit: object) -> int | None:
     return check_count("limit", limit)
 
 
-def _lower_bound(value: datetime | None) -> tuple[datetime | None, bool]:
+def lower_bound(value: datetime | None) -> tuple[datetime | None, bool]:
     """An inclusive lower bound, in UTC rounded up to a whole millisecond.
 
     Stored timestamps are whole milliseconds, so rounding loses none. Also returned: whether
@@ -179,7 +179,7 @@ class ListingOptions:
             raise InvalidPageTokenError("'reverse' must be a boolean")
         # A bad explicit option is the caller's ValueError; a bad value taken from the token
         # means the token is invalid.
-        after, too_late = _lower_bound(
+        after, too_late = lower_bound(
             _option(_after, initial_event_after, token.get("initialEventAfter"))
         )
         before, too_early = _upper_bound(

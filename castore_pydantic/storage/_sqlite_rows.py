@@ -7,7 +7,7 @@ payload and metadata, or NULL.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
 from castore_pydantic._event import format_timestamp
@@ -17,7 +17,6 @@ __all__ = [
     "SLICE",
     "LongRead",
     "Statements",
-    "ceil_timestamp_text",
     "timestamp_text",
 ]
 
@@ -38,18 +37,6 @@ def timestamp_text(value: datetime) -> str:
     text = format_timestamp(value)
     _LAST_TIMESTAMP[0] = (value, text)
     return text
-
-
-def ceil_timestamp_text(value: datetime) -> str | None:
-    """The first whole millisecond at or after ``value``; ``None`` past the last one."""
-    value = value.astimezone(UTC)
-    extra = value.microsecond % 1000
-    if extra:
-        try:
-            value += timedelta(microseconds=1000 - extra)
-        except OverflowError:
-            return None
-    return timestamp_text(value)
 
 
 class Statements:

@@ -32,7 +32,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
 
 from castore_pydantic._event import Event, stamped, utc_now
-from castore_pydantic._paging import ListingOptions, check_read_options
+from castore_pydantic._paging import ListingOptions, check_read_options, lower_bound
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import (
@@ -50,7 +50,6 @@ from castore_pydantic.storage._sqlite_rows import (
     SLICE,
     LongRead,
     Statements,
-    ceil_timestamp_text,
     timestamp_text,
 )
 
@@ -791,7 +790,9 @@ class SQLiteEventStorageAdapter:
             sql.append("AND timestamp <= ?")
             params.append(timestamp_text(stamp))
             return True
-        after = ceil_timestamp_text(stamp)
+        after, none_reach = lower_bound(stamp)
+        if after is None:
+            return not none_reach
         sql.append("AND timestamp >= ?")
-        params.append(after)
-        return after is not None
+        params.append(timestamp_text(after))
+        return True
