@@ -421,6 +421,18 @@ _BEFORE_ANY_EVENT = datetime.min.replace(tzinfo=UTC)
 _Entry = tuple[datetime, int, str, int, int, _Stream]
 
 
+async def _find_unlisted(store: EventStore[Any, Any]) -> list[str] | None:
+    """The store's aggregates without a version-1 event, which listing leaves out, by id.
+
+    ``None`` when its adapter cannot tell (only the library's adapters can).
+    """
+    find = getattr(store.get_event_storage_adapter(), "_unlisted_aggregate_ids", None)
+    if find is None:
+        return None
+    found: list[str] = await find(store.context)
+    return found
+
+
 class _Merge:
     """Pours several stores' events in ``(timestamp, store, aggregate, version)`` order."""
 
@@ -498,11 +510,7 @@ class _Merge:
         for its turn like any other aggregate.
         """
         for source in self.sources:
-            store = source.event_store
-            find = getattr(store.event_storage_adapter, "_unlisted_aggregate_ids", None)
-            if find is None:
-                continue
-            unlisted: list[str] = await find(store.context)
+            unlisted = await _find_unlisted(source.event_store) or []
             source.unlisted = frozenset(unlisted)
             for aggregate_id in unlisted:
                 self.pourer.scanned += 1

@@ -30,6 +30,7 @@ from castore_pydantic.cli._running import (
     run,
     validation_reason,
 )
+from castore_pydantic.dam import _find_unlisted
 from castore_pydantic.errors import (
     EventAlreadyExistsError,
     EventLimitExceededError,
@@ -126,16 +127,15 @@ async def _unlisted_aggregate_ids(store: EventStore[Any, Any]) -> list[str]:
 
     The library's adapters can; for another adapter a warning says what may be missing.
     """
-    adapter = store.get_event_storage_adapter()
-    find = getattr(adapter, "_unlisted_aggregate_ids", None)
-    if find is None:
+    found = await _find_unlisted(store)
+    if found is None:
+        adapter = type(store.get_event_storage_adapter()).__name__
         click.echo(
-            f"castore: warning: {type(adapter).__name__} cannot tell which aggregates have no "
-            "version-1 event; such aggregates are not exported",
+            f"castore: warning: {adapter} cannot tell which aggregates have no version-1 "
+            "event; such aggregates are not exported",
             err=True,
         )
         return []
-    found: list[str] = await find(store.context)
     return found
 
 
