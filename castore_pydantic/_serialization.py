@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin, get_type_hints
 
 from pydantic import (
     AliasChoices,
@@ -31,6 +31,7 @@ from pydantic import (
     ValidationError,
     WrapSerializer,
 )
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 from typing_extensions import is_typeddict
 
 from castore_pydantic import _gc
@@ -297,33 +298,55 @@ _FAST_SCAN_MAX_DEPTH = 200
 _FAIL = -(1 << 62)  # a size so negative that any sum containing it stays negative
 
 
-#: Per model class: bytes counted for its int/bool fields, its str fields, its other fields.
-_ModelPlan = tuple[int, tuple[str, ...], tuple[str, ...]]
+#: Integers within these bounds take at most 20 characters of JSON: the scans count them as 8
+#: bytes. Larger ones are measured, and refused past ``_LONGEST_INT_DIGITS``.
+_SMALL_INT: Final = 1 << 63
+#: The most digits pydantic-core's JSON parser reads back as an integer (and Python's default
+#: ``sys.get_int_max_str_digits()``).
+_LONGEST_INT_DIGITS: Final = 4300
+
+#: Per model class: bytes counted for its bool fields; its int, str and other fields.
+_ModelPlan = tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 _MODEL_PLANS: dict[type[BaseModel], _ModelPlan] = {}
 
 
 def _model_plan(cls: type[BaseModel]) -> _ModelPlan:
-    """How to scan instances of ``cls``: fields typed int or bool hold nothing to check."""
+    """How to scan instances of ``cls``: fields typed bool hold nothing to check."""
     plan = _MODEL_PLANS.get(cls)
     if plan is None:
-        fixed, texts, others = 0, [], []
+        fixed, ints, texts, others = 0, [], [], []
         for name, field in cls.model_fields.items():
-            if field.annotation in (int, bool):
+            if field.annotation is bool:
                 fixed += 8
+            elif field.annotation is int:
+                ints.append(name)
             elif field.annotation is str:
                 texts.append(name)
             else:
                 others.append(name)
-        plan = _MODEL_PLANS[cls] = (fixed, tuple(texts), tuple(others))
+        plan = _MODEL_PLANS[cls] = (fixed, tuple(ints), tuple(texts), tuple(others))
     return plan
+
+
+def _int_digits(value: int) -> int:
+    """How many digits ``value`` has (``str`` refuses to tell past 4,300 of them)."""
+    bits = abs(value).bit_length()
+    estimate = max(1, int(bits * math.log10(2)))  # the exact count, or one less
+    power: int = 10**estimate
+    return estimate + 1 if abs(value) >= power else estimate
 
 
 def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
     """``_scan`` of a model without extra fields, at ``depth`` (already within the limit)."""
     kind = type(value)
-    fixed, texts, others = _MODEL_PLANS.get(kind) or _model_plan(kind)
+    fixed, ints, texts, others = _MODEL_PLANS.get(kind) or _model_plan(kind)
     size = 4 + fixed
     fields = value.__dict__
+    for name in ints:
+        number = fields[name]
+        if type(number) is not int or not -_SMALL_INT < number < _SMALL_INT:
+            return _FAIL  # a huge number (or a value assigned around validation)
+        size += 8
     for name in texts:
         text = fields[name]
         if type(text) is not str:
@@ -348,7 +371,9 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a f
         if "\x00" in value or (not value.isascii() and _SURROGATE.search(value)):
             return _FAIL
         return len(value) + 4
-    if kind is int or kind is bool or value is None:
+    if kind is int:
+        return 8 if -_SMALL_INT < value < _SMALL_INT else _FAIL
+    if kind is bool or value is None:
         return 8
     if kind is float:
         return 8 if math.isfinite(value) else _FAIL
@@ -621,18 +646,7 @@ class EventStoreContext:
             stack.append((event.metadata, 1, ("metadata",)))
         while stack:
             value, depth, path = stack.pop()
-            if isinstance(value, str):
-                size += len(value) + 4
-                self._check_str(value, path)
-            elif value is None or isinstance(value, bool | int):
-                size += 8
-            elif isinstance(value, float):
-                if not math.isfinite(value):
-                    raise EventLimitExceededError(
-                        self.event_store_id, f"{value} is not a JSON number", path
-                    )
-                size += 8
-            elif isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset):
+            if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset):
                 if depth > max_depth:
                     raise EventLimitExceededError(
                         self.event_store_id, f"nesting deeper than max_depth={max_depth}", path
@@ -640,11 +654,67 @@ class EventStoreContext:
                 size += 4
                 stack.extend(self._children(value, depth + 1, path))
             else:
-                size += len(value) if isinstance(value, bytes | bytearray) else 16
+                leaf = self._leaf_size(value, path)
+                if leaf < 0:
+                    # A dataclass, a deque, a Decimal...: measured and checked in its JSON form.
+                    stack.append((self._json_form(value, path), depth, path))
+                size += max(leaf, 0)
             if size > max_bytes:
                 raise EventLimitExceededError(
                     self.event_store_id, f"event larger than max_bytes={max_bytes}", path
                 )
+
+    def _leaf_size(self, value: object, path: tuple[str | int, ...]) -> int:
+        """The bytes the slow scan counts for a JSON leaf, checked; -1 for anything else."""
+        if isinstance(value, str):
+            self._check_str(value, path)
+            return len(value) + 4
+        if value is None or isinstance(value, bool):
+            return 8
+        if isinstance(value, int):
+            return self._int_size(value, path)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise EventLimitExceededError(
+                    self.event_store_id, f"{value} is not a JSON number", path
+                )
+            return 8
+        if isinstance(value, bytes | bytearray):
+            if b"\x00" in value:
+                raise EventLimitExceededError(
+                    self.event_store_id, "NUL characters cannot be stored", path
+                )
+            return len(value) + 4
+        return -1
+
+    def _int_size(self, value: int, path: tuple[str | int, ...]) -> int:
+        """The bytes the slow scan counts for an int; one JSON cannot read back is refused."""
+        if -_SMALL_INT < value < _SMALL_INT:
+            return 8
+        digits = _int_digits(value)
+        if digits > _LONGEST_INT_DIGITS:
+            raise EventLimitExceededError(
+                self.event_store_id,
+                f"an integer of {digits} digits cannot be read back from JSON"
+                f" (at most {_LONGEST_INT_DIGITS})",
+                path,
+            )
+        return digits + 1
+
+    def _json_form(self, value: object, path: tuple[str | int, ...]) -> object:
+        """``value`` as the JSON types it is written as (dicts, lists, strings, numbers).
+
+        Floats stay floats, so that NaN and infinity are still seen (JSON writes them null).
+        """
+        try:
+            converted = to_jsonable_python(value)
+        except (PydanticSerializationError, ValueError, RecursionError) as exc:
+            raise EventLimitExceededError(
+                self.event_store_id, f"cannot be written as JSON: {exc}", path
+            ) from exc
+        if type(converted) is type(value):  # nothing known to convert it to: counted as is
+            return None
+        return converted
 
     def _children(
         self, value: Any, depth: int, path: tuple[str | int, ...]

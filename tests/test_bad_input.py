@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any, Literal
 
 import pytest
@@ -180,6 +183,100 @@ class TestLimitsAreConfigurable:
             EventLimits(max_depth=0)
         with pytest.raises(ValueError, match="max_bytes"):
             EventLimits(max_bytes=1)
+
+
+@dataclasses.dataclass
+class Reading:
+    value: float
+    label: str
+    raw: bytes = b""
+    child: Reading | None = None
+
+
+class Measured(Event):
+    """Payload values the limit scans do not walk as JSON types: dataclasses, deques, ints."""
+
+    type: Literal["MEASURED"] = "MEASURED"
+    payload: Reading | collections.deque[float] | Decimal | int
+
+
+def measured_store(limits: EventLimits | None = None) -> EventStore[Any, Any]:
+    return EventStore(
+        event_store_id="MEASURES",
+        event_types=[Measured, NoteAdded],
+        reducer=reduce_pokemon,
+        event_storage_adapter=InMemoryEventStorageAdapter(),
+        limits=limits,
+    )
+
+
+def chain(depth: int) -> Reading:
+    reading = Reading(1.0, "leaf")
+    for _ in range(depth):
+        reading = Reading(1.0, "link", child=reading)
+    return reading
+
+
+HUGE_INT = 10**4300  # 4,301 digits: pydantic-core's JSON parser reads at most 4,300 back
+
+OTHER_KINDS: list[tuple[str, object, tuple[str | int, ...], str]] = [
+    ("NaN in a dataclass", Reading(float("nan"), "x"), ("payload", "value"), "not a JSON number"),
+    ("infinity in a deque", collections.deque([1.0, float("inf")]), ("payload", 1),
+     "not a JSON number"),
+    ("NUL in a dataclass string", Reading(1.0, "a\x00b"), ("payload", "label"), "NUL"),
+    ("NUL in bytes", Reading(1.0, "x", raw=b"a\x00"), ("payload", "raw"), "NUL"),
+    ("a long string in a dataclass", Reading(1.0, "x" * 5_000), ("payload", "label"),
+     "max_bytes=1000"),
+    ("a Decimal of 5,000 digits", Decimal("9" * 5_000), ("payload",), "max_bytes=1000"),
+    ("dataclasses nested too deep", chain(70), ("payload", *["child"] * 64), "max_depth=64"),
+    ("a typed int JSON cannot read back", HUGE_INT, ("payload",), "4301 digits"),
+]  # fmt: skip
+
+
+class TestOtherKindsOfValuesAreChecked:
+    """Values the scan does not know (dataclasses, deques, Decimals) are checked in their JSON
+    form, and long integers by their digits: none is stored only to fail every read."""
+
+    @pytest.mark.parametrize(
+        ("name", "payload", "path", "message"), OTHER_KINDS, ids=[c[0] for c in OTHER_KINDS]
+    )
+    async def test_refused_where_it_breaks_a_limit(
+        self, name: str, payload: object, path: tuple[str | int, ...], message: str
+    ) -> None:
+        """Each is an EventLimitExceededError naming the value; nothing is written."""
+        store = measured_store(EventLimits(max_bytes=1000))
+        with pytest.raises(EventLimitExceededError, match=message) as info:
+            await store.push_event(Measured(aggregate_id="m1", version=1, payload=payload))
+        assert info.value.path == path
+        assert (await store.get_events("m1")).events == []
+
+    async def test_a_long_integer_in_a_free_payload_is_refused(self) -> None:
+        """An untyped payload's integer is measured too, also when given as a dict."""
+        store = measured_store()
+        with pytest.raises(EventLimitExceededError, match="4301 digits") as info:
+            await store.push_event(note({"n": [1, -HUGE_INT]}))
+        assert info.value.path == ("payload", "n", 1)
+        with pytest.raises(EventLimitExceededError, match="max_bytes=1000"):
+            await measured_store(EventLimits(max_bytes=1000)).push_event(note(10**2000))
+        assert (await store.get_events("n1")).events == []
+
+    async def test_values_within_the_limits_read_back(self, tmp_path: Any) -> None:
+        """The longest integer JSON reads back, and dataclasses within the limits, are stored
+        and read back equal (SQLite: as JSON text)."""
+        store = measured_store()
+        adapter = SQLiteEventStorageAdapter(tmp_path / "kinds.db")
+        store.event_storage_adapter = adapter
+        longest = -(HUGE_INT - 1)  # 4,300 digits
+        payloads: list[object] = [longest, chain(60), collections.deque([1.5, 2.5])]
+        async with adapter:
+            for index, payload in enumerate(payloads):
+                event = Measured(aggregate_id=f"m{index}", version=1, payload=payload)
+                await store.push_event(event)
+                (stored,) = (await store.get_events(f"m{index}")).events
+                assert stored.payload == payload
+            await store.push_event(note({"n": longest}))
+            (stored,) = (await store.get_events("n1")).events
+            assert stored.payload == {"n": longest}
 
 
 class NoteInput(BaseModel):
