@@ -127,9 +127,23 @@ def check_keys_read_back(event_type: type[Event]) -> None:
     which does not validate as JSON text again. Fields with a ``field_serializer`` of their
     own, and models with a ``model_serializer``, are left to their author.
 
+    Storage keeps an event's six fields only: an event type with fields of its own, computed
+    fields, or ``extra="allow"`` would lose them on the way, and fail to read back when they
+    are required.
+
     Raises:
         TypeError: Names the field and what would be lost.
     """
+    own = [
+        *(name for name in event_type.model_fields if name not in Event.model_fields),
+        *event_type.model_computed_fields,
+    ]
+    if own or event_type.model_config.get("extra") == "allow":
+        what = f"fields {own}" if own else 'extra="allow"'
+        raise TypeError(
+            f"event type {event_type.__name__}: {what} would not be stored: an event holds"
+            f" only {', '.join(Event.model_fields)}; put its data in payload or metadata"
+        )
     seen: set[type[BaseModel]] = set()
     serialized = _serialized_fields(event_type, event_type.model_fields)
     for part in ("payload", "metadata"):

@@ -19,6 +19,7 @@ from pydantic import (
     SecretBytes,
     SecretStr,
     ValidationError,
+    computed_field,
     field_serializer,
     model_validator,
 )
@@ -394,6 +395,50 @@ class TestAliases:
             (event,) = (await store.get_events("u")).events
             assert isinstance(event, LoggedIn)
             assert event.payload.password.get_secret_value() == "pw"
+
+
+class TestFieldsOfTheirOwn:
+    def test_event_types_with_fields_storage_would_drop_are_refused(self) -> None:
+        """Storage keeps an event's six fields: an event type declaring more, a computed
+        field, or extra="allow" is refused when the store is made. Such an event used to be
+        stored without them and, when one was required, fail every read."""
+
+        class Noted(Event):
+            type: Literal["NOTED"] = "NOTED"
+            note: str
+
+        class Tagged(Event):
+            type: Literal["TAGGED"] = "TAGGED"
+            tag: str = "none"
+
+        class Shouted(Event):
+            type: Literal["SHOUTED"] = "SHOUTED"
+            payload: str
+
+            @computed_field  # type: ignore[prop-decorator]
+            @property
+            def loud(self) -> str:
+                return self.payload.upper()
+
+        class Loose(Event):
+            model_config = ConfigDict(extra="allow")
+            type: Literal["LOOSE"] = "LOOSE"
+
+        for event_type, named in (
+            (Noted, "['note']"),
+            (Tagged, "['tag']"),
+            (Shouted, "['loud']"),
+            (Loose, 'extra="allow"'),
+        ):
+            with pytest.raises(TypeError, match=re.escape(named)) as info:
+                EventStore(event_store_id="S", event_types=[event_type], reducer=lambda a, e: a)
+            assert "payload or metadata" in str(info.value)
+
+        class Quiet(Event):  # extra keys ignored on input: nothing is lost when stored
+            model_config = ConfigDict(extra="ignore")
+            type: Literal["QUIET"] = "QUIET"
+
+        EventStore(event_store_id="S", event_types=[Quiet], reducer=lambda a, e: a)
 
 
 class TestAggregate:
