@@ -277,6 +277,13 @@ def _decode_cursor(raw: object) -> AggregateIdEntry:
         raise InvalidPageTokenError(
             "'lastEvaluatedKey' needs string 'aggregateId' and 'initialEventTimestamp'"
         )
+    if not aggregate_id.isascii():
+        try:
+            aggregate_id.encode()
+        except UnicodeEncodeError as exc:  # no such aggregate can be stored
+            raise InvalidPageTokenError(
+                "'lastEvaluatedKey.aggregateId' is not valid Unicode (lone surrogate)"
+            ) from exc
     try:
         ts = parse_timestamp(timestamp, "initialEventTimestamp").astimezone(UTC)
     except ValueError as exc:

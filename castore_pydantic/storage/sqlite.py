@@ -96,6 +96,21 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     return StorageError(f"SQLite failed while {doing}: {exc}")
 
 
+#: How the index of a table's version-1 events is named after the table (``_sqlite_rows``).
+_INDEX_SUFFIX: Final = "_initial_events"
+
+
+def _encodable(text: str) -> bool:
+    """Whether SQLite can take ``text`` (UTF-8 cannot encode a lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _no_loop() -> None:
     return None
 
@@ -167,6 +182,11 @@ class SQLiteEventStorageAdapter:
             )
         if table_name.lower().startswith("sqlite_"):
             raise ValueError(f"table names starting with 'sqlite_' are reserved: {table_name!r}")
+        if table_name.lower().endswith(_INDEX_SUFFIX):
+            # Another table's index takes that name (names share one namespace in SQLite).
+            raise ValueError(
+                f"table names ending in {_INDEX_SUFFIX!r} are reserved for indexes: {table_name!r}"
+            )
         mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if mode not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
@@ -179,7 +199,7 @@ class SQLiteEventStorageAdapter:
         self._realpath = None if self._in_memory else os.path.realpath(self._database)
         self._table = table_name
         self._sql = Statements(table_name)
-        self._synchronous = mode
+        self._synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
         self._busy_timeout = float(busy_timeout)
         self._lock = AdapterLock()
         self._conn: sqlite3.Connection | None = None
@@ -259,8 +279,13 @@ class SQLiteEventStorageAdapter:
             raise StorageError(f"{self!r} is closed")
         try:
             if conn is None:
+                # The path resolved when the adapter was made: a relative path opened later
+                # would follow the working directory, away from the file groups compare.
                 conn = sqlite3.connect(
-                    self._database, timeout=0, isolation_level=None, check_same_thread=False
+                    self._database if self._realpath is None else self._realpath,
+                    timeout=0,
+                    isolation_level=None,
+                    check_same_thread=False,
                 )
                 self._conn = conn
             conn.execute("PRAGMA journal_mode = WAL")
@@ -304,7 +329,9 @@ class SQLiteEventStorageAdapter:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()  # closing rolls back whatever was left open
 
-    async def _run(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    async def _run(  # noqa: PLR0912 - one loop: turns, the lock, busy retries, closing
+        self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
         """Run a synchronous operation under the lock, retrying while the database is busy.
 
         Waiting for the adapter's own lock (another of its calls runs, a long read for
@@ -346,6 +373,10 @@ class SQLiteEventStorageAdapter:
             lock.leave(ticket)
             ticket = None
             try:
+                if self._closed:
+                    # An ``aclose`` that was cancelled while it waited left this behind.
+                    self._discard_connection()
+                    raise StorageError(f"{self!r} is closed")
                 result = operation(*args, **kwargs)
             except _BusyError as busy:
                 cause = busy.__cause__
@@ -400,6 +431,10 @@ class SQLiteEventStorageAdapter:
             raise EventLimitExceededError(
                 row[0], "version does not fit SQLite's 64-bit INTEGER", ("version",)
             ) from exc
+        except UnicodeEncodeError as exc:  # an adapter used without an event store's checks
+            raise EventLimitExceededError(
+                row[0], "text is not valid Unicode (lone surrogate)", ("aggregateId",)
+            ) from exc
 
     def _push_sync(self, row: tuple[Any, ...], event: Event, force: bool) -> None:
         conn = self._connection()
@@ -443,9 +478,29 @@ class SQLiteEventStorageAdapter:
             return False
 
     def _push_group_sync(
-        self, rows: list[tuple[Statements, str, tuple[Any, ...], Event]], force: bool
+        self,
+        rows: list[tuple[Statements, str, tuple[Any, ...], Event]],
+        force: bool,
+        synchronous: Synchronous,
     ) -> None:
         conn = self._connection()
+        if synchronous != self._synchronous:
+            # A member's adapter asks for more durability than this one: its events get it.
+            try:
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+                self._push_group_in_transaction(conn, rows, force)
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            return
+        self._push_group_in_transaction(conn, rows, force)
+
+    def _push_group_in_transaction(
+        self,
+        conn: sqlite3.Connection,
+        rows: list[tuple[Statements, str, tuple[Any, ...], Event]],
+        force: bool,
+    ) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -503,6 +558,7 @@ class SQLiteEventStorageAdapter:
         rows: list[tuple[Statements, str, tuple[Any, ...], Event]] = []
         stored: list[Event] = []
         stamp = utc_now()  # of every event without a timestamp
+        synchronous: Synchronous = self._synchronous  # the strictest of the members' adapters
         for index, grouped in enumerate(grouped_events):
             adapter = grouped.event_storage_adapter
             if not isinstance(adapter, SQLiteEventStorageAdapter):
@@ -521,7 +577,9 @@ class SQLiteEventStorageAdapter:
             row = self._row(event, grouped.context.event_store_id)
             rows.append((adapter._sql, adapter._table, row, event))
             stored.append(event)
-        await self._run(self._push_group_sync, rows, force)
+            if adapter._synchronous == "FULL":
+                synchronous = "FULL"
+        await self._run(self._push_group_sync, rows, force, synchronous)
         return stored
 
     # -- reading ---------------------------------------------------------------------------
@@ -644,8 +702,8 @@ class SQLiteEventStorageAdapter:
             TypeError, ValueError: A bound or the limit is not ``None`` or an int >= 0.
         """
         check_read_options(min_version, max_version, limit)
-        if limit == 0 or not isinstance(aggregate_id, str):
-            return []
+        if limit == 0 or not isinstance(aggregate_id, str) or not _encodable(aggregate_id):
+            return []  # (no aggregate with a lone surrogate in its id can be stored)
         # Bounds past SQLite's 64-bit integers cannot be bound; no stored version is there.
         if min_version is not None and min_version > MAX_INTEGER:
             return []

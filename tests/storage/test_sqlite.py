@@ -24,6 +24,7 @@ from castore_pydantic import Aggregate, Event, EventAlreadyExistsError, EventSto
 from castore_pydantic.errors import (
     EventGroupError,
     EventLimitExceededError,
+    InvalidPageTokenError,
     StorageError,
     StorageUnavailableError,
     StoredEventValidationError,
@@ -777,3 +778,119 @@ class TestGroups:
                 sqlite.group_event(note("a", 1)), memory.group_event(note("b", 1))
             )
         assert (await sqlite.get_events("a")).events == []
+
+
+class TestReviewedEdges:
+    """Edges a review reproduced: each used to write elsewhere, leak an error or keep working."""
+
+    async def test_a_relative_path_keeps_its_file_when_the_directory_changes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The file is the one the path named when the adapter was made: an adapter first
+        used after a chdir used to open another file, while groups, which compare the files
+        resolved at construction, wrote its events into the first one."""
+        first_dir, second_dir = tmp_path / "one", tmp_path / "two"
+        first_dir.mkdir()
+        second_dir.mkdir()
+        monkeypatch.chdir(first_dir)
+        head = SQLiteEventStorageAdapter("events.db")
+        other = SQLiteEventStorageAdapter("events.db", table_name="other")
+        try:
+            a, b = log_store(head, "A"), log_store(other, "B")
+            await a.push_event(note("x", 1))
+            monkeypatch.chdir(second_dir)
+            await EventStore.push_event_group(
+                a.group_event(note("x", 2)), b.group_event(note("y", 1))
+            )
+            await b.push_event(note("z", 1))
+            assert [e.aggregate_id for e in (await b.get_events("y")).events] == ["y"]
+            assert not (second_dir / "events.db").exists()
+            with raw(first_dir / "events.db") as conn:
+                ids = conn.execute("SELECT aggregate_id FROM other ORDER BY 1").fetchall()
+            assert ids == [("y",), ("z",)]
+        finally:
+            await head.aclose()
+            await other.aclose()
+
+    async def test_lone_surrogates_are_refused_as_other_adapters_refuse_them(
+        self, adapter: SQLiteEventStorageAdapter
+    ) -> None:
+        """No aggregate id holding a lone surrogate can be stored: reads find nothing, a
+        page token naming one is invalid, and a write through the bare adapter (no event
+        store to check it) is an EventLimitExceededError. They raised UnicodeEncodeError."""
+        store = log_store(adapter)
+        await store.push_event(note("ok", 1))
+        assert (await store.get_events("\ud800")).events == []
+        token = json.dumps(
+            {
+                "lastEvaluatedKey": {
+                    "aggregateId": "\ud800",
+                    "initialEventTimestamp": "2024-01-01T00:00:00.000Z",
+                }
+            }
+        )
+        with pytest.raises(InvalidPageTokenError, match="surrogate"):
+            await store.list_aggregate_ids(page_token=token)
+        bad = note("\ud800", 1).model_copy()
+        with pytest.raises(EventLimitExceededError, match="surrogate"):
+            await adapter.push_event(bad, store._context)
+        with pytest.raises(EventLimitExceededError, match="surrogate"):
+            await adapter.push_event_group(
+                [store.group_event(note("ok2", 1)), adapter.group_event(bad, store._context)]
+            )
+        listed = (await store.list_aggregate_ids()).aggregate_ids
+        assert [entry.aggregate_id for entry in listed] == ["ok"]
+
+    def test_table_names_that_are_index_names_are_refused(self, db: Path) -> None:
+        """Tables and indexes share SQLite's names: a table named like another table's index
+        broke every call on the file; such names are refused up front."""
+        for name in ("event_initial_events", "Orders_INITIAL_EVENTS"):
+            with pytest.raises(ValueError, match="reserved for indexes"):
+                SQLiteEventStorageAdapter(db, table_name=name)
+        SQLiteEventStorageAdapter(db, table_name="initial_events")  # no clash possible
+
+    async def test_a_group_gets_the_strictest_durability_of_its_adapters(self, db: Path) -> None:
+        """A group whose first adapter is NORMAL but holds events of a FULL adapter commits
+        with synchronous=FULL, then the connection goes back to NORMAL."""
+        async with (
+            SQLiteEventStorageAdapter(db) as head,
+            SQLiteEventStorageAdapter(db, table_name="ledger", synchronous="FULL") as ledger,
+        ):
+            a, b = log_store(head, "A"), log_store(ledger, "B")
+            conn = head._conn
+            assert conn is not None
+            statements: list[str] = []
+            conn.set_trace_callback(statements.append)
+            await EventStore.push_event_group(
+                a.group_event(note("x", 1)), b.group_event(note("y", 1))
+            )
+            await EventStore.push_event_group(a.group_event(note("x", 2)))
+            conn.set_trace_callback(None)
+            begins = [i for i, s in enumerate(statements) if s == "BEGIN IMMEDIATE"]
+            assert len(begins) == 2
+            full = statements.index("PRAGMA synchronous = FULL")
+            back = statements.index("PRAGMA synchronous = NORMAL")
+            assert full < begins[0] < statements.index("COMMIT") < back < begins[1]
+            assert statements.count("PRAGMA synchronous = FULL") == 1
+            assert conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+
+    async def test_a_cancelled_aclose_still_closes_the_adapter(self, db: Path) -> None:
+        """aclose waits for running operations; cancelled while it waited, it used to leave
+        the adapter working. Later calls now fail as on a closed adapter, and the connection
+        is closed."""
+        adapter = SQLiteEventStorageAdapter(db)
+        store = log_store(adapter)
+        await store.push_event(note("x", 1))
+        assert adapter._lock.acquire(blocking=False)  # an operation holds the adapter
+        closing = asyncio.create_task(adapter.aclose())
+        await asyncio.sleep(0.01)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        adapter._lock.release()
+        with pytest.raises(StorageError, match="closed"):
+            await store.push_event(note("x", 2))
+        assert adapter._conn is None
+        await adapter.aclose()
+        with raw(db) as conn:
+            assert conn.execute("SELECT version FROM event").fetchall() == [(1,)]
