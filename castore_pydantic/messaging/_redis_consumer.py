@@ -612,4 +612,19 @@ class _Delivery:
         self.entry_id = entry_id
         self.body = fields.get(b"body")
         self.replay = fields.get(b"replay") == b"1"
-        self.attempt = int(fields.get(b"attempt", b"1"))
+        self.attempt = _attempt(fields.get(b"attempt"))
+
+
+def _attempt(raw: bytes | None) -> int:
+    """The attempt an entry carries: 1 when absent or malformed (another client wrote it).
+
+    A field that does not parse must not stop the consumer: the entry is handled as a first
+    attempt, and the retry policy takes it from there.
+    """
+    if raw is None:
+        return 1
+    try:
+        attempt = int(raw)
+    except ValueError:
+        return 1
+    return max(attempt, 1)

@@ -504,6 +504,25 @@ class TestRedisMessageQueueAdapter:
         assert "TRAINERS" in errors[1]
         assert errors[2] == "entry has no 'body' field"
 
+    async def test_a_malformed_attempt_field_is_a_first_attempt(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """An attempt field another client wrote badly ('1.0', '', '-3', digits past what
+        int() reads) is taken as attempt 1. It used to raise in the consumer before any
+        handling, again at every restart, so the entry and its batch were never handled."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+        attempts = [b"1.0", b"", b"-3", b"9" * 5000, b"2"]
+        async with adapter:
+            for index, attempt in enumerate(attempts):
+                body = notification(index).model_dump_json()
+                await raw.xadd(adapter.stream_key, {"body": body, "attempt": attempt})
+            async with adapter.consuming():
+                await recorder.wait_for(len(attempts))
+        assert recorder.messages == [notification(i) for i in range(len(attempts))]
+        assert [context.attempt for _, context in recorder.calls] == [1, 1, 1, 1, 2]
+
     @pytest.mark.parametrize("stable_name", [False, True], ids=["new-names", "stable-name"])
     async def test_entry_whose_consumers_keep_dying_is_dead_lettered(
         self, prefix: str, stable_name: bool
