@@ -348,6 +348,10 @@ class RabbitMQAdapter:
         try:
             for subscription in subscriptions:
                 channel = await connection.channel(publisher_confirms=True)
+                # The broker may close one channel and keep the connection (a consumer
+                # past its consumer_timeout, a failed acknowledgement): its consumer is
+                # gone too, and the consumers are opened again as after a lost connection.
+                channel.close_callbacks.add(lambda *_: lost.set())
                 await channel.set_qos(prefetch_count=self.prefetch_count)
                 await self._declare_subscription(channel, subscription)
                 # Consume on the aiormq layer: no aio-pika message object and no extra task
@@ -390,7 +394,13 @@ class RabbitMQAdapter:
             await self._connection_lost.wait()
             if self._stopping:
                 return
-            logger.warning("%r lost its RabbitMQ connection; reconnecting", self)
+            logger.warning("%r lost a RabbitMQ consumer or its connection; reconnecting", self)
+            # What is left of the consumers (a connection whose channel alone closed) goes:
+            # their unacknowledged messages are delivered again, to the new ones.
+            previous, self._consumer_connection = self._consumer_connection, None
+            if previous is not None:
+                channels = [channel for channel, _ in self._consumers]
+                await _close_quietly(previous, *channels)
             delay = self.reconnect_delay
             while not self._stopping:
                 await asyncio.sleep(delay)  # back off between reconnection attempts

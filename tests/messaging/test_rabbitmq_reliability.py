@@ -323,6 +323,52 @@ class PoisonedHandler:
             await self._changed.wait()
 
 
+class TestClosedConsumerChannel:
+    async def test_consumers_come_back_when_the_broker_closes_their_channel(
+        self, vhost: str
+    ) -> None:
+        """The broker closes a consumer's channel and keeps the connection (consumer_timeout
+        does: 406 PRECONDITION_FAILED). The consumers are opened again as after a lost
+        connection; they used to stay gone while is_consuming said True."""
+        queue = NotificationMessageQueue(
+            message_queue_id="closed-channel", source_event_stores=[pokemon_store()]
+        )
+        received: list[NotificationMessage] = []
+        first_in, all_in = asyncio.Event(), asyncio.Event()
+
+        async def worker(message: NotificationMessage, context: MessageContext) -> None:
+            received.append(message)
+            first_in.set()
+            if len(received) == 4:
+                all_in.set()
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=worker, reconnect_delay=0.05
+        )
+        async with adapter:
+            try:
+                async with adapter.consuming():
+                    await queue.publish_message(notification(0))
+                    async with asyncio.timeout(10):
+                        await first_in.wait()
+                    channel, _ = adapter._consumers[0]
+                    closed = asyncio.Event()
+                    channel.close_callbacks.add(lambda *_: closed.set())
+                    underlay = await channel.get_underlay_channel()
+                    # Acknowledging a delivery the broker never made: it closes the channel.
+                    await underlay.basic_ack(999_999)
+                    async with asyncio.timeout(10):
+                        await closed.wait()
+                    for index in (1, 2, 3):
+                        await queue.publish_message(notification(index))
+                    async with asyncio.timeout(20):
+                        await all_in.wait()
+                    assert adapter.is_consuming
+            finally:
+                await adapter.purge()
+        assert received == [notification(i) for i in range(4)]
+
+
 class TestPoisonMessages:
     """A handler that raises on 50 of 1,000 messages: retries, dead letters, republishing."""
 
