@@ -43,6 +43,21 @@ _IDLE_SECONDS = 0.05
 # pool's connection was taken from the pool.
 _CURSOR = "_castore_cursor"
 _TAKEN_AT = "_castore_taken_at"
+#: Where ``_postgres_direct`` keeps a connection's prepared statement names.
+SESSION = "_castore_direct_session"
+#: How many changes of events tables (``create_event_table``, ``drop_event_table``) a
+#: connection's prepared statements have seen, against ``_TABLE_CHANGES``.
+_TABLES_SEEN = "_castore_tables_seen"
+#: Changes of events tables made by this process. A statement prepared before a table was
+#: made again with another aggregate id type keeps the old parameter type: on a text table,
+#: an INSERT prepared for uuid would quietly rewrite upper-case UUIDs and refuse other ids.
+_TABLE_CHANGES = [0]
+_DEALLOCATIONS = [0]
+
+
+def tables_changed() -> None:
+    """Say that an events table was made or dropped: connections prepare afresh."""
+    _TABLE_CHANGES[0] += 1
 
 
 def _url_password(conninfo: str) -> set[str]:
@@ -316,6 +331,17 @@ class Connections:
             StorageUnavailableError: No connection within the pool's timeout (with the
                 reason when connecting fails).
         """
+        conn = await self._acquire(where)
+        if conn.__dict__.get(_TABLES_SEEN, 0) != _TABLE_CHANGES[0]:
+            try:
+                await self.forget_prepared(conn)
+            except BaseException:
+                await self.release(conn)
+                raise
+        return conn
+
+    async def _acquire(self, where: str) -> AsyncConnection:
+        """``acquire``, before the prepared statements are checked."""
         if not self._opened or self._closed:
             await self.open()
         kept = self._kept
@@ -354,6 +380,19 @@ class Connections:
                 raise
             self._switched.add(id(conn))
         return conn
+
+    async def forget_prepared(self, conn: AsyncConnection) -> None:
+        """Drop the connection's prepared statements: psycopg's and the adapter's own.
+
+        Through psycopg, which then forgets its own too; ``_postgres_direct`` prepares its
+        statements again on their next use. (psycopg looks at the outcome of a statement
+        the first time it sees its text only: each one here is told apart by a comment.)
+        """
+        seen = _TABLE_CHANGES[0]
+        _DEALLOCATIONS[0] += 1
+        await conn.execute(b"DEALLOCATE ALL /* %d */" % _DEALLOCATIONS[0])
+        conn.__dict__.pop(SESSION, None)
+        setattr(conn, _TABLES_SEEN, seen)
 
     async def _getconn(self) -> AsyncConnection:
         """A connection from the pool, skipping those the server has closed while they idled.

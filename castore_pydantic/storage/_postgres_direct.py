@@ -38,6 +38,7 @@ from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
 from castore_pydantic.storage import _postgres_wait as wait
+from castore_pydantic.storage._postgres_connection import SESSION as _SESSION
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 
 __all__ = ["Result", "decoded", "execute", "numbered", "stream"]
@@ -98,7 +99,6 @@ def _formats_for(count: int) -> list[PyFormat]:
 #: Error codes of a prepared statement that no longer fits its table (the table was dropped
 #: and created with other column types, or altered): it is prepared again, once.
 _STALE_PLAN = frozenset({"0A000", "42804", "42883"})
-_SESSION = "_castore_direct_session"
 
 
 class _Session:

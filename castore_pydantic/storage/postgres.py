@@ -39,7 +39,12 @@ from castore_pydantic.errors import (
     StorageError,
 )
 from castore_pydantic.storage import _postgres_direct as direct
-from castore_pydantic.storage._postgres_connection import AsyncConnection, Connections, Settings
+from castore_pydantic.storage._postgres_connection import (
+    AsyncConnection,
+    Connections,
+    Settings,
+    tables_changed,
+)
 from castore_pydantic.storage._postgres_sql import AggregateIdType, Statements, check_identifier
 from castore_pydantic.storage._postgres_writes import (
     GroupPlan,
@@ -261,6 +266,7 @@ class PostgresEventStorageAdapter:
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
+            tables_changed()
             await self._conns.release(conn)
         if missing:
             raise StorageError(
@@ -281,6 +287,7 @@ class PostgresEventStorageAdapter:
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
+            tables_changed()
             await self._conns.release(conn)
 
     # -- writing ---------------------------------------------------------------------------
@@ -712,8 +719,7 @@ class PostgresEventStorageAdapter:
         where = self._where("listing aggregates")
         conn = await self._conns.acquire(where)
         try:
-            result = await self._conns.cursor(conn).execute(query, params)
-            rows = await result.fetchall()
+            rows = await self._fetch_all(conn, query, params)
         except pg_errors.InvalidTextRepresentation as exc:
             raise InvalidPageTokenError(
                 "'lastEvaluatedKey.aggregateId' does not fit this table's aggregate ids"
@@ -725,6 +731,21 @@ class PostgresEventStorageAdapter:
         return options.finish(
             [AggregateIdEntry(aggregate_id, ts.replace(tzinfo=UTC)) for aggregate_id, ts in rows]
         )
+
+    async def _fetch_all(
+        self, conn: AsyncConnection, query: str, params: Sequence[Any]
+    ) -> list[Any]:
+        """The rows of a query through psycopg (which prepares it once it is frequent).
+
+        A table made again elsewhere with other column types fails psycopg's prepared
+        statement ("cached plan must not change result type") until it is prepared again:
+        that is done once, here.
+        """
+        try:
+            return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
+        except pg_errors.FeatureNotSupported:
+            await self._conns.forget_prepared(conn)
+            return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
 
     async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
         """Aggregates without a version-1 event, which listing leaves out (by id).
@@ -739,10 +760,9 @@ class PostgresEventStorageAdapter:
         where = self._where("listing aggregates")
         conn = await self._conns.acquire(where)
         try:
-            result = await self._conns.cursor(conn).execute(
-                self._sql.unlisted_aggregate_ids(), [context.event_store_id]
+            rows = await self._fetch_all(
+                conn, self._sql.unlisted_aggregate_ids(), [context.event_store_id]
             )
-            rows = await result.fetchall()
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:

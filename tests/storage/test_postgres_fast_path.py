@@ -297,6 +297,61 @@ class TestStatementsFollowTheirConnection:
             await store.push_event(created(aggregate_id))
             assert len((await store.get_events(aggregate_id)).events) == 1
 
+    @pytest.mark.parametrize("pushes", [1, 7])
+    async def test_a_uuid_table_made_again_as_text_keeps_ids_as_given(
+        self, pg_schema: str, pushes: int
+    ) -> None:
+        """The other way round, a statement prepared for uuid raises nothing on a text
+        table: it quietly wrote upper-case UUIDs in lower case (which reads by the given id
+        then missed) and refused other ids. Every connection now prepares afresh after the
+        adapter made or dropped a table, also after psycopg prepared statements of its own
+        (``pushes`` = 7, with listings)."""
+        async with await adapter_for(pg_schema, max_size=1) as adapter:
+            await adapter.drop_event_table()
+            await adapter.create_event_table(aggregate_id_type="uuid")
+            store = counter_store(adapter)
+            for _ in range(pushes):
+                await store.push_event(created(str(uuid.uuid4())))
+                await store.list_aggregate_ids(limit=1)
+            await adapter.drop_event_table()
+            await adapter.create_event_table(aggregate_id_type="text")
+            upper = str(uuid.uuid4()).upper()
+            await store.push_event(created(upper))
+            await store.push_event(created("pikachu"))
+            assert [e.aggregate_id for e in (await store.get_events(upper)).events] == [upper]
+            listed = (await store.list_aggregate_ids()).aggregate_ids
+            assert sorted(entry.aggregate_id for entry in listed) == sorted([upper, "pikachu"])
+            rows = await fetch(
+                f'SELECT aggregate_id FROM "{pg_schema}".{adapter.table_name} ORDER BY 1'
+            )
+            assert rows == sorted([(upper,), ("pikachu",)])
+
+    async def test_a_listing_survives_its_table_made_again_elsewhere(self, pg_schema: str) -> None:
+        """Made again by another process with other column types, the table fails psycopg's
+        prepared listing ("cached plan must not change result type") until the connection
+        prepares it again: the listing does so once, instead of failing until the pool
+        replaced the connection."""
+        async with await adapter_for(pg_schema, max_size=1) as adapter:
+            table = f'"{pg_schema}".{adapter.table_name}'
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+            for _ in range(7):  # psycopg prepares a statement on its fifth run
+                await store.list_aggregate_ids(limit=1)
+            aggregate_id = str(uuid.uuid4())
+            async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as other:
+                # Another process: this one's adapters are not told.
+                await other.execute(f"DROP TABLE {table}".encode())
+                for statement in adapter._sql.create_table("uuid"):
+                    await other.execute(statement.encode())
+                await other.execute(
+                    f"INSERT INTO {table} (aggregate_name, aggregate_id, version, type,"
+                    " data, timestamp) VALUES (%s, %s, 1, 'COUNTER_CREATED', '{}',"
+                    " now())".encode(),
+                    (store.event_store_id, aggregate_id),
+                )
+            listed = (await store.list_aggregate_ids(limit=10)).aggregate_ids  # same statement
+            assert [str(entry.aggregate_id) for entry in listed] == [aggregate_id]
+
     async def test_a_long_aggregate_is_read_after_its_table_was_made_again(
         self, pg_schema: str
     ) -> None:
