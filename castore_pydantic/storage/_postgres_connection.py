@@ -98,8 +98,9 @@ class Settings:
 
     Attributes:
         secrets: The password, as given and URL-encoded (never shown).
-        database: ``(host, port, dbname)``: adapters with equal ones share a database.
-            ``None`` when unknown (a borrowed pool's conninfo is a callable).
+        database: ``(host, hostaddr, port, dbname, service)``: adapters with equal ones
+            share a database (a service file may name another for each service). ``None``
+            when unknown (a borrowed pool's conninfo is a callable).
         session: ``(user, options)``: with ``database``, what decides how the server
             resolves a table name without a schema (the role's and the options'
             ``search_path``).
@@ -107,7 +108,7 @@ class Settings:
     """
 
     secrets: tuple[str, ...]
-    database: tuple[str, str, str] | None
+    database: tuple[str, str, str, str, str] | None
     session: tuple[str, str]
     describe: str
 
@@ -118,14 +119,16 @@ class Settings:
         return cls(
             secrets=tuple({password, quote(password, safe="")} - {""}),
             database=(
-                str(params.get("host") or params.get("hostaddr") or ""),
+                str(params.get("host") or ""),
+                str(params.get("hostaddr") or ""),
                 str(params.get("port") or "5432"),
                 str(params.get("dbname") or params.get("user") or ""),
+                str(params.get("service") or ""),
             ),
             session=(str(params.get("user") or ""), str(params.get("options") or "")),
             describe=" ".join(
                 f"{key}={params[key]}"
-                for key in ("host", "port", "dbname", "user")
+                for key in ("service", "host", "hostaddr", "port", "dbname", "user")
                 if params.get(key)
             ),
         )

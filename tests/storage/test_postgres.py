@@ -34,7 +34,9 @@ from castore_pydantic.testing.contracts import (
     make_adapter_state_machine,
 )
 from castore_pydantic.testing.contracts._storage import NoteAdded, created, incremented
+from tests.services import POSTGRES_HOST, POSTGRES_PORT
 from tests.storage.postgres_support import (
+    DATABASE,
     DSN,
     OTHER_DSN,
     counter_store,
@@ -616,6 +618,45 @@ class TestGroups:
         finally:
             await here.aclose()
             await elsewhere.aclose()
+
+    async def test_services_naming_other_databases_are_told_apart(
+        self, pg_schema: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two adapters connecting by service name (pg_service.conf) may reach two databases
+        through equal-looking conninfos: their group was written into the first one's
+        database. Different services are refused; one service is one database."""
+        services = tmp_path / "pg_service.conf"
+        services.write_text(
+            f"[castore_here]\nhost={POSTGRES_HOST}\nport={POSTGRES_PORT}\ndbname={DATABASE}\n"
+            f"user=postgres\n\n[castore_there]\nhost={POSTGRES_HOST}\nport={POSTGRES_PORT}\n"
+            "dbname=postgres\nuser=postgres\n"
+        )
+        monkeypatch.setenv("PGSERVICEFILE", str(services))
+        table = await make_table(pg_schema)
+        here = PostgresEventStorageAdapter(
+            "service=castore_here", schema=pg_schema, table_name=table
+        )
+        again = PostgresEventStorageAdapter(
+            "service=castore_here", schema=pg_schema, table_name=table
+        )
+        there = PostgresEventStorageAdapter(
+            "service=castore_there", schema=pg_schema, table_name=table
+        )
+        try:
+            first, second, third = counter_store(here), counter_store(again), counter_store(there)
+            with pytest.raises(EventGroupError, match="service=castore_there") as info:
+                await EventStore.push_event_group(
+                    first.group_event(created("a1")), third.group_event(created("b1"))
+                )
+            assert "another database" in str(info.value)
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+            await EventStore.push_event_group(
+                first.group_event(created("a1")), second.group_event(created("b1"))
+            )
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(2,)]
+        finally:
+            for adapter in (here, again, there):
+                await adapter.aclose()
 
     async def test_members_without_a_schema_must_resolve_their_tables_alike(
         self, pg_schema: str
