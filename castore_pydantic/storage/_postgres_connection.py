@@ -8,6 +8,7 @@ turns driver errors into the library's errors.
 from __future__ import annotations
 
 import asyncio
+import re
 import select
 import time
 from collections.abc import Mapping
@@ -58,6 +59,10 @@ _DEALLOCATIONS = [0]
 def tables_changed() -> None:
     """Say that an events table was made or dropped: connections prepare afresh."""
     _TABLE_CHANGES[0] += 1
+
+
+#: A fragment of a connection string libpq quotes in its error messages.
+_QUOTED = re.compile(r'"[^"]*"')
 
 
 def _url_password(conninfo: str) -> set[str]:
@@ -152,8 +157,13 @@ class Settings:
         except psycopg.Error as exc:
             # libpq may echo the string it could not parse, password included.
             text = str(exc)
-            for secret in ({str(kwargs.get("password") or "")} | _url_password(conninfo)) - {""}:
+            url_password = _url_password(conninfo)
+            for secret in ({str(kwargs.get("password") or "")} | url_password) - {""}:
                 text = text.replace(secret, "***")
+            if url_password or "password" in conninfo.lower():
+                # A password in a query or a key=value string may be quoted in part
+                # (``missing "=" after "..."``): libpq's quotes are left out.
+                text = _QUOTED.sub('"***"', text)
             raise ValueError(f"invalid PostgreSQL connection string: {text}") from None
 
     @classmethod

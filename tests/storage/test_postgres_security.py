@@ -254,6 +254,21 @@ class TestPasswords:
         ):
             PostgresEventStorageAdapter(fine)  # never refused
 
+    def test_a_malformed_string_with_a_password_elsewhere_does_not_show_it(self) -> None:
+        """libpq quotes part of a string it cannot parse: a password in a URL's query or
+        an unquoted key=value password (or a piece of it) was shown in the ValueError."""
+        for dsn in (
+            f"host={POSTGRES_HOST} user=postgres password=hunter2 {CANARY}",
+            f"postgresql://postgres@[::1/test?password={CANARY}",
+            f"postgresql://postgres@{POSTGRES_HOST}/test?password={CANARY}%zz",
+            f"postgresql://postgres:{CANARY}@[::1/test",
+        ):
+            with pytest.raises(ValueError, match="invalid PostgreSQL connection string") as info:
+                PostgresEventStorageAdapter(dsn)
+            assert CANARY not in "".join(traceback.format_exception(info.value)), dsn
+        with pytest.raises(ValueError, match='"host"'):  # no password: libpq says it all
+            PostgresEventStorageAdapter("host")
+
     async def test_driver_errors_do_not_reveal_it(
         self, pg_schema: str, caplog: pytest.LogCaptureFixture
     ) -> None:
