@@ -73,6 +73,11 @@ def _uuid_text(aggregate_id: str) -> str:
         return aggregate_id
 
 
+def _same_uuid(aggregate_id: str) -> str:
+    """One text for every spelling of a UUID (case, braces, hyphens); other ids as they are."""
+    return _uuid_text(aggregate_id).casefold()
+
+
 class Target(Protocol):
     """What a group needs of each member's adapter (the adapter's private parts)."""
 
@@ -211,7 +216,7 @@ class GroupPlan:
         return batches
 
     async def culprit(
-        self, conn: AsyncConnection, exc: Any, fold: Callable[[str], str] = str.casefold
+        self, conn: AsyncConnection, exc: Any, fold: Callable[[str], str] | None = None
     ) -> tuple[str, str, int] | None:
         """Which member a unique violation was about (the error does not say).
 
@@ -234,6 +239,8 @@ class GroupPlan:
         if stored is not None:
             found = self.members[stored]
             return found.event_store_id, found.event.aggregate_id, found.event.version
+        if fold is None:
+            fold = _same_uuid  # a uuid table reads an id in any spelling of its UUID
         seen: set[tuple[int, str, str, int]] = set()
         for _, member in candidates:
             event = member.event

@@ -829,6 +829,25 @@ class TestUuidTable:
             assert stored.payload.name == f"counter {lower.upper()}"
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(2,)]
 
+    async def test_one_uuid_in_two_spellings_names_the_later_spelling(self, pg_schema: str) -> None:
+        """A group naming one UUID twice (plain, then in braces, upper case or without
+        hyphens) is a conflict naming the second spelling. Only upper and lower case were
+        recognised: braces made the error name the group's first member, an unrelated
+        aggregate."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        unrelated, same = str(uuid.uuid4()), uuid.uuid4()
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            for spelling in (f"{{{same}}}", str(same).upper(), same.hex):
+                with pytest.raises(EventAlreadyExistsError) as info:
+                    await EventStore.push_event_group(
+                        store.group_event(created(unrelated)),
+                        store.group_event(created(str(same))),
+                        store.group_event(created(spelling)),
+                    )
+                assert (info.value.aggregate_id, info.value.version) == (spelling, 1)
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+
     async def test_paging_over_uuid_ids_with_equal_timestamps(self, pg_schema: str) -> None:
         """Paging orders uuid ids like their text and visits each aggregate once."""
         table = await make_table(pg_schema, aggregate_id_type="uuid")
