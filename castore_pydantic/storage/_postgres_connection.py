@@ -214,7 +214,9 @@ def translate(  # noqa: PLR0911 - a flat dispatch on the error's type
             f"{where}: no PostgreSQL connection available within {timeout}s"
         )
     if isinstance(exc, PoolClosed):
-        return StorageError(f"{where}: {text} (open a borrowed pool before using the adapter)")
+        return StorageError(
+            f"{where}: {text} (the adapter was closed, or its borrowed pool is not open yet)"
+        )
     if isinstance(exc, pg_errors.ProgramLimitExceeded):
         # One of PostgreSQL's own limits (an index row of 8 kB, a value of 1 GB): psycopg
         # files it under OperationalError, but no retry can pass it.
@@ -233,8 +235,10 @@ def translate(  # noqa: PLR0911 - a flat dispatch on the error's type
         )
         return StorageUnavailableError(f"{where}: PostgreSQL is unavailable ({text}){outcome}")
     if isinstance(exc, pg_errors.UndefinedTable):
+        # The server names the table: in a group, it may be another member's.
         return StorageError(
-            f"{where}: the table does not exist; call await adapter.create_event_table()"
+            f"{where}: the table does not exist ({text}); create it with "
+            "await adapter.create_event_table() on its adapter"
         )
     if isinstance(exc, psycopg.DataError) and event_store_id is not None:
         return EventLimitExceededError(

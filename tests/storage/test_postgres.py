@@ -339,6 +339,22 @@ class TestTable:
             with pytest.raises(StorageError, match="create_event_table"):
                 await counter_store(adapter).push_event(created("a1"))
 
+    async def test_a_group_names_the_table_missing_among_its_members(self, pg_schema: str) -> None:
+        """In a group, the missing table may be another member's: the error names it (it
+        used to read as if the first adapter's own table were missing)."""
+        present, missing = await make_table(pg_schema), unique_table()
+        async with (
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=present) as head,
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=missing) as member,
+        ):
+            with pytest.raises(StorageError, match="create_event_table") as info:
+                await EventStore.push_event_group(
+                    counter_store(head).group_event(created("a1")),
+                    counter_store(member).group_event(created("b1")),
+                )
+            assert missing in str(info.value)
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{present}"') == [(0,)]
+
     async def test_drop_removes_the_table_and_tolerates_absence(self, pg_schema: str) -> None:
         """drop_event_table drops the table; dropping again is fine; the schema stays."""
         table = await make_table(pg_schema)
