@@ -629,6 +629,11 @@ class EventStoreContext:
                 if error["type"] == "union_tag_invalid" and not error["loc"]:
                     tag = error.get("ctx", {}).get("tag")
                     raise UnknownEventTypeError(self.event_store_id, tag, self.known_types) from exc
+                if error["type"] == "literal_error" and error["loc"] == ("type",):
+                    # A store of one type validates without a union: its Literal refused it.
+                    raise UnknownEventTypeError(
+                        self.event_store_id, error["input"], self.known_types
+                    ) from exc
             raise
 
     def check_limits(self, event: Event) -> None:

@@ -164,6 +164,29 @@ class TestPushEvent:
         assert "POKEMON_APPEARED, POKEMON_CAUGHT, POKEMON_LEVELED_UP" in message
         assert (await store.list_aggregate_ids()).aggregate_ids == []
 
+    @pytest.mark.parametrize("form", [str, str.encode], ids=["text", "bytes"])
+    async def test_unknown_type_in_json_is_refused_alike_by_a_store_of_one_type(
+        self, form: Any
+    ) -> None:
+        """JSON naming an undeclared type is an UnknownEventTypeError also when the store
+        has one event type (it used to be a plain ValidationError of its Literal)."""
+        store = EventStore(
+            event_store_id="ONLY",
+            event_types=[PokemonAppeared],
+            reducer=reduce_pokemon,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        for kind in ('"TRAINER_BORN"', "7"):
+            text = f'{{"aggregateId":"p1","version":1,"type":{kind}}}'
+            with pytest.raises(UnknownEventTypeError) as info:
+                await store.push_event(form(text))
+            assert info.value.known_types == ("POKEMON_APPEARED",)
+        assert info.value.event_type == 7
+        declared = '{"aggregateId":"p1","version":0,"type":"POKEMON_APPEARED"}'
+        with pytest.raises(ValidationError):  # a declared type with bad data stays that
+            await store.push_event(form(declared))
+        assert (await store.get_events("p1")).events == []
+
     async def test_unregistered_event_class_is_refused(self) -> None:
         """An instance of a class the store does not declare is refused."""
 
