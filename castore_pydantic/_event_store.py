@@ -240,13 +240,19 @@ class EventStore(Generic[AggregateT, EventT]):
         """Build the aggregate the events *would* give, ignoring their stored versions.
 
         Events are filed with ``simulate_side_effect``, those after ``simulation_date`` are
-        dropped, the rest sorted by timestamp, renumbered 1..n and folded.
+        dropped, the rest sorted by timestamp (events of one timestamp by their key, the
+        version by default), renumbered 1..n and folded.
         """
         indexed: dict[int, Event] = {}
         for event in events:
             parsed = self._context.validate_input(event, timestamp=False)
             indexed = self._simulate_side_effect(indexed, parsed)
-        kept = list(indexed.values())
+        keys = list(indexed)
+        if all(type(key) is int and key >= 0 for key in keys):
+            # As Castore's index, a JavaScript object, lists integer keys: in order. Events
+            # of one timestamp (a group's) then fold in version order, whatever the input's.
+            keys.sort()
+        kept = [indexed[key] for key in keys]
         if simulation_date is not None:
             date = parse_timestamp(simulation_date, "simulation_date")
             kept = [e for e in kept if e.timestamp is not None and e.timestamp <= date]

@@ -426,6 +426,31 @@ class TestSimulateAggregate:
         assert simulated is not None
         assert (simulated.name, simulated.version) == ("Raichu", 1)
 
+    def test_events_of_one_timestamp_fold_in_version_order(self) -> None:
+        """Events sharing a timestamp (a group's) fold in version order, as Castore's index
+        lists them, not in the order given: newest-first input used to fold backwards."""
+        folded: list[str] = []
+
+        def recording(pokemon: Pokemon | None, event: Any) -> Pokemon:
+            folded.append(event.type)
+            return reduce_pokemon(pokemon, event)
+
+        store = EventStore(
+            event_store_id="POKEMONS",
+            event_types=[PokemonAppeared, PokemonCaught, PokemonLeveledUp],
+            reducer=recording,
+        )
+        same = "2021-01-01T00:00:00.000Z"
+        events = [
+            {"aggregateId": "pikachu", "version": 3, "type": "POKEMON_CAUGHT", "timestamp": same},
+            {"aggregateId": "pikachu", "version": 2, "type": "POKEMON_LEVELED_UP",
+             "timestamp": same},
+            appeared(timestamp="2020-01-01T00:00:00.000Z"),
+        ]  # fmt: skip
+        simulated = store.simulate_aggregate(events)
+        assert simulated is not None
+        assert folded == ["POKEMON_APPEARED", "POKEMON_LEVELED_UP", "POKEMON_CAUGHT"]
+
     def test_empty_simulation_is_none(self) -> None:
         """No events simulate to no aggregate."""
         assert make_store().simulate_aggregate([]) is None
