@@ -225,14 +225,29 @@ class Event(WireModel):
     def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Leave ``payload`` and ``metadata`` out when absent, as Castore does.
 
-        An event not stored yet may have no ``timestamp``: it is left out too (Castore's
-        events always have one, never ``null``).
+        Unless the event type requires the key (``payload: int | None`` without a default),
+        which the JSON then keeps as ``null``. An event not stored yet may have no
+        ``timestamp``: it is left out too (Castore's events always have one, never ``null``).
         """
         data: dict[str, Any] = handler(self)
         if self.timestamp is None:
             data.pop("timestamp", None)
-        if self.payload is None:
-            data.pop("payload", None)
-        if self.metadata is None:
-            data.pop("metadata", None)
+        if self.payload is None or self.metadata is None:
+            cls = type(self)
+            payload_required, metadata_required = _REQUIRED.get(cls) or _required(cls)
+            # A field without a default must keep its key, or the JSON would not validate.
+            if self.payload is None and not payload_required:
+                data.pop("payload", None)
+            if self.metadata is None and not metadata_required:
+                data.pop("metadata", None)
         return data
+
+
+#: Per event class: whether ``payload`` and ``metadata`` are required (have no default).
+_REQUIRED: dict[type[Event], tuple[bool, bool]] = {}
+
+
+def _required(cls: type[Event]) -> tuple[bool, bool]:
+    fields = cls.model_fields
+    found = _REQUIRED[cls] = (fields["payload"].is_required(), fields["metadata"].is_required())
+    return found

@@ -58,6 +58,23 @@ class TestEventJson:
         assert "payload" not in dumped
         assert "metadata" not in dumped
 
+    def test_a_required_payload_keeps_its_key_when_none(self) -> None:
+        """An event type whose payload may be None but has no default keeps "payload": null
+        in its JSON: without the key, its own JSON failed to validate (as in a message)."""
+
+        class Maybe(Event):
+            type: Literal["MAYBE"] = "MAYBE"
+            payload: int | None
+            metadata: dict[str, str] | None
+
+        event = Maybe(aggregate_id="a", version=1, payload=None, metadata=None)
+        text = event.model_dump_json()
+        assert json.loads(text) == {
+            "aggregateId": "a", "version": 1, "type": "MAYBE", "payload": None, "metadata": None
+        }  # fmt: skip
+        assert Maybe.model_validate_json(text) == event
+        assert "payload" not in PokemonCaught(aggregate_id="p1", version=2).model_dump()
+
     def test_both_key_spellings_are_accepted(self) -> None:
         """aggregateId and aggregate_id both validate to the same event."""
         camel = PokemonCaught.model_validate({"aggregateId": "p1", "version": 2})
