@@ -505,12 +505,52 @@ class RabbitMQAdapter:
                     await asyncio.shield(channel.basic_nack(delivery_tag, requeue=True))
             raise
         except BROKER_ERRORS as error:
-            # The link died while handling: the broker redelivers what was not acknowledged.
-            logger.info("%r could not settle a message (%s); it will be redelivered", self, error)
+            if channel.is_closed:
+                # The link died while handling: the broker redelivers what was not
+                # acknowledged.
+                logger.info(
+                    "%r could not settle a message (%s); it will be redelivered", self, error
+                )
+            else:
+                # The broker refused to take the message on (a retry or dead-letter queue at
+                # an operator's length limit, say) and the channel lives on: left alone, the
+                # message would hold a prefetch slot for good.
+                logger.warning(
+                    "%r could not pass a message on (%s); it goes back to its queue in %gs",
+                    self,
+                    error,
+                    self.reconnect_delay,
+                )
+                await asyncio.sleep(self.reconnect_delay)
+                await self._requeue_at_the_back(subscription, channel, delivered)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
+
+    async def _requeue_at_the_back(
+        self,
+        subscription: Subscription,
+        channel: aiormq.abc.AbstractChannel,
+        delivered: aiormq.abc.DeliveredMessage,
+    ) -> None:
+        """Put a delivery behind the others in its queue, not straight back ahead of them.
+
+        A copy is published, then the original acknowledged; if even that is refused, the
+        broker takes the delivery back where it was.
+        """
+        delivery_tag = delivered.delivery_tag
+        assert delivery_tag is not None
+        try:
+            await channel.basic_publish(
+                delivered.body,
+                routing_key=subscription.queue,
+                properties=amqp_properties(dict(delivered.header.properties.headers or {})),
+            )
+            await channel.basic_ack(delivery_tag)
+        except BROKER_ERRORS:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await channel.basic_nack(delivery_tag, requeue=True)
 
     async def _handle(
         self,

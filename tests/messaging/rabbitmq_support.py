@@ -34,6 +34,17 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 @contextlib.contextmanager
+def queue_policy(vhost: str, pattern: str, definition: str) -> Iterator[None]:
+    """An operator's policy on the queues of ``vhost`` matching ``pattern``, while inside."""
+    name = f"castore_test_{secrets.token_hex(4)}"
+    _rabbitmqctl("set_policy", "-p", vhost, name, pattern, definition, "--apply-to", "queues")
+    try:
+        yield
+    finally:
+        _rabbitmqctl("clear_policy", "-p", vhost, name)
+
+
+@contextlib.contextmanager
 def private_vhost() -> Iterator[str]:
     """Create a vhost only these tests use (guest may do anything there); delete it after.
 

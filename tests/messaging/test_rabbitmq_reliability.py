@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import socket
 import traceback
@@ -40,6 +41,7 @@ from tests.messaging.rabbitmq_support import (
     notification,
     pokemon_store,
     private_vhost,
+    queue_policy,
     vhost_url,
 )
 
@@ -367,6 +369,54 @@ class TestClosedConsumerChannel:
             finally:
                 await adapter.purge()
         assert received == [notification(i) for i in range(4)]
+
+
+class TestRefusedHandOver:
+    async def test_a_message_the_dead_letter_queue_refuses_goes_behind_the_others(
+        self, vhost: str
+    ) -> None:
+        """An operator's length limit (overflow reject-publish) on the dead-letter queue
+        makes the broker refuse a failed message there while the channel lives on. It was
+        left unsettled for good, holding a prefetch slot: with prefetch_count=1 the worker
+        received nothing more. It now goes behind the others in its queue."""
+        queue = NotificationMessageQueue(
+            message_queue_id=f"refused-{secrets.token_hex(3)}",
+            source_event_stores=[pokemon_store()],
+        )
+        handled: list[NotificationMessage] = []
+        good_in = asyncio.Event()
+
+        async def worker(message: NotificationMessage, context: MessageContext) -> None:
+            handled.append(message)
+            if message == notification(0):
+                raise ValueError("poison")
+            if notification(3) in handled:
+                good_in.set()
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue,
+            vhost_url(vhost),
+            worker=worker,
+            prefetch_count=1,
+            retry_attempts=0,
+            reconnect_delay=0.05,
+        )
+        dead = adapter.queue_name + ".dead"
+        async with adapter:
+            try:
+                with queue_policy(
+                    vhost, f"^{re.escape(dead)}$", '{"max-length":0,"overflow":"reject-publish"}'
+                ):
+                    async with adapter.consuming():
+                        for index in range(4):
+                            await queue.publish_message(notification(index))
+                        async with asyncio.timeout(20):
+                            await good_in.wait()
+            finally:
+                await adapter.purge()
+        assert handled[0] == notification(0)
+        others = [message for message in handled if message != notification(0)]
+        assert others == [notification(i) for i in (1, 2, 3)]
 
 
 class TestPoisonMessages:
