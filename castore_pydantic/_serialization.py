@@ -559,11 +559,11 @@ class EventStoreContext:
                         fresh.__dict__["timestamp"] = utc_now()
                         fresh.__pydantic_fields_set__.add("timestamp")
                 elif needs_normalizing(stamp):
-                    fresh.__dict__["timestamp"] = self._normalized(stamp)
+                    fresh.__dict__["timestamp"] = self.normalized(stamp)
                 return fresh
         return self._validate_other_input(event, timestamp=timestamp)
 
-    def _normalized(self, stamp: datetime) -> datetime:
+    def normalized(self, stamp: datetime) -> datetime:
         """``stamp`` in UTC milliseconds.
 
         Raises:
@@ -601,7 +601,7 @@ class EventStoreContext:
             validated = self._one.validate_python(event)  # raises a clear ValidationError
         self.check_limits(validated)
         given = validated.timestamp
-        stamp = (utc_now() if timestamp else None) if given is None else self._normalized(given)
+        stamp = (utc_now() if timestamp else None) if given is None else self.normalized(given)
         if stamp is not given:
             if owned:
                 # A fresh instance of ours: set the field in place instead of copying it.
