@@ -144,7 +144,7 @@ def check_keys_read_back(event_type: type[Event]) -> None:
             f"event type {event_type.__name__}: {what} would not be stored: an event holds"
             f" only {', '.join(Event.model_fields)}; put its data in payload or metadata"
         )
-    seen: set[type[BaseModel]] = set()
+    seen: set[type] = set()
     serialized = _serialized_fields(event_type, event_type.model_fields)
     for part in ("payload", "metadata"):
         field = event_type.model_fields[part]
@@ -234,13 +234,28 @@ def _is_annotated(annotation: Any) -> bool:
     return get_origin(annotation) is Annotated
 
 
-def _unread_key(annotation: Any, path: str, seen: set[type[BaseModel]]) -> str | None:
-    """The first field, in the models ``annotation`` holds, that would not read back."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+def _unread_key(annotation: Any, path: str, seen: set[type]) -> str | None:
+    """The first field that would not read back, in what ``annotation`` holds.
+
+    Models, Pydantic dataclasses and the models inside TypedDicts and dataclasses.
+    """
+    if isinstance(annotation, type) and (
+        issubclass(annotation, BaseModel)
+        or is_typeddict(annotation)
+        or dataclasses.is_dataclass(annotation)
+    ):
         if annotation in seen:
             return None
         seen.add(annotation)
-        return _unread_model_key(annotation, path, seen)
+        if issubclass(annotation, BaseModel):
+            return _unread_model_key(
+                annotation, annotation.model_fields, annotation.model_config, path, seen
+            )
+        fields = getattr(annotation, "__pydantic_fields__", None)
+        if fields is not None:  # a Pydantic dataclass: its fields are checked as a model's
+            config = getattr(annotation, "__pydantic_config__", {})
+            return _unread_model_key(annotation, fields, config, path, seen)
+        return _unread_hint_key(annotation, path, seen)
     for argument in get_args(annotation):  # list[Model], Model | None, Annotated[...], ...
         found = _unread_key(argument, path, seen)
         if found is not None:
@@ -248,18 +263,35 @@ def _unread_key(annotation: Any, path: str, seen: set[type[BaseModel]]) -> str |
     return None
 
 
-def _unread_model_key(model: type[BaseModel], path: str, seen: set[type[BaseModel]]) -> str | None:
-    """``_unread_key`` of one model's fields (and the models they hold)."""
-    decorators = model.__pydantic_decorators__
-    if decorators.model_serializers:
+def _unread_hint_key(container: type, path: str, seen: set[type]) -> str | None:
+    """``_unread_key`` of the models a TypedDict's or a standard dataclass's fields hold."""
+    try:
+        hints = get_type_hints(container, include_extras=True)
+    except Exception:
+        return None
+    for name, hint in hints.items():
+        found = _unread_key(hint, f"{path}.{name}", seen)
+        if found is not None:
+            return found
+    return None
+
+
+def _unread_model_key(
+    model: type, fields: Mapping[str, Any], config: Mapping[str, Any], path: str, seen: set[type]
+) -> str | None:
+    """``_unread_key`` of one model's (or Pydantic dataclass's) fields and what they hold."""
+    decorators = getattr(model, "__pydantic_decorators__", None)
+    if decorators is not None and decorators.model_serializers:
         return None  # it writes what it wants: it cannot be judged
-    validators = decorators.model_validators.values()
+    validators = decorators.model_validators.values() if decorators is not None else ()
     free_keys = any(validator.info.mode in ("before", "wrap") for validator in validators)
-    serialized = _serialized_fields(model, model.model_fields)
-    config = model.model_config
+    serialized = _serialized_fields(model, fields)
     by_name = bool(config.get("validate_by_name") or config.get("populate_by_name"))
     by_alias = config.get("validate_by_alias") is not False
-    for name, field in model.model_fields.items():
+    dropped = None if free_keys else _dropped_keys(model, fields, config, path)
+    if dropped is not None:
+        return dropped
+    for name, field in fields.items():
         if field.exclude:
             continue  # never written
         if name not in serialized:
@@ -283,6 +315,26 @@ def _unread_model_key(model: type[BaseModel], path: str, seen: set[type[BaseMode
         found = None if skip else _unread_key(field.annotation, f"{path}.{name}", seen)
         if found is not None:
             return found
+    return None
+
+
+def _dropped_keys(
+    model: type, fields: Mapping[str, Any], config: Mapping[str, Any], path: str
+) -> str | None:
+    """A key the model writes but refuses, or needs but never writes, if there is one."""
+    computed = getattr(model, "__pydantic_computed_fields__", None) or {}
+    if computed and config.get("extra") == "forbid":
+        return (
+            f"{path} writes its computed field {next(iter(computed))!r}, which it refuses on"
+            ' input (extra="forbid"), so its events could be stored but never read back; let'
+            ' it ignore extra keys (extra="ignore")'
+        )
+    for name, field in fields.items():
+        if field.exclude and field.is_required():
+            return (
+                f"{path}.{name} is required but excluded when written, so its events could "
+                "be stored but never read back; give it a default"
+            )
     return None
 
 

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic import Secret as PydanticSecret
 from pydantic.alias_generators import to_camel
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from typing_extensions import TypedDict
 
 from castore_pydantic import Aggregate, Event, EventStore
@@ -219,6 +220,64 @@ class TestTimestamp:
         assert pushed.timestamp.tzinfo is UTC
 
 
+class SerializedPerson(BaseModel):
+    first_name: str = Field(serialization_alias="firstName")
+
+
+@pydantic_dataclass
+class DataPerson:
+    first_name: str = Field(serialization_alias="firstName")
+
+
+@dataclasses.dataclass
+class PersonWrapper:
+    person: SerializedPerson
+
+
+class PeopleHolder(TypedDict):
+    people: list[SerializedPerson]
+
+
+class StrictComputed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    first: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def upper(self) -> str:
+        return self.first.upper()
+
+
+class LenientComputed(BaseModel):
+    first: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def upper(self) -> str:
+        return self.first.upper()
+
+
+class HiddenRequired(BaseModel):
+    name: str
+    internal: str = Field(exclude=True)
+
+
+class HiddenDefaulted(BaseModel):
+    name: str
+    internal: str = Field(default="", exclude=True)
+
+
+@dataclasses.dataclass
+class FinePayload:
+    lenient: LenientComputed
+    defaulted: HiddenDefaulted
+
+
+class FineEvent(Event):
+    type: Literal["FINE"] = "FINE"
+    payload: FinePayload
+
+
 class TestAliases:
     def test_aliased_payload_fields_dump_by_alias_and_read_back(self) -> None:
         """Dumps use aliases inside nested payload models, so what is written validates."""
@@ -256,6 +315,39 @@ class TestAliases:
             with pytest.raises(TypeError, match="written as 'firstName'") as info:
                 EventStore(event_store_id="S", event_types=[Joined], reducer=lambda a, e: a)
             assert "first_name" in str(info.value)
+
+    async def test_keys_not_read_back_are_found_in_dataclasses_and_typeddicts_too(
+        self, tmp_path: Any
+    ) -> None:
+        """A Pydantic dataclass writing a key it does not read, a model inside a standard
+        dataclass or a TypedDict doing so, a computed field a model refuses on input
+        (extra="forbid") and a required field excluded from dumps: each was stored, then
+        failed every read; each is refused when the store is made. Their readable forms
+        are stored and read back."""
+        cases: list[tuple[Any, str]] = [
+            (DataPerson, "payload.first_name is written as 'firstName'"),
+            (PersonWrapper, "payload.person.first_name is written as 'firstName'"),
+            (PeopleHolder, "payload.people.first_name is written as 'firstName'"),
+            (StrictComputed, "computed field 'upper'"),
+            (HiddenRequired, "payload.internal is required but excluded"),
+        ]
+        for payload_type, problem in cases:
+
+            class Bad(Event):
+                type: Literal["BAD"] = "BAD"
+                payload: payload_type  # type: ignore[valid-type]
+
+            with pytest.raises(TypeError, match=re.escape(problem)):
+                EventStore(event_store_id="S", event_types=[Bad], reducer=lambda a, e: a)
+
+        async with SQLiteEventStorageAdapter(tmp_path / "fine.db") as adapter:
+            store = EventStore(
+                event_store_id="S", event_types=[FineEvent], reducer=lambda a, e: a,
+                event_storage_adapter=adapter,
+            )  # fmt: skip
+            payload = FinePayload(LenientComputed(first="ash"), HiddenDefaulted(name="x"))
+            pushed = await store.push_event(FineEvent(aggregate_id="f", version=1, payload=payload))
+            assert (await store.get_events("f")).events == [pushed.event]
 
     async def test_keys_read_back_are_accepted_and_round_trip(self, tmp_path: Any) -> None:
         """A serialization alias the field also reads, camelCase with names allowed, an
