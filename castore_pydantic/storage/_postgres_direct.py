@@ -41,7 +41,7 @@ from castore_pydantic.storage import _postgres_wait as wait
 from castore_pydantic.storage._postgres_connection import SESSION as _SESSION
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 
-__all__ = ["Result", "decoded", "execute", "numbered", "stream"]
+__all__ = ["Result", "decoded", "execute", "numbered", "stream", "unencodable"]
 
 Result = pq.abc.PGresult
 
@@ -191,7 +191,10 @@ async def _execute(
 ) -> Result:
     session = _session(conn)
     transformer = session.transformer
-    values = transformer.dump_sequence(params, _formats_for(len(params)))
+    try:
+        values = transformer.dump_sequence(params, _formats_for(len(params)))
+    except UnicodeEncodeError as exc:
+        raise unencodable(exc, session.encoding) from exc
     types = transformer.types
     pgconn = conn.pgconn
     key = (query, types)
@@ -252,6 +255,14 @@ async def _deallocate(conn: AsyncConnection, session: _Session, name: bytes) -> 
     conn.pgconn.send_query(b"DEALLOCATE " + name)
     with contextlib.suppress(psycopg.Error):
         await _collect(conn, session)
+
+
+def unencodable(exc: UnicodeEncodeError, encoding: str) -> psycopg.DataError:
+    """The error of a value the connection's client encoding cannot carry (before sending)."""
+    return psycopg.DataError(
+        f"a value cannot be sent in the connection's client encoding ({encoding}): {exc.reason}"
+        f" for {exc.object[exc.start : exc.end]!r}"
+    )
 
 
 def decoded(conn: AsyncConnection, value: bytes) -> bytes | str:

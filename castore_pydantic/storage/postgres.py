@@ -746,6 +746,8 @@ class PostgresEventStorageAdapter:
         except pg_errors.FeatureNotSupported:
             await self._conns.forget_prepared(conn)
             return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
+        except UnicodeEncodeError as exc:
+            raise direct.unencodable(exc, conn.info.encoding) from exc
 
     async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
         """Aggregates without a version-1 event, which listing leaves out (by id).

@@ -24,7 +24,12 @@ import pytest
 from pydantic import ConfigDict
 
 from castore_pydantic import Event, EventStore
-from castore_pydantic.errors import StorageUnavailableError, StoredEventValidationError
+from castore_pydantic.errors import (
+    EventLimitExceededError,
+    StorageError,
+    StorageUnavailableError,
+    StoredEventValidationError,
+)
 from castore_pydantic.storage import _postgres_connection as connections
 from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage import _postgres_wait as wait
@@ -367,6 +372,31 @@ class TestStatementsFollowTheirConnection:
             await long_aggregate(store, aggregate_id, 1500)
             for _ in range(2):
                 assert len((await store.get_events(aggregate_id)).events) == 1500
+
+    async def test_a_value_the_client_encoding_cannot_carry_is_a_clear_error(
+        self, pg_schema: str
+    ) -> None:
+        """On a LATIN1 connection, a character LATIN1 lacks raised a bare UnicodeEncodeError
+        from pushes, groups, reads and listings; writes now refuse the event
+        (EventLimitExceededError), reads and listings raise StorageError, nothing is stored."""
+        options = {"connect_kwargs": {"client_encoding": "LATIN1"}}
+        async with await adapter_for(pg_schema, **options) as adapter:
+            store = counter_store(adapter)
+            snowman = NoteAdded(aggregate_id="n1", version=1, payload={"text": "\u2603"})
+            with pytest.raises(EventLimitExceededError, match="client encoding"):
+                await store.push_event(snowman)
+            with pytest.raises(EventLimitExceededError, match="client encoding"):
+                await EventStore.push_event_group(
+                    store.group_event(created("a1")), store.group_event(created("\u2603"))
+                )
+            with pytest.raises(StorageError, match="client encoding"):
+                await store.get_events("\u2603")
+            await store.push_event(created("caf\u00e9"))  # LATIN1 has it
+            assert [e.aggregate_id for e in (await store.get_events("caf\u00e9")).events] == [
+                "caf\u00e9"
+            ]
+            rows = await fetch(f'SELECT aggregate_id FROM "{pg_schema}".{adapter.table_name}')
+            assert rows == [("caf\u00e9",)]
 
     async def test_a_changed_client_encoding_is_followed(
         self, small: PostgresEventStorageAdapter
