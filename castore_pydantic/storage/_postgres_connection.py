@@ -116,6 +116,8 @@ class Settings:
     database: tuple[str, str, str, str, str] | None
     session: tuple[str, str]
     describe: str
+    #: The ``client_encoding`` the connection string or keywords set (upper case), or "".
+    chooses_encoding: str = ""
 
     @classmethod
     def of(cls, params: Mapping[str, Any]) -> Settings:
@@ -131,6 +133,7 @@ class Settings:
                 str(params.get("service") or ""),
             ),
             session=(str(params.get("user") or ""), str(params.get("options") or "")),
+            chooses_encoding=str(params.get("client_encoding") or "").upper().replace("-", "_"),
             describe=" ".join(
                 f"{key}={params[key]}"
                 for key in ("service", "host", "hostaddr", "port", "dbname", "user")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
@@ -89,6 +90,19 @@ def _naive_utc(value: datetime) -> datetime:
     return value.astimezone(UTC).replace(tzinfo=None)
 
 
+def _encoded(conn: AsyncConnection, statement: str) -> bytes:
+    """A statement without parameters in the connection's client encoding.
+
+    Raises:
+        psycopg.DataError: A name in it cannot be written in that encoding.
+    """
+    encoding = conn.info.encoding
+    try:
+        return statement.encode(encoding)
+    except UnicodeEncodeError as exc:
+        raise direct.unencodable(exc, encoding) from exc
+
+
 class PostgresEventStorageAdapter:
     """Stores events in a PostgreSQL table, through a psycopg 3 connection pool.
 
@@ -152,6 +166,15 @@ class PostgresEventStorageAdapter:
             kwargs = dict(connect_kwargs or {})
             settings = Settings.parse(connection_string or "", kwargs)
             kwargs["autocommit"] = True
+            if settings.chooses_encoding == "SQL_ASCII":
+                raise ValueError(
+                    "client_encoding SQL_ASCII hands text over as bytes, which the adapter "
+                    "cannot read: leave it out (the adapter uses UTF8) or choose an encoding"
+                )
+            if not settings.chooses_encoding and "PGCLIENTENCODING" not in os.environ:
+                # libpq's default is the database's encoding: with SQL_ASCII, text would come
+                # back as bytes. The server converts from UTF-8 to any encoding it stores.
+                kwargs["client_encoding"] = "UTF8"
             pool = AsyncConnectionPool(
                 connection_string or "",
                 kwargs=kwargs,
@@ -257,12 +280,12 @@ class PostgresEventStorageAdapter:
                 # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
                 for statement in self._sql.create_table(aggregate_id_type):
-                    await conn.execute(statement.encode())
+                    await conn.execute(_encoded(conn, statement))
                 cursor = await conn.execute(self._sql.columns(), (self._sql.table_ddl,))
                 columns = {name for name, _ in await cursor.fetchall()}
                 missing = [column for column in _LAYOUT if column not in columns]
                 if not missing:
-                    await conn.execute(self._sql.create_index().encode())
+                    await conn.execute(_encoded(conn, self._sql.create_index()))
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
@@ -283,7 +306,7 @@ class PostgresEventStorageAdapter:
         where = self._where("dropping the event table")
         conn = await self._conns.acquire(where)
         try:
-            await conn.execute(self._sql.drop().encode())
+            await conn.execute(_encoded(conn, self._sql.drop()))
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:

@@ -398,6 +398,56 @@ class TestStatementsFollowTheirConnection:
             rows = await fetch(f'SELECT aggregate_id FROM "{pg_schema}".{adapter.table_name}')
             assert rows == [("caf\u00e9",)]
 
+    async def test_a_sql_ascii_database_reads_back_text_as_text(self) -> None:
+        """A SQL_ASCII database gives its clients SQL_ASCII by default, and psycopg then
+        hands text over as bytes: stored non-ASCII text failed to read back and listings
+        returned bytes ids. The adapter's connections use UTF8 unless told otherwise, and
+        an explicit SQL_ASCII is refused up front."""
+        name = f"castore_test_ascii_{uuid.uuid4().hex[:8]}"
+        async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as admin:
+            await admin.execute(
+                f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0"
+                " LC_COLLATE 'C' LC_CTYPE 'C'".encode()
+            )
+        dsn = DSN.rsplit("/", 1)[0] + f"/{name}"
+        try:
+            async with PostgresEventStorageAdapter(dsn) as adapter:
+                await adapter.create_event_table()
+                store = counter_store(adapter)
+                note = NoteAdded(aggregate_id="caf\u00e9", version=1, payload={"k": "\u2603"})
+                await store.push_event(note)
+                (event,) = (await store.get_events("caf\u00e9")).events
+                assert event.payload == {"k": "\u2603"}
+                page = await store.list_aggregate_ids(limit=1)
+                assert [entry.aggregate_id for entry in page.aggregate_ids] == ["caf\u00e9"]
+            with pytest.raises(ValueError, match="SQL_ASCII"):
+                PostgresEventStorageAdapter(dsn, connect_kwargs={"client_encoding": "sql_ascii"})
+        finally:
+            async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as admin:
+                await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+    async def test_a_table_named_beyond_ascii_is_made_in_the_client_encoding(
+        self, pg_schema: str
+    ) -> None:
+        """The table's DDL was sent as UTF-8 whatever the client encoding: on LATIN1, a table
+        named "\u00e9v\u00e9nement" was made under a garbled name, and nothing could use it."""
+        table = f"\u00e9v\u00e9nement_{uuid.uuid4().hex[:6]}"
+        options = {"connect_kwargs": {"client_encoding": "LATIN1"}}
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name=table, **options
+        ) as adapter:
+            await adapter.create_event_table()
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+            assert len((await store.get_events("a1")).events) == 1
+            found = await fetch(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = %s AND tablename = %s",
+                pg_schema,
+                table,
+            )
+            assert found == [(1,)]
+            await adapter.drop_event_table()
+
     async def test_a_changed_client_encoding_is_followed(
         self, small: PostgresEventStorageAdapter
     ) -> None:
