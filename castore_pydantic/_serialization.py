@@ -12,10 +12,12 @@ import json
 import math
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin, get_type_hints
+from uuid import UUID
 
 from pydantic import (
     AliasChoices,
@@ -31,7 +33,6 @@ from pydantic import (
     ValidationError,
     WrapSerializer,
 )
-from pydantic_core import PydanticSerializationError, to_jsonable_python
 from typing_extensions import is_typeddict
 
 from castore_pydantic import _gc
@@ -216,9 +217,8 @@ def _lossy_fields(container: type, path: str, seen: set[Any]) -> str | None:
     if container in seen:
         return None
     seen.add(container)
-    try:
-        hints = get_type_hints(container, include_extras=True)
-    except Exception:
+    hints = _field_hints(container)
+    if hints is None:
         return None
     written = _serialized_fields(container, hints)
     for name, hint in hints.items():
@@ -228,6 +228,21 @@ def _lossy_fields(container: type, path: str, seen: set[Any]) -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _field_hints(container: type) -> dict[str, Any] | None:
+    """The annotations of a TypedDict's or dataclass's fields, not its class variables.
+
+    ``None`` when they cannot be resolved.
+    """
+    try:
+        hints = get_type_hints(container, include_extras=True)
+    except Exception:
+        return None
+    if dataclasses.is_dataclass(container):
+        names = {field.name for field in dataclasses.fields(container)}
+        return {name: hint for name, hint in hints.items() if name in names}
+    return hints
 
 
 def _is_annotated(annotation: Any) -> bool:
@@ -265,11 +280,8 @@ def _unread_key(annotation: Any, path: str, seen: set[type]) -> str | None:
 
 def _unread_hint_key(container: type, path: str, seen: set[type]) -> str | None:
     """``_unread_key`` of the models a TypedDict's or a standard dataclass's fields hold."""
-    try:
-        hints = get_type_hints(container, include_extras=True)
-    except Exception:
-        return None
-    for name, hint in hints.items():
+    hints = _field_hints(container)
+    for name, hint in (hints or {}).items():
         found = _unread_key(hint, f"{path}.{name}", seen)
         if found is not None:
             return found
@@ -426,7 +438,26 @@ def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
     return size
 
 
-def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a flat type dispatch
+def _is_container(value: object) -> bool:
+    """Whether the slow scan walks into ``value``.
+
+    Mappings, models, dataclass instances and collections (a deque...), never a one-shot
+    iterator, which reading would empty.
+    """
+    if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset):
+        return True
+    if dataclasses.is_dataclass(value):
+        return not isinstance(value, type)
+    return isinstance(value, Collection) and not isinstance(
+        value, str | bytes | bytearray | Iterator
+    )
+
+
+#: Values of these types are written as short JSON strings: the fast scan counts them so.
+_SHORT_TEXTS: Final = (datetime, date, time, timedelta, UUID)
+
+
+def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0912 - flat dispatch
     """Approximate JSON size of ``value``, or a negative number if it breaks a limit.
 
     Recursion depth is bounded by ``max_depth`` (at most ``_FAST_SCAN_MAX_DEPTH``). Anything
@@ -443,6 +474,8 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911 - a f
         return 8
     if kind is float:
         return 8 if math.isfinite(value) else _FAIL
+    if kind in _SHORT_TEXTS:
+        return 40
     if depth > max_depth:
         return _FAIL
     if isinstance(value, BaseModel) and not value.__pydantic_extra__:
@@ -717,7 +750,7 @@ class EventStoreContext:
             stack.append((event.metadata, 1, ("metadata",)))
         while stack:
             value, depth, path = stack.pop()
-            if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset):
+            if _is_container(value):
                 if depth > max_depth:
                     raise EventLimitExceededError(
                         self.event_store_id, f"nesting deeper than max_depth={max_depth}", path
@@ -725,18 +758,14 @@ class EventStoreContext:
                 size += 4
                 stack.extend(self._children(value, depth + 1, path))
             else:
-                leaf = self._leaf_size(value, path)
-                if leaf < 0:
-                    # A dataclass, a deque, a Decimal...: measured and checked in its JSON form.
-                    stack.append((self._json_form(value, path), depth, path))
-                size += max(leaf, 0)
+                size += self._leaf_size(value, path)
             if size > max_bytes:
                 raise EventLimitExceededError(
                     self.event_store_id, f"event larger than max_bytes={max_bytes}", path
                 )
 
-    def _leaf_size(self, value: object, path: tuple[str | int, ...]) -> int:
-        """The bytes the slow scan counts for a JSON leaf, checked; -1 for anything else."""
+    def _leaf_size(self, value: object, path: tuple[str | int, ...]) -> int:  # noqa: PLR0911
+        """The bytes the slow scan counts for a value that holds no others, checked."""
         if isinstance(value, str):
             self._check_str(value, path)
             return len(value) + 4
@@ -751,12 +780,12 @@ class EventStoreContext:
                 )
             return 8
         if isinstance(value, bytes | bytearray):
-            if b"\x00" in value:
-                raise EventLimitExceededError(
-                    self.event_store_id, "NUL characters cannot be stored", path
-                )
             return len(value) + 4
-        return -1
+        if isinstance(value, Decimal):
+            return len(str(value)) + 4  # written as its text
+        # Anything else (a datetime, a UUID, a type of the author's with its serializer, a
+        # one-shot iterator that must not be consumed here) is counted as a short value.
+        return 16
 
     def _int_size(self, value: int, path: tuple[str | int, ...]) -> int:
         """The bytes the slow scan counts for an int; one JSON cannot read back is refused."""
@@ -772,21 +801,6 @@ class EventStoreContext:
             )
         return digits + 1
 
-    def _json_form(self, value: object, path: tuple[str | int, ...]) -> object:
-        """``value`` as the JSON types it is written as (dicts, lists, strings, numbers).
-
-        Floats stay floats, so that NaN and infinity are still seen (JSON writes them null).
-        """
-        try:
-            converted = to_jsonable_python(value)
-        except (PydanticSerializationError, ValueError, RecursionError) as exc:
-            raise EventLimitExceededError(
-                self.event_store_id, f"cannot be written as JSON: {exc}", path
-            ) from exc
-        if type(converted) is type(value):  # nothing known to convert it to: counted as is
-            return None
-        return converted
-
     def _children(
         self, value: Any, depth: int, path: tuple[str | int, ...]
     ) -> Iterable[tuple[Any, int, tuple[str | int, ...]]]:
@@ -796,6 +810,10 @@ class EventStoreContext:
                 items = [*items, *value.__pydantic_extra__.items()]
         elif isinstance(value, Mapping):
             items = value.items()
+        elif dataclasses.is_dataclass(value):
+            items = [
+                (field.name, getattr(value, field.name)) for field in dataclasses.fields(value)
+            ]
         else:
             items = enumerate(value)
         for key, child in items:
