@@ -96,10 +96,6 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     return StorageError(f"SQLite failed while {doing}: {exc}")
 
 
-#: How the index of a table's version-1 events is named after the table (``_sqlite_rows``).
-_INDEX_SUFFIX: Final = "_initial_events"
-
-
 def _encodable(text: str) -> bool:
     """Whether SQLite can take ``text`` (UTF-8 cannot encode a lone surrogate)."""
     if text.isascii():
@@ -182,11 +178,6 @@ class SQLiteEventStorageAdapter:
             )
         if table_name.lower().startswith("sqlite_"):
             raise ValueError(f"table names starting with 'sqlite_' are reserved: {table_name!r}")
-        if table_name.lower().endswith(_INDEX_SUFFIX):
-            # Another table's index takes that name (names share one namespace in SQLite).
-            raise ValueError(
-                f"table names ending in {_INDEX_SUFFIX!r} are reserved for indexes: {table_name!r}"
-            )
         mode = synchronous.upper() if isinstance(synchronous, str) else synchronous
         if mode not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
@@ -197,6 +188,13 @@ class SQLiteEventStorageAdapter:
         self._database = os.fspath(path)
         self._in_memory = self._database in ("", ":memory:")
         self._realpath = None if self._in_memory else os.path.realpath(self._database)
+        # A "file:" name is a URI to SQLite (as Python's SQLite is built): it is opened as
+        # given. Any other path is opened as it resolved here.
+        self._opened_as = (
+            self._database
+            if self._realpath is None or self._database.startswith("file:")
+            else self._realpath
+        )
         self._table = table_name
         self._sql = Statements(table_name)
         self._synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
@@ -282,7 +280,7 @@ class SQLiteEventStorageAdapter:
                 # The path resolved when the adapter was made: a relative path opened later
                 # would follow the working directory, away from the file groups compare.
                 conn = sqlite3.connect(
-                    self._database if self._realpath is None else self._realpath,
+                    self._opened_as,
                     timeout=0,
                     isolation_level=None,
                     check_same_thread=False,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import random
 import sqlite3
 import threading
@@ -841,13 +842,18 @@ class TestReviewedEdges:
         listed = (await store.list_aggregate_ids()).aggregate_ids
         assert [entry.aggregate_id for entry in listed] == ["ok"]
 
-    def test_table_names_that_are_index_names_are_refused(self, db: Path) -> None:
-        """Tables and indexes share SQLite's names: a table named like another table's index
-        broke every call on the file; such names are refused up front."""
-        for name in ("event_initial_events", "Orders_INITIAL_EVENTS"):
-            with pytest.raises(ValueError, match="reserved for indexes"):
-                SQLiteEventStorageAdapter(db, table_name=name)
-        SQLiteEventStorageAdapter(db, table_name="initial_events")  # no clash possible
+    async def test_a_file_uri_is_opened_as_given(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A "file:" name is a URI to SQLite: resolving it as a path (to keep relative paths
+        to their directory) opened a file named like the URI instead."""
+        monkeypatch.chdir(tmp_path)
+        async with SQLiteEventStorageAdapter("file:shared.db?mode=rwc") as adapter:
+            await log_store(adapter).push_event(note("x", 1))
+        names = os.listdir(tmp_path)
+        assert sorted(name for name in names if "shared" in name) == ["shared.db"]
+        with raw(tmp_path / "shared.db") as conn:
+            assert conn.execute("SELECT aggregate_id FROM event").fetchall() == [("x",)]
 
     async def test_a_group_gets_the_strictest_durability_of_its_adapters(self, db: Path) -> None:
         """A group whose first adapter is NORMAL but holds events of a FULL adapter commits
