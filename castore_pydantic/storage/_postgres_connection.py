@@ -103,9 +103,9 @@ class Settings:
 
     Attributes:
         secrets: The password, as given and URL-encoded (never shown).
-        database: ``(host, hostaddr, port, dbname, service)``: adapters with equal ones
-            share a database (a service file may name another for each service). ``None``
-            when unknown (a borrowed pool's conninfo is a callable).
+        database: ``(host, port, dbname, service)``: adapters with equal ones share a
+            database (a service file may name another for each service). ``None`` when
+            unknown (a borrowed pool's conninfo is a callable).
         session: ``(user, options)``: with ``database``, what decides how the server
             resolves a table name without a schema (the role's and the options'
             ``search_path``).
@@ -113,7 +113,7 @@ class Settings:
     """
 
     secrets: tuple[str, ...]
-    database: tuple[str, str, str, str, str] | None
+    database: tuple[str, str, str, str] | None
     session: tuple[str, str]
     describe: str
     #: The ``client_encoding`` the connection string or keywords set (upper case), or "".
@@ -126,8 +126,7 @@ class Settings:
         return cls(
             secrets=tuple({password, quote(password, safe="")} - {""}),
             database=(
-                str(params.get("host") or ""),
-                str(params.get("hostaddr") or ""),
+                str(params.get("host") or params.get("hostaddr") or ""),
                 str(params.get("port") or "5432"),
                 str(params.get("dbname") or params.get("user") or ""),
                 str(params.get("service") or ""),
@@ -352,11 +351,18 @@ class Connections:
                 reason when connecting fails).
         """
         conn = await self._acquire(where)
-        if conn.__dict__.get(_TABLES_SEEN, 0) != _TABLE_CHANGES[0]:
+        seen = conn.__dict__.get(_TABLES_SEEN)
+        if seen != _TABLE_CHANGES[0]:
+            if seen is None or conn.prepare_threshold is None:
+                # A new connection, or one that prepares nothing: nothing to forget.
+                setattr(conn, _TABLES_SEEN, _TABLE_CHANGES[0])
+                return conn
             try:
                 await self.forget_prepared(conn)
-            except BaseException:
+            except BaseException as exc:
                 await self.release(conn)
+                if isinstance(exc, psycopg.Error):
+                    raise self.error(exc, where) from self.settings.cause(exc)
                 raise
         return conn
 

@@ -670,6 +670,23 @@ class TestGroups:
                 first.group_event(created("a1")), second.group_event(created("b1"))
             )
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(2,)]
+            # One address given as host= and as hostaddr= is one server.
+            by_address = PostgresEventStorageAdapter(
+                f"hostaddr={POSTGRES_HOST} port={POSTGRES_PORT} dbname={DATABASE} user=postgres",
+                schema=pg_schema,
+                table_name=table,
+            )
+            by_host = PostgresEventStorageAdapter(
+                f"host={POSTGRES_HOST} port={POSTGRES_PORT} dbname={DATABASE} user=postgres",
+                schema=pg_schema,
+                table_name=table,
+            )
+            async with by_address, by_host:
+                await EventStore.push_event_group(
+                    counter_store(by_host).group_event(created("c1")),
+                    counter_store(by_address).group_event(created("d1")),
+                )
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(4,)]
         finally:
             for adapter in (here, again, there):
                 await adapter.aclose()

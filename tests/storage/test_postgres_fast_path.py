@@ -331,6 +331,38 @@ class TestStatementsFollowTheirConnection:
             )
             assert rows == sorted([(upper,), ("pikachu",)])
 
+    async def test_only_connections_with_statements_from_before_a_change_forget_them(
+        self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A new connection has nothing prepared: it does not send DEALLOCATE ALL (every
+        new connection of every adapter did, once any table had changed in the process). A
+        failure of that statement is the adapter's error, not a raw driver error."""
+        forgotten: list[object] = []
+        forget = connections.Connections.forget_prepared
+
+        async def counting(self: connections.Connections, conn: Any) -> None:
+            forgotten.append(conn)
+            await forget(self, conn)
+
+        monkeypatch.setattr(connections.Connections, "forget_prepared", counting)
+        connections.tables_changed()
+        async with await adapter_for(pg_schema, max_size=1) as adapter:
+            store = counter_store(adapter)
+            for index in range(3):
+                await store.push_event(created(f"a{index}"))
+            assert forgotten == []
+            await adapter.create_event_table()  # IF NOT EXISTS: still counts as a change
+            await store.push_event(created("b"))
+            assert len(forgotten) == 1
+
+            async def broken(self: connections.Connections, conn: Any) -> None:
+                raise psycopg.OperationalError("the server went away")
+
+            monkeypatch.setattr(connections.Connections, "forget_prepared", broken)
+            connections.tables_changed()
+            with pytest.raises(StorageUnavailableError, match="went away"):
+                await store.push_event(created("c"))
+
     async def test_a_listing_survives_its_table_made_again_elsewhere(self, pg_schema: str) -> None:
         """Made again by another process with other column types, the table fails psycopg's
         prepared listing ("cached plan must not change result type") until the connection
