@@ -396,11 +396,14 @@ class RabbitMQAdapter:
                 return
             logger.warning("%r lost a RabbitMQ consumer or its connection; reconnecting", self)
             # What is left of the consumers (a connection whose channel alone closed) goes:
-            # their unacknowledged messages are delivered again, to the new ones.
-            previous, self._consumer_connection = self._consumer_connection, None
+            # their unacknowledged messages are delivered again, to the new ones. It stays
+            # the adapter's until closed, so that a stop_consuming meanwhile closes it too.
+            previous = self._consumer_connection
             if previous is not None:
                 channels = [channel for channel, _ in self._consumers]
                 await _close_quietly(previous, *channels)
+                if self._consumer_connection is previous:
+                    self._consumer_connection = None
             delay = self.reconnect_delay
             while not self._stopping:
                 await asyncio.sleep(delay)  # back off between reconnection attempts

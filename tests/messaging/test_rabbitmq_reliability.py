@@ -27,6 +27,7 @@ from castore_pydantic.messaging import (
     NotificationMessageBus,
     NotificationMessageQueue,
 )
+from castore_pydantic.messaging import _rabbitmq_adapter as rabbitmq_adapter
 from castore_pydantic.messaging.rabbitmq import (
     RabbitMQMessageBusAdapter,
     RabbitMQMessageQueueAdapter,
@@ -369,6 +370,45 @@ class TestClosedConsumerChannel:
             finally:
                 await adapter.purge()
         assert received == [notification(i) for i in range(4)]
+
+
+class TestStopWhileReopening:
+    async def test_a_stop_while_the_rest_of_the_consumers_closes_closes_them_all(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A broker-closed consumer channel makes the adapter close what is left of its
+        consumers and open them again. A stop_consuming arriving during that close (made
+        slow here) used to leave the old connection and its other channels open for good."""
+        closing_started = asyncio.Event()
+        close_quietly = rabbitmq_adapter._close_quietly
+
+        async def slow_close(connection: Any, *channels: Any) -> None:
+            closing_started.set()
+            await asyncio.sleep(0.5)
+            await close_quietly(connection, *channels)
+
+        monkeypatch.setattr(rabbitmq_adapter, "_close_quietly", slow_close)
+        bus = NotificationMessageBus(
+            message_bus_id=f"reopen-{secrets.token_hex(3)}", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost), reconnect_delay=5)
+        for index in range(3):
+            adapter.on({}, handler_noop, listener_id=f"listener-{index}")
+        async with adapter:
+            try:
+                await adapter.start_consuming()
+                connection = adapter._consumer_connection
+                assert connection is not None
+                channels = [channel for channel, _ in adapter._consumers]
+                underlay = await channels[0].get_underlay_channel()
+                await underlay.basic_ack(999_999)  # the broker closes this channel only
+                async with asyncio.timeout(10):
+                    await closing_started.wait()  # the adapter closes what is left, slowly
+                await adapter.stop_consuming()
+                assert connection.is_closed
+                assert all(channel.is_closed for channel in channels)
+            finally:
+                await adapter.purge()
 
 
 class TestRefusedHandOver:
