@@ -389,11 +389,13 @@ _MODEL_PLANS: dict[type[BaseModel], _ModelPlan] = {}
 
 
 def _model_plan(cls: type[BaseModel]) -> _ModelPlan:
-    """How to scan instances of ``cls``: fields typed bool hold nothing to check."""
+    """How to scan instances of ``cls``: the size of its keys and of its bool fields is fixed."""
     plan = _MODEL_PLANS.get(cls)
     if plan is None:
         fixed, ints, texts, others = 0, [], [], []
         for name, field in cls.model_fields.items():
+            # Its key, as written: ``"name":`` (an alias may be longer than the name).
+            fixed += len(field.serialization_alias or field.alias or name) + 4
             if field.annotation is bool:
                 fixed += 8
             elif field.annotation is int:
@@ -485,7 +487,7 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0
         for key, child in value.items():
             if type(key) is not str or "\x00" in key or not key.isascii():
                 return _FAIL
-            size += _scan(child, depth + 1, max_depth)
+            size += len(key) + 4 + _scan(child, depth + 1, max_depth)
         return size
     if kind is list or kind is tuple:
         for child in value:
@@ -756,7 +758,10 @@ class EventStoreContext:
                         self.event_store_id, f"nesting deeper than max_depth={max_depth}", path
                     )
                 size += 4
-                stack.extend(self._children(value, depth + 1, path))
+                for child in self._children(value, depth + 1, path):
+                    key = child[2][-1]
+                    size += len(key) + 4 if isinstance(key, str) else 1  # and its comma
+                    stack.append(child)
             else:
                 size += self._leaf_size(value, path)
             if size > max_bytes:

@@ -253,9 +253,9 @@ OTHER_KINDS: list[tuple[str, object, tuple[str | int, ...], str]] = [
     ("infinity in a deque", collections.deque([1.0, float("inf")]), ("payload", 1),
      "not a JSON number"),
     ("NUL in a dataclass string", Reading(1.0, "a\x00b"), ("payload", "label"), "NUL"),
-    ("a long string in a dataclass", Reading(1.0, "x" * 5_000), ("payload", "label"),
-     "max_bytes=1000"),
-    ("a Decimal of 5,000 digits", Decimal("9" * 5_000), ("payload",), "max_bytes=1000"),
+    ("a long string in a dataclass", Reading(1.0, "x" * 20_000), ("payload", "label"),
+     "max_bytes=10000"),
+    ("a Decimal of 20,000 digits", Decimal("9" * 20_000), ("payload",), "max_bytes=10000"),
     ("dataclasses nested too deep", chain(70), ("payload", *["child"] * 64), "max_depth=64"),
     ("a typed int JSON cannot read back", HUGE_INT, ("payload",), "4301 digits"),
 ]  # fmt: skip
@@ -272,7 +272,7 @@ class TestOtherKindsOfValuesAreChecked:
         self, name: str, payload: object, path: tuple[str | int, ...], message: str
     ) -> None:
         """Each is an EventLimitExceededError naming the value; nothing is written."""
-        store = measured_store(EventLimits(max_bytes=1000))
+        store = measured_store(EventLimits(max_bytes=10_000))
         with pytest.raises(EventLimitExceededError, match=message) as info:
             await store.push_event(Measured(aggregate_id="m1", version=1, payload=payload))
         assert info.value.path == path
@@ -287,6 +287,21 @@ class TestOtherKindsOfValuesAreChecked:
         with pytest.raises(EventLimitExceededError, match="max_bytes=1000"):
             await measured_store(EventLimits(max_bytes=1000)).push_event(note(10**2000))
         assert (await store.get_events("n1")).events == []
+
+    @pytest.mark.parametrize("form", ["dict", "json"])
+    async def test_keys_count_towards_the_size(self, form: str) -> None:
+        """An event's size is its JSON's, keys included: one whose long keys pass max_bytes
+        was accepted (only values were counted), and its exported line was then refused by
+        castore import."""
+        keys = {f"{index:03d}" + "k" * 60: 1 for index in range(200)}  # ~13 kB of keys
+        store = measured_store(EventLimits(max_bytes=10_000))
+        event = note(keys)
+        with pytest.raises(EventLimitExceededError, match="max_bytes=10000"):
+            await store.push_event(json.dumps(event) if form == "json" else event)
+        fewer = dict(list(keys.items())[:100])  # ~6.6 kB: within the limit
+        await store.push_event(note(fewer))
+        (stored,) = (await store.get_events("n1")).events
+        assert stored.payload == fewer
 
     async def test_values_the_scan_cannot_walk_are_stored_whole(self) -> None:
         """One-shot iterators are not consumed by the limits check (a generator payload was
