@@ -573,6 +573,61 @@ class TestExport:
         assert result.stdout_bytes == pokemon_lines()
         assert "Exported 5 events of 3 aggregates to stdout." in result.stderr
 
+    def test_an_aggregate_getting_version_1_during_the_export_is_written_once(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sys_path: None
+    ) -> None:
+        """Export first finds the aggregates without a version-1 event, then lists the
+        others. One that gets its version 1 in between (another writer) was written twice,
+        and the file could not be imported back."""
+        (tmp_path / "racy_stores.py").write_text(
+            textwrap.dedent(
+                """
+                from datetime import UTC, datetime
+
+                from castore_pydantic import EventStore
+                from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
+                from examples.pokemon.events import PokemonAppeared, PokemonLeveledUp
+                from examples.pokemon.stores import pokemons as example
+
+                class ConcurrentWriter(InMemoryEventStorageAdapter):
+                    fired = False
+
+                    async def _unlisted_aggregate_ids(self, context):
+                        found = await super()._unlisted_aggregate_ids(context)
+                        if not self.fired:  # another process writes version 1 now
+                            self.fired = True
+                            first = PokemonAppeared(
+                                aggregate_id="mew", version=1,
+                                timestamp=datetime(2024, 1, 1, tzinfo=UTC),
+                                payload={"name": "Mew", "level": 1},
+                            )
+                            await self.push_event(first, context)
+                        return found
+
+                pokemons = EventStore(
+                    event_store_id="POKEMONS",
+                    event_types=example.event_types,
+                    reducer=example.reducer,
+                    event_storage_adapter=ConcurrentWriter(initial_events={"POKEMONS": [
+                        PokemonLeveledUp(aggregate_id="mew", version=2,
+                                         timestamp=datetime(2024, 1, 2, tzinfo=UTC)),
+                    ]}),
+                )
+                """
+            )
+        )
+        monkeypatch.chdir(tmp_path)
+        result = castore("export", "-s", "racy_stores:pokemons", "--json", "-o", "out.jsonl")
+        assert result.exit_code == 0, result.output
+        lines = (tmp_path / "out.jsonl").read_text().splitlines()
+        assert [
+            (json.loads(line)["aggregateId"], json.loads(line)["version"]) for line in lines
+        ] == [
+            ("mew", 1),
+            ("mew", 2),
+        ]
+        assert json.loads(result.stdout) == {"exportedEvents": 2, "exportedAggregates": 1}
+
     def test_export_to_file(self, url: str, tmp_path: Path) -> None:
         """-o writes the file and prints the summary on stdout (JSON with --json)."""
         target = tmp_path / "out.jsonl"

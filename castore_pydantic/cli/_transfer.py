@@ -142,9 +142,15 @@ async def _unlisted_aggregate_ids(store: EventStore[Any, Any]) -> list[str]:
 async def _then(
     listed: AsyncIterator[tuple[str, datetime]], unlisted: list[str]
 ) -> AsyncIterator[str]:
-    """The ids of ``listed``, then those of ``unlisted``."""
+    """The ids of ``listed``, then those of ``unlisted``, each once.
+
+    An aggregate found without a version-1 event may get one while the export runs: listing
+    then finds it too, and it is written with the unlisted ones only.
+    """
+    later = set(unlisted)
     async for aggregate_id, _ in listed:
-        yield aggregate_id
+        if aggregate_id not in later:
+            yield aggregate_id
     for aggregate_id in unlisted:
         yield aggregate_id
 
