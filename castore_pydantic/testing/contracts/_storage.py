@@ -586,6 +586,23 @@ class EventStorageAdapterContract:
             "real"
         ]
 
+    async def test_version_one_pushed_after_a_later_one_lists_the_aggregate(
+        self, adapter: EventStorageAdapter
+    ) -> None:
+        """Version 1 may come after a later version (an import may meet version 2 first).
+
+        Once it is stored, the aggregate is listed, at version 1's timestamp.
+        """
+        store = self.store(adapter)
+        await store.push_event(incremented("late", 2).model_copy(update={"timestamp": _ts(50)}))
+        await store.push_event(created("early", ts=_ts(20)))
+        await store.push_event(created("late", ts=_ts(10)))
+        listed = (await store.list_aggregate_ids()).aggregate_ids
+        assert [(e.aggregate_id, e.initial_event_timestamp) for e in listed] == [
+            ("late", _ts(10)),
+            ("early", _ts(20)),
+        ]
+
     @pytest.mark.parametrize("reverse", [False, True])
     async def test_paging_visits_every_aggregate_once_over_many_pages(
         self, adapter: EventStorageAdapter, reverse: bool
