@@ -423,6 +423,16 @@ class TestAggregates:
         assert [e["aggregateId"] for e in second["aggregateIds"]] == ["snorlax"]
         assert second["nextPageToken"] is None
 
+    def test_a_token_keeps_its_page_size(self, url: str) -> None:
+        """The token carries its listing's options, its limit included: the command's
+        default page size used to override it on every page after the first."""
+        first = self.listed("--url", url, "--limit", "1")
+        second = self.listed("--url", url, "--page-token", first["nextPageToken"])
+        assert [e["aggregateId"] for e in second["aggregateIds"]] == ["eevee"]
+        assert second["nextPageToken"] is not None
+        wider = self.listed("--url", url, "--limit", "5", "--page-token", first["nextPageToken"])
+        assert [e["aggregateId"] for e in wider["aggregateIds"]] == ["eevee", "snorlax"]
+
     def test_all_pages(self, url: str) -> None:
         """--all follows every page."""
         listed = self.listed("--url", url, "--limit", "1", "--all")

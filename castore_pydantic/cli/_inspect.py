@@ -102,6 +102,9 @@ def stores(specs: tuple[str, ...], as_json: bool) -> None:
 
 # -- aggregates --------------------------------------------------------------------------------
 
+#: Aggregates per page when neither --limit nor a page token says.
+_DEFAULT_LIMIT = 50
+
 
 @cli.command()
 @store_options
@@ -109,9 +112,8 @@ def stores(specs: tuple[str, ...], as_json: bool) -> None:
     "--limit",
     "-n",
     type=click.IntRange(min=0),
-    default=50,
-    show_default=True,
-    help="Aggregates per page.",
+    default=None,
+    help="Aggregates per page  [default: 50, or the page token's]",
 )
 @click.option("--page-token", default=None, help="Continue a previous listing.")
 @click.option(
@@ -129,7 +131,7 @@ def aggregates(
     url: str | None,
     table: str,
     timeout: float,
-    limit: int,
+    limit: int | None,
     page_token: str | None,
     after: datetime | None,
     before: datetime | None,
@@ -143,10 +145,12 @@ def aggregates(
         target = Target(store, url, table, timeout)
         entries: list[tuple[str, datetime]] = []
         token = page_token
+        # A token carries its own page size; without one, the default applies.
+        size = _DEFAULT_LIMIT if limit is None and page_token is None else limit
         async with target.opened() as working:
             while True:
                 page = await working.list_aggregate_ids(
-                    limit=limit,
+                    limit=size,
                     page_token=token,
                     initial_event_after=after,
                     initial_event_before=before,
