@@ -446,17 +446,43 @@ def _secret(c: Constraints, path: str, tp: Any) -> st.SearchStrategy[Any]:
     return inner.map(tp)
 
 
+def _window(
+    lo: Any, hi: Any, defaults: tuple[Any, Any], limits: tuple[Any, Any]
+) -> tuple[Any, Any]:
+    """The range to draw from: the field's bounds, ``defaults`` on a side it leaves open.
+
+    A default on the far side of the field's only bound moves past it by the defaults'
+    width (within ``limits``), so that a bound outside the default range still has room.
+    """
+    low, high = defaults
+    width = high - low
+    if lo is None:
+        lo = (
+            low
+            if hi is None or hi >= low
+            else (hi - width if hi - limits[0] > width else limits[0])
+        )
+    if hi is None:
+        hi = high if lo <= high else (lo + width if limits[1] - lo > width else limits[1])
+    return lo, hi
+
+
 def _datetimes(c: Constraints, path: str, tp: Any = dt.datetime) -> st.SearchStrategy[Any]:
     kind = _TIME_KINDS.get(tp, "any")
-    lo, hi = _DATETIME_RANGE
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    if kind == "past":
-        hi = now - dt.timedelta(days=2)  # margins absorb offsets and slow test runs
-    elif kind == "future":
-        lo = now + dt.timedelta(days=2)
     bounds = [b for b in (c.ge, c.gt, c.le, c.lt) if isinstance(b, dt.datetime)]
-    lo = max([lo, *(_naive_utc(b) for b in (c.ge, c.gt) if isinstance(b, dt.datetime))])
-    hi = min([hi, *(_naive_utc(b) for b in (c.le, c.lt) if isinstance(b, dt.datetime))])
+    lows = [_naive_utc(b) for b in (c.ge, c.gt) if isinstance(b, dt.datetime)]
+    highs = [_naive_utc(b) for b in (c.le, c.lt) if isinstance(b, dt.datetime)]
+    if kind == "past":
+        highs.append(now - dt.timedelta(days=2))  # margins absorb offsets and slow test runs
+    elif kind == "future":
+        lows.append(now + dt.timedelta(days=2))
+    lo, hi = _window(
+        max(lows, default=None),
+        min(highs, default=None),
+        _DATETIME_RANGE,
+        (dt.datetime.min + dt.timedelta(days=2), dt.datetime.max - dt.timedelta(days=2)),
+    )
     if lo > hi:
         raise _empty(tp, path, f"{lo} > {hi}")
     made = st.datetimes(lo, hi, timezones=_zones(c, kind, bounds), allow_imaginary=False)
@@ -479,17 +505,22 @@ def _zones(c: Constraints, kind: str, bounds: list[dt.datetime]) -> st.SearchStr
 
 
 def _dates(c: Constraints, path: str, tp: Any = dt.date) -> st.SearchStrategy[dt.date]:
-    lo, hi = _DATETIME_RANGE[0].date(), _DATETIME_RANGE[1].date()
     today = dt.datetime.now(dt.UTC).date()
-    if tp is pt.PastDate:
-        hi = today - dt.timedelta(days=2)
-    elif tp is pt.FutureDate:
-        lo = today + dt.timedelta(days=2)
     one = dt.timedelta(days=1)
-    lo = max([lo, *(b for b in [c.ge] if isinstance(b, dt.date))])
-    lo = max([lo, *(b + one for b in [c.gt] if isinstance(b, dt.date))])
-    hi = min([hi, *(b for b in [c.le] if isinstance(b, dt.date))])
-    hi = min([hi, *(b - one for b in [c.lt] if isinstance(b, dt.date))])
+    lows = [b for b in [c.ge] if isinstance(b, dt.date)]
+    lows += [b + one for b in [c.gt] if isinstance(b, dt.date)]
+    highs = [b for b in [c.le] if isinstance(b, dt.date)]
+    highs += [b - one for b in [c.lt] if isinstance(b, dt.date)]
+    if tp is pt.PastDate:
+        highs.append(today - dt.timedelta(days=2))
+    elif tp is pt.FutureDate:
+        lows.append(today + dt.timedelta(days=2))
+    lo, hi = _window(
+        max(lows, default=None),
+        min(highs, default=None),
+        (_DATETIME_RANGE[0].date(), _DATETIME_RANGE[1].date()),
+        (dt.date.min, dt.date.max),
+    )
     if lo > hi:
         raise _empty(tp, path, f"{lo} > {hi}")
     return st.dates(lo, hi)
@@ -503,8 +534,16 @@ def _times(c: Constraints, path: str, tp: Any = dt.time) -> st.SearchStrategy[dt
 
 def _timedeltas(c: Constraints, path: str, tp: Any = dt.timedelta) -> st.SearchStrategy[Any]:
     ten_years = dt.timedelta(days=3650)
-    lo = c.ge if isinstance(c.ge, dt.timedelta) else -ten_years
-    hi = c.le if isinstance(c.le, dt.timedelta) else ten_years
+    lows = [b for b in (c.ge, c.gt) if isinstance(b, dt.timedelta)]
+    highs = [b for b in (c.le, c.lt) if isinstance(b, dt.timedelta)]
+    lo, hi = _window(
+        max(lows, default=None),
+        min(highs, default=None),
+        (-ten_years, ten_years),
+        (dt.timedelta.min, dt.timedelta.max),
+    )
+    if lo > hi:
+        raise _empty(tp, path, f"{lo} > {hi}")
     made = st.timedeltas(lo, hi)
     return made.filter(c.within) if (c.gt, c.lt) != (None, None) else made
 

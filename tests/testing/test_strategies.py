@@ -248,6 +248,17 @@ class RelativeTimes(BaseModel):
     due: FutureDatetime
 
 
+class FarTimes(BaseModel):
+    """Bounds outside the strategies' default window (1900-2200, ten years of timedelta):
+    the window used to be cut by them, leaving nothing to draw."""
+
+    old: dt.date = Field(le=dt.date(1850, 1, 1))
+    far: dt.datetime = Field(ge=dt.datetime(2300, 1, 1, tzinfo=dt.UTC))
+    long: dt.timedelta = Field(ge=dt.timedelta(days=4000))
+    longer: dt.timedelta = Field(gt=dt.timedelta(days=4000))
+    ancient: dt.timedelta = Field(lt=dt.timedelta(days=-5000))
+
+
 class Uuids(BaseModel):
     anything: uuid.UUID
     v4: UUID4
@@ -510,6 +521,7 @@ ZOO_SHAPES = [
     Shape(Datetimes),
     Shape(OtherTimes),
     Shape(RelativeTimes),
+    Shape(FarTimes),
     Shape(Uuids),
     Shape(Decimals),
     Shape(AnnotatedConstraints, filtered=True),  # at.Predicate is a filter by definition
