@@ -1498,6 +1498,14 @@ class TestPour:
             assert result.exit_code == EXIT_USAGE, (args, result.output)
         # Refused before the channel module was even imported.
         assert channels not in sys.modules
+        # One store under two import strings is given twice too (it was an unexpected error).
+        Path(f"{channels}_alias.py").write_text(
+            "from examples.pokemon.stores import pokemons as again\n"
+        )
+        result = castore("pour", "-s", POKEMONS, "-s", f"{channels}_alias:again", "-c", bus,
+                         "--url", url)  # fmt: skip
+        assert result.exit_code == EXIT_USAGE, result.output
+        assert "POKEMONS is given twice" in one_line_error(result)
 
     @pytest.mark.parametrize(
         ("rate", "pause", "published"),

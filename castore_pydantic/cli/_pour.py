@@ -249,6 +249,12 @@ def _stores_on_adapters(
     adapters: list[EventStorageAdapter] = []
     working: list[EventStore[Any, Any]] = []
     for store in (load_store(spec) for spec in specs):
+        if any(known.event_store_id == store.event_store_id for known in working):
+            # The same store under two import strings (or a store and its connected twin).
+            raise CliError(
+                EXIT_USAGE,
+                f"each event store may be poured once: {store.event_store_id} is given twice",
+            )
         adapter = shared or store.event_storage_adapter
         if adapter is None:
             raise CliError(
