@@ -126,7 +126,8 @@ class Settings:
         return cls(
             secrets=tuple({password, quote(password, safe="")} - {""}),
             database=(
-                str(params.get("host") or params.get("hostaddr") or ""),
+                # The address libpq connects to: hostaddr when given, else host.
+                str(params.get("hostaddr") or params.get("host") or ""),
                 str(params.get("port") or "5432"),
                 str(params.get("dbname") or params.get("user") or ""),
                 str(params.get("service") or ""),

@@ -687,6 +687,26 @@ class TestGroups:
                     counter_store(by_address).group_event(created("d1")),
                 )
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(4,)]
+            # One host name, two addresses: two servers (nothing listens on the second).
+            elsewhere = PostgresEventStorageAdapter(
+                f"host=localhost hostaddr=127.0.0.2 port={POSTGRES_PORT} dbname={DATABASE}",
+                schema=pg_schema,
+                table_name=table,
+            )
+            named = PostgresEventStorageAdapter(
+                f"host=localhost hostaddr={POSTGRES_HOST} port={POSTGRES_PORT} dbname={DATABASE}"
+                " user=postgres",
+                schema=pg_schema,
+                table_name=table,
+            )
+            with pytest.raises(EventGroupError, match="another database"):
+                await EventStore.push_event_group(
+                    counter_store(named).group_event(created("e1")),
+                    counter_store(elsewhere).group_event(created("f1")),
+                )
+            await named.aclose()
+            await elsewhere.aclose()
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(4,)]
         finally:
             for adapter in (here, again, there):
                 await adapter.aclose()
