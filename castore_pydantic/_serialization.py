@@ -12,7 +12,8 @@ import json
 import math
 import re
 import threading
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -77,9 +78,10 @@ class EventLimits:
         max_depth: How deeply ``payload`` and ``metadata`` may nest containers (dicts, lists,
             models). ``payload`` itself is level 1. At most 198: much deeper events could
             not be read back as JSON.
-        max_bytes: An upper bound on the event's size as JSON, in bytes (strings count their
-            length, other scalars a few bytes each). JSON text input is also refused when it
-            is longer than this.
+        max_bytes: The largest size of the event as JSON, estimated: keys and strings
+            count their characters, integers their digits, other scalars and values a few
+            characters each (escapes and long floats are not counted in full). JSON text
+            input longer than six times this is refused before it is parsed.
     """
 
     max_depth: int = 64
@@ -394,10 +396,11 @@ def _model_plan(cls: type[BaseModel]) -> _ModelPlan:
     if plan is None:
         fixed, ints, texts, others = 0, [], [], []
         for name, field in cls.model_fields.items():
-            # Its key, as written: ``"name":`` (an alias may be longer than the name).
-            fixed += len(field.serialization_alias or field.alias or name) + 4
+            # Its key, as written: ``"name":`` (an alias may be longer than the name); each
+            # value counts its own comma.
+            fixed += len(field.serialization_alias or field.alias or name) + 3
             if field.annotation is bool:
-                fixed += 8
+                fixed += 6
             elif field.annotation is int:
                 ints.append(name)
             elif field.annotation is str:
@@ -426,7 +429,7 @@ def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
         number = fields[name]
         if type(number) is not int or not -_SMALL_INT < number < _SMALL_INT:
             return _FAIL  # a huge number (or a value assigned around validation)
-        size += 8
+        size += 2 if 0 <= number < 10 else len(str(number)) + 1
     for name in texts:
         text = fields[name]
         if type(text) is not str:
@@ -434,7 +437,7 @@ def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
         elif "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
             return _FAIL
         else:
-            size += len(text) + 4
+            size += len(text) + 3
     for name in others:
         size += _scan(fields[name], depth + 1, max_depth)
     return size
@@ -443,16 +446,14 @@ def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
 def _is_container(value: object) -> bool:
     """Whether the slow scan walks into ``value``.
 
-    Mappings, models, dataclass instances and collections (a deque...), never a one-shot
+    Mappings, models, dataclass instances, lists, tuples, sets and deques; never a one-shot
     iterator, which reading would empty.
     """
-    if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset):
+    if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset | deque):
         return True
-    if dataclasses.is_dataclass(value):
-        return not isinstance(value, type)
-    return isinstance(value, Collection) and not isinstance(
-        value, str | bytes | bytearray | Iterator
-    )
+    # Not any Collection: a Flag member iterates to itself, a range or an array may be huge,
+    # and a type written by its own serializer is not written as its items.
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 #: Values of these types are written as short JSON strings: the fast scan counts them so.
@@ -469,11 +470,13 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0
     if kind is str:
         if "\x00" in value or (not value.isascii() and _SURROGATE.search(value)):
             return _FAIL
-        return len(value) + 4
+        return len(value) + 3
     if kind is int:
-        return 8 if -_SMALL_INT < value < _SMALL_INT else _FAIL
+        if 0 <= value < 10:
+            return 2
+        return len(str(value)) + 1 if -_SMALL_INT < value < _SMALL_INT else _FAIL
     if kind is bool or value is None:
-        return 8
+        return 6  # false, and its comma
     if kind is float:
         return 8 if math.isfinite(value) else _FAIL
     if kind in _SHORT_TEXTS:
@@ -487,13 +490,35 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0
         for key, child in value.items():
             if type(key) is not str or "\x00" in key or not key.isascii():
                 return _FAIL
-            size += len(key) + 4 + _scan(child, depth + 1, max_depth)
+            size += len(key) + 3 + _scan(child, depth + 1, max_depth)
         return size
     if kind is list or kind is tuple:
         for child in value:
             size += _scan(child, depth + 1, max_depth)
         return size
     return _FAIL
+
+
+#: Per model class: how long each field's key is as written, where an alias changes it.
+_KEY_WIDTHS: dict[type, dict[str, int]] = {}
+
+
+def _key_widths(cls: type) -> dict[str, int]:
+    widths = _KEY_WIDTHS.get(cls)
+    if widths is None:
+        fields = getattr(cls, "__pydantic_fields__", None) or {}
+        widths = _KEY_WIDTHS[cls] = {
+            name: len(written)
+            for name, field in fields.items()
+            if (written := field.serialization_alias or field.alias or name) != name
+        }
+    return widths
+
+
+def _bytes_as_base64(cls: type) -> bool:
+    """Whether a model (or Pydantic dataclass) writes bytes as base64 (else as UTF-8 text)."""
+    config = getattr(cls, "__pydantic_config__", None) or getattr(cls, "model_config", None)
+    return config is not None and config.get("ser_json_bytes") == "base64"
 
 
 def _normalize_in_place(event: Event) -> None:
@@ -745,37 +770,45 @@ class EventStoreContext:
         self._check_str(event.aggregate_id, ("aggregateId",))
         self._check_str(event.type, ("type",))
         size = len(event.aggregate_id) + len(event.type) + 80
-        stack: list[tuple[Any, int, tuple[str | int, ...]]] = []
+        stack: list[tuple[Any, int, tuple[str | int, ...], bool]] = []
+        base64 = _bytes_as_base64(type(event))
         if event.payload is not None:
-            stack.append((event.payload, 1, ("payload",)))
+            stack.append((event.payload, 1, ("payload",), base64))
         if event.metadata is not None:
-            stack.append((event.metadata, 1, ("metadata",)))
+            stack.append((event.metadata, 1, ("metadata",), base64))
+        too_large = f"event larger than max_bytes={max_bytes}"
         while stack:
-            value, depth, path = stack.pop()
+            value, depth, path, base64 = stack.pop()
             if _is_container(value):
                 if depth > max_depth:
                     raise EventLimitExceededError(
                         self.event_store_id, f"nesting deeper than max_depth={max_depth}", path
                     )
                 size += 4
-                for child in self._children(value, depth + 1, path):
-                    key = child[2][-1]
-                    size += len(key) + 4 if isinstance(key, str) else 1  # and its comma
-                    stack.append(child)
+                widths: dict[str, int] = {}
+                if isinstance(value, BaseModel):
+                    widths = _key_widths(type(value))
+                    base64 = _bytes_as_base64(type(value))
+                for child, child_depth, child_path in self._children(value, depth + 1, path):
+                    key = child_path[-1]
+                    size += widths.get(key, len(key)) + 3 if isinstance(key, str) else 0
+                    if size > max_bytes:  # before walking on through a huge collection
+                        raise EventLimitExceededError(self.event_store_id, too_large, child_path)
+                    stack.append((child, child_depth, child_path, base64))
             else:
-                size += self._leaf_size(value, path)
+                size += self._leaf_size(value, path, base64=base64)
             if size > max_bytes:
-                raise EventLimitExceededError(
-                    self.event_store_id, f"event larger than max_bytes={max_bytes}", path
-                )
+                raise EventLimitExceededError(self.event_store_id, too_large, path)
 
-    def _leaf_size(self, value: object, path: tuple[str | int, ...]) -> int:  # noqa: PLR0911
+    def _leaf_size(  # noqa: PLR0911 - a flat type dispatch
+        self, value: object, path: tuple[str | int, ...], *, base64: bool
+    ) -> int:
         """The bytes the slow scan counts for a value that holds no others, checked."""
         if isinstance(value, str):
             self._check_str(value, path)
-            return len(value) + 4
+            return len(value) + 3
         if value is None or isinstance(value, bool):
-            return 8
+            return 6
         if isinstance(value, int):
             return self._int_size(value, path)
         if isinstance(value, float):
@@ -785,6 +818,10 @@ class EventStoreContext:
                 )
             return 8
         if isinstance(value, bytes | bytearray):
+            if not base64 and b"\x00" in value:  # written as text, as strings are
+                raise EventLimitExceededError(
+                    self.event_store_id, "NUL characters cannot be stored", path
+                )
             return len(value) + 4
         if isinstance(value, Decimal):
             return len(str(value)) + 4  # written as its text
@@ -795,7 +832,7 @@ class EventStoreContext:
     def _int_size(self, value: int, path: tuple[str | int, ...]) -> int:
         """The bytes the slow scan counts for an int; one JSON cannot read back is refused."""
         if -_SMALL_INT < value < _SMALL_INT:
-            return 8
+            return len(str(value)) + 1
         digits = _int_digits(value)
         if digits > _LONGEST_INT_DIGITS:
             raise EventLimitExceededError(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import json
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
 
 import pytest
-from pydantic import BaseModel, ConfigDict, PlainSerializer, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError, create_model
 
 from castore_pydantic import CastoreError, Command, Event, EventLimits, EventStore
 from castore_pydantic.errors import EventLimitExceededError, UnknownEventTypeError
@@ -246,6 +247,11 @@ class Pointed(Event):
     payload: PointHolder
 
 
+class Perm(enum.IntFlag):
+    READ = 1
+    WRITE = 2
+
+
 HUGE_INT = 10**4300  # 4,301 digits: pydantic-core's JSON parser reads at most 4,300 back
 
 OTHER_KINDS: list[tuple[str, object, tuple[str | int, ...], str]] = [
@@ -253,6 +259,8 @@ OTHER_KINDS: list[tuple[str, object, tuple[str | int, ...], str]] = [
     ("infinity in a deque", collections.deque([1.0, float("inf")]), ("payload", 1),
      "not a JSON number"),
     ("NUL in a dataclass string", Reading(1.0, "a\x00b"), ("payload", "label"), "NUL"),
+    ("NUL in bytes written as text", Reading(1.0, "x", raw=b"a\x00"), ("payload", "raw"),
+     "NUL"),
     ("a long string in a dataclass", Reading(1.0, "x" * 20_000), ("payload", "label"),
      "max_bytes=10000"),
     ("a Decimal of 20,000 digits", Decimal("9" * 20_000), ("payload",), "max_bytes=10000"),
@@ -302,6 +310,45 @@ class TestOtherKindsOfValuesAreChecked:
         await store.push_event(note(fewer))
         (stored,) = (await store.get_events("n1")).events
         assert stored.payload == fewer
+
+    async def test_the_size_is_close_to_the_json_s(self) -> None:
+        """Small numbers, flags and aliased keys are counted at about their JSON width: a
+        model of 200 small ints at 88% of max_bytes was refused once keys were counted, a
+        Flag value was walked as a collection (it iterates to itself) until it was "nested
+        too deep", and a long alias passed as its short field name."""
+        many = create_model("Many", **{f"f{i:03d}": (int, 0) for i in range(200)})  # type: ignore[call-overload]
+        wide = create_model(
+            "Wide",
+            value=(int, Field(0, serialization_alias="v" * 3000, validation_alias="v" * 3000)),
+        )
+        kinds = create_model("Kinds", perms=(Perm, Perm.READ), n=(int, 0))
+
+        def event_of(payload_type: Any, name: str) -> type[Event]:
+            return create_model(  # type: ignore[call-overload, no-any-return]
+                name, __base__=Event, type=(Literal[name], name), payload=(payload_type, ...)
+            )
+
+        counted, aliased, flagged = (
+            event_of(many, "MANY"),
+            event_of(wide, "WIDE"),
+            event_of(kinds, "KINDS"),
+        )
+        store = EventStore(
+            event_store_id="SIZES",
+            event_types=[counted, aliased, flagged],
+            reducer=reduce_pokemon,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+            limits=EventLimits(max_bytes=2000),
+        )
+        fits = counted(aggregate_id="m", version=1, payload=many())
+        assert len(fits.model_dump_json()) > 1700
+        await store.push_event(fits)
+        await store.push_event(flagged(aggregate_id="f", version=1, payload=kinds(perms=Perm(3))))
+        with pytest.raises(EventLimitExceededError, match="max_bytes=2000"):
+            await store.push_event(aliased(aggregate_id="w", version=1, payload=wide()))
+        assert (await store.get_events("w")).events == []
+        (stored,) = (await store.get_events("f")).events
+        assert stored.payload.perms == Perm(3)
 
     async def test_values_the_scan_cannot_walk_are_stored_whole(self) -> None:
         """One-shot iterators are not consumed by the limits check (a generator payload was
