@@ -670,17 +670,16 @@ class TestGroups:
                 first.group_event(created("a1")), second.group_event(created("b1"))
             )
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(2,)]
+
             # One address given as host= and as hostaddr= is one server.
-            by_address = PostgresEventStorageAdapter(
-                f"hostaddr={POSTGRES_HOST} port={POSTGRES_PORT} dbname={DATABASE} user=postgres",
-                schema=pg_schema,
-                table_name=table,
-            )
-            by_host = PostgresEventStorageAdapter(
-                f"host={POSTGRES_HOST} port={POSTGRES_PORT} dbname={DATABASE} user=postgres",
-                schema=pg_schema,
-                table_name=table,
-            )
+            def at(where: str) -> PostgresEventStorageAdapter:
+                return PostgresEventStorageAdapter(
+                    f"{where} port={POSTGRES_PORT} dbname={DATABASE} user=postgres",
+                    schema=pg_schema,
+                    table_name=table,
+                )
+
+            by_address, by_host = at(f"hostaddr={POSTGRES_HOST}"), at(f"host={POSTGRES_HOST}")
             async with by_address, by_host:
                 await EventStore.push_event_group(
                     counter_store(by_host).group_event(created("c1")),
@@ -688,17 +687,8 @@ class TestGroups:
                 )
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(4,)]
             # One host name, two addresses: two servers (nothing listens on the second).
-            elsewhere = PostgresEventStorageAdapter(
-                f"host=localhost hostaddr=127.0.0.2 port={POSTGRES_PORT} dbname={DATABASE}",
-                schema=pg_schema,
-                table_name=table,
-            )
-            named = PostgresEventStorageAdapter(
-                f"host=localhost hostaddr={POSTGRES_HOST} port={POSTGRES_PORT} dbname={DATABASE}"
-                " user=postgres",
-                schema=pg_schema,
-                table_name=table,
-            )
+            elsewhere = at("host=localhost hostaddr=127.0.0.2")
+            named = at(f"host=localhost hostaddr={POSTGRES_HOST}")
             with pytest.raises(EventGroupError, match="another database"):
                 await EventStore.push_event_group(
                     counter_store(named).group_event(created("e1")),
