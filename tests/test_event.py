@@ -238,16 +238,6 @@ class PeopleHolder(TypedDict):
     people: list[SerializedPerson]
 
 
-class StrictComputed(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    first: str
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def upper(self) -> str:
-        return self.first.upper()
-
-
 class LenientComputed(BaseModel):
     first: str
 
@@ -255,6 +245,10 @@ class LenientComputed(BaseModel):
     @property
     def upper(self) -> str:
         return self.first.upper()
+
+
+class StrictComputed(LenientComputed):
+    model_config = ConfigDict(extra="forbid")
 
 
 class HiddenRequired(BaseModel):
