@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
+from enum import Enum
 from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin, get_type_hints
 from uuid import UUID
 
@@ -27,6 +28,7 @@ from pydantic import (
     Field,
     Json,
     PlainSerializer,
+    RootModel,
     Secret,
     SecretBytes,
     SecretStr,
@@ -396,6 +398,8 @@ def _model_plan(cls: type[BaseModel]) -> _ModelPlan:
     if plan is None:
         fixed, ints, texts, others = 0, [], [], []
         for name, field in cls.model_fields.items():
+            if field.exclude:
+                continue  # never written
             # Its key, as written: ``"name":`` (an alias may be longer than the name); each
             # value counts its own comma.
             fixed += len(field.serialization_alias or field.alias or name) + 3
@@ -422,6 +426,8 @@ def _int_digits(value: int) -> int:
 def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
     """``_scan`` of a model without extra fields, at ``depth`` (already within the limit)."""
     kind = type(value)
+    if kind.__pydantic_root_model__:
+        return _scan(value.root, depth, max_depth)  # type: ignore[attr-defined]
     fixed, ints, texts, others = _MODEL_PLANS.get(kind) or _model_plan(kind)
     size = 4 + fixed
     fields = value.__dict__
@@ -478,7 +484,7 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0
     if kind is bool or value is None:
         return 6  # false, and its comma
     if kind is float:
-        return 8 if math.isfinite(value) else _FAIL
+        return len(repr(value)) + 1 if math.isfinite(value) else _FAIL
     if kind in _SHORT_TEXTS:
         return 40
     if depth > max_depth:
@@ -499,7 +505,8 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0
     return _FAIL
 
 
-#: Per model class: how long each field's key is as written, where an alias changes it.
+#: Per model (or Pydantic dataclass) class: how long each written field's key is, by field
+#: name; fields excluded from dumps are left out.
 _KEY_WIDTHS: dict[type, dict[str, int]] = {}
 
 
@@ -508,17 +515,11 @@ def _key_widths(cls: type) -> dict[str, int]:
     if widths is None:
         fields = getattr(cls, "__pydantic_fields__", None) or {}
         widths = _KEY_WIDTHS[cls] = {
-            name: len(written)
+            name: len(field.serialization_alias or field.alias or name)
             for name, field in fields.items()
-            if (written := field.serialization_alias or field.alias or name) != name
+            if not field.exclude
         }
     return widths
-
-
-def _bytes_as_base64(cls: type) -> bool:
-    """Whether a model (or Pydantic dataclass) writes bytes as base64 (else as UTF-8 text)."""
-    config = getattr(cls, "__pydantic_config__", None) or getattr(cls, "model_config", None)
-    return config is not None and config.get("ser_json_bytes") == "base64"
 
 
 def _normalize_in_place(event: Event) -> None:
@@ -770,40 +771,38 @@ class EventStoreContext:
         self._check_str(event.aggregate_id, ("aggregateId",))
         self._check_str(event.type, ("type",))
         size = len(event.aggregate_id) + len(event.type) + 80
-        stack: list[tuple[Any, int, tuple[str | int, ...], bool]] = []
-        base64 = _bytes_as_base64(type(event))
+        stack: list[tuple[Any, int, tuple[str | int, ...]]] = []
         if event.payload is not None:
-            stack.append((event.payload, 1, ("payload",), base64))
+            stack.append((event.payload, 1, ("payload",)))
         if event.metadata is not None:
-            stack.append((event.metadata, 1, ("metadata",), base64))
+            stack.append((event.metadata, 1, ("metadata",)))
         too_large = f"event larger than max_bytes={max_bytes}"
         while stack:
-            value, depth, path, base64 = stack.pop()
+            value, depth, path = stack.pop()
+            while isinstance(value, RootModel):
+                value = value.root  # written as its root alone
             if _is_container(value):
                 if depth > max_depth:
                     raise EventLimitExceededError(
                         self.event_store_id, f"nesting deeper than max_depth={max_depth}", path
                     )
                 size += 4
-                widths: dict[str, int] = {}
-                if isinstance(value, BaseModel):
-                    widths = _key_widths(type(value))
-                    base64 = _bytes_as_base64(type(value))
-                for child, child_depth, child_path in self._children(value, depth + 1, path):
-                    key = child_path[-1]
-                    size += widths.get(key, len(key)) + 3 if isinstance(key, str) else 0
+                for child, child_depth, child_path, key_size in self._children(
+                    value, depth + 1, path
+                ):
+                    size += key_size
                     if size > max_bytes:  # before walking on through a huge collection
                         raise EventLimitExceededError(self.event_store_id, too_large, child_path)
-                    stack.append((child, child_depth, child_path, base64))
+                    stack.append((child, child_depth, child_path))
             else:
-                size += self._leaf_size(value, path, base64=base64)
+                size += self._leaf_size(value, path)
             if size > max_bytes:
                 raise EventLimitExceededError(self.event_store_id, too_large, path)
 
-    def _leaf_size(  # noqa: PLR0911 - a flat type dispatch
-        self, value: object, path: tuple[str | int, ...], *, base64: bool
-    ) -> int:
+    def _leaf_size(self, value: object, path: tuple[str | int, ...]) -> int:  # noqa: PLR0911
         """The bytes the slow scan counts for a value that holds no others, checked."""
+        if isinstance(value, Enum) and not isinstance(value, int | str):
+            value = value.value  # written as its value
         if isinstance(value, str):
             self._check_str(value, path)
             return len(value) + 3
@@ -816,13 +815,9 @@ class EventStoreContext:
                 raise EventLimitExceededError(
                     self.event_store_id, f"{value} is not a JSON number", path
                 )
-            return 8
+            return len(repr(value)) + 1
         if isinstance(value, bytes | bytearray):
-            if not base64 and b"\x00" in value:  # written as text, as strings are
-                raise EventLimitExceededError(
-                    self.event_store_id, "NUL characters cannot be stored", path
-                )
-            return len(value) + 4
+            return len(value) + 3
         if isinstance(value, Decimal):
             return len(str(value)) + 4  # written as its text
         # Anything else (a datetime, a UUID, a type of the author's with its serializer, a
@@ -845,23 +840,42 @@ class EventStoreContext:
 
     def _children(
         self, value: Any, depth: int, path: tuple[str | int, ...]
-    ) -> Iterable[tuple[Any, int, tuple[str | int, ...]]]:
+    ) -> Iterable[tuple[Any, int, tuple[str | int, ...], int]]:
+        """The values a container writes, with their paths and the size of their keys.
+
+        Keys count as written (a model's by alias; its excluded fields are not written);
+        string keys are checked as strings are.
+        """
+        widths: dict[str, int] | None = None
         if isinstance(value, BaseModel):
+            widths = _key_widths(type(value))
             items: Iterable[tuple[Any, Any]] = value.__dict__.items()
             if value.__pydantic_extra__:
+                for key in value.__pydantic_extra__:
+                    self._check_str(key, path)
+                    widths = {**widths, key: len(key)}
                 items = [*items, *value.__pydantic_extra__.items()]
         elif isinstance(value, Mapping):
             items = value.items()
         elif dataclasses.is_dataclass(value):
+            if hasattr(type(value), "__pydantic_fields__"):
+                widths = _key_widths(type(value))
             items = [
                 (field.name, getattr(value, field.name)) for field in dataclasses.fields(value)
             ]
         else:
             items = enumerate(value)
         for key, child in items:
-            if isinstance(key, str) and not isinstance(value, BaseModel):
+            if widths is not None:
+                width = widths.get(key)
+                if width is None:
+                    continue  # excluded from dumps: never written
+                yield child, depth, (*path, key), width + 3
+            elif isinstance(key, str):
                 self._check_str(key, path)
-            yield child, depth, (*path, key)
+                yield child, depth, (*path, key), len(key) + 3
+            else:
+                yield child, depth, (*path, key), 0
 
     def _check_str(self, value: str, path: tuple[str | int, ...]) -> None:
         if value.isascii():
