@@ -8,6 +8,7 @@ turns driver errors into the library's errors.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import select
 import time
@@ -63,6 +64,26 @@ def tables_changed() -> None:
 
 #: A fragment of a connection string libpq quotes in its error messages.
 _QUOTED = re.compile(r'"[^"]*"')
+
+
+#: The environment variables libpq reads for parameters a connection string leaves out.
+_ENVIRONMENT = {
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+    "port": "PGPORT",
+    "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "service": "PGSERVICE",
+}
+
+
+def _param(params: Mapping[str, Any], *names: str) -> str:
+    """The first of ``names`` the parameters or libpq's environment variables set, or ""."""
+    for name in names:
+        value = params.get(name) or os.environ.get(_ENVIRONMENT[name])
+        if value:
+            return str(value)
+    return ""
 
 
 def _url_password(conninfo: str) -> set[str]:
@@ -126,11 +147,12 @@ class Settings:
         return cls(
             secrets=tuple({password, quote(password, safe="")} - {""}),
             database=(
-                # The address libpq connects to: hostaddr when given, else host.
-                str(params.get("hostaddr") or params.get("host") or ""),
-                str(params.get("port") or "5432"),
-                str(params.get("dbname") or params.get("user") or ""),
-                str(params.get("service") or ""),
+                # What libpq connects to: hostaddr when given, else host; what is left out
+                # comes from the environment (PGHOST...) as libpq takes it.
+                _param(params, "hostaddr", "host"),
+                _param(params, "port") or "5432",
+                _param(params, "dbname", "user"),
+                _param(params, "service"),
             ),
             session=(str(params.get("user") or ""), str(params.get("options") or "")),
             chooses_encoding=str(params.get("client_encoding") or "").upper().replace("-", "_"),

@@ -701,6 +701,24 @@ class TestGroups:
             for adapter in (here, again, there):
                 await adapter.aclose()
 
+    async def test_what_a_conninfo_leaves_out_comes_from_the_environment(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """libpq takes a missing port or database from PGPORT or PGDATABASE: with PGPORT set,
+        an adapter without a port and one with port 5432 reach two servers. They were taken
+        for one (the port defaulted to 5432), and a group wrote into the wrong server."""
+        monkeypatch.setenv("PGPORT", "5433")
+        named = PostgresEventStorageAdapter(f"host={POSTGRES_HOST} port=5432 dbname=test")
+        defaulted = PostgresEventStorageAdapter(f"host={POSTGRES_HOST} dbname=test")
+        with pytest.raises(EventGroupError, match="another database"):
+            await EventStore.push_event_group(
+                counter_store(named).group_event(created("a1")),
+                counter_store(defaulted).group_event(created("b1")),
+            )
+        monkeypatch.setenv("PGPORT", "5432")
+        alike = PostgresEventStorageAdapter(f"host={POSTGRES_HOST} dbname=test")
+        assert named._unlike(alike) is None
+
     async def test_members_without_a_schema_must_resolve_their_tables_alike(
         self, pg_schema: str
     ) -> None:
