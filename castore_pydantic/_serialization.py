@@ -7,6 +7,7 @@ into validated events of the store's types.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import math
@@ -176,6 +177,10 @@ def _serialized_fields(cls: type, fields: Iterable[str]) -> set[str]:
     return names
 
 
+#: Field types Pydantic validates lazily, as iterators read once.
+_ONE_SHOT: Final = (collections.abc.Iterable, collections.abc.Iterator, collections.abc.Generator)
+
+
 def _lossy(  # noqa: PLR0911 - a flat type dispatch
     annotation: Any, metadata: Sequence[Any], path: str, seen: set[Any] | None = None
 ) -> str | None:
@@ -204,6 +209,11 @@ def _lossy(  # noqa: PLR0911 - a flat type dispatch
             f"{path} is a Pydantic secret, which is written masked ('**********'), so its "
             "value would be lost; store it in another form, or write it with a serializer "
             "of your own (field_serializer, PlainSerializer)"
+        )
+    if (origin or annotation) in _ONE_SHOT:
+        return (
+            f"{path} is a one-shot iterable, which the event store cannot check without using"
+            " it up (nor store twice); declare a list or a Sequence instead"
         )
     if isinstance(annotation, type) and (
         is_typeddict(annotation) or dataclasses.is_dataclass(annotation)

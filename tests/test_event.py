@@ -4,6 +4,7 @@ import dataclasses
 import json
 import re
 import zoneinfo
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
 
@@ -542,6 +543,32 @@ class TestFieldsOfTheirOwn:
             type: Literal["QUIET"] = "QUIET"
 
         EventStore(event_store_id="S", event_types=[Quiet], reducer=lambda a, e: a)
+
+
+class TestOneShotIterables:
+    def test_iterable_fields_are_refused_when_the_store_is_made(self) -> None:
+        """Pydantic validates an Iterable field lazily, into an iterator read once: the
+        limits check could not look inside without using it up, so a NaN, a 10 MB string or
+        a 250-deep value in it was stored and failed every read. Such fields are refused;
+        sequences are not."""
+
+        class Batch(BaseModel):
+            items: Iterable[Any]
+
+        for payload_type in (Batch, Iterable[int], list[Iterable[str]]):
+
+            class Bad(Event):
+                type: Literal["BAD"] = "BAD"
+                payload: payload_type  # type: ignore[valid-type]
+
+            with pytest.raises(TypeError, match="one-shot iterable"):
+                EventStore(event_store_id="S", event_types=[Bad], reducer=lambda a, e: a)
+
+        class Fine(Event):
+            type: Literal["FINE"] = "FINE"
+            payload: Sequence[int]
+
+        EventStore(event_store_id="S", event_types=[Fine], reducer=lambda a, e: a)
 
 
 class TestAggregate:
