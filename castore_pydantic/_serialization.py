@@ -857,6 +857,7 @@ class EventStoreContext:
         string keys are checked as strings are.
         """
         widths: dict[str, int] | None = None
+        keyed = isinstance(value, Mapping)
         if isinstance(value, BaseModel):
             widths = _key_widths(type(value))
             items: Iterable[tuple[Any, Any]] = value.__dict__.items()
@@ -884,8 +885,8 @@ class EventStoreContext:
             elif isinstance(key, str):
                 self._check_str(key, path)
                 yield child, depth, (*path, key), len(key) + 3
-            else:
-                yield child, depth, (*path, key), 0
+            else:  # a mapping's other keys are written as their text; items have none
+                yield child, depth, (*path, key), len(str(key)) + 3 if keyed else 0
 
     def _check_str(self, value: str, path: tuple[str | int, ...]) -> None:
         if value.isascii():

@@ -406,6 +406,15 @@ class TestOtherKindsOfValuesAreChecked:
         await store.push_event(event)
         assert len((await store.get_events("s")).events) == 1
 
+    async def test_keys_that_are_not_strings_count_as_their_text(self) -> None:
+        """A dict keyed by integers is written with the integers as text keys; they counted
+        nothing, so such an event could pass max_bytes many times over."""
+        store = measured_store(EventLimits(max_bytes=10_000))
+        keys = {10**18 + index: 0 for index in range(500)}  # ~12 kB of JSON
+        with pytest.raises(EventLimitExceededError, match="max_bytes=10000"):
+            await store.push_event(note(keys))
+        assert (await store.get_events("n1")).events == []
+
     async def test_extra_keys_are_checked_as_strings(self) -> None:
         """A model allowing extra keys had its extra keys' NUL characters let through."""
         open_model = create_model("Open", __config__=ConfigDict(extra="allow"), n=(int, 0))
