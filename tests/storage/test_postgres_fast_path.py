@@ -741,6 +741,12 @@ class TestSocketRegistration:
     ) -> None:
         adapter = await adapter_for(pg_schema, min_size=1, max_size=4)
         store = counter_store(adapter)
+        # Three connections at once, each used by a push, then kept by the adapter (pushes
+        # alone may all finish on one connection before the pool opens another).
+        held = [await adapter._conns.acquire("test") for _ in range(3)]
+        for conn in held:
+            await direct.execute(conn, "SELECT 1", ())
+            await adapter._conns.release(conn)
         await asyncio.gather(*(store.push_event(created(f"k{i}")) for i in range(12)))
         kept = [conn for conn, _ in adapter._conns._kept]
         assert len(kept) >= 2, "needs several kept connections"
