@@ -23,12 +23,14 @@ from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin, 
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     AliasPath,
     BaseModel,
     Field,
     Json,
     PlainSerializer,
+    PlainValidator,
     RootModel,
     Secret,
     SecretBytes,
@@ -36,6 +38,7 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     WrapSerializer,
+    WrapValidator,
 )
 from typing_extensions import is_typeddict
 
@@ -156,7 +159,9 @@ def check_keys_read_back(event_type: type[Event]) -> None:
         field = event_type.model_fields[part]
         problem = None
         if part not in serialized:
-            problem = _lossy(field.annotation, field.metadata, part)
+            problem = _lossy(
+                field.annotation, (*field.metadata, *_converted(event_type, part)), part
+            )
         if problem is None:
             problem = _unread_key(field.annotation, part, seen)
         if problem is not None:
@@ -175,6 +180,21 @@ def _serialized_fields(cls: type, fields: Iterable[str]) -> set[str]:
             return set(fields)
         names.update(serializer.info.fields)
     return names
+
+
+#: Marks a field whose own field validator (after, plain or wrap) replaces its value.
+_CONVERTED: Final = object()
+
+
+def _converted(model: type, name: str) -> tuple[Any, ...]:
+    """``(_CONVERTED,)`` when a field validator of ``model`` may replace ``name``'s value."""
+    decorators = getattr(model, "__pydantic_decorators__", None)
+    for validator in decorators.field_validators.values() if decorators else ():
+        if validator.info.mode != "before" and (
+            name in validator.info.fields or "*" in validator.info.fields
+        ):
+            return (_CONVERTED,)
+    return ()
 
 
 #: Field types Pydantic validates lazily, as iterators read once.
@@ -210,7 +230,10 @@ def _lossy(  # noqa: PLR0911 - a flat type dispatch
             "value would be lost; store it in another form, or write it with a serializer "
             "of your own (field_serializer, PlainSerializer)"
         )
-    if (origin or annotation) in _ONE_SHOT:
+    if (origin or annotation) in _ONE_SHOT and not any(
+        isinstance(item, AfterValidator | PlainValidator | WrapValidator) or item is _CONVERTED
+        for item in metadata
+    ):  # (a validator of the author's may turn it into a list)
         return (
             f"{path} is a one-shot iterable, which the event store cannot check without using"
             " it up (nor store twice); declare a list or a Sequence instead"
@@ -321,7 +344,8 @@ def _unread_model_key(
         if field.exclude:
             continue  # never written
         if name not in serialized:
-            lossy = _lossy(field.annotation, field.metadata, f"{path}.{name}")
+            metadata = (*field.metadata, *_converted(model, name))
+            lossy = _lossy(field.annotation, metadata, f"{path}.{name}")
             if lossy is not None:
                 return lossy
         written = field.serialization_alias or field.alias or name
@@ -861,11 +885,12 @@ class EventStoreContext:
         if isinstance(value, BaseModel):
             widths = _key_widths(type(value))
             items: Iterable[tuple[Any, Any]] = value.__dict__.items()
-            if value.__pydantic_extra__:
-                for key in value.__pydantic_extra__:
+            extra = value.__pydantic_extra__
+            if extra:
+                for key in extra:
                     self._check_str(key, path)
-                    widths = {**widths, key: len(key)}
-                items = [*items, *value.__pydantic_extra__.items()]
+                widths = {**widths, **{key: len(key) for key in extra}}
+                items = [*items, *extra.items()]
         elif isinstance(value, Mapping):
             items = value.items()
         elif dataclasses.is_dataclass(value):
@@ -882,11 +907,18 @@ class EventStoreContext:
                 if width is None:
                     continue  # excluded from dumps: never written
                 yield child, depth, (*path, key), width + 3
-            elif isinstance(key, str):
-                self._check_str(key, path)
-                yield child, depth, (*path, key), len(key) + 3
-            else:  # a mapping's other keys are written as their text; items have none
-                yield child, depth, (*path, key), len(str(key)) + 3 if keyed else 0
+            else:
+                yield child, depth, (*path, key), self._key_size(key, path, keyed=keyed)
+
+    def _key_size(self, key: object, path: tuple[str | int, ...], *, keyed: bool) -> int:
+        """The size of a mapping's key as written (checked), or 0 for a list's index."""
+        if isinstance(key, str):
+            self._check_str(key, path)
+            return len(key) + 3
+        if not keyed:
+            return 0
+        # Other keys are written as their text.
+        return (self._int_size(key, path) if type(key) is int else len(str(key))) + 3
 
     def _check_str(self, value: str, path: tuple[str | int, ...]) -> None:
         if value.isascii():

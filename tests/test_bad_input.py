@@ -413,6 +413,8 @@ class TestOtherKindsOfValuesAreChecked:
         keys = {10**18 + index: 0 for index in range(500)}  # ~12 kB of JSON
         with pytest.raises(EventLimitExceededError, match="max_bytes=10000"):
             await store.push_event(note(keys))
+        with pytest.raises(EventLimitExceededError, match="4302 digits"):  # not a ValueError
+            await store.push_event(note({10**4301: 1}))
         assert (await store.get_events("n1")).events == []
 
     async def test_extra_keys_are_checked_as_strings(self) -> None:

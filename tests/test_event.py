@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 import pytest
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -22,6 +23,7 @@ from pydantic import (
     ValidationError,
     computed_field,
     field_serializer,
+    field_validator,
     model_validator,
 )
 from pydantic import Secret as PydanticSecret
@@ -568,7 +570,20 @@ class TestOneShotIterables:
             type: Literal["FINE"] = "FINE"
             payload: Sequence[int]
 
-        EventStore(event_store_id="S", event_types=[Fine], reducer=lambda a, e: a)
+        class Listed(BaseModel):  # validators of the author's turn them into lists
+            items: Annotated[Iterable[int], AfterValidator(list)]
+            more: Iterable[int]
+
+            @field_validator("more")
+            @classmethod
+            def _listed(cls, value: Iterable[int]) -> list[int]:
+                return list(value)
+
+        class AlsoFine(Event):
+            type: Literal["ALSO_FINE"] = "ALSO_FINE"
+            payload: Listed
+
+        EventStore(event_store_id="S", event_types=[Fine, AlsoFine], reducer=lambda a, e: a)
 
 
 class TestAggregate:
