@@ -77,10 +77,10 @@ _ENVIRONMENT = {
 }
 
 
-def _param(params: Mapping[str, Any], *names: str) -> str:
-    """The first of ``names`` the parameters or libpq's environment variables set, or ""."""
+def _param(params: Mapping[str, Any], *names: str, environment: bool = True) -> str:
+    """The first of ``names`` the parameters (or libpq's environment variables) set, or ""."""
     for name in names:
-        value = params.get(name) or os.environ.get(_ENVIRONMENT[name])
+        value = params.get(name) or (environment and os.environ.get(_ENVIRONMENT[name]))
         if value:
             return str(value)
     return ""
@@ -144,15 +144,18 @@ class Settings:
     def of(cls, params: Mapping[str, Any]) -> Settings:
         """Settings from parsed connection parameters."""
         password = str(params.get("password") or "")
+        service = _param(params, "service")
+        # What libpq connects to: hostaddr when given, else host. What the string leaves out
+        # comes from a service's file first, then from the environment (PGHOST...): with a
+        # service, only what the string itself says is compared, beside the service's name.
+        environment = not service
         return cls(
             secrets=tuple({password, quote(password, safe="")} - {""}),
             database=(
-                # What libpq connects to: hostaddr when given, else host; what is left out
-                # comes from the environment (PGHOST...) as libpq takes it.
-                _param(params, "hostaddr", "host"),
-                _param(params, "port") or "5432",
-                _param(params, "dbname", "user"),
-                _param(params, "service"),
+                _param(params, "hostaddr", "host", environment=environment),
+                _param(params, "port", environment=environment) or "5432",
+                _param(params, "dbname", "user", environment=environment),
+                service,
             ),
             session=(str(params.get("user") or ""), str(params.get("options") or "")),
             chooses_encoding=str(params.get("client_encoding") or "").upper().replace("-", "_"),

@@ -670,6 +670,20 @@ class TestGroups:
                 first.group_event(created("a1")), second.group_event(created("b1"))
             )
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(2,)]
+            # With a service, what the string leaves out comes from the service's file, not
+            # from PGDATABASE: these two reach two databases.
+            monkeypatch.setenv("PGDATABASE", "postgres")
+            other = PostgresEventStorageAdapter(
+                "service=castore_here dbname=postgres", schema=pg_schema, table_name=table
+            )
+            with pytest.raises(EventGroupError, match="another database"):
+                await EventStore.push_event_group(
+                    counter_store(PostgresEventStorageAdapter(
+                        "service=castore_here", schema=pg_schema, table_name=table
+                    )).group_event(created("g1")),
+                    counter_store(other).group_event(created("h1")),
+                )  # fmt: skip
+            monkeypatch.delenv("PGDATABASE")
 
             # One address given as host= and as hostaddr= is one server.
             def at(where: str) -> PostgresEventStorageAdapter:
