@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from click.testing import CliRunner, Result
 
 from castore_pydantic import EventStore
 from castore_pydantic.cli import (
+    EXIT_BROKEN_PIPE,
     EXIT_CONFLICT,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -34,6 +36,7 @@ from castore_pydantic.cli import (
     EXIT_STORAGE,
     EXIT_USAGE,
     cli,
+    main,
 )
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from examples.pokemon.events import (
@@ -213,6 +216,66 @@ def write_own_store(path: Path, db: Path) -> None:
             """
         )
     )
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader went away, found out when it writes or only when it flushes
+    (what was printed sat in the buffer until the command returned)."""
+
+    def __init__(self, *, when: str) -> None:
+        super().__init__()
+        self.when = when
+
+    def write(self, text: str) -> int:
+        if self.when == "write":
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.when == "flush" and self.getvalue():
+            raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("no descriptor")
+
+
+class TestEntryPoint:
+    """``castore`` as a shell runs it (``main``), beyond the command group itself."""
+
+    @pytest.mark.parametrize("when", ["write", "flush"])
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ("schema", "-s", POKEMONS),
+            ("aggregates", "-s", POKEMONS, "--json"),
+            ("events", "-s", POKEMONS, "pikachu"),
+            ("aggregate", "-s", POKEMONS, "pikachu", "--json"),
+        ],
+        ids=["schema", "aggregates --json", "events", "aggregate --json"],
+    )
+    def test_output_closed_early_is_exit_141_for_every_command(
+        self, args: tuple[str, ...], when: str, url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reader that went away (`castore aggregates --json | head`) is exit 141, whether
+        the write or the flush finds out."""
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(when=when))
+        extra = ("--url", url) if args[0] != "schema" else ()
+        with pytest.raises(SystemExit) as done:
+            main([*args, *extra])
+        assert done.value.code == EXIT_BROKEN_PIPE
+
+    def test_usage_errors_and_help_keep_their_exit_codes(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The entry point shows click's usage errors (exit 2) and help (exit 0) as before."""
+        with pytest.raises(SystemExit) as done:
+            main(["aggregates"])
+        assert done.value.code == EXIT_USAGE
+        assert "Missing option" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+        assert done.value.code == 0
+        assert "Usage: castore" in capsys.readouterr().out
 
 
 class TestLoading:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -62,11 +63,20 @@ _T = TypeVar("_T")
 PIPED_WIDTH = 200
 
 
+class _Console(Console):
+    """rich's console, but a closed pipe is left to ``run``, which exits 141 for it."""
+
+    def on_broken_pipe(self) -> None:
+        """Stop printing and raise (rich's own exits with status 1)."""
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the reader of the output went away")
+
+
 def out() -> Console:
     """A console for human output on the current stdout (tables and pretty JSON)."""
-    console = Console(highlight=False)
+    console = _Console(highlight=False)
     if not console.is_terminal:
-        console = Console(highlight=False, width=PIPED_WIDTH)
+        console = _Console(highlight=False, width=PIPED_WIDTH)
     return console
 
 
