@@ -389,7 +389,14 @@ class RedisStreamsAdapter:
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             consumer.request_stop()
-        running = {consumer.task: consumer for consumer in consumers if consumer.task}
+        # Called by a handler (on its consumer's task): that consumer stops once the handler
+        # returns; waiting for it here would wait for ever.
+        current = asyncio.current_task()
+        running = {
+            consumer.task: consumer
+            for consumer in consumers
+            if consumer.task and consumer.task is not current
+        }
         if not running:
             return
         # asyncio.wait does not raise the tasks' errors (a killed worker's cancellation).

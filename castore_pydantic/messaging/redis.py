@@ -96,8 +96,8 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
             takes it over; set it above your slowest handler's run time.
         block_ms: The longest a read waits for new entries before checking for due retries
             and abandoned entries; keep it below the client's socket timeout (5 s).
-        max_deliveries: An entry taken over more often than this (its consumers keep dying
-            on it) is dead-lettered instead of handled again.
+        max_deliveries: An entry delivered more often than this without being acknowledged
+            (its consumers keep dying on it) is dead-lettered instead of handled again.
 
     Raises:
         ValueError: An option is out of range (the message names it).
@@ -233,7 +233,8 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         reclaim_idle_ms: How long an entry may stay unacknowledged before another consumer
             of the same listener takes it over.
         block_ms: The longest a read waits for new entries (below the socket timeout, 5 s).
-        max_deliveries: An entry taken over more often than this is dead-lettered.
+        max_deliveries: An entry delivered more often than this without being acknowledged
+            is dead-lettered.
 
     Raises:
         ValueError: An option is out of range (the message names it).

@@ -212,6 +212,30 @@ class TestRedisMessageQueueAdapter:
             pending: Any = await raw.xpending(adapter.stream_key, "workers")
             assert pending["pending"] == 0
 
+    async def test_a_handler_may_stop_its_own_adapter(self, prefix: str, raw: Redis) -> None:
+        """A handler calling stop_consuming waited for its own consumer, for ever: its
+        message was never acknowledged. The call now returns, the handler finishes and its
+        message is acknowledged."""
+        queue = make_queue()
+        stopped = asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await adapter.stop_consuming()
+            stopped.set()
+
+        adapter = attach(queue, prefix, worker=worker)
+        async with adapter:
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await asyncio.wait_for(stopped.wait(), 10)
+            assert not adapter.is_consuming
+            for _ in range(200):  # the consumer acknowledges once the handler returned
+                pending: Any = await raw.xpending(adapter.stream_key, "workers")
+                if not pending["pending"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert pending["pending"] == 0
+
     async def test_stop_releases_entries_read_but_not_started(self, prefix: str) -> None:
         """Entries a stopped worker had read are taken over at once, as fresh deliveries."""
         queue_a, queue_b = make_queue(), make_queue()
