@@ -108,6 +108,10 @@ class RabbitMQAdapter:
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: The tasks running a handler now, and a stop a handler asked for (it completes
+        #: once that handler has returned).
+        self._handling: set[asyncio.Task[Any]] = set()
+        self._stopper: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         channel = self.message_channel
@@ -432,12 +436,31 @@ class RabbitMQAdapter:
         """Stop consumers cleanly: no new deliveries, wait for running handlers, then close.
 
         Messages received but not handled yet are left unacknowledged, so the broker hands
-        them to another consumer. Safe to call when not consuming.
+        them to another consumer. Safe to call when not consuming. Called by a handler, it
+        returns at once: no new message is handled, and the consumers close once that
+        handler has returned (``is_consuming`` is true until then).
 
         Args:
             grace_period: Seconds to wait for running handlers; then their channels close,
                 cancelling them, and their messages are delivered again. ``None`` waits.
         """
+        current = asyncio.current_task()
+        inside = current is not None and current in self._handling
+        if self._stopper is not None:
+            if not inside:  # a handler asked first: its stop is the one to wait for
+                await asyncio.shield(self._stopper)
+            return
+        if inside and self._supervisor is not None:
+            # A handler stops its own adapter: waiting here for the handlers in flight would
+            # wait for itself. No new delivery is handled from now on; the rest of the stop
+            # runs once this handler has returned and its message is acknowledged.
+            self._stopping = True
+            self._stopper = asyncio.create_task(self._stop(grace_period))
+            return
+        await self._stop(grace_period)
+
+    async def _stop(self, grace_period: float | None) -> None:
+        """``stop_consuming``, outside any handler."""
         supervisor = self._supervisor
         if supervisor is None:
             return
@@ -471,6 +494,7 @@ class RabbitMQAdapter:
                     await _close_quietly(connection, *channels)
                 self._consumers = []
                 self._supervisor = None
+                self._stopper = None
 
     @contextlib.asynccontextmanager
     async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:
@@ -497,6 +521,9 @@ class RabbitMQAdapter:
         assert delivery_tag is not None  # a consumed delivery always has one
         self._in_flight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._handling.add(task)
         try:
             await self._handle(subscription, channel, delivered)
             await channel.basic_ack(delivery_tag)
@@ -527,6 +554,8 @@ class RabbitMQAdapter:
                 await asyncio.sleep(self.reconnect_delay)
                 await self._requeue_at_the_back(subscription, channel, delivered)
         finally:
+            if task is not None:
+                self._handling.discard(task)
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()

@@ -411,6 +411,49 @@ class TestStopWhileReopening:
                 await adapter.purge()
 
 
+class TestStopFromAHandler:
+    async def test_a_handler_may_stop_its_own_adapter(self, vhost: str) -> None:
+        """stop_consuming waits for the handlers in flight: called by one, it waited for
+        itself for ever. It now returns at once; the handler finishes, its message is
+        acknowledged, no other is handled, and the consumers close afterwards."""
+        queue = NotificationMessageQueue(
+            message_queue_id=f"self-stop-{secrets.token_hex(3)}",
+            source_event_stores=[pokemon_store()],
+        )
+        handled: list[NotificationMessage] = []
+        returned = asyncio.Event()
+
+        async def worker(message: NotificationMessage, context: MessageContext) -> None:
+            handled.append(message)
+            await adapter.stop_consuming()
+            returned.set()
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=worker, prefetch_count=1
+        )
+        async with adapter:
+            try:
+                await adapter.start_consuming()
+                await queue.publish_message(notification(1))
+                await queue.publish_message(notification(2))
+                async with asyncio.timeout(10):
+                    await returned.wait()
+                async with finishes_within(10, "the stop a handler asked for"):
+                    await adapter.stop_consuming()  # waits for that stop to complete
+                assert not adapter.is_consuming
+                assert handled == [notification(1)]
+                # The first message was acknowledged, the second is still there.
+                connection = await aio_pika.connect(vhost_url(vhost))
+                try:
+                    channel = await connection.channel()
+                    declared = await channel.declare_queue(adapter.queue_name, passive=True)
+                    assert declared.declaration_result.message_count == 1
+                finally:
+                    await connection.close()
+            finally:
+                await adapter.purge()
+
+
 class TestRefusedHandOver:
     async def test_a_message_the_dead_letter_queue_refuses_goes_behind_the_others(
         self, vhost: str
