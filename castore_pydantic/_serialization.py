@@ -457,11 +457,11 @@ def _int_digits(value: int) -> int:
     return estimate + 1 if abs(value) >= power else estimate
 
 
-def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
+def _scan_model(value: BaseModel, depth: int, max_depth: int, budget: int) -> int:
     """``_scan`` of a model without extra fields, at ``depth`` (already within the limit)."""
     kind = type(value)
     if kind.__pydantic_root_model__:
-        return _scan(value.root, depth, max_depth)  # type: ignore[attr-defined]
+        return _scan(value.root, depth, max_depth, budget)  # type: ignore[attr-defined]
     fixed, ints, texts, others = _MODEL_PLANS.get(kind) or _model_plan(kind)
     size = 4 + fixed
     fields = value.__dict__
@@ -473,13 +473,15 @@ def _scan_model(value: BaseModel, depth: int, max_depth: int) -> int:
     for name in texts:
         text = fields[name]
         if type(text) is not str:
-            size += _scan(text, depth + 1, max_depth)
+            size += _scan(text, depth + 1, max_depth, budget)
         elif "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
             return _FAIL
         else:
             size += len(text) + 3
     for name in others:
-        size += _scan(fields[name], depth + 1, max_depth)
+        size += _scan(fields[name], depth + 1, max_depth, budget)
+        if not 0 <= size <= budget:
+            return _FAIL
     return size
 
 
@@ -500,11 +502,13 @@ def _is_container(value: object) -> bool:
 _SHORT_TEXTS: Final = (datetime, date, time, timedelta, UUID)
 
 
-def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0912 - flat dispatch
+def _scan(value: Any, depth: int, max_depth: int, budget: int) -> int:  # noqa: PLR0911, PLR0912
     """Approximate JSON size of ``value``, or a negative number if it breaks a limit.
 
-    Recursion depth is bounded by ``max_depth`` (at most ``_FAST_SCAN_MAX_DEPTH``). Anything
-    unusual also returns a negative number, handing the decision to the slow scan.
+    Recursion depth is bounded by ``max_depth`` (at most ``_FAST_SCAN_MAX_DEPTH``). A
+    container stops as soon as it has passed ``budget`` (the size allowed) or met anything
+    unusual: values shared many times over (``[a, a]`` nested) cost no more than the budget.
+    A negative number hands the decision to the slow scan.
     """
     kind = type(value)
     if kind is str:
@@ -524,17 +528,21 @@ def _scan(value: Any, depth: int, max_depth: int) -> int:  # noqa: PLR0911, PLR0
     if depth > max_depth:
         return _FAIL
     if isinstance(value, BaseModel) and not value.__pydantic_extra__:
-        return _scan_model(value, depth, max_depth)
+        return _scan_model(value, depth, max_depth, budget)
     size = 4
     if kind is dict:
         for key, child in value.items():
             if type(key) is not str or "\x00" in key or not key.isascii():
                 return _FAIL
-            size += len(key) + 3 + _scan(child, depth + 1, max_depth)
+            size += len(key) + 3 + _scan(child, depth + 1, max_depth, budget)
+            if not 0 <= size <= budget:
+                return _FAIL
         return size
     if kind is list or kind is tuple:
         for child in value:
-            size += _scan(child, depth + 1, max_depth)
+            size += _scan(child, depth + 1, max_depth, budget)
+            if not 0 <= size <= budget:
+                return _FAIL
         return size
     return _FAIL
 
@@ -565,7 +573,7 @@ def _normalize_in_place(event: Event) -> None:
             event.__dict__["timestamp"] = normalized
 
 
-def _fast_size(event: Event, max_depth: int) -> int:
+def _fast_size(event: Event, max_depth: int, budget: int) -> int:
     """Approximate JSON size of an event of a declared type, or negative if unsure or bad.
 
     ``max_depth`` 0 means the limit is too deep for the recursive scan: always unsure.
@@ -577,11 +585,11 @@ def _fast_size(event: Event, max_depth: int) -> int:
     payload, metadata = event.payload, event.metadata
     if payload is not None:
         if type(payload) in _MODEL_PLANS and not payload.__pydantic_extra__:
-            size += _scan_model(payload, 1, max_depth)  # the usual typed payload
+            size += _scan_model(payload, 1, max_depth, budget)  # the usual typed payload
         else:
-            size += _scan(payload, 1, max_depth)
+            size += _scan(payload, 1, max_depth, budget)
     if metadata is not None:
-        size += _scan(metadata, 1, max_depth)
+        size += _scan(metadata, 1, max_depth, budget)
     return size
 
 
@@ -698,7 +706,11 @@ class EventStoreContext:
             validate = self._validators.get(event_type) if type(event_type) is str else None
             if validate is not None:
                 fresh: Event = validate(event)
-                if not 0 <= _fast_size(fresh, self._fast_scan_depth) <= self._max_bytes:
+                if (
+                    not 0
+                    <= _fast_size(fresh, self._fast_scan_depth, self._max_bytes)
+                    <= self._max_bytes
+                ):
                     self._explain_limits(fresh)  # raises, unless the fast scan was unsure
                 stamp = fresh.timestamp
                 if stamp is None:
@@ -796,7 +808,7 @@ class EventStoreContext:
         """Fast scan without paths: whether the event respects every limit."""
         if event.type not in self._by_type:  # declared types were checked at registration
             return False
-        return 0 <= _fast_size(event, self._fast_scan_depth) <= self._max_bytes
+        return 0 <= _fast_size(event, self._fast_scan_depth, self._max_bytes) <= self._max_bytes
 
     def _explain_limits(self, event: Event) -> None:
         """Slow scan with paths; raises on the first violation it finds."""

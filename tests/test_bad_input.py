@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import enum
 import json
+import threading
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Literal
@@ -416,6 +417,31 @@ class TestOtherKindsOfValuesAreChecked:
         with pytest.raises(EventLimitExceededError, match="4302 digits"):  # not a ValueError
             await store.push_event(note({10**4301: 1}))
         assert (await store.get_events("n1")).events == []
+
+    def test_shared_values_cost_no_more_than_the_limit(self) -> None:
+        """A list holding one list twice, nested 40 levels, is a few hundred bytes of Python
+        but 2**40 values of JSON: the size scan visited every one of them (20 levels took a
+        second, each more level doubled it). It now stops at max_bytes and refuses it. A
+        guard, not a speed test: past a minute the scan would be running for days."""
+        shared: Any = [1]
+        for _ in range(40):
+            shared = [shared, shared]
+        store = measured_store()
+        outcome: list[BaseException] = []
+
+        def push() -> None:
+            try:
+                store.context.validate_input(note(shared))
+            except BaseException as exc:  # handed to the test's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=push, daemon=True)
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the size scan walked every shared value"
+        (error,) = outcome
+        assert isinstance(error, EventLimitExceededError)
+        assert "max_bytes" in str(error)
 
     async def test_extra_keys_are_checked_as_strings(self) -> None:
         """A model allowing extra keys had its extra keys' NUL characters let through."""
