@@ -414,14 +414,14 @@ _FAST_SCAN_MAX_DEPTH = 200
 _FAIL = -(1 << 62)  # a size so negative that any sum containing it stays negative
 
 
-#: Integers within these bounds take at most 20 characters of JSON: the scans count them as 8
-#: bytes. Larger ones are measured, and refused past ``_LONGEST_INT_DIGITS``.
+#: Integers within these bounds take at most 20 characters of JSON: the scans count their
+#: digits with ``str``. Larger ones are measured, and refused past ``_LONGEST_INT_DIGITS``.
 _SMALL_INT: Final = 1 << 63
 #: The most digits pydantic-core's JSON parser reads back as an integer (and Python's default
 #: ``sys.get_int_max_str_digits()``).
 _LONGEST_INT_DIGITS: Final = 4300
 
-#: Per model class: bytes counted for its bool fields; its int, str and other fields.
+#: Per model class: bytes counted for its keys and bool fields; its int, str and other fields.
 _ModelPlan = tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 _MODEL_PLANS: dict[type[BaseModel], _ModelPlan] = {}
 
@@ -431,12 +431,10 @@ def _model_plan(cls: type[BaseModel]) -> _ModelPlan:
     plan = _MODEL_PLANS.get(cls)
     if plan is None:
         fixed, ints, texts, others = 0, [], [], []
-        for name, field in cls.model_fields.items():
-            if field.exclude:
-                continue  # never written
-            # Its key, as written: ``"name":`` (an alias may be longer than the name); each
-            # value counts its own comma.
-            fixed += len(field.serialization_alias or field.alias or name) + 3
+        for name, width in _key_widths(cls).items():  # excluded fields are never written
+            # Its key, as written: ``"name":``; each value counts its own comma.
+            fixed += width + 3
+            field = cls.model_fields[name]
             if field.annotation is bool:
                 fixed += 6
             elif field.annotation is int:
