@@ -30,11 +30,23 @@ __all__ = [
     "normalize_timestamp",
     "stamped",
     "utc_now",
+    "utf8_encodable",
     "with_timestamp",
 ]
 
 #: Types Castore keeps for its own messages; no event store may declare them.
 RESERVED_EVENT_TYPES = frozenset({"__REPLAYED__", "__AGGREGATE_EXISTS__"})
+
+
+def utf8_encodable(text: str) -> bool:
+    """Whether UTF-8 can encode ``text``, as every store must (not a lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _to_utc_millis(value: datetime) -> datetime:

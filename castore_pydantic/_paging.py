@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from castore_pydantic._event import format_timestamp
+from castore_pydantic._event import format_timestamp, utf8_encodable
 from castore_pydantic._types import AggregateIdEntry, ListAggregateIdsResult
 from castore_pydantic.errors import InvalidPageTokenError
 
@@ -277,13 +277,10 @@ def _decode_cursor(raw: object) -> AggregateIdEntry:
         raise InvalidPageTokenError(
             "'lastEvaluatedKey' needs string 'aggregateId' and 'initialEventTimestamp'"
         )
-    if not aggregate_id.isascii():
-        try:
-            aggregate_id.encode()
-        except UnicodeEncodeError as exc:  # no such aggregate can be stored
-            raise InvalidPageTokenError(
-                "'lastEvaluatedKey.aggregateId' is not valid Unicode (lone surrogate)"
-            ) from exc
+    if not utf8_encodable(aggregate_id):  # no such aggregate can be stored
+        raise InvalidPageTokenError(
+            "'lastEvaluatedKey.aggregateId' is not valid Unicode (lone surrogate)"
+        )
     try:
         ts = parse_timestamp(timestamp, "initialEventTimestamp").astimezone(UTC)
     except ValueError as exc:

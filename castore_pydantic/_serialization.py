@@ -49,6 +49,7 @@ from castore_pydantic._event import (
     needs_normalizing,
     normalize_timestamp,
     utc_now,
+    utf8_encodable,
     with_timestamp,
 )
 from castore_pydantic.errors import (
@@ -931,22 +932,14 @@ class EventStoreContext:
         return (self._int_size(key, path) if type(key) is int else len(str(key))) + 3
 
     def _check_str(self, value: str, path: tuple[str | int, ...]) -> None:
-        if value.isascii():
-            if "\x00" in value:
-                raise EventLimitExceededError(
-                    self.event_store_id, "NUL characters cannot be stored", path
-                )
-            return
         if "\x00" in value:
             raise EventLimitExceededError(
                 self.event_store_id, "NUL characters cannot be stored", path
             )
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
+        if not utf8_encodable(value):
             raise EventLimitExceededError(
                 self.event_store_id, "string is not valid Unicode (lone surrogate)", path
-            ) from exc
+            )
 
     # -- stored events ---------------------------------------------------------------------
 

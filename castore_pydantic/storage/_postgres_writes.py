@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from castore_pydantic._event import Event, stamped, utc_now
+from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
 from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage._columns import storable_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection
@@ -22,13 +22,7 @@ _LOOKUP_BATCH = 500  # grouped events checked per query when finding a conflict'
 
 def storable(text: str) -> bool:
     """Whether PostgreSQL text can hold ``text`` (no NUL, valid Unicode)."""
-    if text.isascii():
-        return "\x00" not in text
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in text
+    return "\x00" not in text and utf8_encodable(text)
 
 
 def check_store_id(event_store_id: str) -> None:

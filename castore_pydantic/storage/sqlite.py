@@ -31,7 +31,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
 
-from castore_pydantic._event import Event, stamped, utc_now
+from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
 from castore_pydantic._paging import ListingOptions, check_read_options, lower_bound
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -94,17 +94,6 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     if isinstance(exc, sqlite3.Error) and _error_code(exc) & 0xFF in _UNAVAILABLE_CODES:
         return StorageUnavailableError(f"SQLite database unavailable while {doing}: {exc}")
     return StorageError(f"SQLite failed while {doing}: {exc}")
-
-
-def _encodable(text: str) -> bool:
-    """Whether SQLite can take ``text`` (UTF-8 cannot encode a lone surrogate)."""
-    if text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _no_loop() -> None:
@@ -700,7 +689,7 @@ class SQLiteEventStorageAdapter:
             TypeError, ValueError: A bound or the limit is not ``None`` or an int >= 0.
         """
         check_read_options(min_version, max_version, limit)
-        if limit == 0 or not isinstance(aggregate_id, str) or not _encodable(aggregate_id):
+        if limit == 0 or not isinstance(aggregate_id, str) or not utf8_encodable(aggregate_id):
             return []  # (no aggregate with a lone surrogate in its id can be stored)
         # Bounds past SQLite's 64-bit integers cannot be bound; no stored version is there.
         if min_version is not None and min_version > MAX_INTEGER:
