@@ -704,24 +704,30 @@ class EventStoreContext:
             event_type = event.get("type")
             validate = self._validators.get(event_type) if type(event_type) is str else None
             if validate is not None:
-                fresh: Event = validate(event)
-                if (
-                    not 0
-                    <= _fast_size(fresh, self._fast_scan_depth, self._max_bytes)
-                    <= self._max_bytes
-                ):
-                    self._explain_limits(fresh)  # raises, unless the fast scan was unsure
-                stamp = fresh.timestamp
-                if stamp is None:
-                    if timestamp:
-                        fresh.__dict__["timestamp"] = utc_now()
-                        fresh.__pydantic_fields_set__.add("timestamp")
-                elif needs_normalizing(stamp):
-                    fresh.__dict__["timestamp"] = self.normalized(stamp)
-                return fresh
+                return self.admit(validate(event), timestamp=timestamp)
         return self._validate_other_input(event, timestamp=timestamp)
 
-    def normalized(self, stamp: datetime) -> datetime:
+    def admit(self, fresh: Event, *, timestamp: bool) -> Event:
+        """A freshly validated event of the store's types, nobody else's yet, made ready.
+
+        Checked against the limits, its timestamp converted to UTC milliseconds in place
+        (set to now when it has none and ``timestamp`` is true).
+
+        Raises:
+            EventLimitExceededError: The event is too deep, too large or not storable.
+        """
+        if not 0 <= _fast_size(fresh, self._fast_scan_depth, self._max_bytes) <= self._max_bytes:
+            self._explain_limits(fresh)  # raises, unless the fast scan was unsure
+        stamp = fresh.timestamp
+        if stamp is None:
+            if timestamp:
+                fresh.__dict__["timestamp"] = utc_now()
+                fresh.__pydantic_fields_set__.add("timestamp")
+        elif needs_normalizing(stamp):
+            fresh.__dict__["timestamp"] = self._normalized(stamp)
+        return fresh
+
+    def _normalized(self, stamp: datetime) -> datetime:
         """``stamp`` in UTC milliseconds.
 
         Raises:
@@ -759,7 +765,7 @@ class EventStoreContext:
             validated = self._one.validate_python(event)  # raises a clear ValidationError
         self.check_limits(validated)
         given = validated.timestamp
-        stamp = (utc_now() if timestamp else None) if given is None else self.normalized(given)
+        stamp = (utc_now() if timestamp else None) if given is None else self._normalized(given)
         if stamp is not given:
             if owned:
                 # A fresh instance of ours: set the field in place instead of copying it.

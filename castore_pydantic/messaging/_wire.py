@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import ConfigDict, Field, TypeAdapter
 from typing_extensions import TypedDict
 
-from castore_pydantic._event import needs_normalizing
 from castore_pydantic._event_store import EventStore
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic.messaging._messages import NotificationMessage
@@ -60,12 +59,8 @@ def notification_parser(
     def parse(body: str | bytes | bytearray) -> NotificationMessage:
         data = wire.validate_json(body)
         event_store_id, event = data["eventStoreId"], data["event"]
-        context = contexts[event_store_id]
-        context.check_limits(event)
-        stamp = event.timestamp
-        if stamp is not None and needs_normalizing(stamp):
-            # As the other path does: UTC milliseconds (a fresh event, ours to change).
-            event.__dict__["timestamp"] = context.normalized(stamp)
+        # Checked and its timestamp converted as the event store does with a pushed event.
+        event = contexts[event_store_id].admit(event, timestamp=False)
         return NotificationMessage.model_construct(event_store_id=event_store_id, event=event)
 
     return parse
