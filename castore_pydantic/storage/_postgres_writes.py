@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
@@ -209,9 +208,7 @@ class GroupPlan:
                 batches.append((query, [value for row in chunk for value in row]))
         return batches
 
-    async def culprit(
-        self, conn: AsyncConnection, exc: Any, fold: Callable[[str], str] | None = None
-    ) -> tuple[str, str, int] | None:
+    async def culprit(self, conn: AsyncConnection, exc: Any) -> tuple[str, str, int] | None:
         """Which member a unique violation was about (the error does not say).
 
         The failed write rolled back, so a key that is stored now is one that conflicted;
@@ -233,15 +230,13 @@ class GroupPlan:
         if stored is not None:
             found = self.members[stored]
             return found.event_store_id, found.event.aggregate_id, found.event.version
-        if fold is None:
-            fold = _same_uuid  # a uuid table reads an id in any spelling of its UUID
         seen: set[tuple[int, str, str, int]] = set()
         for _, member in candidates:
             event = member.event
             key = (
                 id(member.target),
                 member.event_store_id,
-                fold(event.aggregate_id),
+                _same_uuid(event.aggregate_id),  # a uuid table reads any spelling of one
                 event.version,
             )
             if key in seen:
