@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,24 @@ def one_line_error(result: Result) -> str:
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.output
     return lines[0]
+
+
+def interrupted_once(
+    command: list[str], *, cwd: Path, env: dict[str, str], ready: Callable[[], bool], what: str
+) -> tuple[int, str]:
+    """Run ``command``, press Ctrl-C (SIGINT) once ``ready()`` holds; its exit code and stderr.
+
+    Fails, saying ``what``, if the command ends first or is not ready within a minute.
+    """
+    with subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert process.poll() is None, process.communicate()[1]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    return process.returncode, stderr
 
 
 def count_rows_if_any(path: Path) -> int:
@@ -1173,17 +1191,14 @@ class TestProcess:
             sys.executable, "-m", "castore_pydantic", "import", "-s", POKEMONS,
             "--url", f"sqlite:///{db}", "--batch-size", "1", str(source),
         ]  # fmt: skip
-        with subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
-        ) as process:
-            deadline = time.monotonic() + 60
-            while not (db.exists() and count_rows_if_any(db)):
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "the import never started writing"
-                time.sleep(0.01)
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=60)
-        assert process.returncode == EXIT_INTERRUPTED, stderr
+        returncode, stderr = interrupted_once(
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            ready=lambda: db.exists() and bool(count_rows_if_any(db)),
+            what="the import never started writing",
+        )
+        assert returncode == EXIT_INTERRUPTED, stderr
         assert stderr.count("\n") == 1, stderr
         match = re.search(r"(\d+) events? (?:was|were) imported before line (\d+) and stay", stderr)
         assert match is not None, stderr
@@ -1609,18 +1624,15 @@ class TestPour:
             sys.executable, "-m", "castore_pydantic", "pour", "-s", POKEMONS,
             "-c", "slow_channels:bus", "--url", url, "--rate-limit", rate,
         ]  # fmt: skip
-        with subprocess.Popen(
-            command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True
-        ) as process:
-            deadline = time.monotonic() + 60
+        returncode, stderr = interrupted_once(
+            command,
+            cwd=tmp_path,
+            env=env,
             # Once the first message is handled, or once all five are (handlers then sleep).
-            while not (handled.exists() and len(handled.read_text().split()) >= published[0]):
-                assert process.poll() is None, process.communicate()[1]
-                assert time.monotonic() < deadline, "the pour never published"
-                time.sleep(0.01)
-            process.send_signal(signal.SIGINT)
-            _, stderr = process.communicate(timeout=60)
-        assert process.returncode == EXIT_INTERRUPTED, stderr
+            ready=lambda: handled.exists() and len(handled.read_text().split()) >= published[0],
+            what="the pour never published",
+        )
+        assert returncode == EXIT_INTERRUPTED, stderr
         match = re.search(r"interrupted after (\d+) published messages?", stderr)
         assert match is not None, stderr
         assert int(match[1]) in published
