@@ -25,9 +25,11 @@ import re
 import sqlite3
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
 
@@ -94,6 +96,39 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     if isinstance(exc, sqlite3.Error) and _error_code(exc) & 0xFF in _UNAVAILABLE_CODES:
         return StorageUnavailableError(f"SQLite database unavailable while {doing}: {exc}")
     return StorageError(f"SQLite failed while {doing}: {exc}")
+
+
+def _locate(name: str) -> tuple[str | None, str]:
+    """Where a database name leads: its file, and the name to open it by.
+
+    The file is ``None`` for a database private to its connection (``":memory:"``, an
+    in-memory or temporary URI) or one SQLite finds by other means (a URI naming a VFS): no
+    other adapter's connection shares it. A relative path, or a ``file:`` URI's relative path,
+    is resolved now, so that a later change of directory does not move the database.
+    """
+    if name in ("", ":memory:"):
+        return None, name
+    if not name.startswith("file:"):
+        real = os.path.realpath(name)
+        return real, real
+    rest = name[len("file:") :]
+    end = len(rest)
+    for mark in "?#":
+        found = rest.find(mark)
+        if found >= 0:
+            end = min(end, found)
+    path, tail = rest[:end], rest[end:]
+    if path.startswith("//"):  # an authority: SQLite takes only "" and "localhost"
+        authority, slash, path = path[2:].partition("/")
+        if authority not in ("", "localhost"):
+            return None, name  # SQLite refuses it when it opens
+        path = slash + path
+    query = urllib.parse.parse_qs(tail[1:].partition("#")[0] if tail.startswith("?") else "")
+    path = urllib.parse.unquote(path)
+    if path in ("", ":memory:") or "memory" in query.get("mode", ()) or "vfs" in query:
+        return None, name
+    real = os.path.realpath(path)
+    return real, Path(real).as_uri() + tail
 
 
 def _no_loop() -> None:
@@ -175,15 +210,7 @@ class SQLiteEventStorageAdapter:
         if not busy_timeout >= 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
         self._database = os.fspath(path)
-        self._in_memory = self._database in ("", ":memory:")
-        self._realpath = None if self._in_memory else os.path.realpath(self._database)
-        # A "file:" name is a URI to SQLite (as Python's SQLite is built): it is opened as
-        # given. Any other path is opened as it resolved here.
-        self._opened_as = (
-            self._database
-            if self._realpath is None or self._database.startswith("file:")
-            else self._realpath
-        )
+        self._realpath, self._opened_as = _locate(self._database)
         self._table = table_name
         self._sql = Statements(table_name)
         self._synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
@@ -270,6 +297,7 @@ class SQLiteEventStorageAdapter:
                 # would follow the working directory, away from the file groups compare.
                 conn = sqlite3.connect(
                     self._opened_as,
+                    uri=self._opened_as.startswith("file:"),
                     timeout=0,
                     isolation_level=None,
                     check_same_thread=False,

@@ -900,3 +900,70 @@ class TestReviewedEdges:
         await adapter.aclose()
         with raw(db) as conn:
             assert conn.execute("SELECT version FROM event").fetchall() == [(1,)]
+
+
+class TestUris:
+    """``file:`` names: always URIs, resolved like paths, private when in memory."""
+
+    @pytest.mark.parametrize(
+        "uri", ["file::memory:", "file:memdb1?mode=memory", "file:/events?vfs=memdb"]
+    )
+    async def test_a_group_never_spans_two_private_uri_databases(self, uri: str) -> None:
+        """Two adapters on one in-memory URI have a database each: a group across them was
+        written on the first one's connection, so the second store's event went into the
+        first adapter's database."""
+        async with SQLiteEventStorageAdapter(uri) as a, SQLiteEventStorageAdapter(uri) as b:
+            first, second = log_store(a, "A"), log_store(b, "B")
+            with pytest.raises(EventGroupError, match="another database"):
+                await EventStore.push_event_group(
+                    first.group_event(note("x", 1)), second.group_event(note("y", 1))
+                )
+            assert (await first.get_events("x")).events == []
+            assert (await log_store(a, "B").get_events("y")).events == []
+
+    async def test_a_file_uri_and_a_path_to_one_file_group(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A relative ``file:`` URI names the file its path does, resolved when the adapter
+        is made: a group across it and a plain path was refused, and after a change of
+        directory the URI opened another file."""
+        monkeypatch.chdir(tmp_path)
+        uri = SQLiteEventStorageAdapter("file:events.db?mode=rwc")
+        path = SQLiteEventStorageAdapter(tmp_path / "events.db", table_name="other")
+        try:
+            monkeypatch.chdir(tmp_path.parent)
+            await EventStore.push_event_group(
+                log_store(uri, "A").group_event(note("x", 1)),
+                log_store(path, "B").group_event(note("y", 1)),
+            )
+        finally:
+            await uri.aclose()
+            await path.aclose()
+        assert not (tmp_path.parent / "events.db").exists()
+        with raw(tmp_path / "events.db") as conn:
+            assert conn.execute("SELECT aggregate_id FROM event").fetchall() == [("x",)]
+            assert conn.execute("SELECT aggregate_id FROM other").fetchall() == [("y",)]
+
+    async def test_file_names_are_opened_as_uris_whatever_the_build(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without ``uri=True``, a SQLite built without SQLITE_USE_URI (the library's
+        default) takes ``file:...`` for a file name: ``mode=ro`` protected nothing."""
+        opened: list[tuple[str, bool]] = []
+        connect = sqlite3.connect
+
+        def recording(database: str, **kwargs: Any) -> sqlite3.Connection:
+            opened.append((database, kwargs.get("uri", False)))
+            return connect(database, **kwargs)
+
+        monkeypatch.setattr(sqlite3, "connect", recording)
+        async with SQLiteEventStorageAdapter(f"file:{tmp_path / 'a b.db'}?mode=rwc"):
+            pass
+        async with SQLiteEventStorageAdapter(tmp_path / "plain.db"):
+            pass
+        real = tmp_path.resolve()  # noqa: ASYNC240 - a test, no loop to keep free
+        assert opened == [
+            (f"{(real / 'a b.db').as_uri()}?mode=rwc", True),
+            (str(real / "plain.db"), False),
+        ]
+        assert (tmp_path / "a b.db").exists()
