@@ -33,7 +33,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
 
-from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
+from pydantic import AwareDatetime, TypeAdapter
+
+from castore_pydantic._event import (
+    Event,
+    needs_normalizing,
+    normalize_timestamp,
+    stamped,
+    utc_now,
+    utf8_encodable,
+)
 from castore_pydantic._paging import ListingOptions, check_read_options, lower_bound
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -129,6 +138,23 @@ def _locate(name: str) -> tuple[str | None, str]:
         return None, name
     real = os.path.realpath(path)
     return real, Path(real).as_uri() + tail
+
+
+#: How a timestamp written by something else than this adapter is read (as events read it).
+_TIMESTAMP: Final = TypeAdapter(AwareDatetime)
+
+
+def _listed_timestamp(text: object, event_store_id: str, aggregate_id: str) -> datetime:
+    """A version-1 row's timestamp not in this adapter's form, read as its event would be.
+
+    Raises:
+        StoredEventValidationError: The event's timestamp does not validate (so the event
+            would not either).
+    """
+    try:
+        return normalize_timestamp(_TIMESTAMP.validate_python(text))
+    except ValueError as exc:  # a ValidationError, or out of range once converted to UTC
+        raise StoredEventValidationError(event_store_id, aggregate_id, 1) from exc
 
 
 def _no_loop() -> None:
@@ -825,12 +851,16 @@ class SQLiteEventStorageAdapter:
             sql.append("LIMIT ?")
             params.append(min(options.limit + 1, MAX_INTEGER))
         rows = await self._run(self._query_sync, " ".join(sql), tuple(params))
-        return options.finish(
-            [
-                AggregateIdEntry(aggregate_id, datetime.fromisoformat(ts))
-                for aggregate_id, ts in rows
-            ]
-        )
+        entries = []
+        for aggregate_id, text in rows:
+            try:
+                stamp = datetime.fromisoformat(text)  # as this adapter writes them
+            except (TypeError, ValueError):
+                stamp = None
+            if stamp is None or needs_normalizing(stamp):
+                stamp = _listed_timestamp(text, context.event_store_id, aggregate_id)
+            entries.append(AggregateIdEntry(aggregate_id, stamp))
+        return options.finish(entries)
 
     async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
         """Aggregates without a version-1 event, which listing leaves out (by id).

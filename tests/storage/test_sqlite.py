@@ -967,3 +967,35 @@ class TestUris:
             (str(real / "plain.db"), False),
         ]
         assert (tmp_path / "a b.db").exists()
+
+
+class TestTimestampsWrittenByOthers:
+    """Rows changed by other tools: listing reads their timestamps as events read them."""
+
+    @pytest.mark.parametrize("text", ["yesterday", "2024-01-01 00:00:00"])
+    async def test_a_timestamp_that_does_not_validate_fails_listing_as_reading(
+        self, adapter: SQLiteEventStorageAdapter, db: Path, text: str
+    ) -> None:
+        """Listing raised a bare ValueError for text that is no timestamp, and listed a
+        timestamp without a zone (SQL's ``datetime('now')`` form) that reading refuses."""
+        store = log_store(adapter)
+        await store.push_event(note("x", 1))
+        with raw(db) as conn:
+            conn.execute("UPDATE event SET timestamp = ?", (text,))
+        with pytest.raises(StoredEventValidationError) as reading:
+            await store.get_events("x")
+        with pytest.raises(StoredEventValidationError) as listing:
+            await store.list_aggregate_ids()
+        assert (listing.value.aggregate_id, listing.value.version) == ("x", 1)
+        assert reading.value.aggregate_id == listing.value.aggregate_id
+
+    async def test_a_timestamp_in_another_zone_is_listed_in_utc(
+        self, adapter: SQLiteEventStorageAdapter, db: Path
+    ) -> None:
+        store = log_store(adapter)
+        await store.push_event(note("x", 1))
+        with raw(db) as conn:
+            conn.execute("UPDATE event SET timestamp = '2024-01-01T02:00:00.123456+02:00'")
+        (entry,) = (await store.list_aggregate_ids()).aggregate_ids
+        assert entry.initial_event_timestamp == datetime(2024, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+        assert entry.initial_event_timestamp.tzinfo is UTC
