@@ -40,6 +40,7 @@ from pydantic import (
     WrapSerializer,
     WrapValidator,
 )
+from pydantic_core import PydanticUndefined
 from typing_extensions import is_typeddict
 
 from castore_pydantic import _gc
@@ -123,7 +124,65 @@ def event_type_names(event_type: type[Event]) -> tuple[str, ...]:
             f"{event_type.__name__}.type must be annotated with a Literal of strings, e.g. "
             f'type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARED"'
         )
-    return tuple(get_args(annotation))
+    names = tuple(get_args(annotation))
+    default = event_type.model_fields["type"].default
+    if default is not PydanticUndefined and default not in names:
+        raise TypeError(
+            f"{event_type.__name__}.type defaults to {default!r}, which is not one of its"
+            f" Literal's values {list(names)}: events pushed without a type would be stored"
+            " under a type the store does not know"
+        )
+    return names
+
+
+#: The key each of an event's six fields is written and read under: Castore's JSON.
+_WIRE_KEYS: Final = {
+    "aggregate_id": "aggregateId",
+    "version": "version",
+    "timestamp": "timestamp",
+    "type": "type",
+    "payload": "payload",
+    "metadata": "metadata",
+}
+
+
+def _check_base_fields(event_type: type[Event]) -> None:
+    """Refuse an event type that renames an event's fields or retypes its id, version or time.
+
+    Every adapter writes the six fields under Castore's keys and reads them back from
+    there; ids are text, versions integers and timestamps aware datetimes wherever they
+    are stored. Constraints and validators of those types are the author's to add.
+
+    Raises:
+        TypeError: Names the field and what is wrong with it.
+    """
+    name = event_type.__name__
+    if event_type.model_config.get("validate_by_alias") is False:
+        raise TypeError(
+            f"event type {name}: validate_by_alias=False would refuse the keys its events are"
+            f" stored under ({', '.join(_WIRE_KEYS.values())})"
+        )
+    for field_name, key in _WIRE_KEYS.items():
+        field = event_type.model_fields[field_name]
+        written = field.serialization_alias or field.alias or field_name
+        if written != key or field.validation_alias not in (None, key):
+            raise TypeError(
+                f"event type {name}: field {field_name} must be written and read as {key!r}"
+                f" (it is written as {written!r}); events are stored under Castore's keys"
+            )
+        base = Event.model_fields[field_name]
+        if field_name in ("aggregate_id", "version", "timestamp") and (
+            field.annotation != base.annotation
+        ):
+            raise TypeError(
+                f"event type {name}: field {field_name} must keep its type"
+                f" ({_type_name(base.annotation)}), not {_type_name(field.annotation)};"
+                " constrain it or validate it instead"
+            )
+
+
+def _type_name(annotation: object) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else repr(annotation)
 
 
 def check_keys_read_back(event_type: type[Event]) -> None:
@@ -144,6 +203,7 @@ def check_keys_read_back(event_type: type[Event]) -> None:
     Raises:
         TypeError: Names the field and what would be lost.
     """
+    _check_base_fields(event_type)
     own = [
         *(name for name in event_type.model_fields if name not in Event.model_fields),
         *event_type.model_computed_fields,
@@ -578,7 +638,12 @@ def _fast_size(event: Event, max_depth: int, budget: int) -> int:
     ``max_depth`` 0 means the limit is too deep for the recursive scan: always unsure.
     """
     text = event.aggregate_id
-    if not max_depth or "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
+    if (
+        not max_depth
+        or type(text) is not str
+        or "\x00" in text
+        or (not text.isascii() and _SURROGATE.search(text))
+    ):
         return _FAIL
     size = len(text) + len(event.type) + 80
     payload, metadata = event.payload, event.metadata
@@ -819,6 +884,14 @@ class EventStoreContext:
         """Slow scan with paths; raises on the first violation it finds."""
         max_depth = self.limits.max_depth
         max_bytes = self.limits.max_bytes
+        if event.type not in self._by_type:
+            raise UnknownEventTypeError(self.event_store_id, event.type, self.known_types)
+        if not isinstance(event.aggregate_id, str):
+            raise EventLimitExceededError(
+                self.event_store_id,
+                f"aggregate id must be text, not {type(event.aggregate_id).__name__}",
+                ("aggregateId",),
+            )
         self._check_str(event.aggregate_id, ("aggregateId",))
         self._check_str(event.type, ("type",))
         size = len(event.aggregate_id) + len(event.type) + 80

@@ -7,6 +7,7 @@ import zoneinfo
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
 import pytest
 from pydantic import (
@@ -33,6 +34,7 @@ from typing_extensions import TypedDict
 
 from castore_pydantic import Aggregate, Event, EventStore
 from castore_pydantic._event import with_timestamp
+from castore_pydantic.errors import EventLimitExceededError, UnknownEventTypeError
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
 from tests.domain import Appeared, Pokemon, PokemonAppeared, PokemonCaught
@@ -545,6 +547,110 @@ class TestFieldsOfTheirOwn:
             type: Literal["QUIET"] = "QUIET"
 
         EventStore(event_store_id="S", event_types=[Quiet], reducer=lambda a, e: a)
+
+
+class TestBaseFields:
+    """The six fields every adapter writes under Castore's keys keep their keys and types."""
+
+    def test_a_type_default_outside_its_literal_is_refused(self) -> None:
+        """Pydantic does not validate defaults: events pushed without a type were stored
+        under the misspelt default, and their aggregate never read back."""
+
+        class Appeared(Event):
+            type: Literal["POKEMON_APPEARED"] = "POKEMON_APPEARD"  # type: ignore[assignment]
+
+        with pytest.raises(TypeError, match="'POKEMON_APPEARD', which is not one of"):
+            EventStore(event_store_id="S", event_types=[Appeared], reducer=lambda a, e: a)
+
+        class Either(Event):
+            type: Literal["A", "B"] = "B"
+
+        EventStore(event_store_id="S", event_types=[Either], reducer=lambda a, e: a)
+
+    def test_renamed_or_retyped_base_fields_are_refused(self) -> None:
+        """An id typed UUID or int made every push a bare TypeError; an aliased field or
+        validate_by_alias=False stored events that failed every read."""
+
+        class ByUuid(Event):
+            type: Literal["U"] = "U"
+            aggregate_id: UUID  # type: ignore[assignment]
+
+        class ByInt(Event):
+            type: Literal["I"] = "I"
+            aggregate_id: int  # type: ignore[assignment]
+
+        class Renamed(Event):
+            type: Literal["R"] = "R"
+            aggregate_id: str = Field(alias="id")
+
+        class Data(Event):
+            type: Literal["D"] = "D"
+            payload: int = Field(serialization_alias="data")
+
+        class ByName(Event):
+            model_config = ConfigDict(validate_by_alias=False)
+            type: Literal["N"] = "N"
+
+        class LooseTime(Event):
+            type: Literal["T"] = "T"
+            timestamp: str | None = None  # type: ignore[assignment]
+
+        for event_type, named in (
+            (ByUuid, "aggregate_id must keep its type (str), not UUID"),
+            (ByInt, "aggregate_id must keep its type (str), not int"),
+            (Renamed, "aggregate_id must be written and read as 'aggregateId'"),
+            (Data, "payload must be written and read as 'payload'"),
+            (ByName, "validate_by_alias=False"),
+            (LooseTime, "timestamp must keep its type"),
+        ):
+            with pytest.raises(TypeError, match=re.escape(named)):
+                EventStore(event_store_id="S", event_types=[event_type], reducer=lambda a, e: a)
+
+    async def test_constrained_base_fields_are_accepted_and_read_back(self) -> None:
+        class Strict(Event):
+            type: Literal["STRICT"] = "STRICT"
+            aggregate_id: Annotated[str, Field(min_length=2)]
+            version: int = Field(default=1, ge=1)
+
+        async with SQLiteEventStorageAdapter(":memory:") as adapter:
+            store = EventStore(
+                event_store_id="S", event_types=[Strict], reducer=lambda a, e: a,
+                event_storage_adapter=adapter,
+            )  # fmt: skip
+            await store.push_event({"aggregateId": "ab"})
+            (event,) = (await store.get_events("ab")).events
+            assert (event.aggregate_id, event.version) == ("ab", 1)
+
+    async def test_an_instance_of_an_undeclared_type_or_id_is_not_written(self) -> None:
+        """An instance whose type is none of the store's (built without validation), or
+        whose id a validator of the author's turned into a number, passed the limits
+        check: the first was stored under an unknown type, the second was a bare
+        TypeError."""
+
+        class Numbered(Event):
+            type: Literal["NUMBERED"] = "NUMBERED"
+
+            @field_validator("aggregate_id", mode="after")
+            @classmethod
+            def _number(cls, value: str) -> Any:
+                return int(value)
+
+        adapter = InMemoryEventStorageAdapter()
+        store = EventStore(
+            event_store_id="S", event_types=[PokemonAppeared, Numbered],
+            reducer=lambda a, e: a, event_storage_adapter=adapter,
+        )  # fmt: skip
+        stray = PokemonAppeared.model_construct(
+            aggregate_id="p", version=1, type="POKEMON_GONE", payload=None
+        )
+        with pytest.raises(UnknownEventTypeError):
+            await store.push_event(stray)
+        with pytest.raises(UnknownEventTypeError):
+            store.group_event(stray)
+        with pytest.raises(EventLimitExceededError, match="aggregate id must be text"):
+            await store.push_event({"type": "NUMBERED", "aggregateId": "7", "version": 1})
+        assert (await store.list_aggregate_ids()).aggregate_ids == []
+        assert (await store.get_events("p")).events == []
 
 
 class TestOneShotIterables:
