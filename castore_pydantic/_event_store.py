@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -33,7 +34,8 @@ __all__ = ["EventStore", "OnEventPushed", "SimulateSideEffect"]
 #: ``(indexed_events, event) -> indexed_events``: how ``simulate_aggregate`` files an event.
 SimulateSideEffect: TypeAlias = Callable[[dict[int, Event], Event], dict[int, Event]]
 #: Awaited after every successful push with its result.
-OnEventPushed: TypeAlias = Callable[[PushEventResult[Any, Any]], Awaitable[None]]
+#: ``(push_result) -> None``, async or not: runs after every successful push.
+OnEventPushed: TypeAlias = Callable[[PushEventResult[Any, Any]], Awaitable[None] | None]
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ class EventStore(Generic[AggregateT, EventT]):
         reducer: ``(aggregate | None, event) -> aggregate``.
         event_storage_adapter: Where events live; may be set later.
         simulate_side_effect: How ``simulate_aggregate`` files events (default: by version).
-        on_event_pushed: Awaited after every successful push with its result.
+        on_event_pushed: Called (and awaited if async) after every successful push with
+            its result.
         limits: Depth and size limits for pushed events (default ``EventLimits()``).
 
     Raises:
@@ -302,7 +305,7 @@ class EventStore(Generic[AggregateT, EventT]):
         result: PushEventResult[AggregateT, EventT] = PushEventResult(stored, next_aggregate)
         hook = self.on_event_pushed
         if hook is not None:
-            await hook(result)
+            await run_hook(hook, result)
         return result
 
     def group_event(
@@ -380,6 +383,13 @@ class EventStore(Generic[AggregateT, EventT]):
         return self.on_event_pushed
 
 
+async def run_hook(hook: OnEventPushed, result: PushEventResult[Any, Any]) -> None:
+    """Run an ``on_event_pushed`` hook: a plain function, or a coroutine function awaited."""
+    outcome = hook(result)
+    if inspect.isawaitable(outcome):
+        await outcome
+
+
 async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) -> None:
     """Run a stored group's hooks one after another, in the group's order.
 
@@ -391,7 +401,7 @@ async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) 
     try:
         for hook, result in hooked:
             try:
-                await hook(result)
+                await run_hook(hook, result)
             except Exception as exc:  # raised below, once every hook ran
                 failures.append((result, exc))
     except BaseException:

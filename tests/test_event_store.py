@@ -16,6 +16,8 @@ from castore_pydantic import (
     UndefinedEventStorageAdapterError,
 )
 from castore_pydantic.errors import EventGroupError, ReservedEventTypeError, UnknownEventTypeError
+from castore_pydantic.messaging import ConnectedEventStore, NotificationMessageQueue
+from castore_pydantic.messaging.memory import InMemoryMessageQueueAdapter
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from tests.domain import (
     Appeared,
@@ -245,6 +247,32 @@ class TestPushEvent:
         with pytest.raises(RuntimeError, match="projection down"):
             await store.push_event(appeared())
         assert len((await store.get_events("pikachu")).events) == 1
+
+    async def test_a_plain_function_hook_is_called_as_a_coroutine_is_awaited(self) -> None:
+        """Castore awaits whatever its hook returns. A plain function ran and then every
+        push raised TypeError (None cannot be awaited), with the event stored: a caller
+        retrying got EventAlreadyExistsError. Connected stores run it the same way."""
+        store = make_store()
+        seen: list[PushEventResult[Any, Any]] = []
+        store.on_event_pushed = seen.append
+        pushed = await store.push_event(appeared())
+        grouped = await EventStore.push_event_group(
+            store.group_event(PokemonCaught(aggregate_id="pikachu", version=2))
+        )
+        published: list[Any] = []
+
+        async def worker(message: Any, context: Any) -> None:
+            published.append(message)
+
+        adapter = InMemoryMessageQueueAdapter(worker=worker)
+        queue = NotificationMessageQueue(
+            message_queue_id="q", source_event_stores=[store], message_queue_adapter=adapter
+        )
+        connected = ConnectedEventStore(store, queue)
+        relayed = await connected.push_event(PokemonCaught(aggregate_id="pikachu", version=3))
+        assert seen == [pushed, *grouped.event_group, relayed]
+        await adapter.join()
+        assert [message.event.version for message in published] == [3]
 
     async def test_versions_need_not_be_contiguous_but_read_in_order(self) -> None:
         """v5 then v2 is accepted and read back ordered by version (B25, D10)."""
