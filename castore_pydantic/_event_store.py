@@ -248,7 +248,8 @@ class EventStore(Generic[AggregateT, EventT]):
         """
         indexed: dict[int, Event] = {}
         for event in events:
-            parsed = self._context.validate_input(event, timestamp=False)
+            # Not written: the limits of pushes do not apply (reads do not check them).
+            parsed = self._context.validate_input(event, timestamp=False, limits=False)
             indexed = self._simulate_side_effect(indexed, parsed)
         keys = list(indexed)
         if all(type(key) is int and key >= 0 for key in keys):

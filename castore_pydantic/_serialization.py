@@ -753,11 +753,15 @@ class EventStoreContext:
 
     # -- pushed events ---------------------------------------------------------------------
 
-    def validate_input(self, event: object, *, timestamp: bool = True) -> Event:
+    def validate_input(
+        self, event: object, *, timestamp: bool = True, limits: bool = True
+    ) -> Event:
         """Validate an event given to ``push_event`` / ``group_event``.
 
         Accepts an instance of one of the store's event types, a mapping (either key
         spelling) or JSON text. Fills in a missing timestamp when ``timestamp`` is true.
+        ``limits=False`` (for events that are not written, as ``simulate_aggregate``'s)
+        skips the limits.
 
         Raises:
             pydantic.ValidationError: The data does not fit the event type.
@@ -769,10 +773,10 @@ class EventStoreContext:
             event_type = event.get("type")
             validate = self._validators.get(event_type) if type(event_type) is str else None
             if validate is not None:
-                return self.admit(validate(event), timestamp=timestamp)
-        return self._validate_other_input(event, timestamp=timestamp)
+                return self.admit(validate(event), timestamp=timestamp, limits=limits)
+        return self._validate_other_input(event, timestamp=timestamp, limits=limits)
 
-    def admit(self, fresh: Event, *, timestamp: bool) -> Event:
+    def admit(self, fresh: Event, *, timestamp: bool, limits: bool = True) -> Event:
         """A freshly validated event of the store's types, nobody else's yet, made ready.
 
         Checked against the limits, its timestamp converted to UTC milliseconds in place
@@ -781,7 +785,9 @@ class EventStoreContext:
         Raises:
             EventLimitExceededError: The event is too deep, too large or not storable.
         """
-        if not 0 <= _fast_size(fresh, self._fast_scan_depth, self._max_bytes) <= self._max_bytes:
+        if limits and not (
+            0 <= _fast_size(fresh, self._fast_scan_depth, self._max_bytes) <= self._max_bytes
+        ):
             self._explain_limits(fresh)  # raises, unless the fast scan was unsure
         stamp = fresh.timestamp
         if stamp is None:
@@ -803,24 +809,16 @@ class EventStoreContext:
         except ValueError as exc:
             raise EventLimitExceededError(self.event_store_id, str(exc), ("timestamp",)) from exc
 
-    def _validate_other_input(self, event: object, *, timestamp: bool) -> Event:
+    def _validate_other_input(self, event: object, *, timestamp: bool, limits: bool) -> Event:
         """``validate_input`` for everything but a dict of a known type."""
         owned = True  # whether ``validated`` is a new instance nobody else holds yet
         if type(event) in self._classes:
             validated: Event = event  # type: ignore[assignment]
             owned = False
         elif type(event) is dict or isinstance(event, Mapping):
-            event_type = event.get("type")
-            cls = self._by_type.get(event_type) if isinstance(event_type, str) else None
-            if cls is not None:
-                validated = cls.__pydantic_validator__.validate_python(event)
-            elif "type" not in event:
-                # A union reports the missing discriminator; a single type uses its default.
-                validated = self._one.validate_python(event)
-            else:
-                raise UnknownEventTypeError(self.event_store_id, event_type, self.known_types)
+            validated = self._validate_mapping(event)
         elif isinstance(event, _JSON_TEXT):
-            validated = self._validate_json_input(event)
+            validated = self._validate_json_input(event, limits=limits)
         elif isinstance(event, Event):
             cls = self._by_type.get(event.type)
             if cls is None:
@@ -828,7 +826,8 @@ class EventStoreContext:
             validated = cls.model_validate(event.model_dump())
         else:
             validated = self._one.validate_python(event)  # raises a clear ValidationError
-        self.check_limits(validated)
+        if limits:
+            self.check_limits(validated)
         given = validated.timestamp
         stamp = (utc_now() if timestamp else None) if given is None else self._normalized(given)
         if stamp is not given:
@@ -840,12 +839,23 @@ class EventStoreContext:
                 validated = with_timestamp(validated, stamp)
         return validated
 
-    def _validate_json_input(self, text: str | bytes | bytearray) -> Event:
+    def _validate_mapping(self, event: Mapping[str, Any]) -> Event:
+        event_type = event.get("type")
+        cls = self._by_type.get(event_type) if isinstance(event_type, str) else None
+        if cls is not None:
+            validated: Event = cls.__pydantic_validator__.validate_python(event)
+            return validated
+        if "type" not in event:
+            # A union reports the missing discriminator; a single type uses its default.
+            return self._one.validate_python(event)
+        raise UnknownEventTypeError(self.event_store_id, event_type, self.known_types)
+
+    def _validate_json_input(self, text: str | bytes | bytearray, *, limits: bool) -> Event:
         # A guard against parsing huge texts, not the limit itself (``check_limits`` then
         # measures the event): the limit counts characters, and JSON writes one in up to
         # six (``\u00e9``; four bytes of UTF-8), so an event within it may be longer.
         longest = _JSON_CHARACTER_WIDTH * self.limits.max_bytes
-        if len(text) > longest:
+        if limits and len(text) > longest:
             raise EventLimitExceededError(
                 self.event_store_id,
                 f"JSON text of {len(text)} characters or bytes is longer than any event "

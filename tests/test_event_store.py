@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -11,11 +12,17 @@ from castore_pydantic import (
     AggregateNotFoundError,
     Event,
     EventAlreadyExistsError,
+    EventLimits,
     EventStore,
     PushEventResult,
     UndefinedEventStorageAdapterError,
 )
-from castore_pydantic.errors import EventGroupError, ReservedEventTypeError, UnknownEventTypeError
+from castore_pydantic.errors import (
+    EventGroupError,
+    EventLimitExceededError,
+    ReservedEventTypeError,
+    UnknownEventTypeError,
+)
 from castore_pydantic.messaging import ConnectedEventStore, NotificationMessageQueue
 from castore_pydantic.messaging.memory import InMemoryMessageQueueAdapter
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
@@ -478,6 +485,28 @@ class TestSimulateAggregate:
         simulated = store.simulate_aggregate(events)
         assert simulated is not None
         assert folded == ["POKEMON_APPEARED", "POKEMON_LEVELED_UP", "POKEMON_CAUGHT"]
+
+    async def test_limits_of_pushes_do_not_apply_to_simulated_events(self) -> None:
+        """Events stored under larger limits (another writer, an older deployment) are read
+        and folded, but simulate_aggregate refused them with EventLimitExceededError: it
+        checked them as pushes."""
+        seeded = appeared(metadata={"note": "p" * 2000})
+        store = EventStore(
+            event_store_id="POKEMONS",
+            event_types=[PokemonAppeared, PokemonCaught, PokemonLeveledUp],
+            reducer=reduce_pokemon,
+            event_storage_adapter=InMemoryEventStorageAdapter(
+                initial_events={"POKEMONS": [seeded]}
+            ),
+            limits=EventLimits(max_bytes=1024),
+        )
+        with pytest.raises(EventLimitExceededError):
+            await store.push_event({**seeded, "aggregateId": "other"})
+        events = (await store.get_events("pikachu")).events
+        for given in (events, [seeded], [json.dumps(seeded)]):
+            simulated = store.simulate_aggregate(given)
+            assert simulated is not None
+            assert simulated.name == "Pikachu"
 
     def test_empty_simulation_is_none(self) -> None:
         """No events simulate to no aggregate."""
