@@ -150,8 +150,11 @@ class EventStore(Generic[AggregateT, EventT]):
         Raises:
             UndefinedEventStorageAdapterError: No adapter was set.
             StoredEventValidationError: A stored event no longer validates.
+            TypeError: The id is not a ``str``, or a bound or the limit not an int.
             ValueError: A negative limit or version.
         """
+        if not isinstance(aggregate_id, str):
+            raise TypeError(f"aggregate_id must be a str, not {type(aggregate_id).__name__}")
         check_read_options(min_version, max_version, limit)
         events = await self.get_event_storage_adapter().get_events(
             aggregate_id,

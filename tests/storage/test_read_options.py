@@ -46,3 +46,21 @@ async def test_bad_read_options_are_refused_and_the_adapter_goes_on(
         for _ in range(2):  # the adapter is free: nothing waits for a lock left taken
             events = await adapter.get_events("a", store.context, limit=5)
             assert [e.version for e in events] == [1, 2]
+
+
+@pytest.mark.parametrize("backend", backend_params("memory", "sqlite", "postgres"))
+@pytest.mark.parametrize("aggregate_id", [123, None, b"a"])
+async def test_an_id_that_is_not_text_is_a_type_error_on_every_adapter(
+    backend: str, tmp_path: Path, aggregate_id: Any
+) -> None:
+    """Memory and SQLite answered an int id as an unknown aggregate (with "123" stored),
+    PostgreSQL with a bare TypeError from deep inside; Castore's in-memory adapter would
+    have found "123". Every adapter now refuses it the same way, before reading."""
+    async with BACKENDS[backend](tmp_path) as make:
+        store = counter_store(await make())
+        await store.push_event(created("123"))
+        await store.push_event(created("a"))
+        for read in (store.get_events, store.get_aggregate, store.get_existing_aggregate):
+            with pytest.raises(TypeError, match="aggregate_id must be a str"):
+                await read(aggregate_id)
+        assert (await store.get_aggregate("123")).aggregate is not None
