@@ -8,6 +8,7 @@ into validated events of the store's types.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import json
 import math
@@ -866,7 +867,10 @@ class EventStoreContext:
         except ValidationError as exc:
             for error in exc.errors(include_url=False):
                 if error["type"] == "union_tag_invalid" and not error["loc"]:
+                    # Pydantic gives the tag as text: the type as given is in the JSON.
                     tag = error.get("ctx", {}).get("tag")
+                    with contextlib.suppress(ValueError, AttributeError):
+                        tag = json.loads(text).get("type", tag)
                     raise UnknownEventTypeError(self.event_store_id, tag, self.known_types) from exc
                 if error["type"] == "literal_error" and error["loc"] == ("type",):
                     # A store of one type validates without a union: its Literal refused it.

@@ -196,6 +196,19 @@ class TestPushEvent:
             await store.push_event(form(declared))
         assert (await store.get_events("p1")).events == []
 
+    @pytest.mark.parametrize("kind", [None, True, 5, ["A"]])
+    async def test_an_unknown_type_from_json_is_named_as_given(self, kind: Any) -> None:
+        """A store of several types named the type of JSON input as Pydantic's text of it
+        ('None' for null): the message read as if the type were the string "None"."""
+        store = make_store()
+        given = {"aggregateId": "p1", "version": 1, "type": kind}
+        with pytest.raises(UnknownEventTypeError) as from_mapping:
+            await store.push_event(given)
+        with pytest.raises(UnknownEventTypeError) as from_json:
+            await store.push_event(json.dumps(given))
+        assert from_json.value.event_type == from_mapping.value.event_type == kind
+        assert str(from_json.value) == str(from_mapping.value)
+
     async def test_unregistered_event_class_is_refused(self) -> None:
         """An instance of a class the store does not declare is refused."""
 
