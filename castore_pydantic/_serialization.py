@@ -633,6 +633,10 @@ def _normalize_in_place(event: Event) -> None:
             event.__dict__["timestamp"] = normalized
 
 
+#: The highest version every adapter can store: SQL's signed 64-bit integers.
+_MAX_VERSION: Final = 2**63 - 1
+
+
 def _fast_size(event: Event, max_depth: int, budget: int) -> int:
     """Approximate JSON size of an event of a declared type, or negative if unsure or bad.
 
@@ -641,6 +645,7 @@ def _fast_size(event: Event, max_depth: int, budget: int) -> int:
     text = event.aggregate_id
     if (
         not max_depth
+        or event.version > _MAX_VERSION
         or type(text) is not str
         or "\x00" in text
         or (not text.isascii() and _SURROGATE.search(text))
@@ -898,16 +903,7 @@ class EventStoreContext:
         """Slow scan with paths; raises on the first violation it finds."""
         max_depth = self.limits.max_depth
         max_bytes = self.limits.max_bytes
-        if event.type not in self._by_type:
-            raise UnknownEventTypeError(self.event_store_id, event.type, self.known_types)
-        if not isinstance(event.aggregate_id, str):
-            raise EventLimitExceededError(
-                self.event_store_id,
-                f"aggregate id must be text, not {type(event.aggregate_id).__name__}",
-                ("aggregateId",),
-            )
-        self._check_str(event.aggregate_id, ("aggregateId",))
-        self._check_str(event.type, ("type",))
+        self._check_identity(event)
         size = len(event.aggregate_id) + len(event.type) + 80
         stack: list[tuple[Any, int, tuple[str | int, ...]]] = []
         if event.payload is not None:
@@ -936,6 +932,25 @@ class EventStoreContext:
                 size += self._leaf_size(value, path)
             if size > max_bytes:
                 raise EventLimitExceededError(self.event_store_id, too_large, path)
+
+    def _check_identity(self, event: Event) -> None:
+        """Check what names an event: its type, version and aggregate id."""
+        if event.type not in self._by_type:
+            raise UnknownEventTypeError(self.event_store_id, event.type, self.known_types)
+        if event.version > _MAX_VERSION:
+            raise EventLimitExceededError(
+                self.event_store_id,
+                "version does not fit a 64-bit integer, as SQL databases store it",
+                ("version",),
+            )
+        if not isinstance(event.aggregate_id, str):
+            raise EventLimitExceededError(
+                self.event_store_id,
+                f"aggregate id must be text, not {type(event.aggregate_id).__name__}",
+                ("aggregateId",),
+            )
+        self._check_str(event.aggregate_id, ("aggregateId",))
+        self._check_str(event.type, ("type",))
 
     def _leaf_size(self, value: object, path: tuple[str | int, ...]) -> int:  # noqa: PLR0911
         """The bytes the slow scan counts for a value that holds no others, checked."""

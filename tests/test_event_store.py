@@ -209,6 +209,20 @@ class TestPushEvent:
         assert from_json.value.event_type == from_mapping.value.event_type == kind
         assert str(from_json.value) == str(from_mapping.value)
 
+    async def test_a_version_no_sql_database_can_store_is_refused_in_memory_too(self) -> None:
+        """The in-memory adapter stored version 2**63, which SQLite and PostgreSQL refuse:
+        code tested against it behaved otherwise in production."""
+        store = make_store()
+        for version in (2**63, 2**70):
+            with pytest.raises(EventLimitExceededError, match="64-bit") as info:
+                await store.push_event(appeared(version=version))
+            assert info.value.path == ("version",)
+            with pytest.raises(EventLimitExceededError, match="64-bit"):
+                store.group_event(appeared(version=version))
+        assert (await store.get_events("pikachu")).events == []
+        await store.push_event(appeared(version=2**63 - 1))
+        assert [e.version for e in (await store.get_events("pikachu")).events] == [2**63 - 1]
+
     async def test_unregistered_event_class_is_refused(self) -> None:
         """An instance of a class the store does not declare is refused."""
 
