@@ -9,6 +9,7 @@ import types
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import (
+    Annotated,
     Any,
     Generic,
     TypeVar,
@@ -20,7 +21,7 @@ from typing import (
     is_typeddict,
 )
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, RootModel, TypeAdapter
 
 from castore_pydantic.errors import EventAlreadyExistsError, is_event_already_exists_error
 
@@ -94,18 +95,24 @@ def _annotation(handler: Callable[..., Any], which: str) -> Any:
 
 
 def _object_like(schema: Any) -> bool:
-    """Whether ``schema`` only accepts objects, and perhaps ``None``.
+    """Whether ``schema`` only accepts objects or arrays, and perhaps ``None``: no text.
 
-    Objects: a model, a dataclass, a TypedDict, a mapping; ``Model | None`` counts too.
+    Objects: a model, a dataclass, a TypedDict, a mapping; arrays: a list, tuple or set.
+    ``Model | None`` counts too, as does an ``Annotated`` one (a discriminated union) and a
+    ``RootModel`` of one.
     """
+    if get_origin(schema) is Annotated:
+        return _object_like(get_args(schema)[0])
     if get_origin(schema) in (Union, types.UnionType):
         members = [member for member in get_args(schema) if member is not type(None)]
         return bool(members) and all(_object_like(member) for member in members)
     origin = get_origin(schema) or schema
     if not isinstance(origin, type):
         return False
+    if issubclass(origin, RootModel):
+        return _object_like(origin.model_fields["root"].annotation)
     return (
-        issubclass(origin, BaseModel | Mapping)
+        issubclass(origin, BaseModel | Mapping | list | tuple | set | frozenset)
         or dataclasses.is_dataclass(origin)
         or is_typeddict(origin)
     )

@@ -3,10 +3,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import pytest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, RootModel, ValidationError
 from typing_extensions import TypedDict
 
 from castore_pydantic import Command, EventAlreadyExistsError, OnEventAlreadyExistsContext
@@ -27,6 +27,16 @@ class Levels(TypedDict):
 @dataclasses.dataclass
 class LevelsDataclass:
     levels: int
+
+
+class LevelsModel(BaseModel):
+    kind: Literal["levels"] = "levels"
+    levels: int
+
+
+class Renamed(BaseModel):
+    kind: Literal["renamed"] = "renamed"
+    name: str
 
 
 class LevelUpOutput(BaseModel):
@@ -282,6 +292,45 @@ class TestValidation:
         assert (result["levels"] if isinstance(result, dict) else result.levels) == 3
         with pytest.raises(ValidationError):
             await cmd.handler('{"levels": "many"}')
+
+    @pytest.mark.parametrize(
+        "schema",
+        [
+            Annotated[LevelsModel | Renamed, Field(discriminator="kind")],
+            Annotated[LevelsModel, Field(description="levels to gain")],
+            RootModel[LevelsModel],
+        ],
+    )
+    async def test_json_text_is_read_for_annotated_and_root_model_schemas(
+        self, schema: Any
+    ) -> None:
+        """An Annotated schema (a discriminated union) or a RootModel of a model refused JSON
+        text, which a plain model accepts: text reached Pydantic as a value."""
+
+        async def handler(data: Any, stores: Sequence[Any]) -> Any:
+            return data
+
+        cmd = Command(command_id="C", handler=handler, input_schema=schema)
+        result = await cmd.handler('{"kind": "levels", "levels": 3}')
+        assert getattr(result, "root", result) == LevelsModel(levels=3)
+        with pytest.raises(ValidationError):
+            await cmd.handler('{"kind": "levels", "levels": "many"}')
+
+    async def test_json_text_is_read_for_array_schemas(self) -> None:
+        async def handler(data: list[LevelsModel], stores: Sequence[Any]) -> int:
+            return sum(item.levels for item in data)
+
+        cmd = Command(command_id="C", handler=handler)
+        assert await cmd.handler('[{"levels": 1}, {"levels": 2}]') == 3
+
+    async def test_text_for_a_root_model_of_str_is_the_value_itself(self) -> None:
+        """RootModel[str] parsed text as JSON ("Invalid JSON" for pikachu), where str
+        itself takes the text as it is."""
+
+        async def handler(data: RootModel[str], stores: Sequence[Any]) -> str:
+            return data.root
+
+        assert await Command(command_id="C", handler=handler).handler("pikachu") == "pikachu"
 
     async def test_text_for_a_str_schema_is_the_value_itself(self) -> None:
         async def handler(data: str, stores: Sequence[Any]) -> str:
