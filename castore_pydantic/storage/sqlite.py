@@ -468,9 +468,21 @@ class SQLiteEventStorageAdapter:
             if _error_code(exc) in _UNIQUE_CODES:
                 raise EventAlreadyExistsError(row[0], event.aggregate_id, event.version) from exc
             raise _storage_error(exc, "inserting an event") from exc
-        except OverflowError as exc:
+        except sqlite3.DataError as exc:
+            if _error_code(exc) & 0xFF != sqlite3.SQLITE_TOOBIG:
+                raise
             raise EventLimitExceededError(
-                row[0], "version does not fit SQLite's 64-bit INTEGER", ("version",)
+                row[0],
+                "payload or metadata longer than SQLite's longest string (SQLITE_LIMIT_LENGTH)",
+            ) from exc
+        except OverflowError as exc:
+            if abs(event.version) > MAX_INTEGER:
+                raise EventLimitExceededError(
+                    row[0], "version does not fit SQLite's 64-bit INTEGER", ("version",)
+                ) from exc
+            # Python's sqlite3 binds no text of 2 GiB or more.
+            raise EventLimitExceededError(
+                row[0], "payload or metadata longer than SQLite can take (2 GiB)"
             ) from exc
         except UnicodeEncodeError as exc:  # an adapter used without an event store's checks
             raise EventLimitExceededError(

@@ -999,3 +999,41 @@ class TestTimestampsWrittenByOthers:
         (entry,) = (await store.list_aggregate_ids()).aggregate_ids
         assert entry.initial_event_timestamp == datetime(2024, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
         assert entry.initial_event_timestamp.tzinfo is UTC
+
+
+class TestEventsTooLongForSQLite:
+    async def test_text_longer_than_sqlite_takes_is_a_limit_of_the_event(
+        self, adapter: SQLiteEventStorageAdapter
+    ) -> None:
+        """A payload longer than SQLite's longest string (here lowered from its 1 GB) was a
+        generic StorageError on a push and a group; nothing is written either way."""
+        assert adapter._conn is not None
+        adapter._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 5000)
+        store = log_store(adapter)
+        long = note("x", 1, text="p" * 6000)
+        with pytest.raises(EventLimitExceededError, match="SQLITE_LIMIT_LENGTH"):
+            await store.push_event(long)
+        with pytest.raises(EventLimitExceededError, match="SQLITE_LIMIT_LENGTH"):
+            await EventStore.push_event_group(
+                store.group_event(note("y", 1)), store.group_event(long)
+            )
+        assert (await store.list_aggregate_ids()).aggregate_ids == []
+        await store.push_event(note("x", 1))
+
+    def test_an_overflow_blames_the_version_only_when_it_is_the_version(self) -> None:
+        """Python's sqlite3 raises OverflowError for text of 2 GiB or more too: it was
+        reported as a version that does not fit SQLite's integers. (Faked here: binding
+        2 GiB takes that much memory.)"""
+
+        class Refusing:
+            def execute(self, sql: str, row: tuple[Any, ...]) -> None:
+                raise OverflowError("string longer than INT_MAX bytes")
+
+        execute = SQLiteEventStorageAdapter._execute_insert
+        with pytest.raises(EventLimitExceededError, match="2 GiB") as info:
+            execute(Refusing(), "INSERT", ("LOGS",), note("x", 1))  # type: ignore[arg-type]
+        assert info.value.path == ()
+        huge = note("x", 1).model_copy(update={"version": 2**63})
+        with pytest.raises(EventLimitExceededError, match="64-bit") as info:
+            execute(Refusing(), "INSERT", ("LOGS",), huge)  # type: ignore[arg-type]
+        assert info.value.path == ("version",)
