@@ -237,29 +237,33 @@ class Event(WireModel):
     def _drop_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Leave ``payload`` and ``metadata`` out when absent, as Castore does.
 
-        Unless the event type requires the key (``payload: int | None`` without a default),
-        which the JSON then keeps as ``null``. An event not stored yet may have no
-        ``timestamp``: it is left out too (Castore's events always have one, never ``null``).
+        Unless a missing key would not read back as ``None``: the event type requires it
+        (``payload: int | None`` without a default) or defaults it to something else. The
+        JSON then keeps it as ``null``. An event not stored yet may have no ``timestamp``:
+        it is left out too (Castore's events always have one, never ``null``).
         """
         data: dict[str, Any] = handler(self)
         if self.timestamp is None:
             data.pop("timestamp", None)
         if self.payload is None or self.metadata is None:
             cls = type(self)
-            payload_required, metadata_required = _REQUIRED.get(cls) or _required(cls)
-            # A field without a default must keep its key, or the JSON would not validate.
-            if self.payload is None and not payload_required:
+            payload_kept, metadata_kept = _KEEPS_NULL.get(cls) or _keeps_null(cls)
+            if self.payload is None and not payload_kept:
                 data.pop("payload", None)
-            if self.metadata is None and not metadata_required:
+            if self.metadata is None and not metadata_kept:
                 data.pop("metadata", None)
         return data
 
 
-#: Per event class: whether ``payload`` and ``metadata`` are required (have no default).
-_REQUIRED: dict[type[Event], tuple[bool, bool]] = {}
+#: Per event class: whether ``payload`` and ``metadata`` keep a ``null`` in JSON, since a
+#: missing key would not validate as ``None`` again.
+_KEEPS_NULL: dict[type[Event], tuple[bool, bool]] = {}
 
 
-def _required(cls: type[Event]) -> tuple[bool, bool]:
-    fields = cls.model_fields
-    found = _REQUIRED[cls] = (fields["payload"].is_required(), fields["metadata"].is_required())
+def _keeps_null(cls: type[Event]) -> tuple[bool, bool]:
+    def keeps(name: str) -> bool:
+        field = cls.model_fields[name]
+        return field.is_required() or field.default_factory is not None or field.default is not None
+
+    found = _KEEPS_NULL[cls] = (keeps("payload"), keeps("metadata"))
     return found
