@@ -14,13 +14,24 @@ import json
 import math
 import re
 import threading
+import typing
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated, Any, Final, Literal, Union, get_args, get_origin, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Final,
+    Literal,
+    NewType,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 from uuid import UUID
 
 from pydantic import (
@@ -42,7 +53,7 @@ from pydantic import (
     WrapValidator,
 )
 from pydantic_core import PydanticUndefined
-from typing_extensions import is_typeddict
+from typing_extensions import TypeAliasType, is_typeddict
 
 from castore_pydantic import _gc
 from castore_pydantic._event import (
@@ -166,20 +177,50 @@ def _check_base_fields(event_type: type[Event]) -> None:
     for field_name, key in _WIRE_KEYS.items():
         field = event_type.model_fields[field_name]
         written = field.serialization_alias or field.alias or field_name
-        if written != key or field.validation_alias not in (None, key):
+        if written != key or not _reads_key(field.validation_alias, key):
             raise TypeError(
                 f"event type {name}: field {field_name} must be written and read as {key!r}"
-                f" (it is written as {written!r}); events are stored under Castore's keys"
+                f" (written as {written!r}, read as {field.validation_alias or written!r});"
+                " events are stored under Castore's keys"
+            )
+        if field.exclude:
+            raise TypeError(
+                f"event type {name}: field {field_name} is excluded from dumps, so messages"
+                " and exports would leave it out; every event keeps its six fields"
             )
         base = Event.model_fields[field_name]
         if field_name in ("aggregate_id", "version", "timestamp") and (
-            field.annotation != base.annotation
+            _underlying(field.annotation) != _underlying(base.annotation)
         ):
             raise TypeError(
                 f"event type {name}: field {field_name} must keep its type"
                 f" ({_type_name(base.annotation)}), not {_type_name(field.annotation)};"
                 " constrain it or validate it instead"
             )
+
+
+def _reads_key(validation_alias: object, key: str) -> bool:
+    """Whether a field with this ``validation_alias`` reads ``key`` (besides its name)."""
+    if validation_alias is None or validation_alias == key:
+        return True
+    return isinstance(validation_alias, AliasChoices) and key in validation_alias.choices
+
+
+#: ``type X = ...`` aliases: the standard library's (Python 3.12+) and typing_extensions'.
+_TYPE_ALIASES: Final = tuple({TypeAliasType, getattr(typing, "TypeAliasType", TypeAliasType)})
+
+
+def _underlying(annotation: Any) -> Any:
+    """The type a ``NewType``, a type alias or an ``Annotated`` type stands for."""
+    while True:
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        elif isinstance(annotation, NewType):
+            annotation = annotation.__supertype__
+        elif isinstance(annotation, _TYPE_ALIASES):
+            annotation = annotation.__value__
+        else:
+            return annotation
 
 
 def _type_name(annotation: object) -> str:
@@ -645,7 +686,8 @@ def _fast_size(event: Event, max_depth: int, budget: int) -> int:
     text = event.aggregate_id
     if (
         not max_depth
-        or event.version > _MAX_VERSION
+        or type(event.version) is not int
+        or not 0 < event.version <= _MAX_VERSION
         or type(text) is not str
         or "\x00" in text
         or (not text.isascii() and _SURROGATE.search(text))
@@ -937,7 +979,12 @@ class EventStoreContext:
         """Check what names an event: its type, version and aggregate id."""
         if event.type not in self._by_type:
             raise UnknownEventTypeError(self.event_store_id, event.type, self.known_types)
-        if event.version > _MAX_VERSION:
+        version = event.version
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise EventLimitExceededError(
+                self.event_store_id, f"version must be an int >= 1, not {version!r}", ("version",)
+            )
+        if version > _MAX_VERSION:
             raise EventLimitExceededError(
                 self.event_store_id,
                 "version does not fit a 64-bit integer, as SQL databases store it",

@@ -6,7 +6,7 @@ import re
 import zoneinfo
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NewType
 from uuid import UUID
 
 import pytest
@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     Json,
     PlainSerializer,
+    PositiveInt,
     PrivateAttr,
     SecretBytes,
     SecretStr,
@@ -33,7 +34,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from typing_extensions import TypedDict
 
 from castore_pydantic import Aggregate, Event, EventStore
-from castore_pydantic._event import with_timestamp
+from castore_pydantic._event import Timestamp, with_timestamp
 from castore_pydantic.errors import EventLimitExceededError, UnknownEventTypeError
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
@@ -581,6 +582,9 @@ class TestFieldsOfTheirOwn:
         EventStore(event_store_id="S", event_types=[Quiet], reducer=lambda a, e: a)
 
 
+PokemonId = NewType("PokemonId", str)
+
+
 class TestBaseFields:
     """The six fields every adapter writes under Castore's keys keep their keys and types."""
 
@@ -627,6 +631,10 @@ class TestBaseFields:
             type: Literal["T"] = "T"
             timestamp: str | None = None  # type: ignore[assignment]
 
+        class Hidden(Event):
+            type: Literal["H"] = "H"
+            metadata: dict[str, str] | None = Field(default=None, exclude=True)
+
         for event_type, named in (
             (ByUuid, "aggregate_id must keep its type (str), not UUID"),
             (ByInt, "aggregate_id must keep its type (str), not int"),
@@ -634,15 +642,26 @@ class TestBaseFields:
             (Data, "payload must be written and read as 'payload'"),
             (ByName, "validate_by_alias=False"),
             (LooseTime, "timestamp must keep its type"),
+            (Hidden, "metadata is excluded from dumps"),
         ):
             with pytest.raises(TypeError, match=re.escape(named)):
                 EventStore(event_store_id="S", event_types=[event_type], reducer=lambda a, e: a)
 
     async def test_constrained_base_fields_are_accepted_and_read_back(self) -> None:
+        """Constraints, NewTypes and aliases of the same types are the author's to choose
+        (a NewType id was refused by the first version of the check above)."""
+
         class Strict(Event):
             type: Literal["STRICT"] = "STRICT"
-            aggregate_id: Annotated[str, Field(min_length=2)]
-            version: int = Field(default=1, ge=1)
+            aggregate_id: Annotated[PokemonId, Field(min_length=2)]
+            version: PositiveInt = 1
+            timestamp: Annotated[Timestamp | None, Field(description="when")] = None
+
+        class Chosen(Event):
+            type: Literal["CHOSEN"] = "CHOSEN"
+            aggregate_id: str = Field(validation_alias=AliasChoices("aggregateId", "id"))
+
+        EventStore(event_store_id="S", event_types=[Chosen], reducer=lambda a, e: a)
 
         async with SQLiteEventStorageAdapter(":memory:") as adapter:
             store = EventStore(
@@ -681,6 +700,10 @@ class TestBaseFields:
             store.group_event(stray)
         with pytest.raises(EventLimitExceededError, match="aggregate id must be text"):
             await store.push_event({"type": "NUMBERED", "aggregateId": "7", "version": 1})
+        for version in ("1", 0, True):
+            odd = PokemonAppeared.model_construct(aggregate_id="p", version=version, payload=None)
+            with pytest.raises(EventLimitExceededError, match="version must be an int >= 1"):
+                await store.push_event(odd)
         assert (await store.list_aggregate_ids()).aggregate_ids == []
         assert (await store.get_events("p")).events == []
 
