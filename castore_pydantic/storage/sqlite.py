@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Final, Literal, ParamSpec, Self, TypeVar
+from typing import Any, ClassVar, Final, Literal, NamedTuple, ParamSpec, Self, TypeVar
 
 from pydantic import AwareDatetime, TypeAdapter
 
@@ -107,19 +107,30 @@ def _storage_error(exc: BaseException, doing: str) -> StorageError:
     return StorageError(f"SQLite failed while {doing}: {exc}")
 
 
-def _locate(name: str) -> tuple[str | None, str]:
-    """Where a database name leads: its file, and the name to open it by.
+class _Location(NamedTuple):
+    """Which database a name opens, as far as groups need to know."""
 
-    The file is ``None`` for a database private to its connection (``":memory:"``, an
-    in-memory or temporary URI) or one SQLite finds by other means (a URI naming a VFS): no
-    other adapter's connection shares it. A relative path, or a ``file:`` URI's relative path,
-    is resolved now, so that a later change of directory does not move the database.
+    #: The file, resolved; ``None`` for a database in memory or one SQLite cannot reach.
+    file: str | None
+    #: The name of an in-memory database that connections of this process share (a
+    #: ``cache=shared`` or ``memdb`` URI); ``None`` when the database is private to its
+    #: connection, or a file.
+    shared: str | None
+    #: The name to open it by.
+    opened_as: str
+
+
+def _locate(name: str) -> _Location:
+    """Where a database name leads (see ``_Location``).
+
+    A relative path, or a ``file:`` URI's relative path, is resolved now, so that a later
+    change of directory does not move the database.
     """
     if name in ("", ":memory:"):
-        return None, name
+        return _Location(None, None, name)
     if not name.startswith("file:"):
         real = os.path.realpath(name)
-        return real, real
+        return _Location(real, None, real)
     rest = name[len("file:") :]
     end = len(rest)
     for mark in "?#":
@@ -130,14 +141,19 @@ def _locate(name: str) -> tuple[str | None, str]:
     if path.startswith("//"):  # an authority: SQLite takes only "" and "localhost"
         authority, slash, path = path[2:].partition("/")
         if authority not in ("", "localhost"):
-            return None, name  # SQLite refuses it when it opens
+            return _Location(None, None, name)  # SQLite refuses it when it opens
         path = slash + path
     query = urllib.parse.parse_qs(tail[1:].partition("#")[0] if tail.startswith("?") else "")
     path = urllib.parse.unquote(path)
-    if path in ("", ":memory:") or "memory" in query.get("mode", ()) or "vfs" in query:
-        return None, name
+    if "memdb" in query.get("vfs", ()):
+        # SQLite's memdb: a name starting with "/" is shared by the process's connections.
+        return _Location(None, f"memdb:{path}" if path.startswith("/") else None, name)
+    if path in ("", ":memory:") or "memory" in query.get("mode", ()):
+        # In memory (or, without a path, a temporary file): shared only with cache=shared.
+        shared = path != "" and "shared" in query.get("cache", ())
+        return _Location(None, f"memory:{path}" if shared else None, name)
     real = os.path.realpath(path)
-    return real, Path(real).as_uri() + tail
+    return _Location(real, None, Path(real).as_uri() + tail)
 
 
 #: How a timestamp written by something else than this adapter is read (as events read it).
@@ -236,7 +252,7 @@ class SQLiteEventStorageAdapter:
         if not busy_timeout >= 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
         self._database = os.fspath(path)
-        self._realpath, self._opened_as = _locate(self._database)
+        self._location = _locate(self._database)
         self._table = table_name
         self._sql = Statements(table_name)
         self._synchronous: Synchronous = "FULL" if mode == "FULL" else "NORMAL"
@@ -322,8 +338,8 @@ class SQLiteEventStorageAdapter:
                 # The path resolved when the adapter was made: a relative path opened later
                 # would follow the working directory, away from the file groups compare.
                 conn = sqlite3.connect(
-                    self._opened_as,
-                    uri=self._opened_as.startswith("file:"),
+                    self._location.opened_as,
+                    uri=self._location.opened_as.startswith("file:"),
                     timeout=0,
                     isolation_level=None,
                     check_same_thread=False,
@@ -521,12 +537,15 @@ class SQLiteEventStorageAdapter:
     def _same_database(self, other: SQLiteEventStorageAdapter) -> bool:
         if other is self:
             return True
-        if self._realpath is None or other._realpath is None:
+        mine, theirs = self._location, other._location
+        if mine.shared is not None or theirs.shared is not None:
+            return mine.shared == theirs.shared
+        if mine.file is None or theirs.file is None:
             return False
-        if self._realpath == other._realpath:
+        if mine.file == theirs.file:
             return True
         try:
-            return os.path.samefile(self._realpath, other._realpath)
+            return os.path.samefile(mine.file, theirs.file)
         except OSError:
             return False
 
@@ -619,10 +638,14 @@ class SQLiteEventStorageAdapter:
                     f"Event group event #{index} is not connected to a SQLiteEventStorageAdapter"
                 )
             if not self._same_database(adapter):
+                which = (
+                    f"({adapter.path!r}, private to each adapter)"
+                    if adapter.path == self.path
+                    else f"({adapter.path!r}, not {self.path!r})"
+                )
                 raise EventGroupError(
                     f"Event group event #{index} is connected to a SQLite adapter on another "
-                    f"database ({adapter.path!r}, not {self.path!r}); a group is one "
-                    "transaction on one database"
+                    f"database {which}; a group is one transaction on one database"
                 )
             if grouped.context is None:
                 raise EventGroupError(f"Event group event #{index} misses context")

@@ -906,7 +906,7 @@ class TestUris:
     """``file:`` names: always URIs, resolved like paths, private when in memory."""
 
     @pytest.mark.parametrize(
-        "uri", ["file::memory:", "file:memdb1?mode=memory", "file:/events?vfs=memdb"]
+        "uri", ["file::memory:", "file:memdb1?mode=memory", "file:events?vfs=memdb"]
     )
     async def test_a_group_never_spans_two_private_uri_databases(self, uri: str) -> None:
         """Two adapters on one in-memory URI have a database each: a group across them was
@@ -914,12 +914,40 @@ class TestUris:
         first adapter's database."""
         async with SQLiteEventStorageAdapter(uri) as a, SQLiteEventStorageAdapter(uri) as b:
             first, second = log_store(a, "A"), log_store(b, "B")
-            with pytest.raises(EventGroupError, match="another database"):
+            with pytest.raises(EventGroupError, match="private to each adapter"):
                 await EventStore.push_event_group(
                     first.group_event(note("x", 1)), second.group_event(note("y", 1))
                 )
             assert (await first.get_events("x")).events == []
             assert (await log_store(a, "B").get_events("y")).events == []
+
+    @pytest.mark.parametrize(
+        "uri",
+        [
+            "file:shared1?mode=memory&cache=shared",
+            "file::memory:?cache=shared",
+            "file:/shared-events?vfs=memdb",
+        ],
+    )
+    async def test_a_group_spans_adapters_sharing_one_in_memory_database(self, uri: str) -> None:
+        """A shared-cache or memdb database is one database for all the process's
+        connections to its name: groups across its adapters are one transaction (the
+        first fix of the case above refused them)."""
+        async with SQLiteEventStorageAdapter(uri) as a, SQLiteEventStorageAdapter(uri) as b:
+            first, second = log_store(a, "A"), log_store(b, "B")
+            await EventStore.push_event_group(
+                first.group_event(note("x", 1)), second.group_event(note("y", 1))
+            )
+            assert [e.aggregate_id for e in (await second.get_events("y")).events] == ["y"]
+            assert [e.aggregate_id for e in (await log_store(b, "A").get_events("x")).events] == [
+                "x"
+            ]
+            other = SQLiteEventStorageAdapter("file:other?mode=memory&cache=shared")
+            async with other:
+                with pytest.raises(EventGroupError, match="another database"):
+                    await EventStore.push_event_group(
+                        first.group_event(note("x", 2)), log_store(other).group_event(note("z", 1))
+                    )
 
     async def test_a_file_uri_and_a_path_to_one_file_group(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
