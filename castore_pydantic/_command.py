@@ -7,6 +7,7 @@ import functools
 import inspect
 import types
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import (
     Annotated,
@@ -97,7 +98,7 @@ def _annotation(handler: Callable[..., Any], which: str) -> Any:
 def _object_like(schema: Any) -> bool:
     """Whether ``schema`` only accepts objects or arrays, and perhaps ``None``: no text.
 
-    Objects: a model, a dataclass, a TypedDict, a mapping; arrays: a list, tuple or set.
+    Objects: a model, a dataclass, a TypedDict, a mapping; arrays: a sequence or a set.
     ``Model | None`` counts too, as does an ``Annotated`` one (a discriminated union) and a
     ``RootModel`` of one.
     """
@@ -111,8 +112,10 @@ def _object_like(schema: Any) -> bool:
         return False
     if issubclass(origin, RootModel):
         return _object_like(origin.model_fields["root"].annotation)
+    if issubclass(origin, str | bytes | bytearray):
+        return False
     return (
-        issubclass(origin, BaseModel | Mapping | list | tuple | set | frozenset)
+        issubclass(origin, BaseModel | Mapping | Sequence | AbstractSet)
         or dataclasses.is_dataclass(origin)
         or is_typeddict(origin)
     )

@@ -316,11 +316,12 @@ class TestValidation:
         with pytest.raises(ValidationError):
             await cmd.handler('{"kind": "levels", "levels": "many"}')
 
-    async def test_json_text_is_read_for_array_schemas(self) -> None:
-        async def handler(data: list[LevelsModel], stores: Sequence[Any]) -> int:
+    @pytest.mark.parametrize("schema", [list[LevelsModel], Sequence[LevelsModel]])
+    async def test_json_text_is_read_for_array_schemas(self, schema: Any) -> None:
+        async def handler(data: Any, stores: Sequence[Any]) -> int:
             return sum(item.levels for item in data)
 
-        cmd = Command(command_id="C", handler=handler)
+        cmd = Command(command_id="C", handler=handler, input_schema=schema)
         assert await cmd.handler('[{"levels": 1}, {"levels": 2}]') == 3
 
     async def test_text_for_a_root_model_of_str_is_the_value_itself(self) -> None:
