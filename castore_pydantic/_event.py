@@ -20,6 +20,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticUndefined, TzInfo
 
 __all__ = [
+    "MAX_VERSION",
     "RESERVED_EVENT_TYPES",
     "Event",
     "MillisecondTimestamp",
@@ -33,6 +34,9 @@ __all__ = [
     "utf8_encodable",
     "with_timestamp",
 ]
+
+#: The highest version every adapter can store: SQL's signed 64-bit integers.
+MAX_VERSION: Final = 2**63 - 1
 
 #: Types Castore keeps for its own messages; no event store may declare them.
 RESERVED_EVENT_TYPES = frozenset({"__REPLAYED__", "__AGGREGATE_EXISTS__"})

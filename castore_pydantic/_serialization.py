@@ -57,6 +57,7 @@ from typing_extensions import TypeAliasType, is_typeddict
 
 from castore_pydantic import _gc
 from castore_pydantic._event import (
+    MAX_VERSION,
     RESERVED_EVENT_TYPES,
     Event,
     needs_normalizing,
@@ -674,10 +675,6 @@ def _normalize_in_place(event: Event) -> None:
             event.__dict__["timestamp"] = normalized
 
 
-#: The highest version every adapter can store: SQL's signed 64-bit integers.
-_MAX_VERSION: Final = 2**63 - 1
-
-
 def _fast_size(event: Event, max_depth: int, budget: int) -> int:
     """Approximate JSON size of an event of a declared type, or negative if unsure or bad.
 
@@ -687,7 +684,7 @@ def _fast_size(event: Event, max_depth: int, budget: int) -> int:
     if (
         not max_depth
         or type(event.version) is not int
-        or not 0 < event.version <= _MAX_VERSION
+        or not 0 < event.version <= MAX_VERSION
         or type(text) is not str
         or "\x00" in text
         or (not text.isascii() and _SURROGATE.search(text))
@@ -984,7 +981,7 @@ class EventStoreContext:
             raise EventLimitExceededError(
                 self.event_store_id, f"version must be an int >= 1, not {version!r}", ("version",)
             )
-        if version > _MAX_VERSION:
+        if version > MAX_VERSION:
             raise EventLimitExceededError(
                 self.event_store_id,
                 "version does not fit a 64-bit integer, as SQL databases store it",

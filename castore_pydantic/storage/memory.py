@@ -13,7 +13,14 @@ from typing import Any, ClassVar, Self
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError, to_json
 
-from castore_pydantic._event import Event, Timestamp, normalize_timestamp, stamped, utc_now
+from castore_pydantic._event import (
+    MAX_VERSION,
+    Event,
+    Timestamp,
+    normalize_timestamp,
+    stamped,
+    utc_now,
+)
 from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -79,6 +86,12 @@ def _stored(event: Event, event_store_id: str) -> _Stored:
     Raises:
         EventLimitExceededError: Its payload or metadata cannot be stored as JSON.
     """
+    if not 0 < event.version <= MAX_VERSION:  # as SQL refuses it (adapters used directly)
+        raise EventLimitExceededError(
+            event_store_id,
+            "version does not fit a 64-bit integer, as SQL databases store it",
+            ("version",),
+        )
     payload, metadata = storable_columns(event, event_store_id)
     stamp = event.timestamp
     assert stamp is not None  # stamped by the caller
@@ -102,6 +115,10 @@ def _stored_mapping(event_store_id: str, event: Mapping[str, Any], now: datetime
         raise TypeError(
             f"initial event of {event_store_id} needs a string aggregate id and an int "
             f"version: {event!r:.200}"
+        )
+    if not 0 < version <= MAX_VERSION:
+        raise EventLimitExceededError(
+            event_store_id, f"version {version} is not from 1 to 2**63-1", ("version",)
         )
     if _non_finite(event):
         raise TypeError(

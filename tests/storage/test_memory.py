@@ -130,3 +130,27 @@ async def test_unlisted_aggregates_are_those_without_version_one() -> None:
     assert await adapter._unlisted_aggregate_ids(store.context) == ["a", "b"]
     await store.push_event(NoteAdded(aggregate_id="b", version=1))
     assert await adapter._unlisted_aggregate_ids(store.context) == ["a"]
+
+
+class TestVersionsSqlCannotStore:
+    async def test_a_version_above_64_bits_is_refused_directly_and_in_seeds(self) -> None:
+        """The event store refuses such versions; the adapter used directly, or seeded,
+        still stored them, which SQLite and PostgreSQL refuse."""
+        adapter = InMemoryEventStorageAdapter()
+        store = _notes(adapter)
+        huge = NoteAdded(aggregate_id="n", version=1, payload={"text": "x"}).model_copy(
+            update={"version": 2**63}
+        )
+        with pytest.raises(EventLimitExceededError, match="64-bit"):
+            await adapter.push_event(huge, store.context)
+        with pytest.raises(EventLimitExceededError, match="64-bit"):
+            InMemoryEventStorageAdapter(initial_events={"NOTES": [huge]})
+        seed = {
+            "aggregateId": "n",
+            "version": 2**63,
+            "type": "NOTE_ADDED",
+            "payload": {"text": "x"},
+        }
+        with pytest.raises(EventLimitExceededError, match="2\\*\\*63-1"):
+            InMemoryEventStorageAdapter(initial_events={"NOTES": [seed]})
+        assert (await store.get_events("n")).events == []
