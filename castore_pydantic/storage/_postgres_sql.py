@@ -183,6 +183,15 @@ class Statements:
             " = ARRAY['aggregate_id', 'aggregate_name', 'version'])"
         )
 
+    @staticmethod
+    def uuid_id_tables() -> str:
+        """Which of the tables named (``regclass`` texts, one text array) have uuid ids."""
+        return (
+            "SELECT t FROM unnest(%s::text[]) AS t WHERE EXISTS (SELECT 1 FROM pg_attribute a"
+            " WHERE a.attrelid = to_regclass(t) AND a.attname = 'aggregate_id'"
+            " AND a.atttypid = 'uuid'::regtype AND NOT a.attisdropped)"
+        )
+
     # -- writes ------------------------------------------------------------------------------
 
     def write(self, *, force: bool) -> str:

@@ -94,8 +94,10 @@ class GroupPlan:
 
     Attributes:
         force: Whether stored versions are overwritten.
-        fold_uuids: Whether ids that spell one UUID in different ways (upper case, braces)
-            make one key, as on a uuid table; only tried after PostgreSQL said so.
+        fold_uuids: The tables (``Statements.table``) whose ``aggregate_id`` column is
+            ``uuid``: there, ids that spell one UUID in different ways (upper case, braces)
+            make one key. Only looked up after PostgreSQL said so (``uuid_tables``); on a
+            text table such ids stay distinct aggregates.
         members: Every grouped event, in group order.
         repeat: Index of the first member that repeats an earlier member's key (without
             force), if any.
@@ -105,7 +107,7 @@ class GroupPlan:
 
     __slots__ = ("fold_uuids", "force", "members", "now", "repeat", "rows", "tables")
 
-    def __init__(self, force: bool, *, fold_uuids: bool = False) -> None:
+    def __init__(self, force: bool, *, fold_uuids: frozenset[str] = frozenset()) -> None:
         self.force = force
         self.fold_uuids = fold_uuids
         self.now = utc_now()  # of every member without a timestamp
@@ -126,12 +128,12 @@ class GroupPlan:
         check_store_id(event_store_id)
         event = stamped(event, self.now)
         aggregate_id = event.aggregate_id
+        statements = target._sql
         key = (
             event_store_id,
-            _uuid_text(aggregate_id) if self.fold_uuids else aggregate_id,
+            _uuid_text(aggregate_id) if statements.table in self.fold_uuids else aggregate_id,
             event.version,
         )
-        statements = target._sql
         entry = self.tables.get(statements.table)
         if entry is None:
             entry = self.tables[statements.table] = (statements, {})
@@ -146,6 +148,12 @@ class GroupPlan:
                 self.rows += 1
             rows[key] = event_row(event, event_store_id)  # with force, the last one wins
         self.members.append(Member(target, event_store_id, event))
+
+    async def uuid_tables(self, conn: AsyncConnection) -> frozenset[str]:
+        """The group's tables whose ``aggregate_id`` column is ``uuid`` (for ``fold_uuids``)."""
+        ddl = {statements.table_ddl: table for table, (statements, _) in self.tables.items()}
+        cursor = await conn.execute(Statements.uuid_id_tables(), (list(ddl),))
+        return frozenset(ddl[name] for (name,) in await cursor.fetchall())
 
     async def first_conflict(self, conn: AsyncConnection) -> tuple[str, str, int]:
         """The first member in group order that conflicts, when the group repeats a key.

@@ -437,13 +437,7 @@ class PostgresEventStorageAdapter:
                     raise EventAlreadyExistsError(*culprit) from exc
                 raise self._conns.error(exc, where) from self._settings.cause(exc)
             except pg_errors.CardinalityViolation as exc:
-                if not force or plan.fold_uuids:
-                    raise self._conns.error(exc, where) from self._settings.cause(exc)
-                # With force, two members named one aggregate of a uuid table in two
-                # spellings (upper and lower case): one statement may not update a row
-                # twice. Nothing was written; as for any key repeated with force, the later
-                # member wins.
-                plan = self._plan_group(grouped_events, force=force, fold_uuids=True)
+                plan = await self._fold_uuids(conn, plan, grouped_events, exc, where)
                 continue
             except psycopg.Error as exc:
                 error = self._conns.error(
@@ -457,12 +451,45 @@ class PostgresEventStorageAdapter:
                 await self._conns.release(conn)
             return [member.event for member in plan.members]
 
+    async def _fold_uuids(
+        self,
+        conn: AsyncConnection,
+        plan: GroupPlan,
+        grouped_events: Sequence[GroupedEvent],
+        exc: pg_errors.CardinalityViolation,
+        where: str,
+    ) -> GroupPlan:
+        """The plan of a forced group again, one key per UUID on its uuid tables.
+
+        With force, two members named one aggregate of a uuid table in two spellings (upper
+        and lower case): one statement may not update a row twice. Nothing was written; as
+        for any key repeated with force, the later member wins. Only on uuid tables: on a
+        text table, two spellings are two aggregates.
+
+        Raises:
+            StorageError: Not that case (no force, already folded, or no uuid table).
+        """
+        if not plan.force or plan.fold_uuids:
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
+        try:
+            uuid_tables = await plan.uuid_tables(conn)
+        except psycopg.Error as lookup:  # the write failed; finding out why did too
+            raise self._conns.error(lookup, where) from self._settings.cause(lookup)
+        if not uuid_tables:
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
+        return self._plan_group(grouped_events, force=True, fold_uuids=uuid_tables)
+
     def _plan_group(
-        self, grouped_events: Sequence[GroupedEvent], *, force: bool, fold_uuids: bool = False
+        self,
+        grouped_events: Sequence[GroupedEvent],
+        *,
+        force: bool,
+        fold_uuids: frozenset[str] = frozenset(),
     ) -> GroupPlan:
         """Check every grouped event and gather their rows, before anything is written.
 
-        With ``fold_uuids``, ids that spell one UUID count as one key (``GroupPlan``).
+        On the tables in ``fold_uuids``, ids that spell one UUID count as one key
+        (``GroupPlan``).
         """
         if not grouped_events:
             raise EventGroupError("An event group needs at least one grouped event")

@@ -904,6 +904,36 @@ class TestUuidTable:
             assert stored.payload.name == f"counter {lower.upper()}"
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(2,)]
 
+    async def test_a_forced_group_folds_uuid_spellings_only_on_uuid_tables(
+        self, pg_schema: str
+    ) -> None:
+        """With force, one UUID in two spellings is one aggregate on a uuid table but two on
+        a text table of the same group: both text-table members are stored. Folding applied
+        to every table of the group, and silently dropped one acknowledged text event."""
+        uuid_table = await make_table(pg_schema, aggregate_id_type="uuid")
+        text_table = await make_table(pg_schema)
+        lower = str(uuid.uuid4())
+        async with (
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=uuid_table) as uuids,
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=text_table) as texts,
+        ):
+            uuid_store, text_store = counter_store(uuids), counter_store(texts)
+            result = await EventStore.push_event_group(
+                uuid_store.group_event(created(lower.upper())),
+                uuid_store.group_event(created(lower)),
+                text_store.group_event(created(lower.upper())),
+                text_store.group_event(created(lower)),
+                force=True,
+            )
+            assert len(result.event_group) == 4
+            (stored,) = (await uuid_store.get_events(lower)).events
+            assert stored.payload.name == f"counter {lower}"
+            for spelling in (lower.upper(), lower):
+                (text_event,) = (await text_store.get_events(spelling)).events
+                assert text_event.aggregate_id == spelling
+        assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{uuid_table}"') == [(1,)]
+        assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{text_table}"') == [(2,)]
+
     async def test_one_uuid_in_two_spellings_names_the_later_spelling(self, pg_schema: str) -> None:
         """A group naming one UUID twice (plain, then in braces, upper case or without
         hyphens) is a conflict naming the second spelling. Only upper and lower case were
