@@ -35,6 +35,7 @@ __all__ = ["AsyncConnection", "Connections", "Settings", "translate"]
 
 AsyncConnection = psycopg.AsyncConnection[Any]
 _IDLE = TransactionStatus.IDLE
+_IN_TRANSACTION = (TransactionStatus.INTRANS, TransactionStatus.INERROR)
 #: Seconds an owned pool's connection may stay with the adapter before it goes back to the
 #: pool (which then applies its ``max_lifetime`` and replaces connections that are too old).
 _KEEP_SECONDS = 30.0
@@ -423,14 +424,18 @@ class Connections:
             setattr(conn, _TAKEN_AT, time.monotonic())
         if not conn.autocommit:
             # Only a borrowed pool lends such connections; each write is one statement, so
-            # autocommit is what makes it atomic without BEGIN/COMMIT round trips.
+            # autocommit is what makes it atomic without BEGIN/COMMIT round trips. Marked
+            # first: psycopg switches the flag, then may suspend, where a cancellation can
+            # land; the connection must then be switched back too.
+            self._switched.add(id(conn))
             try:
                 await conn.set_autocommit(True)
-            except BaseException:
+            except BaseException as exc:
                 wait.forget(conn)
-                await asyncio.shield(self.pool.putconn(conn))
+                await self._hand_back(conn)
+                if isinstance(exc, psycopg.Error):
+                    raise self.error(exc, where) from self.settings.cause(exc)
                 raise
-            self._switched.add(id(conn))
         return conn
 
     async def forget_prepared(self, conn: AsyncConnection) -> None:
@@ -499,14 +504,44 @@ class Connections:
                 return
         wait.forget(conn)
         if self._switched and id(conn) in self._switched:
-            self._switched.discard(id(conn))
-            if not conn.broken and conn.pgconn.transaction_status == _IDLE:
-                await conn.set_autocommit(False)  # returned as it was lent
-        if conn.pgconn.transaction_status == _IDLE:
+            await self._hand_back(conn)
+        elif conn.pgconn.transaction_status == _IDLE:
             await self.pool.putconn(conn)
         else:
             # Rolling back or closing suspends: don't let a second cancellation lose it.
             await asyncio.shield(self.pool.putconn(conn))
+
+    async def _hand_back(self, conn: AsyncConnection) -> None:
+        """Give a borrowed connection back to its pool as it was lent: not in autocommit.
+
+        A transaction the adapter left open (an interrupted long read or large group) is
+        rolled back first: in autocommit, only the adapter opens one. Whatever interrupts
+        this (a cancellation lands where psycopg suspends, after switching the flag), the
+        connection reaches the pool, and the interruption then goes on. One that could not
+        be switched back is closed, and the pool replaces it: the application never gets
+        an autocommit connection from its own pool.
+        """
+        self._switched.discard(id(conn))
+        interrupted: BaseException | None = None
+        try:
+            if conn.autocommit:
+                if conn.pgconn.transaction_status in _IN_TRANSACTION:
+                    await conn.rollback()
+                if conn.pgconn.transaction_status == _IDLE:
+                    await conn.set_autocommit(False)
+        except psycopg.Error:
+            pass  # closed below
+        except BaseException as exc:
+            interrupted = exc
+        if conn.autocommit or conn.pgconn.transaction_status != _IDLE:
+            conn.pgconn.finish()  # not as it was lent
+        if interrupted is None and not conn.closed:
+            await self.pool.putconn(conn)
+        else:
+            # Don't let a (second) cancellation lose it while the pool takes it back.
+            await asyncio.shield(self.pool.putconn(conn))
+        if interrupted is not None:
+            raise interrupted
 
     def _return_unused(self) -> None:
         """Give the pool back the kept connections unused for ``_IDLE_SECONDS``."""

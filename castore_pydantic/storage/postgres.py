@@ -115,7 +115,8 @@ class PostgresEventStorageAdapter:
             environment variables. The password never appears in ``repr()`` or errors.
         pool: An ``psycopg_pool.AsyncConnectionPool`` to use instead (neither opened nor
             closed by the adapter). Its connections are switched to autocommit while the
-            adapter uses them.
+            adapter uses them, and back before they return to it, also when a call is
+            cancelled.
         table_name: The events table (any name of at most 63 bytes; it is quoted).
         schema: The table's schema; ``None`` follows the connections' ``search_path``.
         min_size: Connections the owned pool keeps open.

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import resource
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator
@@ -14,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import EventAlreadyExistsError, StorageUnavailableError
@@ -269,6 +271,102 @@ class TestCancellation:
             if any(partial):
                 break
         assert any(partial)
+
+
+# -- a borrowed pool's connections under cancellation ------------------------------------------
+
+
+async def _lent_as_made(pool: AsyncConnectionPool[Any]) -> list[str]:
+    """What is wrong with the pool's connections: each must be obtainable, idle and not in
+    autocommit, as a default pool lends them (empty when all is well)."""
+    problems, conns = [], []
+    try:
+        for _ in range(pool.max_size):
+            try:
+                conns.append(await pool.getconn(timeout=2))
+            except PoolTimeout:
+                problems.append("a connection never came back to the pool")
+        for conn in conns:
+            if conn.autocommit:
+                problems.append("a connection came back in autocommit")
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                problems.append(f"a connection came back {conn.info.transaction_status.name}")
+    finally:
+        for conn in conns:
+            await pool.putconn(conn)
+    return problems
+
+
+@pytest.fixture
+async def borrowed(pg_schema: str) -> AsyncIterator[tuple[AsyncConnectionPool[Any], Any]]:
+    """A pool of two connections made with psycopg's defaults (not autocommit), lent to an
+    adapter whose store has a long aggregate ``long``: its read takes a connection, runs
+    several statements in a transaction and gives the connection back."""
+    async with AsyncConnectionPool(DSN, min_size=2, max_size=2, open=False, timeout=5) as pool:
+        await pool.wait()
+        adapter = PostgresEventStorageAdapter(
+            pool=pool, schema=pg_schema, table_name=await make_table(pg_schema), timeout=5
+        )
+        async with adapter:
+            store = counter_store(adapter)
+            await EventStore.push_event_group(
+                store.group_event(created("long")),
+                *(store.group_event(note("long", v, 0, v)) for v in range(2, 3001)),
+            )
+            assert await _lent_as_made(pool) == []
+            yield pool, store
+
+
+class TestBorrowedPoolCancellation:
+    """A cancelled call gives a borrowed pool's connection back as it was lent."""
+
+    async def test_cancelled_at_each_suspension(
+        self, borrowed: tuple[AsyncConnectionPool[Any], Any]
+    ) -> None:
+        """At every suspension of a read and of a push, the connection goes back to the
+        pool, idle and out of autocommit. A cancellation where psycopg suspends after
+        switching autocommit lost the connection (on the way back) or returned it in
+        autocommit (on the way out)."""
+        pool, store = borrowed
+
+        def read(_: int) -> Coroutine[Any, Any, Any]:
+            return store.get_events("long")
+
+        def push(k: int) -> Coroutine[Any, Any, Any]:
+            return store.push_event(created(f"p{k}"))
+
+        for call in (read, push):
+            k = 0
+            while True:
+                k += 1
+                # psycopg yields to the loop (after switching autocommit) when it has not
+                # done so for 5 ms: 10 ms of other work make its next call suspend there.
+                await asyncio.sleep(0.01)
+                harness = CancelAtSuspension(call(k), k)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await harness
+                assert await _lent_as_made(pool) == [], k
+                if not harness.cancelled:
+                    break
+            assert k > 2, "the call never suspended: the harness tested nothing"
+
+    async def test_reads_cut_short_by_timeouts(
+        self, borrowed: tuple[AsyncConnectionPool[Any], Any]
+    ) -> None:
+        """Reads that time out anywhere (``asyncio.wait_for``) leave the pool whole, and the
+        application's own connections out of autocommit."""
+        pool, store = borrowed
+        rnd = random.Random(20)
+        timed_out = 0
+        for _ in range(200):
+            await asyncio.sleep(0.006)
+            try:
+                await asyncio.wait_for(store.get_events("long"), rnd.uniform(0, 0.03))
+            except TimeoutError:
+                timed_out += 1
+        assert timed_out > 20, "the reads were never interrupted"
+        assert await _lent_as_made(pool) == []
+        assert len((await store.get_events("long")).events) == 3000
 
 
 # -- a connection lost between INSERT and COMMIT -------------------------------------------------
