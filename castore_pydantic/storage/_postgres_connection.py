@@ -21,6 +21,7 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from castore_pydantic.errors import (
@@ -31,7 +32,7 @@ from castore_pydantic.errors import (
 )
 from castore_pydantic.storage import _postgres_wait as wait
 
-__all__ = ["AsyncConnection", "Connections", "Settings", "translate"]
+__all__ = ["AsyncConnection", "Connections", "Settings", "translate", "tuple_cursor"]
 
 AsyncConnection = psycopg.AsyncConnection[Any]
 _IDLE = TransactionStatus.IDLE
@@ -56,6 +57,16 @@ _TABLES_SEEN = "_castore_tables_seen"
 #: an INSERT prepared for uuid would quietly rewrite upper-case UUIDs and refuse other ids.
 _TABLE_CHANGES = [0]
 _DEALLOCATIONS = [0]
+
+
+def tuple_cursor(conn: AsyncConnection) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+    """A new cursor of psycopg's own class on ``conn``, giving rows as tuples.
+
+    What ``conn.cursor()`` and ``conn.execute()`` make follows the connection's
+    ``cursor_factory`` and ``row_factory``, which a borrowed pool may set (``dict_row``, a raw
+    cursor taking ``$1`` placeholders): the adapter's statements expect neither.
+    """
+    return psycopg.AsyncCursor(conn, row_factory=tuple_row)
 
 
 def tables_changed() -> None:
@@ -447,7 +458,7 @@ class Connections:
         """
         seen = _TABLE_CHANGES[0]
         _DEALLOCATIONS[0] += 1
-        await conn.execute(b"DEALLOCATE ALL /* %d */" % _DEALLOCATIONS[0])
+        await tuple_cursor(conn).execute(b"DEALLOCATE ALL /* %d */" % _DEALLOCATIONS[0])
         conn.__dict__.pop(SESSION, None)
         setattr(conn, _TABLES_SEEN, seen)
 
@@ -467,14 +478,14 @@ class Connections:
             await asyncio.shield(self.pool.putconn(conn))  # the pool replaces it
         return await self.pool.getconn()
 
-    def cursor(self, conn: AsyncConnection) -> psycopg.AsyncCursor[Any]:
-        """The connection's cursor, made once and kept on the connection (freed with it).
+    def cursor(self, conn: AsyncConnection) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+        """The connection's ``tuple_cursor``, made once and kept on it (freed with it).
 
         A new cursor per call costs more client time than the rest of a small query.
         """
-        cursor: psycopg.AsyncCursor[Any] | None = conn.__dict__.get(_CURSOR)
+        cursor: psycopg.AsyncCursor[tuple[Any, ...]] | None = conn.__dict__.get(_CURSOR)
         if cursor is None or cursor.closed:
-            cursor = conn.cursor()
+            cursor = tuple_cursor(conn)
             setattr(conn, _CURSOR, cursor)
         return cursor
 

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Protocol
 from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
 from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage._columns import storable_columns
-from castore_pydantic.storage._postgres_connection import AsyncConnection
+from castore_pydantic.storage._postgres_connection import AsyncConnection, tuple_cursor
 from castore_pydantic.storage._postgres_sql import Statements
 
 __all__ = ["GroupPlan", "Member", "event_row", "storable"]
@@ -152,7 +152,7 @@ class GroupPlan:
     async def uuid_tables(self, conn: AsyncConnection) -> frozenset[str]:
         """The group's tables whose ``aggregate_id`` column is ``uuid`` (for ``fold_uuids``)."""
         ddl = {statements.table_ddl: table for table, (statements, _) in self.tables.items()}
-        cursor = await conn.execute(Statements.uuid_id_tables(), (list(ddl),))
+        cursor = await tuple_cursor(conn).execute(Statements.uuid_id_tables(), (list(ddl),))
         return frozenset(ddl[name] for (name,) in await cursor.fetchall())
 
     async def first_conflict(self, conn: AsyncConnection) -> tuple[str, str, int]:
@@ -183,7 +183,7 @@ class GroupPlan:
                     member.event.version,
                 )
             ]
-            cursor = await conn.execute(query, params)
+            cursor = await tuple_cursor(conn).execute(query, params)
             stored = sorted(row[0] for row in await cursor.fetchall())
             if stored:
                 return int(stored[0])

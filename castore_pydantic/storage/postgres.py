@@ -45,6 +45,7 @@ from castore_pydantic.storage._postgres_connection import (
     Connections,
     Settings,
     tables_changed,
+    tuple_cursor,
 )
 from castore_pydantic.storage._postgres_sql import AggregateIdType, Statements, check_identifier
 from castore_pydantic.storage._postgres_writes import (
@@ -116,7 +117,7 @@ class PostgresEventStorageAdapter:
         pool: An ``psycopg_pool.AsyncConnectionPool`` to use instead (neither opened nor
             closed by the adapter). Its connections are switched to autocommit while the
             adapter uses them, and back before they return to it, also when a call is
-            cancelled.
+            cancelled. Their ``row_factory`` and ``cursor_factory`` may be any.
         table_name: The events table (any name of at most 63 bytes; it is quoted).
         schema: The table's schema; ``None`` follows the connections' ``search_path``.
         min_size: Connections the owned pool keeps open.
@@ -241,7 +242,7 @@ class PostgresEventStorageAdapter:
         if diag.constraint_name in self._key_names:
             return True
         # A table created by someone else: look its unique index up once.
-        cursor = await conn.execute(
+        cursor = await tuple_cursor(conn).execute(
             Statements.is_event_key(), (diag.schema_name, diag.constraint_name, diag.table_name)
         )
         row = await cursor.fetchone()
@@ -277,16 +278,16 @@ class PostgresEventStorageAdapter:
         where = self._where("creating the event table")
         conn = await self._conns.acquire(where)
         try:
-            async with conn.transaction():
+            async with tuple_cursor(conn) as cursor, conn.transaction():
                 # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
-                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+                await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
                 for statement in self._sql.create_table(aggregate_id_type):
-                    await conn.execute(_encoded(conn, statement))
-                cursor = await conn.execute(self._sql.columns(), (self._sql.table_ddl,))
+                    await cursor.execute(_encoded(conn, statement))
+                await cursor.execute(self._sql.columns(), (self._sql.table_ddl,))
                 columns = {name for name, _ in await cursor.fetchall()}
                 missing = [column for column in _LAYOUT if column not in columns]
                 if not missing:
-                    await conn.execute(_encoded(conn, self._sql.create_index()))
+                    await cursor.execute(_encoded(conn, self._sql.create_index()))
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
@@ -307,7 +308,7 @@ class PostgresEventStorageAdapter:
         where = self._where("dropping the event table")
         conn = await self._conns.acquire(where)
         try:
-            await conn.execute(_encoded(conn, self._sql.drop()))
+            await tuple_cursor(conn).execute(_encoded(conn, self._sql.drop()))
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
@@ -426,7 +427,7 @@ class PostgresEventStorageAdapter:
                 else:
                     # A cursor of its own: a cached one would keep the huge statement's
                     # parsed text and values alive until its next use.
-                    async with conn.cursor() as cursor, conn.transaction():
+                    async with tuple_cursor(conn) as cursor, conn.transaction():
                         for query, params in batches:
                             await cursor.execute(query, params)
             except pg_errors.UniqueViolation as exc:
@@ -694,7 +695,7 @@ class PostgresEventStorageAdapter:
             return await self._read_rows(conn, context, rest[1:])
         query = self._sql.events_after(max_version=len(rest) > 4)
         events: list[Event] = []
-        async with conn.cursor() as cursor:
+        async with tuple_cursor(conn) as cursor:
             stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
             async with aclosing(stream) as chunks:
                 async for (chunk,) in chunks:

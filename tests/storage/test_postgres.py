@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 from hypothesis import settings
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from castore_pydantic import EventStore
@@ -1202,6 +1203,76 @@ class TestLongAggregates:
 
 class TestBorrowedPool:
     """A pool passed in stays the caller's to open and close."""
+
+    @pytest.mark.parametrize(
+        "connection",
+        [{"row_factory": dict_row}, {"cursor_factory": psycopg.AsyncRawCursor}],
+        ids=["dict_row", "raw-cursor"],
+    )
+    async def test_a_pool_with_its_own_row_or_cursor_factory_works(
+        self, pg_schema: str, connection: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Connections with another row factory (dict_row) or cursor class (a raw cursor,
+        with $1 placeholders) serve every statement the adapter runs through psycopg:
+        creating the table, conflicts, listing, large groups and long reads. They failed
+        with raw KeyError and TypeError, wrong "missing columns" errors or SQL errors."""
+        table = unique_table()
+        odd = unique_table()
+        await fetch(
+            f'CREATE TABLE "{pg_schema}"."{odd}" (id bigserial primary key,'
+            " aggregate_name text NOT NULL, aggregate_id text NOT NULL, version bigint NOT NULL,"
+            ' type text NOT NULL, data jsonb, metadata jsonb, "timestamp" timestamptz NOT NULL);'
+            f' CREATE UNIQUE INDEX "{odd} odd name" ON "{pg_schema}"."{odd}"'
+            " (version, aggregate_id, aggregate_name)"
+        )
+        async with AsyncConnectionPool(
+            DSN, min_size=1, max_size=2, open=False, kwargs=connection
+        ) as pool:
+            adapter = PostgresEventStorageAdapter(pool=pool, schema=pg_schema, table_name=table)
+            odd_adapter = PostgresEventStorageAdapter(pool=pool, schema=pg_schema, table_name=odd)
+            for _ in range(2):
+                await adapter.create_event_table()
+            indexes = await fetch(
+                "SELECT indexname::text FROM pg_indexes WHERE schemaname = %s AND tablename = %s",
+                pg_schema,
+                table,
+            )
+            assert (f"{table}_initial_events_idx",) in indexes
+            store, odd_store = counter_store(adapter), counter_store(odd_adapter)
+            await store.push_event(created("a1"))
+            await odd_store.push_event(created("a1"))
+            for conflicting in (store, odd_store):
+                with pytest.raises(EventAlreadyExistsError):
+                    await conflicting.push_event(created("a1"))
+                with pytest.raises(EventAlreadyExistsError) as info:
+                    await EventStore.push_event_group(
+                        conflicting.group_event(created("a2")),
+                        conflicting.group_event(created("a1")),
+                    )
+                assert (info.value.aggregate_id, info.value.version) == ("a1", 1)
+            listed = (await store.list_aggregate_ids(limit=5)).aggregate_ids
+            assert [entry.aggregate_id for entry in listed] == ["a1"]
+            # Beyond one statement: several statements in a transaction, through a cursor.
+            grouped = [store.group_event(created("long"))]
+            grouped += [store.group_event(incremented("long", v)) for v in range(2, 5_002)]
+            with pytest.raises(EventAlreadyExistsError) as info:
+                await EventStore.push_event_group(*grouped, store.group_event(created("a1")))
+            assert info.value.aggregate_id == "a1"
+            await EventStore.push_event_group(*grouped)
+            monkeypatch.setattr(postgres_module, "_CHUNKED_ROWS", False)  # a cursor's stream
+            assert len((await store.get_events("long")).events) == 5_001
+            # One UUID in two spellings in a forced group: its uuid tables are looked up.
+            uuids = PostgresEventStorageAdapter(pool=pool, schema=pg_schema, table_name=odd + "u")
+            await uuids.create_event_table(aggregate_id_type="uuid")
+            uuid_store, lower = counter_store(uuids), str(uuid.uuid4())
+            await EventStore.push_event_group(
+                uuid_store.group_event(created(lower.upper())),
+                uuid_store.group_event(created(lower)),
+                force=True,
+            )
+            assert len((await uuid_store.get_events(lower)).events) == 1
+            await adapter.drop_event_table()
+        assert await fetch("SELECT to_regclass(%s)::text", f'"{pg_schema}"."{table}"') == [(None,)]
 
     async def test_unopened_pool_is_a_clear_error(self, pg_schema: str) -> None:
         """A borrowed pool that was never opened gives StorageError saying so."""
