@@ -170,17 +170,28 @@ class Statements:
 
     @staticmethod
     def is_event_key() -> str:
-        """Whether the named unique index of a table covers exactly the event key."""
+        """Whether a named unique index is the event key of the events table.
+
+        It must cover exactly the key's columns, on the events table or one of its
+        partitions (or inheritance children), at any depth. Parameters, by name: the
+        ``schema``, ``table`` and ``index`` PostgreSQL named in the error, and the events
+        table's ``regclass`` text (``events``).
+        """
         return (
-            "SELECT EXISTS (SELECT 1 FROM pg_index i"
+            "WITH RECURSIVE above(oid) AS ("
+            " SELECT t.oid FROM pg_class t JOIN pg_namespace tn ON tn.oid = t.relnamespace"
+            " WHERE tn.nspname = %(schema)s AND t.relname = %(table)s"
+            " UNION SELECT h.inhparent FROM pg_inherits h JOIN above ON h.inhrelid = above.oid)"
+            " SELECT EXISTS (SELECT 1 FROM pg_index i"
             " JOIN pg_class c ON c.oid = i.indexrelid"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s AND i.indisunique"
+            " WHERE n.nspname = %(schema)s AND c.relname = %(index)s AND i.indisunique"
             " AND i.indrelid = (SELECT t.oid FROM pg_class t WHERE t.relnamespace = n.oid"
-            " AND t.relname = %s)"
+            " AND t.relname = %(table)s)"
             " AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a"
             " WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]))"
             " = ARRAY['aggregate_id', 'aggregate_name', 'version'])"
+            " AND to_regclass(%(events)s) IN (SELECT oid FROM above)"
         )
 
     @staticmethod

@@ -151,7 +151,8 @@ class PostgresEventStorageAdapter:
         self._table = check_identifier(table_name, "table_name")
         self._schema = None if schema is None else check_identifier(schema, "schema")
         self._sql = Statements(self._schema, self._table)
-        self._key_names = {self._sql.unique_name}
+        # Unique indexes found to be the event key, by schema, table and name.
+        self._keys: set[tuple[str, str, str]] = set()
         self._group_sql: dict[tuple[Any, ...], str] = {}
         # Aggregates a read found long, most recently read last, with the last version seen:
         # a later read whose bounds hold 1,000 of those versions skips the first statement,
@@ -233,21 +234,30 @@ class PostgresEventStorageAdapter:
         return f"{doing} in {self._sql.table_ddl}"
 
     async def _is_event_key(self, conn: AsyncConnection, exc: pg_errors.UniqueViolation) -> bool:
-        """Whether a unique violation is on this table's ``(store, aggregate, version)`` key."""
+        """Whether a unique violation is on this table's ``(store, aggregate, version)`` key.
+
+        PostgreSQL names the table and index where the row went: for a partitioned table
+        (or one whose rows a trigger sends to inheritance children), a partition and its
+        own index.
+        """
         diag = exc.diag
-        if diag.table_name != self._table or diag.constraint_name is None:
+        schema, table, index = diag.schema_name, diag.table_name, diag.constraint_name
+        if schema is None or table is None or index is None:
             return False
-        if self._schema is not None and diag.schema_name != self._schema:
-            return False
-        if diag.constraint_name in self._key_names:
+        if (
+            index == self._sql.unique_name
+            and table == self._table
+            and (self._schema is None or schema == self._schema)
+        ):
             return True
-        # A table created by someone else: look its unique index up once.
-        cursor = await tuple_cursor(conn).execute(
-            Statements.is_event_key(), (diag.schema_name, diag.constraint_name, diag.table_name)
-        )
+        if (schema, table, index) in self._keys:
+            return True
+        # A table or partition created by someone else: look its unique index up once.
+        params = {"schema": schema, "table": table, "index": index, "events": self._sql.table_ddl}
+        cursor = await tuple_cursor(conn).execute(Statements.is_event_key(), params)
         row = await cursor.fetchone()
         if row is not None and row[0]:
-            self._key_names.add(diag.constraint_name)
+            self._keys.add((schema, table, index))
             return True
         return False
 
