@@ -266,6 +266,9 @@ class PostgresEventStorageAdapter:
     async def create_event_table(self, *, aggregate_id_type: AggregateIdType = "text") -> None:
         """Create the schema (if named), the table and its index unless they exist.
 
+        They are looked up in the catalog first, and only what is missing is created: on a
+        table that has everything, the call takes no lock (it never waits behind, or holds
+        up, other sessions' writes) and needs no privilege beyond ``USAGE`` on the schema.
         Safe to call concurrently and on a table created by Castore (it then only adds the
         listing index).
 
@@ -283,21 +286,13 @@ class PostgresEventStorageAdapter:
             raise ValueError(
                 f"aggregate_id_type must be 'text' or 'uuid', not {aggregate_id_type!r}"
             )
-        digest = hashlib.sha256(f"castore_pydantic:{self._sql.table_ddl}".encode()).digest()
-        lock = int.from_bytes(digest[:8], "big", signed=True)
         where = self._where("creating the event table")
         conn = await self._conns.acquire(where)
         try:
-            async with tuple_cursor(conn) as cursor, conn.transaction():
-                # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
-                await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-                for statement in self._sql.create_table(aggregate_id_type):
-                    await cursor.execute(_encoded(conn, statement))
-                await cursor.execute(self._sql.columns(), (self._sql.table_ddl,))
-                columns = {name for name, _ in await cursor.fetchall()}
-                missing = [column for column in _LAYOUT if column not in columns]
-                if not missing:
-                    await cursor.execute(_encoded(conn, self._sql.create_index()))
+            async with tuple_cursor(conn) as cursor:
+                schema, table, missing, index = await self._existing(cursor)
+                if not (schema and table and (missing or index)):
+                    missing = await self._create_missing(conn, cursor, aggregate_id_type)
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
@@ -307,6 +302,53 @@ class PostgresEventStorageAdapter:
             raise StorageError(
                 f"{self._sql.table_ddl} exists but lacks the columns {', '.join(missing)}"
             )
+
+    async def _existing(
+        self, cursor: psycopg.AsyncCursor[tuple[Any, ...]]
+    ) -> tuple[bool, bool, list[str], bool]:
+        """What exists: ``(schema, table, missing columns, listing index)``.
+
+        See ``Statements.existing``; the missing columns are the layout's that the table
+        lacks (none when there is no table).
+        """
+        params = {
+            "schema": self._schema,
+            "table": self._sql.table_ddl,
+            "index": self._sql.listing_index,
+        }
+        await cursor.execute(self._sql.existing(), params)
+        row = await cursor.fetchone()
+        assert row is not None
+        schema, table, columns, index = row
+        missing = [column for column in _LAYOUT if column not in columns] if table else []
+        return schema, table, missing, index
+
+    async def _create_missing(
+        self,
+        conn: AsyncConnection,
+        cursor: psycopg.AsyncCursor[tuple[Any, ...]],
+        aggregate_id_type: AggregateIdType,
+    ) -> list[str]:
+        """Create what is missing of the schema, the table and its index, in a transaction.
+
+        Concurrent calls (CREATE ... IF NOT EXISTS can still collide in the catalog) are
+        serialised with an advisory lock, after which what exists is looked up again.
+        Returns the layout's columns the table lacks (its index is then not made).
+        """
+        digest = hashlib.sha256(f"castore_pydantic:{self._sql.table_ddl}".encode()).digest()
+        lock = int.from_bytes(digest[:8], "big", signed=True)
+        async with conn.transaction():
+            await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+            schema, table, missing, index = await self._existing(cursor)
+            if not schema:
+                await cursor.execute(_encoded(conn, self._sql.create_schema()))
+            if not table:
+                await cursor.execute(_encoded(conn, self._sql.create_table(aggregate_id_type)))
+                # Made here, or by someone else meanwhile.
+                _, _, missing, index = await self._existing(cursor)
+            if not (missing or index):
+                await cursor.execute(_encoded(conn, self._sql.create_index()))
+        return missing
 
     async def drop_event_table(self) -> None:
         """Drop the table if it exists (the schema stays).

@@ -285,6 +285,30 @@ class TestTable:
             assert "WHERE (version = 1)" in listing
             assert "(aggregate_name, date_trunc('milliseconds'" in listing
 
+    async def test_create_on_a_complete_table_waits_for_no_writer(self, pg_schema: str) -> None:
+        """On a table that has everything, create_event_table() returns while another
+        session holds a write transaction open on it, and queues no lock that would stop
+        other writers: it used to wait for that transaction (its CREATE INDEX IF NOT EXISTS
+        asks for a lock first), and every later write queued behind it."""
+        table = await make_table(pg_schema)
+        async with (
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as starting,
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as running,
+            await psycopg.AsyncConnection.connect(DSN) as other,
+        ):
+            await other.execute(
+                f'INSERT INTO "{pg_schema}"."{table}" (aggregate_name, aggregate_id, version,'
+                " type) VALUES ('OTHER', 'x', 1, 'T')".encode()
+            )  # and its transaction stays open
+            try:
+                async with asyncio.timeout(10):
+                    await asyncio.gather(
+                        starting.create_event_table(),
+                        counter_store(running).push_event(created("a1")),
+                    )
+            finally:
+                await other.rollback()
+
     async def test_listing_uses_the_index(self, pg_schema: str) -> None:
         """Listing a store's aggregates is an index scan, not a sort of the table."""
         table = await make_table(pg_schema)

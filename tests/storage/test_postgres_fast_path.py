@@ -378,8 +378,7 @@ class TestStatementsFollowTheirConnection:
             async with await psycopg.AsyncConnection.connect(DSN, autocommit=True) as other:
                 # Another process: this one's adapters are not told.
                 await other.execute(f"DROP TABLE {table}".encode())
-                for statement in adapter._sql.create_table("uuid"):
-                    await other.execute(statement.encode())
+                await other.execute(adapter._sql.create_table("uuid").encode())
                 await other.execute(
                     f"INSERT INTO {table} (aggregate_name, aggregate_id, version, type,"
                     " data, timestamp) VALUES (%s, %s, 1, 'COUNTER_CREATED', '{}',"
