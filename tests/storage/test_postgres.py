@@ -309,6 +309,45 @@ class TestTable:
             finally:
                 await other.rollback()
 
+    async def test_an_application_role_may_call_it_on_a_complete_table(
+        self, pg_schema: str
+    ) -> None:
+        """A role with USAGE on the schema and SELECT, INSERT, UPDATE on a complete table may
+        call create_event_table() at start-up, with schema= or through its search_path; with
+        CREATE on the schema it makes a table of its own. It used to need CREATE on the
+        database (for CREATE SCHEMA IF NOT EXISTS) and to own the table (for CREATE INDEX IF
+        NOT EXISTS), even when everything existed. What is missing still needs those."""
+        table = await make_table(pg_schema)
+        role = f"castore_app_{uuid.uuid4().hex[:8]}"
+        await fetch(f'CREATE ROLE "{role}" LOGIN')
+        try:
+            await fetch(f'GRANT USAGE ON SCHEMA "{pg_schema}" TO "{role}"')
+            await fetch(f'GRANT SELECT, INSERT, UPDATE ON "{pg_schema}"."{table}" TO "{role}"')
+            dsn = f"postgresql://{role}@{POSTGRES_HOST}:{POSTGRES_PORT}/{DATABASE}"
+            path = {"options": f"-c search_path={pg_schema}"}
+            for adapter in (
+                PostgresEventStorageAdapter(dsn, schema=pg_schema, table_name=table),
+                PostgresEventStorageAdapter(dsn, table_name=table, connect_kwargs=path),
+            ):
+                async with adapter:
+                    await adapter.create_event_table()
+                    await counter_store(adapter).push_event(created("a1"))
+            await fetch(f'DROP INDEX "{pg_schema}"."{table}_initial_events_idx"')
+            async with PostgresEventStorageAdapter(
+                dsn, schema=pg_schema, table_name=table
+            ) as adapter:
+                with pytest.raises(StorageError, match="must be owner"):
+                    await adapter.create_event_table()
+            await fetch(f'GRANT CREATE ON SCHEMA "{pg_schema}" TO "{role}"')
+            async with PostgresEventStorageAdapter(
+                dsn, schema=pg_schema, table_name=unique_table()
+            ) as adapter:
+                await adapter.create_event_table()
+                await counter_store(adapter).push_event(created("a1"))
+        finally:
+            await fetch(f'DROP OWNED BY "{role}"')
+            await fetch(f'DROP ROLE "{role}"')
+
     async def test_listing_uses_the_index(self, pg_schema: str) -> None:
         """Listing a store's aggregates is an index scan, not a sort of the table."""
         table = await make_table(pg_schema)
