@@ -124,6 +124,46 @@ def _unencoded_at(conninfo: str) -> bool:
     return bool(at) and (authority.count("@") > 1 or "?" in user)
 
 
+def _unencoded_slash(conninfo: str) -> bool:
+    """Whether libpq would read a URI's user or password as its host, port and database.
+
+    libpq looks for the ``@`` that ends the credentials only up to the first ``/``: a ``/``
+    in the user or password comes first, and libpq reads the text before it as the host
+    and port, and the rest (up to the query) as the database name, which then holds an
+    ``@``.
+    """
+    scheme, sep, rest = conninfo.partition("://")
+    if not sep or scheme.lower() not in ("postgresql", "postgres"):
+        return False
+    head, slash, path = rest.partition("/")
+    if not slash or "@" in head or "?" in head:
+        return False  # no path, credentials before it, or the '/' is in the query
+    return "@" in path.split("?", 1)[0]
+
+
+def _refuse_misread(conninfo: str) -> None:
+    """Refuse a URI whose password libpq would read, in part, as the host or database.
+
+    Those show in ``repr()`` and errors, where the password never may.
+
+    Raises:
+        ValueError: It holds an ``@`` or ``/`` that is not URL-encoded where libpq would
+            misread it (the message names the fix, never the password).
+    """
+    if _unencoded_at(conninfo):
+        # libpq would end the password at the first "@" and read the rest as the host.
+        raise ValueError(
+            "invalid PostgreSQL connection string: the user, password or query holds an "
+            "'@' that is not URL-encoded; write it as %40"
+        )
+    if _unencoded_slash(conninfo):
+        raise ValueError(
+            "invalid PostgreSQL connection string: the user or password holds a '/' that is "
+            "not URL-encoded (libpq would read it as the host, port and database); write it "
+            "as %2F (and an '@' in the database name as %40)"
+        )
+
+
 def _message(exc: BaseException) -> str:
     diag = getattr(exc, "diag", None)
     primary = diag.message_primary if diag is not None else None
@@ -185,13 +225,7 @@ class Settings:
         Raises:
             ValueError: libpq cannot parse it; the message never holds the password.
         """
-        if _unencoded_at(conninfo):
-            # libpq would end the password at the first "@" and read the rest as the host,
-            # which connection errors then show.
-            raise ValueError(
-                "invalid PostgreSQL connection string: the user, password or query holds an "
-                "'@' that is not URL-encoded; write it as %40"
-            )
+        _refuse_misread(conninfo)
         try:
             return cls.of(conninfo_to_dict(conninfo, **kwargs))
         except psycopg.Error as exc:
@@ -208,7 +242,13 @@ class Settings:
 
     @classmethod
     def of_pool(cls, pool: AsyncConnectionPool[Any]) -> Settings:
-        """Settings of a borrowed pool (its database unknown when its conninfo is computed)."""
+        """Settings of a borrowed pool (its database unknown when its conninfo is computed).
+
+        Raises:
+            ValueError: Its conninfo is a URI whose password libpq would misread.
+        """
+        if isinstance(pool.conninfo, str):
+            _refuse_misread(pool.conninfo)
         if isinstance(pool.conninfo, str) and isinstance(pool.kwargs, Mapping):
             try:
                 return cls.of(conninfo_to_dict(pool.conninfo, **pool.kwargs))

@@ -127,8 +127,10 @@ class PostgresEventStorageAdapter:
             ``connect_timeout``, ``prepare_threshold=None`` behind PgBouncer, ...).
 
     Raises:
-        ValueError: Both or a malformed connection string, or a table or schema name that
-            PostgreSQL cannot hold.
+        ValueError: Both or a malformed connection string (also a URI whose user or
+            password holds an ``@`` or ``/`` that is not URL-encoded, as given or as a
+            borrowed pool's conninfo), or a table or schema name that PostgreSQL cannot
+            hold.
         TypeError: ``pool`` is not an ``AsyncConnectionPool``.
     """
 

@@ -9,6 +9,7 @@ from typing import Literal
 
 import pytest
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import (
@@ -251,6 +252,36 @@ class TestPasswords:
             f"postgresql://postgres@{POSTGRES_HOST}/test?options=-ca%40b&application_name=x@y",
             f"host={POSTGRES_HOST} user=postgres password=a@b@c",
             f"postgresql://postgres:pa?ss@{POSTGRES_HOST}/test",  # libpq reads 'pa?ss'
+        ):
+            PostgresEventStorageAdapter(fine)  # never refused
+
+    def test_an_unencoded_slash_in_the_password_is_refused_without_showing_it(self) -> None:
+        """libpq looks for the credentials' '@' only up to the first '/': with a '/' in the
+        password it read the text before it as the host and port and the rest as the
+        database, and repr() and errors showed them. Such a URL is refused up front."""
+        password = f"pK9/{CANARY}"
+        dsn = f"postgresql://postgres:{password}@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+        with pytest.raises(ValueError, match="write it as %2F") as info:
+            PostgresEventStorageAdapter(dsn)
+        assert CANARY not in "".join(traceback.format_exception(info.value))
+        for refused in (
+            f"postgresql://postgres:{password}@{POSTGRES_HOST}",  # no database
+            f"postgresql://postgres:{password}@{POSTGRES_HOST}/test?application_name=x",
+            f"postgresql://user/{CANARY}:pw@{POSTGRES_HOST}/test",  # in the user name
+        ):
+            with pytest.raises(ValueError, match="%2F"):
+                PostgresEventStorageAdapter(refused)
+        with pytest.raises(ValueError, match="%2F"):  # also a borrowed pool's
+            PostgresEventStorageAdapter(pool=AsyncConnectionPool(dsn, open=False))
+        encoded = PostgresEventStorageAdapter(dsn.replace(password, f"pK9%2F{CANARY}"))
+        assert CANARY not in repr(encoded)
+        assert f"host={POSTGRES_HOST} port={POSTGRES_PORT} dbname=test user=postgres" in repr(
+            encoded
+        )
+        for fine in (
+            f"postgresql://postgres@{POSTGRES_HOST}/test?application_name=a/b@c",
+            f"postgresql://{POSTGRES_HOST}?application_name=a/b@c",
+            f"postgresql://postgres:pw@{POSTGRES_HOST}/test",
         ):
             PostgresEventStorageAdapter(fine)  # never refused
 
