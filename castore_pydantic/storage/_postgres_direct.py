@@ -41,7 +41,16 @@ from castore_pydantic.storage import _postgres_wait as wait
 from castore_pydantic.storage._postgres_connection import SESSION as _SESSION
 from castore_pydantic.storage._postgres_connection import AsyncConnection
 
-__all__ = ["Result", "decoded", "execute", "numbered", "stream", "unencodable"]
+__all__ = [
+    "Result",
+    "decoded",
+    "execute",
+    "numbered",
+    "stream",
+    "unencodable",
+    "unencodable_name",
+    "unencodable_text",
+]
 
 Result = pq.abc.PGresult
 
@@ -77,13 +86,22 @@ _formats: dict[int, list[PyFormat]] = {}  # by parameter count, for those statem
 
 
 def _encoded(query: str, encoding: str, *, cache: bool) -> bytes:
-    if not cache or encoding != "utf-8":
-        return numbered(query).encode(encoding)
-    text = _numbered.get(query)
-    if text is None:
-        text = numbered(query).encode(encoding)
-        if len(_numbered) < _NUMBERED_CACHE:
-            _numbered[query] = text
+    """The statement in libpq's form and the client encoding.
+
+    Raises:
+        psycopg.NotSupportedError: Its table or schema name cannot be written in that
+            encoding (``unencodable_name``).
+    """
+    try:
+        if not cache or encoding != "utf-8":
+            return numbered(query).encode(encoding)
+        text = _numbered.get(query)
+        if text is None:
+            text = numbered(query).encode(encoding)
+            if len(_numbered) < _NUMBERED_CACHE:
+                _numbered[query] = text
+    except UnicodeEncodeError as exc:
+        raise unencodable_name(exc, encoding) from exc
     return text
 
 
@@ -263,6 +281,31 @@ def unencodable(exc: UnicodeEncodeError, encoding: str) -> psycopg.DataError:
         f"a value cannot be sent in the connection's client encoding ({encoding}): {exc.reason}"
         f" for {exc.object[exc.start : exc.end]!r}"
     )
+
+
+def unencodable_name(exc: UnicodeEncodeError, encoding: str) -> psycopg.NotSupportedError:
+    """The error of a statement whose table or schema name the client encoding cannot carry.
+
+    Not a ``DataError``: no event or value is at fault, and every statement on the table
+    fails alike until the connections use another encoding.
+    """
+    return psycopg.NotSupportedError(
+        f"the table or schema name cannot be sent in the connection's client encoding"
+        f" ({encoding}): {exc.reason} for {exc.object[exc.start : exc.end]!r}; use a"
+        " client_encoding that can write it (UTF8)"
+    )
+
+
+def unencodable_text(
+    exc: UnicodeEncodeError, encoding: str, params: Sequence[Any]
+) -> psycopg.Error:
+    """``unencodable`` for a parameter's text, ``unencodable_name`` for the statement's.
+
+    For statements sent through a psycopg cursor, which raises the same error for both.
+    """
+    if any(exc.object is value or exc.object == value for value in params):
+        return unencodable(exc, encoding)
+    return unencodable_name(exc, encoding)
 
 
 def decoded(conn: AsyncConnection, value: bytes) -> bytes | str:

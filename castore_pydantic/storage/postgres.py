@@ -95,13 +95,13 @@ def _encoded(conn: AsyncConnection, statement: str) -> bytes:
     """A statement without parameters in the connection's client encoding.
 
     Raises:
-        psycopg.DataError: A name in it cannot be written in that encoding.
+        psycopg.NotSupportedError: A name in it cannot be written in that encoding.
     """
     encoding = conn.info.encoding
     try:
         return statement.encode(encoding)
     except UnicodeEncodeError as exc:
-        raise direct.unencodable(exc, encoding) from exc
+        raise direct.unencodable_name(exc, encoding) from exc
 
 
 class PostgresEventStorageAdapter:
@@ -318,7 +318,10 @@ class PostgresEventStorageAdapter:
             "table": self._sql.table_ddl,
             "index": self._sql.listing_index,
         }
-        await cursor.execute(self._sql.existing(), params)
+        try:
+            await cursor.execute(self._sql.existing(), params)
+        except UnicodeEncodeError as exc:  # the table's name, a parameter here
+            raise direct.unencodable_name(exc, cursor.connection.info.encoding) from exc
         row = await cursor.fetchone()
         assert row is not None
         schema, table, columns, index = row
@@ -483,7 +486,11 @@ class PostgresEventStorageAdapter:
                     # parsed text and values alive until its next use.
                     async with tuple_cursor(conn) as cursor, conn.transaction():
                         for query, params in batches:
-                            await cursor.execute(query, params)
+                            try:
+                                await cursor.execute(query, params)
+                            except UnicodeEncodeError as exc:
+                                encoding = conn.info.encoding
+                                raise direct.unencodable_text(exc, encoding, params) from exc
             except pg_errors.UniqueViolation as exc:
                 try:
                     culprit = await plan.culprit(conn, exc)
@@ -751,9 +758,12 @@ class PostgresEventStorageAdapter:
         events: list[Event] = []
         async with tuple_cursor(conn) as cursor:
             stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
-            async with aclosing(stream) as chunks:
-                async for (chunk,) in chunks:
-                    events += context.parse_events_json(chunk)
+            try:
+                async with aclosing(stream) as chunks:
+                    async for (chunk,) in chunks:
+                        events += context.parse_events_json(chunk)
+            except UnicodeEncodeError as exc:
+                raise direct.unencodable_text(exc, conn.info.encoding, rest) from exc
         return events
 
     async def _read_rows(
@@ -853,7 +863,7 @@ class PostgresEventStorageAdapter:
             await self._conns.forget_prepared(conn)
             return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
         except UnicodeEncodeError as exc:
-            raise direct.unencodable(exc, conn.info.encoding) from exc
+            raise direct.unencodable_text(exc, conn.info.encoding, params) from exc
 
     async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
         """Aggregates without a version-1 event, which listing leaves out (by id).

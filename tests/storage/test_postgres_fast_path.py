@@ -429,6 +429,40 @@ class TestStatementsFollowTheirConnection:
             rows = await fetch(f'SELECT aggregate_id FROM "{pg_schema}".{adapter.table_name}')
             assert rows == [("caf\u00e9",)]
 
+    async def test_a_table_name_the_client_encoding_cannot_carry_is_a_clear_error(
+        self, pg_schema: str
+    ) -> None:
+        """A table named with a character LATIN1 lacks, used on a LATIN1 connection: pushes,
+        groups and reads raised a bare UnicodeEncodeError. Every call now raises StorageError
+        naming the client encoding, never EventLimitExceededError (no event is at fault)."""
+        table = f"snow\u2603_{uuid.uuid4().hex[:6]}"
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as utf8:
+            await utf8.create_event_table()
+            await counter_store(utf8, "SNOW").push_event(created("a1"))
+        options = {"connect_kwargs": {"client_encoding": "LATIN1"}}
+        async with PostgresEventStorageAdapter(
+            DSN, schema=pg_schema, table_name=table, **options
+        ) as adapter:
+            store = counter_store(adapter, "SNOW")
+            calls = {
+                "create": adapter.create_event_table,
+                "push": lambda: store.push_event(created("a2")),
+                "group": lambda: EventStore.push_event_group(store.group_event(created("a2"))),
+                "large group": lambda: EventStore.push_event_group(
+                    *(store.group_event(created(f"g{i}")) for i in range(5_001))
+                ),
+                "read": lambda: store.get_events("a1"),
+                "read with a limit": lambda: store.get_events("a1", limit=1),
+                "list": store.list_aggregate_ids,
+                "drop": adapter.drop_event_table,
+            }
+            for name, call in calls.items():
+                with pytest.raises(StorageError, match="client encoding") as info:
+                    await call()
+                assert not isinstance(info.value, EventLimitExceededError), name
+                assert "table or schema name" in str(info.value), name
+        assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(1,)]
+
     async def test_a_sql_ascii_database_reads_back_text_as_text(self) -> None:
         """A SQL_ASCII database gives its clients SQL_ASCII by default, and psycopg then
         hands text over as bytes: stored non-ASCII text failed to read back and listings
