@@ -173,6 +173,31 @@ def _listed_timestamp(text: object, event_store_id: str, aggregate_id: str) -> d
         raise StoredEventValidationError(event_store_id, aggregate_id, 1) from exc
 
 
+#: Characters of payload and metadata beyond which a write first checks that the event's
+#: JSON, as reads build it, stays within SQLite's longest string.
+_LONG_EVENT: Final = 1 << 20
+
+
+def _check_readable(conn: sqlite3.Connection, row: tuple[Any, ...]) -> None:
+    """Refuse a row whose event JSON would be longer than SQLite's longest string.
+
+    Reads build each event's JSON in SQLite: an event whose row fits but whose JSON does not
+    would be stored, listed, and never read back.
+
+    Raises:
+        EventLimitExceededError: The JSON would be too long.
+    """
+    store, aggregate_id, _, event_type, payload, metadata, _ = row
+    size = sum(len(text.encode(errors="surrogatepass")) for text in (payload, metadata) if text)
+    size += 6 * (len(aggregate_id) + len(event_type)) + 128  # escapes at worst, keys, version
+    if size > conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH):
+        raise EventLimitExceededError(
+            store,
+            "event's JSON would be longer than SQLite's longest string (SQLITE_LIMIT_LENGTH):"
+            " it could not be read back",
+        )
+
+
 def _no_loop() -> None:
     return None
 
@@ -478,6 +503,9 @@ class SQLiteEventStorageAdapter:
         conn: sqlite3.Connection, sql: str, row: tuple[Any, ...], event: Event
     ) -> None:
         """Run one INSERT; translate a taken version, busy and driver errors."""
+        payload, metadata = row[4], row[5]
+        if (len(payload) if payload else 0) + (len(metadata) if metadata else 0) > _LONG_EVENT:
+            _check_readable(conn, row)
         try:
             conn.execute(sql, row)
         except sqlite3.IntegrityError as exc:
@@ -488,8 +516,7 @@ class SQLiteEventStorageAdapter:
             if _error_code(exc) & 0xFF != sqlite3.SQLITE_TOOBIG:
                 raise
             raise EventLimitExceededError(
-                row[0],
-                "payload or metadata longer than SQLite's longest string (SQLITE_LIMIT_LENGTH)",
+                row[0], "event longer than SQLite's longest string or row (SQLITE_LIMIT_LENGTH)"
             ) from exc
         except OverflowError as exc:
             if abs(event.version) > MAX_INTEGER:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel, field_serializer
 
-from castore_pydantic import Aggregate, Event, EventAlreadyExistsError, EventStore
+from castore_pydantic import Aggregate, Event, EventAlreadyExistsError, EventLimits, EventStore
 from castore_pydantic.errors import (
     EventGroupError,
     EventLimitExceededError,
@@ -1048,6 +1048,24 @@ class TestEventsTooLongForSQLite:
         assert (await store.list_aggregate_ids()).aggregate_ids == []
         await store.push_event(note("x", 1))
 
+    async def test_an_event_whose_json_would_not_read_back_is_refused(
+        self, adapter: SQLiteEventStorageAdapter
+    ) -> None:
+        """A row within SQLite's longest string whose event JSON (as reads build it) is
+        longer was stored and listed, and every read of its aggregate failed."""
+        store = EventStore(
+            event_store_id="LOGS", event_types=[NoteTaken], reducer=reduce_log,
+            event_storage_adapter=adapter, limits=EventLimits(max_bytes=4 << 20),
+        )  # fmt: skip
+        long = store.context.validate_input(note("x", 1, text="p" * (1 << 20)))
+        row = adapter._row(long, "LOGS")
+        assert adapter._conn is not None
+        adapter._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, len(row[4]) + 60)
+        with pytest.raises(EventLimitExceededError, match="could not be read back"):
+            await store.push_event(long)
+        assert (await store.list_aggregate_ids()).aggregate_ids == []
+        assert (await store.get_events("x")).events == []
+
     def test_an_overflow_blames_the_version_only_when_it_is_the_version(self) -> None:
         """Python's sqlite3 raises OverflowError for text of 2 GiB or more too: it was
         reported as a version that does not fit SQLite's integers. (Faked here: binding
@@ -1058,10 +1076,11 @@ class TestEventsTooLongForSQLite:
                 raise OverflowError("string longer than INT_MAX bytes")
 
         execute = SQLiteEventStorageAdapter._execute_insert
+        row = ("LOGS", "x", 1, "NOTE_TAKEN", '{"text":"hi"}', None, "2024-01-01T00:00:00.000Z")
         with pytest.raises(EventLimitExceededError, match="2 GiB") as info:
-            execute(Refusing(), "INSERT", ("LOGS",), note("x", 1))  # type: ignore[arg-type]
+            execute(Refusing(), "INSERT", row, note("x", 1))  # type: ignore[arg-type]
         assert info.value.path == ()
         huge = note("x", 1).model_copy(update={"version": 2**63})
         with pytest.raises(EventLimitExceededError, match="64-bit") as info:
-            execute(Refusing(), "INSERT", ("LOGS",), huge)  # type: ignore[arg-type]
+            execute(Refusing(), "INSERT", row, huge)  # type: ignore[arg-type]
         assert info.value.path == ("version",)
