@@ -101,6 +101,8 @@ class RabbitMQAdapter:
         self._publish_lock = asyncio.Lock()
         self._publisher: tuple[AbstractConnection, AbstractChannel] | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        #: Set while ``start_consuming`` opens the consumers (before ``_supervisor`` exists).
+        self._starting: asyncio.Event | None = None
         self._consumer_connection: AbstractConnection | None = None
         self._consumers: list[tuple[AbstractChannel, str]] = []
         self._connection_lost = asyncio.Event()
@@ -331,16 +333,24 @@ class RabbitMQAdapter:
         back-off); messages that were not acknowledged are delivered again.
 
         Raises:
-            RuntimeError: Already consuming, no handler, or no channel attached.
+            RuntimeError: Already consuming (or starting to), no handler, or no channel
+                attached.
             MessageBrokerUnavailableError: The broker cannot be reached.
         """
-        if self._supervisor is not None:
+        # Checked and marked before the first await: two calls at once would otherwise both
+        # open consumers, and the stop would close only the last ones.
+        if self._supervisor is not None or self._starting is not None:
             raise RuntimeError(f"{self!r} is already consuming")
         self._require_channel()
         subscriptions = self._subscriptions(consuming=True)
-        self._stopping = False
-        self._use_consumers(await self._open_consumers(subscriptions))
-        self._supervisor = asyncio.create_task(self._supervise(subscriptions))
+        starting = self._starting = asyncio.Event()
+        try:
+            self._stopping = False
+            self._use_consumers(await self._open_consumers(subscriptions))
+            self._supervisor = asyncio.create_task(self._supervise(subscriptions))
+        finally:
+            self._starting = None
+            starting.set()
 
     async def _open_consumers(self, subscriptions: list[Subscription]) -> _Consumers:
         """Connect and register a consumer per subscription; the caller puts them to use."""
@@ -436,14 +446,19 @@ class RabbitMQAdapter:
         """Stop consumers cleanly: no new deliveries, wait for running handlers, then close.
 
         Messages received but not handled yet are left unacknowledged, so the broker hands
-        them to another consumer. Safe to call when not consuming. Called by a handler, it
-        returns at once: no new message is handled, and the consumers close once that
-        handler has returned (``is_consuming`` is true until then).
+        them to another consumer. Safe to call when not consuming; called while
+        ``start_consuming`` runs, it waits for the consumers to open, then stops them. Called
+        by a handler, it returns at once: no new message is handled, and the consumers close
+        once that handler has returned (``is_consuming`` is true until then).
 
         Args:
             grace_period: Seconds to wait for running handlers; then their channels close,
                 cancelling them, and their messages are delivered again. ``None`` waits.
         """
+        if self._starting is not None:
+            # Returning now would let the start finish afterwards: consumers would run after
+            # the stop (or aclose) returned.
+            await self._starting.wait()
         current = asyncio.current_task()
         inside = current is not None and current in self._handling
         if self._stopper is not None:

@@ -350,6 +350,15 @@ async def _queue_depth(url: str, queue: str) -> int:
         return declared.declaration_result.message_count or 0
 
 
+async def _consumer_count(url: str, queue: str) -> int:
+    async with (
+        await aio_pika.connect(url) as connection,
+        connection.channel() as channel,
+    ):
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.consumer_count or 0
+
+
 EXPECTED_WIRE = {
     "eventStoreId": "POKEMONS",
     "event": {
@@ -631,6 +640,48 @@ class TestWorkers:
         assert inbox.messages == [
             NotificationMessage(event_store_id="POKEMONS", event=pushed.event)
         ]
+
+
+@pytest.mark.rabbitmq
+class TestStartAndStop:
+    async def test_two_starts_at_once_open_one_consumer(self, vhost: str) -> None:
+        """Two start_consuming calls at once both opened consumers; the stop closed one, and
+        the other kept taking messages it never handled. The second call now raises."""
+        queue = NotificationMessageQueue(
+            message_queue_id="double-start", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=Inbox())
+        async with adapter:
+            try:
+                results = await asyncio.gather(
+                    adapter.start_consuming(), adapter.start_consuming(), return_exceptions=True
+                )
+                refused = [result for result in results if isinstance(result, RuntimeError)]
+                assert len(refused) == 1
+                assert "already consuming" in str(refused[0])
+                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
+                await adapter.aclose()
+                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 0
+            finally:
+                await adapter.purge()
+
+    async def test_a_stop_during_the_start_stops_what_it_started(self, vhost: str) -> None:
+        """aclose() while start_consuming was still connecting returned at once, and the
+        consumers it opened afterwards ran on. The stop now waits for the start, then stops."""
+        queue = NotificationMessageQueue(
+            message_queue_id="stop-while-starting", source_event_stores=[pokemon_store()]
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=Inbox())
+        async with adapter:
+            try:
+                starting = asyncio.create_task(adapter.start_consuming())
+                await asyncio.sleep(0)  # the start is connecting
+                await adapter.aclose()
+                await starting
+                assert not adapter.is_consuming
+                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 0
+            finally:
+                await adapter.purge()
 
 
 @pytest.mark.rabbitmq
