@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit
@@ -114,6 +114,12 @@ class RedisStreamsAdapter:
         self.message_channel: MessageChannel[Any] | None = None
         self._append: AsyncScript | None = None
         self._consumers: list[StreamConsumer] = []
+        # Consumers asked to stop whose task has not ended yet (a handler still running), by
+        # task: every stop, start and close waits for them before going on.
+        self._retiring: dict[asyncio.Task[None], StreamConsumer] = {}
+        # Tasks applying a grace period a handler asked for, and closing a client a handler
+        # closed (once that handler's consumer has ended).
+        self._background: set[asyncio.Task[None]] = set()
         self._consuming = False
         self._connected = False
         # Listeners registered on a connected adapter, whose consumer groups are being created.
@@ -216,14 +222,45 @@ class RedisStreamsAdapter:
         self._connected = True
 
     async def aclose(self) -> None:
-        """Stop consuming and close the connections this adapter opened; idempotent."""
+        """Stop consuming and close the connections this adapter opened; idempotent.
+
+        Waits for the running handlers first, as ``stop_consuming()`` does. Called by a
+        handler, it returns at once and the client is closed once that handler's consumer
+        has finished (a later ``aclose()`` waits for that).
+        """
         await self.stop_consuming()
         self._connected = False
+        inside = asyncio.current_task() in self._retiring
         client, self._client = self._client, None
-        if client is not None and self._owns_client:
-            await client.aclose()
-        elif client is not None:
+        if client is not None and not self._owns_client:
             self._client = client  # not ours to close
+        elif client is not None and inside:
+            # The handler's consumer acknowledges its entry with this client once the handler
+            # returns: closing it now would have that reopen a connection nobody closes.
+            self._in_background(self._close_after(client, list(self._retiring)))
+        elif client is not None:
+            await client.aclose()
+        if not inside:
+            await self._background_done()
+
+    @staticmethod
+    async def _close_after(client: Redis, tasks: list[asyncio.Task[None]]) -> None:
+        try:
+            await asyncio.wait(tasks)
+        finally:
+            await client.aclose()
+
+    def _in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _background_done(self) -> None:
+        """Wait for the grace periods and client closes handlers left running."""
+        current = asyncio.current_task()
+        tasks = [task for task in self._background if task is not current]
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -341,6 +378,11 @@ class RedisStreamsAdapter:
         """
         if self._consuming:
             return
+        # Consumers still finishing a handler after a stop run under the same name in the
+        # same groups: a new one would take their entries in flight as its own, to redo.
+        current = asyncio.current_task()
+        if retiring := [task for task in self._retiring if task is not current]:
+            await asyncio.wait(retiring)
         await self.connect()
         self._consuming = True
         for subscription in self._subscriptions():
@@ -376,7 +418,10 @@ class RedisStreamsAdapter:
 
         Entries already read but not started are handed back at once, so other consumers
         take them over without waiting for ``reclaim_idle_ms``. Safe to call when not
-        consuming.
+        consuming, and more than once: every call waits until the consumers have ended.
+        If this call is cancelled (``asyncio.timeout``), it does what the end of a grace
+        period does before passing the cancellation on. Called by a handler, it returns at
+        once; that handler's consumer stops once the handler returned.
 
         Args:
             grace_period: Seconds to wait for running handlers; then they are cancelled and
@@ -384,36 +429,54 @@ class RedisStreamsAdapter:
                 attempt. ``None`` waits as long as they run.
         """
         self._consuming = False
-        if self._joining:
-            await asyncio.wait(list(self._joining))
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
             consumer.request_stop()
-        # Called by a handler (on its consumer's task): that consumer stops once the handler
-        # returns; waiting for it here would wait for ever.
+            task = consumer.task
+            if task is not None and not task.done():
+                self._retiring[task] = consumer
+                task.add_done_callback(self._forget_retired)
+        if asyncio.current_task() in self._retiring:
+            # Called by a handler, on its consumer's task: waiting here for that consumer
+            # would wait for ever. A grace period is applied by a task of its own.
+            if grace_period is not None:
+                self._in_background(self._wait_for_consumers(grace_period))
+            return
+        if self._joining:
+            await asyncio.wait(list(self._joining))
+        await self._wait_for_consumers(grace_period)
+        await self._background_done()
+
+    def _forget_retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
+
+    async def _wait_for_consumers(self, grace_period: float | None) -> None:
+        """Wait for the consumers asked to stop; cancel those still running after it."""
         current = asyncio.current_task()
         running = {
-            consumer.task: consumer
-            for consumer in consumers
-            if consumer.task and consumer.task is not current
+            task: consumer for task, consumer in self._retiring.items() if task is not current
         }
         if not running:
             return
-        # asyncio.wait does not raise the tasks' errors (a killed worker's cancellation).
-        _, late = await asyncio.wait(running, timeout=grace_period)
-        if late:
-            logger.warning(
-                "%r stopped with %d handler(s) still running after %ss; their messages will "
-                "be delivered again",
-                self,
-                len(late),
-                grace_period,
-            )
+        late = set(running)
+        try:
+            # asyncio.wait does not raise the tasks' errors (a killed worker's cancellation).
+            _, late = await asyncio.wait(running, timeout=grace_period)
+            if late:
+                logger.warning(
+                    "%r stopped with %d handler(s) still running after %ss; their messages "
+                    "will be delivered again",
+                    self,
+                    len(late),
+                    grace_period,
+                )
+        finally:
+            # Past the grace period, or this call was cancelled: the consumers still running
+            # cancel their handler and hand their entries back, then end.
             for task in late:
-                task.cancel()
-            await asyncio.wait(late)
-            for task in late:
-                await running[task].release_pending()
+                running[task].cancel()
+            if late:
+                await asyncio.wait(late)
 
     # -- dead letters and housekeeping -----------------------------------------------------
 

@@ -154,6 +154,10 @@ class StreamConsumer:
         self._promote = client.register_script(PROMOTE_RETRIES)
         self._stopping = False
         self._reading = False
+        #: Whether the final hand-back of pending entries has started (it runs once), and
+        #: whether a stop cancelled the handler in flight.
+        self._released = False
+        self._cancelled = False
         self._wake = asyncio.Event()
         self._cursors: dict[str, bytes] = {}
         # Entries handled successfully whose XACK has not gone through yet, per stream: they
@@ -183,8 +187,35 @@ class StreamConsumer:
         if self._reading and self.task is not None:
             self.task.cancel()
 
+    def cancel(self) -> None:
+        """Cancel the handler in flight of a consumer asked to stop (its grace period ran out).
+
+        The consumer then hands back what it holds, as on a clean stop. Once that hand-back
+        has started there is nothing left to interrupt, and this does nothing.
+        """
+        if self.task is None or self.task.done() or self._released or self._cancelled:
+            return
+        self._cancelled = True
+        self.task.cancel()
+
     async def run(self) -> None:
-        """Read and handle entries until ``request_stop``; survive broker outages."""
+        """Read and handle entries until ``request_stop``; survive broker outages.
+
+        On the way out, also when a stop cancels the handler in flight, the entries read
+        but not handled are handed back. A cancellation without a stop (the worker killed)
+        hands back nothing: other consumers take its entries over after ``reclaim_idle_ms``.
+        """
+        try:
+            await self._consume()
+        except asyncio.CancelledError:
+            if self._stopping and not self._released:
+                self._released = True
+                await self.release_pending()
+            raise
+        self._released = True
+        await self.release_pending()
+
+    async def _consume(self) -> None:
         backoff = _BACKOFF_MIN
         ready = False
         while not self._stopping:
@@ -222,7 +253,6 @@ class StreamConsumer:
                 logger.exception("Redis consumer %s failed; retrying", self.consumer_name)
                 await self._pause(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
-        await self.release_pending()
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()

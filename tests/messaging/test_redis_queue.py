@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -49,6 +50,15 @@ async def raw() -> AsyncIterator[Redis]:
     client = raw_client()
     yield client
     await client.aclose()
+
+
+async def no_connections_left(raw: Redis, name: str) -> None:
+    """Wait until the server lists no connection called ``name`` (closing is asynchronous)."""
+    for _ in range(250):
+        if not await connections_named(raw, name):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"a connection named {name} is still open")
 
 
 def make_queue(queue_id: str = "pokemons") -> NotificationMessageQueue:
@@ -235,6 +245,159 @@ class TestRedisMessageQueueAdapter:
                     break
                 await asyncio.sleep(0.05)
             assert pending["pending"] == 0
+
+    async def test_aclose_after_a_handler_stopped_its_adapter_waits_for_that_handler(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """Once a handler had asked for the stop, aclose() returned at once and closed the
+        client under the running handler: at the end of the program it was cancelled
+        halfway and its entry stayed pending. aclose() now waits for it."""
+        queue = make_queue()
+        asked, release = asyncio.Event(), asyncio.Event()
+        log: list[str] = []
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await adapter.stop_consuming()
+            asked.set()
+            await release.wait()
+            log.append("handler finished")
+
+        adapter = attach(queue, prefix, worker=worker, name=f"self-stop-{prefix[13:25]}")
+        await adapter.start_consuming()
+        await queue.publish_message(notification(1))
+        await asyncio.wait_for(asked.wait(), 10)
+        closing = asyncio.create_task(adapter.aclose())
+        finished, _ = await asyncio.wait({closing}, timeout=0.2)
+        assert not finished  # still waiting for the handler
+        release.set()
+        await asyncio.wait_for(closing, 10)
+        log.append("aclose returned")
+        assert log == ["handler finished", "aclose returned"]
+        pending: Any = await raw.xpending(adapter.stream_key, "workers")
+        assert pending["pending"] == 0
+        assert await raw.xlen(adapter.stream_key) == 0
+        await no_connections_left(raw, f"castore:{adapter.consumer_name}")
+
+    async def test_a_handler_closing_its_adapter_leaves_no_connection_open(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A handler calling aclose() had the client closed under it; acknowledging its entry
+        then reopened a connection nobody closed. The client now closes once the handler's
+        consumer has finished, and a later aclose() waits for that."""
+        queue = make_queue()
+        closed, release = asyncio.Event(), asyncio.Event()
+        log: list[str] = []
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await adapter.aclose()
+            closed.set()
+            await release.wait()
+            log.append("handler finished")
+
+        adapter = attach(queue, prefix, worker=worker, name=f"self-close-{prefix[13:25]}")
+        await adapter.start_consuming()
+        await queue.publish_message(notification(1))
+        await asyncio.wait_for(closed.wait(), 10)
+        closing = asyncio.create_task(adapter.aclose())
+        finished, _ = await asyncio.wait({closing}, timeout=0.2)
+        assert not finished  # still waiting for the handler
+        release.set()
+        await asyncio.wait_for(closing, 10)
+        assert log == ["handler finished"]
+        pending: Any = await raw.xpending(adapter.stream_key, "workers")
+        assert pending["pending"] == 0
+        await no_connections_left(raw, f"castore:{adapter.consumer_name}")
+
+    async def test_a_cancelled_stop_cancels_the_handler_and_hands_its_message_back(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A stop_consuming() cut short by a timeout forgot the running consumer: aclose()
+        then returned while the handler ran on and closed the client under it. A cancelled
+        stop now ends as a grace period does: handler cancelled, message handed back."""
+        queue = make_queue()
+        started = asyncio.Event()
+        log: list[str] = []
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()  # never returns
+            except asyncio.CancelledError:
+                log.append("handler cancelled")
+                raise
+
+        adapter = attach(queue, prefix, worker=worker, name=f"timed-out-{prefix[13:25]}")
+        await adapter.start_consuming()
+        await queue.publish_message(notification(1))
+        await asyncio.wait_for(started.wait(), 10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(adapter.stop_consuming(), 0.2)
+        assert log == ["handler cancelled"]
+        # Handed back: idle "for ever", its delivery not counted.
+        [entry] = await raw.xpending_range(adapter.stream_key, "workers", "-", "+", 10)
+        assert entry["times_delivered"] == 0
+        await adapter.aclose()
+        await no_connections_left(raw, f"castore:{adapter.consumer_name}")
+
+    async def test_a_grace_period_a_handler_asks_for_applies_to_it(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A handler stopping its adapter with a grace period, then running on, is cancelled
+        once the period is over and its message handed back, as on a stop from outside."""
+        queue = make_queue()
+        log: list[str] = []
+        asked = asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await adapter.stop_consuming(grace_period=0.1)
+            asked.set()
+            try:
+                await asyncio.Event().wait()  # never returns
+            except asyncio.CancelledError:
+                log.append("handler cancelled")
+                raise
+
+        adapter = attach(queue, prefix, worker=worker, name=f"grace-{prefix[13:25]}")
+        await adapter.start_consuming()
+        await queue.publish_message(notification(1))
+        await asyncio.wait_for(asked.wait(), 10)
+        await asyncio.wait_for(adapter.aclose(), 10)
+        assert log == ["handler cancelled"]
+        [entry] = await raw.xpending_range(adapter.stream_key, "workers", "-", "+", 10)
+        assert entry["times_delivered"] == 0
+        await no_connections_left(raw, f"castore:{adapter.consumer_name}")
+
+    async def test_a_restart_waits_for_the_handler_the_stop_left_running(self, prefix: str) -> None:
+        """Started again while a handler that stopped its adapter still ran, a new consumer
+        under the same name took that handler's entry as its own and handled it again."""
+        queue = make_queue()
+        asked, release = asyncio.Event(), asyncio.Event()
+        recorder = Recorder()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await recorder(message, context)
+            if len(recorder.calls) == 1:
+                await adapter.stop_consuming()
+                asked.set()
+                await release.wait()
+
+        adapter = attach(queue, prefix, worker=worker, reclaim_idle_ms=60_000)
+        async with adapter:
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await asyncio.wait_for(asked.wait(), 10)
+            restarting = asyncio.create_task(adapter.start_consuming())
+            # A consumer taking over the entry in flight would hand it to the worker by then.
+            with contextlib.suppress(TimeoutError):
+                await recorder.wait_for(2, seconds=0.5)
+            assert recorder.messages == [notification(1)]
+            assert not restarting.done()  # it waits for the handler still running
+            release.set()
+            await asyncio.wait_for(restarting, 10)
+            await queue.publish_message(notification(2))
+            await recorder.wait_for(2)
+            await adapter.stop_consuming()
+        assert recorder.messages == [notification(1), notification(2)]
 
     async def test_stop_releases_entries_read_but_not_started(self, prefix: str) -> None:
         """Entries a stopped worker had read are taken over at once, as fresh deliveries."""
