@@ -44,6 +44,7 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     name_part,
     raise_broker_error,
 )
+from castore_pydantic.messaging._wire import body_matches
 
 __all__ = ["RabbitMQAdapter"]
 
@@ -610,16 +611,23 @@ class RabbitMQAdapter:
         headers = delivered.header.properties.headers or {}
         replay = headers.get(REPLAY_HEADER) is True
         attempt = attempt_of(headers)
+        # Checked before validating: a message the listener did not ask for is skipped
+        # whatever it holds (only a binding left from an earlier run routes it here).
+        wanted = (
+            body_matches(subscription.patterns, body, replay) if subscription.patterns else True
+        )
+        if wanted is False:
+            return
         try:
             message = self._require_channel().parse_message(body)
         except Exception as error:
             # Retrying cannot fix a body that does not validate: dead-letter it at once.
             await self._dead_letter(subscription, channel, body, replay, attempt, error)
             return
-        if subscription.patterns and not any(
+        if wanted is None and not any(
             matches(pattern, message, replay) for pattern in subscription.patterns
         ):
-            return  # only a binding left from an earlier run routes it here
+            return
         handler = subscription.handler()
         if handler is None:
             raise RuntimeError(f"{self!r} has no handler")  # start_consuming checks it

@@ -37,8 +37,9 @@ __all__ = ["ConsumerOptions", "StreamConsumer", "Subscription", "ensure_group"]
 
 logger = logging.getLogger("castore_pydantic.messaging.redis")
 
-#: ``(message, replay) -> handler``, or ``None`` when the message is not for this group.
-Route = Callable[[Message, bool], MessageHandler | None]
+#: ``(body, replay) -> handler``, or ``None`` when the message is not for this group; it
+#: reads the body without validating it (a message not for the group is never validated).
+Route = Callable[[bytes, bool], MessageHandler | None]
 #: Turns an entry's ``body`` into a validated message (the channel's ``parse_message``).
 Parse = Callable[[bytes], Message]
 
@@ -537,14 +538,14 @@ class StreamConsumer:
         if entry.body is None:
             await self._dead_letter(entry, entry.attempt - 1, "entry has no 'body' field")
             return False
+        handler = self.route(entry.body, entry.replay)
+        if handler is None:
+            return True  # not for this listener: acknowledged without calling anyone
         try:
             message = self.parse(entry.body)
         except Exception as exc:  # a body no retry can fix: keep it aside at once
             await self._dead_letter(entry, entry.attempt - 1, describe_error(exc))
             return False
-        handler = self.route(message, entry.replay)
-        if handler is None:
-            return True  # not for this listener: acknowledged without calling anyone
         if delivered is not None and delivered > self.options.max_deliveries:
             await self._dead_letter(
                 entry,

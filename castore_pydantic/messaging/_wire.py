@@ -1,6 +1,11 @@
-"""One-pass parsing of notification messages in Castore's wire form.
+"""Reading messages in Castore's wire form: routing fields first, then one-pass parsing.
 
-Broker consumers parse every message they receive, so a notification body is validated
+A bus listener's consumer first reads only what its filter patterns look at (the event
+store id and the event type) from the raw body, so a message it did not ask for is skipped
+without being validated: an event type or store this service does not know yet is none of
+its business unless it asked for it.
+
+Broker consumers parse every message they handle, so a notification body is validated
 straight from JSON by one ``TypeAdapter`` (its event as one of its store's event types)
 instead of ``json.loads`` followed by validation in Python. Anything this pass does not
 accept is left to ``MessageChannel.parse_message``, which accepts every form it accepts and
@@ -10,16 +15,67 @@ raises its errors; both give the same message for the same body.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, NotRequired, Union
 
-from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic import AliasChoices, ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
 from castore_pydantic._event_store import EventStore
 from castore_pydantic._serialization import EventStoreContext
-from castore_pydantic.messaging._messages import NotificationMessage
+from castore_pydantic.messaging._messages import (
+    FilterPattern,
+    NotificationMessage,
+    matches_fields,
+)
 
-__all__ = ["notification_parser"]
+__all__ = ["body_matches", "notification_parser"]
+
+
+class _EventFields(TypedDict, total=False):
+    type: str
+
+
+class _RoutingFields(TypedDict):
+    # Every other key is ignored: nothing but these is read. Both spellings, as channels
+    # accept both.
+    event_store_id: Annotated[
+        str, Field(validation_alias=AliasChoices("eventStoreId", "event_store_id"))
+    ]
+    event: NotRequired[_EventFields]
+
+
+_ROUTING_FIELDS: TypeAdapter[_RoutingFields] = TypeAdapter(_RoutingFields)
+
+
+def body_matches(
+    patterns: Sequence[FilterPattern], body: str | bytes | bytearray, replay: bool
+) -> bool | None:
+    """Whether a listener with ``patterns`` receives the message in ``body``, unvalidated.
+
+    The same rules as ``matches``, read from the JSON body: ``eventStoreId`` and, when the
+    message carries an event, ``event.type``. The body is read only when a pattern needs
+    the store.
+
+    Returns:
+        ``True`` or ``False``; ``None`` when a pattern needs those fields and the body does
+        not hold them in readable form: the caller validates the body (which reports what
+        is wrong with it) and, if it validates, checks the message with ``matches``.
+    """
+    candidates = [pattern for pattern in patterns if not replay or pattern.get("on_replay")]
+    if not candidates:
+        return False
+    event_store_id, event_type = "", None
+    if any("event_store_id" in pattern for pattern in candidates):
+        try:
+            fields = _ROUTING_FIELDS.validate_json(body)
+        except ValidationError:
+            return None
+        event_store_id = fields["event_store_id"]
+        event_type = fields.get("event", {}).get("type")
+    return any(
+        matches_fields(pattern, replay, event_store_id, event_type) for pattern in candidates
+    )
+
 
 # Built at run time from the channel's stores, so typed as a plain callable.
 _typed_dict: Any = TypedDict

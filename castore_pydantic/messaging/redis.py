@@ -54,6 +54,7 @@ from castore_pydantic.messaging._messages import (
 from castore_pydantic.messaging._redis_adapter import RedisStreamsAdapter
 from castore_pydantic.messaging._redis_consumer import Subscription, ensure_group
 from castore_pydantic.messaging._redis_wire import positive
+from castore_pydantic.messaging._wire import body_matches
 
 if TYPE_CHECKING:
     from typing import Self
@@ -176,7 +177,7 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
     def _router(self, subscription: Subscription) -> Any:
         # Looked up per message, so a new worker takes over from the next message; without
         # one a message fails (and is retried), it is never acknowledged unhandled.
-        return lambda message, replay: self.worker or _no_worker
+        return lambda body, replay: self.worker or _no_worker
 
     async def start_consuming(self) -> None:
         """Start this process's worker on the queue (no-op if running).
@@ -201,10 +202,17 @@ class _Listener:
         self.handler = handler
         self.patterns: list[FilterPattern] = []
 
-    def route(self, message: Message, replay: bool) -> MessageHandler | None:
-        if any(matches(pattern, message, replay) for pattern in self.patterns):
-            return self.handler
-        return None
+    def route(self, body: bytes, replay: bool) -> MessageHandler | None:
+        wanted = body_matches(self.patterns, body, replay)
+        if wanted is None:
+            # Its routing fields cannot be read: it is validated (which says what is wrong,
+            # and dead-letters it), then checked against the patterns.
+            return self._handle_if_matching
+        return self.handler if wanted else None
+
+    async def _handle_if_matching(self, message: Message, context: MessageContext) -> None:
+        if any(matches(pattern, message, context.replay) for pattern in self.patterns):
+            await self.handler(message, context)
 
 
 class RedisMessageBusAdapter(RedisStreamsAdapter):

@@ -476,6 +476,55 @@ class TestBrokerRouting:
         assert await _queue_depth(vhost_url(vhost), after.listener_queue("projection")) == 0
         await after.purge()
 
+    async def test_what_an_old_binding_routes_is_skipped_without_validating_it(
+        self, vhost: str
+    ) -> None:
+        """A message an old binding still routes, of an event type or store this service does
+        not know, was dead-lettered with an ERROR log although the listener's patterns did
+        not ask for it. The patterns are now checked before the body is validated."""
+        bus = NotificationMessageBus(
+            message_bus_id="stale-unknown", source_event_stores=[pokemon_store("POKEMONS")]
+        )
+        before = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        before.on({}, Inbox(), listener_id="catches")
+        async with before:  # declares the listener's queue, bound to every live message
+            pass
+        inbox = Inbox()
+        after = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        after.on(
+            {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"},
+            inbox,
+            listener_id="catches",
+        )
+        unknown = {
+            "live.POKEMONS.POKEMON_EVOLVED": {
+                "eventStoreId": "POKEMONS",
+                "event": {"aggregateId": "eevee", "version": 2, "type": "POKEMON_EVOLVED"},
+            },
+            "live.TRAINERS.TRAINER_CREATED": {
+                "eventStoreId": "TRAINERS",
+                "event": {"aggregateId": "ash", "version": 1, "type": "TRAINER_CREATED"},
+            },
+        }
+        with DeadLetterWatch.installed() as watch:
+            async with after:
+                async with (
+                    await aio_pika.connect(vhost_url(vhost)) as connection,
+                    connection.channel() as channel,
+                ):
+                    exchange = await channel.get_exchange(after.exchange_name)
+                    for key, body in unknown.items():
+                        await exchange.publish(aio_pika.Message(json.dumps(body).encode()), key)
+                async with after.consuming():
+                    await bus.publish_message(notification(1))
+                    await inbox.wait_for(1)
+                dead = f"{after.listener_queue('catches')}.dead"
+                assert await _queue_depth(vhost_url(vhost), dead) == 0
+                assert await _queue_depth(vhost_url(vhost), after.listener_queue("catches")) == 0
+                await after.purge()
+        assert inbox.messages == [notification(1)]
+        assert watch.queues == []
+
 
 @pytest.mark.rabbitmq
 class TestWorkers:

@@ -28,6 +28,7 @@ from tests.messaging.redis_support import (
     notification,
     private_prefix,
     raw_client,
+    watch_dead_letters,
 )
 
 pytestmark = [pytest.mark.redis]
@@ -128,6 +129,47 @@ class TestRedisMessageBusAdapter:
                 await listener.wait_for(1)
             assert await group_pending(raw, adapter.stream_key, "catches") == 0
         assert listener.messages == [caught(1)]
+
+    async def test_messages_no_pattern_asks_for_are_skipped_without_validating_them(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A listener dead-lettered, with an ERROR log each, every message of an event type or
+        store it does not know although its patterns did not ask for it (a producer one
+        release ahead). Such messages are now skipped before being validated; a listener
+        that asks for them still dead-letters what it cannot validate."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        catches, everything = Recorder(), Recorder()
+        adapter.on(
+            {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"},
+            catches,
+            listener_id="catches",
+        )
+        adapter.on({"event_store_id": "POKEMONS"}, everything, listener_id="everything")
+        unknown_type = {
+            "eventStoreId": "POKEMONS",
+            "event": {"aggregateId": "eevee", "version": 2, "type": "POKEMON_EVOLVED"},
+        }
+        unknown_store = {
+            "eventStoreId": "TRAINERS",
+            "event": {"aggregateId": "ash", "version": 1, "type": "TRAINER_CREATED"},
+        }
+        with watch_dead_letters() as watch:
+            async with adapter:
+                for body in (unknown_type, unknown_store):
+                    await raw.xadd(adapter.stream_key, {"body": json.dumps(body), "replay": "0"})
+                async with adapter.consuming():
+                    await bus.publish_message(caught(1))
+                    await catches.wait_for(1)
+                    await everything.wait_for(1)
+                    await watch.wait_for(1)
+                catches_dead = f"{adapter.stream_key}:listener:catches:dead-letters"
+                everything_dead = f"{adapter.stream_key}:listener:everything:dead-letters"
+                assert await raw.xlen(catches_dead) == 0
+                assert await raw.xlen(everything_dead) == 1
+                assert await group_pending(raw, adapter.stream_key, "catches") == 0
+        assert catches.messages == everything.messages == [caught(1)]
+        assert len(watch.records) == 1
 
     async def test_listener_gets_what_was_published_while_no_consumer_ran(
         self, prefix: str

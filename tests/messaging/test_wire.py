@@ -1,4 +1,4 @@
-"""Notification channels parse wire bodies in one pass, with the channel's own results."""
+"""Notification channels parse wire bodies in one pass; bus consumers route on raw bodies."""
 
 from __future__ import annotations
 
@@ -9,10 +9,21 @@ from functools import partial
 from typing import Any, Literal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from castore_pydantic import Event, EventStore
 from castore_pydantic._serialization import EventLimits
-from castore_pydantic.messaging import MessageChannel, NotificationMessage, NotificationMessageQueue
+from castore_pydantic.messaging import (
+    AggregateExistsMessage,
+    FilterPattern,
+    Message,
+    MessageChannel,
+    NotificationMessage,
+    NotificationMessageQueue,
+    matches,
+)
+from castore_pydantic.messaging._wire import body_matches
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from tests.domain import Pokemon, PokemonAppeared, make_store
 from tests.messaging.redis_support import caught, notification
@@ -163,3 +174,60 @@ class TestWireParsing:
         result = outcome(channel.parse_message, long_name)
         assert result == outcome(general(channel), long_name)
         assert result[0] == "error"
+
+
+_PATTERNS: list[FilterPattern] = [
+    {},
+    {"on_replay": True},
+    {"event_type": "POKEMON_CAUGHT"},
+    {"event_store_id": "POKEMONS"},
+    {"event_store_id": "RIVALS", "on_replay": True},
+    {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"},
+    {"event_store_id": "POKEMONS", "event_type": "POKEMON_APPEARED", "on_replay": True},
+]
+_MESSAGES: list[Message] = [
+    notification(1),
+    caught(2),
+    notification(3, event_store_id="RIVALS"),
+    AggregateExistsMessage(
+        event_store_id="POKEMONS", aggregate_id="a", initial_event_timestamp=datetime.now(UTC)
+    ),
+]
+
+
+class TestRoutingFromTheBody:
+    @given(
+        patterns=st.lists(st.sampled_from(_PATTERNS), max_size=3),
+        message=st.sampled_from(_MESSAGES),
+        replay=st.booleans(),
+    )
+    def test_agrees_with_matches(
+        self, patterns: list[FilterPattern], message: Message, replay: bool
+    ) -> None:
+        """Read from the JSON body, the filter patterns select what ``matches`` selects."""
+        expected = any(matches(pattern, message, replay) for pattern in patterns)
+        assert body_matches(patterns, message.model_dump_json().encode(), replay) is expected
+
+    def test_skips_unknown_types_and_stores_it_was_not_asked_for(self) -> None:
+        """A body no event store of this service could validate is still routed."""
+        typed: FilterPattern = {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"}
+        evolved = body(notification(1), event={"type": "POKEMON_EVOLVED", "unknown": [1]})
+        trainer = body(notification(1), eventStoreId="TRAINERS")
+        assert body_matches([typed], evolved, False) is False
+        assert body_matches([typed], trainer, False) is False
+        assert body_matches([{"event_store_id": "POKEMONS"}], evolved, False) is True
+
+    def test_reads_both_spellings(self) -> None:
+        """The snake_case keys a channel accepts route as the camelCase ones do."""
+        snake = json.dumps({"event_store_id": "RIVALS", "event": {"type": "X"}}).encode()
+        assert body_matches([{"event_store_id": "RIVALS"}], snake, False) is True
+        assert body_matches([{"event_store_id": "POKEMONS"}], snake, False) is False
+
+    @pytest.mark.parametrize(
+        "raw", [b"not json", b"[]", b'{"eventStoreId": 1}', b'{"eventStoreId": "P", "event": 2}']
+    )
+    def test_an_unreadable_body_is_left_to_validation(self, raw: bytes) -> None:
+        """Unreadable routing fields give None when a pattern needs them, else no reading."""
+        assert body_matches([{"event_store_id": "POKEMONS"}], raw, False) is None
+        assert body_matches([{}], raw, False) is True
+        assert body_matches([{"event_store_id": "POKEMONS"}], raw, True) is False
