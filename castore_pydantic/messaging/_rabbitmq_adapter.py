@@ -732,8 +732,9 @@ class RabbitMQAdapter:
         """The messages kept in the dead-letter queue(s), oldest first; they stay there.
 
         A queue adapter reads its queue's; a bus adapter those of its registered listeners.
-        A body that no longer validates is left out (and logged); inspect it with any AMQP
-        tool in ``<queue>.dead``.
+        Each queue is read as it was when its turn came: letters dead-lettered meanwhile are
+        left for the next call. A body that no longer validates is left out (and logged);
+        inspect it with any AMQP tool in ``<queue>.dead``.
 
         Raises:
             MessageBrokerUnavailableError: The broker cannot be reached.
@@ -744,7 +745,12 @@ class RabbitMQAdapter:
             # Read without acknowledging; closing the channel puts them all back, in order.
             async with self._admin_channel() as channel:
                 queue = await channel.declare_queue(subscription.dead_letter_queue, durable=True)
-                while (incoming := await queue.get(no_ack=False, fail=False)) is not None:
+                # Only as many as were there: while letters keep arriving, reading until the
+                # queue is empty would not end, holding every letter read unacknowledged.
+                for _ in range(queue.declaration_result.message_count or 0):
+                    incoming = await queue.get(no_ack=False, fail=False)
+                    if incoming is None:
+                        break
                     headers = incoming.headers or {}
                     try:
                         message = message_channel.parse_message(incoming.body)

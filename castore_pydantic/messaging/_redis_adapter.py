@@ -481,11 +481,18 @@ class RedisStreamsAdapter:
     # -- dead letters and housekeeping -----------------------------------------------------
 
     async def _read_stream(self, key: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """The entries of a stream up to its newest one when the call started."""
         client = self._redis()
+        newest: Any = await client.xrevrange(key, count=1)
+        if not newest:
+            return []
+        # Read up to that entry only: entries appended faster than they are read would
+        # otherwise keep the call going.
+        last = newest[0][0]
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         start: Any = "-"
         while True:
-            chunk: Any = await client.xrange(key, min=start, count=_READ_CHUNK)
+            chunk: Any = await client.xrange(key, min=start, max=last, count=_READ_CHUNK)
             entries.extend(chunk)
             if len(chunk) < _READ_CHUNK:
                 return entries
@@ -494,8 +501,10 @@ class RedisStreamsAdapter:
     async def dead_letters(self) -> list[DeadLetter]:
         """The messages whose handling failed on every attempt, oldest first per group.
 
-        A dead letter whose body no longer validates (for example an event type the store
-        dropped) is left in its stream and reported in the log instead.
+        Each dead-letter stream is read up to its newest letter when its turn came: letters
+        dead-lettered meanwhile are left for the next call. A dead letter whose body no
+        longer validates (for example an event type the store dropped) is left in its
+        stream and reported in the log instead.
 
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.

@@ -576,6 +576,53 @@ class TestPoisonMessages:
         assert len(watch.queues) == len(handler.poison)
 
 
+class TestDeadLettersWhileTheyArrive:
+    async def test_dead_letters_lists_what_was_there_and_returns(self, vhost: str) -> None:
+        """dead_letters() read until the dead-letter queue was empty: while a broken handler
+        kept dead-lettering, it never returned and held every letter read unacknowledged.
+        It now reads as many letters as the queue held when it started."""
+        queue = NotificationMessageQueue(
+            message_queue_id=f"dead-feed-{secrets.token_hex(3)}",
+            source_event_stores=[pokemon_store()],
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost))
+        body = notification(0).model_dump_json().encode()
+        headers: dict[str, Any] = {"x-error": "ValueError: boom", "x-attempts": 3}
+        stop = asyncio.Event()
+        async with adapter:
+            try:
+                dead = f"{adapter.queue_name}.dead"
+                async with await aio_pika.connect(vhost_url(vhost)) as connection:
+                    confirmed = await connection.channel()
+                    for _ in range(100):
+                        await confirmed.default_exchange.publish(
+                            aio_pika.Message(body, headers=headers), dead
+                        )
+                    unconfirmed = await connection.channel(publisher_confirms=False)
+
+                    async def feed() -> None:  # consumers dead-lettering a broken handler's work
+                        while not stop.is_set():
+                            for _ in range(200):
+                                await unconfirmed.default_exchange.publish(
+                                    aio_pika.Message(body, headers=headers), dead
+                                )
+                            await asyncio.sleep(0)
+
+                    feeder = asyncio.create_task(feed())
+                    try:
+                        async with finishes_within(10, "dead_letters()"):
+                            letters = await adapter.dead_letters()
+                    finally:
+                        stop.set()
+                        await feeder
+                assert len(letters) >= 100
+                assert {(letter.error, letter.attempts) for letter in letters} == {
+                    ("ValueError: boom", 3)
+                }
+            finally:
+                await adapter.purge()
+
+
 def closed_port() -> int:
     """A local TCP port nothing listens on."""
     with socket.socket() as probe:

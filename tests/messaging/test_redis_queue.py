@@ -22,6 +22,7 @@ from castore_pydantic.messaging import (
     NotificationMessageBus,
     NotificationMessageQueue,
 )
+from castore_pydantic.messaging import _redis_adapter as redis_adapter
 from castore_pydantic.messaging import _redis_consumer as redis_consumer
 from castore_pydantic.messaging.redis import RedisMessageQueueAdapter
 from tests.domain import appeared, make_store
@@ -663,6 +664,40 @@ class TestRedisMessageQueueAdapter:
                 assert await adapter.dead_letters() == []
                 retry_stream = next(iter(adapter._subscriptions())).retry_stream
                 assert await raw.xlen(retry_stream) == 30
+
+    async def test_dead_letters_lists_what_was_there_while_letters_keep_coming(
+        self, prefix: str, raw: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """dead_letters() read until a read came back short: with letters dead-lettered as
+        fast as it read them, it never returned. It now reads up to the newest letter there
+        was when it started."""
+        letter = {
+            "body": notification(1).model_dump_json(),
+            "replay": "0",
+            "attempts": "3",
+            "error": "ValueError: boom",
+        }
+
+        class DeadLetteringMeanwhile(Redis):
+            """A client under which other workers dead-letter two messages per read."""
+
+            async def xrange(self, name: Any, *args: Any, **kwargs: Any) -> Any:
+                if str(name).endswith(":dead-letters"):
+                    await raw.xadd(name, letter)
+                    await raw.xadd(name, letter)
+                return await super().xrange(name, *args, **kwargs)
+
+        monkeypatch.setattr(redis_adapter, "_READ_CHUNK", 2)  # reads of two letters
+        client = DeadLetteringMeanwhile.from_url(REDIS_URL)
+        adapter = RedisMessageQueueAdapter.attach_to(make_queue(), client, key_prefix=prefix)
+        try:
+            dead = f"{adapter.stream_key}:dead-letters"
+            for _ in range(3):
+                await raw.xadd(dead, letter)
+            letters = await asyncio.wait_for(adapter.dead_letters(), 5)
+        finally:
+            await client.aclose()
+        assert [(item.error, item.attempts) for item in letters] == [("ValueError: boom", 3)] * 3
 
     async def test_unreadable_entries_are_dead_lettered_without_calling_the_worker(
         self, prefix: str, raw: Redis
