@@ -4,8 +4,9 @@ A ``ConnectedEventStore`` publishes a message after every pushed event to a chan
 (``NotificationMessageQueue``, ``StateCarryingMessageBus``, ...). A channel carries its
 messages through an adapter: the in-memory ones in ``castore_pydantic.messaging.memory``, or
 real brokers in ``castore_pydantic.messaging.rabbitmq`` and ``castore_pydantic.messaging.redis``.
-Workers and bus listeners are called as ``await handler(message, context)`` with a
-``MessageContext``.
+Workers and bus listeners are called as ``handler(message, context)`` with a
+``MessageContext``, and what they return is awaited when it is awaitable (``async def``
+handlers, or plain functions as in Castore).
 """
 
 from castore_pydantic.messaging._channels import (

@@ -169,8 +169,9 @@ class MessageContext:
     replay: bool
 
 
-#: A queue worker or bus listener: ``async def handler(message, context) -> None``.
-MessageHandler: TypeAlias = Callable[[Any, MessageContext], Awaitable[None]]
+#: A queue worker or bus listener: ``async def handler(message, context) -> None``, or a
+#: plain function, as Castore allows (it runs on the event loop, so it must not block).
+MessageHandler: TypeAlias = Callable[[Any, MessageContext], Awaitable[None] | None]
 
 
 def _check_number(name: str, value: object, *, integer: bool) -> None:
@@ -250,7 +251,10 @@ class HandlerCancelledError(Exception):
 
 
 async def run_handler(handler: MessageHandler, message: Any, context: MessageContext) -> None:
-    """Await ``handler(message, context)``.
+    """Call ``handler(message, context)`` and await what it returns if that is awaitable.
+
+    A plain function is a handler too (Castore awaits whatever its workers return): its
+    ``None`` is not awaited, which would fail every delivery after the work was done.
 
     A handler that awaited something another task cancelled raises ``CancelledError``
     although nobody cancelled the handler's own task: that is the handler failing, and it
@@ -258,7 +262,9 @@ async def run_handler(handler: MessageHandler, message: Any, context: MessageCon
     failure. Cancelling the task itself (a worker stopping) still cancels it.
     """
     try:
-        await handler(message, context)
+        result = handler(message, context)
+        if inspect.isawaitable(result):
+            await result
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is None or task.cancelling():

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 try:
@@ -210,9 +210,12 @@ class _Listener:
             return self._handle_if_matching
         return self.handler if wanted else None
 
-    async def _handle_if_matching(self, message: Message, context: MessageContext) -> None:
+    def _handle_if_matching(
+        self, message: Message, context: MessageContext
+    ) -> Awaitable[None] | None:
         if any(matches(pattern, message, context.replay) for pattern in self.patterns):
-            await self.handler(message, context)
+            return self.handler(message, context)
+        return None
 
 
 class RedisMessageBusAdapter(RedisStreamsAdapter):

@@ -102,6 +102,22 @@ class TestInMemoryBus:
         assert await adapter.dead_letters() == []
         assert adapter.delivery_guarantee == "at-most-once"
 
+    async def test_a_plain_function_is_a_listener(self) -> None:
+        """A listener written without async (as Castore allows) had its None awaited: every
+        attempt failed after doing the work, which ran three times and was dead-lettered."""
+        bus = make_bus()
+        adapter = InMemoryMessageBusAdapter.attach_to(bus, retry_delay_in_ms=1)
+        effects: list[str] = []
+
+        def project(message: NotificationMessage, context: MessageContext) -> None:
+            effects.append(message.event.aggregate_id)
+
+        adapter.on({"event_store_id": "POKEMONS"}, project)
+        await bus.publish_message(notification())
+        await adapter.join()
+        assert effects == ["pikachu"]
+        assert await adapter.dead_letters() == []
+
     async def test_store_and_type_pattern(self) -> None:
         """B104: {event_store_id, event_type} receives only that store's events of that type."""
         bus = make_bus()

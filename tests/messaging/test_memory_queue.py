@@ -113,6 +113,40 @@ class TestInMemoryQueue:
         await adapter.join()
         assert worker.calls == []
 
+    async def test_a_plain_function_is_a_worker(self) -> None:
+        """A worker written without async (as Castore allows) had its None awaited: every
+        attempt failed after doing the work, which ran three times and was dead-lettered."""
+        queue = make_queue()
+        effects: list[tuple[str, MessageContext]] = []
+
+        def index(message: NotificationMessage, context: MessageContext) -> None:
+            effects.append((message.event.aggregate_id, context))
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=index, retry_delay_in_ms=1)
+        await queue.publish_message(caught())
+        await adapter.join()
+        assert effects == [("pikachu", MessageContext(1, 2, False))]
+        assert await adapter.dead_letters() == []
+
+    async def test_a_plain_function_that_raises_is_retried(self) -> None:
+        """A plain worker that raises fails its attempt like an async one."""
+        queue = make_queue()
+        contexts: list[MessageContext] = []
+
+        def fail(message: NotificationMessage, context: MessageContext) -> None:
+            contexts.append(context)
+            raise ValueError("boom")
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=fail, retry_attempts=1, retry_delay_in_ms=1
+        )
+        await queue.publish_message(caught())
+        await adapter.join()
+        assert [context.attempt for context in contexts] == [1, 2]
+        assert [(letter.error, letter.attempts) for letter in await adapter.dead_letters()] == [
+            ("ValueError: boom", 2)
+        ]
+
     async def test_default_context_and_replay(self) -> None:
         """B100: attempt 1, 2 retries left, replay False; replay=True is passed through."""
         queue = make_queue()

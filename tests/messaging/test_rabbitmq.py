@@ -621,6 +621,33 @@ class TestWorkers:
         assert inbox.messages == [notification(0)]
         assert inbox.contexts[0].attempt == 1  # not counted as a failed attempt
 
+    async def test_a_plain_function_is_a_worker(self, vhost: str) -> None:
+        """A worker written without async is called once; nothing is retried or dead."""
+        queue = NotificationMessageQueue(
+            message_queue_id="plain", source_event_stores=[pokemon_store()]
+        )
+        handled = asyncio.Event()
+        effects: list[MessageContext] = []
+
+        def index(message: Any, context: MessageContext) -> None:
+            effects.append(context)
+            handled.set()
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=index, retry_delay_in_ms=10
+        )
+        async with adapter:
+            try:
+                async with adapter.consuming():
+                    await queue.publish_message(notification(0))
+                    async with asyncio.timeout(20):
+                        await handled.wait()
+                assert effects == [MessageContext(attempt=1, retry_attempts_left=2, replay=False)]
+                assert await adapter.dead_letters() == []
+                assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+            finally:
+                await adapter.purge()
+
     async def test_a_new_worker_takes_over(self, vhost: str) -> None:
         """Setting adapter.worker while consuming hands the next messages to the new worker."""
         queue = NotificationMessageQueue(

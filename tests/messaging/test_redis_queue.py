@@ -101,6 +101,27 @@ class TestRedisMessageQueueAdapter:
             MessageContext(attempt=1, retry_attempts_left=2, replay=True),
         ]
 
+    async def test_a_plain_function_is_a_worker(self, prefix: str, raw: Redis) -> None:
+        """A worker written without async is called once and its entry acknowledged."""
+        queue = make_queue()
+        handled = asyncio.Event()
+        effects: list[MessageContext] = []
+
+        def index(message: Any, context: MessageContext) -> None:
+            effects.append(context)
+            handled.set()
+
+        # Without retries, a failed attempt is dead-lettered before the stop returns.
+        adapter = attach(queue, prefix, worker=index, retry_attempts=0)
+        async with adapter:
+            async with adapter.consuming():
+                await queue.publish_message(notification(1))
+                await asyncio.wait_for(handled.wait(), 10)
+            assert await adapter.dead_letters() == []
+        assert effects == [MessageContext(attempt=1, retry_attempts_left=0, replay=False)]
+        pending: Any = await raw.xpending(adapter.stream_key, "workers")
+        assert pending["pending"] == 0
+
     async def test_stream_entry_body_is_castores_json_message(
         self, prefix: str, raw: Redis
     ) -> None:
