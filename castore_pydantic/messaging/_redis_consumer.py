@@ -547,11 +547,14 @@ class StreamConsumer:
             await self._dead_letter(entry, entry.attempt - 1, describe_error(exc))
             return False
         if delivered is not None and delivered > self.options.max_deliveries:
+            # This delivery is not handled: the earlier ones of this entry were (their
+            # consumers died in the handler), and so were the failed attempts before it.
+            taken = delivered - 1
             await self._dead_letter(
                 entry,
-                entry.attempt,
-                f"delivered {delivered} times and never acknowledged: the consumers that "
-                "took it stopped before finishing it",
+                entry.attempt - 1 + taken,
+                f"taken {taken} times by consumers that stopped before finishing it "
+                f"(max_deliveries is {self.options.max_deliveries})",
             )
             return False
         policy = self.retry_policy

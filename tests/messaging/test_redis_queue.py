@@ -766,17 +766,24 @@ class TestRedisMessageQueueAdapter:
         assert recorder.messages == [notification(i) for i in range(len(attempts))]
         assert [context.attempt for _, context in recorder.calls] == [1, 1, 1, 1, 2]
 
-    @pytest.mark.parametrize("stable_name", [False, True], ids=["new-names", "stable-name"])
+    @pytest.mark.parametrize(
+        ("stable_name", "failed_before"),
+        [(False, False), (True, False), (False, True)],
+        ids=["new-names", "stable-name", "after-a-failed-attempt"],
+    )
     async def test_entry_whose_consumers_keep_dying_is_dead_lettered(
-        self, prefix: str, stable_name: bool
+        self, prefix: str, stable_name: bool, failed_before: bool
     ) -> None:
         """An entry taken over more than max_deliveries times is dead-lettered, not handled;
-        also when the worker restarts under one name and finds it among its own entries."""
+        also when the worker restarts under one name and finds it among its own entries,
+        and when it is the retry of an attempt that failed."""
         name = {"name": f"pod-{prefix[13:25]}"} if stable_name else {}
         kills = 0
 
         async def fatal(message: Any, context: MessageContext) -> None:
             nonlocal kills
+            if failed_before and context.attempt == 1:
+                raise ValueError("first attempt fails")
             kills += 1
             killed.set()
             task = asyncio.current_task()
@@ -807,7 +814,12 @@ class TestRedisMessageQueueAdapter:
                     letters = await adapter.dead_letters()
         assert kills == 2
         assert [letter.message for letter in letters] == [notification(1)]
-        assert letters[0].error.startswith("delivered 3 times and never acknowledged")
+        # The dead letter counts the times the worker ran, as every other dead letter does
+        # (it said 1, and "delivered 3 times", for a worker that ran twice).
+        assert letters[0].attempts == kills + failed_before
+        assert letters[0].error == (
+            "taken 2 times by consumers that stopped before finishing it (max_deliveries is 2)"
+        )
 
     async def test_consumer_survives_a_dropped_connection(self, prefix: str, raw: Redis) -> None:
         """When Redis drops the worker's connections, it reconnects and keeps consuming."""
