@@ -379,9 +379,21 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
     async def republish_dead_letters(self) -> int:
         """Hand the dead letters to the worker again (from attempt 1) and forget them.
 
+        Without a worker nothing is republished: the letters stay as they are (with their
+        errors), to be republished once a worker is set, and a warning is logged.
+
         Returns:
             How many messages were republished.
         """
+        if self._queue is None:
+            # Handed on now, each would be dead again at once, its error replaced.
+            if self._dead_letters:
+                logger.warning(
+                    "InMemoryMessageQueueAdapter has no worker: %d dead letter(s) left as "
+                    "they are; set adapter.worker, then republish them",
+                    len(self._dead_letters),
+                )
+            return 0
         letters = list(self._dead_letters)
         self._dead_letters.clear()
         for letter in letters:

@@ -270,6 +270,32 @@ class TestInMemoryQueue:
         assert letter.error == "no worker to retry the message"
         assert "no worker to retry" in caplog.text
 
+    async def test_republishing_without_a_worker_leaves_the_letters_alone(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Without a worker, republish_dead_letters() reported the letters republished, and
+        each was dead again at once with its error replaced. It now republishes nothing."""
+        queue = make_queue()
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=Worker(failures=1), retry_attempts=0
+        )
+        await queue.publish_message(caught())
+        await adapter.join()
+        letters = await adapter.dead_letters()
+        assert [letter.error for letter in letters] == ["RuntimeError: worker failed on attempt 1"]
+        adapter.worker = None
+        with caplog.at_level(logging.WARNING, logger="castore_pydantic.messaging"):
+            assert await adapter.republish_dead_letters() == 0
+        assert "no worker: 1 dead letter(s) left as they are" in caplog.text
+        await adapter.join()
+        assert await adapter.dead_letters() == letters
+        worker = Worker()
+        adapter.worker = worker
+        assert await adapter.republish_dead_letters() == 1
+        await adapter.join()
+        assert worker.messages == [caught()]
+        assert await adapter.dead_letters() == []
+
     async def test_aclose_cancels_pending_retries(self) -> None:
         """Closing drops waiting retries (at-most-once): join returns, the worker is not re-run."""
         queue = make_queue()
