@@ -325,12 +325,13 @@ class RedisStreamsAdapter:
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
         """Append several messages in order, with one Lua script call per 5,000 messages.
 
-        A script runs atomically, so no reader sees part of a call's messages.
+        Each script call runs atomically: readers see all of its messages or none. A larger
+        batch takes several calls, so readers may see its first chunks before the rest.
 
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached (a call whose request
-                never reached Redis appended nothing).
-            MessagingError: Redis refused a command.
+                never reached Redis appended nothing; the chunks before it stay appended).
+            MessagingError: Redis refused a command (the chunks before it stay appended).
         """
         if not messages:
             return

@@ -101,6 +101,22 @@ class TestRedisMessageQueueAdapter:
             MessageContext(attempt=1, retry_attempts_left=2, replay=True),
         ]
 
+    async def test_a_large_batch_is_appended_in_whole_chunks(self, prefix: str, raw: Redis) -> None:
+        """A reader sees a batch of 12,000 grow by whole chunks of 5,000, never in between
+        (the docs said no reader ever saw part of a batch, which holds per chunk only)."""
+        queue = make_queue()
+        adapter = attach(queue, prefix)
+        messages = [notification(index) for index in range(12_000)]
+        async with adapter:
+            publishing = asyncio.create_task(queue.publish_messages(messages))
+            seen = set()
+            while not publishing.done():
+                seen.add(await raw.xlen(adapter.stream_key))
+            await publishing
+            seen.add(await raw.xlen(adapter.stream_key))
+        assert seen <= {0, 5000, 10_000, 12_000}
+        assert 12_000 in seen
+
     async def test_a_plain_function_is_a_worker(self, prefix: str, raw: Redis) -> None:
         """A worker written without async is called once and its entry acknowledged."""
         queue = make_queue()
