@@ -195,7 +195,12 @@ class _InMemoryAdapter:
         self._consuming = False
 
     async def purge(self) -> None:
-        """Forget pending retries and dead letters (a test helper)."""
+        """Drop everything pending and the dead letters (a test helper).
+
+        Messages waiting for a worker and scheduled retries are dropped, handlers running
+        now are cancelled, and the dead letters are forgotten. The adapter stays usable:
+        messages published afterwards are handled as usual.
+        """
         await self._cancel_all()
         self._dead_letters.clear()
 

@@ -296,6 +296,25 @@ class TestInMemoryQueue:
         assert worker.messages == [caught()]
         assert await adapter.dead_letters() == []
 
+    async def test_purge_drops_waiting_messages_and_cancels_the_running_handler(self) -> None:
+        """purge() said it forgot retries and dead letters; it also cancels the handler in
+        flight and drops the messages waiting for the worker, as its docstring now says."""
+        queue = make_queue()
+        worker = Worker(gate=asyncio.Event())
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
+        await queue.publish_messages([caught("a"), caught("b"), caught("c")])
+        await worker.called.wait()
+        await adapter.purge()
+        await asyncio.wait_for(adapter.join(), 1)
+        assert worker.active == 0  # cancelled, not finished: its gate never opened
+        assert [m.event.aggregate_id for m in worker.messages] == ["a"]  # type: ignore[union-attr]
+        assert await adapter.dead_letters() == []
+        assert worker.gate is not None
+        worker.gate.set()
+        await queue.publish_message(caught("d"))  # still usable afterwards
+        await adapter.join()
+        assert [m.event.aggregate_id for m in worker.messages] == ["a", "d"]  # type: ignore[union-attr]
+
     async def test_aclose_cancels_pending_retries(self) -> None:
         """Closing drops waiting retries (at-most-once): join returns, the worker is not re-run."""
         queue = make_queue()
