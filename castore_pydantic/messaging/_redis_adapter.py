@@ -121,6 +121,8 @@ class RedisStreamsAdapter:
         # closed (once that handler's consumer has ended).
         self._background: set[asyncio.Task[None]] = set()
         self._consuming = False
+        # Set while start_consuming connects, before its consumers exist.
+        self._starting: asyncio.Event | None = None
         self._connected = False
         # Listeners registered on a connected adapter, whose consumer groups are being created.
         self._joining: set[asyncio.Task[None]] = set()
@@ -377,17 +379,24 @@ class RedisStreamsAdapter:
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
+        while self._starting is not None:  # another call is starting them: its outcome
+            await self._starting.wait()
         if self._consuming:
             return
-        # Consumers still finishing a handler after a stop run under the same name in the
-        # same groups: a new one would take their entries in flight as its own, to redo.
-        current = asyncio.current_task()
-        if retiring := [task for task in self._retiring if task is not current]:
-            await asyncio.wait(retiring)
-        await self.connect()
-        self._consuming = True
-        for subscription in self._subscriptions():
-            self._start_consumer(subscription)
+        starting = self._starting = asyncio.Event()
+        try:
+            # Consumers still finishing a handler after a stop run under the same name in
+            # the same groups: a new one would take their entries in flight as its own.
+            current = asyncio.current_task()
+            if retiring := [task for task in self._retiring if task is not current]:
+                await asyncio.wait(retiring)
+            await self.connect()
+            self._consuming = True
+            for subscription in self._subscriptions():
+                self._start_consumer(subscription)
+        finally:
+            self._starting = None
+            starting.set()
 
     def _start_consumer(self, subscription: Subscription) -> None:
         """Start the consumer of ``subscription``'s group unless this adapter runs one.
@@ -420,6 +429,8 @@ class RedisStreamsAdapter:
         Entries already read but not started are handed back at once, so other consumers
         take them over without waiting for ``reclaim_idle_ms``. Safe to call when not
         consuming, and more than once: every call waits until the consumers have ended.
+        Called while ``start_consuming`` connects, it waits for the consumers to start, then
+        stops them.
         If this call is cancelled (``asyncio.timeout``), it does what the end of a grace
         period does before passing the cancellation on. Called by a handler, it returns at
         once; that handler's consumer stops once the handler returned.
@@ -429,6 +440,12 @@ class RedisStreamsAdapter:
                 their messages handed back, to be delivered again without counting an
                 attempt. ``None`` waits as long as they run.
         """
+        current = asyncio.current_task()
+        inside = current in self._retiring or any(c.task is current for c in self._consumers)
+        if self._starting is not None and not inside:
+            # Returning now would let the start finish afterwards: consumers would run after
+            # the stop (or aclose) returned.
+            await self._starting.wait()
         self._consuming = False
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
@@ -437,7 +454,7 @@ class RedisStreamsAdapter:
             if task is not None and not task.done():
                 self._retiring[task] = consumer
                 task.add_done_callback(self._forget_retired)
-        if asyncio.current_task() in self._retiring:
+        if current in self._retiring:
             # Called by a handler, on its consumer's task: waiting here for that consumer
             # would wait for ever. A grace period is applied by a task of its own.
             if grace_period is not None:

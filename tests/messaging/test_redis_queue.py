@@ -405,6 +405,20 @@ class TestRedisMessageQueueAdapter:
         assert entry["times_delivered"] == 0
         await no_connections_left(raw, f"castore:{adapter.consumer_name}")
 
+    async def test_a_stop_during_the_start_stops_what_it_started(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """aclose() while start_consuming was still connecting returned at once, and the
+        consumers started afterwards ran on. The stop now waits for the start, then stops."""
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=Recorder(), name=f"starting-{prefix[13:25]}")
+        starting = asyncio.create_task(adapter.start_consuming())
+        await asyncio.sleep(0)  # the start is connecting
+        await adapter.aclose()
+        await starting
+        assert not adapter.is_consuming
+        await no_connections_left(raw, f"castore:{adapter.consumer_name}")
+
     async def test_a_restart_waits_for_the_handler_the_stop_left_running(self, prefix: str) -> None:
         """Started again while a handler that stopped its adapter still ran, a new consumer
         under the same name took that handler's entry as its own and handled it again."""
