@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +16,14 @@ from click.testing import Result
 
 from castore_pydantic.cli import EXIT_USAGE
 from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
-from tests.test_cli import POKEMONS, castore, one_line_error, pokemon_lines, seed
+from tests.test_cli import (
+    POKEMONS,
+    REPO_ROOT,
+    castore,
+    one_line_error,
+    pokemon_lines,
+    seed,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs (POSIX)")
 
@@ -139,6 +148,73 @@ class TestExportOutput:
         assert directory.is_dir()
         assert list(directory.iterdir()) == []
         assert list(tmp_path.glob("*.partial")) == []
+
+
+needs_proc = pytest.mark.skipif(
+    not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)"
+)
+
+
+@needs_proc
+class TestExportToADescriptor:
+    """-o naming an open descriptor writes through it, as the shell opened it."""
+
+    def test_dev_stdout_appended_to_a_file_keeps_the_file(self, url: str, tmp_path: Path) -> None:
+        """`castore export -o /dev/stdout >> all.jsonl` appends and keeps the earlier lines,
+        and what is written to stdout afterwards still reaches the file. (The path resolved
+        to the file itself, which was replaced: earlier and later lines were lost.)"""
+        target = tmp_path / "all.jsonl"
+        target.write_bytes(b"earlier line\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASTORE_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        command = [sys.executable, "-m", "castore_pydantic", "export", "-s", POKEMONS]
+        with target.open("ab") as appended:
+            completed = subprocess.run(
+                [*command, "--url", url, "-o", "/dev/stdout"],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=appended,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            appended.write(b"later line\n")
+        assert completed.returncode == 0, completed.stderr
+        assert target.read_bytes() == b"earlier line\n" + pokemon_lines() + b"later line\n"
+        # The events went to stdout, so the summary goes to stderr, as with -o -.
+        assert "Exported 5 events of 3 aggregates to /dev/stdout." in completed.stderr
+
+    @pytest.mark.parametrize("spelling", ["/dev/fd/{}", "/proc/self/fd/{}", "link to /dev/fd/{}"])
+    def test_descriptor_paths_append_to_the_open_file(
+        self, url: str, tmp_path: Path, spelling: str
+    ) -> None:
+        """/dev/fd/N, /proc/self/fd/N and a link to one write to descriptor N, in the mode
+        it was opened with (appending here), and leave its file in place."""
+        target = tmp_path / "all.jsonl"
+        target.write_bytes(b"earlier line\n")
+        with target.open("ab") as appended:
+            path = spelling.removeprefix("link to ").format(appended.fileno())
+            if spelling.startswith("link to "):
+                link = tmp_path / "out.jsonl"
+                link.symlink_to(path)
+                path = str(link)
+            result = export_to(url, Path(path))
+            appended.write(b"later line\n")
+        assert result.exit_code == 0, result.output
+        assert target.read_bytes() == b"earlier line\n" + pokemon_lines() + b"later line\n"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".jsonl")) == (
+            ["all.jsonl", "out.jsonl"] if spelling.startswith("link to ") else ["all.jsonl"]
+        )
+
+    def test_a_descriptor_that_is_not_open_is_a_usage_error(self, url: str) -> None:
+        """-o /dev/fd/N for a descriptor the shell did not open is a usage error naming it."""
+        import resource  # POSIX only, as this module
+
+        closed = resource.getrlimit(resource.RLIMIT_NOFILE)[0]  # beyond every open one
+        result = castore("export", "-s", POKEMONS, "--url", url, "-o", f"/dev/fd/{closed}")
+        assert result.exit_code == EXIT_USAGE
+        assert f"cannot write '/dev/fd/{closed}'" in one_line_error(result)
 
 
 class TestImportSource:

@@ -3,14 +3,18 @@
 A regular file that ``export`` writes is written aside and renamed into place, so that a
 failed export leaves the previous file as it was. Anything else a path can name (a FIFO, a
 terminal, ``/dev/null``) is opened and written: renaming a file over it would replace the
-node itself instead of feeding it. ``import`` reads its input twice (validate, then write);
-input that cannot be read again (stdin, a pipe) is copied into a spool on the first pass.
+node itself instead of feeding it. A path that names one of the process's open descriptors
+(``/dev/stdout``, ``/dev/fd/3``, ``/proc/self/fd/1``) is written through that descriptor,
+as shells do: its file may be regular, but the shell opened it for us, appending or not.
+``import`` reads its input twice (validate, then write); input that cannot be read again
+(stdin, a pipe) is copied into a spool on the first pass.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 import sys
@@ -25,8 +29,53 @@ from castore_pydantic.cli._running import EXIT_USAGE, CliError
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
 
 
+#: How many symbolic links are followed, at most, to find the descriptor a path names.
+_MAX_LINKS = 40
+
+#: The descriptors ``/dev`` names.
+_STANDARD_STREAMS = {"stdin": 0, "stdout": 1, "stderr": 2}
+
+
 def _unwritable(path: str, exc: OSError) -> CliError:
     return CliError(EXIT_USAGE, f"cannot write {path!r}: {exc.strerror or exc}")
+
+
+def _descriptor_directory(directory: str) -> bool:
+    """Whether ``directory`` (without symbolic links) lists this process's descriptors."""
+    pid = os.getpid()
+    return (
+        directory == "/dev/fd"
+        or re.fullmatch(rf"/proc/{pid}(?:/task/\d+)?/fd", directory) is not None
+    )
+
+
+def descriptor_named(path: str) -> int | None:
+    """The open descriptor of this process that ``path`` names, if it names one.
+
+    ``/dev/stdout``, ``/dev/stderr``, ``/dev/fd/N``, ``/proc/self/fd/N`` and symbolic links
+    that lead to one of them. On Linux such a path resolves to the descriptor's file, which
+    may be a regular file the shell opened (``>> all.jsonl``); replacing or truncating that
+    file would lose what the shell was asked to keep.
+    """
+    current = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    for _ in range(_MAX_LINKS):
+        parent, name = os.path.split(current)
+        parent = os.path.realpath(parent)
+        if parent == "/dev" and name in _STANDARD_STREAMS:
+            return _STANDARD_STREAMS[name]
+        if name.isdigit() and name.isascii() and _descriptor_directory(parent):
+            return int(name)
+        try:
+            target = os.readlink(current)
+        except OSError:  # not a link (or not one that can be read): a file's path
+            return None
+        current = os.path.join(parent, target)
+    return None
+
+
+def writes_to_stdout(path: str) -> bool:
+    """Whether ``export -o path`` writes its events to stdout (``-``, ``/dev/stdout``, ...)."""
+    return path == "-" or descriptor_named(path) == 1
 
 
 @contextlib.contextmanager
@@ -35,11 +84,12 @@ def output_file(path: str) -> Iterator[IO[bytes]]:
 
     A regular file (or a missing one) is written aside and renamed into place when the
     body succeeds; a symbolic link's target is what gets replaced. The replaced file keeps
-    its permissions; a new file gets the usual ones (``0o666`` less the umask).
+    its permissions; a new file gets the usual ones (``0o666`` less the umask). A path that
+    names an open descriptor (``/dev/stdout``, ``/dev/fd/N``) is written through it.
 
     Raises:
-        CliError: The path is a directory, its directory does not exist, or it cannot be
-            written (exit code 2).
+        CliError: The path is a directory, its directory does not exist, it names a
+            descriptor that is not open, or it cannot be written (exit code 2).
     """
     if path == "-":
         yield sys.stdout.buffer
@@ -47,6 +97,16 @@ def output_file(path: str) -> Iterator[IO[bytes]]:
         return
     if not path:
         raise CliError(EXIT_USAGE, "--output is empty: give a file path, or - for stdout")
+    descriptor = descriptor_named(path)
+    if descriptor is not None:
+        try:
+            # A copy of the descriptor: its file, offset and append mode, as the shell made it.
+            shared = os.fdopen(os.dup(descriptor), "wb")
+        except OSError as exc:
+            raise _unwritable(path, exc) from exc
+        with shared:
+            yield shared
+        return
     try:
         found: os.stat_result | None = os.stat(path)  # follows symbolic links
     except FileNotFoundError:

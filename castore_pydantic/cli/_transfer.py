@@ -14,7 +14,7 @@ from rich.progress import Progress, TaskID
 
 from castore_pydantic import EventStore, GroupedEvent
 from castore_pydantic.cli._app import TIMESTAMP, cli, json_option, progress_option, store_options
-from castore_pydantic.cli._files import input_source, output_file
+from castore_pydantic.cli._files import input_source, output_file, writes_to_stdout
 from castore_pydantic.cli._loading import Target, iter_aggregate_ids, iter_events
 from castore_pydantic.cli._running import (
     EXIT_CONFLICT,
@@ -84,20 +84,22 @@ def export_command(
     """
 
     async def work() -> tuple[int, int]:
-        target = Target(store, url, table, timeout)
         exported_events = exported_aggregates = 0
-        async with target.opened() as working:
-            unlisted: list[str] = []
-            if after is None and before is None:
-                unlisted = await _unlisted_aggregate_ids(working)
-            with progress_bar(progress) as bar:
-                total = None
-                if not bar.disable:
-                    total = len(unlisted)
-                    async for _ in iter_aggregate_ids(working, after=after, before=before):
-                        total += 1
-                task = bar.add_task(f"Exporting {working.event_store_id}", total=total)
-                with output_file(output) as sink:
+        # The output first: a descriptor that -o names (/dev/fd/3) must be the one the shell
+        # opened, not one the store's module or adapter opens under the same number.
+        with output_file(output) as sink:
+            target = Target(store, url, table, timeout)
+            async with target.opened() as working:
+                unlisted: list[str] = []
+                if after is None and before is None:
+                    unlisted = await _unlisted_aggregate_ids(working)
+                with progress_bar(progress) as bar:
+                    total = None
+                    if not bar.disable:
+                        total = len(unlisted)
+                        async for _ in iter_aggregate_ids(working, after=after, before=before):
+                            total += 1
+                    task = bar.add_task(f"Exporting {working.event_store_id}", total=total)
                     listed = iter_aggregate_ids(working, after=after, before=before)
                     async for aggregate_id in _then(listed, unlisted):
                         async for event in iter_events(working, aggregate_id):
@@ -110,11 +112,11 @@ def export_command(
 
     exported_events, exported_aggregates = run(work)
     summary = {"exportedEvents": exported_events, "exportedAggregates": exported_aggregates}
-    to_stderr = output == "-"
+    to_stderr = writes_to_stdout(output)  # the events went to stdout: keep it for them
     if as_json:
         click.echo(json.dumps(summary), err=to_stderr)
     else:
-        where = "stdout" if to_stderr else output
+        where = "stdout" if output == "-" else output
         click.echo(
             f"Exported {plural(exported_events, 'event')} of "
             f"{plural(exported_aggregates, 'aggregate')} to {where}.",
