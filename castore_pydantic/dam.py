@@ -15,7 +15,8 @@ poured, however large the stores are (fetches shrink to one event as that budget
 costs more queries when very many aggregates interleave). This assumes, as
 Castore does, that an aggregate's timestamps do not go down as its versions go up (what
 ``push_event`` produces); otherwise its events are still poured in version order, each when
-its predecessors have been poured.
+its predecessors have been poured. So every event of a listed aggregate is read, also after
+``to``: a later version may have an earlier timestamp, back in the range, and is poured.
 """
 
 from __future__ import annotations
@@ -522,10 +523,9 @@ class _Merge:
             await self._list_enough()
             if not self.heap:
                 return
-            timestamp, _, _, version, _, stream = self.heap[0]
-            if self.end is not None and timestamp > self.end:
-                return  # every stream's next event is later than the range
-            heapq.heappop(self.heap)
+            # Past ``end`` the merge goes on: an aggregate's timestamps may go down again
+            # (explicit timestamps, clock skew, imports), back into the range.
+            timestamp, _, _, version, _, stream = heapq.heappop(self.heap)
             if not stream.buffer:
                 await self._refill(stream)
                 if not stream.buffer:

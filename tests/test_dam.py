@@ -295,6 +295,31 @@ class TestPourEventStoreEvents:
         await pour_event_store_events(event_store=await seeded(events), message_channel=channel)
         assert [(a, v) for _, a, v in channel.events()] == [("a", 1), ("b", 1), ("b", 2), ("c", 1)]
 
+    async def test_to_keeps_a_version_stamped_back_into_the_range(self) -> None:
+        """A version stamped earlier than the one before it (explicit timestamps, clock
+        skew, an import) is poured when it is in the range, even after one past ``to``,
+        as ``pour_aggregate_events`` pours it. (The pour stopped at the first event past
+        ``to`` and never delivered it.)"""
+        events = [
+            appeared("a", at(1)),
+            leveled("a", 2, at(5)),
+            leveled("a", 3, at(2)),
+            appeared("b", at(3)),
+        ]
+        store = await seeded(events)
+        channel = Recorder()
+        result = await pour_event_store_events(
+            event_store=store, message_channel=channel, filters={"to": at(3)}
+        )
+        # In version order: version 3 comes once version 2 has had its turn (skipped).
+        assert [(a, v) for _, a, v in channel.events()] == [("a", 1), ("b", 1), ("a", 3)]
+        assert result.poured_event_count == 3
+        one = Recorder()
+        await pour_aggregate_events(
+            event_store=store, message_channel=one, aggregate_id="a", filters={"to": at(3)}
+        )
+        assert [(a, v) for _, a, v in one.events()] == [("a", 1), ("a", 3)]
+
     async def test_nothing_matched(self) -> None:
         """No event in range: the count is 0 but the scan still names what was listed."""
         channel = Recorder()
@@ -480,6 +505,76 @@ def test_order_matches_a_sort_whatever_the_paging(
         ]
 
     assert asyncio.run(pour()) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    histories=st.lists(
+        st.tuples(
+            st.integers(0, 1),  # store
+            st.sampled_from("abcdefgh"),  # aggregate id
+            st.lists(st.integers(-3, 3), min_size=1, max_size=4),  # ms steps, down too
+            st.integers(0, 5),  # initial instant (ms)
+        ),
+        max_size=12,
+        unique_by=lambda h: (h[0], h[1]),
+    ),
+    start=st.none() | st.integers(0, 8),
+    end=st.none() | st.integers(0, 8),
+    headless=st.sets(st.integers(0, 11), max_size=4),
+)
+def test_every_event_in_range_is_poured_whatever_the_timestamps(
+    histories: list[tuple[int, str, list[int], int]],
+    start: int | None,
+    end: int | None,
+    headless: set[int],
+) -> None:
+    """With timestamps that go down as versions go up, a pour still publishes every event
+    in the range of every aggregate it lists (``to`` bounds listing by the initial event,
+    as in Castore; aggregates without a version-1 event are all poured), each aggregate's
+    events in version order."""
+    base = datetime(2024, 1, 1, tzinfo=UTC)
+    low = None if start is None else base + timedelta(milliseconds=start)
+    high = None if end is None else base + timedelta(milliseconds=max(end, start or 0))
+    expected: set[tuple[int, str, int]] = set()
+    events: list[list[Event]] = [[], []]
+    for index, (store, aggregate_id, steps, first) in enumerate(histories):
+        ts = base + timedelta(milliseconds=first)
+        listed = index in headless or high is None or ts <= high
+        for version, step in enumerate(steps, start=1):
+            ts += timedelta(milliseconds=step if version > 1 else 0)
+            if version == 1 and index in headless:
+                continue
+            event = (
+                appeared(aggregate_id, ts) if version == 1 else leveled(aggregate_id, version, ts)
+            )
+            events[store].append(event)
+            if listed and (low is None or ts >= low) and (high is None or ts <= high):
+                expected.add((store, aggregate_id, version))
+    names = ("POKEMONS", "TRAINERS")
+
+    async def pour() -> list[tuple[int, str, int]]:
+        stores = [await seeded(events[i], names[i]) for i in (0, 1)]
+        channel = Recorder()
+        filters: dam.PourFilters = {}
+        if low is not None:
+            filters["from"] = low
+        if high is not None:
+            filters["to"] = high
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(dam, "_PAGE_SIZE", 2)
+            patch.setattr(dam, "_MAX_CHUNK", 2)
+            patch.setattr(dam, "_BUFFER_BUDGET", 3)
+            await pour_event_store_collection_events(
+                event_stores=stores, message_channel=channel, filters=filters
+            )
+        return [(names.index(s), a, v) for s, a, v in channel.events()]
+
+    poured = asyncio.run(pour())
+    assert sorted(poured) == sorted(expected)
+    for key in {(s, a) for s, a, _ in poured}:
+        versions = [v for s, a, v in poured if (s, a) == key]
+        assert versions == sorted(versions)
 
 
 async def test_buffered_events_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
