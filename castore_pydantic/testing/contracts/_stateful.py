@@ -5,6 +5,11 @@ random pushes (some conflicting, some forced), event groups, reads with random o
 paged listings, and compares every result, errors included, with what a few dicts say it
 should be. Hypothesis shrinks a failure to a short program of calls.
 
+When two adapters from the factory share their storage (a database file or server; not the
+in-memory adapter, whose instances each hold their own), the members of event groups are
+spread over two adapter instances, so that a group is checked to be one transaction across
+instances too.
+
 Use it from a test module::
 
     from castore_pydantic.testing.contracts import make_adapter_state_machine
@@ -37,7 +42,11 @@ from pydantic import BaseModel, ConfigDict
 from castore_pydantic._aggregate import Aggregate
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
-from castore_pydantic._types import AggregateIdEntry, EventStorageAdapter
+from castore_pydantic._types import (
+    AggregateIdEntry,
+    EventStorageAdapter,
+    ListAggregateIdsResult,
+)
 from castore_pydantic.errors import EventAlreadyExistsError, InvalidPageTokenError
 from castore_pydantic.testing.contracts._storage import AdapterFactory
 
@@ -148,8 +157,10 @@ _BODIES = st.builds(
     text=_TEXT,
     metadata=st.none() | st.dictionaries(_TEXT, _TEXT, max_size=2),
 )
+# Which adapter instance a group member is written through (when there are two).
+_INSTANCES = st.integers(0, 1)
 _MEMBERS = st.lists(
-    st.tuples(_STORES, _AGGREGATE_IDS, _VERSION_CHOICES, st.integers(0, 9), _BODIES),
+    st.tuples(_STORES, _AGGREGATE_IDS, _VERSION_CHOICES, st.integers(0, 9), _BODIES, _INSTANCES),
     min_size=1,
     max_size=4,
 )
@@ -165,17 +176,43 @@ _MALFORMED_TOKENS = st.sampled_from(
 )
 
 
+@dataclass(frozen=True)
+class _Override:
+    """Options given next to a page token; ``None`` keeps the token's."""
+
+    limit: int | None = None
+    after: datetime | None = None
+    before: datetime | None = None
+    reverse: bool | None = None
+
+
+_OVERRIDES = st.builds(
+    _Override,
+    limit=st.none() | st.integers(1, 3),
+    after=st.none() | _INSTANTS,
+    before=st.none() | _INSTANTS,
+    reverse=st.none() | st.booleans(),
+)
+
+
 @dataclass
 class _OpenListing:
-    """A listing whose next page is fetched by a later step."""
+    """The effective options of a listing, and where its next page starts."""
 
     store: int
-    limit: int
+    limit: int | None
     after: datetime | None
     before: datetime | None
     reverse: bool
-    token: str
-    cursor: AggregateIdEntry
+    token: str | None = None
+    cursor: AggregateIdEntry | None = None
+
+    def override(self, given: _Override) -> None:
+        """Take the options given next to the token (the next token carries them)."""
+        self.limit = self.limit if given.limit is None else given.limit
+        self.after = self.after if given.after is None else given.after
+        self.before = self.before if given.before is None else given.before
+        self.reverse = self.reverse if given.reverse is None else given.reverse
 
 
 class EventStorageAdapterStateMachine(RuleBasedStateMachine):
@@ -194,9 +231,11 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
     overwrites; ``get_events`` honours inclusive version bounds, ``limit`` (``0`` gives none)
     and ``reverse``; ``list_aggregate_ids`` orders by ``(initial event timestamp, aggregate id)``
     in code point order, honours inclusive bounds, ``limit``, ``reverse`` and explicit options
-    next to a page token, sets ``next_page_token`` exactly when more aggregates remain, and a
-    listing continued after later writes returns what comes after its cursor; a malformed
-    token raises ``InvalidPageTokenError``.
+    next to a page token (a limit, bounds, a direction: they override the token's from its
+    cursor on), sets ``next_page_token`` exactly when more aggregates remain, and a listing
+    continued after later writes returns what comes after its cursor; a malformed token
+    raises ``InvalidPageTokenError``. Groups are written through two adapter instances when
+    the factory's adapters share their storage (see the module's documentation).
     """
 
     def __init__(self) -> None:
@@ -211,14 +250,12 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
             raise
         run = uuid.uuid4().hex[:12]
         self.stores: tuple[EventStore[Tally, NoteTaken | NotesCleared], ...] = tuple(
-            EventStore(
-                event_store_id=f"SM{run}{name}",
-                event_types=[NoteTaken, NotesCleared],
-                reducer=reduce_tally,
-                event_storage_adapter=self._adapter,
-            )
-            for name in ("A", "B")
+            self._twin(f"SM{run}{name}", self._adapter) for name in ("A", "B")
         )
+        # The same stores through a second adapter instance, once a group needs them.
+        self._peer: EventStorageAdapter | None = None
+        self._peer_stores: tuple[EventStore[Tally, NoteTaken | NotesCleared], ...] | None = None
+        self._run_id = run
         # (store index, aggregate id) -> version -> event
         self.model: dict[tuple[int, str], dict[int, Event]] = {}
         self.open_listing: _OpenListing | None = None
@@ -234,10 +271,11 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
         )
 
     def teardown(self) -> None:
-        """Close the adapter, then the event loop."""
+        """Close the adapters, then the event loop."""
         try:
-            if self._adapter is not None:
-                self._run(self._adapter.aclose())
+            for adapter in (self._peer, self._adapter):
+                if adapter is not None:
+                    self._run(adapter.aclose())
         finally:
             self._close_loop()
 
@@ -256,6 +294,47 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
 
     def _store_id(self, store: int) -> str:
         return self.stores[store].event_store_id
+
+    def _group_stores(
+        self,
+    ) -> tuple[tuple[EventStore[Tally, NoteTaken | NotesCleared], ...], ...]:
+        """The stores through each adapter instance a group may use.
+
+        Two instances when a second adapter from the factory shares the first one's
+        storage (an event pushed through one reads back through the other), else one.
+        """
+        if self._peer_stores is None:
+            peer = self._run(self._run(self.make_adapter()).__aenter__())
+            probe = f"SM{self._run_id}P"
+            pushed = self._run(
+                self._twin(probe, self._adapter).push_event(
+                    NotesCleared(aggregate_id="probe", version=1)
+                )
+            )
+            seen = self._run(self._twin(probe, peer).get_events("probe")).events
+            if seen == [pushed.event]:
+                self._peer = peer
+                self._peer_stores = tuple(
+                    self._twin(store.event_store_id, peer) for store in self.stores
+                )
+            else:  # each instance holds its own storage, as in-memory adapters do
+                self._run(peer.aclose())
+                self._peer_stores = self.stores
+        if self._peer_stores is self.stores:
+            return (self.stores,)
+        return (self.stores, self._peer_stores)
+
+    @staticmethod
+    def _twin(
+        event_store_id: str, adapter: EventStorageAdapter | None
+    ) -> EventStore[Tally, NoteTaken | NotesCleared]:
+        """A tally store with this id on ``adapter``."""
+        return EventStore(
+            event_store_id=event_store_id,
+            event_types=[NoteTaken, NotesCleared],
+            reducer=reduce_tally,
+            event_storage_adapter=adapter,
+        )
 
     def _next_version(
         self, key: tuple[int, str], choice: str, pick: int, planned: Iterable[int] = ()
@@ -280,6 +359,17 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
             )
         else:
             raise AssertionError(f"expected EventAlreadyExistsError for one of {conflicts}")
+
+    def _expect_written(self, call: Coroutine[Any, Any, T]) -> T:
+        """Run a write the model says succeeds; a conflict there is the adapter's fault."""
+        try:
+            return self._run(call)
+        except EventAlreadyExistsError as exc:
+            got = (exc.event_store_id, exc.aggregate_id, exc.version)
+            raise AssertionError(
+                f"EventAlreadyExistsError names {got}, which the model does not hold (did a "
+                "write that failed leave it stored?)"
+            ) from exc
 
     def _expected_listing(
         self,
@@ -347,19 +437,24 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
             conflict = (self._store_id(store), aggregate_id, version)
             self._expect_conflict(self.stores[store].push_event(event), {conflict})
             return
-        result = self._run(self.stores[store].push_event(event, force=force))
+        result = self._expect_written(self.stores[store].push_event(event, force=force))
         assert result.event == event, f"push returned {result.event!r}, pushed {event!r}"
         stored[version] = event
 
     @rule(members=_MEMBERS, force=_FORCE)
     def push_event_group(
-        self, *, members: list[tuple[int, str, str, int, EventBody]], force: bool
+        self, *, members: list[tuple[int, str, str, int, EventBody, int]], force: bool
     ) -> None:
-        """Push a group across both stores; any taken version fails the whole group."""
+        """Push a group across both stores; any taken version fails the whole group.
+
+        When two adapter instances share the storage, members go through either.
+        """
+        instances = self._group_stores()
         planned: dict[tuple[int, str], set[int]] = {}
         events: list[tuple[int, NoteTaken | NotesCleared]] = []
+        grouped = []
         conflicts: set[tuple[str, str, int]] = set()
-        for store, aggregate_id, choice, pick, body in members:
+        for store, aggregate_id, choice, pick, body, instance in members:
             key = (store, aggregate_id)
             in_group = planned.setdefault(key, set())
             version = self._next_version(key, choice, pick, in_group)
@@ -370,12 +465,13 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
             if taken and not force:
                 conflicts.add((self._store_id(store), aggregate_id, version))
             in_group.add(version)
-            events.append((store, body.make(aggregate_id, version)))
-        grouped = [self.stores[store].group_event(event) for store, event in events]
+            event = body.make(aggregate_id, version)
+            events.append((store, event))
+            grouped.append(instances[instance % len(instances)][store].group_event(event))
         if conflicts:
             self._expect_conflict(EventStore.push_event_group(*grouped), conflicts)
             return
-        result = self._run(EventStore.push_event_group(*grouped, force=force))
+        result = self._expect_written(EventStore.push_event_group(*grouped, force=force))
         got = [pushed.event for pushed in result.event_group]
         assert got == [event for _, event in events], f"group returned {got}"
         for store, event in events:
@@ -432,13 +528,36 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
                 got = self._run(self.stores[store].get_events(aggregate_id)).events
                 assert got == expected, f"{self._store_id(store)}/{aggregate_id}: {got}"
 
+    def _next_page(
+        self, listing: _OpenListing, given: _Override
+    ) -> tuple[ListAggregateIdsResult, list[AggregateIdEntry]]:
+        """Fetch the page after ``listing``'s cursor with ``given`` next to its token.
+
+        Returns the page and what the model says remains of the listing from that cursor.
+        """
+        assert listing.token is not None
+        listing.override(given)
+        remaining = self._expected_listing(
+            listing.store, listing.after, listing.before, listing.reverse, listing.cursor
+        )
+        result = self._run(
+            self.stores[listing.store].list_aggregate_ids(
+                page_token=listing.token,
+                limit=given.limit,
+                initial_event_after=given.after,
+                initial_event_before=given.before,
+                reverse=given.reverse,
+            )
+        )
+        return result, remaining
+
     @rule(
         store=_STORES,
         limit=_LIMITS,
         after=st.none() | _INSTANTS,
         before=st.none() | _INSTANTS,
         reverse=st.none() | st.booleans(),
-        relimits=st.lists(st.none() | st.integers(1, 3), max_size=4),
+        overrides=st.lists(_OVERRIDES, max_size=4),
     )
     def list_to_the_end(
         self,
@@ -448,28 +567,30 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
         after: datetime | None,
         before: datetime | None,
         reverse: bool | None,
-        relimits: list[int | None],
+        overrides: list[_Override],
     ) -> None:
-        """List page by page until no token is left; later pages may change the limit."""
+        """List page by page until no token is left.
+
+        Later pages may give options next to the token (a limit, bounds, a direction),
+        which then hold for the pages after them.
+        """
+        listing = _OpenListing(store, limit, after, before, bool(reverse))
         remaining = self._expected_listing(store, after, before, bool(reverse))
         result = self._run(
             self.stores[store].list_aggregate_ids(
                 limit=limit, initial_event_after=after, initial_event_before=before, reverse=reverse
             )
         )
-        effective = limit
         page = 0
-        while self._check_page(result.aggregate_ids, result.next_page_token, remaining, effective):
-            assert result.next_page_token is not None
-            remaining = remaining[len(result.aggregate_ids) :]
-            explicit = relimits[page] if page < len(relimits) else None
-            effective = explicit if explicit is not None else effective
+        # Ends: once the overrides are used up, every page moves on in one direction.
+        while self._check_page(
+            result.aggregate_ids, result.next_page_token, remaining, listing.limit
+        ):
+            listing.token = result.next_page_token
+            listing.cursor = result.aggregate_ids[-1]
+            given = overrides[page] if page < len(overrides) else _Override()
             page += 1
-            result = self._run(
-                self.stores[store].list_aggregate_ids(
-                    page_token=result.next_page_token, limit=explicit
-                )
-            )
+            result, remaining = self._next_page(listing, given)
 
     @rule(
         store=_STORES,
@@ -508,21 +629,19 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
             )
 
     @precondition(lambda self: self.open_listing is not None)
-    @rule(relimit=st.none() | st.integers(1, 3))
-    def continue_listing(self, *, relimit: int | None) -> None:
-        """Fetch the next page of an open listing, after whatever was written meanwhile."""
+    @rule(given=st.just(_Override()) | _OVERRIDES)
+    def continue_listing(self, *, given: _Override) -> None:
+        """Fetch the next page of an open listing, after whatever was written meanwhile.
+
+        Options may be given next to its token; they hold for the pages after.
+        """
         listing = self.open_listing
         assert listing is not None
-        remaining = self._expected_listing(
-            listing.store, listing.after, listing.before, listing.reverse, listing.cursor
+        result, remaining = self._next_page(listing, given)
+        more = self._check_page(
+            result.aggregate_ids, result.next_page_token, remaining, listing.limit
         )
-        result = self._run(
-            self.stores[listing.store].list_aggregate_ids(page_token=listing.token, limit=relimit)
-        )
-        limit = relimit if relimit is not None else listing.limit
-        more = self._check_page(result.aggregate_ids, result.next_page_token, remaining, limit)
         if more and result.next_page_token is not None:
-            listing.limit = limit
             listing.token = result.next_page_token
             listing.cursor = result.aggregate_ids[-1]
         else:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from castore_pydantic._aggregate import Aggregate
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
-from castore_pydantic._types import EventStorageAdapter, GroupedEvent
+from castore_pydantic._types import EventStorageAdapter, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import (
     EventAlreadyExistsError,
     EventGroupError,
@@ -502,6 +502,38 @@ class EventStorageAdapterContract:
         listed = [e.aggregate_id for e in (await store.list_aggregate_ids()).aggregate_ids]
         assert listed == ["taken"]
 
+    @pytest.mark.parametrize("conflict_at", [0, 1, 2])
+    async def test_group_across_adapter_instances_with_a_conflict_writes_nothing(
+        self, adapter_factory: AdapterFactory, conflict_at: int
+    ) -> None:
+        """A group whose events use two adapter instances is one transaction too.
+
+        The members alternate between two instances (first, second, first); a conflict in
+        either instance's part leaves nothing of the other's stored.
+        """
+        first = self.store(await adapter_factory())
+        second = self.store(await adapter_factory())
+        owners = [first, second, first]
+        taken = owners[conflict_at]
+        await taken.push_event(created("taken"))
+        grouped = [
+            owner.group_event(created("taken" if i == conflict_at else f"g{i}"))
+            for i, owner in enumerate(owners)
+        ]
+        with pytest.raises(EventAlreadyExistsError) as info:
+            await EventStore.push_event_group(*grouped)
+        assert (info.value.event_store_id, info.value.aggregate_id, info.value.version) == (
+            taken.event_store_id,
+            "taken",
+            1,
+        )
+        for i, owner in enumerate(owners):
+            if i != conflict_at:
+                assert (await owner.get_events(f"g{i}")).events == [], f"g{i} was written"
+        for owner in (first, second):
+            listed = [e.aggregate_id for e in (await owner.list_aggregate_ids()).aggregate_ids]
+            assert listed == (["taken"] if owner is taken else [])
+
     async def test_group_repeating_one_version_writes_nothing(
         self, adapter: EventStorageAdapter
     ) -> None:
@@ -716,6 +748,51 @@ class EventStorageAdapterContract:
         page2 = await store.list_aggregate_ids(page_token=page1.next_page_token, limit=3)
         assert [e.aggregate_id for e in page2.aggregate_ids] == ["agg-01", "agg-02", "agg-03"]
         assert page2.next_page_token is not None
+
+    async def test_explicit_bounds_override_the_tokens(self, adapter: EventStorageAdapter) -> None:
+        """Bounds given with a token replace the token's from its cursor on.
+
+        The next token carries the bounds given, as it carries every effective option.
+        """
+        store = self.store(adapter)
+        await self._seed(store, [1, 2, 3, 4, 5])
+
+        def ids(page: ListAggregateIdsResult) -> list[str]:
+            return [e.aggregate_id for e in page.aggregate_ids]
+
+        page1 = await store.list_aggregate_ids(limit=2, initial_event_before=_ts(3))
+        assert ids(page1) == ["agg-00", "agg-01"]
+        assert page1.next_page_token is not None
+        wider = await store.list_aggregate_ids(
+            page_token=page1.next_page_token, initial_event_before=_ts(5)
+        )
+        assert ids(wider) == ["agg-02", "agg-03"]
+        assert wider.next_page_token is not None
+        last = await store.list_aggregate_ids(page_token=wider.next_page_token)
+        assert ids(last) == ["agg-04"]
+        assert last.next_page_token is None
+        moved = await store.list_aggregate_ids(
+            page_token=page1.next_page_token,
+            initial_event_after=_ts(4),
+            initial_event_before=_ts(5),
+        )
+        assert ids(moved) == ["agg-03", "agg-04"]
+        assert moved.next_page_token is None
+
+    async def test_explicit_reverse_overrides_the_tokens(
+        self, adapter: EventStorageAdapter
+    ) -> None:
+        """``reverse`` given with a token turns the listing around at the token's cursor."""
+        store = self.store(adapter)
+        await self._seed(store, [1, 2, 3, 4, 5])
+        forward = await store.list_aggregate_ids(limit=2)
+        back = await store.list_aggregate_ids(page_token=forward.next_page_token, reverse=True)
+        assert [e.aggregate_id for e in back.aggregate_ids] == ["agg-00"]
+        assert back.next_page_token is None
+        backward = await store.list_aggregate_ids(limit=2, reverse=True)
+        ahead = await store.list_aggregate_ids(page_token=backward.next_page_token, reverse=False)
+        assert [e.aggregate_id for e in ahead.aggregate_ids] == ["agg-04"]
+        assert ahead.next_page_token is None
 
     async def test_limit_zero_lists_nothing(self, adapter: EventStorageAdapter) -> None:
         """limit=0 gives an empty page without a token."""
