@@ -1641,6 +1641,29 @@ class TestPour:
         assert match is not None, stderr
         assert int(match[1]) in published
 
+    @pytest.mark.postgres
+    def test_a_postgres_url_is_tried_once_first(self, channels: str) -> None:
+        """With a PostgreSQL --url, pour connects once first, as every command does: a URL
+        libpq refuses is exit 2 and a database the server does not know exit 4, at once,
+        and nothing is published. (pour waited the whole --timeout, then exited 4.)"""
+        require_postgres()
+        for url, code, said in [
+            (f"postgresql://postgres@{POSTGRES_HOST}:99999/test", EXIT_USAGE, "not a valid"),
+            (
+                f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/no_such_{uuid.uuid4().hex}",
+                EXIT_STORAGE,
+                "cannot connect to PostgreSQL",
+            ),
+        ]:
+            started = time.monotonic()
+            result = castore(
+                "pour", "-s", POKEMONS, "-c", f"{channels}:bus", "--url", url, "--timeout", "20"
+            )
+            assert result.exit_code == code, result.output
+            assert said in one_line_error(result)
+            assert time.monotonic() - started < 10
+        assert sys.modules[channels].received == []
+
     def test_option_conflicts(self, url: str, channels: str) -> None:
         """--aggregate-id with two stores, or with --aggregate-ids, is refused."""
         two = castore(

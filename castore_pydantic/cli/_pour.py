@@ -23,6 +23,7 @@ from castore_pydantic.cli._loading import (
     adapter_from_url,
     load_object,
     load_store,
+    probe_postgres,
     require_table,
     working_store,
 )
@@ -154,7 +155,7 @@ def pour(
 
     async def work() -> Any:
         channel = load_channel(channel_spec, aggregate_exists=aggregate_exists)
-        working, adapters = _stores_on_adapters(stores, url, table, timeout)
+        working, adapters = await _stores_on_adapters(stores, url, table, timeout)
         channel_adapter = getattr(channel, "message_channel_adapter", None)
         if getattr(channel_adapter, "worker", True) is None:
             join = getattr(channel_adapter, "join", None)
@@ -237,14 +238,22 @@ async def _failures(channel_adapter: Any) -> int:
     return len(await dead_letters()) if callable(dead_letters) else 0
 
 
-def _stores_on_adapters(
-    specs: tuple[str, ...], url: str | None, table: str, timeout: float
+async def _stores_on_adapters(
+    specs: tuple[str, ...], url: str | None, table: str, seconds: float
 ) -> tuple[list[EventStore[Any, Any]], list[EventStorageAdapter]]:
-    """The working twins of the named stores, and the distinct adapters to open."""
+    """The working twins of the named stores, and the distinct adapters to open.
+
+    With ``--url``, every store shares its adapter (``seconds``: its connection timeout),
+    and its PostgreSQL server is connected to once first: a refused URL or an unknown
+    database fails at once.
+
+    Raises:
+        CliError: A store is given twice or has no adapter, or the connection fails.
+    """
     shared = (
         None
         if url is None
-        else adapter_from_url(url, table=table, timeout=timeout, must_exist=True)
+        else adapter_from_url(url, table=table, timeout=seconds, must_exist=True)
     )
     adapters: list[EventStorageAdapter] = []
     working: list[EventStore[Any, Any]] = []
@@ -263,6 +272,8 @@ def _stores_on_adapters(
         if all(adapter is not known for known in adapters):
             adapters.append(adapter)
         working.append(working_store(store, adapter))
+    if shared is not None and url is not None:
+        await probe_postgres(shared, url, seconds)
     return working, adapters
 
 
