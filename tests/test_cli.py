@@ -1211,6 +1211,52 @@ class TestProcess:
         assert count_rows(db) == imported
         assert first_not == imported + 1
 
+    @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT and FIONREAD")
+    def test_ctrl_c_while_import_waits_for_input(self, tmp_path: Path) -> None:
+        """Ctrl-C stops an import whose stdin stays open (a terminal, a slow producer) at
+        once: exit 130, one line, nothing imported. (The read went on waiting for input,
+        and the import only stopped once stdin was closed.)"""
+        import fcntl
+        import struct
+        import termios
+
+        def unread(fd: int) -> int:
+            return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+
+        db = tmp_path / "imported.db"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASTORE_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        command = [
+            sys.executable, "-m", "castore_pydantic", "import", "-s", POKEMONS,
+            "--url", f"sqlite:///{db}",
+        ]  # fmt: skip
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, pokemon_lines())  # and the pipe stays open: more may come
+            with subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdin=read_end, stderr=subprocess.PIPE, text=True
+            ) as process:
+                deadline = time.monotonic() + 60
+                while unread(read_end):  # once read, the import waits for the next line
+                    assert process.poll() is None, process.communicate()[1]
+                    assert time.monotonic() < deadline, "the import never read its input"
+                    time.sleep(0.01)
+                process.send_signal(signal.SIGINT)
+                try:
+                    _, stderr = process.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.communicate()
+                    pytest.fail("Ctrl-C did not stop an import waiting for input")
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+        assert process.returncode == EXIT_INTERRUPTED, stderr
+        assert stderr == (
+            "castore: error: interrupted while validating the input: nothing was imported\n"
+        )
+        assert count_rows_if_any(db) == 0
+
     def test_core_import_does_not_load_the_cli(self) -> None:
         """``import castore_pydantic`` imports neither click nor rich."""
         completed = subprocess.run(

@@ -7,9 +7,11 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -191,6 +193,29 @@ def run(work: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         hint = "" if show_traceback else " (run with --traceback for details)"
         click.echo(f"castore: unexpected error: {message}{hint}", err=True)
         sys.exit(EXIT_ERROR)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` at once inside the block, even in a blocking read.
+
+    ``asyncio.run`` handles SIGINT by cancelling its task, which takes effect at the next
+    await; synchronous work that waits for input (stdin, a pipe) never reaches one. A
+    SIGINT that is ignored (a background job) stays ignored.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    swap = (
+        threading.current_thread() is threading.main_thread()
+        and previous is not None
+        and previous is not signal.SIG_IGN
+    )
+    if swap:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if swap:
+            signal.signal(signal.SIGINT, previous)
 
 
 def emit_json(value: object) -> None:

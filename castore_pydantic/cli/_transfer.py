@@ -13,8 +13,9 @@ from pydantic import ValidationError
 from rich.progress import Progress, TaskID
 
 from castore_pydantic import EventStore, GroupedEvent
+from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic.cli._app import TIMESTAMP, cli, json_option, progress_option, store_options
-from castore_pydantic.cli._files import input_source, output_file, writes_to_stdout
+from castore_pydantic.cli._files import Source, input_source, output_file, writes_to_stdout
 from castore_pydantic.cli._loading import Target, iter_aggregate_ids, iter_events
 from castore_pydantic.cli._running import (
     EXIT_CONFLICT,
@@ -25,6 +26,7 @@ from castore_pydantic.cli._running import (
     byte_progress_bar,
     classify,
     emit_json,
+    interruptible,
     plural,
     progress_bar,
     run,
@@ -163,10 +165,6 @@ def _line_reason(exc: Exception, tags: tuple[str, ...]) -> str:
     return str(exc)
 
 
-#: How many lines are validated between two turns of the event loop (where Ctrl-C lands).
-_LINES_PER_TURN = 5000
-
-
 @cli.command("import")
 @store_options
 @click.argument("source", default="-")
@@ -210,14 +208,47 @@ def import_command(
 
     async def work() -> int:
         target = Target(store, url, table, timeout, must_exist=False)
-        context = target.store.context
         with input_source(source) as reading, byte_progress_bar(progress) as bar:
             checking = bar.add_task("Validating", total=reading.size)
-            seen: dict[tuple[str, int], int] = {}  # line of each event key (without --force)
+            _validate(reading, target.store.context, force=force, bar=bar, task=checking)
+            await asyncio.sleep(0)  # a Ctrl-C just after validating stops here: nothing written
+            writing = bar.add_task(
+                f"Importing into {target.store.event_store_id}", total=reading.size
+            )
+            async with target.opened() as working:
+                if create_table:
+                    create = getattr(target.adapter, "create_event_table", None)
+                    if create is not None:
+                        await create()
+                batches = _Batches(working, batch_size=batch_size, force=force)
+                await batches.write(reading.second_pass(), bar, writing)
+                return batches.written
+
+    imported = run(work)
+    if as_json:
+        emit_json({"importedEvents": imported})
+    else:
+        click.echo(f"Imported {plural(imported, 'event')}.")
+
+
+def _validate(
+    reading: Source, context: EventStoreContext, *, force: bool, bar: Progress, task: TaskID
+) -> None:
+    """The first pass of ``import``: every line is validated, nothing is written.
+
+    It reads and validates without awaiting, so Ctrl-C raises at once, even while a read
+    of stdin or a pipe waits for input: asyncio's own handler would only cancel the task,
+    at an await that a blocked read never reaches.
+
+    Raises:
+        CliError: A line does not validate or repeats an event key without ``force``
+            (exit code 5), or Ctrl-C (exit code 130).
+    """
+    seen: dict[tuple[str, int], int] = {}  # line of each event key (without --force)
+    try:
+        with interruptible():
             for number, raw in enumerate(reading.first_pass(), start=1):
-                bar.advance(checking, len(raw))
-                if number % _LINES_PER_TURN == 0:
-                    await asyncio.sleep(0)  # lets Ctrl-C stop a long validation
+                bar.advance(task, len(raw))
                 if not raw.strip():
                     continue
                 try:
@@ -237,23 +268,10 @@ def import_command(
                             f"{event.version} is already on line {earlier} (nothing was "
                             "imported; with --force the later line wins)",
                         )
-            seen.clear()
-            await asyncio.sleep(0)  # a Ctrl-C during validation stops here: nothing written
-            writing = bar.add_task(f"Importing into {context.event_store_id}", total=reading.size)
-            async with target.opened() as working:
-                if create_table:
-                    create = getattr(target.adapter, "create_event_table", None)
-                    if create is not None:
-                        await create()
-                batches = _Batches(working, batch_size=batch_size, force=force)
-                await batches.write(reading.second_pass(), bar, writing)
-                return batches.written
-
-    imported = run(work)
-    if as_json:
-        emit_json({"importedEvents": imported})
-    else:
-        click.echo(f"Imported {plural(imported, 'event')}.")
+    except KeyboardInterrupt:
+        raise CliError(
+            EXIT_INTERRUPTED, "interrupted while validating the input: nothing was imported"
+        ) from None
 
 
 class _Batches:
