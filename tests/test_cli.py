@@ -282,6 +282,35 @@ class TestEntryPoint:
             main([*args, *extra])
         assert done.value.code == EXIT_BROKEN_PIPE
 
+    @pytest.mark.parametrize("when", ["write", "flush"])
+    @pytest.mark.parametrize("command", ["import", "export -o FILE", "pour"])
+    def test_a_summary_to_a_closed_stdout_is_exit_141(
+        self,
+        command: str,
+        when: str,
+        url: str,
+        channels: str,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """The summary printed once the work is done finds the reader gone: exit 141, as
+        for any output. (import, export -o FILE and pour exited 1, silently, although
+        their work had succeeded.)"""
+        source, exported = Path("in.jsonl"), Path("out.jsonl")  # in the channels' directory
+        source.write_bytes(pokemon_lines())
+        args = {
+            "import": ("import", "-s", POKEMONS, "--force", str(source)),
+            "export -o FILE": ("export", "-s", POKEMONS, "-o", str(exported)),
+            "pour": ("pour", "-s", POKEMONS, "-c", f"{channels}:bus"),
+        }[command]
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(when=when))
+        with pytest.raises(SystemExit) as done:
+            main([*args, "--url", url])
+        assert done.value.code == EXIT_BROKEN_PIPE
+        if command == "export -o FILE":
+            assert exported.read_bytes() == pokemon_lines()
+        if command == "pour":
+            assert len(sys.modules[channels].received) == 5
+
     def test_usage_errors_and_help_keep_their_exit_codes(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:

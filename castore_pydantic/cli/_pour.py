@@ -34,6 +34,7 @@ from castore_pydantic.cli._running import (
     CliError,
     emit_json,
     err,
+    finish,
     plural,
     run,
 )
@@ -213,14 +214,13 @@ def pour(
                         )
         return result
 
-    result = run(work)
-    body = result_json(result)
+    body = result_json(run(work))
     if as_json:
-        emit_json(body)
+        finish(lambda: emit_json(body))
         return
     count = body.get("pouredEventCount", body.get("pouredAggregateIdCount", 0))
     what = plural(count, "aggregate-exists message" if aggregate_exists else "event")
-    click.echo(f"Poured {what} into {channel_spec}.")
+    finish(lambda: click.echo(f"Poured {what} into {channel_spec}."))
 
 
 async def _failures(channel_adapter: Any) -> int:

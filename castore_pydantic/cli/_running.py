@@ -12,7 +12,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from pydantic import BaseModel, ValidationError
@@ -178,10 +178,7 @@ def run(work: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         click.echo("castore: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
-        # The reader went away (``castore export | head``): stop quietly, as shell tools do.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_BROKEN_PIPE)
+        _reader_went_away()
     except Exception as exc:
         known = classify(exc)
         if show_traceback:
@@ -216,6 +213,26 @@ def interruptible() -> Iterator[None]:
     finally:
         if swap:
             signal.signal(signal.SIGINT, previous)
+
+
+def _reader_went_away() -> NoReturn:
+    """Stop quietly with exit code 141, as shell tools do when their reader went away."""
+    with contextlib.suppress(OSError):
+        # Nothing more reaches the reader, not even the flush at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
+def finish(show: Callable[[], None]) -> None:
+    """Print what a command prints once ``run`` is done (its summary).
+
+    A reader that went away meanwhile is exit 141 here too, as during the work.
+    """
+    try:
+        show()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_went_away()
 
 
 def emit_json(value: object) -> None:

@@ -26,6 +26,7 @@ from castore_pydantic.cli._running import (
     byte_progress_bar,
     classify,
     emit_json,
+    finish,
     interruptible,
     plural,
     progress_bar,
@@ -113,17 +114,21 @@ def export_command(
         return exported_events, exported_aggregates
 
     exported_events, exported_aggregates = run(work)
-    summary = {"exportedEvents": exported_events, "exportedAggregates": exported_aggregates}
-    to_stderr = writes_to_stdout(output)  # the events went to stdout: keep it for them
-    if as_json:
-        click.echo(json.dumps(summary), err=to_stderr)
-    else:
+
+    def summary() -> None:
+        to_stderr = writes_to_stdout(output)  # the events went to stdout: keep it for them
+        if as_json:
+            counts = {"exportedEvents": exported_events, "exportedAggregates": exported_aggregates}
+            click.echo(json.dumps(counts), err=to_stderr)
+            return
         where = "stdout" if output == "-" else output
         click.echo(
             f"Exported {plural(exported_events, 'event')} of "
             f"{plural(exported_aggregates, 'aggregate')} to {where}.",
             err=to_stderr,
         )
+
+    finish(summary)
 
 
 async def _unlisted_aggregate_ids(store: EventStore[Any, Any]) -> list[str]:
@@ -226,9 +231,9 @@ def import_command(
 
     imported = run(work)
     if as_json:
-        emit_json({"importedEvents": imported})
+        finish(lambda: emit_json({"importedEvents": imported}))
     else:
-        click.echo(f"Imported {plural(imported, 'event')}.")
+        finish(lambda: click.echo(f"Imported {plural(imported, 'event')}."))
 
 
 def _validate(
