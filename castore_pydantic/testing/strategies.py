@@ -36,7 +36,7 @@ from castore_pydantic._command import Command
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
 from castore_pydantic._serialization import event_type_names
-from castore_pydantic.errors import CastoreError
+from castore_pydantic.errors import CastoreError, EventLimitExceededError
 from castore_pydantic.testing import _derive, _invalid, _scalars
 from castore_pydantic.testing._derive import INVALID, ModelPlan, Override, Resolver
 from castore_pydantic.testing._running import run_commands
@@ -63,6 +63,7 @@ CanFollow = Callable[[Sequence[Event], str], bool]
 
 _ENVELOPE = ("aggregate_id", "version", "timestamp")
 _MAX_STEP_MS = 86_400_000  # at most a day between two events of a generated history
+_ATTEMPTS = 3  # draws of an event of a history before the history is given up
 _HISTORY_START = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2080, 1, 1, tzinfo=dt.UTC))
 
 
@@ -187,7 +188,9 @@ def events(
     """Valid events of one event type, with a UUID aggregate id and a UTC ms timestamp.
 
     ``payload`` and ``metadata`` are generated from their annotations; left as ``Any`` (not
-    declared by the event type) they keep their default, ``None``.
+    declared by the event type) they keep their default, ``None``. An event type knows no
+    store's limits (``EventLimits``): a store may refuse some of these events as too deep
+    or too large. ``histories(store)`` draws only events its store accepts.
 
     Args:
         event_type: An ``Event`` subclass.
@@ -237,7 +240,9 @@ def histories(
     allow it: ``first`` (types allowed as version 1), ``follows`` (for a type, the types
     allowed *right before* it; such a type is never first) and ``can_follow`` (any rule, given
     the events so far). When no type may come next the history ends there; histories that end
-    shorter than ``min_size`` are discarded.
+    shorter than ``min_size`` are discarded. Every event is one the store accepts: one that
+    its limits (``EventLimits``) refuse, too deep or too large, is drawn again, and a history
+    whose events keep being refused is discarded.
 
     Args:
         store: The event store whose event types are used (no I/O happens).
@@ -297,10 +302,16 @@ def histories(
             name = draw(st.sampled_from(allowed))
             if made:
                 moment += draw(st.integers(0, _MAX_STEP_MS))
-            values = draw(bodies[name])
-            values.update(aggregate_id=key, version=version, timestamp=_from_ms(moment))
-            event = plans[classes[name]].validate(values)
-            assume(event is not INVALID)
+            event: Event | None = None
+            for _ in range(_ATTEMPTS):  # drawn again, not the whole history: limits may bite
+                values = draw(bodies[name])
+                values.update(aggregate_id=key, version=version, timestamp=_from_ms(moment))
+                candidate = plans[classes[name]].validate(values)
+                if candidate is not INVALID and _accepted(store, candidate):
+                    event = candidate
+                    break
+            assume(event is not None)
+            assert event is not None
             made.append(event)
         assume(len(made) >= min_size)
         return made
@@ -511,6 +522,15 @@ def command_histories(
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _accepted(store: EventStore[Any, Any], event: Event) -> bool:
+    """Whether ``store`` would push ``event`` as far as its limits (``EventLimits``) go."""
+    try:
+        store.context.check_limits(event)
+    except EventLimitExceededError:
+        return False
+    return True
 
 
 def _is_valid(value: Any) -> bool:

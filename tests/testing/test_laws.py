@@ -222,6 +222,27 @@ class TestGoodReducer:
         with pytest.raises(ReducerLawError):
             check_reducer(counters(mutating_reducer), max_examples=50)
 
+    def test_default_histories_keep_to_the_stores_limits(self) -> None:
+        """Without ``histories``, only events the store accepts are drawn: a correct
+        reducer passes on a store whose limits refuse most of them. (check_reducer raised
+        EventLimitExceededError for events it had drawn itself.)"""
+
+        class CounterNoted(Event):
+            type: Literal["COUNTER_NOTED"] = "COUNTER_NOTED"
+            payload: list[Step]  # a step is one level too deep for the store
+
+        def count(tally: Tally | None, event: CounterNoted) -> Tally:
+            steps = [*(tally.steps if tally else []), event.version]
+            return Tally(aggregate_id=event.aggregate_id, version=event.version, steps=steps)
+
+        store: EventStore[Any, Any] = EventStore(
+            event_store_id="NOTED",
+            event_types=[CounterNoted],
+            reducer=count,
+            limits=EventLimits(max_depth=1),
+        )
+        check_reducer(store, max_examples=50)
+
     def test_check_history_on_a_fixed_history(self) -> None:
         """``check_history`` checks one concrete history."""
         check_history(counters(), [CREATED, INCREMENTED, RENAMED])

@@ -56,8 +56,9 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
-from castore_pydantic import Aggregate, Command, Event, EventStore
+from castore_pydantic import Aggregate, Command, Event, EventLimits, EventStore
 from castore_pydantic.errors import AggregateNotFoundError, CastoreError, NoStrategyError
+from castore_pydantic.testing import mock_event_store
 from castore_pydantic.testing import strategies as cst
 from castore_pydantic.testing._derive import Resolver
 
@@ -942,8 +943,49 @@ class TestEvents:
             cst.events(Appeared)  # type: ignore[type-var]
 
 
+class Line(BaseModel):
+    sku: str
+    qty: int
+
+
+class Basket(BaseModel):
+    lines: list[Line]
+
+
+class BasketFilled(Event):
+    type: Literal["BASKET_FILLED"] = "BASKET_FILLED"
+    payload: Basket
+    metadata: dict[str, str] | None = None
+
+
+def count_fills(tally: Aggregate | None, event: BasketFilled) -> Aggregate:
+    return Aggregate(aggregate_id=event.aggregate_id, version=event.version)
+
+
+#: A store whose limits refuse most baskets: any line is too deep, long metadata too large.
+TIGHT = EventStore(
+    event_store_id="BASKETS",
+    event_types=[BasketFilled],
+    reducer=count_fills,
+    limits=EventLimits(max_depth=2, max_bytes=300),
+)
+
+
 class TestHistories:
     """``histories`` makes one aggregate's events, ordered as the rules say."""
+
+    @FEW
+    @given(cst.histories(TIGHT, max_size=4))
+    def test_histories_hold_only_events_the_store_accepts(self, history: list[Event]) -> None:
+        """Events too deep or too large for the store's limits are never drawn: every
+        history pushes. (Most histories held an event the store refused.)"""
+
+        async def push_all() -> None:
+            mocked = mock_event_store(TIGHT)
+            for event in history:
+                await mocked.push_event(event)
+
+        asyncio.run(push_all())
 
     @FEW
     @given(cst.histories(POKEMONS, max_size=8))
