@@ -426,6 +426,16 @@ class TestLoading:
         assert with_url.exit_code == 0, with_url.output
         assert len(json.loads(with_url.stdout)["aggregateIds"]) == 3
 
+    @pytest.mark.parametrize("seconds", ["inf", "nan", "Infinity"])
+    def test_a_timeout_that_is_not_finite_is_a_usage_error(self, seconds: str) -> None:
+        """--timeout inf or nan is refused as a usage error naming --timeout, before any
+        connection. (inf was an unexpected OverflowError, exit 1; nan a cryptic
+        "cannot convert float NaN to integer".)"""
+        result = castore("events", "-s", POKEMONS, "--url", PG_DSN, "--timeout", seconds, "x")
+        assert result.exit_code == EXIT_USAGE, result.output
+        assert "Invalid value for '--timeout'" in result.stderr
+        assert "is not a finite number of seconds" in result.stderr
+
     @pytest.mark.parametrize(
         "command",
         [

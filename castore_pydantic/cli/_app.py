@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -66,12 +67,20 @@ def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Ca
             type=click.FloatRange(min=0.1),
             default=10.0,
             show_default=True,
+            callback=_finite,
             help="Seconds to wait for a PostgreSQL connection (with --url).",
         ),
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
     return _needs_url_for_table_and_timeout(function)
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Refuse ``inf`` and ``nan``, which ``FloatRange`` lets through, as a usage error."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number of seconds", ctx, param)
+    return value
 
 
 def _needs_url_for_table_and_timeout(function: Callable[..., Any]) -> Callable[..., Any]:
