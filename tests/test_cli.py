@@ -1296,6 +1296,29 @@ class TestProcess:
         )
         assert count_rows_if_any(db) == 0
 
+    def test_an_unreachable_broker_is_one_line(self, url: str, tmp_path: Path) -> None:
+        """Pouring into a RabbitMQ that cannot be reached prints the one-line error and
+        nothing else: the broker client's own log line is kept quiet. (It came first.)"""
+        pytest.importorskip("aio_pika")
+        (tmp_path / "far_channels.py").write_text(
+            textwrap.dedent(
+                """
+                from castore_pydantic.messaging import NotificationMessageBus
+                from castore_pydantic.messaging.rabbitmq import RabbitMQMessageBusAdapter
+                from examples.pokemon.stores import pokemons
+
+                bus = NotificationMessageBus(message_bus_id="FAR", source_event_stores=[pokemons])
+                RabbitMQMessageBusAdapter.attach_to(bus, "amqp://guest:guest@127.0.0.1:1/")
+                """
+            )
+        )
+        completed = run_castore(
+            "pour", "-s", POKEMONS, "-c", "far_channels:bus", "--url", url, cwd=tmp_path
+        )
+        assert completed.returncode == EXIT_MESSAGING, completed.stderr
+        assert completed.stderr.count("\n") == 1, completed.stderr
+        assert completed.stderr.startswith("castore: error: RabbitMQ at "), completed.stderr
+
     def test_core_import_does_not_load_the_cli(self) -> None:
         """``import castore_pydantic`` imports neither click nor rich."""
         completed = subprocess.run(

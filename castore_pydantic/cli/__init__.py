@@ -58,9 +58,14 @@ __all__ = [
 _COMMAND_MODULES = (_inspect, _pour, _transfer)
 
 
+#: Loggers of drivers that log the failures the CLI reports itself, as one line
+#: (``--traceback`` shows the details): the PostgreSQL pool logs every failed connection
+#: attempt, the broker clients every refused or lost connection.
+_DRIVER_LOGGERS = ("psycopg.pool", "aiormq", "aio_pika", "redis")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``castore`` script and of ``python -m castore_pydantic``."""
-    # The connection pool logs every failed connection attempt; the CLI reports the outcome
-    # as one line instead (--traceback shows the details).
-    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+    for name in _DRIVER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     cli.main(args=argv, prog_name="castore")
