@@ -108,60 +108,94 @@ def _url_password(conninfo: str) -> set[str]:
     return {password} - {""} if colon else set()
 
 
-def _unencoded_at(conninfo: str) -> bool:
-    """Whether libpq would read part of a URI's password or query as its host.
+_AT_IN_CREDENTIALS = (
+    "invalid PostgreSQL connection string: the user, password or query hold an '@' that is "
+    "not URL-encoded; write it as %40"
+)
+_MISREAD_AS_DATABASE = (
+    "invalid PostgreSQL connection string: it reads as a user or password holding a '/' or "
+    "'@' that is not URL-encoded (libpq would take part of it for the host, port and "
+    "database name), or as a database name holding an '@'; write each such '/' as %2F and "
+    "'@' as %40"
+)
+#: The digits of a port, or none (libpq then uses its default).
+_PORT = re.compile(r"[0-9]*")
+#: Where libpq's host list ends: the first ``/`` or ``?`` outside ``[...]`` (IPv6).
+_HOSTS_END = re.compile(r"(?:\[[^\]]*\]?|[^/?\[])*")
 
-    libpq ends the credentials at the first ``@`` before the path: a second ``@`` there, or
-    an ``@`` in a query string with no path before it (the "user" then holds a ``?``),
-    moves text into the host. A ``?`` in the password itself is read as given.
+
+def _ports(hosts: str) -> list[str]:
+    """The ports of a URI's host list, as libpq splits it."""
+    ports = []
+    for host in hosts.split(","):
+        after = host.rpartition("]")[2] if host.startswith("[") else host
+        _, colon, port = after.partition(":")
+        if colon:
+            ports.append(port)
+    return ports
+
+
+def _misread(conninfo: str) -> str | None:
+    """Why libpq could read part of a URI's user or password as its host, port or database.
+
+    libpq takes the credentials to end at the first ``@`` that comes before any ``/``. The
+    host list then runs to the first ``/`` or ``?`` (outside ``[...]``), and the database
+    name to the next ``?``. A password (or user) holding an unencoded ``@`` or ``/`` is cut
+    there, and the rest of it becomes a host, a port or part of the database name, which
+    ``repr()`` and errors show. Such a URI is refused when its text allows that reading:
+
+    - a user holding a ``?`` (an ``@`` in a query with no path before it);
+    - an ``@`` in the host list, or a port that is not a number (libpq could not connect
+      there anyway);
+    - an ``@`` in the database name, when a ``:`` might have started a password before it
+      (libpq found a password; or no credentials, as in ``user:pass/word@...``; or a
+      ``:`` in the database name, as in ``us/er:password@...``), or when a host and path
+      seem to follow it (a ``/`` after it).
+
+    Any other ``@`` in the database name (``postgresql://user@host:5432/team@prod``) and
+    every ``@`` in the query are read as written.
+
+    Returns:
+        The message of the ``ValueError`` to raise, or ``None``: libpq reads it as written.
     """
     scheme, sep, rest = conninfo.partition("://")
-    if not sep or scheme.lower() not in ("postgresql", "postgres"):
-        return False
-    authority = rest.split("/", 1)[0]
-    credentials, at, _ = authority.partition("@")
-    user = credentials.split(":", 1)[0]
-    return bool(at) and (authority.count("@") > 1 or "?" in user)
-
-
-def _unencoded_slash(conninfo: str) -> bool:
-    """Whether libpq would read a URI's user or password as its host, port and database.
-
-    libpq looks for the ``@`` that ends the credentials only up to the first ``/``: a ``/``
-    in the user or password comes first, and libpq reads the text before it as the host
-    and port, and the rest (up to the query) as the database name, which then holds an
-    ``@``.
-    """
-    scheme, sep, rest = conninfo.partition("://")
-    if not sep or scheme.lower() not in ("postgresql", "postgres"):
-        return False
-    head, slash, path = rest.partition("/")
-    if not slash or "@" in head or "?" in head:
-        return False  # no path, credentials before it, or the '/' is in the query
-    return "@" in path.split("?", 1)[0]
+    if not sep or scheme.lower() not in ("postgresql", "postgres") or "@" not in rest:
+        return None
+    at, slash = rest.find("@"), rest.find("/")
+    if at != -1 and (slash == -1 or at < slash):
+        credentials, after = rest[:at], rest[at + 1 :]
+    else:
+        credentials, after = None, rest
+    user, colon, _ = (credentials or "").partition(":")
+    if "?" in user:
+        return _AT_IN_CREDENTIALS
+    hosts_end = _HOSTS_END.match(after)
+    assert hosts_end is not None  # it matches the empty string
+    hosts, tail = after[: hosts_end.end()], after[hosts_end.end() :]
+    if "@" in hosts:
+        return _AT_IN_CREDENTIALS
+    ports = _ports(hosts)
+    if any(not _PORT.fullmatch(port) for port in ports):
+        return _MISREAD_AS_DATABASE
+    database = tail[1:].split("?", 1)[0] if tail.startswith("/") else ""
+    _, at_sign, after_at = database.partition("@")
+    if at_sign and (colon or credentials is None or ":" in database or "/" in after_at):
+        return _MISREAD_AS_DATABASE
+    return None
 
 
 def _refuse_misread(conninfo: str) -> None:
-    """Refuse a URI whose password libpq would read, in part, as the host or database.
+    """Refuse a URI whose password libpq could read, in part, as the host or database.
 
     Those show in ``repr()`` and errors, where the password never may.
 
     Raises:
-        ValueError: It holds an ``@`` or ``/`` that is not URL-encoded where libpq would
+        ValueError: It holds an ``@`` or ``/`` that is not URL-encoded where libpq could
             misread it (the message names the fix, never the password).
     """
-    if _unencoded_at(conninfo):
-        # libpq would end the password at the first "@" and read the rest as the host.
-        raise ValueError(
-            "invalid PostgreSQL connection string: the user, password or query holds an "
-            "'@' that is not URL-encoded; write it as %40"
-        )
-    if _unencoded_slash(conninfo):
-        raise ValueError(
-            "invalid PostgreSQL connection string: the user or password holds a '/' that is "
-            "not URL-encoded (libpq would read it as the host, port and database); write it "
-            "as %2F (and an '@' in the database name as %40)"
-        )
+    message = _misread(conninfo)
+    if message is not None:
+        raise ValueError(message)
 
 
 def _message(exc: BaseException) -> str:

@@ -128,9 +128,9 @@ class PostgresEventStorageAdapter:
 
     Raises:
         ValueError: Both or a malformed connection string (also a URI whose user or
-            password holds an ``@`` or ``/`` that is not URL-encoded, as given or as a
-            borrowed pool's conninfo), or a table or schema name that PostgreSQL cannot
-            hold.
+            password holds an ``@`` or ``/`` that is not URL-encoded, or whose database
+            name holds an ``@`` that libpq could read as such, as given or as a borrowed
+            pool's conninfo), or a table or schema name that PostgreSQL cannot hold.
         TypeError: ``pool`` is not an ``AsyncConnectionPool``.
     """
 

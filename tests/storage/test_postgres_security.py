@@ -6,9 +6,13 @@ import logging
 import traceback
 from collections.abc import AsyncIterator
 from typing import Literal
+from urllib.parse import unquote
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from castore_pydantic import Event, EventStore
@@ -261,7 +265,7 @@ class TestPasswords:
         database, and repr() and errors showed them. Such a URL is refused up front."""
         password = f"pK9/{CANARY}"
         dsn = f"postgresql://postgres:{password}@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
-        with pytest.raises(ValueError, match="write it as %2F") as info:
+        with pytest.raises(ValueError, match="'/' as %2F") as info:
             PostgresEventStorageAdapter(dsn)
         assert CANARY not in "".join(traceback.format_exception(info.value))
         for refused in (
@@ -284,6 +288,52 @@ class TestPasswords:
             f"postgresql://postgres:pw@{POSTGRES_HOST}/test",
         ):
             PostgresEventStorageAdapter(fine)  # never refused
+
+    @pytest.mark.parametrize(
+        "password",
+        [f"a@{CANARY}/{CANARY}", f"{CANARY}@/{CANARY}", f"a/{CANARY}?application_name={CANARY}"],
+    )
+    def test_an_unencoded_at_and_slash_in_the_password_are_refused_without_showing_it(
+        self, password: str
+    ) -> None:
+        """With an '@' before a '/' in the password, libpq ended the password at the '@' and
+        read the rest as a host and a database name holding an '@', which repr() and errors
+        showed; a '/' before a '?' made the rest a port, a database and a query."""
+        for dsn in (
+            f"postgresql://postgres:{password}@{POSTGRES_HOST}:{POSTGRES_PORT}/test",
+            f"postgresql://postgres:{password}@{POSTGRES_HOST}",
+            f"postgresql://postgres:{password}@{POSTGRES_HOST}/test?application_name=x",
+        ):
+            with pytest.raises(ValueError, match="%40") as info:
+                PostgresEventStorageAdapter(dsn)
+            assert CANARY not in "".join(traceback.format_exception(info.value))
+            with pytest.raises(ValueError, match="%40"):  # also a borrowed pool's
+                PostgresEventStorageAdapter(pool=AsyncConnectionPool(dsn, open=False))
+        encoded = password.replace("@", "%40").replace("/", "%2F").replace("?", "%3F")
+        adapter = PostgresEventStorageAdapter(
+            f"postgresql://postgres:{encoded}@{POSTGRES_HOST}:{POSTGRES_PORT}/test"
+        )
+        assert CANARY not in repr(adapter)
+
+    @settings(max_examples=300, deadline=None)
+    @given(password=st.text(alphabet="aZ9@/?:,[]#=&.%", min_size=1, max_size=12))
+    def test_every_accepted_password_is_read_as_written(self, password: str) -> None:
+        """Whatever characters a password holds unencoded, the URI is either refused or
+        libpq reads its user, password and host as written (nothing of the password can
+        then show as a host, port or database name)."""
+        for dsn in (
+            f"postgresql://app:{password}@db.example:5432/test",
+            f"postgresql://app:{password}@db.example/test?application_name=x",
+            f"postgresql://app:{password}@db.example",
+            f"postgresql://app:{password}@[::1]/test",
+        ):
+            try:
+                PostgresEventStorageAdapter(dsn)
+            except ValueError:
+                continue  # refused (libpq's own complaints are checked above)
+            read = conninfo_to_dict(dsn)
+            assert (read.get("user"), read.get("password")) == ("app", unquote(password)), dsn
+            assert read.get("host") in ("db.example", "::1"), dsn
 
     def test_a_malformed_string_with_a_password_elsewhere_does_not_show_it(self) -> None:
         """libpq quotes part of a string it cannot parse: a password in a URL's query or
