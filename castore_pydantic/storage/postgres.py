@@ -336,9 +336,11 @@ class PostgresEventStorageAdapter:
     ) -> list[str]:
         """Create what is missing of the schema, the table and its index, in a transaction.
 
-        Concurrent calls (CREATE ... IF NOT EXISTS can still collide in the catalog) are
-        serialised with an advisory lock, after which what exists is looked up again.
-        Returns the layout's columns the table lacks (its index is then not made).
+        Concurrent calls for the table (CREATE ... IF NOT EXISTS can still collide in the
+        catalog) are serialised with an advisory lock, after which what exists is looked up
+        again. The schema may be made meanwhile by a call for another of its tables, or by
+        anyone: its creation has a savepoint of its own, and a collision there means that
+        it exists. Returns the layout's columns the table lacks (its index is then not made).
         """
         digest = hashlib.sha256(f"castore_pydantic:{self._sql.table_ddl}".encode()).digest()
         lock = int.from_bytes(digest[:8], "big", signed=True)
@@ -346,7 +348,11 @@ class PostgresEventStorageAdapter:
             await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
             schema, table, missing, index = await self._existing(cursor)
             if not schema:
-                await cursor.execute(_encoded(conn, self._sql.create_schema()))
+                try:
+                    async with conn.transaction():
+                        await cursor.execute(_encoded(conn, self._sql.create_schema()))
+                except pg_errors.UniqueViolation:
+                    pass  # made and committed by another session since it was looked up
             if not table:
                 await cursor.execute(_encoded(conn, self._sql.create_table(aggregate_id_type)))
                 # Made here, or by someone else meanwhile.

@@ -45,6 +45,7 @@ from tests.storage.postgres_support import (
     make_table,
     pg_schema,
     unique_table,
+    wait_for,
 )
 
 __all__ = ["pg_schema"]  # the fixture is used by name
@@ -437,6 +438,77 @@ class TestTable:
                 await counter_store(adapter).push_event(created("a1"))
         finally:
             await fetch(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    @pytest.mark.parametrize("outcome", ["commit", "rollback"])
+    async def test_tables_made_at_once_in_a_schema_another_session_is_making(
+        self, pg_schema: str, outcome: str
+    ) -> None:
+        """Services starting together, each making its own table in one new schema, while
+        another session makes that schema: every call succeeds. The calls for different
+        tables do not wait for each other, and their CREATE SCHEMA IF NOT EXISTS waited
+        for the other session's, then failed on the catalog's unique index."""
+        schema, tag = f"{pg_schema}_new", f"castore-{uuid.uuid4().hex[:8]}"
+        adapters = [
+            PostgresEventStorageAdapter(
+                DSN,
+                schema=schema,
+                table_name=unique_table(),
+                connect_kwargs={"application_name": tag},
+            )
+            for _ in range(4)
+        ]
+        try:
+            async with (
+                contextlib.AsyncExitStack() as stack,
+                await psycopg.AsyncConnection.connect(DSN) as other,
+            ):
+                for adapter in adapters:
+                    await stack.enter_async_context(adapter)
+                await other.execute(f'CREATE SCHEMA "{schema}"'.encode())  # not committed
+                calls = asyncio.gather(
+                    *[adapter.create_event_table() for adapter in adapters],
+                    return_exceptions=True,
+                )
+
+                async def all_waiting() -> bool:
+                    rows = await fetch(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                        " AND wait_event_type = 'Lock' AND query LIKE 'CREATE SCHEMA%%'",
+                        tag,
+                    )
+                    return bool(rows[0][0] == len(adapters))
+
+                await wait_for(all_waiting, what="every call waiting for the schema")
+                await (other.commit() if outcome == "commit" else other.rollback())
+                assert await calls == [None] * len(adapters)
+                for adapter in adapters:
+                    await counter_store(adapter).push_event(created("a1"))
+        finally:
+            await fetch(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+    async def test_services_starting_together_make_their_tables_in_one_new_schema(
+        self, pg_schema: str
+    ) -> None:
+        """Several adapters, each with its own pool and table, make them at once in a schema
+        that does not exist yet: all of them succeed, over a few rounds."""
+        for round_ in range(5):
+            schema = f"{pg_schema}_r{round_}"
+            adapters = [
+                PostgresEventStorageAdapter(DSN, schema=schema, table_name=unique_table())
+                for _ in range(4)
+            ]
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    for adapter in adapters:
+                        await stack.enter_async_context(adapter)
+                        await adapter.pool.open(wait=True)
+                    outcomes = await asyncio.gather(
+                        *[adapter.create_event_table() for adapter in adapters],
+                        return_exceptions=True,
+                    )
+                    assert outcomes == [None] * len(adapters)
+            finally:
+                await fetch(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 class TestRows:
