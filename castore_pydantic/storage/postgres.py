@@ -338,13 +338,17 @@ class PostgresEventStorageAdapter:
 
         Concurrent calls for the table (CREATE ... IF NOT EXISTS can still collide in the
         catalog) are serialised with an advisory lock, after which what exists is looked up
-        again. The schema may be made meanwhile by a call for another of its tables, or by
+        again, in a snapshot taken then: the transaction is ``READ COMMITTED`` whatever the
+        connection's default (``REPEATABLE READ`` would keep the snapshot of the statement
+        that waited for the lock, and not see the columns of a table made meanwhile). The
+        schema may be made meanwhile by a call for another of its tables, or by
         anyone: its creation has a savepoint of its own, and a collision there means that
         it exists. Returns the layout's columns the table lacks (its index is then not made).
         """
         digest = hashlib.sha256(f"castore_pydantic:{self._sql.table_ddl}".encode()).digest()
         lock = int.from_bytes(digest[:8], "big", signed=True)
         async with conn.transaction():
+            await cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
             await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
             schema, table, missing, index = await self._existing(cursor)
             if not schema:

@@ -510,6 +510,48 @@ class TestTable:
             finally:
                 await fetch(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
+    @pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+    @pytest.mark.parametrize("through", ["options", "borrowed pool"])
+    async def test_calls_racing_on_one_table_under_another_isolation_level_succeed(
+        self, pg_schema: str, isolation: str, through: str
+    ) -> None:
+        """With REPEATABLE READ or SERIALIZABLE as the connections' default (a role's or a
+        database's setting, or a borrowed pool's isolation_level), the calls that waited
+        for another one making the table looked again in a snapshot taken before it had,
+        and reported the table it made as lacking every column."""
+        level = psycopg.IsolationLevel.REPEATABLE_READ
+        if isolation == "serializable":
+            level = psycopg.IsolationLevel.SERIALIZABLE
+
+        async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+            await conn.set_isolation_level(level)
+
+        for _ in range(5):
+            table = unique_table()
+            async with contextlib.AsyncExitStack() as stack:
+                adapters = []
+                for _ in range(3):
+                    if through == "options":
+                        setting = isolation.replace(" ", "\\ ")
+                        options = {"options": f"-c default_transaction_isolation={setting}"}
+                        adapter = PostgresEventStorageAdapter(
+                            DSN, schema=pg_schema, table_name=table, connect_kwargs=options
+                        )
+                    else:
+                        pool = AsyncConnectionPool(DSN, configure=configure, min_size=1, open=False)
+                        await stack.enter_async_context(pool)
+                        adapter = PostgresEventStorageAdapter(
+                            pool=pool, schema=pg_schema, table_name=table
+                        )
+                    adapters.append(await stack.enter_async_context(adapter))
+                    await adapter.pool.wait()
+                outcomes = await asyncio.gather(
+                    *[adapter.create_event_table() for adapter in adapters],
+                    return_exceptions=True,
+                )
+                assert outcomes == [None] * len(adapters)
+                await counter_store(adapters[0]).push_event(created("a1"))
+
 
 class TestRows:
     """What the rows look like, and reading rows written by others."""
