@@ -211,11 +211,19 @@ class Statements:
 
     @staticmethod
     def uuid_id_tables() -> str:
-        """Which of the tables named (``regclass`` texts, one text array) have uuid ids."""
+        """Which of the tables named (``regclass`` texts, one text array) have uuid ids.
+
+        The column's type is ``uuid`` or a domain over it, at any depth (a domain stores
+        its base type's values, so one UUID in two spellings is one key there too).
+        """
         return (
-            "SELECT t FROM unnest(%s::text[]) AS t WHERE EXISTS (SELECT 1 FROM pg_attribute a"
+            "SELECT t FROM unnest(%s::text[]) AS t WHERE 'uuid'::regtype IN ("
+            "WITH RECURSIVE types(oid) AS (SELECT a.atttypid FROM pg_attribute a"
             " WHERE a.attrelid = to_regclass(t) AND a.attname = 'aggregate_id'"
-            " AND a.atttypid = 'uuid'::regtype AND NOT a.attisdropped)"
+            " AND NOT a.attisdropped"
+            " UNION SELECT d.typbasetype FROM pg_type d JOIN types ON d.oid = types.oid"
+            " WHERE d.typtype = 'd')"
+            " SELECT oid FROM types)"
         )
 
     # -- writes ------------------------------------------------------------------------------

@@ -95,9 +95,9 @@ class GroupPlan:
     Attributes:
         force: Whether stored versions are overwritten.
         fold_uuids: The tables (``Statements.table``) whose ``aggregate_id`` column is
-            ``uuid``: there, ids that spell one UUID in different ways (upper case, braces)
-            make one key. Only looked up after PostgreSQL said so (``uuid_tables``); on a
-            text table such ids stay distinct aggregates.
+            ``uuid`` (or a domain over it): there, ids that spell one UUID in different
+            ways (upper case, braces) make one key. Only looked up after PostgreSQL said so
+            (``uuid_tables``); on a text table such ids stay distinct aggregates.
         members: Every grouped event, in group order.
         repeat: Index of the first member that repeats an earlier member's key (without
             force), if any.
@@ -150,7 +150,7 @@ class GroupPlan:
         self.members.append(Member(target, event_store_id, event))
 
     async def uuid_tables(self, conn: AsyncConnection) -> frozenset[str]:
-        """The group's tables whose ``aggregate_id`` column is ``uuid`` (for ``fold_uuids``)."""
+        """The group's tables whose ``aggregate_id`` is a ``uuid`` (for ``fold_uuids``)."""
         ddl = {statements.table_ddl: table for table, (statements, _) in self.tables.items()}
         cursor = await tuple_cursor(conn).execute(Statements.uuid_id_tables(), (list(ddl),))
         return frozenset(ddl[name] for (name,) in await cursor.fetchall())

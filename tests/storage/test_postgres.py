@@ -1157,6 +1157,33 @@ class TestUuidTable:
         assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{uuid_table}"') == [(1,)]
         assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{text_table}"') == [(2,)]
 
+    @pytest.mark.parametrize("depth", [1, 2])
+    async def test_a_forced_group_folds_uuid_spellings_on_a_domain_over_uuid(
+        self, pg_schema: str, depth: int
+    ) -> None:
+        """An aggregate_id typed as a domain over uuid (or over such a domain) stores UUIDs
+        as uuid does: with force, the later of two spellings wins. Only a column typed
+        uuid itself was recognised, and the group failed with a StorageError."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        base = "uuid"
+        for _ in range(depth):
+            domain = f'"{pg_schema}"."{unique_table()}"'
+            await fetch(f"CREATE DOMAIN {domain} AS {base} NOT NULL")
+            base = domain
+        await fetch(f'ALTER TABLE "{pg_schema}"."{table}" ALTER COLUMN aggregate_id TYPE {base}')
+        lower = str(uuid.uuid4())
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            result = await EventStore.push_event_group(
+                store.group_event(created(lower.upper())),
+                store.group_event(created(lower)),
+                force=True,
+            )
+            assert len(result.event_group) == 2
+            (stored,) = (await store.get_events(lower)).events
+            assert stored.payload.name == f"counter {lower}"
+        assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(1,)]
+
     async def test_one_uuid_in_two_spellings_names_the_later_spelling(self, pg_schema: str) -> None:
         """A group naming one UUID twice (plain, then in braces, upper case or without
         hyphens) is a conflict naming the second spelling. Only upper and lower case were
