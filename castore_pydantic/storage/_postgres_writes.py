@@ -7,6 +7,7 @@ from typing import Any, NamedTuple, Protocol
 
 from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
 from castore_pydantic.errors import EventLimitExceededError
+from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage._columns import storable_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection, tuple_cursor
 from castore_pydantic.storage._postgres_sql import Statements
@@ -169,7 +170,12 @@ class GroupPlan:
     async def _first_stored(
         self, conn: AsyncConnection, candidates: list[tuple[int, Member]]
     ) -> int | None:
-        """The smallest index among ``candidates`` whose event key is stored now."""
+        """The smallest index among ``candidates`` whose event key is stored now.
+
+        Raises:
+            psycopg.DataError: A member's value cannot be sent in the client encoding.
+            psycopg.NotSupportedError: A table or schema name cannot be sent in it.
+        """
         for start in range(0, len(candidates), _LOOKUP_BATCH):
             batch = candidates[start : start + _LOOKUP_BATCH]
             query = " UNION ALL ".join(member.target._sql.exists() for _, member in batch)
@@ -183,7 +189,10 @@ class GroupPlan:
                     member.event.version,
                 )
             ]
-            cursor = await tuple_cursor(conn).execute(query, params)
+            try:
+                cursor = await tuple_cursor(conn).execute(query, params)
+            except UnicodeEncodeError as exc:
+                raise direct.unencodable_text(exc, conn.info.encoding, params) from exc
             stored = sorted(row[0] for row in await cursor.fetchall())
             if stored:
                 return int(stored[0])

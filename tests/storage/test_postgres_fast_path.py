@@ -420,6 +420,10 @@ class TestStatementsFollowTheirConnection:
                 await EventStore.push_event_group(
                     store.group_event(created("a1")), store.group_event(created("\u2603"))
                 )
+            with pytest.raises(EventLimitExceededError, match="client encoding"):
+                await EventStore.push_event_group(  # a repeated key is looked up first
+                    store.group_event(created("\u2603")), store.group_event(created("\u2603"))
+                )
             with pytest.raises(StorageError, match="client encoding"):
                 await store.get_events("\u2603")
             await store.push_event(created("caf\u00e9"))  # LATIN1 has it
@@ -433,8 +437,9 @@ class TestStatementsFollowTheirConnection:
         self, pg_schema: str
     ) -> None:
         """A table named with a character LATIN1 lacks, used on a LATIN1 connection: pushes,
-        groups and reads raised a bare UnicodeEncodeError. Every call now raises StorageError
-        naming the client encoding, never EventLimitExceededError (no event is at fault)."""
+        groups and reads raised a bare UnicodeEncodeError (a group repeating a key did still).
+        Every call now raises StorageError naming the client encoding, never
+        EventLimitExceededError (no event is at fault)."""
         table = f"snow\u2603_{uuid.uuid4().hex[:6]}"
         async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as utf8:
             await utf8.create_event_table()
@@ -448,6 +453,10 @@ class TestStatementsFollowTheirConnection:
                 "create": adapter.create_event_table,
                 "push": lambda: store.push_event(created("a2")),
                 "group": lambda: EventStore.push_event_group(store.group_event(created("a2"))),
+                # looked up before anything is written, through a cursor of psycopg's
+                "group repeating a key": lambda: EventStore.push_event_group(
+                    store.group_event(created("a2")), store.group_event(created("a2"))
+                ),
                 "large group": lambda: EventStore.push_event_group(
                     *(store.group_event(created(f"g{i}")) for i in range(5_001))
                 ),
