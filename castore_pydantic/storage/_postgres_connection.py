@@ -148,12 +148,13 @@ def _misread(conninfo: str) -> str | None:
     - an ``@`` in the host list, or a port that is not a number (libpq could not connect
       there anyway);
     - an ``@`` in the database name, when a ``:`` might have started a password before it
-      (libpq found a password; or no credentials, as in ``user:pass/word@...``; or a
-      ``:`` in the database name, as in ``us/er:password@...``), or when a host and path
-      seem to follow it (a ``/`` after it).
+      (libpq found a password; or no credentials but a port, as in ``user:1234/abc@...``;
+      or a ``:`` in the database name, as in ``us/er:password@...``), or when a host and
+      path seem to follow it (a ``/`` after it).
 
-    Any other ``@`` in the database name (``postgresql://user@host:5432/team@prod``) and
-    every ``@`` in the query are read as written.
+    Any other ``@`` in the database name (``postgresql://host/team@prod``,
+    ``postgresql://user@host:5432/team@prod``) and every ``@`` in the query are read as
+    written.
 
     Returns:
         The message of the ``ValueError`` to raise, or ``None``: libpq reads it as written.
@@ -179,7 +180,7 @@ def _misread(conninfo: str) -> str | None:
         return _MISREAD_AS_DATABASE
     database = tail[1:].split("?", 1)[0] if tail.startswith("/") else ""
     _, at_sign, after_at = database.partition("@")
-    if at_sign and (colon or credentials is None or ":" in database or "/" in after_at):
+    if at_sign and (colon or (credentials is None and ports) or ":" in database or "/" in after_at):
         return _MISREAD_AS_DATABASE
     return None
 

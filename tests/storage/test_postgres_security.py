@@ -315,6 +315,29 @@ class TestPasswords:
         )
         assert CANARY not in repr(adapter)
 
+    def test_an_at_in_the_database_name_is_read_as_written_where_no_password_can_be(
+        self,
+    ) -> None:
+        """libpq reads 'postgresql://host/team@prod' as database 'team@prod'. Such URIs
+        (also a borrowed pool's) were refused, with a message blaming a '/' in a password
+        the URI did not have. Only where a password could have been cut there (after a port
+        with no user before it) is such a URI refused, and the message names the database."""
+        for dsn in (
+            f"postgresql://{POSTGRES_HOST}/team@prod",
+            f"postgresql://{POSTGRES_HOST},{POSTGRES_HOST}/team@prod",
+            "postgresql://[::1]/team@prod?application_name=x",
+            f"postgresql://postgres@{POSTGRES_HOST}:{POSTGRES_PORT}/team@prod",
+        ):
+            assert "dbname=team@prod" in repr(PostgresEventStorageAdapter(dsn)), dsn
+            PostgresEventStorageAdapter(pool=AsyncConnectionPool(dsn, open=False))
+        # As libpq reads it, 'user:1234/abc@host' is host 'user', port '1234' and database
+        # 'abc@host': the same shape, so the '@' must be written %40 there.
+        ambiguous = f"postgresql://{POSTGRES_HOST}:{POSTGRES_PORT}/team@prod"
+        with pytest.raises(ValueError, match="database name holding an '@'"):
+            PostgresEventStorageAdapter(ambiguous)
+        encoded = PostgresEventStorageAdapter(ambiguous.replace("@", "%40"))
+        assert "dbname=team@prod" in repr(encoded)
+
     @settings(max_examples=300, deadline=None)
     @given(password=st.text(alphabet="aZ9@/?:,[]#=&.%", min_size=1, max_size=12))
     def test_every_accepted_password_is_read_as_written(self, password: str) -> None:
