@@ -187,10 +187,11 @@ class Statements:
     def is_event_key() -> str:
         """Whether a named unique index is the event key of the events table.
 
-        It must cover exactly the key's columns, on the events table or one of its
-        partitions (or inheritance children), at any depth. Parameters, by name: the
-        ``schema``, ``table`` and ``index`` PostgreSQL named in the error, and the events
-        table's ``regclass`` text (``events``).
+        Its key columns must be exactly the key's (the columns of its ``INCLUDE`` are not
+        part of what it keeps unique), on the events table or one of its partitions (or
+        inheritance children), at any depth. Parameters, by name: the ``schema``, ``table``
+        and ``index`` PostgreSQL named in the error, and the events table's ``regclass``
+        text (``events``).
         """
         return (
             "WITH RECURSIVE above(oid) AS ("
@@ -204,7 +205,9 @@ class Statements:
             " AND i.indrelid = (SELECT t.oid FROM pg_class t WHERE t.relnamespace = n.oid"
             " AND t.relname = %(table)s)"
             " AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a"
-            " WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]))"
+            " WHERE a.attrelid = i.indrelid AND a.attnum IN (SELECT k.attnum"
+            " FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
+            " WHERE k.n <= i.indnkeyatts))"
             " = ARRAY['aggregate_id', 'aggregate_name', 'version'])"
             " AND to_regclass(%(events)s) IN (SELECT oid FROM above)"
         )

@@ -726,6 +726,39 @@ class TestConflicts:
             assert not isinstance(info.value, EventAlreadyExistsError)
             assert isinstance(info.value.__cause__, psycopg.errors.UniqueViolation)
 
+    async def test_columns_an_index_only_includes_are_not_its_key(self, pg_schema: str) -> None:
+        """A unique index on (store, version) that INCLUDEs aggregate_id ("one event per
+        store and version") was taken for the event key: pushing another aggregate raised
+        EventAlreadyExistsError for an aggregate without events, and commands retried it.
+        It is a StorageError; an index on the key that includes other columns is the key."""
+        table = await make_table(pg_schema)
+        await fetch(
+            f'CREATE UNIQUE INDEX ON "{pg_schema}"."{table}" (aggregate_name, version)'
+            " INCLUDE (aggregate_id)"
+        )
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+            with pytest.raises(StorageError, match="duplicate key") as info:
+                await store.push_event(created("b1"))
+            assert not isinstance(info.value, EventAlreadyExistsError)
+            with pytest.raises(StorageError, match="duplicate key") as info:
+                await EventStore.push_event_group(store.group_event(created("b1")))
+            assert not isinstance(info.value, EventAlreadyExistsError)
+        keyed = unique_table()
+        await fetch(
+            f'CREATE TABLE "{pg_schema}"."{keyed}" (id bigserial primary key,'
+            " aggregate_name text NOT NULL, aggregate_id text NOT NULL, version bigint NOT NULL,"
+            ' type text NOT NULL, data jsonb, metadata jsonb, "timestamp" timestamptz NOT NULL);'
+            f' CREATE UNIQUE INDEX ON "{pg_schema}"."{keyed}"'
+            " (aggregate_name, aggregate_id, version) INCLUDE (type)"
+        )
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=keyed) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("a1"))
+            with pytest.raises(EventAlreadyExistsError):
+                await store.push_event(created("a1"))
+
     async def test_a_value_past_a_postgresql_limit_is_the_events_limit(
         self, pg_schema: str
     ) -> None:
