@@ -490,11 +490,17 @@ class RedisStreamsAdapter:
                 )
         finally:
             # Past the grace period, or this call was cancelled: the consumers still running
-            # cancel their handler and hand their entries back, then end.
+            # cancel their handler and hand their entries back (for a bounded time), then
+            # end. Cancelled again while they do, this stops the hand-back too.
             for task in late:
                 running[task].cancel()
             if late:
-                await asyncio.wait(late)
+                try:
+                    await asyncio.wait(late)
+                except asyncio.CancelledError:
+                    for task in late:
+                        running[task].cancel()
+                    raise
 
     # -- dead letters and housekeeping -----------------------------------------------------
 

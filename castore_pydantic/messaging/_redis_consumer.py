@@ -78,6 +78,10 @@ return {moved, -1}
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 _PROMOTE_BATCH = 500
+#: The longest a stopping consumer spends handing its entries back. The hand-back only
+#: spares other consumers the wait for ``reclaim_idle_ms``: a Redis that stalls (a network
+#: partition, ``CLIENT PAUSE``) must not hold up the stop, which would never return.
+RELEASE_TIMEOUT = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -155,9 +159,10 @@ class StreamConsumer:
         self._promote = client.register_script(PROMOTE_RETRIES)
         self._stopping = False
         self._reading = False
-        #: Whether the final hand-back of pending entries has started (it runs once), and
-        #: whether a stop cancelled the handler in flight.
+        #: Whether the final hand-back of pending entries has started (it runs once),
+        #: whether it is running, and whether a stop cancelled the handler in flight.
         self._released = False
+        self._releasing = False
         self._cancelled = False
         self._wake = asyncio.Event()
         self._cursors: dict[str, bytes] = {}
@@ -191,10 +196,16 @@ class StreamConsumer:
     def cancel(self) -> None:
         """Cancel the handler in flight of a consumer asked to stop (its grace period ran out).
 
-        The consumer then hands back what it holds, as on a clean stop. Once that hand-back
-        has started there is nothing left to interrupt, and this does nothing.
+        The consumer then hands back what it holds, as on a clean stop, for at most
+        ``RELEASE_TIMEOUT`` seconds. Called while that hand-back runs, this interrupts it:
+        what was not handed back is taken over by others after ``reclaim_idle_ms``.
         """
-        if self.task is None or self.task.done() or self._released or self._cancelled:
+        if self.task is None or self.task.done():
+            return
+        if self._releasing:
+            self.task.cancel()
+            return
+        if self._released or self._cancelled:
             return
         self._cancelled = True
         self.task.cancel()
@@ -210,11 +221,26 @@ class StreamConsumer:
             await self._consume()
         except asyncio.CancelledError:
             if self._stopping and not self._released:
-                self._released = True
-                await self.release_pending()
+                await self._release()
             raise
-        self._released = True
-        await self.release_pending()
+        await self._release()
+
+    async def _release(self) -> None:
+        """Hand back the entries held, giving up after ``RELEASE_TIMEOUT`` seconds."""
+        self._released = self._releasing = True
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT):
+                await self.release_pending()
+        except TimeoutError:
+            logger.warning(
+                "Redis consumer %s could not hand its pending entries back within %ss; "
+                "others take them over after %d ms",
+                self.consumer_name,
+                RELEASE_TIMEOUT,
+                self.options.reclaim_idle_ms,
+            )
+        finally:
+            self._releasing = False
 
     async def _consume(self) -> None:
         backoff = _BACKOFF_MIN

@@ -96,7 +96,7 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
         reclaim_idle_ms: How long an entry may stay unacknowledged before another consumer
             takes it over; set it above your slowest handler's run time.
         block_ms: The longest a read waits for new entries before checking for due retries
-            and abandoned entries; keep it below the client's socket timeout (5 s).
+            and abandoned entries; keep it below the client's socket timeout, if it has one.
         max_deliveries: An entry delivered more often than this without being acknowledged
             (its consumers keep dying on it) is dead-lettered instead of handled again.
 
@@ -243,7 +243,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         key_prefix: Prefix of every key (default ``"castore:"``).
         reclaim_idle_ms: How long an entry may stay unacknowledged before another consumer
             of the same listener takes it over.
-        block_ms: The longest a read waits for new entries (below the socket timeout, 5 s).
+        block_ms: The longest a read waits for new entries (below any socket timeout).
         max_deliveries: An entry delivered more often than this without being acknowledged
             is dead-lettered.
 

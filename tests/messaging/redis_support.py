@@ -27,6 +27,7 @@ __all__ = [
     "GaveUpWatch",
     "Key",
     "Recorder",
+    "StallingProxy",
     "caught",
     "closed_port",
     "connections_named",
@@ -107,6 +108,58 @@ async def connections_named(client: Redis, name: str) -> list[int]:
     """The ids of the server's client connections called ``name`` (``CLIENT SETNAME``)."""
     listed: Any = await client.client_list()
     return [int(entry["id"]) for entry in listed if entry.get("name") == name]
+
+
+class StallingProxy:
+    """A TCP proxy to the test Redis that can stop forwarding, as a cut network does.
+
+    After ``stall()`` nothing more goes through either way, yet no connection is closed: a
+    client's commands neither complete nor fail. Use it as ``async with StallingProxy() as
+    proxy:``, then connect to ``proxy.url``.
+    """
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._stalled = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def stall(self) -> None:
+        """Stop forwarding anything, in both directions."""
+        self._stalled.set()
+
+    async def __aenter__(self) -> StallingProxy:
+        require_redis()
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"redis://127.0.0.1:{port}/0"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        for writer in self._writers:
+            writer.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(REDIS_HOST, REDIS_PORT)
+        self._writers += [writer, up_writer]
+        for source, target in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._forward(source, target))
+            self._tasks.add(task)
+
+    async def _forward(self, source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                if self._stalled.is_set():
+                    await asyncio.Event().wait()  # hold the bytes for ever
+                target.write(data)
+                await target.drain()
 
 
 class Recorder:

@@ -29,6 +29,7 @@ from tests.domain import appeared, make_store
 from tests.messaging.redis_support import (
     REDIS_URL,
     Recorder,
+    StallingProxy,
     closed_port,
     connections_named,
     notification,
@@ -509,6 +510,56 @@ class TestRedisMessageQueueAdapter:
         assert recorder.calls == [
             (notification(1), MessageContext(attempt=1, retry_attempts_left=2, replay=False))
         ]
+
+    @pytest.mark.parametrize("how", ["grace period", "timeout"])
+    async def test_a_stop_ends_when_redis_stalls(self, prefix: str, how: str) -> None:
+        """With the network to Redis cut, a stop whose grace period ran out, or that was
+        itself cancelled, waited for ever for the consumer handing its entries back. The
+        hand-back now gives up: the stop ends, and the entry is taken over later."""
+        queue = make_queue()
+        started = asyncio.Event()
+        log: list[str] = []
+
+        async def stuck(message: Any, context: MessageContext) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()  # never returns
+            except asyncio.CancelledError:
+                log.append("handler cancelled")
+                raise
+
+        async def stop(adapter: RedisMessageQueueAdapter) -> None:
+            if how == "grace period":
+                await adapter.stop_consuming(grace_period=0.1)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await adapter.stop_consuming()
+
+        async with StallingProxy() as proxy:
+            adapter = RedisMessageQueueAdapter.attach_to(
+                queue, proxy.url, worker=stuck, key_prefix=prefix, block_ms=50
+            )
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await asyncio.wait_for(started.wait(), 10)
+            proxy.stall()
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            stopping = asyncio.create_task(stop(adapter))
+            done, _ = await asyncio.wait({stopping}, timeout=5)
+            assert done, "the stop did not end"
+            await stopping
+            assert loop.time() - began < 0.1 + redis_consumer.RELEASE_TIMEOUT + 1
+            assert log == ["handler cancelled"]
+            assert not adapter.is_consuming
+        await asyncio.wait_for(adapter.aclose(), 10)
+        # Not handed back: another worker takes the entry over once it is idle long enough.
+        recorder = Recorder()
+        other = attach(make_queue(), prefix, worker=recorder)
+        async with other, other.consuming():
+            await recorder.wait_for(1)
+        assert recorder.messages == [notification(1)]
 
     async def test_failed_message_is_retried_with_backoff(self, prefix: str) -> None:
         """A failing message is retried after delay * rate ** (attempt - 1), then succeeds."""
