@@ -255,6 +255,9 @@ async def run_handler(handler: MessageHandler, message: Any, context: MessageCon
 
     A plain function is a handler too (Castore awaits whatever its workers return): its
     ``None`` is not awaited, which would fail every delivery after the work was done.
+    Anything else it returns (an async generator, a ``concurrent.futures.Future``) means
+    work that was never run or whose outcome nobody sees: that is a failure, raised as
+    ``TypeError``, so that the message is retried or dead-lettered instead of acknowledged.
 
     A handler that awaited something another task cancelled raises ``CancelledError``
     although nobody cancelled the handler's own task: that is the handler failing, and it
@@ -265,6 +268,12 @@ async def run_handler(handler: MessageHandler, message: Any, context: MessageCon
         result = handler(message, context)
         if inspect.isawaitable(result):
             await result
+        elif result is not None:
+            raise TypeError(
+                f"handler {_handler_name(handler)} returned {type(result).__qualname__}, "
+                "not None or an awaitable: its work was not awaited (await it in an async "
+                "def handler, e.g. with asyncio.wrap_future for an executor's future)"
+            )
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is None or task.cancelling():
@@ -275,6 +284,11 @@ async def run_handler(handler: MessageHandler, message: Any, context: MessageCon
         ) from exc
 
 
+def _handler_name(handler: MessageHandler) -> str:
+    # A callable object has no __qualname__ of its own: it is named by its class.
+    return str(getattr(handler, "__qualname__", type(handler).__qualname__))
+
+
 def listener_name(handler: MessageHandler, listener_id: str | None) -> str:
     """A bus listener's id: ``listener_id``, or the handler's qualified name.
 
@@ -282,8 +296,7 @@ def listener_name(handler: MessageHandler, listener_id: str | None) -> str:
         ValueError: ``listener_id`` is given but not a non-empty string.
     """
     if listener_id is None:
-        # A callable object has no __qualname__ of its own: it is named by its class.
-        return str(getattr(handler, "__qualname__", type(handler).__qualname__))
+        return _handler_name(handler)
     if not isinstance(listener_id, str) or not listener_id:
         raise ValueError("listener_id must be a non-empty string")
     return listener_id

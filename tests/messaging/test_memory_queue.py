@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -146,6 +147,47 @@ class TestInMemoryQueue:
         assert [(letter.error, letter.attempts) for letter in await adapter.dead_letters()] == [
             ("ValueError: boom", 2)
         ]
+
+    async def test_a_worker_returning_an_async_generator_fails(self) -> None:
+        """An async def worker with a stray yield returns an async generator whose body
+        never runs: that counted as success and the message was acknowledged, its work
+        never done. It now fails with a TypeError and is dead-lettered."""
+        queue = make_queue()
+        done: list[str] = []
+
+        async def index(message: NotificationMessage, context: MessageContext) -> Any:
+            done.append(message.event.aggregate_id)
+            yield
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=index, retry_attempts=0)
+        await queue.publish_message(caught())
+        await adapter.join()
+        assert done == []
+        [letter] = await adapter.dead_letters()
+        assert letter.error.startswith("TypeError: handler ")
+        assert "index returned async_generator, not None or an awaitable" in letter.error
+
+    async def test_a_worker_returning_an_executor_future_fails(self) -> None:
+        """A plain worker returning executor.submit(...) had the thread's failure ignored
+        and the message acknowledged. Such a result now fails the attempt."""
+        queue = make_queue()
+
+        def write(message: NotificationMessage) -> None:
+            raise RuntimeError("the projection refused the write")
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+
+            def index(message: NotificationMessage, context: MessageContext) -> Any:
+                return pool.submit(write, message)
+
+            adapter = InMemoryMessageQueueAdapter.attach_to(
+                queue, worker=index, retry_attempts=1, retry_delay_in_ms=1
+            )
+            await queue.publish_message(caught())
+            await adapter.join()
+        [letter] = await adapter.dead_letters()
+        assert letter.attempts == 2
+        assert "returned Future, not None or an awaitable" in letter.error
 
     async def test_default_context_and_replay(self) -> None:
         """B100: attempt 1, 2 retries left, replay False; replay=True is passed through."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -138,6 +139,30 @@ class TestRedisMessageQueueAdapter:
         assert effects == [MessageContext(attempt=1, retry_attempts_left=0, replay=False)]
         pending: Any = await raw.xpending(adapter.stream_key, "workers")
         assert pending["pending"] == 0
+
+    async def test_a_worker_returning_neither_none_nor_an_awaitable_fails(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A plain worker returning executor.submit(...) had its entry acknowledged and
+        deleted while the thread's work failed unseen. It is now dead-lettered."""
+        queue = make_queue()
+
+        def write(message: Any) -> None:
+            raise RuntimeError("the projection refused the write")
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, watch_dead_letters() as watch:
+
+            def index(message: Any, context: MessageContext) -> Any:
+                return pool.submit(write, message)
+
+            adapter = attach(queue, prefix, worker=index, retry_attempts=0)
+            async with adapter, adapter.consuming():
+                await queue.publish_message(notification(1))
+                await watch.wait_for(1)
+                [letter] = await adapter.dead_letters()
+        assert letter.message == notification(1)
+        assert "returned Future, not None or an awaitable" in letter.error
+        assert await raw.xlen(adapter.stream_key) == 0
 
     async def test_stream_entry_body_is_castores_json_message(
         self, prefix: str, raw: Redis
