@@ -104,6 +104,9 @@ class RabbitMQAdapter:
         self._supervisor: asyncio.Task[None] | None = None
         #: Set while ``start_consuming`` opens the consumers (before ``_supervisor`` exists).
         self._starting: asyncio.Event | None = None
+        #: How many times ``stop_consuming`` was called: a start that sees it change while
+        #: it opens the consumers closes them again (the stop may have stopped waiting).
+        self._stop_calls = 0
         self._consumer_connection: AbstractConnection | None = None
         self._consumers: list[tuple[AbstractChannel, str]] = []
         self._connection_lost = asyncio.Event()
@@ -345,9 +348,17 @@ class RabbitMQAdapter:
         self._require_channel()
         subscriptions = self._subscriptions(consuming=True)
         starting = self._starting = asyncio.Event()
+        stop_calls = self._stop_calls
         try:
             self._stopping = False
-            self._use_consumers(await self._open_consumers(subscriptions))
+            consumers = await self._open_consumers(subscriptions)
+            if self._stop_calls != stop_calls:
+                # A stop came meanwhile: consumers must not run after it, even if it was
+                # cancelled before this start finished.
+                channels = [channel for channel, _ in consumers.channels]
+                await _close_quietly(consumers.connection, *channels)
+                return
+            self._use_consumers(consumers)
             self._supervisor = asyncio.create_task(self._supervise(subscriptions))
         finally:
             self._starting = None
@@ -448,17 +459,20 @@ class RabbitMQAdapter:
 
         Messages received but not handled yet are left unacknowledged, so the broker hands
         them to another consumer. Safe to call when not consuming; called while
-        ``start_consuming`` runs, it waits for the consumers to open, then stops them. Called
-        by a handler, it returns at once: no new message is handled, and the consumers close
+        ``start_consuming`` runs, it has that start close the consumers it opens, and waits
+        for it (if this call is cancelled, the start still closes them). Called by a
+        handler, it returns at once: no new message is handled, and the consumers close
         once that handler has returned (``is_consuming`` is true until then).
 
         Args:
             grace_period: Seconds to wait for running handlers; then their channels close,
                 cancelling them, and their messages are delivered again. ``None`` waits.
         """
+        # Counted before any await: a start in progress then opens nothing that runs on.
+        self._stop_calls += 1
         if self._starting is not None:
-            # Returning now would let the start finish afterwards: consumers would run after
-            # the stop (or aclose) returned.
+            # Returning before the start ended would let aclose() close the connection it
+            # is still opening.
             await self._starting.wait()
         current = asyncio.current_task()
         inside = current is not None and current in self._handling

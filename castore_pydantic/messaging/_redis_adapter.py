@@ -123,6 +123,9 @@ class RedisStreamsAdapter:
         self._consuming = False
         # Set while start_consuming connects, before its consumers exist.
         self._starting: asyncio.Event | None = None
+        # How many times stop_consuming was called: a start that sees it change before its
+        # consumers exist starts none (the stop may have stopped waiting for it).
+        self._stop_calls = 0
         self._connected = False
         # Listeners registered on a connected adapter, whose consumer groups are being created.
         self._joining: set[asyncio.Task[None]] = set()
@@ -379,6 +382,7 @@ class RedisStreamsAdapter:
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
+        stop_calls = self._stop_calls
         while self._starting is not None:  # another call is starting them: its outcome
             await self._starting.wait()
         if self._consuming:
@@ -390,7 +394,12 @@ class RedisStreamsAdapter:
             current = asyncio.current_task()
             if retiring := [task for task in self._retiring if task is not current]:
                 await asyncio.wait(retiring)
-            await self.connect()
+            if self._stop_calls == stop_calls:
+                await self.connect()
+            if self._stop_calls != stop_calls:
+                # A stop was called since this call: no consumer may run after it, even if
+                # it was cancelled or gave up waiting for this start.
+                return
             self._consuming = True
             for subscription in self._subscriptions():
                 self._start_consumer(subscription)
@@ -429,8 +438,8 @@ class RedisStreamsAdapter:
         Entries already read but not started are handed back at once, so other consumers
         take them over without waiting for ``reclaim_idle_ms``. Safe to call when not
         consuming, and more than once: every call waits until the consumers have ended.
-        Called while ``start_consuming`` connects, it waits for the consumers to start, then
-        stops them.
+        A ``start_consuming`` in progress starts no consumer once this is called (also if
+        this call is cancelled); this call waits for it to end.
         If this call is cancelled (``asyncio.timeout``), it does what the end of a grace
         period does before passing the cancellation on. Called by a handler, it returns at
         once; that handler's consumer stops once the handler returned.
@@ -442,9 +451,11 @@ class RedisStreamsAdapter:
         """
         current = asyncio.current_task()
         inside = current in self._retiring or any(c.task is current for c in self._consumers)
+        # Counted before any await: a start in progress then starts nothing.
+        self._stop_calls += 1
         if self._starting is not None and not inside:
-            # Returning now would let the start finish afterwards: consumers would run after
-            # the stop (or aclose) returned.
+            # Returning before it ended would let aclose() close the client it may still be
+            # connecting with.
             await self._starting.wait()
         self._consuming = False
         consumers, self._consumers = self._consumers, []

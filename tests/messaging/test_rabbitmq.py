@@ -759,6 +759,30 @@ class TestStartAndStop:
             finally:
                 await adapter.purge()
 
+    async def test_a_stop_cancelled_during_the_start_still_stops(self, vhost: str) -> None:
+        """A stop cancelled (a shutdown deadline) while it waited for a start in progress
+        recorded nothing: the consumers that start opened ran on."""
+        queue = NotificationMessageQueue(
+            message_queue_id="cancelled-stop-while-starting",
+            source_event_stores=[pokemon_store()],
+        )
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=Inbox())
+        async with adapter:
+            try:
+                starting = asyncio.create_task(adapter.start_consuming())
+                await asyncio.sleep(0)  # the start is connecting
+                stopping = asyncio.create_task(adapter.stop_consuming())
+                await asyncio.sleep(0)  # the stop waits for the start
+                assert not stopping.done()
+                stopping.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await stopping
+                await asyncio.wait_for(starting, 10)
+                assert not adapter.is_consuming
+                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 0
+            finally:
+                await adapter.purge()
+
 
 @pytest.mark.rabbitmq
 class TestTeardown:

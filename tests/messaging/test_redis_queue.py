@@ -445,6 +445,27 @@ class TestRedisMessageQueueAdapter:
         assert not adapter.is_consuming
         await no_connections_left(raw, f"castore:{adapter.consumer_name}")
 
+    async def test_a_stop_cancelled_during_the_start_still_stops(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A stop cancelled (a shutdown deadline) while it waited for a start in progress
+        recorded nothing: the start then started its consumers, which ran on."""
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=Recorder(), name=f"cancelled-{prefix[13:25]}")
+        starting = asyncio.create_task(adapter.start_consuming())
+        await asyncio.sleep(0)  # the start is connecting
+        stopping = asyncio.create_task(adapter.stop_consuming())
+        await asyncio.sleep(0)  # the stop waits for the start
+        assert not stopping.done()
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        await asyncio.wait_for(starting, 10)
+        assert not adapter.is_consuming
+        assert not [task for task in asyncio.all_tasks() if "castore-redis" in task.get_name()]
+        await adapter.aclose()
+        await no_connections_left(raw, f"castore:{adapter.consumer_name}")
+
     async def test_a_restart_waits_for_the_handler_the_stop_left_running(self, prefix: str) -> None:
         """Started again while a handler that stopped its adapter still ran, a new consumer
         under the same name took that handler's entry as its own and handled it again."""
