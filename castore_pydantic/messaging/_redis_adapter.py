@@ -439,7 +439,8 @@ class RedisStreamsAdapter:
         take them over without waiting for ``reclaim_idle_ms``. Safe to call when not
         consuming, and more than once: every call waits until the consumers have ended.
         A ``start_consuming`` in progress starts no consumer once this is called (also if
-        this call is cancelled); this call waits for it to end.
+        this call is cancelled); this call waits for it to end, after applying its grace
+        period to the handlers that start waits for.
         If this call is cancelled (``asyncio.timeout``), it does what the end of a grace
         period does before passing the cancellation on. Called by a handler, it returns at
         once; that handler's consumer stops once the handler returned.
@@ -453,10 +454,6 @@ class RedisStreamsAdapter:
         inside = current in self._retiring or any(c.task is current for c in self._consumers)
         # Counted before any await: a start in progress then starts nothing.
         self._stop_calls += 1
-        if self._starting is not None and not inside:
-            # Returning before it ended would let aclose() close the client it may still be
-            # connecting with.
-            await self._starting.wait()
         self._consuming = False
         consumers, self._consumers = self._consumers, []
         for consumer in consumers:
@@ -473,7 +470,12 @@ class RedisStreamsAdapter:
             return
         if self._joining:
             await asyncio.wait(list(self._joining))
+        # Also the handlers a start in progress waits for: the grace period applies to them.
         await self._wait_for_consumers(grace_period)
+        if self._starting is not None and not inside:
+            # It starts nothing now, but returning before it ended would let aclose() close
+            # the client it may still be connecting with.
+            await self._starting.wait()
         await self._background_done()
 
     def _forget_retired(self, task: asyncio.Task[None]) -> None:

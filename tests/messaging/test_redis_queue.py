@@ -498,6 +498,41 @@ class TestRedisMessageQueueAdapter:
             await adapter.stop_consuming()
         assert recorder.messages == [notification(1), notification(2)]
 
+    async def test_a_stop_applies_its_grace_period_to_the_handler_a_restart_waits_for(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A stop arriving while a restart waited for a handler that had stopped its own
+        adapter waited for that handler however long it ran, ignoring its grace period,
+        and the restart then left the adapter consuming after the stop."""
+        queue = make_queue()
+        asked = asyncio.Event()
+        log: list[str] = []
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await adapter.stop_consuming()
+            asked.set()
+            try:
+                await asyncio.sleep(3)  # long work
+            except asyncio.CancelledError:
+                log.append("handler cancelled")
+                raise
+
+        adapter = attach(queue, prefix, worker=worker, reclaim_idle_ms=60_000)
+        async with adapter:
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await asyncio.wait_for(asked.wait(), 10)
+            restarting = asyncio.create_task(adapter.start_consuming())
+            await asyncio.sleep(0.05)
+            assert not restarting.done()  # it waits for the handler
+            await asyncio.wait_for(adapter.stop_consuming(grace_period=0.1), 5)
+            assert log == ["handler cancelled"]
+            await asyncio.wait_for(restarting, 5)
+            assert not adapter.is_consuming
+        # Handed back: idle "for ever", its delivery not counted.
+        [entry] = await raw.xpending_range(adapter.stream_key, "workers", "-", "+", 10)
+        assert entry["times_delivered"] == 0
+
     async def test_stop_releases_entries_read_but_not_started(self, prefix: str) -> None:
         """Entries a stopped worker had read are taken over at once, as fresh deliveries."""
         queue_a, queue_b = make_queue(), make_queue()
