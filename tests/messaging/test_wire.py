@@ -223,6 +223,34 @@ class TestRoutingFromTheBody:
         assert body_matches([{"event_store_id": "RIVALS"}], snake, False) is True
         assert body_matches([{"event_store_id": "POKEMONS"}], snake, False) is False
 
+    def test_an_event_without_a_type_is_routed_after_validation(self) -> None:
+        """A store with one event class accepts an event without its type (the class's
+        default fills it in), yet the filter rejected it for a pattern on that type, so
+        the listener missed a message it asked for. It is now left to validation."""
+
+        def keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
+            assert pokemon is not None
+            return pokemon
+
+        fleeing = EventStore(
+            event_store_id="FLEES",
+            event_types=[PokemonFled],
+            reducer=keep,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        channel = queue(make_store(), fleeing)
+        typeless = json.dumps(
+            {"eventStoreId": "FLEES", "event": {"aggregateId": "a", "version": 2}}
+        ).encode()
+        wanted: FilterPattern = {"event_store_id": "FLEES", "event_type": "POKEMON_FLED"}
+        other: FilterPattern = {"event_store_id": "FLEES", "event_type": "POKEMON_CAUGHT"}
+        assert body_matches([wanted], typeless, False) is None
+        message = channel.parse_message(typeless)
+        assert matches(wanted, message, False)
+        assert not matches(other, message, False)
+        # A pattern on the store alone needs no type: decided from the body.
+        assert body_matches([{"event_store_id": "FLEES"}], typeless, False) is True
+
     @pytest.mark.parametrize(
         "raw", [b"not json", b"[]", b'{"eventStoreId": 1}', b'{"eventStoreId": "P", "event": 2}']
     )
