@@ -380,8 +380,19 @@ class RedisStreamsAdapter:
         """Start one consumer per consumer group in background tasks (no-op if running).
 
         Raises:
+            RuntimeError: Called by a handler whose consumer is stopping (it stopped its
+                adapter): restart from another task, once that handler has returned.
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
+        current = asyncio.current_task()
+        if current in self._retiring:
+            # The new consumer would run under the same name in the same groups and take
+            # this handler's entry, still in flight, as its own: handled twice. Waiting
+            # here for the handler's consumer to end would wait for ever.
+            raise RuntimeError(
+                f"{self!r}: a handler cannot start consuming after stopping its own "
+                "adapter; restart from another task once the handler has returned"
+            )
         stop_calls = self._stop_calls
         while self._starting is not None:  # another call is starting them: its outcome
             await self._starting.wait()
@@ -391,7 +402,6 @@ class RedisStreamsAdapter:
         try:
             # Consumers still finishing a handler after a stop run under the same name in
             # the same groups: a new one would take their entries in flight as its own.
-            current = asyncio.current_task()
             if retiring := [task for task in self._retiring if task is not current]:
                 await asyncio.wait(retiring)
             if self._stop_calls == stop_calls:

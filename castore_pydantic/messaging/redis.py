@@ -183,7 +183,8 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
         """Start this process's worker on the queue (no-op if running).
 
         Raises:
-            RuntimeError: No worker is set, or the adapter is not attached.
+            RuntimeError: No worker is set, the adapter is not attached, or a handler
+                that stopped its own adapter calls this (restart from another task).
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
         if self.worker is None:

@@ -533,6 +533,40 @@ class TestRedisMessageQueueAdapter:
         [entry] = await raw.xpending_range(adapter.stream_key, "workers", "-", "+", 10)
         assert entry["times_delivered"] == 0
 
+    async def test_a_handler_cannot_restart_its_own_adapter(self, prefix: str) -> None:
+        """A handler that stopped, then started its own adapter had its message, still in
+        its hands, taken by the new consumer under the same name and handled again. The
+        restart is now refused there, as on RabbitMQ; from another task it works."""
+        queue = make_queue()
+        recorder = Recorder()
+        refused: list[str] = []
+        restarted = asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await recorder(message, context)
+            if len(recorder.calls) == 1:
+                await adapter.stop_consuming()
+                try:
+                    await adapter.start_consuming()
+                except RuntimeError as exc:
+                    refused.append(str(exc))
+                    restart = asyncio.create_task(adapter.start_consuming())
+                    restart.add_done_callback(lambda _: restarted.set())
+                await asyncio.sleep(0.3)  # a new consumer would take this entry by then
+
+        adapter = attach(queue, prefix, worker=worker, reclaim_idle_ms=60_000)
+        async with adapter:
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await asyncio.wait_for(restarted.wait(), 10)
+            assert adapter.is_consuming
+            await queue.publish_message(notification(2))
+            await recorder.wait_for(2)
+            await adapter.stop_consuming()
+        assert recorder.messages == [notification(1), notification(2)]
+        assert len(refused) == 1
+        assert "cannot start consuming after stopping its own adapter" in refused[0]
+
     async def test_stop_releases_entries_read_but_not_started(self, prefix: str) -> None:
         """Entries a stopped worker had read are taken over at once, as fresh deliveries."""
         queue_a, queue_b = make_queue(), make_queue()
