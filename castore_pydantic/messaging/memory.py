@@ -61,14 +61,19 @@ class _Delivery:
     attempt: int
     retry_attempts_left: int
     replay: bool
+    #: How the attempt before this one failed (``None`` for a first attempt).
+    error: str | None = None
 
     @property
     def context(self) -> MessageContext:
         return MessageContext(self.attempt, self.retry_attempts_left, self.replay)
 
-    def retried(self) -> _Delivery:
+    def retried(self, error: str) -> _Delivery:
         return dataclasses.replace(
-            self, attempt=self.attempt + 1, retry_attempts_left=self.retry_attempts_left - 1
+            self,
+            attempt=self.attempt + 1,
+            retry_attempts_left=self.retry_attempts_left - 1,
+            error=error,
         )
 
 
@@ -127,7 +132,8 @@ class _InMemoryAdapter:
         except Exception as exc:
             if delivery.retry_attempts_left > 0:
                 delay = self.retry_policy.delay_for(delivery.attempt)
-                self._spawn(self._retry_after(delay, delivery.retried(), retry))
+                retried = delivery.retried(describe_error(exc))
+                self._spawn(self._retry_after(delay, retried, retry))
             else:
                 self._dead_letter(delivery, exc, listener_id)
 
@@ -138,17 +144,23 @@ class _InMemoryAdapter:
         retry(delivery)
 
     def _dead_letter(
-        self, delivery: _Delivery, error: BaseException | str, listener_id: str | None
+        self,
+        delivery: _Delivery,
+        error: BaseException | str,
+        listener_id: str | None,
+        *,
+        attempts: int | None = None,
     ) -> None:
         text = error if isinstance(error, str) else describe_error(error)
+        attempts = delivery.attempt if attempts is None else attempts
         self._dead_lettered += 1  # counted apart: the list keeps the newest ones only
         self._dead_letters.append(
-            DeadLetter(delivery.message, text, delivery.attempt, delivery.replay, listener_id)
+            DeadLetter(delivery.message, text, attempts, delivery.replay, listener_id)
         )
         logger.error(
             "%s gave up on a message after %d attempt(s)%s: %s; message: %s",
             type(self).__name__,
-            delivery.attempt,
+            attempts,
             f" in listener {listener_id}" if listener_id else "",
             text,
             delivery.message.model_dump_json(),
@@ -377,7 +389,11 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
     def _enqueue_retry(self, delivery: _Delivery) -> None:
         # A retry goes to whichever worker is current when it is due.
         if self._queue is None:
-            self._dead_letter(delivery, "no worker to retry the message", None)
+            # The retry never runs: the letter keeps the failure that led to it and counts
+            # the attempts that ran (as the brokers' dead letters do).
+            logger.warning("InMemoryMessageQueueAdapter has no worker to retry a message")
+            error = delivery.error or "no worker to retry the message"
+            self._dead_letter(delivery, error, None, attempts=delivery.attempt - 1)
             return
         self._queue.push(delivery)
 

@@ -294,24 +294,6 @@ class TestInMemoryQueue:
         await adapter.purge()
         assert await adapter.dead_letters() == []
 
-    async def test_retry_without_worker_is_dead_lettered(
-        self, caplog: pytest.LogCaptureFixture
-    ) -> None:
-        """A retry that falls due after the worker was removed is logged, not lost silently."""
-        queue = make_queue()
-        worker = Worker(failures=1)
-        adapter = InMemoryMessageQueueAdapter.attach_to(
-            queue, worker=worker, retry_attempts=1, retry_delay_in_ms=5
-        )
-        await queue.publish_message(caught())
-        await worker.called.wait()
-        adapter.worker = None
-        with caplog.at_level(logging.ERROR, logger="castore_pydantic.messaging"):
-            await adapter.join()
-        (letter,) = await adapter.dead_letters()
-        assert letter.error == "no worker to retry the message"
-        assert "no worker to retry" in caplog.text
-
     async def test_republishing_without_a_worker_leaves_the_letters_alone(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
@@ -337,6 +319,33 @@ class TestInMemoryQueue:
         await adapter.join()
         assert worker.messages == [caught()]
         assert await adapter.dead_letters() == []
+
+    async def test_a_retry_due_without_a_worker_keeps_the_handlers_error(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A retry that came due after the worker was unset was dead-lettered with "no
+        worker to retry the message" and an attempt that never ran: the handler's own
+        error was lost. The letter now keeps it, counts the attempts that ran, and the
+        missing worker is logged."""
+        queue = make_queue()
+        failed = asyncio.Event()
+
+        async def fail(message: Message, context: MessageContext) -> None:
+            failed.set()  # the retry is scheduled as this returns
+            raise ValueError("the projection refused the write")
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=fail, retry_delay_in_ms=50)
+        await queue.publish_message(caught())
+        await failed.wait()
+        adapter.worker = None
+        with caplog.at_level(logging.WARNING, logger="castore_pydantic.messaging"):
+            await adapter.join()
+        assert "no worker to retry a message" in caplog.text
+        [letter] = await adapter.dead_letters()
+        assert (letter.error, letter.attempts) == (
+            "ValueError: the projection refused the write",
+            1,
+        )
 
     async def test_purge_drops_waiting_messages_and_cancels_the_running_handler(self) -> None:
         """purge() said it forgot retries and dead letters; it also cancels the handler in
