@@ -579,7 +579,7 @@ class StreamConsumer:
             await self._dead_letter(
                 entry,
                 entry.attempt - 1 + taken,
-                f"taken {taken} times by consumers that stopped before finishing it "
+                f"delivered {taken} times to consumers that stopped before acknowledging it "
                 f"(max_deliveries is {self.options.max_deliveries})",
             )
             return False

@@ -217,7 +217,11 @@ class _InMemoryAdapter:
         self._dead_letters.clear()
 
     async def aclose(self) -> None:
-        """Cancel pending work (waiting messages and retries are dropped); idempotent."""
+        """Cancel pending work at once, running handlers included; idempotent.
+
+        Waiting messages and retries are dropped, with no grace period and no dead letter:
+        ``join()`` first to let them finish.
+        """
         self._consuming = False
         await self._cancel_all()
 

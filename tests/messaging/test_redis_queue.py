@@ -1014,7 +1014,8 @@ class TestRedisMessageQueueAdapter:
         # (it said 1, and "delivered 3 times", for a worker that ran twice).
         assert letters[0].attempts == kills + failed_before
         assert letters[0].error == (
-            "taken 2 times by consumers that stopped before finishing it (max_deliveries is 2)"
+            "delivered 2 times to consumers that stopped before acknowledging it"
+            " (max_deliveries is 2)"
         )
 
     async def test_consumer_survives_a_dropped_connection(self, prefix: str, raw: Redis) -> None:
