@@ -7,6 +7,7 @@ service and a TypeScript Castore service can share a queue or a bus.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
@@ -253,10 +254,11 @@ class HandlerCancelledError(Exception):
 async def run_handler(handler: MessageHandler, message: Any, context: MessageContext) -> None:
     """Call ``handler(message, context)`` and await what it returns if that is awaitable.
 
-    A plain function is a handler too (Castore awaits whatever its workers return): its
-    ``None`` is not awaited, which would fail every delivery after the work was done.
-    Anything else it returns (an async generator, a ``concurrent.futures.Future``) means
-    work that was never run or whose outcome nobody sees: that is a failure, raised as
+    A plain function is a handler too (Castore awaits whatever its workers return): what
+    it returns is ignored unless it is awaitable, as awaiting ``None`` would fail every
+    delivery after the work was done. A ``concurrent.futures.Future`` (an executor's
+    work) is awaited too, so its failure fails the attempt. A generator or an async
+    generator (a stray ``yield``) means work that never ran: that is a failure, raised as
     ``TypeError``, so that the message is retried or dead-lettered instead of acknowledged.
 
     A handler that awaited something another task cancelled raises ``CancelledError``
@@ -268,11 +270,12 @@ async def run_handler(handler: MessageHandler, message: Any, context: MessageCon
         result = handler(message, context)
         if inspect.isawaitable(result):
             await result
-        elif result is not None:
+        elif isinstance(result, concurrent.futures.Future):
+            await asyncio.wrap_future(result)
+        elif inspect.isasyncgen(result) or inspect.isgenerator(result):
             raise TypeError(
-                f"handler {_handler_name(handler)} returned {type(result).__qualname__}, "
-                "not None or an awaitable: its work was not awaited (await it in an async "
-                "def handler, e.g. with asyncio.wrap_future for an executor's future)"
+                f"handler {_handler_name(handler)} returned {type(result).__qualname__}: its"
+                " body never ran (a stray yield?); a handler is a function or an async def"
             )
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()

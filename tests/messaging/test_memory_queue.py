@@ -165,11 +165,29 @@ class TestInMemoryQueue:
         assert done == []
         [letter] = await adapter.dead_letters()
         assert letter.error.startswith("TypeError: handler ")
-        assert "index returned async_generator, not None or an awaitable" in letter.error
+        assert "index returned async_generator: its body never ran" in letter.error
 
-    async def test_a_worker_returning_an_executor_future_fails(self) -> None:
+    async def test_a_plain_worker_may_return_a_value(self) -> None:
+        """Castore ignores what its workers return: a plain worker returning True (or
+        what dict.setdefault gives) failed every attempt after doing its work, and the
+        message was dead-lettered after three runs."""
+        queue = make_queue()
+        done: list[str] = []
+
+        def index(message: NotificationMessage, context: MessageContext) -> bool:
+            done.append(message.event.aggregate_id)
+            return True
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=index, retry_delay_in_ms=1)
+        await queue.publish_message(caught())
+        await adapter.join()
+        assert done == ["pikachu"]
+        assert await adapter.dead_letters() == []
+
+    async def test_a_worker_returning_an_executor_future_has_it_awaited(self) -> None:
         """A plain worker returning executor.submit(...) had the thread's failure ignored
-        and the message acknowledged. Such a result now fails the attempt."""
+        and the message acknowledged. The future is now awaited: its failure fails the
+        attempt."""
         queue = make_queue()
 
         def write(message: NotificationMessage) -> None:
@@ -187,7 +205,7 @@ class TestInMemoryQueue:
             await adapter.join()
         [letter] = await adapter.dead_letters()
         assert letter.attempts == 2
-        assert "returned Future, not None or an awaitable" in letter.error
+        assert letter.error == "RuntimeError: the projection refused the write"
 
     async def test_default_context_and_replay(self) -> None:
         """B100: attempt 1, 2 retries left, replay False; replay=True is passed through."""

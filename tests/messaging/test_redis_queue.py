@@ -140,11 +140,12 @@ class TestRedisMessageQueueAdapter:
         pending: Any = await raw.xpending(adapter.stream_key, "workers")
         assert pending["pending"] == 0
 
-    async def test_a_worker_returning_neither_none_nor_an_awaitable_fails(
+    async def test_a_worker_returning_an_executor_future_has_it_awaited(
         self, prefix: str, raw: Redis
     ) -> None:
         """A plain worker returning executor.submit(...) had its entry acknowledged and
-        deleted while the thread's work failed unseen. It is now dead-lettered."""
+        deleted while the thread's work failed unseen. The future is now awaited, and the
+        entry dead-lettered with the thread's error."""
         queue = make_queue()
 
         def write(message: Any) -> None:
@@ -161,7 +162,7 @@ class TestRedisMessageQueueAdapter:
                 await watch.wait_for(1)
                 [letter] = await adapter.dead_letters()
         assert letter.message == notification(1)
-        assert "returned Future, not None or an awaitable" in letter.error
+        assert letter.error == "RuntimeError: the projection refused the write"
         assert await raw.xlen(adapter.stream_key) == 0
 
     async def test_stream_entry_body_is_castores_json_message(
