@@ -523,6 +523,7 @@ class RedisStreamsAdapter:
                 except asyncio.CancelledError:
                     for task in late:
                         running[task].cancel()
+                        running[task].abort_release()
                     raise
 
     # -- dead letters and housekeeping -----------------------------------------------------

@@ -197,18 +197,23 @@ class StreamConsumer:
         """Cancel the handler in flight of a consumer asked to stop (its grace period ran out).
 
         The consumer then hands back what it holds, as on a clean stop, for at most
-        ``RELEASE_TIMEOUT`` seconds. Called while that hand-back runs, this interrupts it:
-        what was not handed back is taken over by others after ``reclaim_idle_ms``.
+        ``RELEASE_TIMEOUT`` seconds. A hand-back already running goes on: its handler
+        ended within the grace period (``abort_release`` interrupts it).
         """
         if self.task is None or self.task.done():
-            return
-        if self._releasing:
-            self.task.cancel()
             return
         if self._released or self._cancelled:
             return
         self._cancelled = True
         self.task.cancel()
+
+    def abort_release(self) -> None:
+        """Interrupt the hand-back of a stopping consumer (its stop was cancelled).
+
+        What was not handed back is taken over by others after ``reclaim_idle_ms``.
+        """
+        if self.task is not None and not self.task.done() and self._releasing:
+            self.task.cancel()
 
     async def run(self) -> None:
         """Read and handle entries until ``request_stop``; survive broker outages.

@@ -1143,3 +1143,37 @@ class TestRedisMessageQueueAdapter:
                 await adapter.purge()
         keys = sorted([key async for key in raw.scan_iter(match=f"{prefix}*")])
         assert keys == [f"{prefix}unrelated".encode()]
+
+
+class TestHandBackAtTheGraceBoundary:
+    async def test_a_hand_back_running_when_the_grace_period_ends_completes(
+        self, prefix: str, raw: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A handler that ended within the grace period starts its consumer's hand-back;
+        the end of the grace period cancelled that hand-back too, so the entries read but
+        not started waited for reclaim_idle_ms. Only a cancelled stop interrupts it now.
+        (The hand-back is slowed by 50 ms, as on a busy Redis, to meet the boundary.)"""
+        release = redis_consumer.StreamConsumer.release_pending
+
+        async def slow_release(self: Any) -> None:
+            await asyncio.sleep(0.05)
+            await release(self)
+
+        monkeypatch.setattr(redis_consumer.StreamConsumer, "release_pending", slow_release)
+        queue = make_queue()
+        started = asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            started.set()
+            await asyncio.sleep(0.1)
+
+        adapter = attach(queue, prefix, worker=worker, reclaim_idle_ms=60_000, prefetch_count=10)
+        async with adapter:
+            await queue.publish_messages([notification(i) for i in range(10)])
+            await adapter.start_consuming()
+            await started.wait()
+            await adapter.stop_consuming(grace_period=0.12)
+            rows: Any = await raw.xpending_range(adapter.stream_key, "workers", "-", "+", 100)
+        assert len(rows) == 9  # read, not started
+        handed_back = [row for row in rows if row["time_since_delivered"] > 10**8]
+        assert len(handed_back) == 9
