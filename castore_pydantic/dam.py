@@ -16,7 +16,9 @@ costs more queries when very many aggregates interleave). This assumes, as
 Castore does, that an aggregate's timestamps do not go down as its versions go up (what
 ``push_event`` produces); otherwise its events are still poured in version order, each when
 its predecessors have been poured. So every event of a listed aggregate is read, also after
-``to``: a later version may have an earlier timestamp, back in the range, and is poured.
+``to``: a later version may have an earlier timestamp, back in the range, and is poured. Once
+every aggregate's next event is past ``to``, what is left of each is read in large chunks,
+one aggregate after the other, and its events in the range poured in version order.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ _PAGE_SIZE = 100
 _BUFFER_BUDGET = 10_000
 #: Events fetched per ``get_events`` call at most.
 _MAX_CHUNK = 100
+#: Events fetched per call when reading what is left of aggregates past a pour's range.
+_TAIL_CHUNK = 1000
 
 
 class MessagePublisher(Protocol):
@@ -517,14 +521,47 @@ class _Merge:
                 self.pourer.scanned += 1
                 self._push(_Stream(source, aggregate_id), _BEFORE_ANY_EVENT, 0)
 
+    async def _pour_tails(self) -> None:
+        """Pour what is left in the range once every stream is past it, one aggregate at a time.
+
+        An aggregate's timestamps may go down again (explicit timestamps, clock skew,
+        imports), back into the range: the rest of each aggregate is read in chunks of
+        ``_TAIL_CHUNK`` (not event by event, as the merge's shared budget would by now) and
+        its events in the range are poured in version order.
+        """
+        while self.heap:
+            stream = heapq.heappop(self.heap)[-1]
+            next_version = stream.next_version
+            while True:
+                while stream.buffer:
+                    event = stream.buffer.popleft()
+                    self.buffered -= 1
+                    next_version = event.version + 1
+                    if _inside(event, self.start, self.end):
+                        store_id = stream.source.event_store.event_store_id
+                        message = NotificationMessage(event_store_id=store_id, event=event)
+                        await self.pourer.publish(message)
+                if stream.exhausted:
+                    break
+                events = (
+                    await stream.source.event_store.get_events(
+                        stream.aggregate_id, min_version=next_version, limit=_TAIL_CHUNK
+                    )
+                ).events
+                stream.exhausted = len(events) < _TAIL_CHUNK
+                stream.buffer.extend(events)
+                self.buffered += len(events)
+
     async def run(self) -> None:
         await self._add_unlisted()
         while True:
             await self._list_enough()
             if not self.heap:
                 return
-            # Past ``end`` the merge goes on: an aggregate's timestamps may go down again
-            # (explicit timestamps, clock skew, imports), back into the range.
+            if self.end is not None and self.heap[0][0] > self.end:
+                # Every aggregate is listed, and each one's next event is past the range.
+                await self._pour_tails()
+                return
             timestamp, _, _, version, _, stream = heapq.heappop(self.heap)
             if not stream.buffer:
                 await self._refill(stream)
