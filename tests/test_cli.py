@@ -311,6 +311,28 @@ class TestEntryPoint:
         if command == "pour":
             assert len(sys.modules[channels].received) == 5
 
+    @pytest.mark.parametrize("command", ["import", "export -o FILE", "pour"])
+    def test_without_a_stdout_the_work_is_done_and_the_summary_skipped(
+        self, command: str, url: str, channels: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With stdout closed before the start (``>&-``), Python's sys.stdout is None: the
+        summary raised AttributeError (exit 1) after the work was done."""
+        source, exported = Path("in.jsonl"), Path("out.jsonl")  # in the channels' directory
+        source.write_bytes(pokemon_lines())
+        args = {
+            "import": ("import", "-s", POKEMONS, "--force", str(source)),
+            "export -o FILE": ("export", "-s", POKEMONS, "-o", str(exported)),
+            "pour": ("pour", "-s", POKEMONS, "-c", f"{channels}:bus"),
+        }[command]
+        monkeypatch.setattr(sys, "stdout", None)
+        with pytest.raises(SystemExit) as done:
+            main([*args, "--url", url])
+        assert done.value.code in (0, None)
+        if command == "export -o FILE":
+            assert exported.read_bytes() == pokemon_lines()
+        if command == "pour":
+            assert len(sys.modules[channels].received) == 5
+
     def test_usage_errors_and_help_keep_their_exit_codes(
         self, capsys: pytest.CaptureFixture[str]
     ) -> None:

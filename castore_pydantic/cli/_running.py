@@ -226,8 +226,11 @@ def _reader_went_away() -> NoReturn:
 def finish(show: Callable[[], None]) -> None:
     """Print what a command prints once ``run`` is done (its summary).
 
-    A reader that went away meanwhile is exit 141 here too, as during the work.
+    A reader that went away meanwhile is exit 141 here too, as during the work. With no
+    stdout at all (closed before the command started: ``>&-``), there is nothing to show.
     """
+    if sys.stdout is None:
+        return
     try:
         show()
         sys.stdout.flush()
