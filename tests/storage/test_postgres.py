@@ -88,7 +88,9 @@ async def _stateful_adapter() -> PostgresEventStorageAdapter:
     return adapter
 
 
-PostgresStateMachine = make_adapter_state_machine(_stateful_adapter, name="PostgresStateMachine")
+PostgresStateMachine = make_adapter_state_machine(
+    _stateful_adapter, peer_factory=_stateful_adapter, name="PostgresStateMachine"
+)
 
 
 class TestPostgresStateful(PostgresStateMachine.TestCase):  # type: ignore[name-defined,misc]

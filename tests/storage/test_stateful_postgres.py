@@ -40,7 +40,9 @@ def test_postgres_matches_the_model() -> None:
 
     asyncio.run(on_table("create_event_table"))
     try:
-        machine = make_adapter_state_machine(make_adapter, name="PostgresStateMachine")
+        machine = make_adapter_state_machine(
+            make_adapter, peer_factory=make_adapter, name="PostgresStateMachine"
+        )
         run_state_machine_as_test(machine, settings=SETTINGS)
     finally:
         asyncio.run(on_table("drop_event_table"))

@@ -148,22 +148,26 @@ _BACKING: dict[str, Any] = {}
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "peers"),
     [
         # One backing for every example and both instances of one (examples use fresh ids).
-        lambda: GroupPerInstance(_BACKING),
+        (lambda: GroupPerInstance(_BACKING), True),
         # A new backing per example: one instance, the listing overrides catch it.
-        lambda: TokenOverridesExplicit({}),
+        (lambda: TokenOverridesExplicit({}), False),
     ],
     ids=["group per instance", "token overrides explicit options"],
 )
-def test_state_machine_fails_a_broken_adapter(make: Callable[[], SharedMemory]) -> None:
+def test_state_machine_fails_a_broken_adapter(
+    make: Callable[[], SharedMemory], peers: bool
+) -> None:
     """The state machine fails each adapter. (Both used to pass 200 examples of 50 steps.)"""
 
     async def factory() -> SharedMemory:
         return make()
 
-    machine = make_adapter_state_machine(factory, name="BrokenAdapterMachine")
+    machine = make_adapter_state_machine(
+        factory, peer_factory=factory if peers else None, name="BrokenAdapterMachine"
+    )
     quick = settings(
         max_examples=2000,
         stateful_step_count=50,
@@ -172,5 +176,6 @@ def test_state_machine_fails_a_broken_adapter(make: Callable[[], SharedMemory]) 
         derandomize=True,
         phases=[Phase.generate],
     )
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError) as failed:
         run_state_machine_as_test(machine, settings=quick)
+    assert "must share their storage" not in str(failed.value)

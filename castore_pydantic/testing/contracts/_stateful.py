@@ -5,10 +5,10 @@ random pushes (some conflicting, some forced), event groups, reads with random o
 paged listings, and compares every result, errors included, with what a few dicts say it
 should be. Hypothesis shrinks a failure to a short program of calls.
 
-When two adapters from the factory share their storage (a database file or server; not the
-in-memory adapter, whose instances each hold their own), the members of event groups are
-spread over two adapter instances, so that a group is checked to be one transaction across
-instances too.
+Given a second factory (``peer_factory``, or an override of ``make_peer_adapter``) whose
+adapters share the first one's storage (a database file or server), the members of event
+groups are spread over two adapter instances, so that a group is checked to be one
+transaction across instances too.
 
 Use it from a test module::
 
@@ -235,7 +235,7 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
     cursor on), sets ``next_page_token`` exactly when more aggregates remain, and a listing
     continued after later writes returns what comes after its cursor; a malformed token
     raises ``InvalidPageTokenError``. Groups are written through two adapter instances when
-    the factory's adapters share their storage (see the module's documentation).
+    ``make_peer_adapter`` gives a second one (see the module's documentation).
     """
 
     def __init__(self) -> None:
@@ -295,31 +295,39 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
     def _store_id(self, store: int) -> str:
         return self.stores[store].event_store_id
 
+    async def make_peer_adapter(self) -> EventStorageAdapter | None:
+        """Return a second adapter on the same storage as ``make_adapter``'s, or ``None``.
+
+        Called at most once per example, when a group first needs it; with an adapter,
+        groups spread their events over the two instances. The default gives ``None``:
+        groups use one instance.
+        """
+        return None
+
     def _group_stores(
         self,
     ) -> tuple[tuple[EventStore[Tally, NoteTaken | NotesCleared], ...], ...]:
-        """The stores through each adapter instance a group may use.
-
-        Two instances when a second adapter from the factory shares the first one's
-        storage (an event pushed through one reads back through the other), else one.
-        """
+        """The stores through each adapter instance a group may use."""
         if self._peer_stores is None:
-            peer = self._run(self._run(self.make_adapter()).__aenter__())
-            probe = f"SM{self._run_id}P"
-            pushed = self._run(
-                self._twin(probe, self._adapter).push_event(
-                    NotesCleared(aggregate_id="probe", version=1)
+            made = self._run(self.make_peer_adapter())
+            if made is None:
+                self._peer_stores = self.stores
+            else:
+                peer = self._peer = self._run(made.__aenter__())
+                probe = f"SM{self._run_id}P"
+                pushed = self._run(
+                    self._twin(probe, self._adapter).push_event(
+                        NotesCleared(aggregate_id="probe", version=1)
+                    )
                 )
-            )
-            seen = self._run(self._twin(probe, peer).get_events("probe")).events
-            if seen == [pushed.event]:
-                self._peer = peer
+                seen = self._run(self._twin(probe, peer).get_events("probe")).events
+                assert seen == [pushed.event], (
+                    "make_peer_adapter's adapter does not read what make_adapter's wrote:"
+                    " the two must share their storage"
+                )
                 self._peer_stores = tuple(
                     self._twin(store.event_store_id, peer) for store in self.stores
                 )
-            else:  # each instance holds its own storage, as in-memory adapters do
-                self._run(peer.aclose())
-                self._peer_stores = self.stores
         if self._peer_stores is self.stores:
             return (self.stores,)
         return (self.stores, self._peer_stores)
@@ -658,13 +666,18 @@ class EventStorageAdapterStateMachine(RuleBasedStateMachine):
 
 
 def make_adapter_state_machine(
-    adapter_factory: AdapterFactory, *, name: str | None = None
+    adapter_factory: AdapterFactory,
+    *,
+    peer_factory: AdapterFactory | None = None,
+    name: str | None = None,
 ) -> type[EventStorageAdapterStateMachine]:
     """Build a state machine class that checks the adapters ``adapter_factory`` makes.
 
     Args:
         adapter_factory: ``async () -> adapter``, called once per example inside the
             machine's event loop; the machine closes the adapter when the example ends.
+        peer_factory: ``async () -> adapter`` on the same storage (often the same
+            factory): groups then spread over two instances (``make_peer_adapter``).
         name: The class name shown in Hypothesis' reports.
 
     Returns:
@@ -675,6 +688,9 @@ def make_adapter_state_machine(
     class AdapterStateMachine(EventStorageAdapterStateMachine):
         async def make_adapter(self) -> EventStorageAdapter:
             return await adapter_factory()
+
+        async def make_peer_adapter(self) -> EventStorageAdapter | None:
+            return None if peer_factory is None else await peer_factory()
 
     if name is not None:
         AdapterStateMachine.__name__ = AdapterStateMachine.__qualname__ = name
