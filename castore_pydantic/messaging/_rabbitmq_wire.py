@@ -200,7 +200,7 @@ def raise_broker_error(url: str, error: BaseException) -> NoReturn:
         ) from error
     if isinstance(error, _UNAVAILABLE):
         raise MessageBrokerUnavailableError(
-            f"RabbitMQ at {url} is unavailable ({type(error).__name__}); "
+            f"RabbitMQ at {url} is unavailable ({describe_error(error)}); "
             "retry when the broker is back"
         ) from error
     raise MessagingError(f"RabbitMQ at {url} failed: {describe_error(error)}") from error

@@ -660,6 +660,9 @@ class TestBrokerDown:
         assert isinstance(raised.value, ConnectionError)  # retriable
         assert isinstance(raised.value.__cause__, ConnectionError)
         assert f"amqp://guest:***@127.0.0.1:{port}/vh" in str(raised.value)
+        # The driver's reason is in the message (it used to give only the error's class).
+        assert str(raised.value.__cause__)
+        assert str(raised.value.__cause__) in str(raised.value)
         assert CANARY not in "".join(traceback.format_exception(raised.value))
         assert CANARY not in repr(adapter)
         with pytest.raises(MessageBrokerUnavailableError):
