@@ -207,6 +207,20 @@ class TestExportToADescriptor:
             ["all.jsonl", "out.jsonl"] if spelling.startswith("link to ") else ["all.jsonl"]
         )
 
+    def test_a_descriptor_open_for_reading_only_is_a_usage_error(
+        self, url: str, tmp_path: Path
+    ) -> None:
+        """-o /dev/fd/3 with 3<file: the export failed at its first write, an unexpected
+        error (exit 1) after the work; it is now a usage error naming the path."""
+        source = tmp_path / "read.txt"
+        source.write_bytes(b"kept\n")
+        with source.open("rb") as read_only:
+            path = f"/dev/fd/{read_only.fileno()}"
+            result = castore("export", "-s", POKEMONS, "--url", url, "-o", path)
+        assert result.exit_code == EXIT_USAGE
+        assert f"cannot write {path!r}: descriptor" in one_line_error(result)
+        assert source.read_bytes() == b"kept\n"
+
     def test_a_descriptor_that_is_not_open_is_a_usage_error(self, url: str) -> None:
         """-o /dev/fd/N for a descriptor the shell did not open is a usage error naming it."""
         import resource  # POSIX only, as this module

@@ -36,6 +36,15 @@ _MAX_LINKS = 40
 _STANDARD_STREAMS = {"stdin": 0, "stdout": 1, "stderr": 2}
 
 
+def _read_only(descriptor: int) -> bool:
+    """Whether an open descriptor was opened for reading only (POSIX; elsewhere, unknown)."""
+    try:
+        import fcntl  # POSIX only
+    except ImportError:
+        return False
+    return fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+
+
 def _unwritable(path: str, exc: OSError) -> CliError:
     return CliError(EXIT_USAGE, f"cannot write {path!r}: {exc.strerror or exc}")
 
@@ -100,6 +109,11 @@ def output_file(path: str) -> Iterator[IO[bytes]]:
     descriptor = descriptor_named(path)
     if descriptor is not None:
         try:
+            if _read_only(descriptor):  # writing would fail only once the work is done
+                raise CliError(
+                    EXIT_USAGE,
+                    f"cannot write {path!r}: descriptor {descriptor} is open for reading only",
+                )
             # A copy of the descriptor: its file, offset and append mode, as the shell made it.
             shared = os.fdopen(os.dup(descriptor), "wb")
         except OSError as exc:
