@@ -298,6 +298,7 @@ class PostgresEventStorageAdapter:
         except psycopg.Error as exc:
             raise self._conns.error(exc, where) from self._settings.cause(exc)
         finally:
+            tables_changed()
             await self._conns.release(conn)
         if missing:
             raise StorageError(
@@ -340,40 +341,28 @@ class PostgresEventStorageAdapter:
         again, in a snapshot taken then: the transaction is ``READ COMMITTED`` whatever the
         connection's default (``REPEATABLE READ`` would keep the snapshot of the statement
         that waited for the lock, and not see the columns of a table made meanwhile). The
-        schema may be made meanwhile by a call for another of its tables, or by anyone: its
-        creation has a savepoint of its own, and a collision there means that it exists.
-        Returns the layout's columns the table lacks (its index is then not made).
-
-        Once a table was (or may have been) made, the process's connections prepare their
-        statements afresh (``tables_changed``): those prepared for a table of that name
-        before it was dropped may type its columns otherwise. Making a schema or an index,
-        or nothing, changes no statement.
+        schema may be made meanwhile by a call for another of its tables, or by
+        anyone: its creation has a savepoint of its own, and a collision there means that
+        it exists. Returns the layout's columns the table lacks (its index is then not made).
         """
         digest = hashlib.sha256(f"castore_pydantic:{self._sql.table_ddl}".encode()).digest()
         lock = int.from_bytes(digest[:8], "big", signed=True)
-        made = False
-        try:
-            async with conn.transaction():
-                await cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-                schema, table, missing, index = await self._existing(cursor)
-                if not schema:
-                    try:
-                        async with conn.transaction():
-                            await cursor.execute(_encoded(conn, self._sql.create_schema()))
-                    except pg_errors.UniqueViolation:
-                        pass  # made and committed by another session since it was looked up
-                if not table:
-                    made = True
-                    create = self._sql.create_table(aggregate_id_type)
-                    await cursor.execute(_encoded(conn, create))
-                    # Made here, or by someone else meanwhile.
-                    _, _, missing, index = await self._existing(cursor)
-                if not (missing or index):
-                    await cursor.execute(_encoded(conn, self._sql.create_index()))
-        finally:
-            if made:
-                tables_changed()
+        async with conn.transaction():
+            await cursor.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            await cursor.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+            schema, table, missing, index = await self._existing(cursor)
+            if not schema:
+                try:
+                    async with conn.transaction():
+                        await cursor.execute(_encoded(conn, self._sql.create_schema()))
+                except pg_errors.UniqueViolation:
+                    pass  # made and committed by another session since it was looked up
+            if not table:
+                await cursor.execute(_encoded(conn, self._sql.create_table(aggregate_id_type)))
+                # Made here, or by someone else meanwhile.
+                _, _, missing, index = await self._existing(cursor)
+            if not (missing or index):
+                await cursor.execute(_encoded(conn, self._sql.create_index()))
         return missing
 
     async def drop_event_table(self) -> None:
