@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -330,6 +331,37 @@ class TestStatementsFollowTheirConnection:
                 f'SELECT aggregate_id FROM "{pg_schema}".{adapter.table_name} ORDER BY 1'
             )
             assert rows == sorted([(upper,), ("pikachu",)])
+
+    async def test_create_event_table_refreshes_statements_after_another_process(
+        self, pg_schema: str
+    ) -> None:
+        """Another process dropped the uuid table and made it again with text ids: this
+        process's connections still held statements prepared for uuid. Its start-up
+        create_event_table refreshes them, although it makes nothing (a change that kept
+        them when nothing was made stored upper-case UUIDs lower-cased again)."""
+        async with await adapter_for(pg_schema, max_size=1) as adapter:
+            await adapter.drop_event_table()
+            await adapter.create_event_table(aggregate_id_type="uuid")
+            store = counter_store(adapter)
+            for _ in range(3):
+                await store.push_event(created(str(uuid.uuid4())))
+            script = (
+                "import asyncio\n"
+                "from castore_pydantic.storage.postgres import PostgresEventStorageAdapter\n"
+                "async def main():\n"
+                f"    async with PostgresEventStorageAdapter({DSN!r}, schema={pg_schema!r},"
+                f" table_name={adapter.table_name!r}) as other:\n"
+                "        await other.drop_event_table()\n"
+                "        await other.create_event_table(aggregate_id_type='text')\n"
+                "asyncio.run(main())\n"
+            )
+            process = await asyncio.create_subprocess_exec(sys.executable, "-c", script)
+            assert await process.wait() == 0
+            await adapter.create_event_table(aggregate_id_type="text")  # makes nothing
+            upper = str(uuid.uuid4()).upper()
+            await store.push_event(created(upper))
+            await store.push_event(created("pikachu"))
+            assert [e.aggregate_id for e in (await store.get_events(upper)).events] == [upper]
 
     async def test_only_connections_with_statements_from_before_a_change_forget_them(
         self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
