@@ -201,6 +201,18 @@ def interrupted_once(
     return process.returncode, stderr
 
 
+def _summary_command(command: str, channels: str) -> tuple[tuple[str, ...], Path]:
+    """The arguments of a command that prints a summary once done, and its export file."""
+    source, exported = Path("in.jsonl"), Path("out.jsonl")  # in the channels' directory
+    source.write_bytes(pokemon_lines())
+    args = {
+        "import": ("import", "-s", POKEMONS, "--force", str(source)),
+        "export -o FILE": ("export", "-s", POKEMONS, "-o", str(exported)),
+        "pour": ("pour", "-s", POKEMONS, "-c", f"{channels}:bus"),
+    }[command]
+    return args, exported
+
+
 def count_rows_if_any(path: Path) -> int:
     """Like ``count_rows``, but 0 while the table does not exist yet."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -295,13 +307,7 @@ class TestEntryPoint:
         """The summary printed once the work is done finds the reader gone: exit 141, as
         for any output. (import, export -o FILE and pour exited 1, silently, although
         their work had succeeded.)"""
-        source, exported = Path("in.jsonl"), Path("out.jsonl")  # in the channels' directory
-        source.write_bytes(pokemon_lines())
-        args = {
-            "import": ("import", "-s", POKEMONS, "--force", str(source)),
-            "export -o FILE": ("export", "-s", POKEMONS, "-o", str(exported)),
-            "pour": ("pour", "-s", POKEMONS, "-c", f"{channels}:bus"),
-        }[command]
+        args, exported = _summary_command(command, channels)
         monkeypatch.setattr(sys, "stdout", ClosedPipe(when=when))
         with pytest.raises(SystemExit) as done:
             main([*args, "--url", url])
@@ -317,13 +323,7 @@ class TestEntryPoint:
     ) -> None:
         """With stdout closed before the start (``>&-``), Python's sys.stdout is None: the
         summary raised AttributeError (exit 1) after the work was done."""
-        source, exported = Path("in.jsonl"), Path("out.jsonl")  # in the channels' directory
-        source.write_bytes(pokemon_lines())
-        args = {
-            "import": ("import", "-s", POKEMONS, "--force", str(source)),
-            "export -o FILE": ("export", "-s", POKEMONS, "-o", str(exported)),
-            "pour": ("pour", "-s", POKEMONS, "-c", f"{channels}:bus"),
-        }[command]
+        args, exported = _summary_command(command, channels)
         monkeypatch.setattr(sys, "stdout", None)
         with pytest.raises(SystemExit) as done:
             main([*args, "--url", url])

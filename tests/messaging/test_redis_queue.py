@@ -311,23 +311,27 @@ class TestRedisMessageQueueAdapter:
                 await asyncio.sleep(0.05)
             assert pending["pending"] == 0
 
-    async def test_aclose_after_a_handler_stopped_its_adapter_waits_for_that_handler(
-        self, prefix: str, raw: Redis
+    @pytest.mark.parametrize("action", ["stop_consuming", "aclose"])
+    async def test_aclose_after_a_handler_stopped_or_closed_its_adapter_waits_for_it(
+        self, prefix: str, raw: Redis, action: str
     ) -> None:
         """Once a handler had asked for the stop, aclose() returned at once and closed the
         client under the running handler: at the end of the program it was cancelled
-        halfway and its entry stayed pending. aclose() now waits for it."""
+        halfway and its entry stayed pending. A handler calling aclose() itself had the
+        client closed under it, and acknowledging its entry then reopened a connection
+        nobody closed. The client now closes once the handler's consumer has finished, and
+        a later aclose() waits for that."""
         queue = make_queue()
         asked, release = asyncio.Event(), asyncio.Event()
         log: list[str] = []
 
         async def worker(message: Any, context: MessageContext) -> None:
-            await adapter.stop_consuming()
+            await getattr(adapter, action)()
             asked.set()
             await release.wait()
             log.append("handler finished")
 
-        adapter = attach(queue, prefix, worker=worker, name=f"self-stop-{prefix[13:25]}")
+        adapter = attach(queue, prefix, worker=worker, name=f"self-{action}-{prefix[13:25]}")
         await adapter.start_consuming()
         await queue.publish_message(notification(1))
         await asyncio.wait_for(asked.wait(), 10)
@@ -341,36 +345,6 @@ class TestRedisMessageQueueAdapter:
         pending: Any = await raw.xpending(adapter.stream_key, "workers")
         assert pending["pending"] == 0
         assert await raw.xlen(adapter.stream_key) == 0
-        await no_connections_left(raw, f"castore:{adapter.consumer_name}")
-
-    async def test_a_handler_closing_its_adapter_leaves_no_connection_open(
-        self, prefix: str, raw: Redis
-    ) -> None:
-        """A handler calling aclose() had the client closed under it; acknowledging its entry
-        then reopened a connection nobody closed. The client now closes once the handler's
-        consumer has finished, and a later aclose() waits for that."""
-        queue = make_queue()
-        closed, release = asyncio.Event(), asyncio.Event()
-        log: list[str] = []
-
-        async def worker(message: Any, context: MessageContext) -> None:
-            await adapter.aclose()
-            closed.set()
-            await release.wait()
-            log.append("handler finished")
-
-        adapter = attach(queue, prefix, worker=worker, name=f"self-close-{prefix[13:25]}")
-        await adapter.start_consuming()
-        await queue.publish_message(notification(1))
-        await asyncio.wait_for(closed.wait(), 10)
-        closing = asyncio.create_task(adapter.aclose())
-        finished, _ = await asyncio.wait({closing}, timeout=0.2)
-        assert not finished  # still waiting for the handler
-        release.set()
-        await asyncio.wait_for(closing, 10)
-        assert log == ["handler finished"]
-        pending: Any = await raw.xpending(adapter.stream_key, "workers")
-        assert pending["pending"] == 0
         await no_connections_left(raw, f"castore:{adapter.consumer_name}")
 
     async def test_a_cancelled_stop_cancels_the_handler_and_hands_its_message_back(
