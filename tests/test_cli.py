@@ -1273,6 +1273,40 @@ class TestProcess:
         assert first_not == imported + 1
 
     @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT and FIONREAD")
+    @pytest.mark.skipif(not Path("/proc/self/wchan").exists(), reason="needs Linux's /proc")
+    def test_ctrl_c_while_import_waits_for_a_fifo_writer(self, tmp_path: Path) -> None:
+        """Opening a FIFO that has no writer yet waits; Ctrl-C there took a second press
+        (the wait came before the import's own handling of it). One now stops it: exit
+        130, one line."""
+        fifo = tmp_path / "in.jsonl"
+        os.mkfifo(fifo)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CASTORE_")}
+        env["PYTHONPATH"] = str(REPO_ROOT)
+        command = [
+            sys.executable, "-m", "castore_pydantic", "import", "-s", POKEMONS,
+            "--url", f"sqlite:///{tmp_path / 'imported.db'}", str(fifo),
+        ]  # fmt: skip
+        with subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
+        ) as process:
+            deadline = time.monotonic() + 60
+            wchan = Path(f"/proc/{process.pid}/wchan")
+            while wchan.read_text() != "wait_for_partner":  # blocked opening the FIFO
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < deadline, "the import never opened its input"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGINT)
+            try:
+                _, stderr = process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                pytest.fail("one Ctrl-C did not stop an import waiting for a FIFO writer")
+        assert process.returncode == EXIT_INTERRUPTED, stderr
+        assert stderr == (
+            f"castore: error: interrupted while opening {str(fifo)!r}: nothing was imported\n"
+        )
+
     def test_ctrl_c_while_import_waits_for_input(self, tmp_path: Path) -> None:
         """Ctrl-C stops an import whose stdin stays open (a terminal, a slow producer) at
         once: exit 130, one line, nothing imported. (The read went on waiting for input,
