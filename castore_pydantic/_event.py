@@ -14,6 +14,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     SerializerFunctionWrapHandler,
+    TypeAdapter,
     model_serializer,
 )
 from pydantic.alias_generators import to_camel
@@ -22,6 +23,7 @@ from pydantic_core import PydanticUndefined, TzInfo
 __all__ = [
     "MAX_VERSION",
     "RESERVED_EVENT_TYPES",
+    "VERSION_TOO_LARGE",
     "Event",
     "MillisecondTimestamp",
     "Timestamp",
@@ -29,6 +31,7 @@ __all__ = [
     "format_timestamp",
     "needs_normalizing",
     "normalize_timestamp",
+    "read_timestamp",
     "stamped",
     "utc_now",
     "utf8_encodable",
@@ -37,6 +40,8 @@ __all__ = [
 
 #: The highest version every adapter can store: SQL's signed 64-bit integers.
 MAX_VERSION: Final = 2**63 - 1
+#: Why a version above ``MAX_VERSION`` is refused.
+VERSION_TOO_LARGE: Final = "version does not fit a 64-bit integer, as SQL databases store it"
 
 #: Types Castore keeps for its own messages; no event store may declare them.
 RESERVED_EVENT_TYPES = frozenset({"__REPLAYED__", "__AGGREGATE_EXISTS__"})
@@ -165,6 +170,21 @@ Timestamp = Annotated[
     AwareDatetime,
     PlainSerializer(format_timestamp, return_type=str, when_used="json"),
 ]
+
+
+_STORED_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
+
+
+def read_timestamp(value: object) -> datetime:
+    """A timestamp as an event's ``timestamp`` field reads it, in UTC milliseconds.
+
+    For timestamps stored by others (a seeded mapping, a row another tool rewrote).
+
+    Raises:
+        ValueError: It is no timestamp (a ``ValidationError``), or it is out of range once
+            converted to UTC.
+    """
+    return normalize_timestamp(_STORED_TIMESTAMP.validate_python(value))
 
 
 #: Like ``Timestamp``, but converted to UTC milliseconds when the model is validated: for

@@ -59,6 +59,7 @@ from castore_pydantic import _gc
 from castore_pydantic._event import (
     MAX_VERSION,
     RESERVED_EVENT_TYPES,
+    VERSION_TOO_LARGE,
     Event,
     needs_normalizing,
     normalize_timestamp,
@@ -984,7 +985,7 @@ class EventStoreContext:
         if version > MAX_VERSION:
             raise EventLimitExceededError(
                 self.event_store_id,
-                "version does not fit a 64-bit integer, as SQL databases store it",
+                VERSION_TOO_LARGE,
                 ("version",),
             )
         if not isinstance(event.aggregate_id, str):

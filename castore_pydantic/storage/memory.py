@@ -10,14 +10,15 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_json
 
 from castore_pydantic._event import (
     MAX_VERSION,
+    VERSION_TOO_LARGE,
     Event,
-    Timestamp,
     normalize_timestamp,
+    read_timestamp,
     stamped,
     utc_now,
 )
@@ -33,8 +34,6 @@ from castore_pydantic.storage._columns import storable_columns
 from castore_pydantic.storage._sqlite_rows import timestamp_text
 
 __all__ = ["InMemoryEventStorageAdapter"]
-
-_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
 
 
 class _Stored:
@@ -87,11 +86,7 @@ def _stored(event: Event, event_store_id: str) -> _Stored:
         EventLimitExceededError: Its payload or metadata cannot be stored as JSON.
     """
     if not 0 < event.version <= MAX_VERSION:  # as SQL refuses it (adapters used directly)
-        raise EventLimitExceededError(
-            event_store_id,
-            "version does not fit a 64-bit integer, as SQL databases store it",
-            ("version",),
-        )
+        raise EventLimitExceededError(event_store_id, VERSION_TOO_LARGE, ("version",))
     payload, metadata = storable_columns(event, event_store_id)
     stamp = event.timestamp
     assert stamp is not None  # stamped by the caller
@@ -132,8 +127,8 @@ def _stored_mapping(event_store_id: str, event: Mapping[str, Any], now: datetime
         data["timestamp"] = timestamp_text(now)
     else:
         try:
-            timestamp = normalize_timestamp(_TIMESTAMP.validate_python(raw))
-        except (ValidationError, ValueError):
+            timestamp = read_timestamp(raw)
+        except ValueError:
             timestamp = None  # kept as given: reading the event reports it
         else:
             data["timestamp"] = timestamp_text(timestamp)

@@ -33,12 +33,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Final, Literal, NamedTuple, ParamSpec, Self, TypeVar
 
-from pydantic import AwareDatetime, TypeAdapter
-
 from castore_pydantic._event import (
     Event,
     needs_normalizing,
-    normalize_timestamp,
+    read_timestamp,
     stamped,
     utc_now,
     utf8_encodable,
@@ -156,10 +154,6 @@ def _locate(name: str) -> _Location:
     return _Location(real, None, Path(real).as_uri() + tail)
 
 
-#: How a timestamp written by something else than this adapter is read (as events read it).
-_TIMESTAMP: Final = TypeAdapter(AwareDatetime)
-
-
 def _listed_timestamp(text: object, event_store_id: str, aggregate_id: str) -> datetime:
     """A version-1 row's timestamp not in this adapter's form, read as its event would be.
 
@@ -168,7 +162,7 @@ def _listed_timestamp(text: object, event_store_id: str, aggregate_id: str) -> d
             would not either).
     """
     try:
-        return normalize_timestamp(_TIMESTAMP.validate_python(text))
+        return read_timestamp(text)
     except ValueError as exc:  # a ValidationError, or out of range once converted to UTC
         raise StoredEventValidationError(event_store_id, aggregate_id, 1) from exc
 
