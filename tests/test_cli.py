@@ -213,6 +213,17 @@ def _summary_command(command: str, channels: str) -> tuple[tuple[str, ...], Path
     return args, exported
 
 
+def _ctrl_c(process: subprocess.Popen[str], failure: str) -> str:
+    """Send the process a Ctrl-C and return its stderr once it ended; ``failure`` if not."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.communicate(timeout=10)[1]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(failure)
+
+
 def count_rows_if_any(path: Path) -> int:
     """Like ``count_rows``, but 0 while the table does not exist yet."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -1295,13 +1306,7 @@ class TestProcess:
                 assert process.poll() is None, process.communicate()[1]
                 assert time.monotonic() < deadline, "the import never opened its input"
                 time.sleep(0.01)
-            process.send_signal(signal.SIGINT)
-            try:
-                _, stderr = process.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.communicate()
-                pytest.fail("one Ctrl-C did not stop an import waiting for a FIFO writer")
+            stderr = _ctrl_c(process, "one Ctrl-C did not stop an import waiting for a FIFO writer")
         assert process.returncode == EXIT_INTERRUPTED, stderr
         assert stderr == (
             f"castore: error: interrupted while opening {str(fifo)!r}: nothing was imported\n"
@@ -1336,13 +1341,7 @@ class TestProcess:
                     assert process.poll() is None, process.communicate()[1]
                     assert time.monotonic() < deadline, "the import never read its input"
                     time.sleep(0.01)
-                process.send_signal(signal.SIGINT)
-                try:
-                    _, stderr = process.communicate(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.communicate()
-                    pytest.fail("Ctrl-C did not stop an import waiting for input")
+                stderr = _ctrl_c(process, "Ctrl-C did not stop an import waiting for input")
         finally:
             os.close(read_end)
             os.close(write_end)
