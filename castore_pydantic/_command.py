@@ -24,6 +24,7 @@ from typing import (
 
 from pydantic import BaseModel, RootModel, TypeAdapter
 
+from castore_pydantic._types import call_and_await
 from castore_pydantic.errors import EventAlreadyExistsError, is_event_already_exists_error
 
 __all__ = ["Command", "OnEventAlreadyExistsContext"]
@@ -240,12 +241,11 @@ class Command(Generic[InputT, OutputT]):
                     raise
                 callback = self.on_event_already_exists
                 if callback is not None:
-                    awaited = callback(
+                    await call_and_await(
+                        callback,
                         cast(EventAlreadyExistsError, error),
                         OnEventAlreadyExistsContext(attempt_number, retries_left),
                     )
-                    if inspect.isawaitable(awaited):
-                        await awaited
                 if retries_left == 0:
                     raise
                 retries_left -= 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -22,6 +21,7 @@ from castore_pydantic._types import (
     ListAggregateIdsResult,
     PushEventGroupResult,
     PushEventResult,
+    call_and_await,
 )
 from castore_pydantic.errors import (
     AggregateNotFoundError,
@@ -309,7 +309,7 @@ class EventStore(Generic[AggregateT, EventT]):
         result: PushEventResult[AggregateT, EventT] = PushEventResult(stored, next_aggregate)
         hook = self.on_event_pushed
         if hook is not None:
-            await run_hook(hook, result)
+            await call_and_await(hook, result)
         return result
 
     def group_event(
@@ -387,13 +387,6 @@ class EventStore(Generic[AggregateT, EventT]):
         return self.on_event_pushed
 
 
-async def run_hook(hook: OnEventPushed, result: PushEventResult[Any, Any]) -> None:
-    """Run an ``on_event_pushed`` hook: a plain function, or a coroutine function awaited."""
-    outcome = hook(result)
-    if inspect.isawaitable(outcome):
-        await outcome
-
-
 async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) -> None:
     """Run a stored group's hooks one after another, in the group's order.
 
@@ -405,7 +398,7 @@ async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) 
     try:
         for hook, result in hooked:
             try:
-                await run_hook(hook, result)
+                await call_and_await(hook, result)
             except Exception as exc:  # raised below, once every hook ran
                 failures.append((result, exc))
     except BaseException:

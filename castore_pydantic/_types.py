@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -222,3 +223,15 @@ class EventStorageAdapter(Protocol):
     ) -> None:
         """Close the adapter (``aclose``)."""
         ...
+
+
+async def call_and_await(function: Callable[..., object], *args: Any) -> None:
+    """Call ``function(*args)``, and await what it returns when that is awaitable.
+
+    How the library calls the callbacks it is given, async or not (as Castore awaits
+    whatever they return): ``on_event_pushed``, ``on_event_already_exists``,
+    ``on_progress``.
+    """
+    outcome = function(*args)
+    if inspect.isawaitable(outcome):
+        await outcome

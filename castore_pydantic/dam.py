@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import itertools
 import math
 from collections import deque
@@ -38,7 +37,7 @@ from typing import Any, Protocol, TypedDict
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
 from castore_pydantic._paging import parse_timestamp
-from castore_pydantic._types import AggregateIdEntry
+from castore_pydantic._types import AggregateIdEntry, call_and_await
 from castore_pydantic.messaging import AggregateExistsMessage, NotificationMessage
 
 __all__ = [
@@ -273,9 +272,7 @@ class _Pourer:
         await self.channel.publish_message(message, replay=True)
         self.count += 1
         if self.on_progress is not None:
-            outcome = self.on_progress(PourProgress(self.count, self.scanned))
-            if inspect.isawaitable(outcome):
-                await outcome
+            await call_and_await(self.on_progress, PourProgress(self.count, self.scanned))
 
 
 def _inside(event: Event, start: datetime | None, end: datetime | None) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 from castore_pydantic._aggregate import AggregateT, EventT, Reducer
 from castore_pydantic._event import Event
-from castore_pydantic._event_store import EventStore, OnEventPushed, SimulateSideEffect, run_hook
+from castore_pydantic._event_store import EventStore, OnEventPushed, SimulateSideEffect
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import (
     EventStorageAdapter,
@@ -19,6 +19,7 @@ from castore_pydantic._types import (
     GroupedEvent,
     ListAggregateIdsResult,
     PushEventResult,
+    call_and_await,
 )
 from castore_pydantic.messaging._channels import (
     AggregateExistsMessageChannel,
@@ -149,7 +150,7 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
     async def _on_event_pushed(self, result: PushEventResult[Any, Any]) -> None:
         hook = self._event_store._after_push()  # an inner connected store publishes too
         if hook is not None:
-            await run_hook(hook, result)
+            await call_and_await(hook, result)
         await self.publish_pushed_event(result)
 
     def get_event_storage_adapter(self) -> EventStorageAdapter:
