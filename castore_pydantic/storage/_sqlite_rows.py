@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Final
 
-from castore_pydantic._event import format_timestamp
+from castore_pydantic._event import MAX_VERSION, format_timestamp
 
 __all__ = [
     "MAX_INTEGER",
@@ -20,8 +20,8 @@ __all__ = [
     "timestamp_text",
 ]
 
-#: The largest value of SQLite's INTEGER; bounds past it cannot be bound.
-MAX_INTEGER: Final = 2**63 - 1
+#: The largest value of SQLite's INTEGER (the highest version); bounds past it cannot be bound.
+MAX_INTEGER: Final = MAX_VERSION
 
 #: One (timestamp, text) pair, replaced as a whole so that threads never see a torn pair.
 _LAST_TIMESTAMP: list[tuple[datetime | None, str]] = [(None, "")]

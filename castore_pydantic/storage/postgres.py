@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "pip install 'castore-pydantic[postgres]'"
     ) from exc
 
-from castore_pydantic._event import Event, stamped
+from castore_pydantic._event import MAX_VERSION, Event, stamped
 from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
@@ -57,7 +57,6 @@ from castore_pydantic.storage._postgres_writes import (
 
 __all__ = ["AggregateIdType", "PostgresEventStorageAdapter"]
 
-_BIGINT_MAX = 2**63 - 1
 _LAYOUT = ("aggregate_name", "aggregate_id", "version", "type", "data", "metadata", "timestamp")
 _FIRST_EVENTS = 1000  # events read by the first statement; longer aggregates are streamed
 _STREAM_CHUNK = 1000  # events per streamed chunk
@@ -693,7 +692,7 @@ class PostgresEventStorageAdapter:
             params.append(_FIRST_EVENTS)
             query = self._sql.first_events(**bounds)
         else:
-            params.append(None if limit is None else min(limit, _BIGINT_MAX))
+            params.append(None if limit is None else min(limit, MAX_VERSION))
             query = self._sql.get_events(**bounds, reverse=reverse)
         return query, params
 
@@ -834,7 +833,7 @@ class PostgresEventStorageAdapter:
         if cursor is not None:
             params += [_naive_utc(cursor.initial_event_timestamp), cursor.aggregate_id]
         if options.limit is not None:
-            params.append(min(options.limit + 1, _BIGINT_MAX))
+            params.append(min(options.limit + 1, MAX_VERSION))
         query = self._sql.list_aggregate_ids(
             after=options.initial_event_after is not None,
             before=options.initial_event_before is not None,
