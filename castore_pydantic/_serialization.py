@@ -857,11 +857,17 @@ class EventStoreContext:
 
     def _validate_other_input(self, event: object, *, timestamp: bool, limits: bool) -> Event:
         """``validate_input`` for everything but a dict of a known type."""
-        owned = True  # whether ``validated`` is a new instance nobody else holds yet
         if type(event) in self._classes:
-            validated: Event = event  # type: ignore[assignment]
-            owned = False
-        elif type(event) is dict or isinstance(event, Mapping):
+            # The caller's own instance: checked as it is, copied if it needs a timestamp.
+            given: Event = event  # type: ignore[assignment]
+            if limits:
+                self.check_limits(given)
+            stamp = given.timestamp
+            if stamp is None:
+                return with_timestamp(given, utc_now()) if timestamp else given
+            normalized = self._normalized(stamp)
+            return given if normalized is stamp else with_timestamp(given, normalized)
+        if type(event) is dict or isinstance(event, Mapping):
             validated = self._validate_mapping(event)
         elif isinstance(event, _JSON_TEXT):
             validated = self._validate_json_input(event, limits=limits)
@@ -872,18 +878,7 @@ class EventStoreContext:
             validated = cls.model_validate(event.model_dump())
         else:
             validated = self._one.validate_python(event)  # raises a clear ValidationError
-        if limits:
-            self.check_limits(validated)
-        given = validated.timestamp
-        stamp = (utc_now() if timestamp else None) if given is None else self._normalized(given)
-        if stamp is not given:
-            if owned:
-                # A fresh instance of ours: set the field in place instead of copying it.
-                validated.__dict__["timestamp"] = stamp
-                validated.__pydantic_fields_set__.add("timestamp")
-            else:
-                validated = with_timestamp(validated, stamp)
-        return validated
+        return self.admit(validated, timestamp=timestamp, limits=limits)
 
     def _validate_mapping(self, event: Mapping[str, Any]) -> Event:
         event_type = event.get("type")
