@@ -493,8 +493,10 @@ class _Merge:
                 await self._list_page(source)
                 listed = True
 
-    async def _refill(self, stream: _Stream) -> None:
-        chunk = max(1, min(_MAX_CHUNK, _BUFFER_BUDGET - self.buffered))
+    async def _refill(self, stream: _Stream, chunk: int | None = None) -> None:
+        """Fetch the stream's next events: ``chunk`` of them, or what the budget leaves."""
+        if chunk is None:
+            chunk = max(1, min(_MAX_CHUNK, _BUFFER_BUDGET - self.buffered))
         events = (
             await stream.source.event_store.get_events(
                 stream.aggregate_id, min_version=stream.next_version, limit=chunk
@@ -528,26 +530,22 @@ class _Merge:
         """
         while self.heap:
             stream = heapq.heappop(self.heap)[-1]
-            next_version = stream.next_version
             while True:
                 while stream.buffer:
-                    event = stream.buffer.popleft()
-                    self.buffered -= 1
-                    next_version = event.version + 1
-                    if _inside(event, self.start, self.end):
-                        store_id = stream.source.event_store.event_store_id
-                        message = NotificationMessage(event_store_id=store_id, event=event)
-                        await self.pourer.publish(message)
+                    await self._pour_next(stream)
                 if stream.exhausted:
                     break
-                events = (
-                    await stream.source.event_store.get_events(
-                        stream.aggregate_id, min_version=next_version, limit=_TAIL_CHUNK
-                    )
-                ).events
-                stream.exhausted = len(events) < _TAIL_CHUNK
-                stream.buffer.extend(events)
-                self.buffered += len(events)
+                await self._refill(stream, _TAIL_CHUNK)
+
+    async def _pour_next(self, stream: _Stream) -> Event:
+        """Take the stream's next buffered event, pour it if it is in the range, return it."""
+        event = stream.buffer.popleft()
+        self.buffered -= 1
+        if _inside(event, self.start, self.end):
+            store_id = stream.source.event_store.event_store_id
+            await self.pourer.publish(NotificationMessage(event_store_id=store_id, event=event))
+        stream.next_version = event.version + 1
+        return event
 
     async def run(self) -> None:
         await self._add_unlisted()
@@ -569,12 +567,7 @@ class _Merge:
                 if (head.timestamp, head.version) > (timestamp, version):
                     self._push(stream, head.timestamp, head.version)  # its turn comes later
                     continue
-            event = stream.buffer.popleft()
-            self.buffered -= 1
-            if _inside(event, self.start, self.end):
-                store_id = stream.source.event_store.event_store_id
-                await self.pourer.publish(NotificationMessage(event_store_id=store_id, event=event))
-            stream.next_version = event.version + 1
+            event = await self._pour_next(stream)
             assert event.timestamp is not None
             if stream.buffer:
                 head = stream.buffer[0]
