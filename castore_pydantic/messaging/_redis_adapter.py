@@ -461,7 +461,6 @@ class RedisStreamsAdapter:
                 attempt. ``None`` waits as long as they run.
         """
         current = asyncio.current_task()
-        inside = current in self._retiring or any(c.task is current for c in self._consumers)
         # Counted before any await: a start in progress then starts nothing.
         self._stop_calls += 1
         self._consuming = False
@@ -482,7 +481,7 @@ class RedisStreamsAdapter:
             await asyncio.wait(list(self._joining))
         # Also the handlers a start in progress waits for: the grace period applies to them.
         await self._wait_for_consumers(grace_period)
-        if self._starting is not None and not inside:
+        if self._starting is not None:  # (a handler of this adapter returned above)
             # It starts nothing now, but returning before it ended would let aclose() close
             # the client it may still be connecting with.
             await self._starting.wait()
