@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from castore_pydantic.cli._running import EXIT_INTERRUPTED, EXIT_USAGE, CliError, interruptible
+from castore_pydantic.cli._running import EXIT_USAGE, CliError, interruptible
 
 #: Flags of the file written aside: a new file only, no translation of newlines on Windows.
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
@@ -221,14 +221,10 @@ def input_source(path: str) -> Iterator[Source]:
         return
     try:
         # Opening a FIFO waits for a writer: Ctrl-C must stop that wait too.
-        with interruptible():
+        with interruptible(f"interrupted while opening {path!r}: nothing was imported"):
             stream = Path(path).open("rb")  # noqa: SIM115 - closed by the with below
     except OSError as exc:
         raise CliError(EXIT_USAGE, f"cannot read {path!r}: {exc.strerror}") from exc
-    except KeyboardInterrupt:
-        raise CliError(
-            EXIT_INTERRUPTED, f"interrupted while opening {path!r}: nothing was imported"
-        ) from None
     with stream:
         if stream.seekable():
             found = os.fstat(stream.fileno())

@@ -193,8 +193,8 @@ def run(work: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Ctrl-C raises ``KeyboardInterrupt`` at once inside the block, even in a blocking read.
+def interruptible(interrupted: str) -> Iterator[None]:
+    """Ctrl-C stops the block at once, even in a blocking read (exit 130, ``interrupted``).
 
     ``asyncio.run`` handles SIGINT by cancelling its task, which takes effect at the next
     await; synchronous work that waits for input (stdin, a pipe) never reaches one. A
@@ -210,6 +210,8 @@ def interruptible() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
+    except KeyboardInterrupt:
+        raise CliError(EXIT_INTERRUPTED, interrupted) from None
     finally:
         if swap:
             signal.signal(signal.SIGINT, previous)

@@ -250,33 +250,28 @@ def _validate(
             (exit code 5), or Ctrl-C (exit code 130).
     """
     seen: dict[tuple[str, int], int] = {}  # line of each event key (without --force)
-    try:
-        with interruptible():
-            for number, raw in enumerate(reading.first_pass(), start=1):
-                bar.advance(task, len(raw))
-                if not raw.strip():
-                    continue
-                try:
-                    event = context.validate_input(raw, timestamp=False)
-                except (ValidationError, UnknownEventTypeError, EventLimitExceededError) as exc:
+    with interruptible("interrupted while validating the input: nothing was imported"):
+        for number, raw in enumerate(reading.first_pass(), start=1):
+            bar.advance(task, len(raw))
+            if not raw.strip():
+                continue
+            try:
+                event = context.validate_input(raw, timestamp=False)
+            except (ValidationError, UnknownEventTypeError, EventLimitExceededError) as exc:
+                raise CliError(
+                    EXIT_INVALID_DATA,
+                    f"line {number}: {_line_reason(exc, context.known_types)} "
+                    "(nothing was imported)",
+                ) from exc
+            if not force:
+                earlier = seen.setdefault((event.aggregate_id, event.version), number)
+                if earlier != number:
                     raise CliError(
                         EXIT_INVALID_DATA,
-                        f"line {number}: {_line_reason(exc, context.known_types)} "
-                        "(nothing was imported)",
-                    ) from exc
-                if not force:
-                    earlier = seen.setdefault((event.aggregate_id, event.version), number)
-                    if earlier != number:
-                        raise CliError(
-                            EXIT_INVALID_DATA,
-                            f"line {number}: aggregate {event.aggregate_id!r} version "
-                            f"{event.version} is already on line {earlier} (nothing was "
-                            "imported; with --force the later line wins)",
-                        )
-    except KeyboardInterrupt:
-        raise CliError(
-            EXIT_INTERRUPTED, "interrupted while validating the input: nothing was imported"
-        ) from None
+                        f"line {number}: aggregate {event.aggregate_id!r} version "
+                        f"{event.version} is already on line {earlier} (nothing was "
+                        "imported; with --force the later line wins)",
+                    )
 
 
 class _Batches:
