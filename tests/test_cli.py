@@ -183,6 +183,22 @@ def one_line_error(result: Result) -> str:
     return lines[0]
 
 
+#: Puts SIGINT back to its default action, then becomes the command (same process id).
+_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+def with_ctrl_c(command: list[str]) -> list[str]:
+    """``command`` with Ctrl-C working, however this suite was started.
+
+    A shell starts background jobs with SIGINT ignored and children inherit that: without
+    this, a suite run in the background saw every Ctrl-C test hang or run to the end.
+    """
+    return [sys.executable, "-c", _DEFAULT_SIGINT, *command]
+
+
 def interrupted_once(
     command: list[str], *, cwd: Path, env: dict[str, str], ready: Callable[[], bool], what: str
 ) -> tuple[int, str]:
@@ -190,7 +206,9 @@ def interrupted_once(
 
     Fails, saying ``what``, if the command ends first or is not ready within a minute.
     """
-    with subprocess.Popen(command, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True) as process:
+    with subprocess.Popen(
+        with_ctrl_c(command), cwd=cwd, env=env, stderr=subprocess.PIPE, text=True
+    ) as process:
         deadline = time.monotonic() + 60
         while not ready():
             assert process.poll() is None, process.communicate()[1]
@@ -1298,7 +1316,7 @@ class TestProcess:
             "--url", f"sqlite:///{tmp_path / 'imported.db'}", str(fifo),
         ]  # fmt: skip
         with subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
+            with_ctrl_c(command), cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
         ) as process:
             deadline = time.monotonic() + 60
             wchan = Path(f"/proc/{process.pid}/wchan")
@@ -1334,7 +1352,12 @@ class TestProcess:
         try:
             os.write(write_end, pokemon_lines())  # and the pipe stays open: more may come
             with subprocess.Popen(
-                command, cwd=REPO_ROOT, env=env, stdin=read_end, stderr=subprocess.PIPE, text=True
+                with_ctrl_c(command),
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=read_end,
+                stderr=subprocess.PIPE,
+                text=True,
             ) as process:
                 deadline = time.monotonic() + 60
                 while unread(read_end):  # once read, the import waits for the next line
