@@ -4,6 +4,8 @@ import importlib
 import subprocess
 import sys
 
+import pytest
+
 import castore_pydantic
 from castore_pydantic import errors
 
@@ -88,3 +90,33 @@ class TestPublicSurface:
     def test_errors_module_is_reimportable(self) -> None:
         """The errors module is a plain public module."""
         assert importlib.import_module("castore_pydantic.errors") is errors
+
+
+@pytest.mark.parametrize(
+    ("missing", "module", "advice"),
+    [
+        ("hypothesis", "castore_pydantic.testing.strategies", "castore-pydantic[testing]'"),
+        ("hypothesis", "castore_pydantic.testing.laws", "castore-pydantic[testing]'"),
+        ("hypothesis", "castore_pydantic.testing.contracts", "pytest pytest-asyncio"),
+        ("pytest_asyncio", "castore_pydantic.testing.contracts", "pytest pytest-asyncio"),
+    ],
+)
+def test_testing_tools_name_what_to_install(missing: str, module: str, advice: str) -> None:
+    """Without the packages a test tool needs, importing it says what to install (it was a
+    bare ModuleNotFoundError; the contracts also need pytest and pytest-asyncio, which the
+    ``testing`` extra does not bring)."""
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "try:\n"
+        f"    import {module}\n"
+        "except ImportError as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.startswith(f"ImportError {module} needs "), out
+    assert "install them with: pip install 'castore-pydantic[testing]'" in out or (
+        "install it with: pip install 'castore-pydantic[testing]'" in out
+    ), out
+    assert out.rstrip().endswith(advice), out

@@ -46,9 +46,15 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
-import hypothesis
-from hypothesis import given
-from hypothesis import strategies as st
+try:
+    import hypothesis
+    from hypothesis import given
+    from hypothesis import strategies as st
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "castore_pydantic.testing.laws needs Hypothesis; install it with: "
+        "pip install 'castore-pydantic[testing]'"
+    ) from exc
 from pydantic import BaseModel
 
 from castore_pydantic._event import Event

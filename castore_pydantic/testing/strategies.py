@@ -28,8 +28,14 @@ import datetime as dt
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from hypothesis import assume
-from hypothesis import strategies as st
+try:
+    from hypothesis import assume
+    from hypothesis import strategies as st
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "castore_pydantic.testing.strategies needs Hypothesis; install it with: "
+        "pip install 'castore-pydantic[testing]'"
+    ) from exc
 from pydantic import BaseModel, TypeAdapter
 
 from castore_pydantic._command import Command
