@@ -8,6 +8,7 @@ the test instead, so a green run always means the real backends were exercised.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -39,6 +40,16 @@ def require_service(name: str, host: str, port: int) -> None:
     if is_reachable(host, port):
         return
     reason = f"{name} is not reachable at {host}:{port}"
+    if services_required():
+        pytest.fail(f"{reason} and CASTORE_REQUIRE_SERVICES is set", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_command(name: str, needed_for: str) -> None:
+    """Skip the calling test (or fail it under CASTORE_REQUIRE_SERVICES) without ``name``."""
+    if shutil.which(name) is not None:
+        return
+    reason = f"{name} is not on the PATH ({needed_for})"
     if services_required():
         pytest.fail(f"{reason} and CASTORE_REQUIRE_SERVICES is set", pytrace=False)
     pytest.skip(reason)

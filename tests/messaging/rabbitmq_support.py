@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from castore_pydantic import Aggregate, Event, EventStore
 from castore_pydantic.messaging import Message, NotificationMessage
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
-from tests.services import RABBITMQ_HOST, RABBITMQ_PORT, require_rabbitmq
+from tests.services import RABBITMQ_HOST, RABBITMQ_PORT, require_command, require_rabbitmq
 
 
 def vhost_url(vhost: str, *, port: int = RABBITMQ_PORT, host: str = RABBITMQ_HOST) -> str:
@@ -30,6 +30,7 @@ def vhost_url(vhost: str, *, port: int = RABBITMQ_PORT, host: str = RABBITMQ_HOS
 
 
 def _rabbitmqctl(*args: str) -> None:
+    require_command("rabbitmqctl", "the RabbitMQ tests make vhosts and policies with it")
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
