@@ -52,7 +52,7 @@ from pydantic import (
     WrapSerializer,
     WrapValidator,
 )
-from pydantic_core import PydanticUndefined
+from pydantic_core import PydanticUndefined, from_json
 from typing_extensions import TypeAliasType, is_typeddict
 
 from castore_pydantic import _gc
@@ -90,6 +90,35 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 #: levels (a payload of depth 199 reads back with pydantic-core 2.x today): one level is
 #: kept as a margin between versions.
 _DEEPEST_READABLE = 198
+
+
+def _failed_row(data: str | bytes, exc: ValidationError) -> object:
+    """The row of a stored JSON array that ``exc`` is about (``None`` if none can be told).
+
+    Only run once validation failed, so a read that validates pays nothing for it. An error
+    about a row starts its location with the row's index. Text the validator could not
+    parse at all (another program stored a lone surrogate, nesting deeper than the parser
+    goes, bytes that are not UTF-8) has no location: Python's parser, which accepts all of
+    these, splits the array, and the row is the first that the validator's parser refuses
+    on its own (inside an array, to be as deep as it was).
+    """
+    try:
+        text = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
+        rows = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(rows, list):
+        return None
+    loc = exc.errors(include_url=False)[0]["loc"]
+    if loc:
+        index = loc[0]
+        return rows[index] if isinstance(index, int) and 0 <= index < len(rows) else None
+    for row in rows:
+        try:
+            from_json(f"[{json.dumps(row)}]")
+        except (ValueError, RecursionError):
+            return row
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1144,15 +1173,7 @@ class EventStoreContext:
                     return self._many.validate_json(data)
             return self._many.validate_json(data)
         except ValidationError as exc:
-            raw: Any = None
-            loc = exc.errors(include_url=False)[0]["loc"]
-            try:
-                rows = json.loads(data)
-                if loc and isinstance(loc[0], int):
-                    raw = rows[loc[0]]
-            except (ValueError, IndexError, TypeError):
-                raw = None
-            raise self._stored_error(raw) from exc
+            raise self._stored_error(_failed_row(data, exc)) from exc
 
     def _stored_error(self, raw: object) -> StoredEventValidationError:
         aggregate_id = version = None

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,6 +118,33 @@ class TestSeedsAreStoredByValue:
             await store.get_events("n1")
         with pytest.raises(StoredEventValidationError):
             await store.list_aggregate_ids()
+
+    async def test_a_seed_deeper_than_reads_parse_names_its_event(self) -> None:
+        """A seeded payload nested deeper than reads parse (but not than JSON holds) fails
+        reads, and listing a first event whose timestamp did not parse, naming the event."""
+        deep: Any = 1
+        for _ in range(210):
+            deep = [deep]
+        seeds = [
+            {"aggregateId": "n1", "version": v, "type": "NOTE_ADDED", "payload": {"x": x}}
+            for v, x in [(1, 1), (2, deep), (3, 3)]
+        ]
+        seeds.append(
+            {"aggregateId": "n2", "version": 1, "type": "NOTE_ADDED", "timestamp": "soon"}
+            | {"payload": {"x": deep}}
+        )
+        store = _notes(InMemoryEventStorageAdapter(initial_events={"NOTES": seeds}))
+        reads: list[tuple[Callable[[], Awaitable[object]], tuple[str, int]]] = [
+            (lambda: store.get_events("n1"), ("n1", 2)),
+            (lambda: store.get_events("n1", reverse=True), ("n1", 2)),
+            (lambda: store.get_aggregate("n1"), ("n1", 2)),
+            (store.list_aggregate_ids, ("n2", 1)),
+        ]
+        for read, named in reads:
+            with pytest.raises(StoredEventValidationError) as info:
+                await read()
+            assert (info.value.aggregate_id, info.value.version) == named
+            assert f"aggregate {named[0]}, version {named[1]} " in str(info.value)
 
 
 async def test_unlisted_aggregates_are_those_without_version_one() -> None:

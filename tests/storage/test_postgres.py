@@ -8,7 +8,7 @@ import secrets
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -610,6 +610,42 @@ class TestRows:
                 if token is None:
                     break
         assert seen == ["a", "b", "c"]
+
+    @pytest.mark.parametrize(
+        ("column_type", "data"),
+        [
+            ("jsonb", '{"by": ' + "[" * 250 + "]" * 250 + "}"),
+            ("json", '{"by": "\\ud800"}'),
+        ],
+        ids=["deeper-than-the-validator-parses", "lone-surrogate-in-a-json-column"],
+    )
+    async def test_stored_json_the_validator_cannot_parse_names_its_event(
+        self, pg_schema: str, column_type: str, data: str
+    ) -> None:
+        """A row another program wrote that PostgreSQL holds as JSON but the validator cannot
+        parse (too deep; a lone surrogate, which a ``json`` column keeps) names its aggregate
+        and version, read in either order."""
+        table = await make_table(pg_schema)
+        name = f'"{pg_schema}"."{table}"'
+        await fetch(f"ALTER TABLE {name} ALTER data TYPE {column_type}")
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            await store.push_event(created("a"))
+            await store.push_event(incremented("a", 2))
+            await store.push_event(incremented("a", 3))
+            await fetch(f"UPDATE {name} SET data = %s WHERE version = 2", data)
+            reads: list[Callable[[], Awaitable[object]]] = [
+                lambda: store.get_events("a"),
+                lambda: store.get_events("a", reverse=True),
+                lambda: store.get_aggregate("a"),
+            ]
+            for read in reads:
+                with pytest.raises(StoredEventValidationError) as info:
+                    await read()
+                error = info.value
+                assert (error.aggregate_id, error.version) == ("a", 2)
+                assert f"{store.event_store_id}, aggregate a, version 2 " in str(error)
+            assert len((await store.get_events("a", min_version=3)).events) == 1
 
     async def test_explicit_offsets_are_stored_as_utc(self, pg_schema: str) -> None:
         """A timestamp given with another offset is stored as the same instant."""
@@ -1294,8 +1330,16 @@ class TestLongAggregates:
             assert (aggregate.value, aggregate.version) == (2499, 2500)
 
     @pytest.mark.usefixtures("long_read_path")
-    async def test_bad_event_deep_in_a_long_aggregate_is_named(self, pg_schema: str) -> None:
-        """A stored event that fails validation in a later chunk names its version."""
+    @pytest.mark.parametrize(
+        "data",
+        ['{"by": "nope"}', '{"by": ' + "[" * 250 + "]" * 250 + "}"],
+        ids=["does-not-validate", "does-not-parse"],
+    )
+    async def test_bad_event_deep_in_a_long_aggregate_is_named(
+        self, pg_schema: str, data: str
+    ) -> None:
+        """A stored event in a later chunk that fails validation, or that the validator
+        cannot parse as JSON, names its version."""
         table = await make_table(pg_schema)
         async with PostgresEventStorageAdapter(
             DSN, schema=pg_schema, table_name=table, min_size=1, max_size=1
@@ -1305,10 +1349,7 @@ class TestLongAggregates:
                 store.group_event(created("long")),
                 *(store.group_event(incremented("long", v)) for v in range(2, 3001)),
             )
-            await fetch(
-                f'UPDATE "{pg_schema}"."{table}" SET data = %s WHERE version = 2200',
-                '{"by": "nope"}',
-            )
+            await fetch(f'UPDATE "{pg_schema}"."{table}" SET data = %s WHERE version = 2200', data)
             with pytest.raises(StoredEventValidationError) as info:
                 await store.get_events("long")
             assert (info.value.aggregate_id, info.value.version) == ("long", 2200)
