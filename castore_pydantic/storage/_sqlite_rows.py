@@ -46,7 +46,7 @@ class Statements:
     is why the f-strings below are safe (``S608``).
     """
 
-    __slots__ = ("create", "get", "insert", "list_base", "unlisted", "upsert")
+    __slots__ = ("create", "get", "insert", "list_base", "parses", "unlisted", "upsert", "versions")
 
     def __init__(self, table: str) -> None:
         quoted = f'"{table}"'
@@ -84,6 +84,10 @@ class Statements:
             " 'metadata', json(metadata))), count(*)"
         )
         get: dict[tuple[bool, bool, bool], str] = {}
+        # ``versions``: the versions a statement of ``get`` reads (same parameters);
+        # ``parses``: one row's columns through json(), which fails as ``get`` does on text
+        # that is not JSON. Together they find the row a failed read stumbled on.
+        versions: dict[tuple[bool, bool, bool], str] = {}
         for has_min in (False, True):
             for has_max in (False, True):
                 for reverse in (False, True):
@@ -92,13 +96,21 @@ class Statements:
                         " AND version <= ?" if has_max else ""
                     )
                     order = "version DESC" if reverse else "version"
+                    rows = (
+                        f"FROM {quoted} WHERE aggregate_name = ? AND aggregate_id = ?{where}"
+                        f" ORDER BY {order} LIMIT ?"
+                    )
                     get[has_min, has_max, reverse] = (
                         f"SELECT {array}, {last} FROM (SELECT aggregate_id, version, type,"  # noqa: S608
-                        f" timestamp, data, metadata FROM {quoted}"
-                        f" WHERE aggregate_name = ? AND aggregate_id = ?{where}"
-                        f" ORDER BY {order} LIMIT ?)"
+                        f" timestamp, data, metadata {rows})"
                     )
+                    versions[has_min, has_max, reverse] = f"SELECT version {rows}"
         self.get = get
+        self.versions = versions
+        self.parses = (
+            f"SELECT length(json(data)), length(json(metadata)) FROM {quoted}"  # noqa: S608
+            " WHERE aggregate_name = ? AND aggregate_id = ? AND version = ?"
+        )
         self.unlisted = (
             f"SELECT aggregate_id FROM {quoted} WHERE aggregate_name = ?"  # noqa: S608
             " GROUP BY aggregate_id HAVING min(version) > 1 ORDER BY aggregate_id"
@@ -135,7 +147,7 @@ class LongRead:
 
     def __init__(
         self,
-        statements: dict[tuple[bool, bool, bool], str],
+        statements: Statements,
         key: tuple[str, str],
         min_version: int | None,
         max_version: int | None,
@@ -158,7 +170,14 @@ class LongRead:
 
     @property
     def sql(self) -> str:
-        return self.statements[
+        return self.statements.get[
+            self.min_version is not None, self.max_version is not None, self.reverse
+        ]
+
+    @property
+    def versions_sql(self) -> str:
+        """The versions that ``sql`` (with the same parameters) reads, in its order."""
+        return self.statements.versions[
             self.min_version is not None, self.max_version is not None, self.reverse
         ]
 

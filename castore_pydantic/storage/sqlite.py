@@ -94,8 +94,17 @@ class _TooBigError(Exception):
     """A slice's JSON text passed SQLite's longest string; the read's slices are now smaller."""
 
 
+class _NotJsonError(Exception):
+    """A row of a slice holds text that SQLite does not read as JSON (another program's)."""
+
+
 def _error_code(exc: sqlite3.Error) -> int:
     return int(getattr(exc, "sqlite_errorcode", 0) or 0)
+
+
+def _not_json(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed on a stored column that is not JSON."""
+    return "malformed JSON" in str(exc)
 
 
 def _storage_error(exc: BaseException, doing: str) -> StorageError:
@@ -692,8 +701,8 @@ class SQLiteEventStorageAdapter:
                 raise _BusyError from exc
             if code == sqlite3.SQLITE_TOOBIG and slice_:
                 raise _TooBigError from exc
-            if "malformed JSON" in str(exc):
-                raise StoredEventValidationError(params[0], params[1], None) from exc
+            if slice_ and _not_json(exc):
+                raise _NotJsonError from exc
             raise _storage_error(exc, "reading events") from exc
 
     def _slice_sync(self, read: LongRead) -> str:
@@ -703,9 +712,14 @@ class SQLiteEventStorageAdapter:
             _TooBigError: The slice's text is longer than SQLite's longest string (1 GB by
                 default: a thousand events of a megabyte); ``read`` now takes smaller slices.
             StorageError: One event alone is longer than that.
+            StoredEventValidationError: A row holds text that SQLite does not read as JSON.
         """
+        params = read.next_params()
         try:
-            ((text, count, last),) = self._query_sync(read.sql, read.next_params(), slice_=True)
+            ((text, count, last),) = self._query_sync(read.sql, params, slice_=True)
+        except _NotJsonError as exc:
+            version = self._not_json_version_sync(read, params)
+            raise StoredEventValidationError(*read.key, version) from exc.__cause__
         except _TooBigError as exc:
             if read.slice == 1:
                 raise StorageError(
@@ -716,6 +730,24 @@ class SQLiteEventStorageAdapter:
             raise
         read.advance(count, last)
         return str(text)
+
+    def _not_json_version_sync(self, read: LongRead, params: tuple[Any, ...]) -> int | None:
+        """The version of the slice's first row whose text SQLite does not read as JSON.
+
+        Only run once the slice's statement (``params``) failed on such text: each of its
+        rows is tried on its own. ``None`` if none fails now or the search itself fails.
+        """
+        conn = self._connection()
+        try:
+            versions = [version for (version,) in conn.execute(read.versions_sql, params)]
+        except sqlite3.Error:
+            return None
+        for version in versions:
+            try:
+                conn.execute(self._sql.parses, (*read.key, version)).fetchall()
+            except sqlite3.Error as exc:
+                return version if _not_json(exc) else None
+        return None
 
     def _next_slice_sync(self, read: LongRead) -> str:
         """``_slice_sync``, in smaller slices when a slice is too long (in a transaction)."""
@@ -809,7 +841,7 @@ class SQLiteEventStorageAdapter:
         if limit is not None and limit > MAX_INTEGER:
             limit = None
         read = LongRead(
-            self._sql.get,
+            self._sql,
             (context.event_store_id, aggregate_id),
             min_version,
             max_version,

@@ -328,17 +328,34 @@ class TestStoredForm:
         assert (await store.get_events("a", min_version=2**70)).events == []
         assert len((await store.get_events("a", max_version=2**70, limit=2**70)).events) == 1
 
-    async def test_corrupt_stored_json_is_a_stored_event_validation_error(
-        self, adapter: Any, db: Path
+    @pytest.mark.parametrize("column", ["data", "metadata"])
+    @pytest.mark.parametrize(
+        "text",
+        ["{not json", "[" * 250 + "]" * 250],
+        ids=["not-json-to-sqlite", "deeper-than-the-validator-parses"],
+    )
+    async def test_stored_text_that_does_not_parse_names_its_event(
+        self, adapter: Any, db: Path, column: str, text: str
     ) -> None:
-        """A row whose data is not JSON (written by something else) fails validation clearly."""
+        """A row whose data or metadata another program made unreadable as JSON (to SQLite,
+        or only to the validator) names its aggregate and version, read in either order."""
         store = log_store(adapter)
-        await store.push_event(note("a", 1))
+        for version in (1, 2, 3):
+            await store.push_event(note("a", version, metadata={"n": version}))
         with raw(db) as conn:
-            conn.execute("UPDATE event SET data = '{not json'")
-        with pytest.raises(StoredEventValidationError) as info:
-            await store.get_events("a")
-        assert (info.value.event_store_id, info.value.aggregate_id) == ("LOGS", "a")
+            conn.execute(f"UPDATE event SET {column} = ? WHERE version = 2", (text,))
+        reads: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.get_events("a"),
+            lambda: store.get_events("a", reverse=True),
+            lambda: store.get_aggregate("a"),
+        ]
+        for read in reads:
+            with pytest.raises(StoredEventValidationError) as info:
+                await read()
+            error = info.value
+            assert (error.event_store_id, error.aggregate_id, error.version) == ("LOGS", "a", 2)
+            assert "event store LOGS, aggregate a, version 2 " in str(error)
+        assert len((await store.get_events("a", min_version=3)).events) == 1
 
     async def test_long_aggregates_read_in_version_order_both_ways(self, adapter: Any) -> None:
         """Thousands of events pushed out of order read back sorted, also reversed and sliced."""
