@@ -29,7 +29,7 @@ import contextlib
 import itertools
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -44,12 +44,12 @@ from castore_pydantic.storage._postgres_connection import AsyncConnection
 __all__ = [
     "Result",
     "decoded",
+    "encoding_errors",
     "execute",
     "numbered",
     "stream",
     "unencodable",
     "unencodable_name",
-    "unencodable_text",
 ]
 
 Result = pq.abc.PGresult
@@ -296,16 +296,21 @@ def unencodable_name(exc: UnicodeEncodeError, encoding: str) -> psycopg.NotSuppo
     )
 
 
-def unencodable_text(
-    exc: UnicodeEncodeError, encoding: str, params: Sequence[Any]
-) -> psycopg.Error:
-    """``unencodable`` for a parameter's text, ``unencodable_name`` for the statement's.
+@contextlib.contextmanager
+def encoding_errors(conn: AsyncConnection, values: Sequence[Any] = ()) -> Iterator[None]:
+    """Translate the ``UnicodeEncodeError`` of a statement sent through a psycopg cursor.
 
-    For statements sent through a psycopg cursor, which raises the same error for both.
+    Such a cursor raises it alike for a value and for the statement's text: a text that is
+    one of ``values`` (the statement's parameters that are values) is ``unencodable``, any
+    other (a name, in the statement or a parameter) is ``unencodable_name``.
     """
-    if any(exc.object is value or exc.object == value for value in params):
-        return unencodable(exc, encoding)
-    return unencodable_name(exc, encoding)
+    try:
+        yield
+    except UnicodeEncodeError as exc:
+        encoding = conn.info.encoding
+        if any(exc.object is value or exc.object == value for value in values):
+            raise unencodable(exc, encoding) from exc
+        raise unencodable_name(exc, encoding) from exc
 
 
 def decoded(conn: AsyncConnection, value: bytes) -> bytes | str:

@@ -189,10 +189,8 @@ class GroupPlan:
                     member.event.version,
                 )
             ]
-            try:
+            with direct.encoding_errors(conn, params):
                 cursor = await tuple_cursor(conn).execute(query, params)
-            except UnicodeEncodeError as exc:
-                raise direct.unencodable_text(exc, conn.info.encoding, params) from exc
             stored = sorted(row[0] for row in await cursor.fetchall())
             if stored:
                 return int(stored[0])

@@ -317,10 +317,8 @@ class PostgresEventStorageAdapter:
             "table": self._sql.table_ddl,
             "index": self._sql.listing_index,
         }
-        try:
+        with direct.encoding_errors(cursor.connection):  # its parameters are names, not values
             await cursor.execute(self._sql.existing(), params)
-        except UnicodeEncodeError as exc:  # the table's name, a parameter here
-            raise direct.unencodable_name(exc, cursor.connection.info.encoding) from exc
         row = await cursor.fetchone()
         assert row is not None
         schema, table, columns, index = row
@@ -495,11 +493,8 @@ class PostgresEventStorageAdapter:
                     # parsed text and values alive until its next use.
                     async with tuple_cursor(conn) as cursor, conn.transaction():
                         for query, params in batches:
-                            try:
+                            with direct.encoding_errors(conn, params):
                                 await cursor.execute(query, params)
-                            except UnicodeEncodeError as exc:
-                                encoding = conn.info.encoding
-                                raise direct.unencodable_text(exc, encoding, params) from exc
             except pg_errors.UniqueViolation as exc:
                 try:
                     culprit = await plan.culprit(conn, exc)
@@ -767,12 +762,10 @@ class PostgresEventStorageAdapter:
         events: list[Event] = []
         async with tuple_cursor(conn) as cursor:
             stream = cast("AsyncGenerator[tuple[str], None]", cursor.stream(query, rest))
-            try:
+            with direct.encoding_errors(conn, rest):
                 async with aclosing(stream) as chunks:
                     async for (chunk,) in chunks:
                         events += context.parse_events_json(chunk)
-            except UnicodeEncodeError as exc:
-                raise direct.unencodable_text(exc, conn.info.encoding, rest) from exc
         return events
 
     async def _read_rows(
@@ -866,13 +859,12 @@ class PostgresEventStorageAdapter:
         statement ("cached plan must not change result type") until it is prepared again:
         that is done once, here.
         """
-        try:
-            return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
-        except pg_errors.FeatureNotSupported:
-            await self._conns.forget_prepared(conn)
-            return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
-        except UnicodeEncodeError as exc:
-            raise direct.unencodable_text(exc, conn.info.encoding, params) from exc
+        with direct.encoding_errors(conn, params):
+            try:
+                return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
+            except pg_errors.FeatureNotSupported:
+                await self._conns.forget_prepared(conn)
+                return await (await self._conns.cursor(conn).execute(query, params)).fetchall()
 
     async def _unlisted_aggregate_ids(self, context: EventStoreContext) -> list[str]:
         """Aggregates without a version-1 event, which listing leaves out (by id).
