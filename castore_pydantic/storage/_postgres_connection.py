@@ -8,11 +8,12 @@ turns driver errors into the library's errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import select
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -470,13 +471,8 @@ class Connections:
                 # A new connection, or one that prepares nothing: nothing to forget.
                 setattr(conn, _TABLES_SEEN, _TABLE_CHANGES[0])
                 return conn
-            try:
+            async with self._given_back_on_failure(conn, where):
                 await self.forget_prepared(conn)
-            except BaseException as exc:
-                await self.release(conn)
-                if isinstance(exc, psycopg.Error):
-                    raise self.error(exc, where) from self.settings.cause(exc)
-                raise
         return conn
 
     async def _acquire(self, where: str) -> AsyncConnection:
@@ -514,15 +510,31 @@ class Connections:
             # first: psycopg switches the flag, then may suspend, where a cancellation can
             # land; the connection must then be switched back too.
             self._switched.add(id(conn))
-            try:
+            async with self._given_back_on_failure(conn, where, as_lent=True):
                 await conn.set_autocommit(True)
-            except BaseException as exc:
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def _given_back_on_failure(
+        self, conn: AsyncConnection, where: str, *, as_lent: bool = False
+    ) -> AsyncIterator[None]:
+        """Give back ``conn``, which the caller will not return, if the block fails.
+
+        A psycopg error is then raised translated; anything else (a cancellation) goes on
+        as it is. The connection is released, or with ``as_lent`` handed straight back to
+        the pool as it was lent (``_hand_back``).
+        """
+        try:
+            yield
+        except BaseException as exc:
+            if as_lent:
                 wait.forget(conn)
                 await self._hand_back(conn)
-                if isinstance(exc, psycopg.Error):
-                    raise self.error(exc, where) from self.settings.cause(exc)
-                raise
-        return conn
+            else:
+                await self.release(conn)
+            if isinstance(exc, psycopg.Error):
+                raise self.error(exc, where) from self.settings.cause(exc)
+            raise
 
     async def forget_prepared(self, conn: AsyncConnection) -> None:
         """Drop the connection's prepared statements: psycopg's and the adapter's own.
