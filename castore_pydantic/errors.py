@@ -244,12 +244,14 @@ class EventLimitExceededError(CastoreError, ValueError):
 class StoredEventValidationError(CastoreError, ValueError):
     """An event read back from storage does not validate against the store's event types.
 
-    The Pydantic ``ValidationError`` is the ``__cause__``.
+    Also raised for stored text that cannot be read as JSON. The Pydantic ``ValidationError``
+    is the ``__cause__`` (the ``sqlite3`` error, for text SQLite itself does not read as
+    JSON).
 
     Attributes:
         event_store_id: The event store that read the event.
-        aggregate_id: The aggregate it belongs to.
-        version: Its version (``None`` when unreadable).
+        aggregate_id: The aggregate it belongs to (``None`` when it cannot be told).
+        version: Its version (``None`` when it cannot be told).
     """
 
     def __init__(self, event_store_id: str, aggregate_id: object, version: object) -> None:
