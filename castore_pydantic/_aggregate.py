@@ -36,5 +36,5 @@ class Aggregate(WireModel):
 AggregateT = TypeVar("AggregateT")
 EventT = TypeVar("EventT", bound=Event)
 
-#: A reducer folds one event into the aggregate: ``(aggregate | None, event) -> aggregate``.
 Reducer: TypeAlias = Callable[[AggregateT | None, EventT], AggregateT]
+"""A reducer folds one event into the aggregate: ``(aggregate | None, event) -> aggregate``."""

@@ -43,8 +43,8 @@ MAX_VERSION: Final = 2**63 - 1
 #: Why a version above ``MAX_VERSION`` is refused.
 VERSION_TOO_LARGE: Final = "version does not fit a 64-bit integer, as SQL databases store it"
 
-#: Types Castore keeps for its own messages; no event store may declare them.
 RESERVED_EVENT_TYPES = frozenset({"__REPLAYED__", "__AGGREGATE_EXISTS__"})
+"""Types Castore keeps for its own messages; no event store may declare them."""
 
 
 def utf8_encodable(text: str) -> bool:
@@ -161,15 +161,16 @@ def stamped(event: _EventT, now: datetime | None = None) -> _EventT:
     return with_timestamp(event, utc_now() if now is None else now)
 
 
-#: A timezone-aware datetime that serialises to JSON in UTC with millisecond precision, as
-#: ``2024-01-01T00:00:00.000Z``. ISO strings are accepted on input and naive datetimes are
-#: refused, both checked by pydantic-core without a Python call (reading events back stays
-#: fast); the event store converts timestamps to UTC milliseconds when events are pushed, so
-#: every backend round-trips them exactly.
 Timestamp = Annotated[
     AwareDatetime,
     PlainSerializer(format_timestamp, return_type=str, when_used="json"),
 ]
+"""A timezone-aware datetime that serialises to JSON in UTC with millisecond precision, as
+``2024-01-01T00:00:00.000Z``. ISO strings are accepted on input and naive datetimes are refused,
+both checked by pydantic-core without a Python call (reading events back stays fast); the event
+store converts timestamps to UTC milliseconds when events are pushed, so every backend round-
+trips them exactly.
+"""
 
 
 _STORED_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)

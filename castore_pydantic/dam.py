@@ -76,8 +76,8 @@ class MessagePublisher(Protocol):
         ...
 
 
-#: Inclusive timestamp bounds on poured events (datetimes or ISO strings, timezone-aware).
 PourFilters = TypedDict("PourFilters", {"from": datetime | str, "to": datetime | str}, total=False)
+"""Inclusive timestamp bounds on poured events (datetimes or ISO strings, timezone-aware)."""
 
 
 class GetEventsOptions(TypedDict, total=False):
@@ -111,8 +111,8 @@ class PourProgress:
     scanned_aggregate_count: int
 
 
-#: ``on_progress(progress)``, awaited when it returns an awaitable.
 OnPourProgress = Callable[[PourProgress], Awaitable[None] | None]
+"""``on_progress(progress)``, awaited when it returns an awaitable."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,8 @@ __all__ = [
 #: PostgreSQL silently truncates longer identifiers, so two long names could meet.
 MAX_IDENTIFIER_BYTES = 63
 
-#: How ``create_event_table`` types the ``aggregate_id`` column.
 AggregateIdType: TypeAlias = Literal["text", "uuid"]
+"""How ``create_event_table`` types the ``aggregate_id`` column."""
 
 _ID_COLUMN_TYPES: dict[str, str] = {"text": 'text COLLATE "C"', "uuid": "uuid"}
 _UNIQUE_SUFFIX = "aggregate_name_aggregate_id_version_key"

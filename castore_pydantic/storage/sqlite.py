@@ -64,10 +64,11 @@ from castore_pydantic.storage._sqlite_rows import (
 
 __all__ = ["SQLiteEventStorageAdapter", "Synchronous"]
 
-#: SQLite's ``synchronous`` setting: ``"NORMAL"`` (WAL default: an acknowledged commit
-#: survives a crash of the process, the last commits may be lost on power failure) or
-#: ``"FULL"`` (every commit is flushed to disk before it is acknowledged).
 Synchronous = Literal["NORMAL", "FULL"]
+"""SQLite's ``synchronous`` setting: ``"NORMAL"`` (WAL default: an acknowledged commit survives a
+crash of the process, the last commits may be lost on power failure) or ``"FULL"`` (every commit
+is flushed to disk before it is acknowledged).
+"""
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")

@@ -20,9 +20,10 @@ from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 
 __all__ = ["MockedEventStore", "mock_event_store", "mute_event_store"]
 
-#: What may be given as initial events: instances of the store's event types, mappings (either
-#: key spelling) or JSON text, each validated like a pushed event.
 InitialEvent = Event | Mapping[str, Any] | str | bytes
+"""What may be given as initial events: instances of the store's event types, mappings (either key
+spelling) or JSON text, each validated like a pushed event.
+"""
 
 
 def _validate_initial_events(

@@ -80,8 +80,8 @@ class Law(enum.StrEnum):
     JSON_ROUND_TRIP = "json_round_trip"
 
 
-#: Every law, in the order they are checked.
 ALL_LAWS: tuple[Law, ...] = tuple(Law)
+"""Every law, in the order they are checked."""
 
 
 def check_reducer(

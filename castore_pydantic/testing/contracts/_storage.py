@@ -50,8 +50,8 @@ from castore_pydantic.testing.contracts._marks import async_tests
 
 __all__ = ["AdapterFactory", "EventStorageAdapterContract"]
 
-#: Makes a new adapter instance; all instances of one factory share one backing storage.
 AdapterFactory = Callable[[], Awaitable[EventStorageAdapter]]
+"""Makes a new adapter instance; all instances of one factory share one backing storage."""
 
 
 class CounterCreatedPayload(BaseModel):
