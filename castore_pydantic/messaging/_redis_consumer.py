@@ -5,8 +5,15 @@ loop reads entries with ``XREADGROUP``, hands each to the handler and acknowledg
 ``XACK`` only afterwards. A failed entry is written to the group's delayed-retry sorted set
 and acknowledged in one Lua script (so the retry copy exists before the original is gone), or,
 once the retry budget is spent, written to the dead-letter stream and acknowledged in one
-``MULTI``. Entries left unacknowledged by a consumer that died are taken over with
-``XAUTOCLAIM`` once they have been idle for ``reclaim_idle_ms``.
+``MULTI``. Entries left unacknowledged by a consumer that died are taken over once they
+have been idle for ``reclaim_idle_ms``.
+
+Reads come in batches of ``prefetch_count``; takeovers claim one entry at a time, just
+before handling it. Redis counts a delivery for every entry a read or a claim returns, so a
+batch whose consumer dies on one entry leaves a delivery on the others without their handler
+having run. Taken over one at a time, they gain no more such deliveries: an entry's count is
+at most its first delivery plus the number of times its handler started, and
+``max_deliveries`` counts takeovers, never that first delivery.
 """
 
 from __future__ import annotations
@@ -73,6 +80,31 @@ end
 local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if head[2] then return {moved, math.max(0, tonumber(head[2]) - now_ms)} end
 return {moved, -1}
+"""
+
+#: Atomically acknowledge the entries handled since the last call (and delete them from a
+#: stream the group owns), then claim, for this consumer, the first pending entry after a
+#: cursor that has been idle long enough (of one consumer only, when given), and set its
+#: delivery count. One round trip per entry taken over.
+#: KEYS: stream. ARGV: group, consumer, min idle ms, owner ('' for any), "1" to count this
+#: delivery ("0" keeps the count), "1" to XDEL what is acknowledged, cursor (exclusive), then
+#: the ids to acknowledge.
+#: Returns false when there is none, else ``{id, delivery count, fields}``; the fields are
+#: missing when the entry was deleted from the stream (trimmed).
+CLAIM_NEXT = """
+for i = 8, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if ARGV[6] == '1' then redis.call('XDEL', KEYS[1], ARGV[i]) end
+end
+local xpending = {'XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '(' .. ARGV[7], '+', 1}
+if ARGV[4] ~= '' then table.insert(xpending, ARGV[4]) end
+local rows = redis.call(unpack(xpending))
+if #rows == 0 then return false end
+local id = rows[1][1]
+local count = rows[1][4] + tonumber(ARGV[5])
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', count)
+if claimed[1] and claimed[1][2] then return {id, count, claimed[1][2]} end
+return {id, count}
 """
 
 _BACKOFF_MIN = 0.05
@@ -157,6 +189,7 @@ class StreamConsumer:
         self.task: asyncio.Task[None] | None = None
         self._schedule_retry = client.register_script(SCHEDULE_RETRY)
         self._promote = client.register_script(PROMOTE_RETRIES)
+        self._claim_next = client.register_script(CLAIM_NEXT)
         self._stopping = False
         self._reading = False
         #: Whether the final hand-back of pending entries has started (it runs once),
@@ -335,46 +368,73 @@ class StreamConsumer:
             self._recovered = True
 
     async def _recover_streams(self) -> None:
+        # At start-up, the entries this name holds were left by a worker that died under it
+        # (restarted with a stable name): taking them over counts a delivery, so one that
+        # keeps killing it reaches max_deliveries. Later (this consumer recovering from a
+        # Redis error) they were not dropped by a dying worker, and are not counted.
+        counted = not self._recovered
         for stream in self.subscription.streams:
-            while not self._stopping:
-                reply: Any = await self.client.xreadgroup(
-                    self.subscription.group,
-                    self.consumer_name,
-                    {stream: "0"},
-                    count=self.options.prefetch_count,
-                )
-                found = [
-                    (key, entry_id, fields)
-                    for key, stream_entries in reply or ()
-                    for entry_id, fields in stream_entries
-                ]
-                await self._forget_deleted(stream, found)
-                present = [(entry_id, fields) for _, entry_id, fields in found if fields]
-                if not present:
-                    break
-                # Reading them again counted one more delivery each. At start-up, that makes
-                # an entry that keeps killing this worker (restarted under its name) reach
-                # max_deliveries; later (this consumer recovering from a Redis error) the
-                # entries were not dropped by a dying worker, and are not counted.
-                counts = await self._delivery_counts(stream, present) if not self._recovered else {}
-                await self._handle_batch(
-                    [
-                        (key, entry_id, fields, counts.get(entry_id))
-                        for key, entry_id, fields in found
-                        if fields
-                    ]
-                )
+            await self._take_over(stream, owner=self.consumer_name, min_idle=0, counted=counted)
 
-    async def _forget_deleted(self, stream: str, found: Sequence[tuple[Any, bytes, Any]]) -> None:
-        """Acknowledge pending entries deleted from the stream (trimmed): nothing to handle."""
-        deleted = [entry_id for _, entry_id, fields in found if not fields]
-        if deleted:
-            await self.client.xack(stream, self.subscription.group, *deleted)
+    async def _take_over(
+        self,
+        stream: str,
+        *,
+        owner: str,
+        min_idle: int,
+        counted: bool,
+        cursor: bytes = b"0-0",
+        limit: int | None = None,
+    ) -> bytes | None:
+        """Claim pending entries one at a time from ``cursor`` on, handling each at once.
+
+        Claimed alone, just before its handler starts, an entry gets a delivery only when
+        it is about to be handled: entries read in one batch with a message that kills its
+        consumers are not charged for its deaths. Entries idle for at least ``min_idle`` ms
+        are taken (of ``owner`` only, unless it is ``""``). A handled entry is acknowledged
+        by the claim of the next one, or at the end; if that fails, it stays in
+        ``_unacked``, as in a batch.
+
+        Returns:
+            Where to resume when ``limit`` entries were taken or a stop interrupted the
+            scan; ``None`` once it reached the end.
+        """
+        key = stream.encode()
+        head: list[Any] = [
+            self.subscription.group,
+            self.consumer_name,
+            min_idle,
+            owner,
+            int(counted),
+            int(stream in self.subscription.owned),
+        ]
+        next_cursor: bytes | None = cursor
+        taken = 0
+        while not self._stopping and (limit is None or taken < limit):
+            handled = self._unacked.get(key, [])
+            reply: Any = await self._claim_next(keys=[stream], args=[*head, cursor, *handled])
+            self._unacked.pop(key, None)
+            if not reply:
+                next_cursor = None
+                break
+            cursor, delivered = reply[0], int(reply[1])
+            taken += 1
+            if len(reply) < 3:
+                # Trimmed from the stream: nothing to handle, only to forget (Redis 7 has
+                # forgotten it already).
+                self._unacked[key] = [cursor]
+            elif not self._stopping:
+                fields = dict(zip(reply[2][::2], reply[2][1::2], strict=True))
+                if await self._handle_entry(key, cursor, fields, delivered):
+                    self._unacked[key] = [cursor]
+            next_cursor = cursor
+        await self._acknowledge()
+        return next_cursor
 
     async def release_pending(self) -> None:
         """Hand back this consumer's unacknowledged entries, for others to take at once.
 
-        Their delivery time is set to 0 (idle "forever", so the next ``XAUTOCLAIM`` of any
+        Their delivery time is set to 0 (idle "forever", so the next takeover pass of any
         consumer takes them) and their delivery count is given back: an entry handed over
         unhandled must not count towards ``max_deliveries``. Entries already handled are
         acknowledged first, so they are not handed out again.
@@ -445,50 +505,28 @@ class StreamConsumer:
     async def _reclaim(self) -> bool:
         """Take over entries others left unacknowledged; return whether more may be waiting.
 
-        An entry is taken once idle for ``reclaim_idle_ms``, one batch per stream at a time
-        (like a read), so a consumer never holds entries it cannot start soon; the scan
-        resumes from its cursor on the next loop.
+        An entry is taken once idle for ``reclaim_idle_ms``, one at a time, at most
+        ``prefetch_count`` per stream and pass, so that reading goes on in between; the scan
+        resumes from its cursor on the next pass.
         """
         more = False
         for stream in self.subscription.streams:
             if self._stopping:
                 break
-            reply: Any = await self.client.xautoclaim(
+            cursor = await self._take_over(
                 stream,
-                self.subscription.group,
-                self.consumer_name,
-                min_idle_time=self.options.reclaim_idle_ms,
-                start_id=self._cursors.get(stream, b"0-0"),
-                count=self.options.prefetch_count,
+                owner="",
+                min_idle=self.options.reclaim_idle_ms,
+                counted=True,
+                cursor=self._cursors.get(stream, b"0-0"),
+                limit=self.options.prefetch_count,
             )
-            cursor = reply[0]
-            self._cursors[stream] = cursor
-            more = more or cursor not in (b"0-0", "0-0")
-            # Redis 7 drops deleted entries itself; older servers return them without fields.
-            await self._forget_deleted(stream, [(None, entry_id, f) for entry_id, f in reply[1]])
-            claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
-            if claimed:
-                counts = await self._delivery_counts(stream, claimed)
-                await self._handle_batch(
-                    [
-                        (stream.encode(), entry_id, fields, counts.get(entry_id))
-                        for entry_id, fields in claimed
-                    ]
-                )
+            if cursor is None:
+                self._cursors.pop(stream, None)
+            else:
+                self._cursors[stream] = cursor
+                more = True
         return more
-
-    async def _delivery_counts(
-        self, stream: str, claimed: Sequence[tuple[bytes, Any]]
-    ) -> dict[bytes, int]:
-        rows: Any = await self.client.xpending_range(
-            stream,
-            self.subscription.group,
-            min=claimed[0][0],
-            max=claimed[-1][0],
-            count=len(claimed),
-            consumername=self.consumer_name,
-        )
-        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
 
     # -- handling ----------------------------------------------------------------------------
 
@@ -577,15 +615,18 @@ class StreamConsumer:
         except Exception as exc:  # a body no retry can fix: keep it aside at once
             await self._dead_letter(entry, entry.attempt - 1, describe_error(exc))
             return False
-        if delivered is not None and delivered > self.options.max_deliveries:
-            # This delivery is not handled: the earlier ones of this entry were (their
-            # consumers died in the handler), and so were the failed attempts before it.
-            taken = delivered - 1
+        if delivered is not None and delivered > self.options.max_deliveries + 1:
+            # This takeover is not handled. The deliveries before it ended with their
+            # consumer stopping before an acknowledgement: each takeover right after its
+            # handler started, the first maybe before (it came in a batch). The failed
+            # attempts before this one count too.
+            earlier = delivered - 1
             await self._dead_letter(
                 entry,
-                entry.attempt - 1 + taken,
-                f"delivered {taken} times to consumers that stopped before acknowledging it "
-                f"(max_deliveries is {self.options.max_deliveries})",
+                entry.attempt - 1 + earlier,
+                f"delivered {earlier} times to consumers that stopped before acknowledging it"
+                f" (a first delivery and {earlier - 1} takeovers; max_deliveries is"
+                f" {self.options.max_deliveries})",
             )
             return False
         policy = self.retry_policy

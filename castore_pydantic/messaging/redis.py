@@ -19,8 +19,8 @@ a channel live in one Redis Cluster slot)::
 An entry is acknowledged (``XACK``) only after its handler returned, or after its retry copy
 or dead letter was written in the same atomic step. Entries a consumer took and never
 acknowledged (its process died, its task was cancelled, its connection dropped) are taken over
-by another consumer with ``XAUTOCLAIM`` once idle for ``reclaim_idle_ms``: a message is
-handled at least once, sometimes more, so handlers should be idempotent (for example keyed on
+by another consumer, one at a time, once idle for ``reclaim_idle_ms``: a message is handled at
+least once, sometimes more, so handlers should be idempotent (for example keyed on
 ``(event_store_id, aggregate_id, version)``).
 """
 
@@ -97,8 +97,10 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
             takes it over; set it above your slowest handler's run time.
         block_ms: The longest a read waits for new entries before checking for due retries
             and abandoned entries; keep it below the client's socket timeout, if it has one.
-        max_deliveries: An entry delivered more often than this without being acknowledged
-            (its consumers keep dying on it) is dead-lettered instead of handled again.
+        max_deliveries: How many times an entry left unacknowledged (its consumers keep
+            dying on it) is taken over and handled again; the next takeover dead-letters
+            it. Its handler runs at most ``max_deliveries + 1`` times: the first delivery
+            is not counted, as its consumer may have died on another entry of its batch.
 
     Raises:
         ValueError: An option is out of range (the message names it).
@@ -245,8 +247,8 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         reclaim_idle_ms: How long an entry may stay unacknowledged before another consumer
             of the same listener takes it over.
         block_ms: The longest a read waits for new entries (below any socket timeout).
-        max_deliveries: An entry delivered more often than this without being acknowledged
-            is dead-lettered.
+        max_deliveries: How many times an entry left unacknowledged is taken over and
+            handled again before the next takeover dead-letters it (see the queue).
 
     Raises:
         ValueError: An option is out of range (the message names it).
