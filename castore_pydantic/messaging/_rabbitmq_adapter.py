@@ -109,6 +109,8 @@ class RabbitMQAdapter:
         self._stop_calls = 0
         self._consumer_connection: AbstractConnection | None = None
         self._consumers: list[tuple[AbstractChannel, str]] = []
+        #: Tags of the consumers the broker cancelled; ``_connection_lost`` is set for them.
+        self._cancelled: set[str] = set()
         self._connection_lost = asyncio.Event()
         self._stopping = False
         self._in_flight = 0
@@ -334,7 +336,9 @@ class RabbitMQAdapter:
 
         Handlers run concurrently, up to ``prefetch_count`` at a time per queue. If the
         connection drops, consumers reconnect by themselves after ``reconnect_delay`` (with
-        back-off); messages that were not acknowledged are delivered again.
+        back-off); messages that were not acknowledged are delivered again. If the broker
+        cancels a consumer (its queue was deleted), the queue is declared again and consumed
+        anew, with a warning; if that fails, the consumers reconnect, with back-off.
 
         Raises:
             RuntimeError: Already consuming (or starting to), no handler, or no channel
@@ -370,6 +374,17 @@ class RabbitMQAdapter:
         # Watch for a drop from the start, so one during the set-up is not missed.
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
+        cancelled: set[str] = set()
+
+        def on_cancel(frame: aiormq.spec.Basic.Cancel) -> None:
+            # The broker cancels a consumer whose queue was deleted (or whose queue's node
+            # went away) and keeps its channel open: nothing would be delivered again.
+            # Called by the channel's frame reader, which must go on reading to answer a
+            # new basic.consume: the supervisor consumes again.
+            if frame.consumer_tag is not None:
+                cancelled.add(frame.consumer_tag)
+                lost.set()
+
         consumers: list[tuple[AbstractChannel, str]] = []
         try:
             for subscription in subscriptions:
@@ -379,36 +394,42 @@ class RabbitMQAdapter:
                 # gone too, and the consumers are opened again as after a lost connection.
                 channel.close_callbacks.add(lambda *_: lost.set())
                 await channel.set_qos(prefetch_count=self.prefetch_count)
-                await self._declare_subscription(channel, subscription)
-                # Consume on the aiormq layer: no aio-pika message object and no extra task
-                # per delivery.
                 underlay = await channel.get_underlay_channel()
-
-                async def on_message(
-                    delivered: aiormq.abc.DeliveredMessage,
-                    subscription: Subscription = subscription,
-                    underlay: aiormq.abc.AbstractChannel = underlay,
-                ) -> None:
-                    await self._on_message(subscription, underlay, delivered)
-
-                consume_ok = await underlay.basic_consume(subscription.queue, on_message)
-                assert consume_ok.consumer_tag is not None
-                consumers.append((channel, consume_ok.consumer_tag))
+                underlay.on_consumer_cancel_callbacks.add(on_cancel)
+                consumers.append((channel, await self._consume(channel, subscription)))
         except BROKER_ERRORS as error:
             await _close_quietly(connection)
             self._fail(error)
         except BaseException:
             await _close_quietly(connection)
             raise
-        return _Consumers(connection, lost, consumers)
+        return _Consumers(connection, lost, consumers, cancelled)
+
+    async def _consume(self, channel: AbstractChannel, subscription: Subscription) -> str:
+        """Declare a subscription's queues (and bindings) and consume it; return the tag."""
+        await self._declare_subscription(channel, subscription)
+        # Consume on the aiormq layer: no aio-pika message object and no extra task per
+        # delivery.
+        underlay = await channel.get_underlay_channel()
+
+        async def on_message(delivered: aiormq.abc.DeliveredMessage) -> None:
+            await self._on_message(subscription, underlay, delivered)
+
+        consume_ok = await underlay.basic_consume(subscription.queue, on_message)
+        assert consume_ok.consumer_tag is not None
+        return consume_ok.consumer_tag
 
     def _use_consumers(self, consumers: _Consumers) -> None:
         self._connection_lost = consumers.lost
         self._consumer_connection = consumers.connection
         self._consumers = consumers.channels
+        self._cancelled = consumers.cancelled
 
     async def _supervise(self, subscriptions: list[Subscription]) -> None:
         """Reconnect consumers whenever their connection drops, until stopped.
+
+        A consumer the broker cancelled, on a channel that lives on, consumes again on that
+        channel instead (``_consume_again``); reconnecting is what is left when that fails.
 
         Ends by itself once ``stop_consuming`` started, not only when cancelled: a
         cancellation can be lost on the way. On Python 3.11, ``asyncio.wait_for`` (which
@@ -420,6 +441,8 @@ class RabbitMQAdapter:
             await self._connection_lost.wait()
             if self._stopping:
                 return
+            if await self._consume_again(subscriptions):
+                continue
             logger.warning("%r lost a RabbitMQ consumer or its connection; reconnecting", self)
             # What is left of the consumers (a connection whose channel alone closed) goes:
             # their unacknowledged messages are delivered again, to the new ones. It stays
@@ -453,6 +476,54 @@ class RabbitMQAdapter:
                     self._use_consumers(consumers)
                     logger.info("%r reconnected to RabbitMQ", self)
                     break
+
+    async def _consume_again(self, subscriptions: list[Subscription]) -> bool:
+        """Consume again where the broker cancelled consumers and kept their channels.
+
+        Each queue is declared again first (with its bindings, on a bus), as when consuming
+        started. Handlers running meanwhile go on undisturbed; the other consumers too.
+
+        Returns:
+            ``False`` when more than consumers is gone (a channel, the connection) or
+            consuming again failed: the caller then reconnects them all, with back-off.
+        """
+        connection = self._consumer_connection
+        if (
+            not self._cancelled
+            or connection is None
+            or connection.is_closed
+            or any(channel.is_closed for channel, _ in self._consumers)
+        ):
+            return False
+        # Cleared before consuming again: a cancellation or a drop from now on wakes the
+        # supervisor once more.
+        self._connection_lost.clear()
+        cancelled = set(self._cancelled)
+        self._cancelled -= cancelled
+        for index, (channel, tag) in enumerate(self._consumers):
+            if self._stopping:
+                break  # the supervisor ends, and stop_consuming closes the channels
+            if tag not in cancelled:
+                continue
+            queue = subscriptions[index].queue
+            logger.warning(
+                "%r: the broker cancelled the consumer of %s (the queue was deleted, or its "
+                "node went away); declaring it again and consuming anew",
+                self,
+                queue,
+            )
+            try:
+                self._consumers[index] = (
+                    channel,
+                    await self._consume(channel, subscriptions[index]),
+                )
+            except Exception as error:
+                logger.warning(
+                    "%r could not consume %s again (%s)", self, queue, describe_error(error)
+                )
+                return False
+            logger.info("%r consumes %s again", self, queue)
+        return True
 
     async def stop_consuming(self, *, grace_period: float | None = None) -> None:
         """Stop consumers cleanly: no new deliveries, wait for running handlers, then close.
@@ -852,11 +923,16 @@ class RabbitMQAdapter:
 
 
 class _Consumers(NamedTuple):
-    """A consumer connection, the event set when it drops, and its ``(channel, tag)`` pairs."""
+    """A consumer connection and what the supervisor watches on it.
+
+    ``lost`` is set when the connection or a channel drops, and when the broker cancels a
+    consumer; ``cancelled`` holds the tags of those consumers.
+    """
 
     connection: AbstractConnection
     lost: asyncio.Event
     channels: list[tuple[AbstractChannel, str]]
+    cancelled: set[str]
 
 
 async def _close_quietly(connection: AbstractConnection, *channels: AbstractChannel) -> None:

@@ -254,3 +254,46 @@ class DeadLetterWatch(logging.Handler):
             yield watch
         finally:
             log.removeHandler(watch)
+
+
+class LogWatch(logging.Handler):
+    """Keeps the adapters' log records from INFO up so a test can await one, not sleep."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        self._changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep a record (called in the event loop's thread)."""
+        self.records.append(record)
+        self._changed.set()
+
+    def messages(self, level: int = logging.INFO) -> list[str]:
+        """The messages logged at ``level`` or above, in order."""
+        return [record.getMessage() for record in self.records if record.levelno >= level]
+
+    def count(self, text: str, level: int = logging.INFO) -> int:
+        """How many messages at ``level`` or above contain ``text``."""
+        return sum(text in message for message in self.messages(level))
+
+    async def wait_for(self, text: str, *, count: int = 1, level: int = logging.INFO) -> None:
+        """Return once ``count`` messages at ``level`` or above contained ``text``."""
+        while self.count(text, level) < count:
+            self._changed.clear()
+            await self._changed.wait()
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[LogWatch]:
+        """Watch the ``castore_pydantic.messaging`` logger, from INFO up, for the block."""
+        watch = cls()
+        log = logging.getLogger("castore_pydantic.messaging")
+        level = log.level
+        log.setLevel(logging.INFO)
+        log.addHandler(watch)
+        try:
+            yield watch
+        finally:
+            log.removeHandler(watch)
+            log.setLevel(level)
