@@ -340,19 +340,28 @@ class RabbitMQAdapter:
         cancels a consumer (its queue was deleted), the queue is declared again and consumed
         anew, with a warning; if that fails, the consumers reconnect, with back-off.
 
+        Calling it while the adapter consumes (or starts to) does nothing more: the call
+        returns once that start has ended. A stop that arrives meanwhile wins.
+
         Raises:
-            RuntimeError: Already consuming (or starting to), no handler, or no channel
-                attached.
+            RuntimeError: No handler, no channel attached, or a stop is still running
+                (start again once ``stop_consuming`` has returned).
             MessageBrokerUnavailableError: The broker cannot be reached.
         """
-        # Checked and marked before the first await: two calls at once would otherwise both
-        # open consumers, and the stop would close only the last ones.
-        if self._supervisor is not None or self._starting is not None:
-            raise RuntimeError(f"{self!r} is already consuming")
         self._require_channel()
         subscriptions = self._subscriptions(consuming=True)
-        starting = self._starting = asyncio.Event()
         stop_calls = self._stop_calls
+        # Two calls at once would otherwise both open consumers, and the stop would close
+        # only the last ones: the later call waits for the earlier one's outcome.
+        while self._starting is not None:
+            await self._starting.wait()
+        if self._supervisor is not None and self._stopping:
+            raise RuntimeError(
+                f"{self!r} is stopping; start consuming again once the stop has ended"
+            )
+        if self._supervisor is not None or self._stop_calls != stop_calls:
+            return
+        starting = self._starting = asyncio.Event()
         try:
             self._stopping = False
             consumers = await self._open_consumers(subscriptions)

@@ -722,23 +722,54 @@ class TestWorkers:
 class TestStartAndStop:
     async def test_two_starts_at_once_open_one_consumer(self, vhost: str) -> None:
         """Two start_consuming calls at once both opened consumers; the stop closed one, and
-        the other kept taking messages it never handled. The second call now raises."""
+        the other kept taking messages it never handled. The second call now waits for the
+        first and starts nothing more, as on the other adapters (it raised meanwhile)."""
         queue = NotificationMessageQueue(
             message_queue_id="double-start", source_event_stores=[pokemon_store()]
         )
         adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=Inbox())
         async with adapter:
             try:
-                results = await asyncio.gather(
-                    adapter.start_consuming(), adapter.start_consuming(), return_exceptions=True
-                )
-                refused = [result for result in results if isinstance(result, RuntimeError)]
-                assert len(refused) == 1
-                assert "already consuming" in str(refused[0])
+                await asyncio.gather(adapter.start_consuming(), adapter.start_consuming())
+                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
+                await adapter.start_consuming()  # and once consuming, nothing either
+                assert adapter.is_consuming
                 assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
                 await adapter.aclose()
                 assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 0
             finally:
+                await adapter.purge()
+
+    async def test_a_start_during_a_stop_is_refused(self, vhost: str) -> None:
+        """A start while a stop waits for a handler would return having started nothing
+        (the stop then closes the consumers): it raises, and a start after the stop works."""
+        queue = NotificationMessageQueue(
+            message_queue_id="start-while-stopping", source_event_stores=[pokemon_store()]
+        )
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(message: Any, context: MessageContext) -> None:
+            running.set()
+            await release.wait()
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=slow)
+        async with adapter:
+            try:
+                await adapter.start_consuming()
+                await queue.publish_message(notification(0))
+                await asyncio.wait_for(running.wait(), 20)
+                stopping = asyncio.create_task(adapter.stop_consuming())
+                await asyncio.sleep(0.05)  # the stop waits for the handler
+                with pytest.raises(RuntimeError, match="is stopping"):
+                    await adapter.start_consuming()
+                release.set()
+                await stopping
+                assert not adapter.is_consuming
+                await adapter.start_consuming()
+                assert adapter.is_consuming
+                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
+            finally:
+                release.set()
                 await adapter.purge()
 
     async def test_a_stop_during_the_start_stops_what_it_started(self, vhost: str) -> None:
