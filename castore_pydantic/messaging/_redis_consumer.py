@@ -332,8 +332,16 @@ class StreamConsumer:
         if self._stopping:
             return []
         loop = asyncio.get_running_loop()
-        wait = min(self._next_reclaim, self._next_promote) - loop.time()
-        block = max(1, min(self.options.block_ms, int(wait * 1000)))
+        now = loop.time()
+        wait = min(self._next_reclaim, self._next_promote) - now
+        # A takeover pass stopped at prefetch_count goes on after this read: do not block.
+        # However short its BLOCK, Redis ends a blocked read on its next timer tick (100 ms
+        # at its default hz of 10), which made a large takeover crawl.
+        block = (
+            None
+            if self._next_reclaim <= now
+            else max(1, min(self.options.block_ms, int(wait * 1000)))
+        )
         streams: dict[Any, Any] = dict.fromkeys(self.subscription.streams, ">")
         self._reading = True
         try:

@@ -842,6 +842,24 @@ class TestRedisMessageQueueAdapter:
         # An entry the fast consumer took never runs on the slow one afterwards.
         assert all(names in (["slow"], ["fast"], ["slow", "fast"]) for names in runs.values())
 
+    async def test_a_large_takeover_goes_on_without_pauses(self, prefix: str, raw: Redis) -> None:
+        """2,000 entries of a dead consumer are taken over 10 per pass, and the passes follow
+        each other at once: each used to be followed by a read that Redis holds until its
+        next timer tick (100 ms at its default hz of 10), however short its BLOCK, so the
+        takeover crawled at 100 entries a second (20 s here)."""
+        count = 2000
+        recorder = Recorder()
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=recorder, prefetch_count=10, reclaim_idle_ms=100)
+        async with adapter:
+            await queue.publish_messages([notification(index) for index in range(count)])
+            # A consumer that read everything, then died.
+            while await raw.xreadgroup("workers", "dead", {adapter.stream_key: ">"}, count=1000):
+                pass
+            async with adapter.consuming():
+                await recorder.wait_for(count, seconds=12)
+        assert len(recorder.messages) == count
+
     async def test_concurrent_republishing_moves_each_letter_once(
         self, prefix: str, raw: Redis
     ) -> None:
