@@ -198,12 +198,15 @@ class StreamConsumer:
         self._releasing = False
         self._cancelled = False
         self._wake = asyncio.Event()
-        self._cursors: dict[str, bytes] = {}
+        #: Where the next takeover pass resumes, per stream (``None``: from the start).
+        self._cursors: dict[str, bytes | None] = {}
         # Entries handled successfully whose XACK has not gone through yet, per stream: they
         # are acknowledged before anything else is read, never handed to the handler again.
         self._unacked: dict[bytes, list[bytes]] = {}
-        #: Whether this consumer recovered its own pending entries once (``run``).
-        self._recovered = False
+        #: How far the start-up takeover of the entries under this name went, per stream:
+        #: the last entry it claimed, ``None`` once it reached the end. The entries after
+        #: that point are an earlier worker's, left when it died under this name.
+        self._start_up: dict[str, bytes | None] = {}
         self._next_reclaim = 0.0
         self._next_promote = 0.0
 
@@ -369,20 +372,37 @@ class StreamConsumer:
         ]
 
     async def _recover_own_entries(self) -> None:
-        """Handle entries this consumer name took before and never acknowledged."""
-        try:
-            await self._recover_streams()
-        finally:
-            self._recovered = True
+        """Handle the entries pending under this consumer's name, one at a time.
 
-    async def _recover_streams(self) -> None:
-        # At start-up, the entries this name holds were left by a worker that died under it
-        # (restarted with a stable name): taking them over counts a delivery, so one that
-        # keeps killing it reaches max_deliveries. Later (this consumer recovering from a
-        # Redis error) they were not dropped by a dying worker, and are not counted.
-        counted = not self._recovered
+        At start-up they were left by a worker that died under this name (restarted with a
+        stable name): taking them over counts a delivery, so one that keeps killing it
+        reaches max_deliveries. A start-up that a Redis error interrupted resumes where it
+        was, still counting. What this consumer itself read or claimed and still holds
+        after a Redis error was not dropped by a dying worker: it is not counted.
+        """
         for stream in self.subscription.streams:
-            await self._take_over(stream, owner=self.consumer_name, min_idle=0, counted=counted)
+            if self._start_up.get(stream, b"0-0") is not None:
+                await self._take_over(
+                    stream,
+                    owner=self.consumer_name,
+                    min_idle=0,
+                    counted=True,
+                    cursors=self._start_up,
+                )
+            await self._take_over(
+                stream, owner=self.consumer_name, min_idle=0, counted=False, cursors={}
+            )
+
+    def _got_here(self, stream: str, entry_id: bytes) -> bool:
+        """Whether this consumer read or claimed a pending entry under its name.
+
+        The others are an earlier worker's, which its start-up takeover has not reached:
+        it reads and claims nothing else before that takeover is done.
+        """
+        if stream not in self._start_up:
+            return False
+        reached = self._start_up[stream]
+        return reached is None or _stream_id(entry_id) <= _stream_id(reached)
 
     async def _take_over(
         self,
@@ -391,10 +411,10 @@ class StreamConsumer:
         owner: str,
         min_idle: int,
         counted: bool,
-        cursor: bytes = b"0-0",
+        cursors: dict[str, bytes | None],
         limit: int | None = None,
-    ) -> bytes | None:
-        """Claim pending entries one at a time from ``cursor`` on, handling each at once.
+    ) -> None:
+        """Claim pending entries one at a time, handling each at once.
 
         Claimed alone, just before its handler starts, an entry gets a delivery only when
         it is about to be handled: entries read in one batch with a message that kills its
@@ -403,9 +423,9 @@ class StreamConsumer:
         by the claim of the next one, or at the end; if that fails, it stays in
         ``_unacked``, as in a batch.
 
-        Returns:
-            Where to resume when ``limit`` entries were taken or a stop interrupted the
-            scan; ``None`` once it reached the end.
+        The scan starts after ``cursors[stream]`` (at the start when it is missing or
+        ``None``). It is set to each entry claimed, also when an error ends the scan, and to
+        ``None`` once the scan reached the end.
         """
         key = stream.encode()
         head: list[Any] = [
@@ -416,16 +436,17 @@ class StreamConsumer:
             int(counted),
             int(stream in self.subscription.owned),
         ]
-        next_cursor: bytes | None = cursor
+        cursor = cursors.get(stream) or b"0-0"
         taken = 0
         while not self._stopping and (limit is None or taken < limit):
             handled = self._unacked.get(key, [])
             reply: Any = await self._claim_next(keys=[stream], args=[*head, cursor, *handled])
             self._unacked.pop(key, None)
             if not reply:
-                next_cursor = None
+                cursors[stream] = None
                 break
             cursor, delivered = reply[0], int(reply[1])
+            cursors[stream] = cursor
             taken += 1
             if len(reply) < 3:
                 # Trimmed from the stream: nothing to handle, only to forget (Redis 7 has
@@ -435,16 +456,16 @@ class StreamConsumer:
                 fields = dict(zip(reply[2][::2], reply[2][1::2], strict=True))
                 if await self._handle_entry(key, cursor, fields, delivered):
                     self._unacked[key] = [cursor]
-            next_cursor = cursor
         await self._acknowledge()
-        return next_cursor
 
     async def release_pending(self) -> None:
         """Hand back this consumer's unacknowledged entries, for others to take at once.
 
         Their delivery time is set to 0 (idle "forever", so the next takeover pass of any
-        consumer takes them) and their delivery count is given back: an entry handed over
-        unhandled must not count towards ``max_deliveries``. Entries already handled are
+        consumer takes them) and the delivery this consumer counted is given back: an entry
+        handed over unhandled must not count towards ``max_deliveries``. Entries an earlier
+        worker under this name left, which the start-up takeover had not reached, keep
+        their count: this consumer never had them. Entries already handled are
         acknowledged first, so they are not handed out again.
         """
         try:
@@ -468,7 +489,9 @@ class StreamConsumer:
                 )
                 by_count: dict[int, list[Any]] = {}
                 for row in pending:
-                    count = max(int(row["times_delivered"]) - 1, 0)
+                    count = int(row["times_delivered"])
+                    if self._got_here(stream, row["message_id"]):
+                        count = max(count - 1, 0)
                     by_count.setdefault(count, []).append(row["message_id"])
                 for count, ids in by_count.items():
                     await self.client.xclaim(
@@ -521,19 +544,15 @@ class StreamConsumer:
         for stream in self.subscription.streams:
             if self._stopping:
                 break
-            cursor = await self._take_over(
+            await self._take_over(
                 stream,
                 owner="",
                 min_idle=self.options.reclaim_idle_ms,
                 counted=True,
-                cursor=self._cursors.get(stream, b"0-0"),
+                cursors=self._cursors,
                 limit=self.options.prefetch_count,
             )
-            if cursor is None:
-                self._cursors.pop(stream, None)
-            else:
-                self._cursors[stream] = cursor
-                more = True
+            more = more or self._cursors.get(stream) is not None
         return more
 
     # -- handling ----------------------------------------------------------------------------
@@ -727,6 +746,12 @@ class _Delivery:
         self.body = fields.get(b"body")
         self.replay = fields.get(b"replay") == b"1"
         self.attempt = _attempt(fields.get(b"attempt"))
+
+
+def _stream_id(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id (``b"<ms>-<seq>"``) as numbers, to compare."""
+    milliseconds, _, sequence = entry_id.partition(b"-")
+    return int(milliseconds), int(sequence or 0)
 
 
 def _attempt(raw: bytes | None) -> int:

@@ -575,6 +575,86 @@ class TestRedisMessageQueueAdapter:
             await second.wait_for(9)
         assert second.messages == messages[1:]
 
+    async def test_a_stop_during_the_start_up_takeover_leaves_an_earlier_workers_counts(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A worker restarted under a stable name and stopped before its start-up takeover
+        reached the entry its predecessor died on hands that entry back with its count: it
+        never had it. (The hand-back took a delivery off every entry under its name, so
+        each such restart let a message that kills its workers run once more.)"""
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            started.set()
+            await release.wait()
+
+        queue = make_queue()
+        name = f"pod-{prefix[13:25]}"
+        adapter = attach(queue, prefix, worker=worker, name=name, reclaim_idle_ms=60_000)
+        async with adapter:
+            await queue.publish_messages([notification(1), notification(2)])
+            # The earlier worker under this name read both; the second killed it, and the
+            # worker after it, before either acknowledged anything.
+            reply: Any = await raw.xreadgroup("workers", name, {adapter.stream_key: ">"}, 10)
+            fatal = reply[0][1][1][0]
+            await raw.xclaim(
+                adapter.stream_key, "workers", name, 0, [fatal], retrycount=2, justid=True
+            )
+            await adapter.start_consuming()
+            await asyncio.wait_for(started.wait(), 10)  # on the first entry
+            stopping = asyncio.create_task(adapter.stop_consuming())
+            release.set()
+            await stopping
+        [entry] = await raw.xpending_range(adapter.stream_key, "workers", "-", "+", 10)
+        assert entry["message_id"] == fatal
+        assert entry["times_delivered"] == 2
+
+    async def test_a_redis_error_during_the_start_up_takeover_still_counts_deliveries(
+        self, prefix: str, raw: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A worker restarted under a stable name counts a delivery for each entry its
+        predecessor left, also after a Redis error interrupted that start-up: the entry
+        that killed the earlier workers is dead-lettered, not handled once more. (After
+        the error the rest used to be taken over as a live consumer's own, uncounted.)"""
+        failures = 1
+        schedule = redis_consumer.StreamConsumer._retry_later
+
+        async def out_of_memory_once(self: Any, entry: Any, error: Exception) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+            await schedule(self, entry, error)
+
+        monkeypatch.setattr(redis_consumer.StreamConsumer, "_retry_later", out_of_memory_once)
+        recorder = Recorder(fail=lambda message, context: len(recorder.calls) == 1)
+        queue = make_queue()
+        name = f"pod-{prefix[13:25]}"
+        adapter = attach(
+            queue, prefix, worker=recorder, name=name, reclaim_idle_ms=60_000, max_deliveries=2
+        )
+        with watch_dead_letters() as watch:
+            async with adapter:
+                await queue.publish_messages([notification(1), notification(2)])
+                # The earlier worker under this name read both; the second killed it and
+                # then the workers of its first two takeovers.
+                reply: Any = await raw.xreadgroup("workers", name, {adapter.stream_key: ">"}, 10)
+                fatal = reply[0][1][1][0]
+                await raw.xclaim(
+                    adapter.stream_key, "workers", name, 0, [fatal], retrycount=3, justid=True
+                )
+                async with adapter.consuming():
+                    # The first entry fails, and scheduling its retry fails (a Redis error).
+                    await watch.wait_for(1, seconds=10)
+                letters = await adapter.dead_letters()
+        assert failures == 0
+        assert [letter.message for letter in letters] == [notification(2)]
+        assert letters[0].error == (
+            "delivered 3 times to consumers that stopped before acknowledging it"
+            " (a first delivery and 2 takeovers; max_deliveries is 2)"
+        )
+        assert notification(2) not in recorder.messages
+
     async def test_grace_period_cancels_a_stuck_handler_and_hands_its_message_back(
         self, prefix: str, raw: Redis
     ) -> None:
