@@ -1,6 +1,7 @@
 """Redis Streams message queue and bus adapters: durable, at-least-once delivery.
 
 Install the driver with ``pip install 'castore-pydantic[redis]'`` (redis-py, asyncio API).
+The server must be Redis 6.2 or later (``XPENDING ... IDLE``, exclusive stream ranges).
 
 A queue is one stream read by one consumer group: each message is handled by one of the
 competing workers. A bus is one stream with one consumer group per listener: every listener
@@ -99,8 +100,9 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
             and abandoned entries; keep it below the client's socket timeout, if it has one.
         max_deliveries: How many times an entry left unacknowledged (its consumers keep
             dying on it) is taken over and handled again; the next takeover dead-letters
-            it. Its handler runs at most ``max_deliveries + 1`` times: the first delivery
-            is not counted, as its consumer may have died on another entry of its batch.
+            it. A message that kills every worker handling it runs ``max_deliveries + 1``
+            times: the first delivery is not counted, as its consumer may have died on
+            another entry of its batch (nor is a run that a stop cut short and handed back).
 
     Raises:
         ValueError: An option is out of range (the message names it).

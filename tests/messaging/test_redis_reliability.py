@@ -3,7 +3,7 @@
 Everything runs against the real server under a private key prefix. A "kill" is what a
 crashed process looks like to Redis: the worker's task is cancelled in the middle of a handler
 (half the time after its connections were cut with ``CLIENT KILL``), so the entries it held
-are never acknowledged and must be taken over by another consumer with ``XAUTOCLAIM``.
+are never acknowledged and must be taken over by another consumer, one entry at a time.
 """
 
 from __future__ import annotations
