@@ -306,6 +306,10 @@ class StreamConsumer:
                 await self._pause(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             except (RedisConnectionError, RedisTimeoutError) as exc:
+                # What it held (a batch or a takeover cut short) is handled again once Redis
+                # is back, uncounted, rather than waiting reclaim_idle_ms for a takeover
+                # that would count a delivery as if this worker had died.
+                ready = False
                 logger.warning(
                     "Redis consumer %s lost the broker (%s); retrying in %.2fs",
                     self.consumer_name,

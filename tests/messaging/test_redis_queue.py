@@ -853,6 +853,37 @@ class TestRedisMessageQueueAdapter:
         assert failures == 0
         assert attempts[-1] == 2
 
+    async def test_a_lost_connection_counts_no_delivery_either(
+        self, prefix: str, raw: Redis, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A consumer that loses Redis while it holds an entry handles it again as soon as
+        it is back, without counting a delivery: an entry it had taken over once, with
+        max_deliveries=1, is retried, not dead-lettered. (What it held used to wait for
+        reclaim_idle_ms, and the takeover counted a delivery as if a worker had died.)"""
+        failures = 1
+        schedule = redis_consumer.StreamConsumer._retry_later
+
+        async def connection_lost_once(self: Any, entry: Any, error: Exception) -> None:
+            nonlocal failures
+            if failures:
+                failures -= 1
+                raise RedisConnectionError("Connection reset by peer")
+            await schedule(self, entry, error)
+
+        monkeypatch.setattr(redis_consumer.StreamConsumer, "_retry_later", connection_lost_once)
+        recorder = Recorder(fail=lambda message, context: context.attempt == 1)
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=recorder, reclaim_idle_ms=100, max_deliveries=1)
+        async with adapter:
+            await queue.publish_message(notification(1))
+            # A consumer that read it and died: this one takes it over, a second delivery.
+            await raw.xreadgroup("workers", "dead", {adapter.stream_key: ">"}, count=10)
+            async with adapter.consuming():
+                await recorder.wait_for(3, seconds=10)
+            assert await adapter.dead_letters() == []
+        assert failures == 0
+        assert [context.attempt for _, context in recorder.calls] == [1, 1, 2]
+
     async def test_a_batch_longer_than_reclaim_idle_ms_is_not_taken_over(self, prefix: str) -> None:
         """Handlers of 0.1 s, reclaim_idle_ms 300 ms, batches of 10 entries: the waiting
         entries of a batch are kept fresh, so the second consumer takes none of them (it
