@@ -652,11 +652,12 @@ class StreamConsumer:
             # handler started, the first maybe before (it came in a batch). The failed
             # attempts before this one count too.
             earlier = delivered - 1
+            takeovers = f"{earlier - 1} takeover{'s' if earlier > 2 else ''}"
             await self._dead_letter(
                 entry,
                 entry.attempt - 1 + earlier,
                 f"delivered {earlier} times to consumers that stopped before acknowledging it"
-                f" (a first delivery and {earlier - 1} takeovers; max_deliveries is"
+                f" (a first delivery and {takeovers}; max_deliveries is"
                 f" {self.options.max_deliveries})",
             )
             return False

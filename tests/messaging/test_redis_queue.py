@@ -1130,6 +1130,29 @@ class TestRedisMessageQueueAdapter:
             " (a first delivery and 2 takeovers; max_deliveries is 2)"
         )
 
+    async def test_the_dead_letter_of_one_takeover_says_takeover(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """With max_deliveries=1 the dead letter's error reads "1 takeover", not "1 takeovers"."""
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=Recorder(), reclaim_idle_ms=50, max_deliveries=1)
+        with watch_dead_letters() as watch:
+            async with adapter:
+                await queue.publish_message(notification(1))
+                # Read by a worker that died on it, then by one that took it over and died.
+                reply: Any = await raw.xreadgroup("workers", "dead", {adapter.stream_key: ">"}, 1)
+                entry_id = reply[0][1][0][0]
+                await raw.xclaim(
+                    adapter.stream_key, "workers", "dead", 0, [entry_id], retrycount=2, justid=True
+                )
+                async with adapter.consuming():
+                    await watch.wait_for(1)
+                letters = await adapter.dead_letters()
+        assert [letter.error for letter in letters] == [
+            "delivered 2 times to consumers that stopped before acknowledging it"
+            " (a first delivery and 1 takeover; max_deliveries is 1)"
+        ]
+
     async def test_consumer_survives_a_dropped_connection(self, prefix: str, raw: Redis) -> None:
         """When Redis drops the worker's connections, it reconnects and keeps consuming."""
         queue = make_queue()
