@@ -522,15 +522,20 @@ class RabbitMQAdapter:
                 queue,
             )
             try:
-                self._consumers[index] = (
-                    channel,
-                    await self._consume(channel, subscriptions[index]),
-                )
+                new_tag = await self._consume(channel, subscriptions[index])
             except Exception as error:
                 logger.warning(
                     "%r could not consume %s again (%s)", self, queue, describe_error(error)
                 )
                 return False
+            self._consumers[index] = (channel, new_tag)
+            if self._stopping:
+                # The stop may have cancelled the consumers before this one existed: left
+                # alone, it would take messages nobody handles, and keep them from other
+                # workers, for as long as the stop waits for running handlers.
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await (await channel.get_underlay_channel()).basic_cancel(new_tag)
+                break
             logger.info("%r consumes %s again", self, queue)
         return True
 

@@ -368,3 +368,62 @@ class TestStopWhileConsumingAgain:
             finally:
                 monkeypatch.undo()
                 await adapter.purge()
+
+    async def test_a_consumer_opened_again_during_a_stop_takes_no_message(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The queue is declared again while a stop waits for a running handler: the new
+        consumer ran until the stop ended, taking messages it never handled and keeping them
+        from other workers. It is now cancelled at once, as the stop cancelled the others."""
+        queue = NotificationMessageQueue(
+            message_queue_id=f"deleted-stopping-{secrets.token_hex(3)}",
+            source_event_stores=[pokemon_store()],
+        )
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def slow(message: NotificationMessage, context: MessageContext) -> None:
+            running.set()
+            await release.wait()
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=slow, reconnect_delay=0.05
+        )
+        name = adapter.queue_name
+        declaring, declare_now = asyncio.Event(), asyncio.Event()
+        declare = adapter._declare_subscription
+
+        async def declare_when_told(*args: Any) -> Any:
+            declaring.set()
+            await declare_now.wait()
+            return await declare(*args)
+
+        async with adapter:
+            try:
+                await adapter.start_consuming()
+                await queue.publish_message(notification(0))
+                async with within("the handler starting"):
+                    await running.wait()
+                monkeypatch.setattr(adapter, "_declare_subscription", declare_when_told)
+                await delete_queue(vhost, name)
+                async with within("declaring the queue again"):
+                    await declaring.wait()
+                supervisor = adapter._supervisor
+                assert supervisor is not None
+                stopping = asyncio.create_task(adapter.stop_consuming())
+                await asyncio.sleep(0)  # one step: the stop marks the adapter stopping at once
+                assert adapter._stopping
+                declare_now.set()
+                async with within("the supervisor ending"):
+                    await asyncio.wait([supervisor])
+                assert not stopping.done()  # still waiting for the handler
+                assert await queue_state(vhost, name) == (0, 0)
+                await queue.publish_message(notification(1))
+                assert await queue_state(vhost, name) == (1, 0)  # left for another worker
+                release.set()
+                async with within("the stop"):
+                    await stopping
+                await assert_stopped(adapter, vhost, name)
+            finally:
+                release.set()
+                monkeypatch.undo()
+                await adapter.purge()
