@@ -394,7 +394,7 @@ class RabbitMQAdapter:
                 cancelled.add(frame.consumer_tag)
                 lost.set()
 
-        consumers: list[tuple[AbstractChannel, str]] = []
+        channels: list[AbstractChannel] = []
         try:
             for subscription in subscriptions:
                 channel = await connection.channel(publisher_confirms=True)
@@ -405,7 +405,15 @@ class RabbitMQAdapter:
                 await channel.set_qos(prefetch_count=self.prefetch_count)
                 underlay = await channel.get_underlay_channel()
                 underlay.on_consumer_cancel_callbacks.add(on_cancel)
-                consumers.append((channel, await self._consume(channel, subscription)))
+                await self._declare_subscription(channel, subscription)
+                channels.append(channel)
+            # Consumed only once every queue is declared: a declaration the broker refuses
+            # (a queue made anew with other arguments) fails the attempt before a handler
+            # starts, rather than starting and cancelling handlers at every attempt.
+            consumers = [
+                (channel, await self._consume(channel, subscription))
+                for channel, subscription in zip(channels, subscriptions, strict=True)
+            ]
         except BROKER_ERRORS as error:
             await _close_quietly(connection)
             self._fail(error)
@@ -415,8 +423,7 @@ class RabbitMQAdapter:
         return _Consumers(connection, lost, consumers, cancelled)
 
     async def _consume(self, channel: AbstractChannel, subscription: Subscription) -> str:
-        """Declare a subscription's queues (and bindings) and consume it; return the tag."""
-        await self._declare_subscription(channel, subscription)
+        """Consume a declared subscription's queue; return the consumer tag."""
         # Consume on the aiormq layer: no aio-pika message object and no extra task per
         # delivery.
         underlay = await channel.get_underlay_channel()
@@ -522,6 +529,7 @@ class RabbitMQAdapter:
                 queue,
             )
             try:
+                await self._declare_subscription(channel, subscriptions[index])
                 new_tag = await self._consume(channel, subscriptions[index])
             except Exception as error:
                 logger.warning(

@@ -335,6 +335,75 @@ class TestQueueCannotBeDeclaredAgain:
         refusals = [m for m in log.messages(logging.WARNING) if "could not reconnect" in m]
         assert all("PRECONDITION_FAILED" in m for m in refusals)
 
+    async def test_no_handler_runs_in_an_attempt_that_fails(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A bus listener's queue cannot be declared again, so the consumers reconnect and
+        every attempt fails. Each attempt consumed the listeners declared before that queue:
+        their messages were delivered, their handlers started and were cancelled, again at
+        each attempt. Every queue is now declared before any is consumed."""
+        bus = NotificationMessageBus(
+            message_bus_id=f"deleted-conflict-{secrets.token_hex(3)}",
+            source_event_stores=[pokemon_store()],
+        )
+        starts: list[NotificationMessage] = []
+        finished: list[NotificationMessage] = []
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def projection(message: NotificationMessage, context: MessageContext) -> None:
+            starts.append(message)
+            running.set()
+            await release.wait()
+            finished.append(message)
+
+        adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost), reconnect_delay=0.05)
+        adapter.on({}, projection, listener_id="projection")  # declared first
+        adapter.on({}, Inbox(), listener_id="audit")
+        conflicted = adapter.listener_queue("audit")
+        conflicting = asyncio.Event()
+        declare = adapter._declare_subscription
+
+        async def declare_after_the_conflict(*args: Any) -> Any:
+            await conflicting.wait()
+            return await declare(*args)
+
+        with LogWatch.installed() as log:
+            async with adapter:
+                try:
+                    await adapter.start_consuming()
+                    await bus.publish_message(notification(0))
+                    async with within("the projection handling the message"):
+                        await running.wait()
+                    monkeypatch.setattr(
+                        adapter, "_declare_subscription", declare_after_the_conflict
+                    )
+                    async with await aio_pika.connect(vhost_url(vhost)) as connection:
+                        channel = await connection.channel()
+                        await channel.queue_delete(conflicted)
+                        await channel.declare_queue(
+                            conflicted, durable=True, arguments={"x-max-length": 7}
+                        )
+                        conflicting.set()
+                        async with within("two refused attempts"):
+                            await log.wait_for("could not reconnect", count=2)
+                        # The first reconnection cancelled the running handler; the failed
+                        # attempts started none.
+                        assert starts == [notification(0)]
+                        await channel.queue_delete(conflicted)
+                    async with within("reconnecting once the conflicting queue is gone"):
+                        await log.wait_for("reconnected to RabbitMQ")
+                        await running.wait()
+                        while len(starts) < 2:
+                            running.clear()
+                            await running.wait()
+                    release.set()
+                    await assert_stopped(adapter, vhost, adapter.listener_queue("projection"))
+                    assert finished == [notification(0)]
+                finally:
+                    release.set()
+                    monkeypatch.undo()
+                    await adapter.purge()
+
 
 class TestStopWhileConsumingAgain:
     async def test_a_stop_while_the_queue_is_declared_again_stops_everything(
