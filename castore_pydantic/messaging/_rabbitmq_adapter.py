@@ -341,7 +341,8 @@ class RabbitMQAdapter:
         anew, with a warning; if that fails, the consumers reconnect, with back-off.
 
         Calling it while the adapter consumes (or starts to) does nothing more: the call
-        returns once that start has ended. A stop that arrives meanwhile wins.
+        returns once that start has ended (and starts the consumers itself if that start
+        failed). A stop that arrives meanwhile wins.
 
         Raises:
             RuntimeError: No handler, no channel attached, or a stop is still running
