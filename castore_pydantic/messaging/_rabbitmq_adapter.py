@@ -105,8 +105,11 @@ class RabbitMQAdapter:
         #: Set while ``start_consuming`` opens the consumers (before ``_supervisor`` exists).
         self._starting: asyncio.Event | None = None
         #: How many times ``stop_consuming`` was called: a start that sees it change while
-        #: it opens the consumers closes them again (the stop may have stopped waiting).
+        #: it opens the consumers stops them again (the stop may have stopped waiting).
         self._stop_calls = 0
+        #: The shortest grace period of the stops called while a start runs (``None``: none
+        #: gave one), for the start that stops its consumers because of them.
+        self._start_grace: float | None = None
         self._consumer_connection: AbstractConnection | None = None
         self._consumers: list[tuple[AbstractChannel, str]] = []
         #: Tags of the consumers the broker cancelled; ``_connection_lost`` is set for them.
@@ -365,12 +368,12 @@ class RabbitMQAdapter:
         starting = self._starting = asyncio.Event()
         try:
             self._stopping = False
+            self._start_grace = None
             consumers = await self._open_consumers(subscriptions)
             if self._stop_calls != stop_calls:
                 # A stop came meanwhile: consumers must not run after it, even if it was
                 # cancelled before this start finished.
-                channels = [channel for channel, _ in consumers.channels]
-                await _close_quietly(consumers.connection, *channels)
+                await self._stop_opened(consumers)
                 return
             self._use_consumers(consumers)
             self._supervisor = asyncio.create_task(self._supervise(subscriptions))
@@ -435,6 +438,39 @@ class RabbitMQAdapter:
         consume_ok = await underlay.basic_consume(subscription.queue, on_message)
         assert consume_ok.consumer_tag is not None
         return consume_ok.consumer_tag
+
+    async def _stop_opened(self, consumers: _Consumers) -> None:
+        """Stop consumers opened by a start that a stop overtook, as that stop would have.
+
+        The queues are consumed one by one, so handlers may have started already: closing
+        at once would cancel them, their messages delivered again, whatever the grace period.
+        """
+        self._stopping = True
+        try:
+            await self._cancel_consumers(consumers.channels)
+            await self._wait_for_handlers(self._start_grace)
+        finally:
+            channels = [channel for channel, _ in consumers.channels]
+            await _close_quietly(consumers.connection, *channels)
+
+    @staticmethod
+    async def _cancel_consumers(consumers: list[tuple[AbstractChannel, str]]) -> None:
+        """Ask the broker to deliver nothing more to these consumers."""
+        for channel, consumer_tag in consumers:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await (await channel.get_underlay_channel()).basic_cancel(consumer_tag)
+
+    async def _wait_for_handlers(self, grace_period: float | None) -> None:
+        """Wait until no handler runs, or ``grace_period`` seconds (``None``: no limit)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_period)
+        except TimeoutError:
+            logger.warning(
+                "%r stopped with %d handler(s) still running; their messages will be "
+                "delivered again",
+                self,
+                self._in_flight,
+            )
 
     def _use_consumers(self, consumers: _Consumers) -> None:
         self._connection_lost = consumers.lost
@@ -553,10 +589,11 @@ class RabbitMQAdapter:
 
         Messages received but not handled yet are left unacknowledged, so the broker hands
         them to another consumer. Safe to call when not consuming; called while
-        ``start_consuming`` runs, it has that start close the consumers it opens, and waits
-        for it (if this call is cancelled, the start still closes them). Called by a
-        handler, it returns at once: no new message is handled, and the consumers close
-        once that handler has returned (``is_consuming`` is true until then).
+        ``start_consuming`` runs, it has that start stop the consumers it opens as this call
+        would (within the shortest grace period of the stops meanwhile), and waits for it
+        (if this call is cancelled, the start still stops them). Called by a handler, it
+        returns at once: no new message is handled, and the consumers close once that
+        handler has returned (``is_consuming`` is true until then).
 
         Args:
             grace_period: Seconds to wait for running handlers; then their channels close,
@@ -564,12 +601,21 @@ class RabbitMQAdapter:
         """
         # Counted before any await: a start in progress then opens nothing that runs on.
         self._stop_calls += 1
+        current = asyncio.current_task()
+        inside = current is not None and current in self._handling
         if self._starting is not None:
+            if grace_period is not None:
+                grace = self._start_grace
+                self._start_grace = grace_period if grace is None else min(grace, grace_period)
+            if inside:
+                # A handler of a consumer this start opened: the start stops them once the
+                # handlers have returned, this one included, so waiting for the start here
+                # would wait for itself. No new delivery is handled from now on.
+                self._stopping = True
+                return
             # Returning before the start ended would let aclose() close the connection it
             # is still opening.
             await self._starting.wait()
-        current = asyncio.current_task()
-        inside = current is not None and current in self._handling
         if self._stopper is not None:
             if not inside:  # a handler asked first: its stop is the one to wait for
                 await asyncio.shield(self._stopper)
@@ -590,18 +636,8 @@ class RabbitMQAdapter:
             return
         self._stopping = True
         try:
-            for channel, consumer_tag in self._consumers:
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await (await channel.get_underlay_channel()).basic_cancel(consumer_tag)
-            try:
-                await asyncio.wait_for(self._idle.wait(), grace_period)
-            except TimeoutError:
-                logger.warning(
-                    "%r stopped with %d handler(s) still running; their messages will be "
-                    "delivered again",
-                    self,
-                    self._in_flight,
-                )
+            await self._cancel_consumers(self._consumers)
+            await self._wait_for_handlers(grace_period)
         finally:
             supervisor.cancel()
             try:

@@ -814,6 +814,166 @@ class TestStartAndStop:
             finally:
                 await adapter.purge()
 
+    async def test_a_handler_stopping_its_adapter_during_the_start_is_not_cancelled(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The start consumes its queues one by one, so a handler can run before it ends. A
+        stop_consuming() from that handler waited for the start, which then closed the
+        channels under the handler: cancelled there, its message was delivered again. The
+        call now returns at once, and the start stops its consumers once the handler is done."""
+        calling_stop = asyncio.Event()
+        after_stop: list[Any] = []
+
+        async def projection(message: Any, context: MessageContext) -> None:
+            calling_stop.set()
+            await adapter.stop_consuming()
+            after_stop.append(message)
+
+        adapter, consume_audit = _held_start("handler-stops-while-starting", vhost, projection)
+        async with adapter:
+            try:
+                assert adapter.message_channel is not None
+                await adapter.message_channel.publish_message(notification(0))
+                monkeypatch.setattr(adapter, "_consume", consume_audit)
+                starting = asyncio.create_task(adapter.start_consuming())
+                async with asyncio.timeout(20):
+                    await calling_stop.wait()
+                consume_audit.release.set()
+                async with asyncio.timeout(20):
+                    await starting
+                assert after_stop == [notification(0)]
+                assert not adapter.is_consuming
+                url, queue = vhost_url(vhost), adapter.listener_queue("projection")
+                assert await _consumer_count(url, queue) == 0
+                assert await _queue_depth(url, queue) == 0  # acknowledged, not given back
+            finally:
+                consume_audit.release.set()
+                monkeypatch.undo()
+                await adapter.purge()
+
+    async def test_a_stop_during_the_start_waits_for_a_handler_started_meanwhile(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A stop during the start had it close its consumers at once, cancelling a handler
+        that had started already (its message delivered again), whatever the grace period.
+        The start now stops them as a stop does: that handler finishes first."""
+        running, release, cancelled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        finished: list[Any] = []
+
+        async def projection(message: Any, context: MessageContext) -> None:
+            running.set()
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+            finished.append(message)
+
+        adapter, consume_audit = _held_start("stop-while-starting-busy", vhost, projection)
+        url, queue = vhost_url(vhost), adapter.listener_queue("projection")
+
+        async def until_not_consumed() -> None:
+            while True:
+                if not await _consumer_count(url, queue):
+                    return
+                await asyncio.sleep(0.02)  # polled: the broker tells no other client
+
+        async with adapter:
+            try:
+                assert adapter.message_channel is not None
+                await adapter.message_channel.publish_message(notification(0))
+                monkeypatch.setattr(adapter, "_consume", consume_audit)
+                starting = asyncio.create_task(adapter.start_consuming())
+                async with asyncio.timeout(20):
+                    await running.wait()
+                stopping = asyncio.create_task(adapter.stop_consuming())
+                consume_audit.release.set()
+                # The consumers are stopped (or closed): no message goes to them any more.
+                watchers = [
+                    asyncio.create_task(cancelled.wait()),
+                    asyncio.create_task(until_not_consumed()),
+                ]
+                _, pending = await asyncio.wait(
+                    watchers, timeout=20, return_when=asyncio.FIRST_COMPLETED
+                )
+                for watcher in pending:
+                    watcher.cancel()
+                assert not cancelled.is_set()
+                assert not stopping.done()  # waiting for the handler
+                release.set()
+                async with asyncio.timeout(20):
+                    await asyncio.gather(starting, stopping)
+                assert finished == [notification(0)]
+                assert not adapter.is_consuming
+                assert await _consumer_count(url, queue) == 0
+                assert await _queue_depth(url, queue) == 0  # acknowledged, not given back
+            finally:
+                release.set()
+                consume_audit.release.set()
+                monkeypatch.undo()
+                await adapter.purge()
+
+    async def test_a_stop_during_the_start_keeps_to_its_grace_period(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The start that stops its consumers for a stop waits for the handlers no longer
+        than that stop's grace period: then the handler is cancelled, its message kept."""
+        running, cancelled = asyncio.Event(), asyncio.Event()
+
+        async def projection(message: Any, context: MessageContext) -> None:
+            running.set()
+            try:
+                await asyncio.Event().wait()  # never returns by itself
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+        adapter, consume_audit = _held_start("stop-while-starting-grace", vhost, projection)
+        async with adapter:
+            try:
+                assert adapter.message_channel is not None
+                await adapter.message_channel.publish_message(notification(0))
+                monkeypatch.setattr(adapter, "_consume", consume_audit)
+                starting = asyncio.create_task(adapter.start_consuming())
+                async with asyncio.timeout(20):
+                    await running.wait()
+                stopping = asyncio.create_task(adapter.stop_consuming(grace_period=0.1))
+                consume_audit.release.set()
+                async with asyncio.timeout(20):
+                    await asyncio.gather(starting, stopping)
+                assert cancelled.is_set()
+                url, queue = vhost_url(vhost), adapter.listener_queue("projection")
+                assert await _queue_depth(url, queue) == 1  # delivered again
+            finally:
+                consume_audit.release.set()
+                monkeypatch.undo()
+                await adapter.purge()
+
+
+class _HeldConsume:
+    """Stands for an adapter's ``_consume``: holds the "audit" listener's until released."""
+
+    def __init__(self, consume: Any) -> None:
+        self._consume = consume
+        self.release = asyncio.Event()
+
+    async def __call__(self, channel: Any, subscription: Any) -> str:
+        if subscription.listener_id == "audit":
+            await self.release.wait()
+        result: str = await self._consume(channel, subscription)
+        return result
+
+
+def _held_start(
+    bus_id: str, vhost: str, projection: Any
+) -> tuple[RabbitMQMessageBusAdapter, _HeldConsume]:
+    """A bus adapter whose start consumes "projection", then holds before "audit"."""
+    bus = NotificationMessageBus(message_bus_id=bus_id, source_event_stores=[pokemon_store()])
+    adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+    adapter.on({}, projection, listener_id="projection")  # consumed first
+    adapter.on({}, Inbox(), listener_id="audit")
+    return adapter, _HeldConsume(adapter._consume)
+
 
 @pytest.mark.rabbitmq
 class TestTeardown:
