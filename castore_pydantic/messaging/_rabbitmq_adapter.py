@@ -355,14 +355,19 @@ class RabbitMQAdapter:
         self._require_channel()
         subscriptions = self._subscriptions(consuming=True)
         stop_calls = self._stop_calls
+        stopping = RuntimeError(
+            f"{self!r} is stopping; start consuming again once the stop has ended"
+        )
+        if self._stopping and asyncio.current_task() in self._handling:
+            # A handler that stopped its adapter: the stop, or the start it came during,
+            # ends once this handler has returned, so waiting for it would never end.
+            raise stopping
         # Two calls at once would otherwise both open consumers, and the stop would close
         # only the last ones: the later call waits for the earlier one's outcome.
         while self._starting is not None:
             await self._starting.wait()
         if self._supervisor is not None and self._stopping:
-            raise RuntimeError(
-                f"{self!r} is stopping; start consuming again once the stop has ended"
-            )
+            raise stopping
         if self._supervisor is not None or self._stop_calls != stop_calls:
             return
         starting = self._starting = asyncio.Event()

@@ -851,6 +851,44 @@ class TestStartAndStop:
                 monkeypatch.undo()
                 await adapter.purge()
 
+    async def test_a_handler_starting_again_after_stopping_during_the_start_is_refused(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A handler that stopped its adapter during the start, then started it again,
+        waited for that start, which waited for the handler to return: neither ended. The
+        start raises, as it does for a handler that stopped its adapter while consuming."""
+        refused: list[RuntimeError] = []
+        done = asyncio.Event()
+
+        async def projection(message: Any, context: MessageContext) -> None:
+            try:
+                await adapter.stop_consuming()
+                consume_audit.release.set()
+                try:
+                    await adapter.start_consuming()
+                except RuntimeError as error:
+                    refused.append(error)
+            finally:
+                done.set()
+
+        adapter, consume_audit = _held_start("handler-restarts-while-starting", vhost, projection)
+        async with adapter:
+            try:
+                assert adapter.message_channel is not None
+                await adapter.message_channel.publish_message(notification(0))
+                monkeypatch.setattr(adapter, "_consume", consume_audit)
+                starting = asyncio.create_task(adapter.start_consuming())
+                async with asyncio.timeout(20):
+                    await done.wait()
+                    await starting
+                assert len(refused) == 1
+                assert "is stopping" in str(refused[0])
+                assert not adapter.is_consuming
+            finally:
+                consume_audit.release.set()
+                monkeypatch.undo()
+                await adapter.purge()
+
     async def test_a_stop_during_the_start_waits_for_a_handler_started_meanwhile(
         self, vhost: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
