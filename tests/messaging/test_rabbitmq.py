@@ -11,11 +11,12 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import pytest
 
+from castore_pydantic import Event, EventStore
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
     ConnectedEventStore,
@@ -33,6 +34,7 @@ from castore_pydantic.messaging.rabbitmq import (
     binding_keys,
     routing_key,
 )
+from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.testing.contracts import (
     MessageAdapterFactory,
     MessageBusAdapterContract,
@@ -42,6 +44,7 @@ from tests.messaging.rabbitmq_support import (
     T0,
     Appeared,
     DeadLetterWatch,
+    Pokemon,
     PokemonAppeared,
     PokemonCaught,
     notification,
@@ -350,6 +353,38 @@ async def _queue_depth(url: str, queue: str) -> int:
         return declared.declaration_result.message_count or 0
 
 
+async def _publish_raw(vhost: str, exchange_name: str, bodies: dict[str, Any]) -> None:
+    """Publish JSON bodies to a bus exchange as a foreign producer would, by routing key."""
+    async with (
+        await aio_pika.connect(vhost_url(vhost)) as connection,
+        connection.channel() as channel,
+    ):
+        exchange = await channel.get_exchange(exchange_name)
+        for key, body in bodies.items():
+            await exchange.publish(aio_pika.Message(json.dumps(body).encode()), key)
+
+
+class PokemonFled(Event):
+    """A Pokémon fled: the only event class of ``fleeing_store``."""
+
+    type: Literal["POKEMON_FLED"] = "POKEMON_FLED"
+
+
+def _keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
+    assert pokemon is not None
+    return pokemon
+
+
+def fleeing_store() -> EventStore[Pokemon, PokemonFled]:
+    """A store with one event class: an event without a type validates as that class."""
+    return EventStore(
+        event_store_id="FLEES",
+        event_types=[PokemonFled],
+        reducer=_keep,
+        event_storage_adapter=InMemoryEventStorageAdapter(),
+    )
+
+
 async def _consumer_count(url: str, queue: str) -> int:
     async with (
         await aio_pika.connect(url) as connection,
@@ -523,6 +558,70 @@ class TestBrokerRouting:
                 assert await _queue_depth(vhost_url(vhost), after.listener_queue("catches")) == 0
                 await after.purge()
         assert inbox.messages == [notification(1)]
+        assert watch.queues == []
+
+    async def test_a_body_the_patterns_ask_for_that_does_not_validate_is_dead_lettered(
+        self, vhost: str
+    ) -> None:
+        """A bus listener keeps a body its patterns ask for that does not validate as a dead
+        letter at once (no retries), and goes on with the next message."""
+        bus = NotificationMessageBus(
+            message_bus_id="invalid-wanted", source_event_stores=[pokemon_store()]
+        )
+        inbox = Inbox()
+        adapter = RabbitMQMessageBusAdapter.attach_to(
+            bus, vhost_url(vhost), retry_attempts=3, retry_delay_in_ms=10
+        )
+        adapter.on({"event_store_id": "POKEMONS"}, inbox, listener_id="pokemons")
+        evolved = {
+            "eventStoreId": "POKEMONS",
+            "event": {"aggregateId": "eevee", "version": 2, "type": "POKEMON_EVOLVED"},
+        }
+        with DeadLetterWatch.installed() as watch:
+            async with adapter, adapter.consuming():
+                await _publish_raw(
+                    vhost, adapter.exchange_name, {"live.POKEMONS.POKEMON_EVOLVED": evolved}
+                )
+                await bus.publish_message(notification(0))
+                await inbox.wait_for(1)
+                async with asyncio.timeout(20):
+                    await watch.wait_for(1)
+                async with (
+                    await aio_pika.connect(vhost_url(vhost)) as connection,
+                    connection.channel() as channel,
+                ):
+                    dead = await channel.declare_queue(
+                        f"{adapter.listener_queue('pokemons')}.dead", passive=True
+                    )
+                    letter = await dead.get(no_ack=True)
+                await adapter.purge()
+        assert inbox.messages == [notification(0)]
+        assert json.loads(letter.body) == evolved
+        assert letter.headers["x-attempts"] == 1
+        assert "UnknownEventTypeError" in str(letter.headers["x-error"])
+
+    async def test_an_event_without_a_type_goes_where_its_validated_type_does(
+        self, vhost: str
+    ) -> None:
+        """An event without a type, of a store with one event class, reaches the listener
+        asking for that class's type (its routing key says nothing of the type)."""
+        bus = NotificationMessageBus(
+            message_bus_id="typeless", source_event_stores=[pokemon_store(), fleeing_store()]
+        )
+        inbox = Inbox()
+        adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        adapter.on({"event_store_id": "FLEES", "event_type": "POKEMON_FLED"}, inbox)
+        typeless = {"eventStoreId": "FLEES", "event": {"aggregateId": "abra", "version": 2}}
+        with DeadLetterWatch.installed() as watch:
+            async with adapter, adapter.consuming():
+                await _publish_raw(
+                    vhost, adapter.exchange_name, {"live.FLEES.POKEMON_FLED": typeless}
+                )
+                await inbox.wait_for(1)
+                await adapter.purge()
+        assert [message.event for message in inbox.messages] == [
+            PokemonFled(aggregate_id="abra", version=2)
+        ]
         assert watch.queues == []
 
 

@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import MessageBrokerUnavailableError
 from castore_pydantic.messaging import (
+    FilterPattern,
     MessageContext,
     NotificationMessageBus,
     NotificationMessageQueue,
 )
 from castore_pydantic.messaging._redis_consumer import Subscription, ensure_group
 from castore_pydantic.messaging.redis import RedisMessageBusAdapter
-from tests.domain import make_store
+from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
+from tests.domain import Pokemon, make_store
 from tests.messaging.redis_support import (
     REDIS_URL,
     Recorder,
@@ -373,3 +376,153 @@ class TestRedisMessageBusAdapter:
         queue = NotificationMessageQueue(message_queue_id="q", source_event_stores=[make_store()])
         with pytest.raises(TypeError, match="carries a message bus"):
             RedisMessageBusAdapter.attach_to(queue, REDIS_URL)
+
+
+class PokemonFled(Event):
+    type: Literal["POKEMON_FLED"] = "POKEMON_FLED"
+
+
+def _keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
+    assert pokemon is not None
+    return pokemon
+
+
+def fleeing_store() -> EventStore[Pokemon, PokemonFled]:
+    """A store with one event class: an event without a type validates as that class."""
+    return EventStore(
+        event_store_id="FLEES",
+        event_types=[PokemonFled],
+        reducer=_keep,
+        event_storage_adapter=InMemoryEventStorageAdapter(),
+    )
+
+
+def wire(data: object) -> dict[str, Any]:
+    """The fields of a stream entry a foreign producer wrote, holding ``data`` as its body."""
+    return {"body": data if isinstance(data, bytes) else json.dumps(data), "replay": "0"}
+
+
+#: Bodies no source store validates, each with the listeners (see ``TestRawBodies``) that
+#: asked for it and so keep it as a dead letter.
+_INVALID_BODIES: list[tuple[object, set[str]]] = [
+    (b"not json", {"everything", "by-store", "typed", "elsewhere"}),
+    (
+        {
+            "eventStoreId": "POKEMONS",
+            "event": {"aggregateId": "eevee", "version": 2, "type": "POKEMON_EVOLVED"},
+        },
+        {"everything", "by-store"},
+    ),
+    (
+        {
+            "eventStoreId": "TRAINERS",
+            "event": {"aggregateId": "ash", "version": 1, "type": "TRAINER_CREATED"},
+        },
+        {"everything"},
+    ),
+    # Without a type: only validation could tell it, and it fails (the store has 3 classes).
+    (
+        {"eventStoreId": "POKEMONS", "event": {"aggregateId": "eevee", "version": 2}},
+        {"everything", "by-store", "typed"},
+    ),
+]
+
+
+class TestRawBodies:
+    """What each listener does with bodies other producers wrote: skip, handle, dead-letter."""
+
+    LISTENERS: ClassVar[dict[str, FilterPattern]] = {
+        "everything": {},
+        "by-store": {"event_store_id": "POKEMONS"},
+        "typed": {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"},
+        "elsewhere": {"event_store_id": "RIVALS"},
+    }
+
+    async def _run(
+        self, prefix: str, raw: Redis, entries: list[dict[str, Any]]
+    ) -> tuple[dict[str, Recorder], dict[str, int]]:
+        """Append ``entries``, then one message per store; return recorders and dead letters."""
+        bus = NotificationMessageBus(
+            message_bus_id="raw-bodies",
+            source_event_stores=[make_store(), make_store(event_store_id="RIVALS")],
+        )
+        adapter = attach(bus, prefix)
+        recorders = {name: Recorder() for name in self.LISTENERS}
+        for name, pattern in self.LISTENERS.items():
+            adapter.on(pattern, recorders[name], listener_id=name)
+        rival = notification(2, event_store_id="RIVALS")
+        async with adapter:
+            for fields in entries:
+                await raw.xadd(adapter.stream_key, fields)
+            async with adapter.consuming():
+                # A listener handles entries in order: its last one tells it is done.
+                await bus.publish_messages([caught(1), rival])
+                for name in ("by-store", "typed"):
+                    await recorders[name].wait_for(1)
+                await recorders["everything"].wait_for(2)
+                await recorders["elsewhere"].wait_for(1)
+            dead = {
+                name: await raw.xlen(f"{adapter.stream_key}:listener:{name}:dead-letters")
+                for name in self.LISTENERS
+            }
+            for name in self.LISTENERS:
+                assert await group_pending(raw, adapter.stream_key, name) == 0
+        assert recorders["everything"].messages == [caught(1), rival]
+        assert recorders["elsewhere"].messages == [rival]
+        return recorders, dead
+
+    async def test_a_body_that_does_not_validate_is_kept_by_the_listeners_asking_for_it(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """An invalid body is dead-lettered at once by each listener whose patterns may want
+        it (all of them when its routing fields cannot be read); the others skip it."""
+        with watch_dead_letters():
+            _, dead = await self._run(prefix, raw, [wire(body) for body, _ in _INVALID_BODIES])
+        assert dead == {
+            name: sum(name in keeping for _, keeping in _INVALID_BODIES) for name in self.LISTENERS
+        }
+
+    async def test_a_replay_reaches_no_listener_without_on_replay(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """Replayed bodies, valid or not, are skipped by listeners whose patterns take no
+        replays: never handled, never dead-lettered."""
+        entries = [{**wire(body), "replay": "1"} for body, _ in _INVALID_BODIES]
+        entries.append({"body": caught(5).model_dump_json(), "replay": "1"})
+        with watch_dead_letters() as watch:
+            recorders, dead = await self._run(prefix, raw, entries)
+        assert dead == dict.fromkeys(self.LISTENERS, 0)
+        assert watch.records == []
+        assert recorders["typed"].messages == [caught(1)]
+
+    async def test_an_event_without_a_type_goes_where_its_validated_type_does(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A store with one event class accepts an event without a type: the listener asking
+        for that class's type gets it; one asking for another type neither gets it nor
+        dead-letters it."""
+        bus = NotificationMessageBus(
+            message_bus_id="typeless", source_event_stores=[make_store(), fleeing_store()]
+        )
+        adapter = attach(bus, prefix)
+        fled, other = Recorder(), Recorder()
+        adapter.on({"event_store_id": "FLEES", "event_type": "POKEMON_FLED"}, fled, listener_id="f")
+        adapter.on(
+            {"event_store_id": "FLEES", "event_type": "POKEMON_GONE"}, other, listener_id="o"
+        )
+        adapter.on({"event_store_id": "POKEMONS"}, other, listener_id="o")
+        typeless = {"eventStoreId": "FLEES", "event": {"aggregateId": "abra", "version": 2}}
+        with watch_dead_letters() as watch:
+            async with adapter:
+                await raw.xadd(adapter.stream_key, wire(typeless))
+                async with adapter.consuming():
+                    await bus.publish_message(caught(1))
+                    await fled.wait_for(1)
+                    await other.wait_for(1)
+                for listener_id in ("f", "o"):
+                    assert await group_pending(raw, adapter.stream_key, listener_id) == 0
+        assert [message.event for message in fled.messages] == [
+            PokemonFled(aggregate_id="abra", version=2)
+        ]
+        assert other.messages == [caught(1)]
+        assert watch.records == []
