@@ -36,7 +36,7 @@ from castore_pydantic.messaging import (
     NotificationMessageBus,
     matches,
 )
-from castore_pydantic.messaging._wire import body_matches
+from castore_pydantic.messaging._routing import ListenerFilter
 
 #: The replay flag of every body: live messages.
 LIVE = False
@@ -85,18 +85,9 @@ def make_messages(count: int) -> list[NotificationMessage]:
 
 def selector(patterns: Sequence[FilterPattern], bus: NotificationMessageBus, broker: str) -> Select:
     """What the broker's consumer runs for each body it reads for one listener."""
-    parse = bus.parse_message
-
-    def select(body: bytes, replay: bool) -> Message | None:
-        wanted = body_matches(patterns, body, replay)
-        if wanted is False:
-            return None
-        message = parse(body)
-        if wanted is None and not any(matches(p, message, replay) for p in patterns):
-            return None
-        return message
-
-    return select
+    listener = ListenerFilter(patterns)
+    routed = broker == "rabbitmq"  # its bindings deliver what the patterns match
+    return lambda body, replay: listener.select(body, replay, bus, routed=routed)
 
 
 def best_of(rounds: int, runs: dict[str, Callable[[], object]]) -> dict[str, float]:

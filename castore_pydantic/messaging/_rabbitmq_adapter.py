@@ -28,7 +28,6 @@ from castore_pydantic.messaging._messages import (
     MessageContext,
     RetryPolicy,
     describe_error,
-    matches,
     run_handler,
 )
 from castore_pydantic.messaging._rabbitmq_wire import (
@@ -44,7 +43,6 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     name_part,
     raise_broker_error,
 )
-from castore_pydantic.messaging._wire import body_matches
 
 __all__ = ["RabbitMQAdapter"]
 
@@ -760,23 +758,14 @@ class RabbitMQAdapter:
         headers = delivered.header.properties.headers or {}
         replay = headers.get(REPLAY_HEADER) is True
         attempt = attempt_of(headers)
-        # Checked before validating: a message the listener did not ask for is skipped
-        # whatever it holds (only a binding left from an earlier run routes it here).
-        wanted = (
-            body_matches(subscription.patterns, body, replay) if subscription.patterns else True
-        )
-        if wanted is False:
-            return
         try:
-            message = self._require_channel().parse_message(body)
+            message = subscription.select(body, replay, self._require_channel())
         except Exception as error:
             # Retrying cannot fix a body that does not validate: dead-letter it at once.
             await self._dead_letter(subscription, channel, body, replay, attempt, error)
             return
-        if wanted is None and not any(
-            matches(pattern, message, replay) for pattern in subscription.patterns
-        ):
-            return
+        if message is None:
+            return  # not for this listener (only a binding from an earlier run routes it here)
         handler = subscription.handler()
         if handler is None:
             raise RuntimeError(f"{self!r} has no handler")  # start_consuming checks it

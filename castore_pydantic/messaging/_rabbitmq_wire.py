@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aio_pika
 import aiormq
@@ -21,6 +21,10 @@ from castore_pydantic.messaging._messages import (
     MessageHandler,
     describe_error,
 )
+from castore_pydantic.messaging._routing import ListenerFilter
+
+if TYPE_CHECKING:
+    from castore_pydantic.messaging._channels import MessageChannel
 
 __all__ = [
     "ATTEMPTS_HEADER",
@@ -221,6 +225,30 @@ class Subscription:
     handler: Callable[[], MessageHandler | None]
     listener_id: str | None = None
     patterns: list[FilterPattern] = field(default_factory=list)
+    _filter: ListenerFilter | None = field(default=None, init=False, repr=False)
+
+    def select(self, body: bytes, replay: bool, channel: MessageChannel[Any]) -> Message | None:
+        """The message in ``body`` validated by ``channel``, or ``None`` if not for this queue.
+
+        A queue's worker takes every message. A bus listener's queue gets what its bindings
+        route, which its patterns almost always match: the body is validated first, and
+        its routing fields are read only if that fails (a binding left from an earlier run
+        may route bodies the listener never asked for: those are skipped, whatever they
+        hold).
+
+        Raises:
+            Exception: What ``channel.parse_message`` raises for a body this queue takes:
+                no retry can fix it.
+        """
+        if not self.patterns:
+            message: Message = channel.parse_message(body)
+            return message
+        listener_filter = self._filter
+        if listener_filter is None or len(listener_filter.patterns) != len(self.patterns):
+            # Worked out on the first message, and again if ``on`` added a pattern (the
+            # list is the adapter's) while consuming was starting.
+            listener_filter = self._filter = ListenerFilter(self.patterns)
+        return listener_filter.select(body, replay, channel, routed=True)
 
     @property
     def dead_letter_queue(self) -> str:

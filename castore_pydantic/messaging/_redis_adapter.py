@@ -37,6 +37,7 @@ from castore_pydantic.messaging._messages import (
 )
 from castore_pydantic.messaging._redis_consumer import (
     ConsumerOptions,
+    Route,
     StreamConsumer,
     Subscription,
     ensure_group,
@@ -65,7 +66,7 @@ class RedisStreamsAdapter:
     """What the Redis queue and bus adapters share: connection, publishing, consumers.
 
     Subclasses set ``_kind`` and say which consumer groups they read (``_subscriptions``)
-    and which handler gets a message (``_router``).
+    and which handler gets which message (``_router``).
     """
 
     _kind: ClassVar[Literal["queue", "bus"]]
@@ -431,7 +432,6 @@ class RedisStreamsAdapter:
             self._redis(),
             subscription,
             consumer_name=self.consumer_name,
-            parse=self._channel().parse_message,
             route=self._router(subscription),
             retry_policy=self.retry_policy,
             options=self._options,
@@ -439,7 +439,7 @@ class RedisStreamsAdapter:
         self._consumers.append(consumer)
         consumer.start().add_done_callback(_report_crash)
 
-    def _router(self, subscription: Subscription) -> Any:
+    def _router(self, subscription: Subscription) -> Route:
         raise NotImplementedError
 
     async def stop_consuming(self, *, grace_period: float | None = None) -> None:

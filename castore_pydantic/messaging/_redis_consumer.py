@@ -40,15 +40,14 @@ from castore_pydantic.messaging._messages import (
     run_handler,
 )
 
-__all__ = ["ConsumerOptions", "StreamConsumer", "Subscription", "ensure_group"]
+__all__ = ["ConsumerOptions", "Route", "StreamConsumer", "Subscription", "ensure_group"]
 
 logger = logging.getLogger("castore_pydantic.messaging.redis")
 
-#: ``(body, replay) -> handler``, or ``None`` when the message is not for this group; it
-#: reads the body without validating it (a message not for the group is never validated).
-Route = Callable[[bytes, bool], MessageHandler | None]
-#: Turns an entry's ``body`` into a validated message (the channel's ``parse_message``).
-Parse = Callable[[bytes], Message]
+#: ``(body, replay) -> (handler, validated message)``, or ``None`` when the message is not
+#: for this group (then it may not be validated at all); raises when the body does not
+#: validate.
+Route = Callable[[bytes, bool], tuple[MessageHandler, Message] | None]
 
 #: Atomically: schedule the retry copy, then acknowledge (and drop) the failed entry.
 #: KEYS: delayed set, stream of the entry. ARGV: group, entry id, delay ms, member, "1" to XDEL.
@@ -174,7 +173,6 @@ class StreamConsumer:
         subscription: Subscription,
         *,
         consumer_name: str,
-        parse: Parse,
         route: Route,
         retry_policy: RetryPolicy,
         options: ConsumerOptions,
@@ -182,7 +180,6 @@ class StreamConsumer:
         self.client = client
         self.subscription = subscription
         self.consumer_name = consumer_name
-        self.parse = parse
         self.route = route
         self.retry_policy = retry_policy
         self.options = options
@@ -638,14 +635,14 @@ class StreamConsumer:
         if entry.body is None:
             await self._dead_letter(entry, entry.attempt - 1, "entry has no 'body' field")
             return False
-        handler = self.route(entry.body, entry.replay)
-        if handler is None:
-            return True  # not for this listener: acknowledged without calling anyone
         try:
-            message = self.parse(entry.body)
+            routed = self.route(entry.body, entry.replay)
         except Exception as exc:  # a body no retry can fix: keep it aside at once
             await self._dead_letter(entry, entry.attempt - 1, describe_error(exc))
             return False
+        if routed is None:
+            return True  # not for this listener: acknowledged without calling anyone
+        handler, message = routed
         if delivered is not None and delivered > self.options.max_deliveries + 1:
             # This takeover is not handled. The deliveries before it ended with their
             # consumer stopping before an acknowledgement: each takeover right after its

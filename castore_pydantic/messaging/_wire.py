@@ -1,9 +1,8 @@
-"""Reading messages in Castore's wire form: routing fields first, then one-pass parsing.
+"""Reading messages in Castore's wire form: routing fields alone, or one-pass parsing.
 
-A bus listener's consumer first reads only what its filter patterns look at (the event
-store id and the event type) from the raw body, so a message it did not ask for is skipped
-without being validated: an event type or store this service does not know yet is none of
-its business unless it asked for it.
+A bus listener's filter may need to know which store and event type a body holds before
+deciding to validate it, so that a message it did not ask for is skipped whatever it holds
+(``routing_fields`` reads just those).
 
 Broker consumers parse every message they handle, so a notification body is validated
 straight from JSON by one ``TypeAdapter`` (its event as one of its store's event types)
@@ -22,13 +21,9 @@ from typing_extensions import TypedDict
 
 from castore_pydantic._event_store import EventStore
 from castore_pydantic._serialization import EventStoreContext
-from castore_pydantic.messaging._messages import (
-    FilterPattern,
-    NotificationMessage,
-    matches_fields,
-)
+from castore_pydantic.messaging._messages import NotificationMessage
 
-__all__ = ["body_matches", "notification_parser"]
+__all__ = ["RoutingFields", "notification_parser", "routing_fields"]
 
 
 class _EventFields(TypedDict, total=False):
@@ -47,46 +42,30 @@ class _RoutingFields(TypedDict):
 _ROUTING_FIELDS: TypeAdapter[_RoutingFields] = TypeAdapter(_RoutingFields)
 
 
-def body_matches(
-    patterns: Sequence[FilterPattern], body: str | bytes | bytearray, replay: bool
-) -> bool | None:
-    """Whether a listener with ``patterns`` receives the message in ``body``, unvalidated.
+#: ``(event_store_id, event_type, carries_event)``: ``event_type`` is ``None`` for a message
+#: without an event, and for an event without a ``type``.
+RoutingFields = tuple[str, str | None, bool]
 
-    The same rules as ``matches``, read from the JSON body: ``eventStoreId`` and, when the
-    message carries an event, ``event.type``. The body is read only when a pattern needs
-    the store.
+
+def routing_fields(body: str | bytes | bytearray) -> RoutingFields | None:
+    """What filter patterns look at in a JSON body, read without validating the message.
+
+    The event store is ``eventStoreId`` (or ``event_store_id``, as channels accept both);
+    the event type is ``event.type``. Every other key is left unread.
 
     Returns:
-        ``True`` or ``False``; ``None`` when a pattern needs those fields and the body does
-        not hold them in readable form, or holds an event without a type while a pattern
-        looks at the type (validation may fill it in): the caller validates the body (which
-        reports what is wrong with it) and, if it validates, checks the message with
-        ``matches``.
+        The fields, or ``None`` when the body does not hold them in readable form (not JSON,
+        not an object, a store id that is not a string, an ``event`` that is not an object
+        or a ``type`` that is not a string).
     """
-    candidates = [pattern for pattern in patterns if not replay or pattern.get("on_replay")]
-    if not candidates:
-        return False
-    event_store_id, event_type = "", None
-    if any("event_store_id" in pattern for pattern in candidates):
-        try:
-            fields = _ROUTING_FIELDS.validate_json(body)
-        except ValidationError:
-            return None
-        event_store_id = fields["event_store_id"]
-        event = fields.get("event")
-        event_type = None if event is None else event.get("type")
-        if event is not None and event_type is None and any(_typed(p) for p in candidates):
-            # An event without a type: a store with one event class fills it in while
-            # validating, so only the validated message says which type it is.
-            return None
-    return any(
-        matches_fields(pattern, replay, event_store_id, event_type) for pattern in candidates
-    )
-
-
-def _typed(pattern: FilterPattern) -> bool:
-    """Whether ``pattern`` looks at the event type (only with a store, as in Castore)."""
-    return "event_store_id" in pattern and "event_type" in pattern
+    try:
+        fields = _ROUTING_FIELDS.validate_json(body)
+    except ValidationError:
+        return None
+    event = fields.get("event")
+    if event is None:
+        return fields["event_store_id"], None, False
+    return fields["event_store_id"], event.get("type"), True
 
 
 # Built at run time from the channel's stores, so typed as a plain callable.

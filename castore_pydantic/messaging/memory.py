@@ -29,10 +29,10 @@ from castore_pydantic.messaging._messages import (
     check_filter_pattern,
     describe_error,
     listener_name,
-    matches,
     run_handler,
     same_handler,
 )
+from castore_pydantic.messaging._routing import ListenerFilter
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -438,7 +438,7 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
 class _Listener:
     listener_id: str
     handler: MessageHandler
-    patterns: list[FilterPattern]
+    filter: ListenerFilter
 
 
 class InMemoryMessageBusAdapter(_InMemoryAdapter):
@@ -526,14 +526,14 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         name = listener_name(handler, listener_id)
         listener = self._listeners.get(name)
         if listener is None:
-            self._listeners[name] = _Listener(name, handler, [checked])
+            self._listeners[name] = _Listener(name, handler, ListenerFilter([checked]))
         elif not same_handler(listener.handler, handler):
             raise ValueError(
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="
             )
         else:
-            listener.patterns.append(checked)
+            listener.filter = ListenerFilter([*listener.filter.patterns, checked])
 
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
         """Start delivering a message to every matching listener (without waiting for them)."""
@@ -548,7 +548,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
 
     def _publish(self, message: Message, replay: bool) -> None:
         for listener in list(self._listeners.values()):
-            if any(matches(pattern, message, replay) for pattern in listener.patterns):
+            if listener.filter.matches(message, replay):
                 self._deliver(
                     listener, _Delivery(message, 1, self.retry_policy.retry_attempts, replay)
                 )

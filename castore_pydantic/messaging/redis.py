@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 try:
@@ -49,13 +49,12 @@ from castore_pydantic.messaging._messages import (
     MessageHandler,
     check_filter_pattern,
     listener_name,
-    matches,
     same_handler,
 )
 from castore_pydantic.messaging._redis_adapter import RedisStreamsAdapter
-from castore_pydantic.messaging._redis_consumer import Subscription, ensure_group
+from castore_pydantic.messaging._redis_consumer import Route, Subscription, ensure_group
 from castore_pydantic.messaging._redis_wire import positive
-from castore_pydantic.messaging._wire import body_matches
+from castore_pydantic.messaging._routing import ListenerFilter
 
 if TYPE_CHECKING:
     from typing import Self
@@ -178,10 +177,12 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
             )
         ]
 
-    def _router(self, subscription: Subscription) -> Any:
-        # Looked up per message, so a new worker takes over from the next message; without
-        # one a message fails (and is retried), it is never acknowledged unhandled.
-        return lambda body, replay: self.worker or _no_worker
+    def _router(self, subscription: Subscription) -> Route:
+        parse = self._channel().parse_message
+        # The worker is looked up per message, so a new worker takes over from the next
+        # message; without one a message fails (and is retried), it is never acknowledged
+        # unhandled.
+        return lambda body, replay: (self.worker or _no_worker, parse(body))
 
     async def start_consuming(self) -> None:
         """Start this process's worker on the queue (no-op if running).
@@ -200,27 +201,12 @@ class RedisMessageQueueAdapter(RedisStreamsAdapter):
 
 
 class _Listener:
-    __slots__ = ("handler", "listener_id", "patterns")
+    __slots__ = ("filter", "handler", "listener_id")
 
     def __init__(self, listener_id: str, handler: MessageHandler) -> None:
         self.listener_id = listener_id
         self.handler = handler
-        self.patterns: list[FilterPattern] = []
-
-    def route(self, body: bytes, replay: bool) -> MessageHandler | None:
-        wanted = body_matches(self.patterns, body, replay)
-        if wanted is None:
-            # Its routing fields cannot be read: it is validated (which says what is wrong,
-            # and dead-letters it), then checked against the patterns.
-            return self._handle_if_matching
-        return self.handler if wanted else None
-
-    def _handle_if_matching(
-        self, message: Message, context: MessageContext
-    ) -> Awaitable[None] | None:
-        if any(matches(pattern, message, context.replay) for pattern in self.patterns):
-            return self.handler(message, context)
-        return None
+        self.filter = ListenerFilter(())
 
 
 class RedisMessageBusAdapter(RedisStreamsAdapter):
@@ -347,7 +333,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
                 f"listener id {name!r} is already used by another handler; pass a distinct "
                 "listener_id="
             )
-        listener.patterns.append(checked)
+        listener.filter = ListenerFilter([*listener.filter.patterns, checked])
 
     def _join_soon(self, listener: _Listener) -> None:
         """Create a listener's group now (and start its consumer if consuming).
@@ -398,9 +384,17 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         # message is appended, or they would miss it.
         return bool(self._listeners)
 
-    def _router(self, subscription: Subscription) -> Any:
+    def _router(self, subscription: Subscription) -> Route:
         assert subscription.listener_id is not None
-        return self._listeners[subscription.listener_id].route
+        listener = self._listeners[subscription.listener_id]
+        channel = self._channel()
+
+        def route(body: bytes, replay: bool) -> tuple[MessageHandler, Message] | None:
+            # Its filter is read for each entry: ``on`` may add patterns while consuming.
+            message = listener.filter.select(body, replay, channel)
+            return None if message is None else (listener.handler, message)
+
+        return route
 
     def _max_length(self) -> int | None:
         return self.max_length

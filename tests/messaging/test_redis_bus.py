@@ -526,3 +526,36 @@ class TestRawBodies:
         ]
         assert other.messages == [caught(1)]
         assert watch.records == []
+
+    async def test_an_abandoned_entry_the_listener_does_not_want_is_not_dead_lettered(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """An entry whose patterns could only be checked once validated (an event without a
+        type), taken over more than max_deliveries times, was dead-lettered by a listener
+        whose patterns it does not match. It is acknowledged without a trace, as the
+        entries it does not want always were."""
+        bus = NotificationMessageBus(
+            message_bus_id="abandoned", source_event_stores=[make_store(), fleeing_store()]
+        )
+        adapter = attach(bus, prefix, max_deliveries=1, reclaim_idle_ms=50)
+        listener = Recorder()
+        adapter.on(
+            {"event_store_id": "FLEES", "event_type": "POKEMON_GONE"}, listener, listener_id="l"
+        )
+        adapter.on({"event_store_id": "POKEMONS"}, listener, listener_id="l")
+        typeless = {"eventStoreId": "FLEES", "event": {"aggregateId": "abra", "version": 2}}
+        with watch_dead_letters() as watch:
+            async with adapter:
+                [entry_id] = [await raw.xadd(adapter.stream_key, wire(typeless))]
+                # Consumers that died holding it: it was delivered five times.
+                await raw.xreadgroup("l", "ghost", {adapter.stream_key: ">"}, count=1)
+                await raw.xclaim(
+                    adapter.stream_key, "l", "ghost", 0, [entry_id], idle=10_000, retrycount=5
+                )
+                async with adapter.consuming():
+                    await bus.publish_message(caught(1))
+                    await listener.wait_for(1)
+                dead = await raw.xlen(f"{adapter.stream_key}:listener:l:dead-letters")
+                assert await group_pending(raw, adapter.stream_key, "l") == 0
+        assert listener.messages == [caught(1)]
+        assert (dead, watch.records) == (0, [])

@@ -1,4 +1,4 @@
-"""Notification channels parse wire bodies in one pass; bus consumers route on raw bodies."""
+"""Notification channels parse wire bodies in one pass; routing fields are read alone."""
 
 from __future__ import annotations
 
@@ -9,21 +9,15 @@ from functools import partial
 from typing import Any, Literal
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from castore_pydantic import Event, EventStore
 from castore_pydantic._serialization import EventLimits
 from castore_pydantic.messaging import (
-    AggregateExistsMessage,
-    FilterPattern,
-    Message,
     MessageChannel,
     NotificationMessage,
     NotificationMessageQueue,
-    matches,
 )
-from castore_pydantic.messaging._wire import body_matches
+from castore_pydantic.messaging._wire import routing_fields
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from tests.domain import Pokemon, PokemonAppeared, make_store
 from tests.messaging.redis_support import caught, notification
@@ -176,86 +170,26 @@ class TestWireParsing:
         assert result[0] == "error"
 
 
-_PATTERNS: list[FilterPattern] = [
-    {},
-    {"on_replay": True},
-    {"event_type": "POKEMON_CAUGHT"},
-    {"event_store_id": "POKEMONS"},
-    {"event_store_id": "RIVALS", "on_replay": True},
-    {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"},
-    {"event_store_id": "POKEMONS", "event_type": "POKEMON_APPEARED", "on_replay": True},
-]
-_MESSAGES: list[Message] = [
-    notification(1),
-    caught(2),
-    notification(3, event_store_id="RIVALS"),
-    AggregateExistsMessage(
-        event_store_id="POKEMONS", aggregate_id="a", initial_event_timestamp=datetime.now(UTC)
-    ),
-]
-
-
-class TestRoutingFromTheBody:
-    @given(
-        patterns=st.lists(st.sampled_from(_PATTERNS), max_size=3),
-        message=st.sampled_from(_MESSAGES),
-        replay=st.booleans(),
-    )
-    def test_agrees_with_matches(
-        self, patterns: list[FilterPattern], message: Message, replay: bool
-    ) -> None:
-        """Read from the JSON body, the filter patterns select what ``matches`` selects."""
-        expected = any(matches(pattern, message, replay) for pattern in patterns)
-        assert body_matches(patterns, message.model_dump_json().encode(), replay) is expected
-
-    def test_skips_unknown_types_and_stores_it_was_not_asked_for(self) -> None:
-        """A body no event store of this service could validate is still routed."""
-        typed: FilterPattern = {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"}
-        evolved = body(notification(1), event={"type": "POKEMON_EVOLVED", "unknown": [1]})
-        trainer = body(notification(1), eventStoreId="TRAINERS")
-        assert body_matches([typed], evolved, False) is False
-        assert body_matches([typed], trainer, False) is False
-        assert body_matches([{"event_store_id": "POKEMONS"}], evolved, False) is True
-
-    def test_reads_both_spellings(self) -> None:
-        """The snake_case keys a channel accepts route as the camelCase ones do."""
-        snake = json.dumps({"event_store_id": "RIVALS", "event": {"type": "X"}}).encode()
-        assert body_matches([{"event_store_id": "RIVALS"}], snake, False) is True
-        assert body_matches([{"event_store_id": "POKEMONS"}], snake, False) is False
-
-    def test_an_event_without_a_type_is_routed_after_validation(self) -> None:
-        """A store with one event class accepts an event without its type (the class's
-        default fills it in), yet the filter rejected it for a pattern on that type, so
-        the listener missed a message it asked for. It is now left to validation."""
-
-        def keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
-            assert pokemon is not None
-            return pokemon
-
-        fleeing = EventStore(
-            event_store_id="FLEES",
-            event_types=[PokemonFled],
-            reducer=keep,
-            event_storage_adapter=InMemoryEventStorageAdapter(),
-        )
-        channel = queue(make_store(), fleeing)
-        typeless = json.dumps(
-            {"eventStoreId": "FLEES", "event": {"aggregateId": "a", "version": 2}}
-        ).encode()
-        wanted: FilterPattern = {"event_store_id": "FLEES", "event_type": "POKEMON_FLED"}
-        other: FilterPattern = {"event_store_id": "FLEES", "event_type": "POKEMON_CAUGHT"}
-        assert body_matches([wanted], typeless, False) is None
-        message = channel.parse_message(typeless)
-        assert matches(wanted, message, False)
-        assert not matches(other, message, False)
-        # A pattern on the store alone needs no type: decided from the body.
-        assert body_matches([{"event_store_id": "FLEES"}], typeless, False) is True
-
+class TestRoutingFields:
     @pytest.mark.parametrize(
-        "raw", [b"not json", b"[]", b'{"eventStoreId": 1}', b'{"eventStoreId": "P", "event": 2}']
+        ("raw", "expected"),
+        [
+            (notification(1).model_dump_json(), ("POKEMONS", "POKEMON_APPEARED", True)),
+            (b'{"event_store_id": "RIVALS", "event": {"type": "X"}}', ("RIVALS", "X", True)),
+            (b'{"eventStoreId": "P", "event": {"version": 2}}', ("P", None, True)),
+            (b'{"eventStoreId": "P", "aggregateId": "a"}', ("P", None, False)),
+            # The camelCase key wins, as in the channel; the last of duplicate keys counts.
+            (b'{"event_store_id": "B", "eventStoreId": "A"}', ("A", None, False)),
+            (b'{"eventStoreId": "A", "eventStoreId": "B"}', ("B", None, False)),
+            (b"not json", None),
+            (b"[]", None),
+            (b'{"eventStoreId": 1}', None),
+            (b'{"eventStoreId": "P", "event": 2}', None),
+            (b'{"eventStoreId": "P", "event": {"type": null}}', None),
+        ],
     )
-    def test_an_unreadable_body_is_left_to_validation(self, raw: bytes) -> None:
-        """Unreadable routing fields give None when a pattern needs them, else no reading."""
-        assert body_matches([{"event_store_id": "POKEMONS"}], raw, False) is None
-        assert body_matches([{}], raw, False) is True
-        assert body_matches([{"event_store_id": "POKEMONS"}], raw, True) is False
+    def test_reads_the_store_and_the_event_type(
+        self, raw: str | bytes, expected: tuple[str, str | None, bool] | None
+    ) -> None:
+        """The store and the event type are read without validating; unreadable is None."""
+        assert routing_fields(raw) == expected
