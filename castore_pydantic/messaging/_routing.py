@@ -46,16 +46,14 @@ class _Wanted:
         nothing: No pattern applies (replays, when no pattern has ``on_replay=True``).
         stores: For each store a pattern names, ``None`` when a pattern takes all of it,
             else the event types the patterns name.
-        typed: Some pattern names an event type (with a store).
     """
 
-    __slots__ = ("everything", "nothing", "stores", "typed")
+    __slots__ = ("everything", "nothing", "stores")
 
     def __init__(self, patterns: Iterable[FilterPattern]) -> None:
         self.everything = False
         self.nothing = True
         self.stores: dict[str, frozenset[str] | None] = {}
-        self.typed = False
         for pattern in patterns:
             self.nothing = False
             event_store_id = pattern.get("event_store_id")
@@ -63,7 +61,6 @@ class _Wanted:
                 self.everything = True
                 continue
             event_type = pattern.get("event_type")
-            self.typed = self.typed or event_type is not None
             types = self.stores.get(event_store_id, _NO_TYPES)
             if types is not None:
                 self.stores[event_store_id] = None if event_type is None else types | {event_type}
@@ -83,9 +80,10 @@ class _Wanted:
     def takes_body(self, body: str | bytes | bytearray) -> bool | None:
         """``takes`` for a JSON body, from its routing fields; ``None``: validate to know.
 
-        ``None`` when the fields cannot be read, or when an event without a type is read
-        while some pattern names a type: validation may fill the type in (the class's
-        default, for a store with one event class).
+        ``None`` when the fields cannot be read, or when an event without a type belongs
+        to a store the patterns take only some types of: validation may fill the type in
+        (the class's default, for a store with one event class). Validation cannot change
+        the store, so such an event of a store no pattern names is not taken.
         """
         if self.nothing:
             return False
@@ -98,7 +96,7 @@ class _Wanted:
         types = self.stores.get(event_store_id, _NO_TYPES)
         if types is None:
             return True
-        if carries_event and event_type is None and self.typed:
+        if carries_event and event_type is None and types:
             return None
         return event_type in types
 
@@ -173,8 +171,8 @@ class ListenerFilter:
 
         Returns:
             ``True`` or ``False``; ``None`` when only the validated message can tell (the
-            routing fields cannot be read, or an event without a type is read while some
-            pattern names a type).
+            routing fields cannot be read, or an event without a type belongs to a store
+            the patterns take only some types of).
         """
         return (self._replay if replay else self._live).takes_body(body)
 

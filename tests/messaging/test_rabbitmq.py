@@ -624,6 +624,40 @@ class TestBrokerRouting:
         ]
         assert watch.queues == []
 
+    async def test_an_event_without_a_type_of_a_store_no_pattern_names_is_skipped(
+        self, vhost: str
+    ) -> None:
+        """What an old binding routed, an event without a type of a store the listener's
+        patterns do not name, was dead-lettered with an ERROR log: its type was left to
+        validation, which fails for a store the bus does not carry. It is now skipped."""
+        bus = NotificationMessageBus(
+            message_bus_id="stale-typeless", source_event_stores=[pokemon_store()]
+        )
+        before = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        before.on({}, Inbox(), listener_id="catches")
+        async with before:  # declares the listener's queue, bound to every live message
+            pass
+        inbox = Inbox()
+        after = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        after.on(
+            {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"},
+            inbox,
+            listener_id="catches",
+        )
+        typeless = {"eventStoreId": "TRAINERS", "event": {"aggregateId": "ash", "version": 1}}
+        with DeadLetterWatch.installed() as watch:
+            async with after:
+                await _publish_raw(vhost, after.exchange_name, {"live.TRAINERS.x": typeless})
+                async with after.consuming():
+                    await bus.publish_message(notification(1))
+                    await inbox.wait_for(1)
+                dead = f"{after.listener_queue('catches')}.dead"
+                assert await _queue_depth(vhost_url(vhost), dead) == 0
+                assert await _queue_depth(vhost_url(vhost), after.listener_queue("catches")) == 0
+                await after.purge()
+        assert inbox.messages == [notification(1)]
+        assert watch.queues == []
+
 
 @pytest.mark.rabbitmq
 class TestWorkers:

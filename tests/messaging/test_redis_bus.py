@@ -527,6 +527,19 @@ class TestRawBodies:
         assert other.messages == [caught(1)]
         assert watch.records == []
 
+    async def test_an_event_without_a_type_of_a_store_no_pattern_names_is_skipped(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A listener asking for one type of one store dead-lettered (with an ERROR log) an
+        event without a type of a store it never named, which no validation could make
+        its business. It is now skipped, as that store's typed events are."""
+        typeless = {"eventStoreId": "TRAINERS", "event": {"aggregateId": "ash", "version": 1}}
+        with watch_dead_letters() as watch:
+            recorders, dead = await self._run(prefix, raw, [wire(typeless)])
+        assert dead == {"everything": 1, "by-store": 0, "typed": 0, "elsewhere": 0}
+        assert len(watch.records) == 1
+        assert recorders["typed"].messages == [caught(1)]
+
     async def test_an_abandoned_entry_the_listener_does_not_want_is_not_dead_lettered(
         self, prefix: str, raw: Redis
     ) -> None:

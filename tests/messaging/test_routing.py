@@ -96,8 +96,7 @@ _BODIES: list[bytes] = [
 def may_want(patterns: list[FilterPattern], body: bytes, replay: bool) -> bool:
     """Whether some pattern could take the message in ``body``, going by its routing fields.
 
-    Castore's rules, pattern by pattern; an event without a type is left to validation as
-    soon as a pattern names a type.
+    Castore's rules, pattern by pattern: an event without a type could be of any type.
     """
     candidates = [pattern for pattern in patterns if not replay or pattern.get("on_replay")]
     if any("event_store_id" not in pattern for pattern in candidates):
@@ -106,13 +105,13 @@ def may_want(patterns: list[FilterPattern], body: bytes, replay: bool) -> bool:
     if fields is None:
         return bool(candidates)
     event_store_id, event_type, carries_event = fields
-    if carries_event and event_type is None and any("event_type" in p for p in candidates):
-        return True
     for pattern in candidates:
         if pattern["event_store_id"] != event_store_id:
             continue
         wanted_type = pattern.get("event_type")
         if wanted_type is None or wanted_type == event_type:
+            return True
+        if carries_event and event_type is None:
             return True
     return False
 
@@ -178,6 +177,12 @@ class TestRoutingFromTheBody:
         assert not other.matches(message, False)
         # A pattern on the store alone needs no type: decided from the body.
         assert ListenerFilter([{"event_store_id": "FLEES"}]).body_matches(typeless, False)
+
+    def test_an_event_without_a_type_of_a_store_no_pattern_names_is_not_wanted(self) -> None:
+        """Validation cannot change the store: no pattern naming it, no validation."""
+        typeless = _json({"eventStoreId": "TRAINERS", "event": {"aggregateId": "a"}})
+        typed = ListenerFilter([{"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"}])
+        assert typed.body_matches(typeless, False) is False
 
     @pytest.mark.parametrize(
         "raw", [b"not json", b"[]", b'{"eventStoreId": 1}', b'{"eventStoreId": "P", "event": 2}']
