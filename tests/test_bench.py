@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
     [
         ("bench.bench_sqlite", ["--scale", "0.02"], "ratio ours/raw sqlite3"),
         ("bench.bench_dam", ["--aggregates", "50", "--versions", "5"], "pour/naive"),
+        ("bench.bench_routing", ["--messages", "20", "--rounds", "2"], "4 listeners"),
     ],
 )
 def test_a_benchmark_runs_at_a_tiny_size(module: str, args: list[str], expected: str) -> None:
