@@ -38,7 +38,6 @@ __all__ = [
     "is_notification_message",
     "is_state_carrying_message",
     "matches",
-    "matches_fields",
 ]
 
 _MESSAGE_CONFIG = ConfigDict(
@@ -353,28 +352,17 @@ def matches(pattern: FilterPattern, message: Message, replay: bool) -> bool:
     ``event_store_id`` and ``event_type`` the store and the event's type must equal (an
     aggregate-exists message has no type, so it never matches); with ``event_store_id`` only,
     the store must equal; otherwise (``{}`` or ``event_type`` alone) everything matches.
-    """
-    event_type = None if isinstance(message, AggregateExistsMessage) else message.event.type
-    return matches_fields(pattern, replay, message.event_store_id, event_type)
-
-
-def matches_fields(
-    pattern: FilterPattern, replay: bool, event_store_id: str, event_type: str | None
-) -> bool:
-    """``matches``, given only what it looks at: the replay flag, the store, the event type.
-
-    Brokers' consumers filter with it before validating a message, so a message a listener
-    did not ask for is skipped whatever its body holds. ``event_type`` is ``None`` for an
-    aggregate-exists message.
+    Bus adapters work out a listener's patterns once, when it registers, by these rules.
     """
     if replay and not pattern.get("on_replay", False):
         return False
     wanted_store = pattern.get("event_store_id")
     wanted_type = pattern.get("event_type")
     if wanted_store is not None and wanted_type is not None:
-        return event_store_id == wanted_store and event_type == wanted_type
+        event_type = None if isinstance(message, AggregateExistsMessage) else message.event.type
+        return message.event_store_id == wanted_store and event_type == wanted_type
     if wanted_store is not None:
-        return event_store_id == wanted_store
+        return message.event_store_id == wanted_store
     return True
 
 
