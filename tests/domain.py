@@ -86,3 +86,24 @@ def appeared(aggregate_id: str = "pikachu", version: int = 1, **extra: object) -
         "payload": {"name": "Pikachu", "level": 3},
         **extra,
     }
+
+
+class PokemonFled(Event):
+    """A Pokémon fled: the only event class of ``fleeing_store``."""
+
+    type: Literal["POKEMON_FLED"] = "POKEMON_FLED"
+
+
+def _keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
+    assert pokemon is not None
+    return pokemon
+
+
+def fleeing_store() -> EventStore[Pokemon, PokemonFled]:
+    """A store with one event class: an event without a type validates as that class."""
+    return EventStore(
+        event_store_id="FLEES",
+        event_types=[PokemonFled],
+        reducer=_keep,
+        event_storage_adapter=InMemoryEventStorageAdapter(),
+    )

@@ -11,12 +11,11 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import aio_pika
 import pytest
 
-from castore_pydantic import Event, EventStore
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
     ConnectedEventStore,
@@ -34,17 +33,16 @@ from castore_pydantic.messaging.rabbitmq import (
     binding_keys,
     routing_key,
 )
-from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.testing.contracts import (
     MessageAdapterFactory,
     MessageBusAdapterContract,
     MessageQueueAdapterContract,
 )
+from tests.domain import PokemonFled, fleeing_store
 from tests.messaging.rabbitmq_support import (
     T0,
     Appeared,
     DeadLetterWatch,
-    Pokemon,
     PokemonAppeared,
     PokemonCaught,
     notification,
@@ -362,27 +360,6 @@ async def _publish_raw(vhost: str, exchange_name: str, bodies: dict[str, Any]) -
         exchange = await channel.get_exchange(exchange_name)
         for key, body in bodies.items():
             await exchange.publish(aio_pika.Message(json.dumps(body).encode()), key)
-
-
-class PokemonFled(Event):
-    """A Pokémon fled: the only event class of ``fleeing_store``."""
-
-    type: Literal["POKEMON_FLED"] = "POKEMON_FLED"
-
-
-def _keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
-    assert pokemon is not None
-    return pokemon
-
-
-def fleeing_store() -> EventStore[Pokemon, PokemonFled]:
-    """A store with one event class: an event without a type validates as that class."""
-    return EventStore(
-        event_store_id="FLEES",
-        event_types=[PokemonFled],
-        reducer=_keep,
-        event_storage_adapter=InMemoryEventStorageAdapter(),
-    )
 
 
 async def _consumer_count(url: str, queue: str) -> int:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import MessageBrokerUnavailableError
 from castore_pydantic.messaging import (
     FilterPattern,
@@ -21,8 +20,7 @@ from castore_pydantic.messaging import (
 )
 from castore_pydantic.messaging._redis_consumer import Subscription, ensure_group
 from castore_pydantic.messaging.redis import RedisMessageBusAdapter
-from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
-from tests.domain import Pokemon, make_store
+from tests.domain import PokemonFled, fleeing_store, make_store
 from tests.messaging.redis_support import (
     REDIS_URL,
     Recorder,
@@ -376,25 +374,6 @@ class TestRedisMessageBusAdapter:
         queue = NotificationMessageQueue(message_queue_id="q", source_event_stores=[make_store()])
         with pytest.raises(TypeError, match="carries a message bus"):
             RedisMessageBusAdapter.attach_to(queue, REDIS_URL)
-
-
-class PokemonFled(Event):
-    type: Literal["POKEMON_FLED"] = "POKEMON_FLED"
-
-
-def _keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
-    assert pokemon is not None
-    return pokemon
-
-
-def fleeing_store() -> EventStore[Pokemon, PokemonFled]:
-    """A store with one event class: an event without a type validates as that class."""
-    return EventStore(
-        event_store_id="FLEES",
-        event_types=[PokemonFled],
-        reducer=_keep,
-        event_storage_adapter=InMemoryEventStorageAdapter(),
-    )
 
 
 def wire(data: object) -> dict[str, Any]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from castore_pydantic import Event, EventStore
 from castore_pydantic.errors import UnknownEventTypeError
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
@@ -25,29 +24,8 @@ from castore_pydantic.messaging import (
 )
 from castore_pydantic.messaging._routing import ListenerFilter
 from castore_pydantic.messaging._wire import routing_fields
-from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
-from tests.domain import Pokemon, make_store
+from tests.domain import fleeing_store, make_store
 from tests.messaging.redis_support import T0, caught, notification
-
-
-class PokemonFled(Event):
-    type: Literal["POKEMON_FLED"] = "POKEMON_FLED"
-
-
-def _keep(pokemon: Pokemon | None, event: PokemonFled) -> Pokemon:
-    assert pokemon is not None
-    return pokemon
-
-
-def fleeing_store() -> EventStore[Pokemon, PokemonFled]:
-    """A store with one event class: an event without a type validates as that class."""
-    return EventStore(
-        event_store_id="FLEES",
-        event_types=[PokemonFled],
-        reducer=_keep,
-        event_storage_adapter=InMemoryEventStorageAdapter(),
-    )
-
 
 _BUS = NotificationMessageBus(
     message_bus_id="routing",
