@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel
 
 from castore_pydantic import Aggregate, Event, EventStore
+from castore_pydantic.messaging import NotificationMessage
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -45,3 +46,29 @@ STORE = EventStore(
     reducer=reduce_pokemon,
     event_storage_adapter=InMemoryEventStorageAdapter(),
 )
+
+
+def notifications(
+    count: int, *, metadata: dict[str, str] | None = None
+) -> list[NotificationMessage]:
+    """``count`` notification messages of ``STORE``: an appearance, then a capture, and so on."""
+    given = {} if metadata is None else {"metadata": metadata}
+    messages = []
+    for index in range(count):
+        event: Event
+        if index % 2 == 0:
+            event = PokemonAppeared(
+                aggregate_id=f"pokemon-{index // 2:08d}",
+                version=1,
+                timestamp=T0 + timedelta(milliseconds=index),
+                payload=Appeared(name="Pikachu", level=index % 100 + 1, moves=["thunder", "tail"]),
+                **given,
+            )
+        else:
+            event = PokemonCaught(
+                aggregate_id=f"pokemon-{index // 2:08d}",
+                version=2,
+                timestamp=T0 + timedelta(milliseconds=index),
+            )
+        messages.append(NotificationMessage(event_store_id="POKEMONS", event=event))
+    return messages

@@ -26,13 +26,11 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from typing import Any
 
 import aio_pika
 
-from bench._pokemons import STORE, T0, Appeared, PokemonAppeared, PokemonCaught
-from castore_pydantic import Event
+from bench._pokemons import STORE, notifications
 from castore_pydantic.messaging import (
     MessageContext,
     NotificationMessage,
@@ -47,28 +45,6 @@ from castore_pydantic.messaging.rabbitmq import (
 
 PREFETCH = 100
 CHUNK = 1000
-
-
-def make_messages(count: int) -> list[NotificationMessage]:
-    messages = []
-    for index in range(count):
-        event: Event
-        if index % 2 == 0:
-            event = PokemonAppeared(
-                aggregate_id=f"pokemon-{index // 2:08d}",
-                version=1,
-                timestamp=T0 + timedelta(milliseconds=index),
-                payload=Appeared(name="Pikachu", level=index % 100 + 1, moves=["thunder", "tail"]),
-                metadata={"source": "bench"},
-            )
-        else:
-            event = PokemonCaught(
-                aggregate_id=f"pokemon-{index // 2:08d}",
-                version=2,
-                timestamp=T0 + timedelta(milliseconds=index),
-            )
-        messages.append(NotificationMessage(event_store_id="POKEMONS", event=event))
-    return messages
 
 
 # -- a finish line both sides cross -----------------------------------------------------------
@@ -245,7 +221,7 @@ async def main() -> None:
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    messages = make_messages(args.messages)
+    messages = notifications(args.messages, metadata={"source": "bench"})
     results = [
         await compare(
             "queue", library_queue, raw_queue, url=args.url, messages=messages, rounds=args.rounds

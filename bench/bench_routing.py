@@ -25,10 +25,8 @@ import gc
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 
-from bench._pokemons import STORE, T0, Appeared, PokemonAppeared, PokemonCaught
-from castore_pydantic import Event
+from bench._pokemons import STORE, notifications
 from castore_pydantic.messaging import (
     FilterPattern,
     Message,
@@ -60,27 +58,6 @@ WORKLOADS: list[tuple[str, str, list[list[FilterPattern]]]] = [
     ("rabbitmq", "by store", [[BY_STORE]]),
     ("rabbitmq", "by type", [[BY_TYPE]]),
 ]
-
-
-def make_messages(count: int) -> list[NotificationMessage]:
-    messages = []
-    for index in range(count):
-        event: Event
-        if index % 2 == 0:
-            event = PokemonAppeared(
-                aggregate_id=f"pokemon-{index // 2:08d}",
-                version=1,
-                timestamp=T0 + timedelta(milliseconds=index),
-                payload=Appeared(name="Pikachu", level=index % 100 + 1, moves=["thunder", "tail"]),
-            )
-        else:
-            event = PokemonCaught(
-                aggregate_id=f"pokemon-{index // 2:08d}",
-                version=2,
-                timestamp=T0 + timedelta(milliseconds=index),
-            )
-        messages.append(NotificationMessage(event_store_id="POKEMONS", event=event))
-    return messages
 
 
 def selector(patterns: Sequence[FilterPattern], bus: NotificationMessageBus, broker: str) -> Select:
@@ -155,7 +132,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=200)
     args = parser.parse_args()
-    messages = make_messages(args.messages)
+    messages = notifications(args.messages)
     print(f"{args.messages} notification bodies, best of {args.rounds}; us per body")
     print(
         f"{'broker':<10}{'workload':<14}{'library':>9}{'parse':>9}{'filter':>9}{'floor':>9}"
