@@ -14,7 +14,7 @@ from rich.text import Text
 
 from castore_pydantic import Command, Event, EventStore
 from castore_pydantic._event import format_timestamp
-from castore_pydantic._serialization import event_type_names
+from castore_pydantic._event_types import event_type_names
 from castore_pydantic.cli._app import TIMESTAMP, cli, json_option, store_options
 from castore_pydantic.cli._loading import Target, load_commands, load_stores
 from castore_pydantic.cli._running import (

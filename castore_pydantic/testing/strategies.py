@@ -41,7 +41,7 @@ from pydantic import BaseModel, TypeAdapter
 from castore_pydantic._command import Command
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
-from castore_pydantic._serialization import event_type_names
+from castore_pydantic._event_types import event_type_names
 from castore_pydantic.errors import CastoreError, EventLimitExceededError
 from castore_pydantic.testing import _derive, _invalid, _scalars
 from castore_pydantic.testing._derive import INVALID, ModelPlan, Override, Resolver
