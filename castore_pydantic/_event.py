@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any, Final, TypeVar
@@ -21,6 +22,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticUndefined, TzInfo
 
 __all__ = [
+    "LONE_SURROGATE",
     "MAX_VERSION",
     "RESERVED_EVENT_TYPES",
     "VERSION_TOO_LARGE",
@@ -45,6 +47,10 @@ VERSION_TOO_LARGE: Final = "version does not fit a 64-bit integer, as SQL databa
 
 RESERVED_EVENT_TYPES = frozenset({"__REPLAYED__", "__AGGREGATE_EXISTS__"})
 """Types Castore keeps for its own messages; no event store may declare them."""
+
+
+#: Lone surrogates are valid in a Python str but cannot be encoded as UTF-8 (nor stored).
+LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 def utf8_encodable(text: str) -> bool:

@@ -11,22 +11,20 @@ import contextlib
 import dataclasses
 import json
 import math
-import re
 import threading
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+from datetime import datetime
 from decimal import Decimal
 from enum import Enum
-from typing import Annotated, Any, Final, Union
-from uuid import UUID
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Field, RootModel, TypeAdapter, ValidationError
 from pydantic_core import from_json
 
 from castore_pydantic import _gc
 from castore_pydantic._event import (
+    LONE_SURROGATE,
     MAX_VERSION,
     RESERVED_EVENT_TYPES,
     VERSION_TOO_LARGE,
@@ -36,6 +34,16 @@ from castore_pydantic._event import (
     utc_now,
     utf8_encodable,
     with_timestamp,
+)
+from castore_pydantic._event_size import (
+    FAST_SCAN_MAX_DEPTH,
+    JSON_CHARACTER_WIDTH,
+    LONGEST_INT_DIGITS,
+    SMALL_INT,
+    fast_size,
+    int_digits,
+    is_container,
+    key_widths,
 )
 from castore_pydantic._event_types import check_keys_read_back, event_type_names
 from castore_pydantic.errors import (
@@ -52,8 +60,6 @@ _JSON_TEXT = (str, bytes, bytearray)
 # JSON text of 64 KiB (a few hundred events).
 _BULK_ITEMS = 256
 _BULK_TEXT = 64 * 1024
-# Lone surrogates are valid in a Python str but cannot be encoded as UTF-8 (nor stored).
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 #: The deepest ``payload`` allowed. Storage reads and messages put each payload inside its
@@ -122,162 +128,6 @@ class EventLimits:
             raise ValueError("max_bytes must be at least 64")
 
 
-#: The most characters or bytes JSON text takes for one character of an event.
-_JSON_CHARACTER_WIDTH = 6
-
-#: Past this ``max_depth`` the recursive fast scan is not used.
-_FAST_SCAN_MAX_DEPTH = 200
-_FAIL = -(1 << 62)  # a size so negative that any sum containing it stays negative
-
-
-#: Integers within these bounds take at most 20 characters of JSON: the scans count their
-#: digits with ``str``. Larger ones are measured, and refused past ``_LONGEST_INT_DIGITS``.
-_SMALL_INT: Final = 1 << 63
-#: The most digits pydantic-core's JSON parser reads back as an integer (and Python's default
-#: ``sys.get_int_max_str_digits()``).
-_LONGEST_INT_DIGITS: Final = 4300
-
-#: Per model class: bytes counted for its keys and bool fields; its int, str and other fields.
-_ModelPlan = tuple[int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
-_MODEL_PLANS: dict[type[BaseModel], _ModelPlan] = {}
-
-
-def _model_plan(cls: type[BaseModel]) -> _ModelPlan:
-    """How to scan instances of ``cls``: the size of its keys and of its bool fields is fixed."""
-    plan = _MODEL_PLANS.get(cls)
-    if plan is None:
-        fixed, ints, texts, others = 0, [], [], []
-        for name, width in _key_widths(cls).items():  # excluded fields are never written
-            # Its key, as written: ``"name":``; each value counts its own comma.
-            fixed += width + 3
-            field = cls.model_fields[name]
-            if field.annotation is bool:
-                fixed += 6
-            elif field.annotation is int:
-                ints.append(name)
-            elif field.annotation is str:
-                texts.append(name)
-            else:
-                others.append(name)
-        plan = _MODEL_PLANS[cls] = (fixed, tuple(ints), tuple(texts), tuple(others))
-    return plan
-
-
-def _int_digits(value: int) -> int:
-    """How many digits ``value`` has (``str`` refuses to tell past 4,300 of them)."""
-    bits = abs(value).bit_length()
-    estimate = max(1, int(bits * math.log10(2)))  # the exact count, or one less
-    power: int = 10**estimate
-    return estimate + 1 if abs(value) >= power else estimate
-
-
-def _scan_model(value: BaseModel, depth: int, max_depth: int, budget: int) -> int:
-    """``_scan`` of a model without extra fields, at ``depth`` (already within the limit)."""
-    kind = type(value)
-    if kind.__pydantic_root_model__:
-        return _scan(value.root, depth, max_depth, budget)  # type: ignore[attr-defined]
-    fixed, ints, texts, others = _MODEL_PLANS.get(kind) or _model_plan(kind)
-    size = 4 + fixed
-    fields = value.__dict__
-    for name in ints:
-        number = fields[name]
-        if type(number) is not int or not -_SMALL_INT < number < _SMALL_INT:
-            return _FAIL  # a huge number (or a value assigned around validation)
-        size += 2 if 0 <= number < 10 else len(str(number)) + 1
-    for name in texts:
-        text = fields[name]
-        if type(text) is not str:
-            size += _scan(text, depth + 1, max_depth, budget)
-        elif "\x00" in text or (not text.isascii() and _SURROGATE.search(text)):
-            return _FAIL
-        else:
-            size += len(text) + 3
-    for name in others:
-        size += _scan(fields[name], depth + 1, max_depth, budget)
-        if not 0 <= size <= budget:
-            return _FAIL
-    return size
-
-
-def _is_container(value: object) -> bool:
-    """Whether the slow scan walks into ``value``.
-
-    Mappings, models, dataclass instances, lists, tuples, sets and deques; never a one-shot
-    iterator, which reading would empty.
-    """
-    if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset | deque):
-        return True
-    # Not any Collection: a Flag member iterates to itself, a range or an array may be huge,
-    # and a type written by its own serializer is not written as its items.
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
-
-
-#: Values of these types are written as short JSON strings: the fast scan counts them so.
-_SHORT_TEXTS: Final = (datetime, date, time, timedelta, UUID)
-
-
-def _scan(value: Any, depth: int, max_depth: int, budget: int) -> int:  # noqa: PLR0911, PLR0912
-    """Approximate JSON size of ``value``, or a negative number if it breaks a limit.
-
-    Recursion depth is bounded by ``max_depth`` (at most ``_FAST_SCAN_MAX_DEPTH``). A
-    container stops as soon as it has passed ``budget`` (the size allowed) or met anything
-    unusual: values shared many times over (``[a, a]`` nested) cost no more than the budget.
-    A negative number hands the decision to the slow scan.
-    """
-    kind = type(value)
-    if kind is str:
-        if "\x00" in value or (not value.isascii() and _SURROGATE.search(value)):
-            return _FAIL
-        return len(value) + 3
-    if kind is int:
-        if 0 <= value < 10:
-            return 2
-        return len(str(value)) + 1 if -_SMALL_INT < value < _SMALL_INT else _FAIL
-    if kind is bool or value is None:
-        return 6  # false, and its comma
-    if kind is float:
-        return len(repr(value)) + 1 if math.isfinite(value) else _FAIL
-    if kind in _SHORT_TEXTS:
-        return 40
-    if depth > max_depth:
-        return _FAIL
-    if isinstance(value, BaseModel) and not value.__pydantic_extra__:
-        return _scan_model(value, depth, max_depth, budget)
-    size = 4
-    if kind is dict:
-        for key, child in value.items():
-            if type(key) is not str or "\x00" in key or not key.isascii():
-                return _FAIL
-            size += len(key) + 3 + _scan(child, depth + 1, max_depth, budget)
-            if not 0 <= size <= budget:
-                return _FAIL
-        return size
-    if kind is list or kind is tuple:
-        for child in value:
-            size += _scan(child, depth + 1, max_depth, budget)
-            if not 0 <= size <= budget:
-                return _FAIL
-        return size
-    return _FAIL
-
-
-#: Per model (or Pydantic dataclass) class: how long each written field's key is, by field
-#: name; fields excluded from dumps are left out.
-_KEY_WIDTHS: dict[type, dict[str, int]] = {}
-
-
-def _key_widths(cls: type) -> dict[str, int]:
-    widths = _KEY_WIDTHS.get(cls)
-    if widths is None:
-        fields = getattr(cls, "__pydantic_fields__", None) or {}
-        widths = _KEY_WIDTHS[cls] = {
-            name: len(field.serialization_alias or field.alias or name)
-            for name, field in fields.items()
-            if not field.exclude
-        }
-    return widths
-
-
 def _normalize_in_place(event: Event) -> None:
     """Give a freshly validated event (ours alone) a UTC millisecond timestamp."""
     stamp = event.timestamp
@@ -285,33 +135,6 @@ def _normalize_in_place(event: Event) -> None:
         normalized = normalize_timestamp(stamp)
         if normalized is not stamp:
             event.__dict__["timestamp"] = normalized
-
-
-def _fast_size(event: Event, max_depth: int, budget: int) -> int:
-    """Approximate JSON size of an event of a declared type, or negative if unsure or bad.
-
-    ``max_depth`` 0 means the limit is too deep for the recursive scan: always unsure.
-    """
-    text = event.aggregate_id
-    if (
-        not max_depth
-        or type(event.version) is not int
-        or not 0 < event.version <= MAX_VERSION
-        or type(text) is not str
-        or "\x00" in text
-        or (not text.isascii() and _SURROGATE.search(text))
-    ):
-        return _FAIL
-    size = len(text) + len(event.type) + 80
-    payload, metadata = event.payload, event.metadata
-    if payload is not None:
-        if type(payload) in _MODEL_PLANS and not payload.__pydantic_extra__:
-            size += _scan_model(payload, 1, max_depth, budget)  # the usual typed payload
-        else:
-            size += _scan(payload, 1, max_depth, budget)
-    if metadata is not None:
-        size += _scan(metadata, 1, max_depth, budget)
-    return size
 
 
 #: Validators of unions of event types, by the union's classes: building them is most of the
@@ -370,7 +193,7 @@ class EventStoreContext:
     ) -> None:
         if not isinstance(event_store_id, str) or not event_store_id:
             raise ValueError("event_store_id must be a non-empty string")
-        if "\x00" in event_store_id or _SURROGATE.search(event_store_id):
+        if "\x00" in event_store_id or LONE_SURROGATE.search(event_store_id):
             raise ValueError(
                 f"event_store_id must be storable text (no NUL, no lone surrogate): "
                 f"{event_store_id!r}"
@@ -379,7 +202,7 @@ class EventStoreContext:
         self.limits = limits or EventLimits()
         # Copies read on every push; 0 disables the recursive fast scan for deep limits.
         depth = self.limits.max_depth
-        self._fast_scan_depth = depth if depth <= _FAST_SCAN_MAX_DEPTH else 0
+        self._fast_scan_depth = depth if depth <= FAST_SCAN_MAX_DEPTH else 0
         self._max_bytes = self.limits.max_bytes
         by_type: dict[str, type[Event]] = {}
         for event_type in event_types:
@@ -388,7 +211,7 @@ class EventStoreContext:
             for name in names:
                 if name in RESERVED_EVENT_TYPES:
                     raise ReservedEventTypeError(name)
-                if not name or "\x00" in name or _SURROGATE.search(name):
+                if not name or "\x00" in name or LONE_SURROGATE.search(name):
                     raise ValueError(f"event type names must be storable text: {name!r}")
                 if name in by_type and by_type[name] is not event_type:
                     raise ValueError(
@@ -443,7 +266,7 @@ class EventStoreContext:
             EventLimitExceededError: The event is too deep, too large or not storable.
         """
         if limits and not (
-            0 <= _fast_size(fresh, self._fast_scan_depth, self._max_bytes) <= self._max_bytes
+            0 <= fast_size(fresh, self._fast_scan_depth, self._max_bytes) <= self._max_bytes
         ):
             self._explain_limits(fresh)  # raises, unless the fast scan was unsure
         stamp = fresh.timestamp
@@ -506,7 +329,7 @@ class EventStoreContext:
         # A guard against parsing huge texts, not the limit itself (``check_limits`` then
         # measures the event): the limit counts characters, and JSON writes one in up to
         # six (``\u00e9``; four bytes of UTF-8), so an event within it may be longer.
-        longest = _JSON_CHARACTER_WIDTH * self.limits.max_bytes
+        longest = JSON_CHARACTER_WIDTH * self.limits.max_bytes
         if limits and len(text) > longest:
             raise EventLimitExceededError(
                 self.event_store_id,
@@ -543,7 +366,7 @@ class EventStoreContext:
         """Fast scan without paths: whether the event respects every limit."""
         if event.type not in self._by_type:  # declared types were checked at registration
             return False
-        return 0 <= _fast_size(event, self._fast_scan_depth, self._max_bytes) <= self._max_bytes
+        return 0 <= fast_size(event, self._fast_scan_depth, self._max_bytes) <= self._max_bytes
 
     def _explain_limits(self, event: Event) -> None:
         """Slow scan with paths; raises on the first violation it finds."""
@@ -561,7 +384,7 @@ class EventStoreContext:
             value, depth, path = stack.pop()
             while isinstance(value, RootModel):
                 value = value.root  # written as its root alone
-            if _is_container(value):
+            if is_container(value):
                 if depth > max_depth:
                     raise EventLimitExceededError(
                         self.event_store_id, f"nesting deeper than max_depth={max_depth}", path
@@ -630,14 +453,14 @@ class EventStoreContext:
 
     def _int_size(self, value: int, path: tuple[str | int, ...]) -> int:
         """The bytes the slow scan counts for an int; one JSON cannot read back is refused."""
-        if -_SMALL_INT < value < _SMALL_INT:
+        if -SMALL_INT < value < SMALL_INT:
             return len(str(value)) + 1
-        digits = _int_digits(value)
-        if digits > _LONGEST_INT_DIGITS:
+        digits = int_digits(value)
+        if digits > LONGEST_INT_DIGITS:
             raise EventLimitExceededError(
                 self.event_store_id,
                 f"an integer of {digits} digits cannot be read back from JSON"
-                f" (at most {_LONGEST_INT_DIGITS})",
+                f" (at most {LONGEST_INT_DIGITS})",
                 path,
             )
         return digits + 1
@@ -653,7 +476,7 @@ class EventStoreContext:
         widths: dict[str, int] | None = None
         keyed = isinstance(value, Mapping)
         if isinstance(value, BaseModel):
-            widths = _key_widths(type(value))
+            widths = key_widths(type(value))
             items: Iterable[tuple[Any, Any]] = value.__dict__.items()
             extra = value.__pydantic_extra__
             if extra:
@@ -665,7 +488,7 @@ class EventStoreContext:
             items = value.items()
         elif dataclasses.is_dataclass(value):
             if hasattr(type(value), "__pydantic_fields__"):
-                widths = _key_widths(type(value))
+                widths = key_widths(type(value))
             items = [
                 (field.name, getattr(value, field.name)) for field in dataclasses.fields(value)
             ]
