@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Generic, TypeAlias
 
-from castore_pydantic._aggregate import AggregateT, EventT, Reducer
+from castore_pydantic._aggregate import Aggregate, AggregateT, EventT, Reducer
 from castore_pydantic._event import Event, utc_now, with_timestamp
 from castore_pydantic._paging import check_count, check_read_options, parse_timestamp
 from castore_pydantic._serialization import EventLimits, EventStoreContext
@@ -79,6 +79,17 @@ class EventStore(Generic[AggregateT, EventT]):
         on_event_pushed: OnEventPushed | None = None,
         limits: EventLimits | None = None,
     ) -> None:
+        if isinstance(event_types, type | str | bytes) or not isinstance(event_types, Iterable):
+            raise TypeError(
+                "event_types must be a sequence of Event subclasses (for example "
+                f"[PokemonAppeared, PokemonCaught]), not {event_types!r}"
+            )
+        if not callable(reducer):
+            raise TypeError(
+                "reducer must be a function (aggregate | None, event) -> aggregate, "
+                f"not {reducer!r}"
+            )
+        event_types = tuple(event_types)
         self._context = EventStoreContext(event_store_id, event_types, limits)
         self._event_types = tuple(dict.fromkeys(event_types))
         self._reducer = reducer
@@ -297,20 +308,56 @@ class EventStore(Generic[AggregateT, EventT]):
             EventLimitExceededError: It is too deep or too large; nothing is written.
             EventAlreadyExistsError: The version is taken (and ``force`` is false).
             UndefinedEventStorageAdapterError: No adapter was set.
+            ValueError: ``prev_aggregate`` is an ``Aggregate`` of another id, or not older
+                than the event; nothing is written.
+            Exception: What ``on_event_pushed`` raises, or what the reducer raises on the
+                stored event (the hook then still runs, with no next aggregate, and the
+                reducer's error, noted as after the write, is raised afterwards): the event
+                *is* stored.
         """
+        return await self._push(event, prev_aggregate, force, self.on_event_pushed)
+
+    async def _push(
+        self,
+        event: EventT | Mapping[str, Any] | str | bytes,
+        prev_aggregate: AggregateT | None,
+        force: bool,
+        hook: OnEventPushed | None,
+    ) -> PushEventResult[AggregateT, EventT]:
+        """``push_event``, with ``hook`` run after the write (a connected store publishes)."""
         adapter = self.get_event_storage_adapter()
         validated = self._context.validate_input(event)
+        if prev_aggregate is not None:
+            _check_prev_aggregate(prev_aggregate, validated)
         stored: Any = await adapter.push_event(validated, self._context, force=force)
-        next_aggregate = (
-            self._reducer(prev_aggregate, stored)
-            if prev_aggregate is not None or stored.version == 1
-            else None
-        )
-        result: PushEventResult[AggregateT, EventT] = PushEventResult(stored, next_aggregate)
-        hook = self.on_event_pushed
-        if hook is not None:
-            await call_and_await(hook, result)
+        result, failure = self._pushed(stored, prev_aggregate)
+        if failure is None:
+            if hook is not None:
+                await call_and_await(hook, result)
+        else:
+            await _run_hooks([(hook, result, failure)])
         return result
+
+    def _pushed(
+        self, stored: Any, prev_aggregate: Any
+    ) -> tuple[PushEventResult[Any, Any], Exception | None]:
+        """The result of a stored event, and the reducer's error if it failed on it.
+
+        The event is stored whatever the reducer does: its failure must not keep the hooks
+        (and a connected store's publishing) from running. They then see no next aggregate,
+        and the error is raised once they ran, with a note saying the event is stored.
+        """
+        if prev_aggregate is None and stored.version != 1:
+            return PushEventResult(stored, None), None
+        try:
+            return PushEventResult(stored, self._reducer(prev_aggregate, stored)), None
+        except Exception as error:
+            error.add_note(
+                f"Event {stored.type!r} version {stored.version} of aggregate "
+                f"{stored.aggregate_id!r} ({self.event_store_id}) is stored: the reducer failed "
+                "on it after the write, so the result has no next aggregate."
+            )
+            return PushEventResult(stored, None), error
 
     def group_event(
         self,
@@ -342,9 +389,16 @@ class EventStore(Generic[AggregateT, EventT]):
         Events without a timestamp share one. The first event's adapter performs the write;
         every other grouped event must use an adapter of the same kind.
 
+        Once the group is stored, each event's ``on_event_pushed`` (and a connected store's
+        publishing) runs, in the group's order; a reducer or hook failing on one event does
+        not stop the others, and the first failure is raised once all ran (the others are
+        logged).
+
         Raises:
             EventGroupError: The group is empty or mixes incompatible adapters.
             EventAlreadyExistsError: One version is taken; nothing of the group is written.
+            ValueError: A ``prev_aggregate`` is an ``Aggregate`` of another id, or not older
+                than its event; nothing is written.
         """
         if not grouped_events:
             raise EventGroupError("An event group needs at least one grouped event")
@@ -359,23 +413,22 @@ class EventStore(Generic[AggregateT, EventT]):
         prepared: Sequence[GroupedEvent] = grouped_events
         if not _stamps_groups(head):
             prepared = _stamped_group(grouped_events)
+        for grouped in prepared:
+            if grouped.prev_aggregate is not None:
+                _check_prev_aggregate(grouped.prev_aggregate, grouped.event)
         stored = await head.push_event_group(prepared, force=force)
         results: list[PushEventResult[Any, Event]] = []
-        hooked: list[tuple[Any, PushEventResult[Any, Event]]] = []
+        hooked: list[_Hooked] = []
         for grouped, event in zip(prepared, stored, strict=True):
             store = grouped.event_store
             if store is None:
                 results.append(PushEventResult(event, None))
                 continue
-            prev = grouped.prev_aggregate
-            result: PushEventResult[Any, Event] = PushEventResult(
-                event,
-                store.reducer(prev, event) if prev is not None or event.version == 1 else None,
-            )
+            result, failure = store._pushed(event, grouped.prev_aggregate)
             results.append(result)
             hook = store._after_push()
-            if hook is not None:
-                hooked.append((hook, result))
+            if hook is not None or failure is not None:
+                hooked.append((hook, result, failure))
         await _run_hooks(hooked)
         return PushEventGroupResult(tuple(results))
 
@@ -387,20 +440,28 @@ class EventStore(Generic[AggregateT, EventT]):
         return self.on_event_pushed
 
 
-async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) -> None:
-    """Run a stored group's hooks one after another, in the group's order.
+#: A stored event's hook (``None`` for none), its result, and the reducer's error on it.
+_Hooked: TypeAlias = tuple[OnEventPushed | None, PushEventResult[Any, Any], Exception | None]
+
+
+async def _run_hooks(hooked: Sequence[_Hooked]) -> None:
+    """Run stored events' hooks one after another, in the group's order.
 
     One at a time, so that messages of one aggregate are published in version order. A
-    failing hook does not stop the others: every event is stored, and each gets its
-    hook's turn. The first failure is raised once all ran; the others are logged.
+    failing hook, or a reducer that failed on a stored event, does not stop the others:
+    every event is stored, and each gets its hook's turn. The first failure is raised once
+    all ran; the others are logged.
     """
-    failures: list[tuple[PushEventResult[Any, Event], Exception]] = []
+    failures: list[tuple[PushEventResult[Any, Any], Exception, str]] = []
     try:
-        for hook, result in hooked:
-            try:
-                await call_and_await(hook, result)
-            except Exception as exc:  # raised below, once every hook ran
-                failures.append((result, exc))
+        for hook, result, failure in hooked:
+            if failure is not None:
+                failures.append((result, failure, "the reducer"))
+            if hook is not None:
+                try:
+                    await call_and_await(hook, result)
+                except Exception as exc:  # raised below, once every hook ran
+                    failures.append((result, exc, "on_event_pushed"))
     except BaseException:
         _log_hook_failures(failures)  # a cancellation goes on; earlier failures are logged
         raise
@@ -409,15 +470,44 @@ async def _run_hooks(hooked: Sequence[tuple[Any, PushEventResult[Any, Event]]]) 
         raise failures[0][1]
 
 
-def _log_hook_failures(failures: Sequence[tuple[PushEventResult[Any, Event], Exception]]) -> None:
-    for failed, error in failures:
+def _log_hook_failures(
+    failures: Sequence[tuple[PushEventResult[Any, Any], Exception, str]],
+) -> None:
+    for failed, error, what in failures:
         logger.error(
-            "on_event_pushed failed for aggregate %s version %s of a stored group: %s",
+            "%s failed for aggregate %s version %s, which is stored: %s",
+            what,
             failed.event.aggregate_id,
             failed.event.version,
             error,
             exc_info=error,
         )
+
+
+def _check_prev_aggregate(prev_aggregate: object, event: Event) -> None:
+    """Refuse an ``Aggregate`` given as ``prev_aggregate`` that cannot precede the event.
+
+    The next aggregate is folded from it (and published by state-carrying channels): another
+    aggregate's, or one already at or past the event's version, would silently give a wrong
+    state. Versions need not be contiguous, so an older aggregate is accepted. Checked
+    before writing.
+
+    Raises:
+        ValueError: Another aggregate id, or a version not below the event's.
+    """
+    if not isinstance(prev_aggregate, Aggregate):
+        return  # an aggregate type of the user's own: nothing known to check
+    if prev_aggregate.aggregate_id != event.aggregate_id:
+        problem = f"is aggregate {prev_aggregate.aggregate_id!r}"
+    elif prev_aggregate.version >= event.version:
+        problem = f"is already at version {prev_aggregate.version}"
+    else:
+        return
+    raise ValueError(
+        f"prev_aggregate {problem}, but the event is version {event.version} of aggregate "
+        f"{event.aggregate_id!r}: pass the aggregate as it was before this event (or none); "
+        "nothing was written"
+    )
 
 
 def _stamps_groups(adapter: object) -> bool:

@@ -84,6 +84,33 @@ class TestDeclaration:
                 reducer=reduce_pokemon,
             )
 
+    def test_event_types_must_be_a_sequence_of_classes(self) -> None:
+        """One class instead of a list gets a clear TypeError (it was 'not iterable')."""
+        with pytest.raises(TypeError, match=r"sequence of Event subclasses"):
+            EventStore(
+                event_store_id="S",
+                event_types=PokemonAppeared,  # type: ignore[arg-type]
+                reducer=reduce_pokemon,
+            )
+
+    def test_event_types_may_be_any_iterable(self) -> None:
+        """A generator of classes is read once, and each class is kept."""
+        store = EventStore(
+            event_store_id="S",
+            event_types=(cls for cls in (PokemonAppeared, PokemonCaught)),  # type: ignore[arg-type]
+            reducer=reduce_pokemon,
+        )
+        assert store.event_types == (PokemonAppeared, PokemonCaught)
+
+    def test_reducer_must_be_callable(self) -> None:
+        """reducer=None is refused when the store is made, not after the first write."""
+        with pytest.raises(TypeError, match="reducer must be a function"):
+            EventStore(
+                event_store_id="S",
+                event_types=[PokemonAppeared],
+                reducer=None,  # type: ignore[arg-type]
+            )
+
     def test_without_adapter_fails_at_call_time(self) -> None:
         """A store without adapter constructs, then data methods raise (B5)."""
         store = EventStore(
@@ -307,6 +334,48 @@ class TestPushEvent:
         assert seen == [pushed, *grouped.event_group, relayed]
         await adapter.join()
         assert [message.event.version for message in published] == [3]
+
+    async def test_a_reducer_failing_after_the_write_still_runs_the_hook(self) -> None:
+        """The reducer runs once the event is stored: when it raises, the hook still runs
+        (with no next aggregate) and the reducer's error is raised after it, noting that
+        the event is stored (the hook was skipped)."""
+        store = make_store()
+        seen: list[PushEventResult[Any, Any]] = []
+        store.on_event_pushed = seen.append
+        # reduce_pokemon asserts that a catch follows an appearance: here it cannot.
+        with pytest.raises(AssertionError) as raised:
+            await store.push_event(PokemonCaught(aggregate_id="pikachu", version=1))
+        assert any("is stored" in note for note in raised.value.__notes__)
+        (stored,) = (await store.get_events("pikachu")).events
+        assert [(r.event, r.next_aggregate) for r in seen] == [(stored, None)]
+
+    async def test_a_prev_aggregate_of_another_aggregate_is_refused(self) -> None:
+        """A prev_aggregate of another id, or at or past the event's version, would fold a
+        wrong next aggregate: refused before writing (it was folded silently)."""
+        store = make_store()
+        pikachu = (await store.push_event(appeared())).next_aggregate
+        eevee = (await store.push_event(appeared("eevee"))).next_aggregate
+        caught_pikachu = PokemonCaught(aggregate_id="pikachu", version=2)
+        with pytest.raises(ValueError, match="is aggregate 'eevee'"):
+            await store.push_event(caught_pikachu, prev_aggregate=eevee)
+        with pytest.raises(ValueError, match="already at version 1"):
+            await store.push_event(appeared(version=1), prev_aggregate=pikachu, force=True)
+        with pytest.raises(ValueError, match="is aggregate 'eevee'"):
+            await EventStore.push_event_group(
+                store.group_event(appeared("mew")),
+                store.group_event(caught_pikachu, prev_aggregate=eevee),
+            )
+        assert [len((await store.get_events(a)).events) for a in ("pikachu", "mew")] == [1, 0]
+
+    async def test_an_older_prev_aggregate_is_accepted(self) -> None:
+        """Versions need not be contiguous: an aggregate older than the event is folded."""
+        store = make_store()
+        first = await store.push_event(appeared())
+        result = await store.push_event(
+            PokemonCaught(aggregate_id="pikachu", version=5), prev_aggregate=first.next_aggregate
+        )
+        assert result.next_aggregate is not None
+        assert (result.next_aggregate.version, result.next_aggregate.status) == (5, "caught")
 
     async def test_versions_need_not_be_contiguous_but_read_in_order(self) -> None:
         """v5 then v2 is accepted and read back ordered by version (B25, D10)."""

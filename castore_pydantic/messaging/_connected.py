@@ -233,23 +233,36 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
     ) -> PushEventResult[AggregateT, EventT]:
         """Push through the wrapped store (its own hook runs), then publish the message.
 
-        Everything ``EventStore.push_event`` raises is raised the same way, and then nothing
-        is published.
+        What ``EventStore.push_event`` raises before writing is raised the same way, and then
+        nothing is published. A reducer that fails on the stored event does not stop the
+        publishing: its error is raised afterwards (see ``EventStore.push_event``).
 
         Raises:
             MessageBrokerUnavailableError: Publishing failed; the event *is* stored.
             UndefinedMessageChannelAdapterError: The channel has no adapter; the event *is*
                 stored.
-            Exception: On a state-carrying channel without ``prev_aggregate``, whatever
-                reading the aggregate back raises (the reducer's error, a storage error);
-                the event *is* stored. A cancellation between the write and the publish
-                leaves the event stored and unpublished too.
+            Exception: On a state-carrying channel without a next aggregate (no
+                ``prev_aggregate``, or the reducer failed on the event), whatever reading the
+                aggregate back raises (the reducer's error, a storage error); the event *is*
+                stored. A cancellation between the write and the publish leaves the event
+                stored and unpublished too.
         """
-        result = await self._event_store.push_event(
-            event, prev_aggregate=prev_aggregate, force=force
-        )
-        await self.publish_pushed_event(result)
-        return result
+        return await self._push(event, prev_aggregate, force, self._on_event_pushed)
+
+    async def _push(
+        self,
+        event: EventT | Mapping[str, Any] | str | bytes,
+        prev_aggregate: AggregateT | None,
+        force: bool,
+        hook: OnEventPushed | None,
+    ) -> PushEventResult[AggregateT, EventT]:
+        # ``hook`` already runs this store's publishing (``_after_push``), however nested.
+        return await self._event_store._push(event, prev_aggregate, force, hook)
+
+    def _pushed(
+        self, stored: Any, prev_aggregate: Any
+    ) -> tuple[PushEventResult[Any, Any], Exception | None]:
+        return self._event_store._pushed(stored, prev_aggregate)
 
     def group_event(
         self,

@@ -419,6 +419,57 @@ class TestGroupHooks:
         assert inner_log == outer_log == ["publish", "publish"]
 
 
+class TestReducerFailsAfterTheWrite:
+    """A reducer that raises on a stored event does not keep its message from going out."""
+
+    async def test_push_publishes_then_raises_the_reducers_error(self) -> None:
+        """The event is stored and published; the reducer's error follows (nothing was
+        published before)."""
+        connected, adapter = connect(NotificationMessageQueue)
+        with pytest.raises(AssertionError):
+            # reduce_pokemon asserts that a catch follows an appearance.
+            await connected.push_event(caught(version=1))
+        (stored,) = (await connected.get_events("pikachu")).events
+        assert [message.event for message, _ in adapter.published] == [stored]
+
+    async def test_group_publishes_every_event_then_raises(self) -> None:
+        """One store's reducer failing in a group stops neither its own message nor the
+        other store's (none of the group was published before)."""
+        storage = InMemoryEventStorageAdapter()
+        good, bad = make_store(storage, "GOOD"), make_store(storage, "BAD")
+        log: list[str] = []
+        queue = NotificationMessageQueue(
+            message_queue_id="q",
+            source_event_stores=[good, bad],
+            message_queue_adapter=RecordingAdapter(log),
+        )
+        connected_good, connected_bad = (
+            ConnectedEventStore(good, queue),
+            ConnectedEventStore(bad, queue),
+        )
+        with pytest.raises(AssertionError) as raised:
+            await EventStore.push_event_group(
+                connected_bad.group_event(caught(version=1)),
+                connected_good.group_event(appeared()),
+            )
+        assert any("(BAD) is stored" in note for note in raised.value.__notes__)
+        assert log == ["publish", "publish"]
+        assert [len((await s.get_events("pikachu")).events) for s in (good, bad)] == [1, 1]
+
+    async def test_state_carrying_reads_back_and_raises_the_first_error(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Without a next aggregate a state-carrying channel reads the aggregate back; the
+        reducer fails there too: the first error is raised, the second logged."""
+        connected, adapter = connect(StateCarryingMessageQueue)
+        with pytest.raises(AssertionError) as raised:
+            await connected.push_event(caught(version=1))
+        assert any("is stored" in note for note in raised.value.__notes__)
+        assert adapter.published == []
+        assert "on_event_pushed failed for aggregate pikachu version 1" in caplog.text
+        assert len((await connected.get_events("pikachu")).events) == 1
+
+
 class TestBrokerDown:
     async def test_push_stores_the_event_and_raises(self) -> None:
         """B61: publishing to a broker that is down raises, and the event stays stored."""
