@@ -22,7 +22,7 @@ from typing import (
     is_typeddict,
 )
 
-from pydantic import BaseModel, RootModel, TypeAdapter
+from pydantic import BaseModel, RootModel, TypeAdapter, ValidationError
 
 from castore_pydantic._types import call_and_await
 from castore_pydantic.errors import EventAlreadyExistsError, is_event_already_exists_error
@@ -139,6 +139,20 @@ def _function_of(handler: Callable[..., Any]) -> Any:
     return target
 
 
+def _awaitable(command_id: str, running: Any) -> Awaitable[Any]:
+    """What a command's handler returned, which must be awaitable.
+
+    Raises:
+        TypeError: It is not (a plain ``def`` handler).
+    """
+    if not inspect.isawaitable(running):
+        raise TypeError(
+            f"the handler of command {command_id!r} returned {type(running).__name__}, not an "
+            "awaitable: define it with 'async def'"
+        )
+    return running
+
+
 class Command(Generic[InputT, OutputT]):
     """A unit of business logic that validates its input, pushes events and may retry.
 
@@ -226,15 +240,19 @@ class Command(Generic[InputT, OutputT]):
             *context: Extra arguments passed to the user handler on every attempt.
 
         Raises:
-            pydantic.ValidationError: Invalid input (the handler never ran) or invalid output.
+            pydantic.ValidationError: Invalid input (the handler never ran) or invalid output
+                (the handler ran: what it pushed is stored; a note on the error says so).
             EventAlreadyExistsError: Still conflicting after all retries (the last error).
+            TypeError: The handler returned something other than an awaitable (it is not
+                an ``async`` function).
         """
         validated = self.validate_input(input)
         retries_left = self.event_already_exists_retries
         attempt_number = 1
         while True:
             try:
-                output = await self._handler(validated, required_event_stores, *context)
+                running = self._handler(validated, required_event_stores, *context)
+                output = await _awaitable(self.command_id, running)
                 break
             except Exception as error:
                 if not is_event_already_exists_error(error):
@@ -251,5 +269,13 @@ class Command(Generic[InputT, OutputT]):
                 retries_left -= 1
                 attempt_number += 1
         if self._output_adapter is None:
-            return output
-        return cast(OutputT, self._output_adapter.validate_python(output))
+            return cast(OutputT, output)
+        try:
+            return cast(OutputT, self._output_adapter.validate_python(output))
+        except ValidationError as error:
+            error.add_note(
+                f"The handler of command {self.command_id!r} ran to its end: the events it "
+                "pushed are stored. Do not run the command again for this input; fix what the "
+                "handler returns, or output_schema."
+            )
+            raise

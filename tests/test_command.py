@@ -209,8 +209,32 @@ class TestValidation:
 
         cmd = Command(command_id="C", handler=bad, input_schema=LevelUpInput,
                       output_schema=LevelUpOutput)  # fmt: skip
-        with pytest.raises(ValidationError):
+        with pytest.raises(ValidationError) as raised:
             await cmd.handler({"pokemon_id": "p"})
+        # The handler ran: whatever it pushed is stored, and the error says so.
+        assert any("pushed are stored" in note for note in raised.value.__notes__)
+
+    async def test_a_plain_function_handler_is_a_clear_error(self) -> None:
+        """A handler defined without 'async' is named as such (it failed with "object ...
+        can't be used in 'await' expression")."""
+
+        def plain(data: LevelUpInput, stores: Sequence[Any]) -> LevelUpOutput:
+            return LevelUpOutput(new_level=1)
+
+        cmd = Command(command_id="C", handler=plain)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="returned LevelUpOutput, not an awaitable"):
+            await cmd.handler({"pokemon_id": "p"})
+
+    async def test_a_lambda_returning_a_coroutine_is_a_handler(self) -> None:
+        """What matters is that the call returns an awaitable, not how it is defined."""
+        recorder = Recorder(failures=0)
+        cmd = Command(
+            command_id="C",
+            handler=lambda data, stores: recorder.handler(data, stores),  # noqa: PLW0108
+            input_schema=LevelUpInput,
+            output_schema=LevelUpOutput,
+        )
+        assert await cmd.handler({"pokemon_id": "p"}) == LevelUpOutput(new_level=5)
 
     async def test_schemas_are_read_from_annotations(self) -> None:
         """Without explicit schemas, the handler's annotations are used."""
