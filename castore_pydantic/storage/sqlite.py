@@ -164,6 +164,27 @@ def _locate(name: str) -> _Location:
     return _Location(real, None, Path(real).as_uri() + tail)
 
 
+_URL: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _lasting_open_failure(name: str, file: str | None) -> str | None:
+    """Why a database SQLite cannot open will not open on a retry either, when it shows.
+
+    A missing directory, a directory given as the file or a URL given as a path are
+    mistakes to fix, not an outage (``StorageUnavailableError`` says "retry").
+    """
+    if _URL.match(name):
+        return "it is a URL; give a file path (or a 'file:' URI)"
+    if file is None:
+        return None
+    if os.path.isdir(file):
+        return "it is a directory"
+    folder = os.path.dirname(file)
+    if not os.path.isdir(folder):
+        return f"the directory {folder!r} does not exist"
+    return None
+
+
 def _listed_timestamp(text: object, event_store_id: str, aggregate_id: str) -> datetime:
     """A version-1 row's timestamp not in this adapter's form, read as its event would be.
 
@@ -379,8 +400,12 @@ class SQLiteEventStorageAdapter:
             for statement in self._sql.create:
                 conn.execute(statement)
         except sqlite3.Error as exc:
-            if _error_code(exc) & 0xFF in _BUSY_CODES:
+            code = _error_code(exc) & 0xFF
+            if code in _BUSY_CODES:
                 raise _BusyError from exc
+            reason = _lasting_open_failure(self._database, self._location.file)
+            if code == sqlite3.SQLITE_CANTOPEN and reason is not None:
+                raise StorageError(f"SQLite cannot open {self._database!r}: {reason}") from exc
             raise _storage_error(exc, f"opening {self._database!r}") from exc
         self._ready_tables.add(self._table)
         return conn

@@ -424,13 +424,31 @@ class TestListingPrecision:
 
 
 class TestErrors:
-    async def test_unopenable_path_is_storage_unavailable(self, tmp_path: Path) -> None:
-        """A database in a missing directory raises StorageUnavailableError from sqlite3."""
-        adapter = SQLiteEventStorageAdapter(tmp_path / "missing" / "events.db")
-        with pytest.raises(StorageUnavailableError) as info:
+    @pytest.mark.parametrize(
+        ("where", "reason"),
+        [
+            ("missing/events.db", "directory .*missing' does not exist"),
+            (".", "it is a directory"),
+            ("sqlite:///events.db", "it is a URL; give a file path"),
+        ],
+    )
+    async def test_a_path_that_cannot_open_is_a_mistake_not_an_outage(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, reason: str
+    ) -> None:
+        """A missing directory, a directory or a URL given as the file raises StorageError
+        naming the reason, from sqlite3's error: not StorageUnavailableError, which says
+        that retrying may help (it did)."""
+        monkeypatch.chdir(tmp_path)
+        adapter = SQLiteEventStorageAdapter(where)
+        with pytest.raises(StorageError, match=reason) as info:
             await log_store(adapter).get_events("a")
+        assert not isinstance(info.value, StorageUnavailableError)
         assert isinstance(info.value.__cause__, sqlite3.Error)
+        with pytest.raises(StorageError, match=reason):
+            async with adapter:
+                pass
         await adapter.aclose()
+        assert os.listdir(tmp_path) == []
 
     async def test_a_file_that_is_not_a_database_is_a_storage_error(self, db: Path) -> None:
         """Garbage in the file is a StorageError (not retriable), caused by sqlite3's error."""
