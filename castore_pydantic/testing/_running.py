@@ -112,14 +112,38 @@ async def _run(
         pushed_to.append(result.event.aggregate_id)
 
     target.on_event_pushed = remember
-    for command, value in steps:
+    for index, (command, value) in enumerate(steps):
         stores = [copy_of(required) for required in command.required_event_stores]
         try:
             await command.handler(value, stores, *contexts[command.command_id])
         except expected_errors:
             continue
+        except Exception as error:
+            error.add_note(_history_note(steps[: index + 1]))
+            raise
     key = aggregate_id if aggregate_id is not None else next(iter(pushed_to), None)
     if key is None:
         return []
     events: list[Event] = (await target.get_events(key)).events
     return events
+
+
+def _history_note(steps: Sequence[tuple[Command[Any, Any], Any]]) -> str:
+    """The commands a history ran, the failing one last, for an unexpected error's note.
+
+    Hypothesis shrinks the history before showing the error: the list is then short.
+    """
+    lines = [
+        "The command history that raised this (the last command raised it; commands that "
+        "raised an expected error were skipped):"
+    ]
+    for number, (command, value) in enumerate(steps, start=1):
+        shown = repr(value)
+        if len(shown) > _SHOWN_INPUT:
+            shown = shown[: _SHOWN_INPUT - 3] + "..."
+        lines.append(f"  {number}. {command.command_id}: {shown}")
+    return "\n".join(lines)
+
+
+#: The longest input repr a history note shows.
+_SHOWN_INPUT = 300

@@ -1362,8 +1362,11 @@ class TestCommandHistories:
         strategy = cst.command_histories(
             POKEMONS, [CATCH], aggregate_id_field="pokemon_id", expected_errors=()
         )
-        with pytest.raises(AggregateNotFoundError):
+        with pytest.raises(AggregateNotFoundError) as raised:
             find(strategy, lambda h: True)
+        # It says which commands ran, with which input, the failing one last.
+        (note,) = [n for n in raised.value.__notes__ if n.startswith("The command history")]
+        assert note.splitlines()[-1].startswith("  1. CATCH: CatchInput(pokemon_id=")
 
     @pytest.mark.parametrize(
         ("kwargs", "message"),
