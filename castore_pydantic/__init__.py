@@ -8,8 +8,9 @@ in ``castore_pydantic.errors``.
 from castore_pydantic._aggregate import Aggregate, Reducer
 from castore_pydantic._command import Command, OnEventAlreadyExistsContext
 from castore_pydantic._event import RESERVED_EVENT_TYPES, Event, Timestamp
+from castore_pydantic._event_limits import EventLimits
 from castore_pydantic._event_store import EventStore
-from castore_pydantic._serialization import EventLimits, EventStoreContext
+from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import (
     AggregateIdEntry,
     GetAggregateResult,

@@ -10,8 +10,9 @@ from typing import Any, Generic, TypeAlias
 
 from castore_pydantic._aggregate import Aggregate, AggregateT, EventT, Reducer
 from castore_pydantic._event import Event, utc_now, with_timestamp
+from castore_pydantic._event_limits import EventLimits
 from castore_pydantic._paging import check_count, check_read_options, parse_timestamp
-from castore_pydantic._serialization import EventLimits, EventStoreContext
+from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import (
     EventStorageAdapter,
     GetAggregateResult,

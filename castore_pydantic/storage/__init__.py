@@ -6,8 +6,9 @@ before it is needed: ``storage.memory`` (``InMemoryEventStorageAdapter``), ``sto
 (``PostgresEventStorageAdapter``, extra ``[postgres]``).
 """
 
+from castore_pydantic._event_limits import EventLimits
 from castore_pydantic._paging import ListingOptions
-from castore_pydantic._serialization import EventLimits, EventStoreContext
+from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import (
     AggregateIdEntry,
     EventStorageAdapter,

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import pytest
 
 from castore_pydantic import Event, EventStore
-from castore_pydantic._serialization import EventLimits
+from castore_pydantic._event_limits import EventLimits
 from castore_pydantic.messaging import (
     MessageChannel,
     NotificationMessage,

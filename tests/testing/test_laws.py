@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from castore_pydantic import Aggregate, Event, EventStore
-from castore_pydantic._serialization import EventLimits
+from castore_pydantic._event_limits import EventLimits
 from castore_pydantic.errors import EventLimitExceededError, ReducerLawError
 from castore_pydantic.testing import strategies as cst
 from castore_pydantic.testing._running import run_now
