@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -22,7 +23,6 @@ from castore_pydantic._event_size import (
     LONGEST_INT_DIGITS,
     SMALL_INT,
     int_digits,
-    is_container,
     key_widths,
 )
 from castore_pydantic.errors import EventLimitExceededError, UnknownEventTypeError
@@ -67,6 +67,19 @@ class EventLimits:
             raise ValueError("max_bytes must be at least 64")
 
 
+def _is_container(value: object) -> bool:
+    """Whether the slow scan walks into ``value``.
+
+    Mappings, models, dataclass instances, lists, tuples, sets and deques; never a one-shot
+    iterator, which reading would empty.
+    """
+    if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset | deque):
+        return True
+    # Not any Collection: a Flag member iterates to itself, a range or an array may be huge,
+    # and a type written by its own serializer is not written as its items.
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
 class LimitScan:
     """The slow scan of pushed events: it names the value that breaks a limit, and how.
 
@@ -102,7 +115,7 @@ class LimitScan:
             value, depth, path = stack.pop()
             while isinstance(value, RootModel):
                 value = value.root  # written as its root alone
-            if is_container(value):
+            if _is_container(value):
                 if depth > max_depth:
                     raise EventLimitExceededError(
                         self.event_store_id, f"nesting deeper than max_depth={max_depth}", path

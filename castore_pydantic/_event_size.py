@@ -1,16 +1,13 @@
 """The size of an event as JSON, estimated, and the facts the size limits rest on.
 
 The fast scan sizes a pushed event without building paths; when it is unsure, or the
-event breaks a limit, the event store's slow scan (``EventStoreContext``) walks it again
-to say where.
+event breaks a limit, the slow scan (``LimitScan`` in ``_event_limits``) walks it again to
+say where.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections import deque
-from collections.abc import Mapping
 from datetime import date, datetime, time, timedelta
 from typing import Any, Final
 from uuid import UUID
@@ -26,7 +23,6 @@ __all__ = [
     "SMALL_INT",
     "fast_size",
     "int_digits",
-    "is_container",
     "key_widths",
 ]
 
@@ -106,19 +102,6 @@ def _scan_model(value: BaseModel, depth: int, max_depth: int, budget: int) -> in
         if not 0 <= size <= budget:
             return _FAIL
     return size
-
-
-def is_container(value: object) -> bool:
-    """Whether the slow scan walks into ``value``.
-
-    Mappings, models, dataclass instances, lists, tuples, sets and deques; never a one-shot
-    iterator, which reading would empty.
-    """
-    if isinstance(value, Mapping | BaseModel | list | tuple | set | frozenset | deque):
-        return True
-    # Not any Collection: a Flag member iterates to itself, a range or an array may be huge,
-    # and a type written by its own serializer is not written as its items.
-    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
 #: Values of these types are written as short JSON strings: the fast scan counts them so.
