@@ -35,10 +35,10 @@ from castore_pydantic.messaging._messages import (
     Message,
     RetryPolicy,
 )
-from castore_pydantic.messaging._redis_consumer import (
+from castore_pydantic.messaging._redis_consumer import StreamConsumer
+from castore_pydantic.messaging._redis_subscription import (
     ConsumerOptions,
     Route,
-    StreamConsumer,
     Subscription,
     ensure_group,
 )

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -32,79 +31,22 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from castore_pydantic.messaging._messages import (
-    Message,
     MessageContext,
-    MessageHandler,
     RetryPolicy,
     describe_error,
     run_handler,
 )
+from castore_pydantic.messaging._redis_subscription import (
+    ConsumerOptions,
+    Route,
+    Subscription,
+    ensure_group,
+)
+from castore_pydantic.messaging._redis_wire import CLAIM_NEXT, PROMOTE_RETRIES, SCHEDULE_RETRY
 
-__all__ = ["ConsumerOptions", "Route", "StreamConsumer", "Subscription", "ensure_group"]
+__all__ = ["StreamConsumer"]
 
 logger = logging.getLogger("castore_pydantic.messaging.redis")
-
-#: ``(body, replay) -> (handler, validated message)``, or ``None`` when the message is not
-#: for this group (then it may not be validated at all); raises when the body does not
-#: validate.
-Route = Callable[[bytes, bool], tuple[MessageHandler, Message] | None]
-
-#: Atomically: schedule the retry copy, then acknowledge (and drop) the failed entry.
-#: KEYS: delayed set, stream of the entry. ARGV: group, entry id, delay ms, member, "1" to XDEL.
-SCHEDULE_RETRY = """
-local now = redis.call('TIME')
-local due = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], due, ARGV[4])
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-if ARGV[5] == '1' then redis.call('XDEL', KEYS[2], ARGV[2]) end
-return due
-"""
-
-#: Atomically move due retries from the delayed set to the stream they are read from.
-#: KEYS: delayed set, target stream. ARGV: how many at most.
-#: Returns ``{moved, ms until the next retry is due or -1}``.
-PROMOTE_RETRIES = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
-local moved = 0
-for _, member in ipairs(due) do
-  local attempt, replay, body = string.match(member, '^(%d+) ([01]) %S+ (.*)$')
-  if attempt then
-    redis.call('XADD', KEYS[2], '*', 'body', body, 'replay', replay, 'attempt', attempt)
-    redis.call('ZREM', KEYS[1], member)
-    moved = moved + 1
-  end
-end
-local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if head[2] then return {moved, math.max(0, tonumber(head[2]) - now_ms)} end
-return {moved, -1}
-"""
-
-#: Atomically acknowledge the entries handled since the last call (and delete them from a
-#: stream the group owns), then claim, for this consumer, the first pending entry after a
-#: cursor that has been idle long enough (of one consumer only, when given), and set its
-#: delivery count. One round trip per entry taken over.
-#: KEYS: stream. ARGV: group, consumer, min idle ms, owner ('' for any), "1" to count this
-#: delivery ("0" keeps the count), "1" to XDEL what is acknowledged, cursor (exclusive), then
-#: the ids to acknowledge.
-#: Returns false when there is none, else ``{id, delivery count, fields}``; the fields are
-#: missing when the entry was deleted from the stream (trimmed).
-CLAIM_NEXT = """
-for i = 8, #ARGV do
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
-  if ARGV[6] == '1' then redis.call('XDEL', KEYS[1], ARGV[i]) end
-end
-local xpending = {'XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '(' .. ARGV[7], '+', 1}
-if ARGV[4] ~= '' then table.insert(xpending, ARGV[4]) end
-local rows = redis.call(unpack(xpending))
-if #rows == 0 then return false end
-local id = rows[1][1]
-local count = rows[1][4] + tonumber(ARGV[5])
-local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', count)
-if claimed[1] and claimed[1][2] then return {id, count, claimed[1][2]} end
-return {id, count}
-"""
 
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
@@ -113,51 +55,6 @@ _PROMOTE_BATCH = 500
 #: spares other consumers the wait for ``reclaim_idle_ms``: a Redis that stalls (a network
 #: partition, ``CLIENT PAUSE``) must not hold up the stop, which would never return.
 RELEASE_TIMEOUT = 1.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Subscription:
-    """One consumer group and the keys it works with.
-
-    Attributes:
-        group: The consumer group's name.
-        streams: The streams the group reads, the shared one first.
-        owned: Streams only this group reads: their entries are deleted once acknowledged.
-        start_ids: Where the group starts on each stream when it is created.
-        retry_stream: Where due retries are added again.
-        delayed: The sorted set of scheduled retries (score: due time in ms).
-        dead: The dead-letter stream.
-        listener_id: The bus listener (``None`` for a queue).
-    """
-
-    group: str
-    streams: tuple[str, ...]
-    owned: frozenset[str]
-    start_ids: tuple[str, ...]
-    retry_stream: str
-    delayed: str
-    dead: str
-    listener_id: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConsumerOptions:
-    """How a consumer reads and when it takes over other consumers' entries."""
-
-    prefetch_count: int
-    block_ms: int
-    reclaim_idle_ms: int
-    max_deliveries: int
-
-
-async def ensure_group(client: Redis, subscription: Subscription) -> None:
-    """Create the subscription's consumer groups (and streams) unless they exist."""
-    for stream, start_id in zip(subscription.streams, subscription.start_ids, strict=True):
-        try:
-            await client.xgroup_create(stream, subscription.group, id=start_id, mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
 
 
 # An entry as read: (stream, entry id, fields, delivery count when known).

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["APPEND_MESSAGES", "MOVE_DEAD_LETTERS", "positive", "redact"]
+__all__ = [
+    "APPEND_MESSAGES",
+    "CLAIM_NEXT",
+    "MOVE_DEAD_LETTERS",
+    "PROMOTE_RETRIES",
+    "SCHEDULE_RETRY",
+    "positive",
+    "redact",
+]
 
 #: Appends messages to a stream in one atomic step (a pipeline of XADDs costs a reply each).
 #: KEYS: the stream. ARGV: replay flag, max length ("" for none), the bodies.
@@ -37,6 +45,63 @@ for i = 1, #ARGV, 3 do
   end
 end
 return moved
+"""
+
+#: Atomically: schedule the retry copy, then acknowledge (and drop) the failed entry.
+#: KEYS: delayed set, stream of the entry. ARGV: group, entry id, delay ms, member, "1" to XDEL.
+SCHEDULE_RETRY = """
+local now = redis.call('TIME')
+local due = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], due, ARGV[4])
+redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
+if ARGV[5] == '1' then redis.call('XDEL', KEYS[2], ARGV[2]) end
+return due
+"""
+
+#: Atomically move due retries from the delayed set to the stream they are read from.
+#: KEYS: delayed set, target stream. ARGV: how many at most.
+#: Returns ``{moved, ms until the next retry is due or -1}``.
+PROMOTE_RETRIES = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
+local moved = 0
+for _, member in ipairs(due) do
+  local attempt, replay, body = string.match(member, '^(%d+) ([01]) %S+ (.*)$')
+  if attempt then
+    redis.call('XADD', KEYS[2], '*', 'body', body, 'replay', replay, 'attempt', attempt)
+    redis.call('ZREM', KEYS[1], member)
+    moved = moved + 1
+  end
+end
+local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if head[2] then return {moved, math.max(0, tonumber(head[2]) - now_ms)} end
+return {moved, -1}
+"""
+
+#: Atomically acknowledge the entries handled since the last call (and delete them from a
+#: stream the group owns), then claim, for this consumer, the first pending entry after a
+#: cursor that has been idle long enough (of one consumer only, when given), and set its
+#: delivery count. One round trip per entry taken over.
+#: KEYS: stream. ARGV: group, consumer, min idle ms, owner ('' for any), "1" to count this
+#: delivery ("0" keeps the count), "1" to XDEL what is acknowledged, cursor (exclusive), then
+#: the ids to acknowledge.
+#: Returns false when there is none, else ``{id, delivery count, fields}``; the fields are
+#: missing when the entry was deleted from the stream (trimmed).
+CLAIM_NEXT = """
+for i = 8, #ARGV do
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[i])
+  if ARGV[6] == '1' then redis.call('XDEL', KEYS[1], ARGV[i]) end
+end
+local xpending = {'XPENDING', KEYS[1], ARGV[1], 'IDLE', ARGV[3], '(' .. ARGV[7], '+', 1}
+if ARGV[4] ~= '' then table.insert(xpending, ARGV[4]) end
+local rows = redis.call(unpack(xpending))
+if #rows == 0 then return false end
+local id = rows[1][1]
+local count = rows[1][4] + tonumber(ARGV[5])
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', count)
+if claimed[1] and claimed[1][2] then return {id, count, claimed[1][2]} end
+return {id, count}
 """
 
 

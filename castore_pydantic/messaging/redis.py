@@ -52,7 +52,7 @@ from castore_pydantic.messaging._messages import (
     same_handler,
 )
 from castore_pydantic.messaging._redis_adapter import RedisStreamsAdapter
-from castore_pydantic.messaging._redis_consumer import Route, Subscription, ensure_group
+from castore_pydantic.messaging._redis_subscription import Route, Subscription, ensure_group
 from castore_pydantic.messaging._redis_wire import positive
 from castore_pydantic.messaging._routing import ListenerFilter
 

@@ -18,7 +18,7 @@ from castore_pydantic.messaging import (
     NotificationMessageBus,
     NotificationMessageQueue,
 )
-from castore_pydantic.messaging._redis_consumer import Subscription, ensure_group
+from castore_pydantic.messaging._redis_subscription import Subscription, ensure_group
 from castore_pydantic.messaging.redis import RedisMessageBusAdapter
 from tests.domain import PokemonFled, fleeing_store, make_store
 from tests.messaging.redis_support import (
