@@ -99,6 +99,8 @@ class RabbitMQAdapter:
         self.message_channel: MessageChannel[Any] | None = None
         self._publish_lock = asyncio.Lock()
         self._publisher: tuple[AbstractConnection, AbstractChannel] | None = None
+        #: Watches the consumers and reconnects them; it ends only for a stop (or when
+        #: cancelled from outside: ``is_consuming`` then says false).
         self._supervisor: asyncio.Task[None] | None = None
         #: Set while ``start_consuming`` opens the consumers (before ``_supervisor`` exists).
         self._starting: asyncio.Event | None = None
@@ -147,8 +149,17 @@ class RabbitMQAdapter:
 
     @property
     def is_consuming(self) -> bool:
-        """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``)."""
-        return self._supervisor is not None
+        """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``).
+
+        False again if the task that keeps the consumers running ended without a stop (it
+        was cancelled from outside): ``start_consuming()`` then starts them anew.
+        """
+        return self._supervisor is not None and not self._supervisor_ended()
+
+    def _supervisor_ended(self) -> bool:
+        """Whether the supervisor ended by itself, not for a stop: nothing consumes."""
+        supervisor = self._supervisor
+        return supervisor is not None and supervisor.done() and not self._stopping
 
     def _require_channel(self) -> MessageChannel[Any]:
         if self.message_channel is None:
@@ -339,7 +350,9 @@ class RabbitMQAdapter:
         connection drops, consumers reconnect by themselves after ``reconnect_delay`` (with
         back-off); messages that were not acknowledged are delivered again. If the broker
         cancels a consumer (its queue was deleted), the queue is declared again and consumed
-        anew, with a warning; if that fails, the consumers reconnect, with back-off.
+        anew, with a warning; if that fails, the consumers reconnect, with back-off. An
+        unexpected error while doing so is logged with its traceback, and the consumers
+        reconnect, with back-off.
 
         Calling it while the adapter consumes (or starts to) does nothing more: the call
         returns once that start has ended (and starts the consumers itself if that start
@@ -366,10 +379,14 @@ class RabbitMQAdapter:
             await self._starting.wait()
         if self._supervisor is not None and self._stopping:
             raise stopping
-        if self._supervisor is not None or self._stop_calls != stop_calls:
+        if self._stop_calls != stop_calls or self.is_consuming:
             return
         starting = self._starting = asyncio.Event()
         try:
+            if self._supervisor is not None:
+                await self._forget_ended_supervisor()
+                if self._stop_calls != stop_calls:
+                    return
             self._stopping = False
             self._start_grace = None
             consumers = await self._open_consumers(subscriptions)
@@ -379,7 +396,9 @@ class RabbitMQAdapter:
                 await self._stop_opened(consumers)
                 return
             self._use_consumers(consumers)
-            self._supervisor = asyncio.create_task(self._supervise(subscriptions))
+            supervisor = asyncio.create_task(self._supervise(subscriptions))
+            supervisor.add_done_callback(self._report_supervisor_end)
+            self._supervisor = supervisor
         finally:
             self._starting = None
             starting.set()
@@ -486,6 +505,8 @@ class RabbitMQAdapter:
 
         A consumer the broker cancelled, on a channel that lives on, consumes again on that
         channel instead (``_consume_again``); reconnecting is what is left when that fails.
+        An unexpected error is logged and the consumers reconnect, with back-off: a worker
+        that silently stops consuming is the worst outcome.
 
         Ends by itself once ``stop_consuming`` started, not only when cancelled: a
         cancellation can be lost on the way. On Python 3.11, ``asyncio.wait_for`` (which
@@ -493,45 +514,114 @@ class RabbitMQAdapter:
         so the reconnection completes; waiting for that new connection to drop would then
         keep ``stop_consuming`` waiting for this task forever.
         """
-        while not self._stopping:
-            await self._connection_lost.wait()
-            if self._stopping:
-                return
-            if await self._consume_again(subscriptions):
-                continue
-            logger.warning("%r lost a RabbitMQ consumer or its connection; reconnecting", self)
-            # What is left of the consumers (a connection whose channel alone closed) goes:
-            # their unacknowledged messages are delivered again, to the new ones. It stays
-            # the adapter's until closed, so that a stop_consuming meanwhile closes it too.
-            previous = self._consumer_connection
-            if previous is not None:
-                channels = [channel for channel, _ in self._consumers]
+        delay = self.reconnect_delay
+        failed = False
+        try:
+            while not self._stopping:
+                try:
+                    if failed:
+                        failed = False
+                    else:
+                        await self._connection_lost.wait()
+                        if self._stopping:
+                            return
+                        if await self._consume_again(subscriptions):
+                            continue
+                        logger.warning(
+                            "%r lost a RabbitMQ consumer or its connection; reconnecting", self
+                        )
+                        delay = self.reconnect_delay
+                    await self._reconnect(subscriptions, delay)
+                except Exception:
+                    logger.exception(
+                        "%r: keeping the consumers running failed; reconnecting them", self
+                    )
+                    failed = True
+                    delay = _longer(delay)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                # Cancelled from outside, not by a stop: nothing would watch the consumers
+                # any more, so they go too (their messages are delivered again), and
+                # is_consuming says false.
+                await self._close_consumers()
+            raise
+
+    async def _reconnect(self, subscriptions: list[Subscription], delay: float) -> None:
+        """Close what is left of the consumers, then open them again, with back-off.
+
+        Returns once they are open, or when a stop started.
+        """
+        # What is left of the consumers (a connection whose channel alone closed) goes:
+        # their unacknowledged messages are delivered again, to the new ones. It stays the
+        # adapter's until closed, so that a stop_consuming meanwhile closes it too.
+        previous = self._consumer_connection
+        if previous is not None:
+            channels = [channel for channel, _ in self._consumers]
+            try:
                 await _close_quietly(previous, *channels)
+            except Exception:
+                # Forgotten all the same: closing it at every attempt would fail again,
+                # and the consumers would never come back.
                 if self._consumer_connection is previous:
                     self._consumer_connection = None
-            delay = self.reconnect_delay
-            while not self._stopping:
-                await asyncio.sleep(delay)  # back off between reconnection attempts
-                try:
-                    consumers = await self._open_consumers(subscriptions)
-                except MessagingError as error:
-                    logger.warning("%r could not reconnect: %s", self, error)
-                    delay = min(max(delay, 0.05) * 2, 30.0)
-                except Exception:
-                    # Keep trying: a worker that silently stops consuming is the worst outcome.
-                    logger.exception("%r failed to reconnect", self)
-                    delay = min(max(delay, 0.05) * 2, 30.0)
-                else:
-                    if self._stopping:
-                        # Reconnected although stop_consuming cancelled this task (the
-                        # cancellation was lost): close the new consumers again, here, as
-                        # stop_consuming only closes the ones in use.
-                        channels = [channel for channel, _ in consumers.channels]
-                        await _close_quietly(consumers.connection, *channels)
-                        return
-                    self._use_consumers(consumers)
-                    logger.info("%r reconnected to RabbitMQ", self)
-                    break
+                raise
+            if self._consumer_connection is previous:
+                self._consumer_connection = None
+        while not self._stopping:
+            await asyncio.sleep(delay)  # back off between reconnection attempts
+            try:
+                consumers = await self._open_consumers(subscriptions)
+            except MessagingError as error:
+                logger.warning("%r could not reconnect: %s", self, error)
+                delay = _longer(delay)
+                continue
+            except Exception:
+                logger.exception("%r failed to reconnect", self)
+                delay = _longer(delay)
+                continue
+            channels = [channel for channel, _ in consumers.channels]
+            if self._stopping:
+                # Reconnected although stop_consuming cancelled this task (the cancellation
+                # was lost): close the new consumers again, here, as stop_consuming only
+                # closes the ones in use.
+                await _close_quietly(consumers.connection, *channels)
+                return
+            try:
+                self._use_consumers(consumers)
+            except BaseException:
+                await _close_quietly(consumers.connection, *channels)
+                raise
+            logger.info("%r reconnected to RabbitMQ", self)
+            return
+
+    async def _close_consumers(self) -> None:
+        """Close the consumers in use (cancelling their handlers) and forget them."""
+        connection, self._consumer_connection = self._consumer_connection, None
+        consumers, self._consumers = self._consumers, []
+        if connection is not None:
+            await _close_quietly(connection, *(channel for channel, _ in consumers))
+
+    def _report_supervisor_end(self, supervisor: asyncio.Task[None]) -> None:
+        """Log a supervisor that ended other than by a stop: nothing consumes any more."""
+        if self._stopping:
+            return
+        error = None if supervisor.cancelled() else supervisor.exception()
+        logger.log(
+            logging.WARNING if error is None else logging.ERROR,
+            "%r stopped consuming: the task keeping its consumers running %s; "
+            "start_consuming() starts them again",
+            self,
+            "was cancelled" if error is None else "failed",
+            exc_info=error,
+        )
+
+    async def _forget_ended_supervisor(self) -> None:
+        """Forget a supervisor that ended without a stop, closing what is left of it.
+
+        Its consumers are closed already, unless it was cancelled before it first ran.
+        """
+        self._supervisor = None
+        await self._close_consumers()
 
     async def _consume_again(self, subscriptions: list[Subscription]) -> bool:
         """Consume again where the broker cancelled consumers and kept their channels.
@@ -637,6 +727,9 @@ class RabbitMQAdapter:
         supervisor = self._supervisor
         if supervisor is None:
             return
+        if self._supervisor_ended():
+            await self._forget_ended_supervisor()  # nothing consumes: nothing to wait for
+            return
         self._stopping = True
         try:
             await self._cancel_consumers(self._consumers)
@@ -651,13 +744,11 @@ class RabbitMQAdapter:
                 if not supervisor.cancelled() and (error := supervisor.exception()) is not None:
                     raise error
             finally:
-                connection, self._consumer_connection = self._consumer_connection, None
-                if connection is not None:
-                    channels = [channel for channel, _ in self._consumers]
-                    await _close_quietly(connection, *channels)
-                self._consumers = []
-                self._supervisor = None
-                self._stopper = None
+                try:
+                    await self._close_consumers()
+                finally:
+                    self._supervisor = None
+                    self._stopper = None
 
     @contextlib.asynccontextmanager
     async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:
@@ -999,3 +1090,8 @@ async def _close_quietly(connection: AbstractConnection, *channels: AbstractChan
             await channel.close()
     with contextlib.suppress(*BROKER_ERRORS):
         await connection.close()
+
+
+def _longer(delay: float) -> float:
+    """The next back-off delay: doubled, from at least 50 ms, up to 30 s."""
+    return min(max(delay, 0.05) * 2, 30.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import secrets
 import socket
@@ -36,6 +37,7 @@ from tests.messaging.rabbitmq_support import (
     T0,
     Appeared,
     DeadLetterWatch,
+    LogWatch,
     PokemonAppeared,
     TcpProxy,
     event_key,
@@ -409,6 +411,139 @@ class TestStopWhileReopening:
                 assert all(channel.is_closed for channel in channels)
             finally:
                 await adapter.purge()
+
+
+class Received:
+    """A worker that records what it handles and lets a test await a count."""
+
+    def __init__(self) -> None:
+        self.messages: list[NotificationMessage] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, message: NotificationMessage, context: MessageContext) -> None:
+        self.messages.append(message)
+        self._changed.set()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while len(self.messages) < count:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+async def consumer_count(vhost: str, queue: str) -> int:
+    """How many consumers the broker counts on ``queue``."""
+    async with (
+        await aio_pika.connect(vhost_url(vhost)) as connection,
+        connection.channel() as channel,
+    ):
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.consumer_count or 0
+
+
+class TestUnexpectedErrorWhileRecovering:
+    """The task that keeps the consumers running meets an error nobody foresaw."""
+
+    @pytest.mark.parametrize(
+        "step",
+        [
+            "consuming the cancelled consumers again",
+            "closing what is left of the consumers",
+            "putting the new consumers to use",
+        ],
+    )
+    async def test_consumers_come_back_after_an_unexpected_error(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch, step: str
+    ) -> None:
+        """An unexpected error while recovering from a dropped connection ended the task
+        that keeps the consumers running: the worker consumed no more, with no sign, and
+        is_consuming said true. It is now logged with its traceback, and they reconnect."""
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = NotificationMessageQueue(
+            message_queue_id=f"supervisor-error-{secrets.token_hex(3)}",
+            source_event_stores=[pokemon_store()],
+        )
+        received = Received()
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, proxy.url(vhost), worker=received, reconnect_delay=0.05
+        )
+        bug = RuntimeError("a bug nobody foresaw")
+        target: Any = {
+            "consuming the cancelled consumers again": (adapter, "_consume_again"),
+            "closing what is left of the consumers": (rabbitmq_adapter, "_close_quietly"),
+            "putting the new consumers to use": (adapter, "_use_consumers"),
+        }[step]
+        real = getattr(*target)
+        failed = False
+
+        def fail_once(*args: Any) -> Any:
+            nonlocal failed
+            if not failed:
+                failed = True
+                raise bug
+            return real(*args)
+
+        try:
+            with LogWatch.installed() as logs:
+                await adapter.start_consuming()
+                monkeypatch.setattr(*target, fail_once)
+                assert proxy.drop() == 1  # the consumer connection: the worker recovers
+                async with finishes_within(10, "reconnecting"):
+                    await logs.wait_for("reconnected to RabbitMQ")
+                assert failed
+                await queue.publish_message(notification(0))
+                await received.wait_for(1)
+                assert adapter.is_consuming
+                assert await consumer_count(vhost, adapter.queue_name) == 1
+                errors = [record for record in logs.records if record.levelno >= logging.ERROR]
+                assert [record.exc_info[1] for record in errors if record.exc_info] == [bug]
+        finally:
+            monkeypatch.undo()
+            async with finishes_within(TEARDOWN_WITHIN, "purge()"):
+                await adapter.purge()
+            await proxy.close()
+        assert received.messages == [notification(0)]
+
+    @pytest.mark.parametrize("stop_first", [False, True])
+    async def test_a_cancelled_supervisor_stops_consuming_and_starts_again(
+        self, vhost: str, stop_first: bool
+    ) -> None:
+        """Cancelled from outside (a shutdown that cancels every task), the task keeping the
+        consumers running left them taking messages unwatched, is_consuming true and
+        start_consuming() doing nothing. They now close, is_consuming says false, the end
+        is logged, and start_consuming() starts again (also after a stop_consuming())."""
+        queue = NotificationMessageQueue(
+            message_queue_id=f"supervisor-cancelled-{secrets.token_hex(3)}",
+            source_event_stores=[pokemon_store()],
+        )
+        received = Received()
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=received)
+        async with adapter:
+            try:
+                with LogWatch.installed() as logs:
+                    await adapter.start_consuming()
+                    supervisor = adapter._supervisor
+                    assert supervisor is not None
+                    await asyncio.sleep(0)  # one step: the supervisor watches the consumers
+                    supervisor.cancel()
+                    await asyncio.wait([supervisor])
+                    assert not adapter.is_consuming
+                    assert await consumer_count(vhost, adapter.queue_name) == 0
+                    assert logs.count("stopped consuming", logging.WARNING) == 1
+                    if stop_first:
+                        await adapter.stop_consuming()
+                        assert not adapter.is_consuming
+                    await adapter.start_consuming()
+                    assert adapter.is_consuming
+                    assert await consumer_count(vhost, adapter.queue_name) == 1
+                    await queue.publish_message(notification(0))
+                    await received.wait_for(1)
+                    await adapter.stop_consuming()
+                    assert logs.count("stopped consuming", logging.WARNING) == 1
+            finally:
+                await adapter.purge()
+        assert received.messages == [notification(0)]
 
 
 class TestStopFromAHandler:
