@@ -161,6 +161,10 @@ class RabbitMQAdapter:
         supervisor = self._supervisor
         return supervisor is not None and supervisor.done() and not self._stopping
 
+    def _consuming_or_starting(self) -> bool:
+        """Whether consumers run, start, or stop: what they consume is fixed until stopped."""
+        return self._starting is not None or self.is_consuming
+
     def _require_channel(self) -> MessageChannel[Any]:
         if self.message_channel is None:
             raise RuntimeError(
@@ -364,7 +368,7 @@ class RabbitMQAdapter:
             MessageBrokerUnavailableError: The broker cannot be reached.
         """
         self._require_channel()
-        subscriptions = self._subscriptions(consuming=True)
+        self._subscriptions(consuming=True)  # no handler: say so before waiting
         stop_calls = self._stop_calls
         stopping = RuntimeError(
             f"{self!r} is stopping; start consuming again once the stop has ended"
@@ -387,6 +391,8 @@ class RabbitMQAdapter:
                 await self._forget_ended_supervisor()
                 if self._stop_calls != stop_calls:
                     return
+            # Again: listeners registered while this call waited are consumed too.
+            subscriptions = self._subscriptions(consuming=True)
             self._stopping = False
             self._start_grace = None
             consumers = await self._open_consumers(subscriptions)

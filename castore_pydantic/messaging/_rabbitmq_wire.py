@@ -245,8 +245,8 @@ class Subscription:
             return message
         listener_filter = self._filter
         if listener_filter is None or len(listener_filter.patterns) != len(self.patterns):
-            # Worked out on the first message, and again if ``on`` added a pattern (the
-            # list is the adapter's) while consuming was starting.
+            # Worked out on the first message, and again if the list (the adapter's) grew
+            # since.
             listener_filter = self._filter = ListenerFilter(self.patterns)
         return listener_filter.select(body, replay, channel, routed=True)
 

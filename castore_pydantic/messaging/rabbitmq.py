@@ -146,12 +146,16 @@ class RabbitMQMessageQueueAdapter(RabbitMQAdapter):
 
     @property
     def worker(self) -> MessageHandler | None:
-        """The function that handles each message; a new one takes over from the next."""
+        """The function that handles each message; a new one takes over from the next.
+
+        Removing it (``None``) while the adapter consumes, or starts or stops consuming,
+        raises ``RuntimeError``: the messages delivered meanwhile would have no worker.
+        """
         return self._worker
 
     @worker.setter
     def worker(self, worker: MessageHandler | None) -> None:
-        if worker is None and self.is_consuming:
+        if worker is None and self._consuming_or_starting():
             raise RuntimeError("stop consuming before removing the worker")
         self._worker = worker
 
@@ -300,11 +304,16 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
 
         Raises:
             ValueError: A bad pattern, or a listener id already used by another handler.
-            RuntimeError: Called while consuming.
+            RuntimeError: Called while the adapter consumes, or starts or stops consuming:
+                its consumers are set when consuming starts, so the listener would not be
+                consumed. Stop consuming first, or register listeners before starting.
         """
         checked = check_filter_pattern(pattern)
-        if self.is_consuming:
-            raise RuntimeError("register listeners before start_consuming()")
+        if self._consuming_or_starting():
+            raise RuntimeError(
+                "stop consuming before registering a listener: one registered while the "
+                "adapter consumes (or starts to) would not be consumed"
+            )
         listener_id = listener_name(handler, listener_id)
         registered, patterns = self._listeners.setdefault(listener_id, (handler, []))
         if not same_handler(registered, handler):

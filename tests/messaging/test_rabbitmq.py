@@ -850,6 +850,70 @@ class TestStartAndStop:
             finally:
                 await adapter.purge()
 
+    async def test_a_listener_registered_during_the_start_is_refused(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """on() while a start was opening the consumers returned, and that listener was
+        never consumed; it now raises, as while consuming, and works once stopped."""
+        projection, late = Inbox(), Inbox()
+        adapter, consume_audit = _held_start("on-while-starting", vhost, projection)
+        async with adapter:
+            try:
+                monkeypatch.setattr(adapter, "_consume", consume_audit)
+                starting = asyncio.create_task(adapter.start_consuming())
+                async with asyncio.timeout(20):
+                    await consume_audit.holding.wait()
+                with pytest.raises(RuntimeError, match="stop consuming before registering"):
+                    adapter.on({}, late, listener_id="late")
+                with pytest.raises(RuntimeError, match="stop consuming before registering"):
+                    adapter.on({"on_replay": True}, projection, listener_id="projection")
+                consume_audit.release.set()
+                await asyncio.wait_for(starting, 20)
+                assert adapter.listener_ids == ("projection", "audit")
+                await adapter.stop_consuming()
+                adapter.on({}, late, listener_id="late")
+                async with adapter.consuming():
+                    assert adapter.message_channel is not None
+                    await adapter.message_channel.publish_message(notification(0))
+                    await late.wait_for(1)
+                assert late.messages == [notification(0)]
+            finally:
+                consume_audit.release.set()
+                monkeypatch.undo()
+                await adapter.purge()
+
+    async def test_removing_the_worker_during_the_start_is_refused(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """worker = None while a start was opening the consumer was accepted: messages then
+        came to a consumer without a worker and stayed unacknowledged. It now raises."""
+        queue = NotificationMessageQueue(
+            message_queue_id="unset-worker-while-starting", source_event_stores=[pokemon_store()]
+        )
+        inbox = Inbox()
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=inbox)
+        consume = _HeldConsume(adapter._consume, hold=None)
+        async with adapter:
+            try:
+                monkeypatch.setattr(adapter, "_consume", consume)
+                starting = asyncio.create_task(adapter.start_consuming())
+                async with asyncio.timeout(20):
+                    await consume.holding.wait()
+                with pytest.raises(RuntimeError, match="stop consuming before removing"):
+                    adapter.worker = None
+                consume.release.set()
+                await asyncio.wait_for(starting, 20)
+                await queue.publish_message(notification(0))
+                await inbox.wait_for(1)
+                await adapter.stop_consuming()
+                assert inbox.messages == [notification(0)]
+                assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+                adapter.worker = None  # once stopped, it may go
+            finally:
+                consume.release.set()
+                monkeypatch.undo()
+                await adapter.purge()
+
     async def test_a_start_during_a_stop_is_refused(self, vhost: str) -> None:
         """A start while a stop waits for a handler would return having started nothing
         (the stop then closes the consumers): it raises, and a start after the stop works."""
@@ -1099,14 +1163,20 @@ class TestStartAndStop:
 
 
 class _HeldConsume:
-    """Stands for an adapter's ``_consume``: holds the "audit" listener's until released."""
+    """Stands for an adapter's ``_consume``: holds one listener's until released.
 
-    def __init__(self, consume: Any) -> None:
+    ``hold`` names that listener (``None``: a queue's worker).
+    """
+
+    def __init__(self, consume: Any, *, hold: str | None = "audit") -> None:
         self._consume = consume
+        self._hold = hold
+        self.holding = asyncio.Event()
         self.release = asyncio.Event()
 
     async def __call__(self, channel: Any, subscription: Any) -> str:
-        if subscription.listener_id == "audit":
+        if subscription.listener_id == self._hold:
+            self.holding.set()
             await self.release.wait()
         result: str = await self._consume(channel, subscription)
         return result
