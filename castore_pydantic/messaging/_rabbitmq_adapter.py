@@ -123,6 +123,9 @@ class RabbitMQAdapter:
         #: once that handler has returned).
         self._handling: set[asyncio.Task[Any]] = set()
         self._stopper: asyncio.Task[None] | None = None
+        #: Set once the stop of the running consumers has ended (``None``: no stop runs), for
+        #: a ``start_consuming`` that waits for it.
+        self._stop_ended: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         channel = self.message_channel
@@ -360,29 +363,36 @@ class RabbitMQAdapter:
 
         Calling it while the adapter consumes (or starts to) does nothing more: the call
         returns once that start has ended (and starts the consumers itself if that start
-        failed). A stop that arrives meanwhile wins.
+        failed). Called while a stop runs, it waits for that stop, then starts. A stop that
+        arrives meanwhile wins.
 
         Raises:
-            RuntimeError: No handler, no channel attached, or a stop is still running
-                (start again once ``stop_consuming`` has returned).
+            RuntimeError: No handler, no channel attached, or called by a handler of this
+                adapter while a stop runs (the stop waits for that handler to return: start
+                again from another task).
             MessageBrokerUnavailableError: The broker cannot be reached.
         """
         self._require_channel()
         self._subscriptions(consuming=True)  # no handler: say so before waiting
         stop_calls = self._stop_calls
-        stopping = RuntimeError(
-            f"{self!r} is stopping; start consuming again once the stop has ended"
-        )
-        if self._stopping and asyncio.current_task() in self._handling:
-            # A handler that stopped its adapter: the stop, or the start it came during,
-            # ends once this handler has returned, so waiting for it would never end.
-            raise stopping
-        # Two calls at once would otherwise both open consumers, and the stop would close
-        # only the last ones: the later call waits for the earlier one's outcome.
-        while self._starting is not None:
-            await self._starting.wait()
-        if self._supervisor is not None and self._stopping:
-            raise stopping
+        current = asyncio.current_task()
+        while True:
+            if self._stopping and current in self._handling:
+                # A handler of this adapter during a stop: the stop, or the start it came
+                # during, ends once this handler has returned, so waiting for it would
+                # never end.
+                raise RuntimeError(
+                    f"{self!r} is stopping; a handler cannot start it again: start consuming "
+                    "from another task once the stop has ended"
+                )
+            # Two calls at once would otherwise both open consumers, and the stop would
+            # close only the last ones: the later call waits for the earlier one's outcome.
+            if self._starting is not None:
+                await self._starting.wait()
+            elif self._stop_ended is not None:
+                await self._stop_ended.wait()  # the consumers being stopped go first
+            else:
+                break
         if self._stop_calls != stop_calls or self.is_consuming:
             return
         starting = self._starting = asyncio.Event()
@@ -723,10 +733,17 @@ class RabbitMQAdapter:
             # A handler stops its own adapter: waiting here for the handlers in flight would
             # wait for itself. No new delivery is handled from now on; the rest of the stop
             # runs once this handler has returned and its message is acknowledged.
-            self._stopping = True
+            self._begin_stop()
             self._stopper = asyncio.create_task(self._stop(grace_period))
             return
         await self._stop(grace_period)
+
+    def _begin_stop(self) -> asyncio.Event:
+        """Mark the consumers in use stopping; return what is set once they are stopped."""
+        self._stopping = True
+        if self._stop_ended is None:
+            self._stop_ended = asyncio.Event()
+        return self._stop_ended
 
     async def _stop(self, grace_period: float | None) -> None:
         """``stop_consuming``, outside any handler."""
@@ -736,7 +753,7 @@ class RabbitMQAdapter:
         if self._supervisor_ended():
             await self._forget_ended_supervisor()  # nothing consumes: nothing to wait for
             return
-        self._stopping = True
+        ended = self._begin_stop()
         try:
             await self._cancel_consumers(self._consumers)
             await self._wait_for_handlers(grace_period)
@@ -753,8 +770,13 @@ class RabbitMQAdapter:
                 try:
                     await self._close_consumers()
                 finally:
-                    self._supervisor = None
-                    self._stopper = None
+                    # Two stops at once both get here: the first ends the stop; the other
+                    # must not clear what a start made after it.
+                    if self._supervisor is supervisor:
+                        self._supervisor = None
+                        self._stopper = None
+                        self._stop_ended = None
+                        ended.set()
 
     @contextlib.asynccontextmanager
     async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:

@@ -27,6 +27,7 @@ from castore_pydantic.messaging import (
     NotificationMessageQueue,
     RetryPolicy,
 )
+from castore_pydantic.messaging import _rabbitmq_adapter as rabbitmq_adapter
 from castore_pydantic.messaging.rabbitmq import (
     RabbitMQMessageBusAdapter,
     RabbitMQMessageQueueAdapter,
@@ -850,6 +851,139 @@ class TestStartAndStop:
             finally:
                 await adapter.purge()
 
+    async def test_a_start_during_a_stop_waits_for_it_then_starts(self, vhost: str) -> None:
+        """A start while a stop waits for a handler raised (on Redis it waits): it now
+        waits for that stop to end, then starts consumers that handle what comes next."""
+        queue = NotificationMessageQueue(
+            message_queue_id="start-while-stopping", source_event_stores=[pokemon_store()]
+        )
+        running, release = asyncio.Event(), asyncio.Event()
+        inbox = Inbox()
+
+        async def slow(message: Any, context: MessageContext) -> None:
+            if not running.is_set():
+                running.set()
+                await release.wait()
+            await inbox(message, context)
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=slow)
+        async with adapter:
+            try:
+                await adapter.start_consuming()
+                await queue.publish_message(notification(0))
+                await asyncio.wait_for(running.wait(), 20)
+                stopping = asyncio.create_task(adapter.stop_consuming())
+                await asyncio.sleep(0)  # one step: the stop marks the adapter stopping
+                starting = asyncio.create_task(adapter.start_consuming())
+                done, _ = await asyncio.wait({starting}, timeout=0.3)
+                assert not done  # waiting for the stop, which waits for the handler
+                release.set()
+                await asyncio.wait_for(starting, 20)
+                assert stopping.done()
+                assert adapter.is_consuming
+                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
+                await queue.publish_message(notification(1))
+                await inbox.wait_for(2)
+                assert inbox.messages == [notification(0), notification(1)]
+            finally:
+                release.set()
+                await adapter.purge()
+
+    async def test_a_start_after_two_stops_at_once_keeps_its_consumers(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two stops at once end one stop, and a start waiting for it goes on as soon as
+        one of them has: the other, still closing the old consumers, leaves the new ones
+        running and counted as consuming."""
+        queue = NotificationMessageQueue(
+            message_queue_id="start-after-two-stops", source_event_stores=[pokemon_store()]
+        )
+        running, release = asyncio.Event(), asyncio.Event()
+        inbox = Inbox()
+
+        async def slow(message: Any, context: MessageContext) -> None:
+            if not running.is_set():
+                running.set()
+                await release.wait()
+            await inbox(message, context)
+
+        closing, close_now = asyncio.Event(), asyncio.Event()
+        close_quietly = rabbitmq_adapter._close_quietly
+
+        async def held_close(connection: Any, *channels: Any) -> None:
+            closing.set()
+            await close_now.wait()
+            await close_quietly(connection, *channels)
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=slow)
+        url = vhost_url(vhost)
+        async with adapter:
+            try:
+                await adapter.start_consuming()
+                await queue.publish_message(notification(0))
+                await asyncio.wait_for(running.wait(), 20)
+                monkeypatch.setattr(rabbitmq_adapter, "_close_quietly", held_close)
+                stops = [asyncio.create_task(adapter.stop_consuming()) for _ in range(2)]
+                await asyncio.sleep(0)  # one step: the stops mark the adapter stopping
+                starting = asyncio.create_task(adapter.start_consuming())
+                release.set()
+                await asyncio.wait_for(closing.wait(), 20)  # one stop closes, held here
+                monkeypatch.undo()
+                await asyncio.wait_for(starting, 20)
+                close_now.set()
+                await asyncio.wait_for(asyncio.gather(*stops), 20)
+                assert adapter.is_consuming
+                assert await _consumer_count(url, adapter.queue_name) == 1
+                await queue.publish_message(notification(1))
+                await inbox.wait_for(2)
+                await adapter.stop_consuming()
+                assert await _consumer_count(url, adapter.queue_name) == 0
+            finally:
+                release.set()
+                close_now.set()
+                monkeypatch.undo()
+                await adapter.purge()
+        assert inbox.messages == [notification(0), notification(1)]
+
+    async def test_a_handler_starting_its_adapter_during_a_stop_is_refused(
+        self, vhost: str
+    ) -> None:
+        """A handler that starts its adapter while a stop waits for that handler would wait
+        for the stop, which waits for the handler: the start raises instead."""
+        queue = NotificationMessageQueue(
+            message_queue_id="handler-starts-while-stopping",
+            source_event_stores=[pokemon_store()],
+        )
+        running, stop_called = asyncio.Event(), asyncio.Event()
+        refused: list[RuntimeError] = []
+
+        async def restarting(message: Any, context: MessageContext) -> None:
+            running.set()
+            await stop_called.wait()
+            try:
+                async with asyncio.timeout(10):  # (wait_for would call it from another task)
+                    await adapter.start_consuming()
+            except RuntimeError as error:
+                refused.append(error)
+
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=restarting)
+        async with adapter:
+            try:
+                await adapter.start_consuming()
+                await queue.publish_message(notification(0))
+                await asyncio.wait_for(running.wait(), 20)
+                stopping = asyncio.create_task(adapter.stop_consuming())
+                await asyncio.sleep(0)  # one step: the stop marks the adapter stopping
+                stop_called.set()
+                await asyncio.wait_for(stopping, 20)
+                assert len(refused) == 1
+                assert "is stopping" in str(refused[0])
+                assert not adapter.is_consuming
+                assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+            finally:
+                stop_called.set()
+                await adapter.purge()
+
     async def test_a_listener_registered_during_the_start_is_refused(
         self, vhost: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -912,38 +1046,6 @@ class TestStartAndStop:
             finally:
                 consume.release.set()
                 monkeypatch.undo()
-                await adapter.purge()
-
-    async def test_a_start_during_a_stop_is_refused(self, vhost: str) -> None:
-        """A start while a stop waits for a handler would return having started nothing
-        (the stop then closes the consumers): it raises, and a start after the stop works."""
-        queue = NotificationMessageQueue(
-            message_queue_id="start-while-stopping", source_event_stores=[pokemon_store()]
-        )
-        running, release = asyncio.Event(), asyncio.Event()
-
-        async def slow(message: Any, context: MessageContext) -> None:
-            running.set()
-            await release.wait()
-
-        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=slow)
-        async with adapter:
-            try:
-                await adapter.start_consuming()
-                await queue.publish_message(notification(0))
-                await asyncio.wait_for(running.wait(), 20)
-                stopping = asyncio.create_task(adapter.stop_consuming())
-                await asyncio.sleep(0)  # one step: the stop marks the adapter stopping
-                with pytest.raises(RuntimeError, match="is stopping"):
-                    await adapter.start_consuming()
-                release.set()
-                await stopping
-                assert not adapter.is_consuming
-                await adapter.start_consuming()
-                assert adapter.is_consuming
-                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
-            finally:
-                release.set()
                 await adapter.purge()
 
     async def test_a_stop_during_the_start_stops_what_it_started(self, vhost: str) -> None:
