@@ -10,6 +10,7 @@ from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage import _postgres_direct as direct
 from castore_pydantic.storage._columns import storable_columns
 from castore_pydantic.storage._postgres_connection import AsyncConnection, tuple_cursor
+from castore_pydantic.storage._postgres_jsonb import jsonb_text
 from castore_pydantic.storage._postgres_sql import Statements
 
 __all__ = ["GroupPlan", "Member", "event_row", "storable"]
@@ -42,7 +43,8 @@ def check_store_id(event_store_id: str) -> None:
 def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:
     """The values of an event's row, in the order of ``Statements.insert``.
 
-    Payload and metadata are the same JSON text the SQLite adapter stores (``json_columns``).
+    Payload and metadata are the JSON text the SQLite adapter stores (``json_columns``), with
+    the floats ``jsonb`` would turn into integers written positionally (``jsonb_text``).
 
     Raises:
         EventLimitExceededError: The payload or metadata cannot be serialised as JSON.
@@ -53,8 +55,8 @@ def event_row(event: Event, event_store_id: str) -> tuple[Any, ...]:
         event.aggregate_id,
         event.version,
         event.type,
-        payload,
-        metadata,
+        jsonb_text(payload),
+        jsonb_text(metadata),
         event.timestamp,
     )
 
