@@ -1,8 +1,8 @@
 """Connections of the PostgreSQL adapter: its pool, its secrets and its errors.
 
-Settings keep the password out of every message; ``Connections`` opens the pool lazily, keeps
-its connections in autocommit with one cursor each and returns them safely; ``translate``
-turns driver errors into the library's errors.
+Settings keep the password out of every message; ``Connections`` opens the pool after one
+connection succeeded, keeps its connections in autocommit with one cursor each and returns
+them safely; ``translate`` turns driver errors into the library's errors.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from castore_pydantic.errors import (
     StorageUnavailableError,
 )
 from castore_pydantic.storage import _postgres_wait as wait
+from castore_pydantic.storage._postgres_connect import Failure, try_connect
 
 __all__ = ["AsyncConnection", "Connections", "Settings", "translate", "tuple_cursor"]
 
@@ -58,6 +59,8 @@ _TABLES_SEEN = "_castore_tables_seen"
 #: an INSERT prepared for uuid would quietly rewrite upper-case UUIDs and refuse other ids.
 _TABLE_CHANGES = [0]
 _DEALLOCATIONS = [0]
+#: Seconds the connection that tells why the pool has none may take.
+_PROBE_SECONDS = 5.0
 
 
 def tuple_cursor(conn: AsyncConnection) -> psycopg.AsyncCursor[tuple[Any, ...]]:
@@ -390,6 +393,10 @@ class Connections:
     and when the adapter closes. A borrowed pool may have checks and resets of its own, so
     every connection goes straight back to it.
 
+    An owned pool is opened once a connection made outside it succeeded (``try_connect``): a
+    configuration no retry can fix (a database that does not exist, a password the server
+    refuses) is then told at once, where the pool would retry it until the timeout.
+
     Args:
         pool: The pool.
         owned: Whether the adapter made it (then it opens and closes it).
@@ -411,6 +418,8 @@ class Connections:
         self._name = name
         self._opened = False
         self._closed = False
+        # Opening an owned pool (its first connection, then the pool) runs once at a time.
+        self._opening = asyncio.Lock()
         self._switched: set[int] = set()
         # Owned pools only: idle connections kept for the next operation with the time each
         # was released (the most recent last), how many operations wait for the pool, the
@@ -421,17 +430,68 @@ class Connections:
         self._sweep_loop: asyncio.AbstractEventLoop | None = None
         self._returns: set[asyncio.Task[None]] = set()
 
-    async def open(self) -> None:
-        """Open an owned pool (idempotent).
+    async def open(self, where: str) -> None:
+        """Open an owned pool once PostgreSQL accepted a connection (idempotent).
+
+        Connections that fail for a while (the server is down or full) are retried until
+        the pool's timeout; a configuration no retry can fix fails at once.
 
         Raises:
-            StorageError: The adapter is closed.
+            StorageError: The adapter is closed, or PostgreSQL refuses the connection in a
+                way retrying cannot fix (the message says why).
+            StorageUnavailableError: No connection within the pool's timeout (with the
+                reason).
         """
         if self._closed:
             raise StorageError(f"{self._name} is closed")
-        if self.owned and not self._opened:
+        if not self._opened:
+            await self._open(where, wait=True)
+
+    async def _open(self, where: str, *, wait: bool) -> float:
+        """Open the pool, after connecting once outside it (an owned pool's).
+
+        Without ``wait``, a failure that may pass opens the pool anyway: the caller then
+        waits for the pool's connection, which retries.
+
+        Returns:
+            The seconds spent connecting.
+        """
+        if not self.owned:
+            self._opened = True
+            return 0.0
+        started = time.monotonic()
+        async with self._opening:
+            if self._opened:
+                return time.monotonic() - started
+            timeout = self.pool.timeout
+            pause = 0.05
+            while True:
+                left = timeout - (time.monotonic() - started)
+                failure = await try_connect(self.pool, self.settings.redact, max(left, 0.1))
+                if failure is None or not (failure.lasting or wait):
+                    break
+                if failure.lasting:
+                    raise self._refused(where, failure)
+                left = timeout - (time.monotonic() - started)
+                if left <= 0:
+                    raise StorageUnavailableError(
+                        f"{where}: no PostgreSQL connection available within {timeout}s "
+                        f"because connecting fails: {failure.reason}"
+                    )
+                await asyncio.sleep(min(pause, left))  # the last attempt at the timeout
+                pause = min(pause * 2, 1.0)
+            if self._closed:  # closed meanwhile: no pool may open after its close
+                raise StorageError(f"{self._name} is closed")
             await self.pool.open()
-        self._opened = True
+            self._opened = True
+        return time.monotonic() - started
+
+    @staticmethod
+    def _refused(where: str, failure: Failure) -> StorageError:
+        return StorageError(
+            f"{where}: PostgreSQL refuses the connection ({failure.reason}); retrying cannot "
+            "help: check the connection string, or the database, role and password it names"
+        )
 
     async def close(self) -> None:
         """Close an owned pool; later calls raise ``StorageError``."""
@@ -447,8 +507,9 @@ class Connections:
             await self.pool.putconn(conn)
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
-        if self.owned:
-            await self.pool.close()
+        async with self._opening:  # an opening in progress ends first
+            if self.owned:
+                await self.pool.close()
 
     def error(self, exc: BaseException, where: str, **options: Any) -> CastoreError:
         """``translate`` with this pool's settings."""
@@ -460,10 +521,13 @@ class Connections:
         """A connection in autocommit mode; give it back with ``release``.
 
         Raises:
-            StorageError: The adapter or pool is closed.
+            StorageError: The adapter or a borrowed pool is closed, or PostgreSQL refuses
+                the connection in a way retrying cannot fix.
             StorageUnavailableError: No connection within the pool's timeout (with the
                 reason when connecting fails).
         """
+        if self._closed:
+            raise StorageError(f"{self._name} is closed")
         conn = await self._acquire(where)
         seen = conn.__dict__.get(_TABLES_SEEN)
         if seen != _TABLE_CHANGES[0]:
@@ -477,8 +541,9 @@ class Connections:
 
     async def _acquire(self, where: str) -> AsyncConnection:
         """``acquire``, before the prepared statements are checked."""
-        if not self._opened or self._closed:
-            await self.open()
+        spent = 0.0
+        if not self._opened:
+            spent = await self._open(where, wait=False)
         kept = self._kept
         while kept:
             conn, _ = kept.pop()
@@ -491,12 +556,17 @@ class Connections:
             await asyncio.shield(self.pool.putconn(conn))
         self._waiting += 1
         try:
-            conn = await self._getconn()
+            conn = await self._getconn(max(self.pool.timeout - spent, 0.001))
         except PoolTimeout as exc:
             error = self.error(exc, where)
-            reason = await self._connect_failure()
-            if reason is not None:
-                error = StorageUnavailableError(f"{error} because connecting fails: {reason}")
+            failure = await self._connect_failure()
+            if failure is not None:
+                if failure.lasting:
+                    error = self._refused(where, failure)
+                else:
+                    error = StorageUnavailableError(
+                        f"{error} because connecting fails: {failure.reason}"
+                    )
             raise error from self.settings.cause(exc)
         except (PoolClosed, psycopg.Error) as exc:
             raise self.error(exc, where) from self.settings.cause(exc)
@@ -549,7 +619,7 @@ class Connections:
         conn.__dict__.pop(SESSION, None)
         setattr(conn, _TABLES_SEEN, seen)
 
-    async def _getconn(self) -> AsyncConnection:
+    async def _getconn(self, seconds: float) -> AsyncConnection:
         """A connection from the pool, skipping those the server has closed while they idled.
 
         A restarted server (or ``pg_terminate_backend``) ends every idle connection with a
@@ -557,13 +627,15 @@ class Connections:
         the statement as a lost connection, with an outcome that looks unknown. An idle
         connection has nothing to read, so one that does is closed and another is taken.
         """
+        deadline = time.monotonic() + seconds
         for _ in range(self.pool.max_size):
-            conn = await self.pool.getconn()
+            conn = await self.pool.getconn(seconds)
             if not _closed_by_server(conn):
                 return conn
             await conn.close()
             await asyncio.shield(self.pool.putconn(conn))  # the pool replaces it
-        return await self.pool.getconn()
+            seconds = max(deadline - time.monotonic(), 0.001)
+        return await self.pool.getconn(seconds)
 
     def cursor(self, conn: AsyncConnection) -> psycopg.AsyncCursor[tuple[Any, ...]]:
         """The connection's ``tuple_cursor``, made once and kept on it (freed with it).
@@ -659,16 +731,8 @@ class Connections:
         if kept:
             self._sweep = loop.call_later(_IDLE_SECONDS, self._return_unused)
 
-    async def _connect_failure(self) -> str | None:
+    async def _connect_failure(self) -> Failure | None:
         """Why an owned pool fails to open connections (the pool itself only logs it)."""
         if not self.owned or not self.pool.get_stats().get("connections_errors", 0):
             return None  # every connection busy, none broken
-        kwargs = dict(self.pool.kwargs) if isinstance(self.pool.kwargs, Mapping) else {}
-        kwargs.setdefault("connect_timeout", 5)
-        conninfo = self.pool.conninfo if isinstance(self.pool.conninfo, str) else ""
-        try:
-            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
-        except psycopg.Error as exc:
-            return self.settings.redact(str(exc).strip())
-        await conn.close()
-        return None
+        return await try_connect(self.pool, self.settings.redact, _PROBE_SECONDS)

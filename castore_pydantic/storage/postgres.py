@@ -106,9 +106,10 @@ def _encoded(conn: AsyncConnection, statement: str) -> bytes:
 class PostgresEventStorageAdapter:
     """Stores events in a PostgreSQL table, through a psycopg 3 connection pool.
 
-    Construct it from a connection string (it then owns a pool, opened on first use and closed
-    by ``aclose()`` / ``async with``) or from an ``AsyncConnectionPool`` you manage. Several
-    adapters may share one table: event stores are kept apart by their id.
+    Construct it from a connection string (it then owns a pool, opened by ``async with`` or on
+    first use, after one connection succeeded, and closed by ``aclose()`` / ``async with``) or
+    from an ``AsyncConnectionPool`` you manage. Several adapters may share one table: event
+    stores are kept apart by their id.
 
     Args:
         connection_string: A libpq connection string or URI; ``None`` uses the ``PG*``
@@ -216,7 +217,14 @@ class PostgresEventStorageAdapter:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        await self._conns.open()
+        """Connect once, then open the owned pool (a borrowed pool is used as it is).
+
+        Raises:
+            StorageError: The adapter is closed, or PostgreSQL refuses the connection in a
+                way retrying cannot fix (no such database or role, a wrong password).
+            StorageUnavailableError: No connection within ``timeout``; nothing stays open.
+        """
+        await self._conns.open(f"opening the adapter of {self._sql.table_ddl}")
         return self
 
     async def __aexit__(

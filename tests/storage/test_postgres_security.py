@@ -198,6 +198,13 @@ def _everything_said(error: BaseException, caplog: pytest.LogCaptureFixture) -> 
     return formatted + "\n".join(chain) + logs
 
 
+async def _enter_then_push(adapter: PostgresEventStorageAdapter, *, enter: bool) -> None:
+    """Push an event, after entering the adapter if ``enter``."""
+    if enter:
+        await adapter.__aenter__()
+    await counter_store(adapter).push_event(created("a1"))
+
+
 class TestPasswords:
     """A connection string's password never shows in reprs, errors, tracebacks or logs."""
 
@@ -224,19 +231,23 @@ class TestPasswords:
     async def test_failed_connections_do_not_reveal_it(
         self, caplog: pytest.LogCaptureFixture, dsn: str, kind: str
     ) -> None:
-        """Login, refused-connection and missing-database failures are clean and explained."""
-        adapter = PostgresEventStorageAdapter(dsn, timeout=1.0)
-        assert CANARY not in repr(adapter) + str(adapter)
-        try:
-            with pytest.raises(StorageUnavailableError) as info:
-                await counter_store(adapter).push_event(created("a1"))
-        finally:
-            await adapter.aclose()
-        said = _everything_said(info.value, caplog)
-        assert CANARY not in said
-        assert {"role": "castore_nobody", "refused": "refused", "database": "castore_no_such"}[
-            kind
-        ] in str(info.value)
+        """Login, refused-connection and missing-database failures are clean and explained,
+        on entering the adapter and on a first operation without it; a missing role or
+        database is not retriable (StorageError, not StorageUnavailableError)."""
+        for enter in (True, False):
+            adapter = PostgresEventStorageAdapter(dsn, timeout=1.0)
+            assert CANARY not in repr(adapter) + str(adapter)
+            try:
+                with pytest.raises(StorageError) as info:
+                    await _enter_then_push(adapter, enter=enter)
+            finally:
+                await adapter.aclose()
+            said = _everything_said(info.value, caplog)
+            assert CANARY not in said
+            assert isinstance(info.value, StorageUnavailableError) == (kind == "refused")
+            assert {"role": "castore_nobody", "refused": "refused", "database": "castore_no_such"}[
+                kind
+            ] in str(info.value)
 
     def test_an_unencoded_at_in_the_password_is_refused_without_showing_it(self) -> None:
         """libpq ends the password at the first '@' and reads the rest as the host, which
@@ -430,7 +441,7 @@ class TestPasswords:
             timeout=1.0,
         )
         try:
-            with pytest.raises(StorageUnavailableError) as info:
+            with pytest.raises(StorageError, match='role "castore_nobody" does not exist') as info:
                 await counter_store(adapter).get_events("a1")
         finally:
             await adapter.aclose()
