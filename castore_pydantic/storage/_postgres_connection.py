@@ -1,8 +1,9 @@
 """Connections of the PostgreSQL adapter: its pool, its secrets and its errors.
 
 Settings keep the password out of every message; ``Connections`` opens the pool after one
-connection succeeded, keeps its connections in autocommit with one cursor each and returns
-them safely; ``translate`` turns driver errors into the library's errors.
+connection succeeded, keeps its connections in autocommit with one cursor each, returns them
+safely, and closes the pool once the operations in progress ended; ``translate`` turns
+driver errors into the library's errors.
 """
 
 from __future__ import annotations
@@ -395,7 +396,9 @@ class Connections:
 
     An owned pool is opened once a connection made outside it succeeded (``try_connect``): a
     configuration no retry can fix (a database that does not exist, a password the server
-    refuses) is then told at once, where the pool would retry it until the timeout.
+    refuses) is then told at once, where the pool would retry it until the timeout. Closing
+    refuses new operations at once, and closes the pool once the operations in progress
+    (those waiting for a connection included) have ended.
 
     Args:
         pool: The pool.
@@ -420,6 +423,12 @@ class Connections:
         self._closed = False
         # Opening an owned pool (its first connection, then the pool) runs once at a time.
         self._opening = asyncio.Lock()
+        # Operations between ``acquire`` and ``release`` (waiting for a connection too), and
+        # the task closing the pool once they have ended (``close``).
+        self._active = 0
+        self._drained: asyncio.Future[None] | None = None
+        self._shutdown: asyncio.Task[None] | None = None
+        self._shut_down = False
         self._switched: set[int] = set()
         # Owned pools only: idle connections kept for the next operation with the time each
         # was released (the most recent last), how many operations wait for the pool, the
@@ -480,7 +489,7 @@ class Connections:
                     )
                 await asyncio.sleep(min(pause, left))  # the last attempt at the timeout
                 pause = min(pause * 2, 1.0)
-            if self._closed:  # closed meanwhile: no pool may open after its close
+            if self._shut_down:  # no pool may open after its close
                 raise StorageError(f"{self._name} is closed")
             await self.pool.open()
             self._opened = True
@@ -494,22 +503,43 @@ class Connections:
         )
 
     async def close(self) -> None:
-        """Close an owned pool; later calls raise ``StorageError``."""
-        if self._closed:
-            return
+        """Refuse new operations, and close an owned pool once those in progress ended.
+
+        Idempotent. Interrupted while it waits (a cancelled caller), the pool is still
+        closed when the operations end.
+        """
         self._closed = True
-        if self._sweep is not None:
-            self._sweep.cancel()
-        kept, self._kept = self._kept, []
-        for conn, _ in kept:
-            wait.forget(conn)  # all of them now: an interrupted close must not leave any
-        for conn, _ in kept:
-            await self.pool.putconn(conn)
+        if self._shutdown is None:
+            if self._sweep is not None:
+                self._sweep.cancel()
+            kept, self._kept = self._kept, []
+            for conn, _ in kept:
+                wait.forget(conn)  # all of them now: an interrupted close must not leave any
+            # Idle: the operations still waiting for a connection may take them from the pool.
+            for conn, _ in kept:
+                await asyncio.shield(self.pool.putconn(conn))
+            if self._shutdown is None:
+                self._shutdown = asyncio.get_running_loop().create_task(self._shut())
+        await asyncio.shield(self._shutdown)
+
+    async def _shut(self) -> None:
+        """Wait for the operations in progress, then close an owned pool."""
+        if self._active:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
         if self._returns:
             await asyncio.gather(*self._returns, return_exceptions=True)
         async with self._opening:  # an opening in progress ends first
+            self._shut_down = True
             if self.owned:
                 await self.pool.close()
+
+    def _ended(self) -> None:
+        """One operation ended: the last one lets a waiting ``close`` go on."""
+        self._active -= 1
+        drained = self._drained
+        if not self._active and drained is not None and not drained.done():
+            drained.set_result(None)
 
     def error(self, exc: BaseException, where: str, **options: Any) -> CastoreError:
         """``translate`` with this pool's settings."""
@@ -518,7 +548,10 @@ class Connections:
         )
 
     async def acquire(self, where: str) -> AsyncConnection:
-        """A connection in autocommit mode; give it back with ``release``.
+        """A connection in autocommit mode for one operation; give it back with ``release``.
+
+        The operation counts as in progress from here until ``release`` (or until this
+        fails): ``close`` waits for it.
 
         Raises:
             StorageError: The adapter or a borrowed pool is closed, or PostgreSQL refuses
@@ -528,15 +561,20 @@ class Connections:
         """
         if self._closed:
             raise StorageError(f"{self._name} is closed")
-        conn = await self._acquire(where)
-        seen = conn.__dict__.get(_TABLES_SEEN)
-        if seen != _TABLE_CHANGES[0]:
-            if seen is None or conn.prepare_threshold is None:
-                # A new connection, or one that prepares nothing: nothing to forget.
-                setattr(conn, _TABLES_SEEN, _TABLE_CHANGES[0])
-                return conn
-            async with self._given_back_on_failure(conn, where):
-                await self.forget_prepared(conn)
+        self._active += 1
+        try:
+            conn = await self._acquire(where)
+            seen = conn.__dict__.get(_TABLES_SEEN)
+            if seen != _TABLE_CHANGES[0]:
+                if seen is None or conn.prepare_threshold is None:
+                    # A new connection, or one that prepares nothing: nothing to forget.
+                    setattr(conn, _TABLES_SEEN, _TABLE_CHANGES[0])
+                    return conn
+                async with self._given_back_on_failure(conn, where):
+                    await self.forget_prepared(conn)
+        except BaseException:
+            self._ended()
+            raise
         return conn
 
     async def _acquire(self, where: str) -> AsyncConnection:
@@ -601,7 +639,7 @@ class Connections:
                 wait.forget(conn)
                 await self._hand_back(conn)
             else:
-                await self.release(conn)
+                await self._put_back(conn)
             if isinstance(exc, psycopg.Error):
                 raise self.error(exc, where) from self.settings.cause(exc)
             raise
@@ -654,7 +692,17 @@ class Connections:
         return len(self._kept)
 
     async def release(self, conn: AsyncConnection) -> None:
-        """Give a connection back: idle, or discarded by the pool if it is not."""
+        """Give a connection back (idle, or discarded by the pool if it is not).
+
+        The operation that acquired it has ended.
+        """
+        try:
+            await self._put_back(conn)
+        finally:
+            self._ended()
+
+    async def _put_back(self, conn: AsyncConnection) -> None:
+        """``release``, for a connection whose operation goes on or has been counted out."""
         if (
             self.owned
             and not self._waiting

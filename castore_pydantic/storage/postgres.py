@@ -236,7 +236,13 @@ class PostgresEventStorageAdapter:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the owned pool (a pool passed in is left open); idempotent."""
+        """Wait for the operations in progress, then close the owned pool; idempotent.
+
+        New operations raise ``StorageError`` from the moment it is called; those already
+        started (waiting for a connection too) finish first. A pool passed in is left open.
+        Cancelled while it waits, the adapter stays closed to new operations and its pool
+        is closed when the last one ends.
+        """
         await self._conns.close()
 
     def _where(self, doing: str) -> str:
@@ -490,41 +496,57 @@ class PostgresEventStorageAdapter:
         where = self._where("pushing an event group")
         if plan.repeat is not None:
             await self._refuse_repeated_key(plan, where)
-        while True:
-            batches = plan.statements(self._group_sql)
-            conn = await self._conns.acquire(where)
-            try:
-                if len(batches) == 1:
-                    await direct.execute(conn, *batches[0])
-                else:
-                    # A cursor of its own: a cached one would keep the huge statement's
-                    # parsed text and values alive until its next use.
-                    async with tuple_cursor(conn) as cursor, conn.transaction():
-                        for query, params in batches:
-                            with direct.encoding_errors(conn, params):
-                                await cursor.execute(query, params)
-            except pg_errors.UniqueViolation as exc:
+        # One connection for the whole call, its retry with folded UUIDs included: ``aclose``
+        # lets an operation in progress finish, and counts them by connection.
+        conn = await self._conns.acquire(where)
+        try:
+            while True:
                 try:
-                    culprit = await plan.culprit(conn, exc)
-                except psycopg.Error as lookup:  # the write failed; finding out why did too
-                    raise self._conns.error(lookup, where) from self._settings.cause(lookup)
-                if culprit is not None:
-                    raise EventAlreadyExistsError(*culprit) from exc
-                raise self._conns.error(exc, where) from self._settings.cause(exc)
-            except pg_errors.CardinalityViolation as exc:
-                plan = await self._fold_uuids(conn, plan, grouped_events, exc, where)
-                continue
-            except psycopg.Error as exc:
-                error = self._conns.error(
-                    exc,
-                    where,
-                    event_store_id=plan.members[0].event_store_id,
-                    lost_write=conn.broken,
-                )
-                raise error from self._settings.cause(exc)
-            finally:
-                await self._conns.release(conn)
-            return [member.event for member in plan.members]
+                    await self._write_group(conn, plan)
+                except pg_errors.CardinalityViolation as exc:
+                    plan = await self._fold_uuids(conn, plan, grouped_events, exc, where)
+                    continue
+                return [member.event for member in plan.members]
+        finally:
+            await self._conns.release(conn)
+
+    async def _write_group(self, conn: AsyncConnection, plan: GroupPlan) -> None:
+        """Write a planned group, raising the library's errors (see ``push_event_group``).
+
+        Raises:
+            psycopg.errors.CardinalityViolation: A forced group holds one UUID in two
+                spellings (``_fold_uuids``).
+        """
+        where = self._where("pushing an event group")
+        batches = plan.statements(self._group_sql)
+        try:
+            if len(batches) == 1:
+                await direct.execute(conn, *batches[0])
+            else:
+                # A cursor of its own: a cached one would keep the huge statement's parsed
+                # text and values alive until its next use.
+                async with tuple_cursor(conn) as cursor, conn.transaction():
+                    for query, params in batches:
+                        with direct.encoding_errors(conn, params):
+                            await cursor.execute(query, params)
+        except pg_errors.UniqueViolation as exc:
+            try:
+                culprit = await plan.culprit(conn, exc)
+            except psycopg.Error as lookup:  # the write failed; finding out why did too
+                raise self._conns.error(lookup, where) from self._settings.cause(lookup)
+            if culprit is not None:
+                raise EventAlreadyExistsError(*culprit) from exc
+            raise self._conns.error(exc, where) from self._settings.cause(exc)
+        except pg_errors.CardinalityViolation:
+            raise
+        except psycopg.Error as exc:
+            error = self._conns.error(
+                exc,
+                where,
+                event_store_id=plan.members[0].event_store_id,
+                lost_write=conn.broken,
+            )
+            raise error from self._settings.cause(exc)
 
     async def _fold_uuids(
         self,

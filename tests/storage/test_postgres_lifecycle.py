@@ -1,7 +1,8 @@
-"""Opening the PostgreSQL adapter: failing early, and at once when retrying cannot help."""
+"""Opening and closing the PostgreSQL adapter: failing early, and letting operations finish."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,14 +12,19 @@ import pytest
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from castore_pydantic import EventStore
 from castore_pydantic.errors import StorageError, StorageUnavailableError
 from castore_pydantic.storage import _postgres_connect as connect
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
-from castore_pydantic.testing.contracts._storage import created
+from castore_pydantic.testing.contracts._storage import created, incremented
 from tests.services import POSTGRES_HOST, POSTGRES_PORT, require_postgres
 from tests.storage.postgres_support import (
+    DSN,
     counter_store,
+    fetch,
+    make_table,
     pg_schema,
+    wait_for,
 )
 
 __all__ = ["pg_schema"]  # the fixture is used by name
@@ -152,3 +158,116 @@ class TestLastingFailures:
             f'connection failed: connection to server at "127.0.0.1", port 5432 failed: {message}'
         )
         assert connect._lasting(error) is lasting
+
+
+@pytest.mark.postgres
+class TestClosing:
+    """``aclose()`` lets the operations in progress finish, then closes the pool."""
+
+    async def test_operations_in_progress_finish(self, pg_schema: str) -> None:
+        """48 operations in flight on two connections: aclose() waited for none of them,
+        and 46 failed with 'the pool is closed'; now all succeed, then the pool closes."""
+        table = await make_table(pg_schema)
+        adapter = PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table, max_size=2)
+        store = counter_store(adapter)
+        await store.push_event(created("w"))
+        tasks = [asyncio.ensure_future(store.push_event(incremented("w", v))) for v in range(2, 40)]
+        tasks += [asyncio.ensure_future(store.get_events("w")) for _ in range(10)]
+        await asyncio.sleep(0)
+        await adapter.aclose()
+        assert adapter.pool.closed
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert [r for r in results if isinstance(r, BaseException)] == []
+        with pytest.raises(StorageError, match="is closed"):
+            await store.get_events("w")
+        ((count,),) = await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"')
+        assert count == 39
+
+    async def test_operations_after_aclose_began_are_refused(self, pg_schema: str) -> None:
+        """While aclose() waits for an operation, a new one gets 'is closed' at once."""
+        table = await make_table(pg_schema)
+        adapter = PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table)
+        store = counter_store(adapter)
+        await store.push_event(created("a1"))
+        async with await psycopg.AsyncConnection.connect(DSN) as side:
+            await side.execute(f'LOCK TABLE "{pg_schema}"."{table}" IN ACCESS EXCLUSIVE MODE')
+            blocked = asyncio.ensure_future(store.push_event(incremented("a1", 2)))
+            await asyncio.sleep(0.2)  # the INSERT waits for the lock
+            closing = asyncio.ensure_future(adapter.aclose())
+            await asyncio.sleep(0.1)
+            assert not closing.done()
+            with pytest.raises(StorageError, match="is closed"):
+                await store.get_events("a1")
+            await side.rollback()  # releases the lock
+        await blocked
+        await closing
+        assert adapter.pool.closed
+        assert await fetch(f'SELECT version FROM "{pg_schema}"."{table}" ORDER BY 1') == [
+            (1,),
+            (2,),
+        ]
+
+    async def test_a_cancelled_aclose_still_closes_the_pool(self, pg_schema: str) -> None:
+        """Cancelling aclose() while it waits leaves the adapter closed to new work, and
+        the pool closes when the last operation in progress ends."""
+        table = await make_table(pg_schema)
+        adapter = PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table)
+        store = counter_store(adapter)
+        await store.push_event(created("a1"))
+        async with await psycopg.AsyncConnection.connect(DSN) as side:
+            await side.execute(f'LOCK TABLE "{pg_schema}"."{table}" IN ACCESS EXCLUSIVE MODE')
+            blocked = asyncio.ensure_future(store.push_event(incremented("a1", 2)))
+            await asyncio.sleep(0.2)
+            closing = asyncio.ensure_future(adapter.aclose())
+            await asyncio.sleep(0.1)
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            with pytest.raises(StorageError, match="is closed"):
+                await store.get_events("a1")
+            assert not adapter.pool.closed
+            await side.rollback()
+        await blocked
+
+        async def pool_closed() -> bool:
+            return adapter.pool.closed
+
+        await wait_for(pool_closed, what="the pool to close")
+        await adapter.aclose()  # idempotent
+
+    async def test_a_cancelled_operation_lets_aclose_finish(self, pg_schema: str) -> None:
+        """An operation in progress that is cancelled ends there: aclose() goes on."""
+        table = await make_table(pg_schema)
+        adapter = PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table)
+        store = counter_store(adapter)
+        await store.push_event(created("a1"))
+        async with await psycopg.AsyncConnection.connect(DSN) as side:
+            await side.execute(f'LOCK TABLE "{pg_schema}"."{table}" IN ACCESS EXCLUSIVE MODE')
+            blocked = asyncio.ensure_future(store.push_event(incremented("a1", 2)))
+            await asyncio.sleep(0.2)
+            closing = asyncio.ensure_future(adapter.aclose())
+            await asyncio.sleep(0.1)
+            blocked.cancel()
+            await asyncio.wait_for(closing, 10)  # the lock is still held
+            assert blocked.cancelled()
+            assert adapter.pool.closed
+        assert await fetch(f'SELECT version FROM "{pg_schema}"."{table}"') == [(1,)]
+
+    async def test_a_group_in_progress_finishes(self, pg_schema: str) -> None:
+        """A group waiting for a connection when aclose() begins is written too."""
+        table = await make_table(pg_schema)
+        adapter = PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table, max_size=1)
+        store = counter_store(adapter)
+        groups = [
+            asyncio.ensure_future(
+                EventStore.push_event_group(
+                    store.group_event(created(f"g{i}")), store.group_event(incremented(f"g{i}", 2))
+                )
+            )
+            for i in range(5)
+        ]
+        await asyncio.sleep(0)
+        await adapter.aclose()
+        await asyncio.gather(*groups)
+        ((count,),) = await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"')
+        assert count == 10
