@@ -459,13 +459,19 @@ class TestLoading:
     def test_table_and_timeout_need_a_url(
         self, db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_sys_path: None
     ) -> None:
-        """--table or --timeout without --url is a usage error, not an option ignored."""
+        """--table, --schema or --timeout without --url is a usage error, not an option
+        ignored."""
         write_own_store(tmp_path / "own_stores.py", db)
         monkeypatch.chdir(tmp_path)
         for args, named in [
             (("--table", "archive"), "--table needs --url"),
+            (("--schema", "bank"), "--schema needs --url"),
             (("--timeout", "3"), "--timeout needs --url"),
             (("--table", "event", "--timeout", "3"), "--table and --timeout need --url"),
+            (
+                ("--table", "event", "--schema", "bank", "--timeout", "3"),
+                "--table, --schema and --timeout need --url",
+            ),
         ]:
             result = castore("aggregates", "-s", "own_stores:pokemons", *args)
             assert result.exit_code == EXIT_USAGE, result.output
@@ -476,6 +482,12 @@ class TestLoading:
         )  # fmt: skip
         assert with_url.exit_code == 0, with_url.output
         assert len(json.loads(with_url.stdout)["aggregateIds"]) == 3
+
+    def test_a_schema_is_for_postgresql(self, url: str) -> None:
+        """--schema with a SQLite URL is a usage error rather than an option ignored."""
+        result = castore("aggregates", "-s", POKEMONS, "--url", url, "--schema", "bank")
+        assert result.exit_code == EXIT_USAGE, result.output
+        assert "--schema is for PostgreSQL" in one_line_error(result)
 
     @pytest.mark.parametrize("seconds", ["inf", "nan", "Infinity"])
     def test_a_timeout_that_is_not_finite_is_a_usage_error(self, seconds: str) -> None:
@@ -1431,6 +1443,19 @@ def pg_table() -> Iterator[str]:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
 
 
+@pytest.fixture
+def pg_schema_name() -> Iterator[str]:
+    """A schema name in database ``test`` that does not exist yet; dropped afterwards."""
+    require_postgres()
+    import psycopg
+    from psycopg import sql
+
+    name = f"cli_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
 @pytest.mark.postgres
 class TestPostgres:
     """The same commands against a PostgreSQL table."""
@@ -1473,6 +1498,28 @@ class TestPostgres:
         error = one_line_error(imported)
         assert "castore import --create-table" in error
         assert "nothing was imported" in error
+
+    def test_a_table_in_a_schema(self, pg_schema_name: str, channels: str) -> None:
+        """--schema names the table's schema (a dotted --table was one name, so a table in
+        a schema could not be reached): import creates both, reading commands and pour read
+        it."""
+        where = ("--url", PG_DSN, "--schema", pg_schema_name, "--table", "bus_events")
+        imported = castore(
+            "import", "-s", POKEMONS, *where, "--create-table", stdin=pokemon_lines()
+        )
+        assert imported.exit_code == 0, imported.output
+        listed = castore("aggregates", "-s", POKEMONS, *where, "--json")
+        assert listed.exit_code == 0, listed.output
+        assert len(json.loads(listed.stdout)["aggregateIds"]) == 3
+        assert castore("export", "-s", POKEMONS, *where).stdout_bytes == pokemon_lines()
+        poured = castore("pour", "-s", POKEMONS, "-c", f"{channels}:bus", *where, "--json")
+        assert poured.exit_code == 0, poured.output
+        assert json.loads(poured.stdout)["pouredEventCount"] == 5
+        dotted = castore(
+            "aggregates", "-s", POKEMONS, "--url", PG_DSN, "--table", f"{pg_schema_name}.bus_events"
+        )
+        assert dotted.exit_code == EXIT_STORAGE
+        assert "check --table and --schema" in one_line_error(dotted)
 
     def test_refused_value_says_what_was_imported(self, pg_table: str) -> None:
         """A uuid table refuses an id that is not a UUID in the second batch: exit 5, and

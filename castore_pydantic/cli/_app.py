@@ -47,7 +47,11 @@ _URL_HELP = (
 
 
 def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Callable[..., Any]:
-    """Add ``--store`` (repeatable if ``multiple``), ``--url``, ``--table`` and ``--timeout``."""
+    """Add the options naming the store and its database.
+
+    ``--store`` (repeatable if ``multiple``), ``--url``, ``--table``, ``--schema`` and
+    ``--timeout``.
+    """
     decorators = [
         click.option(
             "--store",
@@ -63,6 +67,12 @@ def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Ca
             "--table", default="event", show_default=True, help="Events table name (with --url)."
         ),
         click.option(
+            "--schema",
+            default=None,
+            help="PostgreSQL schema of the events table (with --url). "
+            "Default: the connection's search_path.",
+        ),
+        click.option(
             "--timeout",
             type=click.FloatRange(min=0.1),
             default=10.0,
@@ -73,7 +83,7 @@ def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Ca
     ]
     for decorator in reversed(decorators):
         function = decorator(function)
-    return _needs_url_for_table_and_timeout(function)
+    return _needs_url(function)
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
@@ -83,8 +93,8 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
     return value
 
 
-def _needs_url_for_table_and_timeout(function: Callable[..., Any]) -> Callable[..., Any]:
-    """Refuse ``--table`` and ``--timeout`` without ``--url``.
+def _needs_url(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse ``--table``, ``--schema`` and ``--timeout`` without ``--url``.
 
     Without ``--url`` the store's own adapter is used as defined, with its own table and
     connection settings: the options could only be ignored, which would show another table
@@ -97,12 +107,13 @@ def _needs_url_for_table_and_timeout(function: Callable[..., Any]) -> Callable[.
             ctx = click.get_current_context()
             given = [
                 f"--{name}"
-                for name in ("table", "timeout")
+                for name in ("table", "schema", "timeout")
                 if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
             ]
             if given:
+                named = " and ".join([", ".join(given[:-1]), given[-1]] if given[1:] else given)
                 raise click.UsageError(
-                    f"{' and '.join(given)} {'needs' if len(given) == 1 else 'need'} --url: "
+                    f"{named} {'needs' if len(given) == 1 else 'need'} --url: "
                     "without it the store's own adapter is used, with the table and settings "
                     "it was defined with (pass --url to choose the database and table)"
                 )

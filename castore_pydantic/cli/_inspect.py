@@ -130,6 +130,7 @@ def aggregates(
     store: str,
     url: str | None,
     table: str,
+    schema: str | None,
     timeout: float,
     limit: int | None,
     page_token: str | None,
@@ -142,7 +143,7 @@ def aggregates(
     """List aggregate ids with their initial event timestamps, a page at a time."""
 
     async def work() -> None:
-        target = Target(store, url, table, timeout)
+        target = Target(store, url, table, timeout, schema=schema)
         entries: list[tuple[str, datetime]] = []
         token = page_token
         # A token carries its own page size; without one, the default applies.
@@ -205,6 +206,7 @@ def events(
     store: str,
     url: str | None,
     table: str,
+    schema: str | None,
     timeout: float,
     aggregate_id: str,
     min_version: int | None,
@@ -216,7 +218,7 @@ def events(
     """Show the events of AGGREGATE_ID (none, with exit code 0, if it does not exist)."""
 
     async def work() -> None:
-        target = Target(store, url, table, timeout)
+        target = Target(store, url, table, timeout, schema=schema)
         async with target.opened() as working:
             found = (
                 await working.get_events(
@@ -272,6 +274,7 @@ def aggregate(
     store: str,
     url: str | None,
     table: str,
+    schema: str | None,
     timeout: float,
     aggregate_id: str,
     max_version: int | None,
@@ -280,7 +283,7 @@ def aggregate(
     """Show AGGREGATE_ID folded from its events (exit code 3 if it does not exist)."""
 
     async def work() -> None:
-        target = Target(store, url, table, timeout)
+        target = Target(store, url, table, timeout, schema=schema)
         async with target.opened() as working:
             result = await working.get_aggregate(aggregate_id, max_version=max_version)
         if result.aggregate is None or result.last_event is None:

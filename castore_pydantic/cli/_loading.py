@@ -100,14 +100,16 @@ def load_store(spec: str) -> EventStore[Any, Any]:
 
 
 def adapter_from_url(
-    url: str, *, table: str, timeout: float, must_exist: bool
+    url: str, *, table: str, timeout: float, must_exist: bool, schema: str | None = None
 ) -> EventStorageAdapter:
     """Build a storage adapter from a database URL.
 
     ``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``postgresql://user@host/db``.
+    ``schema`` is the PostgreSQL schema of the table (``None``: the ``search_path``'s).
 
     Raises:
-        CliError: An unsupported or malformed URL, a missing file, or a missing extra.
+        CliError: An unsupported or malformed URL, a missing file, a missing extra, or a
+            schema for SQLite.
     """
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
@@ -117,6 +119,9 @@ def adapter_from_url(
         )
     if scheme == "sqlite":
         from castore_pydantic.storage.sqlite import SQLiteEventStorageAdapter
+
+        if schema is not None:
+            raise CliError(EXIT_USAGE, "--schema is for PostgreSQL: a SQLite file has no schemas")
 
         path = rest[1:] if rest.startswith("/") else rest
         if not path:
@@ -136,6 +141,7 @@ def adapter_from_url(
             return PostgresEventStorageAdapter(
                 url,
                 table_name=table,
+                schema=schema,
                 timeout=timeout,
                 min_size=1,
                 max_size=2,
@@ -236,7 +242,14 @@ class Target:
     """What a command works on: the store from ``--store`` and the adapter from ``--url``."""
 
     def __init__(
-        self, store: str, url: str | None, table: str, timeout: float, *, must_exist: bool = True
+        self,
+        store: str,
+        url: str | None,
+        table: str,
+        timeout: float,
+        *,
+        schema: str | None = None,
+        must_exist: bool = True,
     ) -> None:
         self.defined = load_store(store)
         self.must_exist = must_exist
@@ -244,7 +257,7 @@ class Target:
         self.timeout = timeout
         if url is not None:
             self.adapter = adapter_from_url(
-                url, table=table, timeout=timeout, must_exist=must_exist
+                url, table=table, schema=schema, timeout=timeout, must_exist=must_exist
             )
         elif self.defined.event_storage_adapter is not None:
             self.adapter = self.defined.event_storage_adapter

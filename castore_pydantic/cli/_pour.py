@@ -127,6 +127,7 @@ def pour(
     stores: tuple[str, ...],
     url: str | None,
     table: str,
+    schema: str | None,
     timeout: float,
     channel_spec: str,
     aggregate_id: str | None,
@@ -156,7 +157,7 @@ def pour(
 
     async def work() -> Any:
         channel = load_channel(channel_spec, aggregate_exists=aggregate_exists)
-        working, adapters = await _stores_on_adapters(stores, url, table, timeout)
+        working, adapters = await _stores_on_adapters(stores, url, table, schema, timeout)
         channel_adapter = getattr(channel, "message_channel_adapter", None)
         if getattr(channel_adapter, "worker", True) is None:
             join = getattr(channel_adapter, "join", None)
@@ -239,7 +240,7 @@ async def _failures(channel_adapter: Any) -> int:
 
 
 async def _stores_on_adapters(
-    specs: tuple[str, ...], url: str | None, table: str, seconds: float
+    specs: tuple[str, ...], url: str | None, table: str, schema: str | None, seconds: float
 ) -> tuple[list[EventStore[Any, Any]], list[EventStorageAdapter]]:
     """The working twins of the named stores, and the distinct adapters to open.
 
@@ -253,7 +254,7 @@ async def _stores_on_adapters(
     shared = (
         None
         if url is None
-        else adapter_from_url(url, table=table, timeout=seconds, must_exist=True)
+        else adapter_from_url(url, table=table, schema=schema, timeout=seconds, must_exist=True)
     )
     adapters: list[EventStorageAdapter] = []
     working: list[EventStore[Any, Any]] = []

@@ -156,8 +156,8 @@ def classify(exc: BaseException) -> CliError | None:
             # The adapter's own advice is for Python code; CLI users have an option.
             return CliError(
                 EXIT_STORAGE,
-                f"PostgreSQL: {missing}: check --table, or create the events table with "
-                "castore import --create-table",
+                f"PostgreSQL: {missing}: check --table and --schema, or create the events "
+                "table with castore import --create-table",
             )
     for kind, code in _EXIT_CODES:
         if isinstance(exc, kind):

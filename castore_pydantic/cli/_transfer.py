@@ -71,6 +71,7 @@ def export_command(
     store: str,
     url: str | None,
     table: str,
+    schema: str | None,
     timeout: float,
     output: str,
     after: datetime | None,
@@ -91,7 +92,7 @@ def export_command(
         # The output first: a descriptor that -o names (/dev/fd/3) must be the one the shell
         # opened, not one the store's module or adapter opens under the same number.
         with output_file(output) as sink:
-            target = Target(store, url, table, timeout)
+            target = Target(store, url, table, timeout, schema=schema)
             async with target.opened() as working:
                 unlisted: list[str] = []
                 if after is None and before is None:
@@ -193,6 +194,7 @@ def import_command(
     store: str,
     url: str | None,
     table: str,
+    schema: str | None,
     timeout: float,
     source: str,
     force: bool,
@@ -212,7 +214,7 @@ def import_command(
     """
 
     async def work() -> int:
-        target = Target(store, url, table, timeout, must_exist=False)
+        target = Target(store, url, table, timeout, schema=schema, must_exist=False)
         with input_source(source) as reading, byte_progress_bar(progress) as bar:
             checking = bar.add_task("Validating", total=reading.size)
             _validate(reading, target.store.context, force=force, bar=bar, task=checking)
