@@ -122,7 +122,8 @@ class PostgresEventStorageAdapter:
         schema: The table's schema; ``None`` follows the connections' ``search_path``.
         min_size: Connections the owned pool keeps open.
         max_size: Connections the owned pool may open.
-        timeout: Seconds to wait for a free connection before ``StorageUnavailableError``.
+        timeout: Seconds to wait for a free connection before ``StorageUnavailableError``
+            (also how long ``async with`` tries to reach the server).
         connect_kwargs: Extra connection parameters (``application_name``,
             ``connect_timeout``, ``prepare_threshold=None`` behind PgBouncer, ...).
 
