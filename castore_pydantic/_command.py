@@ -273,7 +273,7 @@ class Command(Generic[InputT, OutputT]):
         try:
             return cast(OutputT, self._output_adapter.validate_python(output))
         except ValidationError as error:
-            error.add_note(
+            error.add_note(  # a new error at each validation: no earlier note to replace
                 f"The handler of command {self.command_id!r} ran to its end: the events it "
                 "pushed are stored. Do not run the command again for this input; fix what the "
                 "handler returns, or output_schema."

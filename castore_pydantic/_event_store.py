@@ -23,6 +23,7 @@ from castore_pydantic._types import (
     PushEventGroupResult,
     PushEventResult,
     call_and_await,
+    renote,
 )
 from castore_pydantic.errors import (
     AggregateNotFoundError,
@@ -37,6 +38,9 @@ SimulateSideEffect: TypeAlias = Callable[[dict[int, Event], Event], dict[int, Ev
 #: Awaited after every successful push with its result.
 #: ``(push_result) -> None``, async or not: runs after every successful push.
 OnEventPushed: TypeAlias = Callable[[PushEventResult[Any, Any]], Awaitable[None] | None]
+
+#: How the note on a reducer's error raised after the write starts.
+_AFTER_THE_WRITE = "After the write: "
 
 logger = logging.getLogger(__name__)
 
@@ -353,10 +357,12 @@ class EventStore(Generic[AggregateT, EventT]):
         try:
             return PushEventResult(stored, self._reducer(prev_aggregate, stored)), None
         except Exception as error:
-            error.add_note(
-                f"Event {stored.type!r} version {stored.version} of aggregate "
-                f"{stored.aggregate_id!r} ({self.event_store_id}) is stored: the reducer failed "
-                "on it after the write, so the result has no next aggregate."
+            renote(
+                error,
+                f"{_AFTER_THE_WRITE}event {stored.type!r} version {stored.version} of aggregate "
+                f"{stored.aggregate_id!r} ({self.event_store_id}) is stored, but the reducer "
+                "failed on it, so the result has no next aggregate.",
+                replacing=_AFTER_THE_WRITE,
             )
             return PushEventResult(stored, None), error
 
@@ -462,7 +468,7 @@ async def _run_hooks(hooked: Sequence[_Hooked]) -> None:
                 try:
                     await call_and_await(hook, result)
                 except Exception as exc:  # raised below, once every hook ran
-                    failures.append((result, exc, "on_event_pushed"))
+                    failures.append((result, exc, "on_event_pushed (or publishing)"))
     except BaseException:
         _log_hook_failures(failures)  # a cancellation goes on; earlier failures are logged
         raise
@@ -498,7 +504,8 @@ def _check_prev_aggregate(prev_aggregate: object, event: Event) -> None:
     """
     if not isinstance(prev_aggregate, Aggregate):
         return  # an aggregate type of the user's own: nothing known to check
-    if prev_aggregate.aggregate_id != event.aggregate_id:
+    # As text: an ``Aggregate`` subclass may hold its id as a UUID, say.
+    if str(prev_aggregate.aggregate_id) != event.aggregate_id:
         problem = f"is aggregate {prev_aggregate.aggregate_id!r}"
     elif prev_aggregate.version >= event.version:
         problem = f"is already at version {prev_aggregate.version}"

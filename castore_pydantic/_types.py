@@ -235,3 +235,15 @@ async def call_and_await(function: Callable[..., object], *args: Any) -> None:
     outcome = function(*args)
     if inspect.isawaitable(outcome):
         await outcome
+
+
+def renote(error: BaseException, note: str, *, replacing: str) -> None:
+    """Add ``note`` to ``error``, dropping its earlier notes that start with ``replacing``.
+
+    One exception object may be raised again and again (a module-level instance, a mock's
+    ``side_effect``): each pass would otherwise leave a note of its own.
+    """
+    notes = getattr(error, "__notes__", None)
+    if notes:
+        notes[:] = [earlier for earlier in notes if not earlier.startswith(replacing)]
+    error.add_note(note)

@@ -4,11 +4,13 @@ import asyncio
 import json
 from datetime import UTC, datetime
 from typing import Any, Literal
+from uuid import UUID, uuid4
 
 import pytest
 from pydantic import ValidationError
 
 from castore_pydantic import (
+    Aggregate,
     AggregateNotFoundError,
     Event,
     EventAlreadyExistsError,
@@ -366,6 +368,48 @@ class TestPushEvent:
                 store.group_event(caught_pikachu, prev_aggregate=eevee),
             )
         assert [len((await store.get_events(a)).events) for a in ("pikachu", "mew")] == [1, 0]
+
+    async def test_a_reducers_error_raised_again_keeps_one_note(self) -> None:
+        """One exception object raised by the reducer on every push (a module-level
+        instance) carries the note of the last push only, not one per push."""
+        shared = RuntimeError("the reducer is broken")
+
+        def broken(aggregate: Any, event: Any) -> Any:
+            raise shared
+
+        store = EventStore(
+            event_store_id="S",
+            event_types=[PokemonAppeared],
+            reducer=broken,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        for name in ("a", "b", "c"):
+            with pytest.raises(RuntimeError):
+                await store.push_event(appeared(name))
+        (note,) = shared.__notes__
+        assert "of aggregate 'c'" in note
+
+    async def test_a_prev_aggregate_with_a_uuid_id_is_compared_as_text(self) -> None:
+        """An Aggregate subclass holding its id as a UUID is the event's aggregate."""
+
+        class Tracked(Aggregate):
+            aggregate_id: UUID  # type: ignore[assignment]
+
+        def track(aggregate: Any, event: Any) -> Tracked:
+            return Tracked(aggregate_id=UUID(event.aggregate_id), version=event.version)
+
+        store = EventStore(
+            event_store_id="S",
+            event_types=[PokemonAppeared, PokemonCaught],
+            reducer=track,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        key = str(uuid4())
+        first = await store.push_event(appeared(key))
+        second = await store.push_event(
+            PokemonCaught(aggregate_id=key, version=2), prev_aggregate=first.next_aggregate
+        )
+        assert second.next_aggregate == Tracked(aggregate_id=UUID(key), version=2)
 
     async def test_an_older_prev_aggregate_is_accepted(self) -> None:
         """Versions need not be contiguous: an aggregate older than the event is folded."""

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from castore_pydantic._command import Command
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
-from castore_pydantic._types import PushEventResult
+from castore_pydantic._types import PushEventResult, renote
 from castore_pydantic.testing import mock_event_store
 
 __all__ = ["run_commands", "run_now", "run_sync"]
@@ -112,14 +112,16 @@ async def _run(
         pushed_to.append(result.event.aggregate_id)
 
     target.on_event_pushed = remember
+    skipped: dict[int, str] = {}
     for index, (command, value) in enumerate(steps):
         stores = [copy_of(required) for required in command.required_event_stores]
         try:
             await command.handler(value, stores, *contexts[command.command_id])
-        except expected_errors:
-            continue
+        except expected_errors as expected:
+            skipped[index] = type(expected).__name__
         except Exception as error:
-            error.add_note(_history_note(steps[: index + 1]))
+            # Hypothesis runs the history again while shrinking it: keep the last one only.
+            renote(error, _history_note(steps[: index + 1], skipped), replacing=_HISTORY)
             raise
     key = aggregate_id if aggregate_id is not None else next(iter(pushed_to), None)
     if key is None:
@@ -128,22 +130,27 @@ async def _run(
     return events
 
 
-def _history_note(steps: Sequence[tuple[Command[Any, Any], Any]]) -> str:
+def _history_note(
+    steps: Sequence[tuple[Command[Any, Any], Any]], skipped: Mapping[int, str]
+) -> str:
     """The commands a history ran, the failing one last, for an unexpected error's note.
 
     Hypothesis shrinks the history before showing the error: the list is then short.
     """
-    lines = [
-        "The command history that raised this (the last command raised it; commands that "
-        "raised an expected error were skipped):"
-    ]
-    for number, (command, value) in enumerate(steps, start=1):
-        shown = repr(value)
+    lines = [f"{_HISTORY} (the last command raised it):"]
+    for index, (command, value) in enumerate(steps):
+        try:
+            shown = repr(value)
+        except Exception:  # a broken __repr__ must not hide the error being reported
+            shown = f"<{type(value).__name__}>"
         if len(shown) > _SHOWN_INPUT:
             shown = shown[: _SHOWN_INPUT - 3] + "..."
-        lines.append(f"  {number}. {command.command_id}: {shown}")
+        outcome = f" (raised {skipped[index]}, expected: skipped)" if index in skipped else ""
+        lines.append(f"  {index + 1}. {command.command_id}: {shown}{outcome}")
     return "\n".join(lines)
 
 
+#: How the note on an error a command history raised starts.
+_HISTORY = "The command history that raised this"
 #: The longest input repr a history note shows.
 _SHOWN_INPUT = 300

@@ -466,8 +466,46 @@ class TestReducerFailsAfterTheWrite:
             await connected.push_event(caught(version=1))
         assert any("is stored" in note for note in raised.value.__notes__)
         assert adapter.published == []
-        assert "on_event_pushed failed for aggregate pikachu version 1" in caplog.text
+        assert "on_event_pushed (or publishing) failed for aggregate pikachu version 1" in (
+            caplog.text
+        )
         assert len((await connected.get_events("pikachu")).events) == 1
+
+
+class TestWrappedStoreOverridingPushEvent:
+    async def test_its_push_event_is_called_when_connected(self) -> None:
+        """A subclass overriding push_event (to audit, say) is pushed through, also inside
+        two connected stores (a shorter way skipped it), and the message is published."""
+        audited: list[int] = []
+
+        class AuditedStore(EventStore[Any, Any]):
+            async def push_event(self, event: Any, **options: Any) -> Any:
+                result = await super().push_event(event, **options)
+                audited.append(result.event.version)
+                return result
+
+        plain = make_store()
+        store = AuditedStore(
+            event_store_id="POKEMONS",
+            event_types=plain.event_types,
+            reducer=plain.reducer,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        connected, adapter = connect(NotificationMessageQueue, store)
+        outer_log: list[str] = []
+        outer = ConnectedEventStore(
+            connected,
+            NotificationMessageQueue(
+                message_queue_id="outer",
+                source_event_stores=[connected],
+                message_queue_adapter=RecordingAdapter(outer_log),
+            ),
+        )
+        await connected.push_event(appeared())
+        await outer.push_event(caught())
+        assert audited == [1, 2]
+        assert len(adapter.published) == 2
+        assert outer_log == ["publish"]
 
 
 class TestBrokerDown:

@@ -61,6 +61,7 @@ from castore_pydantic.errors import AggregateNotFoundError, CastoreError, NoStra
 from castore_pydantic.testing import mock_event_store
 from castore_pydantic.testing import strategies as cst
 from castore_pydantic.testing._derive import Resolver
+from castore_pydantic.testing._running import run_commands
 
 #: The zoo's profile: 100 examples per shape, no deadline (CI machines are shared), health
 #: checks on, so a strategy that leans on filtering fails loudly instead of slowing down.
@@ -1367,6 +1368,45 @@ class TestCommandHistories:
         # It says which commands ran, with which input, the failing one last.
         (note,) = [n for n in raised.value.__notes__ if n.startswith("The command history")]
         assert note.splitlines()[-1].startswith("  1. CATCH: CatchInput(pokemon_id=")
+
+    def test_a_shared_error_keeps_the_last_history_only(self) -> None:
+        """An exception object raised again at each run (a module-level instance) keeps
+        one history note, the last run's (Hypothesis runs shrunk histories last), and the
+        note marks the commands that were skipped (one note per run piled up before)."""
+        shared = RuntimeError("bug in the command under test")
+
+        async def failing_catch(data: Any, stores: Any) -> Any:
+            (store,) = stores
+            if (await store.get_aggregate(data.pokemon_id)).aggregate is None:
+                raise AggregateNotFoundError("POKEMONS", data.pokemon_id)
+            raise shared
+
+        failing = Command(
+            command_id="FAILING_CATCH",
+            required_event_stores=[POKEMONS],
+            handler=failing_catch,
+            input_schema=CATCH.input_schema,
+        )
+        catch = (failing, {"pokemon_id": "p"})
+        appear = (APPEAR, {"pokemon_id": "p", "name": "Pikachu", "level": 3})
+        notes = []
+        for steps in ([catch, appear, catch], [appear, catch]):
+            with pytest.raises(RuntimeError):
+                run_commands(
+                    POKEMONS,
+                    [(command, command.validate_input(value)) for command, value in steps],
+                    aggregate_id="p",
+                    contexts={"APPEAR": (), "FAILING_CATCH": ()},
+                    expected_errors=(AggregateNotFoundError,),
+                )
+            (note,) = [n for n in shared.__notes__ if n.startswith("The command history")]
+            notes.append(note.splitlines()[1:])
+        assert [line.split(":")[0].strip() for line in notes[1]] == [
+            "1. APPEAR",
+            "2. FAILING_CATCH",
+        ]
+        assert notes[0][0].endswith("(raised AggregateNotFoundError, expected: skipped)")
+        assert not notes[0][1].endswith("skipped)")
 
     @pytest.mark.parametrize(
         ("kwargs", "message"),
