@@ -45,6 +45,7 @@ from castore_pydantic.messaging._redis_subscription import (
 from castore_pydantic.messaging._redis_wire import (
     APPEND_MESSAGES,
     MOVE_DEAD_LETTERS,
+    PURGE_KEYS,
     positive,
     redact,
 )
@@ -627,19 +628,46 @@ class RedisStreamsAdapter:
     async def purge(self) -> None:
         """Delete every key of this channel: stream, groups, retries, dead letters.
 
-        Meant for tests; consumers should be stopped first.
+        Meant for tests. Consumers may keep running: a message published once ``purge``
+        returned is delivered as usual. This adapter's consumers keep their groups, created
+        again on the empty streams in the same atomic step; they drop the entries they had
+        read and not started, and the retry of a message whose handler was running. Other
+        consumers of the channel (other adapters, other processes) find their group gone
+        and create it again at the start of the new stream. A bus listener that is not
+        consuming gets its group back, at the end of the stream, when its adapter next
+        connects, publishes or starts consuming.
 
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
+        # A consumer still starting, or a listener still joining, would create its group
+        # after the purge at the end of the stream, skipping what is published meanwhile.
+        # (A start waits for the handlers of stopped consumers: not for their purge.)
+        while self._starting is not None and asyncio.current_task() not in self._retiring:
+            await self._starting.wait()
+        if self._joining:
+            await asyncio.wait(list(self._joining))
         client = self._redis()
         pattern = _GLOB_SPECIAL.sub(r"\\\1", self.stream_key) + "*"
         try:
             keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
-            if keys:
-                await client.unlink(*keys)
+            consumers = list(self._consumers)
+            streams: list[Any] = []
+            groups: list[Any] = []
+            for consumer in consumers:
+                streams += consumer.subscription.streams
+                groups += [consumer.subscription.group] * len(consumer.subscription.streams)
+            if keys or streams:
+                await client.register_script(PURGE_KEYS)(
+                    keys=[*keys, *streams], args=[len(keys), *groups]
+                )
         except RedisError as exc:
             raise self._broker_error("purge", exc) from exc
+        for consumer in consumers:
+            consumer.forget_held()
+        # The groups of listeners not consuming are gone: a publish through this adapter
+        # connects first, which creates them again before the message is appended.
+        self._connected = False
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

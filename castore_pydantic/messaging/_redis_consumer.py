@@ -41,7 +41,12 @@ from castore_pydantic.messaging._redis_subscription import (
     ensure_group,
 )
 from castore_pydantic.messaging._redis_takeover import ConsumerTakeovers
-from castore_pydantic.messaging._redis_wire import CLAIM_NEXT, PROMOTE_RETRIES, SCHEDULE_RETRY
+from castore_pydantic.messaging._redis_wire import (
+    CLAIM_NEXT,
+    PROMOTE_RETRIES,
+    REJOIN_GROUP,
+    SCHEDULE_RETRY,
+)
 
 __all__ = ["StreamConsumer"]
 
@@ -79,6 +84,13 @@ class StreamConsumer(ConsumerTakeovers):
         self._schedule_retry = client.register_script(SCHEDULE_RETRY)
         self._promote = client.register_script(PROMOTE_RETRIES)
         self._claim_next = client.register_script(CLAIM_NEXT)
+        self._rejoin = client.register_script(REJOIN_GROUP)
+        #: ``None`` until the groups were first created; then, for each stream the group
+        #: started reading at its end, the last entry the group delivered here: where the
+        #: group starts again if it disappears (see ``_join_groups``).
+        self._positions: dict[str, bytes] | None = None
+        #: How many times this adapter purged the channel under this consumer.
+        self._purges = 0
         self._stopping = False
         self._reading = False
         #: Whether the final hand-back of pending entries has started (it runs once),
@@ -117,6 +129,16 @@ class StreamConsumer(ConsumerTakeovers):
         self._wake.set()
         if self._reading and self.task is not None:
             self.task.cancel()
+
+    def forget_held(self) -> None:
+        """The channel was just purged: drop what was read before and not started.
+
+        Those entries were deleted with their stream; the handler in flight, if any, runs to
+        its end, but its message is neither retried nor dead-lettered (see
+        ``ConsumerHandling``). The consumer goes on with what is published from now on.
+        """
+        self._purges += 1
+        self._unacked = {}
 
     def cancel(self) -> None:
         """Cancel the handler in flight of a consumer asked to stop (its grace period ran out).
@@ -180,7 +202,7 @@ class StreamConsumer(ConsumerTakeovers):
                 if self._unacked:
                     await self._acknowledge()
                 if not ready:
-                    await ensure_group(self.client, self.subscription)
+                    await self._join_groups()
                     await self._recover_own_entries()
                     ready = True
                 await self._maintain()
@@ -189,9 +211,16 @@ class StreamConsumer(ConsumerTakeovers):
                     await self._handle_batch(entries)
                 backoff = _BACKOFF_MIN
             except ResponseError as exc:
-                # NOGROUP: the stream was deleted (purged) under us; create it again.
+                # NOGROUP, or UNBLOCKED for a blocked read: the group or its stream was
+                # deleted under us (a purge by another adapter, FLUSHDB). The next pass
+                # creates the group again, without skipping what was published meanwhile.
                 ready = False
-                logger.warning("Redis consumer %s: %s; retrying", self.consumer_name, exc)
+                logger.warning(
+                    "Redis consumer %s of group %s: %s; retrying",
+                    self.consumer_name,
+                    self.subscription.group,
+                    exc,
+                )
                 await self._pause(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             except (RedisConnectionError, RedisTimeoutError) as exc:
@@ -214,6 +243,41 @@ class StreamConsumer(ConsumerTakeovers):
                 logger.exception("Redis consumer %s failed; retrying", self.consumer_name)
                 await self._pause(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _join_groups(self) -> None:
+        """Create the consumer groups, or create them again where they have disappeared.
+
+        The first time, each group starts where the subscription says: a bus listener's at
+        the end of the stream, where it was created when the adapter connected. A group
+        that disappears later (the channel was purged by another adapter or process, its
+        keys deleted, Redis restarted without persistence) must not start at the end again,
+        which would skip what was published since. It starts again after the last entry
+        it delivered here, if the stream still holds that entry (only the group was
+        deleted), else at the stream's start: a stream created again after its deletion
+        holds only what was published since, none of it read by the group.
+        """
+        subscription = self.subscription
+        if self._positions is None:
+            await ensure_group(self.client, subscription)
+            positions: dict[str, bytes] = {}
+            for stream, start_id in zip(subscription.streams, subscription.start_ids, strict=True):
+                if start_id == "$":
+                    positions[stream] = await self._group_position(stream)
+            self._positions = positions
+            return
+        for stream in subscription.streams:
+            await self._rejoin(
+                keys=[stream], args=[subscription.group, self._positions.get(stream, b"0")]
+            )
+
+    async def _group_position(self, stream: str) -> bytes:
+        """The last entry of ``stream`` delivered to the group (``b"0"`` if it is gone)."""
+        groups: Any = await self.client.xinfo_groups(stream)
+        name = self.subscription.group.encode()
+        for group in groups:
+            if group["name"] == name:
+                return bytes(group["last-delivered-id"])
+        return b"0"
 
     async def _pause(self, seconds: float) -> None:
         self._wake.clear()
@@ -258,6 +322,10 @@ class StreamConsumer(ConsumerTakeovers):
             return []
         finally:
             self._reading = False
+        positions = self._positions or {}
+        for stream, stream_entries in reply or ():
+            if stream_entries and stream.decode() in positions:
+                positions[stream.decode()] = stream_entries[-1][0]
         return [
             (stream, entry_id, fields, None)
             for stream, stream_entries in reply or ()

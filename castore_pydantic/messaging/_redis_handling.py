@@ -44,6 +44,7 @@ class ConsumerHandling:
     options: ConsumerOptions
     _schedule_retry: AsyncScript
     _stopping: bool
+    _purges: int
     _unacked: dict[bytes, list[bytes]]
     _next_promote: float
 
@@ -56,7 +57,8 @@ class ConsumerHandling:
         pending and are released by ``run``. A cancellation (a killed worker) acknowledges
         nothing more: those entries are taken over by another consumer later. If the
         acknowledgement fails (a Redis error), the handled entries stay in ``_unacked`` and
-        ``run`` acknowledges them before reading again: they are not handled twice.
+        ``run`` acknowledges them before reading again: they are not handled twice. A purge
+        by this adapter drops the entries not started yet: their stream is gone.
         """
         loop = asyncio.get_running_loop()
         # Redis counts an entry's idle time from its read: entries waiting in a long batch
@@ -65,7 +67,8 @@ class ConsumerHandling:
         refresh = self.options.reclaim_idle_ms / 2000
         touched = loop.time()
         waiting = deque(entries)
-        while waiting and not self._stopping:
+        purges = self._purges
+        while waiting and not self._stopping and self._purges == purges:
             if loop.time() - touched > refresh:
                 await self._acknowledge()
                 waiting = await self._keep(waiting, loop.time() - touched)
@@ -150,6 +153,7 @@ class ConsumerHandling:
             )
             return False
         policy = self.retry_policy
+        purges = self._purges
         context = MessageContext(
             attempt=entry.attempt,
             retry_attempts_left=max(policy.retry_attempts - entry.attempt + 1, 0),
@@ -158,12 +162,25 @@ class ConsumerHandling:
         try:
             await run_handler(handler, message, context)
         except Exception as exc:
-            if entry.attempt <= policy.retry_attempts:
-                await self._retry_later(entry, exc)
-            else:
-                await self._dead_letter(entry, entry.attempt, describe_error(exc), exc)
+            await self._failed(entry, exc, purged=self._purges != purges)
             return False
         return True
+
+    async def _failed(self, entry: _Delivery, error: Exception, *, purged: bool) -> None:
+        """Retry a failed entry later, or dead-letter it once its retries are spent."""
+        if purged:
+            # The channel was purged while the handler ran: its retries and dead letters
+            # went with it, and so does this message.
+            logger.info(
+                "Redis consumer %s: a message failed (%s) after the channel was purged; it "
+                "is dropped",
+                self.consumer_name,
+                describe_error(error),
+            )
+        elif entry.attempt <= self.retry_policy.retry_attempts:
+            await self._retry_later(entry, error)
+        else:
+            await self._dead_letter(entry, entry.attempt, describe_error(error), error)
 
     async def _retry_later(self, entry: _Delivery, error: Exception) -> None:
         delay_ms = round(self.retry_policy.delay_for(entry.attempt) * 1000)

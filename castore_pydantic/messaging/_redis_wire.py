@@ -13,6 +13,8 @@ __all__ = [
     "CLAIM_NEXT",
     "MOVE_DEAD_LETTERS",
     "PROMOTE_RETRIES",
+    "PURGE_KEYS",
+    "REJOIN_GROUP",
     "SCHEDULE_RETRY",
     "positive",
     "redact",
@@ -102,6 +104,43 @@ local count = rows[1][4] + tonumber(ARGV[5])
 local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', count)
 if claimed[1] and claimed[1][2] then return {id, count, claimed[1][2]} end
 return {id, count}
+"""
+
+#: Deletes a channel's keys and, in the same atomic step, creates consumer groups again on
+#: the empty streams: a consumer blocked reading one of them stays blocked (Redis unblocks
+#: it with an error only if its group is missing once the script has run) and gets what is
+#: published next.
+#: KEYS: the keys to delete, then the stream of each group to create. ARGV: how many keys to
+#: delete, then the name of each group to create.
+PURGE_KEYS = """
+local n = tonumber(ARGV[1])
+for first = 1, n, 1000 do
+  redis.call('UNLINK', unpack(KEYS, first, math.min(first + 999, n)))
+end
+for i = n + 1, #KEYS do
+  local made = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[i - n + 1], '0', 'MKSTREAM')
+  if type(made) == 'table' and made.err and not string.find(made.err, 'BUSYGROUP') then
+    return redis.error_reply(made.err)
+  end
+end
+return n
+"""
+
+#: Creates a consumer group that has disappeared again: after the entry it had delivered up
+#: to, if the stream still holds that very entry (only the group was deleted), else at the
+#: stream's start (the stream was deleted too: all it holds was published since).
+#: KEYS: the stream. ARGV: group, the id of the last entry the group delivered ('0': none).
+#: Returns where the group starts (unchanged when it exists already).
+REJOIN_GROUP = """
+local start = '0'
+if ARGV[2] ~= '0' and #redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2]) > 0 then
+  start = ARGV[2]
+end
+local made = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], start, 'MKSTREAM')
+if type(made) == 'table' and made.err and not string.find(made.err, 'BUSYGROUP') then
+  return redis.error_reply(made.err)
+end
+return start
 """
 
 

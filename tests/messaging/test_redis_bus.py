@@ -551,3 +551,85 @@ class TestRawBodies:
                 assert await group_pending(raw, adapter.stream_key, "l") == 0
         assert listener.messages == [caught(1)]
         assert (dead, watch.records) == (0, [])
+
+
+class TestPurgeWhileConsuming:
+    async def test_listeners_get_what_is_published_right_after_a_purge(self, prefix: str) -> None:
+        """A purge while the adapter consumes loses nothing published after it returned, for
+        every listener; a failing one retries it through its retry stream as before."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        steady = Recorder()
+        flaky = Recorder(fail=lambda message, context: context.attempt == 1)
+        adapter.on({}, steady, listener_id="steady")
+        adapter.on({}, flaky, listener_id="flaky")
+        async with adapter, adapter.consuming():
+            await bus.publish_message(notification(1))
+            await steady.wait_for(1)
+            await flaky.wait_for(2)
+            await adapter.purge()
+            await bus.publish_message(notification(2))
+            await steady.wait_for(2, seconds=10)
+            await flaky.wait_for(4, seconds=10)
+        assert steady.messages == [notification(1), notification(2)]
+        assert [(message, context.attempt) for message, context in flaky.calls] == [
+            (notification(1), 1),
+            (notification(1), 2),
+            (notification(2), 1),
+            (notification(2), 2),
+        ]
+
+    async def test_another_adapters_purge_loses_nothing_for_a_consuming_listener(
+        self, prefix: str
+    ) -> None:
+        """A listener consuming in one adapter (another process, say) whose group another
+        adapter purged creates it again at the start of the new stream: the message that
+        adapter published right after its purge is delivered."""
+        bus = make_bus()
+        consumer = attach(bus, prefix)
+        listener = Recorder()
+        consumer.on({}, listener, listener_id="projection")
+        purger = attach(make_bus(), prefix)  # another adapter of the same bus, no listener
+        async with consumer, purger, consumer.consuming():
+            await purger.publish_message(notification(1))
+            await listener.wait_for(1)
+            await purger.purge()
+            await purger.publish_message(notification(2))
+            await listener.wait_for(2, seconds=10)
+        assert listener.messages == [notification(1), notification(2)]
+
+    async def test_a_group_deleted_alone_starts_again_after_the_last_entry_read(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A listener's group deleted while its stream stays (XGROUP DESTROY) is created
+        again after the last entry it delivered: what was published since arrives, what it
+        had read is not handled again."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        listener = Recorder()
+        adapter.on({}, listener, listener_id="projection")
+        async with adapter, adapter.consuming():
+            await bus.publish_messages([notification(1), notification(2)])
+            await listener.wait_for(2)
+            await raw.xgroup_destroy(adapter.stream_key, "projection")
+            await bus.publish_message(notification(3))
+            await listener.wait_for(3, seconds=10)
+            await bus.publish_message(notification(4))
+            await listener.wait_for(4, seconds=10)
+        assert listener.messages == [notification(index) for index in range(1, 5)]
+
+    async def test_a_listener_not_consuming_keeps_what_is_published_after_a_purge(
+        self, prefix: str
+    ) -> None:
+        """A purge deletes the groups of listeners that do not consume; publishing through
+        the adapter creates them again first, so they still get that message later."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        listener = Recorder()
+        adapter.on({}, listener, listener_id="projection")
+        async with adapter:
+            await adapter.purge()
+            await bus.publish_message(notification(1))
+            async with adapter.consuming():
+                await listener.wait_for(1, seconds=10)
+        assert listener.messages == [notification(1)]

@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -1311,3 +1312,79 @@ class TestHandBackAtTheGraceBoundary:
         assert len(rows) == 9  # read, not started
         handed_back = [row for row in rows if row["time_since_delivered"] > 10**8]
         assert len(handed_back) == 9
+
+
+class TestPurgeWhileConsuming:
+    async def test_the_consumer_goes_on_undisturbed_through_a_purge(
+        self, prefix: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A purge while the adapter consumes keeps its worker reading: the message
+        published right after it is delivered, and the worker logs no error."""
+        caplog.set_level(logging.WARNING, logger="castore_pydantic.messaging.redis")
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+        async with adapter, adapter.consuming():
+            await queue.publish_message(notification(1))
+            await recorder.wait_for(1)
+            await adapter.purge()
+            await queue.publish_message(notification(2))
+            await recorder.wait_for(2, seconds=10)
+        assert recorder.messages == [notification(1), notification(2)]
+        assert [record.getMessage() for record in caplog.records] == []
+
+    async def test_a_purge_drops_what_the_worker_read_and_had_not_started(
+        self, prefix: str
+    ) -> None:
+        """Entries read in a batch before the purge and not started yet are not handled
+        after it: their stream is gone. The handler running through it finishes."""
+        queue = make_queue()
+        running, go_on = asyncio.Event(), asyncio.Event()
+        recorder = Recorder()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await recorder(message, context)
+            if message == notification(1):
+                running.set()
+                await go_on.wait()
+
+        adapter = attach(queue, prefix, worker=worker, prefetch_count=10)
+        async with adapter:
+            await queue.publish_messages([notification(index) for index in range(1, 6)])
+            async with adapter.consuming():
+                await running.wait()
+                await adapter.purge()
+                go_on.set()
+                await queue.publish_message(notification(9))
+                await recorder.wait_for(2, seconds=10)
+        assert recorder.messages == [notification(1), notification(9)]
+
+    async def test_a_message_failing_after_a_purge_is_not_retried(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """A handler that fails once the channel was purged under it leaves no retry and no
+        dead letter behind: they would bring a purged message back."""
+        queue = make_queue()
+        running, go_on = asyncio.Event(), asyncio.Event()
+        recorder = Recorder()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await recorder(message, context)
+            if message == notification(1):
+                running.set()
+                await go_on.wait()
+                raise ValueError("the read model went away with the purge")
+
+        adapter = attach(queue, prefix, worker=worker, retry_delay_in_ms=60_000)
+        async with adapter, adapter.consuming():
+            await queue.publish_message(notification(1))
+            await running.wait()
+            await adapter.purge()
+            go_on.set()
+            # One worker handles one message at a time: once the next one is handled, the
+            # failure was settled.
+            await queue.publish_message(notification(2))
+            await recorder.wait_for(2, seconds=10)
+            assert await raw.zcard(f"{adapter.stream_key}:delayed") == 0
+            assert await adapter.dead_letters() == []
+        assert recorder.messages == [notification(1), notification(2)]
