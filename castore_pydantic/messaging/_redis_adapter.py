@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from castore_pydantic.errors import MessageBrokerUnavailableError, MessagingError
 from castore_pydantic.messaging._channels import MessageChannel
+from castore_pydantic.messaging._event_loops import LoopBinding
 from castore_pydantic.messaging._messages import (
     DeadLetter,
     DeliveryGuarantee,
@@ -131,6 +132,10 @@ class RedisStreamsAdapter:
         self._connected = False
         # Listeners registered on a connected adapter, whose consumer groups are being created.
         self._joining: set[asyncio.Task[None]] = set()
+        # The event loop of the client, the consumers and the tasks above; and, for a client
+        # passed in, the loop it was first used on (it cannot be replaced on another one).
+        self._loop = LoopBinding()
+        self._given_client_loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         channel = self.message_channel.message_channel_id if self.message_channel else None
@@ -176,7 +181,48 @@ class RedisStreamsAdapter:
 
     # -- connection ------------------------------------------------------------------------
 
+    def _enter_loop(self) -> None:
+        """Work on the running event loop; start afresh there if the last one has closed.
+
+        An adapter attached at import time may serve one event loop after another (one
+        ``asyncio.run`` after another; pytest-asyncio's loop per test). Its client's
+        connections, its consumers' tasks and its events belong to the loop they were made
+        on: once that loop has closed they are dropped, without awaiting anything, and the
+        adapter connects again on first use. Its connections were closed as the loop ended
+        (``close_at_end``), if ``asyncio.run`` or an ``asyncio.Runner`` ended it.
+
+        Raises:
+            RuntimeError: The adapter is in use on another loop that is still open.
+        """
+        if not self._loop.enter(self):
+            return
+        # Those consumers' tasks were cancelled with their loop (or will never run again):
+        # their entries stay pending and are taken over, as for a worker that died.
+        self._consumers = []
+        self._retiring = {}
+        self._background = set()
+        self._joining = set()
+        self._starting = None
+        self._consuming = False
+        self._connected = False
+        self._append = None
+        if self._owns_client:
+            self._client = None
+
     def _redis(self) -> Redis:
+        self._enter_loop()
+        if not self._owns_client:
+            assert self._client is not None
+            loop = asyncio.get_running_loop()
+            if self._given_client_loop is None:
+                self._given_client_loop = loop
+            elif self._given_client_loop is not loop:
+                raise RuntimeError(
+                    f"{self!r} was used on an event loop that has closed, with a Redis client "
+                    "passed in: that client's connections belong to the closed loop. Create "
+                    "the client and the adapter on the loop that uses them, or pass a "
+                    "redis:// URL: the adapter then connects again on each new loop"
+                )
         if self._client is None:
             assert self._url is not None
             client_name = re.sub(r"[^!-~]", "_", f"castore:{self.consumer_name}")
@@ -188,7 +234,17 @@ class RedisStreamsAdapter:
                 # fails on its next use: retry on a fresh one before reporting an outage.
                 retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries=3),
             )
+            self._loop.close_at_end(self._close_at_loop_end)
         return self._client
+
+    async def _close_at_loop_end(self) -> None:
+        """Close the client as its event loop ends: its connections cannot outlive it."""
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (RedisError, OSError) as exc:
+                logger.warning("%r could not close its Redis client: %s", self, exc)
 
     def _broker_error(self, action: str, exc: RedisError) -> MessagingError:
         if self._url is not None:
@@ -217,6 +273,7 @@ class RedisStreamsAdapter:
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.
             MessagingError: Redis refused a command.
+            RuntimeError: The adapter is in use on another event loop that is still open.
         """
         client = self._redis()
         try:
@@ -233,8 +290,13 @@ class RedisStreamsAdapter:
 
         Waits for the running handlers first, as ``stop_consuming()`` does. Called by a
         handler, it returns at once and the client is closed once that handler's consumer
-        has finished (a later ``aclose()`` waits for that).
+        has finished (a later ``aclose()`` waits for that). On a new event loop, after the
+        one the adapter was used on has closed, there is nothing left to close.
+
+        Raises:
+            RuntimeError: The adapter is in use on another event loop that is still open.
         """
+        self._enter_loop()
         await self.stop_consuming()
         self._connected = False
         inside = asyncio.current_task() in self._retiring
@@ -319,10 +381,12 @@ class RedisStreamsAdapter:
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached (retriable).
             MessagingError: Redis refused the command.
-            RuntimeError: The adapter is not attached to a channel.
+            RuntimeError: The adapter is not attached to a channel, or is in use on another
+                event loop that is still open.
         """
         stream = self.stream_key
         fields = self._fields(message, replay)
+        self._enter_loop()
         await self._joined()
         try:
             await self._redis().xadd(stream, fields, maxlen=self._max_length())
@@ -342,6 +406,7 @@ class RedisStreamsAdapter:
         """
         if not messages:
             return
+        self._enter_loop()
         stream = self.stream_key
         bodies = [self._fields(message, replay)["body"] for message in messages]
         max_length = self._max_length()
@@ -362,8 +427,11 @@ class RedisStreamsAdapter:
 
     @property
     def is_consuming(self) -> bool:
-        """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``)."""
-        return self._consuming
+        """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``).
+
+        ``False`` once the event loop they ran on has closed: they ended with it.
+        """
+        return self._consuming and not self._loop.closed
 
     @asynccontextmanager
     async def consuming(self, *, grace_period: float | None = None) -> AsyncIterator[Self]:
@@ -383,9 +451,11 @@ class RedisStreamsAdapter:
 
         Raises:
             RuntimeError: Called by a handler whose consumer is stopping (it stopped its
-                adapter): restart from another task, once that handler has returned.
+                adapter): restart from another task, once that handler has returned. Or the
+                adapter is in use on another event loop that is still open.
             MessageBrokerUnavailableError: Redis cannot be reached.
         """
+        self._enter_loop()
         current = asyncio.current_task()
         if current in self._retiring:
             # The new consumer would run under the same name in the same groups and take
@@ -460,7 +530,11 @@ class RedisStreamsAdapter:
             grace_period: Seconds to wait for running handlers; then they are cancelled and
                 their messages handed back, to be delivered again without counting an
                 attempt. ``None`` waits as long as they run.
+
+        Raises:
+            RuntimeError: The adapter is in use on another event loop that is still open.
         """
+        self._enter_loop()
         current = asyncio.current_task()
         # Counted before any await: a start in progress then starts nothing.
         self._stop_calls += 1
@@ -639,7 +713,9 @@ class RedisStreamsAdapter:
 
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.
+            RuntimeError: The adapter is in use on another event loop that is still open.
         """
+        self._enter_loop()
         # A consumer still starting, or a listener still joining, would create its group
         # after the purge at the end of the stream, skipping what is published meanwhile.
         # (A start waits for the handlers of stopped consumers: not for their purge.)

@@ -320,9 +320,17 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
             ValueError: An unknown pattern key, an empty id, or an id already used by
                 another handler.
             TypeError: A pattern value of the wrong type.
+            RuntimeError: Called on an event loop while the adapter is in use on another
+                one that is still open.
         """
         checked = check_filter_pattern(pattern)
         name = listener_name(handler, listener_id)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # registered before any loop runs: its group is created on connecting
+        else:
+            self._enter_loop()  # joining on a loop that closed since would fail
         listener = self._listeners.get(name)
         if listener is None:
             listener = self._listeners[name] = _Listener(name, handler)

@@ -633,3 +633,28 @@ class TestPurgeWhileConsuming:
             async with adapter.consuming():
                 await listener.wait_for(1, seconds=10)
         assert listener.messages == [notification(1)]
+
+
+class TestEventLoops:
+    def test_a_listener_registered_on_a_new_loop_joins_there(self, prefix: str) -> None:
+        """A listener registered on a new loop, after the loop the adapter connected on has
+        closed, gets its group on the new loop: both listeners get what is published there."""
+        bus = make_bus()
+        adapter = attach(bus, prefix)
+        first, second = Recorder(), Recorder()
+        adapter.on({}, first, listener_id="first")
+
+        async def on_the_first_loop() -> None:
+            await adapter.connect()
+
+        async def on_the_second_loop() -> None:
+            adapter.on({}, second, listener_id="second")
+            await bus.publish_message(notification(1))
+            async with adapter.consuming():
+                await first.wait_for(1)
+                await second.wait_for(1)
+            await adapter.aclose()
+
+        asyncio.run(on_the_first_loop())
+        asyncio.run(on_the_second_loop())
+        assert first.messages == second.messages == [notification(1)]

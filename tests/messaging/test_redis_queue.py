@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -1388,3 +1389,82 @@ class TestPurgeWhileConsuming:
             assert await raw.zcard(f"{adapter.stream_key}:delayed") == 0
             assert await adapter.dead_letters() == []
         assert recorder.messages == [notification(1), notification(2)]
+
+
+class TestEventLoops:
+    """An adapter attached at import time, used by one event loop after another."""
+
+    def test_aclose_on_a_new_loop_connects_nothing(self, prefix: str) -> None:
+        """aclose() on a new loop, after the loop the adapter connected on has closed,
+        returns without connecting again."""
+        queue = make_queue()
+        adapter = attach(queue, prefix)
+
+        async def connect() -> None:
+            await adapter.connect()
+            await queue.publish_message(notification(1))
+
+        async def close() -> None:
+            await adapter.aclose()
+            assert adapter._client is None
+
+        asyncio.run(connect())
+        asyncio.run(close())
+
+    def test_an_adapter_in_use_on_a_live_loop_refuses_another(self, prefix: str) -> None:
+        """While the loop an adapter is used on is still open (another thread's), every
+        entry point called from another loop raises an error naming the adapter."""
+        queue = make_queue()
+        adapter = attach(queue, prefix, worker=Recorder())
+        home = asyncio.new_event_loop()
+        thread = threading.Thread(target=home.run_forever)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(adapter.start_consuming(), home).result(10)
+            calls = {
+                "publish_message": lambda: queue.publish_message(notification(1)),
+                "publish_messages": lambda: queue.publish_messages([notification(1)]),
+                "connect": adapter.connect,
+                "start_consuming": adapter.start_consuming,
+                "stop_consuming": adapter.stop_consuming,
+                "dead_letters": adapter.dead_letters,
+                "republish_dead_letters": adapter.republish_dead_letters,
+                "purge": adapter.purge,
+                "aclose": adapter.aclose,
+            }
+            for name, call in calls.items():
+
+                async def elsewhere(call: Any = call) -> None:
+                    await call()
+
+                with pytest.raises(RuntimeError, match="another event loop") as raised:
+                    asyncio.run(elsewhere())
+                assert "RedisMessageQueueAdapter(" in str(raised.value), name
+            assert adapter.is_consuming  # still, on its own loop
+        finally:
+            asyncio.run_coroutine_threadsafe(adapter.aclose(), home).result(10)
+            home.call_soon_threadsafe(home.stop)
+            thread.join()
+            home.close()
+
+    def test_a_client_passed_in_is_not_carried_to_a_new_loop(self, prefix: str) -> None:
+        """A client passed in cannot be replaced by the adapter: used on a new loop after
+        its own has closed, the adapter says so instead of failing inside redis-py."""
+        client = raw_client()
+        queue = make_queue()
+        adapter = RedisMessageQueueAdapter.attach_to(queue, client, key_prefix=prefix)
+
+        async def publish() -> None:
+            await queue.publish_message(notification(1))
+
+        async def publish_and_close() -> None:
+            await publish()
+            await client.aclose()  # the caller's to close
+
+        async def close() -> None:
+            await adapter.aclose()
+
+        asyncio.run(publish_and_close())
+        with pytest.raises(RuntimeError, match="client passed in"):
+            asyncio.run(publish())
+        asyncio.run(close())
