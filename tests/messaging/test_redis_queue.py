@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import json
 import logging
 import threading
@@ -1393,6 +1394,67 @@ class TestPurgeWhileConsuming:
 
 class TestEventLoops:
     """An adapter attached at import time, used by one event loop after another."""
+
+    def test_an_adapter_serves_one_event_loop_after_another(self, prefix: str) -> None:
+        """Used on one asyncio.run (left consuming), then on another, the adapter starts
+        afresh on the new loop: publishing, consuming, dead letters, purge and aclose
+        work there, and no connection or transport of the first loop is left open."""
+        queue = make_queue()
+        adapter = attach(queue, prefix)
+        first, second = Recorder(), Recorder()
+
+        async def on_the_first_loop() -> None:
+            adapter.worker = first
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await first.wait_for(1)
+            # Left consuming: asyncio.run cancels the consumer as the loop ends.
+
+        async def on_the_second_loop() -> None:
+            assert not adapter.is_consuming
+            adapter.worker = second
+            await queue.publish_message(notification(2))
+            async with adapter.consuming():
+                await second.wait_for(1)
+            assert await adapter.dead_letters() == []
+            assert await adapter.republish_dead_letters() == 0
+            await adapter.purge()
+            await adapter.aclose()
+
+        async def connections_left() -> list[int]:
+            raw = raw_client()
+            try:
+                return await connections_named(raw, f"castore:{adapter.consumer_name}")
+            finally:
+                await raw.aclose()
+
+        asyncio.run(on_the_first_loop())
+        assert asyncio.run(connections_left()) == []  # closed as its loop ended
+        asyncio.run(on_the_second_loop())
+        gc.collect()  # a transport left open would warn here (an error under -W error)
+        assert first.messages == [notification(1)]
+        assert second.messages == [notification(2)]
+        assert asyncio.run(connections_left()) == []
+
+    def test_asyncio_run_ends_while_the_adapter_consumes(self, prefix: str) -> None:
+        """asyncio.run returns when its coroutine ends while the adapter consumes, just after
+        a handler returned: the consumer's cancellation, arriving as it acknowledges (a
+        redis-py command under asyncio.wait_for), used to be swallowed, and the run hung."""
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder)
+
+        async def consume_and_leave() -> None:
+            await adapter.start_consuming()
+            await queue.publish_message(notification(1))
+            await recorder.wait_for(1)
+
+        # In a thread of its own: a run that hangs must not hang the test session.
+        thread = threading.Thread(target=asyncio.run, args=(consume_and_leave(),), daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive()
+        assert recorder.messages == [notification(1)]
 
     def test_aclose_on_a_new_loop_connects_nothing(self, prefix: str) -> None:
         """aclose() on a new loop, after the loop the adapter connected on has closed,
