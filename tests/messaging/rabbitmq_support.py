@@ -12,16 +12,32 @@ import contextlib
 import logging
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import pytest
 from pydantic import BaseModel
 
 from castore_pydantic import Aggregate, Event, EventStore
 from castore_pydantic.messaging import Message, NotificationMessage
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from tests.services import RABBITMQ_HOST, RABBITMQ_PORT, require_command, require_rabbitmq
+
+#: Each step takes milliseconds; past this one is stuck and the test fails naming it.
+WITHIN = 20
+
+
+@contextlib.asynccontextmanager
+async def within(what: str, seconds: float = WITHIN) -> AsyncIterator[None]:
+    """Fail the test, naming ``what``, if the block has not finished after ``seconds``."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            yield
+    finally:
+        if deadline.expired():
+            pytest.fail(f"{what} did not happen within {seconds}s")
 
 
 def vhost_url(vhost: str, *, port: int = RABBITMQ_PORT, host: str = RABBITMQ_HOST) -> str:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
@@ -37,30 +37,16 @@ from tests.messaging.rabbitmq_support import (
     pokemon_store,
     private_vhost,
     vhost_url,
+    within,
 )
 
 pytestmark = [pytest.mark.rabbitmq]
-
-#: Each step takes milliseconds; past this one is stuck and the test fails naming it.
-WITHIN = 20
 
 
 @pytest.fixture(scope="module")
 def vhost() -> Iterator[str]:
     with private_vhost() as name:
         yield name
-
-
-@contextlib.asynccontextmanager
-async def within(what: str, seconds: float = WITHIN) -> AsyncIterator[None]:
-    """Fail the test, naming ``what``, if the block has not finished after ``seconds``."""
-    deadline = asyncio.timeout(seconds)
-    try:
-        async with deadline:
-            yield
-    finally:
-        if deadline.expired():
-            pytest.fail(f"{what} did not happen within {seconds}s")
 
 
 async def delete_queue(vhost: str, queue: str) -> None:
