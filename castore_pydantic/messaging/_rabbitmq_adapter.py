@@ -21,6 +21,7 @@ from yarl import URL
 
 from castore_pydantic.errors import MessagingError
 from castore_pydantic.messaging._channels import MessageChannel
+from castore_pydantic.messaging._event_loops import LoopBinding
 from castore_pydantic.messaging._messages import (
     DeadLetter,
     DeliveryGuarantee,
@@ -54,6 +55,8 @@ class RabbitMQAdapter:
 
     Publishing uses its own connection, opened on first use and again after it dropped.
     Consumers use another connection, watched by a task that reconnects them when it drops.
+    Both, and the tasks, locks and events that go with them, belong to one event loop; the
+    adapter moves to the loop it is called on once that one has closed.
     """
 
     _channel_type: ClassVar[str]  # "queue" or "bus"
@@ -97,6 +100,15 @@ class RabbitMQAdapter:
         self.reconnect_delay = float(reconnect_delay)
         self.connect_timeout = float(connect_timeout)
         self.message_channel: MessageChannel[Any] | None = None
+        #: How many times ``stop_consuming`` was called: a start that sees it change while
+        #: it opens the consumers stops them again (the stop may have stopped waiting).
+        self._stop_calls = 0
+        #: The event loop the connections, tasks, locks and events below belong to.
+        self._loop = LoopBinding()
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """Set up what belongs to one event loop, with no connection and nothing running."""
         self._publish_lock = asyncio.Lock()
         self._publisher: tuple[AbstractConnection, AbstractChannel] | None = None
         #: Watches the consumers and reconnects them; it ends only for a stop (or when
@@ -104,9 +116,6 @@ class RabbitMQAdapter:
         self._supervisor: asyncio.Task[None] | None = None
         #: Set while ``start_consuming`` opens the consumers (before ``_supervisor`` exists).
         self._starting: asyncio.Event | None = None
-        #: How many times ``stop_consuming`` was called: a start that sees it change while
-        #: it opens the consumers stops them again (the stop may have stopped waiting).
-        self._stop_calls = 0
         #: The shortest grace period of the stops called while a start runs (``None``: none
         #: gave one), for the start that stops its consumers because of them.
         self._start_grace: float | None = None
@@ -155,9 +164,12 @@ class RabbitMQAdapter:
         """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``).
 
         False again if the task that keeps the consumers running ended without a stop (it
-        was cancelled from outside): ``start_consuming()`` then starts them anew.
+        was cancelled from outside, or its event loop ended): ``start_consuming()`` then
+        starts them anew.
         """
-        return self._supervisor is not None and not self._supervisor_ended()
+        return (
+            self._supervisor is not None and not self._supervisor_ended() and not self._loop.closed
+        )
 
     def _supervisor_ended(self) -> bool:
         """Whether the supervisor ended by itself, not for a stop: nothing consumes."""
@@ -211,12 +223,40 @@ class RabbitMQAdapter:
     async def _delete_exchanges(self, channel: AbstractChannel) -> None:
         """Delete the adapter's exchanges (the bus has one)."""
 
+    # -- event loops -----------------------------------------------------------------------
+
+    def _enter_loop(self) -> None:
+        """Work on the running event loop; start afresh there if the last one has closed.
+
+        An adapter attached at import time may serve one event loop after another (one
+        ``asyncio.run`` after another; pytest-asyncio's loop per test). Its connections, its
+        consumers' tasks, its lock and its events belong to the loop they were made on: once
+        that loop has closed they are dropped, without awaiting anything, and the adapter
+        connects again on first use. Its connections were closed as the loop ended
+        (``close_at_end``), if ``asyncio.run`` or an ``asyncio.Runner`` ended it.
+
+        Raises:
+            RuntimeError: The adapter is in use on another loop that is still open.
+        """
+        if self._loop.enter(self):
+            self._start_afresh()
+
+    async def _close_at_loop_end(self) -> None:
+        """Close the connections as their event loop ends: they cannot outlive it.
+
+        The consumers' task was cancelled first, and closed theirs already (unless it had
+        not run yet).
+        """
+        await self._close_publisher()
+        await self._close_consumers()
+
     # -- connections -----------------------------------------------------------------------
 
     def _fail(self, error: BaseException) -> NoReturn:
         raise_broker_error(self.url, error)
 
     async def _connect(self, role: str) -> AbstractConnection:
+        self._loop.close_at_end(self._close_at_loop_end)
         try:
             return await aio_pika.connect(
                 self._url,
@@ -240,6 +280,7 @@ class RabbitMQAdapter:
         await self._publishing_channel()
 
     async def _publishing_channel(self) -> AbstractChannel:
+        self._enter_loop()
         publisher = self._publisher
         if publisher is not None and not publisher[1].is_closed:
             return publisher[1]
@@ -372,6 +413,7 @@ class RabbitMQAdapter:
                 again from another task).
             MessageBrokerUnavailableError: The broker cannot be reached.
         """
+        self._enter_loop()
         self._require_channel()
         self._subscriptions(consuming=True)  # no handler: say so before waiting
         stop_calls = self._stop_calls
@@ -708,6 +750,7 @@ class RabbitMQAdapter:
             grace_period: Seconds to wait for running handlers; then their channels close,
                 cancelling them, and their messages are delivered again. ``None`` waits.
         """
+        self._enter_loop()
         # Counted before any await: a start in progress then opens nothing that runs on.
         self._stop_calls += 1
         current = asyncio.current_task()
@@ -801,11 +844,14 @@ class RabbitMQAdapter:
             return  # left unacknowledged: the broker redelivers it once the channel closes
         delivery_tag = delivered.delivery_tag
         assert delivery_tag is not None  # a consumed delivery always has one
+        # The handlers of this event loop, which may close with this one still pending:
+        # garbage-collected later, it must leave the next loop's count alone.
+        handling, idle = self._handling, self._idle
         self._in_flight += 1
-        self._idle.clear()
+        idle.clear()
         task = asyncio.current_task()
         if task is not None:
-            self._handling.add(task)
+            handling.add(task)
         try:
             await self._handle(subscription, channel, delivered)
             await channel.basic_ack(delivery_tag)
@@ -837,10 +883,11 @@ class RabbitMQAdapter:
                 await self._requeue_at_the_back(subscription, channel, delivered)
         finally:
             if task is not None:
-                self._handling.discard(task)
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+                handling.discard(task)
+            if self._handling is handling:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    idle.set()
 
     async def _requeue_at_the_back(
         self,

@@ -67,6 +67,11 @@ class RabbitMQMessageQueueAdapter(RabbitMQAdapter):
 
     Usually built with ``attach_to(queue, url, worker=...)``.
 
+    It works on one event loop at a time: once the loop it was used on has closed (the next
+    ``asyncio.run``, the next pytest-asyncio test), the next call connects anew on the
+    running one. While that loop is still open (another thread's), calls from another loop
+    raise ``RuntimeError``.
+
     Args:
         url: ``amqp://user:password@host:port/vhost``.
         worker: ``async def worker(message, context)``; may be set later.
@@ -195,6 +200,11 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
     not kept for it.
 
     Usually built with ``attach_to(bus, url)``.
+
+    It works on one event loop at a time: once the loop it was used on has closed (the next
+    ``asyncio.run``, the next pytest-asyncio test), the next call connects anew on the
+    running one. While that loop is still open (another thread's), calls from another loop
+    raise ``RuntimeError``.
 
     Args:
         url: ``amqp://user:password@host:port/vhost``.

@@ -7,10 +7,13 @@ what it declared.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -46,10 +49,12 @@ from tests.messaging.rabbitmq_support import (
     DeadLetterWatch,
     PokemonAppeared,
     PokemonCaught,
+    event_key,
     notification,
     pokemon_store,
     private_vhost,
     vhost_url,
+    within,
 )
 
 
@@ -337,6 +342,7 @@ class Inbox:
         self._changed.set()
 
     async def wait_for(self, count: int) -> None:
+        self._changed = asyncio.Event()  # of this event loop: a test may run several
         async with asyncio.timeout(20):
             while len(self.messages) < count:
                 self._changed.clear()
@@ -1317,3 +1323,298 @@ class TestTeardown:
             return [repr(task) for task in asyncio.all_tasks() if task is not current]
 
         assert asyncio.run(scenario()) == []
+
+
+class _HoldingInbox(Inbox):
+    """An inbox whose handler, while ``holding`` is true, keeps the message, then waits
+    until cancelled."""
+
+    holding = False
+
+    async def __call__(self, message: Any, context: MessageContext) -> None:
+        await super().__call__(message, context)
+        if self.holding:
+            await asyncio.get_running_loop().create_future()
+
+
+def _adapter_of(kind: str, channel_id: str, vhost: str, inbox: Inbox) -> Any:
+    """A queue or bus adapter delivering to ``inbox``, attached outside any event loop."""
+    store = pokemon_store()
+    if kind == "queue":
+        queue = NotificationMessageQueue(message_queue_id=channel_id, source_event_stores=[store])
+        return RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost), worker=inbox)
+    bus = NotificationMessageBus(message_bus_id=channel_id, source_event_stores=[store])
+    adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+    adapter.on({}, inbox, listener_id="inbox")
+    return adapter
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("kind", ["queue", "bus"])
+class TestEventLoops:
+    """An adapter made at import time serves one event loop after another."""
+
+    def test_publishing_in_the_next_event_loop_connects_anew(self, vhost: str, kind: str) -> None:
+        """Connected in one asyncio.run, the adapter publishes and consumes in the next."""
+        inbox = Inbox()
+        adapter = _adapter_of(kind, f"loops-publish-{kind}", vhost, inbox)
+
+        async def first() -> None:
+            async with within("publishing in the first event loop"):
+                await adapter.publish_message(notification(0))
+
+        async def second() -> None:
+            try:
+                async with within("publishing in the second event loop"):
+                    await adapter.publish_message(notification(1))
+                async with adapter.consuming():
+                    await inbox.wait_for(2)
+            finally:
+                async with within("purging in the second event loop"):
+                    await adapter.purge()
+                    await adapter.aclose()
+
+        asyncio.run(first())
+        gc.collect()  # what the ended loop left pending goes now, failing nothing
+        asyncio.run(second())
+        assert inbox.messages == [notification(0), notification(1)]
+
+    def test_every_call_works_in_the_next_event_loop_after_consuming(
+        self, vhost: str, kind: str
+    ) -> None:
+        """Left consuming when its asyncio.run ended, the adapter has stopped; in the next
+        loop every call works, and consuming starts again."""
+        inbox = Inbox()
+        adapter = _adapter_of(kind, f"loops-calls-{kind}", vhost, inbox)
+
+        async def first() -> None:
+            async with within("consuming in the first event loop"):
+                await adapter.start_consuming()
+                await adapter.publish_message(notification(0))
+                await inbox.wait_for(1)
+
+        async def second() -> None:
+            steps: list[tuple[str, Callable[[], Coroutine[Any, Any, Any]]]] = [
+                ("connect()", adapter.connect),
+                ("dead_letters()", adapter.dead_letters),
+                ("republish_dead_letters()", adapter.republish_dead_letters),
+                ("stop_consuming()", adapter.stop_consuming),
+                ("start_consuming()", adapter.start_consuming),
+                ("publish_messages()", lambda: adapter.publish_messages([notification(1)])),
+                ("handling the message", lambda: inbox.wait_for(2)),
+                ("stop_consuming()", adapter.stop_consuming),
+                ("purge()", adapter.purge),
+                ("aclose()", adapter.aclose),
+            ]
+            results = []
+            try:
+                for name, step in steps:
+                    async with within(f"{name} in the second event loop"):
+                        results.append(await step())
+            finally:
+                await adapter.purge()
+                await adapter.aclose()
+            assert results[1:3] == [[], 0]
+
+        asyncio.run(first())
+        assert not adapter.is_consuming  # its consumers ended with the loop
+        asyncio.run(second())
+        assert inbox.messages == [notification(0), notification(1)]
+
+    def test_a_closed_adapter_waits_in_the_next_event_loop_as_in_the_first(
+        self, vhost: str, kind: str
+    ) -> None:
+        """Its lock and events waited on in one asyncio.run, then closed, the adapter waits
+        on them again in the next: two publishes connecting at once, a stop that waits for a
+        running handler."""
+        inbox = _HoldingInbox()
+        adapter = _adapter_of(kind, f"loops-waits-{kind}", vhost, inbox)
+
+        async def publish_then_stop_a_running_handler(first: int) -> None:
+            inbox.holding = True
+            handled = len(inbox.messages)
+            try:
+                async with within("two publishes connecting at once"):
+                    await asyncio.gather(
+                        adapter.publish_message(notification(first)),
+                        adapter.publish_message(notification(first + 1)),
+                    )
+                async with within("a handler starting"):
+                    await adapter.start_consuming()
+                    await inbox.wait_for(handled + 1)
+                async with within("a stop that waits for the handler"):
+                    await adapter.stop_consuming(grace_period=0.05)  # gives its message back
+            finally:
+                inbox.holding = False
+                await adapter.stop_consuming(grace_period=0.05)
+                await adapter.aclose()
+
+        async def consume_what_was_given_back() -> None:
+            given_back = {event_key(notification(index)) for index in range(4)}
+            before = len(inbox.messages)
+            try:
+                async with within("handling every message"), adapter.consuming():
+                    while {event_key(m) for m in inbox.messages[before:]} != given_back:
+                        await inbox.wait_for(len(inbox.messages) + 1)
+            finally:
+                await adapter.purge()
+                await adapter.aclose()
+
+        asyncio.run(publish_then_stop_a_running_handler(0))
+        asyncio.run(publish_then_stop_a_running_handler(2))
+        asyncio.run(consume_what_was_given_back())
+
+    def test_a_loop_running_in_another_thread_keeps_the_adapter(
+        self, vhost: str, kind: str
+    ) -> None:
+        """While the loop the adapter consumes on runs in another thread, every call from
+        another loop raises RuntimeError naming the adapter; once that loop has closed, the
+        adapter moves."""
+        adapter = _adapter_of(kind, f"loops-thread-{kind}", vhost, Inbox())
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(adapter.start_consuming(), loop).result(timeout=20)
+            calls: list[Callable[[], Coroutine[Any, Any, Any]]] = [
+                adapter.connect,
+                lambda: adapter.publish_message(notification(0)),
+                lambda: adapter.publish_messages([notification(0)]),
+                adapter.start_consuming,
+                adapter.stop_consuming,
+                adapter.dead_letters,
+                adapter.republish_dead_letters,
+                adapter.purge,
+                adapter.aclose,
+            ]
+
+            async def from_here() -> list[str]:
+                errors = []
+                for call in calls:
+                    async with within("a call from another event loop"):
+                        with pytest.raises(RuntimeError) as raised:
+                            await call()
+                    errors.append(str(raised.value))
+                return errors
+
+            for error in asyncio.run(from_here()):
+                assert error.startswith(repr(adapter))
+                assert "another event loop, which is still open" in error
+            assert adapter.is_consuming  # still, on its own loop
+            for ending in (adapter.aclose(), loop.shutdown_asyncgens()):
+                asyncio.run_coroutine_threadsafe(ending, loop).result(timeout=20)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=20)
+            assert not thread.is_alive()
+            loop.close()
+
+        async def once_that_loop_closed() -> None:
+            async with within("publishing once the other loop closed"):
+                await adapter.publish_message(notification(0))
+                await adapter.purge()
+                await adapter.aclose()
+
+        asyncio.run(once_that_loop_closed())
+
+    def test_a_stopped_loop_keeps_the_adapter_until_it_closes(self, vhost: str, kind: str) -> None:
+        """Consuming on a loop that stopped but is not closed (it may run again), the
+        adapter refuses calls from another loop; once that loop has closed, it moves."""
+        inbox = Inbox()
+        adapter = _adapter_of(kind, f"loops-stopped-{kind}", vhost, inbox)
+        loop = asyncio.new_event_loop()
+        try:
+
+            async def consume_there() -> None:
+                async with within("consuming on the first loop"):
+                    await adapter.start_consuming()
+                    await adapter.publish_message(notification(0))
+                    await inbox.wait_for(1)
+
+            loop.run_until_complete(consume_there())
+
+            async def publish_here() -> None:
+                async with within("publishing from another loop"):
+                    await adapter.publish_message(notification(1))
+
+            with pytest.raises(RuntimeError, match="which is still open") as raised:
+                asyncio.run(publish_here())
+            assert str(raised.value).startswith(repr(adapter))
+            assert adapter.is_consuming  # on the first loop, untouched
+            loop.run_until_complete(adapter.aclose())
+        finally:
+            loop.close()
+
+        async def publish_and_consume_here() -> None:
+            try:
+                async with within("publishing and consuming once that loop closed"):
+                    await adapter.publish_message(notification(1))
+                    async with adapter.consuming():
+                        await inbox.wait_for(2)
+            finally:
+                await adapter.purge()
+                await adapter.aclose()
+
+        asyncio.run(publish_and_consume_here())
+        assert inbox.messages == [notification(0), notification(1)]
+
+
+#: Runs in a subprocess: an event loop closed with tasks still pending leaves noise on
+#: stderr (its tasks are destroyed pending) that must not reach the other tests.
+_CLOSED_WITH_TASKS_PENDING = """
+import asyncio, gc, sys
+from tests.messaging.test_rabbitmq import _HoldingInbox, _adapter_of
+from tests.messaging.rabbitmq_support import notification
+
+inbox = _HoldingInbox()
+adapter = _adapter_of(sys.argv[1], "loops-closed-" + sys.argv[1], sys.argv[2], inbox)
+
+async def first():
+    inbox.holding = True
+    await asyncio.wait_for(adapter.start_consuming(), 20)
+    await asyncio.wait_for(adapter.publish_message(notification(0)), 20)
+    await inbox.wait_for(1)
+
+loop = asyncio.new_event_loop()
+loop.run_until_complete(first())
+loop.close()  # the handler, the supervisor, the connections' tasks are still pending
+assert not adapter.is_consuming
+# Nothing consumes any more: the worker and the listeners may change again.
+if sys.argv[1] == "queue":
+    adapter.worker = None
+    adapter.worker = inbox
+else:
+    adapter.on({}, inbox, listener_id="inbox")
+inbox.holding = False
+
+async def second():
+    # Deleting the queue takes it from the consumer left open by the closed loop.
+    await asyncio.wait_for(adapter.purge(), 20)
+    gc.collect()  # the closed loop's handler ends now, in this loop's time
+    await asyncio.wait_for(adapter.start_consuming(), 20)
+    await asyncio.wait_for(adapter.publish_message(notification(1)), 20)
+    await inbox.wait_for(2)
+    await asyncio.wait_for(adapter.stop_consuming(), 20)  # waits for no handler
+    await asyncio.wait_for(adapter.purge(), 20)
+    await asyncio.wait_for(adapter.aclose(), 20)
+
+asyncio.run(second())
+print("carried on")
+"""
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("kind", ["queue", "bus"])
+def test_a_loop_closed_with_tasks_pending_is_left_behind(vhost: str, kind: str) -> None:
+    """A loop closed without ending its tasks (no asyncio.run), a handler still running, is
+    left behind too: the next loop's calls neither hang nor fail, consuming starts again,
+    and a stop there waits for its own handlers only."""
+    result = subprocess.run(
+        [sys.executable, "-c", _CLOSED_WITH_TASKS_PENDING, kind, vhost],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert result.stdout.strip() == "carried on", result.stderr[-3000:]
