@@ -25,13 +25,50 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from castore_pydantic.messaging._messages import AggregateExistsMessage, FilterPattern, Message
+from castore_pydantic.errors import UnknownEventTypeError
+from castore_pydantic.messaging._messages import (
+    AggregateExistsMessage,
+    FilterPattern,
+    Message,
+    check_filter_pattern,
+)
 from castore_pydantic.messaging._wire import routing_fields
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from castore_pydantic.messaging._channels import MessageChannel
 
-__all__ = ["ListenerFilter"]
+__all__ = ["ListenerFilter", "listened_pattern"]
+
+
+def listened_pattern(
+    pattern: Mapping[str, object], channel: MessageChannel[Any] | None
+) -> FilterPattern:
+    """Check a pattern given to a bus adapter's ``on``, against its bus once attached.
+
+    Besides ``check_filter_pattern``'s checks, a pattern that names what the bus cannot
+    carry is refused: an event store that is not one of its sources, or an event type its
+    store does not declare. Castore accepts such a listener, which then hears nothing.
+
+    Raises:
+        MessageChannelEventStoreNotFoundError: The store is not one of the bus's.
+        UnknownEventTypeError: The store does not declare the type.
+    """
+    checked = check_filter_pattern(pattern)
+    store_id = checked.get("event_store_id")
+    if channel is None or store_id is None:
+        return checked  # not attached yet, or a type alone (it matches every message)
+    store = channel.get_event_store(store_id)
+    event_type = checked.get("event_type")
+    if event_type is None:
+        return checked
+    if channel.message_class is AggregateExistsMessage:
+        return checked  # never matches (no event type), as in Castore; the contract pins it
+    if event_type not in store.context.known_types:
+        raise UnknownEventTypeError(store_id, event_type, store.context.known_types)
+    return checked
+
 
 #: The event types taken of a store no pattern names: none.
 _NO_TYPES: frozenset[str] = frozenset()

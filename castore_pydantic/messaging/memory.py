@@ -26,13 +26,12 @@ from castore_pydantic.messaging._messages import (
     MessageContext,
     MessageHandler,
     RetryPolicy,
-    check_filter_pattern,
     describe_error,
     listener_name,
     run_handler,
     same_handler,
 )
-from castore_pydantic.messaging._routing import ListenerFilter
+from castore_pydantic.messaging._routing import ListenerFilter, listened_pattern
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -520,7 +519,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
                 handler.
             TypeError: A pattern value of the wrong type.
         """
-        checked = check_filter_pattern(pattern)
+        checked = listened_pattern(pattern, self.message_channel)
         # Keyed by id, as on the brokers: dead letters and republishing go by it, so two
         # handlers with one (default) id could not be told apart.
         name = listener_name(handler, listener_id)

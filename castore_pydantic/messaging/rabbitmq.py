@@ -36,7 +36,6 @@ from castore_pydantic.messaging._messages import (
     FilterPattern,
     Message,
     MessageHandler,
-    check_filter_pattern,
     listener_name,
     same_handler,
 )
@@ -48,6 +47,7 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     name_part,
     routing_key,
 )
+from castore_pydantic.messaging._routing import listened_pattern
 
 __all__ = [
     "RabbitMQMessageBusAdapter",
@@ -318,7 +318,7 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
                 its consumers are set when consuming starts, so the listener would not be
                 consumed. Stop consuming first, or register listeners before starting.
         """
-        checked = check_filter_pattern(pattern)
+        checked = listened_pattern(pattern, self.message_channel)
         if self._consuming_or_starting():
             raise RuntimeError(
                 "stop consuming before registering a listener: one registered while the "

@@ -47,14 +47,13 @@ from castore_pydantic.messaging._messages import (
     Message,
     MessageContext,
     MessageHandler,
-    check_filter_pattern,
     listener_name,
     same_handler,
 )
 from castore_pydantic.messaging._redis_adapter import RedisStreamsAdapter
 from castore_pydantic.messaging._redis_subscription import Route, Subscription, ensure_group
 from castore_pydantic.messaging._redis_wire import positive
-from castore_pydantic.messaging._routing import ListenerFilter
+from castore_pydantic.messaging._routing import ListenerFilter, listened_pattern
 
 if TYPE_CHECKING:
     from typing import Self
@@ -323,7 +322,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
             RuntimeError: Called on an event loop while the adapter is in use on another
                 one that is still open.
         """
-        checked = check_filter_pattern(pattern)
+        checked = listened_pattern(pattern, self.message_channel)
         name = listener_name(handler, listener_id)
         try:
             asyncio.get_running_loop()

@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from castore_pydantic.errors import MessageBrokerUnavailableError
+from castore_pydantic.errors import MessageBrokerUnavailableError, UnknownEventTypeError
 from castore_pydantic.messaging import (
     FilterPattern,
     MessageContext,
@@ -478,17 +478,18 @@ class TestRawBodies:
         self, prefix: str, raw: Redis
     ) -> None:
         """A store with one event class accepts an event without a type: the listener asking
-        for that class's type gets it; one asking for another type neither gets it nor
-        dead-letters it."""
+        for that class's type gets it; one asking for another store neither gets it nor
+        dead-letters it. (A pattern for a type the store does not declare is refused.)"""
         bus = NotificationMessageBus(
             message_bus_id="typeless", source_event_stores=[make_store(), fleeing_store()]
         )
         adapter = attach(bus, prefix)
         fled, other = Recorder(), Recorder()
         adapter.on({"event_store_id": "FLEES", "event_type": "POKEMON_FLED"}, fled, listener_id="f")
-        adapter.on(
-            {"event_store_id": "FLEES", "event_type": "POKEMON_GONE"}, other, listener_id="o"
-        )
+        with pytest.raises(UnknownEventTypeError):
+            adapter.on(
+                {"event_store_id": "FLEES", "event_type": "POKEMON_GONE"}, other, listener_id="o"
+            )
         adapter.on({"event_store_id": "POKEMONS"}, other, listener_id="o")
         typeless = {"eventStoreId": "FLEES", "event": {"aggregateId": "abra", "version": 2}}
         with watch_dead_letters() as watch:
@@ -525,16 +526,20 @@ class TestRawBodies:
         """An entry whose patterns could only be checked once validated (an event without a
         type), taken over more than max_deliveries times, was dead-lettered by a listener
         whose patterns it does not match. It is acknowledged without a trace, as the
-        entries it does not want always were."""
+        entries it does not want always were. (Its pattern names a type the store does not
+        declare: on() takes it only before the adapter is attached to its bus.)"""
         bus = NotificationMessageBus(
             message_bus_id="abandoned", source_event_stores=[make_store(), fleeing_store()]
         )
-        adapter = attach(bus, prefix, max_deliveries=1, reclaim_idle_ms=50)
+        adapter = RedisMessageBusAdapter(
+            REDIS_URL, key_prefix=prefix, max_deliveries=1, reclaim_idle_ms=50, block_ms=50
+        )
         listener = Recorder()
         adapter.on(
             {"event_store_id": "FLEES", "event_type": "POKEMON_GONE"}, listener, listener_id="l"
         )
         adapter.on({"event_store_id": "POKEMONS"}, listener, listener_id="l")
+        bus.message_channel_adapter, adapter.message_channel = adapter, bus
         typeless = {"eventStoreId": "FLEES", "event": {"aggregateId": "abra", "version": 2}}
         with watch_dead_letters() as watch:
             async with adapter:

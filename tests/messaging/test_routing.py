@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from castore_pydantic.errors import UnknownEventTypeError
+from castore_pydantic.errors import MessageChannelEventStoreNotFoundError, UnknownEventTypeError
 from castore_pydantic.messaging import (
     AggregateExistsMessage,
     AggregateExistsMessageBus,
@@ -24,6 +24,9 @@ from castore_pydantic.messaging import (
 )
 from castore_pydantic.messaging._routing import ListenerFilter
 from castore_pydantic.messaging._wire import routing_fields
+from castore_pydantic.messaging.memory import InMemoryMessageBusAdapter
+from castore_pydantic.messaging.rabbitmq import RabbitMQMessageBusAdapter
+from castore_pydantic.messaging.redis import RedisMessageBusAdapter
 from tests.domain import fleeing_store, make_store
 from tests.messaging.redis_support import T0, caught, notification
 
@@ -319,3 +322,59 @@ class TestEachBodyIsReadOnce:
         typed = ListenerFilter([{"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"}])
         assert typed.select(body, False, bus) is None
         assert reads.per_body(1) == (1, 1)
+
+
+def _memory_bus_adapter(bus: MessageChannel[Any]) -> Any:
+    return InMemoryMessageBusAdapter.attach_to(bus)
+
+
+def _redis_bus_adapter(bus: MessageChannel[Any]) -> Any:
+    return RedisMessageBusAdapter.attach_to(bus, "redis://127.0.0.1:1")  # never connects
+
+
+def _rabbitmq_bus_adapter(bus: MessageChannel[Any]) -> Any:
+    return RabbitMQMessageBusAdapter.attach_to(bus, "amqp://127.0.0.1:1")  # never connects
+
+
+_BUS_ADAPTERS = [_memory_bus_adapter, _redis_bus_adapter, _rabbitmq_bus_adapter]
+
+
+class TestPatternsAgainstTheBus:
+    """``on`` refuses a pattern naming what its bus cannot carry (it then heard nothing)."""
+
+    @pytest.mark.parametrize("attach", _BUS_ADAPTERS)
+    def test_a_store_the_bus_does_not_carry_is_refused(self, attach: Any) -> None:
+        """A misspelt or foreign event store id raises, naming the bus."""
+        adapter = attach(_BUS)
+        with pytest.raises(MessageChannelEventStoreNotFoundError, match="TRAINERS"):
+            adapter.on({"event_store_id": "TRAINERS"}, _ignore, listener_id="l")
+
+    @pytest.mark.parametrize("attach", _BUS_ADAPTERS)
+    def test_a_type_its_store_does_not_declare_is_refused(self, attach: Any) -> None:
+        """A type that is another store's, or nobody's, raises UnknownEventTypeError."""
+        adapter = attach(_BUS)
+        with pytest.raises(UnknownEventTypeError, match="POKEMON_CAUGHT"):
+            adapter.on(
+                {"event_store_id": "FLEES", "event_type": "POKEMON_CAUGHT"},
+                _ignore,
+                listener_id="l",
+            )
+
+    @pytest.mark.parametrize("attach", _BUS_ADAPTERS)
+    def test_patterns_castore_matches_are_accepted(self, attach: Any) -> None:
+        """Known stores and types, a type alone (it matches everything), and a typed
+        pattern on an aggregate-exists bus (it matches nothing, as in Castore) register."""
+        adapter = attach(_BUS)
+        for pattern in _PATTERNS[:-2]:
+            adapter.on(pattern, _ignore, listener_id="l")
+        adapter.on({"event_type": "NOBODY'S"}, _ignore, listener_id="l")
+        exists = AggregateExistsMessageBus(
+            message_bus_id="exists", source_event_stores=[make_store()]
+        )
+        attach(exists).on(
+            {"event_store_id": "POKEMONS", "event_type": "POKEMON_CAUGHT"}, _ignore, listener_id="l"
+        )
+
+
+async def _ignore(message: Message, context: Any) -> None:
+    return None
