@@ -618,10 +618,14 @@ class RabbitMQAdapter:
             try:
                 await _close_quietly(previous, *channels)
             except Exception:
-                # Forgotten all the same: closing it at every attempt would fail again,
-                # and the consumers would never come back.
+                # Forgotten all the same: closing it at every attempt would fail again, and
+                # the consumers would never come back. Not left open, though: its other
+                # channels would go on consuming, unwatched.
                 if self._consumer_connection is previous:
                     self._consumer_connection = None
+                if not previous.is_closed:
+                    with contextlib.suppress(*BROKER_ERRORS):
+                        await previous.close()
                 raise
             if self._consumer_connection is previous:
                 self._consumer_connection = None
@@ -1158,13 +1162,18 @@ async def _close_quietly(connection: AbstractConnection, *channels: AbstractChan
     """Close channels, then their connection, ignoring a broker that is already gone.
 
     Closing the channels first lets aio-pika finish their close callbacks before the
-    connection goes, so no callback task is left pending when the event loop ends.
+    connection goes, so no callback task is left pending when the event loop ends. The
+    connection is closed even if closing a channel raised something else (which is then
+    passed on): callers forget it, and its other channels would go on consuming, their
+    messages left unacknowledged once a stop has them ignored.
     """
-    for channel in channels:
+    try:
+        for channel in channels:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await channel.close()
+    finally:
         with contextlib.suppress(*BROKER_ERRORS):
-            await channel.close()
-    with contextlib.suppress(*BROKER_ERRORS):
-        await connection.close()
+            await connection.close()
 
 
 def _longer(delay: float) -> float:

@@ -457,45 +457,58 @@ class TestUnexpectedErrorWhileRecovering:
     ) -> None:
         """An unexpected error while recovering from a dropped connection ended the task
         that keeps the consumers running: the worker consumed no more, with no sign, and
-        is_consuming said true. It is now logged with its traceback, and they reconnect."""
+        is_consuming said true. It is now logged with its traceback, and they reconnect;
+        a channel whose close fails no longer leaves its connection's other consumers on."""
         proxy = TcpProxy()
         await proxy.start()
-        queue = NotificationMessageQueue(
-            message_queue_id=f"supervisor-error-{secrets.token_hex(3)}",
+        bus = NotificationMessageBus(
+            message_bus_id=f"supervisor-error-{secrets.token_hex(3)}",
             source_event_stores=[pokemon_store()],
         )
-        received = Received()
-        adapter = RabbitMQMessageQueueAdapter.attach_to(
-            queue, proxy.url(vhost), worker=received, reconnect_delay=0.05
-        )
+        received = {listener_id: Received() for listener_id in ("first", "second")}
+        adapter = RabbitMQMessageBusAdapter.attach_to(bus, proxy.url(vhost), reconnect_delay=0.05)
+        for listener_id, handler in received.items():
+            adapter.on({}, handler, listener_id=listener_id)
         bug = RuntimeError("a bug nobody foresaw")
-        target: Any = {
-            "consuming the cancelled consumers again": (adapter, "_consume_again"),
-            "closing what is left of the consumers": (rabbitmq_adapter, "_close_quietly"),
-            "putting the new consumers to use": (adapter, "_use_consumers"),
-        }[step]
-        real = getattr(*target)
         failed = False
 
-        def fail_once(*args: Any) -> Any:
-            nonlocal failed
-            if not failed:
-                failed = True
-                raise bug
-            return real(*args)
+        def fail_once(real: Any) -> Any:
+            def fail(*args: Any) -> Any:
+                nonlocal failed
+                if not failed:
+                    failed = True
+                    raise bug
+                return real(*args)
+
+            return fail
 
         try:
             with LogWatch.installed() as logs:
                 await adapter.start_consuming()
-                monkeypatch.setattr(*target, fail_once)
-                assert proxy.drop() == 1  # the consumer connection: the worker recovers
+                first_channel = adapter._consumers[0][0]
+                target: Any = {
+                    "consuming the cancelled consumers again": (adapter, "_consume_again"),
+                    # The first listener's channel fails to close; the second one's, on the
+                    # same connection, still consumes, and must go with that connection.
+                    "closing what is left of the consumers": (first_channel, "close"),
+                    "putting the new consumers to use": (adapter, "_use_consumers"),
+                }[step]
+                monkeypatch.setattr(*target, fail_once(getattr(*target)))
+                if step == "closing what is left of the consumers":
+                    underlay = await first_channel.get_underlay_channel()
+                    await underlay.basic_ack(999_999)  # the broker closes this channel only
+                else:
+                    assert proxy.drop() == 1  # the consumer connection: the worker recovers
                 async with finishes_within(10, "reconnecting"):
                     await logs.wait_for("reconnected to RabbitMQ")
                 assert failed
-                await queue.publish_message(notification(0))
-                await received.wait_for(1)
+                await bus.publish_message(notification(0))
+                for handler in received.values():
+                    await handler.wait_for(1)
                 assert adapter.is_consuming
-                assert await consumer_count(vhost, adapter.queue_name) == 1
+                for listener_id in received:
+                    queue = adapter.listener_queue(listener_id)
+                    assert await consumer_count(vhost, queue) == 1
                 errors = [record for record in logs.records if record.levelno >= logging.ERROR]
                 assert [record.exc_info[1] for record in errors if record.exc_info] == [bug]
         finally:
@@ -503,7 +516,8 @@ class TestUnexpectedErrorWhileRecovering:
             async with finishes_within(TEARDOWN_WITHIN, "purge()"):
                 await adapter.purge()
             await proxy.close()
-        assert received.messages == [notification(0)]
+        for handler in received.values():
+            assert handler.messages == [notification(0)]
 
     @pytest.mark.parametrize("stop_first", [False, True])
     async def test_a_cancelled_supervisor_stops_consuming_and_starts_again(
