@@ -116,6 +116,9 @@ class RabbitMQAdapter:
         self._supervisor: asyncio.Task[None] | None = None
         #: Set while ``start_consuming`` opens the consumers (before ``_supervisor`` exists).
         self._starting: asyncio.Event | None = None
+        #: Set once that start ended or a stop overtook it: what a handler waits for, since
+        #: the start, once overtaken, waits for the handlers.
+        self._start_overtaken: asyncio.Event | None = None
         #: The shortest grace period of the stops called while a start runs (``None``: none
         #: gave one), for the start that stops its consumers because of them.
         self._start_grace: float | None = None
@@ -430,7 +433,13 @@ class RabbitMQAdapter:
             # Two calls at once would otherwise both open consumers, and the stop would
             # close only the last ones: the later call waits for the earlier one's outcome.
             if self._starting is not None:
-                await self._starting.wait()
+                if current in self._handling:
+                    # A handler waits only until a stop overtakes the start (and is then
+                    # refused, above): the start then waits for the handlers.
+                    assert self._start_overtaken is not None
+                    await self._start_overtaken.wait()
+                else:
+                    await self._starting.wait()
             elif self._stop_ended is not None:
                 await self._stop_ended.wait()  # the consumers being stopped go first
             else:
@@ -438,6 +447,7 @@ class RabbitMQAdapter:
         if self._stop_calls != stop_calls or self.is_consuming:
             return
         starting = self._starting = asyncio.Event()
+        overtaken = self._start_overtaken = asyncio.Event()
         try:
             if self._supervisor is not None:
                 await self._forget_ended_supervisor()
@@ -458,8 +468,9 @@ class RabbitMQAdapter:
             supervisor.add_done_callback(self._report_supervisor_end)
             self._supervisor = supervisor
         finally:
-            self._starting = None
+            self._starting = self._start_overtaken = None
             starting.set()
+            overtaken.set()
 
     async def _open_consumers(self, subscriptions: list[Subscription]) -> _Consumers:
         """Connect and register a consumer per subscription; the caller puts them to use."""
@@ -763,11 +774,15 @@ class RabbitMQAdapter:
             if grace_period is not None:
                 grace = self._start_grace
                 self._start_grace = grace_period if grace is None else min(grace, grace_period)
+            # The start stops the consumers it opens once their handlers have returned: no
+            # new delivery is handled from now on, and a handler waiting for the start to
+            # start it again is refused rather than waited for.
+            self._stopping = True
+            assert self._start_overtaken is not None
+            self._start_overtaken.set()
             if inside:
-                # A handler of a consumer this start opened: the start stops them once the
-                # handlers have returned, this one included, so waiting for the start here
-                # would wait for itself. No new delivery is handled from now on.
-                self._stopping = True
+                # A handler of a consumer this start opened: waiting for the start here
+                # would wait for itself.
                 return
             # Returning before the start ended would let aclose() close the connection it
             # is still opening.

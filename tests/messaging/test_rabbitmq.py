@@ -1171,6 +1171,53 @@ class TestStartAndStop:
                 monkeypatch.undo()
                 await adapter.purge()
 
+    @pytest.mark.parametrize("stop_first", [False, True])
+    async def test_a_handler_starting_its_adapter_during_a_start_a_stop_overtook_is_refused(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch, stop_first: bool
+    ) -> None:
+        """A handler's start_consuming() during a start that a stop overtook waited for that
+        start, which waited for the handler to return, and the stop for both: none ended.
+        It now raises, whether the stop came before the handler's call or after it."""
+        running, go, calling = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        refused: list[RuntimeError] = []
+
+        async def projection(message: Any, context: MessageContext) -> None:
+            running.set()
+            await go.wait()
+            calling.set()
+            try:
+                await adapter.start_consuming()
+            except RuntimeError as error:
+                refused.append(error)
+
+        adapter, consume_audit = _held_start("handler-starts-overtaken", vhost, projection)
+        async with adapter:
+            try:
+                assert adapter.message_channel is not None
+                await adapter.message_channel.publish_message(notification(0))
+                monkeypatch.setattr(adapter, "_consume", consume_audit)
+                starting = asyncio.create_task(adapter.start_consuming())
+                async with asyncio.timeout(10):
+                    await running.wait()
+                if not stop_first:
+                    go.set()
+                    await calling.wait()
+                    await asyncio.sleep(0)  # the handler waits for the start
+                stopping = asyncio.create_task(adapter.stop_consuming())
+                await asyncio.sleep(0)  # the stop overtakes the start
+                go.set()
+                consume_audit.release.set()
+                async with asyncio.timeout(10):
+                    await asyncio.gather(starting, stopping)
+                assert len(refused) == 1
+                assert "is stopping" in str(refused[0])
+                assert not adapter.is_consuming
+            finally:
+                go.set()
+                consume_audit.release.set()
+                monkeypatch.undo()
+                await adapter.purge()
+
     async def test_a_stop_during_the_start_waits_for_a_handler_started_meanwhile(
         self, vhost: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
