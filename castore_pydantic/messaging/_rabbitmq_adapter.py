@@ -124,6 +124,9 @@ class RabbitMQAdapter:
         self._start_grace: float | None = None
         self._consumer_connection: AbstractConnection | None = None
         self._consumers: list[tuple[AbstractChannel, str]] = []
+        #: Closes the consumers a supervisor left open when it ended without a stop (it was
+        #: cancelled before its first step): they consume until it is done.
+        self._closing_consumers: asyncio.Task[None] | None = None
         #: Tags of the consumers the broker cancelled; ``_connection_lost`` is set for them.
         self._cancelled: set[str] = set()
         self._connection_lost = asyncio.Event()
@@ -167,17 +170,28 @@ class RabbitMQAdapter:
         """Whether consumers are running (between ``start_consuming`` and ``stop_consuming``).
 
         False again if the task that keeps the consumers running ended without a stop (it
-        was cancelled from outside, or its event loop ended): ``start_consuming()`` then
-        starts them anew.
+        was cancelled from outside, or its event loop ended), once its consumers are closed:
+        ``start_consuming()`` then starts them anew.
         """
+        if self._supervisor is None or self._loop.closed:
+            return False
+        return not self._supervisor_ended() or self._consumers_left()
+
+    def _supervised(self) -> bool:
+        """Whether a supervisor watches the consumers: a start has nothing more to do."""
         return (
             self._supervisor is not None and not self._supervisor_ended() and not self._loop.closed
         )
 
     def _supervisor_ended(self) -> bool:
-        """Whether the supervisor ended by itself, not for a stop: nothing consumes."""
+        """Whether the supervisor ended by itself, not for a stop: nothing watches consumers."""
         supervisor = self._supervisor
         return supervisor is not None and supervisor.done() and not self._stopping
+
+    def _consumers_left(self) -> bool:
+        """Whether consumers are open or closing although their supervisor ended."""
+        closing = self._closing_consumers
+        return self._consumer_connection is not None or (closing is not None and not closing.done())
 
     def _consuming_or_starting(self) -> bool:
         """Whether consumers run, start, or stop: what they consume is fixed until stopped."""
@@ -444,7 +458,7 @@ class RabbitMQAdapter:
                 await self._stop_ended.wait()  # the consumers being stopped go first
             else:
                 break
-        if self._stop_calls != stop_calls or self.is_consuming:
+        if self._stop_calls != stop_calls or self._supervised():
             return
         starting = self._starting = asyncio.Event()
         overtaken = self._start_overtaken = asyncio.Event()
@@ -668,16 +682,36 @@ class RabbitMQAdapter:
             return
 
     async def _close_consumers(self) -> None:
-        """Close the consumers in use (cancelling their handlers) and forget them."""
+        """Close the consumers in use (cancelling their handlers) and forget them.
+
+        Returns once the consumers an ended supervisor left open are closed too.
+        """
         connection, self._consumer_connection = self._consumer_connection, None
         consumers, self._consumers = self._consumers, []
         if connection is not None:
             await _close_quietly(connection, *(channel for channel, _ in consumers))
+        closing = self._closing_consumers
+        if closing is not None:
+            # Shielded: a caller cancelled meanwhile must not leave them half closed.
+            await asyncio.shield(closing)
+            if self._closing_consumers is closing:
+                self._closing_consumers = None
 
     def _report_supervisor_end(self, supervisor: asyncio.Task[None]) -> None:
-        """Log a supervisor that ended other than by a stop: nothing consumes any more."""
+        """Log a supervisor that ended other than by a stop, and close what it left open.
+
+        Cancelled before its first step, it closed nothing: its consumers would go on taking
+        messages unwatched, while ``is_consuming`` said false.
+        """
         if self._stopping:
             return
+        if self._consumer_connection is not None:
+            connection, self._consumer_connection = self._consumer_connection, None
+            consumers, self._consumers = self._consumers, []
+            channels = [channel for channel, _ in consumers]
+            self._closing_consumers = supervisor.get_loop().create_task(
+                _close_quietly(connection, *channels)
+            )
         error = None if supervisor.cancelled() else supervisor.exception()
         logger.log(
             logging.WARNING if error is None else logging.ERROR,
@@ -691,7 +725,7 @@ class RabbitMQAdapter:
     async def _forget_ended_supervisor(self) -> None:
         """Forget a supervisor that ended without a stop, closing what is left of it.
 
-        Its consumers are closed already, unless it was cancelled before it first ran.
+        Its consumers are closed already, or closing (``_report_supervisor_end``).
         """
         self._supervisor = None
         await self._close_consumers()
