@@ -13,6 +13,11 @@ which read back as integers. A ``float`` field converts them back to the same fl
 is and which parses back to the same float. Nothing else changes: other numbers, and every
 string (an id ``"3e45"``), stay as they are.
 
+The text is read once from its start, in linear time, one run of what needs no change and
+one number with an exponent at a time. Text it cannot read that way (``-Infinity``, which a
+model with ``ser_json_inf_nan="constants"`` writes, and ``jsonb`` refuses) is left as it is,
+whole.
+
 Both writers of the text, pydantic-core's serialiser and Python's ``json`` (for event types
 with serialisers of their own), write a positive exponent with a ``+`` (``repr(1e20)`` is
 ``'1e+20'``); should the installed pydantic-core write it without one, a regular expression
@@ -38,6 +43,9 @@ _NEXT_EXPONENT = re.compile(rf"({_RUN})(?:(-?)([0-9]+)(?:\.([0-9]+))?[eE]([+-]?[
 _SUSPECT = re.compile(r"[0-9][eE](?:\+|-0|[0-9])")
 #: Exponents past any float's: such a number is no float's text, and is left as it is.
 _MAX_EXPONENT = 400
+#: Digits an exponent past ``_MAX_EXPONENT`` may have and still be read (``int()`` refuses
+#: more than 4,300 by default; and any exponent of four digits is past it anyway).
+_EXPONENT_DIGITS = 4
 
 
 def _with_plus(text: str) -> bool:
@@ -66,6 +74,8 @@ def _positional(match: re.Match[str]) -> str:
     if exponent is None:  # the end of the text
         return match[1]
     fraction = match[4] or ""
+    if len(exponent.lstrip("+-").lstrip("0")) > _EXPONENT_DIGITS:
+        return match[0]
     shift = int(exponent)
     if shift < len(fraction) or shift > _MAX_EXPONENT:
         return match[0]
@@ -79,7 +89,18 @@ def jsonb_text(text: str | None) -> str | None:
 
     Only numbers written with an exponent that leaves them no fractional digit change, to
     the same decimal value with ``.0`` after it; strings and other numbers are untouched.
+    A text holding anything else the scan does not read is returned as it is.
     """
     if text is None or not _may_lose_fraction(text):
         return text
-    return _NEXT_EXPONENT.sub(_positional, text)
+    parts = []
+    position = 0
+    # Each match starts where the last one ended: one that cannot (a search from a later
+    # offset could start inside a string, and would make the scan quadratic) means the
+    # text holds something the scan does not read.
+    while (match := _NEXT_EXPONENT.match(text, position)) is not None:
+        parts.append(_positional(match))
+        if match[5] is None:  # the end of the text
+            return "".join(parts)
+        position = match.end()
+    return text

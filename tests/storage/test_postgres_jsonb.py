@@ -12,9 +12,10 @@ from typing import Any, Literal
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from castore_pydantic import Aggregate, Event, EventStore
+from castore_pydantic.errors import EventLimitExceededError
 from castore_pydantic.storage import _postgres_jsonb as jsonb
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from tests.storage.postgres_support import DSN, fetch, make_table, pg_schema
@@ -51,6 +52,22 @@ class Measured(Event):
     payload: Reading
 
 
+class Sensor(BaseModel):
+    """Readings written with JSON's missing constants: ``-Infinity``, ``Infinity``, ``NaN``."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+    note: str
+    values: list[float]
+
+
+class Sensed(Event):
+    """An event whose payload may hold non-finite floats."""
+
+    type: Literal["SENSED"] = "SENSED"
+    payload: Sensor
+
+
 class Anything(Event):
     """Any JSON value as payload and metadata."""
 
@@ -59,14 +76,16 @@ class Anything(Event):
     metadata: dict[str, Any] | None = None
 
 
-def _reduce(aggregate: Aggregate | None, event: Measured | Anything) -> Aggregate:
+def _reduce(aggregate: Aggregate | None, event: Measured | Anything | Sensed) -> Aggregate:
     return Aggregate(aggregate_id=event.aggregate_id, version=event.version)
 
 
-def _store(adapter: PostgresEventStorageAdapter) -> EventStore[Aggregate, Measured | Anything]:
+def _store(
+    adapter: PostgresEventStorageAdapter,
+) -> EventStore[Aggregate, Measured | Anything | Sensed]:
     return EventStore(
         event_store_id="NUMBERS",
-        event_types=[Measured, Anything],
+        event_types=[Measured, Anything, Sensed],
         reducer=_reduce,
         event_storage_adapter=adapter,
     )
@@ -196,6 +215,20 @@ class TestNumbersReadBackUnchanged:
         ((stored,),) = await fetch(f'SELECT data::text FROM "{pg_schema}"."{table}"')
         assert stored == '[100000000000000000000.0, "1e+20", 100000000000000000000]'
 
+    async def test_non_finite_floats_are_refused_at_once(self, pg_schema: str) -> None:
+        """A -Infinity after 8,000 floats is refused at once as unstorable; nothing is written."""
+        table = await make_table(pg_schema)
+        event = Sensed(
+            aggregate_id="s1",
+            version=1,
+            payload=Sensor(note="sensor 1e+5", values=[1.5] * 8000 + [-math.inf]),
+        )
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as made:
+            store = _store(made)
+            with pytest.raises(EventLimitExceededError):
+                await made.push_event(event, store.context)
+        assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+
 
 class TestJsonbText:
     """The text written to jsonb: only exponent-form numbers that would lose their fraction."""
@@ -210,6 +243,13 @@ class TestJsonbText:
             ('{"k\\\\":"a\\\\\\"1e+5","m":[1e+3]}', '{"k\\\\":"a\\\\\\"1e+5","m":[1000.0]}'),
             ("[1.25e+1,1.0,-0.0,12345678901234567890,1.5]", None),
             ('"e+"', None),
+            ("[1e+0002,2E+1]", "[100.0,20.0]"),
+            ('{"note":"id 3e+45","values":[-Infinity]}', None),
+            ('{"values":[1e+20,-Infinity],"note":"1e+5"}', None),
+            (
+                '{"note":"id 3e+45","values":[1e+2,Infinity,NaN]}',
+                '{"note":"id 3e+45","values":[100.0,Infinity,NaN]}',
+            ),
         ],
     )
     def test_only_numbers_that_jsonb_makes_integers_change(
@@ -217,6 +257,16 @@ class TestJsonbText:
     ) -> None:
         """Strings (keys and values) never change, nor numbers that keep a fraction."""
         assert jsonb.jsonb_text(text) == (text if written is None else written)
+
+    def test_a_large_text_it_cannot_read_is_returned_as_it_is(self) -> None:
+        """300 kB of numbers, then -Infinity: returned unchanged in one pass (was quadratic)."""
+        text = '{"note":"id 3e+45","values":[' + "1.5," * 75_000 + "-Infinity]}"
+        assert jsonb.jsonb_text(text) == text
+
+    def test_an_exponent_of_thousands_of_digits_is_left_as_it_is(self) -> None:
+        """An exponent past int()'s 4,300 digits stays as it is; later numbers are still read."""
+        huge = "1e+" + "1" * 5000
+        assert jsonb.jsonb_text(f"[{huge},1e+2]") == f"[{huge},100.0]"
 
     def test_exponents_without_a_plus_are_found_too(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Where pydantic-core writes 1e20 without a '+', a regular expression finds it."""
