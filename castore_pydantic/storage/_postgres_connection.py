@@ -506,7 +506,7 @@ class Connections:
         """Refuse new operations, and close an owned pool once those in progress ended.
 
         Idempotent. Interrupted while it waits (a cancelled caller), the pool is still
-        closed when the operations end.
+        closed when the operations end: a task does it all, from the start.
         """
         self._closed = True
         if self._shutdown is None:
@@ -514,16 +514,15 @@ class Connections:
                 self._sweep.cancel()
             kept, self._kept = self._kept, []
             for conn, _ in kept:
-                wait.forget(conn)  # all of them now: an interrupted close must not leave any
-            # Idle: the operations still waiting for a connection may take them from the pool.
-            for conn, _ in kept:
-                await asyncio.shield(self.pool.putconn(conn))
-            if self._shutdown is None:
-                self._shutdown = asyncio.get_running_loop().create_task(self._shut())
+                wait.forget(conn)
+            self._shutdown = asyncio.get_running_loop().create_task(self._shut(kept))
         await asyncio.shield(self._shutdown)
 
-    async def _shut(self) -> None:
-        """Wait for the operations in progress, then close an owned pool."""
+    async def _shut(self, kept: list[tuple[AsyncConnection, float]]) -> None:
+        """Hand the ``kept`` connections back, let the operations in progress end, close."""
+        # Idle: the operations still waiting for a connection may take them from the pool.
+        for conn, _ in kept:
+            await self.pool.putconn(conn)
         if self._active:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained

@@ -235,6 +235,36 @@ class TestClosing:
         await wait_for(pool_closed, what="the pool to close")
         await adapter.aclose()  # idempotent
 
+    async def test_aclose_cancelled_at_once_still_closes_the_pool(self, pg_schema: str) -> None:
+        """aclose() cancelled at its start still closes the pool and every connection."""
+        table = await make_table(pg_schema)
+        name = f"castore-{uuid.uuid4().hex[:12]}"
+        adapter = PostgresEventStorageAdapter(
+            DSN,
+            schema=pg_schema,
+            table_name=table,
+            max_size=4,
+            connect_kwargs={"application_name": name},
+        )
+        store = counter_store(adapter)
+        await asyncio.gather(*(store.get_events(f"a{i}") for i in range(3)))
+        closing = asyncio.ensure_future(adapter.aclose())
+        await asyncio.sleep(0)  # aclose() begins
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+
+        async def pool_closed() -> bool:
+            return adapter.pool.closed
+
+        async def disconnected() -> bool:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+            return (await fetch(query, name)) == [(0,)]
+
+        await wait_for(pool_closed, within=5, what="the pool to close")
+        await wait_for(disconnected, within=5, what="the pool's connections to close")
+        await adapter.aclose()  # idempotent
+
     async def test_a_cancelled_operation_lets_aclose_finish(self, pg_schema: str) -> None:
         """An operation in progress that is cancelled ends there: aclose() goes on."""
         table = await make_table(pg_schema)
