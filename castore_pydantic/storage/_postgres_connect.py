@@ -1,9 +1,10 @@
-"""Connecting once outside the pool: whether the adapter can connect, and whether retrying helps.
+"""Connecting outside the pool: whether the adapter can connect, and whether retrying helps.
 
 psycopg's pool connects in the background and retries a failing connection with backoff,
 logging why; a caller waiting for one of its connections only learns, at its timeout, that
-none came. The adapter connects once by itself when it opens its pool (and again when a wait
-for the pool times out) to tell why it cannot.
+none came. The adapter connects once by itself when it opens its pool, to tell why it
+cannot, and its pool's connections record how their last attempt ended (``Attempts``), so
+that a wait for the pool that times out can say why without connecting again.
 
 Some failures pass with time: the server is down, restarting or full. Others stay until
 someone changes the configuration: the database does not exist (SQLSTATE ``3D000``), the
@@ -13,20 +14,23 @@ server asks for a password and none was given. libpq keeps the SQLSTATE of a fai
 connection to itself (psycopg's error has none), so these are told by the server's message,
 in the English PostgreSQL writes unless its ``lc_messages`` chooses another language, and by
 libpq's ``PQconnectionNeedsPassword``. A failure they do not recognise counts as passing.
+
+Each attempt keeps to the ``connect_timeout`` the connection string, the keywords or
+``PGCONNECT_TIMEOUT`` set (per host, as libpq does), and to the time the caller has left.
 """
 
 from __future__ import annotations
 
-import math
+import asyncio
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-__all__ = ["Failure", "try_connect"]
+__all__ = ["Attempts", "Failure", "try_connect"]
 
 #: The server's words for a connection it refuses until its configuration changes.
 _LASTING = re.compile(
@@ -38,8 +42,6 @@ _LASTING = re.compile(
     r"|pg_hba\.conf rejects connection"
     r"|permission denied for database"
 )
-#: Seconds one connection attempt may take at most (unless ``connect_timeout`` says).
-_CONNECT_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +51,12 @@ class Failure:
     Attributes:
         reason: libpq's message, without the password.
         lasting: Whether retrying cannot help until the configuration changes.
+        cut_short: Whether the caller's time ran out first (``reason`` then says only that).
     """
 
     reason: str
     lasting: bool
+    cut_short: bool = False
 
 
 def _lasting(exc: psycopg.Error) -> bool:
@@ -62,23 +66,67 @@ def _lasting(exc: psycopg.Error) -> bool:
     return _LASTING.search(str(exc)) is not None
 
 
+def failure(exc: psycopg.Error, redact: Callable[[str], str]) -> Failure:
+    """The ``Failure`` of a connection attempt that raised ``exc``."""
+    return Failure(reason=redact(str(exc).strip()), lasting=_lasting(exc))
+
+
 async def try_connect(
     pool: AsyncConnectionPool[Any], redact: Callable[[str], str], seconds: float
 ) -> Failure | None:
     """Connect once as ``pool`` does (an owned pool: its conninfo and keywords), then close.
 
-    ``redact`` takes the password out of a text; ``seconds`` bounds the attempt, unless the
-    keywords set a ``connect_timeout`` of their own.
+    ``redact`` takes the password out of a text; ``seconds`` bounds the attempt, whatever
+    ``connect_timeout`` says (which bounds each host's attempt within it).
 
     Returns:
         ``None`` if the connection was made, else why it failed.
     """
     kwargs = dict(pool.kwargs) if isinstance(pool.kwargs, Mapping) else {}
-    kwargs.setdefault("connect_timeout", max(1, math.ceil(min(seconds, _CONNECT_SECONDS))))
     conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
     try:
-        conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        # psycopg waits for the socket in the event loop; a cancelled attempt stops
+        # waiting, and its half-made connection is closed when it is freed.
+        async with asyncio.timeout(seconds):
+            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+    except TimeoutError:
+        reason = f"connecting took longer than {seconds:.1f}s"
+        return Failure(reason=reason, lasting=False, cut_short=True)
     except psycopg.Error as exc:
-        return Failure(reason=redact(str(exc).strip()), lasting=_lasting(exc))
+        return failure(exc, redact)
     await conn.close()
     return None
+
+
+class Attempts:
+    """How the last connection attempt of an owned pool ended.
+
+    Args:
+        redact: Takes the password out of a text.
+    """
+
+    def __init__(self, redact: Callable[[str], str]) -> None:
+        self._redact = redact
+        #: Why the pool's last attempt failed; ``None`` while none did or the last succeeded.
+        self.failure: Failure | None = None
+
+    def connection_class(self) -> type[psycopg.AsyncConnection[Any]]:
+        """A connection class for the pool that records each attempt here."""
+        attempts = self
+
+        class Connection(psycopg.AsyncConnection[Any]):
+            """psycopg's connection, whose ``connect`` records how it ended."""
+
+            __qualname__ = "Connection"  # in the pool's logs
+
+            @classmethod
+            async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+                try:
+                    conn = await super().connect(conninfo, **kwargs)
+                except psycopg.Error as exc:
+                    attempts.failure = failure(exc, attempts._redact)
+                    raise
+                attempts.failure = None
+                return conn
+
+        return Connection

@@ -33,7 +33,7 @@ from castore_pydantic.errors import (
     StorageUnavailableError,
 )
 from castore_pydantic.storage import _postgres_wait as wait
-from castore_pydantic.storage._postgres_connect import Failure, try_connect
+from castore_pydantic.storage._postgres_connect import Attempts, Failure, try_connect
 
 __all__ = ["AsyncConnection", "Connections", "Settings", "translate", "tuple_cursor"]
 
@@ -60,8 +60,6 @@ _TABLES_SEEN = "_castore_tables_seen"
 #: an INSERT prepared for uuid would quietly rewrite upper-case UUIDs and refuse other ids.
 _TABLE_CHANGES = [0]
 _DEALLOCATIONS = [0]
-#: Seconds the connection that tells why the pool has none may take.
-_PROBE_SECONDS = 5.0
 
 
 def tuple_cursor(conn: AsyncConnection) -> psycopg.AsyncCursor[tuple[Any, ...]]:
@@ -405,6 +403,7 @@ class Connections:
         owned: Whether the adapter made it (then it opens and closes it).
         settings: What may be said about the connection.
         name: The adapter's description, for "is closed" errors.
+        attempts: Where an owned pool's connection class records its attempts.
     """
 
     def __init__(
@@ -414,11 +413,13 @@ class Connections:
         owned: bool,
         settings: Settings,
         name: str,
+        attempts: Attempts | None = None,
     ) -> None:
         self.pool = pool
         self.owned = owned
         self.settings = settings
         self._name = name
+        self._attempts = attempts
         self._opened = False
         self._closed = False
         # Opening an owned pool (its first connection, then the pool) runs once at a time.
@@ -456,44 +457,48 @@ class Connections:
         if not self._opened:
             await self._open(where, wait=True)
 
-    async def _open(self, where: str, *, wait: bool) -> float:
+    async def _open(self, where: str, *, wait: bool) -> tuple[float, Failure | None]:
         """Open the pool, after connecting once outside it (an owned pool's).
 
-        Without ``wait``, a failure that may pass opens the pool anyway: the caller then
-        waits for the pool's connection, which retries.
+        Every attempt keeps to what is left of the pool's timeout. Without ``wait``, a
+        failure that may pass opens the pool anyway: the caller then waits for the pool's
+        connection, which retries, for the time left.
 
         Returns:
-            The seconds spent connecting.
+            The seconds spent connecting, and why connecting failed without ``wait``.
         """
         if not self.owned:
             self._opened = True
-            return 0.0
+            return 0.0, None
         started = time.monotonic()
         async with self._opening:
             if self._opened:
-                return time.monotonic() - started
+                return time.monotonic() - started, None
             timeout = self.pool.timeout
             pause = 0.05
+            told: Failure | None = None  # the last failure that says why
             while True:
-                left = timeout - (time.monotonic() - started)
-                failure = await try_connect(self.pool, self.settings.redact, max(left, 0.1))
+                left = max(timeout - (time.monotonic() - started), 0.001)
+                failure = await try_connect(self.pool, self.settings.redact, left)
                 if failure is None or not (failure.lasting or wait):
                     break
                 if failure.lasting:
                     raise self._refused(where, failure)
-                left = timeout - (time.monotonic() - started)
-                if left <= 0:
+                if not failure.cut_short or told is None:
+                    told = failure
+                waited = time.monotonic() - started
+                if waited >= timeout:
                     raise StorageUnavailableError(
-                        f"{where}: no PostgreSQL connection available within {timeout}s "
-                        f"because connecting fails: {failure.reason}"
+                        f"{where}: no PostgreSQL connection available within {waited:.1f}s "
+                        f"because connecting fails: {told.reason}"
                     )
-                await asyncio.sleep(min(pause, left))  # the last attempt at the timeout
+                await asyncio.sleep(min(pause, timeout - waited))  # the last at the timeout
                 pause = min(pause * 2, 1.0)
             if self._shut_down:  # no pool may open after its close
                 raise StorageError(f"{self._name} is closed")
             await self.pool.open()
             self._opened = True
-        return time.monotonic() - started
+        return time.monotonic() - started, failure
 
     @staticmethod
     def _refused(where: str, failure: Failure) -> StorageError:
@@ -578,9 +583,9 @@ class Connections:
 
     async def _acquire(self, where: str) -> AsyncConnection:
         """``acquire``, before the prepared statements are checked."""
-        spent = 0.0
+        spent, failed = 0.0, None
         if not self._opened:
-            spent = await self._open(where, wait=False)
+            spent, failed = await self._open(where, wait=False)
         kept = self._kept
         while kept:
             conn, _ = kept.pop()
@@ -596,7 +601,8 @@ class Connections:
             conn = await self._getconn(max(self.pool.timeout - spent, 0.001))
         except PoolTimeout as exc:
             error = self.error(exc, where)
-            failure = await self._connect_failure()
+            # The pool's last attempt, else the adapter's own when it opened the pool now.
+            failure = (self._attempts.failure if self._attempts else None) or failed
             if failure is not None:
                 if failure.lasting:
                     error = self._refused(where, failure)
@@ -777,9 +783,3 @@ class Connections:
         del kept[:unused]
         if kept:
             self._sweep = loop.call_later(_IDLE_SECONDS, self._return_unused)
-
-    async def _connect_failure(self) -> Failure | None:
-        """Why an owned pool fails to open connections (the pool itself only logs it)."""
-        if not self.owned or not self.pool.get_stats().get("connections_errors", 0):
-            return None  # every connection busy, none broken
-        return await try_connect(self.pool, self.settings.redact, _PROBE_SECONDS)

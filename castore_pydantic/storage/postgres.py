@@ -40,6 +40,7 @@ from castore_pydantic.errors import (
     StorageError,
 )
 from castore_pydantic.storage import _postgres_direct as direct
+from castore_pydantic.storage._postgres_connect import Attempts
 from castore_pydantic.storage._postgres_connection import (
     AsyncConnection,
     Connections,
@@ -123,7 +124,8 @@ class PostgresEventStorageAdapter:
         min_size: Connections the owned pool keeps open.
         max_size: Connections the owned pool may open.
         timeout: Seconds to wait for a free connection before ``StorageUnavailableError``
-            (also how long ``async with`` tries to reach the server).
+            (also how long ``async with`` tries to reach the server; a ``connect_timeout``
+            bounds each attempt within it).
         connect_kwargs: Extra connection parameters (``application_name``,
             ``connect_timeout``, ``prepare_threshold=None`` behind PgBouncer, ...).
 
@@ -167,7 +169,7 @@ class PostgresEventStorageAdapter:
             if not isinstance(pool, AsyncConnectionPool):
                 raise TypeError(f"pool must be a psycopg_pool.AsyncConnectionPool, not {pool!r}")
             settings = Settings.of_pool(pool)
-            owned = False
+            owned, attempts = False, None
         else:
             kwargs = dict(connect_kwargs or {})
             settings = Settings.parse(connection_string or "", kwargs)
@@ -181,8 +183,10 @@ class PostgresEventStorageAdapter:
                 # libpq's default is the database's encoding: with SQL_ASCII, text would come
                 # back as bytes. The server converts from UTF-8 to any encoding it stores.
                 kwargs["client_encoding"] = "UTF8"
+            attempts = Attempts(settings.redact)
             pool = AsyncConnectionPool(
                 connection_string or "",
+                connection_class=attempts.connection_class(),
                 kwargs=kwargs,
                 min_size=min_size,
                 max_size=max_size,
@@ -192,7 +196,9 @@ class PostgresEventStorageAdapter:
             )
             owned = True
         self._settings = settings
-        self._conns = Connections(pool, owned=owned, settings=settings, name=repr(self))
+        self._conns = Connections(
+            pool, owned=owned, settings=settings, name=repr(self), attempts=attempts
+        )
 
     def __repr__(self) -> str:
         return (

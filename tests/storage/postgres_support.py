@@ -7,10 +7,11 @@ it at the end, so runs never see each other's tables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 import psycopg
 import pytest
@@ -85,3 +86,74 @@ async def wait_for(predicate: Any, *, within: float = 10.0, what: str = "conditi
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+class SlowServer:
+    """A TCP proxy to the test server that answers each new connection late, or never.
+
+    It forwards nothing of a connection until ``delay`` seconds after accepting it (``None``:
+    never, a hung server), as a far, cold-starting or overloaded server does. Use it as
+    ``async with SlowServer(2.5) as server:``, then connect to ``server.dsn``.
+    """
+
+    def __init__(self, delay: float | None) -> None:
+        self.delay = delay
+        self.dsn = ""
+        #: Connections accepted so far, and those the client has not closed yet.
+        self.accepted = 0
+        self.open = 0
+        self.arrived = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def __aenter__(self) -> Self:
+        require_postgres()
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.dsn = f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self._closing.set()
+        for writer in self._writers:
+            writer.transport.abort()
+        if self._handlers:
+            await asyncio.wait(self._handlers)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        self.accepted += 1
+        self.open += 1
+        self.arrived.set()
+        self._writers.add(writer)
+        try:
+            if self.delay is None:
+                await reader.read()  # until the client hangs up
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.delay)
+            if self._closing.is_set():
+                return
+            up_reader, up_writer = await asyncio.open_connection(POSTGRES_HOST, POSTGRES_PORT)
+            self._writers.add(up_writer)
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.open -= 1
+            writer.transport.abort()
+            self._handlers.discard(handler)
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        sink.transport.abort()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 import pytest
@@ -19,7 +20,9 @@ from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts._storage import created, incremented
 from tests.services import POSTGRES_HOST, POSTGRES_PORT, require_postgres
 from tests.storage.postgres_support import (
+    DATABASE,
     DSN,
+    SlowServer,
     counter_store,
     fetch,
     make_table,
@@ -42,6 +45,15 @@ async def database_name() -> AsyncIterator[str]:
         await conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         )
+
+
+def _closed(server: SlowServer) -> Callable[[], Awaitable[bool]]:
+    """A predicate for ``wait_for``: no connection through ``server`` is open."""
+
+    async def closed() -> bool:
+        return server.open == 0
+
+    return closed
 
 
 async def _create_database(name: str) -> None:
@@ -101,6 +113,20 @@ class TestOpening:
         assert time.monotonic() - started >= 0.5
         assert adapter.pool.closed
 
+    async def test_entering_gives_the_servers_reason_at_the_timeout(self) -> None:
+        """The last try, cut short at the timeout, does not hide the server's earlier reason."""
+        role = f"castore_test_{uuid.uuid4().hex[:12]}"
+        await fetch(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
+        try:
+            adapter = PostgresEventStorageAdapter(
+                f"postgresql://{role}@{POSTGRES_HOST}:{POSTGRES_PORT}/test", timeout=1
+            )
+            with pytest.raises(StorageUnavailableError, match="too many connections for role"):
+                async with adapter:
+                    pass
+        finally:
+            await fetch(f"DROP ROLE {role}")
+
     async def test_a_database_dropped_later_is_not_retriable(
         self, database_name: str, pg_schema: str
     ) -> None:
@@ -131,6 +157,97 @@ class TestOpening:
         async with PostgresEventStorageAdapter(pool=pool):
             pass
         assert pool.closed
+
+
+@pytest.mark.postgres
+class TestConnectTimeout:
+    """Each attempt keeps to the user's ``connect_timeout``; all of them to ``timeout``."""
+
+    async def test_a_connect_timeout_given_anywhere_is_kept(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A URL's, key=value string's or PGCONNECT_TIMEOUT's connect_timeout ends each try."""
+        monkeypatch.setenv("PGCONNECT_TIMEOUT", "2")
+        async with SlowServer(2.4) as server:
+            port = server.dsn.split(":")[2].split("/")[0]
+            given = [
+                f"{server.dsn}?connect_timeout=2",
+                f"host=127.0.0.1 port={port} user=postgres dbname={DATABASE} connect_timeout=2",
+                server.dsn,  # PGCONNECT_TIMEOUT
+            ]
+
+            async def enter(dsn: str) -> None:
+                async with PostgresEventStorageAdapter(dsn, timeout=2.8):
+                    pass
+
+            async with asyncio.timeout(10):
+                results = await asyncio.gather(*map(enter, given), return_exceptions=True)
+            assert [type(result) for result in results] == [StorageUnavailableError] * 3
+            assert server.accepted >= 6  # a second attempt each, after the first timed out
+
+    async def test_entering_keeps_to_the_timeout(self) -> None:
+        """A hung server: ``async with`` gives up at the timeout, saying so, and hangs up."""
+        async with SlowServer(None) as server:
+            adapter = PostgresEventStorageAdapter(
+                server.dsn, timeout=1, connect_kwargs={"connect_timeout": 20}
+            )
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                with pytest.raises(StorageUnavailableError) as info:
+                    async with adapter:
+                        pass
+            waited = time.monotonic() - started
+            assert waited < 3
+            said = re.search(r"within ([0-9.]+)s because connecting fails", str(info.value))
+            assert said is not None
+            assert 1 <= float(said[1]) <= waited + 0.05
+            assert "connecting took longer than" in str(info.value)
+            assert adapter.pool.closed
+            await wait_for(_closed(server), within=5, what="the attempt's connection to close")
+
+    async def test_a_first_operation_keeps_to_the_timeout(self) -> None:
+        """A hung server: the first operation gives up at the timeout, not the connect_timeout."""
+        async with SlowServer(None) as server:
+            adapter = PostgresEventStorageAdapter(
+                server.dsn, timeout=1, connect_kwargs={"connect_timeout": 2}
+            )
+            try:
+                started = time.monotonic()
+                with pytest.raises(StorageUnavailableError, match="connecting took longer"):
+                    await counter_store(adapter).get_events("a1")
+                assert time.monotonic() - started < 1.9
+            finally:
+                await adapter.aclose()
+
+    async def test_a_wait_for_the_pool_says_why_within_the_timeout(self, pg_schema: str) -> None:
+        """A wait for a pool that cannot connect ends at the timeout with the pool's reason."""
+        table = await make_table(pg_schema)
+        name = f"castore-{uuid.uuid4().hex[:12]}"
+        async with SlowServer(0) as server:
+            adapter = PostgresEventStorageAdapter(
+                server.dsn,
+                schema=pg_schema,
+                table_name=table,
+                max_size=1,
+                timeout=3,
+                connect_kwargs={"connect_timeout": 2, "application_name": name},
+            )
+            async with adapter:
+                store = counter_store(adapter)
+                await store.get_events("a1")
+                server.delay = None  # new connections hang from now on
+                query = "FROM pg_stat_activity WHERE application_name = %s"
+                await fetch(f"SELECT pg_terminate_backend(pid) {query}", name)
+
+                async def gone() -> bool:
+                    return await fetch(f"SELECT count(*) {query}", name) == [(0,)]
+
+                await wait_for(gone, what="the adapter's connection to end")
+                await wait_for(_closed(server), what="the proxy to pass the end on")
+                started = time.monotonic()
+                with pytest.raises(StorageUnavailableError, match="timeout expired"):
+                    await store.get_events("a1")
+                assert time.monotonic() - started < 4.5
 
 
 class TestLastingFailures:
