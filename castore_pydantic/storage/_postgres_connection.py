@@ -14,9 +14,9 @@ import os
 import re
 import select
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import psycopg
@@ -60,6 +60,7 @@ _TABLES_SEEN = "_castore_tables_seen"
 #: an INSERT prepared for uuid would quietly rewrite upper-case UUIDs and refuse other ids.
 _TABLE_CHANGES = [0]
 _DEALLOCATIONS = [0]
+_T = TypeVar("_T")
 
 
 def tuple_cursor(conn: AsyncConnection) -> psycopg.AsyncCursor[tuple[Any, ...]]:
@@ -395,8 +396,8 @@ class Connections:
     An owned pool is opened once a connection made outside it succeeded (``try_connect``): a
     configuration no retry can fix (a database that does not exist, a password the server
     refuses) is then told at once, where the pool would retry it until the timeout. Closing
-    refuses new operations at once, and closes the pool once the operations in progress
-    (those waiting for a connection included) have ended.
+    refuses new operations at once, stops ``open`` trying, and closes the pool once the
+    operations in progress (those waiting for a connection included) have ended.
 
     Args:
         pool: The pool.
@@ -430,6 +431,8 @@ class Connections:
         self._drained: asyncio.Future[None] | None = None
         self._shutdown: asyncio.Task[None] | None = None
         self._shut_down = False
+        # What ``open`` waits for while it tries to connect: ``close`` ends those waits.
+        self._close_waiters: set[asyncio.Future[None]] = set()
         self._switched: set[int] = set()
         # Owned pools only: idle connections kept for the next operation with the time each
         # was released (the most recent last), how many operations wait for the pool, the
@@ -444,11 +447,12 @@ class Connections:
         """Open an owned pool once PostgreSQL accepted a connection (idempotent).
 
         Connections that fail for a while (the server is down or full) are retried until
-        the pool's timeout; a configuration no retry can fix fails at once.
+        the pool's timeout; a configuration no retry can fix fails at once. ``close``
+        stops the retries at once.
 
         Raises:
-            StorageError: The adapter is closed, or PostgreSQL refuses the connection in a
-                way retrying cannot fix (the message says why).
+            StorageError: The adapter is closed (also while this tries), or PostgreSQL
+                refuses the connection in a way retrying cannot fix (the message says why).
             StorageUnavailableError: No connection within the pool's timeout (with the
                 reason).
         """
@@ -461,8 +465,9 @@ class Connections:
         """Open the pool, after connecting once outside it (an owned pool's).
 
         Every attempt keeps to what is left of the pool's timeout. Without ``wait``, a
-        failure that may pass opens the pool anyway: the caller then waits for the pool's
-        connection, which retries, for the time left.
+        failure that may pass opens the pool anyway: the caller (an operation, which
+        ``close`` lets finish) then waits for the pool's connection, which retries, for the
+        time left. With ``wait``, ``close`` ends the retries.
 
         Returns:
             The seconds spent connecting, and why connecting failed without ``wait``.
@@ -479,7 +484,8 @@ class Connections:
             told: Failure | None = None  # the last failure that says why
             while True:
                 left = max(timeout - (time.monotonic() - started), 0.001)
-                failure = await try_connect(self.pool, self.settings.redact, left)
+                attempt = try_connect(self.pool, self.settings.redact, left)
+                failure = await (self._unless_closed(attempt) if wait else attempt)
                 if failure is None or not (failure.lasting or wait):
                     break
                 if failure.lasting:
@@ -492,13 +498,35 @@ class Connections:
                         f"{where}: no PostgreSQL connection available within {waited:.1f}s "
                         f"because connecting fails: {told.reason}"
                     )
-                await asyncio.sleep(min(pause, timeout - waited))  # the last at the timeout
+                # The last attempt at the timeout.
+                await self._unless_closed(asyncio.sleep(min(pause, timeout - waited)))
                 pause = min(pause * 2, 1.0)
             if self._shut_down:  # no pool may open after its close
                 raise StorageError(f"{self._name} is closed")
             await self.pool.open()
             self._opened = True
         return time.monotonic() - started, failure
+
+    async def _unless_closed(self, work: Coroutine[Any, Any, _T]) -> _T:
+        """The result of ``work``, unless ``close`` is called first (``work`` is then cancelled).
+
+        Raises:
+            StorageError: The adapter is closed.
+        """
+        task = asyncio.ensure_future(work)
+        closing = asyncio.get_running_loop().create_future()
+        self._close_waiters.add(closing)
+        try:
+            if not self._closed:
+                await asyncio.wait((task, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._close_waiters.discard(closing)
+            task.cancel()  # nothing, once it is done
+        if self._closed:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: the close is what the caller hears
+            raise StorageError(f"{self._name} is closed")
+        return task.result()
 
     @staticmethod
     def _refused(where: str, failure: Failure) -> StorageError:
@@ -514,6 +542,9 @@ class Connections:
         closed when the operations end: a task does it all, from the start.
         """
         self._closed = True
+        for waiter in self._close_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         if self._shutdown is None:
             if self._sweep is not None:
                 self._sweep.cancel()

@@ -249,6 +249,29 @@ class TestConnectTimeout:
                     await store.get_events("a1")
                 assert time.monotonic() - started < 4.5
 
+    @pytest.mark.parametrize("hung", [False, True], ids=["refused", "hung"])
+    async def test_aclose_stops_entering(self, hung: bool) -> None:
+        """``aclose()`` stops ``async with``'s tries at once; entering fails: it is closed."""
+        async with SlowServer(None) as server:
+            dsn = server.dsn if hung else f"{SERVER.rsplit(':', 1)[0]}:1/test"
+            adapter = PostgresEventStorageAdapter(dsn, timeout=30)
+
+            async def enter() -> None:
+                async with adapter:
+                    pass
+
+            entering = asyncio.ensure_future(enter())
+            if hung:
+                await server.arrived.wait()
+            else:
+                await asyncio.sleep(0.2)  # a few refused tries
+            async with asyncio.timeout(5):
+                await adapter.aclose()
+                with pytest.raises(StorageError, match="is closed") as info:
+                    await entering
+            assert not isinstance(info.value, StorageUnavailableError)
+            assert adapter.pool.closed
+
 
 class TestLastingFailures:
     """Which connection failures no retry can fix (libpq gives them no SQLSTATE)."""
