@@ -6,14 +6,16 @@ none came. The adapter connects once by itself when it opens its pool, to tell w
 cannot, and its pool's connections record how their last attempt ended (``Attempts``), so
 that a wait for the pool that times out can say why without connecting again.
 
-Some failures pass with time: the server is down, restarting or full. Others stay until
-someone changes the configuration: the database does not exist (SQLSTATE ``3D000``), the
-role does not exist, may not log in, or no ``pg_hba.conf`` line admits it (``28000``), its
-password is wrong (``28P01``), it lacks ``CONNECT`` on the database (``42501``), or the
-server asks for a password and none was given. libpq keeps the SQLSTATE of a failed
-connection to itself (psycopg's error has none), so these are told by the server's message,
-in the English PostgreSQL writes unless its ``lc_messages`` chooses another language, and by
-libpq's ``PQconnectionNeedsPassword``. A failure they do not recognise counts as passing.
+Some failures pass with time: the server is down, restarting or full, or an authentication
+service the server asks (LDAP, RADIUS, PAM) is out. Others stay until someone changes the
+configuration: the database does not exist (SQLSTATE ``3D000``), the role does not exist,
+may not log in, or no ``pg_hba.conf`` line admits it (``28000``), its password is wrong
+(``28P01``), it lacks ``CONNECT`` on the database (``42501``), the server asks for a
+password and none was given, or the client requires SSL and the server has none. libpq
+keeps the SQLSTATE of a failed connection to itself (psycopg's error has none), so these are
+told by the server's message, in the English PostgreSQL writes unless its ``lc_messages``
+chooses another language, by libpq's own message and by libpq's
+``PQconnectionNeedsPassword``. A failure they do not recognise counts as passing.
 
 Each attempt keeps to the ``connect_timeout`` the connection string, the keywords or
 ``PGCONNECT_TIMEOUT`` set (per host, as libpq does), and to the time the caller has left.
@@ -32,15 +34,18 @@ from psycopg_pool import AsyncConnectionPool
 
 __all__ = ["Attempts", "Failure", "try_connect"]
 
-#: The server's words for a connection it refuses until its configuration changes.
+#: The server's (and libpq's) words for a connection refused until the configuration changes.
+#: An authentication failure counts unless the method asks another service (LDAP, RADIUS,
+#: PAM): the server words a failure of that service as it words a wrong password.
 _LASTING = re.compile(
     r'database ".*" does not exist'
     r'|role ".*" does not exist'
     r'|role ".*" is not permitted to log in'
-    r"|authentication failed for user"
+    r"|(?<!LDAP )(?<!RADIUS )(?<!PAM )authentication failed for user"
     r"|no pg_hba\.conf entry for"
     r"|pg_hba\.conf rejects connection"
     r"|permission denied for database"
+    r"|server does not support SSL, but SSL was required"
 )
 
 

@@ -151,6 +151,19 @@ class TestOpening:
         assert "does not exist" in str(errors[-1])
         assert not isinstance(errors[-1], StorageUnavailableError)
 
+    async def test_ssl_the_server_lacks_is_not_retriable(self) -> None:
+        """``sslmode=require`` on a server without SSL fails at once with StorageError."""
+        ((ssl,),) = await fetch("SHOW ssl")
+        if ssl == "on":
+            pytest.skip("the test server offers SSL")
+        adapter = PostgresEventStorageAdapter(f"{DSN}?sslmode=require", timeout=10)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="SSL was required") as info:
+            async with adapter:
+                pass
+        assert time.monotonic() - started < 5
+        assert not isinstance(info.value, StorageUnavailableError)
+
     async def test_a_borrowed_pool_is_not_connected_to_on_entering(self) -> None:
         """Entering an adapter on a borrowed pool opens nothing and connects nowhere."""
         pool = AsyncConnectionPool(f"{SERVER}/castore_no_such_db", open=False)
@@ -286,6 +299,11 @@ class TestLastingFailures:
             ('FATAL:  no pg_hba.conf entry for host "10.0.0.1", user "app", database "x"', True),
             ('FATAL:  pg_hba.conf rejects connection for host "10.0.0.1"', True),
             ('FATAL:  permission denied for database "x"', True),
+            ('FATAL:  Peer authentication failed for user "app"', True),
+            ("server does not support SSL, but SSL was required", True),
+            ('FATAL:  LDAP authentication failed for user "app"', False),
+            ('FATAL:  RADIUS authentication failed for user "app"', False),
+            ('FATAL:  PAM authentication failed for user "app"', False),
             ("FATAL:  sorry, too many clients already", False),
             ("FATAL:  the database system is starting up", False),
             ("Connection refused\n\tIs the server running on that host?", False),
