@@ -18,7 +18,7 @@ subclasses the builtin exception that fits it::
     ├── InvalidPageTokenError (ValueError)           a malformed list_aggregate_ids page token
     ├── EventGroupError (ValueError)                 an empty or mixed event group
     ├── StorageError (RuntimeError)                  the storage backend failed
-    │   └── StorageUnavailableError (ConnectionError)  retriable: connection lost or refused
+    │   └── StorageUnavailableError (ConnectionError)  retriable: unreachable, lost, timed out
     ├── MessagingError (RuntimeError)                the message broker failed
     │   └── MessageBrokerUnavailableError (ConnectionError)  retriable: broker unreachable
     ├── NoStrategyError (TypeError)                  testing: no way to generate a type's values
