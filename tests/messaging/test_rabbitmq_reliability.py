@@ -46,6 +46,7 @@ from tests.messaging.rabbitmq_support import (
     private_vhost,
     queue_policy,
     vhost_url,
+    within,
 )
 
 pytestmark = [pytest.mark.rabbitmq]
@@ -76,21 +77,6 @@ async def proxies() -> AsyncIterator[list[TcpProxy]]:
     yield started
     for proxy in started:
         await proxy.close()
-
-
-@contextlib.asynccontextmanager
-async def finishes_within(seconds: float, what: str) -> AsyncIterator[None]:
-    """Fail the test, naming ``what``, if the block has not finished after ``seconds``.
-
-    Also when the block swallowed the cancellation the deadline sent it.
-    """
-    deadline = asyncio.timeout(seconds)
-    try:
-        async with deadline:
-            yield
-    finally:
-        if deadline.expired():
-            pytest.fail(f"{what} did not finish within {seconds}s")
 
 
 Key = tuple[str, str, int]
@@ -234,11 +220,11 @@ class TestKilledConsumers:
                     pytest.fail(f"not done after {DONE_WITHIN}s: {consumer.progress()}")
             finally:
                 for index, worker in enumerate(workers):
-                    async with finishes_within(TEARDOWN_WITHIN, f"workers[{index}].aclose()"):
+                    async with within(f"workers[{index}].aclose()", TEARDOWN_WITHIN):
                         await worker.aclose()
-            async with finishes_within(TEARDOWN_WITHIN, "workers[0].purge()"):
+            async with within("workers[0].purge()", TEARDOWN_WITHIN):
                 await workers[0].purge()
-            async with finishes_within(TEARDOWN_WITHIN, "publisher.purge()"):
+            async with within("publisher.purge()", TEARDOWN_WITHIN):
                 await publisher.purge()
         consumer.check()
 
@@ -283,7 +269,7 @@ class TestStopWhileReconnecting:
                 await connected.wait()
             monkeypatch.undo()  # only the reconnection under way outlives its cancellation
 
-            async with finishes_within(10, "stop_consuming()"):
+            async with within("stop_consuming()", 10):
                 await adapter.stop_consuming()
             assert not adapter.is_consuming
             async with (
@@ -294,7 +280,7 @@ class TestStopWhileReconnecting:
             assert declared.declaration_result.consumer_count == 0  # the late one was closed
         finally:
             monkeypatch.undo()
-            async with finishes_within(TEARDOWN_WITHIN, "purge()"):
+            async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
             await proxy.close()
 
@@ -499,7 +485,7 @@ class TestUnexpectedErrorWhileRecovering:
                     await underlay.basic_ack(999_999)  # the broker closes this channel only
                 else:
                     assert proxy.drop() == 1  # the consumer connection: the worker recovers
-                async with finishes_within(10, "reconnecting"):
+                async with within("reconnecting", 10):
                     await logs.wait_for("reconnected to RabbitMQ")
                 assert failed
                 await bus.publish_message(notification(0))
@@ -513,7 +499,7 @@ class TestUnexpectedErrorWhileRecovering:
                 assert [record.exc_info[1] for record in errors if record.exc_info] == [bug]
         finally:
             monkeypatch.undo()
-            async with finishes_within(TEARDOWN_WITHIN, "purge()"):
+            async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
             await proxy.close()
         for handler in received.values():
@@ -546,7 +532,7 @@ class TestUnexpectedErrorWhileRecovering:
                     supervisor.cancel()
                     await asyncio.wait([supervisor])
                     # is_consuming stays true until the consumers are closed.
-                    async with finishes_within(10, "closing the consumers"):
+                    async with within("closing the consumers", 10):
                         while True:
                             if not adapter.is_consuming:
                                 break
@@ -595,7 +581,7 @@ class TestStopFromAHandler:
                 await queue.publish_message(notification(2))
                 async with asyncio.timeout(10):
                     await returned.wait()
-                async with finishes_within(10, "the stop a handler asked for"):
+                async with within("the stop a handler asked for", 10):
                     await adapter.stop_consuming()  # waits for that stop to complete
                 assert not adapter.is_consuming
                 assert handled == [notification(1)]
@@ -767,7 +753,7 @@ class TestDeadLettersWhileTheyArrive:
 
                     feeder = asyncio.create_task(feed())
                     try:
-                        async with finishes_within(10, "dead_letters()"):
+                        async with within("dead_letters()", 10):
                             letters = await adapter.dead_letters()
                     finally:
                         stop.set()
