@@ -724,19 +724,18 @@ class RedisStreamsAdapter:
         if self._joining:
             await asyncio.wait(list(self._joining))
         client = self._redis()
-        pattern = _GLOB_SPECIAL.sub(r"\\\1", self.stream_key) + "*"
+        stream = self.stream_key
+        pattern = _GLOB_SPECIAL.sub(r"\\\1", stream) + "*"
+        consumers = list(self._consumers)
+        streams: list[Any] = []
+        groups: list[Any] = []
+        for consumer in consumers:
+            streams += consumer.subscription.streams
+            groups += [consumer.subscription.group] * len(consumer.subscription.streams)
         try:
-            keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
-            consumers = list(self._consumers)
-            streams: list[Any] = []
-            groups: list[Any] = []
-            for consumer in consumers:
-                streams += consumer.subscription.streams
-                groups += [consumer.subscription.group] * len(consumer.subscription.streams)
-            if keys or streams:
-                await client.register_script(PURGE_KEYS)(
-                    keys=[*keys, *streams], args=[len(keys), *groups]
-                )
+            await client.register_script(PURGE_KEYS)(
+                keys=[stream, *streams], args=[pattern, *groups]
+            )
         except RedisError as exc:
             raise self._broker_error("purge", exc) from exc
         for consumer in consumers:

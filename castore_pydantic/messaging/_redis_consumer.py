@@ -2,10 +2,10 @@
 
 One ``StreamConsumer`` serves one consumer group (a queue's workers, or one bus listener). Its
 loop reads entries with ``XREADGROUP``, hands each to the handler and acknowledges it with
-``XACK`` only afterwards. A failed entry is written to the group's delayed-retry sorted set
-and acknowledged in one Lua script (so the retry copy exists before the original is gone), or,
-once the retry budget is spent, written to the dead-letter stream and acknowledged in one
-``MULTI``. Entries left unacknowledged by a consumer that died are taken over once they
+``XACK`` only afterwards. A failed entry is acknowledged and written to the group's
+delayed-retry sorted set in one Lua script (so the retry copy exists once the original is
+gone), or, once the retry budget is spent, acknowledged and written to the dead-letter stream
+in another. Entries left unacknowledged by a consumer that died are taken over once they
 have been idle for ``reclaim_idle_ms``.
 
 Reads come in batches of ``prefetch_count``; takeovers claim one entry at a time, just
@@ -43,6 +43,7 @@ from castore_pydantic.messaging._redis_subscription import (
 from castore_pydantic.messaging._redis_takeover import ConsumerTakeovers
 from castore_pydantic.messaging._redis_wire import (
     CLAIM_NEXT,
+    DEAD_LETTER,
     PROMOTE_RETRIES,
     REJOIN_GROUP,
     SCHEDULE_RETRY,
@@ -82,6 +83,7 @@ class StreamConsumer(ConsumerTakeovers):
         self.options = options
         self.task: asyncio.Task[None] | None = None
         self._schedule_retry = client.register_script(SCHEDULE_RETRY)
+        self._dead_letter_script = client.register_script(DEAD_LETTER)
         self._promote = client.register_script(PROMOTE_RETRIES)
         self._claim_next = client.register_script(CLAIM_NEXT)
         self._rejoin = client.register_script(REJOIN_GROUP)
@@ -134,8 +136,9 @@ class StreamConsumer(ConsumerTakeovers):
         """The channel was just purged: drop what was read before and not started.
 
         Those entries were deleted with their stream; the handler in flight, if any, runs to
-        its end, but its message is neither retried nor dead-lettered (see
-        ``ConsumerHandling``). The consumer goes on with what is published from now on.
+        its end, but its message is neither retried nor dead-lettered (Redis no longer holds
+        it as pending: see ``ConsumerHandling``).
+        The consumer goes on with what is published from now on.
         """
         self._purges += 1
         self._unacked = {}

@@ -3,7 +3,8 @@
 ``ConsumerHandling`` is the part of ``StreamConsumer`` (``_redis_consumer``) that hands an
 entry to its handler and settles it: acknowledged once handled, with its batch; or
 scheduled for a retry and acknowledged in one Lua script; or, once the retry budget is
-spent, dead-lettered and acknowledged in one ``MULTI``.
+spent, dead-lettered and acknowledged in another. Both scripts write the retry or the dead
+letter only if the entry was still pending in the group: not after a purge deleted it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ConsumerHandling:
     retry_policy: RetryPolicy
     options: ConsumerOptions
     _schedule_retry: AsyncScript
+    _dead_letter_script: AsyncScript
     _stopping: bool
     _purges: int
     _unacked: dict[bytes, list[bytes]]
@@ -153,7 +155,6 @@ class ConsumerHandling:
             )
             return False
         policy = self.retry_policy
-        purges = self._purges
         context = MessageContext(
             attempt=entry.attempt,
             retry_attempts_left=max(policy.retry_attempts - entry.attempt + 1, 0),
@@ -162,22 +163,13 @@ class ConsumerHandling:
         try:
             await run_handler(handler, message, context)
         except Exception as exc:
-            await self._failed(entry, exc, purged=self._purges != purges)
+            await self._failed(entry, exc)
             return False
         return True
 
-    async def _failed(self, entry: _Delivery, error: Exception, *, purged: bool) -> None:
+    async def _failed(self, entry: _Delivery, error: Exception) -> None:
         """Retry a failed entry later, or dead-letter it once its retries are spent."""
-        if purged:
-            # The channel was purged while the handler ran: its retries and dead letters
-            # went with it, and so does this message.
-            logger.info(
-                "Redis consumer %s: a message failed (%s) after the channel was purged; it "
-                "is dropped",
-                self.consumer_name,
-                describe_error(error),
-            )
-        elif entry.attempt <= self.retry_policy.retry_attempts:
+        if entry.attempt <= self.retry_policy.retry_attempts:
             await self._retry_later(entry, error)
         else:
             await self._dead_letter(entry, entry.attempt, describe_error(error), error)
@@ -185,8 +177,8 @@ class ConsumerHandling:
     async def _retry_later(self, entry: _Delivery, error: Exception) -> None:
         delay_ms = round(self.retry_policy.delay_for(entry.attempt) * 1000)
         stream = entry.stream.decode()
-        # The member names where it came from, so a failure recorded twice (two consumers
-        # handling the same entry) schedules one retry; the script parses the other parts.
+        # The member names where it came from, so that two retries of one entry are one;
+        # the script parses the other parts.
         origin = self.subscription.streams.index(stream)
         member = b"%d %d %d:%s %s" % (
             entry.attempt + 1,
@@ -196,10 +188,13 @@ class ConsumerHandling:
             entry.body or b"",
         )
         owned = stream in self.subscription.owned
-        await self._schedule_retry(
+        due = await self._schedule_retry(
             keys=[self.subscription.delayed, stream],
             args=[self.subscription.group, entry.entry_id, delay_ms, member, int(owned)],
         )
+        if due is None:
+            _not_pending(self.consumer_name, describe_error(error))
+            return
         self._next_promote = min(
             self._next_promote, asyncio.get_running_loop().time() + delay_ms / 1000
         )
@@ -225,12 +220,19 @@ class ConsumerHandling:
             b"attempts": attempts,
             b"error": text,
         }
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.subscription.dead, letter)
-            pipe.xack(entry.stream, self.subscription.group, entry.entry_id)
-            if entry.stream.decode() in self.subscription.owned:
-                pipe.xdel(entry.stream, entry.entry_id)
-            await pipe.execute()
+        owned = entry.stream.decode() in self.subscription.owned
+        added = await self._dead_letter_script(
+            keys=[self.subscription.dead, entry.stream],
+            args=[
+                self.subscription.group,
+                entry.entry_id,
+                int(owned),
+                *(part for pair in letter.items() for part in pair),
+            ],
+        )
+        if not added:
+            _not_pending(self.consumer_name, text)
+            return
         listener = self.subscription.listener_id
         logger.error(
             "Redis consumer %s gave up on a message after %d attempt(s)%s: %s; it is in "
@@ -243,6 +245,17 @@ class ConsumerHandling:
             body.decode(errors="replace"),
             exc_info=error,
         )
+
+
+def _not_pending(consumer_name: str, reason: str) -> None:
+    """Log a failed entry dropped because its group no longer held it as pending."""
+    logger.info(
+        "Redis consumer %s: a message failed (%s) but is no longer pending in its group "
+        "(the channel was purged, or another consumer took it over and settled it); it is "
+        "neither retried nor dead-lettered",
+        consumer_name,
+        reason,
+    )
 
 
 class _Delivery:

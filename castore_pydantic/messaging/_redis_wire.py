@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 __all__ = [
     "APPEND_MESSAGES",
     "CLAIM_NEXT",
+    "DEAD_LETTER",
     "MOVE_DEAD_LETTERS",
     "PROMOTE_RETRIES",
     "PURGE_KEYS",
@@ -49,15 +50,30 @@ end
 return moved
 """
 
-#: Atomically: schedule the retry copy, then acknowledge (and drop) the failed entry.
+#: Atomically: acknowledge (and drop) the failed entry, then schedule its retry copy. An
+#: entry the group no longer holds as pending (XACK counts 0) gets no retry: the channel was
+#: purged, or another consumer took the entry over and has settled it already.
 #: KEYS: delayed set, stream of the entry. ARGV: group, entry id, delay ms, member, "1" to XDEL.
+#: Returns when the retry is due (ms), or false when none was scheduled.
 SCHEDULE_RETRY = """
+if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 0 then return false end
+if ARGV[5] == '1' then redis.call('XDEL', KEYS[2], ARGV[2]) end
 local now = redis.call('TIME')
 local due = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[3])
 redis.call('ZADD', KEYS[1], due, ARGV[4])
-redis.call('XACK', KEYS[2], ARGV[1], ARGV[2])
-if ARGV[5] == '1' then redis.call('XDEL', KEYS[2], ARGV[2]) end
 return due
+"""
+
+#: Atomically: acknowledge (and drop) an entry given up on, then add its dead letter; none
+#: for an entry the group no longer holds as pending (as in ``SCHEDULE_RETRY``).
+#: KEYS: dead-letter stream, stream of the entry. ARGV: group, entry id, "1" to XDEL, then
+#: the letter's field and value pairs.
+#: Returns 1 when the letter was added, else 0.
+DEAD_LETTER = """
+if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+if ARGV[3] == '1' then redis.call('XDEL', KEYS[2], ARGV[2]) end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 4))
+return 1
 """
 
 #: Atomically move due retries from the delayed set to the stream they are read from.
@@ -109,21 +125,26 @@ return {id, count}
 #: Deletes a channel's keys and, in the same atomic step, creates consumer groups again on
 #: the empty streams: a consumer blocked reading one of them stays blocked (Redis unblocks
 #: it with an error only if its group is missing once the script has run) and gets what is
-#: published next.
-#: KEYS: the keys to delete, then the stream of each group to create. ARGV: how many keys to
-#: delete, then the name of each group to create.
+#: published next. The keys are listed by the script itself: one created by a retry or a
+#: dead letter while a client listed them would outlive the purge.
+#: KEYS: the channel's stream, then the stream of each group to create. ARGV: the pattern of
+#: the channel's other keys, then the name of each group to create.
+#: Returns how many keys were deleted.
 PURGE_KEYS = """
-local n = tonumber(ARGV[1])
-for first = 1, n, 1000 do
-  redis.call('UNLINK', unpack(KEYS, first, math.min(first + 999, n)))
-end
-for i = n + 1, #KEYS do
-  local made = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[i - n + 1], '0', 'MKSTREAM')
+local deleted = redis.call('UNLINK', KEYS[1])
+local cursor = '0'
+repeat
+  local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = reply[1]
+  if #reply[2] > 0 then deleted = deleted + redis.call('UNLINK', unpack(reply[2])) end
+until cursor == '0'
+for i = 2, #KEYS do
+  local made = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[i], '0', 'MKSTREAM')
   if type(made) == 'table' and made.err and not string.find(made.err, 'BUSYGROUP') then
     return redis.error_reply(made.err)
   end
 end
-return n
+return deleted
 """
 
 #: Creates a consumer group that has disappeared again: after the entry it had delivered up

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
@@ -28,6 +29,8 @@ from castore_pydantic.messaging import (
 )
 from castore_pydantic.messaging import _redis_adapter as redis_adapter
 from castore_pydantic.messaging import _redis_consumer as redis_consumer
+from castore_pydantic.messaging import _redis_handling as redis_handling
+from castore_pydantic.messaging import _redis_wire as redis_wire
 from castore_pydantic.messaging.redis import RedisMessageQueueAdapter
 from tests.domain import appeared, make_store
 from tests.messaging.redis_support import (
@@ -1389,6 +1392,68 @@ class TestPurgeWhileConsuming:
             await recorder.wait_for(2, seconds=10)
             assert await raw.zcard(f"{adapter.stream_key}:delayed") == 0
             assert await adapter.dead_letters() == []
+        assert recorder.messages == [notification(1), notification(2)]
+
+    @pytest.mark.parametrize("moment", ["before", "after"])
+    @pytest.mark.parametrize("retry_attempts", [1, 0], ids=["retry", "dead-letter"])
+    async def test_a_failure_settled_during_a_purge_leaves_nothing_behind(
+        self,
+        prefix: str,
+        raw: Redis,
+        monkeypatch: pytest.MonkeyPatch,
+        moment: str,
+        retry_attempts: int,
+    ) -> None:
+        """A handler failing while purge() runs, its failure settled just before or just
+        after the purge deletes the keys, leaves no retry and no dead letter behind."""
+        fail, settled = asyncio.Event(), asyncio.Event()
+        failed = redis_handling.ConsumerHandling._failed
+        call = AsyncScript.__call__
+
+        async def failed_then_tell(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                await failed(self, *args, **kwargs)
+            finally:
+                settled.set()
+
+        async def settle() -> None:
+            fail.set()
+            await asyncio.wait_for(settled.wait(), 5)
+
+        async def purge_meeting_the_failure(self: AsyncScript, *args: Any, **kwargs: Any) -> Any:
+            if self.script != redis_wire.PURGE_KEYS:
+                return await call(self, *args, **kwargs)
+            if moment == "before":
+                await settle()
+            result = await call(self, *args, **kwargs)
+            if moment == "after":
+                await settle()
+            return result
+
+        monkeypatch.setattr(redis_handling.ConsumerHandling, "_failed", failed_then_tell)
+        monkeypatch.setattr(AsyncScript, "__call__", purge_meeting_the_failure)
+        queue = make_queue()
+        running = asyncio.Event()
+        recorder = Recorder()
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            await recorder(message, context)
+            if message == notification(1):
+                running.set()
+                await fail.wait()
+                raise ValueError("fails while the queue is purged")
+
+        adapter = attach(
+            queue, prefix, worker=worker, retry_attempts=retry_attempts, retry_delay_in_ms=60_000
+        )
+        async with adapter, adapter.consuming():
+            await queue.publish_message(notification(1))
+            await running.wait()
+            await adapter.purge()
+            assert await raw.exists(f"{adapter.stream_key}:delayed") == 0
+            assert await adapter.dead_letters() == []
+            await queue.publish_message(notification(2))
+            await recorder.wait_for(2, seconds=10)
         assert recorder.messages == [notification(1), notification(2)]
 
 
