@@ -135,9 +135,10 @@ class StreamConsumer(ConsumerTakeovers):
     def forget_held(self) -> None:
         """The channel was just purged: drop what was read before and not started.
 
-        Those entries were deleted with their stream; the handler in flight, if any, runs to
-        its end, but its message is neither retried nor dead-lettered (Redis no longer holds
-        it as pending: see ``ConsumerHandling``).
+        Those entries were deleted with their stream, also those of a read under way (see
+        ``ConsumerHandling._handle_batch``); the handler in flight, if any, runs to its end,
+        but its message is neither retried nor dead-lettered (Redis no longer holds it as
+        pending: see ``ConsumerHandling``).
         The consumer goes on with what is published from now on.
         """
         self._purges += 1
@@ -210,9 +211,10 @@ class StreamConsumer(ConsumerTakeovers):
                     await self._recover_own_entries()
                     ready = True
                 await self._maintain()
+                purges = self._purges
                 entries = await self._read()
                 if entries:
-                    await self._handle_batch(entries)
+                    await self._handle_batch(entries, purges)
                 backoff = _BACKOFF_MIN
             except ResponseError as exc:
                 # NOGROUP, or UNBLOCKED for a blocked read: the group or its stream was

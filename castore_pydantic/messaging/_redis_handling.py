@@ -52,7 +52,7 @@ class ConsumerHandling:
 
     # -- handling ----------------------------------------------------------------------------
 
-    async def _handle_batch(self, entries: Sequence[Entry]) -> None:
+    async def _handle_batch(self, entries: Sequence[Entry], purges: int) -> None:
         """Handle entries in order; acknowledge the handled ones as the batch goes.
 
         A stop request lets the handler in flight finish; the entries not started yet stay
@@ -61,6 +61,8 @@ class ConsumerHandling:
         acknowledgement fails (a Redis error), the handled entries stay in ``_unacked`` and
         ``run`` acknowledges them before reading again: they are not handled twice. A purge
         by this adapter drops the entries not started yet: their stream is gone.
+        ``purges`` is ``_purges`` from before the read: if a purge ran during the read, only
+        the entries still pending in the group (read after it) are handled.
         """
         loop = asyncio.get_running_loop()
         # Redis counts an entry's idle time from its read: entries waiting in a long batch
@@ -69,7 +71,11 @@ class ConsumerHandling:
         refresh = self.options.reclaim_idle_ms / 2000
         touched = loop.time()
         waiting = deque(entries)
-        purges = self._purges
+        if self._purges != purges:
+            # Read before the purge, an entry is gone with its stream and group; read after
+            # it, it is pending in the group created again.
+            waiting = await self._claim_again(waiting, 0)
+            purges = self._purges
         while waiting and not self._stopping and self._purges == purges:
             if loop.time() - touched > refresh:
                 await self._acknowledge()
@@ -90,6 +96,10 @@ class ConsumerHandling:
         takes one back. ``JUSTID`` leaves delivery counts alone.
         """
         min_idle = max(int(held_for * 1000 - self.options.reclaim_idle_ms / 2), 0)
+        return await self._claim_again(waiting, min_idle)
+
+    async def _claim_again(self, waiting: deque[Entry], min_idle: int) -> deque[Entry]:
+        """Claim entries again, keeping those pending in the group and idle ``min_idle`` ms."""
         by_stream: dict[bytes, list[Any]] = {}
         for stream, entry_id, _, _ in waiting:
             by_stream.setdefault(stream, []).append(entry_id)

@@ -1456,6 +1456,62 @@ class TestPurgeWhileConsuming:
             await recorder.wait_for(2, seconds=10)
         assert recorder.messages == [notification(1), notification(2)]
 
+    async def test_a_batch_read_before_a_purge_is_dropped_after_it(
+        self, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch read before the purge whose reply the worker gets only after purge()
+        returned is not handled; what is published after the purge is."""
+        got, purged = asyncio.Event(), asyncio.Event()
+        read = Redis.xreadgroup
+
+        async def read_then_wait(self: Redis, *args: Any, **kwargs: Any) -> Any:
+            reply = await read(self, *args, **kwargs)
+            if reply and not got.is_set():
+                got.set()
+                await purged.wait()
+            return reply
+
+        monkeypatch.setattr(Redis, "xreadgroup", read_then_wait)
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder, prefetch_count=10)
+        async with adapter, adapter.consuming():
+            await queue.publish_messages([notification(index) for index in range(1, 6)])
+            await got.wait()
+            await adapter.purge()
+            purged.set()
+            await queue.publish_message(notification(9))
+            await recorder.wait_for(1, seconds=10)
+        assert recorder.messages == [notification(9)]
+
+    async def test_a_read_under_way_through_a_purge_gets_what_is_published_after_it(
+        self, prefix: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A read the worker started before the purge, which reaches Redis after it,
+        delivers the message published after the purge."""
+        entered, purged = asyncio.Event(), asyncio.Event()
+        hold = False
+        read = Redis.xreadgroup
+
+        async def wait_then_read(self: Redis, *args: Any, **kwargs: Any) -> Any:
+            if hold and not entered.is_set():
+                entered.set()
+                await purged.wait()
+            return await read(self, *args, **kwargs)
+
+        monkeypatch.setattr(Redis, "xreadgroup", wait_then_read)
+        queue = make_queue()
+        recorder = Recorder()
+        adapter = attach(queue, prefix, worker=recorder, reclaim_idle_ms=60_000)
+        async with adapter, adapter.consuming():
+            hold = True
+            await entered.wait()
+            await adapter.purge()
+            await queue.publish_message(notification(9))
+            purged.set()
+            await recorder.wait_for(1, seconds=10)
+        assert recorder.messages == [notification(9)]
+
 
 class TestEventLoops:
     """An adapter attached at import time, used by one event loop after another."""
