@@ -725,7 +725,9 @@ class RedisStreamsAdapter:
             await asyncio.wait(list(self._joining))
         client = self._redis()
         stream = self.stream_key
-        pattern = _GLOB_SPECIAL.sub(r"\\\1", stream) + "*"
+        # The channel's other keys are "<stream>:...": "<stream>*" would also match the keys
+        # of a channel whose id starts with this one's and a "}" ("a}x" for "a").
+        pattern = _GLOB_SPECIAL.sub(r"\\\1", stream) + ":*"
         consumers = list(self._consumers)
         streams: list[Any] = []
         groups: list[Any] = []

@@ -1284,6 +1284,17 @@ class TestRedisMessageQueueAdapter:
         keys = sorted([key async for key in raw.scan_iter(match=f"{prefix}*")])
         assert keys == [f"{prefix}unrelated".encode()]
 
+    async def test_purge_leaves_a_queue_whose_id_extends_this_ones_alone(
+        self, prefix: str, raw: Redis
+    ) -> None:
+        """Purging queue "a" keeps the keys of queue "a}x", which its own keys' glob matched."""
+        adapter = attach(make_queue("a"), prefix)
+        other = attach(make_queue("a}x"), prefix)
+        async with adapter, other:
+            await other.publish_message(notification(1))
+            await adapter.purge()
+            assert await raw.xlen(other.stream_key) == 1
+
 
 class TestHandBackAtTheGraceBoundary:
     async def test_a_hand_back_running_when_the_grace_period_ends_completes(
