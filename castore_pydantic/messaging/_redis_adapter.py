@@ -706,10 +706,12 @@ class RedisStreamsAdapter:
         returned is delivered as usual. This adapter's consumers keep their groups, created
         again on the empty streams in the same atomic step; they drop the entries they had
         read and not started, and the retry of a message whose handler was running. Other
-        consumers of the channel (other adapters, other processes) find their group gone
-        and create it again at the start of the new stream. A bus listener that is not
-        consuming gets its group back, at the end of the stream, when its adapter next
-        connects, publishes or starts consuming.
+        consumers of the channel (other adapters, other processes) handle the rest of the
+        batch they had read, then find their group gone and create it again at the start of
+        the new stream. No failure of a purged message is retried or dead-lettered. The
+        keys are listed and deleted in one atomic step, which scans the whole database. A
+        bus listener that is not consuming gets its group back, at the end of the stream,
+        when its adapter next connects, publishes or starts consuming.
 
         Raises:
             MessageBrokerUnavailableError: Redis cannot be reached.
