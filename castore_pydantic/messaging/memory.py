@@ -501,7 +501,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         handler: MessageHandler,
         *,
         listener_id: str | None = None,
-    ) -> None:
+    ) -> str:
         """Register a listener for the messages matching ``pattern``.
 
         Registering the same listener again (the same ``listener_id``, or the same handler
@@ -514,10 +514,17 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
             handler: ``async def handler(message, context)``.
             listener_id: Names the listener (default: the handler's qualified name).
 
+        Returns:
+            The listener id (as on every bus adapter).
+
         Raises:
             ValueError: An unknown pattern key, or ``listener_id`` already names another
                 handler.
             TypeError: A pattern value of the wrong type.
+            MessageChannelEventStoreNotFoundError: The pattern names an event store the
+                attached bus does not carry.
+            UnknownEventTypeError: The pattern names an event type its store does not
+                declare.
         """
         checked = listened_pattern(pattern, self.message_channel)
         # Keyed by id, as on the brokers: dead letters and republishing go by it, so two
@@ -533,6 +540,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
             )
         else:
             listener.filter = ListenerFilter([*listener.filter.patterns, checked])
+        return name
 
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
         """Start delivering a message to every matching listener (without waiting for them)."""

@@ -310,10 +310,14 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
                 name (its class's, for a callable object). Keep it stable across restarts.
 
         Returns:
-            The listener id.
+            The listener id (as on every bus adapter).
 
         Raises:
             ValueError: A bad pattern, or a listener id already used by another handler.
+            MessageChannelEventStoreNotFoundError: The pattern names an event store the
+                attached bus does not carry.
+            UnknownEventTypeError: The pattern names an event type its store does not
+                declare.
             RuntimeError: Called while the adapter consumes, or starts or stops consuming:
                 its consumers are set when consuming starts, so the listener would not be
                 consumed. Stop consuming first, or register listeners before starting.

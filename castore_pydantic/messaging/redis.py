@@ -300,7 +300,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
         handler: MessageHandler,
         *,
         listener_id: str | None = None,
-    ) -> None:
+    ) -> str:
         """Register a listener for the messages matching ``pattern``.
 
         Registering the same listener id again with the same handler adds the pattern (a
@@ -315,10 +315,17 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
             listener_id: The listener's durable id, its consumer group's name (default: the
                 handler's qualified name).
 
+        Returns:
+            The listener id (as on every bus adapter).
+
         Raises:
             ValueError: An unknown pattern key, an empty id, or an id already used by
                 another handler.
             TypeError: A pattern value of the wrong type.
+            MessageChannelEventStoreNotFoundError: The pattern names an event store the
+                attached bus does not carry.
+            UnknownEventTypeError: The pattern names an event type its store does not
+                declare.
             RuntimeError: Called on an event loop while the adapter is in use on another
                 one that is still open.
         """
@@ -341,6 +348,7 @@ class RedisMessageBusAdapter(RedisStreamsAdapter):
                 "listener_id="
             )
         listener.filter = ListenerFilter([*listener.filter.patterns, checked])
+        return name
 
     def _join_soon(self, listener: _Listener) -> None:
         """Create a listener's group now (and start its consumer if consuming).

@@ -361,6 +361,14 @@ class TestPatternsAgainstTheBus:
             )
 
     @pytest.mark.parametrize("attach", _BUS_ADAPTERS)
+    def test_on_returns_the_listener_id(self, attach: Any) -> None:
+        """Every bus adapter's on() returns the listener id, given or defaulted (only
+        RabbitMQ's did; the others returned None)."""
+        adapter = attach(_BUS)
+        assert adapter.on({}, _ignore, listener_id="emails") == "emails"
+        assert adapter.on({"on_replay": True}, _ignore) == _ignore.__qualname__
+
+    @pytest.mark.parametrize("attach", _BUS_ADAPTERS)
     def test_patterns_castore_matches_are_accepted(self, attach: Any) -> None:
         """Known stores and types, a type alone (it matches everything), and a typed
         pattern on an aggregate-exists bus (it matches nothing, as in Castore) register."""
