@@ -115,23 +115,10 @@ class RedisStreamsAdapter:
             f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         )
         self.message_channel: MessageChannel[Any] | None = None
-        self._append: AsyncScript | None = None
-        self._consumers: list[StreamConsumer] = []
-        # Consumers asked to stop whose task has not ended yet (a handler still running), by
-        # task: every stop, start and close waits for them before going on.
-        self._retiring: dict[asyncio.Task[None], StreamConsumer] = {}
-        # Tasks applying a grace period a handler asked for, and closing a client a handler
-        # closed (once that handler's consumer has ended).
-        self._background: set[asyncio.Task[None]] = set()
-        self._consuming = False
-        # Set while start_consuming connects, before its consumers exist.
-        self._starting: asyncio.Event | None = None
         # How many times stop_consuming was called: a start that sees it change before its
         # consumers exist starts none (the stop may have stopped waiting for it).
         self._stop_calls = 0
-        self._connected = False
-        # Listeners registered on a connected adapter, whose consumer groups are being created.
-        self._joining: set[asyncio.Task[None]] = set()
+        self._start_afresh()
         # The event loop of the client, the consumers and the tasks above; and, for a client
         # passed in, the loop it was first used on (it cannot be replaced on another one).
         self._loop = LoopBinding()
@@ -198,16 +185,26 @@ class RedisStreamsAdapter:
             return
         # Those consumers' tasks were cancelled with their loop (or will never run again):
         # their entries stay pending and are taken over, as for a worker that died.
-        self._consumers = []
-        self._retiring = {}
-        self._background = set()
-        self._joining = set()
-        self._starting = None
-        self._consuming = False
-        self._connected = False
-        self._append = None
+        self._start_afresh()
         if self._owns_client:
             self._client = None
+
+    def _start_afresh(self) -> None:
+        """Set up what belongs to one event loop, with nothing connected or running."""
+        self._append: AsyncScript | None = None
+        self._consumers: list[StreamConsumer] = []
+        # Consumers asked to stop whose task has not ended yet (a handler still running), by
+        # task: every stop, start and close waits for them before going on.
+        self._retiring: dict[asyncio.Task[None], StreamConsumer] = {}
+        # Tasks applying a grace period a handler asked for, and closing a client a handler
+        # closed (once that handler's consumer has ended).
+        self._background: set[asyncio.Task[None]] = set()
+        self._consuming = False
+        # Set while start_consuming connects, before its consumers exist.
+        self._starting: asyncio.Event | None = None
+        self._connected = False
+        # Listeners registered on a connected adapter, whose consumer groups are being created.
+        self._joining: set[asyncio.Task[None]] = set()
 
     def _redis(self) -> Redis:
         self._enter_loop()
