@@ -403,9 +403,11 @@ class SQLiteEventStorageAdapter:
             code = _error_code(exc) & 0xFF
             if code in _BUSY_CODES:
                 raise _BusyError from exc
-            reason = _lasting_open_failure(self._database, self._location.file)
-            if code == sqlite3.SQLITE_CANTOPEN and reason is not None:
-                raise StorageError(f"SQLite cannot open {self._database!r}: {reason}") from exc
+            if code == sqlite3.SQLITE_CANTOPEN:
+                reason = _lasting_open_failure(self._database, self._location.file)
+                if reason is not None:
+                    message = f"SQLite cannot open {self._database!r}: {reason}"
+                    raise StorageError(message) from exc
             raise _storage_error(exc, f"opening {self._database!r}") from exc
         self._ready_tables.add(self._table)
         return conn
