@@ -94,10 +94,19 @@ class Result:
 
 
 def compare(ours: Result, *floors: Result) -> None:
+    """Print the throughput ratio, and the ratio of median latencies beside it.
+
+    Throughput sums every operation, so with few long ones (W3a) a single garbage collection
+    pause on either side moves it; the median shows what a typical operation costs.
+    """
     print(ours.line())
     for floor in floors:
         print(floor.line())
-        print(f"  {'':<34} ratio ours/{floor.label}: {ours.rate / floor.rate:.2f}x")
+        typical = statistics.median(floor.latencies_ns) / statistics.median(ours.latencies_ns)
+        print(
+            f"  {'':<34} ratio ours/{floor.label}: {ours.rate / floor.rate:.2f}x"
+            f" (at the median: {typical:.2f}x)"
+        )
 
 
 class Timer:
