@@ -25,6 +25,7 @@ strategy}`` (one call); both also take ``Annotated`` aliases and win over the bu
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -70,6 +71,11 @@ CanFollow = Callable[[Sequence[Event], str], bool]
 _ENVELOPE = ("aggregate_id", "version", "timestamp")
 _MAX_STEP_MS = 86_400_000  # at most a day between two events of a generated history
 _ATTEMPTS = 3  # draws of an event of a history before the history is given up
+#: Events of one type a store's limits may refuse, none accepted yet, before ``histories``
+#: logs a warning: Hypothesis then only says that it filtered out many inputs.
+_REFUSALS_BEFORE_WARNING = 50
+
+logger = logging.getLogger(__name__)
 _HISTORY_START = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2080, 1, 1, tzinfo=dt.UTC))
 
 
@@ -248,7 +254,10 @@ def histories(
     the events so far). When no type may come next the history ends there; histories that end
     shorter than ``min_size`` are discarded. Every event is one the store accepts: one that
     its limits (``EventLimits``) refuse, too deep or too large, is drawn again, and a history
-    whose events keep being refused is discarded.
+    whose events keep being refused is discarded. When the limits have refused 50 events of
+    a type and accepted none, a warning is logged (``castore_pydantic.testing.strategies``)
+    with the limit's message: Hypothesis itself only reports that it filtered out too many
+    inputs.
 
     Args:
         store: The event store whose event types are used (no I/O happens).
@@ -294,6 +303,32 @@ def histories(
         for name, cls in classes.items()
     }
     ids = _aggregate_ids(aggregate_id)
+    # Across the examples of a test: refusals of each type until one of its events passes.
+    # They only decide a logged warning, never what is drawn: Hypothesis replays examples
+    # and calls a strategy that draws differently the second time flaky. (A ``warnings``
+    # warning would be raised mid-draw where warnings are errors, with the same result.)
+    refused = dict.fromkeys(classes, 0)
+    passed: set[str] = set()
+
+    def accept(name: str, candidate: Event) -> bool:
+        try:
+            store.context.check_limits(candidate)
+        except EventLimitExceededError as error:
+            if name not in passed:
+                refused[name] += 1
+                if refused[name] == _REFUSALS_BEFORE_WARNING:
+                    logger.warning(
+                        "histories(): the limits of event store %r refused all %d %s events"
+                        " drawn so far (%s). Raise its EventLimits, or fix smaller values for"
+                        " these events with event_fields or overrides.",
+                        store.event_store_id,
+                        _REFUSALS_BEFORE_WARNING,
+                        name,
+                        error,
+                    )
+            return False
+        passed.add(name)
+        return True
 
     @st.composite
     def history(draw: st.DrawFn) -> list[Event]:
@@ -313,7 +348,7 @@ def histories(
                 values = draw(bodies[name])
                 values.update(aggregate_id=key, version=version, timestamp=_from_ms(moment))
                 candidate = plans[classes[name]].validate(values)
-                if candidate is not INVALID and _accepted(store, candidate):
+                if candidate is not INVALID and accept(name, candidate):
                     event = candidate
                     break
             assume(event is not None)
@@ -528,15 +563,6 @@ def command_histories(
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _accepted(store: EventStore[Any, Any], event: Event) -> bool:
-    """Whether ``store`` would push ``event`` as far as its limits (``EventLimits``) go."""
-    try:
-        store.context.check_limits(event)
-    except EventLimitExceededError:
-        return False
-    return True
 
 
 def _is_valid(value: Any) -> bool:

@@ -10,6 +10,7 @@ import enum
 import ipaddress
 import itertools
 import json
+import logging
 import pathlib
 import uuid
 from collections.abc import Mapping, Sequence
@@ -20,7 +21,7 @@ import annotated_types as at
 import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
-from hypothesis.errors import NoSuchExample
+from hypothesis.errors import FailedHealthCheck, NoSuchExample
 from pydantic import (
     UUID4,
     UUID7,
@@ -987,6 +988,43 @@ class TestHistories:
                 await mocked.push_event(event)
 
         asyncio.run(push_all())
+
+    def test_a_type_the_limits_always_refuse_is_named_in_the_log(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Hypothesis only says that it filtered out too many inputs; the log says which
+        store refused which events, and why. A type refused only now and then is not named."""
+        cramped = EventStore(
+            event_store_id="CRAMPED",
+            event_types=[BasketFilled],
+            reducer=count_fills,
+            limits=EventLimits(max_bytes=64),  # less than any basket with a UUID id
+        )
+
+        def drawn(store: EventStore[Any, Any]) -> tuple[bool, list[str]]:
+            """Whether the health check failed, and the warnings logged meanwhile."""
+
+            @settings(max_examples=20, deadline=None, database=None)
+            @given(cst.histories(store, max_size=2))
+            def draw(history: list[Event]) -> None:
+                pass
+
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="castore_pydantic.testing.strategies"):
+                try:
+                    draw()
+                except FailedHealthCheck:
+                    failed = True
+                else:
+                    failed = False
+            return failed, [r.getMessage() for r in caplog.records]
+
+        failed, logged = drawn(cramped)
+        assert failed
+        assert len(logged) == 1, logged
+        assert "'CRAMPED' refused all 50 BASKET_FILLED events" in logged[0]
+        assert "larger than max_bytes=64" in logged[0]
+        assert drawn(TIGHT) == (False, [])
 
     @FEW
     @given(cst.histories(POKEMONS, max_size=8))
