@@ -460,8 +460,10 @@ async def _run_hooks(hooked: Sequence[_Hooked]) -> None:
     all ran; the others are logged.
     """
     failures: list[tuple[PushEventResult[Any, Any], Exception, str]] = []
+    reached = 0
     try:
         for hook, result, failure in hooked:
+            reached += 1
             if failure is not None:
                 failures.append((result, failure, "the reducer"))
             if hook is not None:
@@ -470,7 +472,10 @@ async def _run_hooks(hooked: Sequence[_Hooked]) -> None:
                 except Exception as exc:  # raised below, once every hook ran
                     failures.append((result, exc, "on_event_pushed (or publishing)"))
     except BaseException:
-        _log_hook_failures(failures)  # a cancellation goes on; earlier failures are logged
+        # A cancellation goes on. The failures so far are logged, and so are the reducer's
+        # on the events not reached: they are stored all the same.
+        failures += [(r, f, "the reducer") for _, r, f in hooked[reached:] if f is not None]
+        _log_hook_failures(failures)
         raise
     if failures:
         _log_hook_failures(failures[1:])

@@ -402,6 +402,26 @@ class TestGroupHooks:
             )
         assert "hook failed for v1" in caplog.text
 
+    async def test_a_cancelled_hook_still_logs_later_reducer_failures(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Events after the cancelled hook are stored too: a reducer that failed on one of
+        them is logged, not lost with the cancellation."""
+        store = make_store()
+
+        async def hook(result: PushEventResult[Any, Any]) -> None:
+            raise asyncio.CancelledError
+
+        store.on_event_pushed = hook
+        with pytest.raises(asyncio.CancelledError):
+            await EventStore.push_event_group(
+                store.group_event(appeared()),
+                # A catch before any appearance: the test domain's reducer refuses it.
+                store.group_event(caught(version=1, aggregate_id="eevee")),
+            )
+        assert "the reducer failed for aggregate eevee version 1" in caplog.text
+        assert len((await store.get_events("eevee")).events) == 1
+
     async def test_nested_connected_stores_both_publish_a_group(self) -> None:
         """A connected store wrapping a connected store publishes to both channels, for a
         group as for a push (a group used to reach the outer channel only)."""
