@@ -144,6 +144,7 @@ class RedisStreamsAdapter:
 
         Raises:
             RuntimeError: The adapter is not attached to a channel.
+            ValueError: The channel's id holds ``}``.
         """
         channel = self._channel()
         return f"{self.key_prefix}{{{self._kind}:{channel.message_channel_id}}}"
@@ -155,6 +156,7 @@ class RedisStreamsAdapter:
                 f"{name} is not attached to a message {self._kind}: create it with "
                 f"{name}.attach_to({self._kind}, url)"
             )
+        _check_channel_id(self.message_channel)
         return self.message_channel
 
     def _attach(self, channel: MessageChannel[Any]) -> None:
@@ -163,6 +165,7 @@ class RedisStreamsAdapter:
                 f"{type(self).__name__} carries a message {self._kind}, not a "
                 f"{channel.message_channel_type} ({channel!r})"
             )
+        _check_channel_id(channel)
         channel.message_channel_adapter = self
         self.message_channel = channel
 
@@ -754,4 +757,21 @@ def _report_crash(task: asyncio.Task[None]) -> None:
             "taken over by other consumers",
             task.get_name(),
             exc_info=task.exception(),
+        )
+
+
+def _check_channel_id(channel: MessageChannel[Any]) -> None:
+    """Refuse a channel id holding ``}``, which ends the hash tag of the channel's keys.
+
+    With it, the keys of one channel could start like another's (channel ``a}:x``'s stream
+    ``castore:{queue:a}:x}`` looks like a key of channel ``a``), and purging ``a`` would
+    delete them.
+
+    Raises:
+        ValueError: The id holds ``}``.
+    """
+    if "}" in channel.message_channel_id:
+        raise ValueError(
+            f"Redis channel ids may not hold '}}': {channel.message_channel_id!r} would end the"
+            " hash tag of its keys early, and its keys could be taken for another channel's"
         )

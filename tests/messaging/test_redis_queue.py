@@ -31,7 +31,7 @@ from castore_pydantic.messaging import _redis_adapter as redis_adapter
 from castore_pydantic.messaging import _redis_consumer as redis_consumer
 from castore_pydantic.messaging import _redis_handling as redis_handling
 from castore_pydantic.messaging import _redis_wire as redis_wire
-from castore_pydantic.messaging.redis import RedisMessageQueueAdapter
+from castore_pydantic.messaging.redis import RedisMessageBusAdapter, RedisMessageQueueAdapter
 from tests.domain import appeared, make_store
 from tests.messaging.redis_support import (
     REDIS_URL,
@@ -1284,16 +1284,29 @@ class TestRedisMessageQueueAdapter:
         keys = sorted([key async for key in raw.scan_iter(match=f"{prefix}*")])
         assert keys == [f"{prefix}unrelated".encode()]
 
-    async def test_purge_leaves_a_queue_whose_id_extends_this_ones_alone(
+    async def test_a_channel_id_holding_a_closing_brace_is_refused(
         self, prefix: str, raw: Redis
     ) -> None:
-        """Purging queue "a" keeps the keys of queue "a}x", which its own keys' glob matched."""
+        """Queue "a}:x"'s stream, castore:{queue:a}:x}, looks like a key of queue "a", and
+        purging "a" deleted it: ids holding "}" are refused, whichever way the adapter got
+        its channel. Ids that merely extend another ("a:x", "ab") keep their keys."""
+        with pytest.raises(ValueError, match="may not hold '}'"):
+            attach(make_queue("a}:x"), prefix)
+        bus = NotificationMessageBus(message_bus_id="b}", source_event_stores=[make_store()])
+        with pytest.raises(ValueError, match="may not hold '}'"):
+            RedisMessageBusAdapter.attach_to(bus, REDIS_URL, key_prefix=prefix)
+        unattached = RedisMessageQueueAdapter(REDIS_URL, key_prefix=prefix)
+        unattached.message_channel = make_queue("a}:x")
+        with pytest.raises(ValueError, match="may not hold '}'"):
+            await unattached.publish_message(notification(1))
+        assert [key async for key in raw.scan_iter(match=f"{prefix}*")] == []
         adapter = attach(make_queue("a"), prefix)
-        other = attach(make_queue("a}x"), prefix)
-        async with adapter, other:
-            await other.publish_message(notification(1))
+        others = [attach(make_queue(queue_id), prefix) for queue_id in ("a:x", "ab")]
+        async with adapter, others[0], others[1]:
+            for other in others:
+                await other.publish_message(notification(1))
             await adapter.purge()
-            assert await raw.xlen(other.stream_key) == 1
+            assert [await raw.xlen(other.stream_key) for other in others] == [1, 1]
 
 
 class TestHandBackAtTheGraceBoundary:
