@@ -159,8 +159,9 @@ class InMemoryEventStorageAdapter:
 
     Raises:
         ValueError: Two initial events share an aggregate and a version.
-        TypeError: An initial event lacks a string aggregate id or an int version, or
-            JSON cannot hold it.
+        TypeError: ``initial_events`` is not a mapping of lists (Castore's single list
+            included), or an initial event lacks a string aggregate id or an int version,
+            or JSON cannot hold it.
         EventLimitExceededError: An initial event's payload or metadata cannot be stored as
             JSON.
     """
@@ -174,7 +175,18 @@ class InMemoryEventStorageAdapter:
     ) -> None:
         self._stores: dict[str, dict[str, list[_Stored]]] = {}
         now = utc_now()
+        if not isinstance(initial_events, Mapping | None):
+            raise TypeError(
+                "initial_events maps event store ids to their events, e.g."
+                f" {{'POKEMONS': [...]}}, not a {type(initial_events).__name__} (Castore's"
+                " in-memory adapter takes one list: its stores share one namespace)"
+            )
         for event_store_id, events in (initial_events or {}).items():
+            if isinstance(events, Mapping | str | bytes):
+                raise TypeError(
+                    f"initial_events[{event_store_id!r}] must be a list of events,"
+                    f" not a {type(events).__name__}"
+                )
             for event in events:
                 self._seed(event_store_id, event, now)
 

@@ -38,6 +38,17 @@ def _notes(adapter: InMemoryEventStorageAdapter | None = None) -> EventStore[Cou
     )
 
 
+class TestSeedShapes:
+    def test_castores_single_list_is_a_clear_type_error(self) -> None:
+        """Castore's adapter takes one list of events; ours is keyed by store id. The list
+        failed deep inside with "'list' object has no attribute 'items'"."""
+        seed = {"aggregateId": "n1", "version": 1, "type": "NOTE_ADDED"}
+        with pytest.raises(TypeError, match=r"maps event store ids .* not a list"):
+            InMemoryEventStorageAdapter(initial_events=[seed])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"initial_events\['NOTES'\] must be a list"):
+            InMemoryEventStorageAdapter(initial_events={"NOTES": seed})  # type: ignore[dict-item]
+
+
 class TestSeedsAreStoredByValue:
     """Seeds are copied when the adapter is made: nothing done later changes them."""
 
