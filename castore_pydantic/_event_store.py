@@ -411,6 +411,12 @@ class EventStore(Generic[AggregateT, EventT]):
             raise EventGroupError("An event group needs at least one grouped event")
         for index, grouped in enumerate(grouped_events):
             if not isinstance(grouped, GroupedEvent):
+                if isinstance(grouped, list | tuple) and grouped:
+                    raise EventGroupError(
+                        f"Event group event #{index} is a {type(grouped).__name__}: pass the"
+                        " grouped events as separate arguments,"
+                        " EventStore.push_event_group(*grouped_events)"
+                    )
                 raise EventGroupError(
                     f"Event group event #{index} is not a GroupedEvent (use store.group_event)"
                 )

@@ -539,6 +539,15 @@ class TestGroups:
         with pytest.raises(EventGroupError, match="at least one"):
             await EventStore.push_event_group()
 
+    async def test_a_list_of_grouped_events_says_to_spread_it(self) -> None:
+        """Castore's pushEventGroup takes its events spread too; a list given whole said
+        "is not a GroupedEvent (use store.group_event)", though it held nothing else."""
+        store = make_store()
+        grouped = [store.group_event(appeared()), store.group_event(appeared("eevee"))]
+        with pytest.raises(EventGroupError, match=r"#0 is a list: .*push_event_group\(\*"):
+            await EventStore.push_event_group(grouped)  # type: ignore[arg-type]
+        assert (await store.get_events("pikachu")).events == []
+
     async def test_in_memory_group_refuses_other_adapters(self) -> None:
         """An in-memory group refuses an event attached to another adapter kind (B32)."""
         store = make_store()
