@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
-from typing import TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, Union
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from castore_pydantic._event import Event, WireModel
@@ -38,3 +40,16 @@ EventT = TypeVar("EventT", bound=Event)
 
 Reducer: TypeAlias = Callable[[AggregateT | None, EventT], AggregateT]
 """A reducer folds one event into the aggregate: ``(aggregate | None, event) -> aggregate``."""
+
+
+def reduced_model(reducer: Callable[..., Any]) -> type[BaseModel] | None:
+    """The Pydantic model a reducer returns, when its return annotation names exactly one."""
+    try:
+        hint = typing.get_type_hints(reducer).get("return")
+    except Exception:  # an unresolvable annotation just means "unknown"
+        return None
+    candidates = (
+        typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    )
+    models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+    return models[0] if len(models) == 1 else None

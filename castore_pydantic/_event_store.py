@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Generic, TypeAlias
 
-from castore_pydantic._aggregate import Aggregate, AggregateT, EventT, Reducer
+from castore_pydantic._aggregate import Aggregate, AggregateT, EventT, Reducer, reduced_model
 from castore_pydantic._event import Event, utc_now, with_timestamp
 from castore_pydantic._event_limits import EventLimits
 from castore_pydantic._paging import check_count, check_read_options, parse_timestamp
@@ -292,7 +292,7 @@ class EventStore(Generic[AggregateT, EventT]):
         self,
         event: EventT | Mapping[str, Any] | str | bytes,
         *,
-        prev_aggregate: AggregateT | None = None,
+        prev_aggregate: AggregateT | Mapping[str, Any] | None = None,
         force: bool = False,
     ) -> PushEventResult[AggregateT, EventT]:
         """Validate and store one event.
@@ -300,7 +300,8 @@ class EventStore(Generic[AggregateT, EventT]):
         Args:
             event: An instance of one of the store's event types, a mapping or JSON text.
             prev_aggregate: The aggregate before this event; lets the result carry
-                ``next_aggregate`` without a read.
+                ``next_aggregate`` without a read. A mapping is validated into the model
+                the reducer is annotated to return, if it names one.
             force: Overwrite an existing event with the same version.
 
         Returns:
@@ -308,7 +309,8 @@ class EventStore(Generic[AggregateT, EventT]):
             the next aggregate.
 
         Raises:
-            pydantic.ValidationError: The event is invalid; nothing is written.
+            pydantic.ValidationError: The event, or a mapping given as ``prev_aggregate``, is
+                invalid; nothing is written.
             UnknownEventTypeError: Its type is not one of the store's; nothing is written.
             EventLimitExceededError: It is too deep or too large; nothing is written.
             EventAlreadyExistsError: The version is taken (and ``force`` is false).
@@ -325,7 +327,7 @@ class EventStore(Generic[AggregateT, EventT]):
     async def _push(
         self,
         event: EventT | Mapping[str, Any] | str | bytes,
-        prev_aggregate: AggregateT | None,
+        prev_aggregate: AggregateT | Mapping[str, Any] | None,
         force: bool,
         hook: OnEventPushed | None,
     ) -> PushEventResult[AggregateT, EventT]:
@@ -333,6 +335,7 @@ class EventStore(Generic[AggregateT, EventT]):
         adapter = self.get_event_storage_adapter()
         validated = self._context.validate_input(event)
         if prev_aggregate is not None:
+            prev_aggregate = self._modelled(prev_aggregate)
             _check_prev_aggregate(prev_aggregate, validated)
         stored: Any = await adapter.push_event(validated, self._context, force=force)
         result, failure = self._pushed(stored, prev_aggregate)
@@ -342,6 +345,22 @@ class EventStore(Generic[AggregateT, EventT]):
         else:
             await _run_hooks([(hook, result, failure)])
         return result
+
+    def _modelled(self, prev_aggregate: Any) -> Any:
+        """A mapping given as ``prev_aggregate``, validated into the reducer's aggregate model.
+
+        Castore code passes plain objects; the reducer, annotated to return a model, expects
+        one, and would fail on a mapping only once the event is written. Anything else, and
+        a mapping for a reducer whose model is unknown, is the reducer's to take as it is.
+
+        Raises:
+            pydantic.ValidationError: The mapping does not validate; nothing is written.
+        """
+        if isinstance(prev_aggregate, Mapping):
+            model = reduced_model(self._reducer)
+            if model is not None:
+                return model.model_validate(prev_aggregate)
+        return prev_aggregate
 
     def _pushed(
         self, stored: Any, prev_aggregate: Any
@@ -370,17 +389,22 @@ class EventStore(Generic[AggregateT, EventT]):
         self,
         event: EventT | Mapping[str, Any] | str | bytes,
         *,
-        prev_aggregate: AggregateT | None = None,
+        prev_aggregate: AggregateT | Mapping[str, Any] | None = None,
     ) -> GroupedEvent:
         """Validate an event for ``EventStore.push_event_group``; writes nothing.
 
+        ``prev_aggregate`` is taken as ``push_event`` takes it.
+
         Raises:
-            pydantic.ValidationError: The event is invalid.
+            pydantic.ValidationError: The event, or a mapping given as ``prev_aggregate``, is
+                invalid.
             UnknownEventTypeError: Its type is not one of the store's.
             UndefinedEventStorageAdapterError: No adapter was set.
         """
         adapter = self.get_event_storage_adapter()
         validated = self._context.validate_input(event, timestamp=False)
+        if prev_aggregate is not None:
+            prev_aggregate = self._modelled(prev_aggregate)
         if _stamps_groups(adapter):
             # One of ours: its ``group_event`` would build the plain wrapper; build it whole.
             return GroupedEvent(validated, adapter, self._context, prev_aggregate, self)

@@ -369,6 +369,47 @@ class TestPushEvent:
             )
         assert [len((await store.get_events(a)).events) for a in ("pikachu", "mew")] == [1, 0]
 
+    async def test_a_mapping_prev_aggregate_is_validated_into_the_reducers_model(self) -> None:
+        """Castore code passes plain objects as prevAggregate. The reducer, annotated to
+        return a model, got the mapping once the event was written and failed there; the
+        mapping is now validated first (an invalid one writes nothing). A reducer whose
+        model is unknown still gets what it was given."""
+        store = make_store()
+        first = await store.push_event(appeared())
+        assert first.next_aggregate is not None
+        as_json = first.next_aggregate.model_dump(mode="json", by_alias=True)
+        caught = await store.push_event(
+            PokemonCaught(aggregate_id="pikachu", version=2), prev_aggregate=as_json
+        )
+        assert caught.next_aggregate is not None
+        assert caught.next_aggregate.status == "caught"
+        with pytest.raises(ValidationError, match="name"):
+            await store.push_event(
+                PokemonLeveledUp(aggregate_id="pikachu", version=3),
+                prev_aggregate={"aggregateId": "pikachu", "version": 2},
+            )
+        with pytest.raises(ValidationError, match="name"):
+            store.group_event(
+                PokemonLeveledUp(aggregate_id="pikachu", version=3),
+                prev_aggregate={"aggregateId": "pikachu", "version": 2},
+            )
+        assert len((await store.get_events("pikachu")).events) == 2
+
+        def count(tally: Any, event: Any) -> Any:  # dict aggregates, no annotation
+            return {"count": (tally or {"count": 0})["count"] + 1}
+
+        tallies = EventStore(
+            event_store_id="TALLIES",
+            event_types=[PokemonAppeared, PokemonCaught],
+            reducer=count,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        await tallies.push_event(appeared())
+        result = await tallies.push_event(
+            PokemonCaught(aggregate_id="pikachu", version=2), prev_aggregate={"count": 1}
+        )
+        assert result.next_aggregate == {"count": 2}
+
     async def test_a_reducers_error_raised_again_keeps_one_note(self) -> None:
         """One exception object raised by the reducer on every push (a module-level
         instance) carries the note of the last push only, not one per push."""

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, Union, runtime_checkable
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel
 
+from castore_pydantic._aggregate import reduced_model
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
 from castore_pydantic.errors import (
@@ -60,19 +59,6 @@ class MessageChannelAdapter(Protocol):
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
         """Publish several messages, in order."""
         ...
-
-
-def _aggregate_class(event_store: EventStore[Any, Any]) -> type[BaseModel] | None:
-    """The Pydantic model the store's reducer returns, when its annotation names one."""
-    try:
-        hint = typing.get_type_hints(event_store.reducer).get("return")
-    except Exception:  # an unresolvable annotation just means "unknown"
-        return None
-    candidates = (
-        typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
-    )
-    models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-    return models[0] if len(models) == 1 else None
 
 
 class MessageChannel(Generic[M]):
@@ -183,7 +169,7 @@ class MessageChannel(Generic[M]):
 
     def _validate_aggregate(self, store: EventStore[Any, Any], aggregate: Any) -> Any:
         if store.event_store_id not in self._aggregate_classes:
-            self._aggregate_classes[store.event_store_id] = _aggregate_class(store)
+            self._aggregate_classes[store.event_store_id] = reduced_model(store.reducer)
         model = self._aggregate_classes[store.event_store_id]
         if model is None or isinstance(aggregate, model):
             return aggregate

@@ -228,7 +228,7 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
         self,
         event: EventT | Mapping[str, Any] | str | bytes,
         *,
-        prev_aggregate: AggregateT | None = None,
+        prev_aggregate: AggregateT | Mapping[str, Any] | None = None,
         force: bool = False,
     ) -> PushEventResult[AggregateT, EventT]:
         """Push through the wrapped store (its own hook runs), then publish the message.
@@ -260,7 +260,7 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
     async def _push(
         self,
         event: EventT | Mapping[str, Any] | str | bytes,
-        prev_aggregate: AggregateT | None,
+        prev_aggregate: AggregateT | Mapping[str, Any] | None,
         force: bool,
         hook: OnEventPushed | None,
     ) -> PushEventResult[AggregateT, EventT]:
@@ -276,7 +276,7 @@ class ConnectedEventStore(EventStore[AggregateT, EventT]):
         self,
         event: EventT | Mapping[str, Any] | str | bytes,
         *,
-        prev_aggregate: AggregateT | None = None,
+        prev_aggregate: AggregateT | Mapping[str, Any] | None = None,
     ) -> GroupedEvent:
         """Group an event so that ``EventStore.push_event_group`` publishes it afterwards."""
         grouped = self._event_store.group_event(event, prev_aggregate=prev_aggregate)
