@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from yarl import URL
 
 from castore_pydantic.errors import MessagingError
+from castore_pydantic.messaging._cancellation import cancellations, raise_swallowed_cancellation
 from castore_pydantic.messaging._channels import MessageChannel
 from castore_pydantic.messaging._event_loops import LoopBinding
 from castore_pydantic.messaging._messages import (
@@ -487,7 +488,14 @@ class RabbitMQAdapter:
             overtaken.set()
 
     async def _open_consumers(self, subscriptions: list[Subscription]) -> _Consumers:
-        """Connect and register a consumer per subscription; the caller puts them to use."""
+        """Connect and register a consumer per subscription; the caller puts them to use.
+
+        Raises:
+            asyncio.CancelledError: The calling task was cancelled meanwhile, also when the
+                driver swallowed it (aio-pika's ``connect`` runs in ``asyncio.wait_for``):
+                the consumers are closed rather than handed to a task that is ending.
+        """
+        before = cancellations()
         connection = await self._connect("consumer")
         # Watch for a drop from the start, so one during the set-up is not missed.
         lost = asyncio.Event()
@@ -523,6 +531,7 @@ class RabbitMQAdapter:
                 (channel, await self._consume(channel, subscription))
                 for channel, subscription in zip(channels, subscriptions, strict=True)
             ]
+            raise_swallowed_cancellation(before)
         except BROKER_ERRORS as error:
             await _close_quietly(connection)
             self._fail(error)
@@ -595,12 +604,15 @@ class RabbitMQAdapter:
         cancellation can be lost on the way. On Python 3.11, ``asyncio.wait_for`` (which
         aio-pika's ``connect`` uses) drops one that arrives just as the connection is made,
         so the reconnection completes; waiting for that new connection to drop would then
-        keep ``stop_consuming`` waiting for this task forever.
+        keep ``stop_consuming`` waiting for this task forever. A cancellation from outside
+        (``asyncio.run`` ending its loop) that is lost so is raised again once noticed, and
+        the consumers are closed.
         """
         delay = self.reconnect_delay
         failed = False
         try:
             while not self._stopping:
+                raise_swallowed_cancellation()
                 try:
                     if failed:
                         failed = False
@@ -655,6 +667,7 @@ class RabbitMQAdapter:
             if self._consumer_connection is previous:
                 self._consumer_connection = None
         while not self._stopping:
+            raise_swallowed_cancellation()
             await asyncio.sleep(delay)  # back off between reconnection attempts
             try:
                 consumers = await self._open_consumers(subscriptions)

@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from castore_pydantic.messaging._cancellation import raise_swallowed_cancellation
 from castore_pydantic.messaging._messages import RetryPolicy
 from castore_pydantic.messaging._redis_handling import Entry
 from castore_pydantic.messaging._redis_subscription import (
@@ -202,7 +203,7 @@ class StreamConsumer(ConsumerTakeovers):
         backoff = _BACKOFF_MIN
         ready = False
         while not self._stopping:
-            _raise_swallowed_cancellation()
+            raise_swallowed_cancellation()
             try:
                 if self._unacked:
                     await self._acknowledge()
@@ -356,17 +357,3 @@ class StreamConsumer(ConsumerTakeovers):
             more = await self._reclaim()
             interval = max(self.options.reclaim_idle_ms / 2000, 0.005)
             self._next_reclaim = now if more else loop.time() + interval
-
-
-def _raise_swallowed_cancellation() -> None:
-    """Raise the cancellation of the running task if something swallowed it.
-
-    Before Python 3.12, ``asyncio.wait_for`` returns its result instead of raising when the
-    task is cancelled just as the operation finishes; redis-py uses it for every command
-    while a socket timeout is set (its default is 5 s). The consumer would then run on, and
-    ``asyncio.run``, cancelling the tasks left as it ends its loop, would wait for it for
-    ever. ``Task.cancelling()`` still counts the request.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError

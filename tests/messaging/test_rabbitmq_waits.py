@@ -1,0 +1,141 @@
+"""RabbitMQ adapters that must not wait for ever: a cancellation lost on the way.
+
+Every test runs against the real broker in a private vhost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from castore_pydantic.messaging import MessageContext, NotificationMessage, NotificationMessageQueue
+from castore_pydantic.messaging.rabbitmq import RabbitMQMessageQueueAdapter
+from tests.messaging.rabbitmq_support import pokemon_store, private_vhost, vhost_url, within
+
+pytestmark = [pytest.mark.rabbitmq]
+
+#: Setting up and tearing down take well under a second; past this a step is stuck.
+TEARDOWN_WITHIN = 60
+
+
+@pytest.fixture(scope="module")
+def vhost() -> Iterator[str]:
+    with private_vhost() as name:
+        yield name
+
+
+async def handler_noop(message: NotificationMessage, context: MessageContext) -> None:
+    """A worker with nothing to do."""
+
+
+async def consumer_count(vhost: str, queue: str) -> int:
+    """How many consumers the broker counts on ``queue``."""
+    async with (
+        await aio_pika.connect(vhost_url(vhost)) as connection,
+        connection.channel() as channel,
+    ):
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.consumer_count or 0
+
+
+class ConnectOutlivingCancellation:
+    """``aio_pika.connect`` as ``asyncio.wait_for`` runs it on Python 3.11, at its worst.
+
+    The next connection it makes waits, once made, for its task to be cancelled, then returns
+    all the same: what ``wait_for`` does when the cancellation and the connection arrive
+    together. Later connections are made as usual.
+    """
+
+    def __init__(self) -> None:
+        self.real = aio_pika.connect
+        self.armed = True
+        self.connected: asyncio.Event | None = None
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        connection = await self.real(*args, **kwargs)
+        if self.armed:
+            self.armed = False
+            assert self.connected is not None
+            self.connected.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        return connection
+
+
+def make_queue(prefix: str) -> NotificationMessageQueue:
+    return NotificationMessageQueue(
+        message_queue_id=f"{prefix}-{secrets.token_hex(3)}", source_event_stores=[pokemon_store()]
+    )
+
+
+class TestSwallowedCancellation:
+    """A cancellation that aio-pika's connect swallows is raised again."""
+
+    async def test_a_supervisor_cancelled_as_it_reconnects_ends(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The task keeping the consumers running, cancelled from outside (a shutdown) just
+        as its new connection is made, ends and closes the consumers: it used to carry on
+        consuming, unwatched by anything, and a shutdown waiting for it waited for ever."""
+        queue = make_queue("cancelled-reconnecting")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=handler_noop, reconnect_delay=0
+        )
+        connect = ConnectOutlivingCancellation()
+        connect.connected = asyncio.Event()
+        try:
+            await adapter.start_consuming()
+            supervisor = adapter._supervisor
+            assert supervisor is not None
+            monkeypatch.setattr(aio_pika, "connect", connect)
+            connection = adapter._consumer_connection
+            assert connection is not None
+            await connection.close()  # the consumers reconnect
+            async with within("the reconnection", 10):
+                await connect.connected.wait()
+            supervisor.cancel()
+            done, _ = await asyncio.wait([supervisor], timeout=10)
+            assert done, "the task keeping the consumers running did not end"
+            assert supervisor.cancelled()
+            async with within("closing the consumers", 10):
+                while True:
+                    if not adapter.is_consuming:
+                        break
+                    await asyncio.sleep(0.01)  # polled: no event tells a user
+            assert await consumer_count(vhost, adapter.queue_name) == 0
+        finally:
+            monkeypatch.undo()
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+
+    async def test_a_start_cancelled_as_it_connects_leaves_no_consumer(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """start_consuming cancelled just as its connection is made raises CancelledError
+        and closes the consumers: it used to return as if nothing happened, consuming."""
+        queue = make_queue("start-cancelled")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=handler_noop
+        )
+        connect = ConnectOutlivingCancellation()
+        connect.connected = asyncio.Event()
+        monkeypatch.setattr(aio_pika, "connect", connect)
+        try:
+            start = asyncio.create_task(adapter.start_consuming())
+            async with within("the connection", 10):
+                await connect.connected.wait()
+            start.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+            assert not adapter.is_consuming
+            assert await consumer_count(vhost, adapter.queue_name) == 0
+        finally:
+            monkeypatch.undo()
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
