@@ -19,7 +19,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 from yarl import URL
 
-from castore_pydantic.errors import MessagingError
+from castore_pydantic.errors import MessageBrokerUnavailableError, MessagingError
 from castore_pydantic.messaging._cancellation import cancellations, raise_swallowed_cancellation
 from castore_pydantic.messaging._channels import MessageChannel
 from castore_pydantic.messaging._event_loops import LoopBinding
@@ -74,6 +74,7 @@ class RabbitMQAdapter:
         name_prefix: str = "castore.",
         reconnect_delay: float = 1.0,
         connect_timeout: float = 10.0,
+        publish_timeout: float = 30.0,
     ) -> None:
         self._retry_policy = RetryPolicy(
             retry_attempts=retry_attempts,
@@ -90,6 +91,12 @@ class RabbitMQAdapter:
         ):
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Invalid {option}, please select a positive number.")
+        if (
+            not isinstance(publish_timeout, int | float)
+            or isinstance(publish_timeout, bool)
+            or not publish_timeout > 0
+        ):
+            raise ValueError("Invalid publish_timeout, please select a number of seconds above 0.")
         self._url = URL(url)
         if self._url.scheme not in ("amqp", "amqps"):
             raise ValueError(f"a RabbitMQ URL starts with amqp:// or amqps://, got {self.url!r}")
@@ -100,6 +107,7 @@ class RabbitMQAdapter:
         self.prefetch_count = prefetch_count
         self.reconnect_delay = float(reconnect_delay)
         self.connect_timeout = float(connect_timeout)
+        self.publish_timeout = float(publish_timeout)
         self.message_channel: MessageChannel[Any] | None = None
         #: How many times ``stop_consuming`` was called: a start that sees it change while
         #: it opens the consumers stops them again (the stop may have stopped waiting).
@@ -351,8 +359,9 @@ class RabbitMQAdapter:
             replay: Mark it as a replay of history (sent in the ``replay`` header).
 
         Raises:
-            MessageBrokerUnavailableError: The broker cannot be reached, or the connection
-                dropped before the confirmation (the message may or may not be stored).
+            MessageBrokerUnavailableError: The broker cannot be reached, the connection
+                dropped before the confirmation, or no confirmation came within
+                ``publish_timeout`` (the message may or may not be stored).
             MessagingError: The broker refused the message.
         """
         await self.publish_messages([message], replay=replay)
@@ -360,18 +369,48 @@ class RabbitMQAdapter:
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
         """Publish messages in order, pipelined, and wait until the broker confirmed them all.
 
+        Connecting, publishing and every confirmation take ``publish_timeout`` seconds at
+        most: a broker that blocks publishers (a memory or disk alarm) or a confirmation lost
+        on the way would otherwise keep the caller waiting for ever. The publishing
+        connection is then closed, and the next publish connects anew.
+
         Raises:
-            MessageBrokerUnavailableError: The broker cannot be reached, or the connection
-                dropped before every confirmation arrived (some may be stored).
+            MessageBrokerUnavailableError: The broker cannot be reached, the connection
+                dropped before every confirmation arrived, or they did not all arrive within
+                ``publish_timeout`` (some messages may be stored all the same).
             MessagingError: The broker refused a message.
         """
         if not messages:
             return
-        channel = await self._publishing_channel()
+        channel: AbstractChannel | None = None
         try:
-            await self._publish(channel, messages, replay=replay)
-        except BROKER_ERRORS as error:
-            self._fail(error)
+            async with asyncio.timeout(self.publish_timeout):
+                channel = await self._publishing_channel()
+                try:
+                    await self._publish(channel, messages, replay=replay)
+                except BROKER_ERRORS as error:
+                    self._fail(error)
+        except TimeoutError as error:
+            # Only our deadline gets here: driver errors became ours above.
+            await self._drop_publisher(channel)
+            raise MessageBrokerUnavailableError(
+                f"RabbitMQ at {self.url} did not confirm {len(messages)} message(s) within "
+                f"{self.publish_timeout:g}s (is it blocking publishers for a memory or disk "
+                "alarm, or was the link lost?); they may be stored all the same: retry, and "
+                "let consumers deduplicate"
+            ) from error
+
+    async def _drop_publisher(self, channel: AbstractChannel | None) -> None:
+        """Close the publishing connection a publish gave up on, unless it was replaced.
+
+        Its channel is not closed first: a broker that answers nothing would never confirm
+        that either. Closing the connection waits a few seconds at most for the broker.
+        """
+        publisher = self._publisher
+        if publisher is None or channel is None or publisher[1] is not channel:
+            return
+        self._publisher = None
+        await _close_quietly(publisher[0])
 
     @staticmethod
     async def _publish_all(

@@ -85,6 +85,8 @@ class RabbitMQMessageQueueAdapter(RabbitMQAdapter):
         name_prefix: Prefix of the queue names (default ``"castore."``).
         reconnect_delay: Seconds before consumers reconnect after losing their connection.
         connect_timeout: Seconds to wait for a connection.
+        publish_timeout: Seconds a publish waits for the broker's confirmations (connecting
+            included) before it raises ``MessageBrokerUnavailableError``.
 
     Raises:
         ValueError: An invalid option (the message names it).
@@ -105,6 +107,7 @@ class RabbitMQMessageQueueAdapter(RabbitMQAdapter):
         name_prefix: str = "castore.",
         reconnect_delay: float = 1.0,
         connect_timeout: float = 10.0,
+        publish_timeout: float = 30.0,
     ) -> None:
         super().__init__(
             url,
@@ -116,6 +119,7 @@ class RabbitMQMessageQueueAdapter(RabbitMQAdapter):
             name_prefix=name_prefix,
             reconnect_delay=reconnect_delay,
             connect_timeout=connect_timeout,
+            publish_timeout=publish_timeout,
         )
         self._worker = worker
 
@@ -217,6 +221,8 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
         name_prefix: Prefix of the exchange and queue names (default ``"castore."``).
         reconnect_delay: Seconds before consumers reconnect after losing their connection.
         connect_timeout: Seconds to wait for a connection.
+        publish_timeout: Seconds a publish waits for the broker's confirmations (connecting
+            included) before it raises ``MessageBrokerUnavailableError``.
 
     Raises:
         ValueError: An invalid option (the message names it).
@@ -236,6 +242,7 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
         name_prefix: str = "castore.",
         reconnect_delay: float = 1.0,
         connect_timeout: float = 10.0,
+        publish_timeout: float = 30.0,
     ) -> None:
         super().__init__(
             url,
@@ -247,6 +254,7 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
             name_prefix=name_prefix,
             reconnect_delay=reconnect_delay,
             connect_timeout=connect_timeout,
+            publish_timeout=publish_timeout,
         )
         self._listeners: dict[str, tuple[MessageHandler, list[FilterPattern]]] = {}
 

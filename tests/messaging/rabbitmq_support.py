@@ -79,13 +79,15 @@ def private_vhost() -> Iterator[str]:
 
 
 class TcpProxy:
-    """A local TCP proxy to the broker that can drop its connections or refuse new ones."""
+    """A local TCP proxy to the broker that can drop, stall or refuse connections."""
 
     def __init__(self, host: str = RABBITMQ_HOST, port: int = RABBITMQ_PORT) -> None:
         self._target = (host, port)
         self._server: asyncio.Server | None = None
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._pumps: set[asyncio.Task[None]] = set()
+        #: Links whose bytes from the broker are thrown away (``stall``).
+        self._stalled: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self.port = 0
         self.drops = 0
 
@@ -107,8 +109,8 @@ class TcpProxy:
             return
         link = (writer, up_writer)
         self._links.add(link)
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(source, sink, link))
+        for source, sink, from_broker in ((reader, up_writer, False), (up_reader, writer, True)):
+            task = asyncio.create_task(self._pump(source, sink, link, from_broker=from_broker))
             self._pumps.add(task)
             task.add_done_callback(self._pumps.discard)
 
@@ -117,9 +119,13 @@ class TcpProxy:
         source: asyncio.StreamReader,
         sink: asyncio.StreamWriter,
         link: tuple[asyncio.StreamWriter, asyncio.StreamWriter],
+        *,
+        from_broker: bool,
     ) -> None:
         try:
             while data := await source.read(65536):
+                if from_broker and link in self._stalled:
+                    continue  # lost on the way: the client waits for an answer for ever
                 sink.write(data)
                 await sink.drain()
         except (ConnectionError, OSError):
@@ -128,6 +134,7 @@ class TcpProxy:
             self._abort(link)
 
     def _abort(self, link: tuple[asyncio.StreamWriter, asyncio.StreamWriter]) -> None:
+        self._stalled.discard(link)
         if link in self._links:
             self._links.discard(link)
             for writer in link:
@@ -140,6 +147,16 @@ class TcpProxy:
             self._abort(link)
         self.drops += len(links)
         return len(links)
+
+    def stall(self) -> int:
+        """Stop passing on what the broker sends on every live connection (new ones work).
+
+        The client's frames still reach the broker, which acts on them, but no answer, no
+        confirmation and no heartbeat comes back: a link that died silently, or a broker
+        that blocks its publishers. Returns how many connections were stalled.
+        """
+        self._stalled |= self._links
+        return len(self._links)
 
     async def refuse(self) -> None:
         """Stop listening and cut every live connection: the broker looks down."""

@@ -224,6 +224,10 @@ class TestConstruction:
             ("retry_backoff_rate", -2, "retry_backoff_rate"),
             ("prefetch_count", 0, "prefetch_count"),
             ("reconnect_delay", -1, "reconnect_delay"),
+            ("publish_timeout", 0, "publish_timeout"),
+            ("publish_timeout", -1, "publish_timeout"),
+            ("publish_timeout", "30", "publish_timeout"),
+            ("publish_timeout", True, "publish_timeout"),
             ("name_prefix", "amq.", "name"),
         ],
     )

@@ -1,4 +1,4 @@
-"""RabbitMQ adapters that must not wait for ever: a cancellation lost on the way.
+"""RabbitMQ adapters that must not wait for ever: a lost cancellation, a lost confirmation.
 
 Every test runs against the real broker in a private vhost.
 """
@@ -14,9 +14,17 @@ from typing import Any
 import aio_pika
 import pytest
 
+from castore_pydantic.errors import MessageBrokerUnavailableError
 from castore_pydantic.messaging import MessageContext, NotificationMessage, NotificationMessageQueue
 from castore_pydantic.messaging.rabbitmq import RabbitMQMessageQueueAdapter
-from tests.messaging.rabbitmq_support import pokemon_store, private_vhost, vhost_url, within
+from tests.messaging.rabbitmq_support import (
+    TcpProxy,
+    notification,
+    pokemon_store,
+    private_vhost,
+    vhost_url,
+    within,
+)
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -42,6 +50,16 @@ async def consumer_count(vhost: str, queue: str) -> int:
     ):
         declared = await channel.declare_queue(queue, passive=True)
         return declared.declaration_result.consumer_count or 0
+
+
+async def message_count(vhost: str, queue: str) -> int:
+    """How many messages ``queue`` holds."""
+    async with (
+        await aio_pika.connect(vhost_url(vhost)) as connection,
+        connection.channel() as channel,
+    ):
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
 
 
 class ConnectOutlivingCancellation:
@@ -139,3 +157,36 @@ class TestSwallowedCancellation:
             monkeypatch.undo()
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
+
+
+class TestPublishTimeout:
+    """A publish the broker never confirms raises once ``publish_timeout`` has passed."""
+
+    async def test_an_unconfirmed_publish_raises_and_the_next_one_connects_anew(
+        self, vhost: str
+    ) -> None:
+        """With the broker's answers lost on the way, publish_message raises a retriable
+        MessageBrokerUnavailableError after publish_timeout: it used to wait for ever. The
+        message was stored all the same, and the next publish works on a new connection."""
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = make_queue("unconfirmed")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, proxy.url(vhost), publish_timeout=0.5
+        )
+        try:
+            await adapter.connect()
+            assert proxy.stall() == 1  # the publishing connection
+            started = asyncio.get_running_loop().time()
+            async with within("publish_message()", 20):
+                with pytest.raises(MessageBrokerUnavailableError, match=r"within 0\.5s"):
+                    await queue.publish_message(notification(0))
+            # The deadline, then a bounded wait for the dead connection to close.
+            assert asyncio.get_running_loop().time() - started < 10
+            async with within("publishing again", 20):
+                await queue.publish_message(notification(1))
+            assert await message_count(vhost, adapter.queue_name) == 2
+        finally:
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+            await proxy.close()
