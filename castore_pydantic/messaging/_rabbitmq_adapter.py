@@ -457,7 +457,9 @@ class RabbitMQAdapter:
         cancels a consumer (its queue was deleted), the queue is declared again and consumed
         anew, with a warning; if that fails, the consumers reconnect, with back-off. An
         unexpected error while doing so is logged with its traceback, and the consumers
-        reconnect, with back-off.
+        reconnect, with back-off. If the broker refuses to declare a consumed queue as the
+        adapter declares it (someone made it anew with other arguments), retrying cannot
+        help: the consumers close, the error is logged, and ``is_consuming`` says false.
 
         Calling it while the adapter consumes (or starts to) does nothing more: the call
         returns once that start has ended (and starts the consumers itself if that start
@@ -469,6 +471,8 @@ class RabbitMQAdapter:
                 adapter while a stop runs (the stop waits for that handler to return: start
                 again from another task).
             MessageBrokerUnavailableError: The broker cannot be reached.
+            MessagingError: The broker refused a declaration (a queue that exists with
+                other arguments: the message names it and the argument).
         """
         self._enter_loop()
         self._require_channel()
@@ -561,7 +565,16 @@ class RabbitMQAdapter:
                 await channel.set_qos(prefetch_count=self.prefetch_count)
                 underlay = await channel.get_underlay_channel()
                 underlay.on_consumer_cancel_callbacks.add(on_cancel)
-                await self._declare_subscription(channel, subscription)
+                try:
+                    await self._declare_subscription(channel, subscription)
+                except aiormq.exceptions.ChannelPreconditionFailed as error:
+                    raise MessagingError(
+                        f"RabbitMQ at {self.url} refused to declare what {subscription.queue} "
+                        f"needs ({describe_error(error)}): a queue or exchange of that name "
+                        "exists with other arguments or of another type (made by another "
+                        "version, or by hand); delete it, or give every adapter using it the "
+                        "same options"
+                    ) from error
                 channels.append(channel)
             # Consumed only once every queue is declared: a declaration the broker refuses
             # (a queue made anew with other arguments) fails the attempt before a handler
@@ -637,7 +650,11 @@ class RabbitMQAdapter:
         A consumer the broker cancelled, on a channel that lives on, consumes again on that
         channel instead (``_consume_again``); reconnecting is what is left when that fails.
         An unexpected error is logged and the consumers reconnect, with back-off: a worker
-        that silently stops consuming is the worst outcome.
+        that silently stops consuming is the worst outcome. A queue the broker refuses to
+        declare as the adapter declares it (PRECONDITION_FAILED: it exists with other
+        arguments) is no outage that retrying would outlast: the task then ends with that
+        ``MessagingError``, which ``_report_supervisor_end`` logs, and ``is_consuming`` says
+        false.
 
         Ends by itself once ``stop_consuming`` started, not only when cancelled: a
         cancellation can be lost on the way. On Python 3.11, ``asyncio.wait_for`` (which
@@ -666,7 +683,12 @@ class RabbitMQAdapter:
                         )
                         delay = self.reconnect_delay
                     await self._reconnect(subscriptions, delay)
-                except Exception:
+                except Exception as error:
+                    if _declaration_refused(error) and not self._stopping:
+                        # Lasting until someone deletes or fixes the queue: retrying would
+                        # pass a misconfiguration off as an outage. The task ends, and
+                        # _report_supervisor_end reports it and closes what is left.
+                        raise
                     logger.exception(
                         "%r: keeping the consumers running failed; reconnecting them", self
                     )
@@ -684,6 +706,10 @@ class RabbitMQAdapter:
         """Close what is left of the consumers, then open them again, with back-off.
 
         Returns once they are open, or when a stop started.
+
+        Raises:
+            MessagingError: The broker refused to declare a consumed queue as the adapter
+                declares it (retrying cannot help).
         """
         # What is left of the consumers (a connection whose channel alone closed) goes:
         # their unacknowledged messages are delivered again, to the new ones. It stays the
@@ -711,6 +737,8 @@ class RabbitMQAdapter:
             try:
                 consumers = await self._open_consumers(subscriptions)
             except MessagingError as error:
+                if _declaration_refused(error):
+                    raise
                 logger.warning("%r could not reconnect: %s", self, error)
                 delay = _longer(delay)
                 continue
@@ -1275,6 +1303,17 @@ async def _close_quietly(connection: AbstractConnection, *channels: AbstractChan
     finally:
         with contextlib.suppress(*BROKER_ERRORS):
             await connection.close()
+
+
+def _declaration_refused(error: BaseException) -> bool:
+    """Whether the broker refused to declare a consumed queue as the adapter declares it.
+
+    RabbitMQ answers PRECONDITION_FAILED when a queue or exchange exists with other
+    arguments or another type: that lasts until someone deletes or changes it.
+    """
+    return isinstance(error, MessagingError) and isinstance(
+        error.__cause__, aiormq.exceptions.ChannelPreconditionFailed
+    )
 
 
 def _longer(delay: float) -> float:

@@ -266,12 +266,13 @@ class TestDeletedQueue:
 
 
 class TestQueueCannotBeDeclaredAgain:
-    async def test_the_worker_keeps_trying_with_back_off_and_says_so(
+    async def test_the_worker_stops_with_the_error_and_starts_again_once_fixed(
         self, vhost: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Another client declared the deleted queue again with other arguments, so the
-        worker's declaration is refused (and its channel closed). The worker reconnects with
-        back-off, logging each refusal, and consumes again once the conflicting queue is gone."""
+        worker's declaration is refused (and its channel closed). Retrying cannot help: the
+        worker stops consuming with an error naming the queue (it used to retry for ever,
+        as for an outage), and start_consuming() consumes again once the conflict is gone."""
         queue = NotificationMessageQueue(
             message_queue_id=f"deleted-conflict-{secrets.token_hex(3)}",
             source_event_stores=[pokemon_store()],
@@ -304,12 +305,12 @@ class TestQueueCannotBeDeclaredAgain:
                             name, durable=True, arguments={"x-max-length": 7}
                         )
                         conflicting.set()
-                        async with within("two refused declarations"):
-                            await log.wait_for("could not reconnect", count=2)
-                        assert adapter.is_consuming
+                        async with within("the refused declaration"):
+                            await log.wait_for("stopped consuming", level=logging.ERROR)
+                        assert not adapter.is_consuming
                         await channel.queue_delete(name)
-                    async with within("reconnecting once the conflicting queue is gone"):
-                        await log.wait_for("reconnected to RabbitMQ")
+                    monkeypatch.undo()
+                    await adapter.start_consuming()
                     await queue.publish_message(notification(0))
                     async with within("handling a message"):
                         await inbox.wait_for(1)
@@ -318,16 +319,19 @@ class TestQueueCannotBeDeclaredAgain:
                 finally:
                     monkeypatch.undo()
                     await adapter.purge()
-        refusals = [m for m in log.messages(logging.WARNING) if "could not reconnect" in m]
-        assert all("PRECONDITION_FAILED" in m for m in refusals)
+        [stopped] = [r for r in log.records if r.levelno >= logging.ERROR]
+        assert stopped.exc_info is not None
+        assert "PRECONDITION_FAILED" in str(stopped.exc_info[1])
+        assert name in str(stopped.exc_info[1])
+        assert log.count("could not reconnect") == 0
 
     async def test_no_handler_runs_in_an_attempt_that_fails(
         self, vhost: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A bus listener's queue cannot be declared again, so the consumers reconnect and
-        every attempt fails. Each attempt consumed the listeners declared before that queue:
-        their messages were delivered, their handlers started and were cancelled, again at
-        each attempt. Every queue is now declared before any is consumed."""
+        the attempt fails. Each attempt consumed the listeners declared before that queue:
+        their messages were delivered, their handlers started and were cancelled. Every queue
+        is now declared before any is consumed."""
         bus = NotificationMessageBus(
             message_bus_id=f"deleted-conflict-{secrets.token_hex(3)}",
             source_event_stores=[pokemon_store()],
@@ -370,14 +374,15 @@ class TestQueueCannotBeDeclaredAgain:
                             conflicted, durable=True, arguments={"x-max-length": 7}
                         )
                         conflicting.set()
-                        async with within("two refused attempts"):
-                            await log.wait_for("could not reconnect", count=2)
-                        # The first reconnection cancelled the running handler; the failed
-                        # attempts started none.
+                        async with within("the refused attempt"):
+                            await log.wait_for("stopped consuming", level=logging.ERROR)
+                        # The reconnection cancelled the running handler; the failed attempt
+                        # started none.
                         assert starts == [notification(0)]
                         await channel.queue_delete(conflicted)
-                    async with within("reconnecting once the conflicting queue is gone"):
-                        await log.wait_for("reconnected to RabbitMQ")
+                    monkeypatch.undo()
+                    async with within("consuming again once the conflicting queue is gone"):
+                        await adapter.start_consuming()
                         await running.wait()
                         while len(starts) < 2:
                             running.clear()

@@ -1,4 +1,5 @@
-"""RabbitMQ adapters that must not wait for ever: a lost cancellation, a lost confirmation.
+"""RabbitMQ adapters that must not wait for ever: a lost cancellation, a lost confirmation,
+a queue that will never declare again.
 
 Every test runs against the real broker in a private vhost.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -14,10 +16,11 @@ from typing import Any
 import aio_pika
 import pytest
 
-from castore_pydantic.errors import MessageBrokerUnavailableError
+from castore_pydantic.errors import MessageBrokerUnavailableError, MessagingError
 from castore_pydantic.messaging import MessageContext, NotificationMessage, NotificationMessageQueue
 from castore_pydantic.messaging.rabbitmq import RabbitMQMessageQueueAdapter
 from tests.messaging.rabbitmq_support import (
+    LogWatch,
     TcpProxy,
     notification,
     pokemon_store,
@@ -190,3 +193,66 @@ class TestPublishTimeout:
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
             await proxy.close()
+
+
+class TestQueueMadeAnewWithOtherArguments:
+    """A consumed queue that exists with other arguments ends consuming, loudly."""
+
+    async def test_consuming_stops_with_an_error_naming_the_queue_and_argument(
+        self, vhost: str
+    ) -> None:
+        """When the consumers cannot declare their queues again because someone made one
+        anew with other arguments, they stop with an error naming it, and is_consuming says
+        false: they used to retry for ever, logging warnings as for an outage. A start then
+        raises the same error."""
+        queue = make_queue("made-anew")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue,
+            vhost_url(vhost),
+            worker=handler_noop,
+            retry_delay_in_ms=1000,
+            retry_attempts=1,
+            reconnect_delay=0.05,
+        )
+        retry_queue = f"{adapter.queue_name}.retry.1000ms"
+        try:
+            with LogWatch.installed() as logs:
+                await adapter.start_consuming()
+                async with (
+                    await aio_pika.connect(vhost_url(vhost)) as connection,
+                    connection.channel() as channel,
+                ):
+                    # Someone makes the retry queue anew with another delay...
+                    await channel.queue_delete(retry_queue)
+                    await channel.declare_queue(
+                        retry_queue, durable=True, arguments={"x-message-ttl": 5000}
+                    )
+                    # ... and deletes the consumed queue: the consumers declare it all again.
+                    await channel.queue_delete(adapter.queue_name)
+                async with within("consuming to stop", 20):
+                    while True:
+                        if not adapter.is_consuming:
+                            break
+                        await asyncio.sleep(0.01)  # polled: no event tells a user
+                errors = logs.messages(logging.ERROR)
+                assert len(errors) == 1
+                assert "stopped consuming" in errors[0]
+                [record] = [r for r in logs.records if r.levelno >= logging.ERROR]
+                assert record.exc_info is not None
+                error = record.exc_info[1]
+                assert isinstance(error, MessagingError)
+                assert retry_queue in str(error)
+                assert "x-message-ttl" in str(error)
+                with pytest.raises(MessagingError, match="x-message-ttl") as raised:
+                    await adapter.start_consuming()
+                assert adapter.queue_name in str(raised.value)
+                assert not adapter.is_consuming
+        finally:
+            await adapter.stop_consuming()
+            async with (
+                await aio_pika.connect(vhost_url(vhost)) as connection,
+                connection.channel() as channel,
+            ):
+                await channel.queue_delete(retry_queue)  # or purge() could not declare it
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
