@@ -5,6 +5,13 @@ process, so delivery is **at-most-once** (a message still waiting, or waiting fo
 when the process stops is lost). A failure that exhausts the retry budget is logged through the
 ``castore_pydantic.messaging`` logger with the message and the error, and kept in
 ``dead_letters()``.
+
+Each published message travels in Castore's JSON wire form, as on the brokers: it is dumped
+to JSON when published and every delivery (each listener, each retry) gets its own message
+parsed back by the attached channel, exactly as a broker consumer parses a body. A worker
+therefore receives what a RabbitMQ or Redis worker receives (e.g. a mapping as a
+state-carrying message's ``aggregate`` when the reducer has no return annotation), and a
+message no broker could carry is refused when it is published.
 """
 
 from __future__ import annotations
@@ -54,9 +61,36 @@ async def _let_handlers_start() -> None:
     await asyncio.sleep(0)
 
 
+class _Carried:
+    """One published message in wire form, handed out as a broker consumer would parse it.
+
+    The message parsed when it was published (to refuse it then if it does not parse back)
+    goes to the first delivery; every further one (another listener, a retry) parses the
+    body again, so that no two handlers share an object, as on the brokers.
+    """
+
+    __slots__ = ("_fresh", "_parse", "body")
+
+    def __init__(self, body: str, fresh: Message, parse: Callable[[str], Message] | None) -> None:
+        self.body = body
+        self._fresh: Message | None = fresh
+        self._parse = parse
+
+    def take(self) -> Message:
+        """The message for one delivery: parsed from the body, nobody else's."""
+        fresh = self._fresh
+        if self._parse is None:
+            assert fresh is not None  # without a channel the message is handed as it is
+            return fresh
+        if fresh is not None:
+            self._fresh = None
+            return fresh
+        return self._parse(self.body)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Delivery:
-    message: Message
+    carried: _Carried
     attempt: int
     retry_attempts_left: int
     replay: bool
@@ -102,6 +136,25 @@ class _InMemoryAdapter:
 
     # -- bookkeeping ------------------------------------------------------------------------
 
+    def _carry(self, message: Message) -> _Carried:
+        """Put a message in wire form and parse it back, as a broker adapter and consumer do.
+
+        An adapter without a channel (not made by ``attach_to``, and ``message_channel``
+        not set) cannot parse: it checks that the message dumps to JSON and hands it on as
+        it is.
+
+        Raises:
+            pydantic.ValidationError: The attached channel cannot parse the message back
+                (its workers on a broker could not read it).
+            pydantic_core.PydanticSerializationError: The message has no JSON form.
+        """
+        body = message.model_dump_json()
+        channel = self.message_channel
+        if channel is None:
+            return _Carried(body, message, None)
+        parse = channel.parse_message
+        return _Carried(body, parse(body), parse)
+
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run work in the background, counted as pending until it ends."""
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -126,15 +179,16 @@ class _InMemoryAdapter:
         listener_id: str | None = None,
     ) -> None:
         """Handle one delivery; on failure, schedule a retry or dead-letter it."""
+        message = delivery.carried.take()
         try:
-            await run_handler(handler, delivery.message, delivery.context)
+            await run_handler(handler, message, delivery.context)
         except Exception as exc:
             if delivery.retry_attempts_left > 0:
                 delay = self.retry_policy.delay_for(delivery.attempt)
                 retried = delivery.retried(describe_error(exc))
                 self._spawn(self._retry_after(delay, retried, retry))
             else:
-                self._dead_letter(delivery, exc, listener_id)
+                self._dead_letter(delivery, exc, listener_id, message=message)
 
     async def _retry_after(
         self, delay: float, delivery: _Delivery, retry: Callable[[_Delivery], None]
@@ -149,20 +203,21 @@ class _InMemoryAdapter:
         listener_id: str | None,
         *,
         attempts: int | None = None,
+        message: Message | None = None,
     ) -> None:
         text = error if isinstance(error, str) else describe_error(error)
         attempts = delivery.attempt if attempts is None else attempts
+        if message is None:
+            message = delivery.carried.take()
         self._dead_lettered += 1  # counted apart: the list keeps the newest ones only
-        self._dead_letters.append(
-            DeadLetter(delivery.message, text, attempts, delivery.replay, listener_id)
-        )
+        self._dead_letters.append(DeadLetter(message, text, attempts, delivery.replay, listener_id))
         logger.error(
             "%s gave up on a message after %d attempt(s)%s: %s; message: %s",
             type(self).__name__,
             attempts,
             f" in listener {listener_id}" if listener_id else "",
             text,
-            delivery.message.model_dump_json(),
+            delivery.carried.body,
             exc_info=error if isinstance(error, BaseException) else None,
         )
 
@@ -370,21 +425,28 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
         await super().start_consuming()
 
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
-        """Hand a message to the worker (dropped, with a warning, when there is none)."""
-        self._push(_Delivery(message, 1, self.retry_policy.retry_attempts, replay))
+        """Hand a message to the worker (dropped, with a warning, when there is none).
+
+        Raises:
+            pydantic.ValidationError: The message does not parse back from its JSON form
+                (see ``_carry``); the worker is not called.
+        """
+        carried = self._carry(message)
+        self._push(_Delivery(carried, 1, self.retry_policy.retry_attempts, replay))
         await _let_handlers_start()
 
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
-        """Hand several messages to the worker, in order."""
-        for message in messages:
-            self._push(_Delivery(message, 1, self.retry_policy.retry_attempts, replay))
+        """Hand several messages to the worker, in order (none if one does not parse back)."""
+        carried = [self._carry(message) for message in messages]
+        for each in carried:
+            self._push(_Delivery(each, 1, self.retry_policy.retry_attempts, replay))
         await _let_handlers_start()
 
     def _push(self, delivery: _Delivery) -> None:
         if self._queue is None:
             logger.warning(
                 "InMemoryMessageQueueAdapter has no worker: message dropped: %s",
-                delivery.message.model_dump_json(),
+                delivery.carried.body,
             )
             return
         self._queue.push(delivery)
@@ -422,7 +484,9 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
         self._dead_letters.clear()
         for letter in letters:
             self._enqueue_retry(
-                _Delivery(letter.message, 1, self.retry_policy.retry_attempts, letter.replay)
+                _Delivery(
+                    self._carry(letter.message), 1, self.retry_policy.retry_attempts, letter.replay
+                )
             )
         return len(letters)
 
@@ -543,21 +607,27 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         return name
 
     async def publish_message(self, message: Message, *, replay: bool = False) -> None:
-        """Start delivering a message to every matching listener (without waiting for them)."""
-        self._publish(message, replay)
+        """Start delivering a message to every matching listener (without waiting for them).
+
+        Raises:
+            pydantic.ValidationError: The message does not parse back from its JSON form
+                (see ``_carry``); no listener is called.
+        """
+        self._publish(message, self._carry(message), replay)
         await _let_handlers_start()
 
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
-        """Start delivering several messages, in order."""
-        for message in messages:
-            self._publish(message, replay)
+        """Start delivering several messages, in order (none if one does not parse back)."""
+        carried = [self._carry(message) for message in messages]
+        for message, each in zip(messages, carried, strict=True):
+            self._publish(message, each, replay)
         await _let_handlers_start()
 
-    def _publish(self, message: Message, replay: bool) -> None:
+    def _publish(self, message: Message, carried: _Carried, replay: bool) -> None:
         for listener in list(self._listeners.values()):
             if listener.filter.matches(message, replay):
                 self._deliver(
-                    listener, _Delivery(message, 1, self.retry_policy.retry_attempts, replay)
+                    listener, _Delivery(carried, 1, self.retry_policy.retry_attempts, replay)
                 )
 
     def _deliver(self, listener: _Listener, delivery: _Delivery) -> None:
@@ -590,7 +660,9 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
                 continue
             self._deliver(
                 listener,
-                _Delivery(letter.message, 1, self.retry_policy.retry_attempts, letter.replay),
+                _Delivery(
+                    self._carry(letter.message), 1, self.retry_policy.retry_attempts, letter.replay
+                ),
             )
             count += 1
         return count

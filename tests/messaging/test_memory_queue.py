@@ -3,24 +3,31 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from castore_pydantic import EventStore
 from castore_pydantic.messaging import (
+    ConnectedEventStore,
     DeadLetter,
     Message,
     MessageChannel,
     MessageContext,
     NotificationMessage,
     NotificationMessageQueue,
+    StateCarryingMessage,
+    StateCarryingMessageQueue,
 )
 from castore_pydantic.messaging.memory import InMemoryMessageQueueAdapter
+from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.testing.contracts import MessageAdapterFactory, MessageQueueAdapterContract
-from tests.domain import PokemonCaught, make_store
+from tests.domain import PokemonAppeared, PokemonCaught, appeared, make_store, reduce_pokemon
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -442,3 +449,90 @@ async def test_the_worker_cannot_be_removed_while_consuming() -> None:
             adapter.worker = None
     adapter.worker = None
     assert adapter.worker is None
+
+
+def reduce_order(pokemon, event):  # type: ignore[no-untyped-def]
+    """A reducer written without annotations, as users often do."""
+    return reduce_pokemon(pokemon, event)
+
+
+@pytest.mark.redis
+class TestSameAsRedis:
+    async def test_a_worker_gets_what_a_redis_worker_gets(self) -> None:
+        """One worker on both adapters receives the same types and values (unannotated reducer).
+
+        A channel cannot tell the aggregate's class without a return annotation: on Redis the
+        aggregate arrives as a mapping, and the in-memory queue now hands over the same.
+        """
+        from castore_pydantic.messaging.redis import RedisMessageQueueAdapter
+        from tests.messaging.redis_support import REDIS_URL, private_prefix
+
+        store = EventStore(
+            event_store_id="POKEMONS",
+            event_types=[PokemonAppeared, PokemonCaught],
+            reducer=reduce_order,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        received: dict[str, list[tuple[object, ...]]] = {"memory": [], "redis": []}
+        redis_received = asyncio.Event()
+
+        def worker_for(name: str) -> Callable[[Any, MessageContext], None]:
+            def worker(message: Any, context: MessageContext) -> None:
+                received[name].append(
+                    (type(message.event), type(message.aggregate), message.model_dump_json())
+                )
+                if name == "redis":
+                    redis_received.set()
+
+            return worker
+
+        in_memory = StateCarryingMessageQueue(
+            message_queue_id="parity", source_event_stores=[store]
+        )
+        on_redis = StateCarryingMessageQueue(message_queue_id="parity", source_event_stores=[store])
+        memory_adapter = InMemoryMessageQueueAdapter.attach_to(
+            in_memory, worker=worker_for("memory")
+        )
+        async with private_prefix() as prefix:
+            redis_adapter = RedisMessageQueueAdapter.attach_to(
+                on_redis, REDIS_URL, key_prefix=prefix, block_ms=100
+            )
+            redis_adapter.worker = worker_for("redis")
+            async with redis_adapter, redis_adapter.consuming():
+                for queue in (in_memory, on_redis):
+                    connected = ConnectedEventStore(store, queue)
+                    aggregate_id = "pikachu" if queue is in_memory else "pikachu-redis"
+                    await connected.push_event(appeared(aggregate_id))
+                await memory_adapter.join()
+                await asyncio.wait_for(redis_received.wait(), 20)
+        ((memory_event, memory_aggregate, memory_json),) = received["memory"]
+        ((redis_event, redis_aggregate, redis_json),) = received["redis"]
+        assert (memory_event, memory_aggregate) == (redis_event, redis_aggregate)
+        assert (memory_event, memory_aggregate) == (PokemonAppeared, dict)
+        assert memory_json == redis_json.replace("pikachu-redis", "pikachu").replace(
+            # the two events were pushed a moment apart
+            json.loads(redis_json)["event"]["timestamp"],
+            json.loads(memory_json)["event"]["timestamp"],
+        )
+
+
+class TestWireForm:
+    async def test_a_message_no_broker_worker_could_read_is_refused_when_published(self) -> None:
+        """An aggregate that is not the reducer's model fails the publish, not a worker later.
+
+        A broker consumer could not parse it back (its worker would never run); in memory
+        the publisher hears of it at once, and the worker is not called.
+        """
+        queue = StateCarryingMessageQueue(message_queue_id="q", source_event_stores=[make_store()])
+        calls: list[Any] = []
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=lambda message, context: calls.append(message)
+        )
+        event = PokemonCaught(aggregate_id="pikachu", version=2, timestamp=T0)
+        message = StateCarryingMessage(
+            event_store_id="POKEMONS", event=event, aggregate={"not": "a pokemon"}
+        )
+        with pytest.raises(ValidationError):
+            await queue.publish_message(message)
+        await adapter.join()
+        assert calls == []

@@ -66,6 +66,7 @@ from castore_pydantic.testing.contracts._messaging_support import (
     T0,
     Call,
     Pokemon,
+    PokemonCaught,
     Recorder,
     appeared,
     caught,
@@ -73,6 +74,7 @@ from castore_pydantic.testing.contracts._messaging_support import (
     pokemon_store,
     trainer_created,
     trainer_store,
+    unannotated_pokemon_store,
     wait_for_dead_letters,
 )
 
@@ -157,6 +159,49 @@ def _context(attempt: int, retry_attempts_left: int, *, replay: bool) -> Message
 
 def _fails_for(*messages: Message) -> Callable[[Any, MessageContext], bool]:
     return lambda message, _context: message in messages
+
+
+def _unannotated_state() -> StateCarryingMessage:
+    """A state-carrying message of a store whose reducer has no return annotation.
+
+    Its event's metadata holds a tuple, which JSON gives back as a list.
+    """
+    event = caught("wire").model_copy(update={"metadata": {"ball": "poké", "pair": (1, 2)}})
+    aggregate = Pokemon(aggregate_id="wire", version=2, name="Pikachu", level=5, status="caught")
+    return StateCarryingMessage(event_store_id="POKEMONS", event=event, aggregate=aggregate)
+
+
+#: ``_unannotated_state()``'s aggregate as its JSON form parses back: a mapping.
+_WIRE_AGGREGATE = {
+    "aggregateId": "wire",
+    "version": 2,
+    "name": "Pikachu",
+    "level": 5,
+    "status": "caught",
+}
+
+
+def _note_then_change(seen: list[tuple[Any, ...]]) -> Callable[[Any, MessageContext], bool]:
+    """A failure rule that notes what a handler received, then changes it in place."""
+
+    def note_then_change(message: Any, context: MessageContext) -> bool:
+        seen.append(
+            (
+                type(message.event),
+                type(message.aggregate),
+                dict(message.aggregate),
+                message.event.metadata["pair"],
+            )
+        )
+        message.aggregate["status"] = "changed"
+        message.event.metadata["pair"] = "changed"
+        return context.attempt == 1
+
+    return note_then_change
+
+
+#: What every handler notes with ``_note_then_change`` from ``_unannotated_state()``.
+_SEEN_ON_THE_WIRE = (PokemonCaught, dict, _WIRE_AGGREGATE, [1, 2])
 
 
 @async_tests
@@ -463,6 +508,28 @@ class MessageQueueAdapterContract(_Base):
             assert type(received.aggregate) is Pokemon
         assert type(received) is type(message)
         assert received.model_dump_json() == message.model_dump_json()
+
+    async def test_messages_arrive_in_their_wire_form(
+        self, queue_adapter_factory: MessageAdapterFactory
+    ) -> None:
+        """The worker gets what the JSON form parses back to, a fresh copy on each attempt.
+
+        Over a store whose reducer has no return annotation, a state-carrying message's
+        aggregate is its JSON object (camelCase keys), a tuple in the event is a list, and
+        what a failed attempt changed in its message is not seen by the retry.
+        """
+        queue = StateCarryingMessageQueue(
+            message_queue_id=f"contract-queue-{uuid.uuid4().hex[:12]}",
+            source_event_stores=[unannotated_pokemon_store()],
+        )
+        adapter = await _attached(queue_adapter_factory, queue, retry_attempts=1)
+        seen: list[tuple[Any, ...]] = []
+        worker = self.recorder(_note_then_change(seen))
+        adapter.worker = worker
+        async with adapter.consuming():
+            await queue.publish_message(_unannotated_state())
+            await worker.wait_until(lambda: len(worker.calls) >= 2, "a first attempt and a retry")
+        assert seen == [_SEEN_ON_THE_WIRE, _SEEN_ON_THE_WIRE]
 
     async def test_connected_event_store_publishes_through_the_adapter(
         self, queue_adapter_factory: MessageAdapterFactory
@@ -790,6 +857,31 @@ class MessageBusAdapterContract(_Base):
             _context(1, 1, replay=True),
             _context(2, 0, replay=True),
         ]
+
+    async def test_messages_arrive_in_their_wire_form(
+        self, bus_adapter_factory: MessageAdapterFactory
+    ) -> None:
+        """Each listener gets what the JSON form parses back to, its own copy on each attempt.
+
+        Over a store whose reducer has no return annotation, a state-carrying message's
+        aggregate is its JSON object (camelCase keys), a tuple in the event is a list, and
+        what one listener (or a failed attempt) changed in its message no other call sees.
+        """
+        bus = StateCarryingMessageBus(
+            message_bus_id=f"contract-bus-{uuid.uuid4().hex[:12]}",
+            source_event_stores=[unannotated_pokemon_store()],
+        )
+        adapter = await _attached(bus_adapter_factory, bus, retry_attempts=1)
+        seen: list[tuple[Any, ...]] = []
+        first = self.recorder(_note_then_change(seen))
+        second = self.recorder(_note_then_change(seen))
+        adapter.on({}, first, listener_id="first")
+        adapter.on({}, second, listener_id="second")
+        async with adapter.consuming():
+            await bus.publish_message(_unannotated_state())
+            for listener in (first, second):
+                await listener.wait_until(lambda: len(listener.calls) >= 2, "a retry")  # noqa: B023
+        assert seen == [_SEEN_ON_THE_WIRE] * 4
 
     async def test_dead_letters_go_back_to_their_listener(
         self, bus_adapter_factory: MessageAdapterFactory

@@ -33,6 +33,7 @@ __all__ = [
     "pokemon_store",
     "trainer_created",
     "trainer_store",
+    "unannotated_pokemon_store",
     "wait_for_dead_letters",
 ]
 
@@ -108,6 +109,21 @@ def pokemon_store() -> EventStore[Pokemon, PokemonAppeared | PokemonCaught]:
         event_store_id="POKEMONS",
         event_types=[PokemonAppeared, PokemonCaught],
         reducer=reduce_pokemon,
+        event_storage_adapter=InMemoryEventStorageAdapter(),
+    )
+
+
+def unannotated_pokemon_store() -> EventStore[Any, Any]:
+    """The Pokémon store with a reducer that has no return annotation.
+
+    A channel cannot tell which class its aggregates are, so a state-carrying message's
+    aggregate is read back from JSON as a mapping.
+    """
+    return EventStore(
+        event_store_id="POKEMONS",
+        event_types=[PokemonAppeared, PokemonCaught],
+        # The lambda is the point: it carries no annotations.
+        reducer=lambda pokemon, event: reduce_pokemon(pokemon, event),  # noqa: PLW0108
         event_storage_adapter=InMemoryEventStorageAdapter(),
     )
 
