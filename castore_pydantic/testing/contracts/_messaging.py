@@ -212,7 +212,8 @@ class MessageQueueAdapterContract(_Base):
     worker's context (``attempt``, ``retry_attempts_left``, ``replay``); retries with back-off
     up to the budget, then a dead letter; replayed messages stay replays when retried; the
     three message kinds arrive equal to what was published (event and aggregate classes
-    included); and a ``ConnectedEventStore`` publishing through the adapter.
+    included), and as their JSON form parses back, a fresh copy per attempt; and a
+    ``ConnectedEventStore`` publishing through the adapter.
     """
 
     @pytest_asyncio.fixture
