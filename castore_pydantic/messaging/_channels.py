@@ -92,6 +92,10 @@ class MessageChannel(Generic[M]):
             by_id.setdefault(store.event_store_id, store)  # the first store with an id wins
         self._stores_by_id = by_id
         self._aggregate_classes: dict[str, type[BaseModel] | None] = {}
+        # An in-memory adapter handed over here learns its channel, as attach_to tells it.
+        bind = getattr(message_channel_adapter, "_bind_channel", None)
+        if bind is not None:
+            bind(self)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message_channel_id!r})"

@@ -139,9 +139,9 @@ class _InMemoryAdapter:
     def _carry(self, message: Message) -> _Carried:
         """Put a message in wire form and parse it back, as a broker adapter and consumer do.
 
-        An adapter without a channel (not made by ``attach_to``, and ``message_channel``
-        not set) cannot parse: it checks that the message dumps to JSON and hands it on as
-        it is.
+        An adapter without a channel (neither made by ``attach_to`` nor handed to a
+        channel's constructor, and ``message_channel`` not set) cannot parse: it checks
+        that the message dumps to JSON and hands it on as it is.
 
         Raises:
             pydantic.ValidationError: The attached channel cannot parse the message back
@@ -154,6 +154,16 @@ class _InMemoryAdapter:
             return _Carried(body, message, None)
         parse = channel.parse_message
         return _Carried(body, parse(body), parse)
+
+    def _bind_channel(self, channel: MessageChannel[Any]) -> None:
+        """Learn the channel whose constructor was handed this adapter (Castore's form).
+
+        ``NotificationMessageQueue(..., message_queue_adapter=adapter)`` gives the channel
+        its adapter; the adapter needs its channel too, to parse messages back as a broker's
+        consumer does. An adapter that has a channel already keeps it.
+        """
+        if self.message_channel is None:
+            self.message_channel = channel
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run work in the background, counted as pending until it ends."""

@@ -27,7 +27,14 @@ from castore_pydantic.messaging import (
 from castore_pydantic.messaging.memory import InMemoryMessageQueueAdapter
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.testing.contracts import MessageAdapterFactory, MessageQueueAdapterContract
-from tests.domain import PokemonAppeared, PokemonCaught, appeared, make_store, reduce_pokemon
+from tests.domain import (
+    Pokemon,
+    PokemonAppeared,
+    PokemonCaught,
+    appeared,
+    make_store,
+    reduce_pokemon,
+)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -536,3 +543,29 @@ class TestWireForm:
             await queue.publish_message(message)
         await adapter.join()
         assert calls == []
+
+    async def test_an_adapter_handed_to_the_constructor_delivers_the_wire_form_too(
+        self,
+    ) -> None:
+        """Castore's form hands the adapter to the channel's constructor. The adapter did not
+        learn its channel there, so it passed on the published objects, unlike a broker."""
+        calls: list[Any] = []
+        adapter = InMemoryMessageQueueAdapter(worker=lambda message, context: calls.append(message))
+        queue = StateCarryingMessageQueue(
+            message_queue_id="q", source_event_stores=[make_store()], message_queue_adapter=adapter
+        )
+        assert adapter.message_channel is queue
+        event = PokemonCaught(aggregate_id="pikachu", version=2, timestamp=T0)
+        unreadable = StateCarryingMessage(
+            event_store_id="POKEMONS", event=event, aggregate={"not": "a pokemon"}
+        )
+        with pytest.raises(ValidationError):
+            await queue.publish_message(unreadable)
+        pokemon = Pokemon(
+            aggregate_id="pikachu", version=2, name="Pikachu", level=3, status="caught"
+        )
+        message = StateCarryingMessage(event_store_id="POKEMONS", event=event, aggregate=pokemon)
+        await queue.publish_message(message)
+        await adapter.join()
+        assert calls == [message]
+        assert calls[0] is not message
