@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -93,6 +94,11 @@ class EventStore(Generic[AggregateT, EventT]):
             raise TypeError(
                 "reducer must be a function (aggregate | None, event) -> aggregate, "
                 f"not {reducer!r}"
+            )
+        if _is_async(reducer):
+            raise TypeError(
+                f"reducer must be a plain function, not async: {reducer!r} would make every "
+                "aggregate a coroutine (folding never awaits; do I/O in commands, not reducers)"
             )
         event_types = tuple(event_types)
         self._context = EventStoreContext(event_store_id, event_types, limits)
@@ -524,6 +530,14 @@ def _log_hook_failures(
             error,
             exc_info=error,
         )
+
+
+def _is_async(function: object) -> bool:
+    """Whether calling ``function`` gives a coroutine or an async generator."""
+    call = getattr(function, "__call__", None)  # noqa: B004 - the method of a callable object
+    return any(
+        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (function, call)
+    )
 
 
 def _check_prev_aggregate(prev_aggregate: object, event: Event) -> None:

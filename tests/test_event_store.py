@@ -113,6 +113,21 @@ class TestDeclaration:
                 reducer=None,  # type: ignore[arg-type]
             )
 
+    def test_an_async_reducer_is_refused(self) -> None:
+        """Folding never awaits: an async reducer made every aggregate a coroutine, which
+        check_reducer then reported as a version-tracking failure."""
+
+        async def reduce_later(pokemon: Any, event: Any) -> Any:
+            return reduce_pokemon(pokemon, event)
+
+        class Folder:
+            async def __call__(self, pokemon: Any, event: Any) -> Any:
+                return reduce_pokemon(pokemon, event)
+
+        for reducer in (reduce_later, Folder()):
+            with pytest.raises(TypeError, match="plain function, not async"):
+                EventStore(event_store_id="S", event_types=[PokemonAppeared], reducer=reducer)
+
     def test_without_adapter_fails_at_call_time(self) -> None:
         """A store without adapter constructs, then data methods raise (B5)."""
         store = EventStore(
