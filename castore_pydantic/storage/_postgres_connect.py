@@ -15,7 +15,9 @@ password and none was given, or the client requires SSL and the server has none.
 keeps the SQLSTATE of a failed connection to itself (psycopg's error has none), so these are
 told by the server's message, in the English PostgreSQL writes unless its ``lc_messages``
 chooses another language, by libpq's own message and by libpq's
-``PQconnectionNeedsPassword``. A failure they do not recognise counts as passing.
+``PQconnectionNeedsPassword``. A failure they do not recognise counts as passing. libpq
+also refuses values of the connection parameters before it tries to connect (a port out of
+range, an unknown ``sslmode``): that failure lasts too, and is told apart as ``malformed``.
 
 Each attempt keeps to the ``connect_timeout`` the connection string, the keywords or
 ``PGCONNECT_TIMEOUT`` set (per host, as libpq does), and to the time the caller has left.
@@ -57,11 +59,14 @@ class Failure:
         reason: libpq's message, without the password.
         lasting: Whether retrying cannot help until the configuration changes.
         cut_short: Whether the caller's time ran out first (``reason`` then says only that).
+        malformed: Whether libpq refused the connection parameters before connecting
+            (then ``lasting`` too); ``reason`` then says which value, without libpq's prefix.
     """
 
     reason: str
     lasting: bool
     cut_short: bool = False
+    malformed: bool = False
 
 
 def _lasting(exc: psycopg.Error) -> bool:
@@ -71,9 +76,20 @@ def _lasting(exc: psycopg.Error) -> bool:
     return _LASTING.search(str(exc)) is not None
 
 
+#: How libpq words a connection it refused to start (psycopg's prefix, then libpq's words).
+_BAD = "connection is bad:"
+
+
 def failure(exc: psycopg.Error, redact: Callable[[str], str]) -> Failure:
     """The ``Failure`` of a connection attempt that raised ``exc``."""
-    return Failure(reason=redact(str(exc).strip()), lasting=_lasting(exc))
+    reason = redact(str(exc).strip())
+    # libpq refuses the parameters' values before connecting ("invalid port number",
+    # "missing ..."); a socket file that is missing fails before connecting too, but is not
+    # the parameters' fault.
+    detail = reason.removeprefix(_BAD).strip()
+    if reason.startswith(_BAD) and detail.lower().startswith(("invalid", "missing")):
+        return Failure(reason=detail, lasting=True, malformed=True)
+    return Failure(reason=reason, lasting=_lasting(exc))
 
 
 async def try_connect(

@@ -102,6 +102,24 @@ class TestOpening:
         finally:
             await adapter.aclose()
 
+    @pytest.mark.parametrize(
+        ("query", "said"),
+        [(":99999/test", 'invalid port number: "99999"'), ("/test?sslmode=bogus", "sslmode")],
+    )
+    async def test_entering_fails_at_once_on_values_libpq_refuses(
+        self, query: str, said: str
+    ) -> None:
+        """A value libpq refuses before connecting can never connect: StorageError at once
+        naming it. (Entering retried it until the timeout, as a server that may come up.)"""
+        adapter = PostgresEventStorageAdapter(f"postgresql://postgres@127.0.0.1{query}", timeout=30)
+        started = time.monotonic()
+        with pytest.raises(StorageError, match=said) as info:
+            async with adapter:
+                pass
+        assert time.monotonic() - started < 10
+        assert not isinstance(info.value, StorageUnavailableError)
+        assert adapter.pool.closed
+
     async def test_entering_waits_up_to_the_timeout_for_a_server_that_refuses(self) -> None:
         """A server that refuses connections may come up: entering tries again until the
         timeout, then raises the retriable error with the reason."""
