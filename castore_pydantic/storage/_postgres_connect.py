@@ -93,12 +93,17 @@ def failure(exc: psycopg.Error, redact: Callable[[str], str]) -> Failure:
 
 
 async def try_connect(
-    pool: AsyncConnectionPool[Any], redact: Callable[[str], str], seconds: float
+    pool: AsyncConnectionPool[Any],
+    redact: Callable[[str], str],
+    seconds: float,
+    attempts: Attempts,
 ) -> Failure | None:
-    """Connect once as ``pool`` does (an owned pool: its conninfo and keywords), then close.
+    """Connect once as ``pool`` does (an owned pool: its class, conninfo and keywords).
 
     ``redact`` takes the password out of a text; ``seconds`` bounds the attempt, whatever
-    ``connect_timeout`` says (which bounds each host's attempt within it).
+    ``connect_timeout`` says (which bounds each host's attempt within it). The connection
+    made is kept as ``attempts``' spare: the pool's next connection (its first, once it
+    opens) is that one, not a new one.
 
     Returns:
         ``None`` if the connection was made, else why it failed.
@@ -109,13 +114,15 @@ async def try_connect(
         # psycopg waits for the socket in the event loop; a cancelled attempt stops
         # waiting, and its half-made connection is closed when it is freed.
         async with asyncio.timeout(seconds):
-            conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+            conn = await pool.connection_class.connect(conninfo, **kwargs)
     except TimeoutError:
         reason = f"connecting took longer than {seconds:.1f}s"
         return Failure(reason=reason, lasting=False, cut_short=True)
     except psycopg.Error as exc:
         return failure(exc, redact)
-    await conn.close()
+    earlier, attempts.spare = attempts.spare, conn
+    if earlier is not None:
+        await earlier.close()
     return None
 
 
@@ -130,6 +137,15 @@ class Attempts:
         self._redact = redact
         #: Why the pool's last attempt failed; ``None`` while none did or the last succeeded.
         self.failure: Failure | None = None
+        #: A connection ``try_connect`` made, which the pool's next connection attempt
+        #: takes instead of connecting again.
+        self.spare: psycopg.AsyncConnection[Any] | None = None
+
+    async def discard_spare(self) -> None:
+        """Close the spare connection no pool took (the pool closed first)."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            await spare.close()
 
     def connection_class(self) -> type[psycopg.AsyncConnection[Any]]:
         """A connection class for the pool that records each attempt here."""
@@ -142,6 +158,9 @@ class Attempts:
 
             @classmethod
             async def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+                spare, attempts.spare = attempts.spare, None
+                if isinstance(spare, cls) and not spare.closed:
+                    return spare  # made with the same parameters, moments ago
                 try:
                     conn = await super().connect(conninfo, **kwargs)
                 except psycopg.Error as exc:

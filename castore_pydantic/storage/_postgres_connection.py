@@ -395,9 +395,10 @@ class Connections:
 
     An owned pool is opened once a connection made outside it succeeded (``try_connect``): a
     configuration no retry can fix (a database that does not exist, a password the server
-    refuses) is then told at once, where the pool would retry it until the timeout. Closing
-    refuses new operations at once, stops ``open`` trying, and closes the pool once the
-    operations in progress (those waiting for a connection included) have ended.
+    refuses) is then told at once, where the pool would retry it until the timeout. That
+    connection becomes the pool's first (``Attempts.spare``), not one more. Closing refuses
+    new operations at once, stops ``open`` trying, and closes the pool once the operations
+    in progress (those waiting for a connection included) have ended.
 
     Args:
         pool: The pool.
@@ -461,6 +462,24 @@ class Connections:
         if not self._opened:
             await self._open(where, wait=True)
 
+    async def _try_connect(self, seconds: float) -> Failure | None:
+        """``try_connect`` for this owned pool (its connection becomes the pool's)."""
+        assert self._attempts is not None  # an owned pool has them
+        return await try_connect(self.pool, self.settings.redact, seconds, self._attempts)
+
+    async def _open_pool(self) -> None:
+        """Open the owned pool after a connection succeeded (``_opening`` held).
+
+        Raises:
+            StorageError: The adapter was closed meanwhile.
+        """
+        if self._shut_down:  # no pool may open after its close
+            if self._attempts is not None:
+                await self._attempts.discard_spare()
+            raise StorageError(f"{self._name} is closed")
+        await self.pool.open()
+        self._opened = True
+
     async def _open(self, where: str, *, wait: bool) -> tuple[float, Failure | None]:
         """Open the pool, after connecting once outside it (an owned pool's).
 
@@ -484,7 +503,7 @@ class Connections:
             told: Failure | None = None  # the last failure that says why
             while True:
                 left = max(timeout - (time.monotonic() - started), 0.001)
-                attempt = try_connect(self.pool, self.settings.redact, left)
+                attempt = self._try_connect(left)
                 failure = await (self._unless_closed(attempt) if wait else attempt)
                 if failure is None or not (failure.lasting or wait):
                     break
@@ -501,10 +520,7 @@ class Connections:
                 # The last attempt at the timeout.
                 await self._unless_closed(asyncio.sleep(min(pause, timeout - waited)))
                 pause = min(pause * 2, 1.0)
-            if self._shut_down:  # no pool may open after its close
-                raise StorageError(f"{self._name} is closed")
-            await self.pool.open()
-            self._opened = True
+            await self._open_pool()
         return time.monotonic() - started, failure
 
     async def _unless_closed(self, work: Coroutine[Any, Any, _T]) -> _T:
@@ -568,6 +584,8 @@ class Connections:
             self._shut_down = True
             if self.owned:
                 await self.pool.close()
+            if self._attempts is not None:
+                await self._attempts.discard_spare()
 
     def _ended(self) -> None:
         """One operation ended: the last one lets a waiting ``close`` go on."""

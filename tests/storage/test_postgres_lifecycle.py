@@ -191,6 +191,46 @@ class TestOpening:
 
 
 @pytest.mark.postgres
+class TestFirstConnection:
+    """The connection made on entering is the pool's first, not one more."""
+
+    async def test_the_pool_starts_with_the_connection_entering_made(self, pg_schema: str) -> None:
+        """Entering, then filling the pool, connects once. (Entering connected, hung up,
+        and the pool connected again.)"""
+        table = await make_table(pg_schema)
+        async with SlowServer(0) as server:
+            async with PostgresEventStorageAdapter(
+                server.dsn, schema=pg_schema, table_name=table, min_size=1
+            ) as adapter:
+                await adapter.pool.wait(timeout=10)
+                assert (await counter_store(adapter).get_events("a1")).events == []
+                assert server.accepted == 1
+            await wait_for(_closed(server), within=5, what="the connection to close")
+
+    async def test_without_min_size_the_first_operation_uses_it(self, pg_schema: str) -> None:
+        """With ``min_size=0``, the first operation takes the connection entering made."""
+        table = await make_table(pg_schema)
+        async with (
+            SlowServer(0) as server,
+            PostgresEventStorageAdapter(
+                server.dsn, schema=pg_schema, table_name=table, min_size=0
+            ) as adapter,
+        ):
+            store = counter_store(adapter)
+            for _ in range(3):
+                assert (await store.get_events("a1")).events == []
+            assert server.accepted == 1
+
+    async def test_a_connection_no_operation_took_is_closed(self) -> None:
+        """Entered and closed with nothing done (``min_size=0``): the connection entering
+        made is closed with the adapter."""
+        async with SlowServer(0) as server:
+            async with PostgresEventStorageAdapter(server.dsn, min_size=0):
+                assert server.accepted == 1
+            await wait_for(_closed(server), within=5, what="the connection to close")
+
+
+@pytest.mark.postgres
 class TestConnectTimeout:
     """Each attempt keeps to the user's ``connect_timeout``; all of them to ``timeout``."""
 
