@@ -137,15 +137,20 @@ def adapter_from_url(
             from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
         except ImportError as exc:
             raise CliError(EXIT_USAGE, str(exc)) from exc
+        # The URL's (or PGCONNECT_TIMEOUT's) connect_timeout is the user's: keywords would
+        # override it. No connection is made ahead of need (min_size=0): the pool's first
+        # one is the connection ``entered`` made, and a command that reads one thing at a
+        # time uses no other.
+        given = connect_timeout_given(url)
         try:
             return PostgresEventStorageAdapter(
                 url,
                 table_name=table,
                 schema=schema,
                 timeout=timeout,
-                min_size=1,
+                min_size=0,
                 max_size=2,
-                connect_kwargs={"connect_timeout": max(1, round(timeout))},
+                connect_kwargs=None if given else {"connect_timeout": max(1, round(timeout))},
             )
         except ValueError as exc:
             raise CliError(EXIT_USAGE, str(exc)) from exc
@@ -208,34 +213,57 @@ def require_table(adapter: EventStorageAdapter) -> None:
         )
 
 
-async def probe_postgres(adapter: EventStorageAdapter, url: str, seconds: float) -> None:
-    """Connect once to the PostgreSQL server of ``--url``, to fail at once if that fails.
+def connect_timeout_given(url: str) -> bool:
+    """Whether ``url`` (or ``PGCONNECT_TIMEOUT``) bounds each connection attempt itself.
 
-    The adapter's pool retries a failing connection until its timeout; a command should
-    say at once that the URL is malformed (exit code 2) or the server cannot be reached
-    (exit code 4). Nothing happens for other adapters.
+    A ``connect_timeout`` of 0 (or less) waits forever in libpq, so it bounds nothing; an
+    unreadable URL is left for the connection attempt to refuse.
+    """
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        value = conninfo_to_dict(url).get("connect_timeout")
+    except Error:
+        return False
+    if value is None:
+        value = os.environ.get("PGCONNECT_TIMEOUT")
+    try:
+        return value is not None and int(str(value).strip()) > 0
+    except ValueError:
+        return False  # libpq refuses it when connecting
+
+
+@contextlib.asynccontextmanager
+async def entered(
+    adapter: EventStorageAdapter, url: str | None, seconds: float
+) -> AsyncIterator[None]:
+    """``async with adapter``; for a PostgreSQL ``--url``, after one connection attempt.
+
+    The adapter's own pool would retry a failing connection until its timeout; a command
+    says at once that the URL is malformed (exit code 2) or the server cannot be reached or
+    refuses it (exit code 4). That attempt is the adapter's, and opens its pool: ``async
+    with`` connects no more. It keeps to the URL's ``connect_timeout`` when the URL (or
+    ``PGCONNECT_TIMEOUT``) gives one, else to ``seconds`` (``--timeout``).
 
     Raises:
         CliError: The connection fails (the message never shows a password).
     """
     from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 
-    if type(adapter) is not PostgresEventStorageAdapter:
-        return
-    import psycopg
-
-    try:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=max(1, round(seconds)))
-    except psycopg.Error as exc:
-        reason = adapter._settings.redact(str(exc).strip())
-        # libpq refuses the URL's values before trying to connect ("connection is bad:
-        # invalid port number..."); a socket that is missing fails there too, but is not
-        # the URL's fault.
-        detail = reason.removeprefix("connection is bad:").strip()
-        if detail != reason and detail.lower().startswith(("invalid", "missing")):
-            raise CliError(EXIT_USAGE, f"--url is not a valid PostgreSQL URL: {detail}") from None
-        raise CliError(EXIT_STORAGE, f"cannot connect to PostgreSQL: {reason}") from None
-    await conn.close()
+    if url is not None and type(adapter) is PostgresEventStorageAdapter:
+        try:
+            failure = await adapter._open_once(None if connect_timeout_given(url) else seconds)
+        except BaseException:
+            await adapter.aclose()
+            raise
+        if failure is not None:
+            await adapter.aclose()
+            if failure.malformed:
+                raise CliError(EXIT_USAGE, f"--url is not a valid PostgreSQL URL: {failure.reason}")
+            raise CliError(EXIT_STORAGE, f"cannot connect to PostgreSQL: {failure.reason}")
+    async with adapter:
+        yield
 
 
 class Target:
@@ -277,9 +305,7 @@ class Target:
         """
         if self.must_exist:
             require_table(self.adapter)
-        if self.url is not None:
-            await probe_postgres(self.adapter, self.url, self.timeout)
-        async with self.adapter:
+        async with entered(self.adapter, self.url, self.timeout):
             yield self.store
 
 

@@ -21,9 +21,9 @@ from castore_pydantic._types import AggregateIdEntry
 from castore_pydantic.cli._app import TIMESTAMP, cli, json_option, progress_option, store_options
 from castore_pydantic.cli._loading import (
     adapter_from_url,
+    entered,
     load_object,
     load_store,
-    probe_postgres,
     require_table,
     working_store,
 )
@@ -171,7 +171,7 @@ def pour(
             async with contextlib.AsyncExitStack() as stack:
                 for adapter in adapters:
                     require_table(adapter)
-                    await stack.enter_async_context(adapter)
+                    await stack.enter_async_context(entered(adapter, url, timeout))
                 closing = getattr(channel_adapter, "aclose", None)
                 if callable(closing):
                     stack.push_async_callback(closing)
@@ -244,12 +244,12 @@ async def _stores_on_adapters(
 ) -> tuple[list[EventStore[Any, Any]], list[EventStorageAdapter]]:
     """The working twins of the named stores, and the distinct adapters to open.
 
-    With ``--url``, every store shares its adapter (``seconds``: its connection timeout),
-    and its PostgreSQL server is connected to once first: a refused URL or an unknown
-    database fails at once.
+    With ``--url``, every store shares its adapter (``seconds``: its connection timeout);
+    ``entered`` connects to its PostgreSQL server once when it is opened, so that a
+    refused URL or an unknown database fails at once.
 
     Raises:
-        CliError: A store is given twice or has no adapter, or the connection fails.
+        CliError: A store is given twice or has no adapter.
     """
     shared = (
         None
@@ -273,8 +273,6 @@ async def _stores_on_adapters(
         if all(adapter is not known for known in adapters):
             adapters.append(adapter)
         working.append(working_store(store, adapter))
-    if shared is not None and url is not None:
-        await probe_postgres(shared, url, seconds)
     return working, adapters
 
 

@@ -95,15 +95,15 @@ def failure(exc: psycopg.Error, redact: Callable[[str], str]) -> Failure:
 async def try_connect(
     pool: AsyncConnectionPool[Any],
     redact: Callable[[str], str],
-    seconds: float,
+    seconds: float | None,
     attempts: Attempts,
 ) -> Failure | None:
     """Connect once as ``pool`` does (an owned pool: its class, conninfo and keywords).
 
     ``redact`` takes the password out of a text; ``seconds`` bounds the attempt, whatever
-    ``connect_timeout`` says (which bounds each host's attempt within it). The connection
-    made is kept as ``attempts``' spare: the pool's next connection (its first, once it
-    opens) is that one, not a new one.
+    ``connect_timeout`` says (which bounds each host's attempt within it); ``None`` leaves
+    it to ``connect_timeout``. The connection made is kept as ``attempts``' spare: the
+    pool's next connection (its first, once it opens) is that one, not a new one.
 
     Returns:
         ``None`` if the connection was made, else why it failed.
@@ -116,7 +116,7 @@ async def try_connect(
         async with asyncio.timeout(seconds):
             conn = await pool.connection_class.connect(conninfo, **kwargs)
     except TimeoutError:
-        reason = f"connecting took longer than {seconds:.1f}s"
+        reason = f"connecting took longer than {seconds or 0:.1f}s"
         return Failure(reason=reason, lasting=False, cut_short=True)
     except psycopg.Error as exc:
         return failure(exc, redact)

@@ -462,7 +462,36 @@ class Connections:
         if not self._opened:
             await self._open(where, wait=True)
 
-    async def _try_connect(self, seconds: float) -> Failure | None:
+    async def open_once(self, seconds: float | None) -> Failure | None:
+        """Open an owned pool if one connection attempt succeeds; never try again.
+
+        For a caller that decides itself what a failure means (the command line): the one
+        attempt is libpq's (every host of the connection string, each within its
+        ``connect_timeout``), bounded by ``seconds`` (``None``: by ``connect_timeout``
+        alone). The pool opens only after it succeeded, with that connection as its first.
+
+        Returns:
+            ``None`` once the pool is open (a borrowed or already open pool: at once), or
+            why the attempt failed (nothing is open then).
+
+        Raises:
+            StorageError: The adapter is closed (also while this tries).
+        """
+        if self._closed:
+            raise StorageError(f"{self._name} is closed")
+        if not self.owned:
+            self._opened = True
+            return None
+        async with self._opening:
+            if self._opened:
+                return None
+            failure = await self._unless_closed(self._try_connect(seconds))
+            if failure is not None:
+                return failure
+            await self._open_pool()
+        return None
+
+    async def _try_connect(self, seconds: float | None) -> Failure | None:
         """``try_connect`` for this owned pool (its connection becomes the pool's)."""
         assert self._attempts is not None  # an owned pool has them
         return await try_connect(self.pool, self.settings.redact, seconds, self._attempts)

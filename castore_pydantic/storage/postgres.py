@@ -40,7 +40,7 @@ from castore_pydantic.errors import (
     StorageError,
 )
 from castore_pydantic.storage import _postgres_direct as direct
-from castore_pydantic.storage._postgres_connect import Attempts
+from castore_pydantic.storage._postgres_connect import Attempts, Failure
 from castore_pydantic.storage._postgres_connection import (
     AsyncConnection,
     Connections,
@@ -233,6 +233,17 @@ class PostgresEventStorageAdapter:
         """
         await self._conns.open(f"opening the adapter of {self._sql.table_ddl}")
         return self
+
+    async def _open_once(self, seconds: float | None) -> Failure | None:
+        """Connect once, and open the owned pool if that worked (for the command line).
+
+        ``async with`` then connects no more. ``seconds`` bounds the attempt (``None``: the
+        ``connect_timeout`` does); see ``Connections.open_once``.
+
+        Returns:
+            ``None``, or why the attempt failed (nothing is open then).
+        """
+        return await self._conns.open_once(seconds)
 
     async def __aexit__(
         self,
