@@ -78,7 +78,8 @@ def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Ca
             default=10.0,
             show_default=True,
             callback=_finite,
-            help="Seconds to wait for a PostgreSQL connection (with --url).",
+            help="Seconds to wait for a PostgreSQL connection (with --url), unless the URL "
+            "gives a connect_timeout.",
         ),
     ]
     for decorator in reversed(decorators):
