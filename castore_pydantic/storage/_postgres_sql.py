@@ -40,6 +40,9 @@ _UPSERT = (
     " type = EXCLUDED.type, data = EXCLUDED.data, metadata = EXCLUDED.metadata,"
     ' "timestamp" = EXCLUDED."timestamp"'
 )
+# The id as the row holds it: a uuid column stores another spelling of a UUID (upper case,
+# braces, no hyphens) in lower-case canonical form.
+_RETURNING_ID = " RETURNING aggregate_id::text"
 # The initial event timestamp as listed: UTC, truncated to the millisecond like every
 # timestamp this library hands out, so that page cursors (which carry milliseconds) compare
 # equal to the rows they came from even when another program wrote microseconds.
@@ -120,6 +123,8 @@ class Statements:
         self.listing_index = derived_name(table, _LISTING_SUFFIX)
         self.insert = f"INSERT INTO {self.table} ({_COLUMNS}) VALUES {_ROW}"
         self.upsert = self.insert + _UPSERT
+        self.insert_returning = self.insert + _RETURNING_ID
+        self.upsert_returning = self.upsert + _RETURNING_ID
         self._events: dict[tuple[bool, bool, bool], str] = {}
         self._first_events: dict[tuple[bool, bool], str] = {}
         self._listings: dict[tuple[bool, bool, bool, bool, bool], str] = {}
@@ -231,23 +236,39 @@ class Statements:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def write(self, *, force: bool) -> str:
-        """One event."""
+    def write(self, *, force: bool, returning: bool = False) -> str:
+        """One event; ``returning``: its row's ``aggregate_id`` as text."""
+        if returning:
+            return self.upsert_returning if force else self.insert_returning
         return self.upsert if force else self.insert
 
     @staticmethod
-    def write_group(targets: list[tuple[Statements, int]], *, force: bool) -> str:
+    def write_group(
+        targets: list[tuple[Statements, int]], *, force: bool, returning: bool = False
+    ) -> str:
         """Several tables' rows as ONE statement: atomic without BEGIN/COMMIT round trips.
 
         Each table gets one multi-row INSERT; all but the last run as data-modifying CTEs.
+        With ``returning``, every row written is returned as ``(target index, aggregate_name,
+        aggregate_id, version)``, all as text (the index is the table's in ``targets``).
         """
         inserts = []
-        for statements, count in targets:
+        for index, (statements, count) in enumerate(targets):
             rows = ", ".join([_ROW] * count)
             text = f"INSERT INTO {statements.table} ({_COLUMNS}) VALUES {rows}"
-            inserts.append(text + _UPSERT if force else text)
+            if force:
+                text += _UPSERT
+            if returning:
+                text += (
+                    f" RETURNING '{index}', aggregate_name::text, aggregate_id::text, version::text"
+                )
+            inserts.append(text)
         if len(inserts) == 1:
             return inserts[0]
+        if returning:
+            ctes = ", ".join(f"w{i} AS ({text})" for i, text in enumerate(inserts))
+            union = " UNION ALL ".join(f"SELECT * FROM w{i}" for i in range(len(inserts)))
+            return f"WITH {ctes} {union}"
         ctes = ", ".join(f"w{i} AS ({text})" for i, text in enumerate(inserts[:-1]))
         return f"WITH {ctes} {inserts[-1]}"
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol
 
 from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
@@ -13,12 +15,36 @@ from castore_pydantic.storage._postgres_connection import AsyncConnection, tuple
 from castore_pydantic.storage._postgres_jsonb import jsonb_text
 from castore_pydantic.storage._postgres_sql import Statements
 
-__all__ = ["GroupPlan", "Member", "event_row", "storable"]
+__all__ = [
+    "GroupPlan",
+    "Member",
+    "event_row",
+    "recast",
+    "storable",
+]
 
 # A statement holds at most 65,535 parameters (7 per event): larger groups are split.
 ROWS_PER_STATEMENT = 5000
 _GROUP_SQL_CACHE = 256  # group statements kept per adapter, by tables and sizes
 _LOOKUP_BATCH = 500  # grouped events checked per query when finding a conflict's culprit
+
+
+# What PostgreSQL's uuid input accepts: 32 hex digits, a hyphen allowed after each group of
+# four, all in braces or none (``string_to_uuid`` in its ``uuid.c``).
+_UUID_INPUT = re.compile(r"(\{)?[0-9A-Fa-f]{4}(?:-?[0-9A-Fa-f]{4}){7}(?(1)\})")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def recast(aggregate_id: str) -> bool:
+    """Whether a uuid column would hold ``aggregate_id`` in another spelling.
+
+    True for a UUID spelt other than lower-case canonical (upper case, braces, no hyphens):
+    a push of such an id asks the row for the id it holds. Cheap for every other id, so
+    that pushes to text tables pay (almost) nothing for it.
+    """
+    if len(aggregate_id) == 36 and _CANONICAL_UUID.fullmatch(aggregate_id) is not None:
+        return False
+    return 32 <= len(aggregate_id) <= 41 and _UUID_INPUT.fullmatch(aggregate_id) is not None
 
 
 def storable(text: str) -> bool:
@@ -158,6 +184,32 @@ class GroupPlan:
         cursor = await tuple_cursor(conn).execute(Statements.uuid_id_tables(), (list(ddl),))
         return frozenset(ddl[name] for (name,) in await cursor.fetchall())
 
+    @property
+    def recast(self) -> bool:
+        """Whether a member's id may be held in another spelling (``recast``)."""
+        return any(recast(member.event.aggregate_id) for member in self.members)
+
+    def stored_events(self, held: Iterable[tuple[str, str, str, int]]) -> list[Event]:
+        """The members' events with their ids as the rows hold them.
+
+        ``held`` are the rows written, as ``(table, store, aggregate id, version)``. A
+        member's id stands if its row holds it as given (a text table); otherwise the row
+        of its canonical spelling (a uuid table) gives the id.
+        """
+        rows = set(held)
+        events = []
+        for member in self.members:
+            event = member.event
+            aggregate_id = event.aggregate_id
+            if recast(aggregate_id):
+                table = member.target._sql.table
+                key = (table, member.event_store_id, aggregate_id, event.version)
+                canonical = _uuid_text(aggregate_id)
+                if key not in rows and (*key[:2], canonical, key[3]) in rows:
+                    event = event.model_copy(update={"aggregate_id": canonical})
+            events.append(event)
+        return events
+
     async def first_conflict(self, conn: AsyncConnection) -> tuple[str, str, int]:
         """The first member in group order that conflicts, when the group repeats a key.
 
@@ -198,31 +250,42 @@ class GroupPlan:
                 return int(stored[0])
         return None
 
-    def statements(self, cache: dict[tuple[Any, ...], str]) -> list[tuple[str, list[Any]]]:
+    def statements(
+        self, cache: dict[tuple[Any, ...], str], *, returning: bool = False
+    ) -> list[tuple[str, list[Any], list[str]]]:
         """The statements writing the group: one, unless it holds too many values for one.
 
-        ``cache`` keeps single statements by shape (tables and sizes) between calls.
+        Each comes with the tables it writes, in order: with ``returning``, its rows name
+        their table by its index there (``Statements.write_group``). ``cache`` keeps single
+        statements by shape (tables and sizes) between calls.
         """
         tables = self.tables
         if self.rows <= ROWS_PER_STATEMENT:
-            shape = (self.force, *[(table, len(rows)) for table, (_, rows) in tables.items()])
+            shape = (
+                self.force,
+                returning,
+                *[(table, len(rows)) for table, (_, rows) in tables.items()],
+            )
             query = cache.get(shape)
             if query is None:
                 query = Statements.write_group(
                     [(statements, len(rows)) for statements, rows in tables.values()],
                     force=self.force,
+                    returning=returning,
                 )
                 if len(cache) < _GROUP_SQL_CACHE:
                     cache[shape] = query
             values = [v for _, rows in tables.values() for row in rows.values() for v in row]
-            return [(query, values)]
+            return [(query, values, list(tables))]
         batches = []
-        for statements, rows in tables.values():
+        for table, (statements, rows) in tables.items():
             listed = list(rows.values())
             for start in range(0, len(listed), ROWS_PER_STATEMENT):
                 chunk = listed[start : start + ROWS_PER_STATEMENT]
-                query = Statements.write_group([(statements, len(chunk))], force=self.force)
-                batches.append((query, [value for row in chunk for value in row]))
+                query = Statements.write_group(
+                    [(statements, len(chunk))], force=self.force, returning=returning
+                )
+                batches.append((query, [value for row in chunk for value in row], [table]))
         return batches
 
     async def culprit(self, conn: AsyncConnection, exc: Any) -> tuple[str, str, int] | None:

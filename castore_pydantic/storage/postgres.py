@@ -53,6 +53,7 @@ from castore_pydantic.storage._postgres_writes import (
     GroupPlan,
     check_store_id,
     event_row,
+    recast,
     storable,
 )
 
@@ -85,6 +86,13 @@ def _long_params(
     if max_version is not None:
         rest.append(max_version)
     return rest
+
+
+def _text(conn: AsyncConnection, value: bytes | None) -> str:
+    """A text value of a result row (never NULL where it is read)."""
+    assert value is not None
+    text = direct.decoded(conn, value)
+    return text.decode() if isinstance(text, bytes) else text
 
 
 def _naive_utc(value: datetime) -> datetime:
@@ -418,6 +426,10 @@ class PostgresEventStorageAdapter:
     ) -> Event:
         """Store one event with a single INSERT (see ``EventStorageAdapter.push_event``).
 
+        The event returned has the id as the table holds it: on a ``uuid`` table, a UUID
+        spelt in upper case, in braces or without hyphens comes back lower-case canonical
+        (the row's id is then returned by the INSERT itself: no further round trip).
+
         Raises:
             EventAlreadyExistsError: The version is taken (and ``force`` is false).
             EventLimitExceededError: A value does not fit the table (e.g. a non-UUID id on a
@@ -430,11 +442,18 @@ class PostgresEventStorageAdapter:
         check_store_id(event_store_id)
         event = stamped(event)
         params = event_row(event, event_store_id)
-        query = self._sql.upsert if force else self._sql.insert
+        returning = recast(event.aggregate_id)
+        if returning:
+            query = self._sql.write(force=force, returning=True)
+        else:
+            query = self._sql.upsert if force else self._sql.insert
         where = self._where("pushing an event")
+        held = event.aggregate_id
         conn = await self._conns.acquire(where)
         try:
-            await direct.execute(conn, query, params)
+            result = await direct.execute(conn, query, params)
+            if returning:
+                held = _text(conn, result.get_value(0, 0))
         except pg_errors.UniqueViolation as exc:
             try:
                 conflict = await self._is_event_key(conn, exc)
@@ -454,6 +473,8 @@ class PostgresEventStorageAdapter:
             raise error from self._settings.cause(exc)
         finally:
             await self._conns.release(conn)
+        if held != event.aggregate_id:
+            return event.model_copy(update={"aggregate_id": held})
         return event
 
     def group_event(self, event: Event, context: EventStoreContext) -> GroupedEvent:
@@ -520,33 +541,55 @@ class PostgresEventStorageAdapter:
         try:
             while True:
                 try:
-                    await self._write_group(conn, plan)
+                    held = await self._write_group(conn, plan)
                 except pg_errors.CardinalityViolation as exc:
                     plan = await self._fold_uuids(conn, plan, grouped_events, exc, where)
                     continue
-                return [member.event for member in plan.members]
+                if held is None:
+                    return [member.event for member in plan.members]
+                return plan.stored_events(held)
         finally:
             await self._conns.release(conn)
 
-    async def _write_group(self, conn: AsyncConnection, plan: GroupPlan) -> None:
+    async def _write_group(
+        self, conn: AsyncConnection, plan: GroupPlan
+    ) -> list[tuple[str, str, str, int]] | None:
         """Write a planned group, raising the library's errors (see ``push_event_group``).
+
+        When a member's id may be held in another spelling (``GroupPlan.recast``), returns
+        the rows written, as ``(table, store, aggregate id, version)``: the statements
+        return them, so that no further round trip is needed. ``None`` otherwise.
 
         Raises:
             psycopg.errors.CardinalityViolation: A forced group holds one UUID in two
                 spellings (``_fold_uuids``).
         """
         where = self._where("pushing an event group")
-        batches = plan.statements(self._group_sql)
+        returning = plan.recast
+        batches = plan.statements(self._group_sql, returning=returning)
+        held: list[tuple[str, str, str, int]] = []
         try:
             if len(batches) == 1:
-                await direct.execute(conn, *batches[0])
+                query, params, tables = batches[0]
+                result = await direct.execute(conn, query, params)
+                if returning:
+                    for row in range(result.ntuples):
+                        index, store, aggregate_id, version = (
+                            _text(conn, result.get_value(row, column)) for column in range(4)
+                        )
+                        held.append((tables[int(index)], store, aggregate_id, int(version)))
             else:
                 # A cursor of its own: a cached one would keep the huge statement's parsed
                 # text and values alive until its next use.
                 async with tuple_cursor(conn) as cursor, conn.transaction():
-                    for query, params in batches:
+                    for query, params, tables in batches:
                         with direct.encoding_errors(conn, params):
                             await cursor.execute(query, params)
+                        if returning:
+                            held.extend(
+                                (tables[int(index)], store, aggregate_id, int(version))
+                                for index, store, aggregate_id, version in await cursor.fetchall()
+                            )
         except pg_errors.UniqueViolation as exc:
             try:
                 culprit = await plan.culprit(conn, exc)
@@ -565,6 +608,7 @@ class PostgresEventStorageAdapter:
                 lost_write=conn.broken,
             )
             raise error from self._settings.cause(exc)
+        return held if returning else None
 
     async def _fold_uuids(
         self,

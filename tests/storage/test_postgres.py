@@ -27,6 +27,14 @@ from castore_pydantic.errors import (
     StorageUnavailableError,
     StoredEventValidationError,
 )
+from castore_pydantic.messaging import (
+    ConnectedEventStore,
+    MessageContext,
+    StateCarryingMessage,
+    StateCarryingMessageQueue,
+)
+from castore_pydantic.messaging.memory import InMemoryMessageQueueAdapter
+from castore_pydantic.storage import _postgres_writes as postgres_writes
 from castore_pydantic.storage import postgres as postgres_module
 from castore_pydantic.storage.postgres import PostgresEventStorageAdapter
 from castore_pydantic.testing.contracts import (
@@ -1150,6 +1158,75 @@ class TestUuidTable:
             listed = (await store.list_aggregate_ids()).aggregate_ids
             assert [e.aggregate_id for e in listed] == [upper.lower()]
 
+    async def test_a_push_returns_the_id_as_the_table_holds_it(self, pg_schema: str) -> None:
+        """An upper-case UUID pushed through a connected store comes back lower-case in the
+        result, the next aggregate and every message, as Castore returns its RETURNING row:
+        the first message kept the caller's spelling while the second, whose aggregate is
+        read from the table, carried the lower-case one, so one message's event and
+        aggregate disagreed."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            queue = StateCarryingMessageQueue(message_queue_id="q", source_event_stores=[store])
+            received: list[StateCarryingMessage] = []
+
+            async def worker(message: StateCarryingMessage, context: MessageContext) -> None:
+                received.append(message)
+
+            queue_adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=worker)
+            connected = ConnectedEventStore(store, queue)
+            lower = str(uuid.uuid4())
+            first = await connected.push_event(created(lower.upper()))
+            second = await connected.push_event(incremented(lower.upper(), 2))
+            await queue_adapter.join()
+            assert first.event.aggregate_id == second.event.aggregate_id == lower
+            assert first.next_aggregate is not None
+            assert first.next_aggregate.aggregate_id == lower
+            assert [(m.event.aggregate_id, m.aggregate.aggregate_id) for m in received] == [
+                (lower, lower),
+                (lower, lower),
+            ]
+
+    @pytest.mark.parametrize("force", [False, True])
+    async def test_every_spelling_of_a_uuid_comes_back_canonical(
+        self, pg_schema: str, force: bool
+    ) -> None:
+        """Braces, no hyphens and upper case are stored, and returned by push_event and
+        push_event_group, in lower-case canonical form; the same spellings pushed to a text
+        table in the same group come back as given."""
+        uuid_table = await make_table(pg_schema, aggregate_id_type="uuid")
+        text_table = await make_table(pg_schema)
+        async with (
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=uuid_table) as uuids,
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=text_table) as texts,
+        ):
+            uuid_store, text_store = counter_store(uuids), counter_store(texts)
+            for spell in (str.upper, lambda i: f"{{{i}}}", lambda i: i.replace("-", "")):
+                lower = str(uuid.uuid4())
+                pushed = await uuid_store.push_event(created(spell(lower)), force=force)
+                assert pushed.event.aggregate_id == lower
+                assert pushed.next_aggregate is not None
+                assert pushed.next_aggregate.aggregate_id == lower
+                other, text_id = str(uuid.uuid4()), spell(str(uuid.uuid4()))
+                result = await EventStore.push_event_group(
+                    uuid_store.group_event(incremented(spell(lower), 2)),
+                    text_store.group_event(created(text_id)),
+                    uuid_store.group_event(created(spell(other))),
+                    uuid_store.group_event(created(str(uuid.uuid4()).upper(), 3)),
+                    force=force,
+                )
+                ids = [item.event.aggregate_id for item in result.event_group]
+                assert ids[:3] == [lower, text_id, other]
+                assert ids[3] == ids[3].lower()
+                (alone,) = (
+                    await EventStore.push_event_group(
+                        uuid_store.group_event(incremented(spell(other), 2)), force=force
+                    )
+                ).event_group
+                assert alone.event.aggregate_id == other
+            rows = await fetch(f'SELECT count(*) FROM "{pg_schema}"."{uuid_table}"')
+            assert rows == [(15,)]
+
     async def test_non_uuid_ids_are_refused_on_write_and_absent_on_read(
         self, pg_schema: str
     ) -> None:
@@ -1172,6 +1249,28 @@ class TestUuidTable:
                 )
             assert (await store.get_events("not-a-uuid")).events == []
             assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
+
+    async def test_a_group_of_several_statements_returns_canonical_ids(
+        self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A group too large for one statement (here: more than two rows per statement)
+        also returns the ids as its tables hold them."""
+        monkeypatch.setattr(postgres_writes, "ROWS_PER_STATEMENT", 2)
+        uuid_table = await make_table(pg_schema, aggregate_id_type="uuid")
+        text_table = await make_table(pg_schema)
+        async with (
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=uuid_table) as uuids,
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=text_table) as texts,
+        ):
+            uuid_store, text_store = counter_store(uuids), counter_store(texts)
+            lower, text_id = str(uuid.uuid4()), str(uuid.uuid4()).upper()
+            grouped = [uuid_store.group_event(created(lower.upper()))]
+            grouped += [uuid_store.group_event(incremented(lower.upper(), v)) for v in (2, 3)]
+            grouped += [text_store.group_event(created(text_id))]
+            result = await EventStore.push_event_group(*grouped)
+            ids = [item.event.aggregate_id for item in result.event_group]
+            assert ids == [lower, lower, lower, text_id]
+        assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{uuid_table}"') == [(3,)]
 
     async def test_one_uuid_in_two_spellings_in_a_forced_group_lets_the_later_win(
         self, pg_schema: str
