@@ -225,7 +225,8 @@ class EventLimitExceededError(CastoreError, ValueError):
     """An event is too deep, too large, or holds a value that cannot be stored as JSON.
 
     Limits are set per event store (see ``EventLimits``); values such as ``NaN``, a lone
-    surrogate or a NUL character are refused because JSON and PostgreSQL cannot hold them.
+    surrogate or a NUL character are refused because JSON and PostgreSQL cannot hold them,
+    and so is an aggregate id that is no UUID on a PostgreSQL table whose ids are ``uuid``.
 
     Attributes:
         event_store_id: The event store that refused the event.

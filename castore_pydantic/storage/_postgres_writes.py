@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from castore_pydantic._event import Event, stamped, utc_now, utf8_encodable
@@ -19,7 +19,9 @@ __all__ = [
     "GroupPlan",
     "Member",
     "event_row",
+    "not_a_uuid",
     "recast",
+    "refused_id",
     "storable",
 ]
 
@@ -45,6 +47,57 @@ def recast(aggregate_id: str) -> bool:
     if len(aggregate_id) == 36 and _CANONICAL_UUID.fullmatch(aggregate_id) is not None:
         return False
     return 32 <= len(aggregate_id) <= 41 and _UUID_INPUT.fullmatch(aggregate_id) is not None
+
+
+def not_a_uuid(aggregate_id: str) -> bool:
+    """Whether PostgreSQL's uuid input refuses ``aggregate_id``."""
+    return _UUID_INPUT.fullmatch(aggregate_id) is None
+
+
+def uuid_refused(event_store_id: str, aggregate_id: str, table: str) -> EventLimitExceededError:
+    """The error of an id that is no UUID pushed to a table whose ids are uuid."""
+    return EventLimitExceededError(
+        event_store_id,
+        f"aggregate id {aggregate_id!r} is not a UUID, and the aggregate_id column of"
+        f" {table} is uuid (as in Castore's default table): push UUIDs to it, or use a"
+        " table made with create_event_table() (text ids)",
+        ("aggregateId",),
+    )
+
+
+async def uuid_tables(conn: AsyncConnection, tables: Iterable[str]) -> frozenset[str]:
+    """Which of ``tables`` (``regclass`` texts) have a ``uuid`` ``aggregate_id``.
+
+    Raises:
+        psycopg.Error: The lookup failed.
+    """
+    names = list(dict.fromkeys(tables))
+    with direct.encoding_errors(conn):  # its parameters are names, not values
+        cursor = await tuple_cursor(conn).execute(Statements.uuid_id_tables(), (names,))
+    return frozenset(name for (name,) in await cursor.fetchall())
+
+
+async def refused_id(
+    conn: AsyncConnection, members: Sequence[tuple[Statements, str, str]]
+) -> EventLimitExceededError | None:
+    """The error naming the first of ``members`` whose id a uuid table refuses, if any.
+
+    For a write that PostgreSQL refused as invalid text (``22P02``): ``members`` are
+    ``(statements, event store id, aggregate id)`` in push order. An id that is no UUID is
+    at fault if its table's ``aggregate_id`` is a ``uuid`` (or a domain over it). Looked
+    up after the failure, so that writes pay nothing for it.
+
+    Raises:
+        psycopg.Error: The lookup failed.
+    """
+    suspects = [member for member in members if not_a_uuid(member[2])]
+    if not suspects:
+        return None
+    found = await uuid_tables(conn, (statements.table_ddl for statements, _, _ in suspects))
+    for statements, event_store_id, aggregate_id in suspects:
+        if statements.table_ddl in found:
+            return uuid_refused(event_store_id, aggregate_id, statements.table_ddl)
+    return None
 
 
 def storable(text: str) -> bool:
@@ -181,13 +234,16 @@ class GroupPlan:
     async def uuid_tables(self, conn: AsyncConnection) -> frozenset[str]:
         """The group's tables whose ``aggregate_id`` is a ``uuid`` (for ``fold_uuids``)."""
         ddl = {statements.table_ddl: table for table, (statements, _) in self.tables.items()}
-        cursor = await tuple_cursor(conn).execute(Statements.uuid_id_tables(), (list(ddl),))
-        return frozenset(ddl[name] for (name,) in await cursor.fetchall())
+        return frozenset(ddl[name] for name in await uuid_tables(conn, ddl))
 
     @property
     def recast(self) -> bool:
         """Whether a member's id may be held in another spelling (``recast``)."""
         return any(recast(member.event.aggregate_id) for member in self.members)
+
+    def id_members(self) -> list[tuple[Statements, str, str]]:
+        """Each member's statements, event store id and aggregate id (for ``refused_id``)."""
+        return [(m.target._sql, m.event_store_id, m.event.aggregate_id) for m in self.members]
 
     def stored_events(self, held: Iterable[tuple[str, str, str, int]]) -> list[Event]:
         """The members' events with their ids as the rows hold them.

@@ -34,6 +34,7 @@ from castore_pydantic._paging import ListingOptions, check_read_options
 from castore_pydantic._serialization import EventStoreContext
 from castore_pydantic._types import AggregateIdEntry, GroupedEvent, ListAggregateIdsResult
 from castore_pydantic.errors import (
+    CastoreError,
     EventAlreadyExistsError,
     EventGroupError,
     InvalidPageTokenError,
@@ -54,6 +55,7 @@ from castore_pydantic.storage._postgres_writes import (
     check_store_id,
     event_row,
     recast,
+    refused_id,
     storable,
 )
 
@@ -467,15 +469,44 @@ class PostgresEventStorageAdapter:
             error = self._conns.error(exc, where, event_store_id=event_store_id)
             raise error from self._settings.cause(exc)
         except psycopg.Error as exc:
-            error = self._conns.error(
-                exc, where, event_store_id=event_store_id, lost_write=conn.broken
-            )
+            members = [(self._sql, event_store_id, event.aggregate_id)]
+            error = await self._write_error(conn, exc, where, members)
             raise error from self._settings.cause(exc)
         finally:
             await self._conns.release(conn)
         if held != event.aggregate_id:
             return event.model_copy(update={"aggregate_id": held})
         return event
+
+    async def _write_error(
+        self,
+        conn: AsyncConnection,
+        exc: psycopg.Error,
+        where: str,
+        members: Sequence[tuple[Statements, str, str]],
+        *,
+        sent: bool = True,
+    ) -> CastoreError:
+        """The library's error for a write of ``members`` that PostgreSQL refused.
+
+        ``members`` are ``(statements, event store id, aggregate id)`` in push order; the
+        first one's store is named when no event can be told. ``sent``: the write was sent
+        (not only a lookup before it), so a lost connection leaves its outcome unknown.
+
+        For an id that is no UUID on a uuid table, PostgreSQL's own error says only that
+        some text is no valid input for ``uuid`` (in the server's language): the ids and
+        the tables' column types, looked up then, tell which event it was.
+        """
+        if isinstance(exc, pg_errors.InvalidTextRepresentation) and not conn.broken:
+            try:
+                refused = await refused_id(conn, members)
+            except psycopg.Error:
+                refused = None  # the write failed; finding out why did too: say what is known
+            if refused is not None:
+                return refused
+        return self._conns.error(
+            exc, where, event_store_id=members[0][1], lost_write=sent and conn.broken
+        )
 
     def group_event(self, event: Event, context: EventStoreContext) -> GroupedEvent:
         """Wrap an event for a group pushed by PostgreSQL adapters."""
@@ -601,12 +632,7 @@ class PostgresEventStorageAdapter:
         except pg_errors.CardinalityViolation:
             raise
         except psycopg.Error as exc:
-            error = self._conns.error(
-                exc,
-                where,
-                event_store_id=plan.members[0].event_store_id,
-                lost_write=conn.broken,
-            )
+            error = await self._write_error(conn, exc, where, plan.id_members())
             raise error from self._settings.cause(exc)
         return held if returning else None
 
@@ -675,7 +701,7 @@ class PostgresEventStorageAdapter:
         except psycopg.Error as exc:
             # A value the table refuses (an id that is no UUID, on a uuid table) is the
             # event's, as when the group is written.
-            error = self._conns.error(exc, where, event_store_id=plan.members[0].event_store_id)
+            error = await self._write_error(conn, exc, where, plan.id_members(), sent=False)
             raise error from self._settings.cause(exc)
         finally:
             await self._conns.release(conn)

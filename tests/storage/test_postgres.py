@@ -1254,7 +1254,7 @@ class TestUuidTable:
         self, pg_schema: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A group too large for one statement (here: more than two rows per statement)
-        also returns the ids as its tables hold them."""
+        also returns the ids as its tables hold them, and names an id that is no UUID."""
         monkeypatch.setattr(postgres_writes, "ROWS_PER_STATEMENT", 2)
         uuid_table = await make_table(pg_schema, aggregate_id_type="uuid")
         text_table = await make_table(pg_schema)
@@ -1267,10 +1267,53 @@ class TestUuidTable:
             grouped = [uuid_store.group_event(created(lower.upper()))]
             grouped += [uuid_store.group_event(incremented(lower.upper(), v)) for v in (2, 3)]
             grouped += [text_store.group_event(created(text_id))]
+            with pytest.raises(EventLimitExceededError, match="'order-1' is not a UUID"):
+                await EventStore.push_event_group(
+                    *grouped, uuid_store.group_event(created("order-1"))
+                )
             result = await EventStore.push_event_group(*grouped)
             ids = [item.event.aggregate_id for item in result.event_group]
             assert ids == [lower, lower, lower, text_id]
         assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{uuid_table}"') == [(3,)]
+
+    async def test_a_non_uuid_id_is_named_with_the_column_type(self, pg_schema: str) -> None:
+        """An id that is no UUID, pushed alone or in a group (also one that repeats a key,
+        or that mixes text and uuid tables), is refused naming the id, its event store and
+        the table's uuid column; nothing is written. It was an error "at event" saying only
+        that PostgreSQL refused a value, naming the group's first store."""
+        uuid_table = await make_table(pg_schema, aggregate_id_type="uuid")
+        text_table = await make_table(pg_schema)
+        async with (
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=uuid_table) as uuids,
+            PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=text_table) as texts,
+        ):
+            uuid_store, text_store = counter_store(uuids), counter_store(texts)
+            attempts = [
+                lambda: uuid_store.push_event(created("order-1")),
+                lambda: uuid_store.push_event(created("order-1"), force=True),
+                lambda: EventStore.push_event_group(
+                    text_store.group_event(created("order-1")),
+                    uuid_store.group_event(created(str(uuid.uuid4()))),
+                    uuid_store.group_event(created("order-1")),
+                ),
+                lambda: EventStore.push_event_group(
+                    text_store.group_event(created("order-2")),
+                    uuid_store.group_event(created("order-1")),
+                    uuid_store.group_event(created("order-1")),
+                ),
+            ]
+            for attempt in attempts:
+                with pytest.raises(EventLimitExceededError) as info:
+                    await attempt()
+                error = info.value
+                assert (error.event_store_id, error.path) == (
+                    uuid_store.event_store_id,
+                    ("aggregateId",),
+                )
+                assert "'order-1' is not a UUID" in str(error)
+                assert f'aggregate_id column of "{pg_schema}"."{uuid_table}" is uuid' in str(error)
+        for table in (uuid_table, text_table):
+            assert await fetch(f'SELECT count(*) FROM "{pg_schema}"."{table}"') == [(0,)]
 
     async def test_one_uuid_in_two_spellings_in_a_forced_group_lets_the_later_win(
         self, pg_schema: str
