@@ -85,15 +85,29 @@ class MessageChannel(Generic[M]):
         if not isinstance(message_channel_id, str) or not message_channel_id:
             raise ValueError("a message channel id must be a non-empty string")
         self.message_channel_id = message_channel_id
-        self.message_channel_adapter = message_channel_adapter
+        self._message_channel_adapter = message_channel_adapter
         self._source_event_stores = tuple(source_event_stores)
         by_id: dict[str, EventStore[Any, Any]] = {}
         for store in self._source_event_stores:
             by_id.setdefault(store.event_store_id, store)  # the first store with an id wins
         self._stores_by_id = by_id
         self._aggregate_classes: dict[str, type[BaseModel] | None] = {}
-        # An in-memory adapter handed over here learns its channel, as attach_to tells it.
-        bind = getattr(message_channel_adapter, "_bind_channel", None)
+        self._bind(message_channel_adapter)
+
+    @property
+    def message_channel_adapter(self) -> MessageChannelAdapter | None:
+        """The adapter that carries the channel's messages (``attach_to`` sets it)."""
+        return self._message_channel_adapter
+
+    @message_channel_adapter.setter
+    def message_channel_adapter(self, adapter: MessageChannelAdapter | None) -> None:
+        self._message_channel_adapter = adapter
+        self._bind(adapter)
+
+    def _bind(self, adapter: MessageChannelAdapter | None) -> None:
+        # An in-memory adapter given here (Castore's constructor or attribute) learns its
+        # channel, as attach_to tells it.
+        bind = getattr(adapter, "_bind_channel", None)
         if bind is not None:
             bind(self)
 

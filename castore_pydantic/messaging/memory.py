@@ -69,23 +69,43 @@ class _Carried:
     body again, so that no two handlers share an object, as on the brokers.
     """
 
-    __slots__ = ("_fresh", "_parse", "body")
+    __slots__ = ("_fresh", "_parse", "body", "published")
 
-    def __init__(self, body: str, fresh: Message, parse: Callable[[str], Message] | None) -> None:
+    def __init__(
+        self,
+        body: str,
+        published: Message,
+        fresh: Message | None,
+        parse: Callable[[str], Message] | None,
+    ) -> None:
         self.body = body
-        self._fresh: Message | None = fresh
+        #: The message as it was published: a dead letter's when the body no longer parses.
+        self.published = published
+        self._fresh = fresh
         self._parse = parse
 
     def take(self) -> Message:
-        """The message for one delivery: parsed from the body, nobody else's."""
-        fresh = self._fresh
+        """The message for one delivery: parsed from the body, nobody else's.
+
+        Raises:
+            Exception: Parsing the body again failed (a validator that now refuses it).
+        """
         if self._parse is None:
-            assert fresh is not None  # without a channel the message is handed as it is
-            return fresh
+            return self.published  # without a channel the message is handed as it is
+        fresh = self._fresh
         if fresh is not None:
             self._fresh = None
             return fresh
         return self._parse(self.body)
+
+    def letter(self) -> Message:
+        """The message for a dead letter: as published, untouched by the handlers."""
+        if self._parse is None:
+            return self.published
+        try:
+            return self._parse(self.body)
+        except Exception:  # it no longer parses: the letter keeps what was published
+            return self.published
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -122,6 +142,7 @@ class _InMemoryAdapter:
     ) -> None:
         self.retry_policy = RetryPolicy(retry_attempts, retry_delay_in_ms, retry_backoff_rate)
         self.message_channel: MessageChannel[Any] | None = None
+        self._shared = False  # handed to several channels: parses for none of them
         # Every piece of pending work (a delivery, a FIFO draining, a retry waiting for its
         # delay) is a task in this set; a failing attempt schedules its retry before it ends.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -151,19 +172,51 @@ class _InMemoryAdapter:
         body = message.model_dump_json()
         channel = self.message_channel
         if channel is None:
-            return _Carried(body, message, None)
+            return _Carried(body, message, None, None)
         parse = channel.parse_message
-        return _Carried(body, parse(body), parse)
+        return _Carried(body, message, parse(body), parse)
+
+    def _carried_letters(self, letters: Sequence[DeadLetter]) -> list[tuple[DeadLetter, _Carried]]:
+        """Put dead letters in wire form to be handled again; keep those that cannot be.
+
+        A letter whose message no longer parses back stays a dead letter, its error
+        replaced by why; the others are returned, and none is lost to another's failure.
+        """
+        carried = []
+        kept = []
+        for letter in letters:
+            try:
+                carried.append((letter, self._carry(letter.message)))
+            except Exception as exc:
+                kept.append(dataclasses.replace(letter, error=describe_error(exc)))
+        self._dead_letters.clear()
+        self._dead_letters.extend(kept)
+        return carried
 
     def _bind_channel(self, channel: MessageChannel[Any]) -> None:
-        """Learn the channel whose constructor was handed this adapter (Castore's form).
+        """Learn the channel that was handed this adapter (Castore's forms).
 
-        ``NotificationMessageQueue(..., message_queue_adapter=adapter)`` gives the channel
-        its adapter; the adapter needs its channel too, to parse messages back as a broker's
-        consumer does. An adapter that has a channel already keeps it.
+        ``NotificationMessageQueue(..., message_queue_adapter=adapter)``, or setting the
+        attribute, gives the channel its adapter; the adapter needs its channel too, to
+        parse messages back as a broker's consumer does. An adapter handed to a second
+        channel cannot tell whose a message is: it parses for neither, and says so.
         """
-        if self.message_channel is None:
+        if self.message_channel is channel:
+            return
+        if self.message_channel is None and not self._shared:
             self.message_channel = channel
+            return
+        if not self._shared:
+            logger.warning(
+                "%s is carrying a second channel (%r, after %r): it now hands messages on as"
+                " they were published, not parsed back as a broker would, and checks bus"
+                " patterns against neither; give each channel its own adapter",
+                type(self).__name__,
+                channel.message_channel_id,
+                self.message_channel.message_channel_id if self.message_channel else None,
+            )
+        self._shared = True
+        self.message_channel = None
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run work in the background, counted as pending until it ends."""
@@ -188,8 +241,17 @@ class _InMemoryAdapter:
         retry: Callable[[_Delivery], None],
         listener_id: str | None = None,
     ) -> None:
-        """Handle one delivery; on failure, schedule a retry or dead-letter it."""
-        message = delivery.carried.take()
+        """Handle one delivery; on failure, schedule a retry or dead-letter it.
+
+        A body that no longer parses (a validator whose answer changed since it was
+        published) is dead-lettered at once, as a broker's consumer does with a body that
+        does not validate: no retry would read it either.
+        """
+        try:
+            message = delivery.carried.take()
+        except Exception as exc:
+            self._dead_letter(delivery, exc, listener_id, attempts=delivery.attempt - 1)
+            return
         try:
             await run_handler(handler, message, delivery.context)
         except Exception as exc:
@@ -198,7 +260,7 @@ class _InMemoryAdapter:
                 retried = delivery.retried(describe_error(exc))
                 self._spawn(self._retry_after(delay, retried, retry))
             else:
-                self._dead_letter(delivery, exc, listener_id, message=message)
+                self._dead_letter(delivery, exc, listener_id)
 
     async def _retry_after(
         self, delay: float, delivery: _Delivery, retry: Callable[[_Delivery], None]
@@ -213,12 +275,10 @@ class _InMemoryAdapter:
         listener_id: str | None,
         *,
         attempts: int | None = None,
-        message: Message | None = None,
     ) -> None:
         text = error if isinstance(error, str) else describe_error(error)
         attempts = delivery.attempt if attempts is None else attempts
-        if message is None:
-            message = delivery.carried.take()
+        message = delivery.carried.letter()  # not the copy a handler may have changed
         self._dead_lettered += 1  # counted apart: the list keeps the newest ones only
         self._dead_letters.append(DeadLetter(message, text, attempts, delivery.replay, listener_id))
         logger.error(
@@ -440,6 +500,8 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
         Raises:
             pydantic.ValidationError: The message does not parse back from its JSON form
                 (see ``_carry``); the worker is not called.
+            pydantic_core.PydanticSerializationError: The message has no JSON form.
+            MessageChannelEventStoreNotFoundError: The channel does not carry its store.
         """
         carried = self._carry(message)
         self._push(_Delivery(carried, 1, self.retry_policy.retry_attempts, replay))
@@ -490,15 +552,10 @@ class InMemoryMessageQueueAdapter(_InMemoryAdapter):
                     len(self._dead_letters),
                 )
             return 0
-        letters = list(self._dead_letters)
-        self._dead_letters.clear()
-        for letter in letters:
-            self._enqueue_retry(
-                _Delivery(
-                    self._carry(letter.message), 1, self.retry_policy.retry_attempts, letter.replay
-                )
-            )
-        return len(letters)
+        carried = self._carried_letters(list(self._dead_letters))
+        for letter, each in carried:
+            self._enqueue_retry(_Delivery(each, 1, self.retry_policy.retry_attempts, letter.replay))
+        return len(carried)
 
     def _forget_waiting(self) -> None:
         for fifo in self._fifos:
@@ -622,6 +679,8 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         Raises:
             pydantic.ValidationError: The message does not parse back from its JSON form
                 (see ``_carry``); no listener is called.
+            pydantic_core.PydanticSerializationError: The message has no JSON form.
+            MessageChannelEventStoreNotFoundError: The channel does not carry its store.
         """
         self._publish(message, self._carry(message), replay)
         await _let_handlers_start()
@@ -660,19 +719,15 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
             How many messages were republished.
         """
         by_id = {listener.listener_id: listener for listener in self._listeners.values()}
-        letters = list(self._dead_letters)
-        self._dead_letters.clear()
-        count = 0
-        for letter in letters:
-            listener = by_id.get(letter.listener_id or "")
-            if listener is None:
-                self._dead_letters.append(letter)
-                continue
+        heard: list[DeadLetter] = []
+        orphans: list[DeadLetter] = []
+        for letter in self._dead_letters:
+            (heard if (letter.listener_id or "") in by_id else orphans).append(letter)
+        carried = self._carried_letters(heard)
+        self._dead_letters.extend(orphans)
+        for letter, each in carried:
+            listener = by_id[letter.listener_id or ""]
             self._deliver(
-                listener,
-                _Delivery(
-                    self._carry(letter.message), 1, self.retry_policy.retry_attempts, letter.replay
-                ),
+                listener, _Delivery(each, 1, self.retry_policy.retry_attempts, letter.replay)
             )
-            count += 1
-        return count
+        return len(carried)

@@ -6,13 +6,13 @@ import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
 import pytest
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
-from castore_pydantic import EventStore
+from castore_pydantic import Aggregate, Event, EventStore
 from castore_pydantic.messaging import (
     ConnectedEventStore,
     DeadLetter,
@@ -20,11 +20,13 @@ from castore_pydantic.messaging import (
     MessageChannel,
     MessageContext,
     NotificationMessage,
+    NotificationMessageBus,
     NotificationMessageQueue,
     StateCarryingMessage,
+    StateCarryingMessageBus,
     StateCarryingMessageQueue,
 )
-from castore_pydantic.messaging.memory import InMemoryMessageQueueAdapter
+from castore_pydantic.messaging.memory import InMemoryMessageBusAdapter, InMemoryMessageQueueAdapter
 from castore_pydantic.storage.memory import InMemoryEventStorageAdapter
 from castore_pydantic.testing.contracts import MessageAdapterFactory, MessageQueueAdapterContract
 from tests.domain import (
@@ -569,3 +571,187 @@ class TestWireForm:
         await adapter.join()
         assert calls == [message]
         assert calls[0] is not message
+
+
+class Opened(Event):
+    type: Literal["OPENED"] = "OPENED"
+
+
+class Offer(Aggregate):
+    """An aggregate whose validator answers differently as time passes."""
+
+    expires_at: datetime
+
+    @model_validator(mode="after")
+    def not_expired(self) -> Offer:
+        if self.expires_at <= CLOCK[0]:
+            raise ValueError("offer expired")
+        return self
+
+
+CLOCK = [T0]
+
+
+def reduce_offer(offer: Offer | None, event: Opened) -> Offer:
+    lasts = timedelta(hours=1 if event.aggregate_id == "long" else 0, seconds=1)
+    return Offer(
+        aggregate_id=event.aggregate_id, version=event.version, expires_at=CLOCK[0] + lasts
+    )
+
+
+def offers() -> EventStore[Offer, Opened]:
+    CLOCK[0] = T0
+    return EventStore(
+        event_store_id="OFFERS",
+        event_types=[Opened],
+        reducer=reduce_offer,
+        event_storage_adapter=InMemoryEventStorageAdapter(),
+    )
+
+
+class TestWireFormFailures:
+    """Each delivery after the first parses the body again, as a broker consumer does; a
+    parse that fails there must be handled as a broker handles a body that does not
+    validate, and dead letters must hold what was published."""
+
+    async def test_a_body_that_no_longer_parses_is_dead_lettered_at_once(self) -> None:
+        """The second listener's parse failed outside any handling: no call, no retry, no
+        dead letter. A queue's retry failing so stopped its worker's FIFO, leaving the
+        messages behind it waiting for ever."""
+        store = offers()
+        bus = StateCarryingMessageBus(message_bus_id="b", source_event_stores=[store])
+        bus_adapter = InMemoryMessageBusAdapter.attach_to(bus, retry_attempts=1)
+        heard: list[str] = []
+
+        async def first(message: Any, context: MessageContext) -> None:
+            heard.append("first")
+            CLOCK[0] += timedelta(seconds=5)  # the offer expires while the first listener works
+
+        bus_adapter.on({}, first, listener_id="first")
+        bus_adapter.on({}, lambda message, context: heard.append("second"), listener_id="second")
+        await ConnectedEventStore(store, bus).push_event(Opened(aggregate_id="o", version=1))
+        await bus_adapter.join()
+        assert heard == ["first"]
+        (letter,) = await bus_adapter.dead_letters()
+        assert (letter.listener_id, letter.attempts) == ("second", 0)
+        assert "offer expired" in letter.error
+
+        store = offers()
+        queue = StateCarryingMessageQueue(message_queue_id="q", source_event_stores=[store])
+        handled: list[tuple[str, int]] = []
+
+        async def worker(message: Any, context: MessageContext) -> None:
+            handled.append((message.aggregate.aggregate_id, context.attempt))
+            if message.aggregate.aggregate_id == "a":
+                CLOCK[0] += timedelta(seconds=5)  # its retry will not parse
+                raise RuntimeError("transient")
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=worker, retry_attempts=2, retry_delay_in_ms=1
+        )
+        connected = ConnectedEventStore(store, queue)
+        await connected.push_event(Opened(aggregate_id="a", version=1))
+        await asyncio.sleep(0.05)  # the retry is in the FIFO now
+        CLOCK[0] = T0
+        await connected.push_event(Opened(aggregate_id="b", version=1))
+        await adapter.join()
+        assert handled == [("a", 1), ("b", 1)]
+        assert [d.attempts for d in await adapter.dead_letters()] == [1]
+        assert len(adapter.queue) == 0
+
+    async def test_republishing_keeps_the_letters_that_no_longer_parse(self) -> None:
+        """One letter that no longer parses made republishing raise, after every letter was
+        forgotten: the others, valid, were lost."""
+        store = offers()
+        queue = StateCarryingMessageQueue(message_queue_id="q", source_event_stores=[store])
+
+        async def down(message: Any, context: MessageContext) -> None:
+            raise RuntimeError("down")
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(queue, worker=down, retry_attempts=0)
+        connected = ConnectedEventStore(store, queue)
+        for offer_id in ("short", "long"):
+            await connected.push_event(Opened(aggregate_id=offer_id, version=1))
+        await adapter.join()
+        CLOCK[0] += timedelta(seconds=5)  # "short" has expired, "long" has not
+        handled: list[str] = []
+        adapter.worker = lambda message, context: handled.append(message.aggregate.aggregate_id)
+        assert await adapter.republish_dead_letters() == 1
+        await adapter.join()
+        assert handled == ["long"]
+        (kept,) = await adapter.dead_letters()
+        assert kept.message.aggregate.aggregate_id == "short"
+        assert "offer expired" in kept.error
+
+    async def test_a_dead_letter_holds_the_message_as_published(self) -> None:
+        """The letter kept the copy its failing handler had changed, and republishing
+        delivered the change; brokers keep the body as published."""
+        store = EventStore(
+            event_store_id="POKEMONS",
+            event_types=[PokemonAppeared, PokemonCaught],
+            reducer=reduce_order,  # unannotated: the aggregate arrives as a dict
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        queue = StateCarryingMessageQueue(message_queue_id="q", source_event_stores=[store])
+        levels: list[int] = []
+
+        def meddle(message: Any, context: MessageContext) -> None:
+            levels.append(message.aggregate["level"])
+            message.aggregate["level"] += 100
+            raise RuntimeError("boom")
+
+        adapter = InMemoryMessageQueueAdapter.attach_to(
+            queue, worker=meddle, retry_attempts=1, retry_delay_in_ms=1
+        )
+        await ConnectedEventStore(store, queue).push_event(appeared())
+        await adapter.join()
+        (letter,) = await adapter.dead_letters()
+        assert letter.message.aggregate["level"] == 3
+        await adapter.republish_dead_letters()
+        await adapter.join()
+        assert levels == [3, 3, 3, 3]
+
+    async def test_setting_the_adapter_attribute_binds_it_as_the_constructor_does(self) -> None:
+        """Castore's other form, queue.messageQueueAdapter = adapter, left the adapter
+        without its channel: it handed on the published objects."""
+        got: list[str] = []
+        store = EventStore(
+            event_store_id="POKEMONS",
+            event_types=[PokemonAppeared],
+            reducer=reduce_order,
+            event_storage_adapter=InMemoryEventStorageAdapter(),
+        )
+        queue = StateCarryingMessageQueue(message_queue_id="q", source_event_stores=[store])
+        adapter = InMemoryMessageQueueAdapter(
+            worker=lambda message, context: got.append(type(message.aggregate).__name__)
+        )
+        queue.message_queue_adapter = adapter
+        assert adapter.message_channel is queue
+        await ConnectedEventStore(store, queue).push_event(appeared())
+        await adapter.join()
+        assert got == ["dict"]
+
+    async def test_an_adapter_handed_to_a_second_channel_parses_for_neither(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Bound to its first channel, an adapter shared by two refused the second's
+        messages and patterns. It cannot tell whose a message is, so it hands messages on
+        as published (as before it parsed at all) and says so."""
+        others = make_store(event_store_id="OTHERS")
+        adapter = InMemoryMessageBusAdapter(retry_attempts=0)
+        NotificationMessageBus(
+            message_bus_id="b1", source_event_stores=[make_store()], message_bus_adapter=adapter
+        )
+        with caplog.at_level(logging.WARNING, logger="castore_pydantic.messaging"):
+            second = NotificationMessageBus(
+                message_bus_id="b2", source_event_stores=[others], message_bus_adapter=adapter
+            )
+        assert "carrying a second channel ('b2', after 'b1')" in caplog.text
+        got: list[Any] = []
+        adapter.on({"event_store_id": "OTHERS"}, lambda message, context: got.append(message))
+        message = NotificationMessage(
+            event_store_id="OTHERS", event=PokemonAppeared.model_validate(appeared("x"))
+        )
+        await second.publish_message(message)
+        await adapter.join()
+        assert got == [message]
