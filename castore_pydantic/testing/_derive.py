@@ -7,7 +7,8 @@ its Pydantic core schema when that schema is a simple one; otherwise ``NoStrateg
 the type and where it was met.
 
 Models are built by validating generated input with the model itself, so validators run and
-the instances are real; the rare input a validator refuses is discarded.
+the instances are real; input a validator refuses is discarded, and when every input of a
+model is refused, a logged warning names it (``_refusals``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from typing_extensions import ReadOnly, TypeAliasType, is_typeddict
 from castore_pydantic._event import Timestamp
 from castore_pydantic.errors import NoStrategyError
 from castore_pydantic.testing import _scalars
+from castore_pydantic.testing._refusals import Refusals, reason_of
 from castore_pydantic.testing._scalars import Constraints
 
 __all__ = ["INVALID", "ModelPlan", "Override", "Resolver", "register", "unregister", "validated"]
@@ -148,16 +150,48 @@ def _is_valid(value: Any) -> bool:
     return value is not INVALID
 
 
+#: How to make refused values pass, for the warning that names a type none of whose values
+#: passed validation.
+_ADVICE = (
+    "Its validators refuse what is derived from the field types alone: give the fields "
+    "values that pass (fixed fields of models() / events(), event_fields= of histories(), "
+    "inputs= of command_histories()), or a strategy for the type with overrides= or "
+    "register_type_strategy()."
+)
+
+
+def refusal_warning(what: str) -> Callable[[int, str], str]:
+    """The warning text for values of ``what`` that validation keeps refusing."""
+
+    def warning(count: int, reason: str) -> str:
+        return (
+            f"validation refused all {count} values drawn for {what} so far ({reason}). {_ADVICE}"
+        )
+
+    return warning
+
+
 def validated(
-    strategy: st.SearchStrategy[Any], validate: Callable[[Any], Any]
+    strategy: st.SearchStrategy[Any],
+    validate: Callable[[Any], Any],
+    what: str = "",
+    origin: type | None = None,
 ) -> st.SearchStrategy[Any]:
-    """Map raw input through ``validate``; drop what it refuses with a ``ValidationError``."""
+    """Map raw input through ``validate``; drop what it refuses with a ``ValidationError``.
+
+    ``what`` names the values in the warning logged when none is ever accepted; ``origin``
+    is the class they belong to at the top (see ``Refusals``).
+    """
+    refusals = Refusals(origin, refusal_warning(what or "a type"))
 
     def run(value: Any) -> Any:
         try:
-            return validate(value)
-        except ValidationError:
+            made = validate(value)
+        except ValidationError as error:
+            refusals.refused(reason_of(error))
             return INVALID
+        refusals.passed()
+        return made
 
     return strategy.map(run).filter(_is_valid)
 
@@ -182,6 +216,8 @@ class ModelPlan:
         model: The Pydantic model.
         fields: Field name to the strategy of its values.
         optional: Names of fields with a default, which the input may leave out.
+        where: Where the model was met (``"Loan.payload"``), for warnings; its name if empty.
+        origin: The class at the top of that path (the event type a payload belongs to).
     """
 
     def __init__(
@@ -189,11 +225,16 @@ class ModelPlan:
         model: type[BaseModel],
         fields: dict[str, st.SearchStrategy[Any]],
         optional: frozenset[str],
+        where: str = "",
+        origin: type | None = None,
     ) -> None:
         self.model = model
         self.fields = fields
         self.optional = optional
         self._keys = {name: _input_key(model, name) for name in model.model_fields}
+        what = model.__name__ if where in ("", model.__name__) else f"{model.__name__} ({where})"
+        # Across the examples of a test: refusals until one input passes validation.
+        self.refusals = Refusals(origin or model, refusal_warning(what))
 
     def inputs(
         self, fixed: Mapping[str, Any] | None = None, omit: Sequence[str] = ()
@@ -269,11 +310,17 @@ class ModelPlan:
         return data
 
     def validate(self, values: Mapping[str, Any]) -> Any:
-        """Validate assembled input: the instance, or ``INVALID`` when the model refuses it."""
+        """Validate assembled input: the instance, or ``INVALID`` when the model refuses it.
+
+        Refusals are counted: a model that refuses everything is named in a logged warning.
+        """
         try:
-            return self.model.model_validate(self.assemble(values))
-        except ValidationError:
+            made = self.model.model_validate(self.assemble(values))
+        except ValidationError as error:
+            self.refusals.refused(reason_of(error))
             return INVALID
+        self.refusals.passed()
+        return made
 
     def instances(self, fixed: Mapping[str, Any] | None = None) -> st.SearchStrategy[Any]:
         """Validated model instances."""
@@ -326,6 +373,7 @@ class Resolver:
         """The plan of a model's fields."""
         path = path or model.__name__
         self._stack.append(model)
+        origin = self._stack[0]
         try:
             fields = {
                 name: self.resolve(field.annotation, tuple(field.metadata), f"{path}.{name}")
@@ -337,7 +385,7 @@ class Resolver:
         optional = frozenset(
             name for name, field in model.model_fields.items() if not (root or field.is_required())
         )
-        return ModelPlan(model, fields, optional)
+        return ModelPlan(model, fields, optional, path, origin)
 
     def resolve(
         self, tp: Any, metadata: tuple[Any, ...] = (), path: str = ""
@@ -466,6 +514,10 @@ class Resolver:
 
     # -- structured types ------------------------------------------------------------------
 
+    def _origin(self, tp: type) -> type:
+        """The class at the top of the path being resolved (``tp`` itself at the top)."""
+        return self._stack[0] if self._stack else tp
+
     def _model(self, model: Any, path: str) -> st.SearchStrategy[Any]:
         if self._stack.count(model) >= _MAX_MODEL_DEPTH:
             # Deep enough: an optional or empty branch above must end the recursion here.
@@ -495,7 +547,7 @@ class Resolver:
             {k: s for k, s in strategies.items() if k in required_keys},
             optional={k: s for k, s in strategies.items() if k not in required_keys},
         )
-        return validated(mapping, _adapter(tp).validate_python)
+        return validated(mapping, _adapter(tp).validate_python, path, self._origin(tp))
 
     def _dataclass(self, tp: type, path: str) -> st.SearchStrategy[Any]:
         fields = [f for f in dataclasses.fields(tp) if f.init]
@@ -511,13 +563,15 @@ class Resolver:
             {k: s for k, s in strategies.items() if k not in optional},
             optional={k: s for k, s in strategies.items() if k in optional},
         )
-        return validated(mapping, _adapter(tp).validate_python)
+        return validated(mapping, _adapter(tp).validate_python, path, self._origin(tp))
 
     def _named_tuple(self, tp: type, path: str) -> st.SearchStrategy[Any]:
         hints = get_type_hints(tp, include_extras=True)
         names: tuple[str, ...] = tp._fields  # type: ignore[attr-defined]
         strategies = self._fields(tp, {n: hints.get(n, Any) for n in names}, path, {})
-        return validated(st.tuples(*strategies.values()), _adapter(tp).validate_python)
+        return validated(
+            st.tuples(*strategies.values()), _adapter(tp).validate_python, path, self._origin(tp)
+        )
 
     def _from_core_schema(self, tp: type, path: str) -> st.SearchStrategy[Any]:
         try:
@@ -525,7 +579,7 @@ class Resolver:
         except Exception as exc:  # whatever stops Pydantic stops us
             raise NoStrategyError(tp, path, "Pydantic has no schema for it") from exc
         raw = _CoreSchemaWalker(tp, path).walk(adapter.core_schema)
-        return validated(raw, adapter.validate_python)
+        return validated(raw, adapter.validate_python, path, self._origin(tp))
 
 
 class _CoreSchemaWalker:

@@ -4,7 +4,10 @@ Strategies are derived from the models themselves: field annotations and the con
 Pydantic's field metadata (``Field(ge=1)``, ``max_length``, ``pattern``, ``Literal``, enums,
 unions and discriminated unions, nested models, containers with length bounds, dates, UUIDs,
 decimals, ``Annotated`` constraints). Every generated model instance is produced by the
-model's own validation, so it is valid by construction::
+model's own validation, so it is valid; drawn values that validation refuses (a cross-field
+``model_validator``, say) are dropped, and when a model's validation refuses 50 and accepts
+none, a warning logged by ``castore_pydantic.testing.strategies`` names the model and the
+reason::
 
     from hypothesis import given
     from castore_pydantic.testing import strategies as cst
@@ -25,9 +28,8 @@ strategy}`` (one call); both also take ``Annotated`` aliases and win over the bu
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_origin
 
 try:
     from hypothesis import assume
@@ -46,6 +48,7 @@ from castore_pydantic._event_types import event_type_names
 from castore_pydantic.errors import CastoreError, EventLimitExceededError
 from castore_pydantic.testing import _derive, _invalid, _scalars
 from castore_pydantic.testing._derive import INVALID, ModelPlan, Override, Resolver
+from castore_pydantic.testing._refusals import Refusals
 from castore_pydantic.testing._running import run_commands
 
 __all__ = [
@@ -71,11 +74,6 @@ CanFollow = Callable[[Sequence[Event], str], bool]
 _ENVELOPE = ("aggregate_id", "version", "timestamp")
 _MAX_STEP_MS = 86_400_000  # at most a day between two events of a generated history
 _ATTEMPTS = 3  # draws of an event of a history before the history is given up
-#: Events of one type a store's limits may refuse, none accepted yet, before ``histories``
-#: logs a warning: Hypothesis then only says that it filtered out many inputs.
-_REFUSALS_BEFORE_WARNING = 50
-
-logger = logging.getLogger(__name__)
 _HISTORY_START = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2080, 1, 1, tzinfo=dt.UTC))
 
 
@@ -160,8 +158,9 @@ def from_type(
         def test_counts(counts):
             assert all(n >= 0 for n in counts.values())
     """
-    raw = Resolver(overrides).resolve(annotation, (), _describe(annotation))
-    return _derive.validated(raw, TypeAdapter(annotation).validate_python)
+    what = _describe(annotation)
+    raw = Resolver(overrides).resolve(annotation, (), what)
+    return _derive.validated(raw, TypeAdapter(annotation).validate_python, what)
 
 
 def models(
@@ -257,7 +256,8 @@ def histories(
     whose events keep being refused is discarded. When the limits have refused 50 events of
     a type and accepted none, a warning is logged (``castore_pydantic.testing.strategies``)
     with the limit's message: Hypothesis itself only reports that it filtered out too many
-    inputs.
+    inputs. The same goes for payloads whose validators refuse every value drawn for them
+    (a cross-field rule): such a type never appears, and the warning names the model.
 
     Args:
         store: The event store whose event types are used (no I/O happens).
@@ -303,31 +303,19 @@ def histories(
         for name, cls in classes.items()
     }
     ids = _aggregate_ids(aggregate_id)
-    # Across the examples of a test: refusals of each type until one of its events passes.
-    # They only decide a logged warning, never what is drawn: Hypothesis replays examples
-    # and calls a strategy that draws differently the second time flaky. (A ``warnings``
-    # warning would be raised mid-draw where warnings are errors, with the same result.)
-    refused = dict.fromkeys(classes, 0)
-    passed: set[str] = set()
+    # Across the examples of a test: the limits' refusals of each type until one passes.
+    limits_refused = {
+        name: Refusals(cls, _limits_warning(store.event_store_id, name))
+        for name, cls in classes.items()
+    }
 
     def accept(name: str, candidate: Event) -> bool:
         try:
             store.context.check_limits(candidate)
         except EventLimitExceededError as error:
-            if name not in passed:
-                refused[name] += 1
-                if refused[name] == _REFUSALS_BEFORE_WARNING:
-                    logger.warning(
-                        "histories(): the limits of event store %r refused all %d %s events"
-                        " drawn so far (%s). Raise its EventLimits, or fix smaller values for"
-                        " these events with event_fields or overrides.",
-                        store.event_store_id,
-                        _REFUSALS_BEFORE_WARNING,
-                        name,
-                        error,
-                    )
+            limits_refused[name].refused(str(error))
             return False
-        passed.add(name)
+        limits_refused[name].passed()
         return True
 
     @st.composite
@@ -569,7 +557,20 @@ def _is_valid(value: Any) -> bool:
     return value is not INVALID
 
 
+def _limits_warning(event_store_id: str, name: str) -> Callable[[int, str], str]:
+    def warning(count: int, reason: str) -> str:
+        return (
+            f"histories(): the limits of event store {event_store_id!r} refused all {count}"
+            f" {name} events drawn so far ({reason}). Raise its EventLimits, or fix smaller"
+            " values for these events with event_fields or overrides."
+        )
+
+    return warning
+
+
 def _describe(annotation: Any) -> str:
+    if get_origin(annotation) is not None:  # list[Model]: its __name__ is "list"
+        return repr(annotation)
     return getattr(annotation, "__name__", None) or repr(annotation)
 
 
@@ -687,4 +688,8 @@ def _command_plan(
         return st.none()
     if isinstance(schema, type) and issubclass(schema, BaseModel):
         return resolver.plan(schema)
-    return _derive.validated(resolver.resolve(schema), TypeAdapter(schema).validate_python)
+    return _derive.validated(
+        resolver.resolve(schema),
+        TypeAdapter(schema).validate_python,
+        f"the input of command {command.command_id}",
+    )

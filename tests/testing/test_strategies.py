@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import datetime as dt
 import enum
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -21,7 +22,7 @@ import annotated_types as at
 import pytest
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
-from hypothesis.errors import FailedHealthCheck, NoSuchExample
+from hypothesis.errors import FailedHealthCheck, NoSuchExample, Unsatisfiable
 from pydantic import (
     UUID4,
     UUID7,
@@ -1529,3 +1530,110 @@ class TestCommandHistories:
         assert isinstance(appeared, PokemonAppeared)
         assert appeared.aggregate_id == "fixed-id"
         assert appeared.payload.level == 7
+
+
+# -- values validation keeps refusing ------------------------------------------------------------
+
+
+class Sealed(BaseModel):
+    """A cross-field rule that values derived field by field never meet."""
+
+    body: str
+    seal: str
+
+    @model_validator(mode="after")
+    def _sealed(self) -> Sealed:
+        if self.seal != seal_of(self.body):
+            raise ValueError("seal does not match body")
+        return self
+
+
+def seal_of(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+class Planned(Event):
+    type: Literal["PLANNED"] = "PLANNED"
+    payload: Sealed
+
+
+class Noted(Event):
+    type: Literal["NOTED"] = "NOTED"
+
+
+def _warnings_while(
+    caplog: pytest.LogCaptureFixture, strategy: st.SearchStrategy[Any]
+) -> tuple[bool, list[str]]:
+    """Draw from ``strategy`` in a test; whether Hypothesis gave up, and the warnings logged."""
+
+    @settings(max_examples=20, deadline=None, database=None)
+    @given(strategy)
+    def draw(value: Any) -> None:
+        pass
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="castore_pydantic.testing.strategies"):
+        try:
+            draw()
+        except (FailedHealthCheck, Unsatisfiable):
+            failed = True
+        else:
+            failed = False
+    return failed, [record.getMessage() for record in caplog.records]
+
+
+class TestRefusedValuesAreNamed:
+    """Values a validator always refuses are named in the log, not silently dropped."""
+
+    @pytest.mark.parametrize(
+        ("strategy", "named"),
+        [
+            (lambda: cst.models(Sealed), "drawn for Sealed so far"),
+            (lambda: cst.events(Planned), "drawn for Sealed (Planned.payload) so far"),
+            (lambda: cst.from_type(list[Sealed]), "drawn for Sealed (list["),
+        ],
+        ids=["models", "events", "from_type"],
+    )
+    def test_a_model_whose_validator_refuses_everything_is_named(
+        self,
+        caplog: pytest.LogCaptureFixture,
+        strategy: Any,
+        named: str,
+    ) -> None:
+        """Hypothesis only says it could not satisfy the strategy; the log names the model,
+        the validator's message and how to give it values that pass."""
+        failed, logged = _warnings_while(caplog, strategy())
+        assert failed
+        assert len(logged) == 1, logged
+        assert named in logged[0]
+        assert "refused all 50 values" in logged[0]
+        assert "seal does not match body" in logged[0]
+        assert "register_type_strategy" in logged[0]
+
+    def test_histories_name_the_payload_of_a_type_that_never_appears(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A history with such an event is discarded and the type never appears: the log
+        says why, while the other types are still drawn."""
+        store = EventStore(
+            event_store_id="PLANS", event_types=[Noted, Planned], reducer=count_fills
+        )
+        types: set[str] = set()
+        strategy = cst.histories(store, max_size=3).map(
+            lambda history: types.update(e.type for e in history)
+        )
+        _, logged = _warnings_while(caplog, strategy)
+        assert types == {"NOTED"}
+        assert len(logged) == 1, logged
+        assert "Sealed (Planned.payload)" in logged[0]
+
+    def test_values_refused_now_and_then_are_not_named(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A validator that refuses some values (here about half) only filters them."""
+        assert _warnings_while(caplog, cst.models(Validated)) == (False, [])
+
+    def test_fixed_values_that_pass_silence_it(self, caplog: pytest.LogCaptureFixture) -> None:
+        """The advice works: fixing the payload to one that passes draws it quietly."""
+        payload = st.text().map(lambda body: Sealed(body=body, seal=seal_of(body)))
+        assert _warnings_while(caplog, cst.events(Planned, payload=payload)) == (False, [])
