@@ -22,7 +22,8 @@ subclasses the builtin exception that fits it::
     ├── MessagingError (RuntimeError)                the message broker failed
     │   └── MessageBrokerUnavailableError (ConnectionError)  retriable: broker unreachable
     ├── NoStrategyError (TypeError)                  testing: no way to generate a type's values
-    └── ReducerLawError (AssertionError)             testing: a reducer breaks a law
+    ├── ReducerLawError (AssertionError)             testing: a reducer breaks a law
+    └── UncheckedEventTypesError (AssertionError)    testing: laws never saw an event type
 
 Adapters translate driver errors at their edge with ``raise ... from exc``: a unique-key
 violation is always :class:`EventAlreadyExistsError`, never a raw driver error.
@@ -51,6 +52,7 @@ __all__ = [
     "StorageError",
     "StorageUnavailableError",
     "StoredEventValidationError",
+    "UncheckedEventTypesError",
     "UndefinedEventStorageAdapterError",
     "UndefinedMessageChannelAdapterError",
     "UnknownEventTypeError",
@@ -352,4 +354,30 @@ class ReducerLawError(CastoreError, AssertionError):
         super().__init__(
             f"Reducer law {law!r} broken by event store {event_store_id}: {detail}\n"
             f"History ({len(self.events)} events):\n{rendered}"
+        )
+
+
+class UncheckedEventTypesError(CastoreError, AssertionError):
+    """``check_reducer`` could not generate a single event of some of the store's types.
+
+    Generation kept failing for them (their validators or the store's limits refused every
+    value drawn), so the laws never saw them: passing would be a false pass.
+
+    Attributes:
+        event_store_id: The event store whose reducer was checked.
+        event_types: The names of the event types no checked history held.
+        reasons: Why their events could not be generated, with how to fix it.
+    """
+
+    def __init__(
+        self, event_store_id: str, event_types: Sequence[str], reasons: Sequence[str]
+    ) -> None:
+        self.event_store_id = event_store_id
+        self.event_types = list(event_types)
+        self.reasons = list(reasons)
+        listed = "".join(f"\n  - {reason}" for reason in self.reasons)
+        super().__init__(
+            f"The reducer of event store {event_store_id} was never checked on events of type "
+            f"{', '.join(self.event_types)}: every value drawn for them was refused, so no "
+            f"history held one.{listed}"
         )

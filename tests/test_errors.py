@@ -29,6 +29,7 @@ EXAMPLES: list[errors.CastoreError] = [
     errors.MessageBrokerUnavailableError("broker gone"),
     errors.NoStrategyError(complex, "Order.total", "no strategy"),
     errors.ReducerLawError("determinism", "POKEMONS", "two results", [{"version": 1}]),
+    errors.UncheckedEventTypesError("POKEMONS", ["POKEMON_CAUGHT"], ["always refused"]),
 ]
 
 

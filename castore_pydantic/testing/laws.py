@@ -16,7 +16,9 @@ work in any test, sync or async. A broken law raises ``ReducerLawError`` (an
 ``prefix_consistency``
     ``get_aggregate(aggregate_id, max_version=k)`` on an in-memory copy of the store seeded
     with the history equals the aggregate folding the whole history reached at version k,
-    for every k (a reducer that caches state across folds breaks it).
+    for every k (a reducer that mutates the previous aggregate or a list or dict inside it,
+    which ``model_copy`` shares with the copy unless ``deep=True``, breaks it, and so does
+    one that caches state across folds).
 ``incremental_equals_batch``
     Pushing the events one by one with ``push_event(event, prev_aggregate=...)`` gives, at
     every step, the aggregate that folding the events so far gives (a reducer that mutates the
@@ -43,7 +45,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 try:
@@ -57,16 +59,24 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 from pydantic import BaseModel
 
+from castore_pydantic._command import Command
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
-from castore_pydantic.errors import ReducerLawError
-from castore_pydantic.testing import mock_event_store
+from castore_pydantic._event_types import event_type_names
+from castore_pydantic.errors import ReducerLawError, UncheckedEventTypesError
+from castore_pydantic.testing import _refusals, mock_event_store
 from castore_pydantic.testing import strategies as _strategies
 from castore_pydantic.testing._running import run_now
 
 __all__ = ["ALL_LAWS", "Law", "check_history", "check_reducer"]
 
 _SHOWN = 600  # characters of an aggregate's repr shown in a failure
+#: The usual causes of a fold that depends on more than its events.
+_IN_PLACE_HINT = (
+    "A reducer that changes the previous aggregate in place breaks this, e.g. by appending "
+    "to a list of a model_copy, which shares its lists and dicts with the original unless "
+    "deep=True; so does one that keeps state across folds (a cache, a counter)."
+)
 
 
 class Law(enum.StrEnum):
@@ -97,6 +107,12 @@ def check_reducer(
     Call it from a plain test function (not from inside another ``@given``). Hypothesis
     shrinks a failing history to a small one before it is reported.
 
+    When no checked history held an event of one of the store's types because every value
+    drawn for it was refused (its payload's validators, the store's limits: see the
+    warnings ``castore_pydantic.testing.strategies`` logs), the reducer was never checked on
+    that type and ``UncheckedEventTypesError`` says so. A type your history rules leave out
+    is never drawn, so it is never reported.
+
     Args:
         store: The event store whose reducer is checked. It is not read or written: the
             laws that need storage use in-memory copies (``mock_event_store``).
@@ -111,13 +127,21 @@ def check_reducer(
 
     Raises:
         ReducerLawError: A law is broken; the message names it and shows the history.
+        UncheckedEventTypesError: No event of some of the store's types could be generated.
         ValueError: An unknown law name.
+        TypeError: ``store`` is not an ``EventStore`` or ``histories`` not a strategy.
 
     Example::
 
         def test_reducer():
             check_reducer(pokemons, laws=["totality", "determinism"], max_examples=50)
     """
+    _require_store(store, "check_reducer")
+    if histories is not None and not isinstance(histories, st.SearchStrategy):
+        raise TypeError(
+            f"histories must be a Hypothesis strategy of event lists, such as "
+            f"strategies.histories(store), got {histories!r:.200}"
+        )
     selected = _select(laws)
     strategy = histories if histories is not None else _strategies.histories(store)
     base = settings if settings is not None else hypothesis.settings(deadline=None, database=None)
@@ -125,12 +149,46 @@ def check_reducer(
     if max_examples is not None:
         chosen = hypothesis.settings(chosen, max_examples=max_examples)
 
+    seen: set[str] = set()
+
     @chosen
     @given(strategy)
     def reducer_obeys_laws(history: Sequence[Event]) -> None:
-        check_history(store, history, laws=selected)
+        checked = _as_events(store, history)
+        seen.update(event.type for event in checked)
+        check_history(store, checked, laws=selected)
 
-    reducer_obeys_laws()
+    with _refusals.watching() as given_up:
+        reducer_obeys_laws()
+    _require_coverage(store, seen, given_up)
+
+
+def _require_coverage(
+    store: EventStore[Any, Any], seen: set[str], given_up: set[_refusals.Refusals]
+) -> None:
+    """Fail when generation gave up on event types that no checked history held.
+
+    Only types whose values were drawn, and all refused, count: a type that ordering rules
+    leave out is never drawn, and a type that merely did not come up is not reported.
+    """
+    missing: dict[str, list[str]] = {}
+    for cls in store.event_types:
+        names = event_type_names(cls)
+        if seen.intersection(names):
+            continue
+        reasons = [
+            refusals.warning(refusals.count, refusals.reason)
+            for refusals in given_up
+            if refusals.origin is cls
+        ]
+        if reasons:
+            missing[", ".join(names)] = sorted(reasons)
+    if missing:
+        raise UncheckedEventTypesError(
+            store.event_store_id,
+            list(missing),
+            [reason for reasons in missing.values() for reason in reasons],
+        )
 
 
 def check_history(
@@ -143,21 +201,28 @@ def check_history(
 
     Args:
         store: The event store whose reducer is checked (it is not read or written).
-        events: Events of one aggregate, versions increasing, at least one.
+        events: Events of one aggregate, versions increasing, at least one: instances of
+            the store's event types, or mappings (either key spelling, such as the JSON a
+            ``ReducerLawError`` shows) validated like pushed events.
         laws: Which laws to check (default all of ``ALL_LAWS``).
 
     Raises:
         ReducerLawError: A law is broken; the message names it and shows the history.
         ValueError: The history is empty, mixes aggregates, does not start at version 1,
             its versions do not increase, or a law name is unknown.
+        pydantic.ValidationError: A mapping is not a valid event of the store.
+        UnknownEventTypeError: A mapping's type is not one of the store's.
+        TypeError: ``store`` is not an ``EventStore``, ``events`` not a sequence, or an
+            event neither an ``Event`` nor a mapping.
 
     Example::
 
         def test_regression():
             check_history(pokemons, [appeared_v1, caught_v2], laws=["version_tracking"])
     """
+    _require_store(store, "check_history")
     selected = _select(laws)
-    history = list(events)
+    history = _as_events(store, events)
     _check_shape(history)
     if selected & {Law.PREFIX_CONSISTENCY, Law.INCREMENTAL_EQUALS_BATCH}:
         # These laws compare folds with what the store gives back: the history is taken
@@ -190,6 +255,39 @@ def _as_stored(store: EventStore[Any, Any], history: list[Event]) -> list[Event]
         return list((await seeded.get_events(history[0].aggregate_id)).events)
 
     return run_now(read_back)
+
+
+def _require_store(store: Any, caller: str) -> None:
+    if not isinstance(store, EventStore):
+        raise TypeError(
+            f"{caller}() checks the reducer of an EventStore, got {store!r:.200}"
+            + (
+                " (a Command: pass one of its required_event_stores)"
+                if isinstance(store, Command)
+                else ""
+            )
+        )
+
+
+def _as_events(store: EventStore[Any, Any], events: Any) -> list[Event]:
+    """The history as events; mappings are validated by the store like pushed events."""
+    if isinstance(events, str | bytes | Mapping | Event) or not isinstance(events, Iterable):
+        raise TypeError(
+            "events must be a sequence of events (instances or mappings), got a "
+            f"{type(events).__name__}; wrap a single event in a list"
+        )
+    history: list[Event] = []
+    for position, event in enumerate(events, start=1):
+        if isinstance(event, Event):
+            history.append(event)
+        elif isinstance(event, Mapping):
+            history.append(store.context.validate_input(event, timestamp=False, limits=False))
+        else:
+            raise TypeError(
+                f"event {position} of the history is a {type(event).__name__}, not an Event "
+                "or a mapping"
+            )
+    return history
 
 
 def _select(laws: Iterable[Law | str] | None) -> frozenset[Law]:
@@ -300,7 +398,7 @@ class _Checker:
                     Law.PREFIX_CONSISTENCY,
                     f"get_aggregate(max_version={event.version}) differs from the aggregate "
                     f"folding reached at that event:\n  get_aggregate: {_show(stored)}\n"
-                    f"  folded:        {_show(folded)}",
+                    f"  folded:        {_show(folded)}\n{_IN_PLACE_HINT}",
                 )
 
     def incremental_equals_batch(self) -> None:
@@ -325,7 +423,8 @@ class _Checker:
                     Law.INCREMENTAL_EQUALS_BATCH,
                     f"after pushing events one by one up to version {event.version}, "
                     f"next_aggregate differs from folding those events (compared once all "
-                    f"were pushed):\n  pushed: {_show(pushed)}\n  folded: {_show(folded)}",
+                    f"were pushed):\n  pushed: {_show(pushed)}\n  folded: {_show(folded)}\n"
+                    f"{_IN_PLACE_HINT}",
                 )
 
     def json_round_trip(self, aggregates: Sequence[Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import itertools
 import json
 from collections.abc import Callable, Sequence
@@ -13,11 +14,15 @@ from typing import Any, Literal
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-from castore_pydantic import Aggregate, Event, EventStore
+from castore_pydantic import Aggregate, Command, Event, EventStore
 from castore_pydantic._event_limits import EventLimits
-from castore_pydantic.errors import EventLimitExceededError, ReducerLawError
+from castore_pydantic.errors import (
+    EventLimitExceededError,
+    ReducerLawError,
+    UncheckedEventTypesError,
+)
 from castore_pydantic.testing import strategies as cst
 from castore_pydantic.testing._running import run_now
 from castore_pydantic.testing.laws import ALL_LAWS, Law, check_history, check_reducer
@@ -428,3 +433,169 @@ class TestArguments:
         store = counters(forgets_version_on_increment)
         with pytest.raises(ReducerLawError, match="version_tracking"):
             check_reducer(store, histories=st.just([CREATED, INCREMENTED]), max_examples=5)
+
+    @pytest.mark.parametrize(
+        ("store", "message"),
+        [
+            (None, r"check_reducer\(\) checks the reducer of an EventStore, got None"),
+            ("COUNTERS", "got 'COUNTERS'"),
+        ],
+    )
+    def test_check_reducer_refuses_what_is_not_a_store(self, store: Any, message: str) -> None:
+        """A wrong first argument is a TypeError saying what is expected, not an
+        AttributeError from deep inside."""
+        with pytest.raises(TypeError, match=message):
+            check_reducer(store, max_examples=1)
+
+    def test_a_command_is_not_a_store(self) -> None:
+        """Passing a command says to pass one of its stores."""
+        store = counters()
+
+        async def handler(value: Any, stores: Any) -> None:
+            return None
+
+        command: Command[Any, Any] = Command(
+            command_id="C", required_event_stores=[store], handler=handler
+        )
+        with pytest.raises(TypeError, match="a Command: pass one of its required_event_stores"):
+            check_reducer(command, max_examples=1)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="check_history"):
+            check_history(command, [CREATED])  # type: ignore[arg-type]
+
+    def test_histories_must_be_a_strategy(self) -> None:
+        """A list of events given as ``histories=`` is refused with a hint."""
+        with pytest.raises(TypeError, match="histories must be a Hypothesis strategy"):
+            check_reducer(counters(), histories=[CREATED], max_examples=1)  # type: ignore[arg-type]
+
+    def test_check_history_takes_the_json_a_law_error_shows(self) -> None:
+        """The history a ReducerLawError prints can be pasted back into check_history."""
+        store = counters(forgets_version_on_increment)
+        with pytest.raises(ReducerLawError) as info:
+            check_history(store, [CREATED, INCREMENTED])
+        with pytest.raises(ReducerLawError, match="version_tracking"):
+            check_history(store, info.value.events)
+        check_history(counters(), info.value.events)
+
+    @pytest.mark.parametrize(
+        ("events", "error", "message"),
+        [
+            (CREATED, TypeError, "wrap a single event in a list"),
+            ([CREATED, 3], TypeError, "event 2 of the history is a int"),
+            ([{"aggregateId": "c1", "version": 1, "type": "NOPE"}], ValueError, "NOPE"),
+        ],
+        ids=["single event", "not an event", "unknown type"],
+    )
+    def test_check_history_refuses_what_is_not_a_history(
+        self, events: Any, error: type[Exception], message: str
+    ) -> None:
+        """A lone event, a non-event or a mapping of an unknown type is refused clearly."""
+        with pytest.raises(error, match=message):
+            check_history(counters(), events)
+
+
+# -- what the laws never saw -------------------------------------------------------------
+
+
+class Signed(BaseModel):
+    """A cross-field rule that values derived field by field never meet."""
+
+    body: str
+    signature: str
+
+    @model_validator(mode="after")
+    def _signed(self) -> Signed:
+        if self.signature != sign(self.body):
+            raise ValueError("signature does not match body")
+        return self
+
+
+def sign(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+class CounterScheduled(Event):
+    type: Literal["COUNTER_SCHEDULED"] = "COUNTER_SCHEDULED"
+    payload: Signed
+
+
+def raises_on_schedule(counter: Counter | None, event: Any) -> Counter:
+    """A reducer that raises on every event of the type generation cannot make."""
+    if isinstance(event, CounterScheduled):
+        raise KeyError("forgot COUNTER_SCHEDULED")
+    return reduce_counter(counter, event)
+
+
+def scheduling_counters() -> EventStore[Any, Any]:
+    return EventStore(
+        event_store_id="SCHEDULED",
+        event_types=[CounterCreated, CounterIncremented, CounterScheduled],
+        reducer=raises_on_schedule,
+    )
+
+
+class TestUncheckedEventTypes:
+    """A type no history held, because its values were all refused, is not a pass."""
+
+    def test_a_type_generation_cannot_make_fails_the_check(self) -> None:
+        """The reducer raises on every COUNTER_SCHEDULED, which generation never made: the
+        check fails naming the type, the refusing model and how to fix it."""
+        store = scheduling_counters()
+        with pytest.raises(UncheckedEventTypesError) as info:
+            check_reducer(
+                store, histories=cst.histories(store, first=["COUNTER_CREATED"]), max_examples=50
+            )
+        error = info.value
+        assert isinstance(error, AssertionError)
+        assert error.event_types == ["COUNTER_SCHEDULED"]
+        (reason,) = error.reasons
+        assert "Signed (CounterScheduled.payload)" in reason
+        assert "signature does not match body" in reason
+        assert "event_fields=" in reason
+
+    def test_the_fix_the_error_gives_works(self) -> None:
+        """With valid payloads given through event_fields, the reducer's bug is found."""
+        store = scheduling_counters()
+        signed = st.text().map(lambda body: Signed(body=body, signature=sign(body)))
+        histories = cst.histories(
+            store,
+            first=["COUNTER_CREATED"],
+            event_fields={"COUNTER_SCHEDULED": {"payload": signed}},
+        )
+        with pytest.raises(ReducerLawError, match="forgot COUNTER_SCHEDULED"):
+            check_reducer(store, histories=histories, max_examples=50)
+
+    def test_a_type_the_rules_leave_out_is_not_reported(self) -> None:
+        """Rules that exclude the type on purpose never draw it: nothing to report."""
+        store = scheduling_counters()
+        histories = cst.histories(
+            store,
+            first=["COUNTER_CREATED"],
+            can_follow=lambda previous, name: name == "COUNTER_INCREMENTED" or not previous,
+        )
+        check_reducer(store, histories=histories, max_examples=50)
+
+    def test_a_type_that_merely_did_not_come_up_is_not_reported(self) -> None:
+        """A handful of histories need not hold every type: only refusals count."""
+        store = counters()
+        seen: set[str] = set()
+
+        def record(history: list[Event]) -> list[Event]:
+            seen.update(event.type for event in history)
+            return history
+
+        check_reducer(store, histories=st.just([CREATED]).map(record), max_examples=3)
+        assert seen == {"COUNTER_CREATED"}
+
+
+class TestHints:
+    """Failures say what usually causes them."""
+
+    def test_a_reducer_mutating_the_previous_aggregate_is_told_so(self) -> None:
+        """Appending to a list of a shallow model_copy is reported (by whichever law sees it
+        first) with a hint that names in-place changes to the previous aggregate."""
+        store = counters(mutating_reducer)
+        with pytest.raises(ReducerLawError) as info:
+            check_reducer(store, histories=counter_histories(store), max_examples=200)
+        assert info.value.law in {"prefix_consistency", "incremental_equals_batch"}
+        assert "changes the previous aggregate in place" in info.value.detail
+        assert "model_copy" in info.value.detail
