@@ -11,7 +11,9 @@ from castore_pydantic._command import Command
 from castore_pydantic._event import Event
 from castore_pydantic._event_store import EventStore
 from castore_pydantic._types import PushEventResult, renote
+from castore_pydantic.errors import UndefinedEventStorageAdapterError
 from castore_pydantic.testing import mock_event_store
+from castore_pydantic.testing._refusals import Refusals
 
 __all__ = ["run_commands", "run_now", "run_sync"]
 
@@ -81,22 +83,36 @@ def run_commands(
     aggregate_id: str | None,
     contexts: Mapping[str, Sequence[Any]],
     expected_errors: tuple[type[BaseException], ...],
+    failures: Mapping[str, Refusals] | None = None,
 ) -> list[Event]:
     """Run commands on fresh in-memory copies of their stores; return one aggregate's events.
 
     The aggregate is ``aggregate_id``, or when it is ``None`` the one that received the first
     event pushed to ``store``. Each command gets ``contexts[command_id]`` as extra arguments;
-    those raising ``expected_errors`` are skipped.
+    those raising ``expected_errors`` are skipped, and counted in ``failures[command_id]``
+    (which warns about a command that never succeeds). ``UndefinedEventStorageAdapterError``
+    is never expected: it means the handler pushed to a store it was not given.
     """
-    return run_sync(_run(store, steps, aggregate_id, contexts, expected_errors))
+    return run_sync(
+        _run(
+            store,
+            steps,
+            aggregate_id=aggregate_id,
+            contexts=contexts,
+            expected_errors=expected_errors,
+            failures=failures or {},
+        )
+    )
 
 
 async def _run(
     store: EventStore[Any, Any],
     steps: Sequence[tuple[Command[Any, Any], Any]],
+    *,
     aggregate_id: str | None,
     contexts: Mapping[str, Sequence[Any]],
     expected_errors: tuple[type[BaseException], ...],
+    failures: Mapping[str, Refusals],
 ) -> list[Event]:
     copies: dict[int, EventStore[Any, Any]] = {}
 
@@ -115,14 +131,29 @@ async def _run(
     skipped: dict[int, str] = {}
     for index, (command, value) in enumerate(steps):
         stores = [copy_of(required) for required in command.required_event_stores]
+        counter = failures.get(command.command_id)
         try:
             await command.handler(value, stores, *contexts[command.command_id])
+        except UndefinedEventStorageAdapterError as error:
+            # A set-up mistake, never a business rule: the copies all have an adapter.
+            error.add_note(
+                f"Command {command.command_id} used event store {error.event_store_id}, which "
+                "has no adapter, instead of the copies it was given: a handler must push "
+                "through the stores of its second argument (required_event_stores)."
+            )
+            renote(error, _history_note(steps[: index + 1], skipped), replacing=_HISTORY)
+            raise
         except expected_errors as expected:
             skipped[index] = type(expected).__name__
+            if counter is not None:
+                counter.refused(f"{type(expected).__name__}: {expected}"[:_SHOWN_INPUT])
         except Exception as error:
             # Hypothesis runs the history again while shrinking it: keep the last one only.
             renote(error, _history_note(steps[: index + 1], skipped), replacing=_HISTORY)
             raise
+        else:
+            if counter is not None:
+                counter.passed()
     key = aggregate_id if aggregate_id is not None else next(iter(pushed_to), None)
     if key is None:
         return []

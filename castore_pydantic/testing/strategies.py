@@ -433,7 +433,10 @@ def command_histories(
     events one aggregate of ``store`` ended up with. Handlers must push through the stores
     they are given (their second argument). A command that raises one of
     ``expected_errors`` (a business rule refusing it, an aggregate not found) is skipped;
-    other errors propagate. Examples where the aggregate got no event are discarded.
+    other errors propagate, and so does ``UndefinedEventStorageAdapterError`` (a handler
+    that pushed to a store it was not given). Examples where the aggregate got no event are
+    discarded. When a command has run 50 times and raised an expected error every time, a
+    warning logged by ``castore_pydantic.testing.strategies`` names it and its last error.
 
     Which aggregate: with ``aggregate_id_field``, every command whose input has that field
     gets the history's aggregate id there (from ``aggregate_id``, a random UUID by default),
@@ -500,6 +503,8 @@ def command_histories(
     resolver = Resolver(overrides)
     plans = {c.command_id: _command_plan(c, resolver) for c in commands}
     ids = _aggregate_ids(aggregate_id)
+    # Across the examples of a test: expected errors of each command until one run succeeds.
+    failures = {command_id: Refusals(None, _failing_warning(command_id)) for command_id in by_id}
 
     def step_inputs(command: Command[Any, Any], key: str | st.SearchStrategy[str]) -> Any:
         fixed = dict(fixed_inputs.get(command.command_id, {}))
@@ -543,6 +548,7 @@ def command_histories(
             aggregate_id=key if aggregate_id_field is not None else None,
             contexts=contexts,
             expected_errors=expected_errors,
+            failures=failures,
         )
         assume(made)
         return made
@@ -555,6 +561,19 @@ def command_histories(
 
 def _is_valid(value: Any) -> bool:
     return value is not INVALID
+
+
+def _failing_warning(command_id: str) -> Callable[[int, str], str]:
+    def warning(count: int, reason: str) -> str:
+        return (
+            f"command_histories(): command {command_id} ran {count} times and raised an "
+            f"expected error every time, the last: {reason}. Its runs are skipped, so it never "
+            "adds to a history. A handler that pushes a taken version (forgetting version + 1) "
+            "always raises EventAlreadyExistsError; otherwise fix its inputs with inputs= or "
+            "narrow expected_errors to the errors its business rules raise."
+        )
+
+    return warning
 
 
 def _limits_warning(event_store_id: str, name: str) -> Callable[[int, str], str]:

@@ -59,7 +59,12 @@ from pydantic_core import core_schema
 from typing_extensions import TypedDict
 
 from castore_pydantic import Aggregate, Command, Event, EventLimits, EventStore
-from castore_pydantic.errors import AggregateNotFoundError, CastoreError, NoStrategyError
+from castore_pydantic.errors import (
+    AggregateNotFoundError,
+    CastoreError,
+    NoStrategyError,
+    UndefinedEventStorageAdapterError,
+)
 from castore_pydantic.testing import mock_event_store
 from castore_pydantic.testing import strategies as cst
 from castore_pydantic.testing._derive import Resolver
@@ -1637,3 +1642,67 @@ class TestRefusedValuesAreNamed:
         """The advice works: fixing the payload to one that passes draws it quietly."""
         payload = st.text().map(lambda body: Sealed(body=body, seal=seal_of(body)))
         assert _warnings_while(caplog, cst.events(Planned, payload=payload)) == (False, [])
+
+
+async def stale_level_up_handler(data: CatchInput, stores: Sequence[EventStore[Any, Any]]) -> None:
+    """Forgets ``version + 1``: pushes the version the aggregate already has."""
+    (pokemons,) = stores
+    pokemon = (await pokemons.get_existing_aggregate(data.pokemon_id)).aggregate
+    await pokemons.push_event(
+        PokemonLeveledUp(aggregate_id=data.pokemon_id, version=pokemon.version)
+    )
+
+
+async def module_store_handler(data: CatchInput, stores: Sequence[EventStore[Any, Any]]) -> None:
+    """Pushes to the module-level store instead of the copy it is given."""
+    await POKEMONS.push_event(PokemonCaught(aggregate_id=data.pokemon_id, version=2))
+
+
+class TestCommandsThatNeverSucceed:
+    """A command whose every run raises an expected error is named, not silently skipped."""
+
+    def test_a_command_that_always_fails_is_named_in_the_log(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A level-up that pushes a taken version raises EventAlreadyExistsError (a
+        CastoreError, expected by default) on every run: the log names it and the error."""
+        stale = Command(
+            command_id="STALE_LEVEL_UP",
+            required_event_stores=[POKEMONS],
+            handler=stale_level_up_handler,
+            input_schema=CatchInput,
+        )
+        strategy = cst.command_histories(
+            POKEMONS, [APPEAR, stale], aggregate_id="p", aggregate_id_field="pokemon_id"
+        )
+        _, logged = _warnings_while(caplog, strategy)
+        assert len(logged) == 1, logged
+        assert "command STALE_LEVEL_UP ran 50 times" in logged[0]
+        assert "EventAlreadyExistsError" in logged[0]
+        assert "version + 1" in logged[0]
+
+    def test_commands_that_sometimes_succeed_are_not_named(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Catching fails when nothing appeared yet, and works after an appearance."""
+        strategy = cst.command_histories(
+            POKEMONS,
+            [APPEAR, CATCH],
+            aggregate_id="p",
+            aggregate_id_field="pokemon_id",
+            expected_errors=(CastoreError, AlreadyCaughtError),
+        )
+        assert _warnings_while(caplog, strategy) == (False, [])
+
+    def test_a_store_without_adapter_is_never_an_expected_error(self) -> None:
+        """A handler pushing to the module-level store (no adapter) fails at once, saying
+        to push through the stores it is given, instead of being skipped as a CastoreError."""
+        wrong = Command(
+            command_id="WRONG_STORE",
+            required_event_stores=[POKEMONS],
+            handler=module_store_handler,
+            input_schema=CatchInput,
+        )
+        with pytest.raises(UndefinedEventStorageAdapterError) as raised:
+            find(cst.command_histories(POKEMONS, [wrong]), lambda h: True)
+        assert any("push through the stores" in note for note in raised.value.__notes__)
