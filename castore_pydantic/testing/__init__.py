@@ -54,7 +54,9 @@ class MockedEventStore(EventStore[AggregateT, EventT]):
     It has the original's id, event types, reducer, side-effect simulator and limits. Its
     ``on_event_pushed`` hook starts unset, as in Castore: a hook usually reaches outside
     the store (publishing, projections), which a test of the store should not trigger by
-    accident. Set ``mocked.on_event_pushed`` to test a hook on purpose.
+    accident. Set ``mocked.on_event_pushed`` to test a hook on purpose. For the same reason
+    the mock of a ``ConnectedEventStore`` does not publish; wrap the mock in a
+    ``ConnectedEventStore`` of a test channel to test publishing.
 
     Args:
         event_store: The store to copy; it is not modified.
