@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import types
 import typing
 from collections.abc import Callable
@@ -43,9 +45,18 @@ Reducer: TypeAlias = Callable[[AggregateT | None, EventT], AggregateT]
 
 
 def reduced_model(reducer: Callable[..., Any]) -> type[BaseModel] | None:
-    """The Pydantic model a reducer returns, when its return annotation names exactly one."""
+    """The Pydantic model a reducer returns, when its return annotation names exactly one.
+
+    A ``functools.partial`` is read through to its function, and an object that is called
+    through to its class's ``__call__``.
+    """
+    annotated: Any = reducer
+    while isinstance(annotated, functools.partial):
+        annotated = annotated.func
+    if not isinstance(annotated, type) and not inspect.isroutine(annotated):
+        annotated = getattr(type(annotated), "__call__", annotated)  # noqa: B004
     try:
-        hint = typing.get_type_hints(reducer).get("return")
+        hint = typing.get_type_hints(annotated).get("return")
     except Exception:  # an unresolvable annotation just means "unknown"
         return None
     candidates = (

@@ -534,6 +534,8 @@ def _log_hook_failures(
 
 def _is_async(function: object) -> bool:
     """Whether calling ``function`` gives a coroutine or an async generator."""
+    if isinstance(function, type):
+        return False  # calling a class makes an instance, whatever its own __call__ does
     call = getattr(function, "__call__", None)  # noqa: B004 - the method of a callable object
     return any(
         inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (function, call)

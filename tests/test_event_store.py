@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,6 +34,7 @@ from tests.domain import (
     Pokemon,
     PokemonAppeared,
     PokemonCaught,
+    PokemonEvent,
     PokemonLeveledUp,
     appeared,
     make_store,
@@ -127,6 +129,8 @@ class TestDeclaration:
         for reducer in (reduce_later, Folder()):
             with pytest.raises(TypeError, match="plain function, not async"):
                 EventStore(event_store_id="S", event_types=[PokemonAppeared], reducer=reducer)
+        # Calling the class itself makes an instance: no coroutine, whatever its __call__.
+        EventStore(event_store_id="S", event_types=[PokemonAppeared], reducer=Folder)
 
     def test_without_adapter_fails_at_call_time(self) -> None:
         """A store without adapter constructs, then data methods raise (B5)."""
@@ -412,6 +416,24 @@ class TestPushEvent:
 
         def count(tally: Any, event: Any) -> Any:  # dict aggregates, no annotation
             return {"count": (tally or {"count": 0})["count"] + 1}
+
+        class Reducer:
+            def __call__(self, pokemon: Pokemon | None, event: PokemonEvent) -> Pokemon:
+                return reduce_pokemon(pokemon, event)
+
+        # The model is found through a partial and through an object's __call__ too.
+        for reducer in (functools.partial(reduce_pokemon), Reducer()):
+            wrapped = EventStore(
+                event_store_id="WRAPPED",
+                event_types=[PokemonAppeared, PokemonCaught, PokemonLeveledUp],
+                reducer=reducer,
+                event_storage_adapter=InMemoryEventStorageAdapter(),
+            )
+            await wrapped.push_event(appeared())
+            again = await wrapped.push_event(
+                PokemonCaught(aggregate_id="pikachu", version=2), prev_aggregate=as_json
+            )
+            assert isinstance(again.next_aggregate, Pokemon)
 
         tallies = EventStore(
             event_store_id="TALLIES",

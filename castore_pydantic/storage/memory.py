@@ -182,7 +182,9 @@ class InMemoryEventStorageAdapter:
                 " in-memory adapter takes one list: its stores share one namespace)"
             )
         for event_store_id, events in (initial_events or {}).items():
-            if isinstance(events, Mapping | str | bytes):
+            if isinstance(events, Mapping | str | bytes | BaseModel) or not isinstance(
+                events, Iterable
+            ):
                 raise TypeError(
                     f"initial_events[{event_store_id!r}] must be a list of events,"
                     f" not a {type(events).__name__}"

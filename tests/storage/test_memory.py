@@ -47,6 +47,10 @@ class TestSeedShapes:
             InMemoryEventStorageAdapter(initial_events=[seed])  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"initial_events\['NOTES'\] must be a list"):
             InMemoryEventStorageAdapter(initial_events={"NOTES": seed})  # type: ignore[dict-item]
+        lone = NoteAdded(aggregate_id="n1", version=1)
+        for wrong in (lone, None):
+            with pytest.raises(TypeError, match=r"initial_events\['NOTES'\] must be a list"):
+                InMemoryEventStorageAdapter(initial_events={"NOTES": wrong})  # type: ignore[dict-item]
 
 
 class TestSeedsAreStoredByValue:
