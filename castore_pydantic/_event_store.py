@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Generic, TypeAlias
@@ -555,8 +556,7 @@ def _check_prev_aggregate(prev_aggregate: object, event: Event) -> None:
     """
     if not isinstance(prev_aggregate, Aggregate):
         return  # an aggregate type of the user's own: nothing known to check
-    # As text: an ``Aggregate`` subclass may hold its id as a UUID, say.
-    if str(prev_aggregate.aggregate_id) != event.aggregate_id:
+    if not _same_id(prev_aggregate.aggregate_id, event.aggregate_id):
         problem = f"is aggregate {prev_aggregate.aggregate_id!r}"
     elif prev_aggregate.version >= event.version:
         problem = f"is already at version {prev_aggregate.version}"
@@ -567,6 +567,22 @@ def _check_prev_aggregate(prev_aggregate: object, event: Event) -> None:
         f"{event.aggregate_id!r}: pass the aggregate as it was before this event (or none); "
         "nothing was written"
     )
+
+
+def _same_id(held: object, given: str) -> bool:
+    """Whether an aggregate's id and an event's name the same aggregate.
+
+    As text first: an ``Aggregate`` subclass may hold its id as a UUID, say. Then as UUIDs,
+    so that a ``uuid`` table's canonical lower-case id matches the spelling the user keeps
+    (upper case, braces, no hyphens).
+    """
+    text = str(held)
+    if text == given:
+        return True
+    try:
+        return uuid.UUID(text) == uuid.UUID(given)
+    except ValueError:
+        return False
 
 
 def _stamps_groups(adapter: object) -> bool:

@@ -1187,6 +1187,36 @@ class TestUuidTable:
                 (lower, lower),
             ]
 
+    async def test_a_returned_aggregate_chains_under_the_callers_spelling(
+        self, pg_schema: str
+    ) -> None:
+        """The next aggregate carries the table's lower-case id; passing it as prev_aggregate
+        with the caller's own spelling of the same UUID (upper case, braces, no hyphens),
+        in a push or a group, was refused as another aggregate's."""
+        table = await make_table(pg_schema, aggregate_id_type="uuid")
+        async with PostgresEventStorageAdapter(DSN, schema=pg_schema, table_name=table) as adapter:
+            store = counter_store(adapter)
+            lower = str(uuid.uuid4())
+            upper = lower.upper()
+            first = await store.push_event(created(upper))
+            second = await store.push_event(
+                incremented(upper, 2), prev_aggregate=first.next_aggregate
+            )
+            assert second.next_aggregate is not None
+            assert second.next_aggregate.version == 2
+            grouped = await EventStore.push_event_group(
+                store.group_event(
+                    incremented(f"{{{upper}}}", 3), prev_aggregate=second.next_aggregate
+                )
+            )
+            third = grouped.event_group[0].next_aggregate
+            assert third is not None
+            await store.push_event(incremented(lower.replace("-", ""), 4), prev_aggregate=third)
+            assert len((await store.get_events(lower)).events) == 4
+            other = str(uuid.uuid4()).upper()
+            with pytest.raises(ValueError, match="is aggregate"):
+                await store.push_event(created(other, 5), prev_aggregate=third)
+
     @pytest.mark.parametrize("force", [False, True])
     async def test_every_spelling_of_a_uuid_comes_back_canonical(
         self, pg_schema: str, force: bool
