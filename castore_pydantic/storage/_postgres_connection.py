@@ -482,7 +482,7 @@ class Connections:
         if not self.owned:
             self._opened = True
             return None
-        async with self._opening:
+        async with self._opening, self._spare_discarded_unless_opened():
             if self._opened:
                 return None
             failure = await self._unless_closed(self._try_connect(seconds))
@@ -490,6 +490,21 @@ class Connections:
                 return failure
             await self._open_pool()
         return None
+
+    @contextlib.asynccontextmanager
+    async def _spare_discarded_unless_opened(self) -> AsyncIterator[None]:
+        """Close the connection ``try_connect`` made if the pool did not open after all.
+
+        A cancellation (a timeout around ``async with adapter``) or an error between a
+        successful connection and the pool's opening would leave it open, with nothing to
+        use or close it until ``aclose``.
+        """
+        try:
+            yield
+        except BaseException:
+            if not self._opened and self._attempts is not None:
+                await self._attempts.discard_spare()  # closing it does not wait
+            raise
 
     async def _try_connect(self, seconds: float | None) -> Failure | None:
         """``try_connect`` for this owned pool (its connection becomes the pool's)."""
@@ -524,7 +539,7 @@ class Connections:
             self._opened = True
             return 0.0, None
         started = time.monotonic()
-        async with self._opening:
+        async with self._opening, self._spare_discarded_unless_opened():
             if self._opened:
                 return time.monotonic() - started, None
             timeout = self.pool.timeout

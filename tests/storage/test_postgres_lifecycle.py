@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -228,6 +229,39 @@ class TestFirstConnection:
             async with PostgresEventStorageAdapter(server.dsn, min_size=0):
                 assert server.accepted == 1
             await wait_for(_closed(server), within=5, what="the connection to close")
+
+    @pytest.mark.parametrize("how", ["async with", "open once"])
+    async def test_a_cancellation_after_connecting_closes_the_connection(
+        self, how: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Cancelled just after the first connection was made, before the pool opened (a
+        timeout around ``async with adapter`` firing then): the connection is closed at
+        once. (It stayed open, used by nothing, until ``aclose`` or garbage collection.)"""
+        real = psycopg.AsyncConnection.connect.__func__  # type: ignore[attr-defined]
+        opening: asyncio.Task[object] | None = None
+
+        async def connect(cls: Any, *args: Any, **kw: Any) -> Any:
+            conn = await real(cls, *args, **kw)
+            if opening is not None and not opening.done():
+                opening.cancel()
+            return conn
+
+        async with SlowServer(0) as server:
+            adapter = PostgresEventStorageAdapter(server.dsn, min_size=1)
+            try:
+                monkeypatch.setattr(psycopg.AsyncConnection, "connect", classmethod(connect))
+                if how == "async with":
+                    opening = asyncio.ensure_future(adapter.__aenter__())
+                else:  # the command line's
+                    opening = asyncio.ensure_future(adapter._open_once(10))
+                with pytest.raises(asyncio.CancelledError):
+                    await opening
+                monkeypatch.undo()
+                assert server.accepted == 1
+                await wait_for(_closed(server), within=5, what="the connection to close")
+                assert not adapter._conns._opened
+            finally:
+                await adapter.aclose()
 
 
 @pytest.mark.postgres
