@@ -396,7 +396,9 @@ class Connections:
     An owned pool is opened once a connection made outside it succeeded (``try_connect``): a
     configuration no retry can fix (a database that does not exist, a password the server
     refuses) is then told at once, where the pool would retry it until the timeout. That
-    connection becomes the pool's first (``Attempts.spare``), not one more. Closing refuses
+    connection becomes the pool's first (``Attempts.spare``), not one more; with
+    ``min_size=0``, ``open`` closes it instead (no connection is to stay open unused), while
+    ``open_once`` and the first operation keep it for the work that follows. Closing refuses
     new operations at once, stops ``open`` trying, and closes the pool once the operations
     in progress (those waiting for a connection included) have ended.
 
@@ -461,6 +463,9 @@ class Connections:
             raise StorageError(f"{self._name} is closed")
         if not self._opened:
             await self._open(where, wait=True)
+            if self.pool.min_size == 0 and self._attempts is not None:
+                # No connection is to stay open unused: the pool makes one when needed.
+                await self._attempts.discard_spare()
 
     async def open_once(self, seconds: float | None) -> Failure | None:
         """Open an owned pool if one connection attempt succeeds; never try again.

@@ -208,8 +208,10 @@ class TestFirstConnection:
                 assert server.accepted == 1
             await wait_for(_closed(server), within=5, what="the connection to close")
 
-    async def test_without_min_size_the_first_operation_uses_it(self, pg_schema: str) -> None:
-        """With ``min_size=0``, the first operation takes the connection entering made."""
+    async def test_without_min_size_entering_keeps_no_connection(self, pg_schema: str) -> None:
+        """With ``min_size=0``, the connection entering made is closed at once, and the first
+        operation connects when it needs to. (It stayed open, outside the pool, until an
+        operation took it or the adapter closed.)"""
         table = await make_table(pg_schema)
         async with (
             SlowServer(0) as server,
@@ -217,17 +219,38 @@ class TestFirstConnection:
                 server.dsn, schema=pg_schema, table_name=table, min_size=0
             ) as adapter,
         ):
+            assert server.accepted == 1
+            await wait_for(_closed(server), within=5, what="the connection to close")
             store = counter_store(adapter)
             for _ in range(3):
                 assert (await store.get_events("a1")).events == []
-            assert server.accepted == 1
+            assert server.accepted == 2
+
+    async def test_a_first_operation_uses_the_connection_it_checked(self, pg_schema: str) -> None:
+        """Not entered, with ``min_size=0``: the first operation's check of the server is
+        the connection it works on."""
+        table = await make_table(pg_schema)
+        async with SlowServer(0) as server:
+            adapter = PostgresEventStorageAdapter(
+                server.dsn, schema=pg_schema, table_name=table, min_size=0
+            )
+            try:
+                store = counter_store(adapter)
+                for _ in range(3):
+                    assert (await store.get_events("a1")).events == []
+                assert server.accepted == 1
+            finally:
+                await adapter.aclose()
 
     async def test_a_connection_no_operation_took_is_closed(self) -> None:
-        """Entered and closed with nothing done (``min_size=0``): the connection entering
-        made is closed with the adapter."""
+        """Opened once as the command line does (``min_size=0``), the connection is kept for
+        the command's work; with nothing done, it is closed with the adapter."""
         async with SlowServer(0) as server:
-            async with PostgresEventStorageAdapter(server.dsn, min_size=0):
-                assert server.accepted == 1
+            adapter = PostgresEventStorageAdapter(server.dsn, min_size=0)
+            assert await adapter._open_once(10) is None
+            await asyncio.sleep(0.2)
+            assert (server.accepted, server.open) == (1, 1)
+            await adapter.aclose()
             await wait_for(_closed(server), within=5, what="the connection to close")
 
     @pytest.mark.parametrize("how", ["async with", "open once"])
