@@ -430,7 +430,8 @@ class PostgresEventStorageAdapter:
 
         The event returned has the id as the table holds it: on a ``uuid`` table, a UUID
         spelt in upper case, in braces or without hyphens comes back lower-case canonical
-        (the row's id is then returned by the INSERT itself: no further round trip).
+        (the row's id is then returned by the INSERT itself: no further round trip). When
+        no row comes back (a trigger skipped it), the id is returned as given.
 
         Raises:
             EventAlreadyExistsError: The version is taken (and ``force`` is false).
@@ -454,7 +455,7 @@ class PostgresEventStorageAdapter:
         conn = await self._conns.acquire(where)
         try:
             result = await direct.execute(conn, query, params)
-            if returning:
+            if returning and result.ntuples:  # none when a trigger skipped the row
                 held = _text(conn, result.get_value(0, 0))
         except pg_errors.UniqueViolation as exc:
             try:
