@@ -248,3 +248,28 @@ class TestExitCodes:
         assert prefix in error
         assert said in error
         assert time.monotonic() - started < 10
+
+
+class TestPourChecksTheChannelFirst:
+    """``pour`` checks its channel before it connects to the store's database."""
+
+    @pytest.mark.parametrize("server", ["refused", "hung"])
+    def test_a_queue_without_worker_is_told_before_connecting(
+        self,
+        hung: Proxy,
+        server: str,
+        channels: str,  # noqa: F811
+    ) -> None:
+        """A queue without a worker and a database that cannot be reached: exit 2 for the
+        queue, at once, without waiting for the server. (Before the connection was made
+        through the adapter, the connection was tried first: exit 4, or --timeout spent.)"""
+        require_postgres()
+        url = "postgresql://postgres@127.0.0.1:1/test" if server == "refused" else hung.url()
+        started = time.monotonic()
+        result = castore(
+            "pour", "-s", POKEMONS, "--url", url, "--timeout", "5",
+            "-c", f"{channels}:idle_queue",
+        )  # fmt: skip
+        assert result.exit_code == EXIT_USAGE, result.output
+        assert "has no worker" in one_line_error(result)
+        assert time.monotonic() - started < 3
