@@ -190,14 +190,37 @@ class TestConnectTimeout:
         assert "cannot connect to PostgreSQL" in one_line_error(result)
         assert seconds - 0.5 <= waited < seconds + 2.5
 
-    def test_without_one_the_timeout_applies(self, hung: Proxy) -> None:
-        """Without a connect_timeout, --timeout bounds the attempt."""
+    @pytest.mark.parametrize(
+        ("query", "environment"),
+        [
+            ("", {}),
+            ("?connect_timeout=0", {}),
+            ("?connect_timeout=-3", {}),
+            ("?connect_timeout=soon", {}),
+            ("", {"PGCONNECT_TIMEOUT": "0"}),
+        ],
+    )
+    def test_without_one_the_timeout_applies(
+        self, hung: Proxy, query: str, environment: dict[str, str]
+    ) -> None:
+        """Without a connect_timeout above 0 (0 is no limit to libpq; a negative or
+        unreadable one is none), --timeout bounds the attempt, as docs/cli.md says."""
         started = time.monotonic()
-        result = castore("aggregates", "-s", POKEMONS, "--url", hung.url(), "--timeout", "1")
+        result = castore(
+            "aggregates", "-s", POKEMONS, "--url", hung.url(query=query), "--timeout", "1",
+            env=environment,
+        )  # fmt: skip
         waited = time.monotonic() - started
         assert result.exit_code == EXIT_STORAGE, result.output
         assert "cannot connect to PostgreSQL" in one_line_error(result)
         assert 0.9 <= waited < 3
+
+
+def test_the_timeout_help_names_what_takes_its_place() -> None:
+    """--timeout's help names PGCONNECT_TIMEOUT and a connect_timeout above 0, as
+    docs/cli.md does (it named the URL's alone)."""
+    help_text = " ".join(castore("aggregates", "--help").output.split())
+    assert "(or else PGCONNECT_TIMEOUT) gives a connect_timeout above 0" in help_text
 
 
 class TestExitCodes:

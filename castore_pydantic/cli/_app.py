@@ -79,7 +79,7 @@ def store_options(function: Callable[..., Any], *, multiple: bool = False) -> Ca
             show_default=True,
             callback=_finite,
             help="Seconds to wait for a PostgreSQL connection (with --url), unless the URL "
-            "gives a connect_timeout.",
+            "(or else PGCONNECT_TIMEOUT) gives a connect_timeout above 0.",
         ),
     ]
     for decorator in reversed(decorators):
