@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, NoReturn, Self
 
 import aio_pika
@@ -49,6 +49,9 @@ from castore_pydantic.messaging._rabbitmq_wire import (
 __all__ = ["RabbitMQAdapter"]
 
 logger = logging.getLogger("castore_pydantic.messaging")
+
+#: How many messages of a batch are published at once, pipelined.
+_PUBLISH_CHUNK = 1000
 
 
 class RabbitMQAdapter:
@@ -241,9 +244,14 @@ class RabbitMQAdapter:
         raise NotImplementedError
 
     async def _publish(
-        self, channel: AbstractChannel, messages: Sequence[Message], *, replay: bool
+        self,
+        channel: AbstractChannel,
+        messages: Sequence[Message],
+        *,
+        replay: bool,
+        progress: Callable[[], None],
     ) -> None:
-        """Publish messages on the publishing channel."""
+        """Publish messages on the publishing channel; call ``progress`` per confirmation."""
         raise NotImplementedError
 
     async def _delete_exchanges(self, channel: AbstractChannel) -> None:
@@ -306,6 +314,7 @@ class RabbitMQAdapter:
         await self._publishing_channel()
 
     async def _publishing_channel(self) -> AbstractChannel:
+        before = cancellations()
         self._enter_loop()
         publisher = self._publisher
         if publisher is not None and not publisher[1].is_closed:
@@ -318,6 +327,9 @@ class RabbitMQAdapter:
             await self._close_publisher()
             connection = await self._connect("publisher")
             try:
+                # aio-pika's connect may have swallowed the cancellation of a publish's
+                # deadline: the publish would then wait without one.
+                raise_swallowed_cancellation(before)
                 channel = await connection.channel(publisher_confirms=True)
                 await self._declare_publishing(channel)
             except BROKER_ERRORS as error:
@@ -369,36 +381,94 @@ class RabbitMQAdapter:
     async def publish_messages(self, messages: Sequence[Message], *, replay: bool = False) -> None:
         """Publish messages in order, pipelined, and wait until the broker confirmed them all.
 
-        Connecting, publishing and every confirmation take ``publish_timeout`` seconds at
-        most: a broker that blocks publishers (a memory or disk alarm) or a confirmation lost
-        on the way would otherwise keep the caller waiting for ever. The publishing
-        connection is then closed, and the next publish connects anew.
+        ``publish_timeout`` bounds every wait for the broker: connecting (with the
+        declarations publishing needs) takes that long at most, and then the next
+        confirmation must come within ``publish_timeout`` of the previous one (of the start
+        of publishing, for the first). A batch may take longer in all, as long as the broker
+        keeps confirming. A broker that stops answering (it blocks publishers for a memory
+        or disk alarm, or the link died silently) would otherwise keep the caller waiting
+        for ever: the publishing connection is then closed, and the next publish connects
+        anew. Closing it waits a few seconds at most, so the error may come that much later
+        than ``publish_timeout``.
 
         Raises:
             MessageBrokerUnavailableError: The broker cannot be reached, the connection
-                dropped before every confirmation arrived, or they did not all arrive within
+                dropped or was closed before every confirmation arrived (another publish
+                gave up on it, or ``aclose`` closed it), or no confirmation came within
                 ``publish_timeout`` (some messages may be stored all the same).
             MessagingError: The broker refused a message.
         """
         if not messages:
             return
+        before = cancellations()
         channel: AbstractChannel | None = None
+        deadline = asyncio.timeout(self.publish_timeout)
+        loop = asyncio.get_running_loop()
+
+        def progress() -> None:
+            # A confirmation came: the broker is alive, so the wait starts again.
+            if not deadline.expired():
+                deadline.reschedule(loop.time() + self.publish_timeout)
+
         try:
-            async with asyncio.timeout(self.publish_timeout):
+            async with deadline:
                 channel = await self._publishing_channel()
+                progress()
                 try:
-                    await self._publish(channel, messages, replay=replay)
+                    await self._publish(channel, messages, replay=replay, progress=progress)
                 except BROKER_ERRORS as error:
                     self._fail(error)
+        except asyncio.CancelledError as error:
+            if not deadline.expired():
+                # Nobody cancelled this task unless it counts more cancellations: the
+                # driver cancels the confirmations it waits for when the connection is
+                # closed under them.
+                self._raise_connection_closed(before, error)
+            if cancellations() > before:
+                raise
+            # Before Python 3.12, a deadline that expires in a task that caught a
+            # cancellation earlier (and did not uncancel it) raises CancelledError.
+            await self._give_up_publishing(channel, len(messages), error)
         except TimeoutError as error:
-            # Only our deadline gets here: driver errors became ours above.
-            await self._drop_publisher(channel)
-            raise MessageBrokerUnavailableError(
-                f"RabbitMQ at {self.url} did not confirm {len(messages)} message(s) within "
-                f"{self.publish_timeout:g}s (is it blocking publishers for a memory or disk "
-                "alarm, or was the link lost?); they may be stored all the same: retry, and "
-                "let consumers deduplicate"
-            ) from error
+            if not deadline.expired():
+                raise
+            await self._give_up_publishing(channel, len(messages), error)
+
+    async def _give_up_publishing(
+        self, channel: AbstractChannel | None, count: int, error: BaseException
+    ) -> NoReturn:
+        """Close the publishing connection the deadline ran out on, and say so."""
+        await self._drop_publisher(channel)
+        raise MessageBrokerUnavailableError(
+            f"RabbitMQ at {self.url} did not answer within {self.publish_timeout:g}s while "
+            f"publishing {count} message(s) (is it blocking publishers for a memory or disk "
+            "alarm, or was the link lost?); they may be stored all the same: retry, and "
+            "let consumers deduplicate"
+        ) from error
+
+    def _raise_connection_closed(self, before: int, error: asyncio.CancelledError) -> NoReturn:
+        """Raise the ``CancelledError`` of a cancelled task, or ours for a closed connection.
+
+        Closing a connection cancels what waits for the broker on it, in tasks nobody
+        cancelled: a publish that gave up closes the publishing connection under the other
+        publishes, dead-letter reads and purges that wait on it; ``aclose`` does too.
+
+        Args:
+            before: What ``cancellations()`` said before waiting.
+            error: The ``CancelledError`` caught.
+
+        Raises:
+            asyncio.CancelledError: The running task was cancelled (more cancellations are
+                pending than ``before``).
+            MessageBrokerUnavailableError: Otherwise: the connection closed meanwhile.
+        """
+        if cancellations() > before:
+            raise error
+        raise MessageBrokerUnavailableError(
+            f"RabbitMQ at {self.url}: the publishing connection was closed before the broker "
+            "answered (another publish gave up on it after publish_timeout, or the adapter "
+            "was closed); retry"
+        ) from error
 
     async def _drop_publisher(self, channel: AbstractChannel | None) -> None:
         """Close the publishing connection a publish gave up on, unless it was replaced.
@@ -419,32 +489,35 @@ class RabbitMQAdapter:
         bodies: Sequence[tuple[bytes, str]],
         *,
         replay: bool,
+        progress: Callable[[], None],
     ) -> None:
         """Publish ``(body, routing key)`` pairs pipelined; raise the first failure.
 
         Goes through the channel's aiormq layer: building aio-pika ``Message`` objects would
-        cost more than validating the messages does.
+        cost more than validating the messages does. Calls ``progress`` at each confirmation.
+        A chunk of messages at a time: the tasks of a whole large batch would keep the event
+        loop from reading confirmations for a while.
         """
         underlay = await channel.get_underlay_channel()
         headers = {REPLAY_HEADER: replay}
-        if len(bodies) == 1:
-            body, key = bodies[0]
+
+        async def publish(body: bytes, key: str) -> None:
             await underlay.basic_publish(
                 body, exchange=exchange, routing_key=key, properties=amqp_properties(headers)
             )
+            progress()
+
+        if len(bodies) == 1:
+            await publish(*bodies[0])
             return
-        results = await asyncio.gather(
-            *(
-                underlay.basic_publish(
-                    body, exchange=exchange, routing_key=key, properties=amqp_properties(headers)
-                )
-                for body, key in bodies
-            ),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        for start in range(0, len(bodies), _PUBLISH_CHUNK):
+            results = await asyncio.gather(
+                *(publish(body, key) for body, key in bodies[start : start + _PUBLISH_CHUNK]),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -1148,17 +1221,26 @@ class RabbitMQAdapter:
 
     @contextlib.asynccontextmanager
     async def _admin_channel(self) -> AsyncIterator[AbstractChannel]:
-        """A short-lived channel on the publishing connection, for dead letters and purge."""
+        """A short-lived channel on the publishing connection, for dead letters and purge.
+
+        A publish that gives up closes that connection: what waits on this channel then
+        raises ``MessageBrokerUnavailableError``, not the driver's ``CancelledError``.
+        """
+        before = cancellations()
         await self._publishing_channel()
         assert self._publisher is not None
         try:
             channel = await self._publisher[0].channel(publisher_confirms=True)
         except BROKER_ERRORS as error:
             self._fail(error)
+        except asyncio.CancelledError as error:
+            self._raise_connection_closed(before, error)
         try:
             yield channel
         except BROKER_ERRORS as error:
             self._fail(error)
+        except asyncio.CancelledError as error:
+            self._raise_connection_closed(before, error)
         finally:
             with contextlib.suppress(*BROKER_ERRORS):
                 await channel.close()

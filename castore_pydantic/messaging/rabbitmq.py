@@ -19,7 +19,7 @@ Install the driver with ``pip install 'castore-pydantic[rabbitmq]'``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 try:
@@ -186,11 +186,16 @@ class RabbitMQMessageQueueAdapter(RabbitMQAdapter):
         await self._declare_subscription(channel, self._subscriptions(consuming=False)[0])
 
     async def _publish(
-        self, channel: AbstractChannel, messages: Sequence[Message], *, replay: bool
+        self,
+        channel: AbstractChannel,
+        messages: Sequence[Message],
+        *,
+        replay: bool,
+        progress: Callable[[], None],
     ) -> None:
         queue = self.queue_name
         bodies = [(message.model_dump_json().encode(), queue) for message in messages]
-        await self._publish_all(channel, "", bodies, replay=replay)
+        await self._publish_all(channel, "", bodies, replay=replay, progress=progress)
 
 
 class RabbitMQMessageBusAdapter(RabbitMQAdapter):
@@ -384,10 +389,17 @@ class RabbitMQMessageBusAdapter(RabbitMQAdapter):
         await channel.exchange_delete(self.exchange_name)
 
     async def _publish(
-        self, channel: AbstractChannel, messages: Sequence[Message], *, replay: bool
+        self,
+        channel: AbstractChannel,
+        messages: Sequence[Message],
+        *,
+        replay: bool,
+        progress: Callable[[], None],
     ) -> None:
         bodies = [
             (message.model_dump_json().encode(), routing_key(message, replay=replay))
             for message in messages
         ]
-        await self._publish_all(channel, self.exchange_name, bodies, replay=replay)
+        await self._publish_all(
+            channel, self.exchange_name, bodies, replay=replay, progress=progress
+        )

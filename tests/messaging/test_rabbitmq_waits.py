@@ -161,6 +161,41 @@ class TestSwallowedCancellation:
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
 
+    async def test_a_task_that_handled_a_cancellation_can_start_and_publish(
+        self, vhost: str
+    ) -> None:
+        """A task that caught a CancelledError (cleaning up, say) and goes on may still
+        start consuming and publish: only a cancellation arriving during the call counts."""
+        queue = make_queue("handled-cancel")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=handler_noop
+        )
+        started = asyncio.Event()
+
+        async def clean_up_after_cancel() -> int:
+            try:
+                started.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                assert current is not None
+                await adapter.start_consuming()
+                await queue.publish_message(notification(0))
+                return current.cancelling()
+            return -1
+
+        try:
+            task = asyncio.create_task(clean_up_after_cancel())
+            await started.wait()
+            task.cancel()
+            async with within("start_consuming() and publish_message()", 20):
+                assert await task == 1
+            assert adapter.is_consuming
+        finally:
+            await adapter.stop_consuming()
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+
 
 class TestPublishTimeout:
     """A publish the broker never confirms raises once ``publish_timeout`` has passed."""
@@ -193,6 +228,95 @@ class TestPublishTimeout:
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
             await proxy.close()
+
+    async def test_waits_beside_a_publish_that_gives_up_raise_a_retriable_error(
+        self, vhost: str
+    ) -> None:
+        """A publish that gives up closes the publishing connection: the other publishes
+        and the dead-letter read waiting on it raise MessageBrokerUnavailableError, which
+        callers retry. They used to raise a bare CancelledError in tasks nobody cancelled,
+        which retry code passes by and a TaskGroup takes for a cancellation."""
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = make_queue("closed-under")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, proxy.url(vhost), publish_timeout=2)
+
+        async def publish_late() -> int:
+            await asyncio.sleep(1)
+            await queue.publish_message(notification(1))
+            return 0
+
+        async def read_late() -> int:
+            await asyncio.sleep(1)
+            return len(await adapter.dead_letters())
+
+        try:
+            await adapter.connect()
+            assert proxy.stall() == 1
+            first = asyncio.create_task(queue.publish_message(notification(0)))
+            others = [asyncio.create_task(publish_late()), asyncio.create_task(read_late())]
+            async with within("the publishes to end", 20):
+                await asyncio.wait([first, *others])
+            with pytest.raises(MessageBrokerUnavailableError, match=r"within 2s"):
+                first.result()
+            for task in others:
+                assert not task.cancelled()
+                assert isinstance(task.exception(), MessageBrokerUnavailableError)
+            async with within("publishing again", 20):
+                await queue.publish_message(notification(2))
+        finally:
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+            await proxy.close()
+
+    async def test_a_batch_longer_than_publish_timeout_succeeds_while_confirmed(
+        self, vhost: str
+    ) -> None:
+        """publish_timeout bounds each wait for a confirmation, not the whole batch: a
+        batch that takes longer on a healthy broker is published, once. It used to raise
+        after publish_timeout with part of the batch stored, and a retry stored it again."""
+        queue = make_queue("long-batch")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), publish_timeout=0.5
+        )
+        messages = [notification(index) for index in range(5000)]
+        try:
+            await adapter.connect()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with within("publish_messages()", 60):
+                await queue.publish_messages(messages)
+            assert loop.time() - started > 0.5  # or the test proves nothing
+            assert await message_count(vhost, adapter.queue_name) == len(messages)
+        finally:
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+
+    async def test_a_deadline_that_connect_swallowed_still_ends_the_publish(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """On Python 3.11 aio-pika's connect can swallow the cancellation of the publish
+        deadline as the connection is made: the publish still raises once publish_timeout
+        has passed. It used to carry on without a deadline, waiting for ever on a link
+        that then died silently."""
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = make_queue("publish-swallowed")
+        RabbitMQMessageQueueAdapter.attach_to(queue, proxy.url(vhost), publish_timeout=1)
+        connect = ConnectOutlivingCancellation()
+        connect.connected = asyncio.Event()
+        monkeypatch.setattr(aio_pika, "connect", connect)
+        try:
+            publish = asyncio.create_task(queue.publish_message(notification(0)))
+            async with within("the connection", 10):
+                await connect.connected.wait()
+            proxy.stall()  # the link dies silently once connected
+            async with within("publish_message() to give up", 15):
+                await asyncio.wait([publish])
+            assert isinstance(publish.exception(), MessageBrokerUnavailableError)
+        finally:
+            monkeypatch.undo()
+            await proxy.close()  # nothing was declared: there is nothing to purge
 
 
 class TestQueueMadeAnewWithOtherArguments:
