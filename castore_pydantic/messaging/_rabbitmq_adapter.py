@@ -42,6 +42,7 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     amqp_properties,
     attempt_of,
     check_name,
+    declared_otherwise,
     name_part,
     raise_broker_error,
 )
@@ -544,8 +545,8 @@ class RabbitMQAdapter:
                 adapter while a stop runs (the stop waits for that handler to return: start
                 again from another task).
             MessageBrokerUnavailableError: The broker cannot be reached.
-            MessagingError: The broker refused a declaration (a queue that exists with
-                other arguments: the message names it and the argument).
+            MessagingError: The broker refused a declaration (for a queue that exists with
+                other arguments, the message names it and the argument).
         """
         self._enter_loop()
         self._require_channel()
@@ -641,6 +642,8 @@ class RabbitMQAdapter:
                 try:
                     await self._declare_subscription(channel, subscription)
                 except aiormq.exceptions.ChannelPreconditionFailed as error:
+                    if not declared_otherwise(error):
+                        raise  # passing (a vhost's queue limit reached): retried
                     raise MessagingError(
                         f"RabbitMQ at {self.url} refused to declare what {subscription.queue} "
                         f"needs ({describe_error(error)}): a queue or exchange of that name "
@@ -1390,11 +1393,12 @@ async def _close_quietly(connection: AbstractConnection, *channels: AbstractChan
 def _declaration_refused(error: BaseException) -> bool:
     """Whether the broker refused to declare a consumed queue as the adapter declares it.
 
-    RabbitMQ answers PRECONDITION_FAILED when a queue or exchange exists with other
-    arguments or another type: that lasts until someone deletes or changes it.
+    Only a queue or exchange that exists with other arguments or of another type lasts
+    until someone deletes or changes it; other PRECONDITION_FAILED replies (a vhost's queue
+    limit reached) pass, and the consumers retry.
     """
-    return isinstance(error, MessagingError) and isinstance(
-        error.__cause__, aiormq.exceptions.ChannelPreconditionFailed
+    return isinstance(error, MessagingError) and (
+        error.__cause__ is not None and declared_otherwise(error.__cause__)
     )
 
 

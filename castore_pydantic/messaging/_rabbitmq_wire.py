@@ -37,6 +37,7 @@ __all__ = [
     "attempt_of",
     "binding_keys",
     "check_name",
+    "declared_otherwise",
     "name_part",
     "raise_broker_error",
     "routing_key",
@@ -180,6 +181,19 @@ def _closed_while_opening(error: BaseException) -> bool:
     )
 
 
+def declared_otherwise(error: BaseException) -> bool:
+    """Whether the broker refused a declaration because the queue or exchange exists otherwise.
+
+    RabbitMQ answers PRECONDITION_FAILED with "inequivalent arg" when a queue or exchange
+    of that name exists with other arguments or of another type: that lasts until someone
+    deletes or changes it. It answers PRECONDITION_FAILED for passing refusals too (a
+    vhost's queue limit reached, say), which retrying outlasts.
+    """
+    return isinstance(
+        error, aiormq.exceptions.ChannelPreconditionFailed
+    ) and "inequivalent arg" in str(error)
+
+
 def _refusal(error: BaseException) -> str:
     if _closed_while_opening(error):
         return "closed while opening, as for a vhost that does not exist"
@@ -195,12 +209,20 @@ def raise_broker_error(url: str, error: BaseException) -> NoReturn:
 
     Raises:
         MessageBrokerUnavailableError: The broker cannot be reached or the link dropped.
-        MessagingError: The broker refused the credentials, a declaration or a message.
+        MessagingError: The broker refused the credentials, a declaration (one that exists
+            with other arguments is named as such) or a message.
     """
     if isinstance(error, _MISCONFIGURED) or _closed_while_opening(error):
         raise MessagingError(
             f"RabbitMQ at {url} refused the connection ({_refusal(error)}): "
             "check the user, password and vhost in the URL"
+        ) from error
+    if declared_otherwise(error):
+        raise MessagingError(
+            f"RabbitMQ at {url} refused a declaration ({describe_error(error)}): a queue or "
+            "exchange of that name exists with other arguments or of another type (made by "
+            "another version, or by hand); delete it, or give every adapter using it the "
+            "same options"
         ) from error
     if isinstance(error, _UNAVAILABLE):
         raise MessageBrokerUnavailableError(

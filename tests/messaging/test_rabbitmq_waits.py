@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
@@ -380,3 +381,42 @@ class TestQueueMadeAnewWithOtherArguments:
                 await channel.queue_delete(retry_queue)  # or purge() could not declare it
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
+
+    async def test_a_passing_refusal_is_retried_until_it_passes(self) -> None:
+        """RabbitMQ refuses a declaration with PRECONDITION_FAILED for a vhost whose queue
+        limit is reached, too: the consumers retry, and consume again once the limit no
+        longer stops them. They used to stop for good, as for a queue declared otherwise."""
+        with private_vhost() as own:
+            queue = make_queue("queue-limit")
+            adapter = RabbitMQMessageQueueAdapter.attach_to(
+                queue, vhost_url(own), worker=handler_noop, reconnect_delay=0.05
+            )
+
+            def rabbitmqctl(*args: str) -> str:
+                return subprocess.run(
+                    ["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60
+                ).stdout
+
+            try:
+                with LogWatch.installed() as logs:
+                    await adapter.start_consuming()
+                    listed = rabbitmqctl("list_queues", "-p", own, "-q", "--no-table-headers")
+                    declared = len([line for line in listed.splitlines() if line.strip()])
+                    limit = f'{{"max-queues": {declared - 1}}}'
+                    rabbitmqctl("set_vhost_limits", "-p", own, limit)
+                    async with (
+                        await aio_pika.connect(vhost_url(own)) as connection,
+                        connection.channel() as channel,
+                    ):
+                        await channel.queue_delete(adapter.queue_name)
+                    async with within("two refused reconnections", 20):
+                        await logs.wait_for("could not reconnect", count=2)
+                    assert adapter.is_consuming
+                    rabbitmqctl("clear_vhost_limits", "-p", own)
+                    async with within("consuming again", 20):
+                        await logs.wait_for("reconnected to RabbitMQ")
+                    assert adapter.is_consuming
+                    assert await consumer_count(own, adapter.queue_name) == 1
+            finally:
+                async with within("stop_consuming()", TEARDOWN_WITHIN):
+                    await adapter.stop_consuming()
