@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
@@ -61,6 +62,14 @@ class MessageChannelAdapter(Protocol):
         ...
 
 
+def _binds(adapter: object) -> bool:
+    """Whether an adapter learns the channels it is handed (the in-memory ones do).
+
+    Looked up on its class, not the instance: a mock adapter answers every attribute.
+    """
+    return inspect.getattr_static(type(adapter), "_bind_channel", None) is not None
+
+
 class MessageChannel(Generic[M]):
     """Base of every channel: a queue or bus of one kind of message (see the subclasses).
 
@@ -101,15 +110,24 @@ class MessageChannel(Generic[M]):
 
     @message_channel_adapter.setter
     def message_channel_adapter(self, adapter: MessageChannelAdapter | None) -> None:
+        previous = self._message_channel_adapter
         self._message_channel_adapter = adapter
+        if previous is not adapter and _binds(previous):
+            previous._unbind_channel(self)  # type: ignore[union-attr]
         self._bind(adapter)
 
     def _bind(self, adapter: MessageChannelAdapter | None) -> None:
         # An in-memory adapter given here (Castore's constructor or attribute) learns its
         # channel, as attach_to tells it.
-        bind = getattr(adapter, "_bind_channel", None)
-        if bind is not None:
-            bind(self)
+        if _binds(adapter):
+            adapter._bind_channel(self)  # type: ignore[union-attr]
+
+    def _carries(self, message: object) -> bool:
+        """Whether a message is of this channel's kind and from one of its stores."""
+        return (
+            isinstance(message, self.message_class)
+            and getattr(message, "event_store_id", None) in self._stores_by_id
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message_channel_id!r})"

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from castore_pydantic.errors import MessageChannelEventStoreNotFoundError, UnknownEventTypeError
 from castore_pydantic.messaging._channels import MessageChannel
 from castore_pydantic.messaging._messages import (
     DeadLetter,
@@ -142,7 +144,9 @@ class _InMemoryAdapter:
     ) -> None:
         self.retry_policy = RetryPolicy(retry_attempts, retry_delay_in_ms, retry_backoff_rate)
         self.message_channel: MessageChannel[Any] | None = None
-        self._shared = False  # handed to several channels: parses for none of them
+        #: Channels handed this adapter before ``message_channel``, newest last (weakly: a
+        #: test's channel may go while a module's adapter stays).
+        self._earlier: list[weakref.ref[MessageChannel[Any]]] = []
         # Every piece of pending work (a delivery, a FIFO draining, a retry waiting for its
         # delay) is a task in this set; a failing attempt schedules its retry before it ends.
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,21 +164,33 @@ class _InMemoryAdapter:
     def _carry(self, message: Message) -> _Carried:
         """Put a message in wire form and parse it back, as a broker adapter and consumer do.
 
-        An adapter without a channel (neither made by ``attach_to`` nor handed to a
-        channel's constructor, and ``message_channel`` not set) cannot parse: it checks
-        that the message dumps to JSON and hands it on as it is.
+        The channel that parses is the newest of those handed this adapter that carries
+        the message (its kind and its store). An adapter without a channel (neither made by
+        ``attach_to`` nor handed to a channel, and ``message_channel`` not set) cannot
+        parse: it checks that the message dumps to JSON and hands it on as it is.
 
         Raises:
             pydantic.ValidationError: The attached channel cannot parse the message back
                 (its workers on a broker could not read it).
             pydantic_core.PydanticSerializationError: The message has no JSON form.
+            MessageChannelEventStoreNotFoundError: No channel of the adapter carries its
+                store.
         """
         body = message.model_dump_json()
-        channel = self.message_channel
-        if channel is None:
+        channels = self._channels()
+        if not channels:
             return _Carried(body, message, None, None)
+        channel = next((c for c in channels if c._carries(message)), channels[0])
         parse = channel.parse_message
         return _Carried(body, message, parse(body), parse)
+
+    def _channels(self) -> list[MessageChannel[Any]]:
+        """The channels handed this adapter and still alive, newest first."""
+        earlier = [c for c in (ref() for ref in reversed(self._earlier)) if c is not None]
+        if len(earlier) < len(self._earlier):
+            self._earlier = [weakref.ref(c) for c in reversed(earlier)]
+        current = [self.message_channel] if self.message_channel is not None else []
+        return current + [c for c in earlier if c is not self.message_channel]
 
     def _carried_letters(self, letters: Sequence[DeadLetter]) -> list[tuple[DeadLetter, _Carried]]:
         """Put dead letters in wire form to be handled again; keep those that cannot be.
@@ -194,29 +210,30 @@ class _InMemoryAdapter:
         return carried
 
     def _bind_channel(self, channel: MessageChannel[Any]) -> None:
-        """Learn the channel that was handed this adapter (Castore's forms).
+        """Learn a channel that was handed this adapter (Castore's forms).
 
         ``NotificationMessageQueue(..., message_queue_adapter=adapter)``, or setting the
         attribute, gives the channel its adapter; the adapter needs its channel too, to
-        parse messages back as a broker's consumer does. An adapter handed to a second
-        channel cannot tell whose a message is: it parses for neither, and says so.
+        parse messages back as a broker's consumer does. It becomes ``message_channel``;
+        channels handed the adapter before stay known, so that a message of one of them is
+        still parsed by it (see ``_carry``).
         """
         if self.message_channel is channel:
             return
-        if self.message_channel is None and not self._shared:
-            self.message_channel = channel
-            return
-        if not self._shared:
-            logger.warning(
-                "%s is carrying a second channel (%r, after %r): it now hands messages on as"
-                " they were published, not parsed back as a broker would, and checks bus"
-                " patterns against neither; give each channel its own adapter",
-                type(self).__name__,
-                channel.message_channel_id,
-                self.message_channel.message_channel_id if self.message_channel else None,
-            )
-        self._shared = True
-        self.message_channel = None
+        self._unbind_channel(channel)
+        if self.message_channel is not None:
+            self._earlier.append(weakref.ref(self.message_channel))
+        self.message_channel = channel
+
+    def _unbind_channel(self, channel: MessageChannel[Any]) -> None:
+        """Forget a channel that has taken another adapter."""
+        self._earlier = [ref for ref in self._earlier if ref() not in (channel, None)]
+        if self.message_channel is channel:
+            self.message_channel = None
+            newest = self._channels()
+            if newest:
+                self.message_channel = newest[0]
+                self._earlier = [ref for ref in self._earlier if ref() is not newest[0]]
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run work in the background, counted as pending until it ends."""
@@ -626,6 +643,19 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
         channel = self.message_channel.message_channel_id if self.message_channel else None
         return f"InMemoryMessageBusAdapter(bus={channel!r}, listeners={len(self._listeners)})"
 
+    def _listened(self, pattern: Mapping[str, Any]) -> FilterPattern:
+        """The pattern, checked against the buses handed this adapter: one must carry it."""
+        buses = self._channels()
+        if not buses:
+            return listened_pattern(pattern, None)
+        refusals: list[Exception] = []
+        for bus in buses:
+            try:
+                return listened_pattern(pattern, bus)
+            except (MessageChannelEventStoreNotFoundError, UnknownEventTypeError) as exc:
+                refusals.append(exc)
+        raise refusals[0]
+
     def on(
         self,
         pattern: FilterPattern | Mapping[str, Any],
@@ -657,7 +687,7 @@ class InMemoryMessageBusAdapter(_InMemoryAdapter):
             UnknownEventTypeError: The pattern names an event type its store does not
                 declare.
         """
-        checked = listened_pattern(pattern, self.message_channel)
+        checked = self._listened(pattern)
         # Keyed by id, as on the brokers: dead letters and republishing go by it, so two
         # handlers with one (default) id could not be told apart.
         name = listener_name(handler, listener_id)
