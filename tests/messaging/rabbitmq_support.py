@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import aio_pika
 import pytest
 from pydantic import BaseModel
 
@@ -330,3 +331,24 @@ class LogWatch(logging.Handler):
         finally:
             log.removeHandler(watch)
             log.setLevel(level)
+
+
+async def queue_state(url: str, queue: str) -> tuple[int, int]:
+    """``(messages, consumers)`` of ``queue``, as the broker reports them."""
+    async with (
+        await aio_pika.connect(url) as connection,
+        connection.channel() as channel,
+    ):
+        declared = await channel.declare_queue(queue, passive=True)
+        result = declared.declaration_result
+        return (result.message_count or 0, result.consumer_count or 0)
+
+
+async def message_count(url: str, queue: str) -> int:
+    """How many messages ``queue`` holds."""
+    return (await queue_state(url, queue))[0]
+
+
+async def consumer_count(url: str, queue: str) -> int:
+    """How many consumers the broker counts on ``queue``."""
+    return (await queue_state(url, queue))[1]

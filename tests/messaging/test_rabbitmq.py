@@ -49,7 +49,9 @@ from tests.messaging.rabbitmq_support import (
     DeadLetterWatch,
     PokemonAppeared,
     PokemonCaught,
+    consumer_count,
     event_key,
+    message_count,
     notification,
     pokemon_store,
     private_vhost,
@@ -353,15 +355,6 @@ class Inbox:
                 await self._changed.wait()
 
 
-async def _queue_depth(url: str, queue: str) -> int:
-    async with (
-        await aio_pika.connect(url) as connection,
-        connection.channel() as channel,
-    ):
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
-
-
 async def _publish_raw(vhost: str, exchange_name: str, bodies: dict[str, Any]) -> None:
     """Publish JSON bodies to a bus exchange as a foreign producer would, by routing key."""
     async with (
@@ -371,15 +364,6 @@ async def _publish_raw(vhost: str, exchange_name: str, bodies: dict[str, Any]) -
         exchange = await channel.get_exchange(exchange_name)
         for key, body in bodies.items():
             await exchange.publish(aio_pika.Message(json.dumps(body).encode()), key)
-
-
-async def _consumer_count(url: str, queue: str) -> int:
-    async with (
-        await aio_pika.connect(url) as connection,
-        connection.channel() as channel,
-    ):
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.consumer_count or 0
 
 
 EXPECTED_WIRE = {
@@ -475,7 +459,7 @@ class TestBrokerRouting:
         for listener_id, (_, inbox) in inboxes.items():
             assert sorted(inbox.messages, key=repr) == sorted(expected[listener_id], key=repr)
             # Everything routed to the listener was consumed: nothing else is waiting.
-            depth = await _queue_depth(vhost_url(vhost), adapter.listener_queue(listener_id))
+            depth = await message_count(vhost_url(vhost), adapter.listener_queue(listener_id))
             assert depth == 0
         assert [c.replay for c in inboxes["hash-replays"][1].contexts].count(True) == 2
         await adapter.purge()
@@ -496,7 +480,7 @@ class TestBrokerRouting:
             await bus.publish_messages([stale, wanted])
             await inbox.wait_for(1)
         assert inbox.messages == [wanted]
-        assert await _queue_depth(vhost_url(vhost), after.listener_queue("projection")) == 0
+        assert await message_count(vhost_url(vhost), after.listener_queue("projection")) == 0
         await after.purge()
 
     async def test_what_an_old_binding_routes_is_skipped_without_validating_it(
@@ -542,8 +526,8 @@ class TestBrokerRouting:
                     await bus.publish_message(notification(1))
                     await inbox.wait_for(1)
                 dead = f"{after.listener_queue('catches')}.dead"
-                assert await _queue_depth(vhost_url(vhost), dead) == 0
-                assert await _queue_depth(vhost_url(vhost), after.listener_queue("catches")) == 0
+                assert await message_count(vhost_url(vhost), dead) == 0
+                assert await message_count(vhost_url(vhost), after.listener_queue("catches")) == 0
                 await after.purge()
         assert inbox.messages == [notification(1)]
         assert watch.queues == []
@@ -640,8 +624,8 @@ class TestBrokerRouting:
                     await bus.publish_message(notification(1))
                     await inbox.wait_for(1)
                 dead = f"{after.listener_queue('catches')}.dead"
-                assert await _queue_depth(vhost_url(vhost), dead) == 0
-                assert await _queue_depth(vhost_url(vhost), after.listener_queue("catches")) == 0
+                assert await message_count(vhost_url(vhost), dead) == 0
+                assert await message_count(vhost_url(vhost), after.listener_queue("catches")) == 0
                 await after.purge()
         assert inbox.messages == [notification(1)]
         assert watch.queues == []
@@ -708,7 +692,7 @@ class TestWorkers:
                 await stopping
             assert finished == [notification(0)]
             assert not adapter.is_consuming
-            assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+            assert await message_count(vhost_url(vhost), adapter.queue_name) == 0
             await adapter.purge()
 
     async def test_grace_period_gives_unfinished_messages_back(self, vhost: str) -> None:
@@ -765,7 +749,7 @@ class TestWorkers:
                         await handled.wait()
                 assert effects == [MessageContext(attempt=1, retry_attempts_left=2, replay=False)]
                 assert await adapter.dead_letters() == []
-                assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+                assert await message_count(vhost_url(vhost), adapter.queue_name) == 0
             finally:
                 await adapter.purge()
 
@@ -852,12 +836,12 @@ class TestStartAndStop:
         async with adapter:
             try:
                 await asyncio.gather(adapter.start_consuming(), adapter.start_consuming())
-                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
+                assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 1
                 await adapter.start_consuming()  # and once consuming, nothing either
                 assert adapter.is_consuming
-                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
+                assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 1
                 await adapter.aclose()
-                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 0
+                assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
             finally:
                 await adapter.purge()
 
@@ -891,7 +875,7 @@ class TestStartAndStop:
                 await asyncio.wait_for(starting, 20)
                 assert stopping.done()
                 assert adapter.is_consuming
-                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 1
+                assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 1
                 await queue.publish_message(notification(1))
                 await inbox.wait_for(2)
                 assert inbox.messages == [notification(0), notification(1)]
@@ -943,11 +927,11 @@ class TestStartAndStop:
                 close_now.set()
                 await asyncio.wait_for(asyncio.gather(*stops), 20)
                 assert adapter.is_consuming
-                assert await _consumer_count(url, adapter.queue_name) == 1
+                assert await consumer_count(url, adapter.queue_name) == 1
                 await queue.publish_message(notification(1))
                 await inbox.wait_for(2)
                 await adapter.stop_consuming()
-                assert await _consumer_count(url, adapter.queue_name) == 0
+                assert await consumer_count(url, adapter.queue_name) == 0
             finally:
                 release.set()
                 close_now.set()
@@ -989,7 +973,7 @@ class TestStartAndStop:
                 assert len(refused) == 1
                 assert "is stopping" in str(refused[0])
                 assert not adapter.is_consuming
-                assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+                assert await message_count(vhost_url(vhost), adapter.queue_name) == 0
             finally:
                 stop_called.set()
                 await adapter.purge()
@@ -1051,7 +1035,7 @@ class TestStartAndStop:
                 await inbox.wait_for(1)
                 await adapter.stop_consuming()
                 assert inbox.messages == [notification(0)]
-                assert await _queue_depth(vhost_url(vhost), adapter.queue_name) == 0
+                assert await message_count(vhost_url(vhost), adapter.queue_name) == 0
                 adapter.worker = None  # once stopped, it may go
             finally:
                 consume.release.set()
@@ -1072,7 +1056,7 @@ class TestStartAndStop:
                 await adapter.aclose()
                 await starting
                 assert not adapter.is_consuming
-                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 0
+                assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
             finally:
                 await adapter.purge()
 
@@ -1096,7 +1080,7 @@ class TestStartAndStop:
                     await stopping
                 await asyncio.wait_for(starting, 10)
                 assert not adapter.is_consuming
-                assert await _consumer_count(vhost_url(vhost), adapter.queue_name) == 0
+                assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
             finally:
                 await adapter.purge()
 
@@ -1130,8 +1114,8 @@ class TestStartAndStop:
                 assert after_stop == [notification(0)]
                 assert not adapter.is_consuming
                 url, queue = vhost_url(vhost), adapter.listener_queue("projection")
-                assert await _consumer_count(url, queue) == 0
-                assert await _queue_depth(url, queue) == 0  # acknowledged, not given back
+                assert await consumer_count(url, queue) == 0
+                assert await message_count(url, queue) == 0  # acknowledged, not given back
             finally:
                 consume_audit.release.set()
                 monkeypatch.undo()
@@ -1245,7 +1229,7 @@ class TestStartAndStop:
 
         async def until_not_consumed() -> None:
             while True:
-                if not await _consumer_count(url, queue):
+                if not await consumer_count(url, queue):
                     return
                 await asyncio.sleep(0.02)  # polled: the broker tells no other client
 
@@ -1276,8 +1260,8 @@ class TestStartAndStop:
                     await asyncio.gather(starting, stopping)
                 assert finished == [notification(0)]
                 assert not adapter.is_consuming
-                assert await _consumer_count(url, queue) == 0
-                assert await _queue_depth(url, queue) == 0  # acknowledged, not given back
+                assert await consumer_count(url, queue) == 0
+                assert await message_count(url, queue) == 0  # acknowledged, not given back
             finally:
                 release.set()
                 consume_audit.release.set()
@@ -1314,7 +1298,7 @@ class TestStartAndStop:
                     await asyncio.gather(starting, stopping)
                 assert cancelled.is_set()
                 url, queue = vhost_url(vhost), adapter.listener_queue("projection")
-                assert await _queue_depth(url, queue) == 1  # delivered again
+                assert await message_count(url, queue) == 1  # delivered again
             finally:
                 consume_audit.release.set()
                 monkeypatch.undo()

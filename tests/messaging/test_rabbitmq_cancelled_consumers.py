@@ -36,6 +36,7 @@ from tests.messaging.rabbitmq_support import (
     notification,
     pokemon_store,
     private_vhost,
+    queue_state,
     vhost_url,
     within,
 )
@@ -74,17 +75,6 @@ async def wait_until_consumed(vhost: str, queue: str) -> None:
             await asyncio.sleep(0.02)
 
 
-async def queue_state(vhost: str, queue: str) -> tuple[int, int]:
-    """``(messages, consumers)`` of ``queue``, as the broker reports them."""
-    async with (
-        await aio_pika.connect(vhost_url(vhost)) as connection,
-        connection.channel() as channel,
-    ):
-        declared = await channel.declare_queue(queue, passive=True)
-        result = declared.declaration_result
-        return (result.message_count or 0, result.consumer_count or 0)
-
-
 class Inbox:
     """A handler that records what it handles and lets a test await a count."""
 
@@ -110,7 +100,9 @@ async def assert_stopped(adapter: Any, vhost: str, *queues: str) -> None:
     assert adapter._consumer_connection is None
     assert adapter._consumers == []
     for queue in queues:
-        assert (await queue_state(vhost, queue))[1] == 0  # no consumer left on the broker
+        assert (await queue_state(vhost_url(vhost), queue))[
+            1
+        ] == 0  # no consumer left on the broker
     # What the consumers ran (the supervisor, handlers, channel readers) ends; the last
     # steps of closing a connection may still be under way, briefly.
     current = asyncio.current_task()
@@ -152,7 +144,7 @@ class TestDeletedQueue:
                     async with within("handling the messages published after the deletion"):
                         await inbox.wait_for(4)
                     assert inbox.handled == [notification(i) for i in range(4)]
-                    assert await queue_state(vhost, name) == (0, 1)
+                    assert await queue_state(vhost_url(vhost), name) == (0, 1)
 
                     await assert_stopped(adapter, vhost, name)
                 finally:
@@ -251,10 +243,10 @@ class TestDeletedQueue:
                     expected = [notification(i) for i in range(3)]
                     assert sorted(finished, key=expected.index) == expected
                     # The new queue holds nothing unacknowledged that a stop would give back.
-                    assert await queue_state(vhost, name) == (0, 1)
+                    assert await queue_state(vhost_url(vhost), name) == (0, 1)
                     async with within("stop_consuming() with no handler running", 10):
                         await adapter.stop_consuming()
-                    assert await queue_state(vhost, name) == (0, 0)
+                    assert await queue_state(vhost_url(vhost), name) == (0, 0)
                     assert deliveries == Counter(dict.fromkeys(map(event_key, expected), 1))
                     await assert_stopped(adapter, vhost, name)
                 finally:
@@ -476,9 +468,12 @@ class TestStopWhileConsumingAgain:
                 async with within("the supervisor ending"):
                     await asyncio.wait([supervisor])
                 assert not stopping.done()  # still waiting for the handler
-                assert await queue_state(vhost, name) == (0, 0)
+                assert await queue_state(vhost_url(vhost), name) == (0, 0)
                 await queue.publish_message(notification(1))
-                assert await queue_state(vhost, name) == (1, 0)  # left for another worker
+                assert await queue_state(vhost_url(vhost), name) == (
+                    1,
+                    0,
+                )  # left for another worker
                 release.set()
                 async with within("the stop"):
                     await stopping

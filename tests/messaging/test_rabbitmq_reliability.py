@@ -40,6 +40,7 @@ from tests.messaging.rabbitmq_support import (
     LogWatch,
     PokemonAppeared,
     TcpProxy,
+    consumer_count,
     event_key,
     notification,
     pokemon_store,
@@ -417,16 +418,6 @@ class Received:
                 await self._changed.wait()
 
 
-async def consumer_count(vhost: str, queue: str) -> int:
-    """How many consumers the broker counts on ``queue``."""
-    async with (
-        await aio_pika.connect(vhost_url(vhost)) as connection,
-        connection.channel() as channel,
-    ):
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.consumer_count or 0
-
-
 class TestUnexpectedErrorWhileRecovering:
     """The task that keeps the consumers running meets an error nobody foresaw."""
 
@@ -494,7 +485,7 @@ class TestUnexpectedErrorWhileRecovering:
                 assert adapter.is_consuming
                 for listener_id in received:
                     queue = adapter.listener_queue(listener_id)
-                    assert await consumer_count(vhost, queue) == 1
+                    assert await consumer_count(vhost_url(vhost), queue) == 1
                 errors = [record for record in logs.records if record.levelno >= logging.ERROR]
                 assert [record.exc_info[1] for record in errors if record.exc_info] == [bug]
         finally:
@@ -537,14 +528,14 @@ class TestUnexpectedErrorWhileRecovering:
                             if not adapter.is_consuming:
                                 break
                             await asyncio.sleep(0.01)  # polled: no event tells a user
-                    assert await consumer_count(vhost, adapter.queue_name) == 0
+                    assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
                     assert logs.count("stopped consuming", logging.WARNING) == 1
                     if stop_first:
                         await adapter.stop_consuming()
                         assert not adapter.is_consuming
                     await adapter.start_consuming()
                     assert adapter.is_consuming
-                    assert await consumer_count(vhost, adapter.queue_name) == 1
+                    assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 1
                     await queue.publish_message(notification(0))
                     await received.wait_for(1)
                     await adapter.stop_consuming()

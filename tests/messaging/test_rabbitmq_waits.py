@@ -23,6 +23,8 @@ from castore_pydantic.messaging.rabbitmq import RabbitMQMessageQueueAdapter
 from tests.messaging.rabbitmq_support import (
     LogWatch,
     TcpProxy,
+    consumer_count,
+    message_count,
     notification,
     pokemon_store,
     private_vhost,
@@ -44,26 +46,6 @@ def vhost() -> Iterator[str]:
 
 async def handler_noop(message: NotificationMessage, context: MessageContext) -> None:
     """A worker with nothing to do."""
-
-
-async def consumer_count(vhost: str, queue: str) -> int:
-    """How many consumers the broker counts on ``queue``."""
-    async with (
-        await aio_pika.connect(vhost_url(vhost)) as connection,
-        connection.channel() as channel,
-    ):
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.consumer_count or 0
-
-
-async def message_count(vhost: str, queue: str) -> int:
-    """How many messages ``queue`` holds."""
-    async with (
-        await aio_pika.connect(vhost_url(vhost)) as connection,
-        connection.channel() as channel,
-    ):
-        declared = await channel.declare_queue(queue, passive=True)
-        return declared.declaration_result.message_count or 0
 
 
 class ConnectOutlivingCancellation:
@@ -130,7 +112,7 @@ class TestSwallowedCancellation:
                     if not adapter.is_consuming:
                         break
                     await asyncio.sleep(0.01)  # polled: no event tells a user
-            assert await consumer_count(vhost, adapter.queue_name) == 0
+            assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
         finally:
             monkeypatch.undo()
             async with within("purge()", TEARDOWN_WITHIN):
@@ -156,7 +138,7 @@ class TestSwallowedCancellation:
             with pytest.raises(asyncio.CancelledError):
                 await start
             assert not adapter.is_consuming
-            assert await consumer_count(vhost, adapter.queue_name) == 0
+            assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
         finally:
             monkeypatch.undo()
             async with within("purge()", TEARDOWN_WITHIN):
@@ -224,7 +206,7 @@ class TestPublishTimeout:
             assert asyncio.get_running_loop().time() - started < 10
             async with within("publishing again", 20):
                 await queue.publish_message(notification(1))
-            assert await message_count(vhost, adapter.queue_name) == 2
+            assert await message_count(vhost_url(vhost), adapter.queue_name) == 2
         finally:
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
@@ -288,7 +270,7 @@ class TestPublishTimeout:
             async with within("publish_messages()", 60):
                 await queue.publish_messages(messages)
             assert loop.time() - started > 0.5  # or the test proves nothing
-            assert await message_count(vhost, adapter.queue_name) == len(messages)
+            assert await message_count(vhost_url(vhost), adapter.queue_name) == len(messages)
         finally:
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
@@ -416,7 +398,7 @@ class TestQueueMadeAnewWithOtherArguments:
                     async with within("consuming again", 20):
                         await logs.wait_for("reconnected to RabbitMQ")
                     assert adapter.is_consuming
-                    assert await consumer_count(own, adapter.queue_name) == 1
+                    assert await consumer_count(vhost_url(own), adapter.queue_name) == 1
             finally:
                 async with within("stop_consuming()", TEARDOWN_WITHIN):
                     await adapter.stop_consuming()
