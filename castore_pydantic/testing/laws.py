@@ -271,7 +271,12 @@ def _require_store(store: Any, caller: str) -> None:
 
 def _as_events(store: EventStore[Any, Any], events: Any) -> list[Event]:
     """The history as events; mappings are validated by the store like pushed events."""
-    if isinstance(events, str | bytes | Mapping | Event) or not isinstance(events, Iterable):
+    if isinstance(events, str | bytes | bytearray):
+        raise TypeError(
+            "events must be a sequence of events (instances or mappings), got JSON text "
+            f"(a {type(events).__name__}); parse it first: check_history(store, json.loads(text))"
+        )
+    if isinstance(events, Mapping | Event) or not isinstance(events, Iterable):
         raise TypeError(
             "events must be a sequence of events (instances or mappings), got a "
             f"{type(events).__name__}; wrap a single event in a list"

@@ -482,13 +482,16 @@ class TestArguments:
             (CREATED, TypeError, "wrap a single event in a list"),
             ([CREATED, 3], TypeError, "event 2 of the history is a int"),
             ([{"aggregateId": "c1", "version": 1, "type": "NOPE"}], ValueError, "NOPE"),
+            ('[{"aggregateId": "c1", "version": 1}]', TypeError, r"JSON text.*json\.loads"),
+            (b"[]", TypeError, r"JSON text \(a bytes\).*json\.loads"),
         ],
-        ids=["single event", "not an event", "unknown type"],
+        ids=["single event", "not an event", "unknown type", "JSON text", "JSON bytes"],
     )
     def test_check_history_refuses_what_is_not_a_history(
         self, events: Any, error: type[Exception], message: str
     ) -> None:
-        """A lone event, a non-event or a mapping of an unknown type is refused clearly."""
+        """A lone event, a non-event, a mapping of an unknown type or JSON text is refused
+        clearly (JSON text with the advice to parse it)."""
         with pytest.raises(error, match=message):
             check_history(counters(), events)
 
