@@ -361,20 +361,22 @@ class UncheckedEventTypesError(CastoreError, AssertionError):
     """``check_reducer`` could not generate a single event of some of the store's types.
 
     Generation kept failing for them (their validators or the store's limits refused every
-    value drawn), so the laws never saw them: passing would be a false pass.
+    event drawn, and none was ever made), so the laws never saw them: passing would be a
+    false pass.
 
     Attributes:
         event_store_id: The event store whose reducer was checked.
-        event_types: The names of the event types no checked history held.
-        reasons: Why their events could not be generated, with how to fix it.
+        event_types: The names of the event types no checked history held (a tuple; an
+            event class with several names counts each of them on its own).
+        reasons: Why their events could not be generated, with how to fix it (a tuple).
     """
 
     def __init__(
         self, event_store_id: str, event_types: Sequence[str], reasons: Sequence[str]
     ) -> None:
         self.event_store_id = event_store_id
-        self.event_types = list(event_types)
-        self.reasons = list(reasons)
+        self.event_types = tuple(event_types)
+        self.reasons = tuple(reasons)
         listed = "".join(f"\n  - {reason}" for reason in self.reasons)
         super().__init__(
             f"The reducer of event store {event_store_id} was never checked on events of type "

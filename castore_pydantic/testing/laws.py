@@ -52,6 +52,7 @@ try:
     import hypothesis
     from hypothesis import given
     from hypothesis import strategies as st
+    from hypothesis.errors import NoSuchExample, Unsatisfiable
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "castore_pydantic.testing.laws needs Hypothesis; install it with: "
@@ -69,6 +70,15 @@ from castore_pydantic.testing import strategies as _strategies
 from castore_pydantic.testing._running import run_now
 
 __all__ = ["ALL_LAWS", "Law", "check_history", "check_reducer"]
+
+_PROBING = hypothesis.settings(
+    database=None,
+    deadline=None,
+    max_examples=1,
+    phases=[hypothesis.Phase.generate],
+    suppress_health_check=list(hypothesis.HealthCheck),
+    verbosity=hypothesis.Verbosity.quiet,
+)
 
 _SHOWN = 600  # characters of an aggregate's repr shown in a failure
 #: The usual causes of a fold that depends on more than its events.
@@ -101,17 +111,22 @@ def check_reducer(
     laws: Iterable[Law | str] | None = None,
     max_examples: int | None = None,
     settings: hypothesis.settings | None = None,
+    event_types: Iterable[str | type[Event]] | None = None,
 ) -> None:
     """Check a store's reducer against the laws over many generated histories.
 
     Call it from a plain test function (not from inside another ``@given``). Hypothesis
     shrinks a failing history to a small one before it is reported.
 
-    When no checked history held an event of one of the store's types because every value
-    drawn for it was refused (its payload's validators, the store's limits: see the
-    warnings ``castore_pydantic.testing.strategies`` logs), the reducer was never checked on
-    that type and ``UncheckedEventTypesError`` says so. A type your history rules leave out
-    is never drawn, so it is never reported.
+    When no checked history held an event of one of the store's types because
+    ``histories()`` could make none of the events of it drawn, nor a longer search one
+    (its payload's validators, the store's limits, a strategy given in ``event_fields`` or
+    ``overrides`` whose values its validators refuse: see the warnings
+    ``castore_pydantic.testing.strategies`` logs), the reducer was never checked on that
+    type and ``UncheckedEventTypesError`` says so. Each name of an event class with several
+    counts on its own. A type that could be made but is in no checked history (rarely
+    valid, or filtered out by the strategy) only gets a logged warning. A type your history
+    rules leave out is never drawn, so it is never reported.
 
     Args:
         store: The event store whose reducer is checked. It is not read or written: the
@@ -124,11 +139,15 @@ def check_reducer(
         settings: Hypothesis settings to start from. Without them the database and the
             deadline are off. Multiple-bug reporting is always off, so that exactly one
             ``ReducerLawError`` is raised.
+        event_types: The event types (names or classes) the check must cover (default all
+            the store's); the others are never reported, e.g. a type ``histories`` leave out
+            with ``.filter``.
 
     Raises:
         ReducerLawError: A law is broken; the message names it and shows the history.
         UncheckedEventTypesError: No event of some of the store's types could be generated.
-        ValueError: An unknown law name.
+        ValueError: An unknown law name, or an ``event_types`` entry that is not one of the
+            store's types.
         TypeError: ``store`` is not an ``EventStore`` or ``histories`` not a strategy.
 
     Example::
@@ -143,6 +162,7 @@ def check_reducer(
             f"strategies.histories(store), got {histories!r:.200}"
         )
     selected = _select(laws)
+    required = _required_names(store, event_types)
     strategy = histories if histories is not None else _strategies.histories(store)
     base = settings if settings is not None else hypothesis.settings(deadline=None, database=None)
     chosen = hypothesis.settings(base, report_multiple_bugs=False)
@@ -158,37 +178,98 @@ def check_reducer(
         seen.update(event.type for event in checked)
         check_history(store, checked, laws=selected)
 
-    with _refusals.watching() as given_up:
+    with _refusals.watching() as given_up, _refusals.counting_slots() as slots:
         reducer_obeys_laws()
-    _require_coverage(store, seen, given_up)
+    _require_coverage(store, required, seen, given_up, slots)
+
+
+def _can_make(probe: st.SearchStrategy[Event] | None) -> bool:
+    """Whether a long search makes one event where a check's histories made none.
+
+    The search draws several hundred more events: a type that is valid once in a few
+    hundred values is told from one that is never valid, so that it does not fail a correct
+    check at random.
+    """
+    if probe is None:
+        return False
+    try:
+        hypothesis.find(probe, lambda _event: True, settings=_PROBING)
+    except (NoSuchExample, Unsatisfiable):
+        return False
+    return True
+
+
+def _required_names(
+    store: EventStore[Any, Any], event_types: Iterable[str | type[Event]] | None
+) -> list[str]:
+    """The names of the store's types the check must cover, in the store's order."""
+    names = [name for cls in store.event_types for name in event_type_names(cls)]
+    if event_types is None:
+        return names
+    if isinstance(event_types, str):
+        event_types = [event_types]
+    wanted: set[str] = set()
+    for item in event_types:
+        for name in [item] if isinstance(item, str) else event_type_names(item):
+            if name not in names:
+                raise ValueError(
+                    f"event_types names {name!r}, not a type of event store "
+                    f"{store.event_store_id} (its types: {sorted(names)})"
+                )
+            wanted.add(name)
+    return [name for name in names if name in wanted]
 
 
 def _require_coverage(
-    store: EventStore[Any, Any], seen: set[str], given_up: set[_refusals.Refusals]
+    store: EventStore[Any, Any],
+    required: Sequence[str],
+    seen: set[str],
+    given_up: set[_refusals.Refusals],
+    slots: Mapping[str, _refusals.Slots],
 ) -> None:
-    """Fail when generation gave up on event types that no checked history held.
+    """Fail when generation could make no event of a type that no checked history held.
 
-    Only types whose values were drawn, and all refused, count: a type that ordering rules
-    leave out is never drawn, and a type that merely did not come up is not reported.
+    What ``histories()`` set out to draw decides, per name: none made out of enough tries
+    fails, anything less is only a logged warning (a rarely valid type, a type filtered
+    out afterwards must not fail a correct check at random). For other strategies, the
+    counters of values generated for the type that refused many and never accepted one.
+    A type that ordering rules leave out is never drawn and never reported.
     """
-    missing: dict[str, list[str]] = {}
-    for cls in store.event_types:
-        names = event_type_names(cls)
-        if seen.intersection(names):
+    classes = {name: cls for cls in store.event_types for name in event_type_names(cls)}
+    missing: dict[str, str] = {}
+    unsure: list[str] = []
+    for name in required:
+        if name in seen:
             continue
-        reasons = [
-            refusals.warning(refusals.count, refusals.reason)
-            for refusals in given_up
-            if refusals.origin is cls
-        ]
-        if reasons:
-            missing[", ".join(names)] = sorted(reasons)
-    if missing:
-        raise UncheckedEventTypesError(
-            store.event_store_id,
-            list(missing),
-            [reason for reasons in missing.values() for reason in reasons],
+        counted = slots.get(name)
+        if counted is not None:
+            if counted.made == 0 and not _can_make(counted.probe):
+                missing[name] = (
+                    f"{name}: none of the {counted.refused} events of it drawn could be made, "
+                    f"nor one in a longer search; the last refusal: {counted.reason()}"
+                )
+            else:
+                last = f"; the last refusal: {counted.reason()}" if counted.refused else ""
+                unsure.append(f"{name} ({counted.made} made, {counted.refused} refused{last})")
+            continue
+        reasons = sorted(
+            counter.warning(counter.count, counter.reason)
+            for counter in given_up
+            if counter.origin is classes[name] and counter.given_up
         )
+        if reasons:
+            missing[name] = f"{name}: " + " ".join(reasons)
+    if unsure:
+        _refusals.logger.warning(
+            "check_reducer(): event store %s: no checked history held an event of %s. Its "
+            "events are hard to draw or filtered out: raise max_examples, give its fields "
+            "values that pass (event_fields= of histories(), overrides=), or leave it out "
+            "of event_types= of check_reducer if that is on purpose.",
+            store.event_store_id,
+            "; ".join(unsure),
+        )
+    if missing:
+        raise UncheckedEventTypesError(store.event_store_id, list(missing), list(missing.values()))
 
 
 def check_history(

@@ -28,6 +28,7 @@ strategy}`` (one call); both also take ``Annotated`` aliases and win over the bu
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, get_origin
 
@@ -48,7 +49,7 @@ from castore_pydantic._event_types import event_type_names
 from castore_pydantic.errors import CastoreError, EventLimitExceededError
 from castore_pydantic.testing import _derive, _invalid, _scalars
 from castore_pydantic.testing._derive import INVALID, ModelPlan, Override, Resolver
-from castore_pydantic.testing._refusals import Refusals
+from castore_pydantic.testing._refusals import Refusals, drawing
 from castore_pydantic.testing._running import run_commands
 
 __all__ = [
@@ -73,6 +74,7 @@ CanFollow = Callable[[Sequence[Event], str], bool]
 
 _ENVELOPE = ("aggregate_id", "version", "timestamp")
 _MAX_STEP_MS = 86_400_000  # at most a day between two events of a generated history
+_PROBE_ID = "00000000-0000-4000-8000-000000000000"
 _ATTEMPTS = 3  # draws of an event of a history before the history is given up
 _HISTORY_START = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2080, 1, 1, tzinfo=dt.UTC))
 
@@ -318,6 +320,11 @@ def histories(
         limits_refused[name].passed()
         return True
 
+    probes = {
+        name: _probe(body, plans[classes[name]], functools.partial(accept, name))
+        for name, body in bodies.items()
+    }
+
     @st.composite
     def history(draw: st.DrawFn) -> list[Event]:
         key = draw(ids)
@@ -332,13 +339,17 @@ def histories(
             if made:
                 moment += draw(st.integers(0, _MAX_STEP_MS))
             event: Event | None = None
-            for _ in range(_ATTEMPTS):  # drawn again, not the whole history: limits may bite
-                values = draw(bodies[name])
-                values.update(aggregate_id=key, version=version, timestamp=_from_ms(moment))
-                candidate = plans[classes[name]].validate(values)
-                if candidate is not INVALID and accept(name, candidate):
-                    event = candidate
-                    break
+            # Counted per type whatever made its fields (models(), overrides, ...), so that
+            # check_reducer knows which types could not be made.
+            with drawing(name, probes[name]) as slot:
+                for _ in range(_ATTEMPTS):  # drawn again, not the whole history: limits bite
+                    values = draw(bodies[name])
+                    values.update(aggregate_id=key, version=version, timestamp=_from_ms(moment))
+                    candidate = plans[classes[name]].validate(values)
+                    if candidate is not INVALID and accept(name, candidate):
+                        event = candidate
+                        slot.made = True
+                        break
             assume(event is not None)
             assert event is not None
             made.append(event)
@@ -557,6 +568,22 @@ def command_histories(
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+@st.composite
+def _probe(
+    draw: st.DrawFn,
+    body: st.SearchStrategy[dict[str, Any]],
+    plan: ModelPlan,
+    accept: Callable[[Event], bool],
+) -> Event:
+    """One event drawn as a history's are, alone: for ``check_reducer`` to search with."""
+    values = draw(body)
+    values.update(aggregate_id=_PROBE_ID, version=1, timestamp=_HISTORY_START[0])
+    candidate = plan.validate(values)
+    assume(candidate is not INVALID and accept(candidate))
+    made: Event = candidate
+    return made
 
 
 def _is_valid(value: Any) -> bool:
