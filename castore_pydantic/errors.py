@@ -298,8 +298,16 @@ class StorageError(CastoreError, RuntimeError):
 class StorageUnavailableError(StorageError, ConnectionError):
     """The storage backend could not be reached or the connection was lost: retry later.
 
-    Nothing of the failed call was committed unless the message says the outcome is unknown.
+    Attributes:
+        outcome_unknown: The connection was lost after a write was sent, so it may have
+            committed: read the aggregate before retrying (a retry of a stored version
+            raises ``EventAlreadyExistsError``). When false, nothing of the failed call
+            was committed.
     """
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
 
 
 class MessagingError(CastoreError, RuntimeError):

@@ -24,7 +24,7 @@ EXAMPLES: list[errors.CastoreError] = [
     errors.InvalidPageTokenError("not JSON"),
     errors.EventGroupError("empty"),
     errors.StorageError("disk on fire"),
-    errors.StorageUnavailableError("connection refused"),
+    errors.StorageUnavailableError("connection lost", outcome_unknown=True),
     errors.MessagingError("broker said no"),
     errors.MessageBrokerUnavailableError("broker gone"),
     errors.NoStrategyError(complex, "Order.total", "no strategy"),

@@ -352,7 +352,9 @@ def translate(  # noqa: PLR0911 - a flat dispatch on the error's type
             if lost_write
             else ""
         )
-        return StorageUnavailableError(f"{where}: PostgreSQL is unavailable ({text}){outcome}")
+        return StorageUnavailableError(
+            f"{where}: PostgreSQL is unavailable ({text}){outcome}", outcome_unknown=lost_write
+        )
     if isinstance(exc, pg_errors.UndefinedTable):
         # The server names the table: in a group, it may be another member's.
         return StorageError(

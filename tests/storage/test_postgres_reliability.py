@@ -431,6 +431,7 @@ class TestConnectionLoss:
                 assert not isinstance(info.value, EventAlreadyExistsError)
                 assert "unavailable" in str(info.value)
                 assert "outcome is unknown" in str(info.value)  # it was sent, then lost
+                assert info.value.outcome_unknown
                 for aggregate_id in (f"first-{attempt}", f"block-{attempt}"):
                     assert (await store.get_events(aggregate_id)).events == []
                 await wait_for(watched.settled, what="the pool to replace the lost connection")
