@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import itertools
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -14,6 +16,7 @@ import pytest
 from pydantic import ValidationError, model_validator
 
 from castore_pydantic import Aggregate, Event, EventStore
+from castore_pydantic.errors import MessageChannelEventStoreNotFoundError
 from castore_pydantic.messaging import (
     ConnectedEventStore,
     DeadLetter,
@@ -757,10 +760,36 @@ class TestWireFormFailures:
             event_store_id="OTHERS", event=PokemonAppeared.model_validate(appeared("x"))
         )
         await second.publish_message(message)
+        # The first bus is older: its message is parsed by it, not by the newest bus.
+        older = NotificationMessage(
+            event_store_id="POKEMONS", event=PokemonAppeared.model_validate(appeared("y"))
+        )
+        await first.publish_message(older)
         await adapter.join()
-        assert got == [message]
+        assert got == [message, older]
         assert got[0] is not message
-        assert first.message_channel_adapter is adapter
+        assert got[1] is not older
+
+    async def test_a_channel_nothing_holds_is_forgotten(self) -> None:
+        """The adapter keeps its newest channel; an older one that nothing else holds goes
+        (a test's channel, say), and the adapter no longer parses or checks patterns by it."""
+        adapter = InMemoryMessageBusAdapter(retry_attempts=0)
+        gone = NotificationMessageBus(
+            message_bus_id="gone", source_event_stores=[make_store()], message_bus_adapter=adapter
+        )
+        watch = weakref.ref(gone)
+        NotificationMessageBus(
+            message_bus_id="kept",
+            source_event_stores=[make_store(event_store_id="OTHERS")],
+            message_bus_adapter=adapter,
+        )
+        del gone
+        gc.collect()
+        assert watch() is None
+        with pytest.raises(MessageChannelEventStoreNotFoundError):
+            adapter.on({"event_store_id": "POKEMONS"}, lambda message, context: None)
+        assert adapter.message_channel is not None
+        assert adapter.message_channel.message_channel_id == "kept"
 
     async def test_a_module_adapter_serves_a_new_channel_in_every_test_alike(self) -> None:
         """One adapter kept by a module, a channel made per test (a fixture): from the second
