@@ -53,6 +53,9 @@ logger = logging.getLogger("castore_pydantic.messaging")
 
 #: How many messages of a batch are published at once, pipelined.
 _PUBLISH_CHUNK = 1000
+#: Seconds to wait for the broker to confirm that channels closed, all of them together,
+#: before their connection is closed anyway (which aiormq bounds to a few seconds).
+_CHANNEL_CLOSE_TIMEOUT = 5.0
 
 
 class RabbitMQAdapter:
@@ -1382,12 +1385,41 @@ async def _close_quietly(connection: AbstractConnection, *channels: AbstractChan
     messages left unacknowledged once a stop has them ignored.
     """
     try:
-        for channel in channels:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await channel.close()
+        await _close_channels_quietly(*channels)
     finally:
         with contextlib.suppress(*BROKER_ERRORS):
             await connection.close()
+
+
+async def _close_channels_quietly(*channels: AbstractChannel) -> None:
+    """Close channels one by one, ignoring a broker that is gone, in a bounded time.
+
+    A channel waits for the broker to confirm its close, which a link that died silently
+    never does: past ``_CHANNEL_CLOSE_TIMEOUT`` the rest is given up (closing their
+    connection closes them). A task, awaited with ``asyncio.wait``: ``asyncio.wait_for``
+    can lose a cancellation of the caller before Python 3.12.
+    """
+    if not channels:
+        return
+
+    async def close_all() -> None:
+        for channel in channels:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await channel.close()
+
+    closing = asyncio.ensure_future(close_all())
+    try:
+        done, _ = await asyncio.wait([closing], timeout=_CHANNEL_CLOSE_TIMEOUT)
+    except BaseException:  # the caller was cancelled: it closes the connection next
+        done = set()
+        raise
+    finally:
+        if not done:
+            closing.cancel()
+            # What it ends with is nobody's: the caller goes on (or was cancelled itself).
+            closing.add_done_callback(lambda task: task.cancelled() or task.exception())
+    if done:
+        closing.result()  # what closing raised besides broker errors is passed on
 
 
 def _declaration_refused(error: BaseException) -> bool:

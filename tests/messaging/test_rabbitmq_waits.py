@@ -402,3 +402,24 @@ class TestQueueMadeAnewWithOtherArguments:
             finally:
                 async with within("stop_consuming()", TEARDOWN_WITHIN):
                     await adapter.stop_consuming()
+
+
+class TestSilentLinkOutsidePublishing:
+    """Closing ends on a silent link."""
+
+    async def test_closing_on_a_silent_link_ends(self, vhost: str) -> None:
+        """aclose() on a publishing connection whose link died silently ends within a few
+        seconds: closing its channel used to wait for the broker's reply for ever."""
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = make_queue("silent-close")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(queue, proxy.url(vhost))
+        try:
+            await adapter.connect()
+            assert proxy.stall() == 1
+            async with within("aclose()", 20):
+                await adapter.aclose()
+        finally:
+            await proxy.close()
+            async with within("purge()", TEARDOWN_WITHIN):
+                await RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost)).purge()
