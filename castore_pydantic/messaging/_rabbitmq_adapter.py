@@ -11,8 +11,9 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, ClassVar, NamedTuple, NoReturn, Self
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple, NoReturn, Self, TypeVar
 
 import aio_pika
 import aiormq
@@ -56,6 +57,22 @@ _PUBLISH_CHUNK = 1000
 #: Seconds to wait for the broker to confirm that channels closed, all of them together,
 #: before their connection is closed anyway (which aiormq bounds to a few seconds).
 _CHANNEL_CLOSE_TIMEOUT = 5.0
+
+_T = TypeVar("_T")
+
+
+@dataclass(eq=False)
+class _BrokerWait:
+    """What an operation bounded by ``publish_timeout`` tells its deadline.
+
+    Attributes:
+        progress: Called at each answer of the broker: the wait starts again.
+        connection: The publishing connection it waits on, once known: the one to close
+            when the deadline runs out.
+    """
+
+    progress: Callable[[], None]
+    connection: AbstractConnection | None = None
 
 
 class RabbitMQAdapter:
@@ -404,50 +421,78 @@ class RabbitMQAdapter:
         """
         if not messages:
             return
+
+        async def publish(wait: _BrokerWait) -> None:
+            channel = await self._publishing_channel()
+            wait.connection = self._publisher_connection(channel)
+            wait.progress()
+            try:
+                await self._publish(channel, messages, replay=replay, progress=wait.progress)
+            except BROKER_ERRORS as error:
+                self._fail(error)
+
+        await self._within_publish_timeout(
+            publish,
+            f"publishing {len(messages)} message(s)",
+            "(is it blocking publishers for a memory or disk alarm, or was the link lost?); "
+            "they may be stored all the same: retry, and let consumers deduplicate",
+        )
+
+    def _publisher_connection(self, channel: AbstractChannel) -> AbstractConnection | None:
+        """The publishing connection ``channel`` is on (``None``: it was replaced)."""
+        publisher = self._publisher
+        return publisher[0] if publisher is not None and publisher[1] is channel else None
+
+    async def _within_publish_timeout(
+        self, operation: Callable[[_BrokerWait], Awaitable[_T]], what: str, advice: str
+    ) -> _T:
+        """Run ``operation`` on the publishing connection, each wait for the broker bounded.
+
+        The broker must answer within ``publish_timeout`` of the start, then of its previous
+        answer (``operation`` calls ``progress`` at each). Otherwise the connection it waits
+        on is closed, and the next call connects anew.
+
+        Raises:
+            MessageBrokerUnavailableError: The deadline ran out (the message says ``what``
+                was done, then ``advice``), or the connection was closed under the wait.
+        """
         before = cancellations()
-        channel: AbstractChannel | None = None
         deadline = asyncio.timeout(self.publish_timeout)
         loop = asyncio.get_running_loop()
 
         def progress() -> None:
-            # A confirmation came: the broker is alive, so the wait starts again.
+            # The broker answered: it is alive, so the wait starts again.
             if not deadline.expired():
                 deadline.reschedule(loop.time() + self.publish_timeout)
 
+        wait = _BrokerWait(progress)
         try:
             async with deadline:
-                channel = await self._publishing_channel()
-                progress()
-                try:
-                    await self._publish(channel, messages, replay=replay, progress=progress)
-                except BROKER_ERRORS as error:
-                    self._fail(error)
+                return await operation(wait)
         except asyncio.CancelledError as error:
             if not deadline.expired():
                 # Nobody cancelled this task unless it counts more cancellations: the
-                # driver cancels the confirmations it waits for when the connection is
-                # closed under them.
+                # driver cancels what waits for the broker when the connection is closed
+                # under it.
                 self._raise_connection_closed(before, error)
             if cancellations() > before:
                 raise
             # Before Python 3.12, a deadline that expires in a task that caught a
             # cancellation earlier (and did not uncancel it) raises CancelledError.
-            await self._give_up_publishing(channel, len(messages), error)
+            await self._give_up(wait, what, advice, error)
         except TimeoutError as error:
             if not deadline.expired():
                 raise
-            await self._give_up_publishing(channel, len(messages), error)
+            await self._give_up(wait, what, advice, error)
 
-    async def _give_up_publishing(
-        self, channel: AbstractChannel | None, count: int, error: BaseException
+    async def _give_up(
+        self, wait: _BrokerWait, what: str, advice: str, error: BaseException
     ) -> NoReturn:
         """Close the publishing connection the deadline ran out on, and say so."""
-        await self._drop_publisher(channel)
+        await self._drop_publisher(wait.connection)
         raise MessageBrokerUnavailableError(
             f"RabbitMQ at {self.url} did not answer within {self.publish_timeout:g}s while "
-            f"publishing {count} message(s) (is it blocking publishers for a memory or disk "
-            "alarm, or was the link lost?); they may be stored all the same: retry, and "
-            "let consumers deduplicate"
+            f"{what} {advice}"
         ) from error
 
     def _raise_connection_closed(self, before: int, error: asyncio.CancelledError) -> NoReturn:
@@ -474,14 +519,14 @@ class RabbitMQAdapter:
             "was closed); retry"
         ) from error
 
-    async def _drop_publisher(self, channel: AbstractChannel | None) -> None:
-        """Close the publishing connection a publish gave up on, unless it was replaced.
+    async def _drop_publisher(self, connection: AbstractConnection | None) -> None:
+        """Close the publishing connection a wait gave up on, unless it was replaced.
 
         Its channel is not closed first: a broker that answers nothing would never confirm
         that either. Closing the connection waits a few seconds at most for the broker.
         """
         publisher = self._publisher
-        if publisher is None or channel is None or publisher[1] is not channel:
+        if publisher is None or connection is None or publisher[0] is not connection:
             return
         self._publisher = None
         await _close_quietly(publisher[0])
@@ -1226,7 +1271,7 @@ class RabbitMQAdapter:
         return queue
 
     @contextlib.asynccontextmanager
-    async def _admin_channel(self) -> AsyncIterator[AbstractChannel]:
+    async def _admin_channel(self, wait: _BrokerWait) -> AsyncIterator[AbstractChannel]:
         """A short-lived channel on the publishing connection, for dead letters and purge.
 
         A publish that gives up closes that connection: what waits on this channel then
@@ -1235,12 +1280,14 @@ class RabbitMQAdapter:
         before = cancellations()
         await self._publishing_channel()
         assert self._publisher is not None
+        connection = wait.connection = self._publisher[0]
         try:
-            channel = await self._publisher[0].channel(publisher_confirms=True)
+            channel = await connection.channel(publisher_confirms=True)
         except BROKER_ERRORS as error:
             self._fail(error)
         except asyncio.CancelledError as error:
             self._raise_connection_closed(before, error)
+        wait.progress()
         try:
             yield channel
         except BROKER_ERRORS as error:
@@ -1248,8 +1295,7 @@ class RabbitMQAdapter:
         except asyncio.CancelledError as error:
             self._raise_connection_closed(before, error)
         finally:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await channel.close()
+            await _close_channels_quietly(channel)
 
     # -- dead letters ----------------------------------------------------------------------
 
@@ -1259,104 +1305,151 @@ class RabbitMQAdapter:
         A queue adapter reads its queue's; a bus adapter those of its registered listeners.
         Each queue is read as it was when its turn came: letters dead-lettered meanwhile are
         left for the next call. A body that no longer validates is left out (and logged);
-        inspect it with any AMQP tool in ``<queue>.dead``.
+        inspect it with any AMQP tool in ``<queue>.dead``. The broker must answer within
+        ``publish_timeout``, as for a publish.
 
         Raises:
-            MessageBrokerUnavailableError: The broker cannot be reached.
+            MessageBrokerUnavailableError: The broker cannot be reached, or did not answer
+                within ``publish_timeout`` (the letters read stay in their queue).
         """
         message_channel = self._require_channel()
-        letters: list[DeadLetter] = []
-        for subscription in self._subscriptions(consuming=False):
-            # Read without acknowledging; closing the channel puts them all back, in order.
-            async with self._admin_channel() as channel:
-                queue = await channel.declare_queue(subscription.dead_letter_queue, durable=True)
-                # Only as many as were there: while letters keep arriving, reading until the
-                # queue is empty would not end, holding every letter read unacknowledged.
-                for _ in range(queue.declaration_result.message_count or 0):
-                    incoming = await queue.get(no_ack=False, fail=False)
-                    if incoming is None:
-                        break
-                    headers = incoming.headers or {}
-                    try:
-                        message = message_channel.parse_message(incoming.body)
-                    except Exception as error:  # reported, not raised: the others still count
-                        logger.warning(
-                            "%r: a dead letter in %s does not validate: %s",
-                            self,
-                            subscription.dead_letter_queue,
-                            describe_error(error),
-                        )
-                        continue
-                    attempts = headers.get(ATTEMPTS_HEADER, 1)
-                    letters.append(
-                        DeadLetter(
-                            message=message,
-                            error=str(headers.get(ERROR_HEADER, "")),
-                            attempts=attempts if isinstance(attempts, int) else 1,
-                            replay=headers.get(REPLAY_HEADER) is True,
-                            listener_id=subscription.listener_id,
-                        )
-                    )
-        return letters
+        subscriptions = self._subscriptions(consuming=False)
+
+        async def read(wait: _BrokerWait) -> list[DeadLetter]:
+            letters: list[DeadLetter] = []
+            for subscription in subscriptions:
+                # Read without acknowledging; closing the channel puts them all back, in order.
+                async with self._admin_channel(wait) as channel:
+                    dead = subscription.dead_letter_queue
+                    queue = await channel.declare_queue(dead, durable=True)
+                    wait.progress()
+                    # Only as many as were there: while letters keep arriving, reading until
+                    # the queue is empty would not end, holding every letter read
+                    # unacknowledged.
+                    for _ in range(queue.declaration_result.message_count or 0):
+                        incoming = await queue.get(no_ack=False, fail=False)
+                        wait.progress()
+                        if incoming is None:
+                            break
+                        letter = self._dead_letter_of(message_channel, subscription, incoming)
+                        if letter is not None:
+                            letters.append(letter)
+            return letters
+
+        return await self._within_publish_timeout(
+            read, "reading the dead letters", "(was the link lost?); retry: they stay queued"
+        )
+
+    def _dead_letter_of(
+        self,
+        message_channel: MessageChannel[Any],
+        subscription: Subscription,
+        incoming: aio_pika.abc.AbstractIncomingMessage,
+    ) -> DeadLetter | None:
+        """The dead letter a message read holds, or ``None`` (logged) if it does not validate."""
+        headers = incoming.headers or {}
+        try:
+            message = message_channel.parse_message(incoming.body)
+        except Exception as error:  # reported, not raised: the others still count
+            logger.warning(
+                "%r: a dead letter in %s does not validate: %s",
+                self,
+                subscription.dead_letter_queue,
+                describe_error(error),
+            )
+            return None
+        attempts = headers.get(ATTEMPTS_HEADER, 1)
+        return DeadLetter(
+            message=message,
+            error=str(headers.get(ERROR_HEADER, "")),
+            attempts=attempts if isinstance(attempts, int) else 1,
+            replay=headers.get(REPLAY_HEADER) is True,
+            listener_id=subscription.listener_id,
+        )
 
     async def republish_dead_letters(self) -> int:
         """Send every dead letter back for processing (from attempt 1) and remove it.
 
         Bus dead letters go back to the listener that failed, not to the others. Letters
-        dead-lettered again while this runs stay for the next call.
+        dead-lettered again while this runs stay for the next call. The broker must answer
+        within ``publish_timeout``, as for a publish.
 
         Returns:
             How many messages were sent back.
 
         Raises:
-            MessageBrokerUnavailableError: The broker cannot be reached (letters not sent
-                back yet stay in the dead-letter queue).
+            MessageBrokerUnavailableError: The broker cannot be reached, or did not answer
+                within ``publish_timeout`` (letters not sent back yet stay in the
+                dead-letter queue; the last one sent back may be sent again by a retry).
         """
-        count = 0
-        for subscription in self._subscriptions(consuming=False):
-            async with self._admin_channel() as channel:
-                await channel.declare_queue(subscription.queue, durable=True)
-                queue = await channel.declare_queue(subscription.dead_letter_queue, durable=True)
-                for _ in range(queue.declaration_result.message_count or 0):
-                    incoming = await queue.get(no_ack=False, fail=False)
-                    if incoming is None:
-                        break
-                    replay = (incoming.headers or {}).get(REPLAY_HEADER) is True
-                    await channel.default_exchange.publish(
-                        aio_pika.Message(
-                            incoming.body,
-                            headers={REPLAY_HEADER: replay},
-                            content_type="application/json",
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        ),
-                        subscription.queue,
-                        mandatory=False,
-                    )
-                    await incoming.ack()  # only once the copy is confirmed
-                    count += 1
-        return count
+        subscriptions = self._subscriptions(consuming=False)
+
+        async def republish(wait: _BrokerWait) -> int:
+            count = 0
+            for subscription in subscriptions:
+                async with self._admin_channel(wait) as channel:
+                    await channel.declare_queue(subscription.queue, durable=True)
+                    dead = subscription.dead_letter_queue
+                    queue = await channel.declare_queue(dead, durable=True)
+                    wait.progress()
+                    for _ in range(queue.declaration_result.message_count or 0):
+                        incoming = await queue.get(no_ack=False, fail=False)
+                        wait.progress()
+                        if incoming is None:
+                            break
+                        replay = (incoming.headers or {}).get(REPLAY_HEADER) is True
+                        await channel.default_exchange.publish(
+                            aio_pika.Message(
+                                incoming.body,
+                                headers={REPLAY_HEADER: replay},
+                                content_type="application/json",
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            ),
+                            subscription.queue,
+                            mandatory=False,
+                        )
+                        wait.progress()
+                        await incoming.ack()  # only once the copy is confirmed
+                        count += 1
+            return count
+
+        return await self._within_publish_timeout(
+            republish,
+            "sending the dead letters back",
+            "(was the link lost?); retry: those not sent back yet stay queued",
+        )
 
     async def purge(self) -> None:
         """Delete every queue and exchange this adapter declares, with their messages.
 
         Meant for tests and teardown; stops consuming first. On an adapter that is not
-        connected (closed, or never used), the connection it opens is closed again.
+        connected (closed, or never used), the connection it opens is closed again. The
+        broker must answer within ``publish_timeout``, as for a publish.
 
         Raises:
-            MessageBrokerUnavailableError: The broker cannot be reached.
+            MessageBrokerUnavailableError: The broker cannot be reached, or did not answer
+                within ``publish_timeout`` (some queues may be left: purge again).
         """
         await self.stop_consuming()
         connected = self._publisher is not None
-        try:
-            async with self._admin_channel() as channel:
-                for subscription in self._subscriptions(consuming=False):
+        subscriptions = self._subscriptions(consuming=False)
+
+        async def delete(wait: _BrokerWait) -> None:
+            async with self._admin_channel(wait) as channel:
+                for subscription in subscriptions:
                     retry_queues = [
                         subscription.retry_queue(ms) for ms in self._retry_delays_ms() if ms > 0
                     ]
                     queues = (subscription.queue, subscription.dead_letter_queue, *retry_queues)
                     for queue in queues:
                         await channel.queue_delete(queue, if_unused=False, if_empty=False)
+                        wait.progress()
                 await self._delete_exchanges(channel)
+
+        try:
+            await self._within_publish_timeout(
+                delete, "deleting the queues", "(was the link lost?); purge again"
+            )
         finally:
             if not connected:
                 await self._close_publisher()

@@ -405,7 +405,41 @@ class TestQueueMadeAnewWithOtherArguments:
 
 
 class TestSilentLinkOutsidePublishing:
-    """Closing ends on a silent link."""
+    """Reading dead letters, sending them back, purging and closing end on a silent link."""
+
+    @pytest.mark.parametrize(
+        "operation", ["dead_letters", "republish_dead_letters", "purge"], ids=str
+    )
+    async def test_an_unanswered_admin_call_raises_after_publish_timeout(
+        self, vhost: str, operation: str
+    ) -> None:
+        """With the broker's answers lost on the way, dead_letters(),
+        republish_dead_letters() and purge() raise a retriable MessageBrokerUnavailableError
+        after publish_timeout and close the stalled connection: they used to wait until
+        something else closed it. The next call connects anew and works."""
+        proxy = TcpProxy()
+        await proxy.start()
+        queue = make_queue(f"silent-{operation}")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, proxy.url(vhost), publish_timeout=0.5
+        )
+        try:
+            await adapter.connect()
+            assert proxy.stall() == 1  # the publishing connection
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with within(f"{operation}()", 30):
+                with pytest.raises(MessageBrokerUnavailableError, match=r"within 0\.5s"):
+                    await getattr(adapter, operation)()
+            # The deadline, then bounded waits for the channel and the connection to close.
+            assert loop.time() - started < 15
+            assert adapter._publisher is None  # nothing left half-open
+            async with within("the next call", 20):
+                await getattr(adapter, operation)()
+        finally:
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+            await proxy.close()
 
     async def test_closing_on_a_silent_link_ends(self, vhost: str) -> None:
         """aclose() on a publishing connection whose link died silently ends within a few
