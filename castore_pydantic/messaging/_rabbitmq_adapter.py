@@ -1271,16 +1271,22 @@ class RabbitMQAdapter:
         return queue
 
     @contextlib.asynccontextmanager
-    async def _admin_channel(self, wait: _BrokerWait) -> AsyncIterator[AbstractChannel]:
-        """A short-lived channel on the publishing connection, for dead letters and purge.
+    async def _admin_channel(
+        self, wait: _BrokerWait, connection: AbstractConnection | None = None
+    ) -> AsyncIterator[AbstractChannel]:
+        """A short-lived channel for dead letters and purge.
 
-        A publish that gives up closes that connection: what waits on this channel then
-        raises ``MessageBrokerUnavailableError``, not the driver's ``CancelledError``.
+        On ``connection``, or else on the publishing connection (connecting, with what
+        publishing declares, if need be). A publish that gives up closes that connection:
+        what waits on this channel then raises ``MessageBrokerUnavailableError``, not the
+        driver's ``CancelledError``.
         """
         before = cancellations()
-        await self._publishing_channel()
-        assert self._publisher is not None
-        connection = wait.connection = self._publisher[0]
+        if connection is None:
+            await self._publishing_channel()
+            assert self._publisher is not None
+            connection = self._publisher[0]
+        wait.connection = connection
         try:
             channel = await connection.channel(publisher_confirms=True)
         except BROKER_ERRORS as error:
@@ -1422,37 +1428,53 @@ class RabbitMQAdapter:
     async def purge(self) -> None:
         """Delete every queue and exchange this adapter declares, with their messages.
 
-        Meant for tests and teardown; stops consuming first. On an adapter that is not
-        connected (closed, or never used), the connection it opens is closed again. The
-        broker must answer within ``publish_timeout``, as for a publish.
+        Meant for tests and teardown; stops consuming first. Queues and exchanges are
+        deleted by name, without being declared first: one that exists with other arguments
+        or of another type goes too. Uses the publishing connection if it is open, or else
+        a connection of its own, closed again. The broker must answer within
+        ``publish_timeout``, as for a publish.
 
         Raises:
             MessageBrokerUnavailableError: The broker cannot be reached, or did not answer
                 within ``publish_timeout`` (some queues may be left: purge again).
         """
         await self.stop_consuming()
-        connected = self._publisher is not None
         subscriptions = self._subscriptions(consuming=False)
 
         async def delete(wait: _BrokerWait) -> None:
-            async with self._admin_channel(wait) as channel:
-                for subscription in subscriptions:
-                    retry_queues = [
-                        subscription.retry_queue(ms) for ms in self._retry_delays_ms() if ms > 0
-                    ]
-                    queues = (subscription.queue, subscription.dead_letter_queue, *retry_queues)
-                    for queue in queues:
-                        await channel.queue_delete(queue, if_unused=False, if_empty=False)
-                        wait.progress()
-                await self._delete_exchanges(channel)
+            before = cancellations()
+            publisher = self._publisher
+            own: AbstractConnection | None = None
+            if publisher is not None and not publisher[0].is_closed:
+                connection = publisher[0]
+            else:
+                # Not the publishing connection: that one declares what publishing needs,
+                # which the broker refuses for a queue that exists otherwise.
+                connection = own = await self._connect("purge")
+            try:
+                # aio-pika's connect may have swallowed the deadline's cancellation.
+                raise_swallowed_cancellation(before)
+                async with self._admin_channel(wait, connection) as channel:
+                    for subscription in subscriptions:
+                        retry_queues = [
+                            subscription.retry_queue(ms) for ms in self._retry_delays_ms() if ms > 0
+                        ]
+                        queues = (
+                            subscription.queue,
+                            subscription.dead_letter_queue,
+                            *retry_queues,
+                        )
+                        for queue in queues:
+                            await channel.queue_delete(queue, if_unused=False, if_empty=False)
+                            wait.progress()
+                    await self._delete_exchanges(channel)
+            finally:
+                if own is not None:
+                    await _close_quietly(own)
 
-        try:
-            await self._within_publish_timeout(
-                delete, "deleting the queues", "(was the link lost?); purge again"
-            )
-        finally:
-            if not connected:
-                await self._close_publisher()
+        await self._within_publish_timeout(
+            delete, "deleting the queues", "(was the link lost?); purge again"
+        )
 
 
 class _Consumers(NamedTuple):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 
 from castore_pydantic.errors import MessageBrokerUnavailableError, MessagingError
@@ -356,13 +357,35 @@ class TestQueueMadeAnewWithOtherArguments:
                 assert not adapter.is_consuming
         finally:
             await adapter.stop_consuming()
-            async with (
-                await aio_pika.connect(vhost_url(vhost)) as connection,
-                connection.channel() as channel,
-            ):
-                await channel.queue_delete(retry_queue)  # or purge() could not declare it
             async with within("purge()", TEARDOWN_WITHIN):
-                await adapter.purge()
+                await adapter.purge()  # deletes the retry queue made anew too
+
+    async def test_purge_deletes_queues_that_exist_with_other_arguments(self, vhost: str) -> None:
+        """purge() resets what an adapter uses even when its queues were made with other
+        arguments: it used to declare them first, and the broker's refusal stopped it."""
+        queue = make_queue("purge-made-anew")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), retry_delay_in_ms=1000, retry_attempts=1
+        )
+        names = [
+            adapter.queue_name,
+            f"{adapter.queue_name}.dead",
+            f"{adapter.queue_name}.retry.1000ms",
+        ]
+        async with (
+            await aio_pika.connect(vhost_url(vhost)) as connection,
+            connection.channel() as channel,
+        ):
+            for name in names:
+                await channel.declare_queue(name, durable=True, arguments={"x-max-length": 7})
+        async with within("purge()", TEARDOWN_WITHIN):
+            await adapter.purge()
+        assert adapter._publisher is None  # its connection was its own, and is closed
+        async with await aio_pika.connect(vhost_url(vhost)) as connection:
+            for name in names:
+                channel = await connection.channel()
+                with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                    await channel.declare_queue(name, passive=True)
 
     async def test_a_passing_refusal_is_retried_until_it_passes(self) -> None:
         """RabbitMQ refuses a declaration with PRECONDITION_FAILED for a vhost whose queue
