@@ -40,6 +40,7 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     ERROR_HEADER,
     REPLAY_HEADER,
     Subscription,
+    access_refused,
     amqp_properties,
     attempt_of,
     check_name,
@@ -580,8 +581,9 @@ class RabbitMQAdapter:
         anew, with a warning; if that fails, the consumers reconnect, with back-off. An
         unexpected error while doing so is logged with its traceback, and the consumers
         reconnect, with back-off. If the broker refuses to declare a consumed queue as the
-        adapter declares it (someone made it anew with other arguments), retrying cannot
-        help: the consumers close, the error is logged, and ``is_consuming`` says false.
+        adapter declares it (someone made it anew with other arguments), or refuses the user
+        a permission (ACCESS_REFUSED), retrying cannot help: the consumers close, the error
+        is logged, and ``is_consuming`` says false.
 
         Calling it while the adapter consumes (or starts to) does nothing more: the call
         returns once that start has ended (and starts the consumers itself if that start
@@ -594,7 +596,8 @@ class RabbitMQAdapter:
                 again from another task).
             MessageBrokerUnavailableError: The broker cannot be reached.
             MessagingError: The broker refused a declaration (for a queue that exists with
-                other arguments, the message names it and the argument).
+                other arguments, the message names it and the argument; for a permission
+                the user lacks, it names the queue and the permission).
         """
         self._enter_loop()
         self._require_channel()
@@ -698,6 +701,13 @@ class RabbitMQAdapter:
                         "exists with other arguments or of another type (made by another "
                         "version, or by hand); delete it, or give every adapter using it the "
                         "same options"
+                    ) from error
+                except aiormq.exceptions.ChannelAccessRefused as error:
+                    raise MessagingError(
+                        f"RabbitMQ at {self.url} refused to declare what {subscription.queue} "
+                        f"needs ({describe_error(error)}): the user in the URL may not "
+                        "configure those queues and exchanges; grant it configure permission "
+                        "on the vhost (rabbitmqctl set_permissions)"
                     ) from error
                 channels.append(channel)
             # Consumed only once every queue is declared: a declaration the broker refuses
@@ -1538,14 +1548,18 @@ async def _close_channels_quietly(*channels: AbstractChannel) -> None:
 
 
 def _declaration_refused(error: BaseException) -> bool:
-    """Whether the broker refused to declare a consumed queue as the adapter declares it.
+    """Whether the broker refused the consumers in a way only an operator can change.
 
-    Only a queue or exchange that exists with other arguments or of another type lasts
-    until someone deletes or changes it; other PRECONDITION_FAILED replies (a vhost's queue
-    limit reached) pass, and the consumers retry.
+    A queue or exchange that exists with other arguments or of another type lasts until
+    someone deletes or changes it; a permission the user lacks (ACCESS_REFUSED), until
+    someone grants it. Other PRECONDITION_FAILED replies (a vhost's queue limit reached)
+    pass, and the consumers retry.
     """
-    return isinstance(error, MessagingError) and (
-        error.__cause__ is not None and declared_otherwise(error.__cause__)
+    cause = error.__cause__
+    return (
+        isinstance(error, MessagingError)
+        and cause is not None
+        and (declared_otherwise(cause) or access_refused(cause))
     )
 
 

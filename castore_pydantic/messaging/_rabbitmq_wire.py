@@ -33,6 +33,7 @@ __all__ = [
     "ERROR_HEADER",
     "REPLAY_HEADER",
     "Subscription",
+    "access_refused",
     "amqp_properties",
     "attempt_of",
     "binding_keys",
@@ -194,6 +195,23 @@ def declared_otherwise(error: BaseException) -> bool:
     ) and "inequivalent arg" in str(error)
 
 
+def access_refused(error: BaseException) -> bool:
+    """Whether the broker refused an operation because the user lacks a permission.
+
+    RabbitMQ answers ACCESS_REFUSED (403) when the user in the URL may not configure (declare
+    or delete), write to (publish to) or read from (consume) a queue or exchange of the vhost:
+    that lasts until an operator changes the user's permissions.
+    """
+    return isinstance(error, aiormq.exceptions.ChannelAccessRefused)
+
+
+_PERMISSION_ADVICE = (
+    "the user in the URL lacks a permission on the vhost (configure, to declare the queues "
+    "and exchanges; write, to publish; read, to consume): grant it, e.g. with rabbitmqctl "
+    "set_permissions"
+)
+
+
 def _refusal(error: BaseException) -> str:
     if _closed_while_opening(error):
         return "closed while opening, as for a vhost that does not exist"
@@ -210,7 +228,8 @@ def raise_broker_error(url: str, error: BaseException) -> NoReturn:
     Raises:
         MessageBrokerUnavailableError: The broker cannot be reached or the link dropped.
         MessagingError: The broker refused the credentials, a declaration (one that exists
-            with other arguments is named as such) or a message.
+            with other arguments is named as such, and a permission the user lacks) or a
+            message.
     """
     if isinstance(error, _MISCONFIGURED) or _closed_while_opening(error):
         raise MessagingError(
@@ -223,6 +242,10 @@ def raise_broker_error(url: str, error: BaseException) -> NoReturn:
             "exchange of that name exists with other arguments or of another type (made by "
             "another version, or by hand); delete it, or give every adapter using it the "
             "same options"
+        ) from error
+    if access_refused(error):
+        raise MessagingError(
+            f"RabbitMQ at {url} refused access ({describe_error(error)}): {_PERMISSION_ADVICE}"
         ) from error
     if isinstance(error, _UNAVAILABLE):
         raise MessageBrokerUnavailableError(

@@ -32,6 +32,7 @@ from tests.messaging.rabbitmq_support import (
     vhost_url,
     within,
 )
+from tests.services import RABBITMQ_HOST, RABBITMQ_PORT
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -480,3 +481,83 @@ class TestSilentLinkOutsidePublishing:
             await proxy.close()
             async with within("purge()", TEARDOWN_WITHIN):
                 await RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost)).purge()
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run rabbitmqctl; return what it printed."""
+    return subprocess.run(
+        ["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+
+
+@contextlib.contextmanager
+def user_on(vhost: str) -> Iterator[tuple[str, str]]:
+    """A user that may do anything on ``vhost`` (``(name, URL)``); deleted after."""
+    name = f"castore_test_{secrets.token_hex(4)}"
+    password = secrets.token_hex(8)
+    rabbitmqctl("add_user", name, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+        yield name, f"amqp://{name}:{password}@{RABBITMQ_HOST}:{RABBITMQ_PORT}/{vhost}"
+    finally:
+        rabbitmqctl("delete_user", name)
+
+
+class TestPermissionRefused:
+    """A user that may not configure the queues is told so, and not retried for ever."""
+
+    async def test_start_and_publish_raise_an_error_naming_the_permission(self, vhost: str) -> None:
+        """start_consuming() and publishing by a user without configure permission raise a
+        MessagingError naming the queue and the missing permission."""
+        queue = make_queue("no-configure")
+        with user_on(vhost) as (user, url):
+            rabbitmqctl("set_permissions", "-p", vhost, user, "", ".*", ".*")
+            adapter = RabbitMQMessageQueueAdapter.attach_to(queue, url, worker=handler_noop)
+            with pytest.raises(MessagingError, match="configure permission") as raised:
+                await adapter.start_consuming()
+            assert adapter.queue_name in str(raised.value)
+            assert not isinstance(raised.value, MessageBrokerUnavailableError)
+            assert not adapter.is_consuming
+            with pytest.raises(MessagingError, match="configure") as raised:
+                await queue.publish_message(notification(0))
+            assert not isinstance(raised.value, MessageBrokerUnavailableError)
+            await adapter.aclose()
+
+    async def test_consuming_stops_when_the_permission_is_withdrawn(self, vhost: str) -> None:
+        """Consumers that reconnect once the user lost its configure permission stop with
+        an error naming the queue and the permission, and is_consuming says false: they
+        used to retry for ever, as for an outage."""
+        queue = make_queue("configure-withdrawn")
+        proxy = TcpProxy()
+        await proxy.start()
+        with user_on(vhost) as (user, url):
+            # The broker caches permissions per channel: only a new connection sees a change.
+            proxied = url.replace(f"@{RABBITMQ_HOST}:{RABBITMQ_PORT}/", f"@127.0.0.1:{proxy.port}/")
+            adapter = RabbitMQMessageQueueAdapter.attach_to(
+                queue, proxied, worker=handler_noop, reconnect_delay=0.05
+            )
+            try:
+                with LogWatch.installed() as logs:
+                    await adapter.start_consuming()
+                    rabbitmqctl("set_permissions", "-p", vhost, user, "", ".*", ".*")
+                    assert proxy.drop() == 1  # the consumers reconnect, declaring anew
+                    async with within("consuming to stop", 20):
+                        while True:
+                            if not adapter.is_consuming:
+                                break
+                            await asyncio.sleep(0.01)  # polled: no event tells a user
+                    [record] = [r for r in logs.records if r.levelno >= logging.ERROR]
+                    assert "stopped consuming" in record.getMessage()
+                    assert record.exc_info is not None
+                    error = record.exc_info[1]
+                    assert isinstance(error, MessagingError)
+                    assert adapter.queue_name in str(error)
+                    assert "configure permission" in str(error)
+                    with pytest.raises(MessagingError, match="configure permission"):
+                        await adapter.start_consuming()
+            finally:
+                async with within("stop_consuming()", TEARDOWN_WITHIN):
+                    await adapter.stop_consuming()
+                await proxy.close()
+        async with within("purge()", TEARDOWN_WITHIN):
+            await RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost)).purge()
