@@ -120,6 +120,98 @@ class TestSwallowedCancellation:
             async with within("purge()", TEARDOWN_WITHIN):
                 await adapter.purge()
 
+    async def test_a_supervisor_cancelled_while_reconnections_fail_ends(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The task keeping the consumers running, cancelled from outside while the broker
+        refuses its reconnections and a connection attempt swallows the cancellation, ends
+        all the same: the reconnection loop looks for the swallowed cancellation before each
+        attempt, or it would go on retrying for ever."""
+        queue = make_queue("cancelled-refused")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=handler_noop, reconnect_delay=0.05
+        )
+        attempting = asyncio.Event()
+        attempts = 0
+
+        async def connect_refused(*args: Any, **kwargs: Any) -> Any:
+            # The broker is down; the first attempt outlives the cancellation that comes
+            # while it waits, as asyncio.wait_for may on Python 3.11.
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                attempting.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.Event().wait()
+            raise ConnectionRefusedError("the broker is down")
+
+        try:
+            await adapter.start_consuming()
+            supervisor = adapter._supervisor
+            assert supervisor is not None
+            monkeypatch.setattr(aio_pika, "connect", connect_refused)
+            connection = adapter._consumer_connection
+            assert connection is not None
+            await connection.close()  # the consumers reconnect
+            async with within("the reconnection", 10):
+                await attempting.wait()
+            supervisor.cancel()
+            done, _ = await asyncio.wait([supervisor], timeout=10)
+            assert done, "the task keeping the consumers running did not end"
+            assert supervisor.cancelled()
+            assert not adapter.is_consuming
+        finally:
+            monkeypatch.undo()
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+
+    async def test_a_supervisor_cancelled_as_it_consumes_again_ends(
+        self, vhost: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The task keeping the consumers running, cancelled from outside while it declares
+        a queue the broker deleted, in a call that swallows the cancellation, ends and
+        closes the consumers once it consumed again: it looks for a swallowed cancellation
+        before waiting for the next loss, which would otherwise never come."""
+        queue = make_queue("cancelled-consuming-again")
+        adapter = RabbitMQMessageQueueAdapter.attach_to(
+            queue, vhost_url(vhost), worker=handler_noop, reconnect_delay=0.05
+        )
+        declaring = asyncio.Event()
+        declare = adapter._declare_subscription
+
+        async def declare_outliving_cancellation(*args: Any) -> Any:
+            declaring.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+            return await declare(*args)
+
+        try:
+            await adapter.start_consuming()
+            supervisor = adapter._supervisor
+            assert supervisor is not None
+            monkeypatch.setattr(adapter, "_declare_subscription", declare_outliving_cancellation)
+            async with (
+                await aio_pika.connect(vhost_url(vhost)) as connection,
+                connection.channel() as channel,
+            ):
+                await channel.queue_delete(adapter.queue_name)  # the consumer is cancelled
+            async with within("declaring the queue again", 10):
+                await declaring.wait()
+            supervisor.cancel()
+            done, _ = await asyncio.wait([supervisor], timeout=10)
+            assert done, "the task keeping the consumers running did not end"
+            assert supervisor.cancelled()
+            async with within("closing the consumers", 10):
+                while True:
+                    if not adapter.is_consuming:
+                        break
+                    await asyncio.sleep(0.01)  # polled: no event tells a user
+            assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
+        finally:
+            monkeypatch.undo()
+            async with within("purge()", TEARDOWN_WITHIN):
+                await adapter.purge()
+
     async def test_a_start_cancelled_as_it_connects_leaves_no_consumer(
         self, vhost: str, monkeypatch: pytest.MonkeyPatch
     ) -> None:
