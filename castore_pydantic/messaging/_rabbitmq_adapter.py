@@ -1533,13 +1533,11 @@ async def _close_channels_quietly(*channels: AbstractChannel) -> None:
                 await channel.close()
 
     closing = asyncio.ensure_future(close_all())
+    done: set[asyncio.Future[None]] = set()
     try:
         done, _ = await asyncio.wait([closing], timeout=_CHANNEL_CLOSE_TIMEOUT)
-    except BaseException:  # the caller was cancelled: it closes the connection next
-        done = set()
-        raise
     finally:
-        if not done:
+        if not done:  # timed out, or the caller was cancelled
             closing.cancel()
             # What it ends with is nobody's: the caller goes on (or was cancelled itself).
             closing.add_done_callback(lambda task: task.cancelled() or task.exception())
