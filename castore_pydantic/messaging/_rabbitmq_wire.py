@@ -188,11 +188,13 @@ def declared_otherwise(error: BaseException) -> bool:
     RabbitMQ answers PRECONDITION_FAILED with "inequivalent arg" when a queue or exchange
     of that name exists with other arguments or of another type: that lasts until someone
     deletes or changes it. It answers PRECONDITION_FAILED for passing refusals too (a
-    vhost's queue limit reached, say), which retrying outlasts.
+    vhost's queue limit reached, say), which retrying outlasts. The reply's start is read,
+    not the whole of it: a passing refusal quotes queue names, which may hold those words.
     """
-    return isinstance(
-        error, aiormq.exceptions.ChannelPreconditionFailed
-    ) and "inequivalent arg" in str(error)
+    if not isinstance(error, aiormq.exceptions.ChannelPreconditionFailed) or not error.args:
+        return False
+    reply = error.args[0]
+    return isinstance(reply, str) and reply.startswith("PRECONDITION_FAILED - inequivalent arg")
 
 
 def access_refused(error: BaseException) -> bool:

@@ -20,6 +20,7 @@ import pytest
 
 from castore_pydantic.errors import MessageBrokerUnavailableError, MessagingError
 from castore_pydantic.messaging import MessageContext, NotificationMessage, NotificationMessageQueue
+from castore_pydantic.messaging._rabbitmq_wire import declared_otherwise
 from castore_pydantic.messaging.rabbitmq import RabbitMQMessageQueueAdapter
 from tests.messaging.rabbitmq_support import (
     LogWatch,
@@ -479,6 +480,21 @@ class TestQueueMadeAnewWithOtherArguments:
                 channel = await connection.channel()
                 with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
                     await channel.declare_queue(name, passive=True)
+
+    def test_only_the_reply_s_start_tells_a_lasting_refusal(self) -> None:
+        """A passing refusal quotes the queue's name, which may hold "inequivalent arg": it
+        was taken for a lasting one, and consuming stopped for good."""
+        lasting = aiormq.exceptions.ChannelPreconditionFailed(
+            "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q' in vhost"
+            " 'v': received the value '1000' of type 'long' but current is none"
+        )
+        passing = aiormq.exceptions.ChannelPreconditionFailed(
+            "PRECONDITION_FAILED - cannot declare queue 'castore.queue.inequivalent arg':"
+            " queue limit in vhost 'v' (3) is reached"
+        )
+        assert declared_otherwise(lasting)
+        assert not declared_otherwise(passing)
+        assert not declared_otherwise(aiormq.exceptions.ChannelPreconditionFailed())
 
     async def test_a_passing_refusal_is_retried_until_it_passes(self) -> None:
         """RabbitMQ refuses a declaration with PRECONDITION_FAILED for a vhost whose queue
