@@ -38,6 +38,7 @@ from castore_pydantic.messaging._rabbitmq_wire import (
     ATTEMPTS_HEADER,
     BROKER_ERRORS,
     ERROR_HEADER,
+    PERMISSION_ADVICE,
     REPLAY_HEADER,
     Subscription,
     access_refused,
@@ -705,9 +706,7 @@ class RabbitMQAdapter:
                 except aiormq.exceptions.ChannelAccessRefused as error:
                     raise MessagingError(
                         f"RabbitMQ at {self.url} refused to declare what {subscription.queue} "
-                        f"needs ({describe_error(error)}): the user in the URL may not "
-                        "configure those queues and exchanges; grant it configure permission "
-                        "on the vhost (rabbitmqctl set_permissions)"
+                        f"needs ({describe_error(error)}): {PERMISSION_ADVICE}"
                     ) from error
                 channels.append(channel)
             # Consumed only once every queue is declared: a declaration the broker refuses
@@ -1440,9 +1439,11 @@ class RabbitMQAdapter:
 
         Meant for tests and teardown; stops consuming first. Queues and exchanges are
         deleted by name, without being declared first: one that exists with other arguments
-        or of another type goes too. Uses the publishing connection if it is open, or else
-        a connection of its own, closed again. The broker must answer within
-        ``publish_timeout``, as for a publish.
+        or of another type goes too. Works on a connection of its own, then closes the
+        publishing connection, so that the next publish declares what it needs again (a
+        kept publishing channel would publish to the deleted queue, and the broker would
+        drop the message). The broker must answer within ``publish_timeout``, as for a
+        publish.
 
         Raises:
             MessageBrokerUnavailableError: The broker cannot be reached, or did not answer
@@ -1453,14 +1454,10 @@ class RabbitMQAdapter:
 
         async def delete(wait: _BrokerWait) -> None:
             before = cancellations()
-            publisher = self._publisher
-            own: AbstractConnection | None = None
-            if publisher is not None and not publisher[0].is_closed:
-                connection = publisher[0]
-            else:
-                # Not the publishing connection: that one declares what publishing needs,
-                # which the broker refuses for a queue that exists otherwise.
-                connection = own = await self._connect("purge")
+            # Not the publishing connection: that one declares what publishing needs, which
+            # the broker refuses for a queue that exists otherwise.
+            own = await self._connect("purge")
+            connection = own
             try:
                 # aio-pika's connect may have swallowed the deadline's cancellation.
                 raise_swallowed_cancellation(before)
@@ -1479,12 +1476,14 @@ class RabbitMQAdapter:
                             wait.progress()
                     await self._delete_exchanges(channel)
             finally:
-                if own is not None:
-                    await _close_quietly(own)
+                await _close_quietly(own)
 
-        await self._within_publish_timeout(
-            delete, "deleting the queues", "(was the link lost?); purge again"
-        )
+        try:
+            await self._within_publish_timeout(
+                delete, "deleting the queues", "(was the link lost?); purge again"
+            )
+        finally:
+            await self._close_publisher()
 
 
 class _Consumers(NamedTuple):

@@ -207,10 +207,12 @@ def access_refused(error: BaseException) -> bool:
     return isinstance(error, aiormq.exceptions.ChannelAccessRefused)
 
 
-_PERMISSION_ADVICE = (
-    "the user in the URL lacks a permission on the vhost (configure, to declare the queues "
-    "and exchanges; write, to publish; read, to consume): grant it, e.g. with rabbitmqctl "
-    "set_permissions"
+PERMISSION_ADVICE = (
+    "the user in the URL lacks a permission on the vhost, as the broker's reason says. The"
+    " adapters need configure, write and read on their queues (a retry queue's dead-letter"
+    " setting needs read on it), write on the default exchange and, for a bus, on its"
+    " exchange, and read on that exchange to bind to it: grant them, e.g. with rabbitmqctl"
+    " set_permissions"
 )
 
 
@@ -247,7 +249,7 @@ def raise_broker_error(url: str, error: BaseException) -> NoReturn:
         ) from error
     if access_refused(error):
         raise MessagingError(
-            f"RabbitMQ at {url} refused access ({describe_error(error)}): {_PERMISSION_ADVICE}"
+            f"RabbitMQ at {url} refused access ({describe_error(error)}): {PERMISSION_ADVICE}"
         ) from error
     if isinstance(error, _UNAVAILABLE):
         raise MessageBrokerUnavailableError(

@@ -19,9 +19,17 @@ import aiormq
 import pytest
 
 from castore_pydantic.errors import MessageBrokerUnavailableError, MessagingError
-from castore_pydantic.messaging import MessageContext, NotificationMessage, NotificationMessageQueue
+from castore_pydantic.messaging import (
+    MessageContext,
+    NotificationMessage,
+    NotificationMessageBus,
+    NotificationMessageQueue,
+)
 from castore_pydantic.messaging._rabbitmq_wire import declared_otherwise
-from castore_pydantic.messaging.rabbitmq import RabbitMQMessageQueueAdapter
+from castore_pydantic.messaging.rabbitmq import (
+    RabbitMQMessageBusAdapter,
+    RabbitMQMessageQueueAdapter,
+)
 from tests.messaging.rabbitmq_support import (
     LogWatch,
     TcpProxy,
@@ -481,6 +489,35 @@ class TestQueueMadeAnewWithOtherArguments:
                 with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
                     await channel.declare_queue(name, passive=True)
 
+    async def test_a_publish_after_a_purge_is_kept(self, vhost: str) -> None:
+        """purge() deleted the queues on the publishing connection and kept its channel,
+        which had declared them: the next publish went to a queue no longer there, and the
+        broker confirmed and dropped it (on a bus, the exchange was gone: an error)."""
+        queue = make_queue("purge-then-publish")
+        queue_adapter = RabbitMQMessageQueueAdapter.attach_to(queue, vhost_url(vhost))
+        bus = NotificationMessageBus(
+            message_bus_id="purge-then-publish", source_event_stores=[pokemon_store()]
+        )
+        bus_adapter = RabbitMQMessageBusAdapter.attach_to(bus, vhost_url(vhost))
+        bus_adapter.on({}, handler_noop, listener_id="kept")
+        try:
+            for adapter in (queue_adapter, bus_adapter):
+                async with within("purge()", TEARDOWN_WITHIN):
+                    await adapter.connect()
+                    await adapter.purge()
+            async with within("publishing", TEARDOWN_WITHIN):
+                await queue.publish_message(notification(0))
+                await bus_adapter.connect()  # declares the listener's queue again
+                await bus.publish_message(notification(1))
+            assert await message_count(vhost_url(vhost), queue_adapter.queue_name) == 1
+            listener_queue = bus_adapter.listener_queue("kept")
+            assert await message_count(vhost_url(vhost), listener_queue) == 1
+        finally:
+            for adapter in (queue_adapter, bus_adapter):
+                async with within("cleaning up", TEARDOWN_WITHIN):
+                    await adapter.purge()
+                    await adapter.aclose()
+
     def test_only_the_reply_s_start_tells_a_lasting_refusal(self) -> None:
         """A passing refusal quotes the queue's name, which may hold "inequivalent arg": it
         was taken for a lasting one, and consuming stopped for good."""
@@ -621,7 +658,7 @@ class TestPermissionRefused:
         with user_on(vhost) as (user, url):
             rabbitmqctl("set_permissions", "-p", vhost, user, "", ".*", ".*")
             adapter = RabbitMQMessageQueueAdapter.attach_to(queue, url, worker=handler_noop)
-            with pytest.raises(MessagingError, match="configure permission") as raised:
+            with pytest.raises(MessagingError, match="lacks a permission on the vhost") as raised:
                 await adapter.start_consuming()
             assert adapter.queue_name in str(raised.value)
             assert not isinstance(raised.value, MessageBrokerUnavailableError)
@@ -660,8 +697,9 @@ class TestPermissionRefused:
                     error = record.exc_info[1]
                     assert isinstance(error, MessagingError)
                     assert adapter.queue_name in str(error)
-                    assert "configure permission" in str(error)
-                    with pytest.raises(MessagingError, match="configure permission"):
+                    assert "lacks a permission on the vhost" in str(error)
+                    assert "ACCESS_REFUSED" in str(error)
+                    with pytest.raises(MessagingError, match="lacks a permission on the vhost"):
                         await adapter.start_consuming()
             finally:
                 async with within("stop_consuming()", TEARDOWN_WITHIN):
