@@ -89,6 +89,8 @@ class TcpProxy:
         self._pumps: set[asyncio.Task[None]] = set()
         #: Links whose bytes from the broker are thrown away (``stall``).
         self._stalled: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        #: While true, links made from now on are stalled from their first byte.
+        self.stall_new = False
         self.port = 0
         self.drops = 0
 
@@ -110,6 +112,8 @@ class TcpProxy:
             return
         link = (writer, up_writer)
         self._links.add(link)
+        if self.stall_new:
+            self._stalled.add(link)
         for source, sink, from_broker in ((reader, up_writer, False), (up_reader, writer, True)):
             task = asyncio.create_task(self._pump(source, sink, link, from_broker=from_broker))
             self._pumps.add(task)

@@ -595,11 +595,13 @@ class TestSilentLinkOutsidePublishing:
         try:
             await adapter.connect()
             assert proxy.stall() == 1  # the publishing connection
+            proxy.stall_new = True  # purge() works on a connection of its own
             loop = asyncio.get_running_loop()
             started = loop.time()
             async with within(f"{operation}()", 30):
                 with pytest.raises(MessageBrokerUnavailableError, match=r"within 0\.5s"):
                     await getattr(adapter, operation)()
+            proxy.stall_new = False
             # The deadline, then bounded waits for the channel and the connection to close.
             assert loop.time() - started < 15
             assert adapter._publisher is None  # nothing left half-open
