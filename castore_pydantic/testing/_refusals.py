@@ -125,15 +125,16 @@ class _Slot:
 class Slots:
     """The events of one type ``histories()`` set out to draw during a check.
 
-    ``probe`` draws one event of the type the way ``histories()`` does (a strategy), so
-    that a type none of whose events was made can be told apart from a rarely valid one.
+    ``search`` is a strategy of what ``histories()`` draws up to an event of the type (a
+    history's prefix ending with one, or ``None`` when it cannot be made), so that a type
+    none of whose events was made can be told apart from a rarely valid one.
     """
 
-    def __init__(self, probe: Any = None) -> None:
+    def __init__(self, search: Any = None) -> None:
         self.made = 0
         self.refused = 0
         self.last: tuple[Refusals, str] | None = None
-        self.probe = probe
+        self.search = search
 
     def reason(self) -> str:
         """What refused the last event that could not be made."""
@@ -144,7 +145,7 @@ class Slots:
 
 
 @contextlib.contextmanager
-def drawing(name: str, probe: Any = None) -> Iterator[_Slot]:
+def drawing(name: str, search: Any = None) -> Iterator[_Slot]:
     """Count one event of type ``name`` that ``histories()`` sets out to draw.
 
     The caller sets ``made`` when the event is made; any refusal counted while the block
@@ -159,7 +160,7 @@ def drawing(name: str, probe: Any = None) -> Iterator[_Slot]:
     finally:
         _CURRENT_SLOT.reset(token)
         for watcher in _SLOT_WATCHERS.get():
-            slots = watcher.setdefault(name, Slots(probe))
+            slots = watcher.setdefault(name, Slots(search))
             if slot.made:
                 slots.made += 1
             else:

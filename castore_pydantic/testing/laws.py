@@ -52,7 +52,7 @@ try:
     import hypothesis
     from hypothesis import given
     from hypothesis import strategies as st
-    from hypothesis.errors import NoSuchExample, Unsatisfiable
+    from hypothesis.errors import HypothesisException, NoSuchExample, Unsatisfiable
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "castore_pydantic.testing.laws needs Hypothesis; install it with: "
@@ -71,14 +71,6 @@ from castore_pydantic.testing._running import run_now
 
 __all__ = ["ALL_LAWS", "Law", "check_history", "check_reducer"]
 
-_PROBING = hypothesis.settings(
-    database=None,
-    deadline=None,
-    max_examples=1,
-    phases=[hypothesis.Phase.generate],
-    suppress_health_check=list(hypothesis.HealthCheck),
-    verbosity=hypothesis.Verbosity.quiet,
-)
 
 _SHOWN = 600  # characters of an aggregate's repr shown in a failure
 #: The usual causes of a fold that depends on more than its events.
@@ -183,20 +175,37 @@ def check_reducer(
     _require_coverage(store, required, seen, given_up, slots)
 
 
-def _can_make(probe: st.SearchStrategy[Event] | None) -> bool:
-    """Whether a long search makes one event where a check's histories made none.
+def _can_make(search: st.SearchStrategy[Sequence[Event]] | None) -> tuple[bool | None, str]:
+    """Whether a longer search makes one event where a check's histories made none.
 
-    The search draws several hundred more events: a type that is valid once in a few
-    hundred values is told from one that is never valid, so that it does not fail a correct
-    check at random.
+    The search draws a few hundred more histories, each up to an event of the type, as
+    ``histories()`` draws them (same rules, versions and times): a type valid once in a
+    few hundred values is told from one never valid, so that it does not fail a correct
+    check at random. It is derandomized, with
+    settings built here and not taken from the active profile, so that a check gives the
+    same verdict every time. ``None`` (with why) when the search could not tell, e.g. a
+    validator that depends on state outside the event makes Hypothesis call it flaky.
     """
-    if probe is None:
-        return False
+    if search is None:
+        return False, ""
+    searching = hypothesis.settings(
+        database=None,
+        deadline=None,
+        derandomize=True,
+        # Every history the search tries and that makes no event of the type is rejected:
+        # Hypothesis gives up after a few hundred (about 460) of them.
+        max_examples=1,
+        phases=[hypothesis.Phase.generate],
+        suppress_health_check=list(hypothesis.HealthCheck),
+        verbosity=hypothesis.Verbosity.quiet,
+    )
     try:
-        hypothesis.find(probe, lambda _event: True, settings=_PROBING)
+        hypothesis.find(search, lambda _history: True, settings=searching)
     except (NoSuchExample, Unsatisfiable):
-        return False
-    return True
+        return False, ""
+    except HypothesisException as exc:  # Flaky and the like: no verdict either way
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return True, ""
 
 
 def _required_names(
@@ -230,10 +239,11 @@ def _require_coverage(
     """Fail when generation could make no event of a type that no checked history held.
 
     What ``histories()`` set out to draw decides, per name: none made out of enough tries
-    fails, anything less is only a logged warning (a rarely valid type, a type filtered
-    out afterwards must not fail a correct check at random). For other strategies, the
-    counters of values generated for the type that refused many and never accepted one.
-    A type that ordering rules leave out is never drawn and never reported.
+    fails unless a longer search makes one, anything less is only a logged warning (a
+    rarely valid type, a type filtered out afterwards must not fail a correct check at
+    random). A name ``histories()`` never set out to draw (its rules leave it out) is never
+    reported. For other strategies, the counters of values generated for the type that
+    refused many and never accepted one.
     """
     classes = {name: cls for cls in store.event_types for name in event_type_names(cls)}
     missing: dict[str, str] = {}
@@ -243,14 +253,27 @@ def _require_coverage(
             continue
         counted = slots.get(name)
         if counted is not None:
-            if counted.made == 0 and not _can_make(counted.probe):
+            found, why = (True, "") if counted.made else _can_make(counted.search)
+            if found is False:
                 missing[name] = (
                     f"{name}: none of the {counted.refused} events of it drawn could be made, "
                     f"nor one in a longer search; the last refusal: {counted.reason()}"
                 )
             else:
                 last = f"; the last refusal: {counted.reason()}" if counted.refused else ""
-                unsure.append(f"{name} ({counted.made} made, {counted.refused} refused{last})")
+                unsure.append(
+                    f"{name} ({counted.made} made, {counted.refused} refused{last}"
+                    + (
+                        f"; a longer search could not tell whether one can be made: {why}"
+                        if why
+                        else ""
+                    )
+                    + ")"
+                )
+            continue
+        if slots:
+            # histories() made the events: a name it never set out to draw is one its rules
+            # leave out, even when another name of the same class was refused.
             continue
         reasons = sorted(
             counter.warning(counter.count, counter.reason)

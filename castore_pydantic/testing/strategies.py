@@ -28,7 +28,6 @@ strategy}`` (one call); both also take ``Annotated`` aliases and win over the bu
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, get_origin
 
@@ -74,7 +73,6 @@ CanFollow = Callable[[Sequence[Event], str], bool]
 
 _ENVELOPE = ("aggregate_id", "version", "timestamp")
 _MAX_STEP_MS = 86_400_000  # at most a day between two events of a generated history
-_PROBE_ID = "00000000-0000-4000-8000-000000000000"
 _ATTEMPTS = 3  # draws of an event of a history before the history is given up
 _HISTORY_START = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2080, 1, 1, tzinfo=dt.UTC))
 
@@ -304,59 +302,8 @@ def histories(
         name: plans[cls].inputs({"type": name, **fixed.get(name, {})}, omit=_body_omit(cls))
         for name, cls in classes.items()
     }
-    ids = _aggregate_ids(aggregate_id)
-    # Across the examples of a test: the limits' refusals of each type until one passes.
-    limits_refused = {
-        name: Refusals(cls, _limits_warning(store.event_store_id, name))
-        for name, cls in classes.items()
-    }
-
-    def accept(name: str, candidate: Event) -> bool:
-        try:
-            store.context.check_limits(candidate)
-        except EventLimitExceededError as error:
-            limits_refused[name].refused(str(error))
-            return False
-        limits_refused[name].passed()
-        return True
-
-    probes = {
-        name: _probe(body, plans[classes[name]], functools.partial(accept, name))
-        for name, body in bodies.items()
-    }
-
-    @st.composite
-    def history(draw: st.DrawFn) -> list[Event]:
-        key = draw(ids)
-        size = draw(st.integers(min_size, max_size))
-        moment = draw(st.integers(*(_ms(t) for t in _HISTORY_START)))
-        made: list[Event] = []
-        for version in range(1, size + 1):
-            allowed = rules.allowed(made)
-            if not allowed:
-                break
-            name = draw(st.sampled_from(allowed))
-            if made:
-                moment += draw(st.integers(0, _MAX_STEP_MS))
-            event: Event | None = None
-            # Counted per type whatever made its fields (models(), overrides, ...), so that
-            # check_reducer knows which types could not be made.
-            with drawing(name, probes[name]) as slot:
-                for _ in range(_ATTEMPTS):  # drawn again, not the whole history: limits bite
-                    values = draw(bodies[name])
-                    values.update(aggregate_id=key, version=version, timestamp=_from_ms(moment))
-                    candidate = plans[classes[name]].validate(values)
-                    if candidate is not INVALID and accept(name, candidate):
-                        event = candidate
-                        slot.made = True
-                        break
-            assume(event is not None)
-            assert event is not None
-            made.append(event)
-        assume(len(made) >= min_size)
-        return made
-
-    return history()
+    draws = _HistoryDraws(store, rules, plans, bodies, _aggregate_ids(aggregate_id))
+    return draws.histories(min_size, max_size)
 
 
 def command_inputs(
@@ -570,22 +517,6 @@ def command_histories(
 # -- helpers ---------------------------------------------------------------------------------
 
 
-@st.composite
-def _probe(
-    draw: st.DrawFn,
-    body: st.SearchStrategy[dict[str, Any]],
-    plan: ModelPlan,
-    accept: Callable[[Event], bool],
-) -> Event:
-    """One event drawn as a history's are, alone: for ``check_reducer`` to search with."""
-    values = draw(body)
-    values.update(aggregate_id=_PROBE_ID, version=1, timestamp=_HISTORY_START[0])
-    candidate = plan.validate(values)
-    assume(candidate is not INVALID and accept(candidate))
-    made: Event = candidate
-    return made
-
-
 def _is_valid(value: Any) -> bool:
     return value is not INVALID
 
@@ -684,6 +615,118 @@ def _from_ms(ms: int) -> dt.datetime:
     return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
 
 
+class _HistoryDraws:
+    """How ``histories()`` draws the events of a history, for it and for the searches.
+
+    ``check_reducer`` searches with ``search(name)`` for an event of a type the check's
+    histories made none of: the same draws, cut after the first event of that type.
+    """
+
+    def __init__(
+        self,
+        store: EventStore[Any, Any],
+        rules: _OrderRules,
+        plans: Mapping[type[Event], ModelPlan],
+        bodies: Mapping[str, st.SearchStrategy[dict[str, Any]]],
+        ids: st.SearchStrategy[str],
+    ) -> None:
+        self.store = store
+        self.rules = rules
+        self.plans = plans
+        self.bodies = bodies
+        self.ids = ids
+        self.classes = rules.classes
+        # Across the examples of a test: the limits' refusals of each type until one passes.
+        self.limits_refused = {
+            name: Refusals(cls, _limits_warning(store.event_store_id, name))
+            for name, cls in self.classes.items()
+        }
+        self.searches: dict[str, st.SearchStrategy[list[Event]]] = {}
+
+    def histories(self, min_size: int, max_size: int) -> st.SearchStrategy[list[Event]]:
+        # A search is no longer than these histories: no version they never reach.
+        self.searches = {name: self.search(name, max_size) for name in self.classes}
+
+        @st.composite
+        def history(draw: st.DrawFn) -> list[Event]:
+            events = self.draw(draw, min_size, max_size, None)
+            assert events is not None
+            return events
+
+        return history()
+
+    def search(self, target: str, max_size: int) -> st.SearchStrategy[list[Event]]:
+        """Histories up to their first event of ``target``; any other is rejected."""
+
+        @st.composite
+        def up_to_target(draw: st.DrawFn) -> list[Event]:
+            events = self.draw(draw, min(1, max_size), max_size, target)
+            assert events is not None
+            return events
+
+        return up_to_target()
+
+    def accept(self, name: str, candidate: Event) -> bool:
+        try:
+            self.store.context.check_limits(candidate)
+        except EventLimitExceededError as error:
+            self.limits_refused[name].refused(str(error))
+            return False
+        self.limits_refused[name].passed()
+        return True
+
+    def make(self, draw: st.DrawFn, name: str, key: str, version: int, moment: int) -> Event | None:
+        plan = self.plans[self.classes[name]]
+        for _ in range(_ATTEMPTS):  # drawn again, not the whole history: limits bite
+            values = draw(self.bodies[name])
+            values.update(aggregate_id=key, version=version, timestamp=_from_ms(moment))
+            candidate = plan.validate(values)
+            if candidate is not INVALID and self.accept(name, candidate):
+                made: Event = candidate
+                return made
+        return None
+
+    def draw(
+        self, draw: st.DrawFn, min_size: int, max_size: int, target: str | None
+    ) -> list[Event] | None:
+        """A history, or with a ``target`` its prefix up to the first event of that type."""
+        key = draw(self.ids)
+        size = draw(st.integers(min_size, max_size))
+        moment = draw(st.integers(*(_ms(t) for t in _HISTORY_START)))
+        made: list[Event] = []
+        for version in range(1, size + 1):
+            allowed = self.rules.allowed(made)
+            if not allowed:
+                break
+            # A search takes its type as soon as the rules allow it, half of the time, so
+            # that its events are drawn at the versions and times histories reach them.
+            name = (
+                target
+                if target in allowed and draw(st.booleans())
+                else draw(st.sampled_from(allowed))
+            )
+            if made:
+                moment += draw(st.integers(0, _MAX_STEP_MS))
+            if target is not None:
+                found = self.make(draw, name, key, version, moment)
+                assume(found is not None)
+                assert found is not None
+                made.append(found)
+                if name == target:
+                    return made
+                continue
+            # Counted per type whatever made its fields (models(), overrides, ...), so that
+            # check_reducer knows which types could not be made.
+            with drawing(name, self.searches[name]) as slot:
+                event = self.make(draw, name, key, version, moment)
+                slot.made = event is not None
+            assume(event is not None)
+            assert event is not None
+            made.append(event)
+        assume(target is None and len(made) >= min_size)
+        return made
+
+
 class _OrderRules:
     """The ``first`` / ``follows`` / ``can_follow`` rules of ``histories``."""
 
@@ -696,6 +739,7 @@ class _OrderRules:
     ) -> None:
         if isinstance(first, str):
             first = [first]
+        self.classes = dict(classes)
         self.names = sorted(classes)
         self.first = None if first is None else _names(first, classes)
         self.follows = {

@@ -731,3 +731,135 @@ class TestHints:
         assert info.value.law in {"prefix_consistency", "incremental_equals_batch"}
         assert "changes the previous aggregate in place" in info.value.detail
         assert "model_copy" in info.value.detail
+
+
+# -- the search for an event of a type the check's histories made none of -----------------
+
+
+def tagging_store(salt: int, *, rarity: int, not_first: bool = False) -> EventStore[Any, Any]:
+    """COUNTER_TAGGED payloads pass for ``rarity`` values in 65536; with ``not_first``, a
+    tag is never valid as version 1 (a counter is created first)."""
+
+    class Rare(BaseModel):
+        n: int
+
+        @model_validator(mode="after")
+        def _rare(self) -> Rare:
+            digest = hashlib.sha256(f"{salt}:{self.n}".encode()).digest()
+            if digest[0] * 256 + digest[1] >= rarity:
+                raise ValueError("unlucky")
+            return self
+
+    class CounterTagged(Event):
+        type: Literal["COUNTER_TAGGED"] = "COUNTER_TAGGED"
+        payload: Rare
+
+        @model_validator(mode="after")
+        def _not_first(self) -> CounterTagged:
+            if not_first and self.version == 1:
+                raise ValueError("a counter is created first")
+            return self
+
+    def count(counter: Counter | None, event: Any) -> Counter:
+        return Counter(aggregate_id=event.aggregate_id, version=event.version, name="", value=0)
+
+    return EventStore(
+        event_store_id="TAGS", event_types=[CounterCreated, CounterTagged], reducer=count
+    )
+
+
+def closing_store(salt: int) -> EventStore[Any, Any]:
+    """One class named COUNTER_ENDED and COUNTER_ABANDONED, valid for 200 values in 65536."""
+
+    class Rare(BaseModel):
+        n: int
+
+        @model_validator(mode="after")
+        def _rare(self) -> Rare:
+            digest = hashlib.sha256(f"{salt}:{self.n}".encode()).digest()
+            if digest[0] * 256 + digest[1] >= 200:
+                raise ValueError("unlucky")
+            return self
+
+    class Closed(Event):
+        type: Literal["COUNTER_ABANDONED", "COUNTER_ENDED"] = "COUNTER_ENDED"
+        payload: Rare
+
+    def close(counter: Counter | None, event: Any) -> Counter:
+        return Counter(aggregate_id=event.aggregate_id, version=event.version, name="", value=0)
+
+    return EventStore(event_store_id="CLOSING", event_types=[CounterCreated, Closed], reducer=close)
+
+
+class TestTheSearch:
+    """A type none of whose drawn events was made is searched for before it is reported."""
+
+    @pytest.mark.parametrize("not_first", [False, True])
+    def test_a_type_the_search_finds_only_warns(
+        self, caplog: pytest.LogCaptureFixture, not_first: bool
+    ) -> None:
+        """The check's three histories make no tag (one value in a hundred passes), the
+        search finds one: a warning, no failure, also for a type valid only after version 1,
+        which the search draws where histories reach it."""
+        store = tagging_store(0, rarity=600, not_first=not_first)
+        histories = cst.histories(store, first=["COUNTER_CREATED"])
+        check_reducer(store, histories=histories, settings=QUIET, max_examples=3)
+        assert "no checked history held an event of COUNTER_TAGGED (0 made" in caplog.text
+
+    def test_the_verdict_does_not_change_between_runs(self) -> None:
+        """A type valid about once in a thousand values: the search may or may not find
+        one, but the same check gives the same verdict every time (the search is
+        derandomized, whatever the profile)."""
+        verdicts = set()
+        for _ in range(8):
+            store = tagging_store(1, rarity=60)
+            try:
+                check_reducer(store, settings=QUIET, max_examples=10)
+                verdicts.add("pass")
+            except UncheckedEventTypesError:
+                verdicts.add("unchecked")
+        assert len(verdicts) == 1
+
+    def test_a_name_the_rules_leave_out_is_not_reported_for_its_class(self) -> None:
+        """COUNTER_ABANDONED is never drawn (the rules leave it out) while COUNTER_ENDED,
+        its class's other name, is rarely valid: the left-out name is not reported."""
+        for salt in range(4):
+            store = closing_store(salt)
+            histories = cst.histories(
+                store,
+                first=["COUNTER_CREATED"],
+                can_follow=lambda _previous, name: name != "COUNTER_ABANDONED",
+            )
+            check_reducer(store, histories=histories, settings=QUIET, max_examples=10)
+
+    def test_a_search_hypothesis_calls_flaky_only_warns(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A validator that accepts one event only, ever (state outside the event): the
+        search's replay of what it found is refused and Hypothesis calls it flaky. The
+        search could not tell: a warning saying so, not an error."""
+        used: list[int] = []
+
+        class Ticket(BaseModel):
+            n: int
+
+        class CounterIssued(Event):
+            type: Literal["COUNTER_ISSUED"] = "COUNTER_ISSUED"
+            payload: Ticket
+
+            @model_validator(mode="after")
+            def _once(self) -> CounterIssued:
+                digest = hashlib.sha256(f"1:{self.payload.n}".encode()).digest()
+                if used or digest[0] * 256 + digest[1] >= 600:
+                    raise ValueError("taken")
+                used.append(self.payload.n)
+                return self
+
+        store = EventStore(
+            event_store_id="ISSUES",
+            event_types=[CounterCreated, CounterIssued],
+            reducer=reduce_counter,
+        )
+        histories = cst.histories(store, first=["COUNTER_CREATED"])
+        check_reducer(store, histories=histories, settings=QUIET, max_examples=3)
+        assert "could not tell whether one can be made: Flaky" in caplog.text
