@@ -356,3 +356,12 @@ async def message_count(url: str, queue: str) -> int:
 async def consumer_count(url: str, queue: str) -> int:
     """How many consumers the broker counts on ``queue``."""
     return (await queue_state(url, queue))[1]
+
+
+async def stopped_consuming(adapter: Any, what: str, seconds: float) -> None:
+    """Wait until ``adapter.is_consuming`` says false (polled: no event tells a user)."""
+    async with within(what, seconds):
+        while True:
+            if not adapter.is_consuming:
+                break
+            await asyncio.sleep(0.01)

@@ -46,6 +46,7 @@ from tests.messaging.rabbitmq_support import (
     pokemon_store,
     private_vhost,
     queue_policy,
+    stopped_consuming,
     vhost_url,
     within,
 )
@@ -523,11 +524,7 @@ class TestUnexpectedErrorWhileRecovering:
                     supervisor.cancel()
                     await asyncio.wait([supervisor])
                     # is_consuming stays true until the consumers are closed.
-                    async with within("closing the consumers", 10):
-                        while True:
-                            if not adapter.is_consuming:
-                                break
-                            await asyncio.sleep(0.01)  # polled: no event tells a user
+                    await stopped_consuming(adapter, "closing the consumers", 10)
                     assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
                     assert logs.count("stopped consuming", logging.WARNING) == 1
                     if stop_first:

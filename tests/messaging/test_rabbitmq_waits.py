@@ -38,6 +38,7 @@ from tests.messaging.rabbitmq_support import (
     notification,
     pokemon_store,
     private_vhost,
+    stopped_consuming,
     vhost_url,
     within,
 )
@@ -118,11 +119,7 @@ class TestSwallowedCancellation:
             done, _ = await asyncio.wait([supervisor], timeout=10)
             assert done, "the task keeping the consumers running did not end"
             assert supervisor.cancelled()
-            async with within("closing the consumers", 10):
-                while True:
-                    if not adapter.is_consuming:
-                        break
-                    await asyncio.sleep(0.01)  # polled: no event tells a user
+            await stopped_consuming(adapter, "closing the consumers", 10)
             assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
         finally:
             monkeypatch.undo()
@@ -210,11 +207,7 @@ class TestSwallowedCancellation:
             done, _ = await asyncio.wait([supervisor], timeout=10)
             assert done, "the task keeping the consumers running did not end"
             assert supervisor.cancelled()
-            async with within("closing the consumers", 10):
-                while True:
-                    if not adapter.is_consuming:
-                        break
-                    await asyncio.sleep(0.01)  # polled: no event tells a user
+            await stopped_consuming(adapter, "closing the consumers", 10)
             assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
         finally:
             monkeypatch.undo()
@@ -439,11 +432,7 @@ class TestQueueMadeAnewWithOtherArguments:
                     )
                     # ... and deletes the consumed queue: the consumers declare it all again.
                     await channel.queue_delete(adapter.queue_name)
-                async with within("consuming to stop", 20):
-                    while True:
-                        if not adapter.is_consuming:
-                            break
-                        await asyncio.sleep(0.01)  # polled: no event tells a user
+                await stopped_consuming(adapter, "consuming to stop", 20)
                 errors = logs.messages(logging.ERROR)
                 assert len(errors) == 1
                 assert "stopped consuming" in errors[0]
@@ -688,11 +677,7 @@ class TestPermissionRefused:
                     await adapter.start_consuming()
                     rabbitmqctl("set_permissions", "-p", vhost, user, "", ".*", ".*")
                     assert proxy.drop() == 1  # the consumers reconnect, declaring anew
-                    async with within("consuming to stop", 20):
-                        while True:
-                            if not adapter.is_consuming:
-                                break
-                            await asyncio.sleep(0.01)  # polled: no event tells a user
+                    await stopped_consuming(adapter, "consuming to stop", 20)
                     [record] = [r for r in logs.records if r.levelno >= logging.ERROR]
                     assert "stopped consuming" in record.getMessage()
                     assert record.exc_info is not None
