@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, NoReturn, Self, TypeVar
 
@@ -1334,18 +1334,11 @@ class RabbitMQAdapter:
             letters: list[DeadLetter] = []
             for subscription in subscriptions:
                 # Read without acknowledging; closing the channel puts them all back, in order.
-                async with self._admin_channel(wait) as channel:
-                    dead = subscription.dead_letter_queue
-                    queue = await channel.declare_queue(dead, durable=True)
-                    wait.progress()
-                    # Only as many as were there: while letters keep arriving, reading until
-                    # the queue is empty would not end, holding every letter read
-                    # unacknowledged.
-                    for _ in range(queue.declaration_result.message_count or 0):
-                        incoming = await queue.get(no_ack=False, fail=False)
-                        wait.progress()
-                        if incoming is None:
-                            break
+                async with (
+                    self._admin_channel(wait) as channel,
+                    contextlib.aclosing(_letters_in(channel, subscription, wait)) as letters_in,
+                ):
+                    async for incoming in letters_in:
                         letter = self._dead_letter_of(message_channel, subscription, incoming)
                         if letter is not None:
                             letters.append(letter)
@@ -1404,28 +1397,23 @@ class RabbitMQAdapter:
             for subscription in subscriptions:
                 async with self._admin_channel(wait) as channel:
                     await channel.declare_queue(subscription.queue, durable=True)
-                    dead = subscription.dead_letter_queue
-                    queue = await channel.declare_queue(dead, durable=True)
-                    wait.progress()
-                    for _ in range(queue.declaration_result.message_count or 0):
-                        incoming = await queue.get(no_ack=False, fail=False)
-                        wait.progress()
-                        if incoming is None:
-                            break
-                        replay = (incoming.headers or {}).get(REPLAY_HEADER) is True
-                        await channel.default_exchange.publish(
-                            aio_pika.Message(
-                                incoming.body,
-                                headers={REPLAY_HEADER: replay},
-                                content_type="application/json",
-                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                            ),
-                            subscription.queue,
-                            mandatory=False,
-                        )
-                        wait.progress()
-                        await incoming.ack()  # only once the copy is confirmed
-                        count += 1
+                    letters_in = _letters_in(channel, subscription, wait)
+                    async with contextlib.aclosing(letters_in):
+                        async for incoming in letters_in:
+                            replay = (incoming.headers or {}).get(REPLAY_HEADER) is True
+                            await channel.default_exchange.publish(
+                                aio_pika.Message(
+                                    incoming.body,
+                                    headers={REPLAY_HEADER: replay},
+                                    content_type="application/json",
+                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                ),
+                                subscription.queue,
+                                mandatory=False,
+                            )
+                            wait.progress()
+                            await incoming.ack()  # only once the copy is confirmed
+                            count += 1
             return count
 
         return await self._within_publish_timeout(
@@ -1484,6 +1472,25 @@ class RabbitMQAdapter:
             )
         finally:
             await self._close_publisher()
+
+
+async def _letters_in(
+    channel: AbstractChannel, subscription: Subscription, wait: _BrokerWait
+) -> AsyncGenerator[aio_pika.abc.AbstractIncomingMessage, None]:
+    """The letters in a subscription's dead-letter queue as it is opened, unacknowledged.
+
+    Only as many as were there: while letters keep arriving, reading until the queue is empty
+    would not end, holding every letter read unacknowledged. Each answer of the broker tells
+    ``wait`` that it is alive.
+    """
+    queue = await channel.declare_queue(subscription.dead_letter_queue, durable=True)
+    wait.progress()
+    for _ in range(queue.declaration_result.message_count or 0):
+        incoming = await queue.get(no_ack=False, fail=False)
+        wait.progress()
+        if incoming is None:
+            return
+        yield incoming
 
 
 class _Consumers(NamedTuple):
