@@ -60,6 +60,14 @@ async def handler_noop(message: NotificationMessage, context: MessageContext) ->
     """A worker with nothing to do."""
 
 
+async def cancel_supervisor(supervisor: asyncio.Task[None]) -> None:
+    """Cancel the task keeping the consumers running, as a shutdown does: it must end so."""
+    supervisor.cancel()
+    done, _ = await asyncio.wait([supervisor], timeout=10)
+    assert done, "the task keeping the consumers running did not end"
+    assert supervisor.cancelled()
+
+
 class ConnectOutlivingCancellation:
     """``aio_pika.connect`` as ``asyncio.wait_for`` runs it on Python 3.11, at its worst.
 
@@ -115,10 +123,7 @@ class TestSwallowedCancellation:
             await connection.close()  # the consumers reconnect
             async with within("the reconnection", 10):
                 await connect.connected.wait()
-            supervisor.cancel()
-            done, _ = await asyncio.wait([supervisor], timeout=10)
-            assert done, "the task keeping the consumers running did not end"
-            assert supervisor.cancelled()
+            await cancel_supervisor(supervisor)
             await stopped_consuming(adapter, "closing the consumers", 10)
             assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
         finally:
@@ -161,10 +166,7 @@ class TestSwallowedCancellation:
             await connection.close()  # the consumers reconnect
             async with within("the reconnection", 10):
                 await attempting.wait()
-            supervisor.cancel()
-            done, _ = await asyncio.wait([supervisor], timeout=10)
-            assert done, "the task keeping the consumers running did not end"
-            assert supervisor.cancelled()
+            await cancel_supervisor(supervisor)
             assert not adapter.is_consuming
         finally:
             monkeypatch.undo()
@@ -203,10 +205,7 @@ class TestSwallowedCancellation:
                 await channel.queue_delete(adapter.queue_name)  # the consumer is cancelled
             async with within("declaring the queue again", 10):
                 await declaring.wait()
-            supervisor.cancel()
-            done, _ = await asyncio.wait([supervisor], timeout=10)
-            assert done, "the task keeping the consumers running did not end"
-            assert supervisor.cancelled()
+            await cancel_supervisor(supervisor)
             await stopped_consuming(adapter, "closing the consumers", 10)
             assert await consumer_count(vhost_url(vhost), adapter.queue_name) == 0
         finally:
