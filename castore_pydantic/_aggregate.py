@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import types
 import typing
 from collections.abc import Callable
@@ -13,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from castore_pydantic._event import Event, WireModel
+from castore_pydantic._types import function_of
 
 __all__ = ["Aggregate", "AggregateT", "EventT", "Reducer"]
 
@@ -47,16 +46,11 @@ Reducer: TypeAlias = Callable[[AggregateT | None, EventT], AggregateT]
 def reduced_model(reducer: Callable[..., Any]) -> type[BaseModel] | None:
     """The Pydantic model a reducer returns, when its return annotation names exactly one.
 
-    A ``functools.partial`` is read through to its function, and an object that is called
-    through to its class's ``__call__``.
+    The annotation is read where a command's are (``function_of``): through a partial or a
+    decorator, and on a callable object's ``__call__``.
     """
-    annotated: Any = reducer
-    while isinstance(annotated, functools.partial):
-        annotated = annotated.func
-    if not isinstance(annotated, type) and not inspect.isroutine(annotated):
-        annotated = getattr(type(annotated), "__call__", annotated)  # noqa: B004
     try:
-        hint = typing.get_type_hints(annotated).get("return")
+        hint = typing.get_type_hints(function_of(reducer)).get("return")
     except Exception:  # an unresolvable annotation just means "unknown"
         return None
     candidates = (

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import types
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -24,7 +23,7 @@ from typing import (
 
 from pydantic import BaseModel, RootModel, TypeAdapter, ValidationError
 
-from castore_pydantic._types import call_and_await
+from castore_pydantic._types import call_and_await, function_of
 from castore_pydantic.errors import EventAlreadyExistsError, is_event_already_exists_error
 
 __all__ = ["Command", "OnEventAlreadyExistsContext"]
@@ -73,7 +72,7 @@ def _annotation(handler: Callable[..., Any], which: str) -> Any:
         name, raw = params[0].name, params[0].annotation
     if raw is inspect.Parameter.empty:
         return _NO_SCHEMA
-    function = _function_of(handler)
+    function = function_of(handler)
     try:
         hints = get_type_hints(function)
     except (NameError, TypeError):
@@ -120,23 +119,6 @@ def _object_like(schema: Any) -> bool:
         or dataclasses.is_dataclass(origin)
         or is_typeddict(origin)
     )
-
-
-def _function_of(handler: Callable[..., Any]) -> Any:
-    """The function whose annotations describe ``handler``.
-
-    ``handler`` may be a function, a method, a partial of one, or an object with a
-    ``__call__`` method (its class's other annotations are not the handler's).
-    """
-    target: Any = handler
-    while isinstance(target, functools.partial):
-        target = target.func
-    target = inspect.unwrap(target)
-    if not inspect.isfunction(target) and not inspect.ismethod(target):
-        for klass in type(target).__mro__:  # an object with a ``__call__`` method
-            if "__call__" in vars(klass):
-                return inspect.unwrap(vars(klass)["__call__"])
-    return target
 
 
 def _awaitable(command_id: str, running: Any) -> Awaitable[Any]:

@@ -25,6 +25,7 @@ from castore_pydantic._types import (
     PushEventGroupResult,
     PushEventResult,
     call_and_await,
+    function_of,
     renote,
 )
 from castore_pydantic.errors import (
@@ -533,14 +534,10 @@ def _log_hook_failures(
         )
 
 
-def _is_async(function: object) -> bool:
+def _is_async(function: Callable[..., Any]) -> bool:
     """Whether calling ``function`` gives a coroutine or an async generator."""
-    if isinstance(function, type):
-        return False  # calling a class makes an instance, whatever its own __call__ does
-    call = getattr(function, "__call__", None)  # noqa: B004 - the method of a callable object
-    return any(
-        inspect.iscoroutinefunction(f) or inspect.isasyncgenfunction(f) for f in (function, call)
-    )
+    called = function_of(function)
+    return inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called)
 
 
 def _check_prev_aggregate(prev_aggregate: object, event: Event) -> None:

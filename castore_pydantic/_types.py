@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -247,3 +248,21 @@ def renote(error: BaseException, note: str, *, replacing: str) -> None:
     if notes:
         notes[:] = [earlier for earlier in notes if not earlier.startswith(replacing)]
     error.add_note(note)
+
+
+def function_of(handler: Callable[..., Any]) -> Any:
+    """The function whose annotations describe ``handler`` (a command's, a reducer).
+
+    ``handler`` may be a function, a method, a partial or a decorated wrapper of one, or an
+    object with a ``__call__`` method (its class's other annotations are not the
+    handler's). A class gives ``type.__call__``: calling it makes an instance.
+    """
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    target = inspect.unwrap(target)
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        for klass in type(target).__mro__:  # an object with a ``__call__`` method
+            if "__call__" in vars(klass):
+                return inspect.unwrap(vars(klass)["__call__"])
+    return target
